@@ -1,0 +1,12 @@
+# The optional CUDA part: limoe::cuda, compiled by nvcc only. Public CPU headers never include it.
+set(LIMOE_WITH_CUDA OFF)
+if(NOT LIMOE_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(LIMOE_WITH_CUDA ON)
+  elseif(LIMOE_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "LIMOE_CUDA=ON but no CUDA compiler was found: install the CUDA Toolkit or set CMAKE_CUDA_COMPILER")
+  endif()
+endif()
+message(STATUS "limoe: CUDA part ${LIMOE_WITH_CUDA}")

@@ -1,0 +1,89 @@
+// limoe/core/params.hpp: every parameter of a model in one flat buffer, its gradient in another.
+//
+// Layers register their tensors by name (the FORMATS.md names) before `finalize()`, then read them through
+// the returned ParamRef. One flat buffer makes the optimizer one loop, zeroing gradients one memset, and a
+// checkpoint a walk over `entries()`.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/tensor.hpp"
+
+namespace limoe {
+
+struct ParamRef {
+  int id = -1;
+  bool valid() const { return id >= 0; }
+};
+
+template <class T>
+class ParamStore {
+ public:
+  struct Entry {
+    std::string name;
+    Shape shape;
+    index_t offset = 0;
+    bool decay = false;  // weight decay applies (matrices), not to biases, norms, embeddings' positions
+  };
+
+  ParamRef add(const std::string& name, Shape shape, bool decay) {
+    LIMOE_CHECK(!finalized_, "ParamStore::add(\"", name, "\"): the store is already finalized");
+    LIMOE_CHECK(!index_.count(name), "ParamStore::add: duplicate parameter name \"", name, "\"");
+    entries_.push_back({name, shape, size_, decay});
+    size_ += shape.numel();
+    index_[name] = static_cast<int>(entries_.size() - 1);
+    return ParamRef{static_cast<int>(entries_.size() - 1)};
+  }
+
+  void finalize() {
+    LIMOE_CHECK(!finalized_, "ParamStore::finalize: called twice");
+    values_.resize(Shape{size_});
+    grads_.resize(Shape{size_});
+    finalized_ = true;
+  }
+  bool finalized() const { return finalized_; }
+
+  View<T> value(ParamRef r) { return View<T>(values_.data() + at(r).offset, at(r).shape); }
+  CView<T> value(ParamRef r) const { return CView<T>(values_.data() + at(r).offset, at(r).shape); }
+  View<T> grad(ParamRef r) { return View<T>(grads_.data() + at(r).offset, at(r).shape); }
+  CView<T> grad(ParamRef r) const { return CView<T>(grads_.data() + at(r).offset, at(r).shape); }
+
+  std::optional<ParamRef> find(const std::string& name) const {
+    auto it = index_.find(name);
+    if (it == index_.end()) return std::nullopt;
+    return ParamRef{it->second};
+  }
+  ParamRef get(const std::string& name) const {
+    auto r = find(name);
+    LIMOE_CHECK(r.has_value(), "no parameter named \"", name, "\"");
+    return *r;
+  }
+
+  const std::vector<Entry>& entries() const { return entries_; }
+  const Entry& entry(ParamRef r) const { return at(r); }
+  index_t size() const { return size_; }
+  View<T> values() { return values_.view(); }
+  CView<T> values() const { return values_.view(); }
+  View<T> grads() { return grads_.view(); }
+  CView<T> grads() const { return grads_.view(); }
+  void zero_grad() { grads_.zero(); }
+
+ private:
+  const Entry& at(ParamRef r) const {
+    LIMOE_CHECK(finalized_, "ParamStore: finalize() before reading parameters");
+    LIMOE_CHECK(r.id >= 0 && r.id < static_cast<int>(entries_.size()), "ParamStore: invalid ParamRef ", r.id);
+    return entries_[static_cast<std::size_t>(r.id)];
+  }
+
+  std::vector<Entry> entries_;
+  std::unordered_map<std::string, int> index_;
+  index_t size_ = 0;
+  bool finalized_ = false;
+  Tensor<T> values_, grads_;
+};
+
+}  // namespace limoe

@@ -1,0 +1,102 @@
+// Core: tensors and views, errors, the counter-based generator, the matrix product against a naive loop.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <limoe/limoe.hpp>
+#include <limoe/testing/gradcheck.hpp>
+#include <set>
+#include <vector>
+
+using namespace limoe;
+
+TEST_CASE("shape and view checks name both shapes") {
+  Tensor<float> t(Shape{2, 3});
+  CHECK(t.numel() == 6);
+  auto v = t.view().reshape(Shape{3, 2});
+  CHECK(v.dim(0) == 3);
+  CHECK_THROWS_WITH_AS(t.view().reshape(Shape{4, 2}), doctest::Contains("[2, 3]"), Error);
+  CHECK_THROWS_AS(t.view().slice(1, 3), Error);
+  CHECK_THROWS_WITH_AS(expect_shape(t.view(), Shape{3, 2}, "x"), doctest::Contains("expected shape [3, 2]"), Error);
+  auto row1 = t.view()(1);
+  row1[2] = 5.f;
+  CHECK(t[5] == 5.f);
+  CHECK(t.view().slice(1, 2).numel() == 3);
+  CHECK(reinterpret_cast<std::uintptr_t>(t.data()) % 64 == 0);
+}
+
+TEST_CASE("rng: counter based, reproducible, well distributed") {
+  Rng a(42), b(42), c(43);
+  CHECK(a.normal(3, 7) == b.normal(3, 7));
+  CHECK(a.normal(3, 7) != c.normal(3, 7));
+  CHECK(a.normal(3, 7) != a.normal(3, 8));
+  CHECK(a.normal(3, 7) != a.normal(4, 7));
+  CHECK(a.derive(1).seed() != a.derive(2).seed());
+  double s = 0, s2 = 0, u = 0;
+  const int n = 200000;
+  for (int i = 0; i < n; ++i) {
+    const double x = a.normal(0, static_cast<std::uint64_t>(i));
+    s += x;
+    s2 += x * x;
+    const double y = a.uniform(1, static_cast<std::uint64_t>(i));
+    CHECK_UNARY(y > 0.0);
+    CHECK_UNARY(y < 1.0);
+    u += y;
+  }
+  CHECK(std::abs(s / n) < 0.01);
+  CHECK(std::abs(s2 / n - 1.0) < 0.02);
+  CHECK(std::abs(u / n - 0.5) < 0.005);
+}
+
+TEST_CASE("gemm: all transposes, beta, threads agree with a naive double loop") {
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    for (Trans ta : {Trans::N, Trans::T})
+      for (Trans tb : {Trans::N, Trans::T}) {
+        const index_t M = 70, N = 130, K = 300;
+        Tensor<float> A(ta == Trans::N ? Shape{M, K} : Shape{K, M}), B(tb == Trans::N ? Shape{K, N} : Shape{N, K});
+        Tensor<float> C(Shape{M, N});
+        testing::fill_normal(A.view(), 1);
+        testing::fill_normal(B.view(), 2);
+        testing::fill_normal(C.view(), 3);
+        Tensor<float> C0 = C;
+        gemm<float>(ta, tb, M, N, K, 0.5f, A.data(), A.dim(1), B.data(), B.dim(1), 2.0f, C.data(), N);
+        double worst = 0;
+        for (index_t i = 0; i < M; ++i)
+          for (index_t j = 0; j < N; ++j) {
+            double acc = 0;
+            for (index_t k = 0; k < K; ++k) {
+              const double a = ta == Trans::N ? A[i * K + k] : A[k * M + i];
+              const double b = tb == Trans::N ? B[k * N + j] : B[j * K + k];
+              acc += a * b;
+            }
+            worst = std::max(worst, std::abs(0.5 * acc + 2.0 * C0[i * N + j] - C[i * N + j]));
+          }
+        CHECK(worst < 1e-3);
+      }
+  }
+  set_num_threads(0);
+}
+
+TEST_CASE("param store: names, flat buffers, errors") {
+  ParamStore<float> ps;
+  auto w = ps.add("a.weight", Shape{2, 3}, true);
+  auto b = ps.add("a.bias", Shape{2}, false);
+  CHECK_THROWS_AS(ps.add("a.bias", Shape{2}, false), Error);
+  CHECK_THROWS_AS(ps.value(w), Error);
+  ps.finalize();
+  CHECK(ps.size() == 8);
+  ps.value(b)[1] = 3.f;
+  CHECK(ps.values()[7] == 3.f);
+  CHECK(ps.get("a.weight").id == w.id);
+  CHECK_THROWS_WITH_AS(ps.get("nope"), doctest::Contains("nope"), Error);
+}
+
+TEST_CASE("gradient checker: detects a wrong gradient") {
+  std::vector<double> x{0.3, -1.2, 2.0};
+  auto loss = [&] { return x[0] * x[0] + std::sin(x[1]) * x[2]; };
+  std::vector<double> good{2 * x[0], std::cos(x[1]) * x[2], std::sin(x[1])};
+  std::vector<double> bad = good;
+  bad[2] *= 1.01;
+  CHECK(testing::check_gradient(std::span<double>(x), std::span<const double>(good), loss).rel_error < 1e-8);
+  CHECK(testing::check_gradient(std::span<double>(x), std::span<const double>(bad), loss).rel_error > 1e-4);
+}
