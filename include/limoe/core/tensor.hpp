@@ -166,7 +166,7 @@ class Tensor {
     return t;
   }
   template <class U>
-  static Tensor copy_of(CView<U> v) {
+  static Tensor copy_of(View<U> v) {
     Tensor t(v.shape());
     for (index_t i = 0; i < v.numel(); ++i) t.data()[i] = static_cast<T>(v[i]);
     return t;

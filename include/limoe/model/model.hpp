@@ -1,0 +1,529 @@
+// limoe/model/model.hpp: the one-tower LIMoE model (LIMOE.md section 1), forward and backward on the CPU.
+//
+// A batch flows as ONE activation matrix X[R, D], R = Bi*N + Bt*T: all image tokens (image by image), then all
+// text tokens (text by text). That is exactly the order in which the routers group tokens (section 3), so the
+// LayerNorms, MLPs and MoE layers run once over all R rows, and image and text tokens of a training step share
+// routing groups. Attention is per sequence: it sees the image rows as [Bi, N, D] and the text rows as
+// [Bt, T, D]. Only the embeddings, the pooling heads and the projections are per modality.
+//
+// Template parameters are policies (what changes the code path); sizes are data in ModelConfig:
+//   Limoe<T, Router, Losses>: T scalar (float; double for gradient checks), Router a router policy,
+//   Losses the auxiliary-loss set (moe/layer.hpp).
+//
+// Gradient rule: backward() ACCUMULATES into the parameter gradients of params() (call zero_grad() first).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "limoe/core/params.hpp"
+#include "limoe/core/rng.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/model/config.hpp"
+#include "limoe/moe/moe.hpp"
+#include "limoe/ops/ops.hpp"
+
+namespace limoe {
+
+using moe::Mode;
+
+// Parameter handles of one attention layer (FORMATS.md `attn.{q,k,v,o}.{weight,bias}`).
+struct AttnRefs {
+  ParamRef q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
+};
+struct MlpRefs {
+  ParamRef fc1_w, fc1_b, fc2_w, fc2_b;
+};
+struct BlockRefs {
+  bool moe = false;
+  ParamRef ln1_w, ln1_b, ln2_w, ln2_b;
+  AttnRefs attn;
+  MlpRefs mlp;                                             // dense block, or the experts [E, ...] of a MoE block
+  ParamRef router;                                         // MoE block: [E, D]
+};
+struct HeadRefs {
+  Pooling kind = Pooling::Gap;
+  ParamRef probe, ln_w, ln_b, proj;
+  AttnRefs attn;
+  MlpRefs mlp;
+};
+
+// What one forward call computed. Embeddings are L2-normalised, [B, P_out].
+template <class T>
+struct ForwardOutput {
+  Tensor<T> img_emb, txt_emb;  // [Bi, P], [Bt, P] (empty when that modality is absent)
+  // Per MoE block (in moe_blocks order): the expert that accepted each choice, -1 where dropped, [R, K].
+  std::vector<Tensor<std::int32_t>> routes;
+  std::vector<int> route_blocks;                           // the block index of each entry of routes
+  std::vector<moe::RoutingStats> stats;                    // per MoE block
+  double aux_loss = 0;                                     // weighted, summed over MoE blocks
+  std::vector<moe::AuxLossValues> aux_terms;               // per MoE block, unweighted terms
+};
+
+struct LossOutput {
+  double total = 0, contrastive = 0, aux = 0;
+  double accuracy_i2t = 0, accuracy_t2i = 0, scale = 0;
+};
+
+// The router policy a model uses when none is given: the stock top-K router that the config describes
+// (moe::visit_router: K = 1 and 2 compiled, other K at run time; BPR or vanilla order; Gaussian noise).
+struct ConfigRouter {};
+
+template <class T = float, class Router = ConfigRouter, class Losses = moe::DefaultAuxLosses>
+class Limoe {
+ public:
+  using scalar_type = T;
+
+  explicit Limoe(ModelConfig cfg) : cfg_(std::move(cfg)) {
+    cfg_.router.experts = cfg_.experts;
+    cfg_.router.top_k = cfg_.top_k;
+    cfg_.validate();
+    register_params();
+    params_.finalize();
+    blocks_acts_.resize(static_cast<std::size_t>(cfg_.depth));
+    moe_ctx_.resize(static_cast<std::size_t>(cfg_.depth));
+  }
+
+  const ModelConfig& config() const { return cfg_; }
+  ParamStore<T>& params() { return params_; }
+  const ParamStore<T>& params() const { return params_; }
+  void zero_grad() { params_.zero_grad(); }
+
+  // Initialisation (ViT/big_vision style, adapted): LeCun-normal matrices, zero biases, unit LayerNorm gains,
+  // N(0, 0.02) positions and token table, a small router, logit_scale = theta_0. Counter-based: the values do
+  // not depend on the thread count.
+  void init(std::uint64_t seed) {
+    const Rng rng(seed);
+    int tag = 0;
+    for (const auto& e : params_.entries()) {
+      View<T> v = params_.value(params_.get(e.name));
+      const Rng r = rng.derive(static_cast<std::uint64_t>(tag++));
+      const std::string& n = e.name;
+      auto ends = [&](const char* s) { return n.size() >= std::string(s).size() && n.compare(n.size() - std::string(s).size(), std::string::npos, s) == 0; };
+      if (n == "logit_scale") {
+        v[0] = static_cast<T>(cfg_.logit_scale_init);
+      } else if (ends(".bias") || ends("_b")) {
+        v.span().size() ? std::fill(v.span().begin(), v.span().end(), T(0)) : void();
+      } else if (ends("ln1.weight") || ends("ln2.weight") || ends("ln.weight") || n == "norm.weight") {
+        std::fill(v.span().begin(), v.span().end(), T(1));
+      } else if (ends(".pos") || n == "txt.embed" || ends(".probe")) {
+        fill(v, r, 0.02);
+      } else if (ends("router.weight")) {
+        fill(v, r, 0.02);
+      } else {
+        const index_t fan_in = v.shape().back();
+        fill(v, r, 1.0 / std::sqrt(static_cast<double>(fan_in)));
+      }
+    }
+  }
+
+  // ---- forward ------------------------------------------------------------------------------------------
+
+  // Images [Bi, H, W, C] in [-1, 1] and/or token ids [Bt, T] (either may be empty) in one call: image and text
+  // tokens share routing groups. `step` picks the router noise (training only).
+  ForwardOutput<T> forward(CView<T> images, CView<std::int32_t> texts, Mode mode, std::uint64_t step = 0) {
+    check_inputs(images, texts);
+    const index_t D = cfg_.width, N = cfg_.num_patches(), L = cfg_.text_len;
+    Bi_ = images.empty() ? 0 : images.dim(0);
+    Bt_ = texts.empty() ? 0 : texts.dim(0);
+    Ni_ = Bi_ * N;
+    const index_t R = Ni_ + Bt_ * L;
+    LIMOE_CHECK(R > 0, "Limoe::forward: empty batch (no images and no texts)");
+    mode_ = mode;
+    step_ = step;
+
+    // Modality of every row, and the text key mask.
+    modality_.resize(static_cast<std::size_t>(R));
+    std::fill(modality_.begin(), modality_.begin() + Ni_, std::uint8_t{moe::kImage});
+    std::fill(modality_.begin() + Ni_, modality_.end(), std::uint8_t{moe::kText});
+    if (Bt_ > 0) {
+      texts_.resize(Shape{Bt_, L});
+      std::copy(texts.data(), texts.data() + Bt_ * L, texts_.data());
+      txt_mask_.resize(Shape{Bt_, L});
+      for (index_t i = 0; i < Bt_ * L; ++i) txt_mask_[i] = texts[i] != cfg_.pad_id ? 1 : 0;
+    }
+    if (Bi_ > 0) {
+      images_.resize(images.shape());
+      std::copy(images.data(), images.data() + images.numel(), images_.data());
+    }
+
+    // Embeddings -> X0 (the input of block 0).
+    Tensor<T>& x0 = blocks_acts_[0].x_in;
+    x0.resize(Shape{R, D});  // [R, D]
+    if (Bi_ > 0) {
+      patches_.resize(Shape{Bi_, N, static_cast<index_t>(cfg_.patch_dim())});  // [Bi, N, P*P*C]
+      cpu::patch_embed_forward<T>(images, cfg_.patch, pv(img_patch_w_), pv(img_patch_b_), pv(img_pos_),
+                                  patches_.view(), img_rows(x0.view()));
+    }
+    if (Bt_ > 0) cpu::token_embed_forward<T>(texts, pv(txt_embed_), pv(txt_pos_), txt_rows(x0.view()));
+
+    ForwardOutput<T> out;
+    for (int l = 0; l < cfg_.depth; ++l) {
+      Tensor<T>& x_out = l + 1 < cfg_.depth ? blocks_acts_[static_cast<std::size_t>(l + 1)].x_in : x_final_;
+      block_forward(l, x_out, out);
+    }
+
+    // Final LayerNorm, pooling heads, projections, L2 normalisation.
+    xn_.resize(Shape{R, D});        // [R, D]
+    xn_mean_.resize(Shape{R});      // [R]
+    xn_rstd_.resize(Shape{R});      // [R]
+    cpu::layernorm_forward<T>(x_final_.cview(), pv(norm_w_), pv(norm_b_), static_cast<T>(cfg_.ln_eps), xn_.view(),
+                              xn_mean_.view(), xn_rstd_.view());
+    if (Bi_ > 0) head_forward(img_head_, img_acts_, img_rows(xn_.cview()), CView<std::uint8_t>{}, out.img_emb);
+    if (Bt_ > 0) head_forward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), out.txt_emb);
+    return out;
+  }
+
+  // ---- loss and backward --------------------------------------------------------------------------------
+
+  // Contrastive loss over the pairs of the last forward (Bi == Bt) plus the auxiliary losses it returned.
+  LossOutput loss(const ForwardOutput<T>& fwd) {
+    LIMOE_CHECK(Bi_ == Bt_ && Bi_ > 0, "Limoe::loss: needs a forward over n images and n texts, got ", Bi_,
+                " images and ", Bt_, " texts");
+    logits_.resize(Shape{Bi_, Bi_});  // [n, n]
+    const T theta = pv(logit_scale_)[0];
+    const auto r = cpu::contrastive_forward<T>(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
+                                               static_cast<T>(cfg_.logit_scale_max), logits_.view());
+    LossOutput o;
+    o.contrastive = r.loss;
+    o.aux = fwd.aux_loss;
+    o.total = r.loss + fwd.aux_loss;
+    o.accuracy_i2t = r.accuracy_i2t;
+    o.accuracy_t2i = r.accuracy_t2i;
+    o.scale = r.scale;
+    return o;
+  }
+
+  // Gradient of (contrastive + auxiliary losses) of the last forward + loss(), accumulated into params().grads().
+  void backward(const ForwardOutput<T>& fwd) {
+    const T theta = pv(logit_scale_)[0];
+    dz_img_.resize(fwd.img_emb.shape());
+    dz_txt_.resize(fwd.txt_emb.shape());
+    T dtheta = 0;
+    cpu::contrastive_backward<T>(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
+                                 static_cast<T>(cfg_.logit_scale_max), logits_.cview(), T(1), dz_img_.view(),
+                                 dz_txt_.view(), &dtheta);
+    pg(logit_scale_)[0] += dtheta;
+    backward_from(fwd, dz_img_.cview(), dz_txt_.cview());
+  }
+
+  // Backward from given gradients of the normalised embeddings (either may be empty): for users with their own
+  // loss. The auxiliary losses' gradients are always included.
+  void backward_from(const ForwardOutput<T>& fwd, CView<T> dz_img, CView<T> dz_txt) {
+    const index_t D = cfg_.width, R = Ni_ + Bt_ * cfg_.text_len;
+    dxn_.resize(Shape{R, D});  // [R, D]
+    dxn_.zero();
+    if (Bi_ > 0 && !dz_img.empty()) head_backward(img_head_, img_acts_, img_rows(xn_.cview()), {}, fwd.img_emb.cview(), dz_img, img_rows(dxn_.view()));
+    if (Bt_ > 0 && !dz_txt.empty()) head_backward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), fwd.txt_emb.cview(), dz_txt, txt_rows(dxn_.view()));
+    dx_.resize(Shape{R, D});  // [R, D] gradient of the current block output
+    cpu::layernorm_backward<T>(x_final_.cview(), pv(norm_w_), xn_mean_.cview(), xn_rstd_.cview(), dxn_.cview(),
+                               dx_.view(), pg(norm_w_), pg(norm_b_));
+    for (int l = cfg_.depth - 1; l >= 0; --l) block_backward(l);
+    if (Bi_ > 0)
+      cpu::patch_embed_backward<T>(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
+                                   img_rows(dx_.cview()), View<T>{}, pg(img_patch_w_), pg(img_patch_b_), pg(img_pos_));
+    if (Bt_ > 0) cpu::token_embed_backward<T>(texts_.cview(), txt_rows(dx_.cview()), pg(txt_embed_), pg(txt_pos_));
+  }
+
+  // Gradient of the loss with respect to the input images of the last forward (after backward): [Bi, H, W, C].
+  // Computed on request (it is not needed for training).
+  Tensor<T> input_image_grad() {
+    Tensor<T> dimg(images_.shape());
+    Tensor<T> dW(pv(img_patch_w_).shape()), db(pv(img_patch_b_).shape()), dpos(pv(img_pos_).shape());
+    cpu::patch_embed_backward<T>(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
+                                 img_rows(dx_.cview()), dimg.view(), dW.view(), db.view(), dpos.view());
+    return dimg;
+  }
+
+ private:
+  // ---- parameters ---------------------------------------------------------------------------------------
+
+  ParamRef add(const std::string& name, Shape shape, bool decay) { return params_.add(name, shape, decay); }
+
+  AttnRefs add_attn(const std::string& p) {
+    const index_t D = cfg_.width;
+    AttnRefs a;
+    a.q_w = add(p + ".q.weight", {D, D}, true);
+    a.q_b = add(p + ".q.bias", {D}, false);
+    a.k_w = add(p + ".k.weight", {D, D}, true);
+    a.k_b = add(p + ".k.bias", {D}, false);
+    a.v_w = add(p + ".v.weight", {D, D}, true);
+    a.v_b = add(p + ".v.bias", {D}, false);
+    a.o_w = add(p + ".o.weight", {D, D}, true);
+    a.o_b = add(p + ".o.bias", {D}, false);
+    return a;
+  }
+  MlpRefs add_mlp(const std::string& p) {
+    const index_t D = cfg_.width, M = cfg_.mlp_dim;
+    return {add(p + ".fc1.weight", {M, D}, true), add(p + ".fc1.bias", {M}, false),
+            add(p + ".fc2.weight", {D, M}, true), add(p + ".fc2.bias", {D}, false)};
+  }
+  HeadRefs add_head(const std::string& m, Pooling kind) {
+    const index_t D = cfg_.width;
+    HeadRefs h;
+    h.kind = kind;
+    if (kind == Pooling::Map) {
+      h.probe = add(m + ".head.probe", {D}, false);
+      h.attn = add_attn(m + ".head.attn");
+      h.ln_w = add(m + ".head.ln.weight", {D}, false);
+      h.ln_b = add(m + ".head.ln.bias", {D}, false);
+      h.mlp = add_mlp(m + ".head.mlp");
+    }
+    return h;
+  }
+
+  void register_params() {
+    const index_t D = cfg_.width, M = cfg_.mlp_dim, E = cfg_.experts, P = cfg_.proj_dim;
+    img_patch_w_ = add("img.patch.weight", {D, cfg_.patch_dim()}, true);
+    img_patch_b_ = add("img.patch.bias", {D}, false);
+    img_pos_ = add("img.pos", {cfg_.num_patches(), D}, false);
+    txt_embed_ = add("txt.embed", {cfg_.vocab_size, D}, false);
+    txt_pos_ = add("txt.pos", {cfg_.text_len, D}, false);
+    blocks_.resize(static_cast<std::size_t>(cfg_.depth));
+    for (int l = 0; l < cfg_.depth; ++l) {
+      const std::string p = "blocks." + std::to_string(l);
+      BlockRefs& b = blocks_[static_cast<std::size_t>(l)];
+      b.moe = cfg_.is_moe(l);
+      b.ln1_w = add(p + ".ln1.weight", {D}, false);
+      b.ln1_b = add(p + ".ln1.bias", {D}, false);
+      b.attn = add_attn(p + ".attn");
+      b.ln2_w = add(p + ".ln2.weight", {D}, false);
+      b.ln2_b = add(p + ".ln2.bias", {D}, false);
+      if (b.moe) {
+        b.router = add(p + ".moe.router.weight", {E, D}, true);
+        b.mlp = {add(p + ".moe.fc1.weight", {E, M, D}, true), add(p + ".moe.fc1.bias", {E, M}, false),
+                 add(p + ".moe.fc2.weight", {E, D, M}, true), add(p + ".moe.fc2.bias", {E, D}, false)};
+      } else {
+        b.mlp = add_mlp(p + ".mlp");
+      }
+    }
+    norm_w_ = add("norm.weight", {D}, false);
+    norm_b_ = add("norm.bias", {D}, false);
+    img_head_ = add_head("img", cfg_.pool_img);
+    txt_head_ = add_head("txt", cfg_.pool_txt);
+    img_head_.proj = add("img.proj.weight", {P, D}, true);
+    txt_head_.proj = add("txt.proj.weight", {P, D}, true);
+    logit_scale_ = add("logit_scale", Shape{}, false);
+  }
+
+  CView<T> pv(ParamRef r) const { return params_.value(r); }
+  View<T> pg(ParamRef r) { return params_.grad(r); }
+
+  AttentionWeights<T> attn_weights(const AttnRefs& a) const {
+    return {pv(a.q_w), pv(a.q_b), pv(a.k_w), pv(a.k_b), pv(a.v_w), pv(a.v_b), pv(a.o_w), pv(a.o_b)};
+  }
+  AttentionGrads<T> attn_grads(const AttnRefs& a) {
+    return {pg(a.q_w), pg(a.q_b), pg(a.k_w), pg(a.k_b), pg(a.v_w), pg(a.v_b), pg(a.o_w), pg(a.o_b)};
+  }
+
+  // Rows of the image tokens as [Bi, N, D] and of the text tokens as [Bt, T, D].
+  template <class U>
+  View<U> img_rows(View<U> x) const {
+    return View<U>(x.data(), Shape{Bi_, cfg_.num_patches(), cfg_.width});
+  }
+  template <class U>
+  View<U> txt_rows(View<U> x) const {
+    return View<U>(x.data() + Ni_ * cfg_.width, Shape{Bt_, cfg_.text_len, cfg_.width});
+  }
+  CView<std::uint8_t> text_mask() const { return cfg_.text_mask ? txt_mask_.cview() : CView<std::uint8_t>{}; }
+
+  void check_inputs(CView<T> images, CView<std::int32_t> texts) const {
+    if (!images.empty()) {
+      const Shape want{images.rank() ? images.dim(0) : 0, cfg_.image_size[0], cfg_.image_size[1], cfg_.channels};
+      LIMOE_CHECK(images.shape() == want, "images: expected [B, ", cfg_.image_size[0], ", ", cfg_.image_size[1],
+                  ", ", cfg_.channels, "] for this model, got ", images.shape().str());
+    }
+    if (!texts.empty()) {
+      LIMOE_CHECK(texts.rank() == 2 && texts.dim(1) == cfg_.text_len, "texts: expected [B, ", cfg_.text_len,
+                  "] token ids for this model, got ", texts.shape().str());
+    }
+  }
+
+  // ---- blocks -------------------------------------------------------------------------------------------
+
+  struct BlockActs {
+    Tensor<T> x_in;                        // [R, D] block input
+    Tensor<T> ln1, ln1_mean, ln1_rstd;     // [R, D], [R], [R]
+    AttentionCache<T> attn_img, attn_txt;
+    Tensor<T> x_mid;                       // [R, D] x_in + attention
+    Tensor<T> ln2, ln2_mean, ln2_rstd;     // [R, D], [R], [R]
+    Tensor<T> h_pre, h_act;                // [R, M] dense MLP hidden, before / after GELU
+  };
+
+  moe::MoeParams<T> expert_weights(const BlockRefs& b) const {
+    return {pv(b.router), pv(b.mlp.fc1_w), pv(b.mlp.fc1_b), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b)};
+  }
+  moe::MoeGrads<T> expert_grads(const BlockRefs& b) {
+    return {pg(b.router), pg(b.mlp.fc1_w), pg(b.mlp.fc1_b), pg(b.mlp.fc2_w), pg(b.mlp.fc2_b)};
+  }
+
+  void block_forward(int l, Tensor<T>& x_out, ForwardOutput<T>& out) {
+    const BlockRefs& b = blocks_[static_cast<std::size_t>(l)];
+    BlockActs& a = blocks_acts_[static_cast<std::size_t>(l)];
+    const index_t R = a.x_in.dim(0), D = cfg_.width, M = cfg_.mlp_dim;
+    const T eps = static_cast<T>(cfg_.ln_eps);
+    a.ln1.resize(Shape{R, D});  // [R, D]
+    a.ln1_mean.resize(Shape{R});
+    a.ln1_rstd.resize(Shape{R});
+    cpu::layernorm_forward<T>(a.x_in.cview(), pv(b.ln1_w), pv(b.ln1_b), eps, a.ln1.view(), a.ln1_mean.view(),
+                              a.ln1_rstd.view());
+    // Attention per modality, written into x_mid, then the residual.
+    a.x_mid.resize(Shape{R, D});  // [R, D]
+    const auto aw = attn_weights(b.attn);
+    if (Bi_ > 0)
+      cpu::self_attention_forward<T>(aw, cfg_.heads, img_rows(a.ln1.cview()), {}, img_rows(a.x_mid.view()),
+                                     a.attn_img);
+    if (Bt_ > 0)
+      cpu::self_attention_forward<T>(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(),
+                                     txt_rows(a.x_mid.view()), a.attn_txt);
+    for (index_t i = 0; i < R * D; ++i) a.x_mid[i] += a.x_in[i];
+
+    a.ln2.resize(Shape{R, D});  // [R, D]
+    a.ln2_mean.resize(Shape{R});
+    a.ln2_rstd.resize(Shape{R});
+    cpu::layernorm_forward<T>(a.x_mid.cview(), pv(b.ln2_w), pv(b.ln2_b), eps, a.ln2.view(), a.ln2_mean.view(),
+                              a.ln2_rstd.view());
+    x_out.resize(Shape{R, D});  // [R, D]
+    if (!b.moe) {
+      a.h_pre.resize(Shape{R, M});  // [R, M]
+      a.h_act.resize(Shape{R, M});  // [R, M]
+      cpu::linear_forward<T>(a.ln2.cview(), pv(b.mlp.fc1_w), CView<T>{}, a.h_pre.view());
+      cpu::bias_gelu_forward<T>(cfg_.gelu, pv(b.mlp.fc1_b), a.h_pre.view(), a.h_act.view());
+      cpu::linear_forward<T>(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view());
+    } else {
+      auto& ctx = moe_ctx_[static_cast<std::size_t>(l)];
+      moe::MoeConfig mc{cfg_.router, cfg_.aux, cfg_.gelu};
+      // Router noise: a function of (seed, step, block) only, so a resumed run draws the same noise.
+      const Rng noise = Rng(noise_seed_).derive(step_ * 4096 + static_cast<std::uint64_t>(l));
+      const std::span<const std::uint8_t> modality(modality_.data(), modality_.size());
+      if constexpr (std::is_same_v<Router, ConfigRouter>)
+        moe::moe_forward<T, Losses>(mc, expert_weights(b), a.ln2.cview(), modality, mode_, noise, x_out.view(), ctx);
+      else
+        moe::moe_forward<T, Losses>(router_, mc, expert_weights(b), a.ln2.cview(), modality, mode_, noise,
+                                    x_out.view(), ctx);
+      out.routes.push_back(Tensor<std::int32_t>::copy_of(ctx.routes()));
+      out.route_blocks.push_back(l);
+      out.stats.push_back(ctx.stats);
+      out.aux_terms.push_back(ctx.losses);
+      out.aux_loss += ctx.losses.total;
+    }
+    for (index_t i = 0; i < R * D; ++i) x_out[i] += a.x_mid[i];
+  }
+
+  // dx_ holds the gradient of block l's output on entry and of its input on exit.
+  void block_backward(int l) {
+    const BlockRefs& b = blocks_[static_cast<std::size_t>(l)];
+    BlockActs& a = blocks_acts_[static_cast<std::size_t>(l)];
+    const index_t R = a.x_in.dim(0), D = cfg_.width, M = cfg_.mlp_dim;
+    dln_.resize(Shape{R, D});  // [R, D]
+    if (!b.moe) {
+      dh_.resize(Shape{R, M});  // [R, M]
+      cpu::linear_backward<T>(a.h_act.cview(), pv(b.mlp.fc2_w), dx_.cview(), dh_.view(), pg(b.mlp.fc2_w),
+                              pg(b.mlp.fc2_b));
+      cpu::gelu_backward<T>(cfg_.gelu, a.h_pre.cview(), dh_.cview(), dh_.view());
+      cpu::linear_backward<T>(a.ln2.cview(), pv(b.mlp.fc1_w), dh_.cview(), dln_.view(), pg(b.mlp.fc1_w),
+                              pg(b.mlp.fc1_b));
+    } else {
+      moe::moe_backward<T>(expert_weights(b), a.ln2.cview(), dx_.cview(), dln_.view(), expert_grads(b),
+                           moe_ctx_[static_cast<std::size_t>(l)]);
+    }
+    // dx_mid = dx_out + LN2^T dln
+    dtmp_.resize(Shape{R, D});  // [R, D]
+    cpu::layernorm_backward<T>(a.x_mid.cview(), pv(b.ln2_w), a.ln2_mean.cview(), a.ln2_rstd.cview(), dln_.cview(),
+                               dtmp_.view(), pg(b.ln2_w), pg(b.ln2_b));
+    for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
+    // Attention per modality: dln = Attn^T dx_mid.
+    const auto aw = attn_weights(b.attn);
+    const auto ag = attn_grads(b.attn);
+    if (Bi_ > 0)
+      cpu::self_attention_backward<T>(aw, cfg_.heads, img_rows(a.ln1.cview()), {}, a.attn_img,
+                                      img_rows(dx_.cview()), img_rows(dln_.view()), ag);
+    if (Bt_ > 0)
+      cpu::self_attention_backward<T>(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(), a.attn_txt,
+                                      txt_rows(dx_.cview()), txt_rows(dln_.view()), ag);
+    cpu::layernorm_backward<T>(a.x_in.cview(), pv(b.ln1_w), a.ln1_mean.cview(), a.ln1_rstd.cview(), dln_.cview(),
+                               dtmp_.view(), pg(b.ln1_w), pg(b.ln1_b));
+    for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
+  }
+
+  // ---- heads --------------------------------------------------------------------------------------------
+
+  struct HeadActs {
+    Tensor<T> pooled;   // [B, D]
+    MapHeadCache<T> map;
+    Tensor<T> proj;     // [B, P] before normalisation
+    Tensor<T> norms;    // [B]
+    Tensor<T> dpooled, dproj;
+  };
+
+  MapHeadWeights<T> map_weights(const HeadRefs& h) const {
+    return {pv(h.probe), attn_weights(h.attn), pv(h.ln_w), pv(h.ln_b), pv(h.mlp.fc1_w), pv(h.mlp.fc1_b),
+            pv(h.mlp.fc2_w), pv(h.mlp.fc2_b)};
+  }
+  MapHeadGrads<T> map_grads(const HeadRefs& h) {
+    return {pg(h.probe), attn_grads(h.attn), pg(h.ln_w), pg(h.ln_b), pg(h.mlp.fc1_w), pg(h.mlp.fc1_b),
+            pg(h.mlp.fc2_w), pg(h.mlp.fc2_b)};
+  }
+
+  void head_forward(const HeadRefs& h, HeadActs& a, CView<T> x, CView<std::uint8_t> mask, Tensor<T>& z) {
+    const index_t B = x.dim(0), D = cfg_.width, P = cfg_.proj_dim;
+    a.pooled.resize(Shape{B, D});  // [B, D]
+    if (h.kind == Pooling::Map)
+      cpu::map_head_forward<T>(map_weights(h), cfg_.heads, cfg_.gelu, static_cast<T>(cfg_.ln_eps), x, mask,
+                               a.pooled.view(), a.map);
+    else
+      cpu::pool_forward<T>(h.kind, x, mask, a.pooled.view());
+    a.proj.resize(Shape{B, P});  // [B, P]
+    cpu::linear_forward<T>(a.pooled.cview(), pv(h.proj), CView<T>{}, a.proj.view());
+    a.norms.resize(Shape{B});  // [B]
+    z.resize(Shape{B, P});     // [B, P]
+    cpu::l2_normalize_forward<T>(a.proj.cview(), z.view(), a.norms.view());
+  }
+
+  void head_backward(const HeadRefs& h, HeadActs& a, CView<T> x, CView<std::uint8_t> mask, CView<T> z, CView<T> dz,
+                     View<T> dx) {
+    const index_t B = x.dim(0), D = cfg_.width, P = cfg_.proj_dim;
+    expect_shape(dz, Shape{B, P}, "backward: embedding gradient");
+    a.dproj.resize(Shape{B, P});   // [B, P]
+    a.dpooled.resize(Shape{B, D}); // [B, D]
+    cpu::l2_normalize_backward<T>(a.proj.cview(), z, a.norms.cview(), dz, a.dproj.view());
+    cpu::linear_backward<T>(a.pooled.cview(), pv(h.proj), a.dproj.cview(), a.dpooled.view(), pg(h.proj), View<T>{});
+    if (h.kind == Pooling::Map)
+      cpu::map_head_backward<T>(map_weights(h), cfg_.heads, cfg_.gelu, x, mask, a.map, a.dpooled.cview(), dx,
+                                map_grads(h));
+    else
+      cpu::pool_backward<T>(h.kind, mask, a.dpooled.cview(), dx);
+  }
+
+  static void fill(View<T> v, const Rng& r, double std) {
+    for (index_t i = 0; i < v.numel(); ++i) v[i] = static_cast<T>(std * r.normal(0, static_cast<std::uint64_t>(i)));
+  }
+
+  ModelConfig cfg_;
+  ParamStore<T> params_;
+  ParamRef img_patch_w_, img_patch_b_, img_pos_, txt_embed_, txt_pos_, norm_w_, norm_b_, logit_scale_;
+  std::vector<BlockRefs> blocks_;
+  HeadRefs img_head_, txt_head_;
+
+  // Activations of the last forward (kept for backward; buffers are reused across steps).
+  Mode mode_ = Mode::Eval;
+  std::uint64_t step_ = 0, noise_seed_ = 0x11A0E;
+  index_t Bi_ = 0, Bt_ = 0, Ni_ = 0;
+  std::vector<std::uint8_t> modality_;
+  Tensor<T> images_, patches_;
+  Tensor<std::int32_t> texts_;
+  Tensor<std::uint8_t> txt_mask_;
+  std::vector<BlockActs> blocks_acts_;
+  std::vector<moe::MoeContext<T>> moe_ctx_;
+  Router router_{};
+  Tensor<T> x_final_, xn_, xn_mean_, xn_rstd_;
+  HeadActs img_acts_, txt_acts_;
+  Tensor<T> logits_, dz_img_, dz_txt_;
+  Tensor<T> dxn_, dx_, dln_, dtmp_, dh_;
+};
+
+}  // namespace limoe

@@ -1,0 +1,138 @@
+// limoe/model/presets.hpp: the named variants (LIMOE.md section 2) and parameter counting.
+//
+// Large variants: ViT sizes on 224x224x3 with a 32k vocabulary and 16 text tokens. Small variants train on a
+// 2-core machine (28x28x1 Fashion-MNIST, 32x32x3 synthetic shapes).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "limoe/model/config.hpp"
+
+namespace limoe {
+
+namespace detail {
+inline ModelConfig vit(int width, int depth, int mlp, int heads, int patch, int experts, std::vector<int> moe) {
+  ModelConfig c;
+  c.image_size = {224, 224};
+  c.channels = 3;
+  c.patch = patch;
+  c.width = width;
+  c.depth = depth;
+  c.mlp_dim = mlp;
+  c.heads = heads;
+  c.vocab_size = 32000;
+  c.text_len = 16;
+  c.experts = experts;
+  c.top_k = 1;
+  c.moe_blocks = std::move(moe);
+  c.proj_dim = width;
+  c.router.experts = experts;
+  c.router.top_k = 1;
+  return c;
+}
+inline std::vector<int> every_other(int first, int depth) {
+  std::vector<int> v;
+  for (int b = first; b < depth; b += 2) v.push_back(b);
+  return v;
+}
+inline std::vector<int> every(int depth) {
+  std::vector<int> v;
+  for (int b = 0; b < depth; ++b) v.push_back(b);
+  return v;
+}
+}  // namespace detail
+
+inline std::vector<std::string> preset_names() {
+  return {"S/32", "B/32", "B/16", "L/16", "H/14", "tiny", "small-28", "small-32"};
+}
+
+// A named variant; throws with the list of names when unknown.
+inline ModelConfig preset(const std::string& name) {
+  using namespace detail;
+  if (name == "S/32") return vit(384, 12, 1536, 6, 32, 8, every_other(1, 12));
+  if (name == "B/32") return vit(768, 12, 3072, 12, 32, 8, every_other(1, 12));
+  if (name == "B/16") return vit(768, 12, 3072, 12, 16, 8, every(12));
+  if (name == "L/16") return vit(1024, 24, 4096, 16, 16, 8, every(24));
+  if (name == "H/14") return vit(1280, 32, 5120, 16, 14, 32, every_other(9, 32));  // last 24 blocks, every other
+  ModelConfig c;
+  c.image_size = {28, 28};
+  c.channels = 1;
+  c.vocab_size = 512;
+  c.text_len = 16;
+  c.router.group_size = 0;
+  if (name == "tiny") {  // tests and smoke runs
+    c.patch = 7;
+    c.width = 32;
+    c.depth = 2;
+    c.heads = 2;
+    c.mlp_dim = 64;
+    c.experts = 4;
+    c.moe_blocks = {1};
+    c.proj_dim = 32;
+  } else if (name == "small-28") {  // the default: Fashion-MNIST on 2 cores
+    c.patch = 4;
+    c.width = 128;
+    c.depth = 4;
+    c.heads = 4;
+    c.mlp_dim = 256;
+    c.experts = 8;
+    c.moe_blocks = {1, 3};
+    c.proj_dim = 128;
+  } else if (name == "small-32") {  // 32x32x3 synthetic shapes
+    c.image_size = {32, 32};
+    c.channels = 3;
+    c.patch = 4;
+    c.width = 128;
+    c.depth = 4;
+    c.heads = 4;
+    c.mlp_dim = 256;
+    c.experts = 8;
+    c.moe_blocks = {1, 3};
+    c.proj_dim = 128;
+  } else {
+    std::string names;
+    for (const auto& n : preset_names()) names += (names.empty() ? "" : ", ") + n;
+    fail("unknown preset \"", name, "\"; known presets: ", names);
+  }
+  c.router.experts = c.experts;
+  c.router.top_k = c.top_k;
+  return c;
+}
+
+// The dense one-tower model of the same per-token compute: every MoE block becomes a dense MLP.
+inline ModelConfig dense_variant(ModelConfig c) {
+  c.moe_blocks.clear();
+  return c;
+}
+
+struct ParamCounts {
+  std::int64_t total = 0;
+  // Parameters applied to one image token: the image path (patch embedding, positions, every block with K of
+  // its E experts, the final norm, the image head and projection, the temperature). The text table and text
+  // head are not applied to an image token. This is how LIMOE.md section 2's "per token" column is counted
+  // (H/14: 5.59B total, 653M per token).
+  std::int64_t per_token = 0;
+  std::int64_t per_block_dense = 0, per_block_moe = 0, experts_per_block = 0;
+};
+
+inline ParamCounts count_params(const ModelConfig& c) {
+  const std::int64_t D = c.width, M = c.mlp_dim, E = c.experts, K = c.top_k, P = c.proj_dim;
+  const std::int64_t attn = 4 * (D * D + D), ln = 2 * D, mlp = D * M + M + M * D + D;
+  const std::int64_t head_map = D + attn + ln + mlp;
+  auto head = [&](Pooling p) { return p == Pooling::Map ? head_map : 0; };
+  const std::int64_t moe_n = static_cast<std::int64_t>(c.moe_blocks.size()), dense_n = c.depth - moe_n;
+  const std::int64_t img_embed = static_cast<std::int64_t>(c.patch_dim()) * D + D + c.num_patches() * D;
+  const std::int64_t txt_embed = static_cast<std::int64_t>(c.vocab_size) * D + c.text_len * D;
+  const std::int64_t shared = c.depth * (attn + 2 * ln) + dense_n * mlp + moe_n * E * D /*routers*/ + ln /*norm*/ + 1;
+  ParamCounts r;
+  r.per_block_dense = attn + 2 * ln + mlp;
+  r.per_block_moe = attn + 2 * ln + E * mlp + E * D;
+  r.experts_per_block = E;
+  r.total = shared + moe_n * E * mlp + img_embed + txt_embed + head(c.pool_img) + head(c.pool_txt) + 2 * P * D;
+  r.per_token = shared + moe_n * K * mlp + img_embed + head(c.pool_img) + P * D;
+  return r;
+}
+
+}  // namespace limoe

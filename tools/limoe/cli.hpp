@@ -1,0 +1,99 @@
+// tools/limoe/cli.hpp: argument parsing shared by the sub-commands of the `limoe` program.
+//
+// Options are `--name value` or `--name=value`; flags are `--name`. Unknown options, missing values and
+// malformed numbers are errors (limoe::Error, printed as one line by main, exit status 2).
+#pragma once
+
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <limoe/core/error.hpp>
+
+namespace limoe::cli {
+
+class Args {
+ public:
+  // `options` take a value, `flags` do not. Both are spelled without the leading dashes.
+  Args(const std::vector<std::string>& argv, const std::set<std::string>& options, const std::set<std::string>& flags,
+       const std::string& command)
+      : command_(command) {
+    for (std::size_t i = 0; i < argv.size(); ++i) {
+      const std::string& a = argv[i];
+      if (a.rfind("--", 0) == 0 && a.size() > 2) {
+        std::string name = a.substr(2), value;
+        const auto eq = name.find('=');
+        const bool inline_value = eq != std::string::npos;
+        if (inline_value) {
+          value = name.substr(eq + 1);
+          name = name.substr(0, eq);
+        }
+        if (flags.count(name)) {
+          LIMOE_CHECK(!inline_value, command_, ": --", name, " takes no value");
+          flags_.insert(name);
+        } else if (options.count(name)) {
+          if (!inline_value) {
+            LIMOE_CHECK(i + 1 < argv.size(), command_, ": --", name, " needs a value");
+            value = argv[++i];
+          }
+          values_[name] = value;
+        } else {
+          fail(command_, ": unknown option --", name, " (see limoe ", command_, " --help)");
+        }
+      } else {
+        positional_.push_back(a);
+      }
+    }
+  }
+
+  bool flag(const std::string& name) const { return flags_.count(name) > 0; }
+  bool has(const std::string& name) const { return values_.count(name) > 0; }
+  std::string str(const std::string& name, const std::string& def = "") const {
+    auto it = values_.find(name);
+    return it == values_.end() ? def : it->second;
+  }
+  std::string required(const std::string& name) const {
+    LIMOE_CHECK(has(name), command_, ": --", name, " is required (see limoe ", command_, " --help)");
+    return values_.at(name);
+  }
+  long long integer(const std::string& name, long long def) const {
+    if (!has(name)) return def;
+    const std::string& s = values_.at(name);
+    char* end = nullptr;
+    const long long v = std::strtoll(s.c_str(), &end, 10);
+    LIMOE_CHECK(!s.empty() && end && *end == '\0', command_, ": --", name, " expects an integer, got \"", s, "\"");
+    return v;
+  }
+  double number(const std::string& name, double def) const {
+    if (!has(name)) return def;
+    const std::string& s = values_.at(name);
+    char* end = nullptr;
+    const double v = std::strtod(s.c_str(), &end);
+    LIMOE_CHECK(!s.empty() && end && *end == '\0', command_, ": --", name, " expects a number, got \"", s, "\"");
+    return v;
+  }
+  const std::vector<std::string>& positional() const { return positional_; }
+
+ private:
+  std::string command_;
+  std::map<std::string, std::string> values_;
+  std::set<std::string> flags_;
+  std::vector<std::string> positional_;
+};
+
+// A sub-command: its one-line summary, its help text and its entry point (returns the exit status).
+struct Command {
+  std::string name, summary, help;
+  std::function<int(const std::vector<std::string>&)> run;
+};
+
+// Each sub-command's translation unit registers itself here.
+std::vector<Command>& registry();
+struct Register {
+  explicit Register(Command c) { registry().push_back(std::move(c)); }
+};
+
+}  // namespace limoe::cli

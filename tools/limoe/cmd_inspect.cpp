@@ -1,0 +1,79 @@
+// `limoe inspect NAME|CHECKPOINT [--json]`: the config, parameter counts and the block layout.
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include <limoe/model/checkpoint.hpp>
+#include <limoe/model/presets.hpp>
+
+#include "cli.hpp"
+
+namespace {
+using namespace limoe;
+
+std::string millions(std::int64_t n) {
+  char buf[64];
+  if (n >= 1000000000) std::snprintf(buf, sizeof buf, "%.2fB", static_cast<double>(n) / 1e9);
+  else if (n >= 1000000) std::snprintf(buf, sizeof buf, "%.1fM", static_cast<double>(n) / 1e6);
+  else std::snprintf(buf, sizeof buf, "%.1fK", static_cast<double>(n) / 1e3);
+  return buf;
+}
+
+int run(const std::vector<std::string>& argv) {
+  cli::Args args(argv, {}, {"json"}, "inspect");
+  LIMOE_CHECK(args.positional().size() == 1, "expected one preset name or checkpoint path, got ",
+              args.positional().size(), " arguments");
+  const std::string what = args.positional()[0];
+  ModelConfig cfg;
+  std::string source;
+  if (std::filesystem::exists(what) && !std::filesystem::is_directory(what)) {
+    cfg = read_checkpoint_config(what);
+    source = "checkpoint";
+  } else {
+    cfg = preset(what);
+    source = "preset";
+  }
+  const ParamCounts pc = count_params(cfg);
+  std::vector<std::string> layout;
+  for (int l = 0; l < cfg.depth; ++l) layout.push_back(cfg.is_moe(l) ? "moe" : "dense");
+  if (args.flag("json")) {
+    nlohmann::json j = {{"name", what},
+                        {"source", source},
+                        {"params_total", pc.total},
+                        {"params_per_token", pc.per_token},
+                        {"tokens_per_image", cfg.num_patches()},
+                        {"layout", layout},
+                        {"config", to_json(cfg)}};
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  std::cout << what << " (" << source << ")\n"
+            << "  image " << cfg.image_size[0] << "x" << cfg.image_size[1] << "x" << cfg.channels << ", patch "
+            << cfg.patch << " -> " << cfg.num_patches() << " tokens; text " << cfg.text_len << " tokens, vocab "
+            << cfg.vocab_size << "\n"
+            << "  width " << cfg.width << ", depth " << cfg.depth << ", heads " << cfg.heads << ", mlp " << cfg.mlp_dim
+            << ", proj " << cfg.proj_dim << "; pooling img " << pooling_name(cfg.pool_img) << ", txt "
+            << pooling_name(cfg.pool_txt) << "\n"
+            << "  experts " << cfg.experts << ", top-" << cfg.top_k << ", " << cfg.moe_blocks.size()
+            << " MoE blocks; router: noise " << cfg.router.noise_std << ", capacity train "
+            << cfg.router.capacity_factor_train << " / eval " << cfg.router.capacity_factor_eval
+            << (cfg.router.capacity_factor_eval == 0 ? " (no drop)" : "") << ", bpr "
+            << (cfg.router.bpr ? "on" : "off") << ", group " << cfg.router.group_size << "\n"
+            << "  parameters: " << millions(pc.total) << " total (" << pc.total << "), " << millions(pc.per_token)
+            << " per token (" << pc.per_token << ")\n"
+            << "  per block: dense " << millions(pc.per_block_dense) << ", MoE " << millions(pc.per_block_moe) << "\n"
+            << "  layout:";
+  for (int l = 0; l < cfg.depth; ++l) std::cout << (l % 16 == 0 ? "\n    " : " ") << l << ":" << layout[static_cast<std::size_t>(l)];
+  std::cout << "\n";
+  return 0;
+}
+
+const cli::Register reg({"inspect", "config, parameter counts and block layout of a preset or checkpoint",
+                         "usage: limoe inspect NAME|CHECKPOINT [--json]\n\n"
+                         "  NAME        a preset: S/32, B/32, B/16, L/16, H/14, tiny, small-28, small-32\n"
+                         "  CHECKPOINT  a .safetensors checkpoint (FORMATS.md)\n"
+                         "  --json      one JSON line with params_total, params_per_token, layout and config\n\n"
+                         "Per-token parameters count what one image token passes through: the image embedding,\n"
+                         "every block with top-k of its experts, the final norm, the image head and projection.\n",
+                         run});
+}  // namespace
