@@ -1,0 +1,115 @@
+// limoe/model/checkpoint.hpp: models to and from safetensors checkpoints (FORMATS.md section 1).
+//
+// A checkpoint is the model's parameters under their FORMATS.md names, F32 (readers accept F16/BF16/F64), with
+// `__metadata__` {"format": "limoe", "format_version": "1", "config": <JSON>}. Training adds the AdamW moments
+// as flat `opt.m` / `opt.v` tensors (in the order of the model's parameter store) and `train_state` metadata;
+// a model loader ignores both. Any tool that writes these names and this config produces a loadable model.
+#pragma once
+
+#include <cmath>
+#include <map>
+#include <string>
+
+#include "limoe/io/safetensors.hpp"
+#include "limoe/model/config.hpp"
+#include "limoe/train/optimizer.hpp"
+
+namespace limoe {
+
+inline constexpr const char* kCheckpointFormat = "limoe";
+inline constexpr const char* kCheckpointVersion = "1";
+
+// The model config stored in an open checkpoint; errors name the file and what is missing.
+inline ModelConfig read_checkpoint_config(const io::SafetensorsReader& r) {
+  const auto& md = r.metadata();
+  auto fmt = md.find("format");
+  LIMOE_CHECK(fmt == md.end() || fmt->second == kCheckpointFormat, "checkpoint '", r.label(), "': format is \"",
+              fmt->second, "\", expected \"", kCheckpointFormat, "\"");
+  auto ver = md.find("format_version");
+  LIMOE_CHECK(ver == md.end() || ver->second == kCheckpointVersion, "checkpoint '", r.label(),
+              "': format_version \"", ver->second, "\" is not supported (this build reads version ",
+              kCheckpointVersion, ")");
+  auto cfg = md.find("config");
+  LIMOE_CHECK(cfg != md.end(), "checkpoint '", r.label(),
+              "': no \"config\" in __metadata__; a limoe checkpoint stores its hyper-parameters there (FORMATS.md)");
+  try {
+    return config_from_json_string(cfg->second);
+  } catch (const Error& e) {
+    fail("checkpoint '", r.label(), "': ", e.what());
+  }
+}
+
+inline ModelConfig read_checkpoint_config(const std::string& path) {
+  return read_checkpoint_config(io::SafetensorsReader::open(path));
+}
+
+// Copies every parameter of `model` from the checkpoint, checking names, shapes and finiteness.
+template <class Model>
+void load_weights(Model& model, const io::SafetensorsReader& r) {
+  auto& ps = model.params();
+  for (const auto& e : ps.entries()) {
+    LIMOE_CHECK(r.has(e.name), "checkpoint '", r.label(), "': missing tensor \"", e.name, "\" (shape ", e.shape.str(),
+                ") required by its config");
+    const Shape found = r.shape(e.name);
+    LIMOE_CHECK(found == e.shape, "checkpoint '", r.label(), "': tensor \"", e.name, "\" has shape ", found.str(),
+                ", the config requires ", e.shape.str());
+    const Tensor<float> t = r.read_f32(e.name);
+    auto dst = ps.value(ps.get(e.name));
+    for (index_t i = 0; i < t.numel(); ++i) {
+      LIMOE_CHECK(std::isfinite(t[i]), "checkpoint '", r.label(), "': tensor \"", e.name, "\" holds a non-finite value at ", i);
+      dst[i] = static_cast<typename Model::scalar_type>(t[i]);
+    }
+  }
+}
+
+// Optional training state saved beside the weights so a run resumes exactly.
+template <class T>
+struct TrainState {
+  const AdamW<T>* optimizer = nullptr;
+  std::string json;  // free-form "train_state" metadata (step, data position, schedule)
+};
+
+// Writes the model (and optionally the optimizer) atomically: a crash never leaves a half-written file.
+template <class Model, class T = typename Model::scalar_type>
+void save_checkpoint(const Model& model, const std::string& path, const TrainState<T>& state = {},
+                     const std::map<std::string, std::string>& extra_metadata = {}) {
+  io::SafetensorsWriter w;
+  const auto& ps = model.params();
+  std::vector<float> buf;
+  for (const auto& e : ps.entries()) {
+    const auto v = ps.value(ps.get(e.name));
+    buf.assign(v.data(), v.data() + v.numel());
+    w.add(e.name, std::vector<std::int64_t>(e.shape.begin(), e.shape.end()), std::span<const float>(buf));
+  }
+  if (state.optimizer) {
+    auto& opt = const_cast<AdamW<T>&>(*state.optimizer);
+    for (auto [name, t] : {std::pair<const char*, Tensor<T>*>{"opt.m", &opt.m()}, {"opt.v", &opt.v()}}) {
+      buf.assign(t->data(), t->data() + t->numel());
+      w.add(name, {t->numel()}, std::span<const float>(buf));
+    }
+    w.set_metadata("opt_step", std::to_string(opt.step()));
+  }
+  if (!state.json.empty()) w.set_metadata("train_state", state.json);
+  w.set_metadata("format", kCheckpointFormat);
+  w.set_metadata("format_version", kCheckpointVersion);
+  w.set_metadata("config", to_json(model.config()).dump());
+  for (const auto& [k, v] : extra_metadata) w.set_metadata(k, v);
+  w.write(path);
+}
+
+// Restores the AdamW moments and step written by save_checkpoint; false when the checkpoint has none.
+template <class T>
+bool load_optimizer(AdamW<T>& opt, const io::SafetensorsReader& r) {
+  if (!r.has("opt.m") || !r.has("opt.v")) return false;
+  for (auto [name, t] : {std::pair<const char*, Tensor<T>*>{"opt.m", &opt.m()}, {"opt.v", &opt.v()}}) {
+    const auto flat = r.read_f32_flat(name);
+    LIMOE_CHECK(static_cast<index_t>(flat.size()) == t->numel(), "checkpoint '", r.label(), "': ", name, " has ",
+                flat.size(), " values for ", t->numel(), " parameters");
+    for (index_t i = 0; i < t->numel(); ++i) (*t)[i] = static_cast<T>(flat[static_cast<std::size_t>(i)]);
+  }
+  const auto& md = r.metadata();
+  if (auto it = md.find("opt_step"); it != md.end()) opt.set_step(std::stoll(it->second));
+  return true;
+}
+
+}  // namespace limoe
