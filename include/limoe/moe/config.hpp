@@ -1,0 +1,112 @@
+// limoe/moe/config.hpp: the run-time configuration of a sparse MoE layer and the expert capacity.
+//
+// `RouterConfig` mirrors the checkpoint JSON "router" object (FORMATS.md) plus the expert count E and top-K;
+// `AuxLossConfig` holds the weights and thresholds of the auxiliary losses (LIMOE.md section 4). Sizes and
+// factors are data; what changes the code path (top-K, assignment order, loss set) are policy types in
+// router.hpp and losses.hpp, picked from these values by `visit_router`.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/ops/gelu.hpp"
+
+namespace limoe::moe {
+
+// Training draws router noise and uses capacity_factor_train; evaluation has no noise and uses
+// capacity_factor_eval (LIMOE.md section 3, steps 2 and 5).
+enum class Mode { Train, Eval };
+
+// Per-token modality (the `modality` array the layer takes): 0 image, 1 text.
+enum Modality : std::uint8_t { kImage = 0, kText = 1 };
+inline constexpr int kModalities = 2;
+
+struct RouterConfig {
+  int experts = 8;                      // E
+  int top_k = 1;                        // K
+  double noise_std = 1.0;               // training noise is N(0, (noise_std / E)^2) per (token, expert)
+  double capacity_factor_train = 1.05;  // C = ceil(K * S * factor / E)
+  double capacity_factor_eval = 0.0;    // 0: no-drop mode, no token is ever dropped
+  int capacity_multiple_of = 1;         // round C up to a multiple of this (vmoe uses 4)
+  bool bpr = true;                      // Batch Priority Routing (training and evaluation)
+  index_t group_size = 0;               // tokens per routing group; 0 = all tokens of a call form one group
+
+  void validate() const {
+    LIMOE_CHECK(experts >= 1, "RouterConfig: experts must be >= 1, got ", experts);
+    LIMOE_CHECK(top_k >= 1 && top_k <= experts, "RouterConfig: top_k must be in [1, experts = ", experts, "], got ",
+                top_k);
+    LIMOE_CHECK(noise_std >= 0 && std::isfinite(noise_std), "RouterConfig: noise_std must be finite and >= 0, got ",
+                noise_std);
+    LIMOE_CHECK(capacity_factor_train >= 0 && std::isfinite(capacity_factor_train),
+                "RouterConfig: capacity_factor_train must be finite and >= 0 (0 = no drop), got ",
+                capacity_factor_train);
+    LIMOE_CHECK(capacity_factor_eval >= 0 && std::isfinite(capacity_factor_eval),
+                "RouterConfig: capacity_factor_eval must be finite and >= 0 (0 = no drop), got ",
+                capacity_factor_eval);
+    LIMOE_CHECK(capacity_multiple_of >= 1, "RouterConfig: capacity_multiple_of must be >= 1, got ",
+                capacity_multiple_of);
+    LIMOE_CHECK(group_size >= 0, "RouterConfig: group_size must be >= 0 (0 = one group), got ", group_size);
+  }
+  double capacity_factor(bool training) const { return training ? capacity_factor_train : capacity_factor_eval; }
+};
+
+// Weights and thresholds of the auxiliary losses (LIMOE.md section 4). Per-modality arrays are indexed by
+// Modality: [0] image, [1] text. A weight of 0 still reports the term's value but adds no gradient (as vmoe's
+// `_weighted_sum`, which skips terms whose weight is not positive).
+struct AuxLossConfig {
+  double importance_weight = 0.005;
+  double load_weight = 0.005;
+  std::array<double, kModalities> local_entropy_weight{0.01, 0.01};
+  std::array<double, kModalities> global_entropy_weight{0.01, 0.01};
+  std::array<double, kModalities> global_entropy_tau{1.3862943611198906, 0.6931471805599453};  // log 4, log 2
+  double z_loss_weight = 0.0;
+
+  void validate() const {
+    auto ok = [](double w) { return std::isfinite(w) && w >= 0; };
+    LIMOE_CHECK(ok(importance_weight) && ok(load_weight) && ok(z_loss_weight) && ok(local_entropy_weight[0]) &&
+                    ok(local_entropy_weight[1]) && ok(global_entropy_weight[0]) && ok(global_entropy_weight[1]),
+                "AuxLossConfig: every loss weight must be finite and >= 0");
+    LIMOE_CHECK(std::isfinite(global_entropy_tau[0]) && std::isfinite(global_entropy_tau[1]),
+                "AuxLossConfig: global_entropy_tau must be finite");
+  }
+};
+
+// Everything one MoE layer needs besides its parameters: routing, losses, the experts' activation.
+struct MoeConfig {
+  RouterConfig router;
+  AuxLossConfig losses;
+  GeluKind gelu = GeluKind::Erf;
+  void validate() const {
+    router.validate();
+    losses.validate();
+  }
+};
+
+// Capacity of each expert for one group of S tokens (LIMOE.md section 3, step 5):
+// C = ceil(K * S * factor / E), rounded up to a multiple of `multiple_of`; factor 0 means no drop (C = S, each
+// token picks an expert at most once, so no expert can overflow). The spec requires an error when the factor
+// leaves an expert less than one token (E=8, S=4, factor 0.1: K*S*factor/E = 0.05); vmoe's compute_capacity
+// checks after the ceil and would silently give 1, so the check here is on K*S*factor/E before rounding.
+// The ceil ignores a relative excess of 1e-9 so that products like 10 * 1.1 (= 11.000000000000002) are not
+// rounded up a whole token.
+inline index_t compute_capacity(index_t S, int E, int K, double factor, int multiple_of = 1) {
+  LIMOE_CHECK(E >= 1 && K >= 1 && K <= E, "compute_capacity: need 1 <= K <= E, got K = ", K, ", E = ", E);
+  LIMOE_CHECK(S >= 0, "compute_capacity: group size S must be >= 0, got ", S);
+  LIMOE_CHECK(factor >= 0 && std::isfinite(factor), "compute_capacity: capacity factor must be finite and >= 0, got ",
+              factor);
+  if (factor == 0.0) return S;  // no-drop mode
+  const double raw = static_cast<double>(K) * static_cast<double>(S) * factor / static_cast<double>(E);
+  LIMOE_CHECK(raw >= 1.0 - 1e-9, "expert capacity K*S*capacity_factor/E = ", K, "*", S, "*", factor, "/", E, " = ",
+              raw, " is below one token (C < 1): raise the capacity factor to at least ",
+              static_cast<double>(E) / (static_cast<double>(K) * static_cast<double>(S)),
+              ", use larger groups (group_size), or use capacity factor 0 (no drop)");
+  index_t C = static_cast<index_t>(std::ceil(raw * (1.0 - 1e-9)));
+  if (C < 1) C = 1;
+  if (multiple_of > 1) C = (C + multiple_of - 1) / multiple_of * multiple_of;
+  return C;
+}
+
+}  // namespace limoe::moe

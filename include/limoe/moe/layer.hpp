@@ -1,0 +1,550 @@
+// limoe/moe/layer.hpp: the sparse MoE layer, forward and backward (LIMOE.md sections 3, 4, 6).
+//
+//   logits = x W_r^T ([N, E]); per group: noise, gates = softmax(noisy), top-K, capacity, assignment;
+//   dispatch the accepted (token, choice) pairs into contiguous per-expert blocks (a counting sort by expert,
+//   tokens in call order inside a block, so the layout is the same on any thread count);
+//   each expert runs Linear -> GELU -> Linear on its block (grouped matrix products, no padding to C rows);
+//   y[t] = sum over accepted choices of gate[t, e] * Expert_e(x[t]) (gates not renormalised); dropped -> 0.
+//
+// Parameters are views into the model's storage (FORMATS.md shapes): router [E, D], fc1 [E, M, D] / [E, M],
+// fc2 [E, D, M] / [E, D]. Forward fills a reusable MoeContext (buffers keep their storage between calls; no
+// per-token allocation) that backward consumes. Gradient rule (docs/conventions.md): parameter gradients
+// accumulate, dx is overwritten, an empty view skips that gradient.
+//
+// Determinism: every product runs on fixed-size row or column chunks with gemm_serial, so results, and with
+// them the routing, are bitwise identical on any thread count.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/gemm.hpp"
+#include "limoe/core/params.hpp"
+#include "limoe/core/parallel.hpp"
+#include "limoe/core/rng.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/moe/config.hpp"
+#include "limoe/moe/losses.hpp"
+#include "limoe/moe/router.hpp"
+#include "limoe/moe/stats.hpp"
+#include "limoe/ops/gelu.hpp"
+
+namespace limoe::moe {
+
+// Read-only parameters of one MoE layer.
+template <class T>
+struct MoeParams {
+  CView<T> router_w;  // [E, D]
+  CView<T> fc1_w;     // [E, M, D]
+  CView<T> fc1_b;     // [E, M]
+  CView<T> fc2_w;     // [E, D, M]
+  CView<T> fc2_b;     // [E, D]
+};
+
+// Their gradients (accumulated); any empty view is skipped.
+template <class T>
+struct MoeGrads {
+  View<T> router_w, fc1_w, fc1_b, fc2_w, fc2_b;
+};
+
+// The five tensors of `blocks.{i}.moe.*` in a ParamStore (FORMATS.md names), e.g. prefix "blocks.1.moe".
+struct MoeParamRefs {
+  ParamRef router_w, fc1_w, fc1_b, fc2_w, fc2_b;
+
+  template <class T>
+  static MoeParamRefs add(ParamStore<T>& store, const std::string& prefix, index_t E, index_t D, index_t M) {
+    MoeParamRefs r;
+    r.router_w = store.add(prefix + ".router.weight", Shape{E, D}, true);  // [E, D]
+    r.fc1_w = store.add(prefix + ".fc1.weight", Shape{E, M, D}, true);     // [E, M, D]
+    r.fc1_b = store.add(prefix + ".fc1.bias", Shape{E, M}, false);         // [E, M]
+    r.fc2_w = store.add(prefix + ".fc2.weight", Shape{E, D, M}, true);     // [E, D, M]
+    r.fc2_b = store.add(prefix + ".fc2.bias", Shape{E, D}, false);         // [E, D]
+    return r;
+  }
+  template <class T>
+  MoeParams<T> params(const ParamStore<T>& s) const {
+    return {s.value(router_w), s.value(fc1_w), s.value(fc1_b), s.value(fc2_w), s.value(fc2_b)};
+  }
+  template <class T>
+  MoeGrads<T> grads(ParamStore<T>& s) const {
+    return {s.grad(router_w), s.grad(fc1_w), s.grad(fc1_b), s.grad(fc2_w), s.grad(fc2_b)};
+  }
+};
+
+// Everything forward leaves for backward, plus the call's outputs besides y: routes, losses, statistics.
+// Reuse one context per layer (and per micro-batch in flight); buffers only grow.
+template <class T>
+struct MoeContext {
+  // ---- outputs of the last forward ----
+  AuxLossValues losses;  // averaged over groups; `total` is weighted (add it to the training loss)
+  RoutingStats stats;
+  // [N, K]: the expert that accepted each choice of each token, -1 where dropped (FORMATS.md img_route/txt_route).
+  CView<std::int32_t> routes() const { return CView<std::int32_t>(route.data(), Shape{N, K}); }
+  // [N, E]: the gates the combine weights came from (softmax of the noisy logits in training).
+  CView<T> gate_values() const { return CView<T>(gates.data(), Shape{N, E}); }
+  CView<T> router_logits() const { return CView<T>(logits.data(), Shape{N, E}); }
+  index_t accepted() const { return A; }  // rows dispatched to experts (accepted choices)
+
+  // ---- internal state (read-only outside the layer) ----
+  index_t N = 0, D = 0, M = 0, A = 0;
+  int E = 0, K = 0;
+  index_t groups = 0, group_size = 0;
+  GeluKind gelu = GeluKind::Erf;
+  bool valid = false;
+  Tensor<T> logits, noisy, gates, probs;          // [N, E]
+  Tensor<std::int32_t> choice, route;             // [N, K]
+  Tensor<index_t> order;                          // [N] routing scratch
+  Tensor<index_t> fill;                           // [groups, E] routing scratch
+  Tensor<index_t> capacity;                       // [groups]
+  Tensor<double> aux_dlogits;                     // [N, E] weighted aux-loss gradient wrt the clean logits
+  std::vector<AuxLossValues> group_losses;        // [groups]
+  Tensor<index_t> offsets;                        // [E + 1] first dispatch row of each expert
+  Tensor<index_t> cursor;                         // [E] dispatch scratch
+  std::vector<std::uint8_t> default_modality;     // [N] all image, when the caller passes no modality
+  Tensor<index_t> slot_row;                       // [N * K] dispatch row of choice (t, k), -1 if dropped
+  Tensor<index_t> row_token, row_slot;            // [A] token and choice slot (t * K + k) of each row
+  Tensor<T> xe, hpre, h, ye;                      // [A, D], [A, M], [A, M], [A, D]
+  Tensor<T> row_dgate;                            // [A] backward: d loss / d gate of each row
+  Tensor<T> dye, dh, dxe, dlogits;                // [A, D], [A, M], [A, D], [N, E]
+  struct Tile { int e; index_t r0, r1; };
+  std::vector<Tile> tiles;                        // fixed-size row tiles of the expert blocks
+  struct Job { int e; int what; index_t c0, c1; };
+  std::vector<Job> jobs;                          // backward weight-gradient work items
+};
+
+namespace detail {
+inline constexpr index_t kRowChunk = 64;   // fixed chunk of rows/columns for every product (determinism)
+inline constexpr index_t kTileRows = 256;  // rows of one expert tile
+
+// Capacity of group g: the strict spec check (C < 1 is an error) for full groups; a trailing shorter group
+// (N not a multiple of group_size) gets at least one slot per expert instead of an error.
+inline index_t group_capacity(const RouterConfig& rc, int K, index_t S, bool trailing_partial, bool training) {
+  const double f = rc.capacity_factor(training);
+  if (!trailing_partial || f == 0.0) return compute_capacity(S, rc.experts, K, f, rc.capacity_multiple_of);
+  const double raw = static_cast<double>(K) * static_cast<double>(S) * f / rc.experts;
+  index_t C = std::max<index_t>(1, static_cast<index_t>(std::ceil(raw * (1.0 - 1e-9))));
+  const index_t mult = rc.capacity_multiple_of;
+  return mult > 1 ? (C + mult - 1) / mult * mult : C;
+}
+
+// C[rows, cols] (+)= A B^T style products over fixed row chunks of C; deterministic on any thread count.
+template <class T>
+void gemm_rows(Trans ta, Trans tb, index_t M, index_t N, index_t K, const T* A, index_t lda, const T* B, index_t ldb,
+               T beta, T* C, index_t ldc) {
+  const index_t chunks = (M + kRowChunk - 1) / kRowChunk;
+  parallel_for(0, chunks, 1, [&](index_t c0, index_t c1) {
+    for (index_t c = c0; c < c1; ++c) {
+      const index_t r0 = c * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
+      const T* a = ta == Trans::N ? A + r0 * lda : A + r0;
+      gemm_serial<T>(ta, tb, r1 - r0, N, K, T(1), a, lda, B, ldb, beta, C + r0 * ldc, ldc);
+    }
+  });
+}
+// The same over fixed column chunks of C (for reductions over a long K, e.g. weight gradients).
+template <class T>
+void gemm_cols(Trans ta, Trans tb, index_t M, index_t N, index_t K, const T* A, index_t lda, const T* B, index_t ldb,
+               T beta, T* C, index_t ldc) {
+  const index_t chunks = (N + kRowChunk - 1) / kRowChunk;
+  parallel_for(0, chunks, 1, [&](index_t c0, index_t c1) {
+    for (index_t c = c0; c < c1; ++c) {
+      const index_t j0 = c * kRowChunk, j1 = std::min(N, j0 + kRowChunk);
+      const T* b = tb == Trans::N ? B + j0 : B + j0 * ldb;
+      gemm_serial<T>(ta, tb, M, j1 - j0, K, T(1), A, lda, b, ldb, beta, C + j0, ldc);
+    }
+  });
+}
+
+template <class T>
+void check_params(const MoeParams<T>& p, int E, index_t D) {
+  LIMOE_CHECK(p.fc1_w.rank() == 3, "moe: fc1.weight must be [E, M, D], got ", p.fc1_w.shape().str());
+  const index_t M = p.fc1_w.dim(1);
+  expect_shape(p.router_w, Shape{E, D}, "moe: router.weight");
+  expect_shape(p.fc1_w, Shape{E, M, D}, "moe: fc1.weight");
+  expect_shape(p.fc1_b, Shape{E, M}, "moe: fc1.bias");
+  expect_shape(p.fc2_w, Shape{E, D, M}, "moe: fc2.weight");
+  expect_shape(p.fc2_b, Shape{E, D}, "moe: fc2.bias");
+}
+}  // namespace detail
+
+// Forward with an explicit router policy and loss set.
+//   x [N, D] tokens in the fixed order (all image tokens, then all text tokens; LIMOE.md section 3);
+//   modality [N] (0 image, 1 text; an empty span means all image); y [N, D] overwritten.
+// Outputs besides y land in ctx: ctx.routes() [N, K], ctx.losses, ctx.stats.
+template <class T, class Losses = DefaultAuxLosses, class Router>
+  requires RouterPolicy<Router, T>
+void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x,
+                 std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx) {
+  cfg.validate();
+  const int E = cfg.router.experts;
+  const int K = router.top_k();
+  LIMOE_CHECK(K >= 1 && K <= E, "moe_forward: the router's top_k() = ", K, " must be in [1, E = ", E, "]");
+  LIMOE_CHECK(E <= detail::kMaxStackExperts, "moe_forward: at most ", detail::kMaxStackExperts,
+              " experts are supported, got ", E);
+  LIMOE_CHECK(x.rank() == 2, "moe_forward: x must be [N, D], got ", x.shape().str());
+  const index_t N = x.dim(0), D = x.dim(1);
+  detail::check_params(p, E, D);
+  const index_t M = p.fc1_w.dim(1);
+  expect_shape(y, Shape{N, D}, "moe_forward: y");
+  LIMOE_CHECK(modality.empty() || static_cast<index_t>(modality.size()) == N, "moe_forward: modality has ",
+              modality.size(), " entries for N = ", N, " tokens (pass one per token, or none for all image)");
+
+  auto& c = ctx;
+  c.valid = false;
+  c.N = N, c.D = D, c.M = M, c.E = E, c.K = K;
+  c.gelu = cfg.gelu;
+  const bool training = mode == Mode::Train;
+  const index_t gs = cfg.router.group_size > 0 ? std::min(cfg.router.group_size, std::max<index_t>(N, 1)) : N;
+  const index_t G = N == 0 ? 0 : (N + gs - 1) / gs;
+  c.groups = G, c.group_size = gs;
+
+  c.logits.resize(Shape{N, E});   // [N, E]
+  c.noisy.resize(Shape{N, E});    // [N, E]
+  c.gates.resize(Shape{N, E});    // [N, E]
+  c.probs.resize(Shape{N, E});    // [N, E]
+  c.choice.resize(Shape{N, K});   // [N, K]
+  c.route.resize(Shape{N, K});    // [N, K]
+  c.order.resize(Shape{N});       // [N]
+  c.fill.resize(Shape{G, E});     // [G, E]
+  c.capacity.resize(Shape{G});    // [G]
+  c.aux_dlogits.resize(Shape{N, E});  // [N, E]
+  c.group_losses.assign(static_cast<std::size_t>(G), AuxLossValues{});
+  if (modality.empty() && N > 0) {  // none given: all image
+    c.default_modality.assign(static_cast<std::size_t>(N), kImage);
+    modality = c.default_modality;
+  }
+
+  // 1. Router logits (LIMOE.md section 3 step 1) and clean gates G = softmax(logits) for the losses.
+  if (N > 0)
+    detail::gemm_rows<T>(Trans::N, Trans::T, N, E, D, x.data(), D, p.router_w.data(), D, T(0), c.logits.data(), E);
+  parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
+    for (index_t t = t0; t < t1; ++t) detail::softmax_row(c.logits.data() + t * E, E, c.probs.data() + t * E);
+  });
+
+  // 2. Route every group (steps 2-6), then check the router kept its contract.
+  for (index_t g = 0; g < G; ++g) {
+    const index_t S = std::min(gs, N - g * gs);
+    c.capacity[g] = detail::group_capacity(cfg.router, K, S, G > 1 && S < gs, training);
+  }
+  parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
+    for (index_t g = g0; g < g1; ++g) {
+      const index_t row0 = g * gs, S = std::min(gs, N - row0);
+      RouteGroup<T> rg;
+      rg.row0 = row0, rg.S = S, rg.E = E, rg.K = K, rg.capacity = c.capacity[g], rg.mode = mode, rg.rng = &rng;
+      rg.logits = c.logits.data() + row0 * E;
+      rg.noisy = c.noisy.data() + row0 * E;
+      rg.gates = c.gates.data() + row0 * E;
+      rg.choice = c.choice.data() + row0 * K;
+      rg.route = c.route.data() + row0 * K;
+      rg.order = c.order.data() + row0;
+      rg.fill = c.fill.data() + g * E;
+      router.route(rg);
+      index_t* count = c.fill.data() + g * E;
+      std::fill(count, count + E, index_t{0});
+      for (index_t s = 0; s < S * K; ++s) {
+        const std::int32_t ch = rg.choice[s], r = rg.route[s];
+        LIMOE_CHECK(ch >= 0 && ch < E, "moe router: choice ", ch, " out of range [0, ", E, ")");
+        LIMOE_CHECK(r == -1 || r == ch, "moe router: route must be the choice or -1, got ", r, " for choice ", ch);
+        if (r >= 0) LIMOE_CHECK(++count[r] <= rg.capacity, "moe router: expert ", r, " exceeds capacity ", rg.capacity);
+      }
+    }
+  });
+
+  // 3. Auxiliary losses per group, averaged over groups (LIMOE.md section 4).
+  std::fill(c.aux_dlogits.data(), c.aux_dlogits.data() + N * E, 0.0);
+  const bool noise_active = training && cfg.router.noise_std > 0;
+  parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
+    for (index_t g = g0; g < g1; ++g) {
+      const index_t row0 = g * gs, S = std::min(gs, N - row0);
+      LossGroup<T> lg;
+      lg.S = S, lg.E = E, lg.K = K;
+      lg.logits = c.logits.data() + row0 * E;
+      lg.noisy = c.noisy.data() + row0 * E;
+      lg.probs = c.probs.data() + row0 * E;
+      lg.choice = c.choice.data() + row0 * K;
+      lg.modality = modality.data() + row0;
+      lg.noise_active = noise_active;
+      lg.sigma = cfg.router.noise_std / E;
+      lg.scale = 1.0 / static_cast<double>(G);
+      Losses::template accumulate<T>(lg, cfg.losses, c.group_losses[static_cast<std::size_t>(g)],
+                                     c.aux_dlogits.data() + row0 * E);
+    }
+  });
+  c.losses = AuxLossValues{};
+  for (const auto& v : c.group_losses) {  // in group order: deterministic
+    c.losses.total += v.total, c.losses.importance += v.importance, c.losses.load += v.load, c.losses.z += v.z;
+    for (int m = 0; m < kModalities; ++m)
+      c.losses.local_entropy[m] += v.local_entropy[m], c.losses.global_entropy[m] += v.global_entropy[m];
+  }
+
+  // 4. Dispatch: counting sort of the accepted choices by expert, tokens in call order within an expert.
+  c.offsets.resize(Shape{E + 1});  // [E + 1]
+  std::fill(c.offsets.data(), c.offsets.data() + E + 1, index_t{0});
+  for (index_t s = 0; s < N * K; ++s)
+    if (c.route[s] >= 0) ++c.offsets[c.route[s] + 1];
+  for (int e = 0; e < E; ++e) c.offsets[e + 1] += c.offsets[e];
+  const index_t A = c.offsets[E];
+  c.A = A;
+  c.slot_row.resize(Shape{N * K});  // [N * K]
+  c.row_token.resize(Shape{A});     // [A]
+  c.row_slot.resize(Shape{A});      // [A]
+  {
+    c.cursor.resize(Shape{E});  // [E]
+    index_t* cursor = c.cursor.data();
+    std::copy(c.offsets.data(), c.offsets.data() + E, cursor);
+    for (index_t s = 0; s < N * K; ++s) {
+      const std::int32_t e = c.route[s];
+      if (e < 0) { c.slot_row[s] = -1; continue; }
+      const index_t r = cursor[e]++;
+      c.slot_row[s] = r;
+      c.row_slot[r] = s;
+      c.row_token[r] = s / K;
+    }
+  }
+  c.xe.resize(Shape{A, D});    // [A, D]
+  c.hpre.resize(Shape{A, M});  // [A, M]
+  c.h.resize(Shape{A, M});     // [A, M]
+  c.ye.resize(Shape{A, D});    // [A, D]
+  parallel_for(0, A, 256, [&](index_t r0, index_t r1) {
+    for (index_t r = r0; r < r1; ++r) std::copy_n(x.row(c.row_token[r]), D, c.xe.data() + r * D);
+  });
+
+  // 5. Experts on fixed-size row tiles of their blocks: h = GELU(xe W1^T + b1), ye = h W2^T + b2.
+  c.tiles.clear();
+  for (int e = 0; e < E; ++e)
+    for (index_t r0 = c.offsets[e]; r0 < c.offsets[e + 1]; r0 += detail::kTileRows)
+      c.tiles.push_back({e, r0, std::min(c.offsets[e + 1], r0 + detail::kTileRows)});
+  parallel_for(0, static_cast<index_t>(c.tiles.size()), 1, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) {
+      const auto tile = c.tiles[static_cast<std::size_t>(i)];
+      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
+      T* hp = c.hpre.data() + r0 * M;
+      gemm_serial<T>(Trans::N, Trans::T, rows, M, D, T(1), c.xe.data() + r0 * D, D, p.fc1_w.data() + e * M * D, D,
+                     T(0), hp, M);
+      const T* b1 = p.fc1_b.data() + e * M;
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t m = 0; m < M; ++m) hp[r * M + m] += b1[m];
+      cpu::gelu_forward<T>(c.gelu, CView<T>(hp, Shape{rows, M}), View<T>(c.h.data() + r0 * M, Shape{rows, M}));
+      T* yo = c.ye.data() + r0 * D;
+      gemm_serial<T>(Trans::N, Trans::T, rows, D, M, T(1), c.h.data() + r0 * M, M, p.fc2_w.data() + e * D * M, M,
+                     T(0), yo, D);
+      const T* b2 = p.fc2_b.data() + e * D;
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t d = 0; d < D; ++d) yo[r * D + d] += b2[d];
+    }
+  });
+
+  // 6. Combine (step 7): y[t] = sum_k gate[t, e_k] * ye[row], choices in rank order; no choice -> 0.
+  parallel_for(0, N, 64, [&](index_t t0, index_t t1) {
+    for (index_t t = t0; t < t1; ++t) {
+      T* yt = y.row(t);
+      std::fill(yt, yt + D, T(0));
+      for (int k = 0; k < K; ++k) {
+        const index_t r = c.slot_row[t * K + k];
+        if (r < 0) continue;
+        const T gate = c.gates[t * E + c.route[t * K + k]];
+        const T* src = c.ye.data() + r * D;
+        for (index_t d = 0; d < D; ++d) yt[d] += gate * src[d];
+      }
+    }
+  });
+
+  // 7. Routing statistics (LIMOE.md section 6).
+  auto& st = c.stats;
+  st.experts = E, st.top_k = K, st.groups = G, st.capacity = G > 0 ? c.capacity[0] : 0;
+  st.image_share.assign(static_cast<std::size_t>(E), 0.0);
+  std::array<std::vector<double>, kModalities> pbar;
+  for (int m = 0; m < kModalities; ++m) {
+    st.routed[m].assign(static_cast<std::size_t>(E), 0);
+    st.dropped[m].assign(static_cast<std::size_t>(E), 0);
+    st.tokens[m] = 0, st.tokens_fully_dropped[m] = 0, st.local_entropy[m] = 0, st.global_entropy[m] = 0;
+    pbar[m].assign(static_cast<std::size_t>(E), 0.0);
+  }
+  for (index_t t = 0; t < N; ++t) {
+    const int m = modality[t] ? 1 : 0;
+    ++st.tokens[m];
+    bool any = false;
+    for (int k = 0; k < K; ++k) {
+      const std::int32_t r = c.route[t * K + k];
+      if (r >= 0) ++st.routed[m][r], any = true;
+      else ++st.dropped[m][c.choice[t * K + k]];
+    }
+    if (!any) ++st.tokens_fully_dropped[m];
+    double H = 0;
+    for (int e = 0; e < E; ++e) {
+      const double q = static_cast<double>(c.probs[t * E + e]);
+      H -= q * detail::safe_log(q);
+      pbar[m][e] += q;
+    }
+    st.local_entropy[m] += H;
+  }
+  for (int m = 0; m < kModalities; ++m) {
+    index_t dropped = 0;
+    for (int e = 0; e < E; ++e) dropped += st.dropped[m][e];
+    if (st.tokens[m] == 0) { st.drop_fraction[m] = 0; continue; }
+    const double n = static_cast<double>(st.tokens[m]);
+    st.drop_fraction[m] = static_cast<double>(dropped) / (n * K);
+    st.local_entropy[m] /= n;
+    for (int e = 0; e < E; ++e) {
+      const double q = pbar[m][e] / n;
+      st.global_entropy[m] -= q * detail::safe_log(q);
+    }
+  }
+  for (int e = 0; e < E; ++e) {
+    const index_t all = st.routed[0][e] + st.routed[1][e];
+    st.image_share[e] = all > 0 ? static_cast<double>(st.routed[0][e]) / static_cast<double>(all) : 0.0;
+  }
+  c.valid = true;
+}
+
+// Forward with the stock router that cfg.router describes (top-K 1 and 2 compiled, others at run time; BPR or
+// vanilla) and the given loss set (default: all five terms; set a weight to 0 to drop a term's gradient).
+template <class T, class Losses = DefaultAuxLosses>
+void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::span<const std::uint8_t> modality,
+                 Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx) {
+  cfg.validate();
+  visit_router(cfg.router, [&](const auto& router) {
+    moe_forward<T, Losses>(router, cfg, p, x, modality, mode, rng, y, ctx);
+  });
+}
+
+// Backward of the last forward on ctx.
+//   dy [N, D]: upstream gradient of y. dx [N, D] overwritten (empty: skipped). Parameter gradients accumulate.
+//   The aux losses' gradients (already weighted and averaged over groups) are added to the router's, times
+//   aux_scale (1 when the aux losses enter the training loss with coefficient 1).
+template <class T>
+void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, const MoeGrads<T>& grads,
+                  MoeContext<T>& ctx, double aux_scale = 1.0) {
+  auto& c = ctx;
+  LIMOE_CHECK(c.valid, "moe_backward: run moe_forward on this context first");
+  const index_t N = c.N, D = c.D, M = c.M, A = c.A;
+  const int E = c.E, K = c.K;
+  expect_shape(x, Shape{N, D}, "moe_backward: x");
+  expect_shape(dy, Shape{N, D}, "moe_backward: dy");
+  if (!dx.empty()) expect_shape(dx, Shape{N, D}, "moe_backward: dx");
+  detail::check_params(p, E, D);
+  LIMOE_CHECK(p.fc1_w.dim(1) == M, "moe_backward: parameters changed shape since forward (M ", M, " -> ",
+              p.fc1_w.dim(1), ")");
+  if (!grads.router_w.empty()) expect_shape(grads.router_w, Shape{E, D}, "moe_backward: grad router.weight");
+  if (!grads.fc1_w.empty()) expect_shape(grads.fc1_w, Shape{E, M, D}, "moe_backward: grad fc1.weight");
+  if (!grads.fc1_b.empty()) expect_shape(grads.fc1_b, Shape{E, M}, "moe_backward: grad fc1.bias");
+  if (!grads.fc2_w.empty()) expect_shape(grads.fc2_w, Shape{E, D, M}, "moe_backward: grad fc2.weight");
+  if (!grads.fc2_b.empty()) expect_shape(grads.fc2_b, Shape{E, D}, "moe_backward: grad fc2.bias");
+  const bool need_dx = !dx.empty();
+
+  // 1. Combine backward: d gate = <dy[t], ye[r]>, d ye[r] = gate * dy[t].
+  c.row_dgate.resize(Shape{A});  // [A]
+  c.dye.resize(Shape{A, D});     // [A, D]
+  parallel_for(0, A, 64, [&](index_t r0, index_t r1) {
+    for (index_t r = r0; r < r1; ++r) {
+      const index_t t = c.row_token[r];
+      const T gate = c.gates[t * E + c.route[c.row_slot[r]]];
+      const T* g = dy.row(t);
+      const T* o = c.ye.data() + r * D;
+      T* out = c.dye.data() + r * D;
+      T acc = 0;
+      for (index_t d = 0; d < D; ++d) {
+        acc += g[d] * o[d];
+        out[d] = gate * g[d];
+      }
+      c.row_dgate[r] = acc;
+    }
+  });
+
+  // 2. Router: through softmax(noisy) of the combine weights (the noise is a constant), plus the aux losses.
+  c.dlogits.resize(Shape{N, E});  // [N, E]
+  parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
+    std::array<double, detail::kMaxStackExperts> dg{};
+    for (index_t t = t0; t < t1; ++t) {
+      std::fill(dg.begin(), dg.begin() + E, 0.0);
+      for (int k = 0; k < K; ++k) {
+        const index_t r = c.slot_row[t * K + k];
+        if (r >= 0) dg[c.route[t * K + k]] += static_cast<double>(c.row_dgate[r]);
+      }
+      const T* g = c.gates.data() + t * E;
+      double dot = 0;
+      for (int e = 0; e < E; ++e) dot += static_cast<double>(g[e]) * dg[e];
+      for (int e = 0; e < E; ++e)
+        c.dlogits[t * E + e] = static_cast<T>(static_cast<double>(g[e]) * (dg[e] - dot) +
+                                              aux_scale * c.aux_dlogits[t * E + e]);
+    }
+  });
+
+  // 3. Experts backward per tile (rows are independent): dh = dye W2 -> GELU' ; dxe = dhpre W1.
+  c.dh.resize(Shape{A, M});  // [A, M]
+  if (need_dx) c.dxe.resize(Shape{A, D});  // [A, D]
+  parallel_for(0, static_cast<index_t>(c.tiles.size()), 1, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) {
+      const auto tile = c.tiles[static_cast<std::size_t>(i)];
+      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
+      T* dh = c.dh.data() + r0 * M;
+      gemm_serial<T>(Trans::N, Trans::N, rows, M, D, T(1), c.dye.data() + r0 * D, D, p.fc2_w.data() + e * D * M, M,
+                     T(0), dh, M);
+      cpu::gelu_backward<T>(c.gelu, CView<T>(c.hpre.data() + r0 * M, Shape{rows, M}), CView<T>(dh, Shape{rows, M}),
+                            View<T>(dh, Shape{rows, M}));
+      if (need_dx)
+        gemm_serial<T>(Trans::N, Trans::N, rows, D, M, T(1), dh, M, p.fc1_w.data() + e * M * D, D, T(0),
+                       c.dxe.data() + r0 * D, D);
+    }
+  });
+
+  // 4. Expert weight gradients: reductions over each block's rows, split over fixed chunks of output rows.
+  //    what 0: fc2 rows [d0, d1) (dW2 += dye^T h, db2 += sum dye); what 1: fc1 rows [m0, m1).
+  c.jobs.clear();
+  for (int e = 0; e < E; ++e) {
+    if (c.offsets[e + 1] == c.offsets[e]) continue;
+    if (!grads.fc2_w.empty() || !grads.fc2_b.empty())
+      for (index_t j = 0; j < D; j += detail::kRowChunk) c.jobs.push_back({e, 0, j, std::min(D, j + detail::kRowChunk)});
+    if (!grads.fc1_w.empty() || !grads.fc1_b.empty())
+      for (index_t j = 0; j < M; j += detail::kRowChunk) c.jobs.push_back({e, 1, j, std::min(M, j + detail::kRowChunk)});
+  }
+  parallel_for(0, static_cast<index_t>(c.jobs.size()), 1, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) {
+      const auto job = c.jobs[static_cast<std::size_t>(i)];
+      const index_t e = job.e, j0 = job.c0, cols = job.c1 - job.c0;
+      const index_t b = c.offsets[e], n = c.offsets[e + 1] - b;
+      // Upstream gradient G [n, W] of this layer, its input I [n, In], output rows [j0, j1) of dW [W, In].
+      const bool second = job.what == 0;
+      const index_t W = second ? D : M, In = second ? M : D;
+      const T* Gd = (second ? c.dye.data() : c.dh.data()) + b * W;
+      const T* I = (second ? c.h.data() : c.xe.data()) + b * In;
+      T* dW = second ? grads.fc2_w.data() : grads.fc1_w.data();
+      T* db = second ? grads.fc2_b.data() : grads.fc1_b.data();
+      if (dW != nullptr)
+        gemm_serial<T>(Trans::T, Trans::N, cols, In, n, T(1), Gd + j0, W, I, In, T(1), dW + (e * W + j0) * In, In);
+      if (db != nullptr)
+        for (index_t j = j0; j < j0 + cols; ++j) {
+          T acc = 0;
+          for (index_t r = 0; r < n; ++r) acc += Gd[r * W + j];
+          db[e * W + j] += acc;
+        }
+    }
+  });
+
+  // 5. Router weight and input: dW_r += dlogits^T x; dx = dlogits W_r + sum_k dxe[row(t, k)].
+  if (!grads.router_w.empty() && N > 0)
+    detail::gemm_cols<T>(Trans::T, Trans::N, E, D, N, c.dlogits.data(), E, x.data(), D, T(1),
+                         grads.router_w.data(), D);
+  if (need_dx) {
+    if (N > 0)
+      detail::gemm_rows<T>(Trans::N, Trans::N, N, D, E, c.dlogits.data(), E, p.router_w.data(), D, T(0), dx.data(),
+                           D);
+    parallel_for(0, N, 64, [&](index_t t0, index_t t1) {
+      for (index_t t = t0; t < t1; ++t) {
+        T* out = dx.row(t);
+        for (int k = 0; k < K; ++k) {
+          const index_t r = c.slot_row[t * K + k];
+          if (r < 0) continue;
+          const T* src = c.dxe.data() + r * D;
+          for (index_t d = 0; d < D; ++d) out[d] += src[d];
+        }
+      }
+    });
+  }
+}
+
+}  // namespace limoe::moe

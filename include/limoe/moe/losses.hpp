@@ -1,0 +1,251 @@
+// limoe/moe/losses.hpp: the auxiliary router losses (LIMOE.md section 4) as composable policy types.
+//
+//   AuxLosses<ImportanceLoss, LoadLoss, LocalEntropyLoss, GlobalEntropyLoss, ZLoss>   (= DefaultAuxLosses)
+//
+// Each term computes its value on one group and adds its weighted gradient with respect to the router's clean
+// logits. The layer averages over groups (scale = 1 / number of groups); summing over MoE blocks is the
+// model's job. Values are reported unweighted per term and weighted in `total`.
+// A term is any type with `template <class T> static void accumulate(const LossGroup<T>&, const AuxLossConfig&,
+// AuxLossValues&, double* dlogits)` (the `AuxLossTerm` concept): add `scale * value` to its field of the
+// values, `scale * weight * value` to `total`, and `scale * weight * d value / d logits` to dlogits [S, E]
+// when dlogits is not null and its weight is positive.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <limits>
+
+#include "limoe/core/tensor.hpp"
+#include "limoe/moe/config.hpp"
+
+namespace limoe::moe {
+
+// Loss values of one layer call, averaged over groups. Per-modality arrays: [0] image, [1] text.
+struct AuxLossValues {
+  double total = 0;       // sum of weight * term: what the layer adds to the training loss
+  double importance = 0;  // (std(Imp) / mean(Imp))^2, Imp_e = sum_s G[s, e]
+  double load = 0;        // (std(Load) / mean(Load))^2; 0 without noise (evaluation, noise_std 0)
+  std::array<double, kModalities> local_entropy{};   // mean_s H(G[s, :]) over the modality's tokens
+  std::array<double, kModalities> global_entropy{};  // max(0, tau_m - H(pbar_m)): the loss term, not H itself
+  double z = 0;           // mean_s logsumexp(logits_s)^2
+};
+
+// What a loss term sees of one group of S tokens.
+template <class T>
+struct LossGroup {
+  index_t S = 0;
+  int E = 0, K = 0;
+  const T* logits = nullptr;            // [S, E] clean logits
+  const T* noisy = nullptr;             // [S, E] the logits the gates were taken from (noise in training)
+  const T* probs = nullptr;             // [S, E] clean gates G = softmax(logits)
+  const std::int32_t* choice = nullptr; // [S, K] experts by decreasing noisy gate
+  const std::uint8_t* modality = nullptr;  // [S] 0 image, 1 text
+  bool noise_active = false;            // training with noise_std > 0
+  double sigma = 0;                     // noise_std / E
+  double scale = 1;                     // 1 / number of groups
+};
+
+template <class L>
+concept AuxLossTerm = requires(const LossGroup<float>& gf, const LossGroup<double>& gd, const AuxLossConfig& c,
+                               AuxLossValues& v, double* d) {
+  L::template accumulate<float>(gf, c, v, d);
+  L::template accumulate<double>(gd, c, v, d);
+};
+
+namespace detail {
+inline constexpr double kLogFloor = -700.0;  // log of a gate that underflowed: keeps 0 * log 0 = 0, no NaN
+inline double safe_log(double p) { return p > 0 ? std::max(std::log(p), kLogFloor) : kLogFloor; }
+
+// Adds coef * (d softmax / d logits)^T du to dl for one row: dl_e += coef * G_e (du_e - sum_j G_j du_j).
+template <class T>
+inline void add_softmax_grad(const T* G, const double* du, int E, double coef, double* dl) {
+  double dot = 0;
+  for (int e = 0; e < E; ++e) dot += static_cast<double>(G[e]) * du[e];
+  for (int e = 0; e < E; ++e) dl[e] += coef * static_cast<double>(G[e]) * (du[e] - dot);
+}
+
+// Squared coefficient of variation var(v) / mean(v)^2 (population variance, as vmoe computes it without the
+// std, whose gradient is undefined at 0) and its gradient dv.
+inline double cv_squared(const double* v, int E, double* dv) {
+  double mean = 0;
+  for (int e = 0; e < E; ++e) mean += v[e];
+  mean /= E;
+  double var = 0;
+  for (int e = 0; e < E; ++e) var += (v[e] - mean) * (v[e] - mean);
+  var /= E;
+  if (!(mean > 0)) {
+    for (int e = 0; e < E; ++e) dv[e] = 0;
+    return 0;
+  }
+  // d/dv_e [var / mean^2] = (2 / E) ((v_e - mean) / mean^2 - var / mean^3)
+  for (int e = 0; e < E; ++e) dv[e] = 2.0 / E * ((v[e] - mean) / (mean * mean) - var / (mean * mean * mean));
+  return var / (mean * mean);
+}
+
+inline constexpr int kMaxStackExperts = 256;  // per-row scratch on the stack; larger E is rejected by the layer
+}  // namespace detail
+
+// V-MoE importance loss (Riquelme et al. 2021, appendix A.2): Imp_e = sum_s G[s, e] on clean gates.
+struct ImportanceLoss {
+  template <class T>
+  static void accumulate(const LossGroup<T>& g, const AuxLossConfig& c, AuxLossValues& v, double* dl) {
+    const int E = g.E;
+    std::array<double, detail::kMaxStackExperts> imp{}, dimp{};
+    for (index_t s = 0; s < g.S; ++s)
+      for (int e = 0; e < E; ++e) imp[e] += static_cast<double>(g.probs[s * E + e]);
+    const double L = detail::cv_squared(imp.data(), E, dimp.data());
+    v.importance += g.scale * L;
+    v.total += g.scale * c.importance_weight * L;
+    if (dl == nullptr || !(c.importance_weight > 0)) return;
+    for (index_t s = 0; s < g.S; ++s)
+      detail::add_softmax_grad(g.probs + s * E, dimp.data(), E, g.scale * c.importance_weight, dl + s * E);
+  }
+};
+
+// V-MoE load loss: p[s, e] = 1 - Phi((thr_s - logits[s, e]) / sigma), thr_s the K-th largest noisy logit,
+// Load_e = mean_s p[s, e]. As in vmoe's _load_auxiliary_loss the threshold is the noisy logit itself, so the
+// gradient also flows through thr_s into the logit of the token's K-th choice. Without noise (evaluation,
+// noise_std 0) the term is 0, as vmoe leaves it out of deterministic routers.
+struct LoadLoss {
+  template <class T>
+  static void accumulate(const LossGroup<T>& g, const AuxLossConfig& c, AuxLossValues& v, double* dl) {
+    if (!g.noise_active || !(g.sigma > 0) || g.S == 0) return;
+    const int E = g.E, K = g.K;
+    const double inv_sqrt2 = 0.70710678118654752440, inv_sqrt2pi = 0.39894228040143267794;
+    std::array<double, detail::kMaxStackExperts> load{}, dload{};
+    for (index_t s = 0; s < g.S; ++s) {
+      const double thr = static_cast<double>(g.noisy[s * E + g.choice[s * K + K - 1]]);
+      for (int e = 0; e < E; ++e) {
+        const double z = (thr - static_cast<double>(g.logits[s * E + e])) / g.sigma;
+        load[e] += 0.5 * std::erfc(z * inv_sqrt2);  // 1 - Phi(z)
+      }
+    }
+    for (int e = 0; e < E; ++e) load[e] /= static_cast<double>(g.S);
+    const double L = detail::cv_squared(load.data(), E, dload.data());
+    v.load += g.scale * L;
+    v.total += g.scale * c.load_weight * L;
+    if (dl == nullptr || !(c.load_weight > 0)) return;
+    const double coef = g.scale * c.load_weight / static_cast<double>(g.S) / g.sigma;
+    for (index_t s = 0; s < g.S; ++s) {
+      const int kth = g.choice[s * K + K - 1];
+      const double thr = static_cast<double>(g.noisy[s * E + kth]);
+      double to_thr = 0;
+      for (int e = 0; e < E; ++e) {
+        const double z = (thr - static_cast<double>(g.logits[s * E + e])) / g.sigma;
+        const double d = coef * dload[e] * inv_sqrt2pi * std::exp(-0.5 * z * z);  // dL/dp * phi(z) / sigma
+        dl[s * E + e] += d;  // d p / d logits[s, e] = +phi / sigma
+        to_thr -= d;         // d p / d thr_s = -phi / sigma
+      }
+      dl[s * E + kth] += to_thr;
+    }
+  }
+};
+
+// LIMoE local entropy per modality: mean over the modality's tokens of H(G[s, :]) (minimised).
+// dH/dlogits_e = -G_e (log G_e + H). A modality absent from the group contributes 0.
+struct LocalEntropyLoss {
+  template <class T>
+  static void accumulate(const LossGroup<T>& g, const AuxLossConfig& c, AuxLossValues& v, double* dl) {
+    const int E = g.E;
+    std::array<index_t, kModalities> n{};
+    for (index_t s = 0; s < g.S; ++s) ++n[g.modality[s] ? 1 : 0];
+    std::array<double, kModalities> sum{};
+    for (index_t s = 0; s < g.S; ++s) {
+      const int m = g.modality[s] ? 1 : 0;
+      const T* G = g.probs + s * E;
+      double H = 0;
+      for (int e = 0; e < E; ++e) H -= static_cast<double>(G[e]) * detail::safe_log(static_cast<double>(G[e]));
+      sum[m] += H;
+      const double w = c.local_entropy_weight[m];
+      if (dl == nullptr || !(w > 0)) continue;
+      const double coef = g.scale * w / static_cast<double>(n[m]);
+      for (int e = 0; e < E; ++e) {
+        const double p = static_cast<double>(G[e]);
+        dl[s * E + e] -= coef * p * (detail::safe_log(p) + H);
+      }
+    }
+    for (int m = 0; m < kModalities; ++m) {
+      if (n[m] == 0) continue;
+      const double L = sum[m] / static_cast<double>(n[m]);
+      v.local_entropy[m] += g.scale * L;
+      v.total += g.scale * c.local_entropy_weight[m] * L;
+    }
+  }
+};
+
+// LIMoE global entropy per modality: max(0, tau_m - H(pbar_m)), pbar_m = mean of the modality's G rows.
+// Gradient (where tau_m > H): dL/dpbar_e = log pbar_e + 1, spread as 1/n_m over the rows (the +1 cancels in
+// the softmax backward). At H = tau exactly the subgradient 0 is used. Absent modality: 0.
+struct GlobalEntropyLoss {
+  template <class T>
+  static void accumulate(const LossGroup<T>& g, const AuxLossConfig& c, AuxLossValues& v, double* dl) {
+    const int E = g.E;
+    for (int m = 0; m < kModalities; ++m) {
+      index_t n = 0;
+      std::array<double, detail::kMaxStackExperts> pbar{}, du{};
+      for (index_t s = 0; s < g.S; ++s) {
+        if ((g.modality[s] ? 1 : 0) != m) continue;
+        ++n;
+        for (int e = 0; e < E; ++e) pbar[e] += static_cast<double>(g.probs[s * E + e]);
+      }
+      if (n == 0) continue;
+      double H = 0;
+      for (int e = 0; e < E; ++e) {
+        pbar[e] /= static_cast<double>(n);
+        H -= pbar[e] * detail::safe_log(pbar[e]);
+      }
+      const double L = std::max(0.0, c.global_entropy_tau[m] - H);
+      v.global_entropy[m] += g.scale * L;
+      v.total += g.scale * c.global_entropy_weight[m] * L;
+      const double w = c.global_entropy_weight[m];
+      if (dl == nullptr || !(w > 0) || !(L > 0)) continue;
+      for (int e = 0; e < E; ++e) du[e] = detail::safe_log(pbar[e]);
+      const double coef = g.scale * w / static_cast<double>(n);
+      for (index_t s = 0; s < g.S; ++s)
+        if ((g.modality[s] ? 1 : 0) == m) detail::add_softmax_grad(g.probs + s * E, du.data(), E, coef, dl + s * E);
+    }
+  }
+};
+
+// Router z-loss (ST-MoE, Zoph et al. 2022): mean_s logsumexp(logits_s)^2; d/dlogits = 2 lse G / S.
+struct ZLoss {
+  template <class T>
+  static void accumulate(const LossGroup<T>& g, const AuxLossConfig& c, AuxLossValues& v, double* dl) {
+    if (g.S == 0) return;
+    const int E = g.E;
+    double sum = 0;
+    const bool grad = dl != nullptr && c.z_loss_weight > 0;
+    const double coef = g.scale * c.z_loss_weight * 2.0 / static_cast<double>(g.S);
+    for (index_t s = 0; s < g.S; ++s) {
+      const T* l = g.logits + s * E;
+      double mx = static_cast<double>(l[0]);
+      for (int e = 1; e < E; ++e) mx = std::max(mx, static_cast<double>(l[e]));
+      double se = 0;
+      for (int e = 0; e < E; ++e) se += std::exp(static_cast<double>(l[e]) - mx);
+      const double lse = mx + std::log(se);
+      sum += lse * lse;
+      if (grad)
+        for (int e = 0; e < E; ++e) dl[s * E + e] += coef * lse * static_cast<double>(g.probs[s * E + e]);
+    }
+    const double L = sum / static_cast<double>(g.S);
+    v.z += g.scale * L;
+    v.total += g.scale * c.z_loss_weight * L;
+  }
+};
+
+// A set of terms, applied in order.
+template <AuxLossTerm... Terms>
+struct AuxLosses {
+  template <class T>
+  static void accumulate(const LossGroup<T>& g, const AuxLossConfig& c, AuxLossValues& v, double* dl) {
+    (Terms::template accumulate<T>(g, c, v, dl), ...);
+  }
+};
+
+using DefaultAuxLosses = AuxLosses<ImportanceLoss, LoadLoss, LocalEntropyLoss, GlobalEntropyLoss, ZLoss>;
+using NoAuxLosses = AuxLosses<>;
+
+}  // namespace limoe::moe

@@ -1,0 +1,13 @@
+// limoe/moe/moe.hpp: the sparse Mixture-of-Experts layer of LIMoE (LIMOE.md sections 3, 4, 6).
+//   config.hpp  RouterConfig (the checkpoint "router" object + E, K), AuxLossConfig, MoeConfig, compute_capacity
+//   router.hpp  RouteGroup, the RouterPolicy concept, TopKRouter<KPolicy, NoisePolicy, OrderPolicy>, visit_router
+//   losses.hpp  AuxLosses<Terms...> (importance, load, local/global entropy per modality, z-loss), AuxLossValues
+//   stats.hpp   RoutingStats
+//   layer.hpp   MoeParams, MoeGrads, MoeParamRefs, MoeContext, moe_forward, moe_backward
+#pragma once
+
+#include "limoe/moe/config.hpp"
+#include "limoe/moe/layer.hpp"
+#include "limoe/moe/losses.hpp"
+#include "limoe/moe/router.hpp"
+#include "limoe/moe/stats.hpp"

@@ -1,0 +1,227 @@
+// limoe/moe/router.hpp: routing one group of tokens to experts (LIMOE.md section 3), as composable policies.
+//
+// A router sees one group of S tokens with their clean logits [S, E] and decides, for every token, its K
+// choices (best first) and which of them the experts accept under capacity C. The stock router is
+//   TopKRouter<KPolicy, NoisePolicy, OrderPolicy>
+//     KPolicy     StaticTopK<1>, StaticTopK<2> (K known at compile time) or DynamicTopK (any K at run time)
+//     NoisePolicy GaussianNoise (training noise N(0, (noise_std / E)^2)) or NoNoise
+//     OrderPolicy VanillaOrder (group order) or BatchPriorityOrder (BPR, V-MoE section 4.1)
+// and `visit_router(config, fn)` turns a RouterConfig into the matching instantiation (K 1 and 2 static, any
+// other K dynamic). Capacity and grouping are data (RouterConfig), handled by the layer.
+//
+// Writing your own router: satisfy `RouterPolicy<R, T>` below. Contract of `route(g)`:
+//   - g.noisy[S, E]  = g.logits + r with r independent of the logits (the combine weights are differentiated
+//                      as softmax(noisy), so d noisy = d logits);
+//   - g.gates[S, E]  = softmax(g.noisy) per row;
+//   - g.choice[S, K] = each token's K distinct experts, best first (the K-th is the load loss threshold);
+//   - g.route[S, K]  = g.choice or -1 (dropped), no expert accepting more than g.capacity choices.
+// The layer checks the last two conditions after every call and throws if a router breaks them.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <numeric>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/rng.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/moe/config.hpp"
+
+namespace limoe::moe {
+
+// One group of S consecutive tokens of a call (rows [row0, row0 + S) of the layer input), in and out.
+template <class T>
+struct RouteGroup {
+  index_t row0 = 0;        // first token of the group in the call (noise is indexed by it)
+  index_t S = 0;           // tokens in the group
+  int E = 0;               // experts
+  int K = 0;               // choices per token (the router's top_k())
+  index_t capacity = 0;    // C: the most choices one expert may accept in this group
+  Mode mode = Mode::Eval;
+  const Rng* rng = nullptr;  // the step's generator (training noise)
+  const T* logits = nullptr;      // [S, E] in: clean router logits x W_r^T
+  T* noisy = nullptr;             // [S, E] out: logits + noise
+  T* gates = nullptr;             // [S, E] out: softmax(noisy)
+  std::int32_t* choice = nullptr; // [S, K] out: experts by decreasing gate
+  std::int32_t* route = nullptr;  // [S, K] out: accepting expert or -1
+  index_t* order = nullptr;       // [S] scratch: visiting order of the tokens
+  index_t* fill = nullptr;        // [E] scratch: choices accepted so far per expert
+};
+
+// The documented customisation point: anything with top_k() and route(RouteGroup<T>) is a router.
+template <class R, class T>
+concept RouterPolicy = requires(const R& r, const RouteGroup<T>& g) {
+  { r.top_k() } -> std::convertible_to<int>;
+  r.route(g);
+};
+
+// ---- top-K policies -----------------------------------------------------------------------------------------
+
+template <int K>
+struct StaticTopK {
+  static_assert(K >= 1, "StaticTopK<K>: K must be >= 1");
+  static constexpr int k() { return K; }
+};
+struct DynamicTopK {
+  int value = 1;
+  int k() const { return value; }
+};
+
+namespace detail {
+// The K largest entries of g[0, E), best first; ties go to the lower expert index.
+template <int KStatic, class T>
+inline void select_top_k(const T* g, int E, int K, std::int32_t* out) {
+  if constexpr (KStatic == 1) {
+    int best = 0;
+    for (int e = 1; e < E; ++e)
+      if (g[e] > g[best]) best = e;
+    out[0] = best;
+  } else {
+    const int k_n = KStatic > 0 ? KStatic : K;
+    for (int k = 0; k < k_n; ++k) {
+      int best = -1;
+      for (int e = 0; e < E; ++e) {
+        bool taken = false;
+        for (int j = 0; j < k; ++j) taken |= out[j] == e;
+        if (taken) continue;
+        if (best < 0 || g[e] > g[best]) best = e;
+      }
+      out[k] = best;
+    }
+  }
+}
+
+// Row softmax with the max subtracted; E is small (experts), so this stays inline in the routing pass.
+template <class T>
+inline void softmax_row(const T* x, int E, T* y) {
+  T m = x[0];
+  for (int e = 1; e < E; ++e) m = std::max(m, x[e]);
+  T s = 0;
+  for (int e = 0; e < E; ++e) {
+    y[e] = std::exp(x[e] - m);
+    s += y[e];
+  }
+  const T inv = T(1) / s;
+  for (int e = 0; e < E; ++e) y[e] *= inv;
+}
+}  // namespace detail
+
+// ---- noise policies ----------------------------------------------------------------------------------------
+
+// Training: noisy = logits + eps, eps ~ N(0, (noise_std / E)^2) (LIMOE.md section 3 step 2; vmoe divides the
+// configured std by E the same way). The draw for (token t of the call, expert e) is rng.normal(0, t * E + e):
+// a pure function of the position, so it does not depend on the thread count or the grouping.
+struct GaussianNoise {
+  double noise_std = 1.0;
+  double sigma(int E) const { return noise_std / static_cast<double>(E); }
+  bool active(Mode mode) const { return mode == Mode::Train && noise_std > 0; }
+  template <class T>
+  void apply(const RouteGroup<T>& g) const {
+    const index_t n = g.S * g.E;
+    if (!active(g.mode)) {
+      std::copy(g.logits, g.logits + n, g.noisy);
+      return;
+    }
+    LIMOE_CHECK(g.rng != nullptr, "GaussianNoise: training with noise needs the step's Rng");
+    const double s = sigma(g.E);
+    const auto base = static_cast<std::uint64_t>(g.row0) * static_cast<std::uint64_t>(g.E);
+    for (index_t i = 0; i < n; ++i)
+      g.noisy[i] = g.logits[i] + static_cast<T>(s * g.rng->normal(0, base + static_cast<std::uint64_t>(i)));
+  }
+};
+struct NoNoise {
+  double sigma(int) const { return 0; }
+  bool active(Mode) const { return false; }
+  template <class T>
+  void apply(const RouteGroup<T>& g) const {
+    std::copy(g.logits, g.logits + g.S * g.E, g.noisy);
+  }
+};
+
+// ---- assignment order policies -----------------------------------------------------------------------------
+
+// Vanilla: tokens in group order.
+struct VanillaOrder {
+  template <class T>
+  static void order(const RouteGroup<T>& g) {
+    std::iota(g.order, g.order + g.S, index_t{0});
+  }
+};
+// Batch Priority Routing: descending top-1 gate, ties to the lower token index (a stable sort); the same
+// order serves every rank of choice (LIMOE.md section 3 step 6; vmoe sorts by the max gate the same way).
+struct BatchPriorityOrder {
+  template <class T>
+  static void order(const RouteGroup<T>& g) {
+    std::iota(g.order, g.order + g.S, index_t{0});
+    const T* gates = g.gates;
+    const std::int32_t* choice = g.choice;
+    const int E = g.E, K = g.K;
+    std::stable_sort(g.order, g.order + g.S, [&](index_t a, index_t b) {
+      return gates[a * E + choice[a * K]] > gates[b * E + choice[b * K]];
+    });
+  }
+};
+
+// ---- the stock router --------------------------------------------------------------------------------------
+
+template <class KPolicy, class NoisePolicy, class OrderPolicy>
+struct TopKRouter {
+  KPolicy k_policy{};
+  NoisePolicy noise{};
+
+  int top_k() const { return k_policy.k(); }
+
+  template <class T>
+  void route(const RouteGroup<T>& g) const {
+    constexpr int kStatic = [] {
+      if constexpr (requires { KPolicy::k(); }) return KPolicy::k();
+      else return 0;
+    }();
+    const int E = g.E, K = top_k();
+    LIMOE_CHECK(g.K == K && K >= 1 && K <= E, "TopKRouter: K = ", K, " must be in [1, E = ", E, "]");
+    // Steps 2-3: noise (training), gates = softmax(noisy), each token's K largest gates.
+    noise.apply(g);
+    for (index_t s = 0; s < g.S; ++s) {
+      detail::softmax_row(g.noisy + s * E, E, g.gates + s * E);
+      detail::select_top_k<kStatic>(g.gates + s * E, E, K, g.choice + s * K);
+    }
+    // Step 6: all first choices, then all second choices, ...; within a rank, tokens in the policy's order.
+    OrderPolicy::order(g);
+    std::fill(g.fill, g.fill + E, index_t{0});
+    for (int k = 0; k < K; ++k)
+      for (index_t i = 0; i < g.S; ++i) {
+        const index_t s = g.order[i];
+        const std::int32_t e = g.choice[s * K + k];
+        if (g.fill[e] < g.capacity) {
+          ++g.fill[e];
+          g.route[s * K + k] = e;
+        } else {
+          g.route[s * K + k] = -1;
+        }
+      }
+  }
+};
+
+// Calls fn(router) with the TopKRouter instantiation that `cfg` describes: K 1 and 2 at compile time, other K
+// at run time (as ggml reaches its compile-time top-k from a run-time switch); BPR or vanilla order.
+// fn must return void.
+template <class Fn>
+void visit_router(const RouterConfig& cfg, Fn&& fn) {
+  auto with_k = [&](auto k_policy) {
+    using KP = decltype(k_policy);
+    const GaussianNoise noise{cfg.noise_std};
+    if (cfg.bpr)
+      fn(TopKRouter<KP, GaussianNoise, BatchPriorityOrder>{k_policy, noise});
+    else
+      fn(TopKRouter<KP, GaussianNoise, VanillaOrder>{k_policy, noise});
+  };
+  switch (cfg.top_k) {
+    case 1: with_k(StaticTopK<1>{}); break;
+    case 2: with_k(StaticTopK<2>{}); break;
+    default: with_k(DynamicTopK{cfg.top_k}); break;
+  }
+}
+
+}  // namespace limoe::moe

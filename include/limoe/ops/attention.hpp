@@ -1,0 +1,310 @@
+// limoe/ops/attention.hpp: multi-head scaled dot-product attention with q/k/v/o projections (LIMOE.md
+// section 1: `x = x + Attn(LN1(x))` in every block, and the cross-attention of the `map` pooling head).
+//
+//   q = xq Wq^T + bq    [B, Nq, D]        k = xkv Wk^T + bk    [B, Nk, D]        v = xkv Wv^T + bv    [B, Nk, D]
+//   head h uses columns h*Dh .. (h+1)*Dh of q, k, v (Dh = D / H), i.e. rows h*Dh .. (h+1)*Dh of Wq, Wk, Wv
+//   (FORMATS.md), and the same columns of the concatenated context:
+//   P_h = softmax(q_h k_h^T / sqrt(Dh)) over unmasked keys    ctx_h = P_h v_h    y = ctx Wo^T + bo
+//
+// Key mask: [B, Nk] of uint8, nonzero = attend, 0 = masked (an empty view attends to every key). A query
+// whose keys are all masked gets probabilities 0 and a zero context (so y = bo there), never NaN.
+//
+// Threading: the four projections are one product each over all B*N rows (limoe::gemm, threaded); the
+// per-(image, head) score, softmax and context products are single-threaded (gemm_serial) inside one
+// parallel_for over the B*H pairs. Each pair writes disjoint memory, so results do not depend on the thread
+// count.
+//
+// Self-attention: call self_attention_forward/backward, or pass the same x for xq and xkv and the SAME view
+// (same data pointer) for dxq and dxkv: the backward then writes dxq + dxkv into it. Partially overlapping
+// dxq/dxkv views are not supported.
+//
+// Gradient rule (docs/conventions.md): parameter gradients accumulate, dxq/dxkv are overwritten, empty views
+// are skipped.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/gemm.hpp"
+#include "limoe/core/parallel.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/ops/linear.hpp"
+
+namespace limoe {
+
+// The weights of one attention layer (FORMATS.md `attn.{q,k,v,o}.weight` [D, D] / `.bias` [D]).
+template <class T>
+struct AttentionWeights {
+  CView<T> wq, bq, wk, bk, wv, bv, wo, bo;
+};
+
+// Their gradients (accumulated); an empty view skips that gradient.
+template <class T>
+struct AttentionGrads {
+  View<T> wq, bq, wk, bk, wv, bv, wo, bo;
+};
+
+// What the forward keeps for the backward, plus the backward's scratch. Reuse one cache across calls: the
+// buffers are resized, and keep their storage when the sizes do not grow.
+template <class T>
+struct AttentionCache {
+  Tensor<T> q, k, v;     // [B, Nq, D], [B, Nk, D], [B, Nk, D] projections (with bias)
+  Tensor<T> probs;       // [B, H, Nq, Nk] softmax probabilities (0 at masked keys)
+  Tensor<T> ctx;         // [B, Nq, D] concatenated per-head contexts
+  // Backward scratch.
+  Tensor<T> dctx, dq, dk, dv;  // [B, Nq, D], [B, Nq, D], [B, Nk, D], [B, Nk, D]
+  Tensor<T> dscores;           // [chunks, Nq, Nk] one score gradient per parallel chunk
+};
+
+namespace detail {
+
+struct AttentionDims {
+  index_t B = 0, Nq = 0, Nk = 0, D = 0, H = 0, Dh = 0;
+};
+
+template <class T>
+AttentionDims attention_check(const char* fn, const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
+                              CView<std::uint8_t> key_mask) {
+  LIMOE_CHECK(xq.rank() == 3, fn, ": xq must be [B, Nq, D], got ", xq.shape().str());
+  LIMOE_CHECK(xkv.rank() == 3, fn, ": xkv must be [B, Nk, D], got ", xkv.shape().str());
+  AttentionDims d;
+  d.B = xq.dim(0);
+  d.Nq = xq.dim(1);
+  d.D = xq.dim(2);
+  d.Nk = xkv.dim(1);
+  LIMOE_CHECK(xkv.dim(0) == d.B && xkv.dim(2) == d.D, fn, ": xkv ", xkv.shape().str(),
+              " must have the batch and width of xq ", xq.shape().str());
+  LIMOE_CHECK(heads >= 1, fn, ": heads must be >= 1, got H=", heads);
+  LIMOE_CHECK(d.D % heads == 0, fn, ": width D=", d.D, " is not divisible by the number of heads H=", heads,
+              "; choose H dividing D");
+  d.H = heads;
+  d.Dh = d.D / heads;
+  const Shape dd{d.D, d.D}, d1{d.D};
+  expect_shape(w.wq, dd, "attention: wq");
+  expect_shape(w.wk, dd, "attention: wk");
+  expect_shape(w.wv, dd, "attention: wv");
+  expect_shape(w.wo, dd, "attention: wo");
+  expect_shape(w.bq, d1, "attention: bq");
+  expect_shape(w.bk, d1, "attention: bk");
+  expect_shape(w.bv, d1, "attention: bv");
+  expect_shape(w.bo, d1, "attention: bo");
+  if (!key_mask.empty()) expect_shape(key_mask, Shape{d.B, d.Nk}, "attention: key_mask");
+  return d;
+}
+
+// Masked, scaled softmax of one row of raw scores s[Nk] in place: p_j = exp(scale (s_j - max)) / sum over
+// unmasked j, 0 at masked j; all zeros when no key is unmasked. Scale and softmax in one pass (no scaled copy).
+template <class T>
+void masked_scaled_softmax_row(T* s, index_t Nk, T scale, const std::uint8_t* mask) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (index_t j = 0; j < Nk; ++j)
+    if (!mask || mask[j]) mx = std::max(mx, s[j]);
+  if (mx == -std::numeric_limits<T>::infinity()) {  // no attendable key (or a -inf score everywhere)
+    std::fill(s, s + Nk, T(0));
+    return;
+  }
+  T sum = 0;
+  for (index_t j = 0; j < Nk; ++j) {
+    const T e = (!mask || mask[j]) ? T(std::exp(scale * (s[j] - mx))) : T(0);
+    s[j] = e;
+    sum += e;
+  }
+  const T inv = T(1) / sum;  // sum >= 1: the maximum contributes exp(0)
+  for (index_t j = 0; j < Nk; ++j) s[j] *= inv;
+}
+
+// Adds the column sums of g[R, C] to acc[C], rows in order (deterministic).
+template <class T>
+void add_column_sums(const T* g, index_t R, index_t C, T* acc) {
+  for (index_t r = 0; r < R; ++r)
+    for (index_t c = 0; c < C; ++c) acc[c] += g[r * C + c];
+}
+
+}  // namespace detail
+
+namespace cpu {
+
+// y[B, Nq, D] = MultiHead(xq[B, Nq, D], xkv[B, Nk, D]); fills `cache` for attention_backward.
+template <class T>
+void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
+                       CView<std::uint8_t> key_mask, View<T> y, AttentionCache<T>& cache) {
+  const auto d = detail::attention_check<T>("attention_forward", w, heads, xq, xkv, key_mask);
+  expect_shape(y, xq.shape(), "attention_forward: y");
+  const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  cache.q.resize(Shape{B, Nq, D});        // [B, Nq, D]
+  cache.k.resize(Shape{B, Nk, D});        // [B, Nk, D]
+  cache.v.resize(Shape{B, Nk, D});        // [B, Nk, D]
+  cache.probs.resize(Shape{B, H, Nq, Nk});  // [B, H, Nq, Nk]
+  cache.ctx.resize(Shape{B, Nq, D});      // [B, Nq, D]
+  // Projections: one threaded product each over all rows.
+  cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view());
+  cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view());
+  cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view());
+  const T scale = T(1) / std::sqrt(T(Dh));
+  const T* q = cache.q.data();
+  const T* k = cache.k.data();
+  const T* v = cache.v.data();
+  T* probs = cache.probs.data();
+  T* ctx = cache.ctx.data();
+  parallel_for(0, B * H, 1, [&](index_t p0, index_t p1) {
+    for (index_t p = p0; p < p1; ++p) {
+      const index_t b = p / H, h = p % H;
+      const T* qh = q + b * Nq * D + h * Dh;  // [Nq, Dh] with leading dimension D
+      const T* kh = k + b * Nk * D + h * Dh;  // [Nk, Dh]
+      const T* vh = v + b * Nk * D + h * Dh;  // [Nk, Dh]
+      T* P = probs + p * Nq * Nk;             // [Nq, Nk]
+      T* ch = ctx + b * Nq * D + h * Dh;      // [Nq, Dh]
+      const std::uint8_t* m = key_mask.empty() ? nullptr : key_mask.data() + b * Nk;
+      gemm_serial<T>(Trans::N, Trans::T, Nq, Nk, Dh, T(1), qh, D, kh, D, T(0), P, Nk);  // raw scores
+      for (index_t i = 0; i < Nq; ++i) detail::masked_scaled_softmax_row(P + i * Nk, Nk, scale, m);
+      gemm_serial<T>(Trans::N, Trans::N, Nq, Dh, Nk, T(1), P, Nk, vh, D, T(0), ch, D);
+    }
+  });
+  cpu::linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y);
+}
+
+// Backward of attention_forward (same weights, inputs and mask; `cache` as the forward left it, and its
+// scratch buffers are used). dxq [B, Nq, D] and dxkv [B, Nk, D] are overwritten; when they are the same
+// view, it receives dxq + dxkv (self-attention). Weight gradients accumulate.
+template <class T>
+void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
+                        CView<std::uint8_t> key_mask, AttentionCache<T>& cache, CView<T> dy, View<T> dxq,
+                        View<T> dxkv, const AttentionGrads<T>& g) {
+  const auto d = detail::attention_check<T>("attention_backward", w, heads, xq, xkv, key_mask);
+  const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  expect_shape(dy, xq.shape(), "attention_backward: dy");
+  LIMOE_CHECK(cache.q.shape() == xq.shape() && cache.k.shape() == xkv.shape() &&
+                  cache.probs.shape() == (Shape{B, H, Nq, Nk}),
+              "attention_backward: the cache holds q ", cache.q.shape().str(), ", k ", cache.k.shape().str(),
+              ", probs ", cache.probs.shape().str(), " which do not match xq ", xq.shape().str(), ", xkv ",
+              xkv.shape().str(), " and H=", H, "; run attention_forward with these inputs first");
+  if (!dxq.empty()) expect_shape(dxq, xq.shape(), "attention_backward: dxq");
+  if (!dxkv.empty()) expect_shape(dxkv, xkv.shape(), "attention_backward: dxkv");
+  const bool summed = !dxq.empty() && dxq.data() == dxkv.data();
+
+  cache.dctx.resize(Shape{B, Nq, D});  // [B, Nq, D]
+  cache.dq.resize(Shape{B, Nq, D});    // [B, Nq, D]
+  cache.dk.resize(Shape{B, Nk, D});    // [B, Nk, D]
+  cache.dv.resize(Shape{B, Nk, D});    // [B, Nk, D]
+  // Output projection: dctx = dy Wo, dWo += dy^T ctx, dbo += sum dy.
+  cpu::linear_backward<T>(cache.ctx.cview(), w.wo, dy, cache.dctx.view(), g.wo, g.bo);
+
+  // Per (image, head), in chunks that each own one [Nq, Nk] scratch block; the chunking only decides which
+  // scratch a pair uses, never what it computes.
+  const index_t pairs = B * H;
+  const index_t chunks = std::max<index_t>(1, std::min<index_t>(pairs, 4 * index_t(std::max(1, num_threads()))));
+  cache.dscores.resize(Shape{chunks, Nq, Nk});  // [chunks, Nq, Nk]
+  const T scale = T(1) / std::sqrt(T(Dh));
+  const T* q = cache.q.data();
+  const T* k = cache.k.data();
+  const T* v = cache.v.data();
+  const T* probs = cache.probs.data();
+  const T* dctx = cache.dctx.data();
+  T* dq = cache.dq.data();
+  T* dk = cache.dk.data();
+  T* dv = cache.dv.data();
+  T* scratch = cache.dscores.data();
+  parallel_for(0, chunks, 1, [&](index_t c0, index_t c1) {
+    for (index_t c = c0; c < c1; ++c) {
+      T* dS = scratch + c * Nq * Nk;  // [Nq, Nk]
+      for (index_t p = c * pairs / chunks; p < (c + 1) * pairs / chunks; ++p) {
+        const index_t b = p / H, h = p % H;
+        const index_t qo = b * Nq * D + h * Dh, ko = b * Nk * D + h * Dh;
+        const T* P = probs + p * Nq * Nk;  // [Nq, Nk]
+        // dv_h = P^T dctx_h; dP = dctx_h v_h^T.
+        gemm_serial<T>(Trans::T, Trans::N, Nk, Dh, Nq, T(1), P, Nk, dctx + qo, D, T(0), dv + ko, D);
+        gemm_serial<T>(Trans::N, Trans::T, Nq, Nk, Dh, T(1), dctx + qo, D, v + ko, D, T(0), dS, Nk);
+        // Softmax backward: dS = P * (dP - sum_j P dP); masked keys have P = 0, so dS = 0 there.
+        for (index_t i = 0; i < Nq; ++i) {
+          const T* pr = P + i * Nk;
+          T* sr = dS + i * Nk;
+          T dot = 0;
+          for (index_t j = 0; j < Nk; ++j) dot += pr[j] * sr[j];
+          for (index_t j = 0; j < Nk; ++j) sr[j] = pr[j] * (sr[j] - dot);
+        }
+        // Scores are scale * q_h k_h^T: dq_h = scale dS k_h, dk_h = scale dS^T q_h.
+        gemm_serial<T>(Trans::N, Trans::N, Nq, Dh, Nk, scale, dS, Nk, k + ko, D, T(0), dq + qo, D);
+        gemm_serial<T>(Trans::T, Trans::N, Nk, Dh, Nq, scale, dS, Nk, q + qo, D, T(0), dk + ko, D);
+      }
+    }
+  });
+
+  // Input projections: weight gradients through linear_backward, input gradients as products so that the
+  // key and value (and, for self-attention, query) paths add into one buffer.
+  const CView<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
+  cpu::linear_backward<T>(xq, w.wq, dqv, View<T>{}, g.wq, g.bq);
+  cpu::linear_backward<T>(xkv, w.wk, dkv, View<T>{}, g.wk, g.bk);
+  cpu::linear_backward<T>(xkv, w.wv, dvv, View<T>{}, g.wv, g.bv);
+  if (!dxq.empty()) gemm<T>(Trans::N, Trans::N, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
+  if (!dxkv.empty()) {
+    gemm<T>(Trans::N, Trans::N, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0),
+            dxkv.data(), D);
+    gemm<T>(Trans::N, Trans::N, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
+  }
+}
+
+// Self-attention: attention_forward with xq = xkv = x [B, N, D].
+template <class T>
+void self_attention_forward(const AttentionWeights<T>& w, int heads, CView<T> x, CView<std::uint8_t> key_mask,
+                            View<T> y, AttentionCache<T>& cache) {
+  attention_forward<T>(w, heads, x, x, key_mask, y, cache);
+}
+
+// Self-attention backward: dx [B, N, D] (overwritten) = dxq + dxkv.
+template <class T>
+void self_attention_backward(const AttentionWeights<T>& w, int heads, CView<T> x, CView<std::uint8_t> key_mask,
+                             AttentionCache<T>& cache, CView<T> dy, View<T> dx, const AttentionGrads<T>& g) {
+  attention_backward<T>(w, heads, x, x, key_mask, cache, dy, dx, dx, g);
+}
+
+}  // namespace cpu
+
+namespace ref {
+
+// Naive loops over (b, h, i, j, c), recomputing everything: the reference the tests compare cpu:: against.
+// Same semantics and gradient rule as cpu::attention_forward/backward (dxq and dxkv may be the same view).
+template <class T>
+void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
+                       CView<std::uint8_t> key_mask, View<T> y) {
+  const auto d = detail::attention_check<T>("ref::attention_forward", w, heads, xq, xkv, key_mask);
+  expect_shape(y, xq.shape(), "ref::attention_forward: y");
+  const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  Tensor<T> q(Shape{B, Nq, D}), k(Shape{B, Nk, D}), v(Shape{B, Nk, D}), ctx(Shape{B, Nq, D});  // projections
+  ref::linear_forward<T>(xq, w.wq, w.bq, q.view());
+  ref::linear_forward<T>(xkv, w.wk, w.bk, k.view());
+  ref::linear_forward<T>(xkv, w.wv, w.bv, v.view());
+  Tensor<T> s(Shape{Nk});  // [Nk] one row of scores
+  const T scale = T(1) / std::sqrt(T(Dh));
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < Nq; ++i) {
+        bool any = false;
+        T mx = 0;
+        for (index_t j = 0; j < Nk; ++j) {
+          T acc = 0;
+          for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) acc += q[(b * Nq + i) * D + c] * k[(b * Nk + j) * D + c];
+          s[j] = acc * scale;
+          const bool on = key_mask.empty() || key_mask[b * Nk + j] != 0;
+          if (on && (!any || s[j] > mx)) mx = s[j];
+          any = any || on;
+        }
+        T sum = 0;
+        for (index_t j = 0; j < Nk; ++j) {
+          const bool on = key_mask.empty() || key_mask[b * Nk + j] != 0;
+          s[j] = on ? T(std::exp(s[j] - mx)) : T(0);
+          sum += s[j];
+        }
+        for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) {
+          T acc = 0;
+          for (index_t j = 0; j < Nk; ++j) acc += (any ? s[j] / sum : T(0)) * v[(b * Nk + j) * D + c];
+          ctx[(b * Nq + i) * D + c] = acc;
+        }
+      }
+  ref::linear_forward<T>(ctx.cview(), w.wo, w.bo, y);
+}
+
+}  // namespace ref
+}  // namespace limoe

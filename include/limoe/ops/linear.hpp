@@ -1,0 +1,110 @@
+// limoe/ops/linear.hpp: the affine layer y = x W^T + b over the last dimension (LIMOE.md section 1: patch
+// embedding, q/k/v/o, MLPs, experts, projections).
+//
+// x is any tensor whose last dimension is I; it is read as R = numel / I rows. W is [O, I] (PyTorch layout),
+// b is [O] or empty (no bias). y has the shape of x with the last dimension O.
+// Gradient rule (docs/conventions.md): dx is overwritten (skipped when empty), dW and db accumulate.
+#pragma once
+
+#include <algorithm>
+
+#include <Eigen/Core>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/gemm.hpp"
+#include "limoe/core/parallel.hpp"
+#include "limoe/core/tensor.hpp"
+
+namespace limoe {
+namespace detail {
+// Checks the shapes of a linear layer and returns the row count R.
+template <class T>
+index_t linear_check(const char* fn, CView<T> x, CView<T> W, CView<T> b, const Shape& y, const char* yname) {
+  LIMOE_CHECK(W.rank() == 2, fn, ": W must be [O, I], got ", W.shape().str());
+  const index_t O = W.dim(0), I = W.dim(1);
+  LIMOE_CHECK(x.rank() >= 1 && x.shape().back() == I, fn, ": x ", x.shape().str(), " must end in I = ", I,
+              " (W is ", W.shape().str(), ")");
+  const index_t R = I > 0 ? x.numel() / I : 0;
+  LIMOE_CHECK(y.rank() >= 1 && y.back() == O && y.numel() == R * O, fn, ": ", yname, " ", y.str(),
+              " must hold ", R, " rows of O = ", O, " (x is ", x.shape().str(), ", W is ", W.shape().str(), ")");
+  LIMOE_CHECK(b.empty() || b.numel() == O, fn, ": bias ", b.shape().str(), " must have O = ", O,
+              " elements (or be empty for no bias)");
+  return R;
+}
+}  // namespace detail
+
+namespace cpu {
+
+// y[R, O] = x[R, I] W[O, I]^T + b[O].
+template <class T>
+void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y) {
+  const index_t R = detail::linear_check<T>("linear_forward", x, W, b, y.shape(), "y");
+  const index_t O = W.dim(0), I = W.dim(1);
+  if (R == 0 || O == 0) return;
+  if (!b.empty()) {
+    // Seed y with the bias, then accumulate the product into it (beta = 1): one pass over y.
+    parallel_for(0, R, std::max<index_t>(1, 16384 / O), [&](index_t r0, index_t r1) {
+      for (index_t r = r0; r < r1; ++r) std::copy(b.data(), b.data() + O, y.row(r));
+    });
+  }
+  gemm<T>(Trans::N, Trans::T, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
+}
+
+// dx[R, I] = dy W (overwritten; skipped when dx is empty); dW[O, I] += dy^T x; db[O] += sum_r dy
+// (skipped when db is empty; dW may also be empty to skip it, e.g. for a frozen layer).
+template <class T>
+void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW, View<T> db) {
+  const index_t R = detail::linear_check<T>("linear_backward", x, W, CView<T>{}, dy.shape(), "dy");
+  const index_t O = W.dim(0), I = W.dim(1);
+  if (!dx.empty())
+    LIMOE_CHECK(dx.numel() == x.numel() && dx.shape().back() == I, "linear_backward: dx ", dx.shape().str(),
+                " must match x ", x.shape().str());
+  if (!dW.empty()) expect_shape(dW, W.shape(), "linear_backward: dW");
+  if (!db.empty())
+    LIMOE_CHECK(db.numel() == O, "linear_backward: db ", db.shape().str(), " must have O = ", O, " elements");
+  if (!dx.empty()) gemm<T>(Trans::N, Trans::N, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
+  if (!dW.empty() && R > 0)
+    gemm<T>(Trans::T, Trans::N, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
+  if (!db.empty() && R > 0) {
+    const detail::MapC<T> g(dy.data(), R, O, Eigen::OuterStride<>(O));
+    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> acc(db.data(), O);
+    acc += g.colwise().sum();
+  }
+}
+
+}  // namespace cpu
+
+namespace ref {
+
+// Naive loops, the reference the tests compare cpu:: against.
+template <class T>
+void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y) {
+  const index_t R = detail::linear_check<T>("ref::linear_forward", x, W, b, y.shape(), "y");
+  const index_t O = W.dim(0), I = W.dim(1);
+  for (index_t r = 0; r < R; ++r)
+    for (index_t o = 0; o < O; ++o) {
+      T acc = b.empty() ? T(0) : b[o];
+      for (index_t i = 0; i < I; ++i) acc += x[r * I + i] * W[o * I + i];
+      y[r * O + o] = acc;
+    }
+}
+
+template <class T>
+void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW, View<T> db) {
+  const index_t R = detail::linear_check<T>("ref::linear_backward", x, W, CView<T>{}, dy.shape(), "dy");
+  const index_t O = W.dim(0), I = W.dim(1);
+  for (index_t r = 0; r < R; ++r) {
+    for (index_t i = 0; i < I && !dx.empty(); ++i) {
+      T acc = 0;
+      for (index_t o = 0; o < O; ++o) acc += dy[r * O + o] * W[o * I + i];
+      dx[r * I + i] = acc;
+    }
+    for (index_t o = 0; o < O; ++o) {
+      if (!db.empty()) db[o] += dy[r * O + o];
+      for (index_t i = 0; i < I && !dW.empty(); ++i) dW[o * I + i] += dy[r * O + o] * x[r * I + i];
+    }
+  }
+}
+
+}  // namespace ref
+}  // namespace limoe

@@ -1,0 +1,263 @@
+// limoe/ops/pooling.hpp: the per-modality pooling heads, tokens x[B, N, D] -> y[B, D] (LIMOE.md section 1).
+//
+//   gap    mean over tokens; with a key mask, the mean over unmasked tokens (a row with none gives 0)
+//   first  token 0 (the mask is ignored)
+//   last   token N-1, the final position (the mask is ignored: under "sticky EOS" padding the final position
+//          holds the EOS, LIMOE.md section 1), NOT the last unmasked token
+//   map    multi-head attention pooling (big_vision's MAPHead): a learned probe[D] is the single query of the
+//          attention of ops/attention.hpp over the tokens (H heads, masked keys ignored), giving u[B, D];
+//          then y = u + MLP(LN(u)), MLP = Linear(D->M) -> GELU -> Linear(M->D). Tensor names (FORMATS.md):
+//          `{img,txt}.head.probe`, `.head.attn.{q,k,v,o}.*`, `.head.ln.*`, `.head.mlp.fc1.*`, `.head.mlp.fc2.*`.
+//
+// gap/first/last: cpu::pool_forward / pool_backward. map needs weights: cpu::map_head_forward / backward.
+// Gradient rule (docs/conventions.md): dx overwritten, parameter gradients (probe included) accumulated, empty
+// views skipped.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/parallel.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/ops/attention.hpp"
+#include "limoe/ops/gelu.hpp"
+#include "limoe/ops/layernorm.hpp"
+#include "limoe/ops/linear.hpp"
+
+namespace limoe {
+
+enum class Pooling { Gap, Map, First, Last };
+
+inline const char* pooling_name(Pooling p) {
+  switch (p) {
+    case Pooling::Gap: return "gap";
+    case Pooling::Map: return "map";
+    case Pooling::First: return "first";
+    case Pooling::Last: return "last";
+  }
+  return "?";
+}
+
+// "gap" | "map" | "first" | "last" (the config spelling, FORMATS.md).
+inline Pooling parse_pooling(std::string_view s) {
+  if (s == "gap") return Pooling::Gap;
+  if (s == "map") return Pooling::Map;
+  if (s == "first") return Pooling::First;
+  if (s == "last") return Pooling::Last;
+  fail("unknown pooling \"", std::string(s), "\"; expected one of gap, map, first, last");
+}
+
+// The weights of a `map` head. fc1_w [M, D], fc1_b [M], fc2_w [D, M], fc2_b [D], the rest [D] or [D, D].
+template <class T>
+struct MapHeadWeights {
+  CView<T> probe;              // [D]
+  AttentionWeights<T> attn;    // q/k/v/o [D, D] / [D]
+  CView<T> ln_g, ln_b;         // [D]
+  CView<T> fc1_w, fc1_b;       // [M, D], [M]
+  CView<T> fc2_w, fc2_b;       // [D, M], [D]
+};
+
+// Their gradients (accumulated; an empty view skips it).
+template <class T>
+struct MapHeadGrads {
+  View<T> probe;
+  AttentionGrads<T> attn;
+  View<T> ln_g, ln_b, fc1_w, fc1_b, fc2_w, fc2_b;
+};
+
+// Activations for the backward and its scratch; reuse across calls (buffers keep their storage).
+template <class T>
+struct MapHeadCache {
+  Tensor<T> query;            // [B, 1, D] the probe repeated per example (the attention's xq)
+  Tensor<T> u;                // [B, 1, D] attention output
+  Tensor<T> ln, mean, rstd;   // [B, D], [B], [B]
+  Tensor<T> h, a;             // [B, M] fc1 output before / after GELU
+  AttentionCache<T> attn;
+  Tensor<T> da, dln, du, dquery;  // [B, M], [B, D], [B, 1, D], [B, 1, D] backward scratch
+};
+
+namespace detail {
+
+template <class T>
+void pool_check(const char* fn, Pooling kind, CView<T> x_or_dx, CView<std::uint8_t> key_mask, CView<T> y_or_dy) {
+  LIMOE_CHECK(kind != Pooling::Map, fn, ": map pooling has weights; call map_head_forward/backward instead");
+  LIMOE_CHECK(x_or_dx.rank() == 3, fn, ": tokens must be [B, N, D], got ", x_or_dx.shape().str());
+  const index_t B = x_or_dx.dim(0), N = x_or_dx.dim(1), D = x_or_dx.dim(2);
+  expect_shape(y_or_dy, Shape{B, D}, fn);
+  LIMOE_CHECK(kind == Pooling::Gap || N >= 1, fn, ": ", pooling_name(kind), " pooling needs N >= 1 tokens, got ",
+              x_or_dx.shape().str());
+  if (!key_mask.empty()) expect_shape(key_mask, Shape{B, N}, "pooling: key_mask");
+}
+
+// Number of attended tokens of row b (N without a mask).
+inline index_t pool_count(CView<std::uint8_t> key_mask, index_t b, index_t N) {
+  if (key_mask.empty()) return N;
+  index_t c = 0;
+  for (index_t n = 0; n < N; ++n) c += key_mask[b * N + n] != 0;
+  return c;
+}
+
+template <class T>
+struct MapDims {
+  index_t B, N, D, M;
+};
+
+template <class T>
+MapDims<T> map_head_check(const char* fn, const MapHeadWeights<T>& w, CView<T> x) {
+  LIMOE_CHECK(x.rank() == 3, fn, ": x must be [B, N, D], got ", x.shape().str());
+  const index_t B = x.dim(0), N = x.dim(1), D = x.dim(2);
+  LIMOE_CHECK(w.fc1_w.rank() == 2, fn, ": fc1_w must be [M, D], got ", w.fc1_w.shape().str());
+  const index_t M = w.fc1_w.dim(0);
+  expect_shape(w.probe, Shape{D}, "map_head: probe");
+  expect_shape(w.ln_g, Shape{D}, "map_head: ln_g");
+  expect_shape(w.ln_b, Shape{D}, "map_head: ln_b");
+  expect_shape(w.fc1_w, Shape{M, D}, "map_head: fc1_w");
+  expect_shape(w.fc1_b, Shape{M}, "map_head: fc1_b");
+  expect_shape(w.fc2_w, Shape{D, M}, "map_head: fc2_w");
+  expect_shape(w.fc2_b, Shape{D}, "map_head: fc2_b");
+  return {B, N, D, M};
+}
+
+}  // namespace detail
+
+namespace cpu {
+
+// y[B, D] = gap / first / last of x[B, N, D]; key_mask [B, N] (nonzero = token counts) or empty, used by gap only.
+template <class T>
+void pool_forward(Pooling kind, CView<T> x, CView<std::uint8_t> key_mask, View<T> y) {
+  detail::pool_check<T>("pool_forward", kind, x, key_mask, y);
+  const index_t B = x.dim(0), N = x.dim(1), D = x.dim(2);
+  parallel_for(0, B, std::max<index_t>(1, 8192 / std::max<index_t>(1, N * D)), [&](index_t b0, index_t b1) {
+    for (index_t b = b0; b < b1; ++b) {
+      T* yr = y.data() + b * D;
+      const T* xb = x.data() + b * N * D;
+      if (kind == Pooling::First || kind == Pooling::Last) {
+        const T* src = xb + (kind == Pooling::First ? 0 : N - 1) * D;
+        std::copy(src, src + D, yr);
+        continue;
+      }
+      std::fill(yr, yr + D, T(0));
+      const index_t count = detail::pool_count(key_mask, b, N);
+      if (count == 0) continue;  // no token: 0, not NaN
+      for (index_t n = 0; n < N; ++n) {
+        if (!key_mask.empty() && !key_mask[b * N + n]) continue;
+        for (index_t c = 0; c < D; ++c) yr[c] += xb[n * D + c];
+      }
+      const T inv = T(1) / T(count);
+      for (index_t c = 0; c < D; ++c) yr[c] *= inv;
+    }
+  });
+}
+
+// dx[B, N, D] (overwritten) from dy[B, D]; same kind and mask as the forward.
+template <class T>
+void pool_backward(Pooling kind, CView<std::uint8_t> key_mask, CView<T> dy, View<T> dx) {
+  detail::pool_check<T>("pool_backward", kind, dx, key_mask, dy);
+  const index_t B = dx.dim(0), N = dx.dim(1), D = dx.dim(2);
+  parallel_for(0, B, std::max<index_t>(1, 8192 / std::max<index_t>(1, N * D)), [&](index_t b0, index_t b1) {
+    for (index_t b = b0; b < b1; ++b) {
+      const T* g = dy.data() + b * D;
+      T* xb = dx.data() + b * N * D;
+      std::fill(xb, xb + N * D, T(0));
+      if (kind == Pooling::First || kind == Pooling::Last) {
+        T* dst = xb + (kind == Pooling::First ? 0 : N - 1) * D;
+        std::copy(g, g + D, dst);
+        continue;
+      }
+      const index_t count = detail::pool_count(key_mask, b, N);
+      if (count == 0) continue;
+      const T inv = T(1) / T(count);
+      for (index_t n = 0; n < N; ++n) {
+        if (!key_mask.empty() && !key_mask[b * N + n]) continue;
+        for (index_t c = 0; c < D; ++c) xb[n * D + c] = g[c] * inv;
+      }
+    }
+  });
+}
+
+// `map` head forward: y[B, D] from tokens x[B, N, D] (key_mask [B, N] or empty); fills `cache`.
+template <class T>
+void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln_eps, CView<T> x,
+                      CView<std::uint8_t> key_mask, View<T> y, MapHeadCache<T>& cache) {
+  const auto d = detail::map_head_check<T>("map_head_forward", w, x);
+  const index_t B = d.B, D = d.D, M = d.M;
+  expect_shape(y, Shape{B, D}, "map_head_forward: y");
+  cache.query.resize(Shape{B, 1, D});  // [B, 1, D]
+  cache.u.resize(Shape{B, 1, D});      // [B, 1, D]
+  cache.ln.resize(Shape{B, D});        // [B, D]
+  cache.mean.resize(Shape{B});         // [B]
+  cache.rstd.resize(Shape{B});         // [B]
+  cache.h.resize(Shape{B, M});         // [B, M]
+  cache.a.resize(Shape{B, M});         // [B, M]
+  for (index_t b = 0; b < B; ++b) std::copy(w.probe.data(), w.probe.data() + D, cache.query.data() + b * D);
+  cpu::attention_forward<T>(w.attn, heads, cache.query.cview(), x, key_mask, cache.u.view(), cache.attn);
+  const CView<T> u = cache.u.cview().reshape(Shape{B, D});  // [B, D]
+  cpu::layernorm_forward<T>(u, w.ln_g, w.ln_b, ln_eps, cache.ln.view(), cache.mean.view(), cache.rstd.view());
+  cpu::linear_forward<T>(cache.ln.cview(), w.fc1_w, w.fc1_b, cache.h.view());
+  cpu::gelu_forward<T>(gelu, cache.h.cview(), cache.a.view());
+  cpu::linear_forward<T>(cache.a.cview(), w.fc2_w, w.fc2_b, y);
+  // Residual: y = u + MLP(LN(u)).
+  for (index_t i = 0; i < B * D; ++i) y[i] += u[i];
+}
+
+// `map` head backward: dx[B, N, D] (overwritten, skipped when empty), parameter gradients accumulated.
+template <class T>
+void map_head_backward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, CView<T> x,
+                       CView<std::uint8_t> key_mask, MapHeadCache<T>& cache, CView<T> dy, View<T> dx,
+                       const MapHeadGrads<T>& g) {
+  const auto d = detail::map_head_check<T>("map_head_backward", w, x);
+  const index_t B = d.B, D = d.D, M = d.M;
+  expect_shape(dy, Shape{B, D}, "map_head_backward: dy");
+  LIMOE_CHECK(cache.h.shape() == (Shape{B, M}) && cache.u.shape() == (Shape{B, 1, D}),
+              "map_head_backward: the cache holds h ", cache.h.shape().str(), " and u ", cache.u.shape().str(),
+              ", expected [", B, ", ", M, "] and [", B, ", 1, ", D, "]; run map_head_forward with these inputs first");
+  if (!g.probe.empty()) expect_shape(g.probe, Shape{D}, "map_head_backward: probe gradient");
+  cache.da.resize(Shape{B, M});         // [B, M]
+  cache.dln.resize(Shape{B, D});        // [B, D]
+  cache.du.resize(Shape{B, 1, D});      // [B, 1, D]
+  cache.dquery.resize(Shape{B, 1, D});  // [B, 1, D]
+  const CView<T> u = cache.u.cview().reshape(Shape{B, D});  // [B, D]
+  cpu::linear_backward<T>(cache.a.cview(), w.fc2_w, dy, cache.da.view(), g.fc2_w, g.fc2_b);
+  cpu::gelu_backward<T>(gelu, cache.h.cview(), cache.da.cview(), cache.da.view());  // in place: da -> dh
+  cpu::linear_backward<T>(cache.ln.cview(), w.fc1_w, cache.da.cview(), cache.dln.view(), g.fc1_w, g.fc1_b);
+  const View<T> du = cache.du.view().reshape(Shape{B, D});  // [B, D]
+  cpu::layernorm_backward<T>(u, w.ln_g, cache.mean.cview(), cache.rstd.cview(), cache.dln.cview(), du, g.ln_g,
+                             g.ln_b);
+  for (index_t i = 0; i < B * D; ++i) du[i] += dy[i];  // the residual path
+  const View<T> dq = g.probe.empty() ? View<T>{} : cache.dquery.view();
+  cpu::attention_backward<T>(w.attn, heads, cache.query.cview(), x, key_mask, cache.attn, cache.du.cview(), dq, dx,
+                             g.attn);
+  // The probe is shared by every example: its gradient is the sum over the batch.
+  if (!g.probe.empty()) detail::add_column_sums(cache.dquery.data(), B, D, g.probe.data());
+}
+
+}  // namespace cpu
+
+namespace ref {
+
+// Naive composition of the reference ops: the `map` head forward the tests compare cpu:: against.
+template <class T>
+void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln_eps, CView<T> x,
+                      CView<std::uint8_t> key_mask, View<T> y) {
+  const auto d = detail::map_head_check<T>("ref::map_head_forward", w, x);
+  const index_t B = d.B, D = d.D, M = d.M;
+  expect_shape(y, Shape{B, D}, "ref::map_head_forward: y");
+  Tensor<T> query(Shape{B, 1, D}), u(Shape{B, 1, D});             // probe per example, attention output
+  Tensor<T> ln(Shape{B, D}), mean(Shape{B}), rstd(Shape{B});      // LN(u)
+  Tensor<T> h(Shape{B, M}), a(Shape{B, M});                       // fc1, GELU
+  for (index_t b = 0; b < B; ++b)
+    for (index_t c = 0; c < D; ++c) query[b * D + c] = w.probe[c];
+  ref::attention_forward<T>(w.attn, heads, query.cview(), x, key_mask, u.view());
+  const CView<T> u2 = u.cview().reshape(Shape{B, D});  // [B, D]
+  ref::layernorm_forward<T>(u2, w.ln_g, w.ln_b, ln_eps, ln.view(), mean.view(), rstd.view());
+  ref::linear_forward<T>(ln.cview(), w.fc1_w, w.fc1_b, h.view());
+  ref::gelu_forward<T>(gelu, h.cview(), a.view());
+  ref::linear_forward<T>(a.cview(), w.fc2_w, w.fc2_b, y);
+  for (index_t i = 0; i < B * D; ++i) y[i] += u2[i];
+}
+
+}  // namespace ref
+}  // namespace limoe

@@ -1,0 +1,139 @@
+// MoE layer forward (LIMOE.md section 3 step 7): dropless equals the dense soft top-K mixture, K = E equals
+// the full softmax mixture, capacity drops give 0, statistics, groups, float against double.
+#include <doctest/doctest.h>
+
+#include "test_moe_common.hpp"
+
+using namespace moe_test;
+
+TEST_CASE("dropless (eval factor 0) equals the soft top-K mixture computed densely; K = E: full softmax") {
+  const index_t N = 37, D = 7, M = 9;
+  const int E = 5;
+  Fixture<double> f(E, D, M, 3);
+  Tensor<double> x(Shape{N, D}), y(Shape{N, D});
+  testing::fill_normal(x.view(), 8);
+  MoeContext<double> ctx;
+  for (int K : {1, 2, 3, 5})
+    for (index_t group : {index_t{0}, index_t{10}})
+      for (bool bpr : {false, true}) {
+        moe_forward<double>(config(E, K, 1.05, 0.0, bpr, 1.0, group), f.params(), x.view(), {}, Mode::Eval, Rng(1),
+                            y.view(), ctx);
+        const auto ref = ref_soft_topk<double>(f, x.view(), K);
+        double worst = 0;
+        for (index_t i = 0; i < N * D; ++i) worst = std::max(worst, std::abs(ref[i] - y[i]));
+        CHECK(worst < 1e-12);
+        CHECK(ctx.stats.drop_fraction[kImage] == 0.0);
+        CHECK(ctx.accepted() == N * K);
+      }
+  // K = E against the full softmax mixture sum_e G_e Expert_e(x), written out separately.
+  moe_forward<double>(config(E, E, 1.05, 0.0, true), f.params(), x.view(), {}, Mode::Eval, Rng(1), y.view(), ctx);
+  for (index_t t = 0; t < N; ++t) {
+    const auto g = ref_gates(f, x.view().row(t));
+    std::vector<double> want(D, 0.0);
+    for (int e = 0; e < E; ++e) {
+      const auto o = ref_expert(f, e, x.view().row(t));
+      for (index_t d = 0; d < D; ++d) want[d] += g[e] * o[d];
+    }
+    for (index_t d = 0; d < D; ++d) CHECK(y[t * D + d] == doctest::Approx(want[d]).epsilon(1e-12));
+  }
+}
+
+TEST_CASE("with drops: y is the gate-weighted sum over accepted choices only; statistics add up") {
+  const index_t N = 50, D = 6, M = 8;
+  const int E = 4, K = 2;
+  Fixture<double> f(E, D, M, 5, 0.5, 2.0);
+  Tensor<double> x(Shape{N, D}), y(Shape{N, D});
+  testing::fill_normal(x.view(), 2);
+  std::vector<std::uint8_t> mod(N, kImage);
+  for (index_t t = 30; t < N; ++t) mod[t] = kText;
+  MoeContext<double> ctx;
+  moe_forward<double>(config(E, K, 0.6, 0.0, true, 1.0, 25), f.params(), x.view(), mod, Mode::Train, Rng(4),
+                      y.view(), ctx);
+  const auto r = ctx.routes();
+  index_t accepted = 0, dropped = 0;
+  std::vector<index_t> per_expert_group(2 * E, 0);
+  for (index_t t = 0; t < N; ++t) {
+    std::vector<double> want(D, 0.0);
+    for (int k = 0; k < K; ++k) {
+      const int e = r[t * K + k];
+      if (e < 0) { ++dropped; continue; }
+      ++accepted, ++per_expert_group[(t / 25) * E + e];
+      const auto o = ref_expert(f, e, x.view().row(t));
+      for (index_t d = 0; d < D; ++d) want[d] += ctx.gate_values()[t * E + e] * o[d];
+    }
+    for (index_t d = 0; d < D; ++d) CHECK(y[t * D + d] == doctest::Approx(want[d]).epsilon(1e-12));
+  }
+  const index_t C = compute_capacity(25, E, K, 0.6);
+  CHECK(ctx.stats.capacity == C);
+  for (index_t v : per_expert_group) CHECK(v <= C);
+  CHECK(dropped > 0);
+  const auto& st = ctx.stats;
+  CHECK(st.tokens[kImage] == 30);
+  CHECK(st.tokens[kText] == 20);
+  index_t routed = 0, drop2 = 0;
+  for (int m = 0; m < 2; ++m)
+    for (int e = 0; e < E; ++e) routed += st.routed[m][e], drop2 += st.dropped[m][e];
+  CHECK(routed == accepted);
+  CHECK(drop2 == dropped);
+  CHECK(st.drop_fraction[kImage] * 30 * K + st.drop_fraction[kText] * 20 * K == doctest::Approx(double(dropped)));
+  for (int e = 0; e < E; ++e) {
+    CHECK(st.image_share[e] >= 0.0);
+    CHECK(st.image_share[e] <= 1.0);
+  }
+  CHECK(st.local_entropy[kText] > 0.0);
+  CHECK(st.global_entropy[kText] <= std::log(double(E)) + 1e-12);
+}
+
+TEST_CASE("losses are averaged over groups: two identical groups give the one-group values") {
+  const index_t S = 20, D = 5;
+  Fixture<double> f(4, D, 6, 9);
+  Tensor<double> x(Shape{2 * S, D}), y(Shape{2 * S, D});
+  testing::fill_normal(x.view().slice(0, S), 3);
+  std::copy_n(x.data(), S * D, x.data() + S * D);
+  std::vector<std::uint8_t> mod(2 * S, kImage);
+  for (index_t t = 12; t < S; ++t) mod[t] = mod[S + t] = kText;
+  MoeContext<double> one, two;
+  auto cfg = config(4, 2, 1.0, 0.0, true, 0.0);
+  cfg.losses.z_loss_weight = 0.1;
+  moe_forward<double>(cfg, f.params(), x.view().slice(0, S), std::span(mod).first(S), Mode::Train, Rng(1),
+                      y.view().slice(0, S), one);
+  cfg.router.group_size = S;
+  moe_forward<double>(cfg, f.params(), x.view(), mod, Mode::Train, Rng(1), y.view(), two);
+  CHECK(two.stats.groups == 2);
+  CHECK(two.losses.total == doctest::Approx(one.losses.total).epsilon(1e-12));
+  CHECK(two.losses.importance == doctest::Approx(one.losses.importance).epsilon(1e-12));
+  CHECK(two.losses.local_entropy[kText] == doctest::Approx(one.losses.local_entropy[kText]).epsilon(1e-12));
+  CHECK(two.losses.global_entropy[kImage] == doctest::Approx(one.losses.global_entropy[kImage]).epsilon(1e-12));
+  CHECK(two.losses.z == doctest::Approx(one.losses.z).epsilon(1e-12));
+  CHECK(one.losses.total > 0);
+}
+
+TEST_CASE("float agrees with double; empty input; shape errors name the argument") {
+  const index_t N = 64, D = 16, M = 32;
+  Fixture<double> fd(8, D, M, 12);
+  Fixture<float> ff(8, D, M, 12);
+  Tensor<double> xd(Shape{N, D}), yd(Shape{N, D});
+  Tensor<float> xf(Shape{N, D}), yf(Shape{N, D});
+  testing::fill_normal(xd.view(), 1);
+  testing::fill_normal(xf.view(), 1);
+  MoeContext<double> cd;
+  MoeContext<float> cf;
+  const auto cfg = config(8, 2, 1.05, 0.0, true);
+  moe_forward<double>(cfg, fd.params(), xd.view(), {}, Mode::Eval, Rng(1), yd.view(), cd);
+  moe_forward<float>(cfg, ff.params(), xf.view(), {}, Mode::Eval, Rng(1), yf.view(), cf);
+  for (index_t i = 0; i < N * D; ++i) CHECK(yf[i] == doctest::Approx(yd[i]).epsilon(1e-4).scale(1.0));
+  Tensor<float> x0(Shape{0, D}), y0(Shape{0, D});
+  moe_forward<float>(cfg, ff.params(), x0.view(), {}, Mode::Train, Rng(1), y0.view(), cf);
+  CHECK(cf.accepted() == 0);
+  Tensor<float> bad(Shape{N, D + 1});
+  CHECK_THROWS_WITH_AS(moe_forward<float>(cfg, ff.params(), xf.view(), {}, Mode::Eval, Rng(1), bad.view(), cf),
+                       doctest::Contains("y: expected shape [64, 16]"), Error);
+  Tensor<float> wbad(Shape{8, D + 1});
+  auto p = ff.params();
+  p.router_w = wbad.view();
+  CHECK_THROWS_WITH_AS(moe_forward<float>(cfg, p, xf.view(), {}, Mode::Eval, Rng(1), yf.view(), cf),
+                       doctest::Contains("router.weight"), Error);
+  std::vector<std::uint8_t> mod(3, kText);
+  CHECK_THROWS_WITH_AS(moe_forward<float>(cfg, ff.params(), xf.view(), mod, Mode::Eval, Rng(1), yf.view(), cf),
+                       doctest::Contains("modality"), Error);
+}

@@ -1,0 +1,281 @@
+// MoE routing: capacity (LIMOE.md section 3 step 5), assignment order and BPR (step 6), the section 8 examples,
+// properties over random inputs, thread-count invariance, a user-written router.
+#include <doctest/doctest.h>
+
+#include <map>
+#include <set>
+
+#include "test_moe_common.hpp"
+
+using namespace moe_test;
+
+namespace {
+// Runs a stock router on one group given its gates (logits = log gates, so softmax gives the gates back).
+struct Routed {
+  std::vector<std::int32_t> choice, route;
+};
+template <class Router>
+Routed route_gates(const Router& router, const std::vector<std::vector<double>>& gates, index_t C) {
+  const index_t S = static_cast<index_t>(gates.size());
+  const int E = static_cast<int>(gates[0].size()), K = router.top_k();
+  std::vector<double> logits, noisy(S * E), g(S * E);
+  for (const auto& row : gates)
+    for (double v : row) logits.push_back(std::log(v));
+  Routed out;
+  out.choice.resize(S * K), out.route.resize(S * K);
+  std::vector<index_t> order(S), fill(E);
+  RouteGroup<double> rg;
+  rg.S = S, rg.E = E, rg.K = K, rg.capacity = C, rg.mode = Mode::Eval;
+  rg.logits = logits.data(), rg.noisy = noisy.data(), rg.gates = g.data();
+  rg.choice = out.choice.data(), rg.route = out.route.data(), rg.order = order.data(), rg.fill = fill.data();
+  router.route(rg);
+  return out;
+}
+using BprK1 = TopKRouter<StaticTopK<1>, NoNoise, BatchPriorityOrder>;
+using VanK1 = TopKRouter<StaticTopK<1>, NoNoise, VanillaOrder>;
+using BprK2 = TopKRouter<StaticTopK<2>, NoNoise, BatchPriorityOrder>;
+using BprDyn = TopKRouter<DynamicTopK, NoNoise, BatchPriorityOrder>;
+using VanDyn = TopKRouter<DynamicTopK, NoNoise, VanillaOrder>;
+
+// The spec's assignment restated naively: choices by gate (ties: lower expert), tokens by priority.
+std::vector<std::int32_t> naive_route(const std::vector<double>& g, index_t S, int E, int K, index_t C, bool bpr) {
+  std::vector<std::vector<int>> ch(S);
+  for (index_t s = 0; s < S; ++s) {
+    std::vector<int> idx(E);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return g[s * E + a] > g[s * E + b]; });
+    ch[s].assign(idx.begin(), idx.begin() + K);
+  }
+  std::vector<index_t> tok(S);
+  std::iota(tok.begin(), tok.end(), 0);
+  if (bpr)
+    std::sort(tok.begin(), tok.end(), [&](index_t a, index_t b) {
+      const double ga = g[a * E + ch[a][0]], gb = g[b * E + ch[b][0]];
+      return ga != gb ? ga > gb : a < b;
+    });
+  std::vector<std::int32_t> route(S * K, -1);
+  std::vector<index_t> cnt(E, 0);
+  for (int k = 0; k < K; ++k)
+    for (index_t s : tok)
+      if (cnt[ch[s][k]] < C) ++cnt[ch[s][k]], route[s * K + k] = ch[s][k];
+  return route;
+}
+}  // namespace
+
+TEST_CASE("capacity: the section 8 table and the C < 1 error") {
+  CHECK(compute_capacity(16, 8, 1, 1.0) == 2);
+  CHECK(compute_capacity(16, 8, 2, 1.0) == 4);
+  CHECK(compute_capacity(10, 4, 1, 1.0) == 3);
+  CHECK(compute_capacity(16, 8, 1, 1.0, 4) == 4);
+  CHECK(compute_capacity(10, 11, 1, 1.1) == 1);  // 10 * 1.1 = 11.000000000000002 is not rounded up to 2
+  CHECK(compute_capacity(7, 8, 1, 0.0) == 7);    // factor 0: no drop
+  CHECK_THROWS_WITH_AS(compute_capacity(4, 8, 1, 0.1), doctest::Contains("C < 1"), Error);
+  CHECK_THROWS_WITH_AS(compute_capacity(4, 8, 1, 0.1), doctest::Contains("capacity factor"), Error);
+  // The same error through the layer (training, one group of S = 4 tokens).
+  Fixture<double> f(8, 3, 4, 7);
+  Tensor<double> x(Shape{4, 3}), y(Shape{4, 3});
+  MoeContext<double> ctx;
+  auto cfg = config(8, 1, 0.1, 0.0, true);
+  CHECK_THROWS_WITH_AS(moe_forward<double>(cfg, f.params(), x.view(), {}, Mode::Train, Rng(1), y.view(), ctx),
+                       doctest::Contains("C < 1"), Error);
+  cfg.router.top_k = 9;
+  CHECK_THROWS_WITH_AS(cfg.validate(), doctest::Contains("top_k"), Error);
+}
+
+TEST_CASE("section 8: all tokens choose expert 0, top-1 gates 0.3 0.9 0.5 0.8, C = 2") {
+  const std::vector<std::vector<double>> g{
+      {0.3, 0.25, 0.25, 0.2}, {0.9, 0.05, 0.03, 0.02}, {0.5, 0.2, 0.2, 0.1}, {0.8, 0.1, 0.05, 0.05}};
+  const auto van = route_gates(VanK1{}, g, 2), bpr = route_gates(BprK1{}, g, 2);
+  CHECK(van.route == std::vector<std::int32_t>{0, 0, -1, -1});  // vanilla keeps {0, 1}
+  CHECK(bpr.route == std::vector<std::int32_t>{-1, 0, -1, 0});  // BPR keeps {1, 3}
+  // Through the layer: N = 4, E = 4, K = 1, factor 2 gives C = 2; no noise.
+  Fixture<double> f(4, 4, 3, 1);
+  Tensor<double> x(Shape{4, 4}), y(Shape{4, 4});
+  for (index_t t = 0; t < 4; ++t) x[t * 4 + t] = 1;  // x = I, W_r = log gates^T: logits = log gates
+  for (index_t t = 0; t < 4; ++t)
+    for (index_t e = 0; e < 4; ++e) f.wr[e * 4 + t] = std::log(g[t][e]);
+  MoeContext<double> ctx;
+  for (bool use_bpr : {false, true}) {
+    moe_forward<double>(config(4, 1, 2.0, 0.0, use_bpr, 0.0), f.params(), x.view(), {}, Mode::Train, Rng(3),
+                        y.view(), ctx);
+    const auto r = ctx.routes();
+    std::vector<std::int32_t> got(r.data(), r.data() + 4);
+    CHECK(got == (use_bpr ? std::vector<std::int32_t>{-1, 0, -1, 0} : std::vector<std::int32_t>{0, 0, -1, -1}));
+    CHECK(ctx.stats.capacity == 2);
+    CHECK(ctx.stats.drop_fraction[0] == doctest::Approx(0.5));
+    CHECK(ctx.stats.tokens_fully_dropped[0] == 2);
+    for (index_t d = 0; d < 4; ++d) CHECK(y[(use_bpr ? 0 : 2) * 4 + d] == 0.0);  // dropped token: y = 0
+  }
+}
+
+TEST_CASE("section 8: BPR with K = 2, C = 1, E = 2: B kept at both experts, A dropped entirely") {
+  const std::vector<std::vector<double>> g{{0.51, 0.49}, {0.95, 0.05}};  // token A, token B
+  const auto r = route_gates(BprK2{}, g, 1);
+  CHECK(r.choice == std::vector<std::int32_t>{0, 1, 0, 1});
+  CHECK(r.route == std::vector<std::int32_t>{-1, -1, 0, 1});
+  CHECK(route_gates(BprDyn{DynamicTopK{2}}, g, 1).route == r.route);
+  // Vanilla would keep A at both instead.
+  CHECK(route_gates(VanDyn{DynamicTopK{2}}, g, 1).route == std::vector<std::int32_t>{0, 1, -1, -1});
+}
+
+TEST_CASE("tie rules: equal top-1 gates go to the lower token index; equal gates to the lower expert") {
+  const std::vector<std::vector<double>> g{{0.2, 0.6, 0.2}, {0.2, 0.6, 0.2}, {0.1, 0.7, 0.2}};
+  const auto r = route_gates(BprK1{}, g, 2);
+  CHECK(r.route == std::vector<std::int32_t>{1, -1, 1});  // token 2 first (0.7), then token 0 before token 1
+  const auto r2 = route_gates(BprK2{}, std::vector<std::vector<double>>{{0.4, 0.3, 0.3}}, 1);
+  CHECK(r2.choice == std::vector<std::int32_t>{0, 1});
+}
+
+TEST_CASE("properties over random groups: capacity, at most K, naive reference, BPR order invariance") {
+  Rng rng(2024);
+  for (int trial = 0; trial < 300; ++trial) {
+    const auto u = [&](int i) { return rng.uniform(trial, static_cast<std::uint64_t>(i)); };
+    const int E = 2 + static_cast<int>(u(0) * 7);
+    const int K = 1 + static_cast<int>(u(1) * std::min(E, 3));
+    const index_t S = 1 + static_cast<index_t>(u(2) * 40);
+    const index_t C = 1 + static_cast<index_t>(u(3) * S);
+    std::vector<std::vector<double>> g(S, std::vector<double>(E));
+    std::vector<double> flat;
+    for (index_t s = 0; s < S; ++s) {
+      double tot = 0;
+      for (int e = 0; e < E; ++e) tot += (g[s][e] = std::exp(2.0 * rng.normal(1000 + trial, s * E + e)));
+      for (int e = 0; e < E; ++e) flat.push_back(g[s][e] /= tot);
+    }
+    for (bool bpr : {false, true}) {
+      Routed r;
+      if (K == 1) r = bpr ? route_gates(BprK1{}, g, C) : route_gates(VanK1{}, g, C);
+      else if (K == 2 && bpr) r = route_gates(BprK2{}, g, C);
+      else r = bpr ? route_gates(BprDyn{DynamicTopK{K}}, g, C) : route_gates(VanDyn{DynamicTopK{K}}, g, C);
+      std::vector<index_t> cnt(E, 0);
+      for (index_t s = 0; s < S; ++s) {
+        std::set<int> seen;
+        for (int k = 0; k < K; ++k) {
+          const int e = r.route[s * K + k];
+          CHECK(seen.insert(r.choice[s * K + k]).second);  // distinct choices
+          if (k > 0) CHECK(g[s][r.choice[s * K + k - 1]] >= g[s][r.choice[s * K + k]]);
+          if (e >= 0) {
+            CHECK(e == r.choice[s * K + k]);
+            ++cnt[e];
+          }
+        }
+      }
+      for (int e = 0; e < E; ++e) CHECK(cnt[e] <= C);
+      CHECK(r.route == naive_route(flat, S, E, K, C, bpr));
+      if (!bpr) continue;
+      // BPR: permuting the tokens permutes the kept set and nothing else.
+      std::vector<index_t> perm(S);
+      std::iota(perm.begin(), perm.end(), 0);
+      for (index_t i = S - 1; i > 0; --i) std::swap(perm[i], perm[static_cast<index_t>(u(10 + i) * (i + 1))]);
+      std::vector<std::vector<double>> gp(S);
+      for (index_t i = 0; i < S; ++i) gp[i] = g[perm[i]];
+      const auto rp = K == 1 ? route_gates(BprK1{}, gp, C) : route_gates(BprDyn{DynamicTopK{K}}, gp, C);
+      for (index_t i = 0; i < S; ++i)
+        for (int k = 0; k < K; ++k) CHECK(rp.route[i * K + k] == r.route[perm[i] * K + k]);
+    }
+  }
+}
+
+TEST_CASE("layer routing is identical on 1 and 2 threads (noise, groups, K = 2); so are y and the gradients") {
+  const index_t N = 300, D = 32, M = 48;
+  Fixture<float> f(8, D, M, 11);
+  Tensor<float> x(Shape{N, D}), dy(Shape{N, D});
+  testing::fill_normal(x.view(), 5);
+  testing::fill_normal(dy.view(), 6);
+  std::vector<std::uint8_t> mod(N, kImage);
+  for (index_t t = 200; t < N; ++t) mod[t] = kText;
+  auto cfg = config(8, 2, 1.0, 0.0, true, 1.0, 128);
+  std::vector<std::vector<float>> outs;
+  std::vector<std::vector<std::int32_t>> routes;
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    Tensor<float> y(Shape{N, D}), dx(Shape{N, D});
+    MoeContext<float> ctx;
+    f.zero_grads();
+    moe_forward<float>(cfg, f.params(), x.view(), mod, Mode::Train, Rng(77), y.view(), ctx);
+    moe_backward<float>(f.params(), x.view(), dy.view(), dx.view(), f.grads(), ctx);
+    routes.emplace_back(ctx.routes().data(), ctx.routes().data() + N * 2);
+    std::vector<float> all(y.data(), y.data() + y.numel());
+    all.insert(all.end(), dx.data(), dx.data() + dx.numel());
+    for (auto* g : {&f.gwr, &f.gw1, &f.gb1, &f.gw2, &f.gb2}) all.insert(all.end(), g->data(), g->data() + g->numel());
+    outs.push_back(all);
+    CHECK(ctx.stats.groups == 3);
+    CHECK(ctx.stats.drop_fraction[0] > 0);  // capacity factor 1 with noise: some drops
+  }
+  set_num_threads(0);
+  CHECK(routes[0] == routes[1]);
+  CHECK(outs[0] == outs[1]);
+}
+
+TEST_CASE("noise: training only, fixed by the Rng, independent of grouping") {
+  const index_t N = 40, D = 8;
+  Fixture<double> f(4, D, 6, 3);
+  Tensor<double> x(Shape{N, D}), y(Shape{N, D});
+  testing::fill_normal(x.view(), 9);
+  MoeContext<double> a, b, c, ev;
+  moe_forward<double>(config(4, 1, 0.0, 0.0, true, 1.0, 0), f.params(), x.view(), {}, Mode::Train, Rng(5), y.view(), a);
+  moe_forward<double>(config(4, 1, 0.0, 0.0, true, 1.0, 10), f.params(), x.view(), {}, Mode::Train, Rng(5), y.view(), b);
+  moe_forward<double>(config(4, 1, 0.0, 0.0, true, 1.0, 0), f.params(), x.view(), {}, Mode::Train, Rng(6), y.view(), c);
+  moe_forward<double>(config(4, 1, 0.0, 0.0, true, 1.0, 0), f.params(), x.view(), {}, Mode::Eval, Rng(5), y.view(), ev);
+  double diff_rng = 0, diff_eval = 0, diff_group = 0, sq = 0;
+  for (index_t i = 0; i < N * 4; ++i) {
+    diff_group = std::max(diff_group, std::abs(a.noisy[i] - b.noisy[i]));
+    diff_rng = std::max(diff_rng, std::abs(a.noisy[i] - c.noisy[i]));
+    diff_eval = std::max(diff_eval, std::abs(ev.noisy[i] - ev.logits[i]));
+    sq += (a.noisy[i] - a.logits[i]) * (a.noisy[i] - a.logits[i]);
+  }
+  CHECK(diff_group == 0.0);
+  CHECK(diff_rng > 0.0);
+  CHECK(diff_eval == 0.0);
+  CHECK(std::sqrt(sq / (N * 4)) == doctest::Approx(0.25).epsilon(0.25));  // std noise_std / E = 0.25
+}
+
+namespace {
+// A user-written router: token t goes to expert (row0 + t) % E, gate from the softmax, no capacity limit needed
+// beyond the contract (each expert still never exceeds C because the group is spread evenly).
+struct RoundRobinRouter {
+  int top_k() const { return 1; }
+  template <class T>
+  void route(const RouteGroup<T>& g) const {
+    std::copy(g.logits, g.logits + g.S * g.E, g.noisy);
+    std::fill(g.fill, g.fill + g.E, index_t{0});
+    for (index_t s = 0; s < g.S; ++s) {
+      T mx = g.noisy[s * g.E], tot = 0;
+      for (int e = 1; e < g.E; ++e) mx = std::max(mx, g.noisy[s * g.E + e]);
+      for (int e = 0; e < g.E; ++e) tot += (g.gates[s * g.E + e] = std::exp(g.noisy[s * g.E + e] - mx));
+      for (int e = 0; e < g.E; ++e) g.gates[s * g.E + e] /= tot;
+      const auto e = static_cast<std::int32_t>((g.row0 + s) % g.E);
+      g.choice[s] = e;
+      g.route[s] = g.fill[e] < g.capacity ? (++g.fill[e], e) : -1;
+    }
+  }
+};
+struct BrokenRouter : RoundRobinRouter {
+  template <class T>
+  void route(const RouteGroup<T>& g) const {
+    RoundRobinRouter::route(g);
+    for (index_t s = 0; s < g.S; ++s) g.choice[s] = g.route[s] = 0;  // ignores capacity
+  }
+};
+static_assert(RouterPolicy<RoundRobinRouter, float> && RouterPolicy<RoundRobinRouter, double>);
+static_assert(RouterPolicy<TopKRouter<StaticTopK<2>, GaussianNoise, BatchPriorityOrder>, float>);
+static_assert(!RouterPolicy<int, float>);
+}  // namespace
+
+TEST_CASE("a user-written router plugs into the layer; a router breaking the contract is caught") {
+  const index_t N = 8, D = 4;
+  Fixture<double> f(4, D, 5, 21);
+  Tensor<double> x(Shape{N, D}), y(Shape{N, D});
+  testing::fill_normal(x.view(), 4);
+  MoeContext<double> ctx;
+  const auto cfg = config(4, 1, 1.0, 1.0, true);
+  moe_forward<double>(RoundRobinRouter{}, cfg, f.params(), x.view(), {}, Mode::Eval, Rng(1), y.view(), ctx);
+  for (index_t t = 0; t < N; ++t) {
+    CHECK(ctx.routes()[t] == t % 4);
+    const auto o = ref_expert(f, t % 4, x.view().row(t));
+    const double gate = ctx.gate_values()[t * 4 + t % 4];
+    for (index_t d = 0; d < D; ++d) CHECK(y[t * D + d] == doctest::Approx(gate * o[d]).epsilon(1e-12));
+  }
+  CHECK_THROWS_WITH_AS(
+      moe_forward<double>(BrokenRouter{}, cfg, f.params(), x.view(), {}, Mode::Eval, Rng(1), y.view(), ctx),
+      doctest::Contains("exceeds capacity"), Error);
+}
