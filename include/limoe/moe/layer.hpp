@@ -120,6 +120,7 @@ struct MoeContext {
 namespace detail {
 inline constexpr index_t kRowChunk = 64;   // fixed chunk of rows/columns for every product (determinism)
 inline constexpr index_t kTileRows = 256;  // rows of one expert tile
+inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
 
 // Capacity of group g: the strict spec check (C < 1 is an error) for full groups; a trailing shorter group
 // (N not a multiple of group_size) gets at least one slot per expert instead of an error.
@@ -498,9 +499,9 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
   for (int e = 0; e < E; ++e) {
     if (c.offsets[e + 1] == c.offsets[e]) continue;
     if (!grads.fc2_w.empty() || !grads.fc2_b.empty())
-      for (index_t j = 0; j < D; j += detail::kRowChunk) c.jobs.push_back({e, 0, j, std::min(D, j + detail::kRowChunk)});
+      for (index_t j = 0; j < D; j += detail::kGradRows) c.jobs.push_back({e, 0, j, std::min(D, j + detail::kGradRows)});
     if (!grads.fc1_w.empty() || !grads.fc1_b.empty())
-      for (index_t j = 0; j < M; j += detail::kRowChunk) c.jobs.push_back({e, 1, j, std::min(M, j + detail::kRowChunk)});
+      for (index_t j = 0; j < M; j += detail::kGradRows) c.jobs.push_back({e, 1, j, std::min(M, j + detail::kGradRows)});
   }
   parallel_for(0, static_cast<index_t>(c.jobs.size()), 1, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {

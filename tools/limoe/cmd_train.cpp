@@ -1,0 +1,157 @@
+// `limoe train`: trains a model from a preset or config on a data set; writes a checkpoint and a JSON-lines
+// metrics log; resumes exactly from a checkpoint (weights, AdamW moments, data position, router noise).
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include <limoe/core/parallel.hpp>
+#include <limoe/model/presets.hpp>
+#include <limoe/train/trainer.hpp>
+
+#include "session.hpp"
+
+namespace {
+using namespace limoe;
+
+std::string hms(double s) {
+  char buf[32];
+  const long t = static_cast<long>(s + 0.5);
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+  else std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  return buf;
+}
+
+int run(const std::vector<std::string>& argv) {
+  auto opts = cli::kDataOptions;
+  opts.insert({"preset", "config", "steps", "batch", "lr", "warmup", "weight-decay", "clip", "seed", "threads", "out",
+               "resume", "log-every", "checkpoint-every", "workers"});
+  cli::Args args(argv, opts, {"dense", "quiet"}, "train");
+  LIMOE_CHECK(args.positional().empty(), "unexpected argument \"", args.positional().empty() ? "" : args.positional()[0], "\"");
+  set_num_threads(static_cast<int>(args.integer("threads", 0)));
+
+  // Model config and tokenizer: from the checkpoint when resuming, else from the preset / config file.
+  std::unique_ptr<io::SafetensorsReader> resume;
+  ModelConfig cfg;
+  if (args.has("resume")) {
+    resume = std::make_unique<io::SafetensorsReader>(io::SafetensorsReader::open(args.str("resume")));
+    cfg = read_checkpoint_config(*resume);
+  } else if (args.has("config")) {
+    std::ifstream f(args.str("config"));
+    LIMOE_CHECK(f.good(), "cannot read config file '", args.str("config"), "'");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    cfg = config_from_json_string(ss.str());
+  } else {
+    cfg = preset(args.str("preset", "small-28"));
+  }
+  if (args.flag("dense")) cfg = dense_variant(cfg);
+
+  const auto src = cli::data_source(args, cfg);
+  const data::AnyDataset train_ds = data::open_dataset(src, data::Split::train);
+  data::WordTokenizer tok = resume ? cli::tokenizer_from(*resume) : data::WordTokenizer::build(train_ds.corpus(), cfg.text_len);
+  if (!resume && !args.has("config")) cfg.vocab_size = static_cast<int>(std::max<index_t>(tok.vocab_size(), 8));
+  LIMOE_CHECK(tok.vocab_size() <= cfg.vocab_size, "the tokenizer has ", tok.vocab_size(),
+              " words but the model's vocab_size is ", cfg.vocab_size);
+  LIMOE_CHECK(tok.text_len() == cfg.text_len, "the tokenizer's text length ", tok.text_len(), " differs from the model's ", cfg.text_len);
+  cfg.validate();
+
+  Limoe<float> model(cfg);
+  const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", 0));
+  if (resume) load_weights(model, *resume); else model.init(seed);
+
+  TrainConfig tc;
+  tc.steps = args.integer("steps", 1000);
+  tc.adam.lr = args.number("lr", 1e-3);
+  tc.adam.weight_decay = args.number("weight-decay", 0.1);
+  tc.adam.clip_norm = args.number("clip", 1.0);
+  tc.warmup_steps = args.integer("warmup", std::min<std::int64_t>(100, tc.steps / 10));
+  const index_t batch = args.integer("batch", 128);
+  LIMOE_CHECK(batch >= 2, "--batch must be at least 2 (the contrastive loss needs negatives), got ", batch);
+  LIMOE_CHECK(batch <= train_ds.size(), "--batch ", batch, " exceeds the data set's ", train_ds.size(), " examples");
+  Trainer<Limoe<float>> trainer(model, tc);
+  std::int64_t start = 0;
+  if (resume) {
+    LIMOE_CHECK(load_optimizer(trainer.optimizer(), *resume), "checkpoint '", args.str("resume"),
+                "' has no optimizer state (opt.m / opt.v); it cannot be resumed, only fine-tuned");
+    start = trainer.step_count();
+    LIMOE_CHECK(start < tc.steps, "the checkpoint is at step ", start, ", --steps ", tc.steps, " leaves nothing to do");
+  }
+
+  data::LoaderOptions lo;
+  lo.batch_size = batch;
+  lo.seed = seed;
+  lo.workers = static_cast<int>(args.integer("workers", 1));
+  data::Loader<data::AnyDataset, data::WordTokenizer> loader(train_ds, tok, lo);
+  loader.seek(start / loader.batches_per_epoch(), start % loader.batches_per_epoch());
+
+  const std::string out = args.str("out", "runs/" + std::string(args.flag("dense") ? "dense" : "limoe"));
+  std::filesystem::create_directories(out);
+  const std::string ckpt = out + "/checkpoint.safetensors";
+  std::ofstream log(out + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
+  LIMOE_CHECK(log.good(), "cannot write '", out, "/metrics.jsonl'");
+
+  const bool quiet = args.flag("quiet"), tty = isatty(STDERR_FILENO);
+  const std::int64_t log_every = std::max<long long>(1, args.integer("log-every", 10));
+  const std::int64_t ckpt_every = args.integer("checkpoint-every", 0);
+  auto save = [&](std::int64_t step) {
+    nlohmann::json st = {{"step", step}, {"steps", tc.steps}, {"seed", seed}, {"batch", batch}, {"lr", tc.adam.lr},
+                         {"data", data::resolve_kind(src)}};
+    save_checkpoint(model, ckpt, TrainState<float>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
+  };
+  std::cerr << "limoe train: " << cfg.depth << " blocks (" << cfg.moe_blocks.size() << " MoE, " << cfg.experts
+            << " experts, top-" << cfg.top_k << "), width " << cfg.width << ", " << count_params(cfg).total
+            << " parameters; data " << train_ds.name() << " (" << train_ds.size() << " pairs), batch " << batch
+            << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads() << "\n";
+  const auto t0 = std::chrono::steady_clock::now();
+  double ema_loss = 0;
+  for (std::int64_t s = start; s < tc.steps; ++s) {
+    const auto b = loader.next();
+    LIMOE_CHECK(b.has_value(), "the data loader ran dry at step ", s);
+    const StepReport r = trainer.step(b->images.cview(), b->texts.cview());
+    ema_loss = s == start ? r.loss.total : 0.9 * ema_loss + 0.1 * r.loss.total;
+    nlohmann::json j = to_json(r);
+    j["elapsed"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    log << j.dump() << "\n";
+    const bool last = s + 1 == tc.steps;
+    if (!quiet && ((s + 1) % log_every == 0 || last)) {
+      const double el = j["elapsed"].get<double>();
+      const double rate = static_cast<double>((s + 1 - start) * batch) / el;
+      const double left = el / static_cast<double>(s + 1 - start) * static_cast<double>(tc.steps - s - 1);
+      char line[256];
+      std::snprintf(line, sizeof line, "step %lld/%lld  loss %.4f (contrastive %.4f, aux %.4f)  lr %.2e  %.0f pairs/s  left %s",
+                    static_cast<long long>(s + 1), static_cast<long long>(tc.steps), ema_loss, r.loss.contrastive,
+                    r.loss.aux, r.lr, rate, hms(left).c_str());
+      std::cerr << (tty ? "\r" : "") << line << (tty && !last ? "\033[K" : "\n") << std::flush;
+    }
+    if (ckpt_every > 0 && (s + 1) % ckpt_every == 0 && !last) save(s + 1);
+  }
+  log.flush();
+  save(tc.steps);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", tc.steps},
+                              {"train_seconds", secs}, {"final_loss", ema_loss}}.dump() << "\n";
+  return 0;
+}
+
+const cli::Register reg({"train", "train a model on image-text pairs and write a checkpoint",
+                         std::string("usage: limoe train [--preset NAME | --config FILE.json | --resume CKPT] [options]\n\n"
+                         "  --preset NAME        a preset (default small-28); see limoe inspect\n"
+                         "  --config FILE        a JSON config object (FORMATS.md section 1)\n"
+                         "  --resume CKPT        continue a run from its checkpoint (same data and batch)\n"
+                         "  --dense              every MoE block becomes a dense MLP (the dense model of equal per-token compute)\n") +
+                         cli::kDataHelp +
+                         "  --steps N            total optimizer steps (default 1000)\n"
+                         "  --batch B            pairs per step (default 128)\n"
+                         "  --lr LR              peak learning rate (default 1e-3); --warmup N steps (default min(100, steps/10))\n"
+                         "  --weight-decay W     decoupled weight decay on matrices (default 0.1); --clip C global norm (default 1)\n"
+                         "  --seed S             initialisation and data order (default 0)\n"
+                         "  --threads N          worker threads (default all cores); --workers N data threads (default 1)\n"
+                         "  --out DIR            output folder (default runs/limoe): checkpoint.safetensors, metrics.jsonl\n"
+                         "  --log-every N        progress line every N steps (default 10); --quiet for none\n"
+                         "  --checkpoint-every N also write the checkpoint every N steps\n",
+                         run});
+}  // namespace

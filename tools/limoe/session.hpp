@@ -1,0 +1,60 @@
+// tools/limoe/session.hpp: what several sub-commands share: the data source from the command line, the
+// tokenizer stored in a checkpoint, and a model loaded from a checkpoint.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <limoe/data/data.hpp>
+#include <limoe/model/checkpoint.hpp>
+#include <limoe/model/model.hpp>
+
+#include "cli.hpp"
+
+namespace limoe::cli {
+
+inline const std::set<std::string> kDataOptions = {"data", "data-path", "test-path"};
+inline const char* kDataHelp =
+    "  --data KIND          auto (Fashion-MNIST when installed, else synthetic shapes), fashion-mnist,\n"
+    "                       synthetic or tsv (default auto)\n"
+    "  --data-path PATH     the Fashion-MNIST IDX folder, or the training TSV (image_path<TAB>caption)\n"
+    "  --test-path PATH     the test TSV (tsv data only)\n";
+
+inline data::DataSource data_source(const Args& args, const ModelConfig& cfg) {
+  data::DataSource src;
+  src.kind = args.str("data", "auto");
+  src.path = args.str("data-path");
+  src.test_path = args.str("test-path");
+  src.image = {cfg.image_size[0], cfg.image_size[1], cfg.channels};
+  const std::string kind = data::resolve_kind(src);
+  if (kind == "fashion-mnist")
+    LIMOE_CHECK(cfg.image_size[0] == 28 && cfg.image_size[1] == 28 && cfg.channels == 1,
+                "Fashion-MNIST images are 28x28x1; the model takes ", cfg.image_size[0], "x", cfg.image_size[1], "x",
+                cfg.channels, " (use the small-28 or tiny preset, or --data synthetic)");
+  return src;
+}
+
+inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r) {
+  const auto& md = r.metadata();
+  auto it = md.find("tokenizer");
+  LIMOE_CHECK(it != md.end(), "checkpoint '", r.label(),
+              "' has no \"tokenizer\" in its metadata; texts must be given as token ids (limoe embed)");
+  return data::WordTokenizer::from_json(it->second);
+}
+
+struct Loaded {
+  std::unique_ptr<Limoe<float>> model;
+  data::WordTokenizer tokenizer;
+  std::map<std::string, std::string> metadata;
+};
+
+inline Loaded load_model(const std::string& path, double capacity_factor_eval = -1) {
+  const auto r = io::SafetensorsReader::open(path);
+  ModelConfig cfg = read_checkpoint_config(r);
+  if (capacity_factor_eval >= 0) cfg.router.capacity_factor_eval = capacity_factor_eval;
+  Loaded l{std::make_unique<Limoe<float>>(cfg), tokenizer_from(r), r.metadata()};
+  load_weights(*l.model, r);
+  return l;
+}
+
+}  // namespace limoe::cli
