@@ -57,7 +57,11 @@ TEST_CASE("gap, first, last: forward by hand, masked mean, backward by finite di
         for (index_t c = 0; c < D; ++c) {
           double expect = 0;
           if (kind == Pooling::First) expect = x[(b * N) * D + c];
-          else if (kind == Pooling::Last) expect = x[(b * N + N - 1) * D + c];  // final position, mask or not
+          else if (kind == Pooling::Last) {
+            // The final position, or with a mask the last unmasked one (rows: 3, none -> N-1, 2).
+            const index_t at = !masked ? N - 1 : (b == 0 ? 3 : b == 1 ? N - 1 : 2);
+            expect = x[(b * N + at) * D + c];
+          }
           else {
             double count = 0;
             for (index_t n = 0; n < N; ++n)

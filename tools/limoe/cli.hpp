@@ -4,6 +4,7 @@
 // malformed numbers are errors (limoe::Error, printed as one line by main, exit status 2).
 #pragma once
 
+#include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <map>
@@ -32,16 +33,16 @@ class Args {
           name = name.substr(0, eq);
         }
         if (flags.count(name)) {
-          LIMOE_CHECK(!inline_value, command_, ": --", name, " takes no value");
+          LIMOE_CHECK(!inline_value, "--", name, " takes no value");
           flags_.insert(name);
         } else if (options.count(name)) {
           if (!inline_value) {
-            LIMOE_CHECK(i + 1 < argv.size(), command_, ": --", name, " needs a value");
+            LIMOE_CHECK(i + 1 < argv.size(), "--", name, " needs a value");
             value = argv[++i];
           }
           values_[name] = value;
         } else {
-          fail(command_, ": unknown option --", name, " (see limoe ", command_, " --help)");
+          fail("unknown option --", name, " (see limoe ", command_, " --help)");
         }
       } else {
         positional_.push_back(a);
@@ -50,13 +51,14 @@ class Args {
   }
 
   bool flag(const std::string& name) const { return flags_.count(name) > 0; }
+  void set(const std::string& name, const std::string& value) { values_[name] = value; }
   bool has(const std::string& name) const { return values_.count(name) > 0; }
   std::string str(const std::string& name, const std::string& def = "") const {
     auto it = values_.find(name);
     return it == values_.end() ? def : it->second;
   }
   std::string required(const std::string& name) const {
-    LIMOE_CHECK(has(name), command_, ": --", name, " is required (see limoe ", command_, " --help)");
+    LIMOE_CHECK(has(name), "--", name, " is required (see limoe ", command_, " --help)");
     return values_.at(name);
   }
   long long integer(const std::string& name, long long def) const {
@@ -64,7 +66,7 @@ class Args {
     const std::string& s = values_.at(name);
     char* end = nullptr;
     const long long v = std::strtoll(s.c_str(), &end, 10);
-    LIMOE_CHECK(!s.empty() && end && *end == '\0', command_, ": --", name, " expects an integer, got \"", s, "\"");
+    LIMOE_CHECK(!s.empty() && end && *end == '\0', "--", name, " expects an integer, got \"", s, "\"");
     return v;
   }
   double number(const std::string& name, double def) const {
@@ -72,10 +74,14 @@ class Args {
     const std::string& s = values_.at(name);
     char* end = nullptr;
     const double v = std::strtod(s.c_str(), &end);
-    LIMOE_CHECK(!s.empty() && end && *end == '\0', command_, ": --", name, " expects a number, got \"", s, "\"");
+    LIMOE_CHECK(!s.empty() && end && *end == '\0' && std::isfinite(v), "--", name, " expects a finite number, got \"", s, "\"");
     return v;
   }
   const std::vector<std::string>& positional() const { return positional_; }
+  void no_positional() const {
+    LIMOE_CHECK(positional_.empty(), "unexpected argument \"", positional_.empty() ? "" : positional_[0], "\" (see limoe ",
+                command_, " --help)");
+  }
 
  private:
   std::string command_;

@@ -12,7 +12,7 @@ using namespace limoe;
 
 int run(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"checkpoint", "input", "output", "capacity-factor", "group-size", "threads"}, {}, "embed");
-  LIMOE_CHECK(args.positional().empty(), "unexpected argument \"", args.positional().empty() ? "" : args.positional()[0], "\"");
+  args.no_positional();
   const std::string ckpt = args.required("checkpoint"), in = args.required("input"), out = args.required("output");
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
 

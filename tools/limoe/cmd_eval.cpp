@@ -4,6 +4,7 @@
 
 #include <limoe/core/parallel.hpp>
 #include <limoe/eval/evaluate.hpp>
+#include <limoe/model/presets.hpp>
 
 #include "session.hpp"
 
@@ -33,14 +34,18 @@ int run(const std::vector<std::string>& argv) {
   auto opts = cli::kDataOptions;
   opts.insert({"checkpoint", "max-test", "retrieval", "threads", "shots"});
   cli::Args args(argv, opts, {}, "eval");
+  args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
   auto loaded = cli::load_model(args.required("checkpoint"));
   auto& model = *loaded.model;
   const auto& cfg = model.config();
-  const auto src = cli::data_source(args, cfg);
+  const auto src = cli::data_source(args, cfg, loaded.trained_on());
   const data::AnyDataset test = data::open_dataset(src, data::Split::test);
   const data::AnyDataset train = data::open_dataset(src, data::Split::train);
   const index_t n = std::min<index_t>(test.size(), args.integer("max-test", test.size()));
+  LIMOE_CHECK(n >= 1, "--max-test must be at least 1, got ", n);
+  LIMOE_CHECK(args.integer("shots", 10) >= 1, "--shots must be at least 1");
+  LIMOE_CHECK(args.integer("retrieval", 1000) >= 2, "--retrieval must be at least 2 pairs");
   std::vector<index_t> idx(static_cast<std::size_t>(n));
   std::iota(idx.begin(), idx.end(), index_t{0});
   const Rng rng(0);
@@ -56,7 +61,7 @@ int run(const std::vector<std::string>& argv) {
     std::vector<int> shot_labels;
     const auto shot_idx = few_shot_indices(train, classes, static_cast<int>(args.integer("shots", 10)), shot_labels);
     const Tensor<float> shot_feat = embed_images(model, train, shot_idx);
-    out["linear_probe_10shot"] = linear_probe_accuracy(shot_feat, shot_labels, img, labels, classes);
+    out["linear_probe_" + std::to_string(args.integer("shots", 10)) + "shot"] = linear_probe_accuracy(shot_feat, shot_labels, img, labels, classes);
   }
   // Retrieval over the first R test pairs with captions from the held-out templates.
   const index_t R = std::min<index_t>(n, args.integer("retrieval", 1000));
@@ -72,6 +77,29 @@ int run(const std::vector<std::string>& argv) {
     out["recall_at_" + std::to_string(ks[k]) + "_i2t"] = rec.i2t[k];
     out["recall_at_" + std::to_string(ks[k]) + "_t2i"] = rec.t2i[k];
   }
+  // Routing as training sees it: images and texts of test pairs share groups, training capacity factor.
+  if (!cfg.moe_blocks.empty()) {
+    auto routed = cli::load_model(args.required("checkpoint"), cfg.router.capacity_factor_train);
+    const auto blocks = routing_summary(*routed.model, routed.tokenizer, test, std::min<index_t>(n, 2048));
+    double di = 0, dt = 0;
+    int used = 0;
+    for (const auto& b : blocks) di += b.drop_rate(0), dt += b.drop_rate(1), used += b.experts_used() == b.experts;
+    const double nb = static_cast<double>(std::max<std::size_t>(1, blocks.size()));
+    out["drop_rate_img"] = di / nb;
+    out["drop_rate_txt"] = dt / nb;
+    out["blocks_using_all_experts"] = used;
+    out["moe_blocks"] = blocks.size();
+  } else {
+    out["drop_rate_img"] = 0.0;
+    out["drop_rate_txt"] = 0.0;
+  }
+  if (auto it = loaded.metadata.find("train_state"); it != loaded.metadata.end()) {
+    const auto st = nlohmann::json::parse(it->second, nullptr, false);
+    if (st.is_object() && st.contains("train_seconds")) out["train_seconds"] = st["train_seconds"];
+  }
+  const auto pc = count_params(cfg);
+  out["params_total"] = pc.total;
+  out["params_per_token"] = pc.per_token;
   std::cout << out.dump() << "\n";
   return 0;
 }

@@ -92,15 +92,18 @@ int run(const std::vector<std::string>& argv) {
   auto opts = cli::kDataOptions;
   opts.insert({"checkpoint", "pairs", "out", "capacity-factor", "threads", "images"});
   cli::Args args(argv, opts, {}, "routing");
+  args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
   const std::string ckpt = args.required("checkpoint");
   // Drop rates as training sees them: the training capacity factor, no noise.
   const auto cfg0 = read_checkpoint_config(ckpt);
-  auto loaded = cli::load_model(ckpt, args.number("capacity-factor", cfg0.router.capacity_factor_train));
+  const double cf = args.number("capacity-factor", cfg0.router.capacity_factor_train);
+  LIMOE_CHECK(cf >= 0, "--capacity-factor must be >= 0 (0 = no drop), got ", cf);
+  auto loaded = cli::load_model(ckpt, cf);
   auto& model = *loaded.model;
   const auto& cfg = model.config();
   LIMOE_CHECK(!cfg.moe_blocks.empty(), "the model has no MoE block: nothing to report");
-  const auto src = cli::data_source(args, cfg);
+  const auto src = cli::data_source(args, cfg, loaded.trained_on());
   const data::AnyDataset test = data::open_dataset(src, data::Split::test);
   const auto blocks = routing_summary(model, loaded.tokenizer, test, args.integer("pairs", 2048));
 

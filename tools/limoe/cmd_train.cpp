@@ -30,7 +30,7 @@ int run(const std::vector<std::string>& argv) {
   opts.insert({"preset", "config", "steps", "batch", "lr", "warmup", "weight-decay", "clip", "seed", "threads", "out",
                "resume", "log-every", "checkpoint-every", "workers"});
   cli::Args args(argv, opts, {"dense", "quiet"}, "train");
-  LIMOE_CHECK(args.positional().empty(), "unexpected argument \"", args.positional().empty() ? "" : args.positional()[0], "\"");
+  args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
 
   // Model config and tokenizer: from the checkpoint when resuming, else from the preset / config file.
@@ -49,6 +49,14 @@ int run(const std::vector<std::string>& argv) {
     cfg = preset(args.str("preset", "small-28"));
   }
   if (args.flag("dense")) cfg = dense_variant(cfg);
+  // A resumed run continues with the settings it was started with unless told otherwise.
+  nlohmann::json prior = nlohmann::json::object();
+  if (resume && resume->metadata().count("train_state")) {
+    prior = nlohmann::json::parse(resume->metadata().at("train_state"), nullptr, false);
+    if (!prior.is_object()) prior = nlohmann::json::object();
+  }
+  auto prior_or = [&](const char* key, auto def) { return prior.contains(key) ? prior[key].get<decltype(def)>() : def; };
+  if (resume && !args.has("data") && prior.contains("data")) args.set("data", prior["data"].get<std::string>());
 
   const auto src = cli::data_source(args, cfg);
   const data::AnyDataset train_ds = data::open_dataset(src, data::Split::train);
@@ -60,16 +68,17 @@ int run(const std::vector<std::string>& argv) {
   cfg.validate();
 
   Limoe<float> model(cfg);
-  const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", 0));
+  const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL)));
   if (resume) load_weights(model, *resume); else model.init(seed);
+  model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
 
   TrainConfig tc;
-  tc.steps = args.integer("steps", 1000);
-  tc.adam.lr = args.number("lr", 1e-3);
+  tc.steps = args.integer("steps", prior_or("steps", 1000LL));
+  tc.adam.lr = args.number("lr", prior_or("lr", 1e-3));
   tc.adam.weight_decay = args.number("weight-decay", 0.1);
   tc.adam.clip_norm = args.number("clip", 1.0);
   tc.warmup_steps = args.integer("warmup", std::min<std::int64_t>(100, tc.steps / 10));
-  const index_t batch = args.integer("batch", 128);
+  const index_t batch = args.integer("batch", prior_or("batch", 128LL));
   LIMOE_CHECK(batch >= 2, "--batch must be at least 2 (the contrastive loss needs negatives), got ", batch);
   LIMOE_CHECK(batch <= train_ds.size(), "--batch ", batch, " exceeds the data set's ", train_ds.size(), " examples");
   Trainer<Limoe<float>> trainer(model, tc);
@@ -97,16 +106,18 @@ int run(const std::vector<std::string>& argv) {
   const bool quiet = args.flag("quiet"), tty = isatty(STDERR_FILENO);
   const std::int64_t log_every = std::max<long long>(1, args.integer("log-every", 10));
   const std::int64_t ckpt_every = args.integer("checkpoint-every", 0);
+  const double prior_seconds = prior_or("train_seconds", 0.0);  // training time of the run before a resume
+  const auto t0 = std::chrono::steady_clock::now();
   auto save = [&](std::int64_t step) {
+    const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     nlohmann::json st = {{"step", step}, {"steps", tc.steps}, {"seed", seed}, {"batch", batch}, {"lr", tc.adam.lr},
-                         {"data", data::resolve_kind(src)}};
+                         {"data", data::resolve_kind(src)}, {"train_seconds", secs}};
     save_checkpoint(model, ckpt, TrainState<float>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
   };
   std::cerr << "limoe train: " << cfg.depth << " blocks (" << cfg.moe_blocks.size() << " MoE, " << cfg.experts
             << " experts, top-" << cfg.top_k << "), width " << cfg.width << ", " << count_params(cfg).total
             << " parameters; data " << train_ds.name() << " (" << train_ds.size() << " pairs), batch " << batch
             << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads() << "\n";
-  const auto t0 = std::chrono::steady_clock::now();
   double ema_loss = 0;
   for (std::int64_t s = start; s < tc.steps; ++s) {
     const auto b = loader.next();
@@ -131,7 +142,7 @@ int run(const std::vector<std::string>& argv) {
   }
   log.flush();
   save(tc.steps);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", tc.steps},
                               {"train_seconds", secs}, {"final_loss", ema_loss}}.dump() << "\n";
   return 0;
@@ -141,7 +152,7 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          std::string("usage: limoe train [--preset NAME | --config FILE.json | --resume CKPT] [options]\n\n"
                          "  --preset NAME        a preset (default small-28); see limoe inspect\n"
                          "  --config FILE        a JSON config object (FORMATS.md section 1)\n"
-                         "  --resume CKPT        continue a run from its checkpoint (same data and batch)\n"
+                         "  --resume CKPT        continue a run from its checkpoint (steps, batch, lr, seed and data default to the run's)\n"
                          "  --dense              every MoE block becomes a dense MLP (the dense model of equal per-token compute)\n") +
                          cli::kDataHelp +
                          "  --steps N            total optimizer steps (default 1000)\n"

@@ -20,9 +20,11 @@ inline const char* kDataHelp =
     "  --data-path PATH     the Fashion-MNIST IDX folder, or the training TSV (image_path<TAB>caption)\n"
     "  --test-path PATH     the test TSV (tsv data only)\n";
 
-inline data::DataSource data_source(const Args& args, const ModelConfig& cfg) {
+// The data source named on the command line; `trained_on` (the data kind a checkpoint was trained on, if
+// known) is the default, so eval and routing see the same kind of data as training.
+inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, const std::string& trained_on = "") {
   data::DataSource src;
-  src.kind = args.str("data", "auto");
+  src.kind = args.str("data", trained_on.empty() || trained_on == "tsv" ? "auto" : trained_on);
   src.path = args.str("data-path");
   src.test_path = args.str("test-path");
   src.image = {cfg.image_size[0], cfg.image_size[1], cfg.channels};
@@ -46,6 +48,13 @@ struct Loaded {
   std::unique_ptr<Limoe<float>> model;
   data::WordTokenizer tokenizer;
   std::map<std::string, std::string> metadata;
+  // The data kind recorded by `limoe train` ("fashion-mnist", "synthetic", "tsv"), or "".
+  std::string trained_on() const {
+    auto it = metadata.find("train_state");
+    if (it == metadata.end()) return "";
+    const auto j = nlohmann::json::parse(it->second, nullptr, false);
+    return j.is_object() && j.contains("data") && j["data"].is_string() ? j["data"].get<std::string>() : "";
+  }
 };
 
 inline Loaded load_model(const std::string& path, double capacity_factor_eval = -1) {

@@ -78,10 +78,17 @@ class Limoe {
  public:
   using scalar_type = T;
 
-  explicit Limoe(ModelConfig cfg) : cfg_(std::move(cfg)) {
+  // `router` is the router policy instance (ignored for ConfigRouter, which builds the stock router from the
+  // config); its top_k() must equal the config's top_k.
+  explicit Limoe(ModelConfig cfg, Router router = Router{}) : cfg_(std::move(cfg)), router_(std::move(router)) {
     cfg_.router.experts = cfg_.experts;
     cfg_.router.top_k = cfg_.top_k;
     cfg_.validate();
+    if constexpr (!std::is_same_v<Router, ConfigRouter>) {
+      static_assert(moe::RouterPolicy<Router, T>, "Limoe<T, Router>: Router must satisfy moe::RouterPolicy");
+      LIMOE_CHECK(router_.top_k() == cfg_.top_k, "Limoe: the router's top_k() = ", router_.top_k(),
+                  " differs from the config's top_k = ", cfg_.top_k);
+    }
     register_params();
     params_.finalize();
     blocks_acts_.resize(static_cast<std::size_t>(cfg_.depth));
@@ -92,6 +99,8 @@ class Limoe {
   ParamStore<T>& params() { return params_; }
   const ParamStore<T>& params() const { return params_; }
   void zero_grad() { params_.zero_grad(); }
+  // The router noise of training step s is a function of (noise seed, s, block) only.
+  void set_noise_seed(std::uint64_t seed) { noise_seed_ = seed; }
 
   // Initialisation (ViT/big_vision style, adapted): LeCun-normal matrices, zero biases, unit LayerNorm gains,
   // N(0, 0.02) positions and token table, a small router, logit_scale = theta_0. Counter-based: the values do
@@ -504,6 +513,7 @@ class Limoe {
   }
 
   ModelConfig cfg_;
+  Router router_{};
   ParamStore<T> params_;
   ParamRef img_patch_w_, img_patch_b_, img_pos_, txt_embed_, txt_pos_, norm_w_, norm_b_, logit_scale_;
   std::vector<BlockRefs> blocks_;
@@ -519,7 +529,6 @@ class Limoe {
   Tensor<std::uint8_t> txt_mask_;
   std::vector<BlockActs> blocks_acts_;
   std::vector<moe::MoeContext<T>> moe_ctx_;
-  Router router_{};
   Tensor<T> x_final_, xn_, xn_mean_, xn_rstd_;
   HeadActs img_acts_, txt_acts_;
   Tensor<T> logits_, dz_img_, dz_txt_;

@@ -2,8 +2,9 @@
 //
 //   gap    mean over tokens; with a key mask, the mean over unmasked tokens (a row with none gives 0)
 //   first  token 0 (the mask is ignored)
-//   last   token N-1, the final position (the mask is ignored: under "sticky EOS" padding the final position
-//          holds the EOS, LIMOE.md section 1), NOT the last unmasked token
+//   last   the final position N-1 (LIMOE.md section 1: the EOS under "sticky EOS" padding); with a key mask
+//          (text_mask on: pad tokens masked), the last unmasked position, i.e. the EOS of limoe's tokenizer,
+//          which pads after the EOS (a row with none falls back to N-1)
 //   map    multi-head attention pooling (big_vision's MAPHead): a learned probe[D] is the single query of the
 //          attention of ops/attention.hpp over the tokens (H heads, masked keys ignored), giving u[B, D];
 //          then y = u + MLP(LN(u)), MLP = Linear(D->M) -> GELU -> Linear(M->D). Tensor names (FORMATS.md):
@@ -92,6 +93,14 @@ void pool_check(const char* fn, Pooling kind, CView<T> x_or_dx, CView<std::uint8
   if (!key_mask.empty()) expect_shape(key_mask, Shape{B, N}, "pooling: key_mask");
 }
 
+// The token `last` pooling reads in row b: the last unmasked one, N-1 without a mask or when all are masked.
+inline index_t last_position(CView<std::uint8_t> key_mask, index_t b, index_t N) {
+  if (!key_mask.empty())
+    for (index_t n = N - 1; n >= 0; --n)
+      if (key_mask[b * N + n]) return n;
+  return N - 1;
+}
+
 // Number of attended tokens of row b (N without a mask).
 inline index_t pool_count(CView<std::uint8_t> key_mask, index_t b, index_t N) {
   if (key_mask.empty()) return N;
@@ -125,7 +134,8 @@ MapDims<T> map_head_check(const char* fn, const MapHeadWeights<T>& w, CView<T> x
 
 namespace cpu {
 
-// y[B, D] = gap / first / last of x[B, N, D]; key_mask [B, N] (nonzero = token counts) or empty, used by gap only.
+// y[B, D] = gap / first / last of x[B, N, D]; key_mask [B, N] (nonzero = token counts) or empty, used by gap
+// and last.
 template <class T>
 void pool_forward(Pooling kind, CView<T> x, CView<std::uint8_t> key_mask, View<T> y) {
   detail::pool_check<T>("pool_forward", kind, x, key_mask, y);
@@ -135,7 +145,7 @@ void pool_forward(Pooling kind, CView<T> x, CView<std::uint8_t> key_mask, View<T
       T* yr = y.data() + b * D;
       const T* xb = x.data() + b * N * D;
       if (kind == Pooling::First || kind == Pooling::Last) {
-        const T* src = xb + (kind == Pooling::First ? 0 : N - 1) * D;
+        const T* src = xb + (kind == Pooling::First ? 0 : detail::last_position(key_mask, b, N)) * D;
         std::copy(src, src + D, yr);
         continue;
       }
@@ -163,7 +173,7 @@ void pool_backward(Pooling kind, CView<std::uint8_t> key_mask, CView<T> dy, View
       T* xb = dx.data() + b * N * D;
       std::fill(xb, xb + N * D, T(0));
       if (kind == Pooling::First || kind == Pooling::Last) {
-        T* dst = xb + (kind == Pooling::First ? 0 : N - 1) * D;
+        T* dst = xb + (kind == Pooling::First ? 0 : detail::last_position(key_mask, b, N)) * D;
         std::copy(g, g + D, dst);
         continue;
       }

@@ -1,0 +1,448 @@
+// `limoe bench --workload W ...`: the benchmark workloads of ../shared/spec/WORKLOADS.md, one JSON line each.
+//
+//   moe_layer   one MoE layer (router, BPR, dispatch, E expert MLPs D -> 4D -> D, combine) on T tokens, training
+//               mode (router noise on, capacity factor --capacity-factor, default 1.0), 3/4 image and 1/4 text
+//               tokens (as bench/bench_moe.cpp), one routing group; --backward adds moe_backward.   tokens/s
+//   dense_mlp   Linear D -> 4D, bias + GELU, Linear 4D -> D on T tokens through limoe::cpu ops, as a dense
+//               block of the model runs it; --backward adds its backward.                           tokens/s
+//   gemm        C[T, 4D] = A[T, D] B[D, 4D], single precision, through limoe::gemm.                 GFLOP/s
+//   embed       image embeddings (Limoe::forward, evaluation mode) of --batch 224x224x3 images with the
+//               variant --config (default S/32).                                                    images/s
+//   train_step  one Trainer::step (forward, contrastive + auxiliary losses, backward, AdamW) on --batch
+//               image-text pairs with the variant --config (default S/32).                          pairs/s
+//
+// Timing: --warmup untimed iterations, then --repeats timed ones (steady_clock around each); the JSON line
+// reports the median, min and max, throughput = units per iteration / median, and the analytic FLOP count
+// (2*M*N*K per matrix product, a backward pass counted as twice its forward; elementwise work, softmaxes,
+// LayerNorms and the optimizer are not counted). MoE experts are counted for K * tokens rows (the nominal
+// per-token compute, independent of routing); "gflop_accepted" counts only the rows the experts accepted.
+// peak_rss_mb is getrusage's ru_maxrss of the whole process (setup included).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include <limoe/core/gemm.hpp>
+#include <limoe/core/parallel.hpp>
+#include <limoe/core/rng.hpp>
+#include <limoe/model/presets.hpp>
+#include <limoe/moe/moe.hpp>
+#include <limoe/ops/gelu.hpp>
+#include <limoe/ops/linear.hpp>
+#include <limoe/train/trainer.hpp>
+
+#include "cli.hpp"
+
+namespace {
+using namespace limoe;
+using json = nlohmann::ordered_json;  // keys in insertion order: workload first
+
+constexpr std::uint64_t kSeed = 0x5EED;
+
+// N(0, std^2) values from the counter-based generator (stream 0, index i): thread-count independent.
+void fill_normal(View<float> v, const Rng& r, double std) {
+  parallel_for(0, v.numel(), 1 << 14, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) v[i] = static_cast<float>(std * r.normal(0, static_cast<std::uint64_t>(i)));
+  });
+}
+void fill_uniform(View<float> v, const Rng& r, double lo, double hi) {
+  parallel_for(0, v.numel(), 1 << 14, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i)
+      v[i] = static_cast<float>(lo + (hi - lo) * r.uniform(0, static_cast<std::uint64_t>(i)));
+  });
+}
+
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;  // Linux: kilobytes
+}
+
+struct Timing {
+  std::vector<double> times;  // seconds per timed iteration
+  double median = 0, min = 0, max = 0;
+};
+
+// warmup untimed calls of fn(i), then `repeats` timed ones (i counts every call, warmup included).
+Timing time_it(int warmup, int repeats, const std::function<void(int)>& fn) {
+  int i = 0;
+  for (; i < warmup; ++i) fn(i);
+  Timing t;
+  for (int r = 0; r < repeats; ++r, ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn(i);
+    t.times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::vector<double> s = t.times;
+  std::sort(s.begin(), s.end());
+  const std::size_t n = s.size();
+  t.median = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+  t.min = s.front();
+  t.max = s.back();
+  return t;
+}
+
+// ---- analytic FLOPs of the model (2*M*N*K per product) ----------------------------------------------------
+//
+// One sequence of L tokens (L = N patches for an image, text_len for a text), width D, MLP width M, E experts,
+// top-K, projection P, patch dimension F = patch^2 * channels:
+//   patch embedding (images only)      2 L F D
+//   per block: q, k, v, o              4 * 2 L D^2
+//              scores q k^T, context   2 * 2 L^2 D   (all heads together: H * L^2 * D/H)
+//              dense MLP               2 * 2 L D M
+//              MoE block               2 L D E (router) + K * 2 * 2 L D M (each token through its K experts)
+//   map head:  probe query, o          2 * 2 D^2     (the probe is projected once per sequence)
+//              k, v over the tokens    2 * 2 L D^2
+//              scores, context         2 * 2 L D     (one query)
+//              MLP                     2 * 2 D M
+//   projection                         2 D P
+// Contrastive logits for a batch of B pairs: 2 B^2 P. gap/first/last pooling: no product.
+double sequence_flops(const ModelConfig& c, double L, bool image, Pooling pool) {
+  const double D = c.width, M = c.mlp_dim, E = c.experts, K = c.top_k, P = c.proj_dim;
+  double f = image ? 2 * L * c.patch_dim() * D : 0.0;
+  for (int l = 0; l < c.depth; ++l) {
+    f += 8 * L * D * D + 4 * L * L * D;
+    f += c.is_moe(l) ? 2 * L * D * E + K * 4 * L * D * M : 4 * L * D * M;
+  }
+  if (pool == Pooling::Map) f += 4 * D * D + 4 * L * D * D + 4 * L * D + 4 * D * M;
+  return f + 2 * D * P;
+}
+// Expert rows of one sequence type the nominal count assumes (per sequence), for the accepted-rows variant.
+double expert_row_flops(const ModelConfig& c) { return 4.0 * c.width * c.mlp_dim; }
+
+// ---- the workloads ----------------------------------------------------------------------------------------
+
+struct Params {
+  std::string workload, config;
+  index_t width = 384, tokens = 4096, batch = 32;
+  int experts = 8, top_k = 1, repeats = 5, warmup = 1;
+  double capacity_factor = 1.0;
+  bool backward = false;
+  bool has_width = false, has_experts = false, has_top_k = false, has_cf = false;
+};
+
+json moe_layer(const Params& p) {
+  const index_t T = p.tokens, D = p.width, M = 4 * p.width;
+  const int E = p.experts, K = p.top_k;
+  moe::MoeConfig cfg;
+  cfg.router.experts = E;
+  cfg.router.top_k = K;
+  cfg.router.capacity_factor_train = p.capacity_factor;
+  cfg.router.bpr = true;
+  cfg.router.noise_std = 1.0;
+  cfg.router.group_size = 0;
+  cfg.validate();
+  const Rng rng(kSeed);
+  // Weights as Limoe::init does: router N(0, 0.02^2), matrices LeCun normal, zero biases.
+  Tensor<float> wr(Shape{E, D}), w1(Shape{E, M, D}), b1(Shape{E, M}), w2(Shape{E, D, M}), b2(Shape{E, D});
+  Tensor<float> gwr(Shape{E, D}), gw1(Shape{E, M, D}), gb1(Shape{E, M}), gw2(Shape{E, D, M}), gb2(Shape{E, D});
+  Tensor<float> x(Shape{T, D}), y(Shape{T, D}), dy(Shape{T, D}), dx(Shape{T, D});  // [T, D]
+  fill_normal(wr.view(), rng.derive(1), 0.02);
+  fill_normal(w1.view(), rng.derive(2), 1.0 / std::sqrt(double(D)));
+  fill_normal(w2.view(), rng.derive(3), 1.0 / std::sqrt(double(M)));
+  fill_normal(x.view(), rng.derive(4), 1.0);  // a LayerNorm output: unit scale
+  fill_normal(dy.view(), rng.derive(5), 1.0 / std::sqrt(double(T)));
+  std::vector<std::uint8_t> modality(static_cast<std::size_t>(T), moe::kImage);  // images then texts, 3:1
+  for (index_t t = T * 3 / 4; t < T; ++t) modality[static_cast<std::size_t>(t)] = moe::kText;
+  const moe::MoeParams<float> params{wr.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()};
+  const moe::MoeGrads<float> grads{gwr.view(), gw1.view(), gb1.view(), gw2.view(), gb2.view()};
+  moe::MoeContext<float> ctx;
+  double accepted = 0;
+  int calls = 0;
+  const Timing t = time_it(p.warmup, p.repeats, [&](int i) {
+    // A new noise draw every call, as successive training steps get.
+    moe::moe_forward<float>(cfg, params, x.cview(), modality, moe::Mode::Train, rng.derive(1000 + i), y.view(), ctx);
+    if (p.backward) moe::moe_backward<float>(params, x.cview(), dy.cview(), dx.view(), grads, ctx);
+    accepted += static_cast<double>(ctx.accepted());
+    ++calls;
+  });
+  const double pass = p.backward ? 3.0 : 1.0;
+  const double mean_accepted = accepted / calls;
+  // Router [T, D] x [D, E] + K * T expert rows of D -> M -> D.
+  const double flop = pass * (2.0 * T * D * E + 4.0 * K * T * D * M);
+  const double flop_acc = pass * (2.0 * T * D * E + 4.0 * mean_accepted * D * M);
+  return {{"unit", "tokens/s"},       {"units_per_iter", T},
+          {"gflop", flop / 1e9},      {"gflop_accepted", flop_acc / 1e9},
+          {"flop_basis", "K*tokens"}, {"drop_fraction", 1.0 - mean_accepted / (double(K) * T)},
+          {"accepted", mean_accepted}, {"capacity", ctx.stats.capacity},
+          {"mlp_dim", M},             {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times}};
+}
+
+json dense_mlp(const Params& p) {
+  const index_t T = p.tokens, D = p.width, M = 4 * p.width;
+  const Rng rng(kSeed);
+  Tensor<float> w1(Shape{M, D}), b1(Shape{M}), w2(Shape{D, M}), b2(Shape{D});
+  Tensor<float> gw1(Shape{M, D}), gb1(Shape{M}), gw2(Shape{D, M}), gb2(Shape{D});
+  Tensor<float> x(Shape{T, D}), pre(Shape{T, M}), h(Shape{T, M}), y(Shape{T, D});  // [T, D], [T, M], [T, M], [T, D]
+  Tensor<float> dy(Shape{T, D}), dh(Shape{T, M}), dx(Shape{T, D});                  // [T, D], [T, M], [T, D]
+  fill_normal(w1.view(), rng.derive(2), 1.0 / std::sqrt(double(D)));
+  fill_normal(w2.view(), rng.derive(3), 1.0 / std::sqrt(double(M)));
+  fill_normal(x.view(), rng.derive(4), 1.0);
+  fill_normal(dy.view(), rng.derive(5), 1.0 / std::sqrt(double(T)));
+  const GeluKind g = GeluKind::Erf;
+  const Timing t = time_it(p.warmup, p.repeats, [&](int) {
+    // Exactly the dense block of Limoe (model.hpp block_forward / block_backward).
+    cpu::linear_forward<float>(x.cview(), w1.cview(), CView<float>{}, pre.view());
+    cpu::bias_gelu_forward<float>(g, b1.cview(), pre.view(), h.view());
+    cpu::linear_forward<float>(h.cview(), w2.cview(), b2.cview(), y.view());
+    if (p.backward) {
+      cpu::linear_backward<float>(h.cview(), w2.cview(), dy.cview(), dh.view(), gw2.view(), gb2.view());
+      cpu::gelu_backward<float>(g, pre.cview(), dh.cview(), dh.view());
+      cpu::linear_backward<float>(x.cview(), w1.cview(), dh.cview(), dx.view(), gw1.view(), gb1.view());
+    }
+  });
+  const double flop = (p.backward ? 3.0 : 1.0) * 4.0 * T * D * M;
+  return {{"unit", "tokens/s"}, {"units_per_iter", T}, {"gflop", flop / 1e9}, {"mlp_dim", M},
+          {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times}};
+}
+
+json gemm_workload(const Params& p) {
+  const index_t T = p.tokens, D = p.width, N = 4 * p.width;
+  const Rng rng(kSeed);
+  Tensor<float> a(Shape{T, D}), b(Shape{D, N}), c(Shape{T, N});  // [T, D] x [D, 4D] -> [T, 4D]
+  fill_normal(a.view(), rng.derive(1), 1.0);
+  fill_normal(b.view(), rng.derive(2), 1.0 / std::sqrt(double(D)));
+  const Timing t = time_it(p.warmup, p.repeats, [&](int) {
+    gemm<float>(Trans::N, Trans::N, T, N, D, 1.0f, a.data(), D, b.data(), N, 0.0f, c.data(), N);
+  });
+  const double flop = 2.0 * T * D * N;
+  return {{"unit", "GFLOP/s"}, {"gflop", flop / 1e9}, {"shape", {T, D, N}},
+          {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times}};
+}
+
+// The named variant with the overrides given on the command line. A name is a preset (limoe inspect lists
+// them), or a JSON config file (FORMATS.md "config"), or an inline JSON object.
+ModelConfig model_config(const Params& p, bool training) {
+  ModelConfig c;
+  const std::string& n = p.config;
+  if (!n.empty() && n.front() == '{') {
+    c = config_from_json_string(n);
+  } else if (n.find('/') != std::string::npos && n.size() > 5 && n.substr(n.size() - 5) == ".json") {
+    std::ifstream f(n);
+    LIMOE_CHECK(f.good(), "--config: cannot read config file '", n, "'");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    c = config_from_json_string(ss.str());
+  } else {
+    c = preset(n);
+  }
+  if (p.has_width) {  // a custom width keeps the ViT proportions: MLP 4D, projection D
+    c.width = static_cast<int>(p.width);
+    c.mlp_dim = static_cast<int>(4 * p.width);
+    c.proj_dim = static_cast<int>(p.width);
+  }
+  if (p.has_experts) c.experts = p.experts;
+  if (p.has_top_k) c.top_k = p.top_k;
+  c.router.experts = c.experts;
+  c.router.top_k = c.top_k;
+  if (p.has_cf) (training ? c.router.capacity_factor_train : c.router.capacity_factor_eval) = p.capacity_factor;
+  c.validate();
+  return c;
+}
+
+json model_info(const ModelConfig& c) {
+  return {{"depth", c.depth}, {"heads", c.heads}, {"mlp_dim", c.mlp_dim}, {"patch", c.patch},
+          {"patches", c.num_patches()}, {"text_len", c.text_len}, {"moe_blocks", c.moe_blocks.size()},
+          {"params_total", count_params(c).total}};
+}
+
+// Accepted expert rows over all MoE blocks of one forward, and the nominal K * rows.
+std::pair<double, double> accepted_rows(const std::vector<moe::RoutingStats>& stats) {
+  double acc = 0, nominal = 0;
+  for (const auto& s : stats)
+    for (int m = 0; m < moe::kModalities; ++m) {
+      for (auto r : s.routed[m]) acc += static_cast<double>(r);
+      nominal += static_cast<double>(s.tokens[m]) * s.top_k;
+    }
+  return {acc, nominal};
+}
+
+json embed(const Params& p) {
+  const ModelConfig c = model_config(p, false);
+  Limoe<float> model(c);
+  model.init(kSeed);
+  const index_t B = p.batch;
+  Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
+  fill_uniform(images.view(), Rng(kSeed).derive(7), -1.0, 1.0);
+  std::pair<double, double> rows{0, 0};
+  const Timing t = time_it(p.warmup, p.repeats, [&](int) {
+    const auto f = model.forward(images.cview(), CView<std::int32_t>{}, Mode::Eval);
+    rows = accepted_rows(f.stats);
+  });
+  const double flop = B * sequence_flops(c, c.num_patches(), true, c.pool_img);
+  const double flop_acc = flop - (rows.second - rows.first) * expert_row_flops(c);
+  json j = {{"unit", "images/s"}, {"units_per_iter", B}, {"gflop", flop / 1e9}, {"gflop_accepted", flop_acc / 1e9},
+            {"flop_basis", "K*tokens"}, {"drop_fraction", rows.second > 0 ? 1.0 - rows.first / rows.second : 0.0},
+            {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times},
+            {"width", c.width}, {"experts", c.experts}, {"top_k", c.top_k},
+            {"capacity_factor", c.router.capacity_factor_eval}, {"tokens", B * c.num_patches()}};
+  j.update(model_info(c));
+  return j;
+}
+
+json train_step(const Params& p) {
+  const ModelConfig c = model_config(p, true);
+  Limoe<float> model(c);
+  model.init(kSeed);
+  TrainConfig tc;
+  tc.steps = 1000;
+  tc.warmup_steps = 10;
+  Trainer<Limoe<float>> trainer(model, tc);
+  const index_t B = p.batch;
+  Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
+  Tensor<std::int32_t> texts(Shape{B, c.text_len});                              // [B, T] ids in [1, V)
+  const Rng rng(kSeed);
+  fill_uniform(images.view(), rng.derive(7), -1.0, 1.0);
+  const Rng ids = rng.derive(8);
+  for (index_t i = 0; i < texts.numel(); ++i)
+    texts[i] = 1 + static_cast<std::int32_t>(ids.uniform(0, static_cast<std::uint64_t>(i)) * (c.vocab_size - 1));
+  std::pair<double, double> rows{0, 0};
+  const Timing t = time_it(p.warmup, p.repeats, [&](int) {
+    const auto r = trainer.step(images.cview(), texts.cview());
+    rows = accepted_rows(r.routing);
+  });
+  // Forward of B images and B texts plus the contrastive logits; backward counted twice.
+  const double fwd = B * sequence_flops(c, c.num_patches(), true, c.pool_img) +
+                     B * sequence_flops(c, c.text_len, false, c.pool_txt) + 2.0 * B * B * c.proj_dim;
+  const double flop = 3.0 * fwd;
+  const double flop_acc = flop - 3.0 * (rows.second - rows.first) * expert_row_flops(c);
+  json j = {{"unit", "pairs/s"}, {"units_per_iter", B}, {"gflop", flop / 1e9}, {"gflop_accepted", flop_acc / 1e9},
+            {"flop_basis", "K*tokens"}, {"drop_fraction", rows.second > 0 ? 1.0 - rows.first / rows.second : 0.0},
+            {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times},
+            {"width", c.width}, {"experts", c.experts}, {"top_k", c.top_k},
+            {"capacity_factor", c.router.capacity_factor_train}, {"tokens", B * (c.num_patches() + c.text_len)}};
+  j.update(model_info(c));
+  return j;
+}
+
+int run(const std::vector<std::string>& argv) {
+  cli::Args args(argv,
+                 {"workload", "config", "width", "tokens", "experts", "top-k", "capacity-factor", "batch", "threads",
+                  "repeats", "warmup"},
+                 {"backward"}, "bench");
+  LIMOE_CHECK(args.positional().empty(), "unexpected argument \"",
+              args.positional().empty() ? "" : args.positional()[0], "\"");
+  Params p;
+  p.workload = args.required("workload");
+  const std::vector<std::string> known{"moe_layer", "dense_mlp", "gemm", "embed", "train_step"};
+  LIMOE_CHECK(std::find(known.begin(), known.end(), p.workload) != known.end(), "unknown --workload \"", p.workload,
+              "\"; expected one of moe_layer, dense_mlp, gemm, embed, train_step");
+  auto positive = [&](const char* name, long long def, long long max = 1LL << 40) {
+    const long long v = args.integer(name, def);
+    LIMOE_CHECK(v > 0, "--", name, " must be positive, got ", v);
+    LIMOE_CHECK(v <= max, "--", name, " is too large (", v, " > ", max, ")");
+    return v;
+  };
+  p.width = positive("width", 384, 1 << 16);
+  p.tokens = positive("tokens", 4096, 1 << 24);
+  p.experts = static_cast<int>(positive("experts", 8, moe::detail::kMaxStackExperts));
+  p.top_k = static_cast<int>(positive("top-k", 1, moe::detail::kMaxStackExperts));
+  LIMOE_CHECK(p.top_k <= p.experts, "--top-k ", p.top_k, " must be at most --experts ", p.experts);
+  p.capacity_factor = args.number("capacity-factor", 1.0);
+  LIMOE_CHECK(std::isfinite(p.capacity_factor) && p.capacity_factor >= 0,
+              "--capacity-factor must be finite and >= 0 (0 = no token dropped), got ", p.capacity_factor);
+  p.batch = positive("batch", 32, 1 << 16);
+  p.repeats = static_cast<int>(positive("repeats", 5, 1 << 20));
+  const long long warmup = args.integer("warmup", 1);
+  LIMOE_CHECK(warmup >= 0 && warmup <= (1 << 20), "--warmup must be >= 0, got ", warmup);
+  p.warmup = static_cast<int>(warmup);
+  p.backward = args.flag("backward");
+  p.has_width = args.has("width");
+  p.has_experts = args.has("experts");
+  p.has_top_k = args.has("top-k");
+  p.has_cf = args.has("capacity-factor");
+  const bool model_workload = p.workload == "embed" || p.workload == "train_step";
+  p.config = args.str("config", model_workload ? "S/32" : "");
+  LIMOE_CHECK(!args.has("config") || !p.config.empty(), "--config needs a variant name");
+  LIMOE_CHECK(!p.backward || (p.workload != "gemm" && p.workload != "embed"),
+              "--backward applies to moe_layer and dense_mlp (train_step always runs it), not to ", p.workload);
+  if (!model_workload && args.has("config")) {
+    // A layer workload with a named variant: its width, experts and top-k unless given explicitly.
+    Params q = p;
+    q.has_width = q.has_experts = q.has_top_k = q.has_cf = false;
+    const ModelConfig c = model_config(q, true);
+    if (!p.has_width) p.width = c.width;
+    if (!p.has_experts) p.experts = c.experts;
+    if (!p.has_top_k) p.top_k = c.top_k;
+  }
+  if (args.has("threads")) {
+    const long long n = args.integer("threads", 0);
+    LIMOE_CHECK(n > 0 && n <= 4096, "--threads must be positive, got ", n);
+    set_num_threads(static_cast<int>(n));
+  } else {
+    set_num_threads(0);  // all: oneTBB's default
+  }
+
+  json j;
+  if (p.workload == "moe_layer") j = moe_layer(p);
+  else if (p.workload == "dense_mlp") j = dense_mlp(p);
+  else if (p.workload == "gemm") j = gemm_workload(p);
+  else if (p.workload == "embed") j = embed(p);
+  else j = train_step(p);
+
+  json out = {{"workload", p.workload}, {"impl", "limoe"}};
+  const double gflop = j["gflop"].get<double>(), median = j["median_s"].get<double>();
+  const double gflops = median > 0 ? gflop / median : 0.0;
+  out["throughput"] = j["unit"] == "GFLOP/s" ? gflops : (median > 0 ? j["units_per_iter"].get<double>() / median : 0.0);
+  out["unit"] = j["unit"];
+  out["median_s"] = median;
+  out["min_s"] = j["min_s"];
+  out["max_s"] = j["max_s"];
+  out["gflop"] = gflop;
+  out["gflops"] = gflops;
+  out["threads"] = num_threads();
+  // Parameters used (for embed/train_step: the model's; --tokens is then the tokens of one batch).
+  out["width"] = j.contains("width") ? j["width"] : json(p.width);
+  out["tokens"] = j.contains("tokens") ? j["tokens"] : json(p.tokens);
+  out["experts"] = j.contains("experts") ? j["experts"] : json(p.experts);
+  out["top_k"] = j.contains("top_k") ? j["top_k"] : json(p.top_k);
+  out["capacity_factor"] = j.contains("capacity_factor") ? j["capacity_factor"] : json(p.capacity_factor);
+  out["batch"] = p.batch;
+  out["config"] = p.config.empty() ? json(nullptr) : json(p.config);
+  out["backward"] = p.backward || p.workload == "train_step";
+  out["repeats"] = p.repeats;
+  out["warmup"] = p.warmup;
+  for (const char* k : {"gflop_accepted", "flop_basis", "drop_fraction", "accepted", "capacity", "mlp_dim", "shape",
+                        "depth", "heads", "patch", "patches", "text_len", "moe_blocks", "params_total"})
+    if (j.contains(k)) out[k] = j[k];
+  out["times_s"] = j["times_s"];
+  out["peak_rss_mb"] = peak_rss_mb();
+  std::cout << out.dump() << std::endl;
+  return 0;
+}
+
+const cli::Register reg(
+    {"bench", "benchmark workloads (WORKLOADS.md): one JSON line with throughput, GFLOP/s and timings",
+     "usage: limoe bench --workload W [--config NAME] [--width D] [--tokens T] [--experts E] [--top-k K]\n"
+     "                   [--capacity-factor F] [--batch B] [--threads N] [--repeats R] [--warmup W] [--backward]\n\n"
+     "  --workload W          moe_layer | dense_mlp | gemm | embed | train_step\n"
+     "                          moe_layer   one MoE layer (router, BPR, dispatch, E experts D->4D->D, combine)\n"
+     "                                      on T tokens, training mode, noise on            (tokens/s)\n"
+     "                          dense_mlp   the dense MLP D->4D->D on T tokens                (tokens/s)\n"
+     "                          gemm        [T, D] x [D, 4D] single precision via limoe::gemm (GFLOP/s)\n"
+     "                          embed       image embeddings of B 224x224x3 images            (images/s)\n"
+     "                          train_step  one training step on B image-text pairs          (pairs/s)\n"
+     "  --config NAME         embed/train_step variant: a preset (S/32, B/32, ...; default S/32), a .json\n"
+     "                        config file, or an inline JSON config object\n"
+     "  --width D             width (default 384; for embed/train_step overrides the variant's, MLP = 4D)\n"
+     "  --tokens T            tokens (default 4096)\n"
+     "  --experts E, --top-k K  experts (default 8) and choices per token (default 1)\n"
+     "  --capacity-factor F   expert capacity factor (default 1.0; train_step: the variant's train factor,\n"
+     "                        embed: its evaluation factor, 0 = no drop)\n"
+     "  --batch B             images or pairs per step (default 32)\n"
+     "  --threads N           worker threads (default: all)\n"
+     "  --repeats R           timed iterations (default 5); --warmup W untimed ones first (default 1)\n"
+     "  --backward            moe_layer/dense_mlp: time forward + backward\n\n"
+     "Prints one JSON line: workload, throughput, unit, median_s, min_s, max_s, gflop (analytic: 2*M*N*K per\n"
+     "matrix product, backward = 2x forward, MoE experts counted for K*tokens rows), gflops, threads, the\n"
+     "parameters used, peak_rss_mb (getrusage), and for MoE workloads drop_fraction and gflop_accepted.\n",
+     run});
+}  // namespace
