@@ -28,7 +28,7 @@ std::string hms(double s) {
 int run(const std::vector<std::string>& argv) {
   auto opts = cli::kDataOptions;
   opts.insert({"preset", "config", "steps", "batch", "lr", "warmup", "weight-decay", "clip", "seed", "threads", "out",
-               "resume", "log-every", "checkpoint-every", "workers"});
+               "resume", "log-every", "checkpoint-every", "workers", "stop-at"});
   cli::Args args(argv, opts, {"dense", "quiet"}, "train");
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
@@ -75,9 +75,10 @@ int run(const std::vector<std::string>& argv) {
   TrainConfig tc;
   tc.steps = args.integer("steps", prior_or("steps", 1000LL));
   tc.adam.lr = args.number("lr", prior_or("lr", 1e-3));
-  tc.adam.weight_decay = args.number("weight-decay", 0.1);
-  tc.adam.clip_norm = args.number("clip", 1.0);
-  tc.warmup_steps = args.integer("warmup", std::min<std::int64_t>(100, tc.steps / 10));
+  tc.adam.weight_decay = args.number("weight-decay", prior_or("weight_decay", 0.1));
+  tc.adam.clip_norm = args.number("clip", prior_or("clip", 1.0));
+  tc.warmup_steps = args.integer("warmup", prior_or("warmup", static_cast<long long>(std::min<std::int64_t>(100, tc.steps / 10))));
+  LIMOE_CHECK(tc.warmup_steps >= 0 && tc.warmup_steps <= tc.steps, "--warmup must be in [0, steps], got ", tc.warmup_steps);
   const index_t batch = args.integer("batch", prior_or("batch", 128LL));
   LIMOE_CHECK(batch >= 2, "--batch must be at least 2 (the contrastive loss needs negatives), got ", batch);
   LIMOE_CHECK(batch <= train_ds.size(), "--batch ", batch, " exceeds the data set's ", train_ds.size(), " examples");
@@ -111,6 +112,7 @@ int run(const std::vector<std::string>& argv) {
   auto save = [&](std::int64_t step) {
     const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     nlohmann::json st = {{"step", step}, {"steps", tc.steps}, {"seed", seed}, {"batch", batch}, {"lr", tc.adam.lr},
+                         {"warmup", tc.warmup_steps}, {"weight_decay", tc.adam.weight_decay}, {"clip", tc.adam.clip_norm},
                          {"data", data::resolve_kind(src)}, {"train_seconds", secs}};
     save_checkpoint(model, ckpt, TrainState<float>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
   };
@@ -119,7 +121,11 @@ int run(const std::vector<std::string>& argv) {
             << " parameters; data " << train_ds.name() << " (" << train_ds.size() << " pairs), batch " << batch
             << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads() << "\n";
   double ema_loss = 0;
-  for (std::int64_t s = start; s < tc.steps; ++s) {
+  // --stop-at N ends this invocation after step N of the schedule (which still spans --steps): a run can be
+  // split into legs, each resumed from the previous one's checkpoint.
+  const std::int64_t stop = std::min<std::int64_t>(tc.steps, args.integer("stop-at", tc.steps));
+  LIMOE_CHECK(stop > start, "--stop-at ", stop, " is not after the current step ", start);
+  for (std::int64_t s = start; s < stop; ++s) {
     const auto b = loader.next();
     LIMOE_CHECK(b.has_value(), "the data loader ran dry at step ", s);
     const StepReport r = trainer.step(b->images.cview(), b->texts.cview());
@@ -127,7 +133,7 @@ int run(const std::vector<std::string>& argv) {
     nlohmann::json j = to_json(r);
     j["elapsed"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     log << j.dump() << "\n";
-    const bool last = s + 1 == tc.steps;
+    const bool last = s + 1 == stop;
     if (!quiet && ((s + 1) % log_every == 0 || last)) {
       const double el = j["elapsed"].get<double>();
       const double rate = static_cast<double>((s + 1 - start) * batch) / el;
@@ -141,9 +147,9 @@ int run(const std::vector<std::string>& argv) {
     if (ckpt_every > 0 && (s + 1) % ckpt_every == 0 && !last) save(s + 1);
   }
   log.flush();
-  save(tc.steps);
+  save(stop);
   const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", tc.steps},
+  std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", stop},
                               {"train_seconds", secs}, {"final_loss", ema_loss}}.dump() << "\n";
   return 0;
 }
@@ -163,6 +169,7 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          "  --threads N          worker threads (default all cores); --workers N data threads (default 1)\n"
                          "  --out DIR            output folder (default runs/limoe): checkpoint.safetensors, metrics.jsonl\n"
                          "  --log-every N        progress line every N steps (default 10); --quiet for none\n"
-                         "  --checkpoint-every N also write the checkpoint every N steps\n",
+                         "  --checkpoint-every N also write the checkpoint every N steps\n"
+                         "  --stop-at N          stop after step N (the schedule still spans --steps); --resume continues\n",
                          run});
 }  // namespace

@@ -71,23 +71,23 @@ inline ModelConfig preset(const std::string& name) {
     c.experts = 4;
     c.moe_blocks = {1};
     c.proj_dim = 32;
-  } else if (name == "small-28") {  // the default: Fashion-MNIST on 2 cores
-    c.patch = 4;
+  } else if (name == "small-28") {  // the default: Fashion-MNIST on 2 cores (16 image tokens of 7x7)
+    c.patch = 7;
     c.width = 128;
     c.depth = 4;
     c.heads = 4;
-    c.mlp_dim = 256;
+    c.mlp_dim = 512;
     c.experts = 8;
     c.moe_blocks = {1, 3};
     c.proj_dim = 128;
   } else if (name == "small-32") {  // 32x32x3 synthetic shapes
     c.image_size = {32, 32};
     c.channels = 3;
-    c.patch = 4;
+    c.patch = 8;
     c.width = 128;
     c.depth = 4;
     c.heads = 4;
-    c.mlp_dim = 256;
+    c.mlp_dim = 512;
     c.experts = 8;
     c.moe_blocks = {1, 3};
     c.proj_dim = 128;

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# bench/run_compare.sh: limoe against its PyTorch peer on the reference points of ../shared/spec/WORKLOADS.md,
+# side by side in one run, and a markdown table of throughputs and ratios on stdout.
+#
+#   bench/run_compare.sh [path/to/limoe]            (default: ./build/tools/limoe; builds nothing)
+#
+# Environment knobs:
+#   THREADS="1 2"          thread counts to measure
+#   PEER_PY=/usr/bin/python3   the Python with torch (Debian's python3-torch)
+#   PEER_BLAS_DIR=auto     directory with the libblas.so.3 torch should load: auto = Debian's OpenBLAS (the
+#                          openmp build, else the pthread one: /usr/lib/x86_64-linux-gnu/openblas-* if installed,
+#                          else unpacked without installing from a libopenblas0-* .deb found in apt's cache or in
+#                          $TMPDIR), none = the system's libblas.so.3 as it is (Debian's default is the reference
+#                          BLAS, ~6 GFLOP/s), or a directory
+#   PEER_CORETYPE=auto     OPENBLAS_CORETYPE for the peer: auto = the fastest of (unset) Haswell Zen SkylakeX
+#                          Cooperlake on the 1-thread gemm; unset; or a name
+#   QUICK=1                tiny sizes, one repeat: checks the script, measures nothing
+#   OUT=dir                where the raw JSON lines go (default: a new folder under ${TMPDIR:-/tmp})
+# Every case runs limoe then the peer; a failing case is recorded and the run goes on.
+set -u -o pipefail
+
+LIMOE=${1:-./build/tools/limoe}
+THREADS=${THREADS:-"1 2"}
+PEER_PY=${PEER_PY:-/usr/bin/python3}
+PEER_BLAS_DIR=${PEER_BLAS_DIR:-auto}
+PEER_CORETYPE=${PEER_CORETYPE:-auto}
+QUICK=${QUICK:-0}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PEER="$HERE/peer/peer.py"
+OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/limoe-compare.XXXXXX")}
+mkdir -p "$OUT"
+RAW="$OUT/results.jsonl"
+: > "$RAW"
+
+[ -x "$LIMOE" ] || { echo "run_compare: $LIMOE is not an executable (build it: cmake --build build --target limoe_cli)" >&2; exit 2; }
+"$PEER_PY" -c "import torch" 2>/dev/null || { echo "run_compare: $PEER_PY has no torch (apt-get install python3-torch)" >&2; exit 2; }
+
+# ---- the peer's BLAS ------------------------------------------------------------------------------------------
+blas_dir=""
+case "$PEER_BLAS_DIR" in
+  none) ;;
+  auto)
+    # Debian's OpenBLAS, OpenMP build first (it shares torch's libgomp pool), then the pthread build: installed,
+    # or else unpacked (dpkg -x, nothing installed) from a .deb in apt's cache or in $TMPDIR.
+    for v in openmp pthread; do
+      sys=/usr/lib/x86_64-linux-gnu/openblas-$v
+      if [ -e "$sys/libblas.so.3" ]; then blas_dir=$sys; break; fi
+      deb=$(ls /var/cache/apt/archives/libopenblas0-${v}_*_amd64.deb "${TMPDIR:-/tmp}"/libopenblas0-${v}_*_amd64.deb 2>/dev/null | tail -n 1)
+      if [ -n "$deb" ]; then
+        dest="${TMPDIR:-/tmp}/limoe-peer-openblas-$v"
+        [ -e "$dest$sys/libblas.so.3" ] || dpkg -x "$deb" "$dest"
+        blas_dir="$dest$sys"
+        break
+      fi
+    done
+    if [ -z "$blas_dir" ]; then
+      echo "run_compare: no OpenBLAS found; the peer uses the system libblas.so.3 as it is" \
+           "(apt-get install libopenblas0-openmp, or 'apt-get download libopenblas0-openmp' into \$TMPDIR, for a fair peer)" >&2
+    fi ;;
+  *) blas_dir=$PEER_BLAS_DIR ;;
+esac
+peer_args=()
+[ -n "$blas_dir" ] && peer_args+=(--blas-dir "$blas_dir")
+
+if [ "$QUICK" = 1 ]; then
+  LT="--tokens 256"; REP="--repeats 1 --warmup 0"; WIDTHS="64 128"; CFGS="tiny small-28"; BATCH=4; TREP="--repeats 1 --warmup 0"
+else
+  LT="--tokens 4096"; REP="--repeats 5 --warmup 1"; WIDTHS="384 768"; CFGS="S/32 B/32"; BATCH=32; TREP=""
+fi
+
+# ---- OPENBLAS_CORETYPE -----------------------------------------------------------------------------------------
+coretype=""
+coretype_note="unset"
+if [ -n "$blas_dir" ]; then
+  if [ "$PEER_CORETYPE" = auto ]; then
+    best=0
+    for ct in "" Haswell Zen SkylakeX Cooperlake; do
+      g=$("$PEER_PY" "$PEER" "${peer_args[@]}" --openblas-coretype "$ct" --workload gemm --threads 1 $LT --repeats 5 --warmup 1 \
+          | "$PEER_PY" -c "import json,sys; print(json.loads(sys.stdin.read())['gflops'])") || g=0
+      echo "run_compare: OPENBLAS_CORETYPE=${ct:-(unset)}: torch.mm ${g} GFLOP/s (1 thread)" >&2
+      coretype_note="$coretype_note ${ct:-unset}=$(printf '%.1f' "$g")"
+      if "$PEER_PY" -c "import sys; sys.exit(0 if float('$g') > float('$best') * 1.02 else 1)"; then best=$g; coretype=$ct; fi
+    done
+  elif [ "$PEER_CORETYPE" != unset ]; then
+    coretype=$PEER_CORETYPE
+  fi
+fi
+peer_args+=(--openblas-coretype "$coretype")
+
+# ---- the cases -------------------------------------------------------------------------------------------------
+run_case() {  # threads, args...
+  local t=$1; shift
+  local o
+  if o=$("$LIMOE" bench "$@" --threads "$t" 2>"$OUT/err"); then echo "$o" >> "$RAW"
+  else echo "{\"workload\": \"error\", \"impl\": \"limoe\", \"args\": \"$* --threads $t\", \"error\": \"$(tr -d '"\n' < "$OUT/err")\"}" >> "$RAW"; fi
+  if o=$("$PEER_PY" "$PEER" "${peer_args[@]}" "$@" --threads "$t" 2>"$OUT/err"); then echo "$o" >> "$RAW"
+  else echo "{\"workload\": \"error\", \"impl\": \"torch\", \"args\": \"$* --threads $t\", \"error\": \"$(tr -d '"\n' < "$OUT/err")\"}" >> "$RAW"; fi
+  echo "run_compare: done $* --threads $t ($(date +%T))" >&2
+}
+
+START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+UPTIME_START=$(uptime)
+for t in $THREADS; do
+  for d in $WIDTHS; do run_case "$t" --workload gemm --width "$d" $LT $REP; done
+  for d in $WIDTHS; do
+    for bw in "" --backward; do
+      run_case "$t" --workload dense_mlp --width "$d" $LT $REP $bw
+      run_case "$t" --workload moe_layer --width "$d" $LT --experts 8 --top-k 1 --capacity-factor 1.0 $REP $bw
+    done
+  done
+  for c in $CFGS; do
+    run_case "$t" --workload embed --config "$c" --batch "$BATCH" ${TREP:---repeats 3 --warmup 1}
+    case "$c" in
+      B/32) run_case "$t" --workload train_step --config "$c" --batch "$BATCH" ${TREP:---repeats 2 --warmup 1} ;;
+      *)    run_case "$t" --workload train_step --config "$c" --batch "$BATCH" ${TREP:---repeats 3 --warmup 1} ;;
+    esac
+  done
+done
+END=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+UPTIME_END=$(uptime)
+
+# ---- the table -------------------------------------------------------------------------------------------------
+MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)
+export RAW START END UPTIME_START UPTIME_END MODEL LIMOE coretype_note
+export CORES=$(nproc) REV=$(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
+"$PEER_PY" - <<'EOF'
+import json, os
+rows = [json.loads(l) for l in open(os.environ["RAW"]) if l.strip()]
+errors = [r for r in rows if r["workload"] == "error"]
+rows = [r for r in rows if r["workload"] != "error"]
+
+def key(r):
+    return (r["workload"], r.get("config") or "", r["width"], bool(r["backward"]), r["threads"])
+
+by = {}
+for r in rows:
+    by[(r["impl"],) + key(r)] = r
+threads = sorted({r["threads"] for r in rows})
+ceiling = {t: max([r["gflops"] for r in rows if r["workload"] == "gemm" and r["threads"] == t] or [float("nan")])
+           for t in threads}
+peer = next((r["peer"] for r in rows if r["impl"] == "torch"), {})
+
+def f(x, d=1):
+    return "–" if x is None or x != x else f"{x:,.{d}f}"
+
+print(f"### limoe vs PyTorch peer ({os.environ['START']} .. {os.environ['END']})\n")
+print(f"- machine: {os.environ['MODEL']}, {os.environ['CORES']} cores; limoe {os.environ['LIMOE']} at {os.environ['REV']}")
+print(f"- load: start `{os.environ['UPTIME_START'].strip()}`; end `{os.environ['UPTIME_END'].strip()}`")
+print(f"- peer: torch {peer.get('torch')}, CPU capability {peer.get('cpu_capability')}, mkldnn {peer.get('mkldnn')}, "
+      f"libraries {', '.join(peer.get('libs', []))}")
+print(f"- peer settings: {json.dumps(peer.get('env', {}))}; torch.set_num_threads(N), interop 1, "
+      f"inference_mode for forward-only; OPENBLAS_CORETYPE trial (1-thread GFLOP/s): {os.environ['coretype_note']}")
+print(f"- ceiling = best gemm GFLOP/s of the run (limoe gemm and torch.mm, D = 384 and 768, T = 4096): "
+      + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {f(ceiling[t])}" for t in threads))
+print()
+print("| workload | config / D | pass | thr | limoe | peer | unit | limoe/peer | limoe GFLOP/s | limoe % ceil | peer GFLOP/s | peer % ceil | limoe 2T/1T | peer 2T/1T | RSS MB limoe / peer |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+seen = []
+for r in rows:
+    k = key(r)
+    if k in seen:
+        continue
+    seen.append(k)
+    l, p = by.get(("limoe",) + k), by.get(("torch",) + k)
+    l1 = by.get(("limoe",) + k[:4] + (1,))
+    p1 = by.get(("torch",) + k[:4] + (1,))
+    t = k[4]
+    tl = l["throughput"] if l else None
+    tp = p["throughput"] if p else None
+    sc_l = tl / l1["throughput"] if (l and l1 and t > 1) else None
+    sc_p = tp / p1["throughput"] if (p and p1 and t > 1) else None
+    what = k[1] if k[1] else f"D={k[2]}"
+    pas = "fwd+bwd" if k[3] else "fwd"
+    if k[0] == "gemm":
+        what, pas = f"[4096,{k[2]}]x[{k[2]},{4*k[2]}]", "–"
+    print(f"| {k[0]} | {what} | {pas} | {t} | {f(tl)} | {f(tp)} | {(l or p)['unit']} | "
+          f"{f(tl / tp if tl and tp else None, 2)} | {f(l['gflops'] if l else None)} | "
+          f"{f(100 * l['gflops'] / ceiling[t] if l else None, 0)} | {f(p['gflops'] if p else None)} | "
+          f"{f(100 * p['gflops'] / ceiling[t] if p else None, 0)} | {f(sc_l, 2)} | {f(sc_p, 2)} | "
+          f"{f(l['peak_rss_mb'] if l else None, 0)} / {f(p['peak_rss_mb'] if p else None, 0)} |")
+
+print("\nMoE layer over the dense MLP of equal per-token compute (throughput ratio; drop fraction of the MoE run):\n")
+print("| D | pass | thr | limoe moe/dense | limoe drop | peer moe/dense | peer drop |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    if r["workload"] != "moe_layer" or r["impl"] != "limoe":
+        continue
+    k = key(r)
+    out = []
+    for impl in ("limoe", "torch"):
+        m, d = by.get((impl,) + k), by.get((impl, "dense_mlp") + k[1:])
+        out += [f(m["throughput"] / d["throughput"], 3) if m and d else "–", f(m["drop_fraction"], 3) if m else "–"]
+    print(f"| {k[2]} | {'fwd+bwd' if k[3] else 'fwd'} | {k[4]} | " + " | ".join(out) + " |")
+
+if errors:
+    print("\nFailed cases:\n")
+    for e in errors:
+        print(f"- {e['impl']} {e['args']}: {e['error']}")
+EOF
+echo "run_compare: raw results in $RAW" >&2

@@ -1,0 +1,228 @@
+// The `limoe` program end to end: exit codes, one-line errors naming the problem, no half-written outputs,
+// `embed` against the PyTorch golden files, `inspect` counts, and exact resume of `train`.
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <functional>
+#include <filesystem>
+#include <fstream>
+#include <limoe/io/safetensors.hpp>
+#include <limoe/model/checkpoint.hpp>
+#include <sstream>
+#include <string>
+
+namespace fs = std::filesystem;
+using namespace limoe;
+
+namespace {
+const std::string kCli = LIMOE_CLI_PATH;
+const std::string kGolden = std::string(LIMOE_TEST_DATA_DIR) + "/golden/";
+
+struct Run {
+  int code;
+  std::string out, err;
+};
+
+fs::path scratch() {
+  static const fs::path dir = [] {
+    fs::path d = fs::temp_directory_path() / ("limoe_cli_test_" + std::to_string(::getpid()));
+    fs::create_directories(d);
+    return d;
+  }();
+  return dir;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+Run run(const std::string& args) {
+  const fs::path o = scratch() / "stdout.txt", e = scratch() / "stderr.txt";
+  const std::string cmd = kCli + " " + args + " > " + o.string() + " 2> " + e.string();
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(o), slurp(e)};
+}
+
+// A failing command: exit 2, one line naming the problem, and no output file.
+void expect_failure(const std::string& args, const std::string& needle, const fs::path& output = {}) {
+  const Run r = run(args);
+  INFO("limoe ", args, "\nstderr: ", r.err);
+  CHECK(r.code == 2);
+  CHECK(r.err.find(needle) != std::string::npos);
+  CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+  if (!output.empty()) CHECK_FALSE(fs::exists(output));
+  for (const auto& entry : fs::directory_iterator(scratch()))
+    CHECK_MESSAGE(entry.path().string().find(".tmp.") == std::string::npos, "temporary file left: ", entry.path());
+}
+
+// Copies a checkpoint, applying `edit` to its tensors and metadata.
+void rewrite(const fs::path& from, const fs::path& to,
+             const std::function<void(io::SafetensorsWriter&, const io::SafetensorsReader&)>& edit) {
+  const auto r = io::SafetensorsReader::open(from.string());
+  io::SafetensorsWriter w;
+  edit(w, r);
+  for (const auto& name : r.names())
+    if (!w.has(name)) {
+      const auto v = r.read_f32_flat(name);
+      w.add(name, r.info(name).shape, std::span<const float>(v));
+    }
+  for (const auto& [k, v] : r.metadata()) w.set_metadata(k, v);
+  w.write(to.string());
+}
+}  // namespace
+
+TEST_CASE("inspect: H/14 matches the paper's size; unknown names fail cleanly") {
+  const Run r = run("inspect H/14 --json");
+  CHECK(r.code == 0);
+  CHECK(r.out.find("\"params_total\":5593122561") != std::string::npos);
+  CHECK(run("inspect S/32").code == 0);
+  expect_failure("inspect X/99", "unknown preset");
+  expect_failure("nonsense", "unknown command");
+  CHECK(run("--help").code == 0);
+  CHECK(run("embed --help").code == 0);
+}
+
+TEST_CASE("embed: reproduces the PyTorch golden embeddings and routes") {
+  for (const char* c : {"tiny_map", "tiny_k2", "tiny_vanilla"}) {
+    CAPTURE(c);
+    const fs::path out = scratch() / (std::string(c) + ".emb.safetensors");
+    const Run r = run("embed --checkpoint " + kGolden + c + ".ckpt.safetensors --input " + kGolden + c +
+                      ".io.safetensors --output " + out.string());
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    const auto got = io::SafetensorsReader::open(out.string());
+    const auto want = io::SafetensorsReader::open(kGolden + c + ".io.safetensors");
+    for (const char* name : {"img_emb", "txt_emb"}) {
+      const auto a = got.read_f32_flat(name), b = want.read_f32_flat(name);
+      REQUIRE(a.size() == b.size());
+      for (std::size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i] - b[i]) < 1e-4f);
+    }
+    int routes = 0;
+    for (const auto& name : got.names())
+      if (name.find("_route.") != std::string::npos) {
+        ++routes;
+        CHECK(got.read_i32_flat(name) == want.read_i32_flat(name));
+      }
+    CHECK(routes >= 2);
+  }
+}
+
+TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no output") {
+  const std::string ck = kGolden + "tiny_map.ckpt.safetensors", in = kGolden + "tiny_map.io.safetensors";
+  const fs::path out = scratch() / "bad.safetensors";
+  const std::string tail = " --output " + out.string();
+  expect_failure("embed --checkpoint /nonexistent.safetensors --input " + in + tail, "nonexistent", out);
+  expect_failure("embed --input " + in + tail, "--checkpoint is required", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --bogus 1", "unknown option --bogus", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);
+
+  // A truncated checkpoint.
+  const fs::path trunc = scratch() / "trunc.safetensors";
+  {
+    const std::string bytes = slurp(ck);
+    std::ofstream(trunc, std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  }
+  expect_failure("embed --checkpoint " + trunc.string() + " --input " + in + tail, "safetensors", out);
+  // Garbage.
+  const fs::path junk = scratch() / "junk.safetensors";
+  std::ofstream(junk, std::ios::binary) << "not a checkpoint at all";
+  expect_failure("embed --checkpoint " + junk.string() + " --input " + in + tail, "safetensors", out);
+
+  // A missing tensor, a misshaped tensor, an impossible config.
+  const fs::path missing = scratch() / "missing.safetensors", misshaped = scratch() / "misshaped.safetensors",
+                 badcfg = scratch() / "badcfg.safetensors";
+  {
+    const auto r = io::SafetensorsReader::open(ck);
+    io::SafetensorsWriter w;
+    for (const auto& name : r.names())
+      if (name != "norm.weight") {
+        const auto v = r.read_f32_flat(name);
+        w.add(name, r.info(name).shape, std::span<const float>(v));
+      }
+    for (const auto& [k, v] : r.metadata()) w.set_metadata(k, v);
+    w.write(missing.string());
+  }
+  rewrite(ck, misshaped, [](io::SafetensorsWriter& w, const io::SafetensorsReader&) {
+    std::vector<float> v(17, 0.5f);
+    w.add("norm.weight", {17}, std::span<const float>(v));
+  });
+  {
+    auto r = io::SafetensorsReader::open(ck);
+    auto cfg = nlohmann::json::parse(r.metadata().at("config"));
+    cfg["heads"] = 3;  // width 16 is not divisible by 3
+    io::SafetensorsWriter w;
+    for (const auto& name : r.names()) {
+      const auto v = r.read_f32_flat(name);
+      w.add(name, r.info(name).shape, std::span<const float>(v));
+    }
+    for (const auto& [k, v] : r.metadata()) w.set_metadata(k, k == "config" ? cfg.dump() : v);
+    w.write(badcfg.string());
+  }
+  expect_failure("embed --checkpoint " + missing.string() + " --input " + in + tail, "missing tensor \"norm.weight\"", out);
+  expect_failure("embed --checkpoint " + misshaped.string() + " --input " + in + tail, "norm.weight", out);
+  expect_failure("embed --checkpoint " + badcfg.string() + " --input " + in + tail, "not divisible by heads", out);
+
+  // Inputs of the wrong size, an out-of-range token id, no inputs at all.
+  const fs::path wrong = scratch() / "wrong_input.safetensors", badid = scratch() / "bad_ids.safetensors",
+                 empty = scratch() / "empty_input.safetensors";
+  {
+    io::SafetensorsWriter w;
+    Tensor<float> img(Shape{2, 9, 8, 1});
+    w.add("images", img.cview());
+    w.write(wrong.string());
+    io::SafetensorsWriter w2;
+    Tensor<std::int32_t> ids(Shape{2, 5}, 99);
+    w2.add("texts", ids.cview());
+    w2.write(badid.string());
+    io::SafetensorsWriter w3;
+    Tensor<float> other(Shape{2});
+    w3.add("something", other.cview());
+    w3.write(empty.string());
+  }
+  expect_failure("embed --checkpoint " + ck + " --input " + wrong.string() + tail, "this model needs [B, 8, 8, 1]", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + badid.string() + tail, "token id 99", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + empty.string() + tail, "neither", out);
+}
+
+TEST_CASE("train: a resumed run continues the same loss curve; eval and routing report") {
+  const fs::path a = scratch() / "run_a", b = scratch() / "run_b";
+  const std::string common = " --preset tiny --data synthetic --batch 16 --lr 3e-3 --warmup 2 --threads 2 --quiet";
+  REQUIRE(run("train" + common + " --steps 8 --out " + a.string()).code == 0);
+  REQUIRE(run("train" + common + " --steps 8 --stop-at 4 --out " + b.string()).code == 0);
+  // The second leg: steps, batch, lr, seed and data come back from the checkpoint.
+  const Run r = run("train --resume " + (b / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + b.string());
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  const auto ra = io::SafetensorsReader::open((a / "checkpoint.safetensors").string());
+  const auto rb = io::SafetensorsReader::open((b / "checkpoint.safetensors").string());
+  for (const auto& name : ra.names()) CHECK_MESSAGE(ra.read_f32_flat(name) == rb.read_f32_flat(name), name);
+  // The metrics logs agree line by line on the loss.
+  auto losses = [](const fs::path& p) {
+    std::vector<double> v;
+    std::ifstream f(p / "metrics.jsonl");
+    for (std::string line; std::getline(f, line);) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+    return v;
+  };
+  CHECK(losses(a) == losses(b));
+  CHECK(losses(a).size() == 8);
+
+  const Run e = run("eval --checkpoint " + (a / "checkpoint.safetensors").string() + " --max-test 64 --retrieval 32");
+  REQUIRE_MESSAGE(e.code == 0, e.err);
+  const auto j = nlohmann::json::parse(e.out);
+  for (const char* key : {"zero_shot_top1", "linear_probe_10shot", "recall_at_1_i2t", "recall_at_1_t2i", "drop_rate_img",
+                          "drop_rate_txt", "train_seconds", "params_total", "params_per_token"})
+    CHECK_MESSAGE(j.contains(key), key);
+  CHECK(j["data"].get<std::string>().find("synthetic") != std::string::npos);  // the data the model was trained on
+  const fs::path rep = scratch() / "routing";
+  const Run g = run("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs 64 --out " + rep.string());
+  REQUIRE_MESSAGE(g.code == 0, g.err);
+  CHECK(fs::exists(rep.string() + ".svg"));
+  CHECK(fs::exists(rep.string() + ".json"));
+  expect_failure("train --preset tiny --data synthetic --batch 1 --steps 2 --out " + (scratch() / "c").string(), "--batch must be at least 2");
+  fs::remove_all(scratch());
+}
