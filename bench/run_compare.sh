@@ -98,6 +98,11 @@ run_case() {  # threads, args...
   echo "run_compare: done $* --threads $t ($(date +%T))" >&2
 }
 
+# The stock install for reference: torch with the system's libblas.so.3 as it is, gemm only, 1 thread.
+STOCK=$("$PEER_PY" "$PEER" --workload gemm --threads 1 $LT --repeats 3 --warmup 1 --omp-wait-policy PASSIVE 2>/dev/null \
+        | "$PEER_PY" -c "import json,sys; j=json.loads(sys.stdin.read()); print(f\"{j['gflops']:.1f} GFLOP/s with {', '.join(l for l in j['peer']['libs'] if 'blas' in l)}\")" || echo "failed")
+export STOCK
+
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 UPTIME_START=$(uptime)
 for t in $THREADS; do
@@ -150,11 +155,12 @@ print(f"- peer: torch {peer.get('torch')}, CPU capability {peer.get('cpu_capabil
       f"libraries {', '.join(peer.get('libs', []))}")
 print(f"- peer settings: {json.dumps(peer.get('env', {}))}; torch.set_num_threads(N), interop 1, "
       f"inference_mode for forward-only; OPENBLAS_CORETYPE trial (1-thread GFLOP/s): {os.environ['coretype_note']}")
+print(f"- stock peer (torch with the system libblas.so.3 as installed), torch.mm 1 thread: {os.environ['STOCK']}")
 print(f"- ceiling = best gemm GFLOP/s of the run (limoe gemm and torch.mm, D = 384 and 768, T = 4096): "
       + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {f(ceiling[t])}" for t in threads))
 print()
-print("| workload | config / D | pass | thr | limoe | peer | unit | limoe/peer | limoe GFLOP/s | limoe % ceil | peer GFLOP/s | peer % ceil | limoe 2T/1T | peer 2T/1T | RSS MB limoe / peer |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| workload | config / D | pass | thr | limoe | peer | unit | limoe/peer | limoe GFLOP/s | limoe % ceil | peer GFLOP/s | peer % ceil | limoe 2T/1T | peer 2T/1T | drop limoe / peer | RSS MB limoe / peer |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 seen = []
 for r in rows:
     k = key(r)
@@ -177,6 +183,7 @@ for r in rows:
           f"{f(tl / tp if tl and tp else None, 2)} | {f(l['gflops'] if l else None)} | "
           f"{f(100 * l['gflops'] / ceiling[t] if l else None, 0)} | {f(p['gflops'] if p else None)} | "
           f"{f(100 * p['gflops'] / ceiling[t] if p else None, 0)} | {f(sc_l, 2)} | {f(sc_p, 2)} | "
+          f"{f(l.get('drop_fraction') if l else None, 3)} / {f(p.get('drop_fraction') if p else None, 3)} | "
           f"{f(l['peak_rss_mb'] if l else None, 0)} / {f(p['peak_rss_mb'] if p else None, 0)} |")
 
 print("\nMoE layer over the dense MLP of equal per-token compute (throughput ratio; drop fraction of the MoE run):\n")
@@ -191,6 +198,52 @@ for r in rows:
         m, d = by.get((impl,) + k), by.get((impl, "dense_mlp") + k[1:])
         out += [f(m["throughput"] / d["throughput"], 3) if m and d else "–", f(m["drop_fraction"], 3) if m else "–"]
     print(f"| {k[2]} | {'fwd+bwd' if k[3] else 'fwd'} | {k[4]} | " + " | ".join(out) + " |")
+
+# ---- the targets of the performance issue ----
+def get(impl, w, cfg, width=None, bw=None, t=1):
+    for r in rows:
+        if r["impl"] == impl and r["workload"] == w and (r.get("config") or "") == cfg and r["threads"] == t \
+                and (width is None or r["width"] == width) and (bw is None or bool(r["backward"]) == bw):
+            return r
+    return None
+
+def ratio(a, b):
+    return a["throughput"] / b["throughput"] if a and b else None
+
+def verdict(x, need):
+    return "–" if x is None else ("holds" if x >= need else "misses")
+
+print("\nTargets (same run, same threads):\n")
+print("| target | measured | need | verdict |")
+print("|---|---|---|---|")
+for r in rows:
+    if r["workload"] == "moe_layer" and r["impl"] == "limoe":
+        x = ratio(r, get("limoe", "dense_mlp", "", r["width"], bool(r["backward"]), r["threads"]))
+        print(f"| MoE / dense, D={r['width']}, {'fwd+bwd' if r['backward'] else 'fwd'}, {r['threads']}T | {f(x, 3)} | >= 0.95 | {verdict(x, 0.95)} |")
+for cfg in sorted({r.get("config") for r in rows if r["workload"] == "train_step"}):
+    for t, need in ((1, 1.3), (2, 1.5)):
+        x = ratio(get("limoe", "train_step", cfg, t=t), get("torch", "train_step", cfg, t=t))
+        if cfg == "S/32" or x is not None and cfg != "B/32":
+            print(f"| train_step {cfg} limoe / peer, {t}T | {f(x, 2)} | >= {need} | {verdict(x, need)} |")
+for cfg in sorted({r.get("config") for r in rows if r["workload"] == "embed"}):
+    if cfg != "B/32" and "B/32" in {r.get("config") for r in rows}:
+        continue
+    x = ratio(get("limoe", "embed", cfg, t=1), get("torch", "embed", cfg, t=1))
+    print(f"| embed {cfg} limoe / peer, 1T | {f(x, 2)} | >= 1.1 | {verdict(x, 1.1)} |")
+    for t in threads:
+        e = get("limoe", "embed", cfg, t=t)
+        x = e["gflops"] / ceiling[t] if e else None
+        print(f"| embed {cfg} limoe GFLOP/s / ceiling, {t}T | {f(x, 2)} | >= 0.85 | {verdict(x, 0.85)} |")
+if 2 in threads:
+    for w in ("train_step", "embed"):
+        for cfg in sorted({r.get("config") for r in rows if r["workload"] == w}):
+            x = ratio(get("limoe", w, cfg, t=2), get("limoe", w, cfg, t=1))
+            print(f"| {w} {cfg} limoe 2T / 1T | {f(x, 2)} | >= 1.8 | {verdict(x, 1.8)} |")
+for cfg in sorted({r.get("config") for r in rows if r["workload"] == "train_step"}):
+    for t in threads:
+        l, p = get("limoe", "train_step", cfg, t=t), get("torch", "train_step", cfg, t=t)
+        print(f"| peak RSS train_step {cfg} batch {l['batch'] if l else '?'}, {t}T (limoe / peer) | "
+              f"{f(l['peak_rss_mb'] if l else None, 0)} / {f(p['peak_rss_mb'] if p else None, 0)} MB | reported | – |")
 
 if errors:
     print("\nFailed cases:\n")

@@ -17,7 +17,8 @@ Runs with Debian's python3-torch (1.13): `/usr/bin/python3 bench/peer/peer.py --
 
 Best settings (recorded in "peer"): the script re-executes itself once with OMP/MKL/OPENBLAS thread counts =
 --threads, glibc malloc told not to hand memory back (MALLOC_TRIM_THRESHOLD_ huge, MALLOC_MMAP_THRESHOLD_ at
-its 32 MiB maximum, MALLOC_ARENA_MAX), OPENBLAS_CORETYPE as asked (default: unset, OpenBLAS detects), and
+its 32 MiB maximum, MALLOC_ARENA_MAX), OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy), OPENBLAS_CORETYPE as
+asked (default: unset, OpenBLAS detects), and
 optionally a BLAS directory (--blas-dir, prepended to LD_LIBRARY_PATH, e.g. Debian's openblas-pthread) and an
 allocator (--ld-preload). torch.set_num_threads(N); torch.inference_mode for forward-only workloads.
 """
@@ -84,6 +85,9 @@ def parse(argv):
     ap.add_argument("--blas-dir", default="", help="directory prepended to LD_LIBRARY_PATH (a libblas.so.3)")
     ap.add_argument("--openblas-coretype", default="", help="OPENBLAS_CORETYPE to set (default: unset)")
     ap.add_argument("--ld-preload", default="", help="library to LD_PRELOAD (an allocator)")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY (default PASSIVE: on a loaded machine spinning OpenMP threads wait a whole "
+                         "scheduler tick for a descheduled partner, 30x slower small ops at 2 threads)")
     ap.add_argument("--no-reexec", action="store_true", help="keep the environment as it is")
     try:
         a = ap.parse_args(argv)
@@ -141,7 +145,7 @@ def wanted_env(a) -> dict:
            "MALLOC_TRIM_THRESHOLD_": str(1 << 40),       # never trim the heap top back to the OS
            "MALLOC_MMAP_THRESHOLD_": str(32 << 20),      # glibc's maximum: buffers up to 32 MiB reuse the heap
            "MALLOC_TOP_PAD_": str(256 << 20),
-           "OPENBLAS_CORETYPE": a.openblas_coretype}
+           "OPENBLAS_CORETYPE": a.openblas_coretype, "OMP_WAIT_POLICY": a.omp_wait_policy}
     if a.blas_dir:
         env["LD_LIBRARY_PATH"] = a.blas_dir + (":" + os.environ["LD_LIBRARY_PATH"] if os.environ.get("LD_LIBRARY_PATH") else "")
     if a.ld_preload:
@@ -546,7 +550,8 @@ def peer_info(torch):
     for line in torch.__config__.show().splitlines():
         if "CPU capability" in line:
             cap = line.split(":", 1)[1].strip()
-    env_keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "MALLOC_ARENA_MAX",
+    env_keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OMP_WAIT_POLICY",
+                "MALLOC_ARENA_MAX",
                 "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_LIBRARY_PATH", "LD_PRELOAD")
     return {"torch": torch.__version__, "libs": blas, "cpu_capability": cap,
             "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),

@@ -12,24 +12,10 @@
 #include <limoe/testing/gradcheck.hpp>
 
 using namespace limoe;
+using testing::max_diff;
+using testing::randn;
 
 namespace {
-template <class T>
-Tensor<T> randn(Shape s, std::uint64_t seed, double scale = 1.0) {
-  Tensor<T> t(s);
-  testing::fill_normal(t.view(), seed, scale);
-  return t;
-}
-template <class A>
-double max_diff(const Tensor<A>& a, const Tensor<double>& b) {
-  REQUIRE(a.numel() == b.numel());
-  double worst = 0, scale = 1;
-  for (index_t i = 0; i < a.numel(); ++i) {
-    worst = std::max(worst, std::abs(static_cast<double>(a[i]) - b[i]));
-    scale = std::max(scale, std::abs(b[i]));
-  }
-  return worst / scale;
-}
 Tensor<float> to_float(const Tensor<double>& t) { return Tensor<float>::copy_of(t.cview()); }
 // Shapes: odd, and large enough (rows x width > the parallel grain) to split over 2 threads.
 const Shape kShapes[] = {Shape{7, 13}, Shape{3, 5, 1}, Shape{2, 300, 96}};

@@ -28,12 +28,10 @@ const char* kExpertPalette[] = {"#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f5
 std::string svg_report(const std::vector<RoutingSummary>& blocks, const ModelConfig& cfg, const Tensor<float>& images,
                        const std::vector<Tensor<std::int32_t>>& patch_routes) {
   std::ostringstream s;
-  const int E = cfg.experts, bar_w = 28, gap = 6, row_h = 150, left = 90;
+  const int E = cfg.experts, bar_w = 28, gap = 6, row_h = 150, left = 120;
   const int n_img = static_cast<int>(images.rank() ? images.dim(0) : 0);
-  const int cell = 4, gh = cfg.grid_h(), gw = cfg.grid_w(), P = cfg.patch;
-  const int thumb = cfg.image_size[1] * cell / std::max(1, P) * P / std::max(1, P) ;
-  (void)thumb;
-  const int width = std::max(left + E * (bar_w + gap) + 40, left + n_img * (cfg.image_size[1] * 3 + 20) + 40);
+  const int gh = cfg.grid_h(), gw = cfg.grid_w(), P = cfg.patch;
+  const int width = std::max({left + E * (bar_w + gap) + 40, left + n_img * (cfg.image_size[1] * 3 + 20) + 40, 880});
   const int height = 60 + static_cast<int>(blocks.size()) * row_h + (n_img ? static_cast<int>(blocks.size()) * (cfg.image_size[0] * 3 + 40) : 0) + 40;
   s << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width << "\" height=\"" << height
     << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
@@ -44,9 +42,11 @@ std::string svg_report(const std::vector<RoutingSummary>& blocks, const ModelCon
     index_t total = 0;
     for (int m = 0; m < 2; ++m) for (auto v : b.routed[m]) total += v;
     s << "<text x=\"10\" y=\"" << y0 + 60 << "\">block " << b.block << "</text>\n";
-    char info[160];
-    std::snprintf(info, sizeof info, "drop img %.1f%% txt %.1f%%", 100 * b.drop_rate(0), 100 * b.drop_rate(1));
-    s << "<text x=\"10\" y=\"" << y0 + 78 << "\" font-size=\"10\">" << info << "</text>\n";
+    char info[2][80];
+    std::snprintf(info[0], sizeof info[0], "image drops %.1f%%", 100 * b.drop_rate(0));
+    std::snprintf(info[1], sizeof info[1], "text drops %.1f%%", 100 * b.drop_rate(1));
+    s << "<text x=\"10\" y=\"" << y0 + 78 << "\" font-size=\"10\">" << info[0] << "</text>\n";
+    s << "<text x=\"10\" y=\"" << y0 + 92 << "\" font-size=\"10\">" << info[1] << "</text>\n";
     for (int e = 0; e < E; ++e) {
       const double load = total ? static_cast<double>(b.routed[0][e] + b.routed[1][e]) / static_cast<double>(total) : 0;
       const int h = static_cast<int>(load * 100 * std::max(1, E) / 2.0);
@@ -63,14 +63,19 @@ std::string svg_report(const std::vector<RoutingSummary>& blocks, const ModelCon
     s << "<text x=\"10\" y=\"" << y0 + 14 << "\">block " << blocks[k].block << ": expert of each patch</text>\n";
     for (int i = 0; i < n_img; ++i) {
       const int ox = left + i * (cfg.image_size[1] * 3 + 20), oy = y0 + 24;
-      for (int py = 0; py < cfg.image_size[0]; ++py)
-        for (int px = 0; px < cfg.image_size[1]; ++px) {
+      // Pixels in blocks of px x px (2x2 for small images) keep the file small.
+      const int blk = cfg.image_size[0] > 64 ? 8 : 2;
+      for (int py = 0; py < cfg.image_size[0]; py += blk)
+        for (int px = 0; px < cfg.image_size[1]; px += blk) {
           double v = 0;
-          for (int c = 0; c < cfg.channels; ++c)
-            v += images[((static_cast<index_t>(i) * cfg.image_size[0] + py) * cfg.image_size[1] + px) * cfg.channels + c];
-          const int g = static_cast<int>(std::clamp((v / cfg.channels + 1) * 127.5, 0.0, 255.0));
-          s << "<rect x=\"" << ox + px * 3 << "\" y=\"" << oy + py * 3 << "\" width=\"3\" height=\"3\" fill=\"rgb(" << g
-            << "," << g << "," << g << ")\"/>";
+          int cnt = 0;
+          for (int yy = py; yy < std::min(py + blk, cfg.image_size[0]); ++yy)
+            for (int xx = px; xx < std::min(px + blk, cfg.image_size[1]); ++xx, ++cnt)
+              for (int c = 0; c < cfg.channels; ++c)
+                v += images[((static_cast<index_t>(i) * cfg.image_size[0] + yy) * cfg.image_size[1] + xx) * cfg.channels + c];
+          const int g = static_cast<int>(std::clamp((v / (cnt * cfg.channels) + 1) * 127.5, 0.0, 255.0));
+          s << "<rect x=\"" << ox + px * 3 << "\" y=\"" << oy + py * 3 << "\" width=\"" << blk * 3 << "\" height=\"" << blk * 3
+            << "\" fill=\"rgb(" << g << "," << g << "," << g << ")\"/>";
         }
       s << "\n";
       const auto& r = patch_routes[k];

@@ -7,6 +7,7 @@
 // ||g - g_fd|| / max(||g + g_fd||, tiny) as in mlpack's gradient checkers, plus the worst element.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <span>
@@ -68,6 +69,26 @@ template <class T>
 void fill_normal(View<T> v, std::uint64_t seed, double scale = 1.0) {
   const Rng rng(seed);
   for (index_t i = 0; i < v.numel(); ++i) v[i] = static_cast<T>(scale * rng.normal(0, static_cast<std::uint64_t>(i)));
+}
+
+// A tensor of N(0, scale^2) values (see fill_normal).
+template <class T>
+Tensor<T> randn(Shape s, std::uint64_t seed, double scale = 1.0) {
+  Tensor<T> t(s);
+  fill_normal(t.view(), seed, scale);
+  return t;
+}
+
+// max |a - b| relative to the largest |b| (at least 1): how far a fast path is from its double reference.
+template <class A>
+double max_diff(const Tensor<A>& a, const Tensor<double>& b) {
+  LIMOE_CHECK(a.numel() == b.numel(), "max_diff: sizes ", a.numel(), " and ", b.numel(), " differ");
+  double worst = 0, scale = 1;
+  for (index_t i = 0; i < a.numel(); ++i) {
+    worst = std::max(worst, std::abs(static_cast<double>(a[i]) - b[i]));
+    scale = std::max(scale, std::abs(b[i]));
+  }
+  return worst / scale;
 }
 
 // sum_i a[i] * b[i] in double: turns a vector output into a scalar loss with a random upstream gradient.
