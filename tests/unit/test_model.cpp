@@ -2,6 +2,8 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <limoe/model/checkpoint.hpp>
 #include <limoe/model/model.hpp>
 #include <limoe/model/presets.hpp>
 #include <limoe/testing/gradcheck.hpp>
@@ -116,4 +118,37 @@ TEST_CASE("model: images and texts alone give the same embeddings as in eval wit
   for (index_t i = 0; i < txt.txt_emb.numel(); ++i) CHECK(txt.txt_emb[i] == doctest::Approx(both.txt_emb[i]).epsilon(1e-5));
   CHECK_THROWS_WITH_AS(m.forward(Tensor<float>(Shape{1, 27, 28, 1}).cview(), {}, Mode::Eval),
                        doctest::Contains("expected [B, 28, 28, 1]"), Error);
+}
+
+TEST_CASE("checkpoint: round trip, scalar stored as [1], and misuse errors") {
+  Limoe<float> m(preset("tiny"));
+  m.init(3);
+  const std::string path = "/tmp/limoe_test_model_ckpt.safetensors";
+  save_checkpoint(m, path);
+  Limoe<float> back(read_checkpoint_config(path));
+  load_weights(back, io::SafetensorsReader::open(path));
+  for (index_t i = 0; i < m.params().size(); ++i) REQUIRE(back.params().values()[i] == m.params().values()[i]);
+  // Another writer stores logit_scale as [1]: accepted.
+  {
+    const auto r = io::SafetensorsReader::open(path);
+    io::SafetensorsWriter w;
+    for (const auto& name : r.names()) {
+      const auto v = r.read_f32_flat(name);
+      auto shape = r.info(name).shape;
+      if (name == "logit_scale") shape = {1};
+      w.add(name, shape, std::span<const float>(v));
+    }
+    for (const auto& [k, v] : r.metadata()) w.set_metadata(k, v);
+    w.write(path);
+  }
+  load_weights(back, io::SafetensorsReader::open(path));
+  CHECK(back.params().value(back.params().get("logit_scale"))[0] == doctest::Approx(std::log(10.0)));
+  std::remove(path.c_str());
+  // backward() without loss() on the last forward is an error, not a silent use of stale logits.
+  Tensor<float> images(Shape{2, 28, 28, 1});
+  Tensor<std::int32_t> texts(Shape{2, 16}, 3);
+  auto f = m.forward(images.cview(), texts.cview(), Mode::Train);
+  CHECK_THROWS_WITH_AS(m.backward(f), doctest::Contains("call loss()"), Error);
+  m.loss(f);
+  CHECK_NOTHROW(m.backward(f));
 }

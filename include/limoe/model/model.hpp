@@ -144,6 +144,7 @@ class Limoe {
     LIMOE_CHECK(R > 0, "Limoe::forward: empty batch (no images and no texts)");
     mode_ = mode;
     step_ = step;
+    ++generation_;
 
     // Modality of every row, and the text key mask.
     modality_.resize(static_cast<std::size_t>(R));
@@ -197,6 +198,7 @@ class Limoe {
     const T theta = pv(logit_scale_)[0];
     const auto r = cpu::contrastive_forward<T>(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
                                                static_cast<T>(cfg_.logit_scale_max), logits_.view());
+    loss_generation_ = generation_;
     LossOutput o;
     o.contrastive = r.loss;
     o.aux = fwd.aux_loss;
@@ -209,6 +211,7 @@ class Limoe {
 
   // Gradient of (contrastive + auxiliary losses) of the last forward + loss(), accumulated into params().grads().
   void backward(const ForwardOutput<T>& fwd) {
+    LIMOE_CHECK(loss_generation_ == generation_, "Limoe::backward: call loss() on the output of the last forward() first");
     const T theta = pv(logit_scale_)[0];
     dz_img_.resize(fwd.img_emb.shape());
     dz_txt_.resize(fwd.txt_emb.shape());
@@ -523,6 +526,7 @@ class Limoe {
   Mode mode_ = Mode::Eval;
   std::uint64_t step_ = 0, noise_seed_ = 0x11A0E;
   index_t Bi_ = 0, Bt_ = 0, Ni_ = 0;
+  std::uint64_t generation_ = 0, loss_generation_ = ~std::uint64_t{0};  // forward() / loss() call counters
   std::vector<std::uint8_t> modality_;
   Tensor<T> images_, patches_;
   Tensor<std::int32_t> texts_;
