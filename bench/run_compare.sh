@@ -74,6 +74,7 @@ coretype_note="unset"
 if [ -n "$blas_dir" ]; then
   if [ "$PEER_CORETYPE" = auto ]; then
     best=0
+    coretype_note=""
     for ct in "" Haswell Zen SkylakeX Cooperlake; do
       g=$("$PEER_PY" "$PEER" "${peer_args[@]}" --openblas-coretype "$ct" --workload gemm --threads 1 $LT --repeats 5 --warmup 1 \
           | "$PEER_PY" -c "import json,sys; print(json.loads(sys.stdin.read())['gflops'])") || g=0
@@ -127,7 +128,7 @@ UPTIME_END=$(uptime)
 # ---- the table -------------------------------------------------------------------------------------------------
 MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)
 export RAW START END UPTIME_START UPTIME_END MODEL LIMOE coretype_note
-export CORES=$(nproc) REV=$(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
+export CORES=$(nproc) REV=$(git -C "$HERE/.." describe --always --dirty 2>/dev/null || echo unknown)
 "$PEER_PY" - <<'EOF'
 import json, os
 rows = [json.loads(l) for l in open(os.environ["RAW"]) if l.strip()]
@@ -153,8 +154,8 @@ print(f"- machine: {os.environ['MODEL']}, {os.environ['CORES']} cores; limoe {os
 print(f"- load: start `{os.environ['UPTIME_START'].strip()}`; end `{os.environ['UPTIME_END'].strip()}`")
 print(f"- peer: torch {peer.get('torch')}, CPU capability {peer.get('cpu_capability')}, mkldnn {peer.get('mkldnn')}, "
       f"libraries {', '.join(peer.get('libs', []))}")
-print(f"- peer settings: {json.dumps(peer.get('env', {}))}; torch.set_num_threads(N), interop 1, "
-      f"inference_mode for forward-only; OPENBLAS_CORETYPE trial (1-thread GFLOP/s): {os.environ['coretype_note']}")
+print(f"- peer settings (first peer row; thread variables follow N): {json.dumps(peer.get('env', {}))}; torch.set_num_threads(N), interop 1, "
+      f"inference_mode for forward-only; OPENBLAS_CORETYPE trial (1-thread GFLOP/s; kept only if 2% faster than the best before it): {os.environ['coretype_note'].strip()}")
 print(f"- stock peer (torch with the system libblas.so.3 as installed), torch.mm 1 thread: {os.environ['STOCK']}")
 print(f"- ceiling = best gemm GFLOP/s of the run (limoe gemm and torch.mm, D = 384 and 768, T = 4096): "
       + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {f(ceiling[t])}" for t in threads))

@@ -7,6 +7,12 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <type_traits>
+
+#if defined(LIMOE_HAVE_DNNL)
+#include <dlfcn.h>
+#include <dnnl.h>
+#endif
 
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
@@ -46,6 +52,26 @@ void gemm_block(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, co
 }
 }  // namespace detail
 
+#if defined(LIMOE_HAVE_DNNL)
+namespace detail {
+// oneDNN runs its sgemm on OpenMP threads; the library's threads belong to oneTBB, so every call is made
+// single-threaded (omp_set_num_threads(1) on the calling thread, looked up at run time: libdnnl brings
+// libgomp). Below ~1M multiply-adds Eigen is faster (small attention products: 69 vs 43 GFLOP/s measured).
+inline constexpr double kDnnlMinMacs = 1 << 20;
+inline void dnnl_single_thread() {
+  using SetThreads = void (*)(int);
+  static const SetThreads set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  if (set) set(1);
+}
+inline bool dnnl_gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
+                      const float* B, index_t ldb, float beta, float* C, index_t ldc) {
+  dnnl_single_thread();
+  return dnnl_sgemm(ta == Trans::T ? 'T' : 'N', tb == Trans::T ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C,
+                    ldc) == dnnl_success;
+}
+}  // namespace detail
+#endif
+
 // Single-threaded product; use inside parallel regions (per head, per expert).
 template <class T>
 void gemm_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T* A, index_t lda,
@@ -56,32 +82,47 @@ void gemm_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, c
     if (beta == T(0)) c.setZero(); else c *= beta;
     return;
   }
+#if defined(LIMOE_HAVE_DNNL)
+  if constexpr (std::is_same_v<T, float>) {
+    if (static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= detail::kDnnlMinMacs &&
+        detail::dnnl_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc))
+      return;
+  }
+#endif
   detail::gemm_block(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// Product split over the thread pool when it is large enough to pay for it.
+// Product split over the thread pool when it is large enough to pay for it. The split depends on the shape
+// only (fixed 256-row or 256-column blocks), never on the thread count, so every element of C is computed by
+// the same kernel call on 1 or 16 threads: results are bitwise identical whatever the thread count.
 template <class T>
 void gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T* A, index_t lda, const T* B,
           index_t ldb, T beta, T* C, index_t ldc) {
-  const int threads = num_threads();
+  constexpr index_t kBlock = 256;
   const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
-  if (threads <= 1 || flops < 4e6) {
+  if (flops < 4e6 || (M <= kBlock && N <= kBlock)) {
     gemm_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  if (M >= 64 || M >= N) {
-    // Rows of C: rows of op(A).
-    const index_t chunk = std::max<index_t>(16, (M + 4 * threads - 1) / (4 * threads));
-    parallel_for(0, M, chunk, [&](index_t r0, index_t r1) {
-      const T* a = ta == Trans::N ? A + r0 * lda : A + r0;
-      gemm_serial(ta, tb, r1 - r0, N, K, alpha, a, lda, B, ldb, beta, C + r0 * ldc, ldc);
+  if (M >= N || M > kBlock) {
+    // Blocks of rows of C: rows of op(A).
+    const index_t blocks = (M + kBlock - 1) / kBlock;
+    parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
+      for (index_t b = b0; b < b1; ++b) {
+        const index_t r0 = b * kBlock, r1 = std::min(M, r0 + kBlock);
+        const T* a = ta == Trans::N ? A + r0 * lda : A + r0;
+        gemm_serial(ta, tb, r1 - r0, N, K, alpha, a, lda, B, ldb, beta, C + r0 * ldc, ldc);
+      }
     });
   } else {
-    // Columns of C: columns of op(B).
-    const index_t chunk = std::max<index_t>(16, (N + 4 * threads - 1) / (4 * threads));
-    parallel_for(0, N, chunk, [&](index_t c0, index_t c1) {
-      const T* b = tb == Trans::N ? B + c0 : B + c0 * ldb;
-      gemm_serial(ta, tb, M, c1 - c0, K, alpha, A, lda, b, ldb, beta, C + c0, ldc);
+    // Blocks of columns of C: columns of op(B).
+    const index_t blocks = (N + kBlock - 1) / kBlock;
+    parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
+      for (index_t b = b0; b < b1; ++b) {
+        const index_t c0 = b * kBlock, c1 = std::min(N, c0 + kBlock);
+        const T* bp = tb == Trans::N ? B + c0 : B + c0 * ldb;
+        gemm_serial(ta, tb, M, c1 - c0, K, alpha, A, lda, bp, ldb, beta, C + c0, ldc);
+      }
     });
   }
 }

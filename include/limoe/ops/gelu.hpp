@@ -12,6 +12,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
+
+#include <Eigen/Core>
+#include <unsupported/Eigen/SpecialFunctions>
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
@@ -45,6 +49,40 @@ void gelu_check_like(const char* fn, const char* what, CView<T> v, CView<T> x) {
               x.shape().str());
 }
 inline constexpr index_t kGeluGrain = 16384;
+
+// y[0, n) = gelu(x[0, n)). float: Eigen's vectorised erf / tanh / exp (about 0.3 ns an element here against
+// 12 ns for std::erfc; within 1e-6 of it); double keeps the scalar library functions (finite-difference tests).
+template <class T>
+void gelu_block(GeluKind kind, const T* x, T* y, index_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Eigen::Map<const Eigen::ArrayXf> X(x, n);
+    Eigen::Map<Eigen::ArrayXf> Y(y, n);
+    if (kind == GeluKind::Erf)
+      Y = 0.5f * X * (1.0f + (X * 0.70710678118654752440f).erf());
+    else
+      Y = 0.5f * X * (1.0f + (0.79788456080286535588f * (X + 0.044715f * X * X * X)).tanh());
+  } else {
+    for (index_t i = 0; i < n; ++i) y[i] = gelu_value(kind, x[i]);
+  }
+}
+
+// dx[0, n) = dy * gelu'(x); dx may alias dy.
+template <class T>
+void gelu_grad_block(GeluKind kind, const T* x, const T* dy, T* dx, index_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Eigen::Map<const Eigen::ArrayXf> X(x, n), G(dy, n);
+    Eigen::Map<Eigen::ArrayXf> DX(dx, n);
+    if (kind == GeluKind::Erf) {
+      DX = G * (0.5f * (1.0f + (X * 0.70710678118654752440f).erf()) + 0.39894228040143267794f * X * (-0.5f * X * X).exp());
+    } else {
+      const float k = 0.79788456080286535588f;
+      const Eigen::ArrayXf th = (k * (X + 0.044715f * X * X * X)).tanh();
+      DX = G * (0.5f * (1.0f + th) + 0.5f * X * (1.0f - th * th) * k * (1.0f + 3.0f * 0.044715f * X * X));
+    }
+  } else {
+    for (index_t i = 0; i < n; ++i) dx[i] = dy[i] * gelu_grad(kind, x[i]);
+  }
+}
 }  // namespace detail
 
 namespace cpu {
@@ -53,9 +91,8 @@ using limoe::GeluKind;
 template <class T>
 void gelu_forward(GeluKind kind, CView<T> x, View<T> y) {
   detail::gelu_check_like<T>("gelu_forward", "y", y, x);
-  parallel_for(0, x.numel(), detail::kGeluGrain, [&](index_t i0, index_t i1) {
-    for (index_t i = i0; i < i1; ++i) y[i] = detail::gelu_value(kind, x[i]);
-  });
+  parallel_for(0, x.numel(), detail::kGeluGrain,
+               [&](index_t i0, index_t i1) { detail::gelu_block(kind, x.data() + i0, y.data() + i0, i1 - i0); });
 }
 
 // dx = dy * gelu'(x) (overwritten; dx may alias dy).
@@ -64,7 +101,7 @@ void gelu_backward(GeluKind kind, CView<T> x, CView<T> dy, View<T> dx) {
   detail::gelu_check_like<T>("gelu_backward", "dy", dy, x);
   detail::gelu_check_like<T>("gelu_backward", "dx", dx, x);
   parallel_for(0, x.numel(), detail::kGeluGrain, [&](index_t i0, index_t i1) {
-    for (index_t i = i0; i < i1; ++i) dx[i] = dy[i] * detail::gelu_grad(kind, x[i]);
+    detail::gelu_grad_block(kind, x.data() + i0, dy.data() + i0, dx.data() + i0, i1 - i0);
   });
 }
 
@@ -82,10 +119,8 @@ void bias_gelu_forward(GeluKind kind, CView<T> b, View<T> pre_out, View<T> y) {
     for (index_t r = r0; r < r1; ++r) {
       T* p = pre_out.data() + r * M;
       T* o = y.data() + r * M;
-      for (index_t m = 0; m < M; ++m) {
-        p[m] += b[m];
-        o[m] = detail::gelu_value(kind, p[m]);
-      }
+      for (index_t m = 0; m < M; ++m) p[m] += b[m];
+      detail::gelu_block(kind, p, o, M);
     }
   });
 }
