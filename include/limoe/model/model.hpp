@@ -511,8 +511,11 @@ class Limoe {
       cpu::pool_backward<T>(h.kind, mask, a.dpooled.cview(), dx);
   }
 
+  // Counter-based draws: element i depends on (r, i) only, so the parallel split cannot change the values.
   static void fill(View<T> v, const Rng& r, double std) {
-    for (index_t i = 0; i < v.numel(); ++i) v[i] = static_cast<T>(std * r.normal(0, static_cast<std::uint64_t>(i)));
+    parallel_for(0, v.numel(), 1 << 14, [&](index_t i0, index_t i1) {
+      for (index_t i = i0; i < i1; ++i) v[i] = static_cast<T>(std * r.normal(0, static_cast<std::uint64_t>(i)));
+    });
   }
 
   ModelConfig cfg_;
