@@ -32,7 +32,7 @@ mkdir -p "$OUT"
 RAW="$OUT/results.jsonl"
 : > "$RAW"
 
-[ -x "$LIMOE" ] || { echo "run_compare: $LIMOE is not an executable (build it: cmake --build build --target limoe_cli)" >&2; exit 2; }
+[ -x "$LIMOE" ] || { echo "run_compare: $LIMOE is not an executable (build it: cmake --build build --target limoe)" >&2; exit 2; }
 "$PEER_PY" -c "import torch" 2>/dev/null || { echo "run_compare: $PEER_PY has no torch (apt-get install python3-torch)" >&2; exit 2; }
 
 # ---- the peer's BLAS ------------------------------------------------------------------------------------------

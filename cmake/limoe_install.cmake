@@ -22,7 +22,7 @@ else()
     REGEX "/include/limoe/cuda\\.hpp$" EXCLUDE)
 endif()
 
-install(TARGETS limoe EXPORT limoeTargets ${_limoe_component})
+install(TARGETS limoe_library EXPORT limoeTargets ${_limoe_component})
 install(EXPORT limoeTargets NAMESPACE limoe:: DESTINATION ${LIMOE_INSTALL_CMAKEDIR} ${_limoe_component})
 # The same targets for find_package(limoe) straight from this build tree (limoe_DIR=<build dir>).
 export(EXPORT limoeTargets NAMESPACE limoe:: FILE ${PROJECT_BINARY_DIR}/limoeTargets.cmake)

@@ -1,12 +1,12 @@
 # Tests of the `limoe` command-line program (the public contract of FORMATS.md sections 2-3): run the real
 # binary, check exit codes, one-line errors, that no output file is left behind on failure, the golden
 # embeddings, and that a resumed training run continues the same curve.
-if(TARGET limoe_cli)
+if(TARGET limoe)
   add_executable(test_cli ${CMAKE_CURRENT_LIST_DIR}/test_cli.cpp)
   target_link_libraries(test_cli PRIVATE limoe::limoe limoe_project_flags limoe_test_main doctest::doctest)
-  target_compile_definitions(test_cli PRIVATE LIMOE_CLI_PATH="$<TARGET_FILE:limoe_cli>"
+  target_compile_definitions(test_cli PRIVATE LIMOE_CLI_PATH="$<TARGET_FILE:limoe>"
                                               LIMOE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/../data")
-  add_dependencies(test_cli limoe_cli)
+  add_dependencies(test_cli limoe)
   add_test(NAME test_cli COMMAND test_cli)
   set_tests_properties(test_cli PROPERTIES LABELS "cli" TIMEOUT 600)
 endif()
