@@ -93,12 +93,13 @@ void gemm_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, c
 }
 
 // Product split over the thread pool when it is large enough to pay for it. The split depends on the shape
-// only (fixed 256-row or 256-column blocks), never on the thread count, so every element of C is computed by
+// only (blocks of about 256 rows or columns, 1024 when B is large), never on the thread count, so every element of C is computed by
 // the same kernel call on 1 or 16 threads: results are bitwise identical whatever the thread count.
 template <class T>
 void gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T* A, index_t lda, const T* B,
           index_t ldb, T beta, T* C, index_t ldc) {
-  constexpr index_t kBlock = 256;
+  // Taller blocks when B is large, so that each thread re-reads (re-packs) B fewer times; still shape-only.
+  const index_t kBlock = static_cast<double>(N) * static_cast<double>(K) > 1e6 ? 1024 : 256;
   const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
   if (flops < 4e6 || (M <= kBlock && N <= kBlock)) {
     gemm_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -106,20 +107,23 @@ void gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T*
   }
   if (M >= N || M > kBlock) {
     // Blocks of rows of C: rows of op(A).
-    const index_t blocks = (M + kBlock - 1) / kBlock;
+    // ceil(M / kBlock) blocks of equal height (a multiple of 8), so that no block is a short remainder.
+    const index_t blocks = (M + kBlock - 1) / kBlock, rows = ((M + blocks - 1) / blocks + 7) / 8 * 8;
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
       for (index_t b = b0; b < b1; ++b) {
-        const index_t r0 = b * kBlock, r1 = std::min(M, r0 + kBlock);
+        const index_t r0 = std::min(M, b * rows), r1 = std::min(M, r0 + rows);
+        if (r0 >= r1) continue;
         const T* a = ta == Trans::N ? A + r0 * lda : A + r0;
         gemm_serial(ta, tb, r1 - r0, N, K, alpha, a, lda, B, ldb, beta, C + r0 * ldc, ldc);
       }
     });
   } else {
     // Blocks of columns of C: columns of op(B).
-    const index_t blocks = (N + kBlock - 1) / kBlock;
+    const index_t blocks = (N + kBlock - 1) / kBlock, cols = ((N + blocks - 1) / blocks + 7) / 8 * 8;
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
       for (index_t b = b0; b < b1; ++b) {
-        const index_t c0 = b * kBlock, c1 = std::min(N, c0 + kBlock);
+        const index_t c0 = std::min(N, b * cols), c1 = std::min(N, c0 + cols);
+        if (c0 >= c1) continue;
         const T* bp = tb == Trans::N ? B + c0 : B + c0 * ldb;
         gemm_serial(ta, tb, M, c1 - c0, K, alpha, A, lda, bp, ldb, beta, C + c0, ldc);
       }
