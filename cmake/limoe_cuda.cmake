@@ -56,7 +56,7 @@ if(LIMOE_WITH_CUDA)
   target_include_directories(limoe_cuda PRIVATE ${PROJECT_SOURCE_DIR}/src/cuda)
   # Users get the CPU library (limoe/core/error.hpp for limoe::Error) and the static CUDA runtime; they need
   # neither nvcc nor the CUDA language enabled, only the toolkit's libraries (find_dependency(CUDAToolkit)).
-  target_link_libraries(limoe_cuda PUBLIC limoe PRIVATE CUDA::cudart_static)
+  target_link_libraries(limoe_cuda PUBLIC limoe_library PRIVATE CUDA::cudart_static)
   if(LIMOE_TOP_LEVEL)
     target_compile_options(limoe_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
   endif()

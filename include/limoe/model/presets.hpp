@@ -71,19 +71,15 @@ inline ModelConfig preset(const std::string& name) {
     c.experts = 4;
     c.moe_blocks = {1};
     c.proj_dim = 32;
-  } else if (name == "small-28") {  // the default: Fashion-MNIST on 2 cores (16 image tokens of 7x7)
+  } else if (name == "small-28" || name == "small-32") {
+    // small-28: the default, Fashion-MNIST on 2 cores (16 image tokens of 7x7 pixels);
+    // small-32: the same tower on 32x32x3 images (synthetic shapes), 16 tokens of 8x8x3.
     c.patch = 7;
-    c.width = 128;
-    c.depth = 4;
-    c.heads = 4;
-    c.mlp_dim = 512;
-    c.experts = 8;
-    c.moe_blocks = {1, 3};
-    c.proj_dim = 128;
-  } else if (name == "small-32") {  // 32x32x3 synthetic shapes
-    c.image_size = {32, 32};
-    c.channels = 3;
-    c.patch = 8;
+    if (name == "small-32") {
+      c.image_size = {32, 32};
+      c.channels = 3;
+      c.patch = 8;
+    }
     c.width = 128;
     c.depth = 4;
     c.heads = 4;
