@@ -5,6 +5,7 @@
 #include <limoe/limoe.hpp>
 #include <limoe/testing/gradcheck.hpp>
 #include <set>
+#include <utility>
 #include <vector>
 
 using namespace limoe;
@@ -89,6 +90,15 @@ TEST_CASE("param store: names, flat buffers, errors") {
   CHECK(ps.values()[7] == 3.f);
   CHECK(ps.get("a.weight").id == w.id);
   CHECK_THROWS_WITH_AS(ps.get("nope"), doctest::Contains("nope"), Error);
+  // Gradients are allocated on first use (inference never pays for them), zeroed.
+  CHECK_FALSE(ps.has_grads());
+  CHECK_THROWS_WITH_AS(std::as_const(ps).grads(), doctest::Contains("no gradients yet"), Error);
+  ps.grad(w)[0] += 2.f;
+  CHECK(ps.has_grads());
+  CHECK(std::as_const(ps).grads()[0] == 2.f);
+  CHECK(std::as_const(ps).grads()[7] == 0.f);
+  ps.zero_grad();
+  CHECK(ps.grads()[0] == 0.f);
 }
 
 TEST_CASE("gradient checker: detects a wrong gradient") {

@@ -42,15 +42,22 @@ class ParamStore {
   void finalize() {
     LIMOE_CHECK(!finalized_, "ParamStore::finalize: called twice");
     values_.resize(Shape{size_});
-    grads_.resize(Shape{size_});
     finalized_ = true;
   }
   bool finalized() const { return finalized_; }
 
   View<T> value(ParamRef r) { return View<T>(values_.data() + at(r).offset, at(r).shape); }
   CView<T> value(ParamRef r) const { return CView<T>(values_.data() + at(r).offset, at(r).shape); }
-  View<T> grad(ParamRef r) { return View<T>(grads_.data() + at(r).offset, at(r).shape); }
-  CView<T> grad(ParamRef r) const { return CView<T>(grads_.data() + at(r).offset, at(r).shape); }
+  // The gradient buffer is allocated (zeroed) on first use, so a model used only for inference never pays
+  // for it. The const accessors need it to exist already.
+  View<T> grad(ParamRef r) {
+    ensure_grads();
+    return View<T>(grads_.data() + at(r).offset, at(r).shape);
+  }
+  CView<T> grad(ParamRef r) const {
+    check_grads();
+    return CView<T>(grads_.data() + at(r).offset, at(r).shape);
+  }
 
   std::optional<ParamRef> find(const std::string& name) const {
     auto it = index_.find(name);
@@ -68,15 +75,33 @@ class ParamStore {
   index_t size() const { return size_; }
   View<T> values() { return values_.view(); }
   CView<T> values() const { return values_.view(); }
-  View<T> grads() { return grads_.view(); }
-  CView<T> grads() const { return grads_.view(); }
-  void zero_grad() { grads_.zero(); }
+  View<T> grads() {
+    ensure_grads();
+    return grads_.view();
+  }
+  CView<T> grads() const {
+    check_grads();
+    return grads_.view();
+  }
+  void zero_grad() {
+    if (grads_.numel() == size_) grads_.zero();
+    else ensure_grads();
+  }
+  bool has_grads() const { return finalized_ && grads_.numel() == size_; }
 
  private:
   const Entry& at(ParamRef r) const {
     LIMOE_CHECK(finalized_, "ParamStore: finalize() before reading parameters");
     LIMOE_CHECK(r.id >= 0 && r.id < static_cast<int>(entries_.size()), "ParamStore: invalid ParamRef ", r.id);
     return entries_[static_cast<std::size_t>(r.id)];
+  }
+
+  void ensure_grads() {
+    LIMOE_CHECK(finalized_, "ParamStore: finalize() before using gradients");
+    if (grads_.numel() != size_) grads_.resize(Shape{size_});
+  }
+  void check_grads() const {
+    LIMOE_CHECK(has_grads(), "ParamStore: no gradients yet (call zero_grad() or a backward pass first)");
   }
 
   std::vector<Entry> entries_;
