@@ -233,14 +233,15 @@ void store_le(std::uint8_t* p, U v) {
   for (std::size_t i = 0; i < sizeof(U); ++i) p[i] = static_cast<std::uint8_t>((v >> (8 * i)) & 0xFF);
 }
 
-// A length-limited message with control and non-ASCII bytes escaped (parser messages quote raw input bytes).
-inline std::string truncate_message(const std::string& s, std::size_t max = 300) {
+// Up to `max` bytes of s with control bytes (and, unless keep_utf8, all non-ASCII bytes) escaped as \xNN,
+// "..." when cut.
+inline std::string escape_bytes(const std::string& s, std::size_t max, bool keep_utf8) {
   static const char* hex = "0123456789abcdef";
   std::string out;
   const std::size_t n = std::min(s.size(), max);
   for (std::size_t i = 0; i < n; ++i) {
     const auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x20 || c >= 0x7F) {
+    if (c < 0x20 || c == 0x7F || (!keep_utf8 && c > 0x7F)) {
       out += "\\x";
       out += hex[c >> 4];
       out += hex[c & 15];
@@ -252,23 +253,15 @@ inline std::string truncate_message(const std::string& s, std::size_t max = 300)
   return out;
 }
 
+// A length-limited message with control and non-ASCII bytes escaped (parser messages quote raw input bytes).
+inline std::string truncate_message(const std::string& s, std::size_t max = 300) { return escape_bytes(s, max, false); }
+
 // A printable, length-limited form of a name from a file (names may be long or hold control characters).
 inline std::string printable(const std::string& s) {
-  std::string out = "'";
-  const std::size_t n = std::min<std::size_t>(s.size(), 200);
-  for (std::size_t i = 0; i < n; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x20 || c == 0x7F) {
-      static const char* hex = "0123456789abcdef";
-      out += "\\x";
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (s.size() > n) out += "...";
-  return out + "'";
+  std::string out(1, '\'');
+  out += escape_bytes(s, 200, true);
+  out += '\'';
+  return out;
 }
 
 // One tensor entry as it appears in the JSON header, before validation.

@@ -116,7 +116,7 @@ class Limoe {
       if (n == "logit_scale") {
         v[0] = static_cast<T>(cfg_.logit_scale_init);
       } else if (ends(".bias") || ends("_b")) {
-        v.span().size() ? std::fill(v.span().begin(), v.span().end(), T(0)) : void();
+        std::fill(v.span().begin(), v.span().end(), T(0));
       } else if (ends("ln1.weight") || ends("ln2.weight") || ends("ln.weight") || n == "norm.weight") {
         std::fill(v.span().begin(), v.span().end(), T(1));
       } else if (ends(".pos") || n == "txt.embed" || ends(".probe")) {
