@@ -85,26 +85,29 @@ struct MoeConfig {
   }
 };
 
-// Capacity of each expert for one group of S tokens (LIMOE.md section 3, step 5):
-// C = ceil(K * S * factor / E), rounded up to a multiple of `multiple_of`; factor 0 means no drop (C = S, each
-// token picks an expert at most once, so no expert can overflow). The spec requires an error when the factor
-// leaves an expert less than one token (E=8, S=4, factor 0.1: K*S*factor/E = 0.05); vmoe's compute_capacity
-// checks after the ceil and would silently give 1, so the check here is on K*S*factor/E before rounding.
-// The ceil ignores a relative excess of 1e-9 so that products like 10 * 1.1 (= 11.000000000000002) are not
-// rounded up a whole token.
+// Capacity of each expert for one group of S tokens (docs/semantics.md, "Capacity"):
+//   C = ceil(K * S * factor / E), evaluated in double as written (as vmoe's compute_capacity does), then rounded
+//   up to a multiple of `multiple_of`; factor 0 means no drop (C = S: each token picks an expert at most once,
+//   so no expert can overflow).
+// The ceiling of a positive number is at least 1, so any positive factor gives every expert at least one slot,
+// in a full group and in a shorter last group alike (one rule for every group). LIMOE.md's section 8 lists
+// E=8, S=4, factor 0.1 as an error; we follow the formula instead (C = 1), as decided in the core redesign: an
+// error there would make a valid batch fail because of its remainder group. C < 1 remains an error where the
+// product underflows to 0 (a factor like 1e-320).
 inline index_t compute_capacity(index_t S, int E, int K, double factor, int multiple_of = 1) {
   LIMOE_CHECK(E >= 1 && K >= 1 && K <= E, "compute_capacity: need 1 <= K <= E, got K = ", K, ", E = ", E);
   LIMOE_CHECK(S >= 0, "compute_capacity: group size S must be >= 0, got ", S);
   LIMOE_CHECK(factor >= 0 && std::isfinite(factor), "compute_capacity: capacity factor must be finite and >= 0, got ",
               factor);
-  if (factor == 0.0) return S;  // no-drop mode
+  LIMOE_CHECK(multiple_of >= 1, "compute_capacity: multiple_of must be >= 1, got ", multiple_of);
+  if (factor == 0.0 || S == 0) return S;  // no-drop mode (or an empty group)
   const double raw = static_cast<double>(K) * static_cast<double>(S) * factor / static_cast<double>(E);
-  LIMOE_CHECK(raw >= 1.0 - 1e-9, "expert capacity K*S*capacity_factor/E = ", K, "*", S, "*", factor, "/", E, " = ",
-              raw, " is below one token (C < 1): raise the capacity factor to at least ",
-              static_cast<double>(E) / (static_cast<double>(K) * static_cast<double>(S)),
-              ", use larger groups (group_size), or use capacity factor 0 (no drop)");
-  index_t C = static_cast<index_t>(std::ceil(raw * (1.0 - 1e-9)));
-  if (C < 1) C = 1;
+  LIMOE_CHECK(raw > 0, "expert capacity K*S*capacity_factor/E = ", K, "*", S, "*", factor, "/", E, " = ", raw,
+              " is below one token (C < 1): raise the capacity factor, or use 0 (no drop)");
+  LIMOE_CHECK(raw < 1e15, "expert capacity K*S*capacity_factor/E = ", raw,
+              " is too large to count slots: any factor of at least E/K = ", static_cast<double>(E) / K,
+              " already keeps every token; use that or 0 (no drop)");
+  index_t C = static_cast<index_t>(std::ceil(raw));
   if (multiple_of > 1) C = (C + multiple_of - 1) / multiple_of * multiple_of;
   return C;
 }

@@ -122,17 +122,6 @@ inline constexpr index_t kRowChunk = 64;   // fixed chunk of rows/columns for ev
 inline constexpr index_t kTileRows = 256;  // rows of one expert tile
 inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
 
-// Capacity of group g: the strict spec check (C < 1 is an error) for full groups; a trailing shorter group
-// (N not a multiple of group_size) gets at least one slot per expert instead of an error.
-inline index_t group_capacity(const RouterConfig& rc, int K, index_t S, bool trailing_partial, bool training) {
-  const double f = rc.capacity_factor(training);
-  if (!trailing_partial || f == 0.0) return compute_capacity(S, rc.experts, K, f, rc.capacity_multiple_of);
-  const double raw = static_cast<double>(K) * static_cast<double>(S) * f / rc.experts;
-  index_t C = std::max<index_t>(1, static_cast<index_t>(std::ceil(raw * (1.0 - 1e-9))));
-  const index_t mult = rc.capacity_multiple_of;
-  return mult > 1 ? (C + mult - 1) / mult * mult : C;
-}
-
 // C[rows, cols] (+)= A B^T style products over fixed row chunks of C; deterministic on any thread count.
 template <class T>
 void gemm_rows(Trans ta, Trans tb, index_t M, index_t N, index_t K, const T* A, index_t lda, const T* B, index_t ldb,
@@ -229,7 +218,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   // 2. Route every group (steps 2-6), then check the router kept its contract.
   for (index_t g = 0; g < G; ++g) {
     const index_t S = std::min(gs, N - g * gs);
-    c.capacity[g] = detail::group_capacity(cfg.router, K, S, G > 1 && S < gs, training);
+    c.capacity[g] = compute_capacity(S, E, K, cfg.router.capacity_factor(training), cfg.router.capacity_multiple_of);
   }
   parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
     for (index_t g = g0; g < g1; ++g) {
