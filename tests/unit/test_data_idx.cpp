@@ -7,6 +7,7 @@
 
 #include <unistd.h>
 
+#include "limoe/data/fashion_mnist.hpp"
 #include "limoe/data/idx.hpp"
 
 namespace fs = std::filesystem;
@@ -92,4 +93,10 @@ TEST_CASE("IDX: bad magic, truncated and missing files name the file") {
   CHECK(m.find("cut.idx.gz") != std::string::npos);
 
   CHECK(error_of(tmp_path("does_not_exist.idx")).find("does_not_exist.idx") != std::string::npos);
+}
+
+TEST_CASE("Fashion-MNIST: a missing folder is an error naming it") {
+  CHECK_FALSE(limoe::data::fashion_mnist_available("/nonexistent/limoe"));
+  CHECK_THROWS_WITH_AS(limoe::data::FashionMnist(limoe::data::Split::train, "/nonexistent/limoe"), doctest::Contains("/nonexistent/limoe"),
+                       limoe::Error);
 }

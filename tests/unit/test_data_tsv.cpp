@@ -1,4 +1,4 @@
-// TSV image-text pairs and image fitting: PGM/PPM without stb, PNG with it, errors carry file:line.
+// TSV image-text pairs and image fitting: PGM/PPM without stb, errors carry file:line (PNG: test_data_png.cpp).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -84,17 +84,4 @@ TEST_CASE("TSV errors name the file and line") {
     CHECK_MESSAGE(m.find("corrupt_image.tsv:2") != std::string::npos, m);
   }
   CHECK(error_of("no_such.tsv").find("no_such.tsv") != std::string::npos);
-}
-
-TEST_CASE("PNG through stb_image") {
-  if (!kHaveStbImage) {
-    MESSAGE("skipped: built without stb_image (Debian: libstb-dev)");
-    return;
-  }
-  const TsvPairs d(kDir + "png.tsv", TsvOptions{{4, 4, 1}, true});
-  const Example e = d.get(0, limoe::Rng(0));
-  // The 8x8 image has a white 4x4 square in the middle: fitted to 4x4, the centre is white, corners black.
-  CHECK(e.image[0] == doctest::Approx(-1.0f));
-  CHECK(e.image[5] > 0.5f);
-  CHECK(e.image[15] == doctest::Approx(-1.0f));
 }
