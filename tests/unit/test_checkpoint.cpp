@@ -1,0 +1,134 @@
+// Checkpoints (FORMATS.md section 1, docs/cli.md): a saved model reads back bit for bit with its config and
+// optimizer state; a checkpoint with a missing, misshaped or non-finite tensor, or another format or version,
+// is rejected with an error naming the file, the tensor and the problem.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "limoe/model/checkpoint.hpp"
+#include "limoe/model/model.hpp"
+#include "limoe/model/presets.hpp"
+
+using namespace limoe;
+namespace fs = std::filesystem;
+
+namespace {
+std::string temp_path(const std::string& name) {
+  return (fs::temp_directory_path() / ("limoe_test_ckpt_" + std::to_string(::getpid()) + "_" + name)).string();
+}
+
+// Writes every parameter of `m` by hand (not through save_checkpoint), letting `edit` change one tensor.
+template <class Edit>
+io::SafetensorsReader hand_written(const Limoe<float>& m, Edit edit, std::string format = "limoe",
+                                   std::string version = "1") {
+  io::SafetensorsWriter w;
+  const auto& ps = m.params();
+  for (const auto& e : ps.entries()) {
+    const auto v = ps.value(ps.get(e.name));
+    std::vector<float> buf(v.data(), v.data() + v.numel());
+    std::vector<std::int64_t> shape(e.shape.begin(), e.shape.end());
+    if (!edit(e.name, shape, buf)) continue;  // false: leave the tensor out
+    w.add(e.name, shape, std::span<const float>(buf));
+  }
+  w.set_metadata("format", format);
+  w.set_metadata("format_version", version);
+  w.set_metadata("config", to_json(m.config()).dump());
+  const std::string path = temp_path("hand.safetensors");
+  w.write(path);
+  auto r = io::SafetensorsReader::open(path, io::SafetensorsReader::Load::Read);
+  fs::remove(path);
+  return r;
+}
+
+std::string load_error(const io::SafetensorsReader& r) {
+  try {
+    Limoe<float> m(read_checkpoint_config(r));
+    load_weights(m, r);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST_CASE("save_checkpoint -> read: every tensor bit for bit, the config, the optimizer moments and step") {
+  Limoe<float> m(preset("tiny"));
+  m.init(5);
+  AdamW<float> opt(AdamWConfig{}, 0);
+  opt.attach(m.params());
+  for (index_t i = 0; i < opt.m().numel(); ++i) opt.m()[i] = 0.25f * static_cast<float>(i % 7), opt.v()[i] = 1e-3f * static_cast<float>(i % 5);
+  opt.set_step(42);
+  const std::string path = temp_path("roundtrip.safetensors");
+  save_checkpoint(m, path, TrainState<float>{&opt, R"({"step": 42})"});
+  const auto r = io::SafetensorsReader::open(path);
+  CHECK(r.metadata().at("format") == "limoe");
+  CHECK(r.metadata().at("format_version") == "1");
+  const ModelConfig cfg = read_checkpoint_config(r);
+  CHECK(to_json(cfg) == to_json(m.config()));
+  Limoe<float> back(cfg);
+  load_weights(back, r);
+  REQUIRE(back.params().size() == m.params().size());
+  for (index_t i = 0; i < m.params().size(); ++i) REQUIRE(back.params().values()[i] == m.params().values()[i]);
+  AdamW<float> opt2(AdamWConfig{}, 0);
+  opt2.attach(back.params());
+  REQUIRE(load_optimizer(opt2, r));
+  CHECK(opt2.step() == 42);
+  for (index_t i = 0; i < opt.m().numel(); ++i) {
+    REQUIRE(opt2.m()[i] == opt.m()[i]);
+    REQUIRE(opt2.v()[i] == opt.v()[i]);
+  }
+  fs::remove(path);
+}
+
+TEST_CASE("bad checkpoints: missing, misshaped or non-finite tensors; another format or version") {
+  Limoe<float> m(preset("tiny"));
+  m.init(6);
+  const std::string victim = "blocks.0.ln1.weight";
+  REQUIRE_NOTHROW(m.params().get(victim));
+
+  // Unchanged: loads, and the values are the hand-written ones.
+  const auto good = hand_written(m, [](const std::string&, auto&, auto&) { return true; });
+  CHECK(load_error(good).empty());
+
+  std::string e = load_error(hand_written(m, [&](const std::string& n, auto&, auto&) { return n != victim; }));
+  CHECK_MESSAGE(e.find("missing tensor \"" + victim + "\"") != std::string::npos, e);
+
+  e = load_error(hand_written(m, [&](const std::string& n, auto& shape, auto& buf) {
+    if (n == victim) shape = {static_cast<std::int64_t>(buf.size()) / 2, 2};
+    return true;
+  }));
+  CHECK_MESSAGE(e.find(victim) != std::string::npos, e);
+  CHECK_MESSAGE(e.find("shape") != std::string::npos, e);
+
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    e = load_error(hand_written(m, [&](const std::string& n, auto&, auto& buf) {
+      if (n == victim) buf[3] = bad;
+      return true;
+    }));
+    CHECK_MESSAGE(e.find("non-finite") != std::string::npos, e);
+    CHECK_MESSAGE(e.find(victim) != std::string::npos, e);
+  }
+
+  e = load_error(hand_written(m, [](const std::string&, auto&, auto&) { return true; }, "other"));
+  CHECK_MESSAGE(e.find("format is \"other\"") != std::string::npos, e);
+  e = load_error(hand_written(m, [](const std::string&, auto&, auto&) { return true; }, "limoe", "2"));
+  CHECK_MESSAGE(e.find("format_version \"2\"") != std::string::npos, e);
+}
+
+TEST_CASE("a scalar stored as [1] loads like one stored as []") {
+  Limoe<float> m(preset("tiny"));
+  m.init(7);
+  const auto r = hand_written(m, [](const std::string& n, auto& shape, auto&) {
+    if (n == "logit_scale") shape = {1};
+    return true;
+  });
+  Limoe<float> back(read_checkpoint_config(r));
+  load_weights(back, r);
+  CHECK(back.params().value(back.params().get("logit_scale"))[0] == m.params().value(m.params().get("logit_scale"))[0]);
+}
