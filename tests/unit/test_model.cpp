@@ -45,110 +45,57 @@ TEST_CASE("config: impossible settings are errors that name the problem") {
   CHECK(to_json(back) == j);
 }
 
-namespace {
-ModelConfig grad_config(Pooling pi, Pooling pt, int k) {
-  ModelConfig c = preset("tiny");
-  c.image_size = {8, 8};
-  c.patch = 4;
-  c.channels = 2;
-  c.width = 8;
-  c.heads = 2;
-  c.mlp_dim = 12;
-  c.vocab_size = 11;
-  c.text_len = 5;
-  c.proj_dim = 6;
-  c.experts = 3;
-  c.top_k = k;
-  c.moe_blocks = {1};
-  c.pool_img = pi;
-  c.pool_txt = pt;
-  c.router.experts = 3;
-  c.router.top_k = k;
-  c.router.noise_std = 0.0;
-  c.router.capacity_factor_train = 0.0;  // no drops: the discrete choices cannot flip under +-h
-  c.logit_scale_max = 0;
-  c.aux.z_loss_weight = 0.01;
-  return c;
-}
-}  // namespace
-
-TEST_CASE("model: every parameter gradient agrees with finite differences (double)") {
-  for (auto [pi, pt, k] : {std::tuple{Pooling::Map, Pooling::Map, 1}, std::tuple{Pooling::Gap, Pooling::Last, 2},
-                           std::tuple{Pooling::First, Pooling::Gap, 1}}) {
-    Limoe<double> m(grad_config(pi, pt, k));
-    m.init(7);
-    auto& ps = m.params();
-    // A larger router makes the routing decisive (no near-ties).
-    auto r = ps.value(ps.get("blocks.1.moe.router.weight"));
-    for (index_t i = 0; i < r.numel(); ++i) r[i] *= 40;
-    const index_t B = 3;
-    Tensor<double> images(Shape{B, 8, 8, 2});
-    testing::fill_normal(images.view(), 3, 0.5);
-    Tensor<std::int32_t> texts(Shape{B, 5});
-    for (index_t i = 0; i < texts.numel(); ++i) texts[i] = static_cast<std::int32_t>((i * 7 + 3) % 11);
-    auto total = [&] {
-      auto f = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
-      return m.loss(f).total;
-    };
-    m.zero_grad();
-    auto f = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
-    const auto l = m.loss(f);
-    CHECK(std::isfinite(l.total));
-    CHECK(l.aux > 0);
-    m.backward(f);
-    Tensor<double> analytic = Tensor<double>::copy_of(ps.grads());
-    auto res = testing::check_gradient(ps.values(), analytic.cview(), total, 1e-5);
-    INFO(res.str());
-    CHECK(res.rel_error < 1e-6);
-  }
-}
-
-TEST_CASE("model: images and texts alone give the same embeddings as in eval without drops") {
-  ModelConfig c = preset("tiny");
-  Limoe<float> m(c);
-  m.init(1);
-  Tensor<float> images(Shape{2, 28, 28, 1});
-  testing::fill_normal(images.view(), 1, 0.5);
-  Tensor<std::int32_t> texts(Shape{2, 16});
-  for (index_t i = 0; i < texts.numel(); ++i) texts[i] = static_cast<std::int32_t>(i % 50);
-  auto both = m.forward(images.cview(), texts.cview(), Mode::Eval);
-  auto img = m.forward(images.cview(), CView<std::int32_t>{}, Mode::Eval);
-  auto txt = m.forward(CView<float>{}, texts.cview(), Mode::Eval);
-  for (index_t i = 0; i < img.img_emb.numel(); ++i) CHECK(img.img_emb[i] == doctest::Approx(both.img_emb[i]).epsilon(1e-5));
-  for (index_t i = 0; i < txt.txt_emb.numel(); ++i) CHECK(txt.txt_emb[i] == doctest::Approx(both.txt_emb[i]).epsilon(1e-5));
-  CHECK_THROWS_WITH_AS(m.forward(Tensor<float>(Shape{1, 27, 28, 1}).cview(), {}, Mode::Eval),
-                       doctest::Contains("expected [B, 28, 28, 1]"), Error);
-}
-
-TEST_CASE("checkpoint: round trip, scalar stored as [1], and misuse errors") {
-  Limoe<float> m(preset("tiny"));
-  m.init(3);
-  const std::string path = "/tmp/limoe_test_model_ckpt.safetensors";
-  save_checkpoint(m, path);
-  Limoe<float> back(read_checkpoint_config(path));
-  load_weights(back, io::SafetensorsReader::open(path));
-  for (index_t i = 0; i < m.params().size(); ++i) REQUIRE(back.params().values()[i] == m.params().values()[i]);
-  // Another writer stores logit_scale as [1]: accepted.
-  {
-    const auto r = io::SafetensorsReader::open(path);
-    io::SafetensorsWriter w;
-    for (const auto& name : r.names()) {
-      const auto v = r.read_f32_flat(name);
-      auto shape = r.info(name).shape;
-      if (name == "logit_scale") shape = {1};
-      w.add(name, shape, std::span<const float>(v));
+TEST_CASE("config JSON: unknown keys name the nearest valid key; out-of-range numbers are rejected by name") {
+  const auto base = to_json(preset("tiny"));
+  auto error_of = [](const nlohmann::json& j) -> std::string {
+    try {
+      config_from_json(j);
+    } catch (const Error& e) {
+      return e.what();
     }
-    for (const auto& [k, v] : r.metadata()) w.set_metadata(k, v);
-    w.write(path);
-  }
-  load_weights(back, io::SafetensorsReader::open(path));
-  CHECK(back.params().value(back.params().get("logit_scale"))[0] == doctest::Approx(std::log(10.0)));
-  std::remove(path.c_str());
-  // backward() without loss() on the last forward is an error, not a silent use of stale logits.
-  Tensor<float> images(Shape{2, 28, 28, 1});
-  Tensor<std::int32_t> texts(Shape{2, 16}, 3);
-  auto f = m.forward(images.cview(), texts.cview(), Mode::Train);
-  CHECK_THROWS_WITH_AS(m.backward(f), doctest::Contains("call loss()"), Error);
-  m.loss(f);
-  CHECK_NOTHROW(m.backward(f));
+    return "";
+  };
+  CHECK(error_of(base).empty());
+  auto j = base;
+  j["widht"] = 64;
+  std::string e = error_of(j);
+  CHECK_MESSAGE(e.find("unknown key \"widht\"") != std::string::npos, e);
+  CHECK_MESSAGE(e.find("did you mean \"width\"") != std::string::npos, e);
+  j = base;
+  j["router"]["capacity_factor"] = 1.0;
+  e = error_of(j);
+  CHECK_MESSAGE(e.find("unknown key \"capacity_factor\" in \"router\"") != std::string::npos, e);
+  CHECK_MESSAGE(e.find("did you mean \"capacity_factor_") != std::string::npos, e);
+  j = base;
+  j["aux_loss"]["zloss"] = 0.1;
+  e = error_of(j);
+  CHECK_MESSAGE(e.find("did you mean \"z_loss\"") != std::string::npos, e);
+
+  j = base;
+  j["width"] = std::int64_t{1} << 40;  // would wrap to 0 as an int
+  e = error_of(j);
+  CHECK_MESSAGE(e.find("\"width\" = 1099511627776 is out of range") != std::string::npos, e);
+  j = base;
+  j["experts"] = 1 << 30;
+  e = error_of(j);
+  CHECK_MESSAGE(e.find("\"experts\"") != std::string::npos, e);
+  CHECK_MESSAGE(e.find("out of range") != std::string::npos, e);
+  j = base;
+  j["depth"] = -3;
+  CHECK(error_of(j).find("\"depth\" = -3 is out of range") != std::string::npos);
+  j = base;
+  j["heads"] = 2.5;
+  CHECK(error_of(j).find("\"heads\" must be an integer") != std::string::npos);
+  j = base;
+  j["image_size"] = {28, std::uint64_t{1} << 63};
+  CHECK(error_of(j).find("image_size[1]") != std::string::npos);
+  // Every size in range, the whole model far too large: rejected before any allocation.
+  j = base;
+  j["width"] = 65536;
+  j["heads"] = 1;
+  j["mlp_dim"] = 1 << 24;
+  j["proj_dim"] = 8;
+  e = error_of(j);
+  CHECK_MESSAGE(e.find("parameters") != std::string::npos, e);
+  CHECK_MESSAGE(e.find("limit") != std::string::npos, e);
 }

@@ -27,6 +27,24 @@ inline Pooling parse_pooling_for(const std::string& s, bool text) {
   return parse_pooling(s);
 }
 
+struct ModelConfig;
+
+// Parameter counts of a config (LIMOE.md section 2's "total" and "per token" columns), computed in the
+// arithmetic type A: std::int64_t for reporting, double for validate()'s size bound (no overflow).
+template <class A>
+struct ParamCountsOf {
+  A total = 0;
+  // Parameters applied to one image token: the image path (patch embedding, positions, every block with K of
+  // its E experts, the final norm, the image head and projection, the temperature). The text table and text
+  // head are not applied to an image token. This is how LIMOE.md section 2's "per token" column is counted
+  // (H/14: 5.59B total, 653M per token).
+  A per_token = 0;
+  A per_block_dense = 0, per_block_moe = 0, experts_per_block = 0;
+};
+using ParamCounts = ParamCountsOf<std::int64_t>;
+template <class A>
+ParamCountsOf<A> count_params_as(const ModelConfig& c);
+
 struct ModelConfig {
   std::array<int, 2> image_size{224, 224};  // H, W
   int channels = 3;
@@ -58,6 +76,9 @@ struct ModelConfig {
   int patch_dim() const { return patch * patch * channels; }
   bool is_moe(int block) const { return std::find(moe_blocks.begin(), moe_blocks.end(), block) != moe_blocks.end(); }
 
+  // The largest model validate() accepts: 2^36 parameters (275 GB in fp32; H/14 has 5.6e9).
+  static constexpr double kMaxParameters = 68719476736.0;
+
   // Throws limoe::Error naming the first impossible setting and how to fix it.
   void validate() const {
     auto pos = [](const char* name, long v) { LIMOE_CHECK(v > 0, "config: ", name, " must be positive, got ", v); };
@@ -74,6 +95,10 @@ struct ModelConfig {
     pos("proj_dim", proj_dim);
     LIMOE_CHECK(image_size[0] % patch == 0 && image_size[1] % patch == 0, "config: image_size [", image_size[0],
                 ", ", image_size[1], "] is not divisible by patch ", patch, "; pick a patch that divides both");
+    LIMOE_CHECK(std::int64_t{patch} * patch * channels <= (std::int64_t{1} << 24), "config: a patch of ", patch, "x",
+                patch, "x", channels, " values is too large (at most 2^24)");
+    LIMOE_CHECK(std::int64_t{image_size[0] / patch} * (image_size[1] / patch) <= (std::int64_t{1} << 24),
+                "config: image_size / patch gives more than 2^24 patches per image");
     LIMOE_CHECK(width % heads == 0, "config: width ", width, " is not divisible by heads ", heads,
                 "; choose heads that divide the width");
     LIMOE_CHECK(pad_id >= 0 && pad_id < vocab_size, "config: pad_id ", pad_id, " outside [0, vocab_size=",
@@ -93,9 +118,39 @@ struct ModelConfig {
       aux.validate();
       LIMOE_CHECK(router.experts == experts && router.top_k == top_k, "config: router experts/top_k (",
                   router.experts, "/", router.top_k, ") differ from experts/top_k (", experts, "/", top_k, ")");
+      LIMOE_CHECK(experts <= moe::kMaxExperts, "config: experts = ", experts, " exceeds the supported ",
+                  moe::kMaxExperts);
     }
+    const double n = count_params_as<double>(*this).total;  // in double: cannot overflow
+    LIMOE_CHECK(n <= kMaxParameters, "config: this model would have ", n, " parameters (", n * 4 / 1e9,
+                " GB in fp32), above the limit of ", kMaxParameters, "; check width, mlp_dim, depth, experts and "
+                "vocab_size");
   }
 };
+
+template <class A>
+ParamCountsOf<A> count_params_as(const ModelConfig& c) {
+  const A D = c.width, M = c.mlp_dim, E = c.experts, K = c.top_k, P = c.proj_dim;
+  const A attn = 4 * (D * D + D), ln = 2 * D, mlp = D * M + M + M * D + D;
+  const A head_map = D + attn + ln + mlp;
+  auto head = [&](Pooling p) { return p == Pooling::Map ? head_map : A(0); };
+  const A moe_n = static_cast<A>(c.moe_blocks.size()), dense_n = static_cast<A>(c.depth) - moe_n;
+  const A patch_dim = static_cast<A>(c.patch) * c.patch * c.channels;
+  const A patches = static_cast<A>(c.image_size[0] / c.patch) * static_cast<A>(c.image_size[1] / c.patch);
+  const A img_embed = patch_dim * D + D + patches * D;
+  const A txt_embed = static_cast<A>(c.vocab_size) * D + static_cast<A>(c.text_len) * D;
+  const A shared = static_cast<A>(c.depth) * (attn + 2 * ln) + dense_n * mlp + moe_n * E * D /*routers*/ + ln /*norm*/ + 1;
+  ParamCountsOf<A> r;
+  r.per_block_dense = attn + 2 * ln + mlp;
+  r.per_block_moe = attn + 2 * ln + E * mlp + E * D;
+  r.experts_per_block = E;
+  r.total = shared + moe_n * E * mlp + img_embed + txt_embed + head(c.pool_img) + head(c.pool_txt) + 2 * P * D;
+  r.per_token = shared + moe_n * K * mlp + img_embed + head(c.pool_img) + P * D;
+  return r;
+}
+
+// Parameter counts of a valid config (validate() bounds them, so the integers cannot overflow).
+inline ParamCounts count_params(const ModelConfig& c) { return count_params_as<std::int64_t>(c); }
 
 // ---- JSON (FORMATS.md section 1) ---------------------------------------------------------------------------
 
@@ -146,6 +201,52 @@ inline nlohmann::json to_json(const ModelConfig& c) {
 }
 
 namespace detail {
+// Keys a config object may hold (FORMATS.md section 1 plus the two extensions this library writes).
+inline const std::vector<std::string>& config_keys() {
+  static const std::vector<std::string> k{"image_size", "channels", "patch", "width", "depth", "heads", "mlp_dim",
+                                          "vocab_size", "text_len", "experts", "top_k", "moe_blocks", "pool_img",
+                                          "pool_txt", "proj_dim", "ln_eps", "gelu", "text_mask", "pad_id", "router",
+                                          "aux_loss", "logit_scale_max"};
+  return k;
+}
+inline const std::vector<std::string>& router_keys() {
+  static const std::vector<std::string> k{"noise_std", "capacity_factor_train", "capacity_factor_eval",
+                                          "capacity_multiple_of", "bpr", "group_size"};
+  return k;
+}
+inline const std::vector<std::string>& aux_loss_keys() {
+  static const std::vector<std::string> k{"importance", "load", "local_entropy_img", "local_entropy_txt",
+                                          "global_entropy_img", "global_entropy_txt", "tau_img", "tau_txt", "z_loss"};
+  return k;
+}
+
+inline std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diag = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// Rejects a key that is not in `known`, naming it and the nearest known key (a typo must not pass silently).
+inline void check_known_keys(const nlohmann::json& j, const std::vector<std::string>& known, const char* where) {
+  for (const auto& item : j.items()) {
+    const std::string& key = item.key();
+    if (std::find(known.begin(), known.end(), key) != known.end()) continue;
+    std::string best = known.front();
+    for (const auto& k : known)
+      if (edit_distance(key, k) < edit_distance(key, best)) best = k;
+    fail("config: unknown key \"", key, "\"", where, "; did you mean \"", best, "\"?");
+  }
+}
+
 template <class V>
 void json_get(const nlohmann::json& j, const char* key, V& out, bool required) {
   auto it = j.find(key);
@@ -159,51 +260,85 @@ void json_get(const nlohmann::json& j, const char* key, V& out, bool required) {
     fail("config: key \"", key, "\" has the wrong type: ", it->dump());
   }
 }
+
+// An integer in [lo, hi], checked before it is narrowed: 2^40 is an error naming the key, never a wrapped int.
+template <class I>
+I checked_int(const nlohmann::json& v, const std::string& key, std::int64_t lo, std::int64_t hi) {
+  LIMOE_CHECK(v.is_number_integer(), "config: key \"", key, "\" must be an integer, got ", v.dump());
+  const bool neg = v.is_number_unsigned() ? false : v.get<std::int64_t>() < 0;
+  const bool big = v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(hi);
+  const std::int64_t x = big ? hi : (neg ? v.get<std::int64_t>() : static_cast<std::int64_t>(v.get<std::uint64_t>()));
+  LIMOE_CHECK(!big && x >= lo && x <= hi, "config: key \"", key, "\" = ", v.dump(), " is out of range [", lo, ", ",
+              hi, "]");
+  return static_cast<I>(x);
+}
+template <class I>
+void json_get_int(const nlohmann::json& j, const char* key, I& out, bool required, std::int64_t lo, std::int64_t hi) {
+  auto it = j.find(key);
+  if (it == j.end()) {
+    LIMOE_CHECK(!required, "config: missing required key \"", key, "\"");
+    return;
+  }
+  out = checked_int<I>(*it, key, lo, hi);
+}
 }  // namespace detail
 
 // Parses a config object. Keys FORMATS.md lists as the model's shape are required; the rest default.
 inline ModelConfig config_from_json(const nlohmann::json& j) {
   LIMOE_CHECK(j.is_object(), "config: expected a JSON object, got ", j.type_name());
   using detail::json_get;
+  using detail::json_get_int;
+  detail::check_known_keys(j, detail::config_keys(), "");
+  // Sizes are bounded by name before anything is allocated; the total is bounded by validate().
+  constexpr std::int64_t kDim = 1 << 16, kImage = 1 << 14, kBig = std::int64_t{1} << 24;
   ModelConfig c;
-  std::vector<int> size;
-  json_get(j, "image_size", size, true);
-  LIMOE_CHECK(size.size() == 2, "config: image_size must be [H, W], got ", size.size(), " values");
-  c.image_size = {size[0], size[1]};
-  json_get(j, "channels", c.channels, true);
-  json_get(j, "patch", c.patch, true);
-  json_get(j, "width", c.width, true);
-  json_get(j, "depth", c.depth, true);
-  json_get(j, "heads", c.heads, true);
-  json_get(j, "mlp_dim", c.mlp_dim, true);
-  json_get(j, "vocab_size", c.vocab_size, true);
-  json_get(j, "text_len", c.text_len, true);
-  json_get(j, "experts", c.experts, false);
-  json_get(j, "top_k", c.top_k, false);
-  json_get(j, "moe_blocks", c.moe_blocks, true);
+  auto size_it = j.find("image_size");
+  LIMOE_CHECK(size_it != j.end(), "config: missing required key \"image_size\"");
+  LIMOE_CHECK(size_it->is_array() && size_it->size() == 2, "config: image_size must be [H, W], got ",
+              size_it->dump());
+  c.image_size = {detail::checked_int<int>((*size_it)[0], "image_size[0]", 1, kImage),
+                  detail::checked_int<int>((*size_it)[1], "image_size[1]", 1, kImage)};
+  json_get_int(j, "channels", c.channels, true, 1, 1024);
+  json_get_int(j, "patch", c.patch, true, 1, kImage);
+  json_get_int(j, "width", c.width, true, 1, kDim);
+  json_get_int(j, "depth", c.depth, true, 1, 4096);
+  json_get_int(j, "heads", c.heads, true, 1, kDim);
+  json_get_int(j, "mlp_dim", c.mlp_dim, true, 1, kBig);
+  json_get_int(j, "vocab_size", c.vocab_size, true, 1, kBig);
+  json_get_int(j, "text_len", c.text_len, true, 1, kDim);
+  json_get_int(j, "experts", c.experts, false, 1, moe::kMaxExperts);
+  json_get_int(j, "top_k", c.top_k, false, 1, moe::kMaxExperts);
+  auto blocks_it = j.find("moe_blocks");
+  LIMOE_CHECK(blocks_it != j.end(), "config: missing required key \"moe_blocks\"");
+  LIMOE_CHECK(blocks_it->is_array(), "config: moe_blocks must be a list of block indices, got ", blocks_it->dump());
+  c.moe_blocks.clear();
+  for (const auto& b : *blocks_it) c.moe_blocks.push_back(detail::checked_int<int>(b, "moe_blocks[]", 0, 4095));
   std::string pi = "map", pt = "map", gelu = "erf";
   json_get(j, "pool_img", pi, false);
   json_get(j, "pool_txt", pt, false);
   c.pool_img = parse_pooling_for(pi, false);
   c.pool_txt = parse_pooling_for(pt, true);
   c.proj_dim = c.width;
-  json_get(j, "proj_dim", c.proj_dim, false);
+  json_get_int(j, "proj_dim", c.proj_dim, false, 1, kDim);
   json_get(j, "ln_eps", c.ln_eps, false);
   json_get(j, "gelu", gelu, false);
   LIMOE_CHECK(gelu == "erf" || gelu == "tanh", "config: gelu must be \"erf\" or \"tanh\", got \"", gelu, "\"");
   c.gelu = gelu == "erf" ? GeluKind::Erf : GeluKind::Tanh;
   json_get(j, "text_mask", c.text_mask, false);
-  json_get(j, "pad_id", c.pad_id, false);
+  json_get_int(j, "pad_id", c.pad_id, false, 0, kBig);
   if (auto r = j.find("router"); r != j.end()) {
     LIMOE_CHECK(r->is_object(), "config: \"router\" must be an object");
+    detail::check_known_keys(*r, detail::router_keys(), " in \"router\"");
     json_get(*r, "noise_std", c.router.noise_std, false);
     json_get(*r, "capacity_factor_train", c.router.capacity_factor_train, false);
     json_get(*r, "capacity_factor_eval", c.router.capacity_factor_eval, false);
-    json_get(*r, "capacity_multiple_of", c.router.capacity_multiple_of, false);
+    json_get_int(*r, "capacity_multiple_of", c.router.capacity_multiple_of, false, 1, kBig);
     json_get(*r, "bpr", c.router.bpr, false);
-    json_get(*r, "group_size", c.router.group_size, false);
+    json_get_int(*r, "group_size", c.router.group_size, false, 0, std::int64_t{1} << 40);
   }
-  if (auto a = j.find("aux_loss"); a != j.end() && a->is_object()) {
+  if (auto a = j.find("aux_loss"); a != j.end()) {
+    LIMOE_CHECK(a->is_object(), "config: \"aux_loss\" must be an object");
+    detail::check_known_keys(*a, detail::aux_loss_keys(), " in \"aux_loss\"");
     json_get(*a, "importance", c.aux.importance_weight, false);
     json_get(*a, "load", c.aux.load_weight, false);
     json_get(*a, "local_entropy_img", c.aux.local_entropy_weight[0], false);

@@ -103,32 +103,4 @@ inline ModelConfig dense_variant(ModelConfig c) {
   return c;
 }
 
-struct ParamCounts {
-  std::int64_t total = 0;
-  // Parameters applied to one image token: the image path (patch embedding, positions, every block with K of
-  // its E experts, the final norm, the image head and projection, the temperature). The text table and text
-  // head are not applied to an image token. This is how LIMOE.md section 2's "per token" column is counted
-  // (H/14: 5.59B total, 653M per token).
-  std::int64_t per_token = 0;
-  std::int64_t per_block_dense = 0, per_block_moe = 0, experts_per_block = 0;
-};
-
-inline ParamCounts count_params(const ModelConfig& c) {
-  const std::int64_t D = c.width, M = c.mlp_dim, E = c.experts, K = c.top_k, P = c.proj_dim;
-  const std::int64_t attn = 4 * (D * D + D), ln = 2 * D, mlp = D * M + M + M * D + D;
-  const std::int64_t head_map = D + attn + ln + mlp;
-  auto head = [&](Pooling p) { return p == Pooling::Map ? head_map : 0; };
-  const std::int64_t moe_n = static_cast<std::int64_t>(c.moe_blocks.size()), dense_n = c.depth - moe_n;
-  const std::int64_t img_embed = static_cast<std::int64_t>(c.patch_dim()) * D + D + c.num_patches() * D;
-  const std::int64_t txt_embed = static_cast<std::int64_t>(c.vocab_size) * D + c.text_len * D;
-  const std::int64_t shared = c.depth * (attn + 2 * ln) + dense_n * mlp + moe_n * E * D /*routers*/ + ln /*norm*/ + 1;
-  ParamCounts r;
-  r.per_block_dense = attn + 2 * ln + mlp;
-  r.per_block_moe = attn + 2 * ln + E * mlp + E * D;
-  r.experts_per_block = E;
-  r.total = shared + moe_n * E * mlp + img_embed + txt_embed + head(c.pool_img) + head(c.pool_txt) + 2 * P * D;
-  r.per_token = shared + moe_n * K * mlp + img_embed + head(c.pool_img) + P * D;
-  return r;
-}
-
 }  // namespace limoe

@@ -24,6 +24,9 @@ enum class Mode { Train, Eval };
 enum Modality : std::uint8_t { kImage = 0, kText = 1 };
 inline constexpr int kModalities = 2;
 
+// The most experts a layer supports (the auxiliary losses keep per-expert sums on the stack).
+inline constexpr int kMaxExperts = 256;
+
 struct RouterConfig {
   int experts = 8;                      // E
   int top_k = 1;                        // K
@@ -35,7 +38,8 @@ struct RouterConfig {
   index_t group_size = 0;               // tokens per routing group; 0 = all tokens of a call form one group
 
   void validate() const {
-    LIMOE_CHECK(experts >= 1, "RouterConfig: experts must be >= 1, got ", experts);
+    LIMOE_CHECK(experts >= 1 && experts <= kMaxExperts, "RouterConfig: experts must be in [1, ", kMaxExperts,
+                "], got ", experts);
     LIMOE_CHECK(top_k >= 1 && top_k <= experts, "RouterConfig: top_k must be in [1, experts = ", experts, "], got ",
                 top_k);
     LIMOE_CHECK(noise_std >= 0 && std::isfinite(noise_std), "RouterConfig: noise_std must be finite and >= 0, got ",
