@@ -14,7 +14,8 @@ Conventions (LIMOE.md sections 1, 3, 4; FORMATS.md section 1):
     groups of group_size (0 = one group; a final shorter group is routed on its own, with its own capacity).
   * routing decisions (top-K, BPR order, capacity) are discrete: computed on detached values; gradients flow
     through the gate values used as combine weights and through the auxiliary losses.
-  * noise: the golden files use no router noise, so noise is an explicit argument (default: none).
+  * noise: an explicit argument (per MoE block, [tokens of the call, E], added to the clean logits), drawn
+    by the caller: the golden files store it, so the C++ test can inject the very same values.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ class Config:
 class LossWeights:
     """Weights of the auxiliary losses (LIMOE.md section 4) and the global-entropy thresholds."""
     importance: float = 0.005
-    load: float = 0.0          # needs noise; the golden files have none, so weight 0
+    load: float = 0.005        # needs noise (training): 0 without it
     local_entropy: float = 0.01
     global_entropy: float = 0.01
     z: float = 0.001
@@ -248,20 +249,14 @@ def mlp(P, prefix: str, x: torch.Tensor, kind: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # Routing (LIMOE.md section 3): pure numpy, discrete
 # --------------------------------------------------------------------------------------------------------
-def capacity(S: int, K: int, E: int, cf: float, multiple_of: int, trailing_partial: bool = False) -> int:
-    """C = ceil(K*S*cf/E), rounded up to a multiple of multiple_of; cf == 0 means no dropping (C = S).
-
-    "C < 1 is an error" (LIMOE.md section 3) is tested on the exact value K*S*cf/E, before rounding up: the
-    ceiling of a positive number is never below 1, and section 8 requires E=8, S=4, K=1, cf=0.1 (0.05) to fail.
-    A trailing shorter group (the call's token count not a multiple of group_size) gets at least 1 instead of
-    an error. The ceiling ignores a relative excess of 1e-9 (10 * 1.1 = 11.000000000000002 gives 11, not 12)."""
+def capacity(S: int, K: int, E: int, cf: float, multiple_of: int) -> int:
+    """C = S if cf == 0 (no dropping); else C = ceil(K*S*cf/E), evaluated in float exactly as written (left to
+    right: ((K*S)*cf)/E, no tolerance: 3*1.1 = 3.3000000000000003 gives 4), then rounded up to a multiple of
+    multiple_of. The same rule for every group, a shorter last group included. The ceiling of a positive
+    number is at least 1, so any positive cf gives C >= 1 (E=8, S=4, K=1, cf=0.1: 0.05 -> C = 1)."""
     if cf == 0:
         return S
-    exact = K * S * cf / E
-    if exact < 1 - 1e-9 and not trailing_partial:
-        raise ValueError(f"capacity K*S*cf/E = {exact} < 1 (S={S}, K={K}, E={E}, cf={cf}): raise the capacity "
-                         f"factor or the group size")
-    C = max(1, math.ceil(exact * (1 - 1e-9)))
+    C = math.ceil(K * S * cf / E)
     if multiple_of > 1:
         C = ((C + multiple_of - 1) // multiple_of) * multiple_of
     return C
@@ -293,13 +288,14 @@ def assign(choice: np.ndarray, top1: np.ndarray, E: int, C: int, bpr: bool) -> n
 # --------------------------------------------------------------------------------------------------------
 # MoE layer
 # --------------------------------------------------------------------------------------------------------
-LOSS_KEYS = ("importance", "local_entropy_img", "local_entropy_txt", "global_entropy_img",
+LOSS_KEYS = ("importance", "load", "local_entropy_img", "local_entropy_txt", "global_entropy_img",
              "global_entropy_txt", "z")
 
 
 def moe_layer(P, prefix: str, cfg: Config, x: torch.Tensor, modality: np.ndarray, cf: float,
               lw: LossWeights, noise: Optional[torch.Tensor] = None):
-    """x [S_tot, D] (the LN2 output of every token of the call, in call order); modality [S_tot].
+    """x [S_tot, D] (the LN2 output of every token of the call, in call order); modality [S_tot];
+    noise [S_tot, E] (training noise, added to the logits; None: no noise, and the load loss is 0).
 
     Returns y [S_tot, D], route [S_tot, K] (int64, -1 = dropped), losses {key: scalar averaged over groups},
     info (per group: C, logits, gates, accepted) for the tests' margin checks."""
@@ -322,7 +318,7 @@ def moe_layer(P, prefix: str, cfg: Config, x: torch.Tensor, modality: np.ndarray
         g_np = gates.detach().cpu().numpy()
         choice = top_k(g_np, K)                  # [S, K]
         top1 = g_np[np.arange(S), choice[:, 0]]  # [S]
-        C = capacity(S, K, E, cf, rc.capacity_multiple_of, trailing_partial=(g0 > 0 and S < gs))
+        C = capacity(S, K, E, cf, rc.capacity_multiple_of)
         acc = assign(choice, top1, E, C, rc.bpr)  # [S, K]
         y = xg.new_zeros((S, D))
         for e in range(E):
@@ -342,7 +338,19 @@ def moe_layer(P, prefix: str, cfg: Config, x: torch.Tensor, modality: np.ndarray
         imp = G.sum(0)                             # [E]
         imp_loss = (imp.var(unbiased=False) / imp.mean() ** 2)
         z = (torch.logsumexp(logits, dim=-1) ** 2).mean()
-        lg = {"importance": imp_loss, "z": z}
+        # Load loss (V-MoE appendix A.2), only with noise: thr_s = the K-th largest NOISY logit of token s (the
+        # noisy logit of its K-th choice; the noise is a constant, so the gradient reaches the logit through it);
+        # p[s, e] = P(logits[s, e] + fresh noise > thr_s) = 1 - Phi((thr_s - logits[s, e]) / sigma) with
+        # sigma = noise_std / E; Load_e = mean_s p[s, e]; loss = var(Load) / mean(Load)^2 (population variance).
+        if noise is None or not rc.noise_std > 0:
+            load_loss = x.new_zeros(())
+        else:
+            sigma = rc.noise_std / E
+            thr = noisy[torch.arange(S), torch.as_tensor(choice[:, K - 1], dtype=torch.long)]  # [S]
+            p = 0.5 * torch.erfc((thr[:, None] - logits) / (sigma * math.sqrt(2.0)))          # 1 - Phi(z)
+            load = p.mean(0)                                                                  # [E]
+            load_loss = load.var(unbiased=False) / load.mean() ** 2
+        lg = {"importance": imp_loss, "load": load_loss, "z": z}
         for m, name, tau in ((IMG, "img", lw.tau_img), (TXT, "txt", lw.tau_txt)):
             sel = np.nonzero(mg == m)[0]
             if sel.size == 0:  # modality absent from the group: contributes 0
@@ -460,7 +468,7 @@ def train_loss(P, cfg: Config, images: torch.Tensor, texts: torch.Tensor, lw: Lo
     con = contrastive_loss(out["z_img"], out["z_txt"], P["logit_scale"])
     aux = con.new_zeros(())
     for i, L in out["losses"].items():
-        aux = aux + (lw.importance * L["importance"]
+        aux = aux + (lw.importance * L["importance"] + lw.load * L["load"]
                      + lw.local_entropy * (L["local_entropy_img"] + L["local_entropy_txt"])
                      + lw.global_entropy * (L["global_entropy_img"] + L["global_entropy_txt"])
                      + lw.z * L["z"])
