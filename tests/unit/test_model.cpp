@@ -99,3 +99,34 @@ TEST_CASE("config JSON: unknown keys name the nearest valid key; out-of-range nu
   CHECK_MESSAGE(e.find("parameters") != std::string::npos, e);
   CHECK_MESSAGE(e.find("limit") != std::string::npos, e);
 }
+
+TEST_CASE("evaluation keeps no tape: backward after an evaluation forward is an error; eval output unchanged") {
+  ModelConfig c = preset("tiny");
+  c.router.noise_std = 0;
+  c.router.capacity_factor_eval = c.router.capacity_factor_train;  // the same routing in both modes
+  Limoe<double> m(c);
+  m.init(3);
+  const index_t B = 3;
+  Tensor<double> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
+  testing::fill_normal(images.view(), 11, 0.5);
+  Tensor<std::int32_t> texts(Shape{B, c.text_len});
+  for (index_t i = 0; i < texts.numel(); ++i) texts[i] = static_cast<std::int32_t>(3 + (i * 7) % (c.vocab_size - 3));
+  // Training forward (tape kept) and evaluation forward (no tape) compute the same embeddings when routing is
+  // the same: the shared scratch must not change the values.
+  const auto ft = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  const auto fe = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  for (index_t i = 0; i < ft.img_emb.numel(); ++i) CHECK(fe.img_emb[i] == ft.img_emb[i]);
+  for (index_t i = 0; i < ft.txt_emb.numel(); ++i) CHECK(fe.txt_emb[i] == ft.txt_emb[i]);
+  m.loss(fe);
+  CHECK_THROWS_WITH_AS(m.backward(fe), doctest::Contains("evaluation mode"), Error);
+  // A training forward after evaluation ones gives the gradients of a fresh model.
+  Limoe<double> fresh(c);
+  fresh.init(3);
+  for (Limoe<double>* p : {&m, &fresh}) {
+    p->zero_grad();
+    const auto f = p->forward(images.cview(), texts.cview(), Mode::Train, 0);
+    p->loss(f);
+    p->backward(f);
+  }
+  for (index_t i = 0; i < m.params().size(); ++i) REQUIRE(m.params().grads()[i] == fresh.params().grads()[i]);
+}

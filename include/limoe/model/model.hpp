@@ -161,8 +161,11 @@ class Limoe {
       std::copy(images.data(), images.data() + images.numel(), images_.data());
     }
 
-    // Embeddings -> X0 (the input of block 0).
-    Tensor<T>& x0 = blocks_acts_[0].x_in;
+    // Embeddings -> X0 (the input of block 0). Training keeps every block's activations for backward();
+    // evaluation keeps none: all blocks share one scratch set and the block inputs ping-pong between two
+    // buffers, so an evaluation forward holds one block's activations, not depth of them.
+    const bool tape = mode == Mode::Train;
+    Tensor<T>& x0 = tape ? blocks_acts_[0].x_in : eval_x_[0];
     x0.resize(Shape{R, D});  // [R, D]
     if (Bi_ > 0) {
       patches_.resize(Shape{Bi_, N, static_cast<index_t>(cfg_.patch_dim())});  // [Bi, N, P*P*C]
@@ -173,8 +176,10 @@ class Limoe {
 
     ForwardOutput<T> out;
     for (int l = 0; l < cfg_.depth; ++l) {
-      Tensor<T>& x_out = l + 1 < cfg_.depth ? blocks_acts_[static_cast<std::size_t>(l + 1)].x_in : x_final_;
-      block_forward(l, x_out, out);
+      const auto i = static_cast<std::size_t>(l);
+      Tensor<T>& x_in = tape ? blocks_acts_[i].x_in : eval_x_[i % 2];
+      Tensor<T>& x_out = l + 1 == cfg_.depth ? x_final_ : tape ? blocks_acts_[i + 1].x_in : eval_x_[(i + 1) % 2];
+      block_forward(l, x_in, x_out, tape ? blocks_acts_[i] : blocks_acts_[0], tape ? moe_ctx_[i] : moe_ctx_[0], out);
     }
 
     // Final LayerNorm, pooling heads, projections, L2 normalisation.
@@ -212,6 +217,7 @@ class Limoe {
   // Gradient of (contrastive + auxiliary losses) of the last forward + loss(), accumulated into params().grads().
   void backward(const ForwardOutput<T>& fwd) {
     LIMOE_CHECK(loss_generation_ == generation_, "Limoe::backward: call loss() on the output of the last forward() first");
+    check_tape("backward");
     const T theta = pv(logit_scale_)[0];
     dz_img_.resize(fwd.img_emb.shape());
     dz_txt_.resize(fwd.txt_emb.shape());
@@ -226,6 +232,7 @@ class Limoe {
   // Backward from given gradients of the normalised embeddings (either may be empty): for users with their own
   // loss. The auxiliary losses' gradients are always included.
   void backward_from(const ForwardOutput<T>& fwd, CView<T> dz_img, CView<T> dz_txt) {
+    check_tape("backward_from");
     const index_t D = cfg_.width, R = Ni_ + Bt_ * cfg_.text_len;
     dxn_.resize(Shape{R, D});  // [R, D]
     dxn_.zero();
@@ -343,6 +350,12 @@ class Limoe {
   }
   CView<std::uint8_t> text_mask() const { return cfg_.text_mask ? txt_mask_.cview() : CView<std::uint8_t>{}; }
 
+  void check_tape(const char* who) const {
+    LIMOE_CHECK(mode_ == Mode::Train, "Limoe::", who, ": the last forward() ran in evaluation mode, which keeps no "
+                "activations for a backward pass; run forward(..., Mode::Train, step) instead (with the router's "
+                "noise_std 0 for a deterministic pass)");
+  }
+
   void check_inputs(CView<T> images, CView<std::int32_t> texts) const {
     if (!images.empty()) {
       const Shape want{images.rank() ? images.dim(0) : 0, cfg_.image_size[0], cfg_.image_size[1], cfg_.channels};
@@ -373,15 +386,17 @@ class Limoe {
     return {pg(b.router), pg(b.mlp.fc1_w), pg(b.mlp.fc1_b), pg(b.mlp.fc2_w), pg(b.mlp.fc2_b)};
   }
 
-  void block_forward(int l, Tensor<T>& x_out, ForwardOutput<T>& out) {
+  // Block l from x_in to x_out; `a` and `ctx` receive the activations (block l's own in training, the shared
+  // scratch in evaluation). a.x_in is not used here: x_in is passed explicitly.
+  void block_forward(int l, const Tensor<T>& x_in, Tensor<T>& x_out, BlockActs& a, moe::MoeContext<T>& ctx,
+                     ForwardOutput<T>& out) {
     const BlockRefs& b = blocks_[static_cast<std::size_t>(l)];
-    BlockActs& a = blocks_acts_[static_cast<std::size_t>(l)];
-    const index_t R = a.x_in.dim(0), D = cfg_.width, M = cfg_.mlp_dim;
+    const index_t R = x_in.dim(0), D = cfg_.width, M = cfg_.mlp_dim;
     const T eps = static_cast<T>(cfg_.ln_eps);
     a.ln1.resize(Shape{R, D});  // [R, D]
     a.ln1_mean.resize(Shape{R});
     a.ln1_rstd.resize(Shape{R});
-    cpu::layernorm_forward<T>(a.x_in.cview(), pv(b.ln1_w), pv(b.ln1_b), eps, a.ln1.view(), a.ln1_mean.view(),
+    cpu::layernorm_forward<T>(x_in.cview(), pv(b.ln1_w), pv(b.ln1_b), eps, a.ln1.view(), a.ln1_mean.view(),
                               a.ln1_rstd.view());
     // Attention per modality, written into x_mid, then the residual.
     a.x_mid.resize(Shape{R, D});  // [R, D]
@@ -392,7 +407,7 @@ class Limoe {
     if (Bt_ > 0)
       cpu::self_attention_forward<T>(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(),
                                      txt_rows(a.x_mid.view()), a.attn_txt);
-    for (index_t i = 0; i < R * D; ++i) a.x_mid[i] += a.x_in[i];
+    for (index_t i = 0; i < R * D; ++i) a.x_mid[i] += x_in[i];
 
     a.ln2.resize(Shape{R, D});  // [R, D]
     a.ln2_mean.resize(Shape{R});
@@ -407,7 +422,6 @@ class Limoe {
       cpu::bias_gelu_forward<T>(cfg_.gelu, pv(b.mlp.fc1_b), a.h_pre.view(), a.h_act.view());
       cpu::linear_forward<T>(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view());
     } else {
-      auto& ctx = moe_ctx_[static_cast<std::size_t>(l)];
       moe::MoeConfig mc{cfg_.router, cfg_.aux, cfg_.gelu};
       // Router noise: a function of (seed, step, block) only, so a resumed run draws the same noise.
       const Rng noise = Rng(noise_seed_).derive(step_ * 4096 + static_cast<std::uint64_t>(l));
@@ -535,6 +549,7 @@ class Limoe {
   Tensor<std::int32_t> texts_;
   Tensor<std::uint8_t> txt_mask_;
   std::vector<BlockActs> blocks_acts_;
+  Tensor<T> eval_x_[2];  // evaluation: block inputs/outputs ping-pong here (blocks_acts_[0] is the scratch)
   std::vector<moe::MoeContext<T>> moe_ctx_;
   Tensor<T> x_final_, xn_, xn_mean_, xn_rstd_;
   HeadActs img_acts_, txt_acts_;
