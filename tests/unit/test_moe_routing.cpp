@@ -72,9 +72,11 @@ TEST_CASE("capacity: ceil(K * S * factor / E) as written, rounded up to the mult
   CHECK(compute_capacity(10, 4, 1, 1.0, 4) == 4);  // ceil(2.5) = 3, up to the multiple 4
   CHECK(compute_capacity(33, 8, 2, 1.0, 4) == 12); // ceil(8.25) = 9 -> 12
   CHECK(compute_capacity(40, 8, 1, 1.0, 1) == 5);  // exact: no rounding up
-  // The formula is evaluated in double as written (vmoe's math.ceil does the same): 10 * 1.1 is
-  // 11.000000000000002, whose ceiling is 12.
-  CHECK(compute_capacity(10, 1, 1, 1.1) == 12);
+  // The formula is evaluated in double as written (vmoe's math.ceil does the same): 100 * 1.1 is
+  // 110.00000000000001, whose ceiling is 111 (10 * 1.1 happens to round to exactly 11).
+  CHECK(compute_capacity(100, 1, 1, 1.1) == 111);
+  CHECK(compute_capacity(10, 1, 1, 1.1) == 11);
+  CHECK(compute_capacity(32, 8, 1, 1.0, 4) == 4);  // already a multiple: unchanged
   // Any positive factor gives at least one slot per expert: K*S*factor/E = 0.05 -> 1 (see config.hpp for why
   // this departs from the "error" example of the upstream spec).
   CHECK(compute_capacity(4, 8, 1, 0.1) == 1);
@@ -293,4 +295,177 @@ TEST_CASE("a user-written router plugs into the layer; a router breaking the con
   CHECK_THROWS_WITH_AS(
       moe_forward<double>(BrokenRouter{}, cfg, f.params(), x.view(), {}, Mode::Eval, Rng(1), y.view(), ctx),
       doctest::Contains("exceeds capacity"), Error);
+}
+
+// ---- BPR ties on many tokens, per-group capacities ------------------------------------------------------------
+namespace {
+// Gates given row by row through the layer: D = E, W_r = I, x[t] = log gates[t] (exact: the products are x * 1
+// and x * 0, so identical rows give bitwise identical logits and gates).
+std::vector<std::int32_t> layer_route_gates(const std::vector<std::vector<double>>& gates, int K, double cf_eval,
+                                            index_t group_size, MoeContext<double>& ctx) {
+  const index_t N = static_cast<index_t>(gates.size());
+  const int E = static_cast<int>(gates[0].size());
+  Fixture<double> f(E, E, 3, 13);
+  for (int e = 0; e < E; ++e)
+    for (int d = 0; d < E; ++d) f.wr[e * E + d] = e == d ? 1.0 : 0.0;
+  Tensor<double> x(Shape{N, E}), y(Shape{N, E});
+  for (index_t t = 0; t < N; ++t)
+    for (int e = 0; e < E; ++e) x[t * E + e] = std::log(gates[t][e]);
+  // Eval: no noise whatever noise_std says; capacity from capacity_factor_eval.
+  moe_forward<double>(config(E, K, 1.05, cf_eval, true, 1.0, group_size), f.params(), x.view(), {}, Mode::Eval,
+                      Rng(9), y.view(), ctx);
+  return std::vector<std::int32_t>(ctx.routes().data(), ctx.routes().data() + N * K);
+}
+std::vector<double> flatten(const std::vector<std::vector<double>>& g) {
+  std::vector<double> out;
+  for (const auto& r : g) out.insert(out.end(), r.begin(), r.end());
+  return out;
+}
+}  // namespace
+
+TEST_CASE("BPR ties on many tokens: identical top-1 gates keep the lowest token indices (a stable order)") {
+  // K = 1: S = 40 identical rows, all to expert 0, C = ceil(1 * 40 * 1.0 / 4) = 10: exactly tokens 0..9 kept.
+  for (index_t S : {index_t{40}, index_t{100}}) {
+    const std::vector<std::vector<double>> g(S, std::vector<double>{0.55, 0.15, 0.15, 0.15});
+    std::vector<std::int32_t> want(S, -1);
+    for (index_t t = 0; t < 10; ++t) want[t] = 0;
+    INFO("S = ", S);
+    CHECK(route_gates(BprK1{}, g, 10).route == want);
+    CHECK(route_gates(BprDyn{DynamicTopK{1}}, g, 10).route == want);
+    MoeContext<double> ctx;
+    const double factor = 10.0 * 4 / static_cast<double>(S);  // K * S * factor / E = 10
+    CHECK(layer_route_gates(g, 1, factor, 0, ctx) == want);
+    REQUIRE(ctx.capacity.numel() == 1);
+    CHECK(ctx.capacity[0] == 10);
+  }
+  // K = 2: identical rows (first choice expert 0, second expert 1), C = ceil(2 * 40 * 0.5 / 4) = 10: the second
+  // choices follow the same top-1 order, so tokens 0..9 keep both and every other token is dropped entirely.
+  {
+    const std::vector<std::vector<double>> g(40, std::vector<double>{0.4, 0.3, 0.2, 0.1});
+    std::vector<std::int32_t> want(80, -1);
+    for (index_t t = 0; t < 10; ++t) want[t * 2] = 0, want[t * 2 + 1] = 1;
+    CHECK(route_gates(BprK2{}, g, 10).route == want);
+    CHECK(route_gates(BprDyn{DynamicTopK{2}}, g, 10).route == want);
+    MoeContext<double> ctx;
+    CHECK(layer_route_gates(g, 2, 0.5, 0, ctx) == want);
+    CHECK(ctx.capacity[0] == 10);
+    CHECK(ctx.stats.tokens_fully_dropped[kImage] == 30);
+  }
+}
+
+TEST_CASE("BPR ties, mixed: higher gates first (descending), then the tied tokens by index; K = 1 and 2") {
+  // K = 1, S = 40, all to expert 0, C = 10. Five tokens have higher, distinct top-1 gates; the other 35 tie.
+  {
+    std::vector<std::vector<double>> g(40, std::vector<double>{0.55, 0.15, 0.15, 0.15});
+    const std::vector<index_t> high{3, 17, 22, 31, 38};
+    for (std::size_t i = 0; i < high.size(); ++i) {
+      const double top = 0.6 + 0.05 * static_cast<double>(i);
+      g[high[i]] = {top, (1 - top) / 3, (1 - top) / 3, (1 - top) / 3};
+    }
+    std::vector<std::int32_t> want(40, -1);
+    for (index_t t : {0, 1, 2, 4, 5}) want[t] = 0;  // the first five tied tokens
+    for (index_t t : high) want[t] = 0;
+    CHECK(route_gates(BprK1{}, g, 10).route == want);
+    CHECK(naive_route(flatten(g), 40, 4, 1, 10, true) == want);
+    MoeContext<double> ctx;
+    CHECK(layer_route_gates(g, 1, 1.0, 0, ctx) == want);
+    // C = 3: only the three highest gates (tokens 38, 31, 22), none of the ties.
+    std::vector<std::int32_t> want3(40, -1);
+    for (index_t t : {22, 31, 38}) want3[t] = 0;
+    CHECK(route_gates(BprK1{}, g, 3).route == want3);
+  }
+  // K = 2, S = 40, C = 10. 33 "A" tokens tie: {0.4, 0.3, 0.2, 0.1} (expert 0, then 1). 7 "B" tokens
+  // {0.2, 0.3, 0.45, 0.05} (expert 2, then 1) come first in the top-1 order (0.45 > 0.4), tied among themselves.
+  // Expert 0: the first ten A tokens by index. Expert 2: all seven B. Expert 1 (second choices, same order):
+  // the seven B, then the first three A tokens (0, 1, 3) - vanilla order would take tokens 0..9 instead.
+  {
+    const std::vector<index_t> B{2, 9, 13, 20, 27, 33, 39};
+    std::vector<std::vector<double>> g(40, std::vector<double>{0.4, 0.3, 0.2, 0.1});
+    for (index_t t : B) g[t] = {0.2, 0.3, 0.45, 0.05};
+    std::vector<index_t> A;
+    for (index_t t = 0; t < 40; ++t)
+      if (std::find(B.begin(), B.end(), t) == B.end()) A.push_back(t);
+    std::vector<std::int32_t> want(80, -1);
+    for (index_t t : B) want[t * 2] = 2, want[t * 2 + 1] = 1;
+    for (std::size_t i = 0; i < 10; ++i) want[A[i] * 2] = 0;
+    for (std::size_t i = 0; i < 3; ++i) want[A[i] * 2 + 1] = 1;
+    CHECK(A[0] == 0);
+    CHECK(A[1] == 1);
+    CHECK(A[2] == 3);
+    CHECK(route_gates(BprK2{}, g, 10).route == want);
+    CHECK(route_gates(BprDyn{DynamicTopK{2}}, g, 10).route == want);
+    CHECK(naive_route(flatten(g), 40, 4, 2, 10, true) == want);
+    MoeContext<double> ctx;
+    CHECK(layer_route_gates(g, 2, 0.5, 0, ctx) == want);
+    CHECK(ctx.capacity[0] == 10);
+    // Two groups of 40 (the same rows twice): each group keeps its own lowest indices, offset by 40.
+    std::vector<std::vector<double>> g2 = g;
+    g2.insert(g2.end(), g.begin(), g.end());
+    std::vector<std::int32_t> want2 = want;
+    want2.insert(want2.end(), want.begin(), want.end());
+    CHECK(layer_route_gates(g2, 2, 0.5, 40, ctx) == want2);
+    REQUIRE(ctx.capacity.numel() == 2);
+    CHECK(ctx.capacity[0] == 10);
+    CHECK(ctx.capacity[1] == 10);
+  }
+}
+
+TEST_CASE("per-group capacities: N = 30, group_size 8 -> groups [8, 8, 8, 6], each with its own C") {
+  const index_t N = 30, D = 5;
+  const int E = 4;
+  const std::vector<index_t> sizes{8, 8, 8, 6};
+  // The spec's formula written out here: ceil(K * S * factor / E), up to a multiple; factor 0: C = S.
+  auto C_of = [](index_t S, int K, double factor, int multiple) -> index_t {
+    if (factor == 0.0) return S;
+    auto c = static_cast<index_t>(std::ceil(K * static_cast<double>(S) * factor / E));
+    return (c + multiple - 1) / multiple * multiple;
+  };
+  // Every token strongly prefers expert 0 (then 1): W_r row 0 = 10 * u, row 1 = 5 * u, x[t] = u + small.
+  Fixture<double> f(E, D, 6, 17);
+  Tensor<double> x(Shape{N, D}), y(Shape{N, D});
+  testing::fill_normal(x.view(), 18, 0.05);
+  for (index_t t = 0; t < N; ++t) x[t * D] += 1.0;
+  for (int e = 0; e < E; ++e)
+    for (index_t d = 0; d < D; ++d) f.wr[e * D + d] = d == 0 ? (e == 0 ? 10.0 : e == 1 ? 5.0 : 0.0) : 0.0;
+  struct Case { int K; double factor; int multiple; Mode mode; };
+  for (const Case cs : {Case{2, 1.05, 1, Mode::Train}, Case{2, 1.05, 4, Mode::Train}, Case{1, 1.05, 1, Mode::Train},
+                        Case{1, 0.5, 4, Mode::Train}, Case{2, 0.0, 1, Mode::Eval}, Case{1, 0.0, 4, Mode::Eval}}) {
+    auto cfg = config(E, cs.K, cs.mode == Mode::Train ? cs.factor : 1.05, cs.mode == Mode::Eval ? cs.factor : 1.0,
+                      true, 1.0, 8);
+    cfg.router.capacity_multiple_of = cs.multiple;
+    MoeContext<double> ctx;
+    moe_forward<double>(cfg, f.params(), x.view(), {}, cs.mode, Rng(3), y.view(), ctx);
+    INFO("K = ", cs.K, ", factor = ", cs.factor, ", multiple_of = ", cs.multiple);
+    REQUIRE(ctx.groups == 4);
+    REQUIRE(ctx.capacity.numel() == 4);
+    CHECK(ctx.stats.groups == 4);
+    const auto r = ctx.routes();
+    for (index_t g = 0; g < 4; ++g) {
+      const index_t S = sizes[g], C = C_of(S, cs.K, cs.factor, cs.multiple);
+      CHECK(ctx.capacity[g] == C);
+      // Fill per expert counted from the routes; none above the group's own C; the layer's fill agrees.
+      std::vector<index_t> cnt(E, 0);
+      for (index_t s = 0; s < S; ++s)
+        for (int k = 0; k < cs.K; ++k) {
+          const std::int32_t e = r[(g * 8 + s) * cs.K + k];
+          if (e >= 0) ++cnt[e];
+        }
+      for (int e = 0; e < E; ++e) {
+        CHECK(cnt[e] <= C);
+        CHECK(ctx.fill[g * E + e] == cnt[e]);
+      }
+      // Expert 0 gets every first choice, so it fills to exactly min(S, C): the shorter last group uses its own C.
+      CHECK(cnt[0] == std::min(S, C));
+    }
+    CHECK(ctx.stats.capacity == ctx.capacity[0]);
+    if (cs.factor == 0.0) CHECK(ctx.stats.drop_fraction[kImage] == 0.0);
+  }
+  // The cases above distinguish the last group: [5, 5, 5, 4] (K 2), [8, 8, 8, 4] (K 2, multiple 4),
+  // [3, 3, 3, 2] (K 1), and C = S = [8, 8, 8, 6] without drop.
+  CHECK(C_of(8, 2, 1.05, 1) == 5);
+  CHECK(C_of(6, 2, 1.05, 1) == 4);
+  CHECK(C_of(8, 2, 1.05, 4) == 8);
+  CHECK(C_of(6, 2, 1.05, 4) == 4);
+  CHECK(C_of(8, 1, 1.05, 1) == 3);
+  CHECK(C_of(6, 1, 1.05, 1) == 2);
 }
