@@ -47,4 +47,11 @@ void saxpy(float a, std::span<const float> x, std::span<float> y, int device = 0
 // where assignments of the same expert keep their original (token) order. Ids may be any int32 values.
 std::vector<std::int32_t> stable_sort_by_expert(std::span<const std::int32_t> expert_ids, int device = 0);
 
+// The shared formulas of limoe/math/ evaluated on the device, row by row over x [rows, cols]: softmax of each
+// row, and GELU (erf) and its derivative of each entry. A check that the device runs the same math as the CPU.
+struct MathRows {
+  std::vector<float> softmax, gelu, dgelu;  // each [rows, cols]
+};
+MathRows math_rows(std::span<const float> x, std::int64_t cols, int device = 0);
+
 }  // namespace limoe::cuda

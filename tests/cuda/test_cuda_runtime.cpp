@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <limoe/cuda.hpp>
+#include <limoe/math/gelu.hpp>
+#include <limoe/math/softmax.hpp>
 #include <numeric>
 #include <vector>
 
@@ -76,4 +78,18 @@ TEST_CASE("stable_sort_by_expert is a stable grouping by expert id") {
   }
   const std::vector<std::int32_t> wide{INT32_MAX, -3, 0, INT32_MIN, -3, INT32_MAX};
   CHECK(limoe::cuda::stable_sort_by_expert(wide) == cpu_order(wide));
+}
+
+TEST_CASE("the shared math formulas give the same values on the device as on the CPU") {
+  const std::int64_t rows = 37, cols = 9;
+  std::vector<float> x(static_cast<std::size_t>(rows * cols));
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((static_cast<int>(i * 7919 % 201) - 100) * 0.05);
+  const auto dev = limoe::cuda::math_rows(x, cols);
+  std::vector<float> sm(x.size());
+  for (std::int64_t r = 0; r < rows; ++r) limoe::math::softmax_row(x.data() + r * cols, cols, sm.data() + r * cols);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    CHECK(dev.softmax[i] == doctest::Approx(sm[i]).epsilon(1e-5));
+    CHECK(dev.gelu[i] == doctest::Approx(limoe::math::gelu(limoe::GeluKind::Erf, x[i])).epsilon(1e-5));
+    CHECK(dev.dgelu[i] == doctest::Approx(limoe::math::gelu_grad(limoe::GeluKind::Erf, x[i])).epsilon(1e-5));
+  }
 }

@@ -14,9 +14,8 @@
 #include <nlohmann/json.hpp>
 
 #include "limoe/core/error.hpp"
+#include "limoe/core/enums.hpp"
 #include "limoe/moe/config.hpp"
-#include "limoe/ops/gelu.hpp"
-#include "limoe/ops/pooling.hpp"
 
 namespace limoe {
 

@@ -12,17 +12,16 @@
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/tensor.hpp"
-#include "limoe/ops/gelu.hpp"
+#include "limoe/core/enums.hpp"
 
 namespace limoe::moe {
 
-// Training draws router noise and uses capacity_factor_train; evaluation has no noise and uses
-// capacity_factor_eval (LIMOE.md section 3, steps 2 and 5).
-enum class Mode { Train, Eval };
-
-// Per-token modality (the `modality` array the layer takes): 0 image, 1 text.
-enum Modality : std::uint8_t { kImage = 0, kText = 1 };
-inline constexpr int kModalities = 2;
+// The shared enums (core/enums.hpp), also spelled moe::Mode, moe::kImage, ...
+using limoe::kImage;
+using limoe::kModalities;
+using limoe::kText;
+using limoe::Modality;
+using limoe::Mode;
 
 // The most experts a layer supports (the auxiliary losses keep per-expert sums on the stack).
 inline constexpr int kMaxExperts = 256;

@@ -31,6 +31,7 @@
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/softmax.hpp"
 #include "limoe/ops/linear.hpp"
 
 namespace limoe {
@@ -95,27 +96,6 @@ AttentionDims attention_check(const char* fn, const AttentionWeights<T>& w, int 
   return d;
 }
 
-// Masked, scaled softmax of one row of raw scores s[Nk] in place: p_j = exp(scale (s_j - max)) / sum over
-// unmasked j, 0 at masked j; all zeros when no key is unmasked. Scale and softmax in one pass (no scaled copy).
-template <class T>
-void masked_scaled_softmax_row(T* s, index_t Nk, T scale, const std::uint8_t* mask) {
-  T mx = -std::numeric_limits<T>::infinity();
-  for (index_t j = 0; j < Nk; ++j)
-    if (!mask || mask[j]) mx = std::max(mx, s[j]);
-  if (mx == -std::numeric_limits<T>::infinity()) {  // no attendable key (or a -inf score everywhere)
-    std::fill(s, s + Nk, T(0));
-    return;
-  }
-  T sum = 0;
-  for (index_t j = 0; j < Nk; ++j) {
-    const T e = (!mask || mask[j]) ? T(std::exp(scale * (s[j] - mx))) : T(0);
-    s[j] = e;
-    sum += e;
-  }
-  const T inv = T(1) / sum;  // sum >= 1: the maximum contributes exp(0)
-  for (index_t j = 0; j < Nk; ++j) s[j] *= inv;
-}
-
 // Adds the column sums of g[R, C] to acc[C], rows in order (deterministic).
 template <class T>
 void add_column_sums(const T* g, index_t R, index_t C, T* acc) {
@@ -159,7 +139,7 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
       T* ch = ctx + b * Nq * D + h * Dh;      // [Nq, Dh]
       const std::uint8_t* m = key_mask.empty() ? nullptr : key_mask.data() + b * Nk;
       gemm_serial<T>(Trans::N, Trans::T, Nq, Nk, Dh, T(1), qh, D, kh, D, T(0), P, Nk);  // raw scores
-      for (index_t i = 0; i < Nq; ++i) detail::masked_scaled_softmax_row(P + i * Nk, Nk, scale, m);
+      for (index_t i = 0; i < Nq; ++i) math::softmax_row(P + i * Nk, Nk, P + i * Nk, scale, m);  // masked, scaled, in place
       gemm_serial<T>(Trans::N, Trans::N, Nq, Dh, Nk, T(1), P, Nk, vh, D, T(0), ch, D);
     }
   });
@@ -217,14 +197,8 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
         // dv_h = P^T dctx_h; dP = dctx_h v_h^T.
         gemm_serial<T>(Trans::T, Trans::N, Nk, Dh, Nq, T(1), P, Nk, dctx + qo, D, T(0), dv + ko, D);
         gemm_serial<T>(Trans::N, Trans::T, Nq, Nk, Dh, T(1), dctx + qo, D, v + ko, D, T(0), dS, Nk);
-        // Softmax backward: dS = P * (dP - sum_j P dP); masked keys have P = 0, so dS = 0 there.
-        for (index_t i = 0; i < Nq; ++i) {
-          const T* pr = P + i * Nk;
-          T* sr = dS + i * Nk;
-          T dot = 0;
-          for (index_t j = 0; j < Nk; ++j) dot += pr[j] * sr[j];
-          for (index_t j = 0; j < Nk; ++j) sr[j] = pr[j] * (sr[j] - dot);
-        }
+        // Softmax backward (in place on dP); masked keys have P = 0, so dS = 0 there.
+        for (index_t i = 0; i < Nq; ++i) math::softmax_row_backward(P + i * Nk, dS + i * Nk, Nk, dS + i * Nk);
         // Scores are scale * q_h k_h^T: dq_h = scale dS k_h, dk_h = scale dS^T q_h.
         gemm_serial<T>(Trans::N, Trans::N, Nq, Dh, Nk, scale, dS, Nk, k + ko, D, T(0), dq + qo, D);
         gemm_serial<T>(Trans::T, Trans::N, Nk, Dh, Nq, scale, dS, Nk, q + qo, D, T(0), dk + ko, D);
@@ -281,25 +255,15 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t i = 0; i < Nq; ++i) {
-        bool any = false;
-        T mx = 0;
         for (index_t j = 0; j < Nk; ++j) {
           T acc = 0;
           for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) acc += q[(b * Nq + i) * D + c] * k[(b * Nk + j) * D + c];
           s[j] = acc * scale;
-          const bool on = key_mask.empty() || key_mask[b * Nk + j] != 0;
-          if (on && (!any || s[j] > mx)) mx = s[j];
-          any = any || on;
         }
-        T sum = 0;
-        for (index_t j = 0; j < Nk; ++j) {
-          const bool on = key_mask.empty() || key_mask[b * Nk + j] != 0;
-          s[j] = on ? T(std::exp(s[j] - mx)) : T(0);
-          sum += s[j];
-        }
+        math::softmax_row(s.data(), Nk, s.data(), T(1), key_mask.empty() ? nullptr : key_mask.data() + b * Nk);
         for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) {
           T acc = 0;
-          for (index_t j = 0; j < Nk; ++j) acc += (any ? s[j] / sum : T(0)) * v[(b * Nk + j) * D + c];
+          for (index_t j = 0; j < Nk; ++j) acc += s[j] * v[(b * Nk + j) * D + c];
           ctx[(b * Nq + i) * D + c] = acc;
         }
       }

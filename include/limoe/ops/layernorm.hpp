@@ -1,5 +1,6 @@
-// limoe/ops/layernorm.hpp: LayerNorm over the last dimension (pre-LN blocks and the final norm, LIMOE.md
-// section 1; eps 1e-6 there, passed in here).
+// limoe/ops/layernorm.hpp: LayerNorm over the last dimension (pre-LN blocks and the final norm, semantics §1;
+// eps 1e-6 there, passed in here). The row formulas are limoe/math/layernorm.hpp's; this file adds the row
+// threading and the deterministic chunked reduction of the parameter gradients.
 //
 // y = (x - mean) * rstd * g + b with the population variance, rstd = 1 / sqrt(var + eps). mean[R] and rstd[R]
 // are saved for the backward pass (either may be an empty view at inference). x is read as R = numel / D rows of D = g.numel().
@@ -17,6 +18,7 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/layernorm.hpp"
 
 namespace limoe {
 namespace detail {
@@ -51,22 +53,10 @@ void layernorm_forward(CView<T> x, CView<T> g, CView<T> b, T eps, View<T> y, Vie
   if (!rstd.empty()) detail::layernorm_check_rows<T>("layernorm_forward", "rstd", rstd, R);
   parallel_for(0, R, std::max<index_t>(1, 8192 / D), [&](index_t r0, index_t r1) {
     for (index_t r = r0; r < r1; ++r) {
-      const T* xr = x.data() + r * D;
-      T* yr = y.data() + r * D;
-      // Two passes (mean, then centred squares): no cancellation for inputs with a large mean.
-      T m = 0;
-      for (index_t d = 0; d < D; ++d) m += xr[d];
-      m /= static_cast<T>(D);
-      T v = 0;
-      for (index_t d = 0; d < D; ++d) v += (xr[d] - m) * (xr[d] - m);
-      v /= static_cast<T>(D);
-      const T s = T(1) / std::sqrt(v + eps);
-      if (b.empty())
-        for (index_t d = 0; d < D; ++d) yr[d] = (xr[d] - m) * s * g[d];
-      else
-        for (index_t d = 0; d < D; ++d) yr[d] = (xr[d] - m) * s * g[d] + b[d];
-      if (!mean.empty()) mean[r] = m;
-      if (!rstd.empty()) rstd[r] = s;
+      const auto st = math::layernorm_stats(x.data() + r * D, D, eps);
+      math::layernorm_row(x.data() + r * D, D, st, g.data(), b.empty() ? nullptr : b.data(), y.data() + r * D);
+      if (!mean.empty()) mean[r] = st.mean;
+      if (!rstd.empty()) rstd[r] = st.rstd;
     }
   });
 }
@@ -87,20 +77,9 @@ void layernorm_backward(CView<T> x, CView<T> g, CView<T> mean, CView<T> rstd, CV
   // Input gradient: rows are independent.
   if (!dx.empty()) {
     parallel_for(0, R, std::max<index_t>(1, 8192 / D), [&](index_t r0, index_t r1) {
-      for (index_t r = r0; r < r1; ++r) {
-        const T* xr = x.data() + r * D;
-        const T* gr = dy.data() + r * D;
-        const T m = mean[r], s = rstd[r];
-        T sum_gx = 0, sum_gx_xhat = 0;
-        for (index_t d = 0; d < D; ++d) {
-          const T gx = gr[d] * g[d];
-          sum_gx += gx;
-          sum_gx_xhat += gx * (xr[d] - m) * s;
-        }
-        const T a = sum_gx / static_cast<T>(D), c = sum_gx_xhat / static_cast<T>(D);
-        T* out = dx.data() + r * D;  // may alias dy: each element is read before it is written
-        for (index_t d = 0; d < D; ++d) out[d] = s * (gr[d] * g[d] - a - (xr[d] - m) * s * c);
-      }
+      for (index_t r = r0; r < r1; ++r)  // dx may alias dy
+        math::layernorm_row_backward(x.data() + r * D, D, math::RowStats<T>{mean[r], rstd[r]}, g.data(),
+                                     dy.data() + r * D, dx.data() + r * D);
     });
   }
 
@@ -142,15 +121,10 @@ void layernorm_forward(CView<T> x, CView<T> g, CView<T> b, T eps, View<T> y, Vie
   const index_t R = detail::layernorm_check<T>("ref::layernorm_forward", x, g, b);
   const index_t D = g.numel();
   for (index_t r = 0; r < R; ++r) {
-    T m = 0, v = 0;
-    for (index_t d = 0; d < D; ++d) m += x[r * D + d];
-    m /= static_cast<T>(D);
-    for (index_t d = 0; d < D; ++d) v += (x[r * D + d] - m) * (x[r * D + d] - m);
-    v /= static_cast<T>(D);
-    const T s = T(1) / std::sqrt(v + eps);
-    for (index_t d = 0; d < D; ++d) y[r * D + d] = (x[r * D + d] - m) * s * g[d] + (b.empty() ? T(0) : b[d]);
-    if (!mean.empty()) mean[r] = m;
-    if (!rstd.empty()) rstd[r] = s;
+    const auto st = math::layernorm_stats(x.data() + r * D, D, eps);
+    math::layernorm_row(x.data() + r * D, D, st, g.data(), b.empty() ? nullptr : b.data(), y.data() + r * D);
+    if (!mean.empty()) mean[r] = st.mean;
+    if (!rstd.empty()) rstd[r] = st.rstd;
   }
 }
 
@@ -161,18 +135,13 @@ void layernorm_backward(CView<T> x, CView<T> g, CView<T> mean, CView<T> rstd, CV
   const index_t D = g.numel();
   for (index_t r = 0; r < R; ++r) {
     const T m = mean[r], s = rstd[r];
-    T a = 0, c = 0;
-    for (index_t d = 0; d < D; ++d) {
-      const T xhat = (x[r * D + d] - m) * s;
-      a += dy[r * D + d] * g[d];
-      c += dy[r * D + d] * g[d] * xhat;
-      if (!dg.empty()) dg[d] += dy[r * D + d] * xhat;
+    for (index_t d = 0; d < D; ++d) {  // parameter sums row by row, in order
+      if (!dg.empty()) dg[d] += dy[r * D + d] * (x[r * D + d] - m) * s;
       if (!db.empty()) db[d] += dy[r * D + d];
     }
-    a /= static_cast<T>(D);
-    c /= static_cast<T>(D);
-    for (index_t d = 0; d < D && !dx.empty(); ++d)
-      dx[r * D + d] = s * (dy[r * D + d] * g[d] - a - (x[r * D + d] - m) * s * c);
+    if (!dx.empty())
+      math::layernorm_row_backward(x.data() + r * D, D, math::RowStats<T>{m, s}, g.data(), dy.data() + r * D,
+                                   dx.data() + r * D);
   }
 }
 

@@ -20,6 +20,7 @@
 #include <string>
 #include <string_view>
 
+#include "limoe/core/enums.hpp"
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
@@ -29,27 +30,6 @@
 #include "limoe/ops/linear.hpp"
 
 namespace limoe {
-
-enum class Pooling { Gap, Map, First, Last };
-
-inline const char* pooling_name(Pooling p) {
-  switch (p) {
-    case Pooling::Gap: return "gap";
-    case Pooling::Map: return "map";
-    case Pooling::First: return "first";
-    case Pooling::Last: return "last";
-  }
-  return "?";
-}
-
-// "gap" | "map" | "first" | "last" (the config spelling, FORMATS.md).
-inline Pooling parse_pooling(std::string_view s) {
-  if (s == "gap") return Pooling::Gap;
-  if (s == "map") return Pooling::Map;
-  if (s == "first") return Pooling::First;
-  if (s == "last") return Pooling::Last;
-  fail("unknown pooling \"", std::string(s), "\"; expected one of gap, map, first, last");
-}
 
 // The weights of a `map` head. fc1_w [M, D], fc1_b [M], fc2_w [D, M], fc2_b [D], the rest [D] or [D, D].
 template <class T>

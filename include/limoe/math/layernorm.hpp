@@ -1,0 +1,53 @@
+// limoe/math/layernorm.hpp: LayerNorm on one row (semantics §1), written once.
+//
+//   mean = sum x / D,  var = sum (x - mean)^2 / D (population),  rstd = 1 / sqrt(var + eps)
+//   y = (x - mean) rstd g + b
+//   backward, xhat = (x - mean) rstd, gx = dy g:  dx = rstd (gx - mean(gx) - xhat mean(gx xhat))
+//   (the parameter gradients dg += dy xhat, db += dy are sums over rows: their order is the backend's business)
+//
+// The statistics take two passes (mean, then centred squares), so rows with a large mean do not cancel.
+#pragma once
+
+#include <cmath>
+
+#include "limoe/math/host_device.hpp"
+
+namespace limoe::math {
+
+template <class T>
+struct RowStats {
+  T mean, rstd;
+};
+
+template <class T, class I>
+LIMOE_HD inline RowStats<T> layernorm_stats(const T* x, I D, T eps) {
+  using std::sqrt;
+  T m = 0;
+  for (I d = 0; d < D; ++d) m += x[d];
+  m /= static_cast<T>(D);
+  T v = 0;
+  for (I d = 0; d < D; ++d) v += (x[d] - m) * (x[d] - m);
+  v /= static_cast<T>(D);
+  return {m, T(1) / sqrt(v + eps)};
+}
+
+// y = (x - mean) rstd g + b (b may be null); y may alias x.
+template <class T, class I>
+LIMOE_HD inline void layernorm_row(const T* x, I D, RowStats<T> st, const T* g, const T* b, T* y) {
+  for (I d = 0; d < D; ++d) y[d] = (x[d] - st.mean) * st.rstd * g[d] + (b ? b[d] : T(0));
+}
+
+// dx of one row from dy (dx may alias dy: each element is read before it is written).
+template <class T, class I>
+LIMOE_HD inline void layernorm_row_backward(const T* x, I D, RowStats<T> st, const T* g, const T* dy, T* dx) {
+  T sum_gx = 0, sum_gx_xhat = 0;
+  for (I d = 0; d < D; ++d) {
+    const T gx = dy[d] * g[d];
+    sum_gx += gx;
+    sum_gx_xhat += gx * (x[d] - st.mean) * st.rstd;
+  }
+  const T a = sum_gx / static_cast<T>(D), c = sum_gx_xhat / static_cast<T>(D);
+  for (I d = 0; d < D; ++d) dx[d] = st.rstd * (dy[d] * g[d] - a - (x[d] - st.mean) * st.rstd * c);
+}
+
+}  // namespace limoe::math
