@@ -1,4 +1,4 @@
-// bench_moe: the sparse MoE layer against a dense MLP of equal per-token compute (LIMOE.md section 7 claim 1
+// bench_moe: the sparse MoE layer against a dense MLP of equal per-token compute (semantics §7 claim 1
 // compares at equal per-token compute): T = 4096 tokens, E = 8 experts of D -> 4D -> D, K = 1, capacity
 // factor 1.0, BPR, training mode (noise on); the dense MLP is one D -> 4D -> D. Forward, and forward+backward.
 // Reports tokens per second (items_per_second). Arguments: D.

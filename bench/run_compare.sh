@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/run_compare.sh: limoe against its PyTorch peer on the reference points of ../shared/spec/WORKLOADS.md,
+# bench/run_compare.sh: limoe against its PyTorch peer on the reference points of bench/README.md,
 # side by side in one run, and a markdown table of throughputs and ratios on stdout.
 #
 #   bench/run_compare.sh [path/to/limoe]            (default: ./build/tools/limoe; builds nothing)

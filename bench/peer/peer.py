@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""PyTorch peer of `limoe bench` (../shared/spec/WORKLOADS.md): the same workloads, shapes and semantics, the
+"""PyTorch peer of `limoe bench` (bench/README.md): the same workloads, shapes and semantics, the
 same flags, and one JSON line with the same fields (plus a "peer" object recording the settings it ran with).
 
 Runs with Debian's python3-torch (1.13): `/usr/bin/python3 bench/peer/peer.py --workload moe_layer ...`.
@@ -257,7 +257,7 @@ def main(argv):
                 o = self.fc2[e](h)                                          # [n, D]
                 y.index_add_(0, idx, o * gates.index_select(0, idx)[:, e:e + 1])
             aux = None
-            if want_aux:  # LIMOE.md section 4, the weights of limoe's AuxLossConfig defaults
+            if want_aux:  # semantics §4, the weights of limoe's AuxLossConfig defaults
                 logp = torch.log_softmax(logits, dim=-1)
                 G = logp.exp()                                              # [T, E] clean gates
                 imp = G.sum(0)

@@ -1,4 +1,4 @@
-# Tests of the `limoe` command-line program (the public contract of FORMATS.md sections 2-3): run the real
+# Tests of the `limoe` command-line program (the public contract of docs/cli.md): run the real
 # binary, check exit codes, one-line errors, that no output file is left behind on failure, the golden
 # embeddings, and that a resumed training run continues the same curve.
 if(TARGET limoe)

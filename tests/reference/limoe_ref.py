@@ -1,12 +1,12 @@
-"""Independent PyTorch reference of LIMoE (the model of ../shared/spec/LIMOE.md, names of FORMATS.md).
+"""Independent PyTorch reference of LIMoE (the model of docs/semantics.md, names of docs/cli.md).
 
 Written from the spec alone, top to bottom, to produce the golden files the C++ tests compare against
 (make_golden.py). It favours plain, checkable code over speed: every op is spelled out (LayerNorm, GELU,
 attention, softmax entropies), routing decisions are made in numpy on detached values, and the MoE output
 is built with differentiable gathers/scatters so autograd gives the gradients through the gates.
 
-Conventions (LIMOE.md sections 1, 3, 4; FORMATS.md section 1):
-  * parameters: dict name -> torch tensor, names and shapes of FORMATS.md; Linear weight is [out, in],
+Conventions (semantics §1, 3, 4; docs/cli.md):
+  * parameters: dict name -> torch tensor, names and shapes of docs/cli.md; Linear weight is [out, in],
     y = x W^T + b.
   * image [H, W, C] -> patches in row-major (gy, gx) order, each flattened in (py, px, c) order.
   * pre-LN blocks; attention heads use rows h*D/NH .. (h+1)*D/NH of q, k, v.
@@ -31,7 +31,7 @@ IMG, TXT = 0, 1  # modality ids of tokens in a routing group
 
 
 # --------------------------------------------------------------------------------------------------------
-# Configuration (FORMATS.md section 1, the "config" JSON object)
+# Configuration (docs/cli.md, the "config" JSON object)
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class RouterConfig:
@@ -107,7 +107,7 @@ class Config:
 
 @dataclass
 class LossWeights:
-    """Weights of the auxiliary losses (LIMOE.md section 4) and the global-entropy thresholds."""
+    """Weights of the auxiliary losses (semantics §4) and the global-entropy thresholds."""
     importance: float = 0.005
     load: float = 0.005        # needs noise (training): 0 without it
     local_entropy: float = 0.01
@@ -121,7 +121,7 @@ class LossWeights:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Parameters: names and shapes (FORMATS.md section 1), in the order of its table
+# Parameters: names and shapes (docs/cli.md), in the order of its table
 # --------------------------------------------------------------------------------------------------------
 def param_shapes(cfg: Config) -> Dict[str, Tuple[int, ...]]:
     D, M, E = cfg.width, cfg.mlp_dim, cfg.experts
@@ -247,7 +247,7 @@ def mlp(P, prefix: str, x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Routing (LIMOE.md section 3): pure numpy, discrete
+# Routing (semantics §3): pure numpy, discrete
 # --------------------------------------------------------------------------------------------------------
 def capacity(S: int, K: int, E: int, cf: float, multiple_of: int) -> int:
     """C = S if cf == 0 (no dropping); else C = ceil(K*S*cf/E), evaluated in float exactly as written (left to
@@ -332,7 +332,7 @@ def moe_layer(P, prefix: str, cfg: Config, x: torch.Tensor, modality: np.ndarray
         ys.append(y)
         routes.append(acc)
 
-        # Auxiliary losses on the clean gates (LIMOE.md section 4).
+        # Auxiliary losses on the clean gates (semantics §4).
         logp = torch.log_softmax(logits, dim=-1)  # [S, E]
         G = logp.exp()
         imp = G.sum(0)                             # [E]
@@ -412,7 +412,7 @@ def pool(P, cfg: Config, m: str, kind: str, x: torch.Tensor, keep: Optional[torc
 
 def encode(P, cfg: Config, images: Optional[torch.Tensor], texts: Optional[torch.Tensor], cf: float,
            lw: LossWeights = LossWeights(), noise: Optional[Dict[int, torch.Tensor]] = None) -> dict:
-    """One forward call (LIMOE.md section 3: its image tokens then its text tokens share the routing groups).
+    """One forward call (semantics §3: its image tokens then its text tokens share the routing groups).
 
     Returns z_img [B, P_out] / z_txt (or None), routes {block: [S_tot, K]}, losses {block: {key: scalar}},
     infos {block: [per-group info]}."""

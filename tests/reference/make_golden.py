@@ -38,7 +38,7 @@ torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------------------------------------
-# safetensors, by hand (FORMATS.md section 1)
+# safetensors, by hand (docs/cli.md)
 # --------------------------------------------------------------------------------------------------------
 _DT = {np.dtype("float32"): "F32", np.dtype("int32"): "I32", np.dtype("float64"): "F64"}
 _NP = {"F32": np.float32, "I32": np.int32, "F64": np.float64}
@@ -423,7 +423,7 @@ class Checker:
 
 
 def check_spec_section8(ck: Checker) -> None:
-    """LIMOE.md section 8, the behaviours a test suite should pin down, on the reference's own functions."""
+    """semantics §8, the behaviours a test suite should pin down, on the reference's own functions."""
     cap = R.capacity
     ck(cap(16, 1, 8, 1.0, 1) == 2, "C(E8,K1,S16)=2")
     ck(cap(16, 2, 8, 1.0, 1) == 4, "C(E8,K2,S16)=4")

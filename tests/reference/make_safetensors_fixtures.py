@@ -2,7 +2,7 @@
 """Writes tests/data/safetensors/python_layout.safetensors with the reference `safetensors` package.
 
 The file is committed; CI never runs this script. It checks that limoe reads what other tools write (spec
-FORMATS.md section 1). Needs torch (for BF16) and `pip install safetensors`.
+docs/cli.md). Needs torch (for BF16) and `pip install safetensors`.
 test_safetensors.cpp hard-codes the values below: keep them in sync.
 """
 import os

@@ -1,4 +1,4 @@
-# Optional: the PyTorch reference's own verification (tests/reference/make_golden.py --check: LIMOE.md
+# Optional: the PyTorch reference's own verification (tests/reference/make_golden.py --check: docs/semantics.md
 # section 8 on the reference's functions, its ops against torch's, finite differences of every parameter, the
 # float32 run, and the committed golden files against a fresh recomputation). Needs Debian's /usr/bin/python3
 # with torch and numpy; without them the script prints "skipped: torch/numpy not importable" and exits 77,

@@ -1,4 +1,4 @@
-// Checkpoints (FORMATS.md section 1, docs/cli.md): a saved model reads back bit for bit with its config and
+// Checkpoints (docs/cli.md, docs/cli.md): a saved model reads back bit for bit with its config and
 // optimizer state; a checkpoint with a missing, misshaped or non-finite tensor, or another format or version,
 // is rejected with an error naming the file, the tensor and the problem.
 #include <doctest/doctest.h>

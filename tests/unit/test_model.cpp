@@ -10,7 +10,7 @@
 
 using namespace limoe;
 
-TEST_CASE("presets: parameter counts match LIMOE.md section 2") {
+TEST_CASE("presets: parameter counts match semantics §2") {
   const auto h14 = count_params(preset("H/14"));
   CHECK(std::abs(h14.total / 1e9 - 5.59) < 0.01);
   CHECK(std::abs(h14.per_token / 1e6 - 653) < 1);

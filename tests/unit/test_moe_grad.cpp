@@ -1,4 +1,4 @@
-// MoE layer backward against central finite differences in double (LIMOE.md section 8, last item): input x,
+// MoE layer backward against central finite differences in double (semantics §8, last item): input x,
 // router weight (through the combine weights and the aux losses), fc1/fc2 weights and biases, with capacity
 // drops and noise (fixed by the Rng, so identical between the +h and -h evaluations), with and without each
 // auxiliary loss.

@@ -1,4 +1,4 @@
-// MoE layer forward (LIMOE.md section 3 step 7): dropless equals the dense soft top-K mixture, K = E equals
+// MoE layer forward (semantics §3 step 7): dropless equals the dense soft top-K mixture, K = E equals
 // the full softmax mixture, capacity drops give 0, statistics, groups, float against double.
 #include <doctest/doctest.h>
 

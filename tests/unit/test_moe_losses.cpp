@@ -1,4 +1,4 @@
-// MoE auxiliary losses (LIMOE.md section 4): the section 8 values, absent modalities, and each term's
+// MoE auxiliary losses (semantics §4): the section 8 values, absent modalities, and each term's
 // gradient wrt the router logits against central differences in double.
 #include <doctest/doctest.h>
 

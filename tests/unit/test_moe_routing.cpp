@@ -1,4 +1,4 @@
-// MoE routing: capacity (LIMOE.md section 3 step 5), assignment order and BPR (step 6), the section 8 examples,
+// MoE routing: capacity (semantics §3 step 5), assignment order and BPR (step 6), the section 8 examples,
 // properties over random inputs, thread-count invariance, a user-written router.
 #include <doctest/doctest.h>
 

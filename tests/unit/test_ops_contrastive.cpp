@@ -1,4 +1,4 @@
-// Ops: the symmetric contrastive loss (LIMOE.md sections 4 and 8): golden value, symmetry, reference,
+// Ops: the symmetric contrastive loss (semantics §4 and 8): golden value, symmetry, reference,
 // finite differences for the embeddings and the temperature, the clamp.
 #include <doctest/doctest.h>
 
@@ -26,7 +26,7 @@ Tensor<double> unit_rows(Shape s, std::uint64_t seed) {
 }
 }  // namespace
 
-TEST_CASE("contrastive: LIMOE.md section 8 golden value, t = 1, orthonormal pairs: log(n - 1 + e) - 1") {
+TEST_CASE("contrastive: semantics §8 golden value, t = 1, orthonormal pairs: log(n - 1 + e) - 1") {
   for (index_t n : {2, 4, 7}) {
     Tensor<double> z(Shape{n, n + 1});  // orthonormal rows: unit vectors e_i
     for (index_t i = 0; i < n; ++i) z[i * (n + 1) + i] = 1.0;

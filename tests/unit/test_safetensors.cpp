@@ -1,4 +1,4 @@
-// safetensors I/O (spec FORMATS.md sections 1-2): half / bfloat16 conversions against bit patterns and an independent
+// safetensors I/O (spec docs/cli.md): half / bfloat16 conversions against bit patterns and an independent
 // reference, round trips of every dtype, a file written by the reference Python package, every malformed header
 // rejected with a message that names the problem, and the atomic file writer.
 #include <doctest/doctest.h>

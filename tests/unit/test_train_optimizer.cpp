@@ -353,7 +353,7 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// LIMOE.md section 5: "decoupled weight decay 0.1 on weight matrices only"; optimizer.hpp and
+// semantics §5: "decoupled weight decay 0.1 on weight matrices only"; optimizer.hpp and
 // docs/architecture.md: never biases, LayerNorm parameters, positions, the token table, probes or logit_scale.
 // Returns the category name; `decay` is set to what the rule says.
 std::string classify(const std::string& n, const Shape& shape, bool& decay) {

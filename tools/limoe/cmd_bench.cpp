@@ -1,4 +1,4 @@
-// `limoe bench --workload W ...`: the benchmark workloads of ../shared/spec/WORKLOADS.md, one JSON line each.
+// `limoe bench --workload W ...`: the benchmark workloads of bench/README.md, one JSON line each.
 //
 //   moe_layer   one MoE layer (router, BPR, dispatch, E expert MLPs D -> 4D -> D, combine) on T tokens, training
 //               mode (router noise on, capacity factor --capacity-factor, default 1.0), 3/4 image and 1/4 text
@@ -219,7 +219,7 @@ json gemm_workload(const Params& p) {
 }
 
 // The named variant with the overrides given on the command line. A name is a preset (limoe inspect lists
-// them), or a JSON config file (FORMATS.md "config"), or an inline JSON object.
+// them), or a JSON config file (docs/cli.md "config"), or an inline JSON object.
 ModelConfig model_config(const Params& p, bool training) {
   ModelConfig c;
   const std::string& n = p.config;
@@ -420,7 +420,7 @@ int run(const std::vector<std::string>& argv) {
 }
 
 const cli::Register reg(
-    {"bench", "benchmark workloads (WORKLOADS.md): one JSON line with throughput, GFLOP/s and timings",
+    {"bench", "benchmark workloads (bench/README.md): one JSON line with throughput, GFLOP/s and timings",
      "usage: limoe bench --workload W [--config NAME] [--width D] [--tokens T] [--experts E] [--top-k K]\n"
      "                   [--capacity-factor F] [--batch B] [--threads N] [--repeats R] [--warmup W] [--backward]\n\n"
      "  --workload W          moe_layer | dense_mlp | gemm | embed | train_step\n"

@@ -1,4 +1,4 @@
-// `limoe embed`: embeddings and routing decisions for a batch of images and/or texts (FORMATS.md section 2).
+// `limoe embed`: embeddings and routing decisions for a batch of images and/or texts (docs/cli.md section 2).
 #include <iostream>
 
 #include <limoe/core/parallel.hpp>

@@ -71,7 +71,7 @@ int run(const std::vector<std::string>& argv) {
 const cli::Register reg({"inspect", "config, parameter counts and block layout of a preset or checkpoint",
                          "usage: limoe inspect NAME|CHECKPOINT [--json]\n\n"
                          "  NAME        a preset: S/32, B/32, B/16, L/16, H/14, tiny, small-28, small-32\n"
-                         "  CHECKPOINT  a .safetensors checkpoint (FORMATS.md)\n"
+                         "  CHECKPOINT  a .safetensors checkpoint (docs/cli.md)\n"
                          "  --json      one JSON line with params_total, params_per_token, layout and config\n\n"
                          "Per-token parameters count what one image token passes through: the image embedding,\n"
                          "every block with top-k of its experts, the final norm, the image head and projection.\n",

@@ -1,4 +1,4 @@
-// `limoe routing`: per-block routing report for a checkpoint on a data set (LIMOE.md section 6): each expert's
+// `limoe routing`: per-block routing report for a checkpoint on a data set (semantics §6): each expert's
 // share of image tokens, drop rates and entropies per modality, as a table (stdout), JSON and an SVG picture of
 // experts coloured by modality share (the paper's figure), plus which patches of a few test images go where.
 #include <cstdio>

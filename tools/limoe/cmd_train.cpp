@@ -157,7 +157,7 @@ int run(const std::vector<std::string>& argv) {
 const cli::Register reg({"train", "train a model on image-text pairs and write a checkpoint",
                          std::string("usage: limoe train [--preset NAME | --config FILE.json | --resume CKPT] [options]\n\n"
                          "  --preset NAME        a preset (default small-28); see limoe inspect\n"
-                         "  --config FILE        a JSON config object (FORMATS.md section 1)\n"
+                         "  --config FILE        a JSON config object (docs/cli.md)\n"
                          "  --resume CKPT        continue a run from its checkpoint (steps, batch, lr, seed and data default to the run's)\n"
                          "  --dense              every MoE block becomes a dense MLP (the dense model of equal per-token compute)\n") +
                          cli::kDataHelp +

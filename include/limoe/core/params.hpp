@@ -1,6 +1,6 @@
 // limoe/core/params.hpp: every parameter of a model in one flat buffer, its gradient in another.
 //
-// Layers register their tensors by name (the FORMATS.md names) before `finalize()`, then read them through
+// Layers register their tensors by name (the docs/cli.md names) before `finalize()`, then read them through
 // the returned ParamRef. One flat buffer makes the optimizer one loop, zeroing gradients one memset, and a
 // checkpoint a walk over `entries()`.
 #pragma once

@@ -1,5 +1,5 @@
 // limoe/eval/evaluate.hpp: zero-shot classification, 10-shot linear probe, retrieval and routing reports
-// (LIMOE.md sections 5 and 6).
+// (semantics §5 and 6).
 #pragma once
 
 #include <algorithm>
@@ -99,7 +99,7 @@ inline double zero_shot_accuracy(const Tensor<float>& img_emb, const std::vector
   return labels.empty() ? 0.0 : static_cast<double>(ok) / static_cast<double>(labels.size());
 }
 
-// Few-shot linear probe (LIMOE.md section 5): features standardised with the training shots' statistics, plus a
+// Few-shot linear probe (semantics §5): features standardised with the training shots' statistics, plus a
 // bias feature; one-hot targets in {-1, +1}; closed-form ridge regression for each lambda of a grid; the best
 // test accuracy over the grid is reported (as big_vision's few-shot evaluator does).
 inline double linear_probe_accuracy(const Tensor<float>& train_x, const std::vector<int>& train_y, const Tensor<float>& test_x,

@@ -5,7 +5,7 @@
 // map_file(path)             -> a read-only view of a file's bytes; memory-mapped for regular files, read into
 //                               memory otherwise (pipes, empty files). The mapping lives as long as any copy of the
 //                               returned FileBytes.
-// write_file_atomic(path, …) -> never leaves a half-written file at `path` (spec FORMATS.md section 3: "never leaves a
+// write_file_atomic(path, …) -> never leaves a half-written file at `path` (spec docs/cli.md section 3: "never leaves a
 //                               half-written output file"): the bytes go to a temporary file in the same directory,
 //                               `path + ".tmp.<pid>.<n>"`, which is flushed (fsync), then renamed over `path`. If
 //                               anything fails (including an exception thrown by the writer callback), the

@@ -1,4 +1,4 @@
-// limoe/io/safetensors.hpp: reading and writing the safetensors format (spec FORMATS.md sections 1-2).
+// limoe/io/safetensors.hpp: reading and writing the safetensors format (spec docs/cli.md).
 //
 // Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON (possibly padded with trailing spaces)
 //   {"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ..., "__metadata__": {"k": "v"}}

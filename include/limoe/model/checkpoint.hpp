@@ -1,6 +1,6 @@
-// limoe/model/checkpoint.hpp: models to and from safetensors checkpoints (FORMATS.md section 1).
+// limoe/model/checkpoint.hpp: models to and from safetensors checkpoints (docs/cli.md).
 //
-// A checkpoint is the model's parameters under their FORMATS.md names, F32 (readers accept F16/BF16/F64), with
+// A checkpoint is the model's parameters under their docs/cli.md names, F32 (readers accept F16/BF16/F64), with
 // `__metadata__` {"format": "limoe", "format_version": "1", "config": <JSON>}. Training adds the AdamW moments
 // as flat `opt.m` / `opt.v` tensors (in the order of the model's parameter store) and `train_state` metadata;
 // a model loader ignores both. Any tool that writes these names and this config produces a loadable model.
@@ -31,7 +31,7 @@ inline ModelConfig read_checkpoint_config(const io::SafetensorsReader& r) {
               kCheckpointVersion, ")");
   auto cfg = md.find("config");
   LIMOE_CHECK(cfg != md.end(), "checkpoint '", r.label(),
-              "': no \"config\" in __metadata__; a limoe checkpoint stores its hyper-parameters there (FORMATS.md)");
+              "': no \"config\" in __metadata__; a limoe checkpoint stores its hyper-parameters there (docs/cli.md)");
   try {
     return config_from_json_string(cfg->second);
   } catch (const Error& e) {

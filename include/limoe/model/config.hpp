@@ -1,4 +1,4 @@
-// limoe/model/config.hpp: every hyper-parameter of a LIMoE model, as data (FORMATS.md section 1 "config").
+// limoe/model/config.hpp: every hyper-parameter of a LIMoE model, as data (docs/cli.md "config").
 //
 // Policy is a type (backend, router, losses); size is data. S/32 and H/14 share every layer instantiation
 // and differ only in a ModelConfig. The JSON form is the checkpoint's `config` metadata string.
@@ -19,7 +19,7 @@
 
 namespace limoe {
 
-// Image pooling accepts gap, map, first; text pooling also accepts last (FORMATS.md).
+// Image pooling accepts gap, map, first; text pooling also accepts last (docs/cli.md).
 inline Pooling parse_pooling_for(const std::string& s, bool text) {
   LIMOE_CHECK(s == "gap" || s == "map" || s == "first" || (text && s == "last"), "config: unknown ",
               text ? "pool_txt" : "pool_img", " \"", s, "\" (expected gap, map, first", text ? ", last)" : ")");
@@ -28,14 +28,14 @@ inline Pooling parse_pooling_for(const std::string& s, bool text) {
 
 struct ModelConfig;
 
-// Parameter counts of a config (LIMOE.md section 2's "total" and "per token" columns), computed in the
+// Parameter counts of a config (semantics §2's "total" and "per token" columns), computed in the
 // arithmetic type A: std::int64_t for reporting, double for validate()'s size bound (no overflow).
 template <class A>
 struct ParamCountsOf {
   A total = 0;
   // Parameters applied to one image token: the image path (patch embedding, positions, every block with K of
   // its E experts, the final norm, the image head and projection, the temperature). The text table and text
-  // head are not applied to an image token. This is how LIMOE.md section 2's "per token" column is counted
+  // head are not applied to an image token. This is how semantics §2's "per token" column is counted
   // (H/14: 5.59B total, 653M per token).
   A per_token = 0;
   A per_block_dense = 0, per_block_moe = 0, experts_per_block = 0;
@@ -151,7 +151,7 @@ ParamCountsOf<A> count_params_as(const ModelConfig& c) {
 // Parameter counts of a valid config (validate() bounds them, so the integers cannot overflow).
 inline ParamCounts count_params(const ModelConfig& c) { return count_params_as<std::int64_t>(c); }
 
-// ---- JSON (FORMATS.md section 1) ---------------------------------------------------------------------------
+// ---- JSON (docs/cli.md) ---------------------------------------------------------------------------
 
 inline nlohmann::json router_to_json(const moe::RouterConfig& r) {
   return {{"noise_std", r.noise_std},
@@ -200,7 +200,7 @@ inline nlohmann::json to_json(const ModelConfig& c) {
 }
 
 namespace detail {
-// Keys a config object may hold (FORMATS.md section 1 plus the two extensions this library writes).
+// Keys a config object may hold (docs/cli.md plus the two extensions this library writes).
 inline const std::vector<std::string>& config_keys() {
   static const std::vector<std::string> k{"image_size", "channels", "patch", "width", "depth", "heads", "mlp_dim",
                                           "vocab_size", "text_len", "experts", "top_k", "moe_blocks", "pool_img",
@@ -282,7 +282,7 @@ void json_get_int(const nlohmann::json& j, const char* key, I& out, bool require
 }
 }  // namespace detail
 
-// Parses a config object. Keys FORMATS.md lists as the model's shape are required; the rest default.
+// Parses a config object. Keys docs/cli.md lists as the model's shape are required; the rest default.
 inline ModelConfig config_from_json(const nlohmann::json& j) {
   LIMOE_CHECK(j.is_object(), "config: expected a JSON object, got ", j.type_name());
   using detail::json_get;

@@ -1,4 +1,4 @@
-// limoe/model/model.hpp: the one-tower LIMoE model (LIMOE.md section 1), forward and backward on the CPU.
+// limoe/model/model.hpp: the one-tower LIMoE model (semantics §1), forward and backward on the CPU.
 //
 // A batch flows as ONE activation matrix X[R, D], R = Bi*N + Bt*T: all image tokens (image by image), then all
 // text tokens (text by text). That is exactly the order in which the routers group tokens (section 3), so the
@@ -31,7 +31,7 @@ namespace limoe {
 
 using moe::Mode;
 
-// Parameter handles of one attention layer (FORMATS.md `attn.{q,k,v,o}.{weight,bias}`).
+// Parameter handles of one attention layer (docs/cli.md `attn.{q,k,v,o}.{weight,bias}`).
 struct AttnRefs {
   ParamRef q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
 };

@@ -1,4 +1,4 @@
-// limoe/model/presets.hpp: the named variants (LIMOE.md section 2) and parameter counting.
+// limoe/model/presets.hpp: the named variants (semantics §2) and parameter counting.
 //
 // Large variants: ViT sizes on 224x224x3 with a 32k vocabulary and 16 text tokens. Small variants train on a
 // 2-core machine (28x28x1 Fashion-MNIST, 32x32x3 synthetic shapes).

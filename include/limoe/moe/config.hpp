@@ -1,7 +1,7 @@
 // limoe/moe/config.hpp: the run-time configuration of a sparse MoE layer and the expert capacity.
 //
-// `RouterConfig` mirrors the checkpoint JSON "router" object (FORMATS.md) plus the expert count E and top-K;
-// `AuxLossConfig` holds the weights and thresholds of the auxiliary losses (LIMOE.md section 4). Sizes and
+// `RouterConfig` mirrors the checkpoint JSON "router" object (docs/cli.md) plus the expert count E and top-K;
+// `AuxLossConfig` holds the weights and thresholds of the auxiliary losses (semantics §4). Sizes and
 // factors are data; what changes the code path (top-K, assignment order, loss set) are policy types in
 // router.hpp and losses.hpp, picked from these values by `visit_router`.
 #pragma once
@@ -56,7 +56,7 @@ struct RouterConfig {
   double capacity_factor(bool training) const { return training ? capacity_factor_train : capacity_factor_eval; }
 };
 
-// Weights and thresholds of the auxiliary losses (LIMOE.md section 4). Per-modality arrays are indexed by
+// Weights and thresholds of the auxiliary losses (semantics §4). Per-modality arrays are indexed by
 // Modality: [0] image, [1] text. A weight of 0 still reports the term's value but adds no gradient (as vmoe's
 // `_weighted_sum`, which skips terms whose weight is not positive).
 struct AuxLossConfig {
@@ -93,7 +93,7 @@ struct MoeConfig {
 //   up to a multiple of `multiple_of`; factor 0 means no drop (C = S: each token picks an expert at most once,
 //   so no expert can overflow).
 // The ceiling of a positive number is at least 1, so any positive factor gives every expert at least one slot,
-// in a full group and in a shorter last group alike (one rule for every group). LIMOE.md's section 8 lists
+// in a full group and in a shorter last group alike (one rule for every group). semantics §8 lists
 // E=8, S=4, factor 0.1 as an error; we follow the formula instead (C = 1), as decided in the core redesign: an
 // error there would make a valid batch fail because of its remainder group. C < 1 remains an error where the
 // product underflows to 0 (a factor like 1e-320).

@@ -1,4 +1,4 @@
-// limoe/moe/layer.hpp: the sparse MoE layer, forward and backward (LIMOE.md sections 3, 4, 6).
+// limoe/moe/layer.hpp: the sparse MoE layer, forward and backward (semantics §3, 4, 6).
 //
 //   logits = x W_r^T ([N, E]); per group: noise, gates = softmax(noisy), top-K, capacity, assignment;
 //   dispatch the accepted (token, choice) pairs into contiguous per-expert blocks (a counting sort by expert,
@@ -6,7 +6,7 @@
 //   each expert runs Linear -> GELU -> Linear on its block (grouped matrix products, no padding to C rows);
 //   y[t] = sum over accepted choices of gate[t, e] * Expert_e(x[t]) (gates not renormalised); dropped -> 0.
 //
-// Parameters are views into the model's storage (FORMATS.md shapes): router [E, D], fc1 [E, M, D] / [E, M],
+// Parameters are views into the model's storage (docs/cli.md shapes): router [E, D], fc1 [E, M, D] / [E, M],
 // fc2 [E, D, M] / [E, D]. Forward fills a reusable MoeContext (buffers keep their storage between calls; no
 // per-token allocation) that backward consumes. Gradient rule (docs/conventions.md): parameter gradients
 // accumulate, dx is overwritten, an empty view skips that gradient.
@@ -52,7 +52,7 @@ struct MoeGrads {
   View<T> router_w, fc1_w, fc1_b, fc2_w, fc2_b;
 };
 
-// The five tensors of `blocks.{i}.moe.*` in a ParamStore (FORMATS.md names), e.g. prefix "blocks.1.moe".
+// The five tensors of `blocks.{i}.moe.*` in a ParamStore (docs/cli.md names), e.g. prefix "blocks.1.moe".
 struct MoeParamRefs {
   ParamRef router_w, fc1_w, fc1_b, fc2_w, fc2_b;
 
@@ -83,7 +83,7 @@ struct MoeContext {
   // ---- outputs of the last forward ----
   AuxLossValues losses;  // averaged over groups; `total` is weighted (add it to the training loss)
   RoutingStats stats;
-  // [N, K]: the expert that accepted each choice of each token, -1 where dropped (FORMATS.md img_route/txt_route).
+  // [N, K]: the expert that accepted each choice of each token, -1 where dropped (docs/cli.md img_route/txt_route).
   CView<std::int32_t> routes() const { return CView<std::int32_t>(route.data(), Shape{N, K}); }
   // [N, E]: the gates the combine weights came from (softmax of the noisy logits in training).
   CView<T> gate_values() const { return CView<T>(gates.data(), Shape{N, E}); }
@@ -162,7 +162,7 @@ void check_params(const MoeParams<T>& p, int E, index_t D) {
 }  // namespace detail
 
 // Forward with an explicit router policy and loss set.
-//   x [N, D] tokens in the fixed order (all image tokens, then all text tokens; LIMOE.md section 3);
+//   x [N, D] tokens in the fixed order (all image tokens, then all text tokens; semantics §3);
 //   modality [N] (0 image, 1 text; an empty span means all image); y [N, D] overwritten.
 // Outputs besides y land in ctx: ctx.routes() [N, K], ctx.losses, ctx.stats.
 template <class T, class Losses = DefaultAuxLosses, class Router>
@@ -208,7 +208,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     modality = c.default_modality;
   }
 
-  // 1. Router logits (LIMOE.md section 3 step 1) and clean gates G = softmax(logits) for the losses.
+  // 1. Router logits (semantics §3 step 1) and clean gates G = softmax(logits) for the losses.
   if (N > 0)
     detail::gemm_rows<T>(Trans::N, Trans::T, N, E, D, x.data(), D, p.router_w.data(), D, T(0), c.logits.data(), E);
   parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
@@ -244,7 +244,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     }
   });
 
-  // 3. Auxiliary losses per group, averaged over groups (LIMOE.md section 4).
+  // 3. Auxiliary losses per group, averaged over groups (semantics §4).
   std::fill(c.aux_dlogits.data(), c.aux_dlogits.data() + N * E, 0.0);
   const bool noise_active = training && cfg.router.noise_std > 0;
   parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
@@ -343,7 +343,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     }
   });
 
-  // 7. Routing statistics (LIMOE.md section 6).
+  // 7. Routing statistics (semantics §6).
   auto& st = c.stats;
   st.experts = E, st.top_k = K, st.groups = G, st.capacity = G > 0 ? c.capacity[0] : 0;
   st.image_share.assign(static_cast<std::size_t>(E), 0.0);

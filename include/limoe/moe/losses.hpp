@@ -1,4 +1,4 @@
-// limoe/moe/losses.hpp: the auxiliary router losses (LIMOE.md section 4) as composable policy types.
+// limoe/moe/losses.hpp: the auxiliary router losses (semantics §4) as composable policy types.
 //
 //   AuxLosses<ImportanceLoss, LoadLoss, LocalEntropyLoss, GlobalEntropyLoss, ZLoss>   (= DefaultAuxLosses)
 //

@@ -1,4 +1,4 @@
-// limoe/moe/moe.hpp: the sparse Mixture-of-Experts layer of LIMoE (LIMOE.md sections 3, 4, 6).
+// limoe/moe/moe.hpp: the sparse Mixture-of-Experts layer of LIMoE (semantics §3, 4, 6).
 //   config.hpp  RouterConfig (the checkpoint "router" object + E, K), AuxLossConfig, MoeConfig, compute_capacity
 //   router.hpp  RouteGroup, the RouterPolicy concept, TopKRouter<KPolicy, NoisePolicy, OrderPolicy>, visit_router
 //   losses.hpp  AuxLosses<Terms...> (importance, load, local/global entropy per modality, z-loss), AuxLossValues

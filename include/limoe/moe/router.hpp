@@ -1,4 +1,4 @@
-// limoe/moe/router.hpp: routing one group of tokens to experts (LIMOE.md section 3), as composable policies.
+// limoe/moe/router.hpp: routing one group of tokens to experts (semantics §3), as composable policies.
 //
 // A router sees one group of S tokens with their clean logits [S, E] and decides, for every token, its K
 // choices (best first) and which of them the experts accept under capacity C. The stock router is
@@ -110,7 +110,7 @@ inline void softmax_row(const T* x, int E, T* y) {
 
 // ---- noise policies ----------------------------------------------------------------------------------------
 
-// Training: noisy = logits + eps, eps ~ N(0, (noise_std / E)^2) (LIMOE.md section 3 step 2; vmoe divides the
+// Training: noisy = logits + eps, eps ~ N(0, (noise_std / E)^2) (semantics §3 step 2; vmoe divides the
 // configured std by E the same way). The draw for (token t of the call, expert e) is rng.normal(0, t * E + e):
 // a pure function of the position, so it does not depend on the thread count or the grouping.
 struct GaussianNoise {
@@ -150,7 +150,7 @@ struct VanillaOrder {
   }
 };
 // Batch Priority Routing: descending top-1 gate, ties to the lower token index (a stable sort); the same
-// order serves every rank of choice (LIMOE.md section 3 step 6; vmoe sorts by the max gate the same way).
+// order serves every rank of choice (semantics §3 step 6; vmoe sorts by the max gate the same way).
 struct BatchPriorityOrder {
   template <class T>
   static void order(const RouteGroup<T>& g) {

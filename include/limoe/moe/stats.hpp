@@ -1,4 +1,4 @@
-// limoe/moe/stats.hpp: what a MoE layer call reports about its routing (LIMOE.md section 6), as data.
+// limoe/moe/stats.hpp: what a MoE layer call reports about its routing (semantics §6), as data.
 //
 // Counts are of choices (a token has K of them); arrays indexed [modality][expert], modality 0 image, 1 text.
 // Filled by the layer's forward into MoeContext::stats; the vectors keep their storage between calls.

@@ -1,9 +1,9 @@
-// limoe/ops/attention.hpp: multi-head scaled dot-product attention with q/k/v/o projections (LIMOE.md
+// limoe/ops/attention.hpp: multi-head scaled dot-product attention with q/k/v/o projections (docs/semantics.md
 // section 1: `x = x + Attn(LN1(x))` in every block, and the cross-attention of the `map` pooling head).
 //
 //   q = xq Wq^T + bq    [B, Nq, D]        k = xkv Wk^T + bk    [B, Nk, D]        v = xkv Wv^T + bv    [B, Nk, D]
 //   head h uses columns h*Dh .. (h+1)*Dh of q, k, v (Dh = D / H), i.e. rows h*Dh .. (h+1)*Dh of Wq, Wk, Wv
-//   (FORMATS.md), and the same columns of the concatenated context:
+//   (docs/cli.md), and the same columns of the concatenated context:
 //   P_h = softmax(q_h k_h^T / sqrt(Dh)) over unmasked keys    ctx_h = P_h v_h    y = ctx Wo^T + bo
 //
 // Key mask: [B, Nk] of uint8, nonzero = attend, 0 = masked (an empty view attends to every key). A query
@@ -36,7 +36,7 @@
 
 namespace limoe {
 
-// The weights of one attention layer (FORMATS.md `attn.{q,k,v,o}.weight` [D, D] / `.bias` [D]).
+// The weights of one attention layer (docs/cli.md `attn.{q,k,v,o}.weight` [D, D] / `.bias` [D]).
 template <class T>
 struct AttentionWeights {
   CView<T> wq, bq, wk, bk, wv, bv, wo, bo;

@@ -1,4 +1,4 @@
-// limoe/ops/contrastive.hpp: the symmetric image-text contrastive loss (LIMOE.md section 4; CLIP / LiT).
+// limoe/ops/contrastive.hpp: the symmetric image-text contrastive loss (semantics §4; CLIP / LiT).
 //
 // n pairs of normalised embeddings zi[n, P] (images) and zt[n, P] (texts):
 //   logits_ij = t <zi_i, zt_j>,  t = exp(theta), optionally clamped to t <= max_scale (max_scale <= 0: no clamp)

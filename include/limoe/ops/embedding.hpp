@@ -1,4 +1,4 @@
-// limoe/ops/embedding.hpp: the per-modality input embeddings (LIMOE.md section 1).
+// limoe/ops/embedding.hpp: the per-modality input embeddings (semantics §1).
 //
 // Images [B, H, W, C] are cut into P x P patches in row-major (py, px) order, each flattened in
 // (py_in, px_in, c) order, then y[B, N, D] = patches W^T + b + pos[N, D] with N = (H/P) (W/P), W [D, P*P*C].

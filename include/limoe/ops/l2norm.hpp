@@ -1,5 +1,5 @@
 // limoe/ops/l2norm.hpp: per-row L2 normalisation of the projected embeddings before the contrastive loss
-// (LIMOE.md section 1: "z = u / (||u|| + 1e-8) is fine; document what you use").
+// (semantics §1: "z = u / (||u|| + 1e-8) is fine; document what you use").
 //
 // This library uses z = u / (||u|| + eps) with eps = 1e-8 (kL2NormEps), for float and double alike; norms[R]
 // (= ||u||, without eps) is saved for the backward pass. With n = ||u||, s = n + eps:

@@ -1,4 +1,4 @@
-// limoe/ops/linear.hpp: the affine layer y = x W^T + b over the last dimension (LIMOE.md section 1: patch
+// limoe/ops/linear.hpp: the affine layer y = x W^T + b over the last dimension (semantics §1: patch
 // embedding, q/k/v/o, MLPs, experts, projections).
 //
 // x is any tensor whose last dimension is I; it is read as R = numel / I rows. W is [O, I] (PyTorch layout),

@@ -1,13 +1,13 @@
-// limoe/ops/pooling.hpp: the per-modality pooling heads, tokens x[B, N, D] -> y[B, D] (LIMOE.md section 1).
+// limoe/ops/pooling.hpp: the per-modality pooling heads, tokens x[B, N, D] -> y[B, D] (semantics §1).
 //
 //   gap    mean over tokens; with a key mask, the mean over unmasked tokens (a row with none gives 0)
 //   first  token 0 (the mask is ignored)
-//   last   the final position N-1 (LIMOE.md section 1: the EOS under "sticky EOS" padding); with a key mask
+//   last   the final position N-1 (semantics §1: the EOS under "sticky EOS" padding); with a key mask
 //          (text_mask on: pad tokens masked), the last unmasked position, i.e. the EOS of limoe's tokenizer,
 //          which pads after the EOS (a row with none falls back to N-1)
 //   map    multi-head attention pooling (big_vision's MAPHead): a learned probe[D] is the single query of the
 //          attention of ops/attention.hpp over the tokens (H heads, masked keys ignored), giving u[B, D];
-//          then y = u + MLP(LN(u)), MLP = Linear(D->M) -> GELU -> Linear(M->D). Tensor names (FORMATS.md):
+//          then y = u + MLP(LN(u)), MLP = Linear(D->M) -> GELU -> Linear(M->D). Tensor names (docs/cli.md):
 //          `{img,txt}.head.probe`, `.head.attn.{q,k,v,o}.*`, `.head.ln.*`, `.head.mlp.fc1.*`, `.head.mlp.fc2.*`.
 //
 // gap/first/last: cpu::pool_forward / pool_backward. map needs weights: cpu::map_head_forward / backward.

@@ -1,5 +1,5 @@
 // limoe/train/optimizer.hpp: AdamW with decoupled weight decay, learning-rate schedules, gradient clipping
-// (LIMOE.md section 5).
+// (semantics §5).
 //
 // Parameters and gradients are each one flat buffer (ParamStore), so one step is one loop over it. Weight
 // decay applies to the entries registered with decay = true (the weight matrices), never to biases,

@@ -1,5 +1,5 @@
 // limoe/train/trainer.hpp: one training step (forward, contrastive + auxiliary losses, backward, AdamW) and the
-// metrics it reports (LIMOE.md sections 4-6).
+// metrics it reports (semantics §4-6).
 //
 //   limoe::Trainer<limoe::Limoe<float>> trainer(model, {.steps = 1000});
 //   for (...) { auto r = trainer.step(batch.images.cview(), batch.texts.cview()); }
