@@ -130,3 +130,32 @@ TEST_CASE("evaluation keeps no tape: backward after an evaluation forward is an 
   }
   for (index_t i = 0; i < m.params().size(); ++i) REQUIRE(m.params().grads()[i] == fresh.params().grads()[i]);
 }
+
+TEST_CASE("the capacity factor is an argument of a forward call: the same as a model configured with it") {
+  ModelConfig c = preset("tiny");
+  c.router.noise_std = 0;
+  Limoe<double> m(c);
+  m.init(4);
+  ModelConfig c2 = c;
+  c2.router.capacity_factor_eval = 0.5;
+  Limoe<double> m2(c2);
+  m2.init(4);
+  const index_t B = 4;
+  Tensor<double> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
+  testing::fill_normal(images.view(), 12, 0.5);
+  const auto none = m.forward(images.cview(), {}, Mode::Eval);             // the config's factor 0: no drop
+  const auto half = m.forward(images.cview(), {}, Mode::Eval, 0, 0.5);     // this call only
+  const auto cfgd = m2.forward(images.cview(), {}, Mode::Eval);
+  index_t dropped_none = 0, dropped_half = 0;
+  for (index_t i = 0; i < none.routes[0].numel(); ++i) dropped_none += none.routes[0][i] < 0;
+  for (index_t i = 0; i < half.routes[0].numel(); ++i) {
+    dropped_half += half.routes[0][i] < 0;
+    CHECK(half.routes[0][i] == cfgd.routes[0][i]);
+  }
+  CHECK(dropped_none == 0);
+  CHECK(dropped_half > 0);
+  for (index_t i = 0; i < half.img_emb.numel(); ++i) CHECK(half.img_emb[i] == cfgd.img_emb[i]);
+  const auto again = m.forward(images.cview(), {}, Mode::Eval);  // the override does not stick
+  for (index_t i = 0; i < again.img_emb.numel(); ++i) CHECK(again.img_emb[i] == none.img_emb[i]);
+  CHECK_THROWS_WITH_AS(m.forward(images.cview(), {}, Mode::Eval, 0, -1.0), doctest::Contains("capacity factor"), Error);
+}

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -231,11 +232,12 @@ struct RoutingSummary {
 };
 
 // Routes image-text pairs of a data set jointly (images and texts share groups, as in training) in evaluation
-// mode (no noise) and sums the statistics per MoE block. The capacity factor used is the model's eval factor:
-// set it to the training factor to measure drop rates as training sees them.
+// mode (no noise) and sums the statistics per MoE block, at `capacity_factor` (default: the model's evaluation
+// factor; pass the training factor to measure drop rates as training sees them).
 template <class Model, class Tok>
 std::vector<RoutingSummary> routing_summary(Model& model, const Tok& tok, const data::AnyDataset& ds, index_t max_pairs,
-                                            index_t batch = 128, std::uint64_t seed = 0) {
+                                            index_t batch = 128, std::uint64_t seed = 0,
+                                            std::optional<double> capacity_factor = std::nullopt) {
   data::LoaderOptions lo = data::LoaderOptions::evaluation(batch, 0);
   lo.seed = seed;
   data::Loader<data::AnyDataset, Tok> loader(ds, tok, lo);
@@ -244,7 +246,7 @@ std::vector<RoutingSummary> routing_summary(Model& model, const Tok& tok, const 
   while (seen < max_pairs) {
     auto b = loader.next();
     if (!b) break;
-    const auto f = model.forward(b->images.cview(), b->texts.cview(), Mode::Eval);
+    const auto f = model.forward(b->images.cview(), b->texts.cview(), Mode::Eval, 0, capacity_factor);
     if (out.empty()) {
       out.resize(f.stats.size());
       for (std::size_t i = 0; i < out.size(); ++i) out[i].block = f.route_blocks[i];

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -133,9 +134,15 @@ class Limoe {
   // ---- forward ------------------------------------------------------------------------------------------
 
   // Images [Bi, H, W, C] in [-1, 1] and/or token ids [Bt, T] (either may be empty) in one call: image and text
-  // tokens share routing groups. `step` picks the router noise (training only).
-  ForwardOutput<T> forward(CView<T> images, CView<std::int32_t> texts, Mode mode, std::uint64_t step = 0) {
+  // tokens share routing groups. `step` picks the router noise (training only). `capacity_factor`, when given,
+  // replaces the config's factor for this mode in this call only (0 = no drop): evaluating at another factor
+  // needs no other model.
+  ForwardOutput<T> forward(CView<T> images, CView<std::int32_t> texts, Mode mode, std::uint64_t step = 0,
+                           std::optional<double> capacity_factor = std::nullopt) {
     check_inputs(images, texts);
+    LIMOE_CHECK(!capacity_factor || (*capacity_factor >= 0 && std::isfinite(*capacity_factor)),
+                "Limoe::forward: the capacity factor must be finite and >= 0 (0 = no drop), got ", *capacity_factor);
+    capacity_factor_ = capacity_factor;
     const index_t D = cfg_.width, N = cfg_.num_patches(), L = cfg_.text_len;
     Bi_ = images.empty() ? 0 : images.dim(0);
     Bt_ = texts.empty() ? 0 : texts.dim(0);
@@ -423,6 +430,7 @@ class Limoe {
       cpu::linear_forward<T>(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view());
     } else {
       moe::MoeConfig mc{cfg_.router, cfg_.aux, cfg_.gelu};
+      if (capacity_factor_) (mode_ == Mode::Train ? mc.router.capacity_factor_train : mc.router.capacity_factor_eval) = *capacity_factor_;
       // Router noise: a function of (seed, step, block) only, so a resumed run draws the same noise.
       const Rng noise = Rng(noise_seed_).derive(step_ * 4096 + static_cast<std::uint64_t>(l));
       const std::span<const std::uint8_t> modality(modality_.data(), modality_.size());
@@ -542,6 +550,7 @@ class Limoe {
   // Activations of the last forward (kept for backward; buffers are reused across steps).
   Mode mode_ = Mode::Eval;
   std::uint64_t step_ = 0, noise_seed_ = 0x11A0E;
+  std::optional<double> capacity_factor_;  // this call's override of the config's factor
   index_t Bi_ = 0, Bt_ = 0, Ni_ = 0;
   std::uint64_t generation_ = 0, loss_generation_ = ~std::uint64_t{0};  // forward() / loss() call counters
   std::vector<std::uint8_t> modality_;
