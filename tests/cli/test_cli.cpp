@@ -121,6 +121,28 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --input " + in + tail, "--checkpoint is required", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --bogus 1", "unknown option --bogus", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);
+  // The backend flags: cpu / fp32 run; what this build cannot do is refused by name, never ignored.
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device cuda", "--device cuda", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device tpu", "cpu or cuda", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --precision bf16", "--precision bf16", out);
+  expect_failure("train --preset tiny --steps 1 --device cuda --out " + (scratch() / "nodev").string(), "--device cuda",
+                 scratch() / "nodev" / "checkpoint.safetensors");
+  expect_failure("bench --workload gemm --precision fp16", "fp32 or bf16");
+  {
+    const Run r = run("embed --checkpoint " + ck + " --input " + in + tail + " --device cpu --precision fp32");
+    INFO(r.err);
+    CHECK(r.code == 0);
+    CHECK(fs::exists(out));
+    fs::remove(out);
+  }
+  // A config file with a misspelt key is refused naming it and the nearest valid key.
+  {
+    const fs::path cfg = scratch() / "typo.json";
+    std::ofstream(cfg) << R"({"image_size": [28, 28], "channels": 1, "patch": 7, "width": 32, "depth": 2, "heads": 2,
+      "mlp_dim": 64, "vocab_size": 512, "text_len": 16, "moe_blocks": [1], "exprets": 4})";
+    expect_failure("train --config " + cfg.string() + " --steps 1 --out " + (scratch() / "typo").string(),
+                   "did you mean \"experts\"", scratch() / "typo" / "checkpoint.safetensors");
+  }
 
   // A truncated checkpoint.
   const fs::path trunc = scratch() / "trunc.safetensors";

@@ -102,4 +102,21 @@ struct Register {
   explicit Register(Command c) { registry().push_back(std::move(c)); }
 };
 
+// --device and --precision, accepted by every sub-command that runs a model (docs/cli.md). This build runs the
+// model on the CPU in fp32 only: the other values are refused with one line saying so, never silently ignored.
+inline const std::set<std::string> kBackendOptions = {"device", "precision"};
+#define LIMOE_CLI_BACKEND_HELP                                                                \
+  "  --device cpu|cuda    the backend (default cpu; this build runs the model on the CPU only)\n" \
+  "  --precision P        fp32 (the default; bf16 mixed precision is not available yet)\n"
+
+inline void check_backend(const Args& args) {
+  const std::string device = args.str("device", "cpu"), precision = args.str("precision", "fp32");
+  LIMOE_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got \"", device, "\"");
+  LIMOE_CHECK(device == "cpu", "--device cuda: this build runs the model on the CPU only (the CUDA backend does not "
+              "run the model yet); use --device cpu");
+  LIMOE_CHECK(precision == "fp32" || precision == "bf16", "--precision must be fp32 or bf16, got \"", precision, "\"");
+  LIMOE_CHECK(precision == "fp32", "--precision bf16: mixed precision is not available yet in this build; use "
+              "--precision fp32 (the default)");
+}
+
 }  // namespace limoe::cli

@@ -326,8 +326,9 @@ json train_step(const Params& p) {
 int run(const std::vector<std::string>& argv) {
   cli::Args args(argv,
                  {"workload", "config", "width", "tokens", "experts", "top-k", "capacity-factor", "batch", "threads",
-                  "repeats", "warmup"},
+                  "repeats", "warmup", "device", "precision"},
                  {"backward"}, "bench");
+  cli::check_backend(args);
   LIMOE_CHECK(args.positional().empty(), "unexpected argument \"",
               args.positional().empty() ? "" : args.positional()[0], "\"");
   Params p;
@@ -439,6 +440,7 @@ const cli::Register reg(
      "                        embed: its evaluation factor, 0 = no drop)\n"
      "  --batch B             images or pairs per step (default 32)\n"
      "  --threads N           worker threads (default: all)\n"
+     LIMOE_CLI_BACKEND_HELP
      "  --repeats R           timed iterations (default 5); --warmup W untimed ones first (default 1)\n"
      "  --backward            moe_layer/dense_mlp: time forward + backward\n\n"
      "Prints one JSON line: workload, throughput, unit, median_s, min_s, max_s, gflop (analytic: 2*M*N*K per\n"

@@ -11,7 +11,9 @@ namespace {
 using namespace limoe;
 
 int run(const std::vector<std::string>& argv) {
-  cli::Args args(argv, {"checkpoint", "input", "output", "capacity-factor", "group-size", "threads"}, {}, "embed");
+  cli::Args args(argv, {"checkpoint", "input", "output", "capacity-factor", "group-size", "threads", "device", "precision"},
+                 {}, "embed");
+  cli::check_backend(args);
   args.no_positional();
   const std::string ckpt = args.required("checkpoint"), in = args.required("input"), out = args.required("output");
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
@@ -86,6 +88,7 @@ const cli::Register reg({"embed", "embeddings and routing decisions for images a
                          "  Images and texts are embedded in separate calls (evaluation: no router noise).\n\n"
                          "  --capacity-factor F  evaluation capacity factor (default: the checkpoint's; 0 = no drop)\n"
                          "  --group-size G       routing group size in tokens (default: the checkpoint's; 0 = one group)\n"
-                         "  --threads N          worker threads (default: all cores)\n",
+                         "  --threads N          worker threads (default: all cores)\n"
+                         LIMOE_CLI_BACKEND_HELP,
                          run});
 }  // namespace

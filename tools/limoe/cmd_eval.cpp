@@ -33,7 +33,9 @@ std::vector<index_t> few_shot_indices(const data::AnyDataset& ds, int classes, i
 int run(const std::vector<std::string>& argv) {
   auto opts = cli::kDataOptions;
   opts.insert({"checkpoint", "max-test", "retrieval", "threads", "shots"});
+  opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {}, "eval");
+  cli::check_backend(args);
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
   auto loaded = cli::load_model(args.required("checkpoint"));
@@ -79,8 +81,8 @@ int run(const std::vector<std::string>& argv) {
   }
   // Routing as training sees it: images and texts of test pairs share groups, training capacity factor.
   if (!cfg.moe_blocks.empty()) {
-    auto routed = cli::load_model(args.required("checkpoint"), cfg.router.capacity_factor_train);
-    const auto blocks = routing_summary(*routed.model, routed.tokenizer, test, std::min<index_t>(n, 2048));
+    const auto blocks = routing_summary(model, loaded.tokenizer, test, std::min<index_t>(n, 2048), 128, 0,
+                                        cfg.router.capacity_factor_train);
     double di = 0, dt = 0;
     int used = 0;
     for (const auto& b : blocks) di += b.drop_rate(0), dt += b.drop_rate(1), used += b.experts_used() == b.experts;
@@ -109,7 +111,8 @@ const cli::Register reg({"eval", "zero-shot accuracy, 10-shot linear probe and r
                          "  --max-test N         evaluate on the first N test examples (default all)\n"
                          "  --retrieval R        pairs in the retrieval pool (default 1000)\n"
                          "  --shots K            examples per class for the linear probe (default 10)\n"
-                         "  --threads N          worker threads (default all cores)\n\n"
+                         "  --threads N          worker threads (default all cores)\n"
+                         LIMOE_CLI_BACKEND_HELP "\n"
                          "Prints one JSON line. Zero-shot prompts and retrieval captions use the data set's held-out\n"
                          "templates, never seen in training.\n",
                          run});

@@ -1,6 +1,7 @@
 // `limoe routing`: per-block routing report for a checkpoint on a data set (semantics §6): each expert's
 // share of image tokens, drop rates and entropies per modality, as a table (stdout), JSON and an SVG picture of
 // experts coloured by modality share (the paper's figure), plus which patches of a few test images go where.
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -96,21 +97,22 @@ std::string svg_report(const std::vector<RoutingSummary>& blocks, const ModelCon
 int run(const std::vector<std::string>& argv) {
   auto opts = cli::kDataOptions;
   opts.insert({"checkpoint", "pairs", "out", "capacity-factor", "threads", "images"});
+  opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {}, "routing");
+  cli::check_backend(args);
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
   const std::string ckpt = args.required("checkpoint");
-  // Drop rates as training sees them: the training capacity factor, no noise.
-  const auto cfg0 = read_checkpoint_config(ckpt);
-  const double cf = args.number("capacity-factor", cfg0.router.capacity_factor_train);
-  LIMOE_CHECK(cf >= 0, "--capacity-factor must be >= 0 (0 = no drop), got ", cf);
-  auto loaded = cli::load_model(ckpt, cf);
+  auto loaded = cli::load_model(ckpt);
   auto& model = *loaded.model;
   const auto& cfg = model.config();
+  // Drop rates as training sees them: the training capacity factor (an argument of each forward), no noise.
+  const double cf = args.number("capacity-factor", cfg.router.capacity_factor_train);
+  LIMOE_CHECK(cf >= 0 && std::isfinite(cf), "--capacity-factor must be >= 0 (0 = no drop), got ", cf);
   LIMOE_CHECK(!cfg.moe_blocks.empty(), "the model has no MoE block: nothing to report");
   const auto src = cli::data_source(args, cfg, loaded.trained_on());
   const data::AnyDataset test = data::open_dataset(src, data::Split::test);
-  const auto blocks = routing_summary(model, loaded.tokenizer, test, args.integer("pairs", 2048));
+  const auto blocks = routing_summary(model, loaded.tokenizer, test, args.integer("pairs", 2048), 128, 0, cf);
 
   // Patch maps for a few test images (images alone, evaluation routing).
   const index_t n_img = std::min<index_t>(test.size(), args.integer("images", 6));
@@ -121,7 +123,7 @@ int run(const std::vector<std::string>& argv) {
     std::copy(ex.image.begin(), ex.image.end(), images.data() + i * static_cast<index_t>(ex.image.size()));
   }
   std::vector<Tensor<std::int32_t>> patch_routes;
-  if (n_img > 0) patch_routes = model.forward(images.cview(), CView<std::int32_t>{}, Mode::Eval).routes;
+  if (n_img > 0) patch_routes = model.forward(images.cview(), CView<std::int32_t>{}, Mode::Eval, 0, cf).routes;
 
   // Table.
   std::printf("routing on %s, %lld pairs, capacity factor %.2f (images and texts share groups, no noise)\n",
@@ -157,6 +159,7 @@ const cli::Register reg({"routing", "per-block routing report (table, JSON and S
                          "  --capacity-factor F  capacity factor (default: the checkpoint's training factor)\n"
                          "  --images N           test images drawn with the expert of each patch (default 6)\n"
                          "  --out PREFIX         writes PREFIX.json and PREFIX.svg (default routing)\n"
-                         "  --threads N          worker threads (default all cores)\n",
+                         "  --threads N          worker threads (default all cores)\n"
+                         LIMOE_CLI_BACKEND_HELP,
                          run});
 }  // namespace

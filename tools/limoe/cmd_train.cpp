@@ -29,8 +29,10 @@ int run(const std::vector<std::string>& argv) {
   auto opts = cli::kDataOptions;
   opts.insert({"preset", "config", "steps", "batch", "lr", "warmup", "weight-decay", "clip", "seed", "threads", "out",
                "resume", "log-every", "checkpoint-every", "workers", "stop-at"});
+  opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {"dense", "quiet"}, "train");
   args.no_positional();
+  cli::check_backend(args);
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
 
   // Model config and tokenizer: from the checkpoint when resuming, else from the preset / config file.
@@ -167,6 +169,7 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          "  --weight-decay W     decoupled weight decay on matrices (default 0.1); --clip C global norm (default 1)\n"
                          "  --seed S             initialisation and data order (default 0)\n"
                          "  --threads N          worker threads (default all cores); --workers N data threads (default 1)\n"
+                         LIMOE_CLI_BACKEND_HELP
                          "  --out DIR            output folder (default runs/limoe): checkpoint.safetensors, metrics.jsonl\n"
                          "  --log-every N        progress line every N steps (default 10); --quiet for none\n"
                          "  --checkpoint-every N also write the checkpoint every N steps\n"

@@ -57,10 +57,9 @@ struct Loaded {
   }
 };
 
-inline Loaded load_model(const std::string& path, double capacity_factor_eval = -1) {
+inline Loaded load_model(const std::string& path) {
   const auto r = io::SafetensorsReader::open(path);
   ModelConfig cfg = read_checkpoint_config(r);
-  if (capacity_factor_eval >= 0) cfg.router.capacity_factor_eval = capacity_factor_eval;
   Loaded l{std::make_unique<Limoe<float>>(cfg), tokenizer_from(r), r.metadata()};
   load_weights(*l.model, r);
   return l;
