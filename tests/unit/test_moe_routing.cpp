@@ -297,6 +297,38 @@ TEST_CASE("a user-written router plugs into the layer; a router breaking the con
       doctest::Contains("exceeds capacity"), Error);
 }
 
+TEST_CASE("the load loss takes its noise scale from the router policy, not from the config") {
+  const index_t N = 24, D = 4;
+  const int E = 4;
+  Fixture<double> f(E, D, 5, 22);
+  Tensor<double> x(Shape{N, D}), y(Shape{N, D});
+  testing::fill_normal(x.view(), 5);
+  MoeContext<double> ctx;
+  CHECK(router_noise_sigma(RoundRobinRouter{}, E, Mode::Train) == 0.0);  // no noise members: no noise
+  // A noiseless router with noise_std 1 in the config: no load loss.
+  moe_forward<double>(TopKRouter<StaticTopK<1>, NoNoise, BatchPriorityOrder>{}, config(E, 1, 0.0, 0.0, true, 1.0),
+                      f.params(), x.view(), {}, Mode::Train, Rng(1), y.view(), ctx);
+  CHECK(ctx.losses.load == 0.0);
+  // A Gaussian router of std 2 with noise_std 0 in the config: the load loss of sigma = 2 / E, recomputed here
+  // from the router's noisy logits (K = 1: the threshold is the chosen expert's noisy logit).
+  const TopKRouter<StaticTopK<1>, GaussianNoise, BatchPriorityOrder> noisy_router{{}, {2.0}};
+  CHECK(router_noise_sigma(noisy_router, E, Mode::Train) == 0.5);
+  CHECK(router_noise_sigma(noisy_router, E, Mode::Eval) == 0.0);
+  moe_forward<double>(noisy_router, config(E, 1, 0.0, 0.0, true, 0.0), f.params(), x.view(), {}, Mode::Train, Rng(1),
+                      y.view(), ctx);
+  std::vector<double> load(E, 0.0);
+  for (index_t t = 0; t < N; ++t) {
+    const int k = ctx.choice[t];
+    const double thr = ctx.noisy[t * E + k];
+    for (int e = 0; e < E; ++e) load[e] += 0.5 * std::erfc((thr - ctx.logits[t * E + e]) / 0.5 / std::sqrt(2.0)) / N;
+  }
+  double mean = 0, var = 0;
+  for (double l : load) mean += l / E;
+  for (double l : load) var += (l - mean) * (l - mean) / E;
+  CHECK(ctx.losses.load == doctest::Approx(var / (mean * mean)).epsilon(1e-10));
+  CHECK(ctx.losses.load > 0.0);
+}
+
 // ---- BPR ties on many tokens, per-group capacities ------------------------------------------------------------
 namespace {
 // Gates given row by row through the layer: D = E, W_r = I, x[t] = log gates[t] (exact: the products are x * 1

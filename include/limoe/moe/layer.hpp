@@ -1,10 +1,9 @@
 // limoe/moe/layer.hpp: the sparse MoE layer, forward and backward (semantics §3, 4, 6).
 //
 //   logits = x W_r^T ([N, E]); per group: noise, gates = softmax(noisy), top-K, capacity, assignment;
-//   dispatch the accepted (token, choice) pairs into contiguous per-expert blocks (a counting sort by expert,
-//   tokens in call order inside a block, so the layout is the same on any thread count);
-//   each expert runs Linear -> GELU -> Linear on its block (grouped matrix products, no padding to C rows);
-//   y[t] = sum over accepted choices of gate[t, e] * Expert_e(x[t]) (gates not renormalised); dropped -> 0.
+//   then the ops of moe/ops.hpp: a dispatch plan (per-expert blocks of the accepted choices), dispatch,
+//   the grouped expert MLP, combine: y[t] = sum over accepted choices of gate[t, e] * Expert_e(x[t]) (gates
+//   not renormalised; dropped -> 0); and the auxiliary losses of moe/losses.hpp per group.
 //
 // Parameters are views into the model's storage (docs/cli.md shapes): router [E, D], fc1 [E, M, D] / [E, M],
 // fc2 [E, D, M] / [E, D]. Forward fills a reusable MoeContext (buffers keep their storage between calls; no
@@ -30,6 +29,7 @@
 #include "limoe/core/tensor.hpp"
 #include "limoe/moe/config.hpp"
 #include "limoe/moe/losses.hpp"
+#include "limoe/moe/ops.hpp"
 #include "limoe/moe/router.hpp"
 #include "limoe/moe/stats.hpp"
 #include "limoe/ops/gelu.hpp"
@@ -88,10 +88,10 @@ struct MoeContext {
   // [N, E]: the gates the combine weights came from (softmax of the noisy logits in training).
   CView<T> gate_values() const { return CView<T>(gates.data(), Shape{N, E}); }
   CView<T> router_logits() const { return CView<T>(logits.data(), Shape{N, E}); }
-  index_t accepted() const { return A; }  // rows dispatched to experts (accepted choices)
+  index_t accepted() const { return plan.A; }  // rows dispatched to experts (accepted choices)
 
   // ---- internal state (read-only outside the layer) ----
-  index_t N = 0, D = 0, M = 0, A = 0;
+  index_t N = 0, D = 0, M = 0;
   int E = 0, K = 0;
   index_t groups = 0, group_size = 0;
   GeluKind gelu = GeluKind::Erf;
@@ -103,24 +103,16 @@ struct MoeContext {
   Tensor<index_t> capacity;                       // [groups]
   Tensor<double> aux_dlogits;                     // [N, E] weighted aux-loss gradient wrt the clean logits
   std::vector<AuxLossValues> group_losses;        // [groups]
-  Tensor<index_t> offsets;                        // [E + 1] first dispatch row of each expert
-  Tensor<index_t> cursor;                         // [E] dispatch scratch
   std::vector<std::uint8_t> default_modality;     // [N] all image, when the caller passes no modality
-  Tensor<index_t> slot_row;                       // [N * K] dispatch row of choice (t, k), -1 if dropped
-  Tensor<index_t> row_token, row_slot;            // [A] token and choice slot (t * K + k) of each row
+  DispatchPlan plan;                              // which accepted choice is which row of which expert block
+  ExpertScratch scratch;                          // the CPU expert MLP's tiles and jobs
   Tensor<T> xe, hpre, h, ye;                      // [A, D], [A, M], [A, M], [A, D]
   Tensor<T> row_dgate;                            // [A] backward: d loss / d gate of each row
   Tensor<T> dye, dh, dxe, dlogits;                // [A, D], [A, M], [A, D], [N, E]
-  struct Tile { int e; index_t r0, r1; };
-  std::vector<Tile> tiles;                        // fixed-size row tiles of the expert blocks
-  struct Job { int e; int what; index_t c0, c1; };
-  std::vector<Job> jobs;                          // backward weight-gradient work items
 };
 
 namespace detail {
 inline constexpr index_t kRowChunk = 64;   // fixed chunk of rows/columns for every product (determinism)
-inline constexpr index_t kTileRows = 256;  // rows of one expert tile
-inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
 
 // C[rows, cols] (+)= A B^T style products over fixed row chunks of C; deterministic on any thread count.
 template <class T>
@@ -147,6 +139,11 @@ void gemm_cols(Trans ta, Trans tb, index_t M, index_t N, index_t K, const T* A, 
       gemm_serial<T>(ta, tb, M, j1 - j0, K, T(1), A, lda, b, ldb, beta, C + j0, ldc);
     }
   });
+}
+
+template <class T>
+ExpertWeights<T> experts_of(const MoeParams<T>& p) {
+  return {p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b};
 }
 
 template <class T>
@@ -246,7 +243,10 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
 
   // 3. Auxiliary losses per group, averaged over groups (semantics §4).
   std::fill(c.aux_dlogits.data(), c.aux_dlogits.data() + N * E, 0.0);
-  const bool noise_active = training && cfg.router.noise_std > 0;
+  // The load loss needs the router's noise scale: the router policy owns it (router_noise_sigma), not the
+  // config, so a custom noise policy gets a consistent load loss and a noiseless router none.
+  const double sigma = router_noise_sigma(router, E, mode);
+  const bool noise_active = sigma > 0;
   parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
     for (index_t g = g0; g < g1; ++g) {
       const index_t row0 = g * gs, S = std::min(gs, N - row0);
@@ -258,7 +258,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
       lg.choice = c.choice.data() + row0 * K;
       lg.modality = modality.data() + row0;
       lg.noise_active = noise_active;
-      lg.sigma = cfg.router.noise_std / E;
+      lg.sigma = sigma;
       lg.scale = 1.0 / static_cast<double>(G);
       Losses::template accumulate<T>(lg, cfg.losses, c.group_losses[static_cast<std::size_t>(g)],
                                      c.aux_dlogits.data() + row0 * E);
@@ -271,77 +271,17 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
       c.losses.local_entropy[m] += v.local_entropy[m], c.losses.global_entropy[m] += v.global_entropy[m];
   }
 
-  // 4. Dispatch: counting sort of the accepted choices by expert, tokens in call order within an expert.
-  c.offsets.resize(Shape{E + 1});  // [E + 1]
-  std::fill(c.offsets.data(), c.offsets.data() + E + 1, index_t{0});
-  for (index_t s = 0; s < N * K; ++s)
-    if (c.route[s] >= 0) ++c.offsets[c.route[s] + 1];
-  for (int e = 0; e < E; ++e) c.offsets[e + 1] += c.offsets[e];
-  const index_t A = c.offsets[E];
-  c.A = A;
-  c.slot_row.resize(Shape{N * K});  // [N * K]
-  c.row_token.resize(Shape{A});     // [A]
-  c.row_slot.resize(Shape{A});      // [A]
-  {
-    c.cursor.resize(Shape{E});  // [E]
-    index_t* cursor = c.cursor.data();
-    std::copy(c.offsets.data(), c.offsets.data() + E, cursor);
-    for (index_t s = 0; s < N * K; ++s) {
-      const std::int32_t e = c.route[s];
-      if (e < 0) { c.slot_row[s] = -1; continue; }
-      const index_t r = cursor[e]++;
-      c.slot_row[s] = r;
-      c.row_slot[r] = s;
-      c.row_token[r] = s / K;
-    }
-  }
+  // 4-6. Dispatch plan, gather, the grouped expert MLP, combine (moe/ops.hpp).
+  cpu::make_dispatch_plan(c.route.cview(), E, c.plan);
+  const index_t A = c.plan.A;
   c.xe.resize(Shape{A, D});    // [A, D]
   c.hpre.resize(Shape{A, M});  // [A, M]
   c.h.resize(Shape{A, M});     // [A, M]
   c.ye.resize(Shape{A, D});    // [A, D]
-  parallel_for(0, A, 256, [&](index_t r0, index_t r1) {
-    for (index_t r = r0; r < r1; ++r) std::copy_n(x.row(c.row_token[r]), D, c.xe.data() + r * D);
-  });
-
-  // 5. Experts on fixed-size row tiles of their blocks: h = GELU(xe W1^T + b1), ye = h W2^T + b2.
-  c.tiles.clear();
-  for (int e = 0; e < E; ++e)
-    for (index_t r0 = c.offsets[e]; r0 < c.offsets[e + 1]; r0 += detail::kTileRows)
-      c.tiles.push_back({e, r0, std::min(c.offsets[e + 1], r0 + detail::kTileRows)});
-  parallel_for(0, static_cast<index_t>(c.tiles.size()), 1, [&](index_t i0, index_t i1) {
-    for (index_t i = i0; i < i1; ++i) {
-      const auto tile = c.tiles[static_cast<std::size_t>(i)];
-      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
-      T* hp = c.hpre.data() + r0 * M;
-      gemm_serial<T>(Trans::N, Trans::T, rows, M, D, T(1), c.xe.data() + r0 * D, D, p.fc1_w.data() + e * M * D, D,
-                     T(0), hp, M);
-      const T* b1 = p.fc1_b.data() + e * M;
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t m = 0; m < M; ++m) hp[r * M + m] += b1[m];
-      cpu::gelu_forward<T>(c.gelu, CView<T>(hp, Shape{rows, M}), View<T>(c.h.data() + r0 * M, Shape{rows, M}));
-      T* yo = c.ye.data() + r0 * D;
-      gemm_serial<T>(Trans::N, Trans::T, rows, D, M, T(1), c.h.data() + r0 * M, M, p.fc2_w.data() + e * D * M, M,
-                     T(0), yo, D);
-      const T* b2 = p.fc2_b.data() + e * D;
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t d = 0; d < D; ++d) yo[r * D + d] += b2[d];
-    }
-  });
-
-  // 6. Combine (step 7): y[t] = sum_k gate[t, e_k] * ye[row], choices in rank order; no choice -> 0.
-  parallel_for(0, N, 64, [&](index_t t0, index_t t1) {
-    for (index_t t = t0; t < t1; ++t) {
-      T* yt = y.row(t);
-      std::fill(yt, yt + D, T(0));
-      for (int k = 0; k < K; ++k) {
-        const index_t r = c.slot_row[t * K + k];
-        if (r < 0) continue;
-        const T gate = c.gates[t * E + c.route[t * K + k]];
-        const T* src = c.ye.data() + r * D;
-        for (index_t d = 0; d < D; ++d) yt[d] += gate * src[d];
-      }
-    }
-  });
+  cpu::dispatch_forward<T>(c.plan, x, c.xe.view());
+  cpu::expert_mlp_forward<T>(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.view(), c.h.view(),
+                             c.ye.view(), c.scratch);
+  cpu::combine_forward<T>(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), y);
 
   // 7. Routing statistics (semantics §6).
   auto& st = c.stats;
@@ -411,7 +351,7 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
                   MoeContext<T>& ctx, double aux_scale = 1.0) {
   auto& c = ctx;
   LIMOE_CHECK(c.valid, "moe_backward: run moe_forward on this context first");
-  const index_t N = c.N, D = c.D, M = c.M, A = c.A;
+  const index_t N = c.N, D = c.D, M = c.M, A = c.plan.A;
   const int E = c.E, K = c.K;
   expect_shape(x, Shape{N, D}, "moe_backward: x");
   expect_shape(dy, Shape{N, D}, "moe_backward: dy");
@@ -429,21 +369,7 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
   // 1. Combine backward: d gate = <dy[t], ye[r]>, d ye[r] = gate * dy[t].
   c.row_dgate.resize(Shape{A});  // [A]
   c.dye.resize(Shape{A, D});     // [A, D]
-  parallel_for(0, A, 64, [&](index_t r0, index_t r1) {
-    for (index_t r = r0; r < r1; ++r) {
-      const index_t t = c.row_token[r];
-      const T gate = c.gates[t * E + c.route[c.row_slot[r]]];
-      const T* g = dy.row(t);
-      const T* o = c.ye.data() + r * D;
-      T* out = c.dye.data() + r * D;
-      T acc = 0;
-      for (index_t d = 0; d < D; ++d) {
-        acc += g[d] * o[d];
-        out[d] = gate * g[d];
-      }
-      c.row_dgate[r] = acc;
-    }
-  });
+  cpu::combine_backward<T>(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), dy, c.dye.view(), c.row_dgate.view());
 
   // 2. Router: through softmax(noisy) of the combine weights (the noise is a constant), plus the aux losses.
   c.dlogits.resize(Shape{N, E});  // [N, E]
@@ -452,7 +378,7 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
     for (index_t t = t0; t < t1; ++t) {
       std::fill(dg.begin(), dg.begin() + E, 0.0);
       for (int k = 0; k < K; ++k) {
-        const index_t r = c.slot_row[t * K + k];
+        const index_t r = c.plan.slot_row[t * K + k];
         if (r >= 0) dg[c.route[t * K + k]] += static_cast<double>(c.row_dgate[r]);
       }
       const T* g = c.gates.data() + t * E;
@@ -464,56 +390,12 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
     }
   });
 
-  // 3. Experts backward per tile (rows are independent): dh = dye W2 -> GELU' ; dxe = dhpre W1.
+  // 3-4. The expert MLPs: dxe, and the expert weight gradients (accumulated).
   c.dh.resize(Shape{A, M});  // [A, M]
   if (need_dx) c.dxe.resize(Shape{A, D});  // [A, D]
-  parallel_for(0, static_cast<index_t>(c.tiles.size()), 1, [&](index_t i0, index_t i1) {
-    for (index_t i = i0; i < i1; ++i) {
-      const auto tile = c.tiles[static_cast<std::size_t>(i)];
-      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
-      T* dh = c.dh.data() + r0 * M;
-      gemm_serial<T>(Trans::N, Trans::N, rows, M, D, T(1), c.dye.data() + r0 * D, D, p.fc2_w.data() + e * D * M, M,
-                     T(0), dh, M);
-      cpu::gelu_backward<T>(c.gelu, CView<T>(c.hpre.data() + r0 * M, Shape{rows, M}), CView<T>(dh, Shape{rows, M}),
-                            View<T>(dh, Shape{rows, M}));
-      if (need_dx)
-        gemm_serial<T>(Trans::N, Trans::N, rows, D, M, T(1), dh, M, p.fc1_w.data() + e * M * D, D, T(0),
-                       c.dxe.data() + r0 * D, D);
-    }
-  });
-
-  // 4. Expert weight gradients: reductions over each block's rows, split over fixed chunks of output rows.
-  //    what 0: fc2 rows [d0, d1) (dW2 += dye^T h, db2 += sum dye); what 1: fc1 rows [m0, m1).
-  c.jobs.clear();
-  for (int e = 0; e < E; ++e) {
-    if (c.offsets[e + 1] == c.offsets[e]) continue;
-    if (!grads.fc2_w.empty() || !grads.fc2_b.empty())
-      for (index_t j = 0; j < D; j += detail::kGradRows) c.jobs.push_back({e, 0, j, std::min(D, j + detail::kGradRows)});
-    if (!grads.fc1_w.empty() || !grads.fc1_b.empty())
-      for (index_t j = 0; j < M; j += detail::kGradRows) c.jobs.push_back({e, 1, j, std::min(M, j + detail::kGradRows)});
-  }
-  parallel_for(0, static_cast<index_t>(c.jobs.size()), 1, [&](index_t i0, index_t i1) {
-    for (index_t i = i0; i < i1; ++i) {
-      const auto job = c.jobs[static_cast<std::size_t>(i)];
-      const index_t e = job.e, j0 = job.c0, cols = job.c1 - job.c0;
-      const index_t b = c.offsets[e], n = c.offsets[e + 1] - b;
-      // Upstream gradient G [n, W] of this layer, its input I [n, In], output rows [j0, j1) of dW [W, In].
-      const bool second = job.what == 0;
-      const index_t W = second ? D : M, In = second ? M : D;
-      const T* Gd = (second ? c.dye.data() : c.dh.data()) + b * W;
-      const T* I = (second ? c.h.data() : c.xe.data()) + b * In;
-      T* dW = second ? grads.fc2_w.data() : grads.fc1_w.data();
-      T* db = second ? grads.fc2_b.data() : grads.fc1_b.data();
-      if (dW != nullptr)
-        gemm_serial<T>(Trans::T, Trans::N, cols, In, n, T(1), Gd + j0, W, I, In, T(1), dW + (e * W + j0) * In, In);
-      if (db != nullptr)
-        for (index_t j = j0; j < j0 + cols; ++j) {
-          T acc = 0;
-          for (index_t r = 0; r < n; ++r) acc += Gd[r * W + j];
-          db[e * W + j] += acc;
-        }
-    }
-  });
+  cpu::expert_mlp_backward<T>(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.cview(), c.h.cview(),
+                              c.dye.cview(), c.dh.view(), need_dx ? c.dxe.view() : View<T>{},
+                              ExpertGrads<T>{grads.fc1_w, grads.fc1_b, grads.fc2_w, grads.fc2_b}, c.scratch);
 
   // 5. Router weight and input: dW_r += dlogits^T x; dx = dlogits W_r + sum_k dxe[row(t, k)].
   if (!grads.router_w.empty() && N > 0)
@@ -523,17 +405,7 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
     if (N > 0)
       detail::gemm_rows<T>(Trans::N, Trans::N, N, D, E, c.dlogits.data(), E, p.router_w.data(), D, T(0), dx.data(),
                            D);
-    parallel_for(0, N, 64, [&](index_t t0, index_t t1) {
-      for (index_t t = t0; t < t1; ++t) {
-        T* out = dx.row(t);
-        for (int k = 0; k < K; ++k) {
-          const index_t r = c.slot_row[t * K + k];
-          if (r < 0) continue;
-          const T* src = c.dxe.data() + r * D;
-          for (index_t d = 0; d < D; ++d) out[d] += src[d];
-        }
-      }
-    });
+    cpu::dispatch_backward<T>(c.plan, c.dxe.cview(), dx);
   }
 }
 

@@ -57,6 +57,18 @@ concept RouterPolicy = requires(const R& r, const RouteGroup<T>& g) {
   r.route(g);
 };
 
+// The standard deviation of the router's training noise for E experts in `mode`, 0 when it adds none: what
+// the load loss (semantics §4) uses as sigma. A router declares it with `noise_sigma(E)` and
+// `noise_active(mode)` (TopKRouter forwards its noise policy's); a router without them adds no noise, and its
+// load loss is 0.
+template <class R>
+double router_noise_sigma(const R& r, int E, Mode mode) {
+  if constexpr (requires { { r.noise_sigma(E) } -> std::convertible_to<double>; { r.noise_active(mode) } -> std::convertible_to<bool>; })
+    return r.noise_active(mode) ? static_cast<double>(r.noise_sigma(E)) : 0.0;
+  else
+    return 0.0;
+}
+
 // ---- top-K policies -----------------------------------------------------------------------------------------
 
 template <int K>
@@ -172,6 +184,8 @@ struct TopKRouter {
   NoisePolicy noise{};
 
   int top_k() const { return k_policy.k(); }
+  double noise_sigma(int E) const { return noise.sigma(E); }
+  bool noise_active(Mode mode) const { return noise.active(mode); }
 
   template <class T>
   void route(const RouteGroup<T>& g) const {

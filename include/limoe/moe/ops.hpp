@@ -1,0 +1,426 @@
+// limoe/moe/ops.hpp: the MoE layer's data movement and experts as ops (semantics §3 steps 6-7), each with its
+// naive `ref::` twin beside the CPU one:
+//
+//   make_dispatch_plan  route [N, K] -> DispatchPlan: per-expert blocks of rows (a counting sort by expert;
+//                       choices keep call order inside a block), row -> token, row -> choice slot, slot -> row
+//   dispatch_forward    xe[r] = x[token(r)]                      (gather into the expert blocks)
+//   dispatch_backward   dx[t] += sum of dxe[r] over t's rows     (scatter-add back)
+//   expert_mlp_forward  ye[r] = W2_e GELU(W1_e xe[r] + b1_e) + b2_e for the expert e owning row r: one product
+//                       per expert over its rows, in the manner of ggml's mul_mat_id
+//   expert_mlp_backward dxe, and dW1, db1, dW2, db2 accumulated
+//   combine_forward     y[t] = sum over t's accepted choices of gate[t, e] ye[row]   (0 if none)
+//   combine_backward    dye[r] = gate dy[t];  dgate[r] = <dy[t], ye[r]>
+//
+// The plan is plain data: a multi-process backend sends its blocks in an all-to-all, a GPU backend builds it
+// with a scan. Gradient rule (docs/conventions.md): parameter gradients and dispatch_backward's dx accumulate,
+// the other outputs are overwritten. The CPU versions split work on fixed row tiles and fixed output chunks,
+// so they give the same bits on any thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/gemm.hpp"
+#include "limoe/core/parallel.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/math/gelu.hpp"
+#include "limoe/ops/gelu.hpp"
+
+namespace limoe::moe {
+
+// Expert weights of one layer (docs/cli.md shapes): fc1 [E, M, D] / [E, M], fc2 [E, D, M] / [E, D].
+template <class T>
+struct ExpertWeights {
+  CView<T> fc1_w, fc1_b, fc2_w, fc2_b;
+};
+template <class T>
+struct ExpertGrads {
+  View<T> fc1_w, fc1_b, fc2_w, fc2_b;  // accumulated; an empty view is skipped
+};
+
+// Which accepted (token, choice) lands in which row of which expert's block.
+struct DispatchPlan {
+  index_t N = 0, A = 0;  // tokens, accepted choices (= rows)
+  int E = 0, K = 0;
+  Tensor<index_t> offsets;    // [E + 1]: expert e owns rows [offsets[e], offsets[e + 1])
+  Tensor<index_t> row_token;  // [A]
+  Tensor<index_t> row_slot;   // [A]: the choice slot t * K + k of each row
+  Tensor<index_t> slot_row;   // [N * K]: the row of each choice slot, -1 where the choice was dropped
+  index_t rows_of(int e) const { return offsets[e + 1] - offsets[e]; }
+};
+
+namespace detail {
+inline void plan_check(CView<std::int32_t> route, int E) {
+  LIMOE_CHECK(route.rank() == 2 && E >= 1, "make_dispatch_plan: route must be [N, K] and E >= 1, got ",
+              route.shape().str(), ", E = ", E);
+  for (index_t s = 0; s < route.numel(); ++s)
+    LIMOE_CHECK(route[s] >= -1 && route[s] < E, "make_dispatch_plan: route entry ", route[s], " at ", s,
+                " is neither -1 nor an expert in [0, ", E, ")");
+}
+inline void plan_resize(DispatchPlan& p, index_t N, int K, int E, index_t A) {
+  p.N = N, p.K = K, p.E = E, p.A = A;
+  p.row_token.resize(Shape{A});    // [A]
+  p.row_slot.resize(Shape{A});     // [A]
+  p.slot_row.resize(Shape{N * K}); // [N * K]
+}
+template <class T>
+void dispatch_check(const char* fn, const DispatchPlan& p, CView<T> x, CView<T> xe) {
+  LIMOE_CHECK(x.rank() == 2 && x.dim(0) == p.N, fn, ": x must be [N = ", p.N, ", D], got ", x.shape().str());
+  expect_shape(xe, Shape{p.A, x.dim(1)}, fn);
+}
+template <class T>
+index_t expert_check(const char* fn, const DispatchPlan& p, const ExpertWeights<T>& w, index_t D) {
+  LIMOE_CHECK(w.fc1_w.rank() == 3, fn, ": fc1.weight must be [E, M, D], got ", w.fc1_w.shape().str());
+  const index_t M = w.fc1_w.dim(1);
+  expect_shape(w.fc1_w, Shape{p.E, M, D}, "expert fc1.weight");
+  expect_shape(w.fc1_b, Shape{p.E, M}, "expert fc1.bias");
+  expect_shape(w.fc2_w, Shape{p.E, D, M}, "expert fc2.weight");
+  expect_shape(w.fc2_b, Shape{p.E, D}, "expert fc2.bias");
+  return M;
+}
+inline constexpr index_t kTileRows = 256;  // rows of one expert tile (forward and input gradients)
+inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
+}  // namespace detail
+
+// Reusable work lists of the CPU expert MLP (fixed tiles of the expert blocks; weight-gradient jobs).
+struct ExpertScratch {
+  struct Tile { int e; index_t r0, r1; };
+  struct Job { int e; int what; index_t c0, c1; };
+  std::vector<Tile> tiles;
+  std::vector<Job> jobs;
+};
+
+namespace cpu {
+
+// A counting sort of the accepted choices by expert; inside an expert, choices keep call order (slot order).
+inline void make_dispatch_plan(CView<std::int32_t> route, int E, DispatchPlan& p) {
+  detail::plan_check(route, E);
+  const index_t N = route.dim(0), K = route.dim(1);
+  p.offsets.resize(Shape{E + 1});  // [E + 1]
+  std::fill(p.offsets.data(), p.offsets.data() + E + 1, index_t{0});
+  for (index_t s = 0; s < N * K; ++s)
+    if (route[s] >= 0) ++p.offsets[route[s] + 1];
+  for (int e = 0; e < E; ++e) p.offsets[e + 1] += p.offsets[e];
+  detail::plan_resize(p, N, static_cast<int>(K), E, p.offsets[E]);
+  std::vector<index_t> cursor(p.offsets.data(), p.offsets.data() + E);
+  for (index_t s = 0; s < N * K; ++s) {
+    const std::int32_t e = route[s];
+    if (e < 0) {
+      p.slot_row[s] = -1;
+      continue;
+    }
+    const index_t r = cursor[static_cast<std::size_t>(e)]++;
+    p.slot_row[s] = r;
+    p.row_slot[r] = s;
+    p.row_token[r] = s / K;
+  }
+}
+
+template <class T>
+void dispatch_forward(const DispatchPlan& p, CView<T> x, View<T> xe) {
+  detail::dispatch_check<T>("dispatch_forward", p, x, xe);
+  const index_t D = x.dim(1);
+  parallel_for(0, p.A, 256, [&](index_t r0, index_t r1) {
+    for (index_t r = r0; r < r1; ++r) std::copy_n(x.data() + p.row_token[r] * D, D, xe.data() + r * D);
+  });
+}
+
+// dx[t] += dxe[r] for t's rows, in choice order (per token, so no two threads write one row).
+template <class T>
+void dispatch_backward(const DispatchPlan& p, CView<T> dxe, View<T> dx) {
+  detail::dispatch_check<T>("dispatch_backward", p, dx, dxe);
+  const index_t D = dx.dim(1);
+  parallel_for(0, p.N, 64, [&](index_t t0, index_t t1) {
+    for (index_t t = t0; t < t1; ++t) {
+      T* out = dx.data() + t * D;
+      for (int k = 0; k < p.K; ++k) {
+        const index_t r = p.slot_row[t * p.K + k];
+        if (r < 0) continue;
+        const T* src = dxe.data() + r * D;
+        for (index_t d = 0; d < D; ++d) out[d] += src[d];
+      }
+    }
+  });
+}
+
+// xe [A, D] -> hpre [A, M] (before GELU, kept for backward), h [A, M], ye [A, D].
+template <class T>
+void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, View<T> hpre,
+                        View<T> h, View<T> ye, ExpertScratch& s) {
+  const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
+  const index_t M = detail::expert_check("expert_mlp_forward", p, w, D);
+  expect_shape(xe, Shape{p.A, D}, "expert_mlp_forward: xe");
+  expect_shape(hpre, Shape{p.A, M}, "expert_mlp_forward: hpre");
+  expect_shape(h, Shape{p.A, M}, "expert_mlp_forward: h");
+  expect_shape(ye, Shape{p.A, D}, "expert_mlp_forward: ye");
+  s.tiles.clear();
+  for (int e = 0; e < p.E; ++e)
+    for (index_t r0 = p.offsets[e]; r0 < p.offsets[e + 1]; r0 += detail::kTileRows)
+      s.tiles.push_back({e, r0, std::min(p.offsets[e + 1], r0 + detail::kTileRows)});
+  parallel_for(0, static_cast<index_t>(s.tiles.size()), 1, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) {
+      const auto tile = s.tiles[static_cast<std::size_t>(i)];
+      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
+      T* hp = hpre.data() + r0 * M;
+      gemm_serial<T>(Trans::N, Trans::T, rows, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D,
+                     T(0), hp, M);
+      const T* b1 = w.fc1_b.data() + e * M;
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t m = 0; m < M; ++m) hp[r * M + m] += b1[m];
+      limoe::cpu::gelu_forward<T>(gelu, CView<T>(hp, Shape{rows, M}), View<T>(h.data() + r0 * M, Shape{rows, M}));
+      T* yo = ye.data() + r0 * D;
+      gemm_serial<T>(Trans::N, Trans::T, rows, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M,
+                     T(0), yo, D);
+      const T* b2 = w.fc2_b.data() + e * D;
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t d = 0; d < D; ++d) yo[r * D + d] += b2[d];
+    }
+  });
+}
+
+// From dye [A, D]: dh [A, M] (scratch, overwritten), dxe [A, D] (overwritten; empty: skipped); weight and bias
+// gradients accumulate. Uses the tiles of the last expert_mlp_forward on `s`.
+template <class T>
+void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, CView<T> hpre,
+                         CView<T> h, CView<T> dye, View<T> dh, View<T> dxe, const ExpertGrads<T>& g,
+                         ExpertScratch& s) {
+  const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
+  const index_t M = detail::expert_check("expert_mlp_backward", p, w, D);
+  expect_shape(dye, Shape{p.A, D}, "expert_mlp_backward: dye");
+  expect_shape(dh, Shape{p.A, M}, "expert_mlp_backward: dh");
+  const bool need_dx = !dxe.empty();
+  if (need_dx) expect_shape(dxe, Shape{p.A, D}, "expert_mlp_backward: dxe");
+  // Input side per tile (rows are independent): dh = dye W2 -> GELU'; dxe = dh W1.
+  parallel_for(0, static_cast<index_t>(s.tiles.size()), 1, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) {
+      const auto tile = s.tiles[static_cast<std::size_t>(i)];
+      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
+      T* dhp = dh.data() + r0 * M;
+      gemm_serial<T>(Trans::N, Trans::N, rows, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M,
+                     T(0), dhp, M);
+      limoe::cpu::gelu_backward<T>(gelu, CView<T>(hpre.data() + r0 * M, Shape{rows, M}), CView<T>(dhp, Shape{rows, M}),
+                            View<T>(dhp, Shape{rows, M}));
+      if (need_dx)
+        gemm_serial<T>(Trans::N, Trans::N, rows, D, M, T(1), dhp, M, w.fc1_w.data() + e * M * D, D, T(0),
+                       dxe.data() + r0 * D, D);
+    }
+  });
+  // Weights: reductions over each block's rows, split over fixed chunks of output rows.
+  //   what 0: fc2 rows [d0, d1) (dW2 += dye^T h, db2 += sum dye); what 1: fc1 rows [m0, m1).
+  s.jobs.clear();
+  for (int e = 0; e < p.E; ++e) {
+    if (p.rows_of(e) == 0) continue;
+    if (!g.fc2_w.empty() || !g.fc2_b.empty())
+      for (index_t j = 0; j < D; j += detail::kGradRows) s.jobs.push_back({e, 0, j, std::min(D, j + detail::kGradRows)});
+    if (!g.fc1_w.empty() || !g.fc1_b.empty())
+      for (index_t j = 0; j < M; j += detail::kGradRows) s.jobs.push_back({e, 1, j, std::min(M, j + detail::kGradRows)});
+  }
+  parallel_for(0, static_cast<index_t>(s.jobs.size()), 1, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) {
+      const auto job = s.jobs[static_cast<std::size_t>(i)];
+      const index_t e = job.e, j0 = job.c0, cols = job.c1 - job.c0;
+      const index_t b = p.offsets[e], n = p.rows_of(static_cast<int>(e));
+      // Upstream gradient G [n, W] of this linear, its input I [n, In], output rows [j0, j1) of dW [W, In].
+      const bool second = job.what == 0;
+      const index_t W = second ? D : M, In = second ? M : D;
+      const T* Gd = (second ? dye.data() : dh.data()) + b * W;
+      const T* I = (second ? h.data() : xe.data()) + b * In;
+      T* dW = second ? g.fc2_w.data() : g.fc1_w.data();
+      T* db = second ? g.fc2_b.data() : g.fc1_b.data();
+      if (dW != nullptr)
+        gemm_serial<T>(Trans::T, Trans::N, cols, In, n, T(1), Gd + j0, W, I, In, T(1), dW + (e * W + j0) * In, In);
+      if (db != nullptr)
+        for (index_t j = j0; j < j0 + cols; ++j) {
+          T acc = 0;
+          for (index_t r = 0; r < n; ++r) acc += Gd[r * W + j];
+          db[e * W + j] += acc;
+        }
+    }
+  });
+}
+
+// y [N, D] overwritten: gate-weighted sum of t's expert outputs, choices in rank order; gates [N, E].
+template <class T>
+void combine_forward(const DispatchPlan& p, CView<T> gates, CView<std::int32_t> route, CView<T> ye, View<T> y) {
+  const index_t D = y.rank() == 2 ? y.dim(1) : 0;
+  expect_shape(y, Shape{p.N, D}, "combine_forward: y");
+  expect_shape(ye, Shape{p.A, D}, "combine_forward: ye");
+  expect_shape(gates, Shape{p.N, p.E}, "combine_forward: gates");
+  expect_shape(route, Shape{p.N, p.K}, "combine_forward: route");
+  parallel_for(0, p.N, 64, [&](index_t t0, index_t t1) {
+    for (index_t t = t0; t < t1; ++t) {
+      T* yt = y.data() + t * D;
+      std::fill(yt, yt + D, T(0));
+      for (int k = 0; k < p.K; ++k) {
+        const index_t r = p.slot_row[t * p.K + k];
+        if (r < 0) continue;
+        const T gate = gates[t * p.E + route[t * p.K + k]];
+        const T* src = ye.data() + r * D;
+        for (index_t d = 0; d < D; ++d) yt[d] += gate * src[d];
+      }
+    }
+  });
+}
+
+// dye [A, D] and dgate [A] (d loss / d the gate of each row) overwritten.
+template <class T>
+void combine_backward(const DispatchPlan& p, CView<T> gates, CView<std::int32_t> route, CView<T> ye, CView<T> dy,
+                      View<T> dye, View<T> dgate) {
+  const index_t D = dy.rank() == 2 ? dy.dim(1) : 0;
+  expect_shape(dy, Shape{p.N, D}, "combine_backward: dy");
+  expect_shape(ye, Shape{p.A, D}, "combine_backward: ye");
+  expect_shape(dye, Shape{p.A, D}, "combine_backward: dye");
+  expect_shape(dgate, Shape{p.A}, "combine_backward: dgate");
+  parallel_for(0, p.A, 64, [&](index_t r0, index_t r1) {
+    for (index_t r = r0; r < r1; ++r) {
+      const index_t t = p.row_token[r];
+      const T gate = gates[t * p.E + route[p.row_slot[r]]];
+      const T* gr = dy.data() + t * D;
+      const T* o = ye.data() + r * D;
+      T* out = dye.data() + r * D;
+      T acc = 0;
+      for (index_t d = 0; d < D; ++d) {
+        acc += gr[d] * o[d];
+        out[d] = gate * gr[d];
+      }
+      dgate[r] = acc;
+    }
+  });
+}
+
+}  // namespace cpu
+
+// ---- the naive twins: one row or one token at a time, straight from the definitions ----------------------
+namespace ref {
+
+inline void make_dispatch_plan(CView<std::int32_t> route, int E, DispatchPlan& p) {
+  detail::plan_check(route, E);
+  const index_t N = route.dim(0), K = route.dim(1);
+  index_t A = 0;
+  for (index_t s = 0; s < N * K; ++s) A += route[s] >= 0;
+  detail::plan_resize(p, N, static_cast<int>(K), E, A);
+  p.offsets.resize(Shape{E + 1});  // [E + 1]
+  for (index_t s = 0; s < N * K; ++s) p.slot_row[s] = -1;
+  index_t r = 0;
+  for (int e = 0; e < E; ++e) {  // expert by expert, each in slot order
+    p.offsets[e] = r;
+    for (index_t s = 0; s < N * K; ++s)
+      if (route[s] == e) p.row_token[r] = s / K, p.row_slot[r] = s, p.slot_row[s] = r, ++r;
+  }
+  p.offsets[E] = r;
+}
+
+template <class T>
+void dispatch_forward(const DispatchPlan& p, CView<T> x, View<T> xe) {
+  detail::dispatch_check<T>("ref::dispatch_forward", p, x, xe);
+  const index_t D = x.dim(1);
+  for (index_t r = 0; r < p.A; ++r)
+    for (index_t d = 0; d < D; ++d) xe[r * D + d] = x[p.row_token[r] * D + d];
+}
+
+template <class T>
+void dispatch_backward(const DispatchPlan& p, CView<T> dxe, View<T> dx) {
+  detail::dispatch_check<T>("ref::dispatch_backward", p, dx, dxe);
+  const index_t D = dx.dim(1);
+  for (index_t t = 0; t < p.N; ++t)
+    for (int k = 0; k < p.K; ++k) {
+      const index_t r = p.slot_row[t * p.K + k];
+      if (r >= 0)
+        for (index_t d = 0; d < D; ++d) dx[t * D + d] += dxe[r * D + d];
+    }
+}
+
+namespace detail_ref {
+inline int expert_of_row(const DispatchPlan& p, index_t r) {
+  int e = 0;
+  while (p.offsets[e + 1] <= r) ++e;
+  return e;
+}
+}  // namespace detail_ref
+
+template <class T>
+void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, View<T> hpre,
+                        View<T> h, View<T> ye, ExpertScratch&) {
+  const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
+  const index_t M = detail::expert_check("ref::expert_mlp_forward", p, w, D);
+  for (index_t r = 0; r < p.A; ++r) {
+    const index_t e = detail_ref::expert_of_row(p, r);
+    for (index_t m = 0; m < M; ++m) {
+      T acc = w.fc1_b[e * M + m];
+      for (index_t d = 0; d < D; ++d) acc += w.fc1_w[(e * M + m) * D + d] * xe[r * D + d];
+      hpre[r * M + m] = acc;
+      h[r * M + m] = math::gelu(gelu, acc);
+    }
+    for (index_t d = 0; d < D; ++d) {
+      T acc = w.fc2_b[e * D + d];
+      for (index_t m = 0; m < M; ++m) acc += w.fc2_w[(e * D + d) * M + m] * h[r * M + m];
+      ye[r * D + d] = acc;
+    }
+  }
+}
+
+template <class T>
+void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, CView<T> hpre,
+                         CView<T> h, CView<T> dye, View<T> dh, View<T> dxe, const ExpertGrads<T>& g, ExpertScratch&) {
+  const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
+  const index_t M = detail::expert_check("ref::expert_mlp_backward", p, w, D);
+  for (index_t r = 0; r < p.A; ++r) {
+    const index_t e = detail_ref::expert_of_row(p, r);
+    for (index_t m = 0; m < M; ++m) {
+      T acc = 0;
+      for (index_t d = 0; d < D; ++d) acc += w.fc2_w[(e * D + d) * M + m] * dye[r * D + d];
+      dh[r * M + m] = acc * math::gelu_grad(gelu, hpre[r * M + m]);
+    }
+    if (!dxe.empty())
+      for (index_t d = 0; d < D; ++d) {
+        T acc = 0;
+        for (index_t m = 0; m < M; ++m) acc += w.fc1_w[(e * M + m) * D + d] * dh[r * M + m];
+        dxe[r * D + d] = acc;
+      }
+    for (index_t d = 0; d < D; ++d) {
+      if (!g.fc2_b.empty()) g.fc2_b[e * D + d] += dye[r * D + d];
+      if (!g.fc2_w.empty())
+        for (index_t m = 0; m < M; ++m) g.fc2_w[(e * D + d) * M + m] += dye[r * D + d] * h[r * M + m];
+    }
+    for (index_t m = 0; m < M; ++m) {
+      if (!g.fc1_b.empty()) g.fc1_b[e * M + m] += dh[r * M + m];
+      if (!g.fc1_w.empty())
+        for (index_t d = 0; d < D; ++d) g.fc1_w[(e * M + m) * D + d] += dh[r * M + m] * xe[r * D + d];
+    }
+  }
+}
+
+template <class T>
+void combine_forward(const DispatchPlan& p, CView<T> gates, CView<std::int32_t> route, CView<T> ye, View<T> y) {
+  const index_t D = y.rank() == 2 ? y.dim(1) : 0;
+  for (index_t t = 0; t < p.N; ++t)
+    for (index_t d = 0; d < D; ++d) {
+      T acc = 0;
+      for (int k = 0; k < p.K; ++k) {
+        const index_t r = p.slot_row[t * p.K + k];
+        if (r >= 0) acc += gates[t * p.E + route[t * p.K + k]] * ye[r * D + d];
+      }
+      y[t * D + d] = acc;
+    }
+}
+
+template <class T>
+void combine_backward(const DispatchPlan& p, CView<T> gates, CView<std::int32_t> route, CView<T> ye, CView<T> dy,
+                      View<T> dye, View<T> dgate) {
+  const index_t D = dy.rank() == 2 ? dy.dim(1) : 0;
+  for (index_t r = 0; r < p.A; ++r) {
+    const index_t t = p.row_token[r];
+    const T gate = gates[t * p.E + route[p.row_slot[r]]];
+    T acc = 0;
+    for (index_t d = 0; d < D; ++d) {
+      dye[r * D + d] = gate * dy[t * D + d];
+      acc += dy[t * D + d] * ye[r * D + d];
+    }
+    dgate[r] = acc;
+  }
+}
+
+}  // namespace ref
+}  // namespace limoe::moe

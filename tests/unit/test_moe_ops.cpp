@@ -1,0 +1,204 @@
+// The MoE layer's ops (moe/ops.hpp): each CPU op against its naive moe::ref:: twin on the same random inputs,
+// forward and backward, on 1 and 2 threads, with drops, K = 2 and an expert that receives nothing; the plan's
+// invariants; and the expert MLP's gradients against central finite differences.
+#include <doctest/doctest.h>
+
+#include <limoe/core/parallel.hpp>
+#include <limoe/moe/ops.hpp>
+#include <limoe/testing/gradcheck.hpp>
+
+using namespace limoe;
+using moe::DispatchPlan;
+using moe::ExpertGrads;
+using moe::ExpertScratch;
+using moe::ExpertWeights;
+
+
+namespace {
+// A route [N, K]: distinct experts per token, some choices dropped (-1), expert E-1 never chosen.
+Tensor<std::int32_t> random_route(index_t N, int K, int E, std::uint64_t seed) {
+  Tensor<std::int32_t> r(Shape{N, K});
+  const Rng rng(seed);
+  for (index_t t = 0; t < N; ++t)
+    for (int k = 0; k < K; ++k) {
+      std::int32_t e;
+      bool taken;
+      std::uint64_t i = 0;
+      do {
+        e = static_cast<std::int32_t>(rng.uniform(t, (k << 8) + i++) * (E - 1));
+        taken = false;
+        for (int j = 0; j < k; ++j) taken |= r[t * K + j] == e;
+      } while (taken);
+      r[t * K + k] = rng.uniform(t, 1000 + k) < 0.25 ? -1 : e;
+    }
+  return r;
+}
+
+double max_abs_diff(CView<double> a, CView<double> b) {
+  REQUIRE(a.numel() == b.numel());
+  double m = 0;
+  for (index_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
+struct Weights {
+  Tensor<double> w1, b1, w2, b2;
+  Weights(int E, index_t D, index_t M, std::uint64_t seed)
+      : w1(Shape{E, M, D}), b1(Shape{E, M}), w2(Shape{E, D, M}), b2(Shape{E, D}) {
+    testing::fill_normal(w1.view(), seed, 0.5);
+    testing::fill_normal(b1.view(), seed + 1, 0.1);
+    testing::fill_normal(w2.view(), seed + 2, 0.5);
+    testing::fill_normal(b2.view(), seed + 3, 0.1);
+  }
+  ExpertWeights<double> view() const { return {w1.cview(), b1.cview(), w2.cview(), b2.cview()}; }
+};
+}  // namespace
+
+TEST_CASE("dispatch plan: cpu equals ref; blocks by expert in slot order; every accepted choice once") {
+  for (int K : {1, 2, 3}) {
+    CAPTURE(K);
+    const int E = 5;
+    const index_t N = 57;
+    const auto route = random_route(N, K, E, 10 + K);
+    DispatchPlan a, b;
+    moe::cpu::make_dispatch_plan(route.cview(), E, a);
+    moe::ref::make_dispatch_plan(route.cview(), E, b);
+    REQUIRE(a.A == b.A);
+    for (int e = 0; e <= E; ++e) CHECK(a.offsets[e] == b.offsets[e]);
+    for (index_t r = 0; r < a.A; ++r) CHECK((a.row_token[r] == b.row_token[r] && a.row_slot[r] == b.row_slot[r]));
+    for (index_t s = 0; s < N * K; ++s) CHECK(a.slot_row[s] == b.slot_row[s]);
+    // Invariants, from the definition: row r of expert e's block holds a choice of e; slots increase inside a
+    // block; slot_row and row_slot are inverse; dropped slots have no row; the unused expert has no rows.
+    index_t accepted = 0;
+    for (index_t s = 0; s < N * K; ++s) accepted += route[s] >= 0;
+    CHECK(a.A == accepted);
+    CHECK(a.rows_of(E - 1) == 0);
+    for (int e = 0; e < E; ++e)
+      for (index_t r = a.offsets[e]; r < a.offsets[e + 1]; ++r) {
+        CHECK(route[a.row_slot[r]] == e);
+        CHECK(a.row_token[r] == a.row_slot[r] / K);
+        CHECK(a.slot_row[a.row_slot[r]] == r);
+        if (r > a.offsets[e]) CHECK(a.row_slot[r] > a.row_slot[r - 1]);
+      }
+    for (index_t s = 0; s < N * K; ++s) CHECK((route[s] >= 0) == (a.slot_row[s] >= 0));
+  }
+  Tensor<std::int32_t> bad(Shape{2, 1});
+  bad[0] = 0, bad[1] = 7;
+  DispatchPlan p;
+  CHECK_THROWS_WITH_AS(moe::cpu::make_dispatch_plan(bad.cview(), 4, p), doctest::Contains("route entry 7"), Error);
+}
+
+TEST_CASE("dispatch, expert MLP and combine: cpu equals ref, forward and backward, 1 and 2 threads") {
+  const int E = 5;
+  const index_t N = 300, D = 6, M = 10;  // > one 256-row tile for the busiest expert with K = 3
+  for (int K : {1, 3})
+    for (GeluKind gk : {GeluKind::Erf, GeluKind::Tanh})
+      for (int threads : {1, 2}) {
+        CAPTURE(K);
+        CAPTURE(threads);
+        set_num_threads(threads);
+        const auto route = random_route(N, K, E, 20 + K);
+        DispatchPlan plan;
+        moe::cpu::make_dispatch_plan(route.cview(), E, plan);
+        const index_t A = plan.A;
+        const Weights w(E, D, M, 30);
+        Tensor<double> x(Shape{N, D}), gates(Shape{N, E}), dy(Shape{N, D});
+        testing::fill_normal(x.view(), 1), testing::fill_normal(gates.view(), 2, 0.3), testing::fill_normal(dy.view(), 3);
+        ExpertScratch sc;
+
+        Tensor<double> xe[2] = {Tensor<double>(Shape{A, D}), Tensor<double>(Shape{A, D})};
+        moe::cpu::dispatch_forward<double>(plan, x.cview(), xe[0].view());
+        moe::ref::dispatch_forward<double>(plan, x.cview(), xe[1].view());
+        CHECK(max_abs_diff(xe[0].cview(), xe[1].cview()) == 0.0);
+
+        Tensor<double> hp[2], h[2], ye[2];
+        for (int i = 0; i < 2; ++i) hp[i] = Tensor<double>(Shape{A, M}), h[i] = Tensor<double>(Shape{A, M}), ye[i] = Tensor<double>(Shape{A, D});
+        moe::cpu::expert_mlp_forward<double>(plan, w.view(), gk, xe[0].cview(), hp[0].view(), h[0].view(), ye[0].view(), sc);
+        moe::ref::expert_mlp_forward<double>(plan, w.view(), gk, xe[0].cview(), hp[1].view(), h[1].view(), ye[1].view(), sc);
+        CHECK(max_abs_diff(hp[0].cview(), hp[1].cview()) < 1e-12);
+        CHECK(max_abs_diff(ye[0].cview(), ye[1].cview()) < 1e-12);
+
+        Tensor<double> y[2] = {Tensor<double>(Shape{N, D}), Tensor<double>(Shape{N, D})};
+        moe::cpu::combine_forward<double>(plan, gates.cview(), route.cview(), ye[0].cview(), y[0].view());
+        moe::ref::combine_forward<double>(plan, gates.cview(), route.cview(), ye[0].cview(), y[1].view());
+        CHECK(max_abs_diff(y[0].cview(), y[1].cview()) < 1e-13);
+        for (index_t t = 0; t < N; ++t) {  // a token with no accepted choice gets 0
+          bool any = false;
+          for (int k = 0; k < K; ++k) any |= route[t * K + k] >= 0;
+          if (!any)
+            for (index_t d = 0; d < D; ++d) CHECK(y[0][t * D + d] == 0.0);
+        }
+
+        Tensor<double> dye[2], dg[2];
+        for (int i = 0; i < 2; ++i) dye[i] = Tensor<double>(Shape{A, D}), dg[i] = Tensor<double>(Shape{A});
+        moe::cpu::combine_backward<double>(plan, gates.cview(), route.cview(), ye[0].cview(), dy.cview(), dye[0].view(), dg[0].view());
+        moe::ref::combine_backward<double>(plan, gates.cview(), route.cview(), ye[0].cview(), dy.cview(), dye[1].view(), dg[1].view());
+        CHECK(max_abs_diff(dye[0].cview(), dye[1].cview()) < 1e-13);
+        CHECK(max_abs_diff(dg[0].cview(), dg[1].cview()) < 1e-12);
+
+        Tensor<double> dh[2], dxe[2], g[2][4];
+        for (int i = 0; i < 2; ++i) {
+          dh[i] = Tensor<double>(Shape{A, M}), dxe[i] = Tensor<double>(Shape{A, D});
+          g[i][0] = Tensor<double>(Shape{E, M, D}), g[i][1] = Tensor<double>(Shape{E, M});
+          g[i][2] = Tensor<double>(Shape{E, D, M}), g[i][3] = Tensor<double>(Shape{E, D});
+          for (auto& t : g[i]) t.fill(0.5);  // gradients accumulate onto what is there
+        }
+        auto grads = [&](int i) { return ExpertGrads<double>{g[i][0].view(), g[i][1].view(), g[i][2].view(), g[i][3].view()}; };
+        moe::cpu::expert_mlp_backward<double>(plan, w.view(), gk, xe[0].cview(), hp[0].cview(), h[0].cview(), dye[0].cview(),
+                                         dh[0].view(), dxe[0].view(), grads(0), sc);
+        moe::ref::expert_mlp_backward<double>(plan, w.view(), gk, xe[0].cview(), hp[0].cview(), h[0].cview(), dye[0].cview(),
+                                         dh[1].view(), dxe[1].view(), grads(1), sc);
+        CHECK(max_abs_diff(dxe[0].cview(), dxe[1].cview()) < 1e-12);
+        for (int j = 0; j < 4; ++j) CHECK(max_abs_diff(g[0][j].cview(), g[1][j].cview()) < 1e-11);
+        for (index_t i = 0; i < g[0][3].numel(); ++i)  // the unused expert's rows stay as they were
+          if (i / D == E - 1) CHECK(g[0][3][i] == 0.5);
+
+        Tensor<double> dx[2] = {Tensor<double>(Shape{N, D}), Tensor<double>(Shape{N, D})};
+        dx[0].fill(1.0), dx[1].fill(1.0);  // dispatch_backward accumulates
+        moe::cpu::dispatch_backward<double>(plan, dxe[0].cview(), dx[0].view());
+        moe::ref::dispatch_backward<double>(plan, dxe[0].cview(), dx[1].view());
+        CHECK(max_abs_diff(dx[0].cview(), dx[1].cview()) < 1e-13);
+      }
+  set_num_threads(0);
+}
+
+TEST_CASE("expert MLP and combine gradients against central finite differences") {
+  const int E = 3, K = 2;
+  const index_t N = 9, D = 4, M = 5;
+  const auto route = random_route(N, K, E + 1, 40);  // experts 0..2 chosen (E + 1 - 1 = 3 values)
+  DispatchPlan plan;
+  moe::ref::make_dispatch_plan(route.cview(), E, plan);
+  const index_t A = plan.A;
+  Weights w(E, D, M, 50);
+  Tensor<double> x(Shape{N, D}), gates(Shape{N, E}), up(Shape{N, D});
+  testing::fill_normal(x.view(), 4), testing::fill_normal(gates.view(), 5, 0.3), testing::fill_normal(up.view(), 6);
+  ExpertScratch sc;
+  // loss = <up, combine(expert_mlp(dispatch(x)))>
+  auto loss = [&] {
+    Tensor<double> xe(Shape{A, D}), hp(Shape{A, M}), h(Shape{A, M}), ye(Shape{A, D}), y(Shape{N, D});
+    moe::cpu::dispatch_forward<double>(plan, x.cview(), xe.view());
+    moe::cpu::expert_mlp_forward<double>(plan, w.view(), GeluKind::Erf, xe.cview(), hp.view(), h.view(), ye.view(), sc);
+    moe::cpu::combine_forward<double>(plan, gates.cview(), route.cview(), ye.cview(), y.view());
+    return testing::dot(y.cview(), up.cview());
+  };
+  Tensor<double> xe(Shape{A, D}), hp(Shape{A, M}), h(Shape{A, M}), ye(Shape{A, D}), dye(Shape{A, D}), dg(Shape{A});
+  Tensor<double> dh(Shape{A, M}), dxe(Shape{A, D}), dx(Shape{N, D});
+  Tensor<double> gw1(Shape{E, M, D}), gb1(Shape{E, M}), gw2(Shape{E, D, M}), gb2(Shape{E, D});
+  moe::cpu::dispatch_forward<double>(plan, x.cview(), xe.view());
+  moe::cpu::expert_mlp_forward<double>(plan, w.view(), GeluKind::Erf, xe.cview(), hp.view(), h.view(), ye.view(), sc);
+  moe::cpu::combine_backward<double>(plan, gates.cview(), route.cview(), ye.cview(), up.cview(), dye.view(), dg.view());
+  moe::cpu::expert_mlp_backward<double>(plan, w.view(), GeluKind::Erf, xe.cview(), hp.cview(), h.cview(), dye.cview(),
+                                   dh.view(), dxe.view(), {gw1.view(), gb1.view(), gw2.view(), gb2.view()}, sc);
+  dx.zero();
+  moe::cpu::dispatch_backward<double>(plan, dxe.cview(), dx.view());
+  CHECK(testing::check_gradient(x.view(), dx.cview(), loss).rel_error < 1e-7);
+  CHECK(testing::check_gradient(w.w1.view(), gw1.cview(), loss).rel_error < 1e-7);
+  CHECK(testing::check_gradient(w.b1.view(), gb1.cview(), loss).rel_error < 1e-7);
+  CHECK(testing::check_gradient(w.w2.view(), gw2.cview(), loss).rel_error < 1e-7);
+  CHECK(testing::check_gradient(w.b2.view(), gb2.cview(), loss).rel_error < 1e-7);
+  // d loss / d gate of each row, through the gate tensor.
+  Tensor<double> dgates(Shape{N, E});
+  dgates.zero();
+  for (index_t r = 0; r < A; ++r) dgates[plan.row_token[r] * E + route[plan.row_slot[r]]] += dg[r];
+  CHECK(testing::check_gradient(gates.view(), dgates.cview(), loss).rel_error < 1e-7);
+}
