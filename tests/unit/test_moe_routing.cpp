@@ -141,6 +141,13 @@ TEST_CASE("tie rules: equal top-1 gates go to the lower token index; equal gates
   CHECK(r.route == std::vector<std::int32_t>{1, -1, 1});  // token 2 first (0.7), then token 0 before token 1
   const auto r2 = route_gates(BprK2{}, std::vector<std::vector<double>>{{0.4, 0.3, 0.3}}, 1);
   CHECK(r2.choice == std::vector<std::int32_t>{0, 1});
+  // Exactly equal best gates: the lower expert id, in every top-K implementation (K = 1 has its own loop).
+  const std::vector<std::vector<double>> tie{{0.2, 0.4, 0.4}, {0.4, 0.2, 0.4}};
+  CHECK(route_gates(BprK1{}, tie, 2).choice == std::vector<std::int32_t>{1, 0});
+  CHECK(route_gates(VanK1{}, tie, 2).choice == std::vector<std::int32_t>{1, 0});
+  CHECK(route_gates(BprDyn{DynamicTopK{1}}, tie, 2).choice == std::vector<std::int32_t>{1, 0});
+  CHECK(route_gates(BprK2{}, tie, 2).choice == std::vector<std::int32_t>{1, 2, 0, 2});
+  CHECK(route_gates(BprDyn{DynamicTopK{2}}, tie, 2).choice == std::vector<std::int32_t>{1, 2, 0, 2});
 }
 
 TEST_CASE("properties over random groups: capacity, at most K, naive reference, BPR order invariance") {
