@@ -24,9 +24,9 @@ struct Group {
     if (noise.empty()) noise.assign(S * E, 0.0);
     for (index_t s = 0; s < S; ++s) {
       for (int e = 0; e < E; ++e) noisy[s * E + e] = logits[s * E + e] + noise[s * E + e];
-      limoe::moe::detail::softmax_row(logits.data() + s * E, E, probs.data() + s * E);
+      limoe::math::softmax_row(logits.data() + s * E, E, probs.data() + s * E);
       std::vector<double> gn(E);
-      limoe::moe::detail::softmax_row(noisy.data() + s * E, E, gn.data());
+      limoe::math::softmax_row(noisy.data() + s * E, E, gn.data());
       limoe::moe::detail::select_top_k<0>(gn.data(), E, K, choice.data() + s * K);
     }
   }

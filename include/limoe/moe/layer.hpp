@@ -27,6 +27,8 @@
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/balance.hpp"
+#include "limoe/math/softmax.hpp"
 #include "limoe/moe/config.hpp"
 #include "limoe/moe/losses.hpp"
 #include "limoe/moe/ops.hpp"
@@ -209,7 +211,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   if (N > 0)
     detail::gemm_rows<T>(Trans::N, Trans::T, N, E, D, x.data(), D, p.router_w.data(), D, T(0), c.logits.data(), E);
   parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
-    for (index_t t = t0; t < t1; ++t) detail::softmax_row(c.logits.data() + t * E, E, c.probs.data() + t * E);
+    for (index_t t = t0; t < t1; ++t) math::softmax_row(c.logits.data() + t * E, E, c.probs.data() + t * E);
   });
 
   // 2. Route every group (steps 2-6), then check the router kept its contract.
@@ -304,13 +306,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
       else ++st.dropped[m][c.choice[t * K + k]];
     }
     if (!any) ++st.tokens_fully_dropped[m];
-    double H = 0;
-    for (int e = 0; e < E; ++e) {
-      const double q = static_cast<double>(c.probs[t * E + e]);
-      H -= q * detail::safe_log(q);
-      pbar[m][e] += q;
-    }
-    st.local_entropy[m] += H;
+    for (int e = 0; e < E; ++e) pbar[m][e] += static_cast<double>(c.probs[t * E + e]);
+    st.local_entropy[m] += math::entropy(c.probs.data() + t * E, E);
   }
   for (int m = 0; m < kModalities; ++m) {
     index_t dropped = 0;
@@ -319,10 +316,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     const double n = static_cast<double>(st.tokens[m]);
     st.drop_fraction[m] = static_cast<double>(dropped) / (n * K);
     st.local_entropy[m] /= n;
-    for (int e = 0; e < E; ++e) {
-      const double q = pbar[m][e] / n;
-      st.global_entropy[m] -= q * detail::safe_log(q);
-    }
+    for (int e = 0; e < E; ++e) pbar[m][e] /= n;
+    st.global_entropy[m] = math::entropy(pbar[m].data(), E);
   }
   for (int e = 0; e < E; ++e) {
     const index_t all = st.routed[0][e] + st.routed[1][e];

@@ -19,6 +19,9 @@
 #include <limits>
 
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/balance.hpp"
+#include "limoe/math/normal.hpp"
+#include "limoe/math/softmax.hpp"
 #include "limoe/moe/config.hpp"
 
 namespace limoe::moe {
@@ -56,36 +59,15 @@ concept AuxLossTerm = requires(const LossGroup<float>& gf, const LossGroup<doubl
 };
 
 namespace detail {
-inline constexpr double kLogFloor = -700.0;  // log of a gate that underflowed: keeps 0 * log 0 = 0, no NaN
-inline double safe_log(double p) { return p > 0 ? std::max(std::log(p), kLogFloor) : kLogFloor; }
-
-// Adds coef * (d softmax / d logits)^T du to dl for one row: dl_e += coef * G_e (du_e - sum_j G_j du_j).
+// Adds coef * (d softmax / d logits)^T du to dl for one row (math::softmax_row_backward, scaled and added).
 template <class T>
 inline void add_softmax_grad(const T* G, const double* du, int E, double coef, double* dl) {
-  double dot = 0;
-  for (int e = 0; e < E; ++e) dot += static_cast<double>(G[e]) * du[e];
-  for (int e = 0; e < E; ++e) dl[e] += coef * static_cast<double>(G[e]) * (du[e] - dot);
+  std::array<double, kMaxExperts> d{};
+  math::softmax_row_backward(G, du, E, d.data());
+  for (int e = 0; e < E; ++e) dl[e] += coef * d[e];
 }
 
-// Squared coefficient of variation var(v) / mean(v)^2 (population variance, as vmoe computes it without the
-// std, whose gradient is undefined at 0) and its gradient dv.
-inline double cv_squared(const double* v, int E, double* dv) {
-  double mean = 0;
-  for (int e = 0; e < E; ++e) mean += v[e];
-  mean /= E;
-  double var = 0;
-  for (int e = 0; e < E; ++e) var += (v[e] - mean) * (v[e] - mean);
-  var /= E;
-  if (!(mean > 0)) {
-    for (int e = 0; e < E; ++e) dv[e] = 0;
-    return 0;
-  }
-  // d/dv_e [var / mean^2] = (2 / E) ((v_e - mean) / mean^2 - var / mean^3)
-  for (int e = 0; e < E; ++e) dv[e] = 2.0 / E * ((v[e] - mean) / (mean * mean) - var / (mean * mean * mean));
-  return var / (mean * mean);
-}
-
-inline constexpr int kMaxStackExperts = 256;  // per-row scratch on the stack; larger E is rejected by the layer
+inline constexpr int kMaxStackExperts = kMaxExperts;  // per-row scratch on the stack
 }  // namespace detail
 
 // V-MoE importance loss (Riquelme et al. 2021, appendix A.2): Imp_e = sum_s G[s, e] on clean gates.
@@ -96,7 +78,7 @@ struct ImportanceLoss {
     std::array<double, detail::kMaxStackExperts> imp{}, dimp{};
     for (index_t s = 0; s < g.S; ++s)
       for (int e = 0; e < E; ++e) imp[e] += static_cast<double>(g.probs[s * E + e]);
-    const double L = detail::cv_squared(imp.data(), E, dimp.data());
+    const double L = math::cv_squared(imp.data(), E, dimp.data());
     v.importance += g.scale * L;
     v.total += g.scale * c.importance_weight * L;
     if (dl == nullptr || !(c.importance_weight > 0)) return;
@@ -114,17 +96,16 @@ struct LoadLoss {
   static void accumulate(const LossGroup<T>& g, const AuxLossConfig& c, AuxLossValues& v, double* dl) {
     if (!g.noise_active || !(g.sigma > 0) || g.S == 0) return;
     const int E = g.E, K = g.K;
-    const double inv_sqrt2 = 0.70710678118654752440, inv_sqrt2pi = 0.39894228040143267794;
     std::array<double, detail::kMaxStackExperts> load{}, dload{};
     for (index_t s = 0; s < g.S; ++s) {
       const double thr = static_cast<double>(g.noisy[s * E + g.choice[s * K + K - 1]]);
       for (int e = 0; e < E; ++e) {
         const double z = (thr - static_cast<double>(g.logits[s * E + e])) / g.sigma;
-        load[e] += 0.5 * std::erfc(z * inv_sqrt2);  // 1 - Phi(z)
+        load[e] += math::normal_sf(z);  // 1 - Phi(z)
       }
     }
     for (int e = 0; e < E; ++e) load[e] /= static_cast<double>(g.S);
-    const double L = detail::cv_squared(load.data(), E, dload.data());
+    const double L = math::cv_squared(load.data(), E, dload.data());
     v.load += g.scale * L;
     v.total += g.scale * c.load_weight * L;
     if (dl == nullptr || !(c.load_weight > 0)) return;
@@ -135,7 +116,7 @@ struct LoadLoss {
       double to_thr = 0;
       for (int e = 0; e < E; ++e) {
         const double z = (thr - static_cast<double>(g.logits[s * E + e])) / g.sigma;
-        const double d = coef * dload[e] * inv_sqrt2pi * std::exp(-0.5 * z * z);  // dL/dp * phi(z) / sigma
+        const double d = coef * dload[e] * math::normal_pdf(z);  // dL/dp * phi(z) / sigma
         dl[s * E + e] += d;  // d p / d logits[s, e] = +phi / sigma
         to_thr -= d;         // d p / d thr_s = -phi / sigma
       }
@@ -156,15 +137,14 @@ struct LocalEntropyLoss {
     for (index_t s = 0; s < g.S; ++s) {
       const int m = g.modality[s] ? 1 : 0;
       const T* G = g.probs + s * E;
-      double H = 0;
-      for (int e = 0; e < E; ++e) H -= static_cast<double>(G[e]) * detail::safe_log(static_cast<double>(G[e]));
+      const double H = math::entropy(G, E);
       sum[m] += H;
       const double w = c.local_entropy_weight[m];
       if (dl == nullptr || !(w > 0)) continue;
       const double coef = g.scale * w / static_cast<double>(n[m]);
       for (int e = 0; e < E; ++e) {
         const double p = static_cast<double>(G[e]);
-        dl[s * E + e] -= coef * p * (detail::safe_log(p) + H);
+        dl[s * E + e] -= coef * p * (math::safe_log(p) + H);
       }
     }
     for (int m = 0; m < kModalities; ++m) {
@@ -192,17 +172,14 @@ struct GlobalEntropyLoss {
         for (int e = 0; e < E; ++e) pbar[e] += static_cast<double>(g.probs[s * E + e]);
       }
       if (n == 0) continue;
-      double H = 0;
-      for (int e = 0; e < E; ++e) {
-        pbar[e] /= static_cast<double>(n);
-        H -= pbar[e] * detail::safe_log(pbar[e]);
-      }
+      for (int e = 0; e < E; ++e) pbar[e] /= static_cast<double>(n);
+      const double H = math::entropy(pbar.data(), E);
       const double L = std::max(0.0, c.global_entropy_tau[m] - H);
       v.global_entropy[m] += g.scale * L;
       v.total += g.scale * c.global_entropy_weight[m] * L;
       const double w = c.global_entropy_weight[m];
       if (dl == nullptr || !(w > 0) || !(L > 0)) continue;
-      for (int e = 0; e < E; ++e) du[e] = detail::safe_log(pbar[e]);
+      for (int e = 0; e < E; ++e) du[e] = math::safe_log(pbar[e]);
       const double coef = g.scale * w / static_cast<double>(n);
       for (index_t s = 0; s < g.S; ++s)
         if ((g.modality[s] ? 1 : 0) == m) detail::add_softmax_grad(g.probs + s * E, du.data(), E, coef, dl + s * E);
@@ -221,11 +198,7 @@ struct ZLoss {
     const double coef = g.scale * c.z_loss_weight * 2.0 / static_cast<double>(g.S);
     for (index_t s = 0; s < g.S; ++s) {
       const T* l = g.logits + s * E;
-      double mx = static_cast<double>(l[0]);
-      for (int e = 1; e < E; ++e) mx = std::max(mx, static_cast<double>(l[e]));
-      double se = 0;
-      for (int e = 0; e < E; ++e) se += std::exp(static_cast<double>(l[e]) - mx);
-      const double lse = mx + std::log(se);
+      const double lse = math::logsumexp_row(l, E);
       sum += lse * lse;
       if (grad)
         for (int e = 0; e < E; ++e) dl[s * E + e] += coef * lse * static_cast<double>(g.probs[s * E + e]);

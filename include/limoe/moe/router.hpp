@@ -26,6 +26,7 @@
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/rng.hpp"
+#include "limoe/math/softmax.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/moe/config.hpp"
 
@@ -105,19 +106,6 @@ inline void select_top_k(const T* g, int E, int K, std::int32_t* out) {
   }
 }
 
-// Row softmax with the max subtracted; E is small (experts), so this stays inline in the routing pass.
-template <class T>
-inline void softmax_row(const T* x, int E, T* y) {
-  T m = x[0];
-  for (int e = 1; e < E; ++e) m = std::max(m, x[e]);
-  T s = 0;
-  for (int e = 0; e < E; ++e) {
-    y[e] = std::exp(x[e] - m);
-    s += y[e];
-  }
-  const T inv = T(1) / s;
-  for (int e = 0; e < E; ++e) y[e] *= inv;
-}
 }  // namespace detail
 
 // ---- noise policies ----------------------------------------------------------------------------------------
@@ -198,7 +186,7 @@ struct TopKRouter {
     // Steps 2-3: noise (training), gates = softmax(noisy), each token's K largest gates.
     noise.apply(g);
     for (index_t s = 0; s < g.S; ++s) {
-      detail::softmax_row(g.noisy + s * E, E, g.gates + s * E);
+      math::softmax_row(g.noisy + s * E, E, g.gates + s * E);
       detail::select_top_k<kStatic>(g.gates + s * E, E, K, g.choice + s * K);
     }
     // Step 6: all first choices, then all second choices, ...; within a rank, tokens in the policy's order.
