@@ -566,4 +566,12 @@ class Limoe {
   Tensor<T> dxn_, dx_, dln_, dtmp_, dh_;
 };
 
+// The project's own programs compile Limoe<float> and Limoe<double> once (src/instances/, CMake target
+// limoe_instances, which defines LIMOE_EXTERN_TEMPLATES for whatever links it) instead of in every translation
+// unit. Users of the header-only library never define the macro and instantiate what they use, as usual.
+#if defined(LIMOE_EXTERN_TEMPLATES)
+extern template class Limoe<float>;
+extern template class Limoe<double>;
+#endif
+
 }  // namespace limoe
