@@ -312,6 +312,19 @@ void check_against_files(const Case& c, const Run<T>& r, const Tolerance& tol) {
 }
 
 // The cases the files hold: one TEST_CASE each in the tests; this list is checked against the folder.
+// Tolerances against the files (float64 reference rounded to float32): its rounding and summation-order
+// differences are far below these bounds for Limoe<double> and Limoe<float> alike (tests/reference/README.md,
+// "Suggested tolerances").
+inline constexpr Tolerance kFileTolerance{.emb_rel = 1e-4, .emb_abs = 1e-5, .loss_rel = 1e-4, .loss_abs = 1e-5,
+                                          .grad_rel = 1e-4, .grad_abs = 1e-5};
+
+// Runs case `name` with Limoe<T> and compares it with the files.
+template <class T>
+void check_case_against_files(const std::string& name) {
+  const Case c = Case::open(name);
+  c.template with_model<T>([&](auto& m) { check_against_files(c, run_case<T>(c, m), kFileTolerance); });
+}
+
 inline std::vector<std::string> case_names() { return {"tiny_map", "tiny_k2", "tiny_vanilla", "tiny_dup"}; }
 
 inline std::vector<std::string> cases_on_disk() {

@@ -14,18 +14,7 @@ using namespace limoe;
 
 namespace {
 
-// Limoe<double> against the float32-rounded float64 reference: the files' own rounding (2^-24 relative) and
-// summation-order differences are far below these bounds (tests/reference/README.md, "Suggested tolerances").
-constexpr golden::Tolerance kTol{.emb_rel = 1e-4, .emb_abs = 1e-5, .loss_rel = 1e-4, .loss_abs = 1e-5,
-                                 .grad_rel = 1e-4, .grad_abs = 1e-5};
-
-void golden_case(const std::string& name) {
-  const golden::Case c = golden::Case::open(name);
-  c.with_model<double>([&](auto& m) {
-    const auto r = golden::run_case<double>(c, m);
-    golden::check_against_files(c, r, kTol);
-  });
-}
+void golden_case(const std::string& name) { golden::check_case_against_files<double>(name); }
 
 }  // namespace
 

@@ -135,19 +135,7 @@ void float_vs_double(const std::string& name) {
           ", max relative ", loss_rel, "; gradients worst error / bound ", worst_ratio, " (", worst_name, ")");
 }
 
-// Limoe<float> against the golden files (float64 reference rounded to float32): the float model's own error
-// (above) plus the files' rounding; the same bounds as the double model's golden test, which the reference's
-// float32 run also meets (tests/reference/README.md).
-constexpr golden::Tolerance kGoldenTol{.emb_rel = 1e-4, .emb_abs = 1e-5, .loss_rel = 1e-4, .loss_abs = 1e-5,
-                                       .grad_rel = 1e-4, .grad_abs = 1e-5};
-
-void golden_float(const std::string& name) {
-  const golden::Case c = golden::Case::open(name);
-  c.with_model<float>([&](auto& m) {
-    const auto r = golden::run_case<float>(c, m);
-    golden::check_against_files(c, r, kGoldenTol);
-  });
-}
+void golden_float(const std::string& name) { golden::check_case_against_files<float>(name); }
 
 }  // namespace
 
