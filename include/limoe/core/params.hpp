@@ -2,7 +2,8 @@
 //
 // Layers register their tensors by name (the docs/cli.md names) before `finalize()`, then read them through
 // the returned ParamRef. One flat buffer makes the optimizer one loop, zeroing gradients one memset, and a
-// checkpoint a walk over `entries()`.
+// checkpoint a walk over `entries()`. The store lives in one memory space (core/memory.hpp), the one its model's
+// backend computes in; names, shapes and offsets are host data either way.
 #pragma once
 
 #include <optional>
@@ -20,9 +21,13 @@ struct ParamRef {
   bool valid() const { return id >= 0; }
 };
 
-template <class T>
+template <class T, MemorySpace Space = HostSpace>
 class ParamStore {
  public:
+  using memory_space = Space;
+  using view_type = View<T, Space>;
+  using cview_type = CView<T, Space>;
+
   struct Entry {
     std::string name;
     Shape shape;
@@ -46,17 +51,17 @@ class ParamStore {
   }
   bool finalized() const { return finalized_; }
 
-  View<T> value(ParamRef r) { return View<T>(values_.data() + at(r).offset, at(r).shape); }
-  CView<T> value(ParamRef r) const { return CView<T>(values_.data() + at(r).offset, at(r).shape); }
+  view_type value(ParamRef r) { return view_type(values_.data() + at(r).offset, at(r).shape); }
+  cview_type value(ParamRef r) const { return cview_type(values_.data() + at(r).offset, at(r).shape); }
   // The gradient buffer is allocated (zeroed) on first use, so a model used only for inference never pays
   // for it. The const accessors need it to exist already.
-  View<T> grad(ParamRef r) {
+  view_type grad(ParamRef r) {
     ensure_grads();
-    return View<T>(grads_.data() + at(r).offset, at(r).shape);
+    return view_type(grads_.data() + at(r).offset, at(r).shape);
   }
-  CView<T> grad(ParamRef r) const {
+  cview_type grad(ParamRef r) const {
     check_grads();
-    return CView<T>(grads_.data() + at(r).offset, at(r).shape);
+    return cview_type(grads_.data() + at(r).offset, at(r).shape);
   }
 
   std::optional<ParamRef> find(const std::string& name) const {
@@ -73,13 +78,13 @@ class ParamStore {
   const std::vector<Entry>& entries() const { return entries_; }
   const Entry& entry(ParamRef r) const { return at(r); }
   index_t size() const { return size_; }
-  View<T> values() { return values_.view(); }
-  CView<T> values() const { return values_.view(); }
-  View<T> grads() {
+  view_type values() { return values_.view(); }
+  cview_type values() const { return values_.view(); }
+  view_type grads() {
     ensure_grads();
     return grads_.view();
   }
-  CView<T> grads() const {
+  cview_type grads() const {
     check_grads();
     return grads_.view();
   }
@@ -108,7 +113,7 @@ class ParamStore {
   std::unordered_map<std::string, int> index_;
   index_t size_ = 0;
   bool finalized_ = false;
-  Tensor<T> values_, grads_;
+  Tensor<T, Space> values_, grads_;
 };
 
 }  // namespace limoe

@@ -1,7 +1,11 @@
-// limoe/core/tensor.hpp: row-major dense tensors: an owning Tensor<T> and a non-owning View<T>.
+// limoe/core/tensor.hpp: row-major dense tensors: an owning Tensor<T, Space> and a non-owning View<T, Space>.
 //
 // Shapes have at most 4 dimensions (B, N, D style); every tensor is contiguous and row-major, so a view is a
 // pointer and a shape. Shapes are checked at the boundaries with messages that name both shapes.
+//
+// Every tensor and view knows its memory space (core/memory.hpp): HostSpace by default; a backend whose memory
+// the host cannot read (the CUDA backend's device space) gets views without element access, so host code that
+// would read device memory does not compile. A view converts only within its space.
 #pragma once
 
 #include <algorithm>
@@ -15,9 +19,11 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "limoe/core/error.hpp"
+#include "limoe/core/memory.hpp"
 
 namespace limoe {
 
@@ -75,17 +81,18 @@ class Shape {
   int rank_ = 0;
 };
 
-// Non-owning view of contiguous row-major data. View<const T> is the read-only form.
-template <class T>
+// Non-owning view of contiguous row-major data in memory space `Space`. View<const T> is the read-only form.
+template <class T, MemorySpace Space = HostSpace>
 class View {
  public:
   using value_type = std::remove_const_t<T>;
+  using memory_space = Space;
 
   View() = default;
   View(T* data, Shape shape) : data_(data), shape_(shape) {}
-  // A View<T> converts to a View<const T>.
+  // A View<T> converts to a View<const T> (same space).
   template <class U, class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
-  View(const View<U>& other) : data_(other.data()), shape_(other.shape()) {}
+  View(const View<U, Space>& other) : data_(other.data()), shape_(other.shape()) {}
 
   T* data() const { return data_; }
   const Shape& shape() const { return shape_; }
@@ -93,9 +100,17 @@ class View {
   index_t dim(int i) const { return shape_[i]; }
   index_t numel() const { return shape_.numel(); }
   bool empty() const { return data_ == nullptr; }
-  std::span<T> span() const { return {data_, static_cast<std::size_t>(numel())}; }
-
-  T& operator[](index_t i) const { return data_[i]; }
+  // Element access: host-readable spaces only.
+  std::span<T> span() const
+    requires Space::host_accessible
+  {
+    return {data_, static_cast<std::size_t>(numel())};
+  }
+  T& operator[](index_t i) const
+    requires Space::host_accessible
+  {
+    return data_[i];
+  }
   // Row r of a tensor viewed as [rows, back()].
   T* row(index_t r) const { return data_ + r * shape_.back(); }
 
@@ -125,40 +140,53 @@ class View {
   Shape shape_;
 };
 
-template <class T>
-using CView = View<const T>;
+template <class T, MemorySpace Space = HostSpace>
+using CView = View<const T, Space>;
 
-namespace detail {
-// 64-byte aligned allocator so vectorised kernels see aligned rows.
-template <class T>
-struct AlignedAllocator {
-  using value_type = T;
-  static constexpr std::size_t kAlign = 64;
-  AlignedAllocator() = default;
-  template <class U>
-  AlignedAllocator(const AlignedAllocator<U>&) {}
-  T* allocate(std::size_t n) {
-    if (n == 0) return nullptr;
-    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{kAlign}));
-  }
-  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{kAlign}); }
-  template <class U>
-  bool operator==(const AlignedAllocator<U>&) const { return true; }
-};
-}  // namespace detail
-
-template <class T>
-using aligned_vector = std::vector<T, detail::AlignedAllocator<T>>;
-
-// Owning tensor, zero-initialised.
-template <class T>
+// Owning tensor in memory space `Space`, zero-initialised; storage is 64-byte aligned (Space::allocate), so
+// vectorised kernels see aligned rows. Element types are trivially copyable (the storage is raw memory).
+template <class T, MemorySpace Space = HostSpace>
 class Tensor {
- public:
-  Tensor() = default;
-  explicit Tensor(Shape shape) : shape_(shape), data_(static_cast<std::size_t>(shape.numel()), T{}) {}
-  Tensor(Shape shape, T fill) : shape_(shape), data_(static_cast<std::size_t>(shape.numel()), fill) {}
+  static_assert(std::is_trivially_copyable_v<T>, "Tensor<T>: T must be trivially copyable");
 
-  static Tensor from(Shape shape, std::initializer_list<T> values) {
+ public:
+  using memory_space = Space;
+
+  Tensor() = default;
+  explicit Tensor(Shape shape) { resize(shape); }
+  Tensor(Shape shape, T fill)
+    requires Space::host_accessible
+  {
+    resize(shape);
+    this->fill(fill);
+  }
+  Tensor(const Tensor& o) : shape_(o.shape_) {
+    reserve_exact(o.size_);
+    size_ = o.size_;
+    if (size_) Space::copy(data_.get(), o.data_.get(), bytes(size_));
+  }
+  Tensor(Tensor&& o) noexcept
+      : shape_(o.shape_), data_(std::move(o.data_)), size_(std::exchange(o.size_, 0)), cap_(std::exchange(o.cap_, 0)) {
+    o.shape_ = Shape{};
+  }
+  Tensor& operator=(const Tensor& o) {
+    if (this != &o) {
+      Tensor t(o);
+      *this = std::move(t);
+    }
+    return *this;
+  }
+  Tensor& operator=(Tensor&& o) noexcept {
+    shape_ = std::exchange(o.shape_, Shape{});
+    data_ = std::move(o.data_);
+    size_ = std::exchange(o.size_, 0);
+    cap_ = std::exchange(o.cap_, 0);
+    return *this;
+  }
+
+  static Tensor from(Shape shape, std::initializer_list<T> values)
+    requires Space::host_accessible
+  {
     LIMOE_CHECK(static_cast<index_t>(values.size()) == shape.numel(), "Tensor::from: ", values.size(),
                 " values for shape ", shape.str());
     Tensor t(shape);
@@ -166,43 +194,82 @@ class Tensor {
     return t;
   }
   template <class U>
-  static Tensor copy_of(View<U> v) {
+  static Tensor copy_of(View<U> v)
+    requires Space::host_accessible
+  {
     Tensor t(v.shape());
     for (index_t i = 0; i < v.numel(); ++i) t.data()[i] = static_cast<T>(v[i]);
     return t;
   }
 
-  T* data() { return data_.data(); }
-  const T* data() const { return data_.data(); }
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
   const Shape& shape() const { return shape_; }
   int rank() const { return shape_.rank(); }
   index_t dim(int i) const { return shape_[i]; }
   index_t numel() const { return shape_.numel(); }
-  T& operator[](index_t i) { return data_[static_cast<std::size_t>(i)]; }
-  const T& operator[](index_t i) const { return data_[static_cast<std::size_t>(i)]; }
-
-  View<T> view() { return View<T>(data(), shape_); }
-  CView<T> view() const { return CView<T>(data(), shape_); }
-  CView<T> cview() const { return CView<T>(data(), shape_); }
-  operator View<T>() { return view(); }
-  operator CView<T>() const { return view(); }
-
-  // Changes the shape; reuses the buffer when it is large enough (no shrink), zero-fills new elements.
-  void resize(Shape shape) {
-    shape_ = shape;
-    data_.resize(static_cast<std::size_t>(shape.numel()));
+  T& operator[](index_t i)
+    requires Space::host_accessible
+  {
+    return data_.get()[i];
   }
-  void fill(T v) { std::fill(data_.begin(), data_.end(), v); }
-  void zero() { fill(T{}); }
+  const T& operator[](index_t i) const
+    requires Space::host_accessible
+  {
+    return data_.get()[i];
+  }
+
+  View<T, Space> view() { return View<T, Space>(data(), shape_); }
+  CView<T, Space> view() const { return CView<T, Space>(data(), shape_); }
+  CView<T, Space> cview() const { return CView<T, Space>(data(), shape_); }
+  operator View<T, Space>() { return view(); }
+  operator CView<T, Space>() const { return view(); }
+
+  // Changes the shape; keeps the elements that remain, reuses the buffer when it is large enough (no shrink)
+  // and zero-fills elements that are new (the semantics of std::vector::resize).
+  void resize(Shape shape) {
+    const index_t n = shape.numel();
+    if (n > cap_) {
+      std::unique_ptr<T[], Deleter> old = std::move(data_);
+      const index_t keep = size_;
+      reserve_exact(n);
+      if (keep) Space::copy(data_.get(), old.get(), bytes(keep));
+    }
+    if (n > size_) Space::zero(data_.get() + size_, bytes(n - size_));
+    size_ = n;
+    shape_ = shape;
+  }
+  void fill(T v)
+    requires Space::host_accessible
+  {
+    std::fill(data_.get(), data_.get() + size_, v);
+  }
+  void zero() {
+    if (size_) Space::zero(data_.get(), bytes(size_));
+  }
 
  private:
+  struct Deleter {
+    std::size_t bytes = 0;
+    void operator()(T* p) const { Space::deallocate(p, bytes); }
+  };
+  static std::size_t bytes(index_t n) { return static_cast<std::size_t>(n) * sizeof(T); }
+  void reserve_exact(index_t n) {
+    data_.reset();
+    cap_ = 0;
+    if (n == 0) return;
+    data_ = std::unique_ptr<T[], Deleter>(static_cast<T*>(Space::allocate(bytes(n))), Deleter{bytes(n)});
+    cap_ = n;
+  }
+
   Shape shape_;
-  aligned_vector<T> data_;
+  std::unique_ptr<T[], Deleter> data_;
+  index_t size_ = 0, cap_ = 0;
 };
 
 // Checks that a view has exactly the expected shape; `what` names the argument in the message.
-template <class T>
-void expect_shape(const View<T>& v, const Shape& expected, const char* what) {
+template <class T, class Space>
+void expect_shape(const View<T, Space>& v, const Shape& expected, const char* what) {
   LIMOE_CHECK(v.shape() == expected, what, ": expected shape ", expected.str(), ", got ", v.shape().str());
 }
 

@@ -7,8 +7,9 @@
 // [Bt, T, D]. Only the embeddings, the pooling heads and the projections are per modality.
 //
 // Template parameters are policies (what changes the code path); sizes are data in ModelConfig:
-//   Limoe<T, Router, Losses>: T scalar (float; double for gradient checks), Router a router policy,
-//   Losses the auxiliary-loss set (moe/layer.hpp).
+//   Limoe<T, Router, Losses, BackendT>: T scalar (float; double for gradient checks), Router a router policy,
+//   Losses the auxiliary-loss set (moe/layer.hpp), BackendT the backend whose ops run (backend/backend.hpp: Cpu, the
+//   default, or Ref, the naive reference; every op is called through Ops<BackendT, T>).
 //
 // Gradient rule: backward() ACCUMULATES into the parameter gradients of params() (call zero_grad() first).
 #pragma once
@@ -21,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "limoe/backend/ops.hpp"
 #include "limoe/core/params.hpp"
 #include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
@@ -74,10 +76,15 @@ struct LossOutput {
 // (moe::visit_router: K = 1 and 2 compiled, other K at run time; BPR or vanilla order; Gaussian noise).
 struct ConfigRouter {};
 
-template <class T = float, class Router = ConfigRouter, class Losses = moe::DefaultAuxLosses>
+template <class T = float, class Router = ConfigRouter, class Losses = moe::DefaultAuxLosses, Backend BackendT = Cpu>
 class Limoe {
  public:
   using scalar_type = T;
+  using backend_type = BackendT;
+  using memory_space = typename BackendT::memory_space;
+  // The activations, caches and the MoE layer's plan are host tensors today: a backend over another memory
+  // space (CUDA) brings its own caches with it.
+  static_assert(memory_space::host_accessible, "Limoe: this backend's memory space is not host-accessible");
 
   // `router` is the router policy instance (ignored for ConfigRouter, which builds the stock router from the
   // config); its top_k() must equal the config's top_k.
@@ -97,8 +104,8 @@ class Limoe {
   }
 
   const ModelConfig& config() const { return cfg_; }
-  ParamStore<T>& params() { return params_; }
-  const ParamStore<T>& params() const { return params_; }
+  ParamStore<T, memory_space>& params() { return params_; }
+  const ParamStore<T, memory_space>& params() const { return params_; }
   void zero_grad() { params_.zero_grad(); }
   // The router noise of training step s is a function of (noise seed, s, block) only.
   void set_noise_seed(std::uint64_t seed) { noise_seed_ = seed; }
@@ -176,10 +183,10 @@ class Limoe {
     x0.resize(Shape{R, D});  // [R, D]
     if (Bi_ > 0) {
       patches_.resize(Shape{Bi_, N, static_cast<index_t>(cfg_.patch_dim())});  // [Bi, N, P*P*C]
-      cpu::patch_embed_forward<T>(images, cfg_.patch, pv(img_patch_w_), pv(img_patch_b_), pv(img_pos_),
+      O::patch_embed_forward(images, cfg_.patch, pv(img_patch_w_), pv(img_patch_b_), pv(img_pos_),
                                   patches_.view(), img_rows(x0.view()));
     }
-    if (Bt_ > 0) cpu::token_embed_forward<T>(texts, pv(txt_embed_), pv(txt_pos_), txt_rows(x0.view()));
+    if (Bt_ > 0) O::token_embed_forward(texts, pv(txt_embed_), pv(txt_pos_), txt_rows(x0.view()));
 
     ForwardOutput<T> out;
     for (int l = 0; l < cfg_.depth; ++l) {
@@ -193,7 +200,7 @@ class Limoe {
     xn_.resize(Shape{R, D});        // [R, D]
     xn_mean_.resize(Shape{R});      // [R]
     xn_rstd_.resize(Shape{R});      // [R]
-    cpu::layernorm_forward<T>(x_final_.cview(), pv(norm_w_), pv(norm_b_), static_cast<T>(cfg_.ln_eps), xn_.view(),
+    O::layernorm_forward(x_final_.cview(), pv(norm_w_), pv(norm_b_), static_cast<T>(cfg_.ln_eps), xn_.view(),
                               xn_mean_.view(), xn_rstd_.view());
     if (Bi_ > 0) head_forward(img_head_, img_acts_, img_rows(xn_.cview()), CView<std::uint8_t>{}, out.img_emb);
     if (Bt_ > 0) head_forward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), out.txt_emb);
@@ -208,7 +215,7 @@ class Limoe {
                 " images and ", Bt_, " texts");
     logits_.resize(Shape{Bi_, Bi_});  // [n, n]
     const T theta = pv(logit_scale_)[0];
-    const auto r = cpu::contrastive_forward<T>(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
+    const auto r = O::contrastive_forward(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
                                                static_cast<T>(cfg_.logit_scale_max), logits_.view());
     loss_generation_ = generation_;
     LossOutput o;
@@ -229,7 +236,7 @@ class Limoe {
     dz_img_.resize(fwd.img_emb.shape());
     dz_txt_.resize(fwd.txt_emb.shape());
     T dtheta = 0;
-    cpu::contrastive_backward<T>(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
+    O::contrastive_backward(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
                                  static_cast<T>(cfg_.logit_scale_max), logits_.cview(), T(1), dz_img_.view(),
                                  dz_txt_.view(), &dtheta);
     pg(logit_scale_)[0] += dtheta;
@@ -246,13 +253,13 @@ class Limoe {
     if (Bi_ > 0 && !dz_img.empty()) head_backward(img_head_, img_acts_, img_rows(xn_.cview()), {}, fwd.img_emb.cview(), dz_img, img_rows(dxn_.view()));
     if (Bt_ > 0 && !dz_txt.empty()) head_backward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), fwd.txt_emb.cview(), dz_txt, txt_rows(dxn_.view()));
     dx_.resize(Shape{R, D});  // [R, D] gradient of the current block output
-    cpu::layernorm_backward<T>(x_final_.cview(), pv(norm_w_), xn_mean_.cview(), xn_rstd_.cview(), dxn_.cview(),
+    O::layernorm_backward(x_final_.cview(), pv(norm_w_), xn_mean_.cview(), xn_rstd_.cview(), dxn_.cview(),
                                dx_.view(), pg(norm_w_), pg(norm_b_));
     for (int l = cfg_.depth - 1; l >= 0; --l) block_backward(l);
     if (Bi_ > 0)
-      cpu::patch_embed_backward<T>(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
+      O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
                                    img_rows(dx_.cview()), View<T>{}, pg(img_patch_w_), pg(img_patch_b_), pg(img_pos_));
-    if (Bt_ > 0) cpu::token_embed_backward<T>(texts_.cview(), txt_rows(dx_.cview()), pg(txt_embed_), pg(txt_pos_));
+    if (Bt_ > 0) O::token_embed_backward(texts_.cview(), txt_rows(dx_.cview()), pg(txt_embed_), pg(txt_pos_));
   }
 
   // Gradient of the loss with respect to the input images of the last forward (after backward): [Bi, H, W, C].
@@ -260,12 +267,14 @@ class Limoe {
   Tensor<T> input_image_grad() {
     Tensor<T> dimg(images_.shape());
     Tensor<T> dW(pv(img_patch_w_).shape()), db(pv(img_patch_b_).shape()), dpos(pv(img_pos_).shape());
-    cpu::patch_embed_backward<T>(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
+    O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
                                  img_rows(dx_.cview()), dimg.view(), dW.view(), db.view(), dpos.view());
     return dimg;
   }
 
  private:
+  using O = Ops<BackendT, T>;
+
   // ---- parameters ---------------------------------------------------------------------------------------
 
   ParamRef add(const std::string& name, Shape shape, bool decay) { return params_.add(name, shape, decay); }
@@ -403,31 +412,31 @@ class Limoe {
     a.ln1.resize(Shape{R, D});  // [R, D]
     a.ln1_mean.resize(Shape{R});
     a.ln1_rstd.resize(Shape{R});
-    cpu::layernorm_forward<T>(x_in.cview(), pv(b.ln1_w), pv(b.ln1_b), eps, a.ln1.view(), a.ln1_mean.view(),
+    O::layernorm_forward(x_in.cview(), pv(b.ln1_w), pv(b.ln1_b), eps, a.ln1.view(), a.ln1_mean.view(),
                               a.ln1_rstd.view());
     // Attention per modality, written into x_mid, then the residual.
     a.x_mid.resize(Shape{R, D});  // [R, D]
     const auto aw = attn_weights(b.attn);
     if (Bi_ > 0)
-      cpu::self_attention_forward<T>(aw, cfg_.heads, img_rows(a.ln1.cview()), {}, img_rows(a.x_mid.view()),
+      O::self_attention_forward(aw, cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{}, img_rows(a.x_mid.view()),
                                      a.attn_img);
     if (Bt_ > 0)
-      cpu::self_attention_forward<T>(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(),
+      O::self_attention_forward(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(),
                                      txt_rows(a.x_mid.view()), a.attn_txt);
     for (index_t i = 0; i < R * D; ++i) a.x_mid[i] += x_in[i];
 
     a.ln2.resize(Shape{R, D});  // [R, D]
     a.ln2_mean.resize(Shape{R});
     a.ln2_rstd.resize(Shape{R});
-    cpu::layernorm_forward<T>(a.x_mid.cview(), pv(b.ln2_w), pv(b.ln2_b), eps, a.ln2.view(), a.ln2_mean.view(),
+    O::layernorm_forward(a.x_mid.cview(), pv(b.ln2_w), pv(b.ln2_b), eps, a.ln2.view(), a.ln2_mean.view(),
                               a.ln2_rstd.view());
     x_out.resize(Shape{R, D});  // [R, D]
     if (!b.moe) {
       a.h_pre.resize(Shape{R, M});  // [R, M]
       a.h_act.resize(Shape{R, M});  // [R, M]
-      cpu::linear_forward<T>(a.ln2.cview(), pv(b.mlp.fc1_w), CView<T>{}, a.h_pre.view());
-      cpu::bias_gelu_forward<T>(cfg_.gelu, pv(b.mlp.fc1_b), a.h_pre.view(), a.h_act.view());
-      cpu::linear_forward<T>(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view());
+      O::linear_forward(a.ln2.cview(), pv(b.mlp.fc1_w), CView<T>{}, a.h_pre.view());
+      O::bias_gelu_forward(cfg_.gelu, pv(b.mlp.fc1_b), a.h_pre.view(), a.h_act.view());
+      O::linear_forward(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view());
     } else {
       moe::MoeConfig mc{cfg_.router, cfg_.aux, cfg_.gelu};
       if (capacity_factor_) (mode_ == Mode::Train ? mc.router.capacity_factor_train : mc.router.capacity_factor_eval) = *capacity_factor_;
@@ -435,9 +444,9 @@ class Limoe {
       const Rng noise = Rng(noise_seed_).derive(step_ * 4096 + static_cast<std::uint64_t>(l));
       const std::span<const std::uint8_t> modality(modality_.data(), modality_.size());
       if constexpr (std::is_same_v<Router, ConfigRouter>)
-        moe::moe_forward<T, Losses>(mc, expert_weights(b), a.ln2.cview(), modality, mode_, noise, x_out.view(), ctx);
+        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), a.ln2.cview(), modality, mode_, noise, x_out.view(), ctx);
       else
-        moe::moe_forward<T, Losses>(router_, mc, expert_weights(b), a.ln2.cview(), modality, mode_, noise,
+        moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), a.ln2.cview(), modality, mode_, noise,
                                     x_out.view(), ctx);
       out.routes.push_back(Tensor<std::int32_t>::copy_of(ctx.routes()));
       out.route_blocks.push_back(l);
@@ -456,30 +465,30 @@ class Limoe {
     dln_.resize(Shape{R, D});  // [R, D]
     if (!b.moe) {
       dh_.resize(Shape{R, M});  // [R, M]
-      cpu::linear_backward<T>(a.h_act.cview(), pv(b.mlp.fc2_w), dx_.cview(), dh_.view(), pg(b.mlp.fc2_w),
+      O::linear_backward(a.h_act.cview(), pv(b.mlp.fc2_w), dx_.cview(), dh_.view(), pg(b.mlp.fc2_w),
                               pg(b.mlp.fc2_b));
-      cpu::gelu_backward<T>(cfg_.gelu, a.h_pre.cview(), dh_.cview(), dh_.view());
-      cpu::linear_backward<T>(a.ln2.cview(), pv(b.mlp.fc1_w), dh_.cview(), dln_.view(), pg(b.mlp.fc1_w),
+      O::gelu_backward(cfg_.gelu, a.h_pre.cview(), dh_.cview(), dh_.view());
+      O::linear_backward(a.ln2.cview(), pv(b.mlp.fc1_w), dh_.cview(), dln_.view(), pg(b.mlp.fc1_w),
                               pg(b.mlp.fc1_b));
     } else {
-      moe::moe_backward<T>(expert_weights(b), a.ln2.cview(), dx_.cview(), dln_.view(), expert_grads(b),
+      moe::moe_backward<T, BackendT>(expert_weights(b), a.ln2.cview(), dx_.cview(), dln_.view(), expert_grads(b),
                            moe_ctx_[static_cast<std::size_t>(l)]);
     }
     // dx_mid = dx_out + LN2^T dln
     dtmp_.resize(Shape{R, D});  // [R, D]
-    cpu::layernorm_backward<T>(a.x_mid.cview(), pv(b.ln2_w), a.ln2_mean.cview(), a.ln2_rstd.cview(), dln_.cview(),
+    O::layernorm_backward(a.x_mid.cview(), pv(b.ln2_w), a.ln2_mean.cview(), a.ln2_rstd.cview(), dln_.cview(),
                                dtmp_.view(), pg(b.ln2_w), pg(b.ln2_b));
     for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
     // Attention per modality: dln = Attn^T dx_mid.
     const auto aw = attn_weights(b.attn);
     const auto ag = attn_grads(b.attn);
     if (Bi_ > 0)
-      cpu::self_attention_backward<T>(aw, cfg_.heads, img_rows(a.ln1.cview()), {}, a.attn_img,
+      O::self_attention_backward(aw, cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{}, a.attn_img,
                                       img_rows(dx_.cview()), img_rows(dln_.view()), ag);
     if (Bt_ > 0)
-      cpu::self_attention_backward<T>(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(), a.attn_txt,
+      O::self_attention_backward(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(), a.attn_txt,
                                       txt_rows(dx_.cview()), txt_rows(dln_.view()), ag);
-    cpu::layernorm_backward<T>(a.x_in.cview(), pv(b.ln1_w), a.ln1_mean.cview(), a.ln1_rstd.cview(), dln_.cview(),
+    O::layernorm_backward(a.x_in.cview(), pv(b.ln1_w), a.ln1_mean.cview(), a.ln1_rstd.cview(), dln_.cview(),
                                dtmp_.view(), pg(b.ln1_w), pg(b.ln1_b));
     for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
   }
@@ -507,15 +516,15 @@ class Limoe {
     const index_t B = x.dim(0), D = cfg_.width, P = cfg_.proj_dim;
     a.pooled.resize(Shape{B, D});  // [B, D]
     if (h.kind == Pooling::Map)
-      cpu::map_head_forward<T>(map_weights(h), cfg_.heads, cfg_.gelu, static_cast<T>(cfg_.ln_eps), x, mask,
+      O::map_head_forward(map_weights(h), cfg_.heads, cfg_.gelu, static_cast<T>(cfg_.ln_eps), x, mask,
                                a.pooled.view(), a.map);
     else
-      cpu::pool_forward<T>(h.kind, x, mask, a.pooled.view());
+      O::pool_forward(h.kind, x, mask, a.pooled.view());
     a.proj.resize(Shape{B, P});  // [B, P]
-    cpu::linear_forward<T>(a.pooled.cview(), pv(h.proj), CView<T>{}, a.proj.view());
+    O::linear_forward(a.pooled.cview(), pv(h.proj), CView<T>{}, a.proj.view());
     a.norms.resize(Shape{B});  // [B]
     z.resize(Shape{B, P});     // [B, P]
-    cpu::l2_normalize_forward<T>(a.proj.cview(), z.view(), a.norms.view());
+    O::l2_normalize_forward(a.proj.cview(), z.view(), a.norms.view());
   }
 
   void head_backward(const HeadRefs& h, HeadActs& a, CView<T> x, CView<std::uint8_t> mask, CView<T> z, CView<T> dz,
@@ -524,13 +533,13 @@ class Limoe {
     expect_shape(dz, Shape{B, P}, "backward: embedding gradient");
     a.dproj.resize(Shape{B, P});   // [B, P]
     a.dpooled.resize(Shape{B, D}); // [B, D]
-    cpu::l2_normalize_backward<T>(a.proj.cview(), z, a.norms.cview(), dz, a.dproj.view());
-    cpu::linear_backward<T>(a.pooled.cview(), pv(h.proj), a.dproj.cview(), a.dpooled.view(), pg(h.proj), View<T>{});
+    O::l2_normalize_backward(a.proj.cview(), z, a.norms.cview(), dz, a.dproj.view());
+    O::linear_backward(a.pooled.cview(), pv(h.proj), a.dproj.cview(), a.dpooled.view(), pg(h.proj), View<T>{});
     if (h.kind == Pooling::Map)
-      cpu::map_head_backward<T>(map_weights(h), cfg_.heads, cfg_.gelu, x, mask, a.map, a.dpooled.cview(), dx,
+      O::map_head_backward(map_weights(h), cfg_.heads, cfg_.gelu, x, mask, a.map, a.dpooled.cview(), dx,
                                 map_grads(h));
     else
-      cpu::pool_backward<T>(h.kind, mask, a.dpooled.cview(), dx);
+      O::pool_backward(h.kind, mask, a.dpooled.cview(), dx);
   }
 
   // Counter-based draws: element i depends on (r, i) only, so the parallel split cannot change the values.
@@ -542,7 +551,7 @@ class Limoe {
 
   ModelConfig cfg_;
   Router router_{};
-  ParamStore<T> params_;
+  ParamStore<T, memory_space> params_;
   ParamRef img_patch_w_, img_patch_b_, img_pos_, txt_embed_, txt_pos_, norm_w_, norm_b_, logit_scale_;
   std::vector<BlockRefs> blocks_;
   HeadRefs img_head_, txt_head_;

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "limoe/backend/ops.hpp"
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/params.hpp"
@@ -164,7 +165,8 @@ void check_params(const MoeParams<T>& p, int E, index_t D) {
 //   x [N, D] tokens in the fixed order (all image tokens, then all text tokens; semantics §3);
 //   modality [N] (0 image, 1 text; an empty span means all image); y [N, D] overwritten.
 // Outputs besides y land in ctx: ctx.routes() [N, K], ctx.losses, ctx.stats.
-template <class T, class Losses = DefaultAuxLosses, class Router>
+//   BackendT is the backend whose ops run the dispatch plan, gather, expert MLP and combine (backend/ops.hpp).
+template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, class Router>
   requires RouterPolicy<Router, T>
 void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x,
                  std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx) {
@@ -274,16 +276,17 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   }
 
   // 4-6. Dispatch plan, gather, the grouped expert MLP, combine (moe/ops.hpp).
-  cpu::make_dispatch_plan(c.route.cview(), E, c.plan);
+  using O = Ops<BackendT, T>;
+  O::make_dispatch_plan(c.route.cview(), E, c.plan);
   const index_t A = c.plan.A;
   c.xe.resize(Shape{A, D});    // [A, D]
   c.hpre.resize(Shape{A, M});  // [A, M]
   c.h.resize(Shape{A, M});     // [A, M]
   c.ye.resize(Shape{A, D});    // [A, D]
-  cpu::dispatch_forward<T>(c.plan, x, c.xe.view());
-  cpu::expert_mlp_forward<T>(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.view(), c.h.view(),
+  O::dispatch_forward(c.plan, x, c.xe.view());
+  O::expert_mlp_forward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.view(), c.h.view(),
                              c.ye.view(), c.scratch);
-  cpu::combine_forward<T>(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), y);
+  O::combine_forward(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), y);
 
   // 7. Routing statistics (semantics §6).
   auto& st = c.stats;
@@ -328,12 +331,12 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
 
 // Forward with the stock router that cfg.router describes (top-K 1 and 2 compiled, others at run time; BPR or
 // vanilla) and the given loss set (default: all five terms; set a weight to 0 to drop a term's gradient).
-template <class T, class Losses = DefaultAuxLosses>
+template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu>
 void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::span<const std::uint8_t> modality,
                  Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx) {
   cfg.validate();
   visit_router(cfg.router, [&](const auto& router) {
-    moe_forward<T, Losses>(router, cfg, p, x, modality, mode, rng, y, ctx);
+    moe_forward<T, Losses, BackendT>(router, cfg, p, x, modality, mode, rng, y, ctx);
   });
 }
 
@@ -341,7 +344,7 @@ void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::s
 //   dy [N, D]: upstream gradient of y. dx [N, D] overwritten (empty: skipped). Parameter gradients accumulate.
 //   The aux losses' gradients (already weighted and averaged over groups) are added to the router's, times
 //   aux_scale (1 when the aux losses enter the training loss with coefficient 1).
-template <class T>
+template <class T, Backend BackendT = Cpu>
 void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, const MoeGrads<T>& grads,
                   MoeContext<T>& ctx, double aux_scale = 1.0) {
   auto& c = ctx;
@@ -361,10 +364,11 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
   if (!grads.fc2_b.empty()) expect_shape(grads.fc2_b, Shape{E, D}, "moe_backward: grad fc2.bias");
   const bool need_dx = !dx.empty();
 
+  using O = Ops<BackendT, T>;
   // 1. Combine backward: d gate = <dy[t], ye[r]>, d ye[r] = gate * dy[t].
   c.row_dgate.resize(Shape{A});  // [A]
   c.dye.resize(Shape{A, D});     // [A, D]
-  cpu::combine_backward<T>(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), dy, c.dye.view(), c.row_dgate.view());
+  O::combine_backward(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), dy, c.dye.view(), c.row_dgate.view());
 
   // 2. Router: through softmax(noisy) of the combine weights (the noise is a constant), plus the aux losses.
   c.dlogits.resize(Shape{N, E});  // [N, E]
@@ -388,7 +392,7 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
   // 3-4. The expert MLPs: dxe, and the expert weight gradients (accumulated).
   c.dh.resize(Shape{A, M});  // [A, M]
   if (need_dx) c.dxe.resize(Shape{A, D});  // [A, D]
-  cpu::expert_mlp_backward<T>(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.cview(), c.h.cview(),
+  O::expert_mlp_backward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.cview(), c.h.cview(),
                               c.dye.cview(), c.dh.view(), need_dx ? c.dxe.view() : View<T>{},
                               ExpertGrads<T>{grads.fc1_w, grads.fc1_b, grads.fc2_w, grads.fc2_b}, c.scratch);
 
@@ -400,7 +404,7 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
     if (N > 0)
       detail::gemm_rows<T>(Trans::N, Trans::N, N, D, E, c.dlogits.data(), E, p.router_w.data(), D, T(0), dx.data(),
                            D);
-    cpu::dispatch_backward<T>(c.plan, c.dxe.cview(), dx);
+    O::dispatch_backward(c.plan, c.dxe.cview(), dx);
   }
 }
 

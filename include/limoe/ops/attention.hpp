@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
@@ -238,29 +239,35 @@ void self_attention_backward(const AttentionWeights<T>& w, int heads, CView<T> x
 
 namespace ref {
 
-// Naive loops over (b, h, i, j, c), recomputing everything: the reference the tests compare cpu:: against.
-// Same semantics and gradient rule as cpu::attention_forward/backward (dxq and dxkv may be the same view).
+// Naive loops over (b, h, i, j, c): the reference the tests and the Ref backend use. Same signatures, semantics
+// and gradient rule as cpu::attention_forward/backward (dxq and dxkv may be the same view); the cache keeps the
+// projections, probabilities and contexts, and the backward recomputes nothing else.
 template <class T>
 void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
-                       CView<std::uint8_t> key_mask, View<T> y) {
+                       CView<std::uint8_t> key_mask, View<T> y, AttentionCache<T>& cache) {
   const auto d = detail::attention_check<T>("ref::attention_forward", w, heads, xq, xkv, key_mask);
   expect_shape(y, xq.shape(), "ref::attention_forward: y");
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
-  Tensor<T> q(Shape{B, Nq, D}), k(Shape{B, Nk, D}), v(Shape{B, Nk, D}), ctx(Shape{B, Nq, D});  // projections
+  Tensor<T>&q = cache.q, &k = cache.k, &v = cache.v, &ctx = cache.ctx, &P = cache.probs;
+  q.resize(Shape{B, Nq, D});  // [B, Nq, D]
+  k.resize(Shape{B, Nk, D});  // [B, Nk, D]
+  v.resize(Shape{B, Nk, D});  // [B, Nk, D]
+  ctx.resize(Shape{B, Nq, D});  // [B, Nq, D]
+  P.resize(Shape{B, H, Nq, Nk});  // [B, H, Nq, Nk]
   ref::linear_forward<T>(xq, w.wq, w.bq, q.view());
   ref::linear_forward<T>(xkv, w.wk, w.bk, k.view());
   ref::linear_forward<T>(xkv, w.wv, w.bv, v.view());
-  Tensor<T> s(Shape{Nk});  // [Nk] one row of scores
   const T scale = T(1) / std::sqrt(T(Dh));
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t i = 0; i < Nq; ++i) {
+        T* s = P.data() + ((b * H + h) * Nq + i) * Nk;  // [Nk] one row of scores, then probabilities
         for (index_t j = 0; j < Nk; ++j) {
           T acc = 0;
           for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) acc += q[(b * Nq + i) * D + c] * k[(b * Nk + j) * D + c];
           s[j] = acc * scale;
         }
-        math::softmax_row(s.data(), Nk, s.data(), T(1), key_mask.empty() ? nullptr : key_mask.data() + b * Nk);
+        math::softmax_row(s, Nk, s, T(1), key_mask.empty() ? nullptr : key_mask.data() + b * Nk);
         for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) {
           T acc = 0;
           for (index_t j = 0; j < Nk; ++j) acc += s[j] * v[(b * Nk + j) * D + c];
@@ -268,6 +275,75 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
         }
       }
   ref::linear_forward<T>(ctx.cview(), w.wo, w.bo, y);
+}
+
+// The same without a cache (for comparisons that need only y).
+template <class T>
+void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
+                       CView<std::uint8_t> key_mask, View<T> y) {
+  AttentionCache<T> cache;
+  ref::attention_forward<T>(w, heads, xq, xkv, key_mask, y, cache);
+}
+
+template <class T>
+void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
+                        CView<std::uint8_t> key_mask, AttentionCache<T>& cache, CView<T> dy, View<T> dxq,
+                        View<T> dxkv, const AttentionGrads<T>& g) {
+  const auto d = detail::attention_check<T>("ref::attention_backward", w, heads, xq, xkv, key_mask);
+  const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  expect_shape(dy, xq.shape(), "ref::attention_backward: dy");
+  expect_shape(cache.probs.cview(), Shape{B, H, Nq, Nk}, "ref::attention_backward: cache (run attention_forward first)");
+  if (!dxq.empty()) expect_shape(dxq, xq.shape(), "ref::attention_backward: dxq");
+  if (!dxkv.empty()) expect_shape(dxkv, xkv.shape(), "ref::attention_backward: dxkv");
+  const bool summed = !dxq.empty() && dxq.data() == dxkv.data();
+  Tensor<T> dctx(Shape{B, Nq, D}), dq(Shape{B, Nq, D}), dk(Shape{B, Nk, D}), dv(Shape{B, Nk, D});
+  ref::linear_backward<T>(cache.ctx.cview(), w.wo, dy, dctx.view(), g.wo, g.bo);
+  const T scale = T(1) / std::sqrt(T(Dh));
+  std::vector<T> dP(static_cast<std::size_t>(Nk)), dS(static_cast<std::size_t>(Nk));
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t i = 0; i < Nq; ++i) {
+        const T* P = cache.probs.data() + ((b * H + h) * Nq + i) * Nk;
+        const T* dc = dctx.data() + (b * Nq + i) * D;
+        for (index_t j = 0; j < Nk; ++j) {
+          T acc = 0;
+          for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) {
+            acc += dc[c] * cache.v[(b * Nk + j) * D + c];
+            dv[(b * Nk + j) * D + c] += P[j] * dc[c];
+          }
+          dP[static_cast<std::size_t>(j)] = acc;
+        }
+        math::softmax_row_backward(P, dP.data(), Nk, dS.data());
+        for (index_t j = 0; j < Nk; ++j)
+          for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) {
+            dq[(b * Nq + i) * D + c] += scale * dS[static_cast<std::size_t>(j)] * cache.k[(b * Nk + j) * D + c];
+            dk[(b * Nk + j) * D + c] += scale * dS[static_cast<std::size_t>(j)] * cache.q[(b * Nq + i) * D + c];
+          }
+      }
+  Tensor<T> tq(xq.shape()), tk(xkv.shape()), tv(xkv.shape());  // input gradients per projection
+  ref::linear_backward<T>(xq, w.wq, dq.cview(), tq.view(), g.wq, g.bq);
+  ref::linear_backward<T>(xkv, w.wk, dk.cview(), tk.view(), g.wk, g.bk);
+  ref::linear_backward<T>(xkv, w.wv, dv.cview(), tv.view(), g.wv, g.bv);
+  if (summed) {
+    for (index_t i = 0; i < dxq.numel(); ++i) dxq[i] = tq[i] + tk[i] + tv[i];
+    return;
+  }
+  if (!dxq.empty())
+    for (index_t i = 0; i < dxq.numel(); ++i) dxq[i] = tq[i];
+  if (!dxkv.empty())
+    for (index_t i = 0; i < dxkv.numel(); ++i) dxkv[i] = tk[i] + tv[i];
+}
+
+template <class T>
+void self_attention_forward(const AttentionWeights<T>& w, int heads, CView<T> x, CView<std::uint8_t> key_mask,
+                            View<T> y, AttentionCache<T>& cache) {
+  ref::attention_forward<T>(w, heads, x, x, key_mask, y, cache);
+}
+
+template <class T>
+void self_attention_backward(const AttentionWeights<T>& w, int heads, CView<T> x, CView<std::uint8_t> key_mask,
+                             AttentionCache<T>& cache, CView<T> dy, View<T> dx, const AttentionGrads<T>& g) {
+  ref::attention_backward<T>(w, heads, x, x, key_mask, cache, dy, dx, dx, g);
 }
 
 }  // namespace ref

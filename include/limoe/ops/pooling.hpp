@@ -228,25 +228,96 @@ void map_head_backward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, CVi
 
 namespace ref {
 
-// Naive composition of the reference ops: the `map` head forward the tests compare cpu:: against.
+// Naive loops: gap / first / last, the reference for cpu::pool_forward.
+template <class T>
+void pool_forward(Pooling kind, CView<T> x, CView<std::uint8_t> key_mask, View<T> y) {
+  detail::pool_check<T>("ref::pool_forward", kind, x, key_mask, y);
+  const index_t B = x.dim(0), N = x.dim(1), D = x.dim(2);
+  for (index_t b = 0; b < B; ++b)
+    for (index_t c = 0; c < D; ++c) {
+      T acc = 0;
+      index_t count = 0;
+      for (index_t n = 0; n < N; ++n) {
+        const bool on = key_mask.empty() || key_mask[b * N + n];
+        const bool take = kind == Pooling::Gap ? on
+                          : kind == Pooling::First ? n == 0
+                                                   : n == detail::last_position(key_mask, b, N);
+        if (take) acc += x[(b * N + n) * D + c], ++count;
+      }
+      y[b * D + c] = kind == Pooling::Gap ? (count ? acc / T(count) : T(0)) : acc;
+    }
+}
+
+template <class T>
+void pool_backward(Pooling kind, CView<std::uint8_t> key_mask, CView<T> dy, View<T> dx) {
+  detail::pool_check<T>("ref::pool_backward", kind, dx, key_mask, dy);
+  const index_t B = dx.dim(0), N = dx.dim(1), D = dx.dim(2);
+  for (index_t b = 0; b < B; ++b) {
+    const index_t count = detail::pool_count(key_mask, b, N);
+    for (index_t n = 0; n < N; ++n)
+      for (index_t c = 0; c < D; ++c) {
+        const bool on = key_mask.empty() || key_mask[b * N + n];
+        T g = 0;
+        if (kind == Pooling::Gap && on && count) g = dy[b * D + c] / T(count);
+        if (kind == Pooling::First && n == 0) g = dy[b * D + c];
+        if (kind == Pooling::Last && n == detail::last_position(key_mask, b, N)) g = dy[b * D + c];
+        dx[(b * N + n) * D + c] = g;
+      }
+  }
+}
+
+// Naive composition of the reference ops: the `map` head, forward and backward, with the cpu:: signatures.
 template <class T>
 void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln_eps, CView<T> x,
-                      CView<std::uint8_t> key_mask, View<T> y) {
+                      CView<std::uint8_t> key_mask, View<T> y, MapHeadCache<T>& c) {
   const auto d = detail::map_head_check<T>("ref::map_head_forward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(y, Shape{B, D}, "ref::map_head_forward: y");
-  Tensor<T> query(Shape{B, 1, D}), u(Shape{B, 1, D});             // probe per example, attention output
-  Tensor<T> ln(Shape{B, D}), mean(Shape{B}), rstd(Shape{B});      // LN(u)
-  Tensor<T> h(Shape{B, M}), a(Shape{B, M});                       // fc1, GELU
+  c.query.resize(Shape{B, 1, D});  // [B, 1, D] the probe per example
+  c.u.resize(Shape{B, 1, D});      // [B, 1, D] attention output
+  c.ln.resize(Shape{B, D});        // [B, D]
+  c.mean.resize(Shape{B});         // [B]
+  c.rstd.resize(Shape{B});         // [B]
+  c.h.resize(Shape{B, M});         // [B, M]
+  c.a.resize(Shape{B, M});         // [B, M]
   for (index_t b = 0; b < B; ++b)
-    for (index_t c = 0; c < D; ++c) query[b * D + c] = w.probe[c];
-  ref::attention_forward<T>(w.attn, heads, query.cview(), x, key_mask, u.view());
-  const CView<T> u2 = u.cview().reshape(Shape{B, D});  // [B, D]
-  ref::layernorm_forward<T>(u2, w.ln_g, w.ln_b, ln_eps, ln.view(), mean.view(), rstd.view());
-  ref::linear_forward<T>(ln.cview(), w.fc1_w, w.fc1_b, h.view());
-  ref::gelu_forward<T>(gelu, h.cview(), a.view());
-  ref::linear_forward<T>(a.cview(), w.fc2_w, w.fc2_b, y);
-  for (index_t i = 0; i < B * D; ++i) y[i] += u2[i];
+    for (index_t k = 0; k < D; ++k) c.query[b * D + k] = w.probe[k];
+  ref::attention_forward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.u.view(), c.attn);
+  const CView<T> u = c.u.cview().reshape(Shape{B, D});  // [B, D]
+  ref::layernorm_forward<T>(u, w.ln_g, w.ln_b, ln_eps, c.ln.view(), c.mean.view(), c.rstd.view());
+  ref::linear_forward<T>(c.ln.cview(), w.fc1_w, w.fc1_b, c.h.view());
+  ref::gelu_forward<T>(gelu, c.h.cview(), c.a.view());
+  ref::linear_forward<T>(c.a.cview(), w.fc2_w, w.fc2_b, y);
+  for (index_t i = 0; i < B * D; ++i) y[i] += u[i];
+}
+
+template <class T>
+void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln_eps, CView<T> x,
+                      CView<std::uint8_t> key_mask, View<T> y) {
+  MapHeadCache<T> cache;
+  ref::map_head_forward<T>(w, heads, gelu, ln_eps, x, key_mask, y, cache);
+}
+
+template <class T>
+void map_head_backward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, CView<T> x,
+                       CView<std::uint8_t> key_mask, MapHeadCache<T>& c, CView<T> dy, View<T> dx,
+                       const MapHeadGrads<T>& g) {
+  const auto d = detail::map_head_check<T>("ref::map_head_backward", w, x);
+  const index_t B = d.B, D = d.D, M = d.M;
+  expect_shape(dy, Shape{B, D}, "ref::map_head_backward: dy");
+  expect_shape(c.h.cview(), Shape{B, M}, "ref::map_head_backward: cache (run map_head_forward first)");
+  Tensor<T> da(Shape{B, M}), dh(Shape{B, M}), dln(Shape{B, D}), du(Shape{B, 1, D}), dq(Shape{B, 1, D});
+  ref::linear_backward<T>(c.a.cview(), w.fc2_w, dy, da.view(), g.fc2_w, g.fc2_b);
+  ref::gelu_backward<T>(gelu, c.h.cview(), da.cview(), dh.view());
+  ref::linear_backward<T>(c.ln.cview(), w.fc1_w, dh.cview(), dln.view(), g.fc1_w, g.fc1_b);
+  const View<T> du2 = du.view().reshape(Shape{B, D});
+  ref::layernorm_backward<T>(c.u.cview().reshape(Shape{B, D}), w.ln_g, c.mean.cview(), c.rstd.cview(),
+                             dln.cview(), du2, g.ln_g, g.ln_b);
+  for (index_t i = 0; i < B * D; ++i) du2[i] += dy[i];  // residual
+  ref::attention_backward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.attn, du.cview(), dq.view(), dx, g.attn);
+  if (!g.probe.empty())
+    for (index_t b = 0; b < B; ++b)
+      for (index_t k = 0; k < D; ++k) g.probe[k] += dq[b * D + k];
 }
 
 }  // namespace ref
