@@ -36,8 +36,8 @@ struct MoeSetup {
     testing::fill_normal(x.view(), 4);
     testing::fill_normal(dy.view(), 5);
     for (index_t t = kTokens * 3 / 4; t < kTokens; ++t) modality[t] = moe::kText;  // images then texts
-    cfg.router.experts = kExperts;
-    cfg.router.top_k = 1;
+    cfg.experts = kExperts;
+    cfg.top_k = 1;
     cfg.router.capacity_factor_train = 1.0;
     cfg.router.bpr = true;
   }

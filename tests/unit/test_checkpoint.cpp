@@ -14,6 +14,7 @@
 #include "limoe/model/checkpoint.hpp"
 #include "limoe/model/model.hpp"
 #include "limoe/model/presets.hpp"
+#include "limoe/train/optimizer.hpp"
 
 using namespace limoe;
 namespace fs = std::filesystem;
@@ -60,8 +61,7 @@ std::string load_error(const io::SafetensorsReader& r) {
 TEST_CASE("save_checkpoint -> read: every tensor bit for bit, the config, the optimizer moments and step") {
   Limoe<float> m(preset("tiny"));
   m.init(5);
-  AdamW<float> opt(AdamWConfig{}, 0);
-  opt.attach(m.params());
+  AdamW<float> opt(AdamWConfig{}, m.params());
   for (index_t i = 0; i < opt.m().numel(); ++i) opt.m()[i] = 0.25f * static_cast<float>(i % 7), opt.v()[i] = 1e-3f * static_cast<float>(i % 5);
   opt.set_step(42);
   const std::string path = temp_path("roundtrip.safetensors");
@@ -75,8 +75,7 @@ TEST_CASE("save_checkpoint -> read: every tensor bit for bit, the config, the op
   load_weights(back, r);
   REQUIRE(back.params().size() == m.params().size());
   for (index_t i = 0; i < m.params().size(); ++i) REQUIRE(back.params().values()[i] == m.params().values()[i]);
-  AdamW<float> opt2(AdamWConfig{}, 0);
-  opt2.attach(back.params());
+  AdamW<float> opt2(AdamWConfig{}, back.params());
   REQUIRE(load_optimizer(opt2, r));
   CHECK(opt2.step() == 42);
   for (index_t i = 0; i < opt.m().numel(); ++i) {
@@ -84,6 +83,40 @@ TEST_CASE("save_checkpoint -> read: every tensor bit for bit, the config, the op
     REQUIRE(opt2.v()[i] == opt.v()[i]);
   }
   fs::remove(path);
+}
+
+TEST_CASE("optimizer state: a checkpoint without it loads nothing; a wrong size or step is named") {
+  Limoe<float> m(preset("tiny"));
+  AdamW<float> opt(AdamWConfig{}, m.params());
+  const std::string bare = temp_path("bare.safetensors");
+  save_checkpoint(m, bare);
+  CHECK_FALSE(opt.load_state(io::SafetensorsReader::open(bare)));
+  fs::remove(bare);
+  auto error = [&](index_t n, const std::string& step) {
+    io::SafetensorsWriter w;
+    std::vector<float> z(static_cast<std::size_t>(n), 0.5f);
+    w.add("opt.m", {n}, std::span<const float>(z));
+    w.add("opt.v", {n}, std::span<const float>(z));
+    w.set_metadata("opt_step", step);
+    const std::string p = temp_path("opt.safetensors");
+    w.write(p);
+    std::string msg;
+    try {
+      opt.load_state(io::SafetensorsReader::open(p));
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    fs::remove(p);
+    return msg;
+  };
+  const index_t n = m.params().size();
+  CHECK(error(n - 1, "3").find("opt.m has " + std::to_string(n - 1) + " values for " + std::to_string(n)) != std::string::npos);
+  CHECK(error(n, "three").find("opt_step \"three\" is not a step count") != std::string::npos);
+  CHECK(error(n, "-2").find("is not a step count") != std::string::npos);
+  CHECK(opt.step() == 0);  // nothing changed by the failed loads
+  CHECK(error(n, "7").empty());
+  CHECK(opt.step() == 7);
+  CHECK(opt.m()[0] == 0.5f);
 }
 
 TEST_CASE("bad checkpoints: missing, misshaped or non-finite tensors; another format or version") {

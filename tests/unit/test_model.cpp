@@ -119,6 +119,11 @@ TEST_CASE("evaluation keeps no tape: backward after an evaluation forward is an 
   for (index_t i = 0; i < ft.txt_emb.numel(); ++i) CHECK(fe.txt_emb[i] == ft.txt_emb[i]);
   m.loss(fe);
   CHECK_THROWS_WITH_AS(m.backward(fe), doctest::Contains("evaluation mode"), Error);
+  // An output of an earlier forward is refused: the model holds the activations of its last call only.
+  CHECK(fe.generation == ft.generation + 1);
+  CHECK_THROWS_WITH_AS(m.loss(ft), doctest::Contains("holds the activations of call"), Error);
+  CHECK_THROWS_WITH_AS(m.backward_from(ft, ft.img_emb.cview(), ft.txt_emb.cview()),
+                       doctest::Contains("pass the output of the last forward()"), Error);
   // A training forward after evaluation ones gives the gradients of a fresh model.
   Limoe<double> fresh(c);
   fresh.init(3);

@@ -89,8 +89,8 @@ Tensor<double> ref_soft_topk(const Fixture<T>& f, CView<T> x, int K) {
 inline MoeConfig config(int E, int K, double cf_train, double cf_eval, bool bpr, double noise = 1.0,
                         index_t group_size = 0) {
   MoeConfig c;
-  c.router.experts = E;
-  c.router.top_k = K;
+  c.experts = E;
+  c.top_k = K;
   c.router.capacity_factor_train = cf_train;
   c.router.capacity_factor_eval = cf_eval;
   c.router.bpr = bpr;

@@ -95,7 +95,7 @@ TEST_CASE("capacity: ceil(K * S * factor / E) as written, rounded up to the mult
   moe_forward<double>(cfg, f.params(), x.view(), {}, Mode::Train, Rng(1), y.view(), ctx);
   REQUIRE(ctx.capacity.numel() == 1);
   CHECK(ctx.capacity[0] == 1);
-  cfg.router.top_k = 9;
+  cfg.top_k = 9;
   CHECK_THROWS_WITH_AS(cfg.validate(), doctest::Contains("top_k"), Error);
 }
 

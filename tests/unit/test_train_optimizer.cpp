@@ -103,7 +103,7 @@ TEST_CASE("AdamW: the first step moves every entry by exactly lr * sign(g) (bias
   const auto w0 = values_of(ps);
   const double g[15] = {0.3, -2.0, 5.0, -0.7, 1.5, 0.0, -4.0, 0.2, 9.0, -0.25, 0.6, -1.0, 3.0, -0.4, 0.8};
   for (int i = 0; i < 15; ++i) ps.grads()[i] = g[i];
-  AdamW<double> opt(AdamWConfig{.lr = 1, .weight_decay = 0.1, .clip_norm = 0}, 0);
+  AdamW<double> opt(AdamWConfig{.lr = 1, .weight_decay = 0.1, .clip_norm = 0});
   opt.attach(ps);
   const double lr = 0.01;
   opt.update(ps, lr);
@@ -121,7 +121,7 @@ TEST_CASE("AdamW: a zero gradient moves only the decaying entries, by the factor
   for (double wd : {0.1, 0.3}) {
     auto ps = make_store<double>();
     const auto w0 = values_of(ps);
-    AdamW<double> opt(AdamWConfig{.lr = 1e-3, .weight_decay = wd, .clip_norm = 1.0}, 0);
+    AdamW<double> opt(AdamWConfig{.lr = 1e-3, .weight_decay = wd, .clip_norm = 1.0});
     opt.attach(ps);
     const double lr = 0.5;  // lr_t, not the configured peak, sets the decay
     const double norm = opt.update(ps, lr);
@@ -141,7 +141,7 @@ TEST_CASE("AdamW: a zero gradient moves only the decaying entries, by the factor
 TEST_CASE("AdamW: weight decay 0 leaves a zero-gradient step a no-op everywhere") {
   auto ps = make_store<double>();
   const auto w0 = values_of(ps);
-  AdamW<double> opt(AdamWConfig{.weight_decay = 0.0}, 0);
+  AdamW<double> opt(AdamWConfig{.weight_decay = 0.0});
   opt.attach(ps);
   opt.update(ps, 0.1);
   for (int i = 0; i < 15; ++i) CHECK(ps.values()[i] == w0[static_cast<std::size_t>(i)]);
@@ -158,7 +158,7 @@ TEST_CASE("AdamW: global-norm clipping scales the gradient before the moments; t
   SUBCASE("norm above clip_norm: clipped to clip_norm") {
     auto ps = make_store<double>();
     make_grad(ps);
-    AdamW<double> opt(AdamWConfig{.clip_norm = 1.0}, 0);
+    AdamW<double> opt(AdamWConfig{.clip_norm = 1.0});
     opt.attach(ps);
     CHECK(opt.update(ps, 0.01) == doctest::Approx(13.0).epsilon(1e-15));
     CHECK(opt.m()[0] == doctest::Approx(0.1 * 3.0 / 13.0).epsilon(1e-14));
@@ -170,7 +170,7 @@ TEST_CASE("AdamW: global-norm clipping scales the gradient before the moments; t
   SUBCASE("clip_norm 2.6: the gradient is scaled by 2.6 / 13 = 0.2") {
     auto ps = make_store<double>();
     make_grad(ps);
-    AdamW<double> opt(AdamWConfig{.clip_norm = 2.6}, 0);
+    AdamW<double> opt(AdamWConfig{.clip_norm = 2.6});
     opt.attach(ps);
     CHECK(opt.update(ps, 0.01) == doctest::Approx(13.0).epsilon(1e-15));
     CHECK(opt.m()[4] == doctest::Approx(0.1 * 0.8).epsilon(1e-14));
@@ -179,7 +179,7 @@ TEST_CASE("AdamW: global-norm clipping scales the gradient before the moments; t
   SUBCASE("norm below clip_norm: unchanged") {
     auto ps = make_store<double>();
     make_grad(ps);
-    AdamW<double> opt(AdamWConfig{.clip_norm = 20.0}, 0);
+    AdamW<double> opt(AdamWConfig{.clip_norm = 20.0});
     opt.attach(ps);
     CHECK(opt.update(ps, 0.01) == doctest::Approx(13.0).epsilon(1e-15));
     CHECK(opt.m()[14] == doctest::Approx(1.2).epsilon(1e-14));
@@ -189,7 +189,7 @@ TEST_CASE("AdamW: global-norm clipping scales the gradient before the moments; t
     for (double clip : {0.0, -1.0}) {
       auto ps = make_store<double>();
       make_grad(ps);
-      AdamW<double> opt(AdamWConfig{.clip_norm = clip}, 0);
+      AdamW<double> opt(AdamWConfig{.clip_norm = clip});
       opt.attach(ps);
       CHECK(opt.update(ps, 0.01) == doctest::Approx(13.0).epsilon(1e-15));
       CHECK(opt.m()[0] == doctest::Approx(0.3).epsilon(1e-14));
@@ -205,7 +205,7 @@ TEST_CASE("AdamW: a second step follows the bias-corrected moments (hand-compute
   //   m_hat2 = -0.01 / 0.19, v_hat2 = 0.001999 / 0.001999 = 1 -> step 2 = -0.1 * (-0.01 / 0.19) / (1 + 1e-8)
   auto ps = make_store<double>();
   const double w0 = ps.values()[0];
-  AdamW<double> opt(AdamWConfig{.clip_norm = 0}, 0);
+  AdamW<double> opt(AdamWConfig{.clip_norm = 0});
   opt.attach(ps);
   ps.grads()[0] = 1;
   opt.update(ps, 0.1);
@@ -224,7 +224,7 @@ TEST_CASE("AdamW: several steps with changing gradients, learning rates and clip
     auto ps = make_store<double>();
     auto w_ref = values_of(ps);
     const auto mask = expected_mask();
-    AdamW<double> opt(AdamWConfig{.lr = 1, .weight_decay = 0.1, .clip_norm = clip}, 0);
+    AdamW<double> opt(AdamWConfig{.lr = 1, .weight_decay = 0.1, .clip_norm = clip});
     opt.attach(ps);
     RefAdamW ref(15, 0.1, clip);
     // Gradient scales put the norm (about 2.7 * scale) above and below clip_norm = 1 on different steps.
@@ -255,7 +255,7 @@ TEST_CASE("AdamW<float>: several steps match the double reference to float preci
   auto ps = make_store<float>();
   auto w_ref = values_of(ps);
   const auto mask = expected_mask();
-  AdamW<float> opt(AdamWConfig{.weight_decay = 0.1, .clip_norm = 1.0}, 0);
+  AdamW<float> opt(AdamWConfig{.weight_decay = 0.1, .clip_norm = 1.0});
   opt.attach(ps);
   RefAdamW ref(15, 0.1, 1.0);
   for (int t = 0; t < 5; ++t) {
@@ -275,7 +275,7 @@ TEST_CASE("AdamW: a non-finite gradient is an error and changes nothing") {
   for (double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
     auto ps = make_store<double>();
     const auto w0 = values_of(ps);
-    AdamW<double> opt(AdamWConfig{}, 0);
+    AdamW<double> opt(AdamWConfig{});
     opt.attach(ps);
     ps.grads()[7] = bad;
     CHECK_THROWS_WITH_AS(opt.update(ps, 0.01), doctest::Contains("not finite"), Error);
@@ -286,7 +286,7 @@ TEST_CASE("AdamW: a non-finite gradient is an error and changes nothing") {
 
 TEST_CASE("AdamW: update before attach() to this store is an error") {
   auto ps = make_store<double>();
-  AdamW<double> opt(AdamWConfig{}, 0);
+  AdamW<double> opt(AdamWConfig{});
   CHECK_THROWS_WITH_AS(opt.update(ps, 0.01), doctest::Contains("attach"), Error);
 }
 
@@ -428,7 +428,7 @@ TEST_CASE("model + AdamW: a zero-gradient step shrinks exactly the decaying para
   auto& ps = model.params();
   ps.zero_grad();
   const auto w0 = values_of(ps);
-  AdamW<float> opt(AdamWConfig{.weight_decay = 0.1}, 0);
+  AdamW<float> opt(AdamWConfig{.weight_decay = 0.1});
   opt.attach(ps);
   opt.update(ps, 0.5);  // factor 1 - 0.05
   for (const auto& e : ps.entries()) {

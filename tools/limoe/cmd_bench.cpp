@@ -133,8 +133,8 @@ json moe_layer(const Params& p) {
   const index_t T = p.tokens, D = p.width, M = 4 * p.width;
   const int E = p.experts, K = p.top_k;
   moe::MoeConfig cfg;
-  cfg.router.experts = E;
-  cfg.router.top_k = K;
+  cfg.experts = E;
+  cfg.top_k = K;
   cfg.router.capacity_factor_train = p.capacity_factor;
   cfg.router.bpr = true;
   cfg.router.noise_std = 1.0;
@@ -241,8 +241,6 @@ ModelConfig model_config(const Params& p, bool training) {
   }
   if (p.has_experts) c.experts = p.experts;
   if (p.has_top_k) c.top_k = p.top_k;
-  c.router.experts = c.experts;
-  c.router.top_k = c.top_k;
   if (p.has_cf) (training ? c.router.capacity_factor_train : c.router.capacity_factor_eval) = p.capacity_factor;
   c.validate();
   return c;

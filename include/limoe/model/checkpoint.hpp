@@ -12,9 +12,11 @@
 
 #include "limoe/io/safetensors.hpp"
 #include "limoe/model/config.hpp"
-#include "limoe/train/optimizer.hpp"
 
 namespace limoe {
+
+template <class T>
+class AdamW;  // train/optimizer.hpp: it writes and reads its own state (save_state / load_state)
 
 inline constexpr const char* kCheckpointFormat = "limoe";
 inline constexpr const char* kCheckpointVersion = "1";
@@ -85,14 +87,7 @@ void save_checkpoint(const Model& model, const std::string& path, const TrainSta
     buf.assign(v.data(), v.data() + v.numel());
     w.add(e.name, std::vector<std::int64_t>(e.shape.begin(), e.shape.end()), std::span<const float>(buf));
   }
-  if (state.optimizer) {
-    auto& opt = const_cast<AdamW<T>&>(*state.optimizer);
-    for (auto [name, t] : {std::pair<const char*, Tensor<T>*>{"opt.m", &opt.m()}, {"opt.v", &opt.v()}}) {
-      buf.assign(t->data(), t->data() + t->numel());
-      w.add(name, {t->numel()}, std::span<const float>(buf));
-    }
-    w.set_metadata("opt_step", std::to_string(opt.step()));
-  }
+  if (state.optimizer) state.optimizer->save_state(w);
   if (!state.json.empty()) w.set_metadata("train_state", state.json);
   w.set_metadata("format", kCheckpointFormat);
   w.set_metadata("format_version", kCheckpointVersion);
@@ -101,19 +96,11 @@ void save_checkpoint(const Model& model, const std::string& path, const TrainSta
   w.write(path);
 }
 
-// Restores the AdamW moments and step written by save_checkpoint; false when the checkpoint has none.
+// Restores the AdamW moments and step written by save_checkpoint (AdamW::load_state); false when the checkpoint
+// has none.
 template <class T>
 bool load_optimizer(AdamW<T>& opt, const io::SafetensorsReader& r) {
-  if (!r.has("opt.m") || !r.has("opt.v")) return false;
-  for (auto [name, t] : {std::pair<const char*, Tensor<T>*>{"opt.m", &opt.m()}, {"opt.v", &opt.v()}}) {
-    const auto flat = r.read_f32_flat(name);
-    LIMOE_CHECK(static_cast<index_t>(flat.size()) == t->numel(), "checkpoint '", r.label(), "': ", name, " has ",
-                flat.size(), " values for ", t->numel(), " parameters");
-    for (index_t i = 0; i < t->numel(); ++i) (*t)[i] = static_cast<T>(flat[static_cast<std::size_t>(i)]);
-  }
-  const auto& md = r.metadata();
-  if (auto it = md.find("opt_step"); it != md.end()) opt.set_step(std::stoll(it->second));
-  return true;
+  return opt.load_state(r);
 }
 
 }  // namespace limoe

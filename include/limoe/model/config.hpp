@@ -115,8 +115,6 @@ struct ModelConfig {
       LIMOE_CHECK(top_k >= 1 && top_k <= experts, "config: top_k ", top_k, " must be in [1, experts=", experts, "]");
       router.validate();
       aux.validate();
-      LIMOE_CHECK(router.experts == experts && router.top_k == top_k, "config: router experts/top_k (",
-                  router.experts, "/", router.top_k, ") differ from experts/top_k (", experts, "/", top_k, ")");
       LIMOE_CHECK(experts <= moe::kMaxExperts, "config: experts = ", experts, " exceeds the supported ",
                   moe::kMaxExperts);
     }
@@ -349,8 +347,6 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
     json_get(*a, "z_loss", c.aux.z_loss_weight, false);
   }
   json_get(j, "logit_scale_max", c.logit_scale_max, false);
-  c.router.experts = c.experts;
-  c.router.top_k = c.top_k;
   c.validate();
   return c;
 }

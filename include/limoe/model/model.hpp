@@ -65,6 +65,10 @@ struct ForwardOutput {
   std::vector<moe::RoutingStats> stats;                    // per MoE block
   double aux_loss = 0;                                     // weighted, summed over MoE blocks
   std::vector<moe::AuxLossValues> aux_terms;               // per MoE block, unweighted terms
+  // Which forward() call of its model produced this output (1, 2, ...): loss() and backward() accept only the
+  // output of the model's last forward, whose activations the model still holds.
+  std::uint64_t generation = 0;
+  Mode mode = Mode::Eval;
 };
 
 struct LossOutput {
@@ -89,8 +93,6 @@ class Limoe {
   // `router` is the router policy instance (ignored for ConfigRouter, which builds the stock router from the
   // config); its top_k() must equal the config's top_k.
   explicit Limoe(ModelConfig cfg, Router router = Router{}) : cfg_(std::move(cfg)), router_(std::move(router)) {
-    cfg_.router.experts = cfg_.experts;
-    cfg_.router.top_k = cfg_.top_k;
     cfg_.validate();
     if constexpr (!std::is_same_v<Router, ConfigRouter>) {
       static_assert(moe::RouterPolicy<Router, T>, "Limoe<T, Router>: Router must satisfy moe::RouterPolicy");
@@ -149,7 +151,6 @@ class Limoe {
     check_inputs(images, texts);
     LIMOE_CHECK(!capacity_factor || (*capacity_factor >= 0 && std::isfinite(*capacity_factor)),
                 "Limoe::forward: the capacity factor must be finite and >= 0 (0 = no drop), got ", *capacity_factor);
-    capacity_factor_ = capacity_factor;
     const index_t D = cfg_.width, N = cfg_.num_patches(), L = cfg_.text_len;
     Bi_ = images.empty() ? 0 : images.dim(0);
     Bt_ = texts.empty() ? 0 : texts.dim(0);
@@ -157,8 +158,9 @@ class Limoe {
     const index_t R = Ni_ + Bt_ * L;
     LIMOE_CHECK(R > 0, "Limoe::forward: empty batch (no images and no texts)");
     mode_ = mode;
-    step_ = step;
     ++generation_;
+    // What this call decides besides the batch: its mode, router noise and capacity factor.
+    const CallSettings call{mode, step, capacity_factor};
 
     // Modality of every row, and the text key mask.
     modality_.resize(static_cast<std::size_t>(R));
@@ -189,11 +191,14 @@ class Limoe {
     if (Bt_ > 0) O::token_embed_forward(texts, pv(txt_embed_), pv(txt_pos_), txt_rows(x0.view()));
 
     ForwardOutput<T> out;
+    out.generation = generation_;
+    out.mode = mode;
     for (int l = 0; l < cfg_.depth; ++l) {
       const auto i = static_cast<std::size_t>(l);
       Tensor<T>& x_in = tape ? blocks_acts_[i].x_in : eval_x_[i % 2];
       Tensor<T>& x_out = l + 1 == cfg_.depth ? x_final_ : tape ? blocks_acts_[i + 1].x_in : eval_x_[(i + 1) % 2];
-      block_forward(l, x_in, x_out, tape ? blocks_acts_[i] : blocks_acts_[0], tape ? moe_ctx_[i] : moe_ctx_[0], out);
+      block_forward(l, call, x_in, x_out, tape ? blocks_acts_[i] : blocks_acts_[0], tape ? moe_ctx_[i] : moe_ctx_[0],
+                    out);
     }
 
     // Final LayerNorm, pooling heads, projections, L2 normalisation.
@@ -211,6 +216,7 @@ class Limoe {
 
   // Contrastive loss over the pairs of the last forward (Bi == Bt) plus the auxiliary losses it returned.
   LossOutput loss(const ForwardOutput<T>& fwd) {
+    check_latest(fwd, "loss");
     LIMOE_CHECK(Bi_ == Bt_ && Bi_ > 0, "Limoe::loss: needs a forward over n images and n texts, got ", Bi_,
                 " images and ", Bt_, " texts");
     logits_.resize(Shape{Bi_, Bi_});  // [n, n]
@@ -246,6 +252,7 @@ class Limoe {
   // Backward from given gradients of the normalised embeddings (either may be empty): for users with their own
   // loss. The auxiliary losses' gradients are always included.
   void backward_from(const ForwardOutput<T>& fwd, CView<T> dz_img, CView<T> dz_txt) {
+    check_latest(fwd, "backward_from");
     check_tape("backward_from");
     const index_t D = cfg_.width, R = Ni_ + Bt_ * cfg_.text_len;
     dxn_.resize(Shape{R, D});  // [R, D]
@@ -366,6 +373,19 @@ class Limoe {
   }
   CView<std::uint8_t> text_mask() const { return cfg_.text_mask ? txt_mask_.cview() : CView<std::uint8_t>{}; }
 
+  // The settings of one forward call (not model state: block_forward receives them).
+  struct CallSettings {
+    Mode mode;
+    std::uint64_t step;                      // picks the router noise (training)
+    std::optional<double> capacity_factor;   // this call's override of the config's factor
+  };
+
+  void check_latest(const ForwardOutput<T>& fwd, const char* who) const {
+    LIMOE_CHECK(fwd.generation == generation_ && generation_ > 0, "Limoe::", who, ": this output is from forward() call ",
+                fwd.generation, ", but the model holds the activations of call ", generation_,
+                " only; pass the output of the last forward()");
+  }
+
   void check_tape(const char* who) const {
     LIMOE_CHECK(mode_ == Mode::Train, "Limoe::", who, ": the last forward() ran in evaluation mode, which keeps no "
                 "activations for a backward pass; run forward(..., Mode::Train, step) instead (with the router's "
@@ -404,7 +424,7 @@ class Limoe {
 
   // Block l from x_in to x_out; `a` and `ctx` receive the activations (block l's own in training, the shared
   // scratch in evaluation). a.x_in is not used here: x_in is passed explicitly.
-  void block_forward(int l, const Tensor<T>& x_in, Tensor<T>& x_out, BlockActs& a, moe::MoeContext<T>& ctx,
+  void block_forward(int l, const CallSettings& call, const Tensor<T>& x_in, Tensor<T>& x_out, BlockActs& a, moe::MoeContext<T>& ctx,
                      ForwardOutput<T>& out) {
     const BlockRefs& b = blocks_[static_cast<std::size_t>(l)];
     const index_t R = x_in.dim(0), D = cfg_.width, M = cfg_.mlp_dim;
@@ -438,15 +458,16 @@ class Limoe {
       O::bias_gelu_forward(cfg_.gelu, pv(b.mlp.fc1_b), a.h_pre.view(), a.h_act.view());
       O::linear_forward(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view());
     } else {
-      moe::MoeConfig mc{cfg_.router, cfg_.aux, cfg_.gelu};
-      if (capacity_factor_) (mode_ == Mode::Train ? mc.router.capacity_factor_train : mc.router.capacity_factor_eval) = *capacity_factor_;
+      moe::MoeConfig mc{cfg_.experts, cfg_.top_k, cfg_.router, cfg_.aux, cfg_.gelu};
+      if (call.capacity_factor)
+        (call.mode == Mode::Train ? mc.router.capacity_factor_train : mc.router.capacity_factor_eval) = *call.capacity_factor;
       // Router noise: a function of (seed, step, block) only, so a resumed run draws the same noise.
-      const Rng noise = Rng(noise_seed_).derive(step_ * 4096 + static_cast<std::uint64_t>(l));
+      const Rng noise = Rng(noise_seed_).derive(call.step * 4096 + static_cast<std::uint64_t>(l));
       const std::span<const std::uint8_t> modality(modality_.data(), modality_.size());
       if constexpr (std::is_same_v<Router, ConfigRouter>)
-        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), a.ln2.cview(), modality, mode_, noise, x_out.view(), ctx);
+        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), a.ln2.cview(), modality, call.mode, noise, x_out.view(), ctx);
       else
-        moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), a.ln2.cview(), modality, mode_, noise,
+        moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), a.ln2.cview(), modality, call.mode, noise,
                                     x_out.view(), ctx);
       out.routes.push_back(Tensor<std::int32_t>::copy_of(ctx.routes()));
       out.route_blocks.push_back(l);
@@ -557,9 +578,8 @@ class Limoe {
   HeadRefs img_head_, txt_head_;
 
   // Activations of the last forward (kept for backward; buffers are reused across steps).
-  Mode mode_ = Mode::Eval;
-  std::uint64_t step_ = 0, noise_seed_ = 0x11A0E;
-  std::optional<double> capacity_factor_;  // this call's override of the config's factor
+  Mode mode_ = Mode::Eval;               // the mode of the last forward: Train means the tape below is valid
+  std::uint64_t noise_seed_ = 0x11A0E;
   index_t Bi_ = 0, Bt_ = 0, Ni_ = 0;
   std::uint64_t generation_ = 0, loss_generation_ = ~std::uint64_t{0};  // forward() / loss() call counters
   std::vector<std::uint8_t> modality_;

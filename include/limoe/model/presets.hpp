@@ -28,8 +28,6 @@ inline ModelConfig vit(int width, int depth, int mlp, int heads, int patch, int 
   c.top_k = 1;
   c.moe_blocks = std::move(moe);
   c.proj_dim = width;
-  c.router.experts = experts;
-  c.router.top_k = 1;
   return c;
 }
 inline std::vector<int> every_other(int first, int depth) {
@@ -92,8 +90,6 @@ inline ModelConfig preset(const std::string& name) {
     for (const auto& n : preset_names()) names += (names.empty() ? "" : ", ") + n;
     fail("unknown preset \"", name, "\"; known presets: ", names);
   }
-  c.router.experts = c.experts;
-  c.router.top_k = c.top_k;
   return c;
 }
 

@@ -1,7 +1,6 @@
 // limoe/moe/config.hpp: the run-time configuration of a sparse MoE layer and the expert capacity.
 //
-// `RouterConfig` mirrors the checkpoint JSON "router" object (docs/cli.md) plus the expert count E and top-K;
-// `AuxLossConfig` holds the weights and thresholds of the auxiliary losses (semantics §4). Sizes and
+// `RouterConfig` mirrors the checkpoint JSON "router" object (docs/cli.md); `AuxLossConfig` holds the weights and thresholds of the auxiliary losses (semantics §4). Sizes and
 // factors are data; what changes the code path (top-K, assignment order, loss set) are policy types in
 // router.hpp and losses.hpp, picked from these values by `visit_router`.
 #pragma once
@@ -26,9 +25,9 @@ using limoe::Mode;
 // The most experts a layer supports (the auxiliary losses keep per-expert sums on the stack).
 inline constexpr int kMaxExperts = 256;
 
+// E and K are not here: they have one owner, ModelConfig (experts, top_k) for a model and MoeConfig for a
+// layer used on its own; the model builds the layer's MoeConfig from its own at every call.
 struct RouterConfig {
-  int experts = 8;                      // E
-  int top_k = 1;                        // K
   double noise_std = 1.0;               // training noise is N(0, (noise_std / E)^2) per (token, expert)
   double capacity_factor_train = 1.05;  // C = ceil(K * S * factor / E)
   double capacity_factor_eval = 0.0;    // 0: no-drop mode, no token is ever dropped
@@ -37,10 +36,6 @@ struct RouterConfig {
   index_t group_size = 0;               // tokens per routing group; 0 = all tokens of a call form one group
 
   void validate() const {
-    LIMOE_CHECK(experts >= 1 && experts <= kMaxExperts, "RouterConfig: experts must be in [1, ", kMaxExperts,
-                "], got ", experts);
-    LIMOE_CHECK(top_k >= 1 && top_k <= experts, "RouterConfig: top_k must be in [1, experts = ", experts, "], got ",
-                top_k);
     LIMOE_CHECK(noise_std >= 0 && std::isfinite(noise_std), "RouterConfig: noise_std must be finite and >= 0, got ",
                 noise_std);
     LIMOE_CHECK(capacity_factor_train >= 0 && std::isfinite(capacity_factor_train),
@@ -79,10 +74,16 @@ struct AuxLossConfig {
 
 // Everything one MoE layer needs besides its parameters: routing, losses, the experts' activation.
 struct MoeConfig {
+  int experts = 8;  // E
+  int top_k = 1;    // K (an explicit router policy must report the same top_k())
   RouterConfig router;
   AuxLossConfig losses;
   GeluKind gelu = GeluKind::Erf;
   void validate() const {
+    LIMOE_CHECK(experts >= 1 && experts <= kMaxExperts, "MoeConfig: experts must be in [1, ", kMaxExperts, "], got ",
+                experts);
+    LIMOE_CHECK(top_k >= 1 && top_k <= experts, "MoeConfig: top_k must be in [1, experts = ", experts, "], got ",
+                top_k);
     router.validate();
     losses.validate();
   }

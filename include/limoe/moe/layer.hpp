@@ -171,9 +171,10 @@ template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, clas
 void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x,
                  std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx) {
   cfg.validate();
-  const int E = cfg.router.experts;
+  const int E = cfg.experts;
   const int K = router.top_k();
-  LIMOE_CHECK(K >= 1 && K <= E, "moe_forward: the router's top_k() = ", K, " must be in [1, E = ", E, "]");
+  LIMOE_CHECK(K == cfg.top_k, "moe_forward: the router's top_k() = ", K, " differs from the config's top_k = ",
+              cfg.top_k);
   LIMOE_CHECK(E <= detail::kMaxStackExperts, "moe_forward: at most ", detail::kMaxStackExperts,
               " experts are supported, got ", E);
   LIMOE_CHECK(x.rank() == 2, "moe_forward: x must be [N, D], got ", x.shape().str());
@@ -335,7 +336,7 @@ template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu>
 void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::span<const std::uint8_t> modality,
                  Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx) {
   cfg.validate();
-  visit_router(cfg.router, [&](const auto& router) {
+  visit_router(cfg.router, cfg.top_k, [&](const auto& router) {
     moe_forward<T, Losses, BackendT>(router, cfg, p, x, modality, mode, rng, y, ctx);
   });
 }

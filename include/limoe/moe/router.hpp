@@ -210,7 +210,7 @@ struct TopKRouter {
 // at run time (as ggml reaches its compile-time top-k from a run-time switch); BPR or vanilla order.
 // fn must return void.
 template <class Fn>
-void visit_router(const RouterConfig& cfg, Fn&& fn) {
+void visit_router(const RouterConfig& cfg, int top_k, Fn&& fn) {
   auto with_k = [&](auto k_policy) {
     using KP = decltype(k_policy);
     const GaussianNoise noise{cfg.noise_std};
@@ -219,10 +219,10 @@ void visit_router(const RouterConfig& cfg, Fn&& fn) {
     else
       fn(TopKRouter<KP, GaussianNoise, VanillaOrder>{k_policy, noise});
   };
-  switch (cfg.top_k) {
+  switch (top_k) {
     case 1: with_k(StaticTopK<1>{}); break;
     case 2: with_k(StaticTopK<2>{}); break;
-    default: with_k(DynamicTopK{cfg.top_k}); break;
+    default: with_k(DynamicTopK{top_k}); break;
   }
 }
 

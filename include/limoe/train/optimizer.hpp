@@ -4,11 +4,17 @@
 // Parameters and gradients are each one flat buffer (ParamStore), so one step is one loop over it. Weight
 // decay applies to the entries registered with decay = true (the weight matrices), never to biases,
 // LayerNorm parameters, positions, embeddings' tables or the temperature.
+//
+// Checkpointing is the optimizer's own: save_state / load_state write and read its moments and step through a
+// safetensors writer / reader (model/checkpoint.hpp calls them when a TrainState carries an optimizer).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
@@ -44,7 +50,9 @@ template <class T>
 class AdamW {
  public:
   AdamW() = default;
-  AdamW(AdamWConfig cfg, index_t n) : cfg_(cfg), m_(Shape{n}), v_(Shape{n}), decay_mask_(Shape{n}) {}
+  // attach() to a parameter store before the first update.
+  explicit AdamW(AdamWConfig cfg) : cfg_(cfg) {}
+  AdamW(AdamWConfig cfg, const ParamStore<T>& ps) : cfg_(cfg) { attach(ps); }
 
   // Sizes the moments for `ps` and records which entries decay.
   void attach(const ParamStore<T>& ps) {
@@ -64,6 +72,48 @@ class AdamW {
   void set_step(std::int64_t s) { step_ = s; }
   Tensor<T>& m() { return m_; }
   Tensor<T>& v() { return v_; }
+  const Tensor<T>& m() const { return m_; }
+  const Tensor<T>& v() const { return v_; }
+
+  // Writes the moments as flat F32 tensors "opt.m" / "opt.v" (in the order of the parameter store) and the
+  // step as metadata "opt_step" (an io::SafetensorsWriter, or anything with its add / set_metadata).
+  template <class Writer>
+  void save_state(Writer& w) const {
+    std::vector<float> buf;
+    for (auto [name, t] : {std::pair<const char*, const Tensor<T>*>{"opt.m", &m_}, {"opt.v", &v_}}) {
+      buf.assign(t->data(), t->data() + t->numel());
+      w.add(name, {t->numel()}, std::span<const float>(buf));
+    }
+    w.set_metadata("opt_step", std::to_string(step_));
+  }
+  // Restores what save_state wrote; false (and nothing changed) when the reader holds no optimizer state.
+  // The moments must match the attached store's size; errors name the reader's label.
+  template <class Reader>
+  bool load_state(const Reader& r) {
+    if (!r.has("opt.m") || !r.has("opt.v")) return false;
+    std::vector<float> flat[2] = {r.read_f32_flat("opt.m"), r.read_f32_flat("opt.v")};
+    for (int k = 0; k < 2; ++k)
+      LIMOE_CHECK(static_cast<index_t>(flat[k].size()) == m_.numel(), "checkpoint '", r.label(), "': ",
+                  k ? "opt.v" : "opt.m", " has ", flat[k].size(), " values for ", m_.numel(),
+                  " parameters (attach the optimizer to the model first)");
+    std::int64_t step = step_;
+    const auto& md = r.metadata();
+    if (auto it = md.find("opt_step"); it != md.end()) {
+      try {
+        std::size_t used = 0;
+        step = std::stoll(it->second, &used);
+        LIMOE_CHECK(used == it->second.size() && step >= 0, "bad");
+      } catch (const std::exception&) {
+        fail("checkpoint '", r.label(), "': opt_step \"", it->second, "\" is not a step count");
+      }
+    }
+    for (index_t i = 0; i < m_.numel(); ++i) {
+      m_[i] = static_cast<T>(flat[0][static_cast<std::size_t>(i)]);
+      v_[i] = static_cast<T>(flat[1][static_cast<std::size_t>(i)]);
+    }
+    step_ = step;
+    return true;
+  }
 
   // One update with learning rate lr_t; returns the global gradient norm before clipping.
   double update(ParamStore<T>& ps, double lr_t) {

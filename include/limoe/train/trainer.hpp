@@ -84,8 +84,7 @@ class Trainer {
   Trainer(Model& model, TrainConfig cfg) : model_(model), cfg_(cfg) {
     LIMOE_CHECK(cfg_.steps >= 1, "TrainConfig: steps must be >= 1, got ", cfg_.steps);
     LIMOE_CHECK(cfg_.adam.lr > 0, "TrainConfig: the learning rate must be positive, got ", cfg_.adam.lr);
-    opt_ = AdamW<T>(cfg_.adam, 0);
-    opt_.attach(model_.params());
+    opt_ = AdamW<T>(cfg_.adam, model_.params());
     sched_ = LrSchedule{cfg_.warmup_steps, cfg_.steps, cfg_.decay, cfg_.final_lr_fraction};
   }
 
