@@ -39,6 +39,14 @@ else()
   set(_limoe_arch_independent ARCH_INDEPENDENT)  # headers only: any architecture may use it
 endif()
 
+if(LIMOE_WITH_SENTENCEPIECE)
+  # The optional SentencePiece tokenizer: its own export set, loaded by limoeConfig.cmake where the library is
+  # installed (it links libsentencepiece by name).
+  install(TARGETS limoe_sentencepiece EXPORT limoeSentencePieceTargets ${_limoe_component})
+  install(EXPORT limoeSentencePieceTargets NAMESPACE limoe:: DESTINATION ${LIMOE_INSTALL_CMAKEDIR} ${_limoe_component})
+  export(EXPORT limoeSentencePieceTargets NAMESPACE limoe:: FILE ${PROJECT_BINARY_DIR}/limoeSentencePieceTargets.cmake)
+endif()
+
 configure_package_config_file(cmake/limoeConfig.cmake.in ${PROJECT_BINARY_DIR}/limoeConfig.cmake
   INSTALL_DESTINATION ${LIMOE_INSTALL_CMAKEDIR}
   NO_SET_AND_CHECK_MACRO)
