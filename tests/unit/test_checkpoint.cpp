@@ -165,3 +165,45 @@ TEST_CASE("a scalar stored as [1] loads like one stored as []") {
   load_weights(back, r);
   CHECK(back.params().value(back.params().get("logit_scale"))[0] == m.params().value(m.params().get("logit_scale"))[0]);
 }
+
+TEST_CASE("compatibility: a checkpoint written by the previous version loads and gives its embeddings and routes") {
+  // tests/data/compat/ (tests/reference/make_compat.sh): the tiny preset trained 4 steps by limoe at commit
+  // b34f3dd (before the backend-as-a-type redesign), a batch, and that program's `limoe embed` output.
+  const std::string dir = std::string(LIMOE_TEST_DATA_DIR) + "/compat/";
+  const auto ckpt = io::SafetensorsReader::open(dir + "v1_tiny.safetensors");
+  Limoe<float> m(read_checkpoint_config(ckpt));
+  load_weights(m, ckpt);
+  const auto batch = io::SafetensorsReader::open(dir + "v1_batch.safetensors");
+  const auto want = io::SafetensorsReader::open(dir + "v1_emb.safetensors");
+  const std::vector<float> px = batch.read_f32_flat("images");
+  const Shape is = batch.shape("images"), ts = batch.shape("texts");
+  Tensor<float> images(is);
+  std::copy(px.begin(), px.end(), images.data());
+  Tensor<std::int32_t> texts(ts);
+  const auto ids = batch.read_i32_flat("texts");
+  std::copy(ids.begin(), ids.end(), texts.data());
+  // `limoe embed` embeds images and texts in two separate evaluation calls.
+  const auto fi = m.forward(images.cview(), CView<std::int32_t>{}, Mode::Eval);
+  const auto ft = m.forward(CView<float>{}, texts.cview(), Mode::Eval);
+  auto close = [](const Tensor<float>& got, const std::vector<float>& ref) {
+    REQUIRE(static_cast<std::size_t>(got.numel()) == ref.size());
+    double worst = 0;
+    for (index_t i = 0; i < got.numel(); ++i)
+      worst = std::max(worst, std::abs(static_cast<double>(got[i]) - ref[static_cast<std::size_t>(i)]));
+    return worst;
+  };
+  // Its training state loads too (a run resumes across the versions).
+  AdamW<float> opt(AdamWConfig{}, m.params());
+  REQUIRE(load_optimizer(opt, ckpt));
+  CHECK(opt.step() == 4);
+  CHECK(close(fi.img_emb, want.read_f32_flat("img_emb")) < 1e-5);
+  CHECK(close(ft.txt_emb, want.read_f32_flat("txt_emb")) < 1e-5);
+  for (std::size_t r = 0; r < fi.routes.size(); ++r) {
+    const auto b = std::to_string(fi.route_blocks[r]);
+    const auto ri = want.read_i32_flat("img_route." + b), rt = want.read_i32_flat("txt_route." + b);
+    REQUIRE(static_cast<std::size_t>(fi.routes[r].numel()) == ri.size());
+    REQUIRE(static_cast<std::size_t>(ft.routes[r].numel()) == rt.size());
+    for (std::size_t i = 0; i < ri.size(); ++i) CHECK(fi.routes[r][static_cast<index_t>(i)] == ri[i]);
+    for (std::size_t i = 0; i < rt.size(); ++i) CHECK(ft.routes[r][static_cast<index_t>(i)] == rt[i]);
+  }
+}
