@@ -226,13 +226,15 @@ class Tensor {
   operator CView<T, Space>() const { return view(); }
 
   // Changes the shape; keeps the elements that remain, reuses the buffer when it is large enough (no shrink)
-  // and zero-fills elements that are new (the semantics of std::vector::resize).
+  // and zero-fills elements that are new (the semantics of std::vector::resize, growth included: a buffer that
+  // grows past its capacity takes at least twice its size, so a buffer whose size varies from call to call,
+  // such as the MoE layer's accepted rows, stops reallocating after a few calls).
   void resize(Shape shape) {
     const index_t n = shape.numel();
     if (n > cap_) {
       std::unique_ptr<T[], Deleter> old = std::move(data_);
       const index_t keep = size_;
-      reserve_exact(n);
+      reserve_exact(std::max(n, 2 * size_));
       if (keep) Space::copy(data_.get(), old.get(), bytes(keep));
     }
     if (n > size_) Space::zero(data_.get() + size_, bytes(n - size_));
