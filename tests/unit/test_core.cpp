@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limoe/limoe.hpp>
 #include <limoe/testing/gradcheck.hpp>
 #include <set>
@@ -23,6 +24,65 @@ TEST_CASE("shape and view checks name both shapes") {
   CHECK(t[5] == 5.f);
   CHECK(t.view().slice(1, 2).numel() == 3);
   CHECK(reinterpret_cast<std::uintptr_t>(t.data()) % 64 == 0);
+}
+
+namespace {
+// A memory space the host may not touch (what a device space is), backed by host memory so the test can
+// count what the tensor asks of it.
+struct CountingOpaqueSpace {
+  static constexpr bool host_accessible = false;
+  static constexpr const char* name = "opaque";
+  static inline int allocations = 0, frees = 0;
+  static void* allocate(std::size_t bytes) {
+    ++allocations;
+    return HostSpace::allocate(bytes);
+  }
+  static void deallocate(void* p, std::size_t n) noexcept {
+    ++frees;
+    HostSpace::deallocate(p, n);
+  }
+  static void zero(void* p, std::size_t n) { HostSpace::zero(p, n); }
+  static void copy(void* d, const void* s, std::size_t n) { HostSpace::copy(d, s, n); }
+};
+template <class V>
+concept HasElementAccess = requires(V v) { v[0]; };
+}  // namespace
+
+TEST_CASE("tensors: resize keeps elements and zero-fills new ones; growth is geometric; copies are deep") {
+  Tensor<float> t(Shape{2, 3});
+  for (index_t i = 0; i < 6; ++i) t[i] = static_cast<float>(i + 1);
+  CHECK(reinterpret_cast<std::uintptr_t>(t.data()) % 64 == 0);
+  t.resize(Shape{3, 3});  // grows: the first 6 kept, the new 3 zero
+  for (index_t i = 0; i < 6; ++i) CHECK(t[i] == static_cast<float>(i + 1));
+  for (index_t i = 6; i < 9; ++i) CHECK(t[i] == 0.0f);
+  const float* at = t.data();
+  t.resize(Shape{2});  // shrinks: the buffer stays
+  CHECK(t.data() == at);
+  t[1] = 7;
+  t.resize(Shape{4});  // regrows within capacity: elements past the old size are zero again
+  CHECK(t.data() == at);
+  CHECK(t[1] == 7.0f);
+  CHECK(t[2] == 0.0f);
+  CHECK(t[3] == 0.0f);
+  Tensor<float> c = t;  // deep copy
+  c[0] = 42;
+  CHECK(t[0] == 1.0f);
+  Tensor<float> m = std::move(c);
+  CHECK(m[0] == 42.0f);
+  CHECK(c.numel() == 0);
+  CHECK(c.data() == nullptr);
+
+  // Growth past capacity at least doubles: 100 calls growing by one element reallocate a handful of times.
+  CountingOpaqueSpace::allocations = CountingOpaqueSpace::frees = 0;
+  {
+    Tensor<float, CountingOpaqueSpace> g(Shape{16});
+    for (index_t n = 17; n < 117; ++n) g.resize(Shape{n});
+    CHECK(CountingOpaqueSpace::allocations <= 4);
+    static_assert(!HasElementAccess<View<float, CountingOpaqueSpace>>, "no host access to an opaque space");
+    static_assert(HasElementAccess<View<float>>);
+    static_assert(MemorySpace<CountingOpaqueSpace>);
+  }
+  CHECK(CountingOpaqueSpace::frees == CountingOpaqueSpace::allocations);
 }
 
 TEST_CASE("rng: counter based, reproducible, well distributed") {
