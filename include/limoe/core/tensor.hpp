@@ -167,7 +167,7 @@ class Tensor {
   }
   Tensor(Tensor&& o) noexcept
       : shape_(o.shape_), data_(std::move(o.data_)), size_(std::exchange(o.size_, 0)), cap_(std::exchange(o.cap_, 0)) {
-    o.shape_ = Shape{};
+    o.shape_ = Shape{0};  // moved-from: empty (no elements, no storage)
   }
   Tensor& operator=(const Tensor& o) {
     if (this != &o) {
@@ -177,7 +177,7 @@ class Tensor {
     return *this;
   }
   Tensor& operator=(Tensor&& o) noexcept {
-    shape_ = std::exchange(o.shape_, Shape{});
+    shape_ = std::exchange(o.shape_, Shape{0});
     data_ = std::move(o.data_);
     size_ = std::exchange(o.size_, 0);
     cap_ = std::exchange(o.cap_, 0);
