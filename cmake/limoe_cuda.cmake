@@ -39,6 +39,7 @@ if(LIMOE_WITH_CUDA)
   add_library(limoe_cuda STATIC
     ${PROJECT_SOURCE_DIR}/src/cuda/device.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/math.cu
+    ${PROJECT_SOURCE_DIR}/src/cuda/rows.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/saxpy.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/sort.cu)
   add_library(limoe::cuda ALIAS limoe_cuda)

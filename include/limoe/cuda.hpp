@@ -54,4 +54,13 @@ struct MathRows {
 };
 MathRows math_rows(std::span<const float> x, std::int64_t cols, int device = 0);
 
+// The CUDA backend's LayerNorm kernels (src/cuda/kernels/rows.cuh) on the device: forward of x [rows, D] with
+// gain g and bias b [D] (b may be empty), then the backward of dy [rows, D]: dx, and dg / db summed over rows.
+// CI runs the same kernels on the CPU (tests/cuda_emu/); this entry point checks them on a real GPU.
+struct LayerNormRows {
+  std::vector<float> y, mean, rstd, dx, dg, db;  // [rows, D], [rows], [rows], [rows, D], [D], [D]
+};
+LayerNormRows layernorm_rows(std::span<const float> x, std::span<const float> g, std::span<const float> b,
+                             std::span<const float> dy, std::int64_t D, float eps, int device = 0);
+
 }  // namespace limoe::cuda

@@ -1,5 +1,6 @@
 // The CUDA part on a real device: the device query, the saxpy kernel against the CPU, and the Thrust dispatch
-// sort against std::stable_sort. Runs only where a GPU is present (the main skips otherwise).
+// sort against std::stable_sort, the shared formulas, the backend's LayerNorm kernels against Ref. Runs only where a
+// GPU is present (the main skips otherwise).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -7,6 +8,8 @@
 #include <limoe/cuda.hpp>
 #include <limoe/math/gelu.hpp>
 #include <limoe/math/softmax.hpp>
+#include <limoe/ops/layernorm.hpp>
+#include <limoe/testing/gradcheck.hpp>
 #include <numeric>
 #include <vector>
 
@@ -92,4 +95,27 @@ TEST_CASE("the shared math formulas give the same values on the device as on the
     CHECK(dev.gelu[i] == doctest::Approx(limoe::math::gelu(limoe::GeluKind::Erf, x[i])).epsilon(1e-5));
     CHECK(dev.dgelu[i] == doctest::Approx(limoe::math::gelu_grad(limoe::GeluKind::Erf, x[i])).epsilon(1e-5));
   }
+}
+
+TEST_CASE("the CUDA backend's LayerNorm kernels on the device equal the Ref backend") {
+  const std::int64_t rows = 6, D = 384;
+  const auto x = limoe::testing::randn<float>(limoe::Shape{rows, D}, 1, 3.0);
+  const auto g = limoe::testing::randn<float>(limoe::Shape{D}, 2), b = limoe::testing::randn<float>(limoe::Shape{D}, 3);
+  const auto dy = limoe::testing::randn<float>(limoe::Shape{rows, D}, 4);
+  const auto dev = limoe::cuda::layernorm_rows(x.cview().span(), g.cview().span(), b.cview().span(), dy.cview().span(), D, 1e-6f);
+  limoe::Tensor<float> y(limoe::Shape{rows, D}), mean(limoe::Shape{rows}), rstd(limoe::Shape{rows}), dx(limoe::Shape{rows, D}),
+      dg(limoe::Shape{D}), db(limoe::Shape{D});
+  limoe::ref::layernorm_forward<float>(x.cview(), g.cview(), b.cview(), 1e-6f, y.view(), mean.view(), rstd.view());
+  limoe::ref::layernorm_backward<float>(x.cview(), g.cview(), mean.cview(), rstd.cview(), dy.cview(), dx.view(), dg.view(),
+                                        db.view());
+  for (std::int64_t i = 0; i < rows * D; ++i) {
+    CHECK(dev.y[static_cast<std::size_t>(i)] == doctest::Approx(y[i]).epsilon(1e-5));
+    CHECK(dev.dx[static_cast<std::size_t>(i)] == doctest::Approx(dx[i]).epsilon(1e-4));
+  }
+  for (std::int64_t d = 0; d < D; ++d) {
+    CHECK(dev.dg[static_cast<std::size_t>(d)] == doctest::Approx(dg[d]).epsilon(1e-4));
+    CHECK(dev.db[static_cast<std::size_t>(d)] == doctest::Approx(db[d]).epsilon(1e-4));
+  }
+  CHECK_THROWS_AS(limoe::cuda::layernorm_rows(x.cview().span(), g.cview().span(), {}, dy.cview().span(), D + 1, 1e-6f),
+                  limoe::Error);
 }

@@ -19,22 +19,39 @@ struct RowStats {
   T mean, rstd;
 };
 
+// The statistics from the two sums every backend reduces (in its own order): the mean from sum x, rstd from
+// the sum of centred squares sum (x - mean)^2.
+template <class T, class I>
+LIMOE_HD inline T layernorm_mean(T sum, I D) {
+  return sum / static_cast<T>(D);
+}
+template <class T, class I>
+LIMOE_HD inline T layernorm_rstd(T centred_square_sum, I D, T eps) {
+  using std::sqrt;
+  return T(1) / sqrt(centred_square_sum / static_cast<T>(D) + eps);
+}
+
 template <class T, class I>
 LIMOE_HD inline RowStats<T> layernorm_stats(const T* x, I D, T eps) {
-  using std::sqrt;
-  T m = 0;
-  for (I d = 0; d < D; ++d) m += x[d];
-  m /= static_cast<T>(D);
+  T s = 0;
+  for (I d = 0; d < D; ++d) s += x[d];
+  const T m = layernorm_mean(s, D);
   T v = 0;
   for (I d = 0; d < D; ++d) v += (x[d] - m) * (x[d] - m);
-  v /= static_cast<T>(D);
-  return {m, T(1) / sqrt(v + eps)};
+  return {m, layernorm_rstd(v, D, eps)};
 }
 
 // y = (x - mean) rstd g + b (b may be null); y may alias x.
 template <class T, class I>
 LIMOE_HD inline void layernorm_row(const T* x, I D, RowStats<T> st, const T* g, const T* b, T* y) {
   for (I d = 0; d < D; ++d) y[d] = (x[d] - st.mean) * st.rstd * g[d] + (b ? b[d] : T(0));
+}
+
+// One element of the backward, given the row's means of gx = dy g and of gx xhat (a parallel backend reduces
+// those two sums its own way and calls this per element).
+template <class T>
+LIMOE_HD inline T layernorm_dx(T x, T dy, T g, RowStats<T> st, T mean_gx, T mean_gx_xhat) {
+  return st.rstd * (dy * g - mean_gx - (x - st.mean) * st.rstd * mean_gx_xhat);
 }
 
 // dx of one row from dy (dx may alias dy: each element is read before it is written).
@@ -47,7 +64,7 @@ LIMOE_HD inline void layernorm_row_backward(const T* x, I D, RowStats<T> st, con
     sum_gx_xhat += gx * (x[d] - st.mean) * st.rstd;
   }
   const T a = sum_gx / static_cast<T>(D), c = sum_gx_xhat / static_cast<T>(D);
-  for (I d = 0; d < D; ++d) dx[d] = st.rstd * (dy[d] * g[d] - a - (x[d] - st.mean) * st.rstd * c);
+  for (I d = 0; d < D; ++d) dx[d] = layernorm_dx(x[d], dy[d], g[d], st, a, c);
 }
 
 }  // namespace limoe::math

@@ -1,0 +1,105 @@
+// The CUDA backend's kernels (src/cuda/kernels/rows.cuh) run on the CPU through tests/support/cuda_emu.hpp
+// (host threads as CUDA threads, a barrier as __syncthreads), against the Ref backend: LayerNorm forward and
+// backward (input and parameter gradients), bias + GELU and the GELU backward, both GELU kinds, at block sizes
+// that leave threads idle (D < threads), stride (D > threads) and divide unevenly. The same program is built
+// with ThreadSanitizer (test_cuda_emu_kernels_tsan): a missing barrier in a reduction is a reported race.
+#include "support/cuda_emu.hpp"  // first: defines the CUDA keywords the kernels use
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cuda/kernels/rows.cuh>
+#include <limoe/backend/ops.hpp>
+#include <limoe/testing/gradcheck.hpp>
+
+using namespace limoe;
+namespace k = limoe::cuda::kernels;
+
+namespace {
+double max_rel(CView<float> got, CView<float> want) {
+  double worst = 0, scale = 1;
+  for (index_t i = 0; i < want.numel(); ++i) scale = std::max(scale, std::abs(static_cast<double>(want[i])));
+  for (index_t i = 0; i < want.numel(); ++i)
+    worst = std::max(worst, std::abs(static_cast<double>(got[i]) - static_cast<double>(want[i])));
+  return worst / scale;
+}
+
+template <int kThreads>
+void check_layernorm(index_t R, index_t D, std::uint64_t seed) {
+  CAPTURE(kThreads);
+  CAPTURE(R);
+  CAPTURE(D);
+  using O = Ops<Ref, float>;
+  const auto x = testing::randn<float>(Shape{R, D}, seed, 3.0), g = testing::randn<float>(Shape{D}, seed + 1);
+  const auto b = testing::randn<float>(Shape{D}, seed + 2), dy = testing::randn<float>(Shape{R, D}, seed + 3);
+  Tensor<float> y(Shape{R, D}), mean(Shape{R}), rstd(Shape{R}), dx(Shape{R, D}), dg(Shape{D}, 0.5f), db(Shape{D}, 0.5f);
+  Tensor<float> y_ref(Shape{R, D}), mean_ref(Shape{R}), rstd_ref(Shape{R}), dx_ref(Shape{R, D}), dg_ref(Shape{D}, 0.5f),
+      db_ref(Shape{D}, 0.5f);
+  emu::launch(dim3(static_cast<unsigned>(R)), dim3(kThreads), k::layernorm_forward<kThreads>, x.data(), g.data(),
+              b.data(), 1e-6f, D, y.data(), mean.data(), rstd.data());
+  emu::launch(dim3(static_cast<unsigned>(R)), dim3(kThreads), k::layernorm_backward_input<kThreads>, x.data(), g.data(),
+              mean.data(), rstd.data(), dy.data(), D, dx.data());
+  emu::launch(dim3(static_cast<unsigned>((D + 31) / 32)), dim3(32), k::layernorm_backward_params, x.data(),
+              mean.data(), rstd.data(), dy.data(), R, D, dg.data(), db.data());
+  O::layernorm_forward(x.cview(), g.cview(), b.cview(), 1e-6f, y_ref.view(), mean_ref.view(), rstd_ref.view());
+  O::layernorm_backward(x.cview(), g.cview(), mean_ref.cview(), rstd_ref.cview(), dy.cview(), dx_ref.view(),
+                        dg_ref.view(), db_ref.view());
+  CHECK(max_rel(y.cview(), y_ref.cview()) < 2e-6);
+  CHECK(max_rel(mean.cview(), mean_ref.cview()) < 2e-6);
+  CHECK(max_rel(rstd.cview(), rstd_ref.cview()) < 2e-6);
+  CHECK(max_rel(dx.cview(), dx_ref.cview()) < 5e-6);
+  CHECK(max_rel(dg.cview(), dg_ref.cview()) < 5e-6);  // accumulated onto 0.5: the gradient rule
+  CHECK(max_rel(db.cview(), db_ref.cview()) < 5e-6);
+}
+}  // namespace
+
+TEST_CASE("cuda kernels on the CPU: LayerNorm forward and backward against Ref") {
+  check_layernorm<32>(5, 7, 1);     // fewer columns than threads
+  check_layernorm<32>(4, 100, 2);   // strides, uneven
+  check_layernorm<64>(3, 384, 3);   // a model width
+  check_layernorm<128>(2, 1000, 4);
+}
+
+TEST_CASE("cuda kernels on the CPU: bias + GELU and the GELU backward against Ref, both kinds") {
+  using O = Ops<Ref, float>;
+  const index_t R = 9, M = 37;
+  for (GeluKind kind : {GeluKind::Erf, GeluKind::Tanh}) {
+    CAPTURE(kind == GeluKind::Erf);
+    const auto pre0 = testing::randn<float>(Shape{R, M}, 7, 3.0), b = testing::randn<float>(Shape{M}, 8);
+    const auto dy = testing::randn<float>(Shape{R, M}, 9);
+    Tensor<float> pre = pre0, y(Shape{R, M}), pre_ref = pre0, y_ref(Shape{R, M});
+    // 3 blocks of 32 threads for 333 elements: the grid-stride loop runs several rounds.
+    emu::launch(dim3(3), dim3(32), k::bias_gelu_forward, kind, b.data(), R * M, M, pre.data(), y.data());
+    O::bias_gelu_forward(kind, b.cview(), pre_ref.view(), y_ref.view());
+    CHECK(max_rel(pre.cview(), pre_ref.cview()) == 0);
+    CHECK(max_rel(y.cview(), y_ref.cview()) < 1e-6);
+    Tensor<float> dx(Shape{R, M}), dx_ref(Shape{R, M});
+    emu::launch(dim3(2), dim3(64), k::gelu_backward, kind, pre.data(), dy.data(), R * M, dx.data());
+    O::gelu_backward(kind, pre_ref.cview(), dy.cview(), dx_ref.view());
+    CHECK(max_rel(dx.cview(), dx_ref.cview()) < 1e-6);
+  }
+}
+
+TEST_CASE("cuda emulation: indices, blocks in order, shared memory per block, the barrier") {
+  // Each block writes its threads' indices; thread 0 of each block then reads what the others wrote, after the
+  // barrier, through shared memory.
+  std::vector<int> seen(4 * 8, -1), sums(4, -1);
+  emu::launch(dim3(4), dim3(8), [&] {
+    __shared__ int slot[8];
+    slot[threadIdx.x] = static_cast<int>(blockIdx.x * 100 + threadIdx.x);
+    seen[blockIdx.x * blockDim.x + threadIdx.x] = static_cast<int>(gridDim.x * 1000 + threadIdx.x);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int s = 0;
+      for (int t = 0; t < 8; ++t) s += slot[t];
+      sums[blockIdx.x] = s;
+    }
+    __syncthreads();
+  });
+  for (int b = 0; b < 4; ++b) {
+    CHECK(sums[static_cast<std::size_t>(b)] == 8 * b * 100 + 28);
+    for (int t = 0; t < 8; ++t) CHECK(seen[static_cast<std::size_t>(b * 8 + t)] == 4000 + t);
+  }
+  CHECK_THROWS_AS(emu::launch(dim3(1), dim3(2048), [] {}), std::invalid_argument);
+}
