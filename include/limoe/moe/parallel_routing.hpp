@@ -1,0 +1,108 @@
+// limoe/moe/parallel_routing.hpp: top-K, batch priority routing (BPR) and capacity for every routing group of
+// a call at once, written against a Thrust execution policy: the same source runs on the CPU with Thrust's
+// CPP or TBB system (the tests) and on a GPU with thrust::cuda::par.on(stream) (the CUDA backend).
+//
+// It decides exactly what the sequential stock router (moe/router.hpp: TopKRouter with BatchPriorityOrder or
+// VanillaOrder) decides from the same gates, without a sequential fill:
+//   1. choice[t, 0..K)  each token's K largest gates, best first, ties to the lower expert (detail::select_top_k);
+//   2. priority         tokens ordered within their group by decreasing top-1 gate, ties to the lower token
+//                       (BPR: two stable sorts, gate then group), or in token order (vanilla);
+//   3. one stable sort of all N*K choices on the combined key (group, expert, rank k, priority): the queue of
+//      each expert of each group, first choices before second choices, each in priority order;
+//   4. a segmented scan gives each choice its place in its expert's queue; it is accepted when place < C of
+//      its group, so route = expert or -1.
+// The sequential fill accepts choice (t, k) for expert e exactly when fewer than C choices of e come before
+// it in that queue, which is step 4. No atomics: the decisions are a pure function of the gates.
+//
+// Needs Thrust (the CUDA toolkit's `cccl` include folder). Not included by <limoe/limoe.hpp>.
+#pragma once
+
+#include <cstdint>
+
+#include <thrust/for_each.h>
+#include <thrust/functional.h>
+#include <thrust/iterator/constant_iterator.h>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/scan.h>
+#include <thrust/sequence.h>
+#include <thrust/sort.h>
+#include <thrust/gather.h>
+
+#include "limoe/core/tensor.hpp"
+#include "limoe/moe/router.hpp"
+
+namespace limoe::moe::parallel {
+
+// Scratch of route_groups (sized by it; reuse across calls). On a device policy these are device buffers the
+// caller provides through the same pointers; the CPU systems use the host vectors here.
+struct RoutingScratch {
+  Tensor<double> top1;             // [N] top-1 gate (the BPR key; double holds a float or double gate exactly)
+  Tensor<std::int64_t> order;      // [N] tokens in priority order
+  Tensor<std::int64_t> group_of;   // [N] group of each token in `order`
+  Tensor<std::int64_t> rank;       // [N] place of each token in its group's priority order (global index)
+  Tensor<std::int64_t> key;        // [N*K] combined sort key of each choice
+  Tensor<std::int64_t> slot;       // [N*K] choice slots t*K + k in queue order
+  Tensor<std::int64_t> place;      // [N*K] place of each (sorted) choice in its expert's queue
+};
+
+// gates [N, E] (softmax of the noisy logits), groups of `group_size` consecutive tokens (the last may be
+// shorter), capacity[g] per group; writes choice [N, K] and route [N, K] (expert, or -1 when dropped).
+template <class Policy, class T>
+void route_groups(Policy&& policy, CView<T> gates, int K, std::int64_t group_size, CView<std::int64_t> capacity,
+                  bool bpr, View<std::int32_t> choice, View<std::int32_t> route, RoutingScratch& s) {
+  LIMOE_CHECK(gates.rank() == 2, "route_groups: gates must be [N, E], got ", gates.shape().str());
+  const std::int64_t N = gates.dim(0);
+  const int E = static_cast<int>(gates.dim(1));
+  LIMOE_CHECK(K >= 1 && K <= E, "route_groups: K = ", K, " must be in [1, E = ", E, "]");
+  LIMOE_CHECK(group_size >= 1, "route_groups: group_size must be >= 1");
+  const std::int64_t G = (N + group_size - 1) / group_size;
+  expect_shape(capacity, Shape{G}, "route_groups: capacity");
+  expect_shape(choice, Shape{N, K}, "route_groups: choice");
+  expect_shape(route, Shape{N, K}, "route_groups: route");
+  if (N == 0) return;
+  s.top1.resize(Shape{N}), s.order.resize(Shape{N}), s.group_of.resize(Shape{N}), s.rank.resize(Shape{N});
+  s.key.resize(Shape{N * K}), s.slot.resize(Shape{N * K}), s.place.resize(Shape{N * K});
+  const T* g = gates.data();
+  std::int32_t* ch = choice.data();
+  std::int32_t* rt = route.data();
+  double* top1 = s.top1.data();
+  std::int64_t* order = s.order.data();
+  std::int64_t* group_of = s.group_of.data();
+  std::int64_t* rank = s.rank.data();
+  std::int64_t* key = s.key.data();
+  std::int64_t* slot = s.slot.data();
+  std::int64_t* place = s.place.data();
+  const std::int64_t* cap = capacity.data();
+  const thrust::counting_iterator<std::int64_t> first(0);
+
+  // 1. Each token's K choices and its top-1 gate.
+  thrust::for_each(policy, first, first + N, [=](std::int64_t t) {
+    detail::select_top_k<0>(g + t * E, E, K, ch + t * K);
+    top1[t] = static_cast<double>(g[t * E + ch[t * K]]);
+  });
+  // 2. Priority order: group-major; within a group by decreasing top-1 gate (BPR) or token order, ties to the
+  //    lower token (stable sorts of the identity permutation).
+  thrust::sequence(policy, order, order + N);
+  if (bpr) thrust::stable_sort_by_key(policy, top1, top1 + N, order, thrust::greater<double>());
+  thrust::for_each(policy, first, first + N, [=](std::int64_t i) { group_of[i] = order[i] / group_size; });
+  thrust::stable_sort_by_key(policy, group_of, group_of + N, order);
+  thrust::for_each(policy, first, first + N, [=](std::int64_t i) { rank[order[i]] = i; });
+  // 3. The queues: one sort of all choices on (group, expert, rank k, priority).
+  thrust::for_each(policy, first, first + N * K, [=](std::int64_t c) {
+    const std::int64_t t = c / K, k = c % K;
+    key[c] = (((t / group_size) * E + ch[c]) * K + k) * N + rank[t];
+    slot[c] = c;
+  });
+  thrust::stable_sort_by_key(policy, key, key + N * K, slot);
+  // 4. Place in the queue (a scan per (group, expert) segment), then accept or drop.
+  const std::int64_t per_queue = static_cast<std::int64_t>(K) * N;
+  thrust::for_each(policy, first, first + N * K, [=](std::int64_t i) { key[i] /= per_queue; });
+  thrust::exclusive_scan_by_key(policy, key, key + N * K, thrust::make_constant_iterator<std::int64_t>(1), place);
+  thrust::for_each(policy, first, first + N * K, [=](std::int64_t i) {
+    const std::int64_t c = slot[i];
+    const std::int64_t grp = key[i] / E;
+    rt[c] = place[i] < cap[grp] ? ch[c] : -1;
+  });
+}
+
+}  // namespace limoe::moe::parallel
