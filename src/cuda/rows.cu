@@ -6,10 +6,20 @@
 #include <utility>
 
 #include "check.cuh"
+#include "kernels/moe.cuh"
 #include "kernels/rows.cuh"
 #include "limoe/cuda.hpp"
 
 namespace limoe::cuda {
+
+// The MoE data-movement kernels, compiled for the device here (the CUDA backend's ops will launch them; the
+// tests run them on the CPU through tests/support/cuda_emu.hpp).
+template __global__ void kernels::dispatch_forward<float>(const std::int64_t*, std::int64_t, std::int64_t, const float*, float*);
+template __global__ void kernels::dispatch_backward<float>(const std::int64_t*, std::int64_t, int, std::int64_t, const float*, float*);
+template __global__ void kernels::combine_forward<float>(const std::int64_t*, const std::int32_t*, const float*, std::int64_t, int,
+                                                         int, std::int64_t, const float*, float*);
+template __global__ void kernels::combine_backward<128>(const std::int64_t*, const std::int64_t*, const std::int32_t*, const float*,
+                                                        int, std::int64_t, const float*, const float*, float*, float*);
 
 LayerNormRows layernorm_rows(std::span<const float> x, std::span<const float> g, std::span<const float> b,
                              std::span<const float> dy, std::int64_t D, float eps, int device) {

@@ -1,6 +1,7 @@
-// The CUDA backend's kernels (src/cuda/kernels/rows.cuh) run on the CPU through tests/support/cuda_emu.hpp
+// The CUDA backend's kernels (src/cuda/kernels/rows.cuh, moe.cuh) run on the CPU through tests/support/cuda_emu.hpp
 // (host threads as CUDA threads, a barrier as __syncthreads), against the Ref backend: LayerNorm forward and
-// backward (input and parameter gradients), bias + GELU and the GELU backward, both GELU kinds, at block sizes
+// backward (input and parameter gradients), bias + GELU and the GELU backward, both GELU kinds, the MoE
+// dispatch and combine over a dispatch plan (forward and backward), at block sizes
 // that leave threads idle (D < threads), stride (D > threads) and divide unevenly. The same program is built
 // with ThreadSanitizer (test_cuda_emu_kernels_tsan): a missing barrier in a reduction is a reported race.
 #include "support/cuda_emu.hpp"  // first: defines the CUDA keywords the kernels use
@@ -9,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cuda/kernels/moe.cuh>
 #include <cuda/kernels/rows.cuh>
 #include <limoe/backend/ops.hpp>
 #include <limoe/testing/gradcheck.hpp>
@@ -102,4 +104,43 @@ TEST_CASE("cuda emulation: indices, blocks in order, shared memory per block, th
     for (int t = 0; t < 8; ++t) CHECK(seen[static_cast<std::size_t>(b * 8 + t)] == 4000 + t);
   }
   CHECK_THROWS_AS(emu::launch(dim3(1), dim3(2048), [] {}), std::invalid_argument);
+}
+
+TEST_CASE("cuda kernels on the CPU: MoE dispatch and combine over a plan, forward and backward, against Ref") {
+  using O = Ops<Ref, float>;
+  const index_t N = 29, D = 40;
+  const int E = 5, K = 2;
+  // Distinct experts per token, about a quarter of the choices dropped, expert E-1 never chosen.
+  Tensor<std::int32_t> route(Shape{N, K});
+  const Rng rng(17);
+  for (index_t t = 0; t < N; ++t) {
+    const auto e0 = static_cast<std::int32_t>(rng.uniform(t, 0) * (E - 1));
+    route[t * K] = rng.uniform(t, 2) < 0.25 ? -1 : e0;
+    route[t * K + 1] = rng.uniform(t, 3) < 0.25 ? -1 : (e0 + 1) % (E - 1);
+  }
+  moe::DispatchPlan plan;
+  O::make_dispatch_plan(route.cview(), E, plan);
+  const index_t A = plan.A;
+  REQUIRE(A > 0);
+  const auto x = testing::randn<float>(Shape{N, D}, 1), gates = testing::randn<float>(Shape{N, E}, 2, 0.3);
+  const auto ye = testing::randn<float>(Shape{A, D}, 3), dy = testing::randn<float>(Shape{N, D}, 4);
+  const auto dxe = testing::randn<float>(Shape{A, D}, 5);
+  Tensor<float> xe(Shape{A, D}), xe_ref(Shape{A, D}), y(Shape{N, D}), y_ref(Shape{N, D});
+  Tensor<float> dx(Shape{N, D}, 0.25f), dx_ref(Shape{N, D}, 0.25f);  // dispatch backward accumulates
+  Tensor<float> dye(Shape{A, D}), dye_ref(Shape{A, D}), dgate(Shape{A}), dgate_ref(Shape{A});
+  emu::launch(dim3(3), dim3(32), k::dispatch_forward<float>, plan.row_token.data(), A, D, x.data(), xe.data());
+  emu::launch(dim3(2), dim3(64), k::combine_forward<float>, plan.slot_row.data(), route.data(), gates.data(), N, E, K,
+              D, ye.data(), y.data());
+  emu::launch(dim3(static_cast<unsigned>(A)), dim3(16), k::combine_backward<16>, plan.row_token.data(),
+              plan.row_slot.data(), route.data(), gates.data(), E, D, ye.data(), dy.data(), dye.data(), dgate.data());
+  emu::launch(dim3(4), dim3(32), k::dispatch_backward<float>, plan.slot_row.data(), N, K, D, dxe.data(), dx.data());
+  O::dispatch_forward(plan, x.cview(), xe_ref.view());
+  O::combine_forward(plan, gates.cview(), route.cview(), ye.cview(), y_ref.view());
+  O::combine_backward(plan, gates.cview(), route.cview(), ye.cview(), dy.cview(), dye_ref.view(), dgate_ref.view());
+  O::dispatch_backward(plan, dxe.cview(), dx_ref.view());
+  CHECK(max_rel(xe.cview(), xe_ref.cview()) == 0);  // a copy
+  CHECK(max_rel(y.cview(), y_ref.cview()) < 1e-6);
+  CHECK(max_rel(dye.cview(), dye_ref.cview()) == 0);
+  CHECK(max_rel(dgate.cview(), dgate_ref.cview()) < 1e-5);
+  CHECK(max_rel(dx.cview(), dx_ref.cview()) < 1e-6);
 }

@@ -16,25 +16,9 @@
 #include "limoe/core/enums.hpp"
 #include "limoe/math/gelu.hpp"
 #include "limoe/math/layernorm.hpp"
+#include "reduce.cuh"
 
 namespace limoe::cuda::kernels {
-
-// The sum of v over the block's kThreads threads (a power of two), returned to every thread. red is the
-// block's shared scratch of kThreads floats; it is free again when this returns.
-template <int kThreads>
-__device__ __forceinline__ float block_sum(float* red, float v) {
-  static_assert(kThreads >= 1 && kThreads <= 1024 && (kThreads & (kThreads - 1)) == 0, "a power of two <= 1024");
-  const int t = static_cast<int>(threadIdx.x);
-  red[t] = v;
-  __syncthreads();
-  for (int w = kThreads / 2; w > 0; w >>= 1) {
-    if (t < w) red[t] += red[t + w];
-    __syncthreads();
-  }
-  const float total = red[0];
-  __syncthreads();  // every thread has read the total before red is written again
-  return total;
-}
 
 // One block of kThreads per row: y[r] = LN(x[r]) g + b (b may be null), mean[r], rstd[r].
 template <int kThreads>
