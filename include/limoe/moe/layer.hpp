@@ -24,7 +24,6 @@
 #include "limoe/backend/ops.hpp"
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
-#include "limoe/core/params.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
@@ -53,30 +52,6 @@ struct MoeParams {
 template <class T>
 struct MoeGrads {
   View<T> router_w, fc1_w, fc1_b, fc2_w, fc2_b;
-};
-
-// The five tensors of `blocks.{i}.moe.*` in a ParamStore (docs/cli.md names), e.g. prefix "blocks.1.moe".
-struct MoeParamRefs {
-  ParamRef router_w, fc1_w, fc1_b, fc2_w, fc2_b;
-
-  template <class T>
-  static MoeParamRefs add(ParamStore<T>& store, const std::string& prefix, index_t E, index_t D, index_t M) {
-    MoeParamRefs r;
-    r.router_w = store.add(prefix + ".router.weight", Shape{E, D}, true);  // [E, D]
-    r.fc1_w = store.add(prefix + ".fc1.weight", Shape{E, M, D}, true);     // [E, M, D]
-    r.fc1_b = store.add(prefix + ".fc1.bias", Shape{E, M}, false);         // [E, M]
-    r.fc2_w = store.add(prefix + ".fc2.weight", Shape{E, D, M}, true);     // [E, D, M]
-    r.fc2_b = store.add(prefix + ".fc2.bias", Shape{E, D}, false);         // [E, D]
-    return r;
-  }
-  template <class T>
-  MoeParams<T> params(const ParamStore<T>& s) const {
-    return {s.value(router_w), s.value(fc1_w), s.value(fc1_b), s.value(fc2_w), s.value(fc2_b)};
-  }
-  template <class T>
-  MoeGrads<T> grads(ParamStore<T>& s) const {
-    return {s.grad(router_w), s.grad(fc1_w), s.grad(fc1_b), s.grad(fc2_w), s.grad(fc2_b)};
-  }
 };
 
 // Everything forward leaves for backward, plus the call's outputs besides y: routes, losses, statistics.
