@@ -3,7 +3,7 @@
 //   router.hpp  RouteGroup, the RouterPolicy concept, TopKRouter<KPolicy, NoisePolicy, OrderPolicy>, visit_router
 //   losses.hpp  AuxLosses<Terms...> (importance, load, local/global entropy per modality, z-loss), AuxLossValues
 //   stats.hpp   RoutingStats
-//   layer.hpp   MoeParams, MoeGrads, MoeParamRefs, MoeContext, moe_forward, moe_backward
+//   layer.hpp   MoeParams, MoeGrads, MoeContext, moe_forward, moe_backward (generic over the backend)
 #pragma once
 
 #include "limoe/moe/config.hpp"
