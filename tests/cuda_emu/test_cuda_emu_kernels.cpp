@@ -83,6 +83,29 @@ TEST_CASE("cuda kernels on the CPU: bias + GELU and the GELU backward against Re
   }
 }
 
+TEST_CASE("cuda kernels on the CPU: the masked, scaled softmax of rows and its backward against the math/ row") {
+  const index_t R = 6, n = 45;
+  const auto x = testing::randn<float>(Shape{R, n}, 11, 2.0), dy = testing::randn<float>(Shape{R, n}, 12);
+  Tensor<std::uint8_t> mask(Shape{R, n});
+  for (index_t r = 0; r < R; ++r)
+    for (index_t j = 0; j < n; ++j) mask[r * n + j] = r == 3 ? 0 : (j < n - 4 * r ? 1 : 0);  // row 3: all masked
+  for (int masked = 0; masked < 2; ++masked) {
+    CAPTURE(masked);
+    const std::uint8_t* m = masked ? mask.data() : nullptr;
+    Tensor<float> y(Shape{R, n}), y_ref(Shape{R, n}), dx(Shape{R, n}), dx_ref(Shape{R, n});
+    emu::launch(dim3(static_cast<unsigned>(R)), dim3(16), k::softmax_forward<16>, x.data(), n, 0.7f, m, y.data());
+    emu::launch(dim3(static_cast<unsigned>(R)), dim3(32), k::softmax_backward<32>, y.data(), dy.data(), n, dx.data());
+    for (index_t r = 0; r < R; ++r) {
+      math::softmax_row(x.data() + r * n, n, y_ref.data() + r * n, 0.7f, m ? m + r * n : nullptr);
+      math::softmax_row_backward(y_ref.data() + r * n, dy.data() + r * n, n, dx_ref.data() + r * n);
+    }
+    CHECK(max_rel(y.cview(), y_ref.cview()) < 1e-6);
+    CHECK(max_rel(dx.cview(), dx_ref.cview()) < 1e-6);
+    if (masked)
+      for (index_t j = 0; j < n; ++j) CHECK(y[3 * n + j] == 0.0f);  // no unmasked key: zeros, not NaN
+  }
+}
+
 TEST_CASE("cuda emulation: indices, blocks in order, shared memory per block, the barrier") {
   // Each block writes its threads' indices; thread 0 of each block then reads what the others wrote, after the
   // barrier, through shared memory.

@@ -31,6 +31,14 @@ LIMOE_HD inline T row_max(const T* x, I n, const std::uint8_t* mask = nullptr) {
   return m;
 }
 
+// One unnormalised term of a softmax row with maximum m: exp(scale (x - m)), 0 where masked (on = false).
+// A parallel backend reduces the maximum and the sum of these its own way and calls this per element.
+template <class T>
+LIMOE_HD inline T softmax_term(T x, T m, T scale, bool on) {
+  using std::exp;
+  return on ? T(exp(scale * (x - m))) : T(0);
+}
+
 // y = softmax(scale * x) over the unmasked entries of one row; y may alias x.
 template <class T, class I>
 LIMOE_HD inline void softmax_row(const T* x, I n, T* y, T scale = T(1), const std::uint8_t* mask = nullptr) {
@@ -41,7 +49,7 @@ LIMOE_HD inline void softmax_row(const T* x, I n, T* y, T scale = T(1), const st
   }
   T s = 0;
   for (I j = 0; j < n; ++j) {
-    const T e = (!mask || mask[j]) ? T(std::exp(scale * (x[j] - m))) : T(0);
+    const T e = softmax_term(x[j], m, scale, !mask || mask[j]);
     y[j] = e;
     s += e;
   }

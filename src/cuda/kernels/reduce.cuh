@@ -22,4 +22,19 @@ __device__ __forceinline__ float block_sum(float* red, float v) {
   return total;
 }
 
+// The maximum of v over the block, returned to every thread (the same tree as block_sum).
+template <int kThreads>
+__device__ __forceinline__ float block_max(float* red, float v) {
+  const int t = static_cast<int>(threadIdx.x);
+  red[t] = v;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w >>= 1) {
+    if (t < w && red[t + w] > red[t]) red[t] = red[t + w];
+    __syncthreads();
+  }
+  const float m = red[0];
+  __syncthreads();
+  return m;
+}
+
 }  // namespace limoe::cuda::kernels

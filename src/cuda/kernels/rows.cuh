@@ -1,5 +1,5 @@
-// src/cuda/kernels/rows.cuh: the CUDA backend's row kernels: LayerNorm forward and backward, bias + GELU and
-// the GELU backward (semantics §1). Each calls the formulas of limoe/math/ (the ones ref:: and cpu:: call);
+// src/cuda/kernels/rows.cuh: the CUDA backend's row kernels: LayerNorm forward and backward, the (scaled,
+// masked) softmax of a row and its backward, bias + GELU and the GELU backward (semantics §1). Each calls the formulas of limoe/math/ (the ones ref:: and cpu:: call);
 // the kernels add the launch geometry and the reductions, nothing else.
 //
 // Compiled twice from this one source: by nvcc into limoe_cuda (src/cuda/rows.cu), and by g++ with
@@ -16,6 +16,7 @@
 #include "limoe/core/enums.hpp"
 #include "limoe/math/gelu.hpp"
 #include "limoe/math/layernorm.hpp"
+#include "limoe/math/softmax.hpp"
 #include "reduce.cuh"
 
 namespace limoe::cuda::kernels {
@@ -97,6 +98,47 @@ __global__ void gelu_backward(GeluKind kind, const float* __restrict__ x, const 
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     dx[i] = dy[i] * math::gelu_grad(kind, x[i]);
+}
+
+// One block per row of x [rows, n]: y = softmax(scale x) over the unmasked entries (mask [rows, n] or null;
+// a row with none gives zeros), as math::softmax_row.
+template <int kThreads>
+__global__ void softmax_forward(const float* __restrict__ x, std::int64_t n, float scale,
+                                const std::uint8_t* __restrict__ mask, float* __restrict__ y) {
+  __shared__ float red[kThreads];
+  const std::int64_t r = blockIdx.x;
+  const int t = static_cast<int>(threadIdx.x);
+  const float* xr = x + r * n;
+  const std::uint8_t* mr = mask ? mask + r * n : nullptr;
+  float* yr = y + r * n;
+  float m = math::neg_inf<float>();
+  for (std::int64_t j = t; j < n; j += kThreads)
+    if ((!mr || mr[j]) && xr[j] > m) m = xr[j];
+  m = block_max<kThreads>(red, m);
+  if (m == math::neg_inf<float>()) {  // the same for every thread of the block: no barrier is skipped by some
+    for (std::int64_t j = t; j < n; j += kThreads) yr[j] = 0.0f;
+    return;
+  }
+  float s = 0;
+  for (std::int64_t j = t; j < n; j += kThreads) {
+    const float e = math::softmax_term(xr[j], m, scale, !mr || mr[j]);
+    yr[j] = e;
+    s += e;
+  }
+  const float inv = 1.0f / block_sum<kThreads>(red, s);
+  for (std::int64_t j = t; j < n; j += kThreads) yr[j] *= inv;
+}
+
+// One block per row: dx = y (dy - <dy, y>) (dx may alias dy).
+template <int kThreads>
+__global__ void softmax_backward(const float* __restrict__ y, const float* dy, std::int64_t n, float* dx) {
+  __shared__ float red[kThreads];
+  const std::int64_t r = blockIdx.x;
+  const int t = static_cast<int>(threadIdx.x);
+  float dot = 0;
+  for (std::int64_t j = t; j < n; j += kThreads) dot += dy[r * n + j] * y[r * n + j];
+  dot = block_sum<kThreads>(red, dot);
+  for (std::int64_t j = t; j < n; j += kThreads) dx[r * n + j] = y[r * n + j] * (dy[r * n + j] - dot);
 }
 
 }  // namespace limoe::cuda::kernels
