@@ -11,9 +11,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cuda/kernels/moe.cuh>
+#include <cuda/kernels/optimizer.cuh>
 #include <cuda/kernels/rows.cuh>
 #include <limoe/backend/ops.hpp>
 #include <limoe/testing/gradcheck.hpp>
+#include <limoe/train/optimizer.hpp>
 
 using namespace limoe;
 namespace k = limoe::cuda::kernels;
@@ -103,6 +105,40 @@ TEST_CASE("cuda kernels on the CPU: the masked, scaled softmax of rows and its b
     CHECK(max_rel(dx.cview(), dx_ref.cview()) < 1e-6);
     if (masked)
       for (index_t j = 0; j < n; ++j) CHECK(y[3 * n + j] == 0.0f);  // no unmasked key: zeros, not NaN
+  }
+}
+
+TEST_CASE("cuda kernels on the CPU: AdamW with global-norm clipping against the CPU optimizer") {
+  // Parameters of a store with decayed and undecayed entries; three steps, clipping active in the first.
+  ParamStore<float> ps;
+  ps.add("w", Shape{37, 5}, true);
+  ps.add("b", Shape{29}, false);
+  ps.finalize();
+  const index_t n = ps.size();
+  testing::fill_normal(ps.values(), 1, 0.5);
+  Tensor<float> w(Shape{n}), m(Shape{n}), v(Shape{n}), partial(Shape{8}), sum(Shape{1});
+  std::copy(ps.values().data(), ps.values().data() + n, w.data());
+  Tensor<std::uint8_t> decay(Shape{n});
+  for (const auto& e : ps.entries())
+    for (index_t i = 0; i < e.shape.numel(); ++i) decay[e.offset + i] = e.decay ? 1 : 0;
+  AdamW<float> opt(AdamWConfig{.lr = 1e-2, .weight_decay = 0.1, .clip_norm = 1.0}, ps);
+  for (int step = 1; step <= 3; ++step) {
+    CAPTURE(step);
+    testing::fill_normal(ps.grads(), 10 + static_cast<std::uint64_t>(step), step == 1 ? 2.0 : 0.01);
+    const double lr = 1e-2 * (1.0 + 0.1 * step);
+    const double norm = opt.update(ps, lr);
+    const double bc1 = 1 - std::pow(0.9, step), bc2 = 1 - std::pow(0.999, step);
+    const math::AdamWStep<float> st{0.9f, 0.999f, 1e-8f, static_cast<float>(lr / bc1), static_cast<float>(1 / bc2),
+                                    static_cast<float>(lr * 0.1), 1.0f};
+    const int blocks = 5;
+    emu::launch(dim3(blocks), dim3(32), k::sum_squares_partial<32>, ps.grads().data(), n, partial.data());
+    emu::launch(dim3(1), dim3(8), k::sum_squares_final<8>, partial.data(), blocks, sum.data());
+    CHECK(std::sqrt(sum[0]) == doctest::Approx(norm).epsilon(1e-5));
+    emu::launch(dim3(3), dim3(64), k::adamw_update, st, 1.0f, sum.data(), decay.data(), ps.grads().data(), n, w.data(),
+                m.data(), v.data());
+    CHECK(max_rel(w.cview(), ps.values()) < 1e-6);
+    CHECK(max_rel(m.cview(), opt.m().cview()) < 1e-5);
+    CHECK(max_rel(v.cview(), opt.v().cview()) < 1e-5);
   }
 }
 

@@ -80,3 +80,4 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
 inline void __syncthreads() { ::emu::detail::block_barrier->arrive_and_wait(); }
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float sqrtf(float x) { return std::sqrt(x); }

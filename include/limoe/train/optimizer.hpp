@@ -19,6 +19,7 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/params.hpp"
+#include "limoe/math/adamw.hpp"
 
 namespace limoe {
 
@@ -131,17 +132,11 @@ class AdamW {
     ++step_;
     const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(step_));
     const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(step_));
-    const T b1 = static_cast<T>(cfg_.beta1), b2 = static_cast<T>(cfg_.beta2);
-    const T step_size = static_cast<T>(lr_t / bc1), inv_bc2 = static_cast<T>(1.0 / bc2);
-    const T eps = static_cast<T>(cfg_.eps), wd = static_cast<T>(lr_t * cfg_.weight_decay), c = static_cast<T>(clip);
+    const math::AdamWStep<T> st{static_cast<T>(cfg_.beta1), static_cast<T>(cfg_.beta2), static_cast<T>(cfg_.eps),
+                                static_cast<T>(lr_t / bc1),   static_cast<T>(1.0 / bc2),  static_cast<T>(lr_t * cfg_.weight_decay),
+                                static_cast<T>(clip)};
     parallel_for(0, n, 1 << 15, [&](index_t i0, index_t i1) {
-      for (index_t i = i0; i < i1; ++i) {
-        const T gi = g[i] * c;
-        m_[i] = b1 * m_[i] + (T(1) - b1) * gi;
-        v_[i] = b2 * v_[i] + (T(1) - b2) * gi * gi;
-        if (decay_mask_[i]) w[i] -= wd * w[i];
-        w[i] -= step_size * m_[i] / (std::sqrt(v_[i] * inv_bc2) + eps);
-      }
+      for (index_t i = i0; i < i1; ++i) math::adamw_element(st, decay_mask_[i] != 0, g[i], w[i], m_[i], v_[i]);
     });
     return norm;
   }
