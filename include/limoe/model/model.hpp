@@ -157,7 +157,6 @@ class Limoe {
     Ni_ = Bi_ * N;
     const index_t R = Ni_ + Bt_ * L;
     LIMOE_CHECK(R > 0, "Limoe::forward: empty batch (no images and no texts)");
-    mode_ = mode;
     ++generation_;
     // What this call decides besides the batch: its mode, router noise and capacity factor.
     const CallSettings call{mode, step, capacity_factor};
@@ -237,7 +236,8 @@ class Limoe {
   // Gradient of (contrastive + auxiliary losses) of the last forward + loss(), accumulated into params().grads().
   void backward(const ForwardOutput<T>& fwd) {
     LIMOE_CHECK(loss_generation_ == generation_, "Limoe::backward: call loss() on the output of the last forward() first");
-    check_tape("backward");
+    check_latest(fwd, "backward");
+    check_tape(fwd, "backward");
     const T theta = pv(logit_scale_)[0];
     dz_img_.resize(fwd.img_emb.shape());
     dz_txt_.resize(fwd.txt_emb.shape());
@@ -253,7 +253,7 @@ class Limoe {
   // loss. The auxiliary losses' gradients are always included.
   void backward_from(const ForwardOutput<T>& fwd, CView<T> dz_img, CView<T> dz_txt) {
     check_latest(fwd, "backward_from");
-    check_tape("backward_from");
+    check_tape(fwd, "backward_from");
     const index_t D = cfg_.width, R = Ni_ + Bt_ * cfg_.text_len;
     dxn_.resize(Shape{R, D});  // [R, D]
     dxn_.zero();
@@ -386,8 +386,9 @@ class Limoe {
                 " only; pass the output of the last forward()");
   }
 
-  void check_tape(const char* who) const {
-    LIMOE_CHECK(mode_ == Mode::Train, "Limoe::", who, ": the last forward() ran in evaluation mode, which keeps no "
+  // Only a training forward keeps the activations a backward pass needs (fwd is the last forward's output).
+  void check_tape(const ForwardOutput<T>& fwd, const char* who) const {
+    LIMOE_CHECK(fwd.mode == Mode::Train, "Limoe::", who, ": the last forward() ran in evaluation mode, which keeps no "
                 "activations for a backward pass; run forward(..., Mode::Train, step) instead (with the router's "
                 "noise_std 0 for a deterministic pass)");
   }
@@ -578,7 +579,6 @@ class Limoe {
   HeadRefs img_head_, txt_head_;
 
   // Activations of the last forward (kept for backward; buffers are reused across steps).
-  Mode mode_ = Mode::Eval;               // the mode of the last forward: Train means the tape below is valid
   std::uint64_t noise_seed_ = 0x11A0E;
   index_t Bi_ = 0, Bt_ = 0, Ni_ = 0;
   std::uint64_t generation_ = 0, loss_generation_ = ~std::uint64_t{0};  // forward() / loss() call counters

@@ -111,18 +111,14 @@ using LastTokenHead = PoolingHead<Pooling::Last>;    // the last unmasked token 
 
 // ---- where the MoE blocks go --------------------------------------------------------------------------------
 
+// (The block lists are the presets' own, model/presets.hpp.)
 struct AllBlocks {
-  static std::vector<int> blocks(int depth) { return EveryBlockFrom(0, depth, 1); }
-  static std::vector<int> EveryBlockFrom(int first, int depth, int step) {
-    std::vector<int> v;
-    for (int b = first; b < depth; b += step) v.push_back(b);
-    return v;
-  }
+  static std::vector<int> blocks(int depth) { return detail::every(depth); }
 };
 // Blocks First, First + 2, ... (LIMoE-B/32: from 1; H/14: from 9, the last 24 blocks every other).
 template <int First>
 struct EveryOther {
-  static std::vector<int> blocks(int depth) { return AllBlocks::EveryBlockFrom(First, depth, 2); }
+  static std::vector<int> blocks(int depth) { return detail::every_other(First, depth); }
 };
 struct NoBlocks {
   static std::vector<int> blocks(int) { return {}; }

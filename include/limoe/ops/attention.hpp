@@ -59,6 +59,15 @@ struct AttentionCache {
   // Backward scratch.
   Tensor<T> dctx, dq, dk, dv;  // [B, Nq, D], [B, Nq, D], [B, Nk, D], [B, Nk, D]
   Tensor<T> dscores;           // [chunks, Nq, Nk] one score gradient per parallel chunk
+
+  // Sizes what a forward fills (every backend's forward calls this: the layout is written once).
+  void size_forward(index_t B, index_t Nq, index_t Nk, index_t D, index_t H) {
+    q.resize(Shape{B, Nq, D});
+    k.resize(Shape{B, Nk, D});
+    v.resize(Shape{B, Nk, D});
+    probs.resize(Shape{B, H, Nq, Nk});
+    ctx.resize(Shape{B, Nq, D});
+  }
 };
 
 namespace detail {
@@ -115,11 +124,7 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   const auto d = detail::attention_check<T>("attention_forward", w, heads, xq, xkv, key_mask);
   expect_shape(y, xq.shape(), "attention_forward: y");
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
-  cache.q.resize(Shape{B, Nq, D});        // [B, Nq, D]
-  cache.k.resize(Shape{B, Nk, D});        // [B, Nk, D]
-  cache.v.resize(Shape{B, Nk, D});        // [B, Nk, D]
-  cache.probs.resize(Shape{B, H, Nq, Nk});  // [B, H, Nq, Nk]
-  cache.ctx.resize(Shape{B, Nq, D});      // [B, Nq, D]
+  cache.size_forward(B, Nq, Nk, D, H);
   // Projections: one threaded product each over all rows.
   cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view());
   cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view());
@@ -248,12 +253,8 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   const auto d = detail::attention_check<T>("ref::attention_forward", w, heads, xq, xkv, key_mask);
   expect_shape(y, xq.shape(), "ref::attention_forward: y");
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  cache.size_forward(B, Nq, Nk, D, H);
   Tensor<T>&q = cache.q, &k = cache.k, &v = cache.v, &ctx = cache.ctx, &P = cache.probs;
-  q.resize(Shape{B, Nq, D});  // [B, Nq, D]
-  k.resize(Shape{B, Nk, D});  // [B, Nk, D]
-  v.resize(Shape{B, Nk, D});  // [B, Nk, D]
-  ctx.resize(Shape{B, Nq, D});  // [B, Nq, D]
-  P.resize(Shape{B, H, Nq, Nk});  // [B, H, Nq, Nk]
   ref::linear_forward<T>(xq, w.wq, w.bq, q.view());
   ref::linear_forward<T>(xkv, w.wk, w.bk, k.view());
   ref::linear_forward<T>(xkv, w.wv, w.bv, v.view());

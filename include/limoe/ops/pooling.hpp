@@ -58,6 +58,18 @@ struct MapHeadCache {
   Tensor<T> h, a;             // [B, M] fc1 output before / after GELU
   AttentionCache<T> attn;
   Tensor<T> da, dln, du, dquery;  // [B, M], [B, D], [B, 1, D], [B, 1, D] backward scratch
+
+  // Sizes what a forward fills and sets the query to the probe per example (every backend's forward).
+  void start_forward(CView<T> probe, index_t B, index_t D, index_t M) {
+    query.resize(Shape{B, 1, D});
+    u.resize(Shape{B, 1, D});
+    ln.resize(Shape{B, D});
+    mean.resize(Shape{B});
+    rstd.resize(Shape{B});
+    h.resize(Shape{B, M});
+    a.resize(Shape{B, M});
+    for (index_t b = 0; b < B; ++b) std::copy(probe.data(), probe.data() + D, query.data() + b * D);
+  }
 };
 
 namespace detail {
@@ -175,14 +187,7 @@ void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln
   const auto d = detail::map_head_check<T>("map_head_forward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(y, Shape{B, D}, "map_head_forward: y");
-  cache.query.resize(Shape{B, 1, D});  // [B, 1, D]
-  cache.u.resize(Shape{B, 1, D});      // [B, 1, D]
-  cache.ln.resize(Shape{B, D});        // [B, D]
-  cache.mean.resize(Shape{B});         // [B]
-  cache.rstd.resize(Shape{B});         // [B]
-  cache.h.resize(Shape{B, M});         // [B, M]
-  cache.a.resize(Shape{B, M});         // [B, M]
-  for (index_t b = 0; b < B; ++b) std::copy(w.probe.data(), w.probe.data() + D, cache.query.data() + b * D);
+  cache.start_forward(w.probe, B, D, M);
   cpu::attention_forward<T>(w.attn, heads, cache.query.cview(), x, key_mask, cache.u.view(), cache.attn);
   const CView<T> u = cache.u.cview().reshape(Shape{B, D});  // [B, D]
   cpu::layernorm_forward<T>(u, w.ln_g, w.ln_b, ln_eps, cache.ln.view(), cache.mean.view(), cache.rstd.view());
@@ -273,15 +278,7 @@ void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln
   const auto d = detail::map_head_check<T>("ref::map_head_forward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(y, Shape{B, D}, "ref::map_head_forward: y");
-  c.query.resize(Shape{B, 1, D});  // [B, 1, D] the probe per example
-  c.u.resize(Shape{B, 1, D});      // [B, 1, D] attention output
-  c.ln.resize(Shape{B, D});        // [B, D]
-  c.mean.resize(Shape{B});         // [B]
-  c.rstd.resize(Shape{B});         // [B]
-  c.h.resize(Shape{B, M});         // [B, M]
-  c.a.resize(Shape{B, M});         // [B, M]
-  for (index_t b = 0; b < B; ++b)
-    for (index_t k = 0; k < D; ++k) c.query[b * D + k] = w.probe[k];
+  c.start_forward(w.probe, B, D, M);
   ref::attention_forward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.u.view(), c.attn);
   const CView<T> u = c.u.cview().reshape(Shape{B, D});  // [B, D]
   ref::layernorm_forward<T>(u, w.ln_g, w.ln_b, ln_eps, c.ln.view(), c.mean.view(), c.rstd.view());
