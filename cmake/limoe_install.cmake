@@ -39,6 +39,12 @@ else()
   set(_limoe_arch_independent ARCH_INDEPENDENT)  # headers only: any architecture may use it
 endif()
 
+if(LIMOE_WITH_MPI)
+  # The optional MPI communicator: its own export set, loaded by limoeConfig.cmake where MPI is found.
+  install(TARGETS limoe_mpi EXPORT limoeMpiTargets ${_limoe_component})
+  install(EXPORT limoeMpiTargets NAMESPACE limoe:: DESTINATION ${LIMOE_INSTALL_CMAKEDIR} ${_limoe_component})
+  export(EXPORT limoeMpiTargets NAMESPACE limoe:: FILE ${PROJECT_BINARY_DIR}/limoeMpiTargets.cmake)
+endif()
 if(LIMOE_WITH_SENTENCEPIECE)
   # The optional SentencePiece tokenizer: its own export set, loaded by limoeConfig.cmake where the library is
   # installed (it links libsentencepiece by name).

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <limoe/io/safetensors.hpp>
 #include <limoe/model/checkpoint.hpp>
+#include <limoe/model/presets.hpp>
 #include <sstream>
 #include <string>
 
@@ -248,3 +249,80 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   expect_failure("train --preset tiny --data synthetic --batch 1 --steps 2 --out " + (scratch() / "c").string(), "--batch must be at least 2");
   fs::remove_all(scratch());
 }
+
+#if defined(LIMOE_MPIRUN)
+// Data parallel through the command line: `mpirun -np 2 limoe train` follows one process's loss curve on the same
+// whole batch (routing groups of 4 pairs tile both layouts), writes from rank 0 only, resumes on another rank
+// count, and a bad layout ends every rank with one message instead of a hang.
+TEST_CASE("train under mpirun: 2 ranks follow one process; resume across rank counts; layout errors") {
+  fs::create_directories(scratch());  // an earlier case removes it when it ends
+  ::setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+  ::setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+  const std::string mpirun = std::string(LIMOE_MPIRUN) + " --oversubscribe -np 2 ";
+  auto cfg = to_json(preset("tiny"));
+  cfg["group_pairs"] = 4;
+  cfg["router"]["capacity_factor_train"] = 1.0;
+  const fs::path cfg_path = scratch() / "dp_config.json";
+  std::ofstream(cfg_path) << cfg.dump();
+  const std::string common = " --config " + cfg_path.string() + " --data synthetic --batch 8 --lr 3e-3 --warmup 2 --steps 6 --threads 1 --quiet";
+  const fs::path one = scratch() / "dp_one", two = scratch() / "dp_two", mixed = scratch() / "dp_mixed";
+  Run r = run("train" + common + " --out " + one.string());
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  const std::string cmd2 = mpirun + kCli + " train" + common + " --data-parallel 2 --out " + two.string() + " > " +
+                           (scratch() / "dp.out").string() + " 2> " + (scratch() / "dp.err").string();
+  REQUIRE_MESSAGE(std::system(cmd2.c_str()) == 0, slurp(scratch() / "dp.err"));
+  const std::string dp_out = slurp(scratch() / "dp.out");
+  CHECK(std::count(dp_out.begin(), dp_out.end(), '\n') == 1);  // rank 0's line only
+  // Two legs: steps 1-3 on 2 ranks, 4-6 on one process from the checkpoint.
+  const std::string leg1 = mpirun + kCli + " train" + common + " --stop-at 3 --out " + mixed.string() + " 2> " +
+                           (scratch() / "dp.err").string();
+  REQUIRE_MESSAGE(std::system(leg1.c_str()) == 0, slurp(scratch() / "dp.err"));
+  r = run("train --resume " + (mixed / "checkpoint.safetensors").string() + " --threads 1 --quiet --out " + mixed.string());
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  auto log = [](const fs::path& p) {
+    std::vector<nlohmann::json> v;
+    std::ifstream f(p / "metrics.jsonl");
+    for (std::string line; std::getline(f, line);) v.push_back(nlohmann::json::parse(line));
+    return v;
+  };
+  const auto l1 = log(one), l2 = log(two), lm = log(mixed);
+  REQUIRE(l1.size() == 6);
+  REQUIRE(l2.size() == 6);
+  REQUIRE(lm.size() == 6);
+  for (std::size_t s = 0; s < 6; ++s) {
+    CAPTURE(s);
+    const double want = l1[s]["loss"].get<double>();
+    CHECK(std::abs(l2[s]["loss"].get<double>() - want) < 1e-4 * std::abs(want));
+    CHECK(std::abs(lm[s]["loss"].get<double>() - want) < 1e-4 * std::abs(want));
+    // Routing statistics are the whole batch's on every layout.
+    CHECK(l2[s]["moe"][0]["img"]["tokens"] == l1[s]["moe"][0]["img"]["tokens"]);
+    CHECK(l2[s]["moe"][0]["txt"]["dropped"] == l1[s]["moe"][0]["txt"]["dropped"]);
+  }
+  const auto ra = io::SafetensorsReader::open((one / "checkpoint.safetensors").string());
+  const auto rb = io::SafetensorsReader::open((two / "checkpoint.safetensors").string());
+  double worst = 0;
+  for (const auto& name : ra.names()) {
+    if (name.rfind("opt.", 0) == 0 || name.find(".k.bias") != std::string::npos) continue;  // k.bias: zero gradient
+    const auto a = ra.read_f32_flat(name), b = rb.read_f32_flat(name);
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, static_cast<double>(std::abs(a[i] - b[i])));
+  }
+  CHECK(worst < 1e-4);  // 6 AdamW steps of lr 3e-3 from the same start; float sums in another order
+  // Impossible layouts: every rank ends with the message (exit status non-zero), none hangs.
+  auto fails = [&](const std::string& args, const std::string& needle) {
+    const std::string cmd = "timeout 60 " + mpirun + kCli + " train" + common + args + " --out " +
+                            (scratch() / "dp_bad").string() + " > /dev/null 2> " + (scratch() / "dp.err").string();
+    const int status = std::system(cmd.c_str());
+    const std::string err = slurp(scratch() / "dp.err");
+    INFO(args, "\n", err);
+    CHECK((WIFEXITED(status) && WEXITSTATUS(status) != 0 && WEXITSTATUS(status) != 124));
+    CHECK(err.find(needle) != std::string::npos);
+    CHECK_FALSE(fs::exists(scratch() / "dp_bad" / "checkpoint.safetensors"));
+  };
+  fails(" --data-parallel 3", "--data-parallel 3 x --expert-parallel 1 = 3 ranks, but 2 ranks");
+  fails(" --expert-parallel 2 --data-parallel 1", "expert parallelism is not available yet");
+  fails(" --batch 6", "routing groups of 4 pairs (group_pairs) must tile each rank's 3 pairs");
+  expect_failure("train" + common + " --data-parallel 2 --out " + (scratch() / "dp_bad").string(), "but 1 process is running");
+  fs::remove_all(scratch());
+}
+#endif

@@ -161,3 +161,39 @@ TEST_CASE("an error while making a batch reaches next(); AnyDataset; too small a
   o.batch_size = 64;
   CHECK_THROWS_AS((Loader<AnyDataset, WordTokenizer>(any, tok, o)), limoe::Error);
 }
+
+TEST_CASE("shards: rank r of N gets part r of every batch (pairs, captions, order), for N = 1, 2, 4") {
+  const SyntheticShapes d = small_set(100);
+  const WordTokenizer tok = WordTokenizer::build(d.corpus(), 12);
+  LoaderOptions o;
+  o.batch_size = 8;
+  o.seed = 5;
+  const auto whole = drain(d, tok, o, 30);  // 30 batches: into the fourth epoch (12 per epoch)
+  REQUIRE(whole.size() == 30);
+  for (int N : {1, 2, 4}) {
+    const index_t n = 8 / N, T = 12, P = whole[0].images.numel() / 8;
+    for (int r = 0; r < N; ++r) {
+      LoaderOptions s = o;
+      s.shard = r, s.shards = N;
+      s.workers = r % 2;  // the split does not depend on the threads making it
+      const auto part = drain(d, tok, s, 30);
+      REQUIRE(part.size() == 30);
+      bool ok = true;
+      for (std::size_t b = 0; b < 30; ++b) {
+        const auto& w = whole[b];
+        const auto& p = part[b];
+        ok &= p.images.dim(0) == n && p.epoch == w.epoch && p.batch == w.batch;
+        ok &= std::equal(p.images.data(), p.images.data() + n * P, w.images.data() + r * n * P);
+        ok &= std::equal(p.texts.data(), p.texts.data() + n * T, w.texts.data() + r * n * T);
+        for (index_t k = 0; k < n; ++k)
+          ok &= p.captions[k] == w.captions[r * n + k] && p.indices[k] == w.indices[r * n + k];
+      }
+      CHECK_MESSAGE(ok, "shard ", r, " of ", N);
+    }
+  }
+  LoaderOptions bad = o;
+  bad.shards = 3;  // 8 pairs do not split into 3
+  CHECK_THROWS_WITH_AS((Loader<SyntheticShapes, WordTokenizer>(d, tok, bad)), doctest::Contains("equal shards"), limoe::Error);
+  bad.shards = 2, bad.shard = 2;
+  CHECK_THROWS_WITH_AS((Loader<SyntheticShapes, WordTokenizer>(d, tok, bad)), doctest::Contains("does not exist"), limoe::Error);
+}

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <limoe/core/error.hpp>
+#include <limoe/dist/comm.hpp>
 
 namespace limoe::cli {
 
@@ -108,6 +109,15 @@ inline const std::set<std::string> kBackendOptions = {"device", "precision"};
 #define LIMOE_CLI_BACKEND_HELP                                                                \
   "  --device cpu|cuda    the backend (default cpu; this build runs the model on the CPU only)\n" \
   "  --precision P        fp32 (the default; bf16 mixed precision is not available yet)\n"
+
+// The processes of this run (main.cpp): MPI's world when the program was built with MPI and started by an MPI
+// launcher (mpirun), else one process. Only `train` uses more than one rank; the other commands refuse to run
+// on several (each rank would write the same outputs).
+dist::AnyComm world();
+inline void require_one_rank(const std::string& command) {
+  LIMOE_CHECK(world().size() == 1, "limoe ", command, " runs on one process; mpirun started ", world().size(),
+              " (only limoe train uses several)");
+}
 
 inline void check_backend(const Args& args) {
   const std::string device = args.str("device", "cpu"), precision = args.str("precision", "fp32");

@@ -293,8 +293,13 @@ json train_step(const Params& p) {
   TrainConfig tc;
   tc.steps = 1000;
   tc.warmup_steps = 10;
-  Trainer<Limoe<float>> trainer(model, tc);
+  // Under mpirun: data parallel over the ranks, --batch the whole batch of a step (each rank steps on its part).
+  dist::AnyComm comm = cli::world();
+  const int ranks = comm.size(), rank = comm.rank();
   const index_t B = p.batch;
+  LIMOE_CHECK(B % ranks == 0, "--batch ", B, " must split evenly over the ", ranks, " ranks");
+  const index_t n = B / ranks;
+  Trainer<Limoe<float>, dist::AnyComm> trainer(model, tc, std::move(comm));
   Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
   Tensor<std::int32_t> texts(Shape{B, c.text_len});                              // [B, T] ids in [1, V)
   const Rng rng(kSeed);
@@ -302,10 +307,16 @@ json train_step(const Params& p) {
   const Rng ids = rng.derive(8);
   for (index_t i = 0; i < texts.numel(); ++i)
     texts[i] = 1 + static_cast<std::int32_t>(ids.uniform(0, static_cast<std::uint64_t>(i)) * (c.vocab_size - 1));
+  const index_t H = c.image_size[0], W = c.image_size[1];
+  const CView<float> my_images(images.data() + rank * n * H * W * c.channels, Shape{n, H, W, c.channels});
+  const CView<std::int32_t> my_texts(texts.data() + rank * n * c.text_len, Shape{n, c.text_len});
   std::pair<double, double> rows{0, 0};
+  double comm_s = 0, step_s = 0;
   const Timing t = time_it(p.warmup, p.repeats, [&](int) {
-    const auto r = trainer.step(images.cview(), texts.cview());
+    const auto r = trainer.step(my_images, my_texts);
     rows = accepted_rows(r.routing);
+    comm_s += trainer.comm_seconds();
+    step_s += r.seconds;
   });
   // Forward of B images and B texts plus the contrastive logits; backward counted twice.
   const double fwd = B * sequence_flops(c, c.num_patches(), true, c.pool_img) +
@@ -316,7 +327,8 @@ json train_step(const Params& p) {
             {"flop_basis", "K*tokens"}, {"drop_fraction", rows.second > 0 ? 1.0 - rows.first / rows.second : 0.0},
             {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times},
             {"width", c.width}, {"experts", c.experts}, {"top_k", c.top_k},
-            {"capacity_factor", c.router.capacity_factor_train}, {"tokens", B * (c.num_patches() + c.text_len)}};
+            {"capacity_factor", c.router.capacity_factor_train}, {"tokens", B * (c.num_patches() + c.text_len)},
+            {"ranks", ranks}, {"comm_share", step_s > 0 ? comm_s / step_s : 0.0}};
   j.update(model_info(c));
   return j;
 }
@@ -380,6 +392,7 @@ int run(const std::vector<std::string>& argv) {
     set_num_threads(0);  // all: oneTBB's default
   }
 
+  if (p.workload != "train_step") cli::require_one_rank("bench --workload " + p.workload);
   json j;
   if (p.workload == "moe_layer") j = moe_layer(p);
   else if (p.workload == "dense_mlp") j = dense_mlp(p);
@@ -410,10 +423,12 @@ int run(const std::vector<std::string>& argv) {
   out["repeats"] = p.repeats;
   out["warmup"] = p.warmup;
   for (const char* k : {"gflop_accepted", "flop_basis", "drop_fraction", "accepted", "capacity", "mlp_dim", "shape",
-                        "depth", "heads", "patch", "patches", "text_len", "moe_blocks", "params_total"})
+                        "depth", "heads", "patch", "patches", "text_len", "moe_blocks", "params_total", "ranks",
+                        "comm_share"})
     if (j.contains(k)) out[k] = j[k];
   out["times_s"] = j["times_s"];
   out["peak_rss_mb"] = peak_rss_mb();
+  if (cli::world().rank() != 0) return 0;  // one line, rank 0's (its timings are the step's: ranks synchronise)
   std::cout << out.dump() << std::endl;
   return 0;
 }

@@ -13,6 +13,7 @@ using namespace limoe;
 int run(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"checkpoint", "input", "output", "capacity-factor", "group-size", "threads", "device", "precision"},
                  {}, "embed");
+  cli::require_one_rank("embed");
   cli::check_backend(args);
   args.no_positional();
   const std::string ckpt = args.required("checkpoint"), in = args.required("input"), out = args.required("output");

@@ -35,6 +35,7 @@ int run(const std::vector<std::string>& argv) {
   opts.insert({"checkpoint", "max-test", "retrieval", "threads", "shots"});
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {}, "eval");
+  cli::require_one_rank("eval");
   cli::check_backend(args);
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));

@@ -21,6 +21,7 @@ std::string millions(std::int64_t n) {
 
 int run(const std::vector<std::string>& argv) {
   cli::Args args(argv, {}, {"json"}, "inspect");
+  cli::require_one_rank("inspect");
   LIMOE_CHECK(args.positional().size() == 1, "expected one preset name or checkpoint path, got ",
               args.positional().size(), " arguments");
   const std::string what = args.positional()[0];

@@ -99,6 +99,7 @@ int run(const std::vector<std::string>& argv) {
   opts.insert({"checkpoint", "pairs", "out", "capacity-factor", "threads", "images"});
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {}, "routing");
+  cli::require_one_rank("routing");
   cli::check_backend(args);
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));

@@ -28,12 +28,29 @@ std::string hms(double s) {
 int run(const std::vector<std::string>& argv) {
   auto opts = cli::kDataOptions;
   opts.insert({"preset", "config", "steps", "batch", "lr", "warmup", "weight-decay", "clip", "seed", "threads", "out",
-               "resume", "log-every", "checkpoint-every", "workers", "stop-at"});
+               "resume", "log-every", "checkpoint-every", "workers", "stop-at", "data-parallel", "expert-parallel"});
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {"dense", "quiet"}, "train");
   args.no_positional();
   cli::check_backend(args);
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
+  // The ranks of this run (mpirun) and their layout: data parallel over all of them.
+  dist::AnyComm comm = cli::world();
+  const int ranks = comm.size(), rank = comm.rank();
+  const bool lead = rank == 0;  // progress, metrics and the checkpoint come from rank 0 only
+  const long long dp = args.integer("data-parallel", ranks), ep = args.integer("expert-parallel", 1);
+  LIMOE_CHECK(dp >= 1 && ep >= 1, "--data-parallel and --expert-parallel must be >= 1, got ", dp, " and ", ep);
+  LIMOE_CHECK(dp * ep == ranks, "--data-parallel ", dp, " x --expert-parallel ", ep, " = ", dp * ep, " ranks, but ",
+              ranks, (ranks == 1 ? " process is running (start the ranks with mpirun -np N; this limoe was built "
+                                   "with" : " ranks were started by mpirun (this limoe was built with"),
+#if defined(LIMOE_HAVE_MPI)
+              " MPI)"
+#else
+              "out MPI: rebuild with libopenmpi-dev installed)"
+#endif
+  );
+  LIMOE_CHECK(ep == 1, "--expert-parallel ", ep, ": expert parallelism is not available yet; use --data-parallel ",
+              ranks, " (every rank holds every expert)");
 
   // Model config and tokenizer: from the checkpoint when resuming, else from the preset / config file.
   std::unique_ptr<io::SafetensorsReader> resume;
@@ -84,7 +101,13 @@ int run(const std::vector<std::string>& argv) {
   const index_t batch = args.integer("batch", prior_or("batch", 128LL));
   LIMOE_CHECK(batch >= 2, "--batch must be at least 2 (the contrastive loss needs negatives), got ", batch);
   LIMOE_CHECK(batch <= train_ds.size(), "--batch ", batch, " exceeds the data set's ", train_ds.size(), " examples");
-  Trainer<Limoe<float>> trainer(model, tc);
+  LIMOE_CHECK(batch % ranks == 0, "--batch ", batch, " is the whole batch of a step; it must split evenly over the ",
+              ranks, " ranks");
+  const index_t shard = batch / ranks;
+  LIMOE_CHECK(cfg.group_pairs == 0 || shard % cfg.group_pairs == 0, "routing groups of ", cfg.group_pairs,
+              " pairs (group_pairs) must tile each rank's ", shard, " pairs (--batch ", batch, " over ", ranks,
+              " ranks): a group never spans ranks");
+  Trainer<Limoe<float>, dist::AnyComm> trainer(model, tc, std::move(comm));
   std::int64_t start = 0;
   if (resume) {
     LIMOE_CHECK(load_optimizer(trainer.optimizer(), *resume), "checkpoint '", args.str("resume"),
@@ -97,31 +120,38 @@ int run(const std::vector<std::string>& argv) {
   lo.batch_size = batch;
   lo.seed = seed;
   lo.workers = static_cast<int>(args.integer("workers", 1));
+  lo.shard = rank, lo.shards = ranks;  // this rank's part of every batch: the same data order on any rank count
   data::Loader<data::AnyDataset, data::WordTokenizer> loader(train_ds, tok, lo);
   loader.seek(start / loader.batches_per_epoch(), start % loader.batches_per_epoch());
 
   const std::string out = args.str("out", "runs/" + std::string(args.flag("dense") ? "dense" : "limoe"));
-  std::filesystem::create_directories(out);
   const std::string ckpt = out + "/checkpoint.safetensors";
-  std::ofstream log(out + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
-  LIMOE_CHECK(log.good(), "cannot write '", out, "/metrics.jsonl'");
+  std::ofstream log;
+  if (lead) {
+    std::filesystem::create_directories(out);
+    log.open(out + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
+    LIMOE_CHECK(log.good(), "cannot write '", out, "/metrics.jsonl'");
+  }
 
-  const bool quiet = args.flag("quiet"), tty = isatty(STDERR_FILENO);
+  const bool quiet = args.flag("quiet") || !lead, tty = isatty(STDERR_FILENO);
   const std::int64_t log_every = std::max<long long>(1, args.integer("log-every", 10));
   const std::int64_t ckpt_every = args.integer("checkpoint-every", 0);
   const double prior_seconds = prior_or("train_seconds", 0.0);  // training time of the run before a resume
   const auto t0 = std::chrono::steady_clock::now();
   auto save = [&](std::int64_t step) {
+    if (!lead) return;  // every rank holds the same parameters; one writes (atomically)
     const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     nlohmann::json st = {{"step", step}, {"steps", tc.steps}, {"seed", seed}, {"batch", batch}, {"lr", tc.adam.lr},
                          {"warmup", tc.warmup_steps}, {"weight_decay", tc.adam.weight_decay}, {"clip", tc.adam.clip_norm},
                          {"data", data::resolve_kind(src)}, {"train_seconds", secs}};
     save_checkpoint(model, ckpt, TrainState<float>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
   };
+  if (!quiet)
   std::cerr << "limoe train: " << cfg.depth << " blocks (" << cfg.moe_blocks.size() << " MoE, " << cfg.experts
             << " experts, top-" << cfg.top_k << "), width " << cfg.width << ", " << count_params(cfg).total
             << " parameters; data " << train_ds.name() << " (" << train_ds.size() << " pairs), batch " << batch
-            << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads() << "\n";
+            << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads()
+            << (ranks > 1 ? ", data parallel over " + std::to_string(ranks) + " ranks" : std::string()) << "\n";
   double ema_loss = 0;
   // --stop-at N ends this invocation after step N of the schedule (which still spans --steps): a run can be
   // split into legs, each resumed from the previous one's checkpoint.
@@ -134,7 +164,7 @@ int run(const std::vector<std::string>& argv) {
     ema_loss = s == start ? r.loss.total : 0.9 * ema_loss + 0.1 * r.loss.total;
     nlohmann::json j = to_json(r);
     j["elapsed"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    log << j.dump() << "\n";
+    if (lead) log << j.dump() << "\n";
     const bool last = s + 1 == stop;
     if (!quiet && ((s + 1) % log_every == 0 || last)) {
       const double el = j["elapsed"].get<double>();
@@ -148,8 +178,9 @@ int run(const std::vector<std::string>& argv) {
     }
     if (ckpt_every > 0 && (s + 1) % ckpt_every == 0 && !last) save(s + 1);
   }
-  log.flush();
+  if (lead) log.flush();
   save(stop);
+  if (!lead) return 0;
   const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", stop},
                               {"train_seconds", secs}, {"final_loss", ema_loss}}.dump() << "\n";
@@ -169,6 +200,9 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          "  --weight-decay W     decoupled weight decay on matrices (default 0.1); --clip C global norm (default 1)\n"
                          "  --seed S             initialisation and data order (default 0)\n"
                          "  --threads N          worker threads (default all cores); --workers N data threads (default 1)\n"
+                         "  --data-parallel D    under mpirun -np N: the ranks that split every batch (default N); --batch\n"
+                         "                       stays the whole batch, and a seed gives the same data order on any N\n"
+                         "  --expert-parallel E  ranks that share the experts (default 1; E > 1 is not available yet)\n"
                          LIMOE_CLI_BACKEND_HELP
                          "  --out DIR            output folder (default runs/limoe): checkpoint.safetensors, metrics.jsonl\n"
                          "  --log-every N        progress line every N steps (default 10); --quiet for none\n"

@@ -1,6 +1,7 @@
 // tools/limoe/main.cpp: `limoe <sub-command> [options]`. Every failure is one line on stderr and exit status
 // 2 (bad input) or 1 (anything else); no sub-command leaves a half-written output file.
 #include <algorithm>
+#include <cstdlib>
 #include <cstdio>
 #include <exception>
 #include <iostream>
@@ -9,11 +10,31 @@
 
 #include "cli.hpp"
 
+#if defined(LIMOE_HAVE_MPI)
+#include <memory>
+
+#include <limoe/dist/mpi.hpp>
+#endif
+
 namespace limoe::cli {
 std::vector<Command>& registry() {
   static std::vector<Command> commands;
   return commands;
 }
+
+#if defined(LIMOE_HAVE_MPI)
+// MPI is initialised only when an MPI launcher started the program: a plain run never touches it.
+std::unique_ptr<dist::MpiSession>& mpi_session() {
+  static std::unique_ptr<dist::MpiSession> session;
+  return session;
+}
+dist::AnyComm world() {
+  if (mpi_session()) return dist::AnyComm(mpi_session()->world());
+  return dist::AnyComm{};
+}
+#else
+dist::AnyComm world() { return dist::AnyComm{}; }
+#endif
 }  // namespace limoe::cli
 
 namespace {
@@ -25,7 +46,21 @@ void usage(std::ostream& os) {
 }
 }  // namespace
 
+// A failure on one rank of several ends every rank (MPI_Abort) with its message: none waits in a collective.
+[[noreturn]] void fail_all_ranks(const std::string& message) {
+#if defined(LIMOE_HAVE_MPI)
+  limoe::dist::MpiSession::abort(message, 2);
+#else
+  std::cerr << message << "\n";
+  std::exit(2);
+#endif
+}
+
 int main(int argc, char** argv) {
+#if defined(LIMOE_HAVE_MPI)
+  if (limoe::dist::MpiSession::launched()) limoe::cli::mpi_session() = std::make_unique<limoe::dist::MpiSession>(&argc, &argv);
+#endif
+  const bool many = limoe::cli::world().size() > 1;
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     usage(args.empty() ? std::cerr : std::cout);
@@ -43,14 +78,21 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    return it->run(rest);
+    const int rc = it->run(rest);
+#if defined(LIMOE_HAVE_MPI)
+    limoe::cli::mpi_session().reset();  // MPI_Finalize before static destructors
+#endif
+    return rc;
   } catch (const limoe::Error& e) {
+    if (many) fail_all_ranks("limoe " + it->name + ": " + e.what());
     std::cerr << "limoe " << it->name << ": " << e.what() << "\n";
     return 2;
   } catch (const std::bad_alloc&) {
+    if (many) fail_all_ranks("limoe " + it->name + ": out of memory");
     std::cerr << "limoe " << it->name << ": out of memory\n";
     return 1;
   } catch (const std::exception& e) {
+    if (many) fail_all_ranks("limoe " + it->name + ": " + e.what());
     std::cerr << "limoe " << it->name << ": " << e.what() << "\n";
     return 1;
   }

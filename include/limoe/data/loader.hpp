@@ -37,6 +37,9 @@ struct LoaderOptions {
   int workers = 1;         // background threads assembling batches; 0 = assemble in next() (no threads)
   int prefetch = 2;        // batches made ahead of the consumer (at least `workers`)
   Templates templates = Templates::train;  // which caption templates examples draw from
+  // Data parallel: this loader yields part `shard` of `shards` equal parts of every batch (batch_size pairs in
+  // all, a multiple of shards): the same pairs, captions and order on any number of ranks for one seed.
+  int shard = 0, shards = 1;
 
   // In order, every example once, held-out caption templates: for evaluation passes.
   static LoaderOptions evaluation(index_t batch_size, int workers = 1) {
@@ -73,6 +76,11 @@ class Loader {
     LIMOE_CHECK(opt.batch_size >= 1, "Loader: batch_size must be >= 1, got ", opt.batch_size);
     LIMOE_CHECK(opt.workers >= 0, "Loader: workers must be >= 0, got ", opt.workers);
     LIMOE_CHECK(opt.prefetch >= 1, "Loader: prefetch must be >= 1, got ", opt.prefetch);
+    LIMOE_CHECK(opt.shards >= 1 && opt.shard >= 0 && opt.shard < opt.shards, "Loader: shard ", opt.shard,
+                " of ", opt.shards, " does not exist");
+    LIMOE_CHECK(opt.shards == 1 || (opt.batch_size % opt.shards == 0 && opt.drop_last), "Loader: a batch of ",
+                opt.batch_size, " cannot be split into ", opt.shards, " equal shards (needs a multiple of ",
+                opt.shards, " and drop_last)");
     n_ = static_cast<index_t>(data_.size());
     nb_ = opt.drop_last ? n_ / opt.batch_size : (n_ + opt.batch_size - 1) / opt.batch_size;
     LIMOE_CHECK(nb_ > 0, "Loader: data set \"", data_.name(), "\" has ", n_, " examples, fewer than one batch of ",
@@ -108,7 +116,9 @@ class Loader {
     LIMOE_CHECK(epoch >= 0 && b >= 0 && b < nb_, "Loader::batch: (epoch ", epoch, ", batch ", b,
                 ") out of range; an epoch has ", nb_, " batches");
     const auto perm = cached_permutation(epoch);
-    const index_t begin = b * opt_.batch_size, end = std::min(begin + opt_.batch_size, n_);
+    const index_t part = opt_.batch_size / opt_.shards;
+    const index_t begin = b * opt_.batch_size + (opt_.shards > 1 ? opt_.shard * part : 0);
+    const index_t end = opt_.shards > 1 ? begin + part : std::min(begin + opt_.batch_size, n_);
     const index_t B = end - begin, T = tok_.text_len(), P = shape_.numel();
     const Rng caption_rng = Rng(opt_.seed).derive(kCaptionTag).derive(static_cast<std::uint64_t>(epoch));
     ImageTextBatch out;

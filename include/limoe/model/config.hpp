@@ -65,6 +65,11 @@ struct ModelConfig {
   bool text_mask = false;
   int pad_id = 0;
   moe::RouterConfig router{};
+  // Routing groups of this many image-text pairs (V-MoE routes per group): group g holds the image tokens and the
+  // text tokens of pairs [g * group_pairs, (g + 1) * group_pairs) of a call, and capacity, priority and the
+  // auxiliary losses are decided per group. 0: router.group_size decides (consecutive tokens; 0 = the call is
+  // one group). Under data parallelism a group never spans ranks: 0 makes each rank's shard one group.
+  int group_pairs = 0;
   moe::AuxLossConfig aux{};  // stored in the checkpoint config as "aux_loss" (an extension readers may ignore)
   double logit_scale_init = std::log(10.0);  // theta_0
   double logit_scale_max = 100.0;            // clamp exp(theta) <= this; <= 0: no clamp
@@ -115,6 +120,10 @@ struct ModelConfig {
       LIMOE_CHECK(top_k >= 1 && top_k <= experts, "config: top_k ", top_k, " must be in [1, experts=", experts, "]");
       router.validate();
       aux.validate();
+      LIMOE_CHECK(group_pairs >= 0, "config: group_pairs must be >= 0 (0 = router.group_size decides), got ",
+                  group_pairs);
+      LIMOE_CHECK(group_pairs == 0 || router.group_size == 0, "config: set either group_pairs (", group_pairs,
+                  " pairs per routing group) or router.group_size (", router.group_size, " tokens), not both");
       LIMOE_CHECK(experts <= moe::kMaxExperts, "config: experts = ", experts, " exceeds the supported ",
                   moe::kMaxExperts);
     }
@@ -194,16 +203,17 @@ inline nlohmann::json to_json(const ModelConfig& c) {
         {"z_loss", c.aux.z_loss_weight}}},
       {"logit_scale_max", c.logit_scale_max},
   };
+  if (c.group_pairs > 0) j["group_pairs"] = c.group_pairs;  // an extension, written only when set
   return j;
 }
 
 namespace detail {
-// Keys a config object may hold (docs/cli.md plus the two extensions this library writes).
+// Keys a config object may hold (docs/cli.md plus the three extensions this library writes).
 inline const std::vector<std::string>& config_keys() {
   static const std::vector<std::string> k{"image_size", "channels", "patch", "width", "depth", "heads", "mlp_dim",
                                           "vocab_size", "text_len", "experts", "top_k", "moe_blocks", "pool_img",
                                           "pool_txt", "proj_dim", "ln_eps", "gelu", "text_mask", "pad_id", "router",
-                                          "aux_loss", "logit_scale_max"};
+                                          "aux_loss", "logit_scale_max", "group_pairs"};
   return k;
 }
 inline const std::vector<std::string>& router_keys() {
@@ -323,6 +333,7 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
   c.gelu = gelu == "erf" ? GeluKind::Erf : GeluKind::Tanh;
   json_get(j, "text_mask", c.text_mask, false);
   json_get_int(j, "pad_id", c.pad_id, false, 0, kBig);
+  json_get_int(j, "group_pairs", c.group_pairs, false, 0, kBig);
   if (auto r = j.find("router"); r != j.end()) {
     LIMOE_CHECK(r->is_object(), "config: \"router\" must be an object");
     detail::check_known_keys(*r, detail::router_keys(), " in \"router\"");

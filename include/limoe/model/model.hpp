@@ -14,6 +14,7 @@
 // Gradient rule: backward() ACCUMULATES into the parameter gradients of params() (call zero_grad() first).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -74,6 +75,14 @@ struct ForwardOutput {
 struct LossOutput {
   double total = 0, contrastive = 0, aux = 0;
   double accuracy_i2t = 0, accuracy_t2i = 0, scale = 0;
+};
+
+// Where the pairs of one forward call sit in the whole batch of a training step: a data-parallel rank holds pairs
+// [first_pair, first_pair + n) of it. The router noise of a token is drawn by its index in the whole batch, and
+// routing groups of pairs (ModelConfig::group_pairs) start at the call's first pair, so a rank routes its
+// tokens exactly as one process routes the same tokens of the whole batch.
+struct BatchShard {
+  index_t first_pair = 0;
 };
 
 // The router policy a model uses when none is given: the stock top-K router that the config describes
@@ -146,8 +155,9 @@ class Limoe {
   // tokens share routing groups. `step` picks the router noise (training only). `capacity_factor`, when given,
   // replaces the config's factor for this mode in this call only (0 = no drop): evaluating at another factor
   // needs no other model.
+  // `shard` places the call's pairs in the step's whole batch (data parallel; the default: the call is the batch).
   ForwardOutput<T> forward(CView<T> images, CView<std::int32_t> texts, Mode mode, std::uint64_t step = 0,
-                           std::optional<double> capacity_factor = std::nullopt) {
+                           std::optional<double> capacity_factor = std::nullopt, BatchShard shard = {}) {
     check_inputs(images, texts);
     LIMOE_CHECK(!capacity_factor || (*capacity_factor >= 0 && std::isfinite(*capacity_factor)),
                 "Limoe::forward: the capacity factor must be finite and >= 0 (0 = no drop), got ", *capacity_factor);
@@ -157,7 +167,10 @@ class Limoe {
     Ni_ = Bi_ * N;
     const index_t R = Ni_ + Bt_ * L;
     LIMOE_CHECK(R > 0, "Limoe::forward: empty batch (no images and no texts)");
+    LIMOE_CHECK(shard.first_pair >= 0, "Limoe::forward: BatchShard::first_pair must be >= 0, got ", shard.first_pair);
     ++generation_;
+    aux_scale_ = 1.0;
+    dp_.on = false;
     // What this call decides besides the batch: its mode, router noise and capacity factor.
     const CallSettings call{mode, step, capacity_factor};
 
@@ -171,6 +184,7 @@ class Limoe {
       txt_mask_.resize(Shape{Bt_, L});
       for (index_t i = 0; i < Bt_ * L; ++i) txt_mask_[i] = texts[i] != cfg_.pad_id ? 1 : 0;
     }
+    plan_routing_groups(shard.first_pair);
     if (Bi_ > 0) {
       images_.resize(images.shape());
       std::copy(images.data(), images.data() + images.numel(), images_.data());
@@ -218,10 +232,50 @@ class Limoe {
     check_latest(fwd, "loss");
     LIMOE_CHECK(Bi_ == Bt_ && Bi_ > 0, "Limoe::loss: needs a forward over n images and n texts, got ", Bi_,
                 " images and ", Bt_, " texts");
-    logits_.resize(Shape{Bi_, Bi_});  // [n, n]
+    dp_.on = false;
+    aux_scale_ = 1.0;
+    return contrastive_loss(fwd, fwd.img_emb.cview(), fwd.txt_emb.cview());
+  }
+
+  // Data parallel: the contrastive loss over the whole batch of a step, of which the last forward computed the
+  // pairs [first_pair, first_pair + n). img_all / txt_all [n_all, P] are the normalised embeddings of every
+  // rank in rank order (dist::all_gather of each forward's img_emb / txt_emb). Every rank computes the same
+  // contrastive loss; backward() then gives the gradient of that loss with respect to this rank's pairs only
+  // (the logit scale's on the rank holding pair 0), so the sum over ranks of the parameter gradients is the
+  // whole batch's. The auxiliary losses are this call's; their gradients are scaled by 1 / replicas, as the
+  // step's auxiliary loss is their mean over the `replicas` ranks (the returned `aux` and `total` hold this
+  // rank's unscaled value: dist::all_reduce_sum(aux) / replicas is the step's).
+  LossOutput loss(const ForwardOutput<T>& fwd, CView<T> img_all, CView<T> txt_all, index_t first_pair, int replicas) {
+    check_latest(fwd, "loss");
+    LIMOE_CHECK(Bi_ == Bt_ && Bi_ > 0, "Limoe::loss: needs a forward over n images and n texts, got ", Bi_,
+                " images and ", Bt_, " texts");
+    LIMOE_CHECK(replicas >= 1, "Limoe::loss: replicas must be >= 1, got ", replicas);
+    const index_t P = cfg_.proj_dim;
+    LIMOE_CHECK(img_all.rank() == 2 && img_all.dim(1) == P && txt_all.shape() == img_all.shape(),
+                "Limoe::loss: the gathered embeddings must both be [n_all, ", P, "], got ", img_all.shape().str(),
+                " and ", txt_all.shape().str());
+    const index_t n = Bi_, n_all = img_all.dim(0);
+    LIMOE_CHECK(first_pair >= 0 && first_pair + n <= n_all, "Limoe::loss: this call's pairs [", first_pair, ", ",
+                first_pair + n, ") are not inside the gathered batch of ", n_all);
+    // The gathered rows of this call must be its own embeddings (a wrong offset would train on wrong gradients).
+    LIMOE_CHECK(std::equal(fwd.img_emb.data(), fwd.img_emb.data() + n * P, img_all.data() + first_pair * P) &&
+                    std::equal(fwd.txt_emb.data(), fwd.txt_emb.data() + n * P, txt_all.data() + first_pair * P),
+                "Limoe::loss: rows [", first_pair, ", ", first_pair + n, ") of the gathered embeddings are not this "
+                "forward's; gather every rank's embeddings in rank order and pass this rank's first pair");
+    dp_.on = true;
+    dp_.first_pair = first_pair;
+    dp_.img_all = Tensor<T>::copy_of(img_all);
+    dp_.txt_all = Tensor<T>::copy_of(txt_all);
+    aux_scale_ = 1.0 / static_cast<double>(replicas);
+    return contrastive_loss(fwd, dp_.img_all.cview(), dp_.txt_all.cview());
+  }
+
+ private:
+  LossOutput contrastive_loss(const ForwardOutput<T>& fwd, CView<T> img, CView<T> txt) {
+    const index_t n = img.dim(0);
+    logits_.resize(Shape{n, n});  // [n, n]
     const T theta = pv(logit_scale_)[0];
-    const auto r = O::contrastive_forward(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
-                                               static_cast<T>(cfg_.logit_scale_max), logits_.view());
+    const auto r = O::contrastive_forward(img, txt, theta, static_cast<T>(cfg_.logit_scale_max), logits_.view());
     loss_generation_ = generation_;
     LossOutput o;
     o.contrastive = r.loss;
@@ -233,20 +287,34 @@ class Limoe {
     return o;
   }
 
+ public:
+
   // Gradient of (contrastive + auxiliary losses) of the last forward + loss(), accumulated into params().grads().
   void backward(const ForwardOutput<T>& fwd) {
     LIMOE_CHECK(loss_generation_ == generation_, "Limoe::backward: call loss() on the output of the last forward() first");
     check_latest(fwd, "backward");
     check_tape(fwd, "backward");
     const T theta = pv(logit_scale_)[0];
-    dz_img_.resize(fwd.img_emb.shape());
-    dz_txt_.resize(fwd.txt_emb.shape());
     T dtheta = 0;
-    O::contrastive_backward(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta,
-                                 static_cast<T>(cfg_.logit_scale_max), logits_.cview(), T(1), dz_img_.view(),
-                                 dz_txt_.view(), &dtheta);
-    pg(logit_scale_)[0] += dtheta;
-    backward_from(fwd, dz_img_.cview(), dz_txt_.cview());
+    if (!dp_.on) {
+      dz_img_.resize(fwd.img_emb.shape());
+      dz_txt_.resize(fwd.txt_emb.shape());
+      O::contrastive_backward(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta, static_cast<T>(cfg_.logit_scale_max),
+                              logits_.cview(), T(1), dz_img_.view(), dz_txt_.view(), &dtheta);
+      pg(logit_scale_)[0] += dtheta;
+      backward_from(fwd, dz_img_.cview(), dz_txt_.cview());
+      return;
+    }
+    // Data parallel: the whole batch's gradient, of which this rank keeps its own pairs' rows.
+    dp_.dz_img.resize(dp_.img_all.shape());
+    dp_.dz_txt.resize(dp_.txt_all.shape());
+    O::contrastive_backward(dp_.img_all.cview(), dp_.txt_all.cview(), theta, static_cast<T>(cfg_.logit_scale_max),
+                            logits_.cview(), T(1), dp_.dz_img.view(), dp_.dz_txt.view(), &dtheta);
+    if (dp_.first_pair == 0) pg(logit_scale_)[0] += dtheta;
+    const index_t n = Bi_, P = cfg_.proj_dim;
+    const CView<T> dzi(dp_.dz_img.data() + dp_.first_pair * P, Shape{n, P});
+    const CView<T> dzt(dp_.dz_txt.data() + dp_.first_pair * P, Shape{n, P});
+    backward_from(fwd, dzi, dzt);
   }
 
   // Backward from given gradients of the normalised embeddings (either may be empty): for users with their own
@@ -414,7 +482,49 @@ class Limoe {
     Tensor<T> x_mid;                       // [R, D] x_in + attention
     Tensor<T> ln2, ln2_mean, ln2_rstd;     // [R, D], [R], [R]
     Tensor<T> h_pre, h_act;                // [R, M] dense MLP hidden, before / after GELU
+    Tensor<T> moe_x;                       // [R, D] MoE block with routing groups of pairs: ln2 in group order
   };
+
+  // Routing groups of the call (ModelConfig::group_pairs): the MoE layers cut their input into groups of
+  // consecutive rows, so with groups of pairs over images and texts they see the rows in group order (for each
+  // group its image tokens, then its text tokens), gathered through moe_perm_ (group-order row -> row). A call
+  // with one group, or with one modality, is in group order already and is not permuted.
+  void plan_routing_groups(index_t first_pair) {
+    const index_t N = cfg_.num_patches(), L = cfg_.text_len, gp = cfg_.group_pairs;
+    const index_t per_pair = (Bi_ > 0 ? N : 0) + (Bt_ > 0 ? L : 0);
+    first_token_ = first_pair * per_pair;
+    moe_permute_ = false;
+    if (gp == 0) {
+      moe_group_tokens_ = cfg_.router.group_size;
+      return;
+    }
+    LIMOE_CHECK(Bi_ == 0 || Bt_ == 0 || Bi_ == Bt_, "Limoe::forward: routing groups of pairs (group_pairs ", gp,
+                ") need as many images as texts in a call, got ", Bi_, " and ", Bt_,
+                "; embed unpaired images and texts in separate calls");
+    moe_group_tokens_ = gp * per_pair;
+    const index_t B = std::max(Bi_, Bt_), G = (B + gp - 1) / gp;
+    if (Bi_ == 0 || Bt_ == 0 || G <= 1) return;
+    moe_permute_ = true;
+    moe_perm_.clear();
+    moe_modality_.clear();
+    for (index_t g = 0; g < G; ++g) {
+      const index_t p0 = g * gp, p1 = std::min(B, p0 + gp);
+      for (index_t r = p0 * N; r < p1 * N; ++r) moe_perm_.push_back(r), moe_modality_.push_back(moe::kImage);
+      for (index_t r = Ni_ + p0 * L; r < Ni_ + p1 * L; ++r) moe_perm_.push_back(r), moe_modality_.push_back(moe::kText);
+    }
+  }
+
+  // gather: dst[i] = src[perm[i]] (rows to group order); else scatter: dst[perm[i]] = src[i].
+  void permute_rows(CView<T> src, View<T> dst, bool gather) const {
+    const index_t R = src.dim(0), D = src.dim(1);
+    parallel_for(0, R, 256, [&](index_t i0, index_t i1) {
+      for (index_t i = i0; i < i1; ++i) {
+        const index_t p = moe_perm_[static_cast<std::size_t>(i)];
+        if (gather) std::copy_n(src.data() + p * D, D, dst.data() + i * D);
+        else std::copy_n(src.data() + i * D, D, dst.data() + p * D);
+      }
+    });
+  }
 
   moe::MoeParams<T> expert_weights(const BlockRefs& b) const {
     return {pv(b.router), pv(b.mlp.fc1_w), pv(b.mlp.fc1_b), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b)};
@@ -460,17 +570,37 @@ class Limoe {
       O::linear_forward(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view());
     } else {
       moe::MoeConfig mc{cfg_.experts, cfg_.top_k, cfg_.router, cfg_.aux, cfg_.gelu};
+      mc.router.group_size = moe_group_tokens_;
+      mc.first_token = first_token_;
       if (call.capacity_factor)
         (call.mode == Mode::Train ? mc.router.capacity_factor_train : mc.router.capacity_factor_eval) = *call.capacity_factor;
       // Router noise: a function of (seed, step, block) only, so a resumed run draws the same noise.
       const Rng noise = Rng(noise_seed_).derive(call.step * 4096 + static_cast<std::uint64_t>(l));
-      const std::span<const std::uint8_t> modality(modality_.data(), modality_.size());
+      // The layer sees the rows in routing-group order (plan_routing_groups); a permuted call gathers them.
+      CView<T> xin = a.ln2.cview();
+      View<T> yout = x_out.view();
+      std::span<const std::uint8_t> modality(modality_.data(), modality_.size());
+      if (moe_permute_) {
+        a.moe_x.resize(Shape{R, D});  // [R, D] ln2 in group order
+        moe_y_.resize(Shape{R, D});   // [R, D]
+        permute_rows(a.ln2.cview(), a.moe_x.view(), true);
+        xin = a.moe_x.cview(), yout = moe_y_.view();
+        modality = std::span<const std::uint8_t>(moe_modality_.data(), moe_modality_.size());
+      }
       if constexpr (std::is_same_v<Router, ConfigRouter>)
-        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), a.ln2.cview(), modality, call.mode, noise, x_out.view(), ctx);
+        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx);
       else
-        moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), a.ln2.cview(), modality, call.mode, noise,
-                                    x_out.view(), ctx);
-      out.routes.push_back(Tensor<std::int32_t>::copy_of(ctx.routes()));
+        moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx);
+      if (moe_permute_) {
+        permute_rows(moe_y_.cview(), x_out.view(), false);
+        Tensor<std::int32_t> routes(ctx.routes().shape());  // [R, K] back in row order
+        const index_t K = cfg_.top_k;
+        for (index_t i = 0; i < R; ++i)
+          std::copy_n(ctx.routes().data() + i * K, K, routes.data() + moe_perm_[static_cast<std::size_t>(i)] * K);
+        out.routes.push_back(std::move(routes));
+      } else {
+        out.routes.push_back(Tensor<std::int32_t>::copy_of(ctx.routes()));
+      }
       out.route_blocks.push_back(l);
       out.stats.push_back(ctx.stats);
       out.aux_terms.push_back(ctx.losses);
@@ -493,8 +623,18 @@ class Limoe {
       O::linear_backward(a.ln2.cview(), pv(b.mlp.fc1_w), dh_.cview(), dln_.view(), pg(b.mlp.fc1_w),
                               pg(b.mlp.fc1_b));
     } else {
-      moe::moe_backward<T, BackendT>(expert_weights(b), a.ln2.cview(), dx_.cview(), dln_.view(), expert_grads(b),
-                           moe_ctx_[static_cast<std::size_t>(l)]);
+      auto& ctx = moe_ctx_[static_cast<std::size_t>(l)];
+      if (moe_permute_) {  // the layer's rows are in routing-group order
+        moe_dy_.resize(Shape{R, D});  // [R, D]
+        moe_dx_.resize(Shape{R, D});  // [R, D]
+        permute_rows(dx_.cview(), moe_dy_.view(), true);
+        moe::moe_backward<T, BackendT>(expert_weights(b), a.moe_x.cview(), moe_dy_.cview(), moe_dx_.view(),
+                                       expert_grads(b), ctx, aux_scale_);
+        permute_rows(moe_dx_.cview(), dln_.view(), false);
+      } else {
+        moe::moe_backward<T, BackendT>(expert_weights(b), a.ln2.cview(), dx_.cview(), dln_.view(), expert_grads(b), ctx,
+                                       aux_scale_);
+      }
     }
     // dx_mid = dx_out + LN2^T dln
     dtmp_.resize(Shape{R, D});  // [R, D]
@@ -583,6 +723,19 @@ class Limoe {
   index_t Bi_ = 0, Bt_ = 0, Ni_ = 0;
   std::uint64_t generation_ = 0, loss_generation_ = ~std::uint64_t{0};  // forward() / loss() call counters
   std::vector<std::uint8_t> modality_;
+  // Routing of the last forward: groups, their order, the noise offset, the aux-loss gradient scale.
+  index_t moe_group_tokens_ = 0, first_token_ = 0;
+  bool moe_permute_ = false;
+  std::vector<index_t> moe_perm_;
+  std::vector<std::uint8_t> moe_modality_;
+  Tensor<T> moe_y_, moe_dy_, moe_dx_;
+  double aux_scale_ = 1.0;
+  // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and their gradients.
+  struct DataParallelLoss {
+    bool on = false;
+    index_t first_pair = 0;
+    Tensor<T> img_all, txt_all, dz_img, dz_txt;
+  } dp_;
   Tensor<T> images_, patches_;
   Tensor<std::int32_t> texts_;
   Tensor<std::uint8_t> txt_mask_;

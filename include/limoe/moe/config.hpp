@@ -79,7 +79,11 @@ struct MoeConfig {
   RouterConfig router;
   AuxLossConfig losses;
   GeluKind gelu = GeluKind::Erf;
+  // The index of this call's first token in the whole batch of the step: the training noise of a token is drawn
+  // by that global index, so a data-parallel rank draws what one process would for the same tokens.
+  index_t first_token = 0;
   void validate() const {
+    LIMOE_CHECK(first_token >= 0, "MoeConfig: first_token must be >= 0, got ", first_token);
     LIMOE_CHECK(experts >= 1 && experts <= kMaxExperts, "MoeConfig: experts must be in [1, ", kMaxExperts, "], got ",
                 experts);
     LIMOE_CHECK(top_k >= 1 && top_k <= experts, "MoeConfig: top_k must be in [1, experts = ", experts, "], got ",

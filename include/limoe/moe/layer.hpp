@@ -201,7 +201,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     for (index_t g = g0; g < g1; ++g) {
       const index_t row0 = g * gs, S = std::min(gs, N - row0);
       RouteGroup<T> rg;
-      rg.row0 = row0, rg.S = S, rg.E = E, rg.K = K, rg.capacity = c.capacity[g], rg.mode = mode, rg.rng = &rng;
+      rg.row0 = cfg.first_token + row0, rg.S = S, rg.E = E, rg.K = K, rg.capacity = c.capacity[g], rg.mode = mode, rg.rng = &rng;
       rg.logits = c.logits.data() + row0 * E;
       rg.noisy = c.noisy.data() + row0 * E;
       rg.gates = c.gates.data() + row0 * E;
@@ -298,6 +298,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     for (int e = 0; e < E; ++e) pbar[m][e] /= n;
     st.global_entropy[m] = math::entropy(pbar[m].data(), E);
   }
+  st.mean_gate = std::move(pbar);
   for (int e = 0; e < E; ++e) {
     const index_t all = st.routed[0][e] + st.routed[1][e];
     st.image_share[e] = all > 0 ? static_cast<double>(st.routed[0][e]) / static_cast<double>(all) : 0.0;

@@ -35,7 +35,7 @@ namespace limoe::moe {
 // One group of S consecutive tokens of a call (rows [row0, row0 + S) of the layer input), in and out.
 template <class T>
 struct RouteGroup {
-  index_t row0 = 0;        // first token of the group in the call (noise is indexed by it)
+  index_t row0 = 0;        // the group's first token: MoeConfig::first_token + its row in the call (noise is indexed by it)
   index_t S = 0;           // tokens in the group
   int E = 0;               // experts
   int K = 0;               // choices per token (the router's top_k())

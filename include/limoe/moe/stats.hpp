@@ -26,6 +26,7 @@ struct RoutingStats {
   // Entropies of the clean gates G = softmax(logits) over all tokens of the call (not per group), natural log:
   std::array<double, kModalities> local_entropy{};   // mean_s H(G[s, :])
   std::array<double, kModalities> global_entropy{};  // H(mean_s G[s, :]) (the raw entropy, not the loss term)
+  std::array<std::vector<double>, kModalities> mean_gate;  // [m][e] mean_s G[s, e] (global_entropy's argument)
 
   double routing_success(int m) const { return 1.0 - drop_fraction[static_cast<std::size_t>(m)]; }
 };

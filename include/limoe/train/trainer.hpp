@@ -6,6 +6,13 @@
 //
 // The step number drives the learning-rate schedule and the router noise, so a run resumed from a checkpoint
 // at step s (weights, AdamW moments, data position) continues the same loss curve.
+//
+// Data parallel (docs/distributed.md): with a communicator of N ranks, `step` takes this rank's shard of the
+// step's batch (pairs [rank * n, (rank + 1) * n) of N * n; every rank the same n). The embeddings are gathered
+// so the contrastive loss is the whole batch's, the flat gradient is summed over ranks in fixed-size buckets in
+// rank order (dist::all_reduce_sum), and every rank applies the same update: the parameters stay identical on
+// every rank, and equal (within float rounding) those of one process stepping on the whole batch with routing
+// groups that do not span ranks (ModelConfig::group_pairs dividing n, or 0: each shard one group).
 #pragma once
 
 #include <chrono>
@@ -15,6 +22,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "limoe/dist/comm.hpp"
 #include "limoe/model/model.hpp"
 #include "limoe/train/optimizer.hpp"
 
@@ -76,12 +84,65 @@ inline nlohmann::json to_json(const StepReport& r) {
           {"moe", blocks}};
 }
 
-template <class Model>
+// Routing statistics of every rank's shard merged into those of the whole batch (counts summed, means weighted
+// by tokens, the global entropy of the merged mean gates); identical on every rank.
+template <dist::Communicator Comm>
+void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
+  if (comm.size() == 1) return;
+  std::vector<double> v;  // packed, in a fixed layout
+  for (const auto& s : stats) {
+    const std::size_t E = static_cast<std::size_t>(s.experts);
+    v.push_back(static_cast<double>(s.groups));
+    for (int m = 0; m < moe::kModalities; ++m) {
+      const double n = static_cast<double>(s.tokens[m]);
+      v.push_back(n);
+      v.push_back(static_cast<double>(s.tokens_fully_dropped[m]));
+      v.push_back(s.local_entropy[m] * n);
+      for (std::size_t e = 0; e < E; ++e) {
+        v.push_back(static_cast<double>(s.routed[m][e]));
+        v.push_back(static_cast<double>(s.dropped[m][e]));
+        v.push_back(e < s.mean_gate[m].size() ? s.mean_gate[m][e] * n : 0.0);
+      }
+    }
+  }
+  dist::all_reduce_sum(comm, std::span<double>(v));
+  std::size_t i = 0;
+  for (auto& s : stats) {
+    const std::size_t E = static_cast<std::size_t>(s.experts);
+    s.groups = static_cast<index_t>(v[i++]);
+    for (int m = 0; m < moe::kModalities; ++m) {
+      const double n = v[i++];
+      s.tokens[m] = static_cast<index_t>(n);
+      s.tokens_fully_dropped[m] = static_cast<index_t>(v[i++]);
+      s.local_entropy[m] = n > 0 ? v[i] / n : 0.0;
+      ++i;
+      index_t dropped = 0;
+      s.mean_gate[m].assign(E, 0.0);
+      for (std::size_t e = 0; e < E; ++e) {
+        s.routed[m][e] = static_cast<index_t>(v[i++]);
+        s.dropped[m][e] = static_cast<index_t>(v[i++]);
+        s.mean_gate[m][e] = n > 0 ? v[i] / n : 0.0;
+        ++i;
+        dropped += s.dropped[m][e];
+      }
+      s.drop_fraction[m] = n > 0 ? static_cast<double>(dropped) / (n * s.top_k) : 0.0;
+      s.global_entropy[m] = n > 0 ? math::entropy(s.mean_gate[m].data(), static_cast<int>(E)) : 0.0;
+    }
+    for (std::size_t e = 0; e < E; ++e) {
+      const index_t all = s.routed[0][e] + s.routed[1][e];
+      s.image_share[e] = all > 0 ? static_cast<double>(s.routed[0][e]) / static_cast<double>(all) : 0.0;
+    }
+  }
+}
+
+template <class Model, dist::Communicator Comm = dist::SingleProcess>
 class Trainer {
  public:
   using T = typename Model::scalar_type;
+  // Gradient elements summed per all-reduce call (16 MiB of float): bounds the scratch the sum needs.
+  static constexpr std::size_t kBucket = std::size_t{1} << 22;
 
-  Trainer(Model& model, TrainConfig cfg) : model_(model), cfg_(cfg) {
+  Trainer(Model& model, TrainConfig cfg, Comm comm = Comm{}) : model_(model), cfg_(cfg), comm_(std::move(comm)) {
     LIMOE_CHECK(cfg_.steps >= 1, "TrainConfig: steps must be >= 1, got ", cfg_.steps);
     LIMOE_CHECK(cfg_.adam.lr > 0, "TrainConfig: the learning rate must be positive, got ", cfg_.adam.lr);
     opt_ = AdamW<T>(cfg_.adam, model_.params());
@@ -89,34 +150,101 @@ class Trainer {
   }
 
   AdamW<T>& optimizer() { return opt_; }
+  Comm& comm() { return comm_; }
+  // Seconds the last step spent in collectives (gathering embeddings, summing gradients and statistics).
+  double comm_seconds() const { return comm_seconds_; }
   const TrainConfig& config() const { return cfg_; }
   std::int64_t step_count() const { return opt_.step(); }
   double lr_at(std::int64_t step) const { return cfg_.adam.lr * sched_.factor(step); }
 
-  // One update on a batch of n image-text pairs (images [n, H, W, C], texts [n, T]).
+  // One update on a batch of n image-text pairs (images [n, H, W, C], texts [n, T]): the whole batch, or this
+  // rank's shard of it under data parallelism.
   StepReport step(CView<T> images, CView<std::int32_t> texts) {
-    const auto t0 = std::chrono::steady_clock::now();
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
+    comm_seconds_ = 0;
     const std::int64_t s = opt_.step();
+    const int P = comm_.size(), rank = comm_.rank();
     model_.zero_grad();
-    const auto fwd = model_.forward(images, texts, Mode::Train, static_cast<std::uint64_t>(s));
     StepReport r;
-    r.loss = model_.loss(fwd);
-    LIMOE_CHECK(std::isfinite(r.loss.total), "training diverged at step ", s, " (loss ", r.loss.total,
-                "); lower the learning rate or raise the warmup");
-    model_.backward(fwd);
+    if (P == 1) {
+      const auto fwd = model_.forward(images, texts, Mode::Train, static_cast<std::uint64_t>(s));
+      r.loss = model_.loss(fwd);
+      LIMOE_CHECK(std::isfinite(r.loss.total), "training diverged at step ", s, " (loss ", r.loss.total,
+                  "); lower the learning rate or raise the warmup");
+      model_.backward(fwd);
+      fill_routing(r, fwd);
+    } else {
+      const index_t n = images.empty() ? 0 : images.dim(0);
+      auto tc = clock::now();
+      const index_t n_max = dist::all_reduce_max(comm_, n), n_min = -dist::all_reduce_max(comm_, -n);
+      comm_seconds_ += seconds_since(tc);
+      LIMOE_CHECK(n_min == n_max && n > 0, "Trainer::step: every rank must step on a shard of the same size, got ",
+                  n, " pairs here and shards of ", n_min, " to ", n_max, " pairs over the ", P, " ranks");
+      const index_t first = static_cast<index_t>(rank) * n;
+      const auto fwd = model_.forward(images, texts, Mode::Train, static_cast<std::uint64_t>(s), std::nullopt,
+                                      BatchShard{first});
+      const index_t D = fwd.img_emb.dim(1);
+      img_all_.resize(Shape{n * P, D});  // [N * n, P]
+      txt_all_.resize(Shape{n * P, D});
+      tc = clock::now();
+      dist::all_gather(comm_, std::span<const T>(fwd.img_emb.data(), n * D), std::span<T>(img_all_.data(), n * P * D));
+      dist::all_gather(comm_, std::span<const T>(fwd.txt_emb.data(), n * D), std::span<T>(txt_all_.data(), n * P * D));
+      comm_seconds_ += seconds_since(tc);
+      r.loss = model_.loss(fwd, img_all_.cview(), txt_all_.cview(), first, P);
+      tc = clock::now();
+      r.loss.aux = dist::all_reduce_sum(comm_, r.loss.aux) / P;  // the step's: the mean over ranks
+      comm_seconds_ += seconds_since(tc);
+      r.loss.total = r.loss.contrastive + r.loss.aux;
+      LIMOE_CHECK(std::isfinite(r.loss.total), "training diverged at step ", s, " (loss ", r.loss.total,
+                  "); lower the learning rate or raise the warmup");
+      model_.backward(fwd);
+      fill_routing(r, fwd);
+      tc = clock::now();
+      for (auto& a : r.aux_terms) reduce_aux_terms(a);
+      merge_routing_stats(comm_, r.routing);
+      // The flat gradient, summed over ranks bucket by bucket.
+      View<T> g = model_.params().grads();
+      for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
+        const index_t len = std::min<index_t>(static_cast<index_t>(kBucket), g.numel() - i);
+        dist::all_reduce_sum(comm_, std::span<T>(g.data() + i, static_cast<std::size_t>(len)), scratch_);
+      }
+      comm_seconds_ += seconds_since(tc);
+    }
     r.lr = lr_at(s);
     r.grad_norm = opt_.update(model_.params(), r.lr);
     r.step = opt_.step();
-    r.moe_blocks = fwd.route_blocks;
-    r.routing = fwd.stats;
-    r.aux_terms = fwd.aux_terms;
-    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    r.seconds = seconds_since(t0);
     return r;
   }
 
  private:
+  static double seconds_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  }
+  template <class Fwd>
+  static void fill_routing(StepReport& r, const Fwd& fwd) {
+    r.moe_blocks = fwd.route_blocks;
+    r.routing = fwd.stats;
+    r.aux_terms = fwd.aux_terms;
+  }
+  // One block's auxiliary loss terms: the mean over ranks.
+  void reduce_aux_terms(moe::AuxLossValues& a) {
+    std::vector<double> v{a.total, a.importance, a.load, a.z};
+    for (int m = 0; m < moe::kModalities; ++m) v.push_back(a.local_entropy[m]), v.push_back(a.global_entropy[m]);
+    dist::all_reduce_sum(comm_, std::span<double>(v));
+    const double P = comm_.size();
+    a.total = v[0] / P, a.importance = v[1] / P, a.load = v[2] / P, a.z = v[3] / P;
+    for (int m = 0; m < moe::kModalities; ++m)
+      a.local_entropy[m] = v[4 + 2 * m] / P, a.global_entropy[m] = v[5 + 2 * m] / P;
+  }
+
   Model& model_;
   TrainConfig cfg_;
+  Comm comm_;
+  double comm_seconds_ = 0;
+  Tensor<T> img_all_, txt_all_;
+  std::vector<T> scratch_;
   AdamW<T> opt_;
   LrSchedule sched_;
 };

@@ -1,0 +1,163 @@
+// limoe/dist/comm.hpp: a communicator as a type (docs/distributed.md).
+//
+// A communicator joins the ranks of one job. The library needs four blocking primitives from it, all on
+// bytes, all collective (every rank of the communicator calls them in the same order):
+//
+//   all_gather_bytes(send, recv, n)      rank r's n bytes land at recv + r * n on every rank
+//   all_to_all_bytes(send, recv, n)      block p of send (n bytes) goes to rank p; block p of recv came from p
+//   broadcast_bytes(data, n, root)       root's n bytes on every rank
+//   split(color, key)                    a communicator of the ranks with the same color, ordered by key
+//
+// and everything else is written once on top of them, here: the sum over ranks (all_reduce_sum) is a
+// reduce-scatter by all-to-all, a sum in rank order 0, 1, ..., N-1 of each rank's chunk, and an all-gather, so
+// it is bandwidth-optimal (each rank sends and receives 2 (N-1)/N of the buffer) and its result does not depend
+// on timing or on the transport's reduction algorithm: a run is reproducible, and every rank holds the same
+// bits afterwards. `SingleProcess` (the default, needs nothing) and `dist::MpiComm` (dist/mpi.hpp, opt-in
+// target limoe::mpi) satisfy the concept.
+#pragma once
+
+#include <algorithm>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "limoe/core/error.hpp"
+
+namespace limoe::dist {
+
+template <class C>
+concept Communicator = requires(C& c, const C& cc, const void* s, void* r, std::size_t n, int i) {
+  { cc.rank() } -> std::convertible_to<int>;
+  { cc.size() } -> std::convertible_to<int>;
+  c.all_gather_bytes(s, r, n);
+  c.all_to_all_bytes(s, r, n);
+  c.broadcast_bytes(r, n, i);
+  { c.split(i, i) } -> std::same_as<C>;
+};
+
+// One process: every collective is a copy.
+class SingleProcess {
+ public:
+  int rank() const { return 0; }
+  int size() const { return 1; }
+  void all_gather_bytes(const void* send, void* recv, std::size_t n) { copy(send, recv, n); }
+  void all_to_all_bytes(const void* send, void* recv, std::size_t n) { copy(send, recv, n); }
+  void broadcast_bytes(void*, std::size_t, int root) {
+    LIMOE_CHECK(root == 0, "SingleProcess::broadcast: root ", root, " does not exist (one rank)");
+  }
+  SingleProcess split(int, int) const { return {}; }
+
+ private:
+  static void copy(const void* s, void* r, std::size_t n) {
+    if (n > 0 && s != r) std::memmove(r, s, n);
+  }
+};
+static_assert(Communicator<SingleProcess>);
+
+// Any communicator behind one type (a program that picks single-process or MPI at run time, like the `limoe`
+// command line, compiles one trainer). One virtual call per collective; the collectives are the cost.
+class AnyComm {
+ public:
+  AnyComm() : AnyComm(SingleProcess{}) {}
+  template <Communicator C>
+    requires(!std::is_same_v<std::remove_cvref_t<C>, AnyComm>)
+  AnyComm(C comm) : self_(std::make_unique<Model<C>>(std::move(comm))) {}
+
+  int rank() const { return self_->rank(); }
+  int size() const { return self_->size(); }
+  void all_gather_bytes(const void* s, void* r, std::size_t n) { self_->all_gather_bytes(s, r, n); }
+  void all_to_all_bytes(const void* s, void* r, std::size_t n) { self_->all_to_all_bytes(s, r, n); }
+  void broadcast_bytes(void* d, std::size_t n, int root) { self_->broadcast_bytes(d, n, root); }
+  AnyComm split(int color, int key) const { return self_->split(color, key); }
+
+ private:
+  struct Concept {
+    virtual ~Concept() = default;
+    virtual int rank() const = 0;
+    virtual int size() const = 0;
+    virtual void all_gather_bytes(const void*, void*, std::size_t) = 0;
+    virtual void all_to_all_bytes(const void*, void*, std::size_t) = 0;
+    virtual void broadcast_bytes(void*, std::size_t, int) = 0;
+    virtual AnyComm split(int, int) const = 0;
+  };
+  template <class C>
+  struct Model final : Concept {
+    explicit Model(C c) : comm(std::move(c)) {}
+    int rank() const override { return comm.rank(); }
+    int size() const override { return comm.size(); }
+    void all_gather_bytes(const void* s, void* r, std::size_t n) override { comm.all_gather_bytes(s, r, n); }
+    void all_to_all_bytes(const void* s, void* r, std::size_t n) override { comm.all_to_all_bytes(s, r, n); }
+    void broadcast_bytes(void* d, std::size_t n, int root) override { comm.broadcast_bytes(d, n, root); }
+    AnyComm split(int color, int key) const override { return AnyComm(comm.split(color, key)); }
+    C comm;
+  };
+  std::unique_ptr<Concept> self_;
+};
+static_assert(Communicator<AnyComm>);
+
+// ---- typed collectives, written once for every communicator ----------------------------------------------
+
+// all[r * local.size() + i] = rank r's local[i]; `all` has size() * local.size() elements.
+template <Communicator C, class T>
+void all_gather(C& comm, std::span<const T> local, std::span<T> all) {
+  static_assert(std::is_trivially_copyable_v<T>);
+  LIMOE_CHECK(all.size() == local.size() * static_cast<std::size_t>(comm.size()), "dist::all_gather: the result has ",
+              all.size(), " elements for ", comm.size(), " ranks of ", local.size());
+  comm.all_gather_bytes(local.data(), all.data(), local.size_bytes());
+}
+
+// Root's `data` on every rank.
+template <Communicator C, class T>
+void broadcast(C& comm, std::span<T> data, int root = 0) {
+  static_assert(std::is_trivially_copyable_v<T>);
+  comm.broadcast_bytes(data.data(), data.size_bytes(), root);
+}
+
+// In place: data = sum over ranks of data, added in rank order (deterministic, identical on every rank).
+// `scratch` (resized here, reuse it across calls) holds the chunks in flight: about 2x data.
+template <Communicator C, class T>
+void all_reduce_sum(C& comm, std::span<T> data, std::vector<T>& scratch) {
+  static_assert(std::is_arithmetic_v<T>);
+  const std::size_t P = static_cast<std::size_t>(comm.size());
+  if (P == 1 || data.empty()) return;
+  // Chunk c (of P equal chunks, the last padded with zeros) is reduced by rank c.
+  const std::size_t chunk = (data.size() + P - 1) / P;
+  scratch.assign(2 * P * chunk, T(0));
+  T* send = scratch.data();             // [P, chunk]: data, padded
+  T* recv = scratch.data() + P * chunk;  // [P, chunk]: every rank's copy of my chunk
+  std::copy(data.begin(), data.end(), send);
+  comm.all_to_all_bytes(send, recv, chunk * sizeof(T));
+  const std::size_t me = static_cast<std::size_t>(comm.rank());
+  T* mine = send + me * chunk;  // my chunk's sum, in rank order
+  std::copy(recv, recv + chunk, mine);
+  for (std::size_t p = 1; p < P; ++p)
+    for (std::size_t i = 0; i < chunk; ++i) mine[i] += recv[p * chunk + i];
+  comm.all_gather_bytes(mine, recv, chunk * sizeof(T));
+  std::copy(recv, recv + data.size(), data.begin());
+}
+template <Communicator C, class T>
+void all_reduce_sum(C& comm, std::span<T> data) {
+  std::vector<T> scratch;
+  all_reduce_sum(comm, data, scratch);
+}
+template <Communicator C>
+double all_reduce_sum(C& comm, double v) {
+  all_reduce_sum(comm, std::span<double>(&v, 1));
+  return v;
+}
+
+// The largest value over ranks (agreement on a flag or a count).
+template <Communicator C, class T>
+T all_reduce_max(C& comm, T v) {
+  std::vector<T> all(static_cast<std::size_t>(comm.size()));
+  all_gather(comm, std::span<const T>(&v, 1), std::span<T>(all));
+  return *std::max_element(all.begin(), all.end());
+}
+
+}  // namespace limoe::dist

@@ -1,0 +1,163 @@
+// limoe/moe/expert_parallel.hpp: the expert MLPs of a MoE layer sharded over the ranks of an expert-parallel
+// group (docs/distributed.md, "Expert parallel").
+//
+// Rank q of a group of P holds experts [q Ex, (q + 1) Ex), Ex = E / P, and routes its own tokens with the full
+// router (replicated). After the dispatch plan, the rows of the experts of rank q (one contiguous range of the
+// plan: experts are consecutive) travel to rank q in one all-to-all; rank q runs its experts on the rows of every
+// source (for each expert: source 0's rows, then source 1's, ..., each in its plan order), and a second
+// all-to-all brings the outputs back. Backward sends the output gradients the same way and returns the input
+// gradients; the expert weight gradients stay with their owner.
+//
+// Blocks have one size for every (source, expert): the largest row count in the group, exchanged first (an
+// all-gather of one number). Under a capacity bound that is at most groups x C; in no-drop mode it is the
+// largest expert load. Padding rows are sent but never computed.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "limoe/backend/ops.hpp"
+#include "limoe/core/error.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/dist/comm.hpp"
+#include "limoe/moe/ops.hpp"
+
+namespace limoe::moe {
+
+// One MoE layer's exchange state: keep one per layer (forward leaves what backward needs).
+template <class T>
+struct ExpertExchange {
+  dist::AnyComm* comm = nullptr;  // the expert-parallel group; rank q holds experts [q Ex, (q + 1) Ex)
+  int experts = 0;                // E, all experts of the layer
+
+  // ---- state of the last forward ----
+  int P = 1, Ex = 0;
+  index_t D = 0, M = 0, cmax = 0;
+  std::vector<std::int64_t> send_counts, recv_counts;  // [P * Ex]: rows for (peer, its expert j) / from (source, my j)
+  DispatchPlan local;                                  // my experts' rows, E = Ex
+  Tensor<T> send, recv;                                // [P, Ex, cmax, D] padded blocks
+  Tensor<T> xl, hpre, h, yl, dyl, dh, dxl;             // my experts' rows: [A_l, D], [A_l, M], [A_l, M], [A_l, D] ...
+  ExpertScratch scratch;
+
+  int shards() const { return comm ? comm->size() : 1; }
+  int shard() const { return comm ? comm->rank() : 0; }
+};
+
+namespace detail {
+
+// rows of plan expert (q Ex + j) -> send block (q, j), or back (scatter = false: block -> rows).
+template <class T>
+void ep_pack(const ExpertExchange<T>& ex, const DispatchPlan& plan, CView<T> rows, View<T> blocks) {
+  const index_t D = ex.D, C = ex.cmax;
+  for (int q = 0; q < ex.P; ++q)
+    for (int j = 0; j < ex.Ex; ++j) {
+      const int e = q * ex.Ex + j;
+      const index_t n = plan.rows_of(e);
+      std::memcpy(blocks.data() + ((static_cast<index_t>(q) * ex.Ex + j) * C) * D, rows.data() + plan.offsets[e] * D,
+                  static_cast<std::size_t>(n * D) * sizeof(T));
+    }
+}
+template <class T>
+void ep_unpack(const ExpertExchange<T>& ex, const DispatchPlan& plan, CView<T> blocks, View<T> rows) {
+  const index_t D = ex.D, C = ex.cmax;
+  for (int q = 0; q < ex.P; ++q)
+    for (int j = 0; j < ex.Ex; ++j) {
+      const int e = q * ex.Ex + j;
+      const index_t n = plan.rows_of(e);
+      std::memcpy(rows.data() + plan.offsets[e] * D, blocks.data() + ((static_cast<index_t>(q) * ex.Ex + j) * C) * D,
+                  static_cast<std::size_t>(n * D) * sizeof(T));
+    }
+}
+// received blocks (source s, my expert j) <-> my experts' rows (expert j: source 0's rows, source 1's, ...).
+template <class T>
+void ep_compact(const ExpertExchange<T>& ex, T* blocks, T* local_rows, bool to_rows) {
+  const index_t D = ex.D, C = ex.cmax;
+  for (int j = 0; j < ex.Ex; ++j) {
+    index_t r = ex.local.offsets[j];
+    for (int s = 0; s < ex.P; ++s) {
+      const index_t n = ex.recv_counts[static_cast<std::size_t>(s * ex.Ex + j)];
+      T* block = blocks + ((static_cast<index_t>(s) * ex.Ex + j) * C) * D;
+      if (to_rows) std::memcpy(local_rows + r * D, block, static_cast<std::size_t>(n * D) * sizeof(T));
+      else std::memcpy(block, local_rows + r * D, static_cast<std::size_t>(n * D) * sizeof(T));
+      r += n;
+    }
+  }
+}
+template <class T>
+void ep_exchange(ExpertExchange<T>& ex) {
+  ex.comm->all_to_all_bytes(ex.send.data(), ex.recv.data(),
+                            static_cast<std::size_t>(ex.Ex * ex.cmax * ex.D) * sizeof(T));
+}
+
+}  // namespace detail
+
+// Forward of the sharded experts: xe [A, D] in `plan` order (all E experts) -> ye [A, D]. `w` holds this rank's
+// Ex experts ([Ex, M, D] ...). Collective over ex.comm.
+template <class T, Backend BackendT>
+void expert_parallel_forward(ExpertExchange<T>& ex, const DispatchPlan& plan, const ExpertWeights<T>& w, GeluKind gelu,
+                             CView<T> xe, View<T> ye) {
+  LIMOE_CHECK(ex.comm != nullptr, "expert parallel: no expert-parallel communicator");
+  const int P = ex.comm->size(), E = plan.E;
+  LIMOE_CHECK(E % P == 0, "expert parallel: ", E, " experts do not split over ", P, " ranks");
+  ex.P = P, ex.Ex = E / P, ex.D = xe.dim(1), ex.M = w.fc1_w.dim(1);
+  const index_t D = ex.D, M = ex.M;
+  // 1. How many rows go to each (peer, expert); the largest count in the group sizes every block.
+  ex.send_counts.assign(static_cast<std::size_t>(E), 0);
+  ex.recv_counts.assign(static_cast<std::size_t>(E), 0);
+  for (int e = 0; e < E; ++e) ex.send_counts[static_cast<std::size_t>(e)] = plan.rows_of(e);
+  ex.comm->all_to_all_bytes(ex.send_counts.data(), ex.recv_counts.data(), static_cast<std::size_t>(ex.Ex) * sizeof(std::int64_t));
+  std::int64_t mine = 0;
+  for (auto c : ex.send_counts) mine = std::max(mine, c);
+  ex.cmax = dist::all_reduce_max(*ex.comm, mine);
+  // 2. My experts' plan: expert j owns the rows of every source, in source order.
+  ex.local.E = ex.Ex, ex.local.K = plan.K, ex.local.N = 0;
+  ex.local.offsets.resize(Shape{ex.Ex + 1});
+  ex.local.offsets[0] = 0;
+  for (int j = 0; j < ex.Ex; ++j) {
+    index_t n = 0;
+    for (int s = 0; s < P; ++s) n += ex.recv_counts[static_cast<std::size_t>(s * ex.Ex + j)];
+    ex.local.offsets[j + 1] = ex.local.offsets[j] + n;
+  }
+  const index_t Al = ex.local.offsets[ex.Ex];
+  ex.local.A = Al;
+  // 3. Rows out, my experts' rows in, the expert MLPs, outputs back.
+  const Shape blocks{static_cast<index_t>(P) * ex.Ex * ex.cmax, D};
+  ex.send.resize(blocks);
+  ex.recv.resize(blocks);
+  detail::ep_pack<T>(ex, plan, xe, ex.send.view());
+  detail::ep_exchange(ex);
+  ex.xl.resize(Shape{Al, D});
+  ex.hpre.resize(Shape{Al, M});
+  ex.h.resize(Shape{Al, M});
+  ex.yl.resize(Shape{Al, D});
+  detail::ep_compact<T>(ex, ex.recv.data(), ex.xl.data(), true);
+  Ops<BackendT, T>::expert_mlp_forward(ex.local, w, gelu, ex.xl.cview(), ex.hpre.view(), ex.h.view(), ex.yl.view(),
+                                       ex.scratch);
+  detail::ep_compact<T>(ex, ex.send.data(), ex.yl.data(), false);  // outputs back to their sources' blocks
+  detail::ep_exchange(ex);
+  detail::ep_unpack<T>(ex, plan, ex.recv.cview(), ye);
+}
+
+// Backward: dye [A, D] in plan order -> dxe [A, D] (empty: skipped here, but the exchange still runs on every
+// rank: it is collective); this rank's expert weight gradients accumulate into g.
+template <class T, Backend BackendT>
+void expert_parallel_backward(ExpertExchange<T>& ex, const DispatchPlan& plan, const ExpertWeights<T>& w, GeluKind gelu,
+                              CView<T> dye, View<T> dxe, const ExpertGrads<T>& g) {
+  LIMOE_CHECK(ex.comm != nullptr && ex.P == ex.comm->size(), "expert parallel: backward without its forward");
+  const index_t D = ex.D, M = ex.M, Al = ex.local.A;
+  detail::ep_pack<T>(ex, plan, dye, ex.send.view());
+  detail::ep_exchange(ex);
+  ex.dyl.resize(Shape{Al, D});
+  ex.dh.resize(Shape{Al, M});
+  ex.dxl.resize(Shape{Al, D});
+  detail::ep_compact<T>(ex, ex.recv.data(), ex.dyl.data(), true);
+  Ops<BackendT, T>::expert_mlp_backward(ex.local, w, gelu, ex.xl.cview(), ex.hpre.cview(), ex.h.cview(),
+                                        ex.dyl.cview(), ex.dh.view(), ex.dxl.view(), g, ex.scratch);
+  detail::ep_compact<T>(ex, ex.send.data(), ex.dxl.data(), false);
+  detail::ep_exchange(ex);
+  if (!dxe.empty()) detail::ep_unpack<T>(ex, plan, ex.recv.cview(), dxe);
+}
+
+}  // namespace limoe::moe
