@@ -13,8 +13,10 @@
 #include <vector>
 
 #include <limoe/dist/mpi.hpp>
+#include <limoe/model/checkpoint.hpp>
 #include <limoe/model/model.hpp>
 #include <limoe/model/presets.hpp>
+#include <limoe/train/optimizer.hpp>
 #include <limoe/train/trainer.hpp>
 
 using namespace limoe;
@@ -223,6 +225,134 @@ TEST_CASE("data parallel training: a few steps on every rank end with one proces
     const index_t mine_n = me == 0 ? n - 1 : n;
     CHECK_THROWS_WITH_AS(td.step(rows(batch.images, 0, mine_n), rows(batch.texts, 0, mine_n)),
                          doctest::Contains("shard of the same size"), Error);
+  }
+}
+
+namespace {
+// The expert layouts a job of P ranks can take: E parts of the experts (E divides P and the 4 experts).
+std::vector<int> expert_layouts(int P) {
+  std::vector<int> v;
+  for (int E : {2, 4})
+    if (P % E == 0) v.push_back(E);
+  return v;
+}
+// rank's slice of a whole tensor's flat values for an entry (the part it holds), or all of it.
+template <class Store>
+std::vector<double> part_of(const Store& whole, const typename Store::Entry& local) {
+  const auto v = whole.grad(whole.get(local.name));
+  const index_t n = local.shape.numel(), first = local.shard * n;
+  return std::vector<double>(v.data() + first, v.data() + first + n);
+}
+}  // namespace
+
+TEST_CASE("expert parallel: routes, losses and every gradient (expert shards included) equal one process") {
+  MpiComm comm = world();
+  const int P = comm.size(), me = comm.rank();
+  const index_t B = 8, n = B / P;
+  for (int E : expert_layouts(P)) {
+    for (int top_k : {1, 2}) {
+      CAPTURE(E);
+      CAPTURE(top_k);
+      const ModelConfig cfg = small_config(top_k, 1);
+      const Batch batch = make_batch(cfg, B, 21);
+      Limoe<double> one(cfg);
+      one.init(4);
+      one.set_noise_seed(8);
+      one.zero_grad();
+      const auto f1 = one.forward(batch.images.cview(), batch.texts.cview(), Mode::Train, 2);
+      const LossOutput l1 = one.loss(f1);
+      one.backward(f1);
+
+      Limoe<double> ep(cfg, ConfigRouter{}, ExpertShard{me % E, E});
+      ep.init(4);
+      ep.set_noise_seed(8);
+      ep.set_expert_comm(dist::AnyComm(comm.split(me / E, me)));
+      MpiComm replicas = comm.split(me % E, me);  // the ranks holding the same experts
+      ep.zero_grad();
+      const index_t first = me * n;
+      const auto fe = ep.forward(rows(batch.images, first, n), rows(batch.texts, first, n), Mode::Train, 2,
+                                 std::nullopt, BatchShard{first});
+      const index_t Pd = cfg.proj_dim;
+      Tensor<double> img_all(Shape{B, Pd}), txt_all(Shape{B, Pd});
+      dist::all_gather(comm, std::span<const double>(fe.img_emb.data(), n * Pd), std::span<double>(img_all.data(), B * Pd));
+      dist::all_gather(comm, std::span<const double>(fe.txt_emb.data(), n * Pd), std::span<double>(txt_all.data(), B * Pd));
+      const LossOutput le = ep.loss(fe, img_all.cview(), txt_all.cview(), first, P);
+      const double aux = dist::all_reduce_sum(comm, le.aux) / P;
+      ep.backward(fe);
+      CHECK(std::abs(le.contrastive - l1.contrastive) <= 1e-12 * std::abs(l1.contrastive));
+      CHECK(std::abs(aux - l1.aux) <= 1e-12 * std::abs(l1.aux));
+      const index_t N = cfg.num_patches(), L = cfg.text_len, K = top_k;
+      int same = 1, drops = 0;
+      for (std::size_t b = 0; b < f1.routes.size(); ++b) {
+        for (index_t t = 0; t < n * N * K; ++t) same &= fe.routes[b][t] == f1.routes[b][first * N * K + t];
+        for (index_t t = 0; t < n * L * K; ++t) same &= fe.routes[b][n * N * K + t] == f1.routes[b][(B * N + first * L) * K + t];
+        for (index_t t = 0; t < f1.routes[b].numel(); ++t) drops += f1.routes[b][t] < 0;
+      }
+      CHECK(same);
+      CHECK(drops > 0);
+      for (const auto& e : ep.params().entries()) {
+        auto g = ep.params().grad(ep.params().get(e.name));
+        if (e.shards > 1) dist::all_reduce_sum(replicas, std::span<double>(g.data(), static_cast<std::size_t>(g.numel())));
+        else dist::all_reduce_sum(comm, std::span<double>(g.data(), static_cast<std::size_t>(g.numel())));
+        const auto want = part_of(one.params(), e);
+        CHECK_MESSAGE(max_rel_diff(CView<double>(g.data(), Shape{g.numel()}), CView<double>(want.data(), Shape{g.numel()})) < 1e-10,
+                      e.name, " (part ", e.shard, " of ", e.shards, ")");
+      }
+    }
+  }
+}
+
+TEST_CASE("expert parallel training: the whole state after three steps equals one process's; shards load a checkpoint") {
+  MpiComm comm = world();
+  const int P = comm.size(), me = comm.rank();
+  const index_t B = 8, n = B / P;
+  for (int E : expert_layouts(P)) {
+    CAPTURE(E);
+    const ModelConfig cfg = small_config(2, 1);
+    TrainConfig tc;
+    tc.steps = 3;
+    tc.warmup_steps = 1;
+    tc.adam.lr = 3e-3;
+    tc.adam.clip_norm = 0.05;  // clipping active: the norm must be the whole model's
+    Limoe<double> one(cfg), ep(cfg, ConfigRouter{}, ExpertShard{me % E, E});
+    for (auto* m : {&one, &ep}) {
+      m->init(9);
+      m->set_noise_seed(5);
+    }
+    Trainer<Limoe<double>> t1(one, tc);
+    Trainer<Limoe<double>, MpiComm> te(ep, tc, world());
+    for (int s = 0; s < 3; ++s) {
+      const Batch batch = make_batch(cfg, B, 200 + static_cast<std::uint64_t>(s));
+      const StepReport r1 = t1.step(batch.images.cview(), batch.texts.cview());
+      const StepReport re = te.step(rows(batch.images, me * n, n), rows(batch.texts, me * n, n));
+      CHECK(std::abs(re.loss.total - r1.loss.total) <= 1e-10 * std::abs(r1.loss.total));
+      CHECK(std::abs(re.grad_norm - r1.grad_norm) <= 1e-10 * r1.grad_norm);
+      CHECK(r1.grad_norm > tc.adam.clip_norm);
+    }
+    std::vector<double> values, m, v;
+    te.gather_whole_state(values, m, v);
+    REQUIRE(values.size() == static_cast<std::size_t>(one.params().size()));
+    CHECK(max_rel_diff(CView<double>(values.data(), Shape{one.params().size()}), one.params().values()) < 1e-10);
+    CHECK(max_rel_diff(CView<double>(m.data(), Shape{one.params().size()}), t1.optimizer().m().cview()) < 1e-10);
+    CHECK(max_rel_diff(CView<double>(v.data(), Shape{one.params().size()}), t1.optimizer().v().cview()) < 1e-8);
+    // A whole checkpoint (one process's) loads into the shards: each rank reads its part.
+    if (me == 0) save_checkpoint(one, "/tmp/limoe_test_mpi_ep.safetensors", TrainState<double>{&t1.optimizer(), "{}"});
+    std::vector<int> sync(1);
+    dist::broadcast(comm, std::span<int>(sync));  // the file is written
+    Limoe<double> again(cfg, ConfigRouter{}, ExpertShard{me % E, E});
+    const auto reader = io::SafetensorsReader::open("/tmp/limoe_test_mpi_ep.safetensors");
+    load_weights(again, reader);
+    AdamW<double> opt(tc.adam, again.params());
+    CHECK(load_optimizer(opt, reader));
+    int exact = 1;
+    for (const auto& e : again.params().entries()) {
+      const auto got = again.params().value(again.params().get(e.name));
+      const auto mine = ep.params().value(ep.params().get(e.name));
+      for (index_t i = 0; i < got.numel(); ++i) exact &= got[i] == static_cast<double>(static_cast<float>(mine[i])) || std::abs(got[i] - mine[i]) < 1e-6;
+    }
+    CHECK(exact);
+    CHECK(std::abs(opt.m()[opt.m().numel() - 1] - static_cast<double>(static_cast<float>(te.optimizer().m()[opt.m().numel() - 1]))) < 1e-9);
+    dist::broadcast(comm, std::span<int>(sync));
   }
 }
 

@@ -49,8 +49,6 @@ int run(const std::vector<std::string>& argv) {
               "out MPI: rebuild with libopenmpi-dev installed)"
 #endif
   );
-  LIMOE_CHECK(ep == 1, "--expert-parallel ", ep, ": expert parallelism is not available yet; use --data-parallel ",
-              ranks, " (every rank holds every expert)");
 
   // Model config and tokenizer: from the checkpoint when resuming, else from the preset / config file.
   std::unique_ptr<io::SafetensorsReader> resume;
@@ -86,7 +84,11 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(tok.text_len() == cfg.text_len, "the tokenizer's text length ", tok.text_len(), " differs from the model's ", cfg.text_len);
   cfg.validate();
 
-  Limoe<float> model(cfg);
+  LIMOE_CHECK(ep == 1 || (!cfg.moe_blocks.empty() && cfg.experts % ep == 0), "--expert-parallel ", ep,
+              ": the model's ", cfg.experts, " experts", (cfg.moe_blocks.empty() ? " (it has no MoE block)" : ""),
+              " do not split into ", ep, " equal parts");
+  // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
+  Limoe<float> model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
   const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL)));
   if (resume) load_weights(model, *resume); else model.init(seed);
   model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
@@ -138,20 +140,36 @@ int run(const std::vector<std::string>& argv) {
   const std::int64_t ckpt_every = args.integer("checkpoint-every", 0);
   const double prior_seconds = prior_or("train_seconds", 0.0);  // training time of the run before a resume
   const auto t0 = std::chrono::steady_clock::now();
+  // Every rank holds the same parameters (expert parallel: the same parts of them in every data-parallel
+  // replica); rank 0 writes the whole model, atomically. With experts sharded, the parts are gathered first
+  // (collective: every rank calls save).
+  std::vector<float> whole_values, whole_m, whole_v;
   auto save = [&](std::int64_t step) {
-    if (!lead) return;  // every rank holds the same parameters; one writes (atomically)
+    if (ep > 1) trainer.gather_whole_state(whole_values, whole_m, whole_v);
+    if (!lead) return;
     const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     nlohmann::json st = {{"step", step}, {"steps", tc.steps}, {"seed", seed}, {"batch", batch}, {"lr", tc.adam.lr},
                          {"warmup", tc.warmup_steps}, {"weight_decay", tc.adam.weight_decay}, {"clip", tc.adam.clip_norm},
                          {"data", data::resolve_kind(src)}, {"train_seconds", secs}};
-    save_checkpoint(model, ckpt, TrainState<float>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
+    if (ep == 1) {
+      save_checkpoint(model, ckpt, TrainState<float>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
+      return;
+    }
+    Limoe<float> whole(cfg);
+    std::copy(whole_values.begin(), whole_values.end(), whole.params().values().data());
+    AdamW<float> opt(tc.adam, whole.params());
+    std::copy(whole_m.begin(), whole_m.end(), opt.m().data());
+    std::copy(whole_v.begin(), whole_v.end(), opt.v().data());
+    opt.set_step(trainer.optimizer().step());
+    save_checkpoint(whole, ckpt, TrainState<float>{&opt, st.dump()}, {{"tokenizer", tok.to_json()}});
   };
   if (!quiet)
   std::cerr << "limoe train: " << cfg.depth << " blocks (" << cfg.moe_blocks.size() << " MoE, " << cfg.experts
             << " experts, top-" << cfg.top_k << "), width " << cfg.width << ", " << count_params(cfg).total
             << " parameters; data " << train_ds.name() << " (" << train_ds.size() << " pairs), batch " << batch
             << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads()
-            << (ranks > 1 ? ", data parallel over " + std::to_string(ranks) + " ranks" : std::string()) << "\n";
+            << (ranks > 1 ? ", " + std::to_string(ranks) + " ranks (data parallel " + std::to_string(dp) +
+                                " x expert parallel " + std::to_string(ep) + ")" : std::string()) << "\n";
   double ema_loss = 0;
   // --stop-at N ends this invocation after step N of the schedule (which still spans --steps): a run can be
   // split into legs, each resumed from the previous one's checkpoint.
@@ -202,7 +220,8 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          "  --threads N          worker threads (default all cores); --workers N data threads (default 1)\n"
                          "  --data-parallel D    under mpirun -np N: the ranks that split every batch (default N); --batch\n"
                          "                       stays the whole batch, and a seed gives the same data order on any N\n"
-                         "  --expert-parallel E  ranks that share the experts (default 1; E > 1 is not available yet)\n"
+                         "  --expert-parallel E  ranks that share out each block's experts (default 1): rank r holds part\n"
+                         "                       r % E of them; D x E = N, and the batch is split over all N ranks\n"
                          LIMOE_CLI_BACKEND_HELP
                          "  --out DIR            output folder (default runs/limoe): checkpoint.safetensors, metrics.jsonl\n"
                          "  --log-every N        progress line every N steps (default 10); --quiet for none\n"

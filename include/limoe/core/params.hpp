@@ -33,12 +33,22 @@ class ParamStore {
     Shape shape;
     index_t offset = 0;
     bool decay = false;  // weight decay applies (matrices), not to biases, norms, embeddings' positions
+    // A shard: this tensor is part `shard` of `shards` equal parts, along its first axis, of the whole tensor
+    // (experts sharded over ranks, docs/distributed.md); part 0 of 1 is a whole tensor.
+    int shard = 0, shards = 1;
+    Shape global_shape() const {
+      Shape s = shape;
+      if (s.rank() > 0) s[0] *= shards;
+      return s;
+    }
   };
 
-  ParamRef add(const std::string& name, Shape shape, bool decay) {
+  ParamRef add(const std::string& name, Shape shape, bool decay, int shard = 0, int shards = 1) {
     LIMOE_CHECK(!finalized_, "ParamStore::add(\"", name, "\"): the store is already finalized");
     LIMOE_CHECK(!index_.count(name), "ParamStore::add: duplicate parameter name \"", name, "\"");
-    entries_.push_back({name, shape, size_, decay});
+    LIMOE_CHECK(shards >= 1 && shard >= 0 && shard < shards && (shards == 1 || shape.rank() > 0),
+                "ParamStore::add(\"", name, "\"): shard ", shard, " of ", shards, " is not a part of a tensor");
+    entries_.push_back({name, shape, size_, decay, shard, shards});
     size_ += shape.numel();
     index_[name] = static_cast<int>(entries_.size() - 1);
     return ParamRef{static_cast<int>(entries_.size() - 1)};

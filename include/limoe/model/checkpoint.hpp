@@ -54,16 +54,20 @@ void load_weights(Model& model, const io::SafetensorsReader& r) {
                 ") required by its config");
     const auto& dims = r.info(e.name).shape;
     const Shape found = dims.size() <= 4 ? r.shape(e.name) : Shape{};
-    // A scalar may be stored as [] or [1] (both are common).
+    // A scalar may be stored as [] or [1] (both are common). The file holds whole tensors; a shard (experts
+    // sharded over ranks) reads its part.
+    const Shape whole = e.global_shape();
     const bool scalar_ok = e.shape.rank() == 0 && found.numel() == 1 && dims.size() <= 1;
-    LIMOE_CHECK(dims.size() <= 4 && (found == e.shape || scalar_ok), "checkpoint '", r.label(), "': tensor \"", e.name,
+    LIMOE_CHECK(dims.size() <= 4 && (found == whole || scalar_ok), "checkpoint '", r.label(), "': tensor \"", e.name,
                 "\" has ", dims.size() <= 4 ? "shape " + found.str() : "rank " + std::to_string(dims.size()),
-                ", the config requires ", e.shape.str());
+                ", the config requires ", whole.str());
     const std::vector<float> t = r.read_f32_flat(e.name);
     auto dst = ps.value(ps.get(e.name));
-    for (std::size_t i = 0; i < t.size(); ++i) {
-      LIMOE_CHECK(std::isfinite(t[i]), "checkpoint '", r.label(), "': tensor \"", e.name, "\" holds a non-finite value at ", i);
-      dst[static_cast<index_t>(i)] = static_cast<typename Model::scalar_type>(t[i]);
+    const std::size_t first = static_cast<std::size_t>(e.shard * e.shape.numel());
+    for (std::size_t i = 0; i < static_cast<std::size_t>(e.shape.numel()); ++i) {
+      const float x = t[first + i];
+      LIMOE_CHECK(std::isfinite(x), "checkpoint '", r.label(), "': tensor \"", e.name, "\" holds a non-finite value at ", first + i);
+      dst[static_cast<index_t>(i)] = static_cast<typename Model::scalar_type>(x);
     }
   }
 }

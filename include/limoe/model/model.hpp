@@ -27,6 +27,7 @@
 #include "limoe/core/params.hpp"
 #include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/dist/comm.hpp"
 #include "limoe/model/config.hpp"
 #include "limoe/moe/moe.hpp"
 #include "limoe/ops/ops.hpp"
@@ -85,6 +86,14 @@ struct BatchShard {
   index_t first_pair = 0;
 };
 
+// Expert parallelism: this model holds part `index` of `count` equal parts of every MoE block's experts (experts
+// [index E / count, (index + 1) E / count)); its expert tensors are registered with that shape, under their usual
+// names, as shards of the whole tensors (ParamStore::Entry::shard). The MoE blocks then exchange rows with the
+// other parts over the communicator given to set_expert_comm (docs/distributed.md).
+struct ExpertShard {
+  int index = 0, count = 1;
+};
+
 // The router policy a model uses when none is given: the stock top-K router that the config describes
 // (moe::visit_router: K = 1 and 2 compiled, other K at run time; BPR or vanilla order; Gaussian noise).
 struct ConfigRouter {};
@@ -101,8 +110,13 @@ class Limoe {
 
   // `router` is the router policy instance (ignored for ConfigRouter, which builds the stock router from the
   // config); its top_k() must equal the config's top_k.
-  explicit Limoe(ModelConfig cfg, Router router = Router{}) : cfg_(std::move(cfg)), router_(std::move(router)) {
+  explicit Limoe(ModelConfig cfg, Router router = Router{}, ExpertShard experts = {})
+      : cfg_(std::move(cfg)), router_(std::move(router)), ep_(experts) {
     cfg_.validate();
+    LIMOE_CHECK(ep_.count >= 1 && ep_.index >= 0 && ep_.index < ep_.count, "Limoe: expert shard ", ep_.index, " of ",
+                ep_.count, " does not exist");
+    LIMOE_CHECK(ep_.count == 1 || cfg_.experts % ep_.count == 0, "Limoe: ", cfg_.experts,
+                " experts do not split into ", ep_.count, " equal expert-parallel parts");
     if constexpr (!std::is_same_v<Router, ConfigRouter>) {
       static_assert(moe::RouterPolicy<Router, T>, "Limoe<T, Router>: Router must satisfy moe::RouterPolicy");
       LIMOE_CHECK(router_.top_k() == cfg_.top_k, "Limoe: the router's top_k() = ", router_.top_k(),
@@ -120,6 +134,14 @@ class Limoe {
   void zero_grad() { params_.zero_grad(); }
   // The router noise of training step s is a function of (noise seed, s, block) only.
   void set_noise_seed(std::uint64_t seed) { noise_seed_ = seed; }
+  const ExpertShard& expert_shard() const { return ep_; }
+  // Expert parallelism: the communicator of the ranks holding the other parts of the experts (its rank r holds
+  // part r). Every forward and backward with MoE blocks is then collective over it.
+  void set_expert_comm(dist::AnyComm comm) {
+    LIMOE_CHECK(comm.size() == ep_.count && comm.rank() == ep_.index, "Limoe::set_expert_comm: this model holds expert "
+                "part ", ep_.index, " of ", ep_.count, ", the communicator is rank ", comm.rank(), " of ", comm.size());
+    ep_comm_.emplace(std::move(comm));
+  }
 
   // Initialisation (ViT/big_vision style, adapted): LeCun-normal matrices, zero biases, unit LayerNorm gains,
   // N(0, 0.02) positions and token table, a small router, logit_scale = theta_0. Counter-based: the values do
@@ -143,8 +165,9 @@ class Limoe {
       } else if (ends("router.weight")) {
         fill(v, r, 0.02);
       } else {
+        // A shard draws the whole tensor's values at its own indices: the same model on any expert layout.
         const index_t fan_in = v.shape().back();
-        fill(v, r, 1.0 / std::sqrt(static_cast<double>(fan_in)));
+        fill(v, r, 1.0 / std::sqrt(static_cast<double>(fan_in)), e.shard * v.numel());
       }
     }
   }
@@ -405,8 +428,10 @@ class Limoe {
       b.ln2_b = add(p + ".ln2.bias", {D}, false);
       if (b.moe) {
         b.router = add(p + ".moe.router.weight", {E, D}, true);
-        b.mlp = {add(p + ".moe.fc1.weight", {E, M, D}, true), add(p + ".moe.fc1.bias", {E, M}, false),
-                 add(p + ".moe.fc2.weight", {E, D, M}, true), add(p + ".moe.fc2.bias", {E, D}, false)};
+        const index_t Ex = E / ep_.count;  // this model's part of the experts
+        auto part = [&](const std::string& n, Shape s, bool decay) { return params_.add(n, s, decay, ep_.index, ep_.count); };
+        b.mlp = {part(p + ".moe.fc1.weight", {Ex, M, D}, true), part(p + ".moe.fc1.bias", {Ex, M}, false),
+                 part(p + ".moe.fc2.weight", {Ex, D, M}, true), part(p + ".moe.fc2.bias", {Ex, D}, false)};
       } else {
         b.mlp = add_mlp(p + ".mlp");
       }
@@ -514,6 +539,18 @@ class Limoe {
     }
   }
 
+  // Block l's expert exchange under expert parallelism, else none.
+  moe::ExpertExchange<T>* exchange(int l) {
+    if (ep_.count == 1) return nullptr;
+    LIMOE_CHECK(ep_comm_.has_value(), "Limoe: this model holds expert part ", ep_.index, " of ", ep_.count,
+                "; give it the expert-parallel communicator (set_expert_comm) before running it");
+    ep_ex_.resize(static_cast<std::size_t>(cfg_.depth));
+    auto& ex = ep_ex_[static_cast<std::size_t>(l)];
+    ex.comm = &*ep_comm_;
+    ex.experts = cfg_.experts;
+    return &ex;
+  }
+
   // gather: dst[i] = src[perm[i]] (rows to group order); else scatter: dst[perm[i]] = src[i].
   void permute_rows(CView<T> src, View<T> dst, bool gather) const {
     const index_t R = src.dim(0), D = src.dim(1);
@@ -587,10 +624,12 @@ class Limoe {
         xin = a.moe_x.cview(), yout = moe_y_.view();
         modality = std::span<const std::uint8_t>(moe_modality_.data(), moe_modality_.size());
       }
+      auto* ex = exchange(l);
       if constexpr (std::is_same_v<Router, ConfigRouter>)
-        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx);
+        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx, ex);
       else
-        moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx);
+        moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx,
+                                              ex);
       if (moe_permute_) {
         permute_rows(moe_y_.cview(), x_out.view(), false);
         Tensor<std::int32_t> routes(ctx.routes().shape());  // [R, K] back in row order
@@ -629,11 +668,11 @@ class Limoe {
         moe_dx_.resize(Shape{R, D});  // [R, D]
         permute_rows(dx_.cview(), moe_dy_.view(), true);
         moe::moe_backward<T, BackendT>(expert_weights(b), a.moe_x.cview(), moe_dy_.cview(), moe_dx_.view(),
-                                       expert_grads(b), ctx, aux_scale_);
+                                       expert_grads(b), ctx, aux_scale_, exchange(l));
         permute_rows(moe_dx_.cview(), dln_.view(), false);
       } else {
         moe::moe_backward<T, BackendT>(expert_weights(b), a.ln2.cview(), dx_.cview(), dln_.view(), expert_grads(b), ctx,
-                                       aux_scale_);
+                                       aux_scale_, exchange(l));
       }
     }
     // dx_mid = dx_out + LN2^T dln
@@ -704,10 +743,10 @@ class Limoe {
       O::pool_backward(h.kind, mask, a.dpooled.cview(), dx);
   }
 
-  // Counter-based draws: element i depends on (r, i) only, so the parallel split cannot change the values.
-  static void fill(View<T> v, const Rng& r, double std) {
+  // Counter-based draws: element i depends on (r, first + i) only, so the parallel split cannot change the values.
+  static void fill(View<T> v, const Rng& r, double std, index_t first = 0) {
     parallel_for(0, v.numel(), 1 << 14, [&](index_t i0, index_t i1) {
-      for (index_t i = i0; i < i1; ++i) v[i] = static_cast<T>(std * r.normal(0, static_cast<std::uint64_t>(i)));
+      for (index_t i = i0; i < i1; ++i) v[i] = static_cast<T>(std * r.normal(0, static_cast<std::uint64_t>(first + i)));
     });
   }
 
@@ -730,6 +769,10 @@ class Limoe {
   std::vector<std::uint8_t> moe_modality_;
   Tensor<T> moe_y_, moe_dy_, moe_dx_;
   double aux_scale_ = 1.0;
+  // Expert parallelism: this model's part of the experts, the group's communicator, one exchange per block.
+  ExpertShard ep_;
+  std::optional<dist::AnyComm> ep_comm_;
+  std::vector<moe::ExpertExchange<T>> ep_ex_;
   // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and their gradients.
   struct DataParallelLoss {
     bool on = false;

@@ -30,6 +30,7 @@
 #include "limoe/math/balance.hpp"
 #include "limoe/math/softmax.hpp"
 #include "limoe/moe/config.hpp"
+#include "limoe/moe/expert_parallel.hpp"
 #include "limoe/moe/losses.hpp"
 #include "limoe/moe/ops.hpp"
 #include "limoe/moe/router.hpp"
@@ -124,15 +125,23 @@ ExpertWeights<T> experts_of(const MoeParams<T>& p) {
   return {p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b};
 }
 
+// The router sees all E experts; the expert weights are this rank's Ex of them (Ex = E without expert
+// parallelism).
 template <class T>
-void check_params(const MoeParams<T>& p, int E, index_t D) {
+void check_params(const MoeParams<T>& p, int E, index_t D, int Ex) {
   LIMOE_CHECK(p.fc1_w.rank() == 3, "moe: fc1.weight must be [E, M, D], got ", p.fc1_w.shape().str());
   const index_t M = p.fc1_w.dim(1);
   expect_shape(p.router_w, Shape{E, D}, "moe: router.weight");
-  expect_shape(p.fc1_w, Shape{E, M, D}, "moe: fc1.weight");
-  expect_shape(p.fc1_b, Shape{E, M}, "moe: fc1.bias");
-  expect_shape(p.fc2_w, Shape{E, D, M}, "moe: fc2.weight");
-  expect_shape(p.fc2_b, Shape{E, D}, "moe: fc2.bias");
+  expect_shape(p.fc1_w, Shape{Ex, M, D}, "moe: fc1.weight");
+  expect_shape(p.fc1_b, Shape{Ex, M}, "moe: fc1.bias");
+  expect_shape(p.fc2_w, Shape{Ex, D, M}, "moe: fc2.weight");
+  expect_shape(p.fc2_b, Shape{Ex, D}, "moe: fc2.bias");
+}
+template <class T>
+int local_experts(int E, const ExpertExchange<T>* ex) {
+  if (ex == nullptr || ex->shards() == 1) return E;
+  LIMOE_CHECK(E % ex->shards() == 0, "moe: ", E, " experts do not split over ", ex->shards(), " expert-parallel ranks");
+  return E / ex->shards();
 }
 }  // namespace detail
 
@@ -141,10 +150,13 @@ void check_params(const MoeParams<T>& p, int E, index_t D) {
 //   modality [N] (0 image, 1 text; an empty span means all image); y [N, D] overwritten.
 // Outputs besides y land in ctx: ctx.routes() [N, K], ctx.losses, ctx.stats.
 //   BackendT is the backend whose ops run the dispatch plan, gather, expert MLP and combine (backend/ops.hpp).
+//   `ex` (expert parallel, moe/expert_parallel.hpp): the experts are sharded over its ranks, p holds this rank's;
+//   the call is then collective over them.
 template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, class Router>
   requires RouterPolicy<Router, T>
 void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x,
-                 std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx) {
+                 std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx,
+                 ExpertExchange<T>* ex = nullptr) {
   cfg.validate();
   const int E = cfg.experts;
   const int K = router.top_k();
@@ -154,7 +166,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
               " experts are supported, got ", E);
   LIMOE_CHECK(x.rank() == 2, "moe_forward: x must be [N, D], got ", x.shape().str());
   const index_t N = x.dim(0), D = x.dim(1);
-  detail::check_params(p, E, D);
+  const bool sharded = ex != nullptr && ex->shards() > 1;
+  detail::check_params(p, E, D, detail::local_experts(E, ex));
   const index_t M = p.fc1_w.dim(1);
   expect_shape(y, Shape{N, D}, "moe_forward: y");
   LIMOE_CHECK(modality.empty() || static_cast<index_t>(modality.size()) == N, "moe_forward: modality has ",
@@ -256,12 +269,16 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   O::make_dispatch_plan(c.route.cview(), E, c.plan);
   const index_t A = c.plan.A;
   c.xe.resize(Shape{A, D});    // [A, D]
-  c.hpre.resize(Shape{A, M});  // [A, M]
-  c.h.resize(Shape{A, M});     // [A, M]
   c.ye.resize(Shape{A, D});    // [A, D]
   O::dispatch_forward(c.plan, x, c.xe.view());
-  O::expert_mlp_forward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.view(), c.h.view(),
-                             c.ye.view(), c.scratch);
+  if (sharded) {
+    expert_parallel_forward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.ye.view());
+  } else {
+    c.hpre.resize(Shape{A, M});  // [A, M]
+    c.h.resize(Shape{A, M});     // [A, M]
+    O::expert_mlp_forward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.view(), c.h.view(),
+                          c.ye.view(), c.scratch);
+  }
   O::combine_forward(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), y);
 
   // 7. Routing statistics (semantics §6).
@@ -310,20 +327,20 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
 // vanilla) and the given loss set (default: all five terms; set a weight to 0 to drop a term's gradient).
 template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu>
 void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::span<const std::uint8_t> modality,
-                 Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx) {
+                 Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx, ExpertExchange<T>* ex = nullptr) {
   cfg.validate();
   visit_router(cfg.router, cfg.top_k, [&](const auto& router) {
-    moe_forward<T, Losses, BackendT>(router, cfg, p, x, modality, mode, rng, y, ctx);
+    moe_forward<T, Losses, BackendT>(router, cfg, p, x, modality, mode, rng, y, ctx, ex);
   });
 }
 
 // Backward of the last forward on ctx.
 //   dy [N, D]: upstream gradient of y. dx [N, D] overwritten (empty: skipped). Parameter gradients accumulate.
 //   The aux losses' gradients (already weighted and averaged over groups) are added to the router's, times
-//   aux_scale (1 when the aux losses enter the training loss with coefficient 1).
+//   aux_scale (1 when the aux losses enter the training loss with coefficient 1). `ex`: as in forward.
 template <class T, Backend BackendT = Cpu>
 void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, const MoeGrads<T>& grads,
-                  MoeContext<T>& ctx, double aux_scale = 1.0) {
+                  MoeContext<T>& ctx, double aux_scale = 1.0, ExpertExchange<T>* ex = nullptr) {
   auto& c = ctx;
   LIMOE_CHECK(c.valid, "moe_backward: run moe_forward on this context first");
   const index_t N = c.N, D = c.D, M = c.M, A = c.plan.A;
@@ -331,14 +348,16 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
   expect_shape(x, Shape{N, D}, "moe_backward: x");
   expect_shape(dy, Shape{N, D}, "moe_backward: dy");
   if (!dx.empty()) expect_shape(dx, Shape{N, D}, "moe_backward: dx");
-  detail::check_params(p, E, D);
+  const bool sharded = ex != nullptr && ex->shards() > 1;
+  const int Ex = detail::local_experts(E, ex);
+  detail::check_params(p, E, D, Ex);
   LIMOE_CHECK(p.fc1_w.dim(1) == M, "moe_backward: parameters changed shape since forward (M ", M, " -> ",
               p.fc1_w.dim(1), ")");
   if (!grads.router_w.empty()) expect_shape(grads.router_w, Shape{E, D}, "moe_backward: grad router.weight");
-  if (!grads.fc1_w.empty()) expect_shape(grads.fc1_w, Shape{E, M, D}, "moe_backward: grad fc1.weight");
-  if (!grads.fc1_b.empty()) expect_shape(grads.fc1_b, Shape{E, M}, "moe_backward: grad fc1.bias");
-  if (!grads.fc2_w.empty()) expect_shape(grads.fc2_w, Shape{E, D, M}, "moe_backward: grad fc2.weight");
-  if (!grads.fc2_b.empty()) expect_shape(grads.fc2_b, Shape{E, D}, "moe_backward: grad fc2.bias");
+  if (!grads.fc1_w.empty()) expect_shape(grads.fc1_w, Shape{Ex, M, D}, "moe_backward: grad fc1.weight");
+  if (!grads.fc1_b.empty()) expect_shape(grads.fc1_b, Shape{Ex, M}, "moe_backward: grad fc1.bias");
+  if (!grads.fc2_w.empty()) expect_shape(grads.fc2_w, Shape{Ex, D, M}, "moe_backward: grad fc2.weight");
+  if (!grads.fc2_b.empty()) expect_shape(grads.fc2_b, Shape{Ex, D}, "moe_backward: grad fc2.bias");
   const bool need_dx = !dx.empty();
 
   using O = Ops<BackendT, T>;
@@ -367,11 +386,16 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
   });
 
   // 3-4. The expert MLPs: dxe, and the expert weight gradients (accumulated).
-  c.dh.resize(Shape{A, M});  // [A, M]
   if (need_dx) c.dxe.resize(Shape{A, D});  // [A, D]
-  O::expert_mlp_backward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.cview(), c.h.cview(),
-                              c.dye.cview(), c.dh.view(), need_dx ? c.dxe.view() : View<T>{},
-                              ExpertGrads<T>{grads.fc1_w, grads.fc1_b, grads.fc2_w, grads.fc2_b}, c.scratch);
+  const ExpertGrads<T> eg{grads.fc1_w, grads.fc1_b, grads.fc2_w, grads.fc2_b};
+  if (sharded) {
+    expert_parallel_backward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.dye.cview(),
+                                          need_dx ? c.dxe.view() : View<T>{}, eg);
+  } else {
+    c.dh.resize(Shape{A, M});  // [A, M]
+    O::expert_mlp_backward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.cview(), c.h.cview(),
+                           c.dye.cview(), c.dh.view(), need_dx ? c.dxe.view() : View<T>{}, eg, c.scratch);
+  }
 
   // 5. Router weight and input: dW_r += dlogits^T x; dx = dlogits W_r + sum_k dxe[row(t, k)].
   if (!grads.router_w.empty() && N > 0)

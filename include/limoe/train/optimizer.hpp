@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -64,6 +65,14 @@ class AdamW {
     decay_mask_.resize(Shape{ps.size()});
     for (const auto& e : ps.entries())
       for (index_t i = 0; i < e.shape.numel(); ++i) decay_mask_[e.offset + i] = e.decay ? 1 : 0;
+    // Where each entry's moments sit in the saved (whole-model) layout: a shard reads its part.
+    segments_.clear();
+    global_size_ = 0;
+    for (const auto& e : ps.entries()) {
+      const index_t n = e.shape.numel();
+      segments_.push_back({e.offset, n, global_size_ + e.shard * n});
+      global_size_ += n * e.shards;
+    }
     step_ = 0;
   }
 
@@ -94,8 +103,8 @@ class AdamW {
     if (!r.has("opt.m") || !r.has("opt.v")) return false;
     std::vector<float> flat[2] = {r.read_f32_flat("opt.m"), r.read_f32_flat("opt.v")};
     for (int k = 0; k < 2; ++k)
-      LIMOE_CHECK(static_cast<index_t>(flat[k].size()) == m_.numel(), "checkpoint '", r.label(), "': ",
-                  k ? "opt.v" : "opt.m", " has ", flat[k].size(), " values for ", m_.numel(),
+      LIMOE_CHECK(static_cast<index_t>(flat[k].size()) == global_size_, "checkpoint '", r.label(), "': ",
+                  k ? "opt.v" : "opt.m", " has ", flat[k].size(), " values for ", global_size_,
                   " parameters (attach the optimizer to the model first)");
     std::int64_t step = step_;
     const auto& md = r.metadata();
@@ -108,24 +117,28 @@ class AdamW {
         fail("checkpoint '", r.label(), "': opt_step \"", it->second, "\" is not a step count");
       }
     }
-    for (index_t i = 0; i < m_.numel(); ++i) {
-      m_[i] = static_cast<T>(flat[0][static_cast<std::size_t>(i)]);
-      v_[i] = static_cast<T>(flat[1][static_cast<std::size_t>(i)]);
-    }
+    for (const auto& sg : segments_)
+      for (index_t i = 0; i < sg.numel; ++i) {
+        m_[sg.local + i] = static_cast<T>(flat[0][static_cast<std::size_t>(sg.global + i)]);
+        v_[sg.local + i] = static_cast<T>(flat[1][static_cast<std::size_t>(sg.global + i)]);
+      }
     step_ = step;
     return true;
   }
 
-  // One update with learning rate lr_t; returns the global gradient norm before clipping.
-  double update(ParamStore<T>& ps, double lr_t) {
+  // One update with learning rate lr_t; returns the global gradient norm before clipping. `grad_norm`, when
+  // given, is that norm computed by the caller (a store holding a shard of the model: the norm is the whole
+  // model's, summed over ranks).
+  double update(ParamStore<T>& ps, double lr_t, std::optional<double> grad_norm = std::nullopt) {
     LIMOE_CHECK(m_.numel() == ps.size(), "AdamW: attach() the optimizer to this parameter store first (",
                 m_.numel(), " moments for ", ps.size(), " parameters)");
     View<T> w = ps.values();
     CView<T> g = ps.grads();
     const index_t n = ps.size();
     double sq = 0;
-    for (index_t i = 0; i < n; ++i) sq += static_cast<double>(g[i]) * static_cast<double>(g[i]);
-    const double norm = std::sqrt(sq);
+    if (!grad_norm)
+      for (index_t i = 0; i < n; ++i) sq += static_cast<double>(g[i]) * static_cast<double>(g[i]);
+    const double norm = grad_norm ? *grad_norm : std::sqrt(sq);
     LIMOE_CHECK(std::isfinite(norm), "AdamW: the gradient is not finite (norm ", norm,
                 "); lower the learning rate or enable clipping");
     const double clip = (cfg_.clip_norm > 0 && norm > cfg_.clip_norm) ? cfg_.clip_norm / norm : 1.0;
@@ -145,6 +158,11 @@ class AdamW {
   AdamWConfig cfg_;
   Tensor<T> m_, v_;
   Tensor<std::uint8_t> decay_mask_;
+  struct Segment {
+    index_t local, numel, global;  // an entry's moments: here, and in the whole model's saved layout
+  };
+  std::vector<Segment> segments_;
+  index_t global_size_ = 0;
   std::int64_t step_ = 0;
 };
 

@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -142,11 +143,51 @@ class Trainer {
   // Gradient elements summed per all-reduce call (16 MiB of float): bounds the scratch the sum needs.
   static constexpr std::size_t kBucket = std::size_t{1} << 22;
 
+  // Expert parallel (a model holding part p of E of the experts, Limoe's ExpertShard): rank r of the communicator
+  // must hold part r % E; ranks r - r % E .. r - r % E + E - 1 form its expert-parallel group (the model gets
+  // that communicator here), ranks with the same part its data-parallel group (they sum their expert gradients).
   Trainer(Model& model, TrainConfig cfg, Comm comm = Comm{}) : model_(model), cfg_(cfg), comm_(std::move(comm)) {
     LIMOE_CHECK(cfg_.steps >= 1, "TrainConfig: steps must be >= 1, got ", cfg_.steps);
     LIMOE_CHECK(cfg_.adam.lr > 0, "TrainConfig: the learning rate must be positive, got ", cfg_.adam.lr);
     opt_ = AdamW<T>(cfg_.adam, model_.params());
     sched_ = LrSchedule{cfg_.warmup_steps, cfg_.steps, cfg_.decay, cfg_.final_lr_fraction};
+    if constexpr (requires { model.expert_shard(); }) {
+      const int E = model_.expert_shard().count, rank = comm_.rank();
+      if (E > 1) {
+        LIMOE_CHECK(comm_.size() % E == 0 && model_.expert_shard().index == rank % E, "Trainer: rank ", rank, " of ",
+                    comm_.size(), " must hold expert part ", rank % E, " of ", E, ", the model holds part ",
+                    model_.expert_shard().index, " of ", E, " (ranks must be a multiple of the parts)");
+        model_.set_expert_comm(dist::AnyComm(comm_.split(rank / E, rank)));
+        ep_comm_.emplace(comm_.split(rank / E, rank));
+        dp_comm_.emplace(comm_.split(rank % E, rank));
+        // The flat gradient's segments: whole tensors (summed over every rank) and expert shards (over the
+        // ranks holding the same part).
+        for (const auto& e : model_.params().entries())
+          (e.shards > 1 ? sharded_ : whole_).push_back({e.offset, e.shape.numel()});
+      }
+    }
+  }
+
+  // Expert parallel: the whole model's parameters and AdamW moments, in the store's entry order with every
+  // expert tensor whole (what a checkpoint holds). Collective over the trainer's communicator.
+  void gather_whole_state(std::vector<T>& values, std::vector<T>& m, std::vector<T>& v) {
+    const auto& ps = model_.params();
+    values.clear(), m.clear(), v.clear();
+    std::vector<T> part, whole;
+    for (const auto& e : ps.entries()) {
+      const index_t n = e.shape.numel();
+      for (auto [src, dst] : {std::pair<const T*, std::vector<T>*>{ps.values().data(), &values},
+                              {opt_.m().data(), &m}, {opt_.v().data(), &v}}) {
+        if (e.shards == 1) {
+          dst->insert(dst->end(), src + e.offset, src + e.offset + n);
+          continue;
+        }
+        LIMOE_CHECK(ep_comm_.has_value(), "Trainer::gather_whole_state: sharded experts without their group");
+        whole.resize(static_cast<std::size_t>(n * e.shards));
+        dist::all_gather(*ep_comm_, std::span<const T>(src + e.offset, static_cast<std::size_t>(n)), std::span<T>(whole));
+        dst->insert(dst->end(), whole.begin(), whole.end());
+      }
+    }
   }
 
   AdamW<T>& optimizer() { return opt_; }
@@ -167,6 +208,7 @@ class Trainer {
     const int P = comm_.size(), rank = comm_.rank();
     model_.zero_grad();
     StepReport r;
+    std::optional<double> grad_norm;  // given when the store holds a shard of the model
     if (P == 1) {
       const auto fwd = model_.forward(images, texts, Mode::Train, static_cast<std::uint64_t>(s));
       r.loss = model_.loss(fwd);
@@ -203,16 +245,29 @@ class Trainer {
       tc = clock::now();
       for (auto& a : r.aux_terms) reduce_aux_terms(a);
       merge_routing_stats(comm_, r.routing);
-      // The flat gradient, summed over ranks bucket by bucket.
       View<T> g = model_.params().grads();
-      for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
-        const index_t len = std::min<index_t>(static_cast<index_t>(kBucket), g.numel() - i);
-        dist::all_reduce_sum(comm_, std::span<T>(g.data() + i, static_cast<std::size_t>(len)), scratch_);
+      if (!dp_comm_) {
+        // The flat gradient, summed over ranks bucket by bucket.
+        for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
+          const index_t len = std::min<index_t>(static_cast<index_t>(kBucket), g.numel() - i);
+          dist::all_reduce_sum(comm_, std::span<T>(g.data() + i, static_cast<std::size_t>(len)), scratch_);
+        }
+      } else {
+        // Whole tensors over every rank; expert shards over the ranks holding the same part. The norm for
+        // clipping is the whole model's: whole tensors once, every expert part once (summed over its group).
+        reduce_segments(comm_, whole_, g);
+        reduce_segments(*dp_comm_, sharded_, g);
+        double sq_whole = 0, sq_part = 0;
+        for (const auto& sg : whole_)
+          for (index_t i = 0; i < sg.numel; ++i) sq_whole += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
+        for (const auto& sg : sharded_)
+          for (index_t i = 0; i < sg.numel; ++i) sq_part += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
+        grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
       }
       comm_seconds_ += seconds_since(tc);
     }
     r.lr = lr_at(s);
-    r.grad_norm = opt_.update(model_.params(), r.lr);
+    r.grad_norm = opt_.update(model_.params(), r.lr, grad_norm);
     r.step = opt_.step();
     r.seconds = seconds_since(t0);
     return r;
@@ -228,6 +283,29 @@ class Trainer {
     r.routing = fwd.stats;
     r.aux_terms = fwd.aux_terms;
   }
+  struct Segment {
+    index_t offset, numel;
+  };
+  // Sums the listed segments of g over `comm`, packed into buckets (one all-reduce per bucket).
+  template <dist::Communicator C>
+  void reduce_segments(C& comm, const std::vector<Segment>& segs, View<T> g) {
+    std::size_t k = 0;
+    while (k < segs.size()) {
+      pack_.clear();
+      const std::size_t k0 = k;
+      while (k < segs.size() && (pack_.empty() || pack_.size() + static_cast<std::size_t>(segs[k].numel) <= kBucket)) {
+        pack_.insert(pack_.end(), g.data() + segs[k].offset, g.data() + segs[k].offset + segs[k].numel);
+        ++k;
+      }
+      dist::all_reduce_sum(comm, std::span<T>(pack_), scratch_);
+      std::size_t at = 0;
+      for (std::size_t j = k0; j < k; ++j) {
+        std::copy_n(pack_.begin() + static_cast<std::ptrdiff_t>(at), segs[j].numel, g.data() + segs[j].offset);
+        at += static_cast<std::size_t>(segs[j].numel);
+      }
+    }
+  }
+
   // One block's auxiliary loss terms: the mean over ranks.
   void reduce_aux_terms(moe::AuxLossValues& a) {
     std::vector<double> v{a.total, a.importance, a.load, a.z};
@@ -244,7 +322,10 @@ class Trainer {
   Comm comm_;
   double comm_seconds_ = 0;
   Tensor<T> img_all_, txt_all_;
-  std::vector<T> scratch_;
+  std::vector<T> scratch_, pack_;
+  // Expert parallel: the expert-parallel and data-parallel groups, and the gradient's segments.
+  std::optional<Comm> ep_comm_, dp_comm_;
+  std::vector<Segment> whole_, sharded_;
   AdamW<T> opt_;
   LrSchedule sched_;
 };
