@@ -60,6 +60,22 @@ Batch make_batch(const ModelConfig& c, index_t B, std::uint64_t seed) {
   }
   return b;
 }
+// Three short steps; `clip` the global-norm bound.
+TrainConfig three_steps(double clip) {
+  TrainConfig tc;
+  tc.steps = 3;
+  tc.warmup_steps = 1;
+  tc.adam.lr = 3e-3;
+  tc.adam.clip_norm = clip;
+  return tc;
+}
+void same_start(std::initializer_list<Limoe<double>*> models) {
+  for (auto* m : models) {
+    m->init(9);
+    m->set_noise_seed(5);
+  }
+}
+
 template <class U>
 CView<U> rows(const Tensor<U>& t, index_t first, index_t n) {
   Shape s = t.shape();
@@ -184,15 +200,9 @@ TEST_CASE("data parallel training: a few steps on every rank end with one proces
   const int P = comm.size(), me = comm.rank();
   const index_t B = 8, n = B / P;
   const ModelConfig cfg = small_config(1, 1);
-  TrainConfig tc;
-  tc.steps = 3;
-  tc.warmup_steps = 1;
-  tc.adam.lr = 3e-3;
+  const TrainConfig tc = three_steps(1.0);
   Limoe<double> one(cfg), dp(cfg);
-  for (auto* m : {&one, &dp}) {
-    m->init(9);
-    m->set_noise_seed(5);
-  }
+  same_start({&one, &dp});
   Trainer<Limoe<double>> t1(one, tc);
   Trainer<Limoe<double>, MpiComm> td(dp, tc, world());
   for (int s = 0; s < 3; ++s) {
@@ -309,16 +319,9 @@ TEST_CASE("expert parallel training: the whole state after three steps equals on
   for (int E : expert_layouts(P)) {
     CAPTURE(E);
     const ModelConfig cfg = small_config(2, 1);
-    TrainConfig tc;
-    tc.steps = 3;
-    tc.warmup_steps = 1;
-    tc.adam.lr = 3e-3;
-    tc.adam.clip_norm = 0.05;  // clipping active: the norm must be the whole model's
+    const TrainConfig tc = three_steps(0.05);  // clipping active: the norm must be the whole model's
     Limoe<double> one(cfg), ep(cfg, ConfigRouter{}, ExpertShard{me % E, E});
-    for (auto* m : {&one, &ep}) {
-      m->init(9);
-      m->set_noise_seed(5);
-    }
+    same_start({&one, &ep});
     Trainer<Limoe<double>> t1(one, tc);
     Trainer<Limoe<double>, MpiComm> te(ep, tc, world());
     for (int s = 0; s < 3; ++s) {

@@ -120,21 +120,28 @@ void broadcast(C& comm, std::span<T> data, int root = 0) {
 }
 
 // In place: data = sum over ranks of data, added in rank order (deterministic, identical on every rank).
-// `scratch` (resized here, reuse it across calls) holds the chunks in flight: about 2x data.
+// `scratch` (grown here, reuse it across calls) holds the chunks in flight: about 1x data (2x when the size
+// does not split evenly over the ranks).
 template <Communicator C, class T>
 void all_reduce_sum(C& comm, std::span<T> data, std::vector<T>& scratch) {
   static_assert(std::is_arithmetic_v<T>);
   const std::size_t P = static_cast<std::size_t>(comm.size());
   if (P == 1 || data.empty()) return;
-  // Chunk c (of P equal chunks, the last padded with zeros) is reduced by rank c.
+  // Chunk c (of P equal chunks; the last padded with zeros when the size does not split evenly) is reduced by
+  // rank c.
   const std::size_t chunk = (data.size() + P - 1) / P;
-  scratch.assign(2 * P * chunk, T(0));
-  T* send = scratch.data();             // [P, chunk]: data, padded
-  T* recv = scratch.data() + P * chunk;  // [P, chunk]: every rank's copy of my chunk
-  std::copy(data.begin(), data.end(), send);
+  const bool even = chunk * P == data.size();
+  const std::size_t padded = even ? 0 : P * chunk;
+  if (scratch.size() < padded + P * chunk + chunk) scratch.resize(padded + P * chunk + chunk);
+  const T* send = data.data();  // [P, chunk]
+  if (!even) {
+    std::copy(data.begin(), data.end(), scratch.begin());
+    std::fill(scratch.begin() + static_cast<std::ptrdiff_t>(data.size()), scratch.begin() + static_cast<std::ptrdiff_t>(padded), T(0));
+    send = scratch.data();
+  }
+  T* recv = scratch.data() + padded;            // [P, chunk]: every rank's copy of my chunk, then all sums
+  T* mine = scratch.data() + padded + P * chunk;  // [chunk]: my chunk's sum, in rank order
   comm.all_to_all_bytes(send, recv, chunk * sizeof(T));
-  const std::size_t me = static_cast<std::size_t>(comm.rank());
-  T* mine = send + me * chunk;  // my chunk's sum, in rank order
   std::copy(recv, recv + chunk, mine);
   for (std::size_t p = 1; p < P; ++p)
     for (std::size_t i = 0; i < chunk; ++i) mine[i] += recv[p * chunk + i];

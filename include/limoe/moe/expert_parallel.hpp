@@ -47,27 +47,19 @@ struct ExpertExchange {
 
 namespace detail {
 
-// rows of plan expert (q Ex + j) -> send block (q, j), or back (scatter = false: block -> rows).
+// rows of plan expert (q Ex + j) <-> block (q, j) of the padded [P, Ex, cmax, D] buffer (to_blocks: pack for
+// sending, `rows` only read; else unpack what came back into `rows`).
 template <class T>
-void ep_pack(const ExpertExchange<T>& ex, const DispatchPlan& plan, CView<T> rows, View<T> blocks) {
+void ep_move(const ExpertExchange<T>& ex, const DispatchPlan& plan, T* rows, T* blocks, bool to_blocks) {
   const index_t D = ex.D, C = ex.cmax;
   for (int q = 0; q < ex.P; ++q)
     for (int j = 0; j < ex.Ex; ++j) {
       const int e = q * ex.Ex + j;
-      const index_t n = plan.rows_of(e);
-      std::memcpy(blocks.data() + ((static_cast<index_t>(q) * ex.Ex + j) * C) * D, rows.data() + plan.offsets[e] * D,
-                  static_cast<std::size_t>(n * D) * sizeof(T));
-    }
-}
-template <class T>
-void ep_unpack(const ExpertExchange<T>& ex, const DispatchPlan& plan, CView<T> blocks, View<T> rows) {
-  const index_t D = ex.D, C = ex.cmax;
-  for (int q = 0; q < ex.P; ++q)
-    for (int j = 0; j < ex.Ex; ++j) {
-      const int e = q * ex.Ex + j;
-      const index_t n = plan.rows_of(e);
-      std::memcpy(rows.data() + plan.offsets[e] * D, blocks.data() + ((static_cast<index_t>(q) * ex.Ex + j) * C) * D,
-                  static_cast<std::size_t>(n * D) * sizeof(T));
+      T* block = blocks + ((static_cast<index_t>(q) * ex.Ex + j) * C) * D;
+      T* r = rows + plan.offsets[e] * D;
+      const std::size_t bytes = static_cast<std::size_t>(plan.rows_of(e) * D) * sizeof(T);
+      if (to_blocks) std::memcpy(block, r, bytes);
+      else std::memcpy(r, block, bytes);
     }
 }
 // received blocks (source s, my expert j) <-> my experts' rows (expert j: source 0's rows, source 1's, ...).
@@ -126,7 +118,7 @@ void expert_parallel_forward(ExpertExchange<T>& ex, const DispatchPlan& plan, co
   const Shape blocks{static_cast<index_t>(P) * ex.Ex * ex.cmax, D};
   ex.send.resize(blocks);
   ex.recv.resize(blocks);
-  detail::ep_pack<T>(ex, plan, xe, ex.send.view());
+  detail::ep_move<T>(ex, plan, const_cast<T*>(xe.data()), ex.send.data(), true);
   detail::ep_exchange(ex);
   ex.xl.resize(Shape{Al, D});
   ex.hpre.resize(Shape{Al, M});
@@ -137,7 +129,7 @@ void expert_parallel_forward(ExpertExchange<T>& ex, const DispatchPlan& plan, co
                                        ex.scratch);
   detail::ep_compact<T>(ex, ex.send.data(), ex.yl.data(), false);  // outputs back to their sources' blocks
   detail::ep_exchange(ex);
-  detail::ep_unpack<T>(ex, plan, ex.recv.cview(), ye);
+  detail::ep_move<T>(ex, plan, ye.data(), ex.recv.data(), false);
 }
 
 // Backward: dye [A, D] in plan order -> dxe [A, D] (empty: skipped here, but the exchange still runs on every
@@ -147,7 +139,7 @@ void expert_parallel_backward(ExpertExchange<T>& ex, const DispatchPlan& plan, c
                               CView<T> dye, View<T> dxe, const ExpertGrads<T>& g) {
   LIMOE_CHECK(ex.comm != nullptr && ex.P == ex.comm->size(), "expert parallel: backward without its forward");
   const index_t D = ex.D, M = ex.M, Al = ex.local.A;
-  detail::ep_pack<T>(ex, plan, dye, ex.send.view());
+  detail::ep_move<T>(ex, plan, const_cast<T*>(dye.data()), ex.send.data(), true);
   detail::ep_exchange(ex);
   ex.dyl.resize(Shape{Al, D});
   ex.dh.resize(Shape{Al, M});
@@ -157,7 +149,7 @@ void expert_parallel_backward(ExpertExchange<T>& ex, const DispatchPlan& plan, c
                                         ex.dyl.cview(), ex.dh.view(), ex.dxl.view(), g, ex.scratch);
   detail::ep_compact<T>(ex, ex.send.data(), ex.dxl.data(), false);
   detail::ep_exchange(ex);
-  if (!dxe.empty()) detail::ep_unpack<T>(ex, plan, ex.recv.cview(), dxe);
+  if (!dxe.empty()) detail::ep_move<T>(ex, plan, dxe.data(), ex.recv.data(), false);
 }
 
 }  // namespace limoe::moe
