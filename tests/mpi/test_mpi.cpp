@@ -235,6 +235,10 @@ TEST_CASE("data parallel training: a few steps on every rank end with one proces
     const index_t mine_n = me == 0 ? n - 1 : n;
     CHECK_THROWS_WITH_AS(td.step(rows(batch.images, 0, mine_n), rows(batch.texts, 0, mine_n)),
                          doctest::Contains("shard of the same size"), Error);
+    // Texts missing rows on one rank: an error on every rank before any collective of the step.
+    const index_t texts_n = me == P - 1 ? n - 1 : n;
+    CHECK_THROWS_WITH_AS(td.step(rows(batch.images, 0, n), rows(batch.texts, 0, texts_n)),
+                         doctest::Contains("n images and their n texts"), Error);
   }
 }
 
@@ -332,6 +336,9 @@ TEST_CASE("expert parallel training: the whole state after three steps equals on
       CHECK(std::abs(re.grad_norm - r1.grad_norm) <= 1e-10 * r1.grad_norm);
       CHECK(r1.grad_norm > tc.adam.clip_norm);
     }
+    // A checkpoint holds the whole model: saving a part is refused (gather first).
+    CHECK_THROWS_WITH_AS(save_checkpoint(ep, "/tmp/limoe_test_mpi_part.safetensors"),
+                         doctest::Contains("gather the parts first"), Error);
     std::vector<double> values, m, v;
     te.gather_whole_state(values, m, v);
     REQUIRE(values.size() == static_cast<std::size_t>(one.params().size()));

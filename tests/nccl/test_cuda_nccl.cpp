@@ -11,6 +11,12 @@
 
 using namespace limoe;
 
+// Device memory: the host-side sums and the type-erased host communicator refuse it at compile time.
+static_assert(dist::Communicator<dist::NcclComm>);
+static_assert(!dist::HostCommunicator<dist::NcclComm>);
+static_assert(!std::is_constructible_v<dist::AnyComm, dist::NcclComm>);
+static_assert(dist::HostCommunicator<dist::MpiComm> && dist::HostCommunicator<dist::SingleProcess>);
+
 namespace {
 int device_count() {
   int n = 0;

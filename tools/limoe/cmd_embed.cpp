@@ -30,6 +30,7 @@ int run(const std::vector<std::string>& argv) {
     const long long g = args.integer("group-size", 0);
     LIMOE_CHECK(g >= 0, "--group-size must be >= 0 (0 = one group), got ", g);
     cfg.router.group_size = g;
+    cfg.group_pairs = 0;  // the flag's groups (of tokens) replace the checkpoint's groups of pairs
   }
   Limoe<float> model(cfg);
   load_weights(model, reader);

@@ -59,7 +59,9 @@ int run(const std::vector<std::string>& argv) {
             << " MoE blocks; router: noise " << cfg.router.noise_std << ", capacity train "
             << cfg.router.capacity_factor_train << " / eval " << cfg.router.capacity_factor_eval
             << (cfg.router.capacity_factor_eval == 0 ? " (no drop)" : "") << ", bpr "
-            << (cfg.router.bpr ? "on" : "off") << ", group " << cfg.router.group_size << "\n"
+            << (cfg.router.bpr ? "on" : "off") << ", group "
+            << (cfg.group_pairs > 0 ? std::to_string(cfg.group_pairs) + " pairs" : std::to_string(cfg.router.group_size) + " tokens")
+            << "\n"
             << "  parameters: " << millions(pc.total) << " total (" << pc.total << "), " << millions(pc.per_token)
             << " per token (" << pc.per_token << ")\n"
             << "  per block: dense " << millions(pc.per_block_dense) << ", MoE " << millions(pc.per_block_moe) << "\n"

@@ -38,7 +38,8 @@ int run(const std::vector<std::string>& argv) {
   dist::AnyComm comm = cli::world();
   const int ranks = comm.size(), rank = comm.rank();
   const bool lead = rank == 0;  // progress, metrics and the checkpoint come from rank 0 only
-  const long long dp = args.integer("data-parallel", ranks), ep = args.integer("expert-parallel", 1);
+  const long long ep = args.integer("expert-parallel", 1);
+  const long long dp = args.integer("data-parallel", ep >= 1 && ranks % ep == 0 ? ranks / ep : ranks);
   LIMOE_CHECK(dp >= 1 && ep >= 1, "--data-parallel and --expert-parallel must be >= 1, got ", dp, " and ", ep);
   LIMOE_CHECK(dp * ep == ranks, "--data-parallel ", dp, " x --expert-parallel ", ep, " = ", dp * ep, " ranks, but ",
               ranks, (ranks == 1 ? " process is running (start the ranks with mpirun -np N; this limoe was built "
@@ -87,11 +88,6 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(ep == 1 || (!cfg.moe_blocks.empty() && cfg.experts % ep == 0), "--expert-parallel ", ep,
               ": the model's ", cfg.experts, " experts", (cfg.moe_blocks.empty() ? " (it has no MoE block)" : ""),
               " do not split into ", ep, " equal parts");
-  // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
-  Limoe<float> model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
-  const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL)));
-  if (resume) load_weights(model, *resume); else model.init(seed);
-  model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
 
   TrainConfig tc;
   tc.steps = args.integer("steps", prior_or("steps", 1000LL));
@@ -106,9 +102,21 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(batch % ranks == 0, "--batch ", batch, " is the whole batch of a step; it must split evenly over the ",
               ranks, " ranks");
   const index_t shard = batch / ranks;
+  // Routing groups never span ranks. Groups of consecutive tokens cannot be kept across the split; one group per
+  // call becomes one group per rank's shard, recorded in the model (and its checkpoint) as groups of pairs.
+  LIMOE_CHECK(ranks == 1 || cfg.router.group_size == 0, "router.group_size ", cfg.router.group_size, " (routing groups "
+              "of consecutive tokens) cannot be kept over ", ranks, " ranks; use group_pairs (groups of pairs) instead");
+  if (ranks > 1 && cfg.group_pairs == 0) cfg.group_pairs = static_cast<int>(shard);
   LIMOE_CHECK(cfg.group_pairs == 0 || shard % cfg.group_pairs == 0, "routing groups of ", cfg.group_pairs,
               " pairs (group_pairs) must tile each rank's ", shard, " pairs (--batch ", batch, " over ", ranks,
               " ranks): a group never spans ranks");
+  cfg.validate();
+
+  // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
+  Limoe<float> model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
+  const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL)));
+  if (resume) load_weights(model, *resume); else model.init(seed);
+  model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
   Trainer<Limoe<float>, dist::AnyComm> trainer(model, tc, std::move(comm));
   std::int64_t start = 0;
   if (resume) {
@@ -163,13 +171,14 @@ int run(const std::vector<std::string>& argv) {
     opt.set_step(trainer.optimizer().step());
     save_checkpoint(whole, ckpt, TrainState<float>{&opt, st.dump()}, {{"tokenizer", tok.to_json()}});
   };
-  if (!quiet)
+  if (lead)
   std::cerr << "limoe train: " << cfg.depth << " blocks (" << cfg.moe_blocks.size() << " MoE, " << cfg.experts
             << " experts, top-" << cfg.top_k << "), width " << cfg.width << ", " << count_params(cfg).total
             << " parameters; data " << train_ds.name() << " (" << train_ds.size() << " pairs), batch " << batch
             << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads()
             << (ranks > 1 ? ", " + std::to_string(ranks) + " ranks (data parallel " + std::to_string(dp) +
-                                " x expert parallel " + std::to_string(ep) + ")" : std::string()) << "\n";
+                                " x expert parallel " + std::to_string(ep) + "), routing groups of " +
+                                std::to_string(cfg.group_pairs) + " pairs" : std::string()) << "\n";
   double ema_loss = 0;
   // --stop-at N ends this invocation after step N of the schedule (which still spans --steps): a run can be
   // split into legs, each resumed from the previous one's checkpoint.
@@ -218,7 +227,7 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          "  --weight-decay W     decoupled weight decay on matrices (default 0.1); --clip C global norm (default 1)\n"
                          "  --seed S             initialisation and data order (default 0)\n"
                          "  --threads N          worker threads (default all cores); --workers N data threads (default 1)\n"
-                         "  --data-parallel D    under mpirun -np N: the ranks that split every batch (default N); --batch\n"
+                         "  --data-parallel D    under mpirun -np N: copies of each expert part (default N / E); --batch\n"
                          "                       stays the whole batch, and a seed gives the same data order on any N\n"
                          "  --expert-parallel E  ranks that share out each block's experts (default 1): rank r holds part\n"
                          "                       r % E of them; D x E = N, and the batch is split over all N ranks\n"

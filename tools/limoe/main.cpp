@@ -46,14 +46,22 @@ void usage(std::ostream& os) {
 }
 }  // namespace
 
-// A failure on one rank of several ends every rank (MPI_Abort) with its message: none waits in a collective.
-[[noreturn]] void fail_all_ranks(const std::string& message) {
+// A failure on one rank of several ends every rank (MPI_Abort) with its message and exit status: none waits
+// in a collective.
+[[noreturn]] void fail_all_ranks(const std::string& message, int code) {
 #if defined(LIMOE_HAVE_MPI)
-  limoe::dist::MpiSession::abort(message, 2);
+  limoe::dist::MpiSession::abort(message, code);
 #else
   std::cerr << message << "\n";
-  std::exit(2);
+  std::exit(code);
 #endif
+}
+
+// The number of processes an MPI launcher says it started (1 when none did).
+long launched_processes() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS"})
+    if (const char* s = std::getenv(v)) return std::max(1L, std::atol(s));
+  return 1;
 }
 
 int main(int argc, char** argv) {
@@ -61,6 +69,16 @@ int main(int argc, char** argv) {
   if (limoe::dist::MpiSession::launched()) limoe::cli::mpi_session() = std::make_unique<limoe::dist::MpiSession>(&argc, &argv);
 #endif
   const bool many = limoe::cli::world().size() > 1;
+  if (!many && launched_processes() > 1) {  // e.g. mpirun with a limoe built without MPI: every process alone
+    std::cerr << "limoe: an MPI launcher started " << launched_processes() << " processes, but this limoe "
+#if defined(LIMOE_HAVE_MPI)
+              << "sees one (its MPI differs from the launcher's)"
+#else
+              << "was built without MPI (install libopenmpi-dev and rebuild)"
+#endif
+              << "; each would train alone and overwrite the others' files\n";
+    return 2;
+  }
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     usage(args.empty() ? std::cerr : std::cout);
@@ -84,15 +102,15 @@ int main(int argc, char** argv) {
 #endif
     return rc;
   } catch (const limoe::Error& e) {
-    if (many) fail_all_ranks("limoe " + it->name + ": " + e.what());
+    if (many) fail_all_ranks("limoe " + it->name + ": " + e.what(), 2);
     std::cerr << "limoe " << it->name << ": " << e.what() << "\n";
     return 2;
   } catch (const std::bad_alloc&) {
-    if (many) fail_all_ranks("limoe " + it->name + ": out of memory");
+    if (many) fail_all_ranks("limoe " + it->name + ": out of memory", 1);
     std::cerr << "limoe " << it->name << ": out of memory\n";
     return 1;
   } catch (const std::exception& e) {
-    if (many) fail_all_ranks("limoe " + it->name + ": " + e.what());
+    if (many) fail_all_ranks("limoe " + it->name + ": " + e.what(), 1);
     std::cerr << "limoe " << it->name << ": " << e.what() << "\n";
     return 1;
   }

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "limoe/core/error.hpp"
+#include "limoe/core/memory.hpp"
 
 namespace limoe::dist {
 
@@ -40,6 +41,22 @@ concept Communicator = requires(C& c, const C& cc, const void* s, void* r, std::
   c.broadcast_bytes(r, n, i);
   { c.split(i, i) } -> std::same_as<C>;
 };
+
+// The memory a communicator's collectives read and write: `C::memory_space` where C names one (NcclComm:
+// device memory), else host memory. The trainer requires its model's space; the host-side helpers below, host.
+template <class C>
+struct comm_space {
+  using type = HostSpace;
+};
+template <class C>
+  requires requires { typename C::memory_space; }
+struct comm_space<C> {
+  using type = typename C::memory_space;
+};
+template <class C>
+using comm_memory_space = typename comm_space<C>::type;
+template <class C>
+concept HostCommunicator = Communicator<C> && comm_memory_space<C>::host_accessible;
 
 // One process: every collective is a copy.
 class SingleProcess {
@@ -65,7 +82,7 @@ static_assert(Communicator<SingleProcess>);
 class AnyComm {
  public:
   AnyComm() : AnyComm(SingleProcess{}) {}
-  template <Communicator C>
+  template <HostCommunicator C>
     requires(!std::is_same_v<std::remove_cvref_t<C>, AnyComm>)
   AnyComm(C comm) : self_(std::make_unique<Model<C>>(std::move(comm))) {}
 
@@ -122,7 +139,7 @@ void broadcast(C& comm, std::span<T> data, int root = 0) {
 // In place: data = sum over ranks of data, added in rank order (deterministic, identical on every rank).
 // `scratch` (grown here, reuse it across calls) holds the chunks in flight: about 1x data (2x when the size
 // does not split evenly over the ranks).
-template <Communicator C, class T>
+template <HostCommunicator C, class T>
 void all_reduce_sum(C& comm, std::span<T> data, std::vector<T>& scratch) {
   static_assert(std::is_arithmetic_v<T>);
   const std::size_t P = static_cast<std::size_t>(comm.size());
@@ -148,19 +165,19 @@ void all_reduce_sum(C& comm, std::span<T> data, std::vector<T>& scratch) {
   comm.all_gather_bytes(mine, recv, chunk * sizeof(T));
   std::copy(recv, recv + data.size(), data.begin());
 }
-template <Communicator C, class T>
+template <HostCommunicator C, class T>
 void all_reduce_sum(C& comm, std::span<T> data) {
   std::vector<T> scratch;
   all_reduce_sum(comm, data, scratch);
 }
-template <Communicator C>
+template <HostCommunicator C>
 double all_reduce_sum(C& comm, double v) {
   all_reduce_sum(comm, std::span<double>(&v, 1));
   return v;
 }
 
 // The largest value over ranks (agreement on a flag or a count).
-template <Communicator C, class T>
+template <HostCommunicator C, class T>
 T all_reduce_max(C& comm, T v) {
   std::vector<T> all(static_cast<std::size_t>(comm.size()));
   all_gather(comm, std::span<const T>(&v, 1), std::span<T>(all));

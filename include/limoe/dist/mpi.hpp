@@ -13,6 +13,7 @@
 
 #include <climits>
 #include <cstdlib>
+#include <exception>
 #include <cstddef>
 #include <cstdio>
 #include <string>
@@ -84,7 +85,9 @@ class MpiComm {
 
  private:
   void release() {
-    if (owned_ && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+    // Freeing is collective in the MPI standard: while an exception unwinds (this rank is failing and will end
+    // the job), the handle is left to MPI_Abort instead of waiting for peers that may never come.
+    if (owned_ && comm_ != MPI_COMM_NULL && std::uncaught_exceptions() == 0) MPI_Comm_free(&comm_);
     comm_ = MPI_COMM_NULL, owned_ = false;
   }
   MPI_Comm comm_ = MPI_COMM_NULL;

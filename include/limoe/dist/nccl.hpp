@@ -6,10 +6,11 @@
 //   limoe::dist::NcclComm gpus(world, /*device=*/world.rank() % device_count);
 //
 // It satisfies dist::Communicator over DEVICE memory: every pointer given to its collectives is a device
-// pointer on its device. Each collective is enqueued on the communicator's stream and waited for (the concept's
+// pointer on its device (memory_space = CudaSpace). Each collective is enqueued on the communicator's stream and waited for (the concept's
 // collectives are blocking); stream() lets device code order its own work with them. The typed helpers
-// dist::all_gather and dist::broadcast work on device spans; dist::all_reduce_sum, which adds on the host, is for
-// host communicators (the CUDA backend reduces on the device). Every NCCL and CUDA status is checked: a
+// dist::all_gather and dist::broadcast work on device spans; dist::all_reduce_sum and all_reduce_max, which add
+// on the host, AnyComm and Trainer (whose gradients are host memory) take host communicators only: a
+// compile-time error here. The CUDA backend's training (issue 10) will sum its device gradients through it. Every NCCL and CUDA status is checked: a
 // failure is a limoe::Error naming the call.
 #pragma once
 
@@ -17,9 +18,11 @@
 #include <nccl.h>
 
 #include <cstddef>
+#include <exception>
 #include <string>
 #include <utility>
 
+#include "limoe/core/cuda_space.hpp"
 #include "limoe/core/error.hpp"
 #include "limoe/dist/comm.hpp"
 #include "limoe/dist/mpi.hpp"
@@ -37,13 +40,19 @@ inline void cuda_check(cudaError_t r, const char* what) {
 
 class NcclComm {
  public:
+  using memory_space = CudaSpace;  // its collectives move device memory
   // Collective over `mpi`: rank 0 draws the NCCL id, MPI broadcasts it, every rank joins with its `device`.
   NcclComm(MpiComm& mpi, int device) : device_(device) {
+    // Every rank checks its device and rank 0 draws the id; all agree before joining, so a failure on one rank
+    // is an error on every rank instead of the others waiting in ncclCommInitRank.
     int count = 0;
-    detail::cuda_check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
-    LIMOE_CHECK(device >= 0 && device < count, "NcclComm: device ", device, " does not exist (", count, " devices)");
+    const bool have = cudaGetDeviceCount(&count) == cudaSuccess && device >= 0 && device < count;
     ncclUniqueId id{};
-    if (mpi.rank() == 0) detail::nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+    const bool drawn = mpi.rank() != 0 || ncclGetUniqueId(&id) == ncclSuccess;
+    const int bad = all_reduce_max(mpi, (have ? 0 : 1) + (drawn ? 0 : 2));
+    LIMOE_CHECK(have, "NcclComm: device ", device, " does not exist on rank ", mpi.rank(), " (", count, " devices)");
+    LIMOE_CHECK(bad == 0, "NcclComm: ", (bad & 2) ? "rank 0 could not draw the NCCL id" : "a device is missing on "
+                "another rank", "; no communicator was made");
     mpi.broadcast_bytes(&id, sizeof id, 0);
     detail::cuda_check(cudaSetDevice(device_), "cudaSetDevice");
     detail::cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -110,7 +119,7 @@ class NcclComm {
   void select() const { detail::cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
   void wait() const { detail::cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
   void release() {
-    if (comm_ != nullptr) ncclCommDestroy(comm_);
+    if (comm_ != nullptr && std::uncaught_exceptions() == 0) ncclCommDestroy(comm_);  // as MpiComm: not while failing
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     comm_ = nullptr, stream_ = nullptr;
   }

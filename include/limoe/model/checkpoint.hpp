@@ -87,6 +87,9 @@ void save_checkpoint(const Model& model, const std::string& path, const TrainSta
   const auto& ps = model.params();
   std::vector<float> buf;
   for (const auto& e : ps.entries()) {
+    LIMOE_CHECK(e.shards == 1, "save_checkpoint: \"", e.name, "\" is part ", e.shard, " of ", e.shards,
+                " of its tensor (expert parallel); a checkpoint holds the whole model: gather the parts first "
+                "(Trainer::gather_whole_state) into a whole model");
     const auto v = ps.value(ps.get(e.name));
     buf.assign(v.data(), v.data() + v.numel());
     w.add(e.name, std::vector<std::int64_t>(e.shape.begin(), e.shape.end()), std::span<const float>(buf));

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <span>
 #include <string>
@@ -281,8 +282,9 @@ class Limoe {
     LIMOE_CHECK(first_pair >= 0 && first_pair + n <= n_all, "Limoe::loss: this call's pairs [", first_pair, ", ",
                 first_pair + n, ") are not inside the gathered batch of ", n_all);
     // The gathered rows of this call must be its own embeddings (a wrong offset would train on wrong gradients).
-    LIMOE_CHECK(std::equal(fwd.img_emb.data(), fwd.img_emb.data() + n * P, img_all.data() + first_pair * P) &&
-                    std::equal(fwd.txt_emb.data(), fwd.txt_emb.data() + n * P, txt_all.data() + first_pair * P),
+    // Bytes, not values: the gather copies them exactly, and a NaN (a diverged step) still compares equal.
+    LIMOE_CHECK(std::memcmp(fwd.img_emb.data(), img_all.data() + first_pair * P, static_cast<std::size_t>(n * P) * sizeof(T)) == 0 &&
+                    std::memcmp(fwd.txt_emb.data(), txt_all.data() + first_pair * P, static_cast<std::size_t>(n * P) * sizeof(T)) == 0,
                 "Limoe::loss: rows [", first_pair, ", ", first_pair + n, ") of the gathered embeddings are not this "
                 "forward's; gather every rank's embeddings in rank order and pass this rank's first pair");
     dp_.on = true;

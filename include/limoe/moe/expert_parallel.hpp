@@ -114,6 +114,9 @@ void expert_parallel_forward(ExpertExchange<T>& ex, const DispatchPlan& plan, co
   }
   const index_t Al = ex.local.offsets[ex.Ex];
   ex.local.A = Al;
+  LIMOE_CHECK(static_cast<double>(ex.Ex) * static_cast<double>(ex.cmax) * static_cast<double>(D) * sizeof(T) < 2147483648.0,
+              "expert parallel: an exchange block of ", ex.Ex, " experts x ", ex.cmax, " rows x ", D,
+              " values exceeds one message (2 GiB); fewer tokens per rank, a capacity factor, or more expert parts");
   // 3. Rows out, my experts' rows in, the expert MLPs, outputs back.
   const Shape blocks{static_cast<index_t>(P) * ex.Ex * ex.cmax, D};
   ex.send.resize(blocks);
@@ -137,7 +140,11 @@ void expert_parallel_forward(ExpertExchange<T>& ex, const DispatchPlan& plan, co
 template <class T, Backend BackendT>
 void expert_parallel_backward(ExpertExchange<T>& ex, const DispatchPlan& plan, const ExpertWeights<T>& w, GeluKind gelu,
                               CView<T> dye, View<T> dxe, const ExpertGrads<T>& g) {
-  LIMOE_CHECK(ex.comm != nullptr && ex.P == ex.comm->size(), "expert parallel: backward without its forward");
+  LIMOE_CHECK(ex.comm != nullptr && ex.P == ex.comm->size() && plan.E == ex.P * ex.Ex,
+              "expert parallel: backward without its forward");
+  for (int e = 0; e < plan.E; ++e)
+    LIMOE_CHECK(plan.rows_of(e) == ex.send_counts[static_cast<std::size_t>(e)], "expert parallel: the dispatch plan "
+                "is not the one this exchange's last forward sent (expert ", e, "); run backward after its own forward");
   const index_t D = ex.D, M = ex.M, Al = ex.local.A;
   detail::ep_move<T>(ex, plan, const_cast<T*>(dye.data()), ex.send.data(), true);
   detail::ep_exchange(ex);

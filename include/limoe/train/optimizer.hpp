@@ -89,6 +89,8 @@ class AdamW {
   // step as metadata "opt_step" (an io::SafetensorsWriter, or anything with its add / set_metadata).
   template <class Writer>
   void save_state(Writer& w) const {
+    LIMOE_CHECK(global_size_ == m_.numel(), "AdamW::save_state: this optimizer holds the moments of part of the "
+                "model (expert parallel); gather the whole model's first (Trainer::gather_whole_state)");
     std::vector<float> buf;
     for (auto [name, t] : {std::pair<const char*, const Tensor<T>*>{"opt.m", &m_}, {"opt.v", &v_}}) {
       buf.assign(t->data(), t->data() + t->numel());

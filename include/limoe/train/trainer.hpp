@@ -87,7 +87,7 @@ inline nlohmann::json to_json(const StepReport& r) {
 
 // Routing statistics of every rank's shard merged into those of the whole batch (counts summed, means weighted
 // by tokens, the global entropy of the merged mean gates); identical on every rank.
-template <dist::Communicator Comm>
+template <dist::HostCommunicator Comm>
 void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
   if (comm.size() == 1) return;
   std::vector<double> v;  // packed, in a fixed layout
@@ -136,7 +136,8 @@ void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
   }
 }
 
-template <class Model, dist::Communicator Comm = dist::SingleProcess>
+// Comm: a communicator over host memory (the gradients it sums live in the model's host store).
+template <class Model, dist::HostCommunicator Comm = dist::SingleProcess>
 class Trainer {
  public:
   using T = typename Model::scalar_type;
@@ -154,9 +155,10 @@ class Trainer {
     if constexpr (requires { model.expert_shard(); }) {
       const int E = model_.expert_shard().count, rank = comm_.rank();
       if (E > 1) {
-        LIMOE_CHECK(comm_.size() % E == 0 && model_.expert_shard().index == rank % E, "Trainer: rank ", rank, " of ",
-                    comm_.size(), " must hold expert part ", rank % E, " of ", E, ", the model holds part ",
-                    model_.expert_shard().index, " of ", E, " (ranks must be a multiple of the parts)");
+        LIMOE_CHECK(comm_.size() % E == 0, "Trainer: the model's experts are in ", E, " parts, but the communicator has ",
+                    comm_.size(), " rank(s); the ranks must be a multiple of the parts");
+        LIMOE_CHECK(model_.expert_shard().index == rank % E, "Trainer: rank ", rank, " must hold expert part ", rank % E,
+                    " of ", E, ", the model holds part ", model_.expert_shard().index);
         model_.set_expert_comm(dist::AnyComm(comm_.split(rank / E, rank)));
         ep_comm_.emplace(comm_.split(rank / E, rank));
         dp_comm_.emplace(comm_.split(rank % E, rank));
@@ -217,11 +219,18 @@ class Trainer {
       model_.backward(fwd);
       fill_routing(r, fwd);
     } else {
+      // Every rank checks its shard and all agree before any rank runs a collective of the step, so a bad shard
+      // on one rank is an error on every rank, never a rank left waiting.
       const index_t n = images.empty() ? 0 : images.dim(0);
+      const bool paired = n > 0 && texts.rank() == 2 && texts.dim(0) == n;
       auto tc = clock::now();
       const index_t n_max = dist::all_reduce_max(comm_, n), n_min = -dist::all_reduce_max(comm_, -n);
+      const int unpaired = dist::all_reduce_max(comm_, paired ? 0 : 1);
       comm_seconds_ += seconds_since(tc);
-      LIMOE_CHECK(n_min == n_max && n > 0, "Trainer::step: every rank must step on a shard of the same size, got ",
+      LIMOE_CHECK(!unpaired, "Trainer::step: every rank must step on n images and their n texts; ",
+                  paired ? "another rank's shard is not" : "this rank's is not", " (images ", images.shape().str(),
+                  ", texts ", texts.shape().str(), " here)");
+      LIMOE_CHECK(n_min == n_max, "Trainer::step: every rank must step on a shard of the same size, got ",
                   n, " pairs here and shards of ", n_min, " to ", n_max, " pairs over the ", P, " ranks");
       const index_t first = static_cast<index_t>(rank) * n;
       const auto fwd = model_.forward(images, texts, Mode::Train, static_cast<std::uint64_t>(s), std::nullopt,
