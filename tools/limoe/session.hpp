@@ -16,7 +16,8 @@ namespace limoe::cli {
 inline const std::set<std::string> kDataOptions = {"data", "data-path", "test-path"};
 inline const char* kDataHelp =
     "  --data KIND          auto (Fashion-MNIST when installed, else synthetic shapes), fashion-mnist,\n"
-    "                       synthetic or tsv (default auto)\n"
+    "                       fashion-scenes (56x56x3 scenes of Fashion-MNIST objects, captions with colours,\n"
+    "                       sizes and relations; preset small-56), synthetic or tsv (default auto)\n"
     "  --data-path PATH     the Fashion-MNIST IDX folder, or the training TSV (image_path<TAB>caption)\n"
     "  --test-path PATH     the test TSV (tsv data only)\n";
 
@@ -33,6 +34,10 @@ inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, co
     LIMOE_CHECK(cfg.image_size[0] == 28 && cfg.image_size[1] == 28 && cfg.channels == 1,
                 "Fashion-MNIST images are 28x28x1; the model takes ", cfg.image_size[0], "x", cfg.image_size[1], "x",
                 cfg.channels, " (use the small-28 or tiny preset, or --data synthetic)");
+  if (kind == "fashion-scenes")
+    LIMOE_CHECK(cfg.image_size[0] == 56 && cfg.image_size[1] == 56 && cfg.channels == 3,
+                "fashion-scenes images are 56x56x3; the model takes ", cfg.image_size[0], "x", cfg.image_size[1], "x",
+                cfg.channels, " (use the small-56 preset)");
   return src;
 }
 

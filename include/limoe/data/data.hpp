@@ -10,6 +10,7 @@
 #include "limoe/data/captions.hpp"
 #include "limoe/data/dataset.hpp"
 #include "limoe/data/fashion_mnist.hpp"
+#include "limoe/data/fashion_scenes.hpp"
 #include "limoe/data/idx.hpp"
 #include "limoe/data/image.hpp"
 #include "limoe/data/loader.hpp"
@@ -39,6 +40,7 @@ inline std::string resolve_kind(const DataSource& src) {
 inline AnyDataset open_dataset(const DataSource& src, Split split) {
   const std::string kind = resolve_kind(src);
   if (kind == "fashion-mnist") return AnyDataset(FashionMnist(split, src.path.empty() ? kFashionMnistDir : src.path));
+  if (kind == "fashion-scenes") return AnyDataset(FashionScenes(split, src.path.empty() ? kFashionMnistDir : src.path));
   if (kind == "synthetic") {
     SyntheticOptions o = src.synthetic;
     o.image = src.image;
@@ -50,7 +52,7 @@ inline AnyDataset open_dataset(const DataSource& src, Split split) {
                 " for the ", split == Split::train ? "train" : "test", " split");
     return AnyDataset(TsvPairs(p, TsvOptions{src.image, src.tsv_preload}));
   }
-  fail("open_dataset: unknown data kind \"", src.kind, "\" (auto, fashion-mnist, synthetic or tsv)");
+  fail("open_dataset: unknown data kind \"", src.kind, "\" (auto, fashion-mnist, fashion-scenes, synthetic or tsv)");
 }
 
 }  // namespace limoe::data

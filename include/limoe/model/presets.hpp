@@ -43,7 +43,7 @@ inline std::vector<int> every(int depth) {
 }  // namespace detail
 
 inline std::vector<std::string> preset_names() {
-  return {"S/32", "B/32", "B/16", "L/16", "H/14", "tiny", "small-28", "small-32"};
+  return {"S/32", "B/32", "B/16", "L/16", "H/14", "tiny", "small-28", "small-32", "small-56"};
 }
 
 // A named variant; throws with the list of names when unknown.
@@ -69,14 +69,18 @@ inline ModelConfig preset(const std::string& name) {
     c.experts = 4;
     c.moe_blocks = {1};
     c.proj_dim = 32;
-  } else if (name == "small-28" || name == "small-32") {
+  } else if (name == "small-28" || name == "small-32" || name == "small-56") {
     // small-28: the default, Fashion-MNIST on 2 cores (16 image tokens of 7x7 pixels);
-    // small-32: the same tower on 32x32x3 images (synthetic shapes), 16 tokens of 8x8x3.
+    // small-32: the same tower on 32x32x3 images (synthetic shapes), 16 tokens of 8x8x3;
+    // small-56: the same tower on the 56x56x3 Fashion-MNIST scenes, 64 tokens of 7x7x3.
     c.patch = 7;
     if (name == "small-32") {
       c.image_size = {32, 32};
       c.channels = 3;
       c.patch = 8;
+    } else if (name == "small-56") {
+      c.image_size = {56, 56};
+      c.channels = 3;
     }
     c.width = 128;
     c.depth = 4;
