@@ -13,8 +13,11 @@
 #include <limoe/io/safetensors.hpp>
 #include <limoe/model/checkpoint.hpp>
 #include <limoe/model/presets.hpp>
+#include <limoe/data/fashion_mnist.hpp>
 #include <sstream>
 #include <string>
+
+#include "support/skip.hpp"
 
 namespace fs = std::filesystem;
 using namespace limoe;
@@ -247,6 +250,27 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   CHECK(fs::exists(rep.string() + ".svg"));
   CHECK(fs::exists(rep.string() + ".json"));
   expect_failure("train --preset tiny --data synthetic --batch 1 --steps 2 --out " + (scratch() / "c").string(), "--batch must be at least 2");
+  fs::remove_all(scratch());
+}
+
+TEST_CASE("fashion-scenes: train with its default preset, eval reports compositional zero-shot") {
+  if (!data::fashion_mnist_available()) LIMOE_SKIP("Fashion-MNIST is not installed (Debian: dataset-fashion-mnist)");
+  fs::create_directories(scratch());
+  const fs::path out = scratch() / "scenes";
+  Run r = run("train --data fashion-scenes --steps 2 --batch 8 --threads 2 --quiet --out " + out.string());
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  const auto cfg = read_checkpoint_config((out / "checkpoint.safetensors").string());
+  CHECK((cfg.image_size[0] == 56 && cfg.image_size[1] == 56 && cfg.channels == 3));  // small-56 by default
+  r = run("eval --checkpoint " + (out / "checkpoint.safetensors").string() + " --max-test 300 --retrieval 50 --shots 1");
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  const auto j = nlohmann::json::parse(r.out);
+  CHECK(j["data"] == "fashion-scenes/test");
+  for (const char* key : {"zero_shot_top1", "compositional_zero_shot", "seen_combination_zero_shot"}) CHECK_MESSAGE(j.contains(key), key);
+  CHECK(j["compositional_zero_shot_scenes"].get<int>() > 0);
+  CHECK(j["seen_combination_zero_shot_scenes"].get<int>() > j["compositional_zero_shot_scenes"].get<int>());
+  // A 28x28x1 model cannot take the scenes: one line naming the preset to use.
+  expect_failure("train --data fashion-scenes --preset tiny --steps 1 --batch 8 --out " + (scratch() / "bad").string(),
+                 "use the small-56 preset");
   fs::remove_all(scratch());
 }
 

@@ -123,6 +123,11 @@ class FashionScenes {
     return s;
   }
 
+  // "a small red sandal".
+  static std::string describe_object(int cls, int colour, bool large) {
+    return std::string("a ") + (large ? "large " : "small ") + colours()[static_cast<std::size_t>(colour)] + " " +
+           class_name(cls);
+  }
   // "a small red sandal" / "a small red sandal left of a large blue shirt".
   static std::string describe(const Scene& s) {
     std::string d = describe_object(s.objects[0].cls, s.objects[0].colour, s.objects[0].large);
@@ -156,10 +161,6 @@ class FashionScenes {
 
  private:
   static std::string class_name(int c) { return fashion_mnist_captions().class_names[static_cast<std::size_t>(c)]; }
-  static std::string describe_object(int cls, int colour, bool large) {
-    return std::string("a ") + (large ? "large " : "small ") + colours()[static_cast<std::size_t>(colour)] + " " +
-           class_name(cls);
-  }
   // Tint of each colour (R, G, B) in [0, 1].
   static const std::array<std::array<float, 3>, kColours>& tints() {
     static const std::array<std::array<float, 3>, kColours> t{{{1.0f, 0.15f, 0.15f},
