@@ -102,11 +102,10 @@ class FashionScenes {
       o.source = u(base, static_cast<std::uint64_t>(objects_.size()));
       o.cls = objects_.label(o.source);
       o.large = u(base + 1, 2) == 1;
-      // Training scenes never show a held-out combination: the colour is redrawn (counters 2..9), then shifted.
-      o.colour = static_cast<int>(u(base + 2, kColours));
-      for (std::uint64_t t = 3; split_ == Split::train && held_out(o.colour, o.cls) && t < 10; ++t)
-        o.colour = static_cast<int>(u(base + t, kColours));
-      if (split_ == Split::train && held_out(o.colour, o.cls)) o.colour = (o.colour + 1) % kColours;
+      // Training scenes never show a held-out combination: their colour is uniform over the class's other five.
+      const bool avoid = split_ == Split::train;
+      o.colour = static_cast<int>(u(base + 2, avoid ? kColours - 1 : kColours));
+      if (avoid && o.colour >= held_out_colour(o.cls)) ++o.colour;
       const index_t side = o.large ? 28 : 14;
       // One object: anywhere. Two: the first in the left (top) half, the second in the right (bottom) half.
       index_t x0 = 0, x1 = kSide - side, y0 = 0, y1 = kSide - side;
