@@ -10,6 +10,8 @@
 
 #include "cli.hpp"
 
+#include <limoe/dist/launcher.hpp>
+
 #if defined(LIMOE_HAVE_MPI)
 #include <memory>
 
@@ -57,20 +59,14 @@ void usage(std::ostream& os) {
 #endif
 }
 
-// The number of processes an MPI launcher says it started (1 when none did).
-long launched_processes() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MPI_LOCALNRANKS"})
-    if (const char* s = std::getenv(v)) return std::max(1L, std::atol(s));
-  return 1;
-}
 
 int main(int argc, char** argv) {
 #if defined(LIMOE_HAVE_MPI)
   if (limoe::dist::MpiSession::launched()) limoe::cli::mpi_session() = std::make_unique<limoe::dist::MpiSession>(&argc, &argv);
 #endif
   const bool many = limoe::cli::world().size() > 1;
-  if (!many && launched_processes() > 1) {  // e.g. mpirun with a limoe built without MPI: every process alone
-    std::cerr << "limoe: an MPI launcher started " << launched_processes() << " processes, but this limoe "
+  if (!many && limoe::dist::launcher_processes() > 1) {  // e.g. mpirun with a limoe built without MPI: every process alone
+    std::cerr << "limoe: an MPI launcher started " << limoe::dist::launcher_processes() << " processes, but this limoe "
 #if defined(LIMOE_HAVE_MPI)
               << "sees one (its MPI differs from the launcher's)"
 #else

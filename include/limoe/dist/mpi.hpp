@@ -21,6 +21,7 @@
 
 #include "limoe/core/error.hpp"
 #include "limoe/dist/comm.hpp"
+#include "limoe/dist/launcher.hpp"
 
 namespace limoe::dist {
 
@@ -131,11 +132,7 @@ class MpiSession {
 
   // Whether this process was started by an MPI launcher (mpirun / mpiexec / srun with PMI): the command line
   // tool initialises MPI only then, so a plain run never touches it.
-  static bool launched() {
-    for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"})
-      if (std::getenv(v) != nullptr) return true;
-    return false;
-  }
+  static bool launched() { return launcher_processes() > 0; }
 };
 
 }  // namespace limoe::dist

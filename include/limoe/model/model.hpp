@@ -193,7 +193,7 @@ class Limoe {
     LIMOE_CHECK(R > 0, "Limoe::forward: empty batch (no images and no texts)");
     LIMOE_CHECK(shard.first_pair >= 0, "Limoe::forward: BatchShard::first_pair must be >= 0, got ", shard.first_pair);
     ++generation_;
-    aux_scale_ = 1.0;
+    aux_scale_ = 1.0;  // backward_from (a user's own loss) after this forward: the auxiliary losses unscaled
     dp_.on = false;
     // What this call decides besides the batch: its mode, router noise and capacity factor.
     const CallSettings call{mode, step, capacity_factor};
@@ -321,25 +321,17 @@ class Limoe {
     check_tape(fwd, "backward");
     const T theta = pv(logit_scale_)[0];
     T dtheta = 0;
-    if (!dp_.on) {
-      dz_img_.resize(fwd.img_emb.shape());
-      dz_txt_.resize(fwd.txt_emb.shape());
-      O::contrastive_backward(fwd.img_emb.cview(), fwd.txt_emb.cview(), theta, static_cast<T>(cfg_.logit_scale_max),
-                              logits_.cview(), T(1), dz_img_.view(), dz_txt_.view(), &dtheta);
-      pg(logit_scale_)[0] += dtheta;
-      backward_from(fwd, dz_img_.cview(), dz_txt_.cview());
-      return;
-    }
-    // Data parallel: the whole batch's gradient, of which this rank keeps its own pairs' rows.
-    dp_.dz_img.resize(dp_.img_all.shape());
-    dp_.dz_txt.resize(dp_.txt_all.shape());
-    O::contrastive_backward(dp_.img_all.cview(), dp_.txt_all.cview(), theta, static_cast<T>(cfg_.logit_scale_max),
-                            logits_.cview(), T(1), dp_.dz_img.view(), dp_.dz_txt.view(), &dtheta);
-    if (dp_.first_pair == 0) pg(logit_scale_)[0] += dtheta;
-    const index_t n = Bi_, P = cfg_.proj_dim;
-    const CView<T> dzi(dp_.dz_img.data() + dp_.first_pair * P, Shape{n, P});
-    const CView<T> dzt(dp_.dz_txt.data() + dp_.first_pair * P, Shape{n, P});
-    backward_from(fwd, dzi, dzt);
+    // The gradient of the loss's whole batch (data parallel: every rank's pairs), of which this call keeps its
+    // own pairs' rows; the logit scale's is added once, by the call holding pair 0.
+    const CView<T> img = dp_.on ? dp_.img_all.cview() : fwd.img_emb.cview();
+    const CView<T> txt = dp_.on ? dp_.txt_all.cview() : fwd.txt_emb.cview();
+    dz_img_.resize(img.shape());
+    dz_txt_.resize(txt.shape());
+    O::contrastive_backward(img, txt, theta, static_cast<T>(cfg_.logit_scale_max), logits_.cview(), T(1),
+                            dz_img_.view(), dz_txt_.view(), &dtheta);
+    const index_t first = dp_.on ? dp_.first_pair : 0, n = Bi_, P = cfg_.proj_dim;
+    if (first == 0) pg(logit_scale_)[0] += dtheta;
+    backward_from(fwd, CView<T>(dz_img_.data() + first * P, Shape{n, P}), CView<T>(dz_txt_.data() + first * P, Shape{n, P}));
   }
 
   // Backward from given gradients of the normalised embeddings (either may be empty): for users with their own
@@ -775,11 +767,11 @@ class Limoe {
   ExpertShard ep_;
   std::optional<dist::AnyComm> ep_comm_;
   std::vector<moe::ExpertExchange<T>> ep_ex_;
-  // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and their gradients.
+  // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and this call's place in it.
   struct DataParallelLoss {
     bool on = false;
     index_t first_pair = 0;
-    Tensor<T> img_all, txt_all, dz_img, dz_txt;
+    Tensor<T> img_all, txt_all;
   } dp_;
   Tensor<T> images_, patches_;
   Tensor<std::int32_t> texts_;

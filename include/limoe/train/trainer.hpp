@@ -15,6 +15,7 @@
 // groups that do not span ranks (ModelConfig::group_pairs dividing n, or 0: each shard one group).
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <optional>
@@ -175,7 +176,7 @@ class Trainer {
   void gather_whole_state(std::vector<T>& values, std::vector<T>& m, std::vector<T>& v) {
     const auto& ps = model_.params();
     values.clear(), m.clear(), v.clear();
-    std::vector<T> part, whole;
+    std::vector<T> whole;
     for (const auto& e : ps.entries()) {
       const index_t n = e.shape.numel();
       for (auto [src, dst] : {std::pair<const T*, std::vector<T>*>{ps.values().data(), &values},
@@ -224,9 +225,16 @@ class Trainer {
       const index_t n = images.empty() ? 0 : images.dim(0);
       const bool paired = n > 0 && texts.rank() == 2 && texts.dim(0) == n;
       auto tc = clock::now();
-      const index_t n_max = dist::all_reduce_max(comm_, n), n_min = -dist::all_reduce_max(comm_, -n);
-      const int unpaired = dist::all_reduce_max(comm_, paired ? 0 : 1);
+      const std::array<index_t, 2> mine{n, paired ? 0 : 1};  // every rank's (pairs, unpaired) in one gather
+      std::vector<index_t> all(static_cast<std::size_t>(2 * P));
+      dist::all_gather(comm_, std::span<const index_t>(mine), std::span<index_t>(all));
       comm_seconds_ += seconds_since(tc);
+      index_t n_min = n, n_max = n, unpaired = 0;
+      for (int p = 0; p < P; ++p) {
+        n_min = std::min(n_min, all[static_cast<std::size_t>(2 * p)]);
+        n_max = std::max(n_max, all[static_cast<std::size_t>(2 * p)]);
+        unpaired += all[static_cast<std::size_t>(2 * p + 1)];
+      }
       LIMOE_CHECK(!unpaired, "Trainer::step: every rank must step on n images and their n texts; ",
                   paired ? "another rank's shard is not" : "this rank's is not", " (images ", images.shape().str(),
                   ", texts ", texts.shape().str(), " here)");
@@ -235,12 +243,12 @@ class Trainer {
       const index_t first = static_cast<index_t>(rank) * n;
       const auto fwd = model_.forward(images, texts, Mode::Train, static_cast<std::uint64_t>(s), std::nullopt,
                                       BatchShard{first});
-      const index_t D = fwd.img_emb.dim(1);
-      img_all_.resize(Shape{n * P, D});  // [N * n, P]
-      txt_all_.resize(Shape{n * P, D});
+      const index_t Pd = fwd.img_emb.dim(1);
+      img_all_.resize(Shape{n * P, Pd});  // [N * n, proj]
+      txt_all_.resize(Shape{n * P, Pd});
       tc = clock::now();
-      dist::all_gather(comm_, std::span<const T>(fwd.img_emb.data(), n * D), std::span<T>(img_all_.data(), n * P * D));
-      dist::all_gather(comm_, std::span<const T>(fwd.txt_emb.data(), n * D), std::span<T>(txt_all_.data(), n * P * D));
+      dist::all_gather(comm_, std::span<const T>(fwd.img_emb.data(), n * Pd), std::span<T>(img_all_.data(), n * P * Pd));
+      dist::all_gather(comm_, std::span<const T>(fwd.txt_emb.data(), n * Pd), std::span<T>(txt_all_.data(), n * P * Pd));
       comm_seconds_ += seconds_since(tc);
       r.loss = model_.loss(fwd, img_all_.cview(), txt_all_.cview(), first, P);
       tc = clock::now();
@@ -252,7 +260,7 @@ class Trainer {
       model_.backward(fwd);
       fill_routing(r, fwd);
       tc = clock::now();
-      for (auto& a : r.aux_terms) reduce_aux_terms(a);
+      reduce_aux_terms(r.aux_terms);
       merge_routing_stats(comm_, r.routing);
       View<T> g = model_.params().grads();
       if (!dp_comm_) {
@@ -315,15 +323,22 @@ class Trainer {
     }
   }
 
-  // One block's auxiliary loss terms: the mean over ranks.
-  void reduce_aux_terms(moe::AuxLossValues& a) {
-    std::vector<double> v{a.total, a.importance, a.load, a.z};
-    for (int m = 0; m < moe::kModalities; ++m) v.push_back(a.local_entropy[m]), v.push_back(a.global_entropy[m]);
+  // Every block's auxiliary loss terms: the mean over ranks (one sum for all blocks).
+  void reduce_aux_terms(std::vector<moe::AuxLossValues>& terms) {
+    std::vector<double> v;
+    for (const auto& a : terms) {
+      v.insert(v.end(), {a.total, a.importance, a.load, a.z});
+      for (int m = 0; m < moe::kModalities; ++m) v.push_back(a.local_entropy[m]), v.push_back(a.global_entropy[m]);
+    }
     dist::all_reduce_sum(comm_, std::span<double>(v));
     const double P = comm_.size();
-    a.total = v[0] / P, a.importance = v[1] / P, a.load = v[2] / P, a.z = v[3] / P;
-    for (int m = 0; m < moe::kModalities; ++m)
-      a.local_entropy[m] = v[4 + 2 * m] / P, a.global_entropy[m] = v[5 + 2 * m] / P;
+    const double* x = v.data();
+    for (auto& a : terms) {
+      a.total = x[0] / P, a.importance = x[1] / P, a.load = x[2] / P, a.z = x[3] / P;
+      for (int m = 0; m < moe::kModalities; ++m)
+        a.local_entropy[m] = x[4 + 2 * m] / P, a.global_entropy[m] = x[5 + 2 * m] / P;
+      x += 4 + 2 * moe::kModalities;
+    }
   }
 
   Model& model_;
