@@ -6,7 +6,10 @@
 #
 # Environment knobs:
 #   THREADS="1 2"          thread counts to measure
-#   PEER_PY=/usr/bin/python3   the Python with torch (Debian's python3-torch)
+#   PRECISIONS="fp32"      precisions to measure (fp32 and/or bf16: limoe --precision, the peer's autocast)
+#   CASES=all              all: every workload; models: gemm, embed and train_step only
+#   PEER_PY=/usr/bin/python3   the Python with torch (Debian's python3-torch, or a virtual environment with
+#                          PyTorch 2 from PyPI: bench/README.md)
 #   PEER_BLAS_DIR=auto     directory with the libblas.so.3 torch should load: auto = Debian's OpenBLAS (the
 #                          openmp build, else the pthread one: /usr/lib/x86_64-linux-gnu/openblas-* if installed,
 #                          else unpacked without installing from a libopenblas0-* .deb found in apt's cache or in
@@ -21,6 +24,8 @@ set -u -o pipefail
 
 LIMOE=${1:-./build/tools/limoe}
 THREADS=${THREADS:-"1 2"}
+PRECISIONS=${PRECISIONS:-fp32}
+CASES=${CASES:-all}
 PEER_PY=${PEER_PY:-/usr/bin/python3}
 PEER_BLAS_DIR=${PEER_BLAS_DIR:-auto}
 PEER_CORETYPE=${PEER_CORETYPE:-auto}
@@ -92,11 +97,11 @@ peer_args+=(--openblas-coretype "$coretype")
 run_case() {  # threads, args...
   local t=$1; shift
   local o
-  if o=$("$LIMOE" bench "$@" --threads "$t" 2>"$OUT/err"); then echo "$o" >> "$RAW"
+  if o=$("$LIMOE" bench "$@" --threads "$t" --precision "$PREC" 2>"$OUT/err"); then echo "$o" >> "$RAW"
   else echo "{\"workload\": \"error\", \"impl\": \"limoe\", \"args\": \"$* --threads $t\", \"error\": \"$(tr -d '"\n' < "$OUT/err")\"}" >> "$RAW"; fi
-  if o=$("$PEER_PY" "$PEER" "${peer_args[@]}" "$@" --threads "$t" 2>"$OUT/err"); then echo "$o" >> "$RAW"
+  if o=$("$PEER_PY" "$PEER" "${peer_args[@]}" "$@" --threads "$t" --precision "$PREC" 2>"$OUT/err"); then echo "$o" >> "$RAW"
   else echo "{\"workload\": \"error\", \"impl\": \"torch\", \"args\": \"$* --threads $t\", \"error\": \"$(tr -d '"\n' < "$OUT/err")\"}" >> "$RAW"; fi
-  echo "run_compare: done $* --threads $t ($(date +%T))" >&2
+  echo "run_compare: done $* --threads $t --precision $PREC ($(date +%T))" >&2
 }
 
 # The stock install for reference: torch with the system's libblas.so.3 as it is, gemm only, 1 thread.
@@ -106,9 +111,10 @@ export STOCK
 
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 UPTIME_START=$(uptime)
+for PREC in $PRECISIONS; do
 for t in $THREADS; do
   for d in $WIDTHS; do run_case "$t" --workload gemm --width "$d" $LT $REP; done
-  for d in $WIDTHS; do
+  [ "$CASES" = models ] || for d in $WIDTHS; do
     for bw in "" --backward; do
       run_case "$t" --workload dense_mlp --width "$d" $LT $REP $bw
       run_case "$t" --workload moe_layer --width "$d" $LT --experts 8 --top-k 1 --capacity-factor 1.0 $REP $bw
@@ -121,6 +127,7 @@ for t in $THREADS; do
       *)    run_case "$t" --workload train_step --config "$c" --batch "$BATCH" ${TREP:---repeats 3 --warmup 1} ;;
     esac
   done
+done
 done
 END=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 UPTIME_END=$(uptime)
@@ -136,14 +143,16 @@ errors = [r for r in rows if r["workload"] == "error"]
 rows = [r for r in rows if r["workload"] != "error"]
 
 def key(r):
-    return (r["workload"], r.get("config") or "", r["width"], bool(r["backward"]), r["threads"])
+    return (r["workload"], r.get("config") or "", r["width"], bool(r["backward"]), r["threads"], r.get("precision", "fp32"))
 
 by = {}
 for r in rows:
     by[(r["impl"],) + key(r)] = r
 threads = sorted({r["threads"] for r in rows})
-ceiling = {t: max([r["gflops"] for r in rows if r["workload"] == "gemm" and r["threads"] == t] or [float("nan")])
-           for t in threads}
+precs = sorted({r.get("precision", "fp32") for r in rows}, key=lambda p: p != "fp32")
+ceiling = {(t, pr): max([r["gflops"] for r in rows if r["workload"] == "gemm" and r["threads"] == t
+                         and r.get("precision", "fp32") == pr] or [float("nan")])
+           for t in threads for pr in precs}
 peer = next((r["peer"] for r in rows if r["impl"] == "torch"), {})
 
 def f(x, d=1):
@@ -157,11 +166,14 @@ print(f"- peer: torch {peer.get('torch')}, CPU capability {peer.get('cpu_capabil
 print(f"- peer settings (first peer row; thread variables follow N): {json.dumps(peer.get('env', {}))}; torch.set_num_threads(N), interop 1, "
       f"inference_mode for forward-only; OPENBLAS_CORETYPE trial (1-thread GFLOP/s; kept only if 2% faster than the best before it): {os.environ['coretype_note'].strip()}")
 print(f"- stock peer (torch with the system libblas.so.3 as installed), torch.mm 1 thread: {os.environ['STOCK']}")
-print(f"- ceiling = best gemm GFLOP/s of the run (limoe gemm and torch.mm, D = 384 and 768, T = 4096): "
-      + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {f(ceiling[t])}" for t in threads))
+print(f"- ceiling = best gemm GFLOP/s of the run at that precision (limoe gemm and torch.mm, D = 384 and 768, T = 4096): "
+      + ", ".join(f"{pr} {t} thread{'s' if t > 1 else ''}: {f(ceiling[(t, pr)])}" for pr in precs for t in threads))
+kern = next((r.get("kernel") for r in rows if r["impl"] == "limoe" and r["workload"] == "gemm" and r.get("precision") == "bf16"), None)
+if kern:
+    print(f"- limoe's bf16 kernel: {kern}")
 print()
-print("| workload | config / D | pass | thr | limoe | peer | unit | limoe/peer | limoe GFLOP/s | limoe % ceil | peer GFLOP/s | peer % ceil | limoe 2T/1T | peer 2T/1T | drop limoe / peer | RSS MB limoe / peer |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| workload | prec | config / D | pass | thr | limoe | peer | unit | limoe/peer | limoe GFLOP/s | limoe % ceil | peer GFLOP/s | peer % ceil | limoe 2T/1T | peer 2T/1T | drop limoe / peer | RSS MB limoe / peer |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 seen = []
 for r in rows:
     k = key(r)
@@ -169,9 +181,9 @@ for r in rows:
         continue
     seen.append(k)
     l, p = by.get(("limoe",) + k), by.get(("torch",) + k)
-    l1 = by.get(("limoe",) + k[:4] + (1,))
-    p1 = by.get(("torch",) + k[:4] + (1,))
-    t = k[4]
+    l1 = by.get(("limoe",) + k[:4] + (1, k[5]))
+    p1 = by.get(("torch",) + k[:4] + (1, k[5]))
+    t, pr = k[4], k[5]
     tl = l["throughput"] if l else None
     tp = p["throughput"] if p else None
     sc_l = tl / l1["throughput"] if (l and l1 and t > 1) else None
@@ -180,16 +192,16 @@ for r in rows:
     pas = "fwd+bwd" if k[3] else "fwd"
     if k[0] == "gemm":
         what, pas = f"[4096,{k[2]}]x[{k[2]},{4*k[2]}]", "–"
-    print(f"| {k[0]} | {what} | {pas} | {t} | {f(tl)} | {f(tp)} | {(l or p)['unit']} | "
+    print(f"| {k[0]} | {pr} | {what} | {pas} | {t} | {f(tl)} | {f(tp)} | {(l or p)['unit']} | "
           f"{f(tl / tp if tl and tp else None, 2)} | {f(l['gflops'] if l else None)} | "
-          f"{f(100 * l['gflops'] / ceiling[t] if l else None, 0)} | {f(p['gflops'] if p else None)} | "
-          f"{f(100 * p['gflops'] / ceiling[t] if p else None, 0)} | {f(sc_l, 2)} | {f(sc_p, 2)} | "
+          f"{f(100 * l['gflops'] / ceiling[(t, pr)] if l else None, 0)} | {f(p['gflops'] if p else None)} | "
+          f"{f(100 * p['gflops'] / ceiling[(t, pr)] if p else None, 0)} | {f(sc_l, 2)} | {f(sc_p, 2)} | "
           f"{f(l.get('drop_fraction') if l else None, 3)} / {f(p.get('drop_fraction') if p else None, 3)} | "
           f"{f(l['peak_rss_mb'] if l else None, 0)} / {f(p['peak_rss_mb'] if p else None, 0)} |")
 
 print("\nMoE layer over the dense MLP of equal per-token compute (throughput ratio; drop fraction of the MoE run):\n")
-print("| D | pass | thr | limoe moe/dense | limoe drop | peer moe/dense | peer drop |")
-print("|---|---|---|---|---|---|---|")
+print("| prec | D | pass | thr | limoe moe/dense | limoe drop | peer moe/dense | peer drop |")
+print("|---|---|---|---|---|---|---|---|")
 for r in rows:
     if r["workload"] != "moe_layer" or r["impl"] != "limoe":
         continue
@@ -198,13 +210,14 @@ for r in rows:
     for impl in ("limoe", "torch"):
         m, d = by.get((impl,) + k), by.get((impl, "dense_mlp") + k[1:])
         out += [f(m["throughput"] / d["throughput"], 3) if m and d else "–", f(m["drop_fraction"], 3) if m else "–"]
-    print(f"| {k[2]} | {'fwd+bwd' if k[3] else 'fwd'} | {k[4]} | " + " | ".join(out) + " |")
+    print(f"| {k[5]} | {k[2]} | {'fwd+bwd' if k[3] else 'fwd'} | {k[4]} | " + " | ".join(out) + " |")
 
 # ---- the targets of the performance issue ----
-def get(impl, w, cfg, width=None, bw=None, t=1):
+def get(impl, w, cfg, width=None, bw=None, t=1, pr="fp32"):
     for r in rows:
         if r["impl"] == impl and r["workload"] == w and (r.get("config") or "") == cfg and r["threads"] == t \
-                and (width is None or r["width"] == width) and (bw is None or bool(r["backward"]) == bw):
+                and (width is None or r["width"] == width) and (bw is None or bool(r["backward"]) == bw) \
+                and r.get("precision", "fp32") == pr:
             return r
     return None
 
@@ -219,8 +232,22 @@ print("| target | measured | need | verdict |")
 print("|---|---|---|---|")
 for r in rows:
     if r["workload"] == "moe_layer" and r["impl"] == "limoe":
-        x = ratio(r, get("limoe", "dense_mlp", "", r["width"], bool(r["backward"]), r["threads"]))
-        print(f"| MoE / dense, D={r['width']}, {'fwd+bwd' if r['backward'] else 'fwd'}, {r['threads']}T | {f(x, 3)} | >= 0.95 | {verdict(x, 0.95)} |")
+        pr = r.get("precision", "fp32")
+        x = ratio(r, get("limoe", "dense_mlp", "", r["width"], bool(r["backward"]), r["threads"], pr))
+        print(f"| MoE / dense {pr}, D={r['width']}, {'fwd+bwd' if r['backward'] else 'fwd'}, {r['threads']}T | {f(x, 3)} | >= 0.95 | {verdict(x, 0.95)} |")
+# Mixed precision (issue "mixed precision on the CPU"): limoe over the peer at the same precision and threads.
+for pr in precs:
+    need = 1.2 if pr == "bf16" else 1.1
+    for w, cfg in (("train_step", "S/32"), ("embed", "B/32")):
+        for t in threads:
+            x = ratio(get("limoe", w, cfg, t=t, pr=pr), get("torch", w, cfg, t=t, pr=pr))
+            if x is not None:
+                print(f"| {w} {cfg} {pr} limoe / peer ({'autocast' if pr == 'bf16' else 'fp32'}), {t}T | {f(x, 2)} | >= {need} | {verdict(x, need)} |")
+    for t in threads:
+        e = get("limoe", "embed", "B/32", t=t, pr=pr)
+        if e:
+            x = e["gflops"] / ceiling[(t, pr)]
+            print(f"| embed B/32 {pr} limoe GFLOP/s / {pr} ceiling, {t}T | {f(x, 2)} | >= 0.90 | {verdict(x, 0.9)} |")
 for cfg in sorted({r.get("config") for r in rows if r["workload"] == "train_step"}):
     for t, need in ((1, 1.3), (2, 1.5)):
         x = ratio(get("limoe", "train_step", cfg, t=t), get("torch", "train_step", cfg, t=t))
@@ -233,7 +260,7 @@ for cfg in sorted({r.get("config") for r in rows if r["workload"] == "embed"}):
     print(f"| embed {cfg} limoe / peer, 1T | {f(x, 2)} | >= 1.1 | {verdict(x, 1.1)} |")
     for t in threads:
         e = get("limoe", "embed", cfg, t=t)
-        x = e["gflops"] / ceiling[t] if e else None
+        x = e["gflops"] / ceiling[(t, "fp32")] if e else None
         print(f"| embed {cfg} limoe GFLOP/s / ceiling, {t}T | {f(x, 2)} | >= 0.85 | {verdict(x, 0.85)} |")
 if 2 in threads:
     for w in ("train_step", "embed"):

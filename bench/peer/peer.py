@@ -2,7 +2,12 @@
 """PyTorch peer of `limoe bench` (bench/README.md): the same workloads, shapes and semantics, the
 same flags, and one JSON line with the same fields (plus a "peer" object recording the settings it ran with).
 
-Runs with Debian's python3-torch (1.13): `/usr/bin/python3 bench/peer/peer.py --workload moe_layer ...`.
+Runs with Debian's python3-torch (1.13) or PyTorch 2 from PyPI in a virtual environment (bench/README.md):
+`python3 bench/peer/peer.py --workload moe_layer ...`.
+
+--precision bf16 runs every forward under torch.autocast("cpu", dtype=torch.bfloat16) (the backward outside it,
+as PyTorch recommends) and the gemm workload as torch.mm of two bfloat16 matrices: what a PyTorch user gets
+for mixed precision on a CPU; fp32 (the default) runs as before.
 
   moe_layer   router softmax of noisy logits (noise N(0, (1/E)^2)), top-K, Batch Priority Routing (tokens by
               descending top-1 gate), capacity C = ceil(K T cf / E), per-expert index_select + Linear/GELU/Linear
@@ -25,6 +30,7 @@ allocator (--ld-preload). torch.set_num_threads(N); torch.inference_mode for for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -81,6 +87,7 @@ def parse(argv):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
     # Peer settings.
     ap.add_argument("--blas-dir", default="", help="directory prepended to LD_LIBRARY_PATH (a libblas.so.3)")
     ap.add_argument("--openblas-coretype", default="", help="OPENBLAS_CORETYPE to set (default: unset)")
@@ -93,6 +100,8 @@ def parse(argv):
         a = ap.parse_args(argv)
     except SystemExit as e:  # argparse already printed one line; keep limoe's exit status for bad flags
         sys.exit(0 if e.code == 0 else 2)
+    if a.precision not in ("fp32", "bf16"):
+        raise BadFlag(f'--precision must be fp32 or bf16, got "{a.precision}"')
     if a.workload not in WORKLOADS:
         raise BadFlag(f'unknown --workload "{a.workload}"; expected one of ' + ", ".join(WORKLOADS))
     for name in ("width", "tokens", "experts", "top_k", "batch", "threads", "repeats"):
@@ -411,12 +420,17 @@ def main(argv):
         return times
 
     extra = {}
+    bf16 = a.precision == "bf16"
+
+    def amp():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     W = a.workload
     T, D, E, K = a.tokens, a.width, a.experts, a.top_k
     if W == "gemm":
-        A = torch.randn(T, D)
-        Bm = torch.randn(D, 4 * D) / math.sqrt(D)
-        Cm = torch.empty(T, 4 * D)
+        dt = torch.bfloat16 if bf16 else torch.float32
+        A = torch.randn(T, D).to(dt)
+        Bm = (torch.randn(D, 4 * D) / math.sqrt(D)).to(dt)
+        Cm = torch.empty(T, 4 * D, dtype=dt)
         with torch.inference_mode():
             times = time_it(lambda i: torch.mm(A, Bm, out=Cm))
         gflop = 2.0 * T * D * 4 * D / 1e9
@@ -435,10 +449,12 @@ def main(argv):
                 for p in mlp.parameters():
                     p.grad = None
                 x.grad = None
-                mlp(x).backward(dy)
+                with amp():
+                    y = mlp(x)
+                y.backward(dy.to(y.dtype))
             times = time_it(step)
         else:
-            with torch.inference_mode():
+            with torch.inference_mode(), amp():
                 times = time_it(lambda i: mlp(x))
         gflop = (3.0 if a.backward else 1.0) * 4.0 * T * D * 4 * D / 1e9
         extra["mlp_dim"] = 4 * D
@@ -459,14 +475,15 @@ def main(argv):
                 for p in moe.parameters():
                     p.grad = None
                 x.grad = None
-                y, aux, n = moe(x, is_text, True, a.capacity_factor, want_aux=True)
-                torch.autograd.backward([y, aux], [dy, torch.ones(())])
+                with amp():
+                    y, aux, n = moe(x, is_text, True, a.capacity_factor, want_aux=True)
+                torch.autograd.backward([y, aux], [dy.to(y.dtype), torch.ones((), dtype=aux.dtype)])
                 acc.append(n)
             times = time_it(step)
         else:
             def step(i):
                 acc.append(moe(x, is_text, True, a.capacity_factor, want_aux=True)[2])
-            with torch.inference_mode():
+            with torch.inference_mode(), amp():
                 times = time_it(step)
         npass = 3.0 if a.backward else 1.0
         mean_acc = sum(acc) / len(acc)
@@ -489,7 +506,7 @@ def main(argv):
             def step(i):
                 _, st = model(images, None, False, c["cf_eval"])
                 last.update(st)
-            with torch.inference_mode():
+            with torch.inference_mode(), amp():
                 times = time_it(step)
             fwd = B * sequence_flops(c, N, True)
             npass, cf, tokens = 1.0, c["cf_eval"], B * N
@@ -505,8 +522,9 @@ def main(argv):
                 for g in opt.param_groups:  # limoe bench's schedule: linear warmup over 10 steps to 1e-3
                     g["lr"] = 1e-3 * min(1.0, (i + 1) / 10)
                 opt.zero_grad(set_to_none=True)
-                (zi, zt), st = model(images, texts, True, c["cf_train"])
-                loss = contrastive(zi, zt, model.logit_scale) + st["aux"]
+                with amp():
+                    (zi, zt), st = model(images, texts, True, c["cf_train"])
+                    loss = contrastive(zi, zt, model.logit_scale) + st["aux"]
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
@@ -531,7 +549,7 @@ def main(argv):
     out = {"workload": W, "impl": "torch",
            "throughput": gflops if units is None else units / med, "unit": UNITS[W],
            "median_s": med, "min_s": min(times), "max_s": max(times), "gflop": gflop, "gflops": gflops,
-           "threads": torch.get_num_threads(), "width": D, "tokens": T, "experts": E, "top_k": K,
+           "threads": torch.get_num_threads(), "precision": a.precision, "width": D, "tokens": T, "experts": E, "top_k": K,
            "capacity_factor": a.capacity_factor, "batch": a.batch, "config": a.config,
            "backward": bool(a.backward or W == "train_step"), "repeats": a.repeats, "warmup": a.warmup}
     out.update(extra)

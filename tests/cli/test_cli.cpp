@@ -128,7 +128,6 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   // The backend flags: cpu / fp32 run; what this build cannot do is refused by name, never ignored.
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device cuda", "--device cuda", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device tpu", "cpu or cuda", out);
-  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --precision bf16", "--precision bf16", out);
   expect_failure("train --preset tiny --steps 1 --device cuda --out " + (scratch() / "nodev").string(), "--device cuda",
                  scratch() / "nodev" / "checkpoint.safetensors");
   expect_failure("bench --workload gemm --precision fp16", "fp32 or bf16");
@@ -138,6 +137,26 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
     CHECK(r.code == 0);
     CHECK(fs::exists(out));
     fs::remove(out);
+  }
+  // bf16: the same checkpoint, embeddings within bf16's error of fp32's, the precision in the output's metadata.
+  {
+    const fs::path o32 = scratch() / "e32.safetensors", o16 = scratch() / "e16.safetensors";
+    REQUIRE(run("embed --checkpoint " + ck + " --input " + in + " --output " + o32.string()).code == 0);
+    const Run r = run("embed --checkpoint " + ck + " --input " + in + " --output " + o16.string() + " --precision bf16");
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    const auto a = io::SafetensorsReader::open(o32.string()), b = io::SafetensorsReader::open(o16.string());
+    CHECK(b.metadata().at("precision") == "bf16");
+    CHECK(a.metadata().at("precision") == "fp32");
+    for (const char* name : {"img_emb", "txt_emb"}) {
+      const auto x = a.read_f32_flat(name), y = b.read_f32_flat(name);
+      REQUIRE(x.size() == y.size());
+      double worst = 0;
+      for (std::size_t i = 0; i < x.size(); ++i) worst = std::max(worst, std::abs(double(x[i]) - y[i]));
+      CAPTURE(name);
+      CHECK(worst > 0);      // bf16 ran
+      CHECK(worst < 0.05);   // unit vectors, a few chained bf16 products
+    }
   }
   // A config file with a misspelt key is refused naming it and the nearest valid key.
   {
@@ -250,6 +269,32 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   CHECK(fs::exists(rep.string() + ".svg"));
   CHECK(fs::exists(rep.string() + ".json"));
   expect_failure("train --preset tiny --data synthetic --batch 1 --steps 2 --out " + (scratch() / "c").string(), "--batch must be at least 2");
+  // Precision is a run-time choice: a bf16 leg resumes the fp32 run's checkpoint, and its checkpoint (fp32 master
+  // weights, the same file layout) evaluates under either precision with nearly the same numbers.
+  const fs::path c = scratch() / "run_c";
+  REQUIRE(run("train" + common + " --steps 8 --stop-at 4 --out " + c.string()).code == 0);
+  const Run r16 = run("train --resume " + (c / "checkpoint.safetensors").string() +
+                      " --threads 2 --quiet --precision bf16 --out " + c.string());
+  REQUIRE_MESSAGE(r16.code == 0, r16.err);
+  const auto rc = io::SafetensorsReader::open((c / "checkpoint.safetensors").string());
+  CHECK(nlohmann::json::parse(rc.metadata().at("train_state"))["precision"] == "bf16");
+  double max_param_diff = 0;
+  for (const auto& name : ra.names()) {
+    const auto x = ra.read_f32_flat(name), y = rc.read_f32_flat(name);
+    for (std::size_t i = 0; i < x.size(); ++i) max_param_diff = std::max(max_param_diff, std::abs(double(x[i]) - y[i]));
+  }
+  CHECK(max_param_diff > 0);     // the last four steps ran in bf16
+  CHECK(max_param_diff < 0.05);  // and stayed near the fp32 run (lr 3e-3, 4 Adam steps: at most ~0.012 per step)
+  const auto losses_c = losses(c);
+  REQUIRE(losses_c.size() == 8);
+  for (std::size_t i = 0; i < 4; ++i) CHECK(losses_c[i] == losses(a)[i]);
+  for (std::size_t i = 4; i < 8; ++i) CHECK(std::abs(losses_c[i] - losses(a)[i]) < 0.02 * losses(a)[i]);
+  for (const char* prec : {"fp32", "bf16"}) {
+    const Run ec = run("eval --checkpoint " + (c / "checkpoint.safetensors").string() +
+                       " --max-test 64 --retrieval 32 --precision " + prec);
+    REQUIRE_MESSAGE(ec.code == 0, ec.err);
+    CHECK(nlohmann::json::parse(ec.out)["precision"] == prec);
+  }
   fs::remove_all(scratch());
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <limoe/core/error.hpp>
+#include <limoe/core/precision.hpp>
 #include <limoe/dist/comm.hpp>
 
 namespace limoe::cli {
@@ -104,11 +105,12 @@ struct Register {
 };
 
 // --device and --precision, accepted by every sub-command that runs a model (docs/cli.md). This build runs the
-// model on the CPU in fp32 only: the other values are refused with one line saying so, never silently ignored.
+// model on the CPU; --device cuda is refused with one line saying so, never silently ignored.
 inline const std::set<std::string> kBackendOptions = {"device", "precision"};
 #define LIMOE_CLI_BACKEND_HELP                                                                \
   "  --device cpu|cuda    the backend (default cpu; this build runs the model on the CPU only)\n" \
-  "  --precision P        fp32 (the default; bf16 mixed precision is not available yet)\n"
+  "  --precision P        fp32 (default) or bf16: the large products read bf16 operands and accumulate in\n" \
+  "                       fp32; routing, losses and the checkpoint stay fp32 (docs/precision.md)\n"
 
 // The processes of this run (main.cpp): MPI's world when the program was built with MPI and started by an MPI
 // launcher (mpirun), else one process. Only `train` uses more than one rank; the other commands refuse to run
@@ -119,14 +121,14 @@ inline void require_one_rank(const std::string& command) {
               " (only limoe train uses several)");
 }
 
-inline void check_backend(const Args& args) {
+// Checks --device and returns --precision.
+inline PrecisionKind check_backend(const Args& args) {
   const std::string device = args.str("device", "cpu"), precision = args.str("precision", "fp32");
   LIMOE_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got \"", device, "\"");
   LIMOE_CHECK(device == "cpu", "--device cuda: this build runs the model on the CPU only (the CUDA backend does not "
               "run the model yet); use --device cpu");
   LIMOE_CHECK(precision == "fp32" || precision == "bf16", "--precision must be fp32 or bf16, got \"", precision, "\"");
-  LIMOE_CHECK(precision == "fp32", "--precision bf16: mixed precision is not available yet in this build; use "
-              "--precision fp32 (the default)");
+  return parse_precision(precision);
 }
 
 }  // namespace limoe::cli

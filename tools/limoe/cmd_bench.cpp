@@ -5,7 +5,9 @@
 //               tokens (as bench/bench_moe.cpp), one routing group; --backward adds moe_backward.   tokens/s
 //   dense_mlp   Linear D -> 4D, bias + GELU, Linear 4D -> D on T tokens through limoe::cpu ops, as a dense
 //               block of the model runs it; --backward adds its backward.                           tokens/s
-//   gemm        C[T, 4D] = A[T, D] B[D, 4D], single precision, through limoe::gemm.                 GFLOP/s
+//   gemm        C[T, 4D] = A[T, D] B[D, 4D], single precision, through limoe::gemm; under --precision bf16
+//               the same product on bf16 operands (converted before timing) with fp32 accumulation: the
+//               machine's bf16 product rate through limoe's kernel.                                  GFLOP/s
 //   embed       image embeddings (Limoe::forward, evaluation mode) of --batch 224x224x3 images with the
 //               variant --config (default S/32).                                                    images/s
 //   train_step  one Trainer::step (forward, contrastive + auxiliary losses, backward, AdamW) on --batch
@@ -17,6 +19,9 @@
 // LayerNorms and the optimizer are not counted). MoE experts are counted for K * tokens rows (the nominal
 // per-token compute, independent of routing); "gflop_accepted" counts only the rows the experts accepted.
 // peak_rss_mb is getrusage's ru_maxrss of the whole process (setup included).
+// --precision bf16 (core/precision.hpp) runs every workload under the Bf16Mixed policy; the layer workloads
+// keep their weights in a parameter store whose bf16 copy is made once before timing, as a training step
+// makes it once per optimizer step.
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -31,6 +36,9 @@
 #include <nlohmann/json.hpp>
 
 #include <limoe/core/gemm.hpp>
+#include <limoe/core/gemm_mixed.hpp>
+#include <limoe/core/params.hpp>
+#include <limoe/core/precision.hpp>
 #include <limoe/core/parallel.hpp>
 #include <limoe/core/rng.hpp>
 #include <limoe/model/presets.hpp>
@@ -122,6 +130,7 @@ double expert_row_flops(const ModelConfig& c) { return 4.0 * c.width * c.mlp_dim
 
 struct Params {
   std::string workload, config;
+  PrecisionKind precision = PrecisionKind::Fp32;
   index_t width = 384, tokens = 4096, batch = 32;
   int experts = 8, top_k = 1, repeats = 5, warmup = 1;
   double capacity_factor = 1.0;
@@ -129,6 +138,26 @@ struct Params {
   bool has_width = false, has_experts = false, has_top_k = false, has_cf = false;
 };
 
+// Layer weights in one parameter store, with the bf16 copy the policy P reads (Fp32: none).
+template <class P>
+struct LayerWeights {
+  ParamStore<float> ps;
+  WeightMirror mirror;
+  void finalize() {
+    ps.finalize();
+  }
+  P prec() {
+    if constexpr (P::mixed) {
+      const ParamStore<float>& c = ps;
+      mirror.refresh(c.values().data(), c.size(), c.version());
+      return P{&mirror};
+    } else {
+      return P{};
+    }
+  }
+};
+
+template <class P>
 json moe_layer(const Params& p) {
   const index_t T = p.tokens, D = p.width, M = 4 * p.width;
   const int E = p.experts, K = p.top_k;
@@ -142,25 +171,33 @@ json moe_layer(const Params& p) {
   cfg.validate();
   const Rng rng(kSeed);
   // Weights as Limoe::init does: router N(0, 0.02^2), matrices LeCun normal, zero biases.
-  Tensor<float> wr(Shape{E, D}), w1(Shape{E, M, D}), b1(Shape{E, M}), w2(Shape{E, D, M}), b2(Shape{E, D});
+  LayerWeights<P> lw;
+  const auto rwr = lw.ps.add("router", Shape{E, D}, true), rw1 = lw.ps.add("fc1.weight", Shape{E, M, D}, true),
+             rb1 = lw.ps.add("fc1.bias", Shape{E, M}, false), rw2 = lw.ps.add("fc2.weight", Shape{E, D, M}, true),
+             rb2 = lw.ps.add("fc2.bias", Shape{E, D}, false);
+  lw.finalize();
+  const View<float> wr = lw.ps.value(rwr), w1 = lw.ps.value(rw1), w2 = lw.ps.value(rw2);
+  const CView<float> b1 = lw.ps.value(rb1), b2 = lw.ps.value(rb2);
   Tensor<float> gwr(Shape{E, D}), gw1(Shape{E, M, D}), gb1(Shape{E, M}), gw2(Shape{E, D, M}), gb2(Shape{E, D});
   Tensor<float> x(Shape{T, D}), y(Shape{T, D}), dy(Shape{T, D}), dx(Shape{T, D});  // [T, D]
-  fill_normal(wr.view(), rng.derive(1), 0.02);
-  fill_normal(w1.view(), rng.derive(2), 1.0 / std::sqrt(double(D)));
-  fill_normal(w2.view(), rng.derive(3), 1.0 / std::sqrt(double(M)));
+  fill_normal(wr, rng.derive(1), 0.02);
+  fill_normal(w1, rng.derive(2), 1.0 / std::sqrt(double(D)));
+  fill_normal(w2, rng.derive(3), 1.0 / std::sqrt(double(M)));
   fill_normal(x.view(), rng.derive(4), 1.0);  // a LayerNorm output: unit scale
   fill_normal(dy.view(), rng.derive(5), 1.0 / std::sqrt(double(T)));
   std::vector<std::uint8_t> modality(static_cast<std::size_t>(T), moe::kImage);  // images then texts, 3:1
   for (index_t t = T * 3 / 4; t < T; ++t) modality[static_cast<std::size_t>(t)] = moe::kText;
-  const moe::MoeParams<float> params{wr.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()};
+  const moe::MoeParams<float> params{wr, w1, b1, w2, b2};
+  const P prec = lw.prec();
   const moe::MoeGrads<float> grads{gwr.view(), gw1.view(), gb1.view(), gw2.view(), gb2.view()};
   moe::MoeContext<float> ctx;
   double accepted = 0;
   int calls = 0;
   const Timing t = time_it(p.warmup, p.repeats, [&](int i) {
     // A new noise draw every call, as successive training steps get.
-    moe::moe_forward<float>(cfg, params, x.cview(), modality, moe::Mode::Train, rng.derive(1000 + i), y.view(), ctx);
-    if (p.backward) moe::moe_backward<float>(params, x.cview(), dy.cview(), dx.view(), grads, ctx);
+    moe::moe_forward<float>(cfg, params, x.cview(), modality, moe::Mode::Train, rng.derive(1000 + i), y.view(), ctx,
+                            nullptr, prec);
+    if (p.backward) moe::moe_backward<float>(params, x.cview(), dy.cview(), dx.view(), grads, ctx, 1.0, nullptr, prec);
     accepted += static_cast<double>(ctx.accepted());
     ++calls;
   });
@@ -176,27 +213,34 @@ json moe_layer(const Params& p) {
           {"mlp_dim", M},             {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times}};
 }
 
+template <class P>
 json dense_mlp(const Params& p) {
   const index_t T = p.tokens, D = p.width, M = 4 * p.width;
   const Rng rng(kSeed);
-  Tensor<float> w1(Shape{M, D}), b1(Shape{M}), w2(Shape{D, M}), b2(Shape{D});
+  LayerWeights<P> lw;
+  const auto rw1 = lw.ps.add("fc1.weight", Shape{M, D}, true), rb1 = lw.ps.add("fc1.bias", Shape{M}, false),
+             rw2 = lw.ps.add("fc2.weight", Shape{D, M}, true), rb2 = lw.ps.add("fc2.bias", Shape{D}, false);
+  lw.finalize();
+  const View<float> w1 = lw.ps.value(rw1), w2 = lw.ps.value(rw2);
+  const CView<float> b1 = lw.ps.value(rb1), b2 = lw.ps.value(rb2);
   Tensor<float> gw1(Shape{M, D}), gb1(Shape{M}), gw2(Shape{D, M}), gb2(Shape{D});
   Tensor<float> x(Shape{T, D}), pre(Shape{T, M}), h(Shape{T, M}), y(Shape{T, D});  // [T, D], [T, M], [T, M], [T, D]
   Tensor<float> dy(Shape{T, D}), dh(Shape{T, M}), dx(Shape{T, D});                  // [T, D], [T, M], [T, D]
-  fill_normal(w1.view(), rng.derive(2), 1.0 / std::sqrt(double(D)));
-  fill_normal(w2.view(), rng.derive(3), 1.0 / std::sqrt(double(M)));
+  fill_normal(w1, rng.derive(2), 1.0 / std::sqrt(double(D)));
+  fill_normal(w2, rng.derive(3), 1.0 / std::sqrt(double(M)));
   fill_normal(x.view(), rng.derive(4), 1.0);
   fill_normal(dy.view(), rng.derive(5), 1.0 / std::sqrt(double(T)));
   const GeluKind g = GeluKind::Erf;
+  const P prec = lw.prec();
   const Timing t = time_it(p.warmup, p.repeats, [&](int) {
     // Exactly the dense block of Limoe (model.hpp block_forward / block_backward).
-    cpu::linear_forward<float>(x.cview(), w1.cview(), CView<float>{}, pre.view());
-    cpu::bias_gelu_forward<float>(g, b1.cview(), pre.view(), h.view());
-    cpu::linear_forward<float>(h.cview(), w2.cview(), b2.cview(), y.view());
+    cpu::linear_forward<float>(x.cview(), w1, CView<float>{}, pre.view(), prec);
+    cpu::bias_gelu_forward<float>(g, b1, pre.view(), h.view());
+    cpu::linear_forward<float>(h.cview(), w2, b2, y.view(), prec);
     if (p.backward) {
-      cpu::linear_backward<float>(h.cview(), w2.cview(), dy.cview(), dh.view(), gw2.view(), gb2.view());
+      cpu::linear_backward<float>(h.cview(), w2, dy.cview(), dh.view(), gw2.view(), gb2.view(), prec);
       cpu::gelu_backward<float>(g, pre.cview(), dh.cview(), dh.view());
-      cpu::linear_backward<float>(x.cview(), w1.cview(), dh.cview(), dx.view(), gw1.view(), gb1.view());
+      cpu::linear_backward<float>(x.cview(), w1, dh.cview(), dx.view(), gw1.view(), gb1.view(), prec);
     }
   });
   const double flop = (p.backward ? 3.0 : 1.0) * 4.0 * T * D * M;
@@ -210,11 +254,22 @@ json gemm_workload(const Params& p) {
   Tensor<float> a(Shape{T, D}), b(Shape{D, N}), c(Shape{T, N});  // [T, D] x [D, 4D] -> [T, 4D]
   fill_normal(a.view(), rng.derive(1), 1.0);
   fill_normal(b.view(), rng.derive(2), 1.0 / std::sqrt(double(D)));
+  std::vector<bf16_bits> a16, b16;
+  if (p.precision == PrecisionKind::Bf16) {
+    a16.resize(static_cast<std::size_t>(a.numel())), b16.resize(static_cast<std::size_t>(b.numel()));
+    to_bf16(a.data(), a.numel(), a16.data()), to_bf16(b.data(), b.numel(), b16.data());
+  }
   const Timing t = time_it(p.warmup, p.repeats, [&](int) {
-    gemm<float>(Trans::N, Trans::N, T, N, D, 1.0f, a.data(), D, b.data(), N, 0.0f, c.data(), N);
+    if (p.precision == PrecisionKind::Bf16)
+      detail::split_product(T, N, D, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+        detail::gemm_bf16_serial(Trans::N, Trans::N, m1 - m0, n1 - n0, D, 1.0f, a16.data() + m0 * D, D,
+                                 b16.data() + n0, N, 0.0f, c.data() + m0 * N + n0, N);
+      });
+    else
+      gemm<float>(Trans::N, Trans::N, T, N, D, 1.0f, a.data(), D, b.data(), N, 0.0f, c.data(), N);
   });
   const double flop = 2.0 * T * D * N;
-  return {{"unit", "GFLOP/s"}, {"gflop", flop / 1e9}, {"shape", {T, D, N}},
+  return {{"unit", "GFLOP/s"}, {"gflop", flop / 1e9}, {"shape", {T, D, N}}, {"kernel", p.precision == PrecisionKind::Bf16 ? detail::bf16_kernel_name() : std::string("fp32")},
           {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times}};
 }
 
@@ -263,9 +318,13 @@ std::pair<double, double> accepted_rows(const std::vector<moe::RoutingStats>& st
   return {acc, nominal};
 }
 
+template <class P>
+using BenchModel = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, P>;
+
+template <class P>
 json embed(const Params& p) {
   const ModelConfig c = model_config(p, false);
-  Limoe<float> model(c);
+  BenchModel<P> model(c);
   model.init(kSeed);
   const index_t B = p.batch;
   Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
@@ -286,9 +345,10 @@ json embed(const Params& p) {
   return j;
 }
 
+template <class P>
 json train_step(const Params& p) {
   const ModelConfig c = model_config(p, true);
-  Limoe<float> model(c);
+  BenchModel<P> model(c);
   model.init(kSeed);
   TrainConfig tc;
   tc.steps = 1000;
@@ -299,7 +359,7 @@ json train_step(const Params& p) {
   const index_t B = p.batch;
   LIMOE_CHECK(B % ranks == 0, "--batch ", B, " must split evenly over the ", ranks, " ranks");
   const index_t n = B / ranks;
-  Trainer<Limoe<float>, dist::AnyComm> trainer(model, tc, std::move(comm));
+  Trainer<BenchModel<P>, dist::AnyComm> trainer(model, tc, std::move(comm));
   Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
   Tensor<std::int32_t> texts(Shape{B, c.text_len});                              // [B, T] ids in [1, V)
   const Rng rng(kSeed);
@@ -338,11 +398,12 @@ int run(const std::vector<std::string>& argv) {
                  {"workload", "config", "width", "tokens", "experts", "top-k", "capacity-factor", "batch", "threads",
                   "repeats", "warmup", "device", "precision"},
                  {"backward"}, "bench");
-  cli::check_backend(args);
+  const PrecisionKind precision = cli::check_backend(args);
   LIMOE_CHECK(args.positional().empty(), "unexpected argument \"",
               args.positional().empty() ? "" : args.positional()[0], "\"");
   Params p;
   p.workload = args.required("workload");
+  p.precision = precision;
   const std::vector<std::string> known{"moe_layer", "dense_mlp", "gemm", "embed", "train_step"};
   LIMOE_CHECK(std::find(known.begin(), known.end(), p.workload) != known.end(), "unknown --workload \"", p.workload,
               "\"; expected one of moe_layer, dense_mlp, gemm, embed, train_step");
@@ -394,11 +455,15 @@ int run(const std::vector<std::string>& argv) {
 
   if (p.workload != "train_step") cli::require_one_rank("bench --workload " + p.workload);
   json j;
-  if (p.workload == "moe_layer") j = moe_layer(p);
-  else if (p.workload == "dense_mlp") j = dense_mlp(p);
-  else if (p.workload == "gemm") j = gemm_workload(p);
-  else if (p.workload == "embed") j = embed(p);
-  else j = train_step(p);
+  auto workload = [&]<class P>() {
+    if (p.workload == "moe_layer") return moe_layer<P>(p);
+    if (p.workload == "dense_mlp") return dense_mlp<P>(p);
+    if (p.workload == "gemm") return gemm_workload(p);
+    if (p.workload == "embed") return embed<P>(p);
+    return train_step<P>(p);
+  };
+  if (precision == PrecisionKind::Bf16) j = workload.template operator()<Bf16Mixed>();
+  else j = workload.template operator()<Fp32>();
 
   json out = {{"workload", p.workload}, {"impl", "limoe"}};
   const double gflop = j["gflop"].get<double>(), median = j["median_s"].get<double>();
@@ -411,6 +476,7 @@ int run(const std::vector<std::string>& argv) {
   out["gflop"] = gflop;
   out["gflops"] = gflops;
   out["threads"] = num_threads();
+  out["precision"] = precision_name(precision);
   // Parameters used (for embed/train_step: the model's; --tokens is then the tokens of one batch).
   out["width"] = j.contains("width") ? j["width"] : json(p.width);
   out["tokens"] = j.contains("tokens") ? j["tokens"] : json(p.tokens);
@@ -422,7 +488,7 @@ int run(const std::vector<std::string>& argv) {
   out["backward"] = p.backward || p.workload == "train_step";
   out["repeats"] = p.repeats;
   out["warmup"] = p.warmup;
-  for (const char* k : {"gflop_accepted", "flop_basis", "drop_fraction", "accepted", "capacity", "mlp_dim", "shape",
+  for (const char* k : {"gflop_accepted", "flop_basis", "drop_fraction", "accepted", "capacity", "mlp_dim", "shape", "kernel",
                         "depth", "heads", "patch", "patches", "text_len", "moe_blocks", "params_total", "ranks",
                         "comm_share"})
     if (j.contains(k)) out[k] = j[k];

@@ -5,7 +5,7 @@
 #include <limoe/model/checkpoint.hpp>
 #include <limoe/model/model.hpp>
 
-#include "cli.hpp"
+#include "session.hpp"
 
 namespace {
 using namespace limoe;
@@ -14,7 +14,7 @@ int run(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"checkpoint", "input", "output", "capacity-factor", "group-size", "threads", "device", "precision"},
                  {}, "embed");
   cli::require_one_rank("embed");
-  cli::check_backend(args);
+  const PrecisionKind precision = cli::check_backend(args);
   args.no_positional();
   const std::string ckpt = args.required("checkpoint"), in = args.required("input"), out = args.required("output");
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
@@ -32,7 +32,8 @@ int run(const std::vector<std::string>& argv) {
     cfg.router.group_size = g;
     cfg.group_pairs = 0;  // the flag's groups (of tokens) replace the checkpoint's groups of pairs
   }
-  Limoe<float> model(cfg);
+  return cli::with_precision(precision, [&]<class Model>() -> int {
+  Model model(cfg);
   load_weights(model, reader);
 
   const auto input = io::SafetensorsReader::open(in);
@@ -76,8 +77,10 @@ int run(const std::vector<std::string>& argv) {
   }
   w.set_metadata("format", "limoe-embed");
   w.set_metadata("format_version", "1");
+  w.set_metadata("precision", Model::precision_type::name);
   w.write(out);
   return 0;
+  });
 }
 
 const cli::Register reg({"embed", "embeddings and routing decisions for images and/or texts",

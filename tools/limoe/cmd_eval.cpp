@@ -35,7 +35,8 @@ std::vector<index_t> few_shot_indices(const data::AnyDataset& ds, int classes, i
 // Fashion-MNIST scenes: zero-shot over the 60 colour-noun combinations ("a photo of a small red sandal.", both
 // sizes and every held-out template averaged per combination) on the single-object test scenes among the first
 // n, scored separately on combinations training never showed (compositional) and on seen ones.
-void compositional(Limoe<float>& model, const data::WordTokenizer& tok, const data::DataSource& src, index_t n,
+template <class Model>
+void compositional(Model& model, const data::WordTokenizer& tok, const data::DataSource& src, index_t n,
                    nlohmann::json& out) {
   using data::FashionScenes;
   const FashionScenes scenes(data::Split::test, src.path.empty() ? data::kFashionMnistDir : src.path);
@@ -80,10 +81,11 @@ int run(const std::vector<std::string>& argv) {
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {}, "eval");
   cli::require_one_rank("eval");
-  cli::check_backend(args);
+  const PrecisionKind precision = cli::check_backend(args);
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
-  auto loaded = cli::load_model(args.required("checkpoint"));
+  return cli::with_precision(precision, [&]<class Model>() -> int {
+  auto loaded = cli::load_model<Model>(args.required("checkpoint"));
   auto& model = *loaded.model;
   const auto& cfg = model.config();
   const auto src = cli::data_source(args, cfg, loaded.trained_on());
@@ -148,8 +150,10 @@ int run(const std::vector<std::string>& argv) {
   const auto pc = count_params(cfg);
   out["params_total"] = pc.total;
   out["params_per_token"] = pc.per_token;
+  out["precision"] = Model::precision_type::name;
   std::cout << out.dump() << "\n";
   return 0;
+  });
 }
 
 const cli::Register reg({"eval", "zero-shot accuracy, 10-shot linear probe and retrieval recall",

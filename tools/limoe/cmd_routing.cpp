@@ -100,11 +100,12 @@ int run(const std::vector<std::string>& argv) {
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {}, "routing");
   cli::require_one_rank("routing");
-  cli::check_backend(args);
+  const PrecisionKind precision = cli::check_backend(args);
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
   const std::string ckpt = args.required("checkpoint");
-  auto loaded = cli::load_model(ckpt);
+  return cli::with_precision(precision, [&]<class Model>() -> int {
+  auto loaded = cli::load_model<Model>(ckpt);
   auto& model = *loaded.model;
   const auto& cfg = model.config();
   // Drop rates as training sees them: the training capacity factor (an argument of each forward), no noise.
@@ -152,6 +153,7 @@ int run(const std::vector<std::string>& argv) {
   io::write_file_atomic(out + ".svg", std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(svg.data()), svg.size()));
   std::printf("wrote %s.json and %s.svg\n", out.c_str(), out.c_str());
   return 0;
+  });
 }
 
 const cli::Register reg({"routing", "per-block routing report (table, JSON and SVG picture)",

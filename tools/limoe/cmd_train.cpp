@@ -32,7 +32,7 @@ int run(const std::vector<std::string>& argv) {
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {"dense", "quiet"}, "train");
   args.no_positional();
-  cli::check_backend(args);
+  const PrecisionKind precision = cli::check_backend(args);
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
   // The ranks of this run (mpirun) and their layout: data parallel over all of them.
   dist::AnyComm comm = cli::world();
@@ -113,12 +113,13 @@ int run(const std::vector<std::string>& argv) {
               " ranks): a group never spans ranks");
   cfg.validate();
 
+  return cli::with_precision(precision, [&]<class Model>() -> int {
   // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
-  Limoe<float> model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
+  Model model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
   const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL)));
   if (resume) load_weights(model, *resume); else model.init(seed);
   model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
-  Trainer<Limoe<float>, dist::AnyComm> trainer(model, tc, std::move(comm));
+  Trainer<Model, dist::AnyComm> trainer(model, tc, std::move(comm));
   std::int64_t start = 0;
   if (resume) {
     LIMOE_CHECK(load_optimizer(trainer.optimizer(), *resume), "checkpoint '", args.str("resume"),
@@ -159,7 +160,8 @@ int run(const std::vector<std::string>& argv) {
     const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     nlohmann::json st = {{"step", step}, {"steps", tc.steps}, {"seed", seed}, {"batch", batch}, {"lr", tc.adam.lr},
                          {"warmup", tc.warmup_steps}, {"weight_decay", tc.adam.weight_decay}, {"clip", tc.adam.clip_norm},
-                         {"data", data::resolve_kind(src)}, {"train_seconds", secs}};
+                         {"data", data::resolve_kind(src)}, {"train_seconds", secs},
+                         {"precision", Model::precision_type::name}};
     if (ep == 1) {
       save_checkpoint(model, ckpt, TrainState<float>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
       return;
@@ -176,7 +178,8 @@ int run(const std::vector<std::string>& argv) {
   std::cerr << "limoe train: " << cfg.depth << " blocks (" << cfg.moe_blocks.size() << " MoE, " << cfg.experts
             << " experts, top-" << cfg.top_k << "), width " << cfg.width << ", " << count_params(cfg).total
             << " parameters; data " << train_ds.name() << " (" << train_ds.size() << " pairs), batch " << batch
-            << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads()
+            << ", steps " << start << " -> " << tc.steps << ", threads " << num_threads() << ", "
+            << Model::precision_type::name
             << (ranks > 1 ? ", " + std::to_string(ranks) + " ranks (data parallel " + std::to_string(dp) +
                                 " x expert parallel " + std::to_string(ep) + "), routing groups of " +
                                 std::to_string(cfg.group_pairs) + " pairs" : std::string()) << "\n";
@@ -213,6 +216,7 @@ int run(const std::vector<std::string>& argv) {
   std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", stop},
                               {"train_seconds", secs}, {"final_loss", ema_loss}}.dump() << "\n";
   return 0;
+  });
 }
 
 const cli::Register reg({"train", "train a model on image-text pairs and write a checkpoint",

@@ -2,11 +2,13 @@
 // tokenizer stored in a checkpoint, and a model loaded from a checkpoint.
 #pragma once
 
+#include <iostream>
 #include <memory>
 #include <string>
 
 #include <limoe/data/data.hpp>
 #include <limoe/model/checkpoint.hpp>
+#include <limoe/core/gemm_mixed.hpp>
 #include <limoe/model/model.hpp>
 
 #include "cli.hpp"
@@ -49,8 +51,28 @@ inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r) {
   return data::WordTokenizer::from_json(it->second);
 }
 
+// The model types a command runs, by --precision (core/precision.hpp): the same parameters and checkpoint, the
+// large products in fp32 or in bf16 with fp32 accumulation.
+using ModelFp32 = Limoe<float>;
+using ModelBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed>;
+
+// Calls fn.template operator()<Model>() with the model type of precision p (a command's body written once).
+// Under bf16 without a bf16 matrix kernel (oneDNN absent, or no AVX-512 BF16 / AMX) one line says that the
+// products are widened to fp32: the same results, no speed-up.
+template <class Fn>
+decltype(auto) with_precision(PrecisionKind p, Fn&& fn) {
+  if (p == PrecisionKind::Bf16) {
+    if (detail::bf16_kernel_name() == "widened")
+      std::cerr << "limoe: --precision bf16: no bf16 matrix kernel on this machine (oneDNN with AVX-512 BF16 or AMX); "
+                   "bf16 operands are widened to fp32: the same results, no speed-up\n";
+    return fn.template operator()<ModelBf16>();
+  }
+  return fn.template operator()<ModelFp32>();
+}
+
+template <class Model = ModelFp32>
 struct Loaded {
-  std::unique_ptr<Limoe<float>> model;
+  std::unique_ptr<Model> model;
   data::WordTokenizer tokenizer;
   std::map<std::string, std::string> metadata;
   // The data kind recorded by `limoe train` ("fashion-mnist", "synthetic", "tsv"), or "".
@@ -62,10 +84,11 @@ struct Loaded {
   }
 };
 
-inline Loaded load_model(const std::string& path) {
+template <class Model = ModelFp32>
+Loaded<Model> load_model(const std::string& path) {
   const auto r = io::SafetensorsReader::open(path);
   ModelConfig cfg = read_checkpoint_config(r);
-  Loaded l{std::make_unique<Limoe<float>>(cfg), tokenizer_from(r), r.metadata()};
+  Loaded<Model> l{std::make_unique<Model>(cfg), tokenizer_from(r), r.metadata()};
   load_weights(*l.model, r);
   return l;
 }

@@ -92,17 +92,18 @@ void gemm_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, c
   detail::gemm_block(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// Product split over the thread pool when it is large enough to pay for it. The split depends on the shape
-// only (blocks of about 256 rows or columns, 1024 when B is large), never on the thread count, so every element of C is computed by
-// the same kernel call on 1 or 16 threads: results are bitwise identical whatever the thread count.
-template <class T>
-void gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T* A, index_t lda, const T* B,
-          index_t ldb, T beta, T* C, index_t ldc) {
+namespace detail {
+// The split of a product over the thread pool (gemm, gemm_mixed): kernel(m0, m1, n0, n1) computes rows m0..m1
+// and columns n0..n1 of C. The split depends on the shape only (blocks of about 256 rows or columns, 1024 when
+// B is large), never on the thread count, so every element of C is computed by the same kernel call on 1 or 16
+// threads: results are bitwise identical whatever the thread count.
+template <class Kernel>
+void split_product(index_t M, index_t N, index_t K, Kernel&& kernel) {
   // Taller blocks when B is large, so that each thread re-reads (re-packs) B fewer times; still shape-only.
   const index_t kBlock = static_cast<double>(N) * static_cast<double>(K) > 1e6 ? 1024 : 256;
   const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
   if (flops < 4e6 || (M <= kBlock && N <= kBlock)) {
-    gemm_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    kernel(index_t(0), M, index_t(0), N);
     return;
   }
   if (M >= N || M > kBlock) {
@@ -112,9 +113,7 @@ void gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T*
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
       for (index_t b = b0; b < b1; ++b) {
         const index_t r0 = std::min(M, b * rows), r1 = std::min(M, r0 + rows);
-        if (r0 >= r1) continue;
-        const T* a = ta == Trans::N ? A + r0 * lda : A + r0;
-        gemm_serial(ta, tb, r1 - r0, N, K, alpha, a, lda, B, ldb, beta, C + r0 * ldc, ldc);
+        if (r0 < r1) kernel(r0, r1, index_t(0), N);
       }
     });
   } else {
@@ -123,12 +122,25 @@ void gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T*
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
       for (index_t b = b0; b < b1; ++b) {
         const index_t c0 = std::min(N, b * cols), c1 = std::min(N, c0 + cols);
-        if (c0 >= c1) continue;
-        const T* bp = tb == Trans::N ? B + c0 : B + c0 * ldb;
-        gemm_serial(ta, tb, M, c1 - c0, K, alpha, A, lda, bp, ldb, beta, C + c0, ldc);
+        if (c0 < c1) kernel(index_t(0), M, c0, c1);
       }
     });
   }
+}
+
+// Where rows m0.. of op(A) and columns n0.. of op(B) start, for row-major storage with leading dimension ld.
+inline index_t a_offset(Trans ta, index_t m0, index_t lda) { return ta == Trans::N ? m0 * lda : m0; }
+inline index_t b_offset(Trans tb, index_t n0, index_t ldb) { return tb == Trans::N ? n0 : n0 * ldb; }
+}  // namespace detail
+
+// Product split over the thread pool when it is large enough to pay for it (detail::split_product).
+template <class T>
+void gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T* A, index_t lda, const T* B,
+          index_t ldb, T beta, T* C, index_t ldc) {
+  detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+    gemm_serial(ta, tb, m1 - m0, n1 - n0, K, alpha, A + detail::a_offset(ta, m0, lda), lda,
+                B + detail::b_offset(tb, n0, ldb), ldb, beta, C + m0 * ldc + n0, ldc);
+  });
 }
 
 }  // namespace limoe

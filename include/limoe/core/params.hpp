@@ -6,6 +6,7 @@
 // backend computes in; names, shapes and offsets are host data either way.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -61,7 +62,11 @@ class ParamStore {
   }
   bool finalized() const { return finalized_; }
 
-  view_type value(ParamRef r) { return view_type(values_.data() + at(r).offset, at(r).shape); }
+  // Every non-const access to the values counts as a change (version(): bf16 weight copies are made again).
+  view_type value(ParamRef r) {
+    ++version_;
+    return view_type(values_.data() + at(r).offset, at(r).shape);
+  }
   cview_type value(ParamRef r) const { return cview_type(values_.data() + at(r).offset, at(r).shape); }
   // The gradient buffer is allocated (zeroed) on first use, so a model used only for inference never pays
   // for it. The const accessors need it to exist already.
@@ -88,7 +93,11 @@ class ParamStore {
   const std::vector<Entry>& entries() const { return entries_; }
   const Entry& entry(ParamRef r) const { return at(r); }
   index_t size() const { return size_; }
-  view_type values() { return values_.view(); }
+  view_type values() {
+    ++version_;
+    return values_.view();
+  }
+  std::uint64_t version() const { return version_; }
   cview_type values() const { return values_.view(); }
   view_type grads() {
     ensure_grads();
@@ -123,6 +132,7 @@ class ParamStore {
   std::unordered_map<std::string, int> index_;
   index_t size_ = 0;
   bool finalized_ = false;
+  std::uint64_t version_ = 0;
   Tensor<T, Space> values_, grads_;
 };
 

@@ -26,6 +26,7 @@
 
 #include "limoe/backend/ops.hpp"
 #include "limoe/core/params.hpp"
+#include "limoe/core/precision.hpp"
 #include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/dist/comm.hpp"
@@ -99,11 +100,14 @@ struct ExpertShard {
 // (moe::visit_router: K = 1 and 2 compiled, other K at run time; BPR or vanilla order; Gaussian noise).
 struct ConfigRouter {};
 
-template <class T = float, class Router = ConfigRouter, class Losses = moe::DefaultAuxLosses, Backend BackendT = Cpu>
+template <class T = float, class Router = ConfigRouter, class Losses = moe::DefaultAuxLosses, Backend BackendT = Cpu,
+          PrecisionPolicy Precision = Fp32>
 class Limoe {
  public:
   using scalar_type = T;
   using backend_type = BackendT;
+  using precision_type = Precision;
+  static_assert(!Precision::mixed || std::is_same_v<T, float>, "Limoe: the bf16 precision policy computes in float");
   using memory_space = typename BackendT::memory_space;
   // The activations, caches and the MoE layer's plan are host tensors today: a backend over another memory
   // space (CUDA) brings its own caches with it.
@@ -136,6 +140,9 @@ class Limoe {
   // The router noise of training step s is a function of (noise seed, s, block) only.
   void set_noise_seed(std::uint64_t seed) { noise_seed_ = seed; }
   const ExpertShard& expert_shard() const { return ep_; }
+  // How many times the bf16 copy of the weights was made (Bf16Mixed: once per change of the parameters, i.e.
+  // once per optimizer step in training; always 0 under Fp32).
+  std::uint64_t weight_conversions() const { return mirror_.conversions(); }
   // Expert parallelism: the communicator of the ranks holding the other parts of the experts (its rank r holds
   // part r). Every forward and backward with MoE blocks is then collective over it.
   void set_expert_comm(dist::AnyComm comm) {
@@ -193,6 +200,7 @@ class Limoe {
     LIMOE_CHECK(R > 0, "Limoe::forward: empty batch (no images and no texts)");
     LIMOE_CHECK(shard.first_pair >= 0, "Limoe::forward: BatchShard::first_pair must be >= 0, got ", shard.first_pair);
     ++generation_;
+    refresh_weight_mirror();
     aux_scale_ = 1.0;  // backward_from (a user's own loss) after this forward: the auxiliary losses unscaled
     dp_.on = false;
     // What this call decides besides the batch: its mode, router noise and capacity factor.
@@ -223,7 +231,7 @@ class Limoe {
     if (Bi_ > 0) {
       patches_.resize(Shape{Bi_, N, static_cast<index_t>(cfg_.patch_dim())});  // [Bi, N, P*P*C]
       O::patch_embed_forward(images, cfg_.patch, pv(img_patch_w_), pv(img_patch_b_), pv(img_pos_),
-                                  patches_.view(), img_rows(x0.view()));
+                                  patches_.view(), img_rows(x0.view()), prec());
     }
     if (Bt_ > 0) O::token_embed_forward(texts, pv(txt_embed_), pv(txt_pos_), txt_rows(x0.view()));
 
@@ -350,7 +358,7 @@ class Limoe {
     for (int l = cfg_.depth - 1; l >= 0; --l) block_backward(l);
     if (Bi_ > 0)
       O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
-                                   img_rows(dx_.cview()), View<T>{}, pg(img_patch_w_), pg(img_patch_b_), pg(img_pos_));
+                                   img_rows(dx_.cview()), View<T>{}, pg(img_patch_w_), pg(img_patch_b_), pg(img_pos_), prec());
     if (Bt_ > 0) O::token_embed_backward(texts_.cview(), txt_rows(dx_.cview()), pg(txt_embed_), pg(txt_pos_));
   }
 
@@ -360,7 +368,7 @@ class Limoe {
     Tensor<T> dimg(images_.shape());
     Tensor<T> dW(pv(img_patch_w_).shape()), db(pv(img_patch_b_).shape()), dpos(pv(img_pos_).shape());
     O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
-                                 img_rows(dx_.cview()), dimg.view(), dW.view(), db.view(), dpos.view());
+                                 img_rows(dx_.cview()), dimg.view(), dW.view(), db.view(), dpos.view(), prec());
     return dimg;
   }
 
@@ -440,6 +448,19 @@ class Limoe {
   }
 
   CView<T> pv(ParamRef r) const { return params_.value(r); }
+
+  // The precision policy the ops receive: Bf16Mixed reads the weights from this model's bf16 mirror, made again
+  // only when the parameters changed since (once per optimizer step in training; core/precision.hpp).
+  Precision prec() const {
+    if constexpr (Precision::mixed) return Precision{&mirror_};
+    else return Precision{};
+  }
+  void refresh_weight_mirror() {
+    if constexpr (Precision::mixed) {
+      const ParamStore<T, memory_space>& ps = params_;
+      mirror_.refresh(ps.values().data(), ps.size(), ps.version());
+    }
+  }
   View<T> pg(ParamRef r) { return params_.grad(r); }
 
   AttentionWeights<T> attn_weights(const AttnRefs& a) const {
@@ -581,10 +602,10 @@ class Limoe {
     const auto aw = attn_weights(b.attn);
     if (Bi_ > 0)
       O::self_attention_forward(aw, cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{}, img_rows(a.x_mid.view()),
-                                     a.attn_img);
+                                     a.attn_img, prec());
     if (Bt_ > 0)
       O::self_attention_forward(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(),
-                                     txt_rows(a.x_mid.view()), a.attn_txt);
+                                     txt_rows(a.x_mid.view()), a.attn_txt, prec());
     for (index_t i = 0; i < R * D; ++i) a.x_mid[i] += x_in[i];
 
     a.ln2.resize(Shape{R, D});  // [R, D]
@@ -596,9 +617,9 @@ class Limoe {
     if (!b.moe) {
       a.h_pre.resize(Shape{R, M});  // [R, M]
       a.h_act.resize(Shape{R, M});  // [R, M]
-      O::linear_forward(a.ln2.cview(), pv(b.mlp.fc1_w), CView<T>{}, a.h_pre.view());
+      O::linear_forward(a.ln2.cview(), pv(b.mlp.fc1_w), CView<T>{}, a.h_pre.view(), prec());
       O::bias_gelu_forward(cfg_.gelu, pv(b.mlp.fc1_b), a.h_pre.view(), a.h_act.view());
-      O::linear_forward(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view());
+      O::linear_forward(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view(), prec());
     } else {
       moe::MoeConfig mc{cfg_.experts, cfg_.top_k, cfg_.router, cfg_.aux, cfg_.gelu};
       mc.router.group_size = moe_group_tokens_;
@@ -620,10 +641,10 @@ class Limoe {
       }
       auto* ex = exchange(l);
       if constexpr (std::is_same_v<Router, ConfigRouter>)
-        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx, ex);
+        moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx, ex, prec());
       else
         moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx,
-                                              ex);
+                                              ex, prec());
       if (moe_permute_) {
         permute_rows(moe_y_.cview(), x_out.view(), false);
         Tensor<std::int32_t> routes(ctx.routes().shape());  // [R, K] back in row order
@@ -651,10 +672,10 @@ class Limoe {
     if (!b.moe) {
       dh_.resize(Shape{R, M});  // [R, M]
       O::linear_backward(a.h_act.cview(), pv(b.mlp.fc2_w), dx_.cview(), dh_.view(), pg(b.mlp.fc2_w),
-                              pg(b.mlp.fc2_b));
+                              pg(b.mlp.fc2_b), prec());
       O::gelu_backward(cfg_.gelu, a.h_pre.cview(), dh_.cview(), dh_.view());
       O::linear_backward(a.ln2.cview(), pv(b.mlp.fc1_w), dh_.cview(), dln_.view(), pg(b.mlp.fc1_w),
-                              pg(b.mlp.fc1_b));
+                              pg(b.mlp.fc1_b), prec());
     } else {
       auto& ctx = moe_ctx_[static_cast<std::size_t>(l)];
       if (moe_permute_) {  // the layer's rows are in routing-group order
@@ -662,11 +683,11 @@ class Limoe {
         moe_dx_.resize(Shape{R, D});  // [R, D]
         permute_rows(dx_.cview(), moe_dy_.view(), true);
         moe::moe_backward<T, BackendT>(expert_weights(b), a.moe_x.cview(), moe_dy_.cview(), moe_dx_.view(),
-                                       expert_grads(b), ctx, aux_scale_, exchange(l));
+                                       expert_grads(b), ctx, aux_scale_, exchange(l), prec());
         permute_rows(moe_dx_.cview(), dln_.view(), false);
       } else {
         moe::moe_backward<T, BackendT>(expert_weights(b), a.ln2.cview(), dx_.cview(), dln_.view(), expert_grads(b), ctx,
-                                       aux_scale_, exchange(l));
+                                       aux_scale_, exchange(l), prec());
       }
     }
     // dx_mid = dx_out + LN2^T dln
@@ -679,10 +700,10 @@ class Limoe {
     const auto ag = attn_grads(b.attn);
     if (Bi_ > 0)
       O::self_attention_backward(aw, cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{}, a.attn_img,
-                                      img_rows(dx_.cview()), img_rows(dln_.view()), ag);
+                                      img_rows(dx_.cview()), img_rows(dln_.view()), ag, prec());
     if (Bt_ > 0)
       O::self_attention_backward(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(), a.attn_txt,
-                                      txt_rows(dx_.cview()), txt_rows(dln_.view()), ag);
+                                      txt_rows(dx_.cview()), txt_rows(dln_.view()), ag, prec());
     O::layernorm_backward(a.x_in.cview(), pv(b.ln1_w), a.ln1_mean.cview(), a.ln1_rstd.cview(), dln_.cview(),
                                dtmp_.view(), pg(b.ln1_w), pg(b.ln1_b));
     for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
@@ -712,11 +733,11 @@ class Limoe {
     a.pooled.resize(Shape{B, D});  // [B, D]
     if (h.kind == Pooling::Map)
       O::map_head_forward(map_weights(h), cfg_.heads, cfg_.gelu, static_cast<T>(cfg_.ln_eps), x, mask,
-                               a.pooled.view(), a.map);
+                               a.pooled.view(), a.map, prec());
     else
       O::pool_forward(h.kind, x, mask, a.pooled.view());
     a.proj.resize(Shape{B, P});  // [B, P]
-    O::linear_forward(a.pooled.cview(), pv(h.proj), CView<T>{}, a.proj.view());
+    O::linear_forward(a.pooled.cview(), pv(h.proj), CView<T>{}, a.proj.view(), prec());
     a.norms.resize(Shape{B});  // [B]
     z.resize(Shape{B, P});     // [B, P]
     O::l2_normalize_forward(a.proj.cview(), z.view(), a.norms.view());
@@ -729,10 +750,10 @@ class Limoe {
     a.dproj.resize(Shape{B, P});   // [B, P]
     a.dpooled.resize(Shape{B, D}); // [B, D]
     O::l2_normalize_backward(a.proj.cview(), z, a.norms.cview(), dz, a.dproj.view());
-    O::linear_backward(a.pooled.cview(), pv(h.proj), a.dproj.cview(), a.dpooled.view(), pg(h.proj), View<T>{});
+    O::linear_backward(a.pooled.cview(), pv(h.proj), a.dproj.cview(), a.dpooled.view(), pg(h.proj), View<T>{}, prec());
     if (h.kind == Pooling::Map)
       O::map_head_backward(map_weights(h), cfg_.heads, cfg_.gelu, x, mask, a.map, a.dpooled.cview(), dx,
-                                map_grads(h));
+                                map_grads(h), prec());
     else
       O::pool_backward(h.kind, mask, a.dpooled.cview(), dx);
   }
@@ -767,6 +788,7 @@ class Limoe {
   ExpertShard ep_;
   std::optional<dist::AnyComm> ep_comm_;
   std::vector<moe::ExpertExchange<T>> ep_ex_;
+  WeightMirror mirror_;  // the weights in bf16 (Bf16Mixed only)
   // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and this call's place in it.
   struct DataParallelLoss {
     bool on = false;
@@ -791,6 +813,7 @@ class Limoe {
 #if defined(LIMOE_EXTERN_TEMPLATES)
 extern template class Limoe<float>;
 extern template class Limoe<double>;
+extern template class Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed>;
 #endif
 
 }  // namespace limoe

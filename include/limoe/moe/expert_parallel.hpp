@@ -87,9 +87,9 @@ void ep_exchange(ExpertExchange<T>& ex) {
 
 // Forward of the sharded experts: xe [A, D] in `plan` order (all E experts) -> ye [A, D]. `w` holds this rank's
 // Ex experts ([Ex, M, D] ...). Collective over ex.comm.
-template <class T, Backend BackendT>
+template <class T, Backend BackendT, PrecisionPolicy Prec = Fp32>
 void expert_parallel_forward(ExpertExchange<T>& ex, const DispatchPlan& plan, const ExpertWeights<T>& w, GeluKind gelu,
-                             CView<T> xe, View<T> ye) {
+                             CView<T> xe, View<T> ye, const Prec& prec = {}) {
   LIMOE_CHECK(ex.comm != nullptr, "expert parallel: no expert-parallel communicator");
   const int P = ex.comm->size(), E = plan.E;
   LIMOE_CHECK(E % P == 0, "expert parallel: ", E, " experts do not split over ", P, " ranks");
@@ -129,7 +129,7 @@ void expert_parallel_forward(ExpertExchange<T>& ex, const DispatchPlan& plan, co
   ex.yl.resize(Shape{Al, D});
   detail::ep_compact<T>(ex, ex.recv.data(), ex.xl.data(), true);
   Ops<BackendT, T>::expert_mlp_forward(ex.local, w, gelu, ex.xl.cview(), ex.hpre.view(), ex.h.view(), ex.yl.view(),
-                                       ex.scratch);
+                                       ex.scratch, prec);
   detail::ep_compact<T>(ex, ex.send.data(), ex.yl.data(), false);  // outputs back to their sources' blocks
   detail::ep_exchange(ex);
   detail::ep_move<T>(ex, plan, ye.data(), ex.recv.data(), false);
@@ -137,9 +137,9 @@ void expert_parallel_forward(ExpertExchange<T>& ex, const DispatchPlan& plan, co
 
 // Backward: dye [A, D] in plan order -> dxe [A, D] (empty: skipped here, but the exchange still runs on every
 // rank: it is collective); this rank's expert weight gradients accumulate into g.
-template <class T, Backend BackendT>
+template <class T, Backend BackendT, PrecisionPolicy Prec = Fp32>
 void expert_parallel_backward(ExpertExchange<T>& ex, const DispatchPlan& plan, const ExpertWeights<T>& w, GeluKind gelu,
-                              CView<T> dye, View<T> dxe, const ExpertGrads<T>& g) {
+                              CView<T> dye, View<T> dxe, const ExpertGrads<T>& g, const Prec& prec = {}) {
   LIMOE_CHECK(ex.comm != nullptr && ex.P == ex.comm->size() && plan.E == ex.P * ex.Ex,
               "expert parallel: backward without its forward");
   for (int e = 0; e < plan.E; ++e)
@@ -153,7 +153,7 @@ void expert_parallel_backward(ExpertExchange<T>& ex, const DispatchPlan& plan, c
   ex.dxl.resize(Shape{Al, D});
   detail::ep_compact<T>(ex, ex.recv.data(), ex.dyl.data(), true);
   Ops<BackendT, T>::expert_mlp_backward(ex.local, w, gelu, ex.xl.cview(), ex.hpre.cview(), ex.h.cview(),
-                                        ex.dyl.cview(), ex.dh.view(), ex.dxl.view(), g, ex.scratch);
+                                        ex.dyl.cview(), ex.dh.view(), ex.dxl.view(), g, ex.scratch, prec);
   detail::ep_compact<T>(ex, ex.send.data(), ex.dxl.data(), false);
   detail::ep_exchange(ex);
   if (!dxe.empty()) detail::ep_move<T>(ex, plan, dxe.data(), ex.recv.data(), false);

@@ -152,11 +152,12 @@ int local_experts(int E, const ExpertExchange<T>* ex) {
 //   BackendT is the backend whose ops run the dispatch plan, gather, expert MLP and combine (backend/ops.hpp).
 //   `ex` (expert parallel, moe/expert_parallel.hpp): the experts are sharded over its ranks, p holds this rank's;
 //   the call is then collective over them.
-template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, class Router>
+//   `prec` (core/precision.hpp): the policy of the expert products; the router's logits stay fp32.
+template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, class Router, PrecisionPolicy Prec = Fp32>
   requires RouterPolicy<Router, T>
 void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x,
                  std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx,
-                 ExpertExchange<T>* ex = nullptr) {
+                 ExpertExchange<T>* ex = nullptr, const Prec& prec = {}) {
   cfg.validate();
   const int E = cfg.experts;
   const int K = router.top_k();
@@ -272,12 +273,12 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   c.ye.resize(Shape{A, D});    // [A, D]
   O::dispatch_forward(c.plan, x, c.xe.view());
   if (sharded) {
-    expert_parallel_forward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.ye.view());
+    expert_parallel_forward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.ye.view(), prec);
   } else {
     c.hpre.resize(Shape{A, M});  // [A, M]
     c.h.resize(Shape{A, M});     // [A, M]
     O::expert_mlp_forward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.view(), c.h.view(),
-                          c.ye.view(), c.scratch);
+                          c.ye.view(), c.scratch, prec);
   }
   O::combine_forward(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), y);
 
@@ -325,12 +326,13 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
 
 // Forward with the stock router that cfg.router describes (top-K 1 and 2 compiled, others at run time; BPR or
 // vanilla) and the given loss set (default: all five terms; set a weight to 0 to drop a term's gradient).
-template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu>
+template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, PrecisionPolicy Prec = Fp32>
 void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::span<const std::uint8_t> modality,
-                 Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx, ExpertExchange<T>* ex = nullptr) {
+                 Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx, ExpertExchange<T>* ex = nullptr,
+                 const Prec& prec = {}) {
   cfg.validate();
   visit_router(cfg.router, cfg.top_k, [&](const auto& router) {
-    moe_forward<T, Losses, BackendT>(router, cfg, p, x, modality, mode, rng, y, ctx, ex);
+    moe_forward<T, Losses, BackendT>(router, cfg, p, x, modality, mode, rng, y, ctx, ex, prec);
   });
 }
 
@@ -338,9 +340,9 @@ void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::s
 //   dy [N, D]: upstream gradient of y. dx [N, D] overwritten (empty: skipped). Parameter gradients accumulate.
 //   The aux losses' gradients (already weighted and averaged over groups) are added to the router's, times
 //   aux_scale (1 when the aux losses enter the training loss with coefficient 1). `ex`: as in forward.
-template <class T, Backend BackendT = Cpu>
+template <class T, Backend BackendT = Cpu, PrecisionPolicy Prec = Fp32>
 void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, const MoeGrads<T>& grads,
-                  MoeContext<T>& ctx, double aux_scale = 1.0, ExpertExchange<T>* ex = nullptr) {
+                  MoeContext<T>& ctx, double aux_scale = 1.0, ExpertExchange<T>* ex = nullptr, const Prec& prec = {}) {
   auto& c = ctx;
   LIMOE_CHECK(c.valid, "moe_backward: run moe_forward on this context first");
   const index_t N = c.N, D = c.D, M = c.M, A = c.plan.A;
@@ -390,11 +392,11 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
   const ExpertGrads<T> eg{grads.fc1_w, grads.fc1_b, grads.fc2_w, grads.fc2_b};
   if (sharded) {
     expert_parallel_backward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.dye.cview(),
-                                          need_dx ? c.dxe.view() : View<T>{}, eg);
+                                          need_dx ? c.dxe.view() : View<T>{}, eg, prec);
   } else {
     c.dh.resize(Shape{A, M});  // [A, M]
     O::expert_mlp_backward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.cview(), c.h.cview(),
-                           c.dye.cview(), c.dh.view(), need_dx ? c.dxe.view() : View<T>{}, eg, c.scratch);
+                           c.dye.cview(), c.dh.view(), need_dx ? c.dxe.view() : View<T>{}, eg, c.scratch, prec);
   }
 
   // 5. Router weight and input: dW_r += dlogits^T x; dx = dlogits W_r + sum_k dxe[row(t, k)].

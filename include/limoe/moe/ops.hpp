@@ -23,6 +23,8 @@
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
+#include "limoe/core/gemm_mixed.hpp"
+#include "limoe/core/precision.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/gelu.hpp"
@@ -90,6 +92,9 @@ struct ExpertScratch {
   struct Job { int e; int what; index_t c0, c1; };
   std::vector<Tile> tiles;
   std::vector<Job> jobs;
+  // Bf16Mixed: the backward's bf16 operands of the weight-gradient jobs (dye, h, dh, xe), rounded once per
+  // backward: each job reads a column slice of them, and rounding per job would repeat the work D / 128 times.
+  std::vector<bf16_bits> lo_dye, lo_h, lo_dh, lo_xe;
 };
 
 namespace cpu {
@@ -146,9 +151,9 @@ void dispatch_backward(const DispatchPlan& p, CView<T> dxe, View<T> dx) {
 }
 
 // xe [A, D] -> hpre [A, M] (before GELU, kept for backward), h [A, M], ye [A, D].
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, View<T> hpre,
-                        View<T> h, View<T> ye, ExpertScratch& s) {
+                        View<T> h, View<T> ye, ExpertScratch& s, const Prec& prec = {}) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
   const index_t M = detail::expert_check("expert_mlp_forward", p, w, D);
   expect_shape(xe, Shape{p.A, D}, "expert_mlp_forward: xe");
@@ -164,14 +169,14 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
       const auto tile = s.tiles[static_cast<std::size_t>(i)];
       const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
       T* hp = hpre.data() + r0 * M;
-      gemm_serial<T>(Trans::N, Trans::T, rows, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D,
+      gemm_mixed_serial<T>(prec, Trans::N, Trans::T, rows, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D,
                      T(0), hp, M);
       const T* b1 = w.fc1_b.data() + e * M;
       for (index_t r = 0; r < rows; ++r)
         for (index_t m = 0; m < M; ++m) hp[r * M + m] += b1[m];
       limoe::cpu::gelu_forward<T>(gelu, CView<T>(hp, Shape{rows, M}), View<T>(h.data() + r0 * M, Shape{rows, M}));
       T* yo = ye.data() + r0 * D;
-      gemm_serial<T>(Trans::N, Trans::T, rows, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M,
+      gemm_mixed_serial<T>(prec, Trans::N, Trans::T, rows, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M,
                      T(0), yo, D);
       const T* b2 = w.fc2_b.data() + e * D;
       for (index_t r = 0; r < rows; ++r)
@@ -182,10 +187,10 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
 
 // From dye [A, D]: dh [A, M] (scratch, overwritten), dxe [A, D] (overwritten; empty: skipped); weight and bias
 // gradients accumulate. Uses the tiles of the last expert_mlp_forward on `s`.
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, CView<T> hpre,
                          CView<T> h, CView<T> dye, View<T> dh, View<T> dxe, const ExpertGrads<T>& g,
-                         ExpertScratch& s) {
+                         ExpertScratch& s, const Prec& prec = {}) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
   const index_t M = detail::expert_check("expert_mlp_backward", p, w, D);
   expect_shape(dye, Shape{p.A, D}, "expert_mlp_backward: dye");
@@ -198,12 +203,12 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
       const auto tile = s.tiles[static_cast<std::size_t>(i)];
       const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
       T* dhp = dh.data() + r0 * M;
-      gemm_serial<T>(Trans::N, Trans::N, rows, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M,
+      gemm_mixed_serial<T>(prec, Trans::N, Trans::N, rows, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M,
                      T(0), dhp, M);
       limoe::cpu::gelu_backward<T>(gelu, CView<T>(hpre.data() + r0 * M, Shape{rows, M}), CView<T>(dhp, Shape{rows, M}),
                             View<T>(dhp, Shape{rows, M}));
       if (need_dx)
-        gemm_serial<T>(Trans::N, Trans::N, rows, D, M, T(1), dhp, M, w.fc1_w.data() + e * M * D, D, T(0),
+        gemm_mixed_serial<T>(prec, Trans::N, Trans::N, rows, D, M, T(1), dhp, M, w.fc1_w.data() + e * M * D, D, T(0),
                        dxe.data() + r0 * D, D);
     }
   });
@@ -217,6 +222,14 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
     if (!g.fc1_w.empty() || !g.fc1_b.empty())
       for (index_t j = 0; j < M; j += detail::kGradRows) s.jobs.push_back({e, 1, j, std::min(M, j + detail::kGradRows)});
   }
+  if constexpr (Prec::mixed) {
+    auto round_all = [](CView<T> x, std::vector<bf16_bits>& lo) {
+      lo.resize(static_cast<std::size_t>(x.numel()));
+      to_bf16_parallel(x.data(), x.numel(), lo.data());
+    };
+    round_all(dye, s.lo_dye), round_all(h, s.lo_h), round_all(CView<T>(dh.data(), dh.shape()), s.lo_dh),
+        round_all(xe, s.lo_xe);
+  }
   parallel_for(0, static_cast<index_t>(s.jobs.size()), 1, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {
       const auto job = s.jobs[static_cast<std::size_t>(i)];
@@ -229,8 +242,14 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
       const T* I = (second ? h.data() : xe.data()) + b * In;
       T* dW = second ? g.fc2_w.data() : g.fc1_w.data();
       T* db = second ? g.fc2_b.data() : g.fc1_b.data();
-      if (dW != nullptr)
+      if constexpr (Prec::mixed) {
+        const bf16_bits* Gl = (second ? s.lo_dye.data() : s.lo_dh.data()) + b * W;
+        const bf16_bits* Il = (second ? s.lo_h.data() : s.lo_xe.data()) + b * In;
+        if (dW != nullptr)
+          ::limoe::detail::gemm_bf16_serial(Trans::T, Trans::N, cols, In, n, 1.0f, Gl + j0, W, Il, In, 1.0f, dW + (e * W + j0) * In, In);
+      } else if (dW != nullptr) {
         gemm_serial<T>(Trans::T, Trans::N, cols, In, n, T(1), Gd + j0, W, I, In, T(1), dW + (e * W + j0) * In, In);
+      }
       if (db != nullptr)
         for (index_t j = j0; j < j0 + cols; ++j) {
           T acc = 0;
@@ -340,54 +359,55 @@ inline int expert_of_row(const DispatchPlan& p, index_t r) {
 }
 }  // namespace detail_ref
 
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, View<T> hpre,
-                        View<T> h, View<T> ye, ExpertScratch&) {
+                        View<T> h, View<T> ye, ExpertScratch&, const Prec& = {}) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
   const index_t M = detail::expert_check("ref::expert_mlp_forward", p, w, D);
   for (index_t r = 0; r < p.A; ++r) {
     const index_t e = detail_ref::expert_of_row(p, r);
     for (index_t m = 0; m < M; ++m) {
       T acc = w.fc1_b[e * M + m];
-      for (index_t d = 0; d < D; ++d) acc += w.fc1_w[(e * M + m) * D + d] * xe[r * D + d];
+      for (index_t d = 0; d < D; ++d) acc += operand<T, Prec>(w.fc1_w[(e * M + m) * D + d]) * operand<T, Prec>(xe[r * D + d]);
       hpre[r * M + m] = acc;
       h[r * M + m] = math::gelu(gelu, acc);
     }
     for (index_t d = 0; d < D; ++d) {
       T acc = w.fc2_b[e * D + d];
-      for (index_t m = 0; m < M; ++m) acc += w.fc2_w[(e * D + d) * M + m] * h[r * M + m];
+      for (index_t m = 0; m < M; ++m) acc += operand<T, Prec>(w.fc2_w[(e * D + d) * M + m]) * operand<T, Prec>(h[r * M + m]);
       ye[r * D + d] = acc;
     }
   }
 }
 
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, CView<T> hpre,
-                         CView<T> h, CView<T> dye, View<T> dh, View<T> dxe, const ExpertGrads<T>& g, ExpertScratch&) {
+                         CView<T> h, CView<T> dye, View<T> dh, View<T> dxe, const ExpertGrads<T>& g, ExpertScratch&,
+                         const Prec& = {}) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
   const index_t M = detail::expert_check("ref::expert_mlp_backward", p, w, D);
   for (index_t r = 0; r < p.A; ++r) {
     const index_t e = detail_ref::expert_of_row(p, r);
     for (index_t m = 0; m < M; ++m) {
       T acc = 0;
-      for (index_t d = 0; d < D; ++d) acc += w.fc2_w[(e * D + d) * M + m] * dye[r * D + d];
+      for (index_t d = 0; d < D; ++d) acc += operand<T, Prec>(w.fc2_w[(e * D + d) * M + m]) * operand<T, Prec>(dye[r * D + d]);
       dh[r * M + m] = acc * math::gelu_grad(gelu, hpre[r * M + m]);
     }
     if (!dxe.empty())
       for (index_t d = 0; d < D; ++d) {
         T acc = 0;
-        for (index_t m = 0; m < M; ++m) acc += w.fc1_w[(e * M + m) * D + d] * dh[r * M + m];
+        for (index_t m = 0; m < M; ++m) acc += operand<T, Prec>(w.fc1_w[(e * M + m) * D + d]) * operand<T, Prec>(dh[r * M + m]);
         dxe[r * D + d] = acc;
       }
     for (index_t d = 0; d < D; ++d) {
       if (!g.fc2_b.empty()) g.fc2_b[e * D + d] += dye[r * D + d];
       if (!g.fc2_w.empty())
-        for (index_t m = 0; m < M; ++m) g.fc2_w[(e * D + d) * M + m] += dye[r * D + d] * h[r * M + m];
+        for (index_t m = 0; m < M; ++m) g.fc2_w[(e * D + d) * M + m] += operand<T, Prec>(dye[r * D + d]) * operand<T, Prec>(h[r * M + m]);
     }
     for (index_t m = 0; m < M; ++m) {
       if (!g.fc1_b.empty()) g.fc1_b[e * M + m] += dh[r * M + m];
       if (!g.fc1_w.empty())
-        for (index_t d = 0; d < D; ++d) g.fc1_w[(e * M + m) * D + d] += dh[r * M + m] * xe[r * D + d];
+        for (index_t d = 0; d < D; ++d) g.fc1_w[(e * M + m) * D + d] += operand<T, Prec>(dh[r * M + m]) * operand<T, Prec>(xe[r * D + d]);
     }
   }
 }

@@ -20,6 +20,9 @@
 //
 // Gradient rule (docs/conventions.md): parameter gradients accumulate, dxq/dxkv are overwritten, empty views
 // are skipped.
+//
+// Precision (core/precision.hpp): the policy (last argument) applies to the four projections; the per-head
+// score and context products stay fp32 (with sequences of 50-257 tokens they are a few percent of the work).
 #pragma once
 
 #include <algorithm>
@@ -118,17 +121,17 @@ void add_column_sums(const T* g, index_t R, index_t C, T* acc) {
 namespace cpu {
 
 // y[B, Nq, D] = MultiHead(xq[B, Nq, D], xkv[B, Nk, D]); fills `cache` for attention_backward.
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
-                       CView<std::uint8_t> key_mask, View<T> y, AttentionCache<T>& cache) {
+                       CView<std::uint8_t> key_mask, View<T> y, AttentionCache<T>& cache, const Prec& prec = {}) {
   const auto d = detail::attention_check<T>("attention_forward", w, heads, xq, xkv, key_mask);
   expect_shape(y, xq.shape(), "attention_forward: y");
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   cache.size_forward(B, Nq, Nk, D, H);
   // Projections: one threaded product each over all rows.
-  cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view());
-  cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view());
-  cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view());
+  cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), prec);
+  cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), prec);
+  cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), prec);
   const T scale = T(1) / std::sqrt(T(Dh));
   const T* q = cache.q.data();
   const T* k = cache.k.data();
@@ -149,16 +152,16 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
       gemm_serial<T>(Trans::N, Trans::N, Nq, Dh, Nk, T(1), P, Nk, vh, D, T(0), ch, D);
     }
   });
-  cpu::linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y);
+  cpu::linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y, prec);
 }
 
 // Backward of attention_forward (same weights, inputs and mask; `cache` as the forward left it, and its
 // scratch buffers are used). dxq [B, Nq, D] and dxkv [B, Nk, D] are overwritten; when they are the same
 // view, it receives dxq + dxkv (self-attention). Weight gradients accumulate.
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
                         CView<std::uint8_t> key_mask, AttentionCache<T>& cache, CView<T> dy, View<T> dxq,
-                        View<T> dxkv, const AttentionGrads<T>& g) {
+                        View<T> dxkv, const AttentionGrads<T>& g, const Prec& prec = {}) {
   const auto d = detail::attention_check<T>("attention_backward", w, heads, xq, xkv, key_mask);
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   expect_shape(dy, xq.shape(), "attention_backward: dy");
@@ -176,7 +179,7 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
   cache.dk.resize(Shape{B, Nk, D});    // [B, Nk, D]
   cache.dv.resize(Shape{B, Nk, D});    // [B, Nk, D]
   // Output projection: dctx = dy Wo, dWo += dy^T ctx, dbo += sum dy.
-  cpu::linear_backward<T>(cache.ctx.cview(), w.wo, dy, cache.dctx.view(), g.wo, g.bo);
+  cpu::linear_backward<T>(cache.ctx.cview(), w.wo, dy, cache.dctx.view(), g.wo, g.bo, prec);
 
   // Per (image, head), in chunks that each own one [Nq, Nk] scratch block; the chunking only decides which
   // scratch a pair uses, never what it computes.
@@ -215,29 +218,29 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
   // Input projections: weight gradients through linear_backward, input gradients as products so that the
   // key and value (and, for self-attention, query) paths add into one buffer.
   const CView<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
-  cpu::linear_backward<T>(xq, w.wq, dqv, View<T>{}, g.wq, g.bq);
-  cpu::linear_backward<T>(xkv, w.wk, dkv, View<T>{}, g.wk, g.bk);
-  cpu::linear_backward<T>(xkv, w.wv, dvv, View<T>{}, g.wv, g.bv);
-  if (!dxq.empty()) gemm<T>(Trans::N, Trans::N, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
+  cpu::linear_backward<T>(xq, w.wq, dqv, View<T>{}, g.wq, g.bq, prec);
+  cpu::linear_backward<T>(xkv, w.wk, dkv, View<T>{}, g.wk, g.bk, prec);
+  cpu::linear_backward<T>(xkv, w.wv, dvv, View<T>{}, g.wv, g.bv, prec);
+  if (!dxq.empty()) gemm_mixed<T>(prec, Trans::N, Trans::N, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
   if (!dxkv.empty()) {
-    gemm<T>(Trans::N, Trans::N, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0),
+    gemm_mixed<T>(prec, Trans::N, Trans::N, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0),
             dxkv.data(), D);
-    gemm<T>(Trans::N, Trans::N, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
+    gemm_mixed<T>(prec, Trans::N, Trans::N, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
   }
 }
 
 // Self-attention: attention_forward with xq = xkv = x [B, N, D].
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void self_attention_forward(const AttentionWeights<T>& w, int heads, CView<T> x, CView<std::uint8_t> key_mask,
-                            View<T> y, AttentionCache<T>& cache) {
-  attention_forward<T>(w, heads, x, x, key_mask, y, cache);
+                            View<T> y, AttentionCache<T>& cache, const Prec& prec = {}) {
+  attention_forward<T>(w, heads, x, x, key_mask, y, cache, prec);
 }
 
 // Self-attention backward: dx [B, N, D] (overwritten) = dxq + dxkv.
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void self_attention_backward(const AttentionWeights<T>& w, int heads, CView<T> x, CView<std::uint8_t> key_mask,
-                             AttentionCache<T>& cache, CView<T> dy, View<T> dx, const AttentionGrads<T>& g) {
-  attention_backward<T>(w, heads, x, x, key_mask, cache, dy, dx, dx, g);
+                             AttentionCache<T>& cache, CView<T> dy, View<T> dx, const AttentionGrads<T>& g, const Prec& prec = {}) {
+  attention_backward<T>(w, heads, x, x, key_mask, cache, dy, dx, dx, g, prec);
 }
 
 }  // namespace cpu
@@ -247,17 +250,17 @@ namespace ref {
 // Naive loops over (b, h, i, j, c): the reference the tests and the Ref backend use. Same signatures, semantics
 // and gradient rule as cpu::attention_forward/backward (dxq and dxkv may be the same view); the cache keeps the
 // projections, probabilities and contexts, and the backward recomputes nothing else.
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
-                       CView<std::uint8_t> key_mask, View<T> y, AttentionCache<T>& cache) {
+                       CView<std::uint8_t> key_mask, View<T> y, AttentionCache<T>& cache, const Prec& prec = {}) {
   const auto d = detail::attention_check<T>("ref::attention_forward", w, heads, xq, xkv, key_mask);
   expect_shape(y, xq.shape(), "ref::attention_forward: y");
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   cache.size_forward(B, Nq, Nk, D, H);
   Tensor<T>&q = cache.q, &k = cache.k, &v = cache.v, &ctx = cache.ctx, &P = cache.probs;
-  ref::linear_forward<T>(xq, w.wq, w.bq, q.view());
-  ref::linear_forward<T>(xkv, w.wk, w.bk, k.view());
-  ref::linear_forward<T>(xkv, w.wv, w.bv, v.view());
+  ref::linear_forward<T>(xq, w.wq, w.bq, q.view(), prec);
+  ref::linear_forward<T>(xkv, w.wk, w.bk, k.view(), prec);
+  ref::linear_forward<T>(xkv, w.wv, w.bv, v.view(), prec);
   const T scale = T(1) / std::sqrt(T(Dh));
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
@@ -275,7 +278,7 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
           ctx[(b * Nq + i) * D + c] = acc;
         }
       }
-  ref::linear_forward<T>(ctx.cview(), w.wo, w.bo, y);
+  ref::linear_forward<T>(ctx.cview(), w.wo, w.bo, y, prec);
 }
 
 // The same without a cache (for comparisons that need only y).
@@ -286,10 +289,10 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   ref::attention_forward<T>(w, heads, xq, xkv, key_mask, y, cache);
 }
 
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
                         CView<std::uint8_t> key_mask, AttentionCache<T>& cache, CView<T> dy, View<T> dxq,
-                        View<T> dxkv, const AttentionGrads<T>& g) {
+                        View<T> dxkv, const AttentionGrads<T>& g, const Prec& prec = {}) {
   const auto d = detail::attention_check<T>("ref::attention_backward", w, heads, xq, xkv, key_mask);
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   expect_shape(dy, xq.shape(), "ref::attention_backward: dy");
@@ -298,7 +301,7 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
   if (!dxkv.empty()) expect_shape(dxkv, xkv.shape(), "ref::attention_backward: dxkv");
   const bool summed = !dxq.empty() && dxq.data() == dxkv.data();
   Tensor<T> dctx(Shape{B, Nq, D}), dq(Shape{B, Nq, D}), dk(Shape{B, Nk, D}), dv(Shape{B, Nk, D});
-  ref::linear_backward<T>(cache.ctx.cview(), w.wo, dy, dctx.view(), g.wo, g.bo);
+  ref::linear_backward<T>(cache.ctx.cview(), w.wo, dy, dctx.view(), g.wo, g.bo, prec);
   const T scale = T(1) / std::sqrt(T(Dh));
   std::vector<T> dP(static_cast<std::size_t>(Nk)), dS(static_cast<std::size_t>(Nk));
   for (index_t b = 0; b < B; ++b)
@@ -322,9 +325,9 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
           }
       }
   Tensor<T> tq(xq.shape()), tk(xkv.shape()), tv(xkv.shape());  // input gradients per projection
-  ref::linear_backward<T>(xq, w.wq, dq.cview(), tq.view(), g.wq, g.bq);
-  ref::linear_backward<T>(xkv, w.wk, dk.cview(), tk.view(), g.wk, g.bk);
-  ref::linear_backward<T>(xkv, w.wv, dv.cview(), tv.view(), g.wv, g.bv);
+  ref::linear_backward<T>(xq, w.wq, dq.cview(), tq.view(), g.wq, g.bq, prec);
+  ref::linear_backward<T>(xkv, w.wk, dk.cview(), tk.view(), g.wk, g.bk, prec);
+  ref::linear_backward<T>(xkv, w.wv, dv.cview(), tv.view(), g.wv, g.bv, prec);
   if (summed) {
     for (index_t i = 0; i < dxq.numel(); ++i) dxq[i] = tq[i] + tk[i] + tv[i];
     return;
@@ -335,16 +338,16 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
     for (index_t i = 0; i < dxkv.numel(); ++i) dxkv[i] = tk[i] + tv[i];
 }
 
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void self_attention_forward(const AttentionWeights<T>& w, int heads, CView<T> x, CView<std::uint8_t> key_mask,
-                            View<T> y, AttentionCache<T>& cache) {
-  ref::attention_forward<T>(w, heads, x, x, key_mask, y, cache);
+                            View<T> y, AttentionCache<T>& cache, const Prec& prec = {}) {
+  ref::attention_forward<T>(w, heads, x, x, key_mask, y, cache, prec);
 }
 
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void self_attention_backward(const AttentionWeights<T>& w, int heads, CView<T> x, CView<std::uint8_t> key_mask,
-                             AttentionCache<T>& cache, CView<T> dy, View<T> dx, const AttentionGrads<T>& g) {
-  ref::attention_backward<T>(w, heads, x, x, key_mask, cache, dy, dx, dx, g);
+                             AttentionCache<T>& cache, CView<T> dy, View<T> dx, const AttentionGrads<T>& g, const Prec& prec = {}) {
+  ref::attention_backward<T>(w, heads, x, x, key_mask, cache, dy, dx, dx, g, prec);
 }
 
 }  // namespace ref

@@ -89,8 +89,8 @@ void unpatchify(CView<T> dpatches, int P, View<T> dimages) {
   detail::patch_copy<T>(g, dpatches.data(), dimages.data(), false);
 }
 
-template <class T>
-void patch_embed_forward(CView<T> images, int P, CView<T> W, CView<T> b, CView<T> pos, View<T> patches, View<T> y) {
+template <class T, PrecisionPolicy Prec = Fp32>
+void patch_embed_forward(CView<T> images, int P, CView<T> W, CView<T> b, CView<T> pos, View<T> patches, View<T> y, const Prec& prec = {}) {
   const auto g = detail::patch_geom<T>("patch_embed_forward", images, P);
   LIMOE_CHECK(W.rank() == 2 && W.dim(1) == g.F, "patch_embed_forward: W ", W.shape().str(), " must be [D, P*P*C = ",
               g.F, "] for images ", images.shape().str(), " and P = ", P);
@@ -98,7 +98,7 @@ void patch_embed_forward(CView<T> images, int P, CView<T> W, CView<T> b, CView<T
   expect_shape(y, Shape{g.B, g.N, D}, "patch_embed_forward: y");
   if (!pos.empty()) expect_shape(pos, Shape{g.N, D}, "patch_embed_forward: pos");
   patchify<T>(images, P, patches);
-  linear_forward<T>(patches, W, b, y);
+  linear_forward<T>(patches, W, b, y, prec);
   if (pos.empty()) return;
   parallel_for(0, g.B * g.N, std::max<index_t>(1, 8192 / std::max<index_t>(D, 1)), [&](index_t r0, index_t r1) {
     for (index_t r = r0; r < r1; ++r) {
@@ -109,9 +109,9 @@ void patch_embed_forward(CView<T> images, int P, CView<T> W, CView<T> b, CView<T
   });
 }
 
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void patch_embed_backward(CView<T> images, int P, CView<T> patches, CView<T> W, CView<T> dy, View<T> dimages,
-                          View<T> dW, View<T> db, View<T> dpos) {
+                          View<T> dW, View<T> db, View<T> dpos, const Prec& prec = {}) {
   const auto g = detail::patch_geom<T>("patch_embed_backward", images, P);
   expect_shape(patches, detail::patch_shape(g), "patch_embed_backward: patches");
   LIMOE_CHECK(W.rank() == 2 && W.dim(1) == g.F, "patch_embed_backward: W ", W.shape().str(),
@@ -122,10 +122,10 @@ void patch_embed_backward(CView<T> images, int P, CView<T> patches, CView<T> W, 
   if (!dpos.empty()) expect_shape(dpos, Shape{g.N, D}, "patch_embed_backward: dpos");
   if (!dimages.empty()) {
     Tensor<T> dpatches(detail::patch_shape(g));  // [B, N, P*P*C]
-    linear_backward<T>(patches, W, dy, dpatches.view(), dW, db);
+    linear_backward<T>(patches, W, dy, dpatches.view(), dW, db, prec);
     unpatchify<T>(dpatches.view(), P, dimages);
   } else {
-    linear_backward<T>(patches, W, dy, View<T>{}, dW, db);
+    linear_backward<T>(patches, W, dy, View<T>{}, dW, db, prec);
   }
   if (!dpos.empty()) {
     // Sum over the batch, parallel over token rows (each writes its own row of dpos).
@@ -227,23 +227,23 @@ void unpatchify(CView<T> dpatches, int P, View<T> dimages) {
                   dpatches[((b * g.N + py * g.nw + px) * g.P * g.P + i * g.P + j) * g.C + c];
 }
 
-template <class T>
-void patch_embed_forward(CView<T> images, int P, CView<T> W, CView<T> b, CView<T> pos, View<T> patches, View<T> y) {
+template <class T, PrecisionPolicy Prec = Fp32>
+void patch_embed_forward(CView<T> images, int P, CView<T> W, CView<T> b, CView<T> pos, View<T> patches, View<T> y, const Prec& prec = {}) {
   const auto g = detail::patch_geom<T>("ref::patch_embed_forward", images, P);
   const index_t D = W.dim(0);
   patchify<T>(images, P, patches);
-  linear_forward<T>(patches, W, b, y);
+  linear_forward<T>(patches, W, b, y, prec);
   if (!pos.empty())
     for (index_t i = 0; i < g.B * g.N * D; ++i) y[i] += pos[i % (g.N * D)];
 }
 
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void patch_embed_backward(CView<T> images, int P, CView<T> patches, CView<T> W, CView<T> dy, View<T> dimages,
-                          View<T> dW, View<T> db, View<T> dpos) {
+                          View<T> dW, View<T> db, View<T> dpos, const Prec& prec = {}) {
   const auto g = detail::patch_geom<T>("ref::patch_embed_backward", images, P);
   const index_t D = W.dim(0);
   Tensor<T> dpatches(detail::patch_shape(g));  // [B, N, P*P*C]
-  linear_backward<T>(patches, W, dy, dimages.empty() ? View<T>{} : dpatches.view(), dW, db);
+  linear_backward<T>(patches, W, dy, dimages.empty() ? View<T>{} : dpatches.view(), dW, db, prec);
   if (!dimages.empty()) unpatchify<T>(dpatches.view(), P, dimages);
   if (!dpos.empty())
     for (index_t i = 0; i < g.B * g.N * D; ++i) dpos[i % (g.N * D)] += dy[i];

@@ -4,6 +4,7 @@
 // x is any tensor whose last dimension is I; it is read as R = numel / I rows. W is [O, I] (PyTorch layout),
 // b is [O] or empty (no bias). y has the shape of x with the last dimension O.
 // Gradient rule (docs/conventions.md): dx is overwritten (skipped when empty), dW and db accumulate.
+// Precision (core/precision.hpp): the last argument is the policy of the three products (Fp32 by default).
 #pragma once
 
 #include <algorithm>
@@ -12,6 +13,8 @@
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
+#include "limoe/core/gemm_mixed.hpp"
+#include "limoe/core/precision.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
 
@@ -36,8 +39,8 @@ index_t linear_check(const char* fn, CView<T> x, CView<T> W, CView<T> b, const S
 namespace cpu {
 
 // y[R, O] = x[R, I] W[O, I]^T + b[O].
-template <class T>
-void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y) {
+template <class T, PrecisionPolicy Prec = Fp32>
+void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y, const Prec& prec = {}) {
   const index_t R = detail::linear_check<T>("linear_forward", x, W, b, y.shape(), "y");
   const index_t O = W.dim(0), I = W.dim(1);
   if (R == 0 || O == 0) return;
@@ -47,13 +50,13 @@ void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y) {
       for (index_t r = r0; r < r1; ++r) std::copy(b.data(), b.data() + O, y.row(r));
     });
   }
-  gemm<T>(Trans::N, Trans::T, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
+  gemm_mixed<T>(prec, Trans::N, Trans::T, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
 }
 
 // dx[R, I] = dy W (overwritten; skipped when dx is empty); dW[O, I] += dy^T x; db[O] += sum_r dy
 // (skipped when db is empty; dW may also be empty to skip it, e.g. for a frozen layer).
-template <class T>
-void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW, View<T> db) {
+template <class T, PrecisionPolicy Prec = Fp32>
+void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW, View<T> db, const Prec& prec = {}) {
   const index_t R = detail::linear_check<T>("linear_backward", x, W, CView<T>{}, dy.shape(), "dy");
   const index_t O = W.dim(0), I = W.dim(1);
   if (!dx.empty())
@@ -62,9 +65,9 @@ void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW
   if (!dW.empty()) expect_shape(dW, W.shape(), "linear_backward: dW");
   if (!db.empty())
     LIMOE_CHECK(db.numel() == O, "linear_backward: db ", db.shape().str(), " must have O = ", O, " elements");
-  if (!dx.empty()) gemm<T>(Trans::N, Trans::N, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
+  if (!dx.empty()) gemm_mixed<T>(prec, Trans::N, Trans::N, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
   if (!dW.empty() && R > 0)
-    gemm<T>(Trans::T, Trans::N, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
+    gemm_mixed<T>(prec, Trans::T, Trans::N, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
   if (!db.empty() && R > 0) {
     const detail::MapC<T> g(dy.data(), R, O, Eigen::OuterStride<>(O));
     Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> acc(db.data(), O);
@@ -77,31 +80,32 @@ void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW
 namespace ref {
 
 // Naive loops, the reference the tests compare cpu:: against.
-template <class T>
-void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y) {
+template <class T, PrecisionPolicy Prec = Fp32>
+void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y, const Prec& = {}) {
   const index_t R = detail::linear_check<T>("ref::linear_forward", x, W, b, y.shape(), "y");
   const index_t O = W.dim(0), I = W.dim(1);
   for (index_t r = 0; r < R; ++r)
     for (index_t o = 0; o < O; ++o) {
       T acc = b.empty() ? T(0) : b[o];
-      for (index_t i = 0; i < I; ++i) acc += x[r * I + i] * W[o * I + i];
+      for (index_t i = 0; i < I; ++i) acc += operand<T, Prec>(x[r * I + i]) * operand<T, Prec>(W[o * I + i]);
       y[r * O + o] = acc;
     }
 }
 
-template <class T>
-void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW, View<T> db) {
+template <class T, PrecisionPolicy Prec = Fp32>
+void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW, View<T> db, const Prec& = {}) {
   const index_t R = detail::linear_check<T>("ref::linear_backward", x, W, CView<T>{}, dy.shape(), "dy");
   const index_t O = W.dim(0), I = W.dim(1);
   for (index_t r = 0; r < R; ++r) {
     for (index_t i = 0; i < I && !dx.empty(); ++i) {
       T acc = 0;
-      for (index_t o = 0; o < O; ++o) acc += dy[r * O + o] * W[o * I + i];
+      for (index_t o = 0; o < O; ++o) acc += operand<T, Prec>(dy[r * O + o]) * operand<T, Prec>(W[o * I + i]);
       dx[r * I + i] = acc;
     }
     for (index_t o = 0; o < O; ++o) {
       if (!db.empty()) db[o] += dy[r * O + o];
-      for (index_t i = 0; i < I && !dW.empty(); ++i) dW[o * I + i] += dy[r * O + o] * x[r * I + i];
+      for (index_t i = 0; i < I && !dW.empty(); ++i)
+        dW[o * I + i] += operand<T, Prec>(dy[r * O + o]) * operand<T, Prec>(x[r * I + i]);
     }
   }
 }

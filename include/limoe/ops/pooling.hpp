@@ -181,28 +181,28 @@ void pool_backward(Pooling kind, CView<std::uint8_t> key_mask, CView<T> dy, View
 }
 
 // `map` head forward: y[B, D] from tokens x[B, N, D] (key_mask [B, N] or empty); fills `cache`.
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln_eps, CView<T> x,
-                      CView<std::uint8_t> key_mask, View<T> y, MapHeadCache<T>& cache) {
+                      CView<std::uint8_t> key_mask, View<T> y, MapHeadCache<T>& cache, const Prec& prec = {}) {
   const auto d = detail::map_head_check<T>("map_head_forward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(y, Shape{B, D}, "map_head_forward: y");
   cache.start_forward(w.probe, B, D, M);
-  cpu::attention_forward<T>(w.attn, heads, cache.query.cview(), x, key_mask, cache.u.view(), cache.attn);
+  cpu::attention_forward<T>(w.attn, heads, cache.query.cview(), x, key_mask, cache.u.view(), cache.attn, prec);
   const CView<T> u = cache.u.cview().reshape(Shape{B, D});  // [B, D]
   cpu::layernorm_forward<T>(u, w.ln_g, w.ln_b, ln_eps, cache.ln.view(), cache.mean.view(), cache.rstd.view());
-  cpu::linear_forward<T>(cache.ln.cview(), w.fc1_w, w.fc1_b, cache.h.view());
+  cpu::linear_forward<T>(cache.ln.cview(), w.fc1_w, w.fc1_b, cache.h.view(), prec);
   cpu::gelu_forward<T>(gelu, cache.h.cview(), cache.a.view());
-  cpu::linear_forward<T>(cache.a.cview(), w.fc2_w, w.fc2_b, y);
+  cpu::linear_forward<T>(cache.a.cview(), w.fc2_w, w.fc2_b, y, prec);
   // Residual: y = u + MLP(LN(u)).
   for (index_t i = 0; i < B * D; ++i) y[i] += u[i];
 }
 
 // `map` head backward: dx[B, N, D] (overwritten, skipped when empty), parameter gradients accumulated.
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void map_head_backward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, CView<T> x,
                        CView<std::uint8_t> key_mask, MapHeadCache<T>& cache, CView<T> dy, View<T> dx,
-                       const MapHeadGrads<T>& g) {
+                       const MapHeadGrads<T>& g, const Prec& prec = {}) {
   const auto d = detail::map_head_check<T>("map_head_backward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(dy, Shape{B, D}, "map_head_backward: dy");
@@ -215,16 +215,16 @@ void map_head_backward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, CVi
   cache.du.resize(Shape{B, 1, D});      // [B, 1, D]
   cache.dquery.resize(Shape{B, 1, D});  // [B, 1, D]
   const CView<T> u = cache.u.cview().reshape(Shape{B, D});  // [B, D]
-  cpu::linear_backward<T>(cache.a.cview(), w.fc2_w, dy, cache.da.view(), g.fc2_w, g.fc2_b);
+  cpu::linear_backward<T>(cache.a.cview(), w.fc2_w, dy, cache.da.view(), g.fc2_w, g.fc2_b, prec);
   cpu::gelu_backward<T>(gelu, cache.h.cview(), cache.da.cview(), cache.da.view());  // in place: da -> dh
-  cpu::linear_backward<T>(cache.ln.cview(), w.fc1_w, cache.da.cview(), cache.dln.view(), g.fc1_w, g.fc1_b);
+  cpu::linear_backward<T>(cache.ln.cview(), w.fc1_w, cache.da.cview(), cache.dln.view(), g.fc1_w, g.fc1_b, prec);
   const View<T> du = cache.du.view().reshape(Shape{B, D});  // [B, D]
   cpu::layernorm_backward<T>(u, w.ln_g, cache.mean.cview(), cache.rstd.cview(), cache.dln.cview(), du, g.ln_g,
                              g.ln_b);
   for (index_t i = 0; i < B * D; ++i) du[i] += dy[i];  // the residual path
   const View<T> dq = g.probe.empty() ? View<T>{} : cache.dquery.view();
   cpu::attention_backward<T>(w.attn, heads, cache.query.cview(), x, key_mask, cache.attn, cache.du.cview(), dq, dx,
-                             g.attn);
+                             g.attn, prec);
   // The probe is shared by every example: its gradient is the sum over the batch.
   if (!g.probe.empty()) detail::add_column_sums(cache.dquery.data(), B, D, g.probe.data());
 }
@@ -272,19 +272,19 @@ void pool_backward(Pooling kind, CView<std::uint8_t> key_mask, CView<T> dy, View
 }
 
 // Naive composition of the reference ops: the `map` head, forward and backward, with the cpu:: signatures.
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln_eps, CView<T> x,
-                      CView<std::uint8_t> key_mask, View<T> y, MapHeadCache<T>& c) {
+                      CView<std::uint8_t> key_mask, View<T> y, MapHeadCache<T>& c, const Prec& prec = {}) {
   const auto d = detail::map_head_check<T>("ref::map_head_forward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(y, Shape{B, D}, "ref::map_head_forward: y");
   c.start_forward(w.probe, B, D, M);
-  ref::attention_forward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.u.view(), c.attn);
+  ref::attention_forward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.u.view(), c.attn, prec);
   const CView<T> u = c.u.cview().reshape(Shape{B, D});  // [B, D]
   ref::layernorm_forward<T>(u, w.ln_g, w.ln_b, ln_eps, c.ln.view(), c.mean.view(), c.rstd.view());
-  ref::linear_forward<T>(c.ln.cview(), w.fc1_w, w.fc1_b, c.h.view());
+  ref::linear_forward<T>(c.ln.cview(), w.fc1_w, w.fc1_b, c.h.view(), prec);
   ref::gelu_forward<T>(gelu, c.h.cview(), c.a.view());
-  ref::linear_forward<T>(c.a.cview(), w.fc2_w, w.fc2_b, y);
+  ref::linear_forward<T>(c.a.cview(), w.fc2_w, w.fc2_b, y, prec);
   for (index_t i = 0; i < B * D; ++i) y[i] += u[i];
 }
 
@@ -295,23 +295,23 @@ void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln
   ref::map_head_forward<T>(w, heads, gelu, ln_eps, x, key_mask, y, cache);
 }
 
-template <class T>
+template <class T, PrecisionPolicy Prec = Fp32>
 void map_head_backward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, CView<T> x,
                        CView<std::uint8_t> key_mask, MapHeadCache<T>& c, CView<T> dy, View<T> dx,
-                       const MapHeadGrads<T>& g) {
+                       const MapHeadGrads<T>& g, const Prec& prec = {}) {
   const auto d = detail::map_head_check<T>("ref::map_head_backward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(dy, Shape{B, D}, "ref::map_head_backward: dy");
   expect_shape(c.h.cview(), Shape{B, M}, "ref::map_head_backward: cache (run map_head_forward first)");
   Tensor<T> da(Shape{B, M}), dh(Shape{B, M}), dln(Shape{B, D}), du(Shape{B, 1, D}), dq(Shape{B, 1, D});
-  ref::linear_backward<T>(c.a.cview(), w.fc2_w, dy, da.view(), g.fc2_w, g.fc2_b);
+  ref::linear_backward<T>(c.a.cview(), w.fc2_w, dy, da.view(), g.fc2_w, g.fc2_b, prec);
   ref::gelu_backward<T>(gelu, c.h.cview(), da.cview(), dh.view());
-  ref::linear_backward<T>(c.ln.cview(), w.fc1_w, dh.cview(), dln.view(), g.fc1_w, g.fc1_b);
+  ref::linear_backward<T>(c.ln.cview(), w.fc1_w, dh.cview(), dln.view(), g.fc1_w, g.fc1_b, prec);
   const View<T> du2 = du.view().reshape(Shape{B, D});
   ref::layernorm_backward<T>(c.u.cview().reshape(Shape{B, D}), w.ln_g, c.mean.cview(), c.rstd.cview(),
                              dln.cview(), du2, g.ln_g, g.ln_b);
   for (index_t i = 0; i < B * D; ++i) du2[i] += dy[i];  // residual
-  ref::attention_backward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.attn, du.cview(), dq.view(), dx, g.attn);
+  ref::attention_backward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.attn, du.cview(), dq.view(), dx, g.attn, prec);
   if (!g.probe.empty())
     for (index_t b = 0; b < B; ++b)
       for (index_t k = 0; k < D; ++k) g.probe[k] += dq[b * D + k];

@@ -1,0 +1,118 @@
+// limoe/core/precision.hpp: the precision policy, a type a model is composed from (docs/precision.md).
+//
+//   Fp32       every product in fp32 (the default; what the model computed before policies existed).
+//   Bf16Mixed  the large products (linear layers, q/k/v/o projections, the patch embedding, the pooling heads'
+//              projections and MLP, the experts) read their operands rounded to bf16 and accumulate in fp32:
+//              weights are read from a bf16 copy made once per optimizer step (WeightMirror), activations are
+//              rounded as they enter the product. Everything else stays fp32: the stored activations, router
+//              logits and gates (so routing is decided on fp32 gates), softmax, attention scores and contexts,
+//              LayerNorm statistics, the auxiliary and contrastive losses, the master weights and AdamW's
+//              moments. The CUDA backend will use the same split.
+//
+// A policy is passed to the ops that hold a large product as their last argument (`Fp32{}` by default), so
+// the op tables (backend/ops.hpp) forward it unchanged; the Ref backend reads a Bf16Mixed policy as "round
+// both operands to bf16, accumulate exactly", the independent reference of the fast path.
+#pragma once
+
+#include <bit>
+#include <concepts>
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+#include <vector>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/parallel.hpp"
+#include "limoe/core/tensor.hpp"
+
+namespace limoe {
+
+// bf16: the upper 16 bits of an IEEE binary32 (8 exponent bits, 7 stored mantissa bits).
+using bf16_bits = std::uint16_t;
+
+// Round to nearest, ties to even; NaN stays NaN (quiet), infinities stay infinite.
+inline bf16_bits to_bf16(float x) {
+  const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_bits>((u >> 16) | 0x0040u);
+  return static_cast<bf16_bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline float from_bf16(bf16_bits b) { return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16); }
+// x rounded to the nearest bf16, as a float.
+inline float round_bf16(float x) { return from_bf16(to_bf16(x)); }
+inline double round_bf16(double x) { return from_bf16(to_bf16(static_cast<float>(x))); }
+
+// n floats to bf16 (any thread count gives the same bits: the rounding is per element).
+inline void to_bf16(const float* x, index_t n, bf16_bits* out) {
+  for (index_t i = 0; i < n; ++i) out[i] = to_bf16(x[i]);
+}
+// The same over the thread pool, for large buffers.
+inline void to_bf16_parallel(const float* x, index_t n, bf16_bits* out) {
+  parallel_for(0, n, 1 << 16, [&](index_t i0, index_t i1) { to_bf16(x + i0, i1 - i0, out + i0); });
+}
+
+// The bf16 copy of a whole flat parameter buffer (core/params.hpp), made again only when the buffer's version
+// changes (the optimizer's step, a load, init: every non-const access to the values bumps it).
+class WeightMirror {
+ public:
+  // Converts when `version` differs from the copy's; returns whether it converted.
+  bool refresh(const float* base, index_t size, std::uint64_t version) {
+    if (base == base_ && size == size_ && version == version_ && valid_) return false;
+    lo_.resize(static_cast<std::size_t>(size));
+    to_bf16_parallel(base, size, lo_.data());
+    base_ = base;
+    size_ = size;
+    version_ = version;
+    valid_ = true;
+    ++conversions_;
+    return true;
+  }
+  // The bf16 copy of the n floats at p, when they lie inside the mirrored buffer; nullptr otherwise.
+  const bf16_bits* find(const float* p, index_t n) const {
+    if (!valid_ || p == nullptr || p < base_ || p + n > base_ + size_) return nullptr;
+    return lo_.data() + (p - base_);
+  }
+  // How many times the copy was made (tests: once per optimizer step).
+  std::uint64_t conversions() const { return conversions_; }
+
+ private:
+  const float* base_ = nullptr;
+  index_t size_ = 0;
+  std::uint64_t version_ = 0, conversions_ = 0;
+  bool valid_ = false;
+  std::vector<bf16_bits> lo_;
+};
+
+struct Fp32 {
+  static constexpr const char* name = "fp32";
+  static constexpr bool mixed = false;
+};
+
+struct Bf16Mixed {
+  static constexpr const char* name = "bf16";
+  static constexpr bool mixed = true;
+  // Where the weights' bf16 copies are found (a model points it at its own mirror); operands not found there
+  // are rounded as they enter the product.
+  const WeightMirror* weights = nullptr;
+  const bf16_bits* find(const float* p, index_t n) const { return weights ? weights->find(p, n) : nullptr; }
+};
+
+template <class P>
+concept PrecisionPolicy = std::same_as<P, Fp32> || std::same_as<P, Bf16Mixed>;
+
+// The policies by their command-line names (`--precision fp32|bf16`).
+enum class PrecisionKind { Fp32, Bf16 };
+inline PrecisionKind parse_precision(std::string_view s) {
+  if (s == "fp32") return PrecisionKind::Fp32;
+  if (s == "bf16") return PrecisionKind::Bf16;
+  throw Error("unknown precision \"" + std::string(s) + "\" (expected fp32 or bf16)");
+}
+inline const char* precision_name(PrecisionKind p) { return p == PrecisionKind::Bf16 ? "bf16" : "fp32"; }
+
+// An operand of a mixed product, rounded the way the policy reads it (the Ref backend's loops).
+template <class T, class P>
+inline T operand(T x) {
+  if constexpr (P::mixed) return static_cast<T>(round_bf16(x));
+  else return x;
+}
+
+}  // namespace limoe

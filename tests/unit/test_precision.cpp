@@ -1,0 +1,365 @@
+// The bf16 mixed-precision policy (core/precision.hpp, docs/precision.md).
+//
+// What is asserted, and against what:
+//  - rounding: to_bf16 against the nearest of the two bf16 neighbours computed in double (ties to even);
+//  - every mixed product (both oneDNN and the widening fallback, all transposes, alpha/beta, threaded splits)
+//    against a naive double product of the bf16-rounded operands: |error| <= 2^-20 sum_k |a_k b_k| (fp32
+//    accumulation of exact bf16 x bf16 products); and against the fp32 product of the unrounded operands within
+//    the bf16 bound |error| <= 2^-7 sum_k |a_k b_k| (each operand off by at most 2^-9 relative: 2^-8 + 2^-18
+//    per product term, with room for the fp32 accumulation);
+//  - every op that takes the policy, Cpu against Ref under Bf16Mixed (the same rounded operands; differences
+//    come from fp32 summation order, and where an activation is rounded after a product, from a rounding that
+//    may fall the other way: 1e-3 of the largest value), and against Ref in fp32 within a bf16 tolerance (2e-2
+//    of the largest value: a few chained products, each off by about 2^-8 in the worst element);
+//  - routing: the MoE layer's routes and gates are the same bits under both policies (the router is fp32);
+//  - the weights' bf16 copy is made once per optimizer step, and a model trains under bf16.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limoe/backend/ops.hpp>
+#include <limoe/core/gemm_mixed.hpp>
+#include <limoe/core/parallel.hpp>
+#include <limoe/core/precision.hpp>
+#include <limoe/model/model.hpp>
+#include <limoe/testing/gradcheck.hpp>
+#include <limoe/train/optimizer.hpp>
+#include <string>
+#include <vector>
+
+using namespace limoe;
+
+namespace {
+
+Tensor<float> randf(Shape s, std::uint64_t seed, double scale = 1.0) { return testing::randn<float>(s, seed, scale); }
+
+// The largest |a - b| over the largest |b| (b the reference), or over 1 when every |b| is below 1: a
+// gradient that is zero in exact arithmetic (a key bias's) holds only rounding noise, compared absolutely.
+double rel_max(CView<float> a, CView<float> b) {
+  REQUIRE(a.numel() == b.numel());
+  double num = 0, den = 1;
+  for (index_t i = 0; i < a.numel(); ++i) {
+    num = std::max(num, std::abs(static_cast<double>(a[i]) - b[i]));
+    den = std::max(den, std::abs(static_cast<double>(b[i])));
+  }
+  return num / den;
+}
+
+}  // namespace
+
+TEST_CASE("to_bf16 rounds to the nearest bf16, ties to even; NaN and infinities survive") {
+  std::uint64_t state = 88172645463325252ull;
+  for (int i = 0; i < 200000; ++i) {
+    state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+    const float x = std::bit_cast<float>(static_cast<std::uint32_t>(state));
+    if (!std::isfinite(x)) continue;
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+    // The two bf16 neighbours (truncated, and one bf16 ulp away from zero), compared in double.
+    const float lo = std::bit_cast<float>(u & 0xffff0000u);
+    const float hi = std::bit_cast<float>((u & 0xffff0000u) + 0x10000u);
+    // Past the largest bf16 the upper neighbour is infinity, which IEEE rounding places at 2^128.
+    const double hid = std::isinf(hi) ? std::copysign(0x1p128, static_cast<double>(x)) : static_cast<double>(hi);
+    const double dlo = std::abs(static_cast<double>(x) - lo), dhi = std::abs(static_cast<double>(x) - hid);
+    const float r = round_bf16(x);
+    CAPTURE(x);
+    CHECK((std::bit_cast<std::uint32_t>(r) & 0xffffu) == 0u);
+    if (dlo < dhi) CHECK(r == lo);
+    else if (dhi < dlo) CHECK(r == hi);
+    else CHECK(((std::bit_cast<std::uint32_t>(r) >> 16) & 1u) == 0u);  // a tie: the even one
+  }
+  CHECK(round_bf16(1.0f) == 1.0f);
+  CHECK(round_bf16(1.0f + 0x1p-8f) == 1.0f);                  // tie, 1.0 is even
+  CHECK(round_bf16(1.0f + 3 * 0x1p-8f) == 1.0f + 0x1p-6f);    // tie, rounds up to the even neighbour
+  CHECK(std::isnan(round_bf16(std::nanf(""))));
+  CHECK(std::isinf(round_bf16(INFINITY)));
+  CHECK(round_bf16(-0.0f) == 0.0f);
+  CHECK(std::isinf(round_bf16(3.4e38f)));  // above the largest bf16: rounds to infinity, as the format does
+}
+
+TEST_CASE("mixed products agree with the double product of the bf16-rounded operands") {
+  struct Shape3 {
+    index_t M, N, K;
+  };
+  // Small (one block), and large enough to be split over the thread pool by rows and by columns.
+  const std::vector<Shape3> shapes{{7, 5, 3}, {33, 70, 19}, {600, 96, 80}, {64, 700, 96}};
+  for (const auto sh : shapes)
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb)
+        for (int ab = 0; ab < 2; ++ab)
+          for (int threads : {1, 2}) {
+            set_num_threads(threads);
+            const index_t M = sh.M, N = sh.N, K = sh.K;
+            const Trans TA = ta ? Trans::T : Trans::N, TB = tb ? Trans::T : Trans::N;
+            // Leading dimensions wider than the rows, to test strides.
+            const index_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 2, ldc = N + 1;
+            auto A = randf(Shape{(ta ? K : M) * lda}, 1 + sh.M, 1.0), B = randf(Shape{(tb ? N : K) * ldb}, 2 + sh.N, 1.0);
+            auto C0 = randf(Shape{M * ldc}, 3, 1.0);
+            const float alpha = ab ? 0.5f : 1.0f, beta = ab ? 1.0f : 0.0f;
+            auto a = [&](index_t m, index_t k) { return ta ? A[k * lda + m] : A[m * lda + k]; };
+            auto b = [&](index_t k, index_t n) { return tb ? B[n * ldb + k] : B[k * ldb + n]; };
+            Tensor<float> C = C0, Cf = C0;
+            gemm_mixed<float>(Bf16Mixed{}, TA, TB, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+            gemm_mixed<float>(Fp32{}, TA, TB, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, Cf.data(), ldc);
+            Tensor<float> Cw = C0;  // the widening fallback on one thread, whatever oneDNN offers here
+            detail::ScratchLease<bf16_bits> sa(detail::operand_extent(ta ? K : M, ta ? M : K, lda)),
+                sb(detail::operand_extent(tb ? N : K, tb ? K : N, ldb));
+            to_bf16(A.data(), detail::operand_extent(ta ? K : M, ta ? M : K, lda), sa.data());
+            to_bf16(B.data(), detail::operand_extent(tb ? N : K, tb ? K : N, ldb), sb.data());
+            detail::gemm_bf16_widened(TA, TB, M, N, K, alpha, sa.data(), lda, sb.data(), ldb, beta, Cw.data(), ldc);
+            double worst_exact = 0, worst_fp32 = 0, worst_widened = 0;
+            for (index_t m = 0; m < M; ++m)
+              for (index_t n = 0; n < N; ++n) {
+                double exact = 0, mag = 0, full = 0;
+                for (index_t k = 0; k < K; ++k) {
+                  exact += static_cast<double>(round_bf16(a(m, k))) * round_bf16(b(k, n));
+                  full += static_cast<double>(a(m, k)) * b(k, n);
+                  mag += std::abs(static_cast<double>(a(m, k)) * b(k, n));
+                }
+                const double c0 = C0[m * ldc + n];
+                exact = alpha * exact + beta * c0;
+                full = alpha * full + beta * c0;
+                const double scale = alpha * mag * 1.01 + std::abs(beta * c0) + 1e-30;
+                worst_exact = std::max(worst_exact, std::abs(C[m * ldc + n] - exact) / scale);
+                worst_widened = std::max(worst_widened, std::abs(Cw[m * ldc + n] - exact) / scale);
+                worst_fp32 = std::max(worst_fp32, std::abs(C[m * ldc + n] - full) / scale);
+              }
+            CAPTURE(M);
+            CAPTURE(N);
+            CAPTURE(K);
+            CAPTURE(ta);
+            CAPTURE(tb);
+            CAPTURE(ab);
+            CAPTURE(threads);
+            CHECK(worst_exact <= 0x1p-20 * std::sqrt(static_cast<double>(K)) + 0x1p-23);
+            CHECK(worst_widened <= 0x1p-20 * std::sqrt(static_cast<double>(K)) + 0x1p-23);
+            CHECK(worst_fp32 <= 0x1p-7);
+            CHECK(rel_max(C.cview(), Cf.cview()) > 0);  // it did round: bf16 is not fp32
+            // The padding between rows (ldc > N) is never written.
+            for (index_t m = 0; m < M; ++m) CHECK(C[m * ldc + N] == C0[m * ldc + N]);
+          }
+  set_num_threads(0);
+  MESSAGE("bf16 products here: " << detail::bf16_kernel_name());
+}
+
+TEST_CASE("mixed products give the same bits on 1 and 2 threads") {
+  auto A = randf(Shape{700, 96}, 5), B = randf(Shape{130, 96}, 6);
+  Tensor<float> C1(Shape{700, 130}), C2(Shape{700, 130});
+  set_num_threads(1);
+  gemm_mixed<float>(Bf16Mixed{}, Trans::N, Trans::T, 700, 130, 96, 1.0f, A.data(), 96, B.data(), 96, 0.0f, C1.data(), 130);
+  set_num_threads(2);
+  gemm_mixed<float>(Bf16Mixed{}, Trans::N, Trans::T, 700, 130, 96, 1.0f, A.data(), 96, B.data(), 96, 0.0f, C2.data(), 130);
+  set_num_threads(0);
+  CHECK(std::memcmp(C1.data(), C2.data(), sizeof(float) * C1.numel()) == 0);
+}
+
+TEST_CASE("the weight mirror: a weight's copy is found by address, and made again only after a change") {
+  ParamStore<float> ps;
+  const auto w = ps.add("w", Shape{4, 3}, true);
+  ps.finalize();
+  for (index_t i = 0; i < 12; ++i) ps.value(w)[i] = 1.0f + static_cast<float>(i) * 0x1p-9f;
+  WeightMirror m;
+  const ParamStore<float>& cps = ps;
+  CHECK(m.refresh(cps.values().data(), cps.size(), cps.version()));
+  CHECK_FALSE(m.refresh(cps.values().data(), cps.size(), cps.version()));  // no change: no conversion
+  const bf16_bits* lo = m.find(cps.value(w).data() + 3, 6);
+  REQUIRE(lo != nullptr);
+  for (index_t i = 0; i < 6; ++i) CHECK(from_bf16(lo[i]) == round_bf16(cps.value(w)[3 + i]));
+  CHECK(m.find(cps.value(w).data() + 8, 5) == nullptr);  // runs past the buffer
+  float other[4] = {};
+  CHECK(m.find(other, 4) == nullptr);
+  ps.values()[0] = 7.0f;  // a write through the store bumps its version
+  CHECK(m.refresh(cps.values().data(), cps.size(), cps.version()));
+  CHECK(from_bf16(m.find(cps.values().data(), 1)[0]) == 7.0f);
+  CHECK(m.conversions() == 2);
+}
+
+namespace {
+
+// Runs the ops that take a policy on backend B under policy P and returns every output and gradient.
+struct Named {
+  std::string name;
+  Tensor<float> value;
+};
+
+template <class B, class P>
+std::vector<Named> run_ops(std::uint64_t s) {
+  using O = Ops<B, float>;
+  const P prec{};
+  std::vector<Named> o;
+  auto put = [&](const std::string& n, const Tensor<float>& t) { o.push_back({n, t}); };
+  {  // linear
+    const index_t R = 41, I = 48, J = 40;
+    auto x = randf(Shape{R, I}, s), W = randf(Shape{J, I}, s + 1, 0.2), b = randf(Shape{J}, s + 2);
+    auto dy = randf(Shape{R, J}, s + 3);
+    Tensor<float> y(Shape{R, J}), dx(Shape{R, I}), dW(Shape{J, I}), db(Shape{J});
+    O::linear_forward(x.cview(), W.cview(), b.cview(), y.view(), prec);
+    O::linear_backward(x.cview(), W.cview(), dy.cview(), dx.view(), dW.view(), db.view(), prec);
+    put("linear.y", y), put("linear.dx", dx), put("linear.dW", dW), put("linear.db", db);
+  }
+  {  // self-attention with a key mask
+    const index_t Bn = 3, N = 7, D = 32;
+    const int H = 4;
+    std::vector<Tensor<float>> w, g;
+    for (int i = 0; i < 8; ++i) {
+      w.push_back(randf(i % 2 ? Shape{D} : Shape{D, D}, s + 10 + i, i % 2 ? 0.1 : 0.2));
+      g.emplace_back(w.back().shape());
+    }
+    const AttentionWeights<float> aw{w[0].cview(), w[1].cview(), w[2].cview(), w[3].cview(),
+                                     w[4].cview(), w[5].cview(), w[6].cview(), w[7].cview()};
+    const AttentionGrads<float> ag{g[0].view(), g[1].view(), g[2].view(), g[3].view(),
+                                   g[4].view(), g[5].view(), g[6].view(), g[7].view()};
+    Tensor<std::uint8_t> mask(Shape{Bn, N});
+    for (index_t i = 0; i < Bn * N; ++i) mask[i] = i % N < N - i / N ? 1 : 0;
+    auto x = randf(Shape{Bn, N, D}, s + 30), dy = randf(Shape{Bn, N, D}, s + 31);
+    Tensor<float> y(Shape{Bn, N, D}), dx(Shape{Bn, N, D});
+    AttentionCache<float> cache;
+    O::self_attention_forward(aw, H, x.cview(), mask.cview(), y.view(), cache, prec);
+    O::self_attention_backward(aw, H, x.cview(), mask.cview(), cache, dy.cview(), dx.view(), ag, prec);
+    put("attn.y", y), put("attn.dx", dx);
+    for (int i = 0; i < 8; ++i) put("attn.g" + std::to_string(i), g[static_cast<std::size_t>(i)]);
+  }
+  {  // patch embedding
+    auto img = randf(Shape{2, 8, 8, 3}, s + 40), W = randf(Shape{24, 48}, s + 41, 0.2), b = randf(Shape{24}, s + 42);
+    auto pos = randf(Shape{4, 24}, s + 43), dy = randf(Shape{2, 4, 24}, s + 44);
+    Tensor<float> patches(Shape{2, 4, 48}), y(Shape{2, 4, 24}), dimg(img.shape()), dW(W.shape()), db(b.shape()),
+        dpos(pos.shape());
+    O::patch_embed_forward(img.cview(), 4, W.cview(), b.cview(), pos.cview(), patches.view(), y.view(), prec);
+    O::patch_embed_backward(img.cview(), 4, patches.cview(), W.cview(), dy.cview(), dimg.view(), dW.view(), db.view(),
+                            dpos.view(), prec);
+    put("patch.y", y), put("patch.dimg", dimg), put("patch.dW", dW);
+  }
+  {  // experts
+    const index_t N = 40, D = 32, M = 48;
+    const int E = 4;
+    Tensor<std::int32_t> route(Shape{N, 1});
+    for (index_t t = 0; t < N; ++t) route[t] = static_cast<std::int32_t>((t * 7) % E);
+    moe::DispatchPlan plan;
+    O::make_dispatch_plan(route.cview(), E, plan);
+    const index_t A = plan.A;
+    auto x = randf(Shape{N, D}, s + 50);
+    auto w1 = randf(Shape{E, M, D}, s + 51, 0.2), b1 = randf(Shape{E, M}, s + 52, 0.1);
+    auto w2 = randf(Shape{E, D, M}, s + 53, 0.2), b2 = randf(Shape{E, D}, s + 54, 0.1);
+    auto dye = randf(Shape{A, D}, s + 55);
+    Tensor<float> gw1(w1.shape()), gb1(b1.shape()), gw2(w2.shape()), gb2(b2.shape());
+    Tensor<float> xe(Shape{A, D}), hpre(Shape{A, M}), h(Shape{A, M}), ye(Shape{A, D}), dh(Shape{A, M}), dxe(Shape{A, D});
+    moe::ExpertScratch scratch;
+    const moe::ExpertWeights<float> w{w1.cview(), b1.cview(), w2.cview(), b2.cview()};
+    O::dispatch_forward(plan, x.cview(), xe.view());
+    O::expert_mlp_forward(plan, w, GeluKind::Erf, xe.cview(), hpre.view(), h.view(), ye.view(), scratch, prec);
+    O::expert_mlp_backward(plan, w, GeluKind::Erf, xe.cview(), hpre.cview(), h.cview(), dye.cview(), dh.view(),
+                           dxe.view(), moe::ExpertGrads<float>{gw1.view(), gb1.view(), gw2.view(), gb2.view()}, scratch,
+                           prec);
+    put("experts.ye", ye), put("experts.dxe", dxe), put("experts.dw1", gw1), put("experts.dw2", gw2);
+    put("experts.db1", gb1);
+  }
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("every op under the bf16 policy: Cpu against Ref under bf16, and against Ref in fp32 within bf16's error") {
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    for (std::uint64_t seed : {3u, 77u}) {
+      const auto cpu16 = run_ops<Cpu, Bf16Mixed>(seed);
+      const auto ref16 = run_ops<Ref, Bf16Mixed>(seed);
+      const auto ref32 = run_ops<Ref, Fp32>(seed);
+      REQUIRE(cpu16.size() == ref16.size());
+      for (std::size_t i = 0; i < cpu16.size(); ++i) {
+        CAPTURE(cpu16[i].name);
+        CAPTURE(threads);
+        CAPTURE(seed);
+        const double same = rel_max(cpu16[i].value.cview(), ref16[i].value.cview());
+        const double vs32 = rel_max(cpu16[i].value.cview(), ref32[i].value.cview());
+        CHECK(same <= 1e-3);
+        CHECK(vs32 <= 2e-2);
+        CHECK(vs32 > 0);  // bf16 did change the values (a policy that silently ran fp32 would fail here)
+      }
+    }
+  }
+  set_num_threads(0);
+}
+
+namespace {
+ModelConfig small_config() {
+  ModelConfig c;
+  c.image_size = {16, 16};
+  c.channels = 3;
+  c.patch = 4;
+  c.width = 32;
+  c.depth = 2;
+  c.heads = 4;
+  c.mlp_dim = 64;
+  c.vocab_size = 20;
+  c.text_len = 6;
+  c.proj_dim = 16;
+  c.experts = 4;
+  c.top_k = 1;
+  c.moe_blocks = {1};
+  c.text_mask = true;
+  c.router.noise_std = 0.0;
+  return c;
+}
+}  // namespace
+
+TEST_CASE("routing under bf16 is decided on fp32 gates: the MoE layer routes identically under both policies") {
+  const index_t N = 96, D = 32, M = 48;
+  moe::MoeConfig mc;
+  mc.experts = 8;
+  mc.top_k = 2;
+  mc.router.capacity_factor_train = 1.0;
+  mc.router.noise_std = 1.0;
+  auto x = randf(Shape{N, D}, 9), rw = randf(Shape{8, D}, 10, 0.3);
+  auto w1 = randf(Shape{8, M, D}, 11, 0.2), b1 = randf(Shape{8, M}, 12, 0.1);
+  auto w2 = randf(Shape{8, D, M}, 13, 0.2), b2 = randf(Shape{8, D}, 14, 0.1);
+  const moe::MoeParams<float> p{rw.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()};
+  std::vector<std::uint8_t> modality(N);
+  for (index_t i = 0; i < N; ++i) modality[static_cast<std::size_t>(i)] = i % 5 == 0 ? 1 : 0;
+  Tensor<float> y32(Shape{N, D}), y16(Shape{N, D});
+  moe::MoeContext<float> c32, c16;
+  moe::moe_forward<float>(mc, p, x.cview(), modality, Mode::Train, Rng(4), y32.view(), c32, nullptr, Fp32{});
+  moe::moe_forward<float>(mc, p, x.cview(), modality, Mode::Train, Rng(4), y16.view(), c16, nullptr, Bf16Mixed{});
+  REQUIRE(c32.routes().numel() == c16.routes().numel());
+  CHECK(std::memcmp(c32.routes().data(), c16.routes().data(), sizeof(std::int32_t) * c32.routes().numel()) == 0);
+  CHECK(c32.losses.total == c16.losses.total);  // the auxiliary losses come from the same fp32 gates
+  const double d = rel_max(y16.cview(), y32.cview());
+  CHECK(d > 0);
+  CHECK(d <= 2e-2);
+}
+
+TEST_CASE("a bf16 model: the weights' copy is made once per optimizer step, and it learns like the fp32 model") {
+  const ModelConfig cfg = small_config();
+  Limoe<float> m32(cfg);
+  Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed> m16(cfg);
+  m32.init(5);
+  m16.init(5);
+  AdamWConfig oc;
+  oc.lr = 3e-3;
+  AdamW<float> o32(oc, m32.params()), o16(oc, m16.params());
+  const index_t n = 8;
+  auto images = randf(Shape{n, 16, 16, 3}, 31);
+  Tensor<std::int32_t> texts(Shape{n, cfg.text_len});
+  for (index_t i = 0; i < n * cfg.text_len; ++i)
+    texts[i] = i % cfg.text_len < 4 ? static_cast<std::int32_t>(2 + (i / cfg.text_len * 3 + i) % 17) : cfg.pad_id;
+  double first32 = 0, first16 = 0, last32 = 0, last16 = 0;
+  const int steps = 30;
+  for (int s = 0; s < steps; ++s) {
+    auto f32 = m32.forward(images.cview(), texts.cview(), Mode::Train, static_cast<std::uint64_t>(s));
+    auto f16 = m16.forward(images.cview(), texts.cview(), Mode::Train, static_cast<std::uint64_t>(s));
+    CHECK(m16.weight_conversions() == static_cast<std::uint64_t>(s + 1));
+    const auto l32 = m32.loss(f32), l16 = m16.loss(f16);
+    if (s == 0) first32 = l32.total, first16 = l16.total;
+    last32 = l32.total, last16 = l16.total;
+    m32.zero_grad(), m16.zero_grad();
+    m32.backward(f32), m16.backward(f16);
+    // Another forward before the optimizer step finds the copy current: no conversion.
+    (void)m16.forward(images.cview(), texts.cview(), Mode::Eval);
+    CHECK(m16.weight_conversions() == static_cast<std::uint64_t>(s + 1));
+    o32.update(m32.params(), oc.lr), o16.update(m16.params(), oc.lr);
+  }
+  CHECK(m32.weight_conversions() == 0);
+  MESSAGE("loss fp32 " << first32 << " -> " << last32 << ", bf16 " << first16 << " -> " << last16);
+  CHECK(std::abs(first16 - first32) <= 1e-2 * std::abs(first32));
+  CHECK(last16 < 0.5 * first16);  // it learned the 8 pairs
+  CHECK(std::abs(last16 - last32) <= 0.1 * first32);
+}
