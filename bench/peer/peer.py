@@ -264,7 +264,7 @@ def main(argv):
                 accepted += idx.numel()
                 h = F.gelu(self.fc1[e](x.index_select(0, idx)))             # [n, M]
                 o = self.fc2[e](h)                                          # [n, D]
-                y.index_add_(0, idx, o * gates.index_select(0, idx)[:, e:e + 1])
+                y.index_add_(0, idx, (o * gates.index_select(0, idx)[:, e:e + 1]).to(y.dtype))
             aux = None
             if want_aux:  # semantics §4, the weights of limoe's AuxLossConfig defaults
                 logp = torch.log_softmax(logits, dim=-1)

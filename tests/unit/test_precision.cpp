@@ -22,12 +22,18 @@
 #include <limoe/core/parallel.hpp>
 #include <limoe/core/precision.hpp>
 #include <limoe/model/model.hpp>
+#include <limoe/model/variants.hpp>
 #include <limoe/testing/gradcheck.hpp>
 #include <limoe/train/optimizer.hpp>
 #include <string>
 #include <vector>
 
 using namespace limoe;
+
+// The policy is part of every model type, the variants' included.
+static_assert(std::is_same_v<variants::S32<Cpu, float, Bf16Mixed>::precision_type, Bf16Mixed>);
+static_assert(std::is_same_v<variants::S32<>::precision_type, Fp32>);
+static_assert(std::is_same_v<Limoe<float>::precision_type, Fp32>);
 
 namespace {
 

@@ -167,8 +167,12 @@ inline void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K
 #if defined(LIMOE_HAVE_DNNL)
   if (DnnlContext::get().fast &&
       static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 4096.0) {
-    gemm_bf16_dnnl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    return;
+    try {
+      gemm_bf16_dnnl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      return;
+    } catch (const dnnl::error&) {
+      // A layout this oneDNN does not take (it refuses, it never half-computes): the fallback below.
+    }
   }
 #endif
   gemm_bf16_widened(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -197,8 +201,8 @@ void gemm_mixed_serial(const P& prec, Trans ta, Trans tb, index_t M, index_t N, 
     if (M == 0 || N == 0) return;
     const index_t ar = ta == Trans::N ? M : K, ac = ta == Trans::N ? K : M;
     const index_t br = tb == Trans::N ? K : N, bc = tb == Trans::N ? N : K;
-    detail::ScratchLease<bf16_bits> sa(prec.find(A, detail::operand_extent(ar, ac, lda)) ? 0 : detail::operand_extent(ar, ac, lda));
-    detail::ScratchLease<bf16_bits> sb(prec.find(B, detail::operand_extent(br, bc, ldb)) ? 0 : detail::operand_extent(br, bc, ldb));
+    const index_t na = detail::operand_extent(ar, ac, lda), nb = detail::operand_extent(br, bc, ldb);
+    detail::ScratchLease<bf16_bits> sa(prec.find(A, na) ? 0 : na), sb(prec.find(B, nb) ? 0 : nb);
     const bf16_bits* a = detail::bf16_operand(prec, A, ar, ac, lda, sa, false);
     const bf16_bits* b = detail::bf16_operand(prec, B, br, bc, ldb, sb, false);
     detail::gemm_bf16_serial(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, C, ldc);

@@ -15,7 +15,7 @@
 //   using Mine = limoe::TowerLayout<Block, Sparse, limoe::EveryOther<1>, limoe::MapHead, limoe::LastTokenHead>;
 //   limoe::Model<Mine, limoe::Cpu, float> model(cfg);
 //
-// Model<Layout, B, T> is Limoe<T, Router, Losses, B> (model/model.hpp) built from a config that agrees with the
+// Model<Layout, B, T, Prec> is Limoe<T, Router, Losses, B, Prec> (model/model.hpp) built from a config that agrees with the
 // layout: the constructor rejects a config whose experts, top_k, MoE blocks, pooling or routing order contradict
 // the type, naming the field; Model::config(sizes) writes the layout into a config of any sizes. Presets by name
 // (model/presets.hpp) still serve the command line and checkpoints; Layout::preset names the one whose sizes the
@@ -175,10 +175,11 @@ struct TowerLayout {
   }
 };
 
-// The model of a layout on backend B with scalar T: Limoe with the layout's router and loss set.
-template <class Layout, Backend B = Cpu, class T = float>
-class Model : public Limoe<T, typename Layout::mlp::router_type, typename Layout::mlp::losses_type, B> {
-  using Base = Limoe<T, typename Layout::mlp::router_type, typename Layout::mlp::losses_type, B>;
+// The model of a layout on backend B with scalar T and precision policy Prec (core/precision.hpp): Limoe with the
+// layout's router and loss set.
+template <class Layout, Backend B = Cpu, class T = float, PrecisionPolicy Prec = Fp32>
+class Model : public Limoe<T, typename Layout::mlp::router_type, typename Layout::mlp::losses_type, B, Prec> {
+  using Base = Limoe<T, typename Layout::mlp::router_type, typename Layout::mlp::losses_type, B, Prec>;
 
  public:
   using layout = Layout;
@@ -225,16 +226,16 @@ using L16 = TowerLayout<DenseBlock, MoeBlock<8, 1>, AllBlocks, MapHead, MapHead,
 using H14 = TowerLayout<DenseBlock, MoeBlock<32, 1>, EveryOther<9>, MapHead, MapHead, names::H14>;
 }  // namespace layouts
 
-template <Backend B = Cpu, class T = float>
-using S32 = Model<layouts::S32, B, T>;
-template <Backend B = Cpu, class T = float>
-using B32 = Model<layouts::B32, B, T>;
-template <Backend B = Cpu, class T = float>
-using B16 = Model<layouts::B16, B, T>;
-template <Backend B = Cpu, class T = float>
-using L16 = Model<layouts::L16, B, T>;
-template <Backend B = Cpu, class T = float>
-using H14 = Model<layouts::H14, B, T>;
+template <Backend B = Cpu, class T = float, PrecisionPolicy Prec = Fp32>
+using S32 = Model<layouts::S32, B, T, Prec>;
+template <Backend B = Cpu, class T = float, PrecisionPolicy Prec = Fp32>
+using B32 = Model<layouts::B32, B, T, Prec>;
+template <Backend B = Cpu, class T = float, PrecisionPolicy Prec = Fp32>
+using B16 = Model<layouts::B16, B, T, Prec>;
+template <Backend B = Cpu, class T = float, PrecisionPolicy Prec = Fp32>
+using L16 = Model<layouts::L16, B, T, Prec>;
+template <Backend B = Cpu, class T = float, PrecisionPolicy Prec = Fp32>
+using H14 = Model<layouts::H14, B, T, Prec>;
 
 }  // namespace variants
 }  // namespace limoe
