@@ -94,16 +94,16 @@ struct DnnlContext {
   }
 };
 
-// One oneDNN bf16 matmul on the calling thread. Each thread keeps the primitives it made, by shape, strides,
-// alpha and beta (a training step uses a few dozen), so a call creates nothing; operands are bound per call.
+// One oneDNN bf16 matmul on the calling thread. Each thread keeps the primitives it made, so a call creates
+// nothing and binds its operands. A new shape would cost oneDNN a JIT compilation (130-260 us measured), and the
+// MoE layer's expert tiles and weight-gradient jobs change their row counts every call, so M and K are left to
+// run time (DNNL_RUNTIME_DIM_VAL: one primitive per transposes, N, leading dimensions, alpha and beta; oneDNN's
+// gemm:jit bf16 kernel then, measured at the rate of the fixed-shape kernels: 205-207 vs 203-207 GFLOP/s), unless
+// oneDNN offers only its reference kernel for that, in which case the exact shape is used.
 inline void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                            index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc) {
   using dt = dnnl::memory::data_type;
   using dims = dnnl::memory::dims;
-  struct Entry {
-    dnnl::matmul prim;
-    dnnl::memory a, b, c;
-  };
   struct Key {
     index_t v[8];
     float alpha, beta;
@@ -118,15 +118,14 @@ inline void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, 
   };
   DnnlContext& ctx = DnnlContext::get();
   thread_local dnnl::stream stream(ctx.engine);
-  thread_local std::unordered_map<Key, Entry, Hash> cache;
+  thread_local std::unordered_map<Key, dnnl::matmul, Hash> cache;
   dnnl_single_thread();
-  const Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), M, N, K, lda, ldb, ldc}, alpha, beta};
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    if (cache.size() >= 512) cache.clear();  // shapes of another model: start again
-    const dnnl::memory::desc ad(dims{M, K}, dt::bf16, ta == Trans::N ? dims{lda, 1} : dims{1, lda});
-    const dnnl::memory::desc bd(dims{K, N}, dt::bf16, tb == Trans::N ? dims{ldb, 1} : dims{1, ldb});
-    const dnnl::memory::desc cd(dims{M, N}, dt::f32, dims{ldc, 1});
+  auto a_desc = [&](index_t m, index_t k) {
+    return dnnl::memory::desc(dims{m, k}, dt::bf16, ta == Trans::N ? dims{lda, 1} : dims{1, lda});
+  };
+  auto b_desc = [&](index_t k) { return dnnl::memory::desc(dims{k, N}, dt::bf16, tb == Trans::N ? dims{ldb, 1} : dims{1, ldb}); };
+  auto c_desc = [&](index_t m) { return dnnl::memory::desc(dims{m, N}, dt::f32, dims{ldc, 1}); };
+  auto make = [&](index_t m, index_t k) {
     dnnl::primitive_attr attr;
     if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
     if (beta != 0.0f) {
@@ -134,16 +133,25 @@ inline void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, 
       po.append_sum(beta);
       attr.set_post_ops(po);
     }
-    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(ad, bd, cd), attr, ctx.engine);
-    it = cache.emplace(key, Entry{dnnl::matmul(pd), dnnl::memory(ad, ctx.engine, DNNL_MEMORY_NONE),
-                                  dnnl::memory(bd, ctx.engine, DNNL_MEMORY_NONE),
-                                  dnnl::memory(cd, ctx.engine, DNNL_MEMORY_NONE)}).first;
+    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_desc(m, k), b_desc(k), c_desc(m)), attr, ctx.engine);
+  };
+  // Runtime M and K (key -1, -1) where that has a real kernel; else the exact shape.
+  Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), -1, N, -1, lda, ldb, ldc}, alpha, beta};
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    if (cache.size() >= 512) cache.clear();  // shapes of another model: start again
+    auto pd = make(DNNL_RUNTIME_DIM_VAL, DNNL_RUNTIME_DIM_VAL);
+    if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0) {
+      key.v[2] = M, key.v[4] = K;
+      it = cache.find(key);
+      if (it == cache.end()) it = cache.emplace(key, dnnl::matmul(make(M, K))).first;
+    } else {
+      it = cache.emplace(key, dnnl::matmul(pd)).first;
+    }
   }
-  Entry& e = it->second;
-  e.a.set_data_handle(const_cast<bf16_bits*>(A));
-  e.b.set_data_handle(const_cast<bf16_bits*>(B));
-  e.c.set_data_handle(C);
-  e.prim.execute(stream, {{DNNL_ARG_SRC, e.a}, {DNNL_ARG_WEIGHTS, e.b}, {DNNL_ARG_DST, e.c}});
+  const dnnl::memory a(a_desc(M, K), ctx.engine, const_cast<bf16_bits*>(A)),
+      b(b_desc(K), ctx.engine, const_cast<bf16_bits*>(B)), c(c_desc(M), ctx.engine, C);
+  it->second.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
   stream.wait();
 }
 #endif
