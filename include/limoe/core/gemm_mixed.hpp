@@ -197,24 +197,36 @@ inline const bf16_bits* bf16_operand(const Bf16Mixed& prec, const float* X, inde
 }
 }  // namespace detail
 
-// C[M, N] = alpha op(A) op(B) + beta C under precision policy P, on one thread.
-template <class T, PrecisionPolicy P>
-void gemm_mixed_serial(const P& prec, Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T* A,
-                       index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
+namespace detail {
+// What both mixed products share: under Fp32 (or a non-float T) `fp32()` runs; under Bf16Mixed the operands are
+// read as bf16 (the mirror's copy, or rounded here, over the thread pool when `threaded`) and passed to
+// `bf16(a, b)` (a generic lambda: only instantiated for float).
+template <class T, PrecisionPolicy P, class Fp32Fn, class Bf16Fn>
+void mixed_product(const P& prec, bool threaded, Trans ta, Trans tb, index_t M, index_t N, index_t K, const T* A,
+                   index_t lda, const T* B, index_t ldb, Fp32Fn&& fp32, Bf16Fn&& bf16) {
   if constexpr (!P::mixed || !std::is_same_v<T, float>) {
     static_assert(!P::mixed || std::is_same_v<T, float>, "gemm_mixed: the bf16 policy computes in float");
-    (void)prec;
-    gemm_serial<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    (void)prec, (void)threaded, (void)ta, (void)tb, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb;
+    fp32();
   } else {
     if (M == 0 || N == 0) return;
     const index_t ar = ta == Trans::N ? M : K, ac = ta == Trans::N ? K : M;
     const index_t br = tb == Trans::N ? K : N, bc = tb == Trans::N ? N : K;
-    const index_t na = detail::operand_extent(ar, ac, lda), nb = detail::operand_extent(br, bc, ldb);
-    detail::ScratchLease<bf16_bits> sa(prec.find(A, na) ? 0 : na), sb(prec.find(B, nb) ? 0 : nb);
-    const bf16_bits* a = detail::bf16_operand(prec, A, ar, ac, lda, sa, false);
-    const bf16_bits* b = detail::bf16_operand(prec, B, br, bc, ldb, sb, false);
-    detail::gemm_bf16_serial(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, C, ldc);
+    const index_t na = operand_extent(ar, ac, lda), nb = operand_extent(br, bc, ldb);
+    ScratchLease<bf16_bits> sa(prec.find(A, na) ? 0 : na), sb(prec.find(B, nb) ? 0 : nb);
+    bf16(bf16_operand(prec, A, ar, ac, lda, sa, threaded), bf16_operand(prec, B, br, bc, ldb, sb, threaded));
   }
+}
+}  // namespace detail
+
+// C[M, N] = alpha op(A) op(B) + beta C under precision policy P, on one thread.
+template <class T, PrecisionPolicy P>
+void gemm_mixed_serial(const P& prec, Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T* A,
+                       index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
+  detail::mixed_product<T>(
+      prec, false, ta, tb, M, N, K, A, lda, B, ldb,
+      [&] { gemm_serial<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); },
+      [&](const auto* a, const auto* b) { detail::gemm_bf16_serial(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, C, ldc); });
 }
 
 // The same split over the thread pool (detail::split_product): operands are rounded once, in parallel, then
@@ -222,23 +234,15 @@ void gemm_mixed_serial(const P& prec, Trans ta, Trans tb, index_t M, index_t N, 
 template <class T, PrecisionPolicy P>
 void gemm_mixed(const P& prec, Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T* A, index_t lda,
                 const T* B, index_t ldb, T beta, T* C, index_t ldc) {
-  if constexpr (!P::mixed || !std::is_same_v<T, float>) {
-    static_assert(!P::mixed || std::is_same_v<T, float>, "gemm_mixed: the bf16 policy computes in float");
-    (void)prec;
-    gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  } else {
-    if (M == 0 || N == 0) return;
-    const index_t ar = ta == Trans::N ? M : K, ac = ta == Trans::N ? K : M;
-    const index_t br = tb == Trans::N ? K : N, bc = tb == Trans::N ? N : K;
-    const index_t na = detail::operand_extent(ar, ac, lda), nb = detail::operand_extent(br, bc, ldb);
-    detail::ScratchLease<bf16_bits> sa(prec.find(A, na) ? 0 : na), sb(prec.find(B, nb) ? 0 : nb);
-    const bf16_bits* a = detail::bf16_operand(prec, A, ar, ac, lda, sa, true);
-    const bf16_bits* b = detail::bf16_operand(prec, B, br, bc, ldb, sb, true);
-    detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
-      detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, alpha, a + detail::a_offset(ta, m0, lda), lda,
-                               b + detail::b_offset(tb, n0, ldb), ldb, beta, C + m0 * ldc + n0, ldc);
-    });
-  }
+  detail::mixed_product<T>(
+      prec, true, ta, tb, M, N, K, A, lda, B, ldb,
+      [&] { gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); },
+      [&](const auto* a, const auto* b) {
+        detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+          detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, alpha, a + detail::a_offset(ta, m0, lda), lda,
+                                   b + detail::b_offset(tb, n0, ldb), ldb, beta, C + m0 * ldc + n0, ldc);
+        });
+      });
 }
 
 }  // namespace limoe
