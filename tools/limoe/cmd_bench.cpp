@@ -32,6 +32,7 @@
 #include <functional>
 #include <iostream>
 #include <sstream>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -143,13 +144,9 @@ template <class P>
 struct LayerWeights {
   ParamStore<float> ps;
   WeightMirror mirror;
-  void finalize() {
-    ps.finalize();
-  }
   P prec() {
     if constexpr (P::mixed) {
-      const ParamStore<float>& c = ps;
-      mirror.refresh(c.values().data(), c.size(), c.version());
+      mirror.refresh(std::as_const(ps));
       return P{&mirror};
     } else {
       return P{};
@@ -175,7 +172,7 @@ json moe_layer(const Params& p) {
   const auto rwr = lw.ps.add("router", Shape{E, D}, true), rw1 = lw.ps.add("fc1.weight", Shape{E, M, D}, true),
              rb1 = lw.ps.add("fc1.bias", Shape{E, M}, false), rw2 = lw.ps.add("fc2.weight", Shape{E, D, M}, true),
              rb2 = lw.ps.add("fc2.bias", Shape{E, D}, false);
-  lw.finalize();
+  lw.ps.finalize();
   const View<float> wr = lw.ps.value(rwr), w1 = lw.ps.value(rw1), w2 = lw.ps.value(rw2);
   const CView<float> b1 = lw.ps.value(rb1), b2 = lw.ps.value(rb2);
   Tensor<float> gwr(Shape{E, D}), gw1(Shape{E, M, D}), gb1(Shape{E, M}), gw2(Shape{E, D, M}), gb2(Shape{E, D});
@@ -220,7 +217,7 @@ json dense_mlp(const Params& p) {
   LayerWeights<P> lw;
   const auto rw1 = lw.ps.add("fc1.weight", Shape{M, D}, true), rb1 = lw.ps.add("fc1.bias", Shape{M}, false),
              rw2 = lw.ps.add("fc2.weight", Shape{D, M}, true), rb2 = lw.ps.add("fc2.bias", Shape{D}, false);
-  lw.finalize();
+  lw.ps.finalize();
   const View<float> w1 = lw.ps.value(rw1), w2 = lw.ps.value(rw2);
   const CView<float> b1 = lw.ps.value(rb1), b2 = lw.ps.value(rb2);
   Tensor<float> gw1(Shape{M, D}), gb1(Shape{M}), gw2(Shape{D, M}), gb2(Shape{D});

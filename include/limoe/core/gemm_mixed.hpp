@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -118,7 +119,8 @@ inline void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, 
   };
   DnnlContext& ctx = DnnlContext::get();
   thread_local dnnl::stream stream(ctx.engine);
-  thread_local std::unordered_map<Key, dnnl::matmul, Hash> cache;
+  // An empty entry under the run-time key: oneDNN has only its reference kernel for that, use exact shapes.
+  thread_local std::unordered_map<Key, std::optional<dnnl::matmul>, Hash> cache;
   dnnl_single_thread();
   auto a_desc = [&](index_t m, index_t k) {
     return dnnl::memory::desc(dims{m, k}, dt::bf16, ta == Trans::N ? dims{lda, 1} : dims{1, lda});
@@ -140,18 +142,18 @@ inline void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, 
   auto it = cache.find(key);
   if (it == cache.end()) {
     if (cache.size() >= 512) cache.clear();  // shapes of another model: start again
-    auto pd = make(DNNL_RUNTIME_DIM_VAL, DNNL_RUNTIME_DIM_VAL);
-    if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0) {
-      key.v[2] = M, key.v[4] = K;
-      it = cache.find(key);
-      if (it == cache.end()) it = cache.emplace(key, dnnl::matmul(make(M, K))).first;
-    } else {
-      it = cache.emplace(key, dnnl::matmul(pd)).first;
-    }
+    const auto pd = make(DNNL_RUNTIME_DIM_VAL, DNNL_RUNTIME_DIM_VAL);
+    const bool ref = std::string(pd.impl_info_str()).rfind("ref", 0) == 0;
+    it = cache.emplace(key, ref ? std::nullopt : std::optional<dnnl::matmul>(dnnl::matmul(pd))).first;
+  }
+  if (!it->second) {  // exact shapes
+    key.v[2] = M, key.v[4] = K;
+    it = cache.find(key);
+    if (it == cache.end()) it = cache.emplace(key, dnnl::matmul(make(M, K))).first;
   }
   const dnnl::memory a(a_desc(M, K), ctx.engine, const_cast<bf16_bits*>(A)),
       b(b_desc(K), ctx.engine, const_cast<bf16_bits*>(B)), c(c_desc(M), ctx.engine, C);
-  it->second.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+  it->second->execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
   stream.wait();
 }
 #endif

@@ -66,6 +66,11 @@ class WeightMirror {
     ++conversions_;
     return true;
   }
+  // The same for a parameter store (core/params.hpp): its flat values and their version.
+  template <class Store>
+  bool refresh(const Store& ps) {
+    return refresh(ps.values().data(), ps.size(), ps.version());
+  }
   // The bf16 copy of the n floats at p, when they lie inside the mirrored buffer; nullptr otherwise.
   const bf16_bits* find(const float* p, index_t n) const {
     if (!valid_ || p == nullptr || p < base_ || p + n > base_ + size_) return nullptr;

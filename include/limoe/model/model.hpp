@@ -22,6 +22,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "limoe/backend/ops.hpp"
@@ -456,10 +457,7 @@ class Limoe {
     else return Precision{};
   }
   void refresh_weight_mirror() {
-    if constexpr (Precision::mixed) {
-      const ParamStore<T, memory_space>& ps = params_;
-      mirror_.refresh(ps.values().data(), ps.size(), ps.version());
-    }
+    if constexpr (Precision::mixed) mirror_.refresh(std::as_const(params_));
   }
   View<T> pg(ParamRef r) { return params_.grad(r); }
 
