@@ -9,7 +9,7 @@ if(NOT LIMOE_MPIEXEC)
   return()
 endif()
 add_executable(test_mpi ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_mpi.cpp)
-target_link_libraries(test_mpi PRIVATE limoe::mpi limoe_instances limoe_project_flags doctest::doctest)
+target_link_libraries(test_mpi PRIVATE limoe::mpi limoe_instances limoe_instances_double limoe_project_flags doctest::doctest)
 # OpenMPI refuses to start as root unless told; CI runs as root.
 set(_limoe_mpi_env "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
 foreach(np 2 4)

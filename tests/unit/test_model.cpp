@@ -164,3 +164,53 @@ TEST_CASE("the capacity factor is an argument of a forward call: the same as a m
   for (index_t i = 0; i < again.img_emb.numel(); ++i) CHECK(again.img_emb[i] == none.img_emb[i]);
   CHECK_THROWS_WITH_AS(m.forward(images.cview(), {}, Mode::Eval, 0, -1.0), doctest::Contains("capacity factor"), Error);
 }
+
+TEST_CASE("masked routing: padding text tokens take no part in routing (route_padding false); old configs route them") {
+  ModelConfig c = preset("tiny");
+  c.text_mask = true;
+  c.router.noise_std = 0;
+  c.router.capacity_factor_train = 0.8;  // drops: padding would compete for the experts' slots
+  CHECK_FALSE(c.route_padding);          // the default of a new config
+  const index_t B = 4, L = c.text_len, Ni = B * c.num_patches();
+  Tensor<double> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
+  testing::fill_normal(images.view(), 13, 0.5);
+  Tensor<std::int32_t> texts(Shape{B, L});
+  index_t pads = 0;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t i = 0; i < L; ++i) {
+      const bool word = i < 3 + 2 * b;
+      texts[b * L + i] = word ? static_cast<std::int32_t>(3 + (b * 5 + i * 7) % (c.vocab_size - 3)) : c.pad_id;
+      pads += !word;
+    }
+  // Changing the padding's own values (its row of the token table) changes nothing else when padding is
+  // neither attended to (text_mask) nor routed; routed, it competes for capacity and moves other tokens.
+  auto run = [&](bool route_padding, double pad_row) {
+    ModelConfig cc = c;
+    cc.route_padding = route_padding;
+    Limoe<double> m(cc);
+    m.init(5);
+    auto table = m.params().value(m.params().get("txt.embed"));
+    for (index_t d = 0; d < cc.width; ++d) table[cc.pad_id * cc.width + d] = pad_row * (d % 3 == 0 ? 1 : -1);
+    return m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  };
+  const auto a = run(false, 0.5), b = run(false, -2.0);
+  for (index_t i = 0; i < a.img_emb.numel(); ++i) REQUIRE(a.img_emb[i] == b.img_emb[i]);
+  for (index_t i = 0; i < a.txt_emb.numel(); ++i) REQUIRE(a.txt_emb[i] == b.txt_emb[i]);
+  REQUIRE(a.stats.size() == 1);
+  CHECK(a.stats[0].padding == pads);
+  CHECK(a.stats[0].tokens[kText] == B * L - pads);
+  for (index_t t = 0; t < B * L; ++t)
+    if (texts[t] == c.pad_id) CHECK(a.routes[0][Ni + t] == -1);
+  const auto ra = run(true, 0.5), rb = run(true, -2.0);
+  CHECK(ra.stats[0].padding == 0);
+  double moved = 0;
+  for (index_t i = 0; i < ra.img_emb.numel(); ++i) moved += std::abs(ra.img_emb[i] - rb.img_emb[i]);
+  CHECK(moved > 0);
+  // The JSON form: written always; absent (a checkpoint from before masked routing) reads as routed padding.
+  CHECK(to_json(c)["route_padding"] == false);
+  auto j = to_json(c);
+  j.erase("route_padding");
+  CHECK(config_from_json(j).route_padding);
+  j["route_padding"] = false;
+  CHECK_FALSE(config_from_json(j).route_padding);
+}

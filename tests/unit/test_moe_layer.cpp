@@ -137,3 +137,90 @@ TEST_CASE("float agrees with double; empty input; shape errors name the argument
   CHECK_THROWS_WITH_AS(moe_forward<float>(cfg, ff.params(), xf.view(), mod, Mode::Eval, Rng(1), yf.view(), cf),
                        doctest::Contains("modality"), Error);
 }
+
+TEST_CASE("padding is masked out: each group routes, drops, losses and gradients as if its padding were absent") {
+  // Two groups of 24 tokens (images, then texts whose tails are padding), training noise, capacity 0.6 (drops),
+  // K = 2, all five loss terms. Reference: each group's non-padding tokens run alone as one group, with the
+  // noise positions they take when packed (first_token = the group's first row) and the loss scale 1/G.
+  const index_t gs = 24, G = 2, N = gs * G, D = 6, M = 8;
+  const int E = 4, K = 2;
+  Fixture<double> f(E, D, M, 21, 0.5, 2.0);
+  Tensor<double> x(Shape{N, D}), dy(Shape{N, D}), y(Shape{N, D}), dx(Shape{N, D});
+  testing::fill_normal(x.view(), 5);
+  testing::fill_normal(dy.view(), 6);
+  std::vector<std::uint8_t> mod(N, kImage);
+  for (index_t t = 10; t < gs; ++t) mod[t] = kText;
+  for (index_t t = gs + 14; t < N; ++t) mod[t] = kText;
+  for (index_t t : {14, 15, 19, 20, 21, 22, 23, 40, 41, 47}) mod[static_cast<std::size_t>(t)] = kPad;
+  auto cfg = config(E, K, 0.6, 0.0, true, 1.0, gs);
+  cfg.losses.z_loss_weight = 0.1;
+  MoeContext<double> ctx;
+  moe_forward<double>(cfg, f.params(), x.view(), mod, Mode::Train, Rng(3), y.view(), ctx);
+  f.zero_grads();
+  moe_backward<double>(f.params(), x.view(), dy.view(), dx.view(), f.grads(), ctx);
+  const Tensor<double> gwr = Tensor<double>::copy_of(f.gwr.view()), gw1 = Tensor<double>::copy_of(f.gw1.view());
+
+  f.zero_grads();
+  double total = 0, importance = 0;
+  index_t dropped = 0;
+  for (index_t g = 0; g < G; ++g) {
+    std::vector<index_t> rows;
+    for (index_t t = g * gs; t < (g + 1) * gs; ++t)
+      if (mod[static_cast<std::size_t>(t)] != kPad) rows.push_back(t);
+    const auto n = static_cast<index_t>(rows.size());
+    Tensor<double> xs(Shape{n, D}), dys(Shape{n, D}), ys(Shape{n, D}), dxs(Shape{n, D});
+    std::vector<std::uint8_t> ms;
+    for (index_t j = 0; j < n; ++j) {
+      std::copy_n(x.data() + rows[j] * D, D, xs.data() + j * D);
+      std::copy_n(dy.data() + rows[j] * D, D, dys.data() + j * D);
+      ms.push_back(mod[static_cast<std::size_t>(rows[j])]);
+    }
+    auto one = cfg;
+    one.router.group_size = 0;
+    one.first_token = g * gs;
+    MoeContext<double> c1;
+    moe_forward<double>(one, f.params(), xs.view(), ms, Mode::Train, Rng(3), ys.view(), c1);
+    moe_backward<double>(f.params(), xs.view(), dys.view(), dxs.view(), f.grads(), c1, 1.0 / G);
+    if (g == 0) CHECK(ctx.stats.capacity == compute_capacity(n, E, K, 0.6));
+    total += c1.losses.total / G, importance += c1.losses.importance / G;
+    for (index_t j = 0; j < n; ++j) {
+      for (int k = 0; k < K; ++k) {
+        CHECK(ctx.routes()[rows[j] * K + k] == c1.routes()[j * K + k]);
+        dropped += c1.routes()[j * K + k] < 0;
+      }
+      for (index_t d = 0; d < D; ++d) {
+        CHECK(y[rows[j] * D + d] == doctest::Approx(ys[j * D + d]).epsilon(1e-12));
+        CHECK(dx[rows[j] * D + d] == doctest::Approx(dxs[j * D + d]).epsilon(1e-12));
+      }
+    }
+  }
+  CHECK(dropped > 0);  // capacity binds, so the padding's slots matter
+  CHECK(ctx.losses.total == doctest::Approx(total).epsilon(1e-12));
+  CHECK(ctx.losses.importance == doctest::Approx(importance).epsilon(1e-12));
+  for (index_t i = 0; i < gwr.numel(); ++i) CHECK(gwr[i] == doctest::Approx(f.gwr[i]).epsilon(1e-11));
+  for (index_t i = 0; i < gw1.numel(); ++i) CHECK(gw1[i] == doctest::Approx(f.gw1[i]).epsilon(1e-11));
+  // Padding: no route, output 0, no gradient to its input, not in the statistics.
+  for (index_t t = 0; t < N; ++t) {
+    if (mod[static_cast<std::size_t>(t)] != kPad) continue;
+    for (int k = 0; k < K; ++k) CHECK(ctx.routes()[t * K + k] == -1);
+    for (index_t d = 0; d < D; ++d) {
+      CHECK(y[t * D + d] == 0.0);
+      CHECK(dx[t * D + d] == 0.0);
+    }
+  }
+  CHECK(ctx.stats.padding == 10);
+  CHECK(ctx.stats.tokens[kImage] + ctx.stats.tokens[kText] == N - 10);
+  index_t drops = 0;
+  for (int m = 0; m < kModalities; ++m)
+    for (int e = 0; e < E; ++e) drops += ctx.stats.dropped[m][e];
+  CHECK(drops == dropped);
+
+  // A group of padding only routes nothing and adds no loss; an unknown modality value is an error.
+  std::fill(mod.begin() + gs, mod.end(), std::uint8_t{kPad});
+  moe_forward<double>(cfg, f.params(), x.view(), mod, Mode::Train, Rng(3), y.view(), ctx);
+  for (index_t t = gs; t < N; ++t) CHECK(ctx.routes()[t * K] == -1);
+  CHECK(ctx.stats.padding == gs + 7);
+  mod[0] = 3;
+  CHECK_THROWS_WITH_AS(moe_forward<double>(cfg, f.params(), x.view(), mod, Mode::Train, Rng(3), y.view(), ctx),
+                       doctest::Contains("modality value 3"), Error);
+}

@@ -14,8 +14,11 @@ namespace limoe {
 // activations for a backward pass (semantics §3).
 enum class Mode { Train, Eval };
 
-// Per-token modality: 0 image, 1 text (the order of the token matrix: image rows first).
-enum Modality : std::uint8_t { kImage = 0, kText = 1 };
+// Per-token modality: 0 image, 1 text (the order of the token matrix: image rows first). A MoE layer also
+// accepts kPad for a padding token: it is not routed (its layer output is 0, its route -1) and takes no part in
+// capacity, the auxiliary losses or the routing statistics (moe/layer.hpp, semantics §3). Per-modality arrays
+// have kModalities entries: padding is not a modality.
+enum Modality : std::uint8_t { kImage = 0, kText = 1, kPad = 2 };
 inline constexpr int kModalities = 2;
 
 // GELU: exact erf form or the tanh approximation (semantics §1).

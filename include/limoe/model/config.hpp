@@ -64,6 +64,11 @@ struct ModelConfig {
   GeluKind gelu = GeluKind::Erf;
   bool text_mask = false;
   int pad_id = 0;
+  // Whether the MoE layers route padding text tokens (id pad_id) like any other token. false (the default of
+  // a new config): padding is masked out of routing, capacity, the auxiliary losses and the routing statistics
+  // (moe/layer.hpp). A config without this key (a checkpoint written before it existed) reads as true, so an
+  // old model keeps its behaviour.
+  bool route_padding = false;
   moe::RouterConfig router{};
   // Routing groups of this many image-text pairs (V-MoE routes per group): group g holds the image tokens and the
   // text tokens of pairs [g * group_pairs, (g + 1) * group_pairs) of a call, and capacity, priority and the
@@ -190,6 +195,7 @@ inline nlohmann::json to_json(const ModelConfig& c) {
       {"gelu", c.gelu == GeluKind::Erf ? "erf" : "tanh"},
       {"text_mask", c.text_mask},
       {"pad_id", c.pad_id},
+      {"route_padding", c.route_padding},
       {"router", router_to_json(c.router)},
       {"aux_loss",
        {{"importance", c.aux.importance_weight},
@@ -201,6 +207,7 @@ inline nlohmann::json to_json(const ModelConfig& c) {
         {"tau_img", c.aux.global_entropy_tau[0]},
         {"tau_txt", c.aux.global_entropy_tau[1]},
         {"z_loss", c.aux.z_loss_weight}}},
+      {"logit_scale_init", c.logit_scale_init},
       {"logit_scale_max", c.logit_scale_max},
   };
   if (c.group_pairs > 0) j["group_pairs"] = c.group_pairs;  // an extension, written only when set
@@ -213,7 +220,8 @@ inline const std::vector<std::string>& config_keys() {
   static const std::vector<std::string> k{"image_size", "channels", "patch", "width", "depth", "heads", "mlp_dim",
                                           "vocab_size", "text_len", "experts", "top_k", "moe_blocks", "pool_img",
                                           "pool_txt", "proj_dim", "ln_eps", "gelu", "text_mask", "pad_id", "router",
-                                          "aux_loss", "logit_scale_max", "group_pairs"};
+                                          "aux_loss", "logit_scale_init", "logit_scale_max", "group_pairs",
+                                          "route_padding"};
   return k;
 }
 inline const std::vector<std::string>& router_keys() {
@@ -332,6 +340,8 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
   LIMOE_CHECK(gelu == "erf" || gelu == "tanh", "config: gelu must be \"erf\" or \"tanh\", got \"", gelu, "\"");
   c.gelu = gelu == "erf" ? GeluKind::Erf : GeluKind::Tanh;
   json_get(j, "text_mask", c.text_mask, false);
+  c.route_padding = true;  // absent: written before masked routing existed, when padding was routed
+  json_get(j, "route_padding", c.route_padding, false);
   json_get_int(j, "pad_id", c.pad_id, false, 0, kBig);
   json_get_int(j, "group_pairs", c.group_pairs, false, 0, kBig);
   if (auto r = j.find("router"); r != j.end()) {
@@ -357,6 +367,9 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
     json_get(*a, "tau_txt", c.aux.global_entropy_tau[1], false);
     json_get(*a, "z_loss", c.aux.z_loss_weight, false);
   }
+  json_get(j, "logit_scale_init", c.logit_scale_init, false);
+  LIMOE_CHECK(std::isfinite(c.logit_scale_init) && std::abs(c.logit_scale_init) <= 20, "config: logit_scale_init "
+              "(theta_0, the initial log temperature scale) must be finite and within [-20, 20], got ", c.logit_scale_init);
   json_get(j, "logit_scale_max", c.logit_scale_max, false);
   c.validate();
   return c;

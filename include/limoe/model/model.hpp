@@ -216,6 +216,10 @@ class Limoe {
       std::copy(texts.data(), texts.data() + Bt_ * L, texts_.data());
       txt_mask_.resize(Shape{Bt_, L});
       for (index_t i = 0; i < Bt_ * L; ++i) txt_mask_[i] = texts[i] != cfg_.pad_id ? 1 : 0;
+      // Masked routing (ModelConfig::route_padding false): the MoE layers leave padding tokens out.
+      if (!cfg_.route_padding)
+        for (index_t i = 0; i < Bt_ * L; ++i)
+          if (!txt_mask_[i]) modality_[static_cast<std::size_t>(Ni_ + i)] = moe::kPad;
     }
     plan_routing_groups(shard.first_pair);
     if (Bi_ > 0) {
@@ -547,9 +551,10 @@ class Limoe {
     moe_modality_.clear();
     for (index_t g = 0; g < G; ++g) {
       const index_t p0 = g * gp, p1 = std::min(B, p0 + gp);
-      for (index_t r = p0 * N; r < p1 * N; ++r) moe_perm_.push_back(r), moe_modality_.push_back(moe::kImage);
-      for (index_t r = Ni_ + p0 * L; r < Ni_ + p1 * L; ++r) moe_perm_.push_back(r), moe_modality_.push_back(moe::kText);
+      for (index_t r = p0 * N; r < p1 * N; ++r) moe_perm_.push_back(r);
+      for (index_t r = Ni_ + p0 * L; r < Ni_ + p1 * L; ++r) moe_perm_.push_back(r);
     }
+    for (const index_t r : moe_perm_) moe_modality_.push_back(modality_[static_cast<std::size_t>(r)]);
   }
 
   // Block l's expert exchange under expert parallelism, else none.

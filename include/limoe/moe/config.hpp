@@ -19,6 +19,7 @@ namespace limoe::moe {
 using limoe::kImage;
 using limoe::kModalities;
 using limoe::kText;
+using limoe::kPad;
 using limoe::Modality;
 using limoe::Mode;
 

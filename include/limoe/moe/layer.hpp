@@ -83,6 +83,15 @@ struct MoeContext {
   Tensor<double> aux_dlogits;                     // [N, E] weighted aux-loss gradient wrt the clean logits
   std::vector<AuxLossValues> group_losses;        // [groups]
   std::vector<std::uint8_t> default_modality;     // [N] all image, when the caller passes no modality
+  // Padding (kPad tokens): each group's routed tokens, packed. Group g's routed rows are
+  // active_rows[row0, row0 + group_active[g]) (row0 = its first row); the pk_ buffers hold their router values
+  // at the same offsets while the group is routed and its losses are taken. Unused when no token is padding.
+  std::vector<index_t> group_active;              // [groups] routed tokens per group
+  std::vector<index_t> active_rows;               // [N]
+  std::vector<std::uint8_t> pk_modality;          // [N]
+  Tensor<T> pk_logits, pk_noisy, pk_gates, pk_probs;  // [N, E]
+  Tensor<std::int32_t> pk_choice, pk_route;       // [N, K]
+  Tensor<double> pk_dlogits;                      // [N, E]
   DispatchPlan plan;                              // which accepted choice is which row of which expert block
   ExpertScratch scratch;                          // the CPU expert MLP's tiles and jobs
   Tensor<T> xe, hpre, h, ye;                      // [A, D], [A, M], [A, M], [A, D]
@@ -147,7 +156,11 @@ int local_experts(int E, const ExpertExchange<T>* ex) {
 
 // Forward with an explicit router policy and loss set.
 //   x [N, D] tokens in the fixed order (all image tokens, then all text tokens; semantics §3);
-//   modality [N] (0 image, 1 text; an empty span means all image); y [N, D] overwritten.
+//   modality [N] (kImage, kText, or kPad for padding; an empty span means all image); y [N, D] overwritten.
+//   Padding is masked out of the layer: a group's capacity counts its routed (non-padding) tokens only, the
+//   router and the auxiliary losses see those tokens packed in order (a router or loss term needs no notion of
+//   padding), and the statistics skip padding. A padding token's route is -1, its gates the clean softmax, its
+//   output 0, and no gradient reaches the router from it.
 // Outputs besides y land in ctx: ctx.routes() [N, K], ctx.losses, ctx.stats.
 //   BackendT is the backend whose ops run the dispatch plan, gather, expert MLP and combine (backend/ops.hpp).
 //   `ex` (expert parallel, moe/expert_parallel.hpp): the experts are sharded over its ranks, p holds this rank's;
@@ -173,6 +186,11 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   expect_shape(y, Shape{N, D}, "moe_forward: y");
   LIMOE_CHECK(modality.empty() || static_cast<index_t>(modality.size()) == N, "moe_forward: modality has ",
               modality.size(), " entries for N = ", N, " tokens (pass one per token, or none for all image)");
+  bool padded = false;
+  for (const std::uint8_t m : modality) {
+    LIMOE_CHECK(m <= kPad, "moe_forward: modality value ", int{m}, " is none of kImage (0), kText (1), kPad (2)");
+    padded |= m == kPad;
+  }
 
   auto& c = ctx;
   c.valid = false;
@@ -206,31 +224,67 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     for (index_t t = t0; t < t1; ++t) math::softmax_row(c.logits.data() + t * E, E, c.probs.data() + t * E);
   });
 
-  // 2. Route every group (steps 2-6), then check the router kept its contract.
-  for (index_t g = 0; g < G; ++g) {
-    const index_t S = std::min(gs, N - g * gs);
-    c.capacity[g] = compute_capacity(S, E, K, cfg.router.capacity_factor(training), cfg.router.capacity_multiple_of);
+  // Padding: each group's routed tokens, in order (a group without padding is routed in place).
+  c.group_active.assign(static_cast<std::size_t>(G), 0);
+  if (padded) {
+    c.active_rows.resize(static_cast<std::size_t>(N));
+    c.pk_modality.resize(static_cast<std::size_t>(N));
+    c.pk_logits.resize(Shape{N, E}), c.pk_noisy.resize(Shape{N, E}), c.pk_gates.resize(Shape{N, E});  // [N, E]
+    c.pk_probs.resize(Shape{N, E}), c.pk_dlogits.resize(Shape{N, E});                                  // [N, E]
+    c.pk_choice.resize(Shape{N, K}), c.pk_route.resize(Shape{N, K});                                   // [N, K]
   }
+  for (index_t g = 0; g < G; ++g) {
+    const index_t row0 = g * gs, S = std::min(gs, N - row0);
+    index_t n = S;
+    if (padded) {
+      n = 0;
+      for (index_t s = row0; s < row0 + S; ++s)
+        if (modality[static_cast<std::size_t>(s)] != kPad) c.active_rows[static_cast<std::size_t>(row0 + n++)] = s;
+    }
+    c.group_active[static_cast<std::size_t>(g)] = n;
+    c.capacity[g] = compute_capacity(n, E, K, cfg.router.capacity_factor(training), cfg.router.capacity_multiple_of);
+  }
+
+  // 2. Route every group (steps 2-6), then check the router kept its contract.
   parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
     for (index_t g = g0; g < g1; ++g) {
-      const index_t row0 = g * gs, S = std::min(gs, N - row0);
+      const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
+      const bool packed = n < S;  // the group holds padding: route its other tokens, packed
+      const index_t* rows = packed ? c.active_rows.data() + row0 : nullptr;
+      if (packed)
+        for (index_t j = 0; j < n; ++j) std::copy_n(c.logits.data() + rows[j] * E, E, c.pk_logits.data() + (row0 + j) * E);
       RouteGroup<T> rg;
-      rg.row0 = cfg.first_token + row0, rg.S = S, rg.E = E, rg.K = K, rg.capacity = c.capacity[g], rg.mode = mode, rg.rng = &rng;
-      rg.logits = c.logits.data() + row0 * E;
-      rg.noisy = c.noisy.data() + row0 * E;
-      rg.gates = c.gates.data() + row0 * E;
-      rg.choice = c.choice.data() + row0 * K;
-      rg.route = c.route.data() + row0 * K;
+      rg.row0 = cfg.first_token + row0, rg.S = n, rg.E = E, rg.K = K, rg.capacity = c.capacity[g], rg.mode = mode, rg.rng = &rng;
+      rg.logits = (packed ? c.pk_logits : c.logits).data() + row0 * E;
+      rg.noisy = (packed ? c.pk_noisy : c.noisy).data() + row0 * E;
+      rg.gates = (packed ? c.pk_gates : c.gates).data() + row0 * E;
+      rg.choice = (packed ? c.pk_choice : c.choice).data() + row0 * K;
+      rg.route = (packed ? c.pk_route : c.route).data() + row0 * K;
       rg.order = c.order.data() + row0;
       rg.fill = c.fill.data() + g * E;
-      router.route(rg);
+      if (n > 0) router.route(rg);
       index_t* count = c.fill.data() + g * E;
       std::fill(count, count + E, index_t{0});
-      for (index_t s = 0; s < S * K; ++s) {
+      for (index_t s = 0; s < n * K; ++s) {
         const std::int32_t ch = rg.choice[s], r = rg.route[s];
         LIMOE_CHECK(ch >= 0 && ch < E, "moe router: choice ", ch, " out of range [0, ", E, ")");
         LIMOE_CHECK(r == -1 || r == ch, "moe router: route must be the choice or -1, got ", r, " for choice ", ch);
         if (r >= 0) LIMOE_CHECK(++count[r] <= rg.capacity, "moe router: expert ", r, " exceeds capacity ", rg.capacity);
+      }
+      if (!packed) continue;
+      // Unpack; a padding token keeps its clean values, its best choices for reference, and no route.
+      for (index_t s = row0; s < row0 + S; ++s) {
+        std::copy_n(c.logits.data() + s * E, E, c.noisy.data() + s * E);
+        std::copy_n(c.probs.data() + s * E, E, c.gates.data() + s * E);
+        detail::select_top_k<0>(c.probs.data() + s * E, E, K, c.choice.data() + s * K);
+        std::fill_n(c.route.data() + s * K, K, std::int32_t{-1});
+      }
+      for (index_t j = 0; j < n; ++j) {
+        const index_t s = rows[j], p = row0 + j;
+        std::copy_n(c.pk_noisy.data() + p * E, E, c.noisy.data() + s * E);
+        std::copy_n(c.pk_gates.data() + p * E, E, c.gates.data() + s * E);
+        std::copy_n(c.pk_choice.data() + p * K, K, c.choice.data() + s * K);
+        std::copy_n(c.pk_route.data() + p * K, K, c.route.data() + s * K);
       }
     }
   });
@@ -243,19 +297,29 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   const bool noise_active = sigma > 0;
   parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
     for (index_t g = g0; g < g1; ++g) {
-      const index_t row0 = g * gs, S = std::min(gs, N - row0);
+      const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
+      if (n == 0) continue;  // a group of padding only: no loss
+      const bool packed = n < S;  // the terms see the routed tokens packed (pk_noisy, pk_choice: from routing)
+      const index_t* rows = packed ? c.active_rows.data() + row0 : nullptr;
+      if (packed)
+        for (index_t j = 0; j < n; ++j) {
+          std::copy_n(c.probs.data() + rows[j] * E, E, c.pk_probs.data() + (row0 + j) * E);
+          c.pk_modality[static_cast<std::size_t>(row0 + j)] = modality[static_cast<std::size_t>(rows[j])];
+        }
       LossGroup<T> lg;
-      lg.S = S, lg.E = E, lg.K = K;
-      lg.logits = c.logits.data() + row0 * E;
-      lg.noisy = c.noisy.data() + row0 * E;
-      lg.probs = c.probs.data() + row0 * E;
-      lg.choice = c.choice.data() + row0 * K;
-      lg.modality = modality.data() + row0;
+      lg.S = n, lg.E = E, lg.K = K;
+      lg.logits = (packed ? c.pk_logits : c.logits).data() + row0 * E;
+      lg.noisy = (packed ? c.pk_noisy : c.noisy).data() + row0 * E;
+      lg.probs = (packed ? c.pk_probs : c.probs).data() + row0 * E;
+      lg.choice = (packed ? c.pk_choice : c.choice).data() + row0 * K;
+      lg.modality = (packed ? c.pk_modality.data() : modality.data()) + row0;
       lg.noise_active = noise_active;
       lg.sigma = sigma;
       lg.scale = 1.0 / static_cast<double>(G);
-      Losses::template accumulate<T>(lg, cfg.losses, c.group_losses[static_cast<std::size_t>(g)],
-                                     c.aux_dlogits.data() + row0 * E);
+      double* dl = (packed ? c.pk_dlogits.data() : c.aux_dlogits.data()) + row0 * E;
+      if (packed) std::fill_n(dl, n * E, 0.0);
+      Losses::template accumulate<T>(lg, cfg.losses, c.group_losses[static_cast<std::size_t>(g)], dl);
+      for (index_t j = 0; packed && j < n; ++j) std::copy_n(dl + j * E, E, c.aux_dlogits.data() + rows[j] * E);
     }
   });
   c.losses = AuxLossValues{};
@@ -285,6 +349,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   // 7. Routing statistics (semantics §6).
   auto& st = c.stats;
   st.experts = E, st.top_k = K, st.groups = G, st.capacity = G > 0 ? c.capacity[0] : 0;
+  st.padding = 0;
   st.image_share.assign(static_cast<std::size_t>(E), 0.0);
   std::array<std::vector<double>, kModalities> pbar;
   for (int m = 0; m < kModalities; ++m) {
@@ -294,7 +359,11 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     pbar[m].assign(static_cast<std::size_t>(E), 0.0);
   }
   for (index_t t = 0; t < N; ++t) {
-    const int m = modality[t] ? 1 : 0;
+    if (modality[static_cast<std::size_t>(t)] == kPad) {
+      ++st.padding;
+      continue;
+    }
+    const int m = modality[static_cast<std::size_t>(t)] == kText ? 1 : 0;
     ++st.tokens[m];
     bool any = false;
     for (int k = 0; k < K; ++k) {

@@ -16,7 +16,8 @@ struct RoutingStats {
   int experts = 0, top_k = 0;
   index_t groups = 0;        // routing groups in the call
   index_t capacity = 0;      // C of the first group (a trailing shorter group may have a smaller one)
-  std::array<index_t, kModalities> tokens{};           // tokens per modality
+  std::array<index_t, kModalities> tokens{};           // tokens per modality (padding excluded)
+  index_t padding = 0;                                 // padding tokens of the call (kPad: not routed, not counted)
   std::array<std::vector<index_t>, kModalities> routed;   // [m][e] choices of modality m accepted by expert e
   std::array<std::vector<index_t>, kModalities> dropped;  // [m][e] choices of modality m for e that were dropped
   std::array<index_t, kModalities> tokens_fully_dropped{};  // tokens with no accepted choice (they get y = 0)

@@ -59,6 +59,7 @@ inline nlohmann::json to_json(const StepReport& r) {
                         {"load", a.load},
                         {"z", a.z},
                         {"capacity", s.capacity},
+                        {"padding", s.padding},
                         {"image_share", s.image_share}};
     const char* names[2] = {"img", "txt"};
     for (int m = 0; m < 2; ++m) {
@@ -95,6 +96,7 @@ void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
   for (const auto& s : stats) {
     const std::size_t E = static_cast<std::size_t>(s.experts);
     v.push_back(static_cast<double>(s.groups));
+    v.push_back(static_cast<double>(s.padding));
     for (int m = 0; m < moe::kModalities; ++m) {
       const double n = static_cast<double>(s.tokens[m]);
       v.push_back(n);
@@ -112,6 +114,7 @@ void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
   for (auto& s : stats) {
     const std::size_t E = static_cast<std::size_t>(s.experts);
     s.groups = static_cast<index_t>(v[i++]);
+    s.padding = static_cast<index_t>(v[i++]);
     for (int m = 0; m < moe::kModalities; ++m) {
       const double n = v[i++];
       s.tokens[m] = static_cast<index_t>(n);
