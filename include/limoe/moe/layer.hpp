@@ -251,8 +251,12 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
       const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
       const bool packed = n < S;  // the group holds padding: route its other tokens, packed
       const index_t* rows = packed ? c.active_rows.data() + row0 : nullptr;
-      if (packed)
-        for (index_t j = 0; j < n; ++j) std::copy_n(c.logits.data() + rows[j] * E, E, c.pk_logits.data() + (row0 + j) * E);
+      for (index_t j = 0; packed && j < n; ++j) {  // what the router and the loss terms read, packed once
+        const index_t s = rows[j], p = row0 + j;
+        std::copy_n(c.logits.data() + s * E, E, c.pk_logits.data() + p * E);
+        std::copy_n(c.probs.data() + s * E, E, c.pk_probs.data() + p * E);
+        c.pk_modality[static_cast<std::size_t>(p)] = modality[static_cast<std::size_t>(s)];
+      }
       RouteGroup<T> rg;
       rg.row0 = cfg.first_token + row0, rg.S = n, rg.E = E, rg.K = K, rg.capacity = c.capacity[g], rg.mode = mode, rg.rng = &rng;
       rg.logits = (packed ? c.pk_logits : c.logits).data() + row0 * E;
@@ -299,13 +303,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     for (index_t g = g0; g < g1; ++g) {
       const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
       if (n == 0) continue;  // a group of padding only: no loss
-      const bool packed = n < S;  // the terms see the routed tokens packed (pk_noisy, pk_choice: from routing)
+      const bool packed = n < S;  // the terms see the routed tokens as routing packed them
       const index_t* rows = packed ? c.active_rows.data() + row0 : nullptr;
-      if (packed)
-        for (index_t j = 0; j < n; ++j) {
-          std::copy_n(c.probs.data() + rows[j] * E, E, c.pk_probs.data() + (row0 + j) * E);
-          c.pk_modality[static_cast<std::size_t>(row0 + j)] = modality[static_cast<std::size_t>(rows[j])];
-        }
       LossGroup<T> lg;
       lg.S = n, lg.E = E, lg.K = K;
       lg.logits = (packed ? c.pk_logits : c.logits).data() + row0 * E;
