@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <filesystem>
 #include <fstream>
 #include <limoe/io/safetensors.hpp>
@@ -295,6 +296,89 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     REQUIRE_MESSAGE(ec.code == 0, ec.err);
     CHECK(nlohmann::json::parse(ec.out)["precision"] == prec);
   }
+  fs::remove_all(scratch());
+}
+
+TEST_CASE("two towers and --set; scripts/experiment trains arms x seeds, resumes, and limoe report summarises them") {
+  fs::create_directories(scratch());
+  const fs::path proto = scratch() / "proto.txt", dir = scratch() / "exp";
+  {
+    std::ofstream f(proto);
+    f << "title Smoke test\n# a comment\nseeds 0 1\n"
+      << "train --preset tiny --data synthetic --steps 3 --batch 8\n"
+      << "eval --max-test 64 --retrieval 32\n"
+      << "baseline moe\narm moe\narm two --two-tower\narm nobpr --set router.bpr=false --set aux_loss.load=0.5\n";
+  }
+  const std::string experiment = "LIMOE_BIN=" + kCli + " bash " + std::string(LIMOE_SCRIPTS_DIR) + "/experiment ";
+  auto sh = [&](const std::string& args) {
+    const std::string cmd = experiment + args + " > " + (scratch() / "exp.out").string() + " 2>&1";
+    const int status = std::system(cmd.c_str());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  REQUIRE_MESSAGE(sh(proto.string() + " --out " + dir.string() + " --threads 1 --jobs 2") == 0, slurp(scratch() / "exp.out"));
+  std::map<std::string, std::vector<double>> zero_shot;
+  for (const char* arm : {"moe", "two", "nobpr"})
+    for (int seed : {0, 1}) {
+      const fs::path run_dir = dir / arm / ("seed" + std::to_string(seed));
+      REQUIRE_MESSAGE(fs::exists(run_dir / "eval.json"), run_dir);
+      const auto j = nlohmann::json::parse(slurp(run_dir / "eval.json"));
+      for (const char* key : {"recall_at_1_i2t_unique", "recall_at_1_t2i_unique", "unique_captions", "heldout_contrastive_loss"})
+        CHECK_MESSAGE(j.contains(key), key);
+      CHECK(j["heldout_contrastive_loss"].get<double>() > 0);
+      zero_shot[arm].push_back(j["zero_shot_top1"].get<double>());
+      const auto cfg = read_checkpoint_config((run_dir / "checkpoint.safetensors").string());
+      const auto names = io::SafetensorsReader::open((run_dir / "checkpoint.safetensors").string()).names();
+      const bool has_txt_tower = std::find(names.begin(), names.end(), "txt.blocks.0.attn.q.weight") != names.end();
+      if (std::string(arm) == "two") {
+        CHECK(cfg.towers == 2);
+        CHECK(cfg.moe_blocks.empty());
+        CHECK(has_txt_tower);
+        CHECK_FALSE(j.contains("routing"));
+      } else {
+        CHECK(cfg.towers == 1);
+        CHECK_FALSE(has_txt_tower);
+        REQUIRE(j.contains("routing"));
+        CHECK(j["routing"].size() == cfg.moe_blocks.size());
+        CHECK(j["routing"][0]["txt"].contains("effective_experts"));
+        CHECK(j.contains("text_effective_experts"));
+      }
+      CHECK(cfg.router.bpr == (std::string(arm) != "nobpr"));
+      if (std::string(arm) == "nobpr") CHECK(cfg.aux.load_weight == 0.5);
+      CHECK(slurp(run_dir / "command.txt").find("--seed " + std::to_string(seed)) != std::string::npos);
+    }
+  // The report: the mean over seeds and the paired difference against the baseline, from the runs' own files.
+  const auto rep = nlohmann::json::parse(slurp(dir / "report.json"));
+  CHECK(rep["baseline"] == "moe");
+  REQUIRE(rep["arms"].size() == 3);
+  CHECK(rep["arms"][1]["arm"] == "two");
+  CHECK(rep["arms"][1]["zero_shot_top1"]["mean"].get<double>() == doctest::Approx((zero_shot["two"][0] + zero_shot["two"][1]) / 2));
+  const auto& diff = rep["paired_differences"][0];
+  CHECK(diff["arm"] == "two");
+  const double d0 = zero_shot["two"][0] - zero_shot["moe"][0], d1 = zero_shot["two"][1] - zero_shot["moe"][1];
+  CHECK(diff["zero_shot_top1"]["mean"].get<double>() == doctest::Approx((d0 + d1) / 2));
+  const double half = 12.706 * std::abs(d0 - d1) / std::sqrt(2.0) / std::sqrt(2.0);  // t(1) * sd / sqrt(2)
+  CHECK(diff["zero_shot_top1"]["hi"].get<double>() == doctest::Approx((d0 + d1) / 2 + half));
+  const std::string md = slurp(dir / "report.md");
+  CHECK(md.find("# Smoke test") != std::string::npos);
+  CHECK(md.find("| two | 2 |") != std::string::npos);
+  CHECK(md.find("Routing per MoE block") != std::string::npos);
+  CHECK(md.find("--two-tower") != std::string::npos);  // each arm's command
+  for (const char* pic : {"accuracy.svg", "routing.svg"}) CHECK_MESSAGE(slurp(dir / pic).rfind("<svg", 0) == 0, pic);
+  // Rerun: every run has its eval.json, so nothing trains again.
+  const auto stamp = fs::last_write_time(dir / "moe" / "seed0" / "checkpoint.safetensors");
+  REQUIRE(sh(proto.string() + " --out " + dir.string()) == 0);
+  CHECK(fs::last_write_time(dir / "moe" / "seed0" / "checkpoint.safetensors") == stamp);
+  // Bad input: one line naming the problem, exit 2.
+  expect_failure("report " + (scratch() / "nope").string(), "is not a folder");
+  expect_failure("report " + dir.string() + " --baseline nope", "baseline arm \"nope\"");
+  expect_failure("train --preset tiny --set widht=3 --steps 1 --out " + (scratch() / "w").string(), "did you mean \"width\"");
+  expect_failure("train --preset tiny --set towers=2 --steps 1 --out " + (scratch() / "w").string(), "dense blocks only");
+  {
+    std::ofstream f(proto);
+    f << "arm a\nstepz 3\n";
+  }
+  CHECK(sh(proto.string() + " --out " + dir.string()) == 2);
+  CHECK(slurp(scratch() / "exp.out").find("unknown line 'stepz'") != std::string::npos);
   fs::remove_all(scratch());
 }
 

@@ -4,10 +4,13 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <array>
 #include <initializer_list>
+#include <map>
 #include <vector>
 
 #include <limoe/eval/evaluate.hpp>
+#include <limoe/eval/summary.hpp>
 
 using namespace limoe;
 
@@ -47,6 +50,53 @@ TEST_CASE("zero_shot_accuracy: more classes than images, the largest dot product
 }
 
 // ---- retrieval ---------------------------------------------------------------------------------------------
+
+TEST_CASE("unique_caption_retrieval: repeated captions are one candidate; a match is the exact caption") {
+  // Captions a, b, a, c: the candidates are the texts of images 0 (a), 1 (b) and 3 (c); text 2 repeats a and is
+  // not a candidate (it points at c, so using it would change every answer below).
+  const auto txt = matrix(4, 3, {1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1});
+  const auto img = matrix(4, 3, {1, 0, 0, 0.9f, 0.1f, 0, 0, 0, 1, 0, 0.2f, 0.8f});
+  const auto r = unique_caption_retrieval(img, txt, {"a", "b", "a", "c"});
+  CHECK(r.unique == 3);
+  // Image -> caption: 0 -> a (right), 1 -> a (wrong, b), 2 -> c (wrong, a), 3 -> c (right).
+  CHECK(r.i2t_at1 == doctest::Approx(0.5));
+  // Caption -> image: a -> image 0 (captioned a: right), b -> image 3 (0.2 beats image 1's 0.1: wrong),
+  // c -> image 2 (1 beats image 3's 0.8; image 2 is captioned a: wrong).
+  CHECK(r.t2i_at1 == doctest::Approx(1.0 / 3.0));
+  CHECK_THROWS_AS(unique_caption_retrieval(img, txt, {"a", "b"}), Error);
+}
+
+TEST_CASE("batched_contrastive_loss: the mean over pairs of each batch's loss; a last batch of one pair is left out") {
+  const index_t n = 5, P = 3;
+  Tensor<float> img(Shape{n, P}), txt(Shape{n, P});
+  for (index_t i = 0; i < n * P; ++i) {
+    img[i] = static_cast<float>(std::sin(0.7 * static_cast<double>(i) + 0.3));
+    txt[i] = static_cast<float>(std::cos(1.3 * static_cast<double>(i)));
+  }
+  const float theta = 1.2f;
+  // Naive: in each batch, logits s * <img_i, txt_j>; the mean of the row and column cross-entropies.
+  auto naive = [&](index_t b0, index_t m) {
+    const double s = std::exp(static_cast<double>(theta));
+    std::vector<double> l(static_cast<std::size_t>(m * m));
+    for (index_t i = 0; i < m; ++i)
+      for (index_t j = 0; j < m; ++j) {
+        double d = 0;
+        for (index_t p = 0; p < P; ++p) d += static_cast<double>(img[(b0 + i) * P + p]) * txt[(b0 + j) * P + p];
+        l[static_cast<std::size_t>(i * m + j)] = s * d;
+      }
+    double sum = 0;
+    for (index_t i = 0; i < m; ++i) {
+      double row = 0, col = 0;
+      for (index_t j = 0; j < m; ++j) row += std::exp(l[static_cast<std::size_t>(i * m + j)]), col += std::exp(l[static_cast<std::size_t>(j * m + i)]);
+      sum += std::log(row) + std::log(col) - 2 * l[static_cast<std::size_t>(i * m + i)];
+    }
+    return sum / 2;  // summed over the batch's pairs
+  };
+  CHECK(batched_contrastive_loss(img, txt, theta, 100.f, 2) == doctest::Approx((naive(0, 2) + naive(2, 2)) / 4).epsilon(1e-5));
+  CHECK(batched_contrastive_loss(img, txt, theta, 100.f, 3) == doctest::Approx((naive(0, 3) + naive(3, 2)) / 5).epsilon(1e-5));
+  CHECK(batched_contrastive_loss(img, txt, theta, 100.f, 8) == doctest::Approx(naive(0, 5) / 5).epsilon(1e-5));
+  CHECK_THROWS_AS(batched_contrastive_loss(img, txt, theta, 100.f, 1), Error);
+}
 
 namespace {
 
@@ -268,6 +318,15 @@ TEST_CASE("RoutingSummary: sums, drop rates, image shares, used experts, token-w
   CHECK(s.experts_used(0.45) == 1);   // 9/21 = 0.43 < 0.45 <= 11/21 = 0.52
   CHECK(s.experts_used(0.6) == 0);
   CHECK(s.experts_used(0.0) == 4);
+  // Effective experts: exp(entropy) of a modality's accepted choices. Text: 6 and 5 of 11 on two experts.
+  const double p6 = 6.0 / 11, p5 = 5.0 / 11;
+  CHECK(s.effective_experts(1) == doctest::Approx(std::exp(-(p6 * std::log(p6) + p5 * std::log(p5)))));  // 1.99
+  const double q[3] = {0.3, 0.6, 0.1};
+  CHECK(s.effective_experts(0) == doctest::Approx(std::exp(-(q[0] * std::log(q[0]) + q[1] * std::log(q[1]) + q[2] * std::log(q[2])))));
+  // Specialised experts (> 90% of an expert's accepted choices from one modality): expert 2 (1 image, 0 text);
+  // expert 3 gets nothing and counts for neither.
+  CHECK(s.specialised() == std::array<int, 2>{1, 0});
+  CHECK(s.specialised(0.6) == std::array<int, 2>{1, 1});  // expert 0: 6 of 9 text
   // Entropies: means over calls weighted by each call's tokens of that modality.
   CHECK(s.local_entropy[0] == doctest::Approx((0.5 * 4 + 0.2 * 2) / 6));   // 0.4
   CHECK(s.local_entropy[1] == doctest::Approx((1.0 * 2 + 0.4 * 6) / 8));   // 0.55
@@ -288,8 +347,11 @@ TEST_CASE("RoutingSummary: sums, drop rates, image shares, used experts, token-w
   CHECK(s.drop_rate(0) == doctest::Approx(2.0 / 16.0));
   CHECK(s.image_share(3) == doctest::Approx(1.0));
 
+  CHECK(s.specialised() == std::array<int, 2>{2, 0});  // expert 3 now has one image choice
   const auto j = s.to_json();
   CHECK(j["experts_used"] == 4);
+  CHECK(j["experts_image_specialised"] == 2);
+  CHECK(j["txt"]["effective_experts"].get<double>() == doctest::Approx(s.effective_experts(1)));
   CHECK(j["img"]["drop_rate"].get<double>() == doctest::Approx(0.125));
   CHECK(j["txt"]["tokens"] == 8);
 }
@@ -304,4 +366,33 @@ TEST_CASE("RoutingSummary: an empty summary and a modality with no tokens report
   CHECK(s.local_entropy[0] == doctest::Approx(0.6));
   CHECK(s.drop_rate(0) == 0.0);
   CHECK(s.image_share(0) == doctest::Approx(1.0));
+}
+
+// ---- experiment statistics (eval/summary.hpp) ----------------------------------------------------------------
+
+TEST_CASE("mean_sd and paired_difference: hand-computed values, only the seeds both arms ran are paired") {
+  const MeanSd m = mean_sd({1, 2, 3, 6});
+  CHECK(m.n == 4);
+  CHECK(m.mean == doctest::Approx(3.0));
+  CHECK(m.sd == doctest::Approx(std::sqrt(14.0 / 3.0)));  // (4 + 1 + 0 + 9) / (n - 1)
+  CHECK(mean_sd({5}).sd == 0.0);
+  CHECK(mean_sd({}).n == 0);
+  // Differences over seeds 0, 1, 2 (seed 7 has no partner): 1, 2, 3 -> mean 2, sd 1, t(2) = 4.303.
+  const std::map<int, double> arm{{0, 11}, {1, 12}, {2, 13}, {7, 99}}, base{{0, 10}, {1, 10}, {2, 10}, {5, -1}};
+  const PairedDiff d = paired_difference(arm, base);
+  CHECK(d.n == 3);
+  CHECK(d.mean == doctest::Approx(2.0));
+  CHECK(d.lo == doctest::Approx(2.0 - 4.303 / std::sqrt(3.0)));
+  CHECK(d.hi == doctest::Approx(2.0 + 4.303 / std::sqrt(3.0)));
+  CHECK_FALSE(d.excludes_zero());  // 4.303 / sqrt(3) = 2.48: [-0.48, 4.48] contains 0
+  const PairedDiff e = paired_difference({{0, 12}, {1, 12.5}, {2, 13}}, base);  // 2, 2.5, 3: [1.26, 3.74]
+  CHECK(e.excludes_zero());
+  CHECK(e.lo == doctest::Approx(2.5 - 4.303 * 0.5 / std::sqrt(3.0)));
+  const PairedDiff one = paired_difference({{0, 12}}, base);  // one pair: no interval
+  CHECK(one.n == 1);
+  CHECK(one.lo == one.hi);
+  CHECK_FALSE(one.excludes_zero());
+  CHECK(t_quantile_975(1) == doctest::Approx(12.706));
+  CHECK(t_quantile_975(100) == doctest::Approx(1.96));
+  CHECK_THROWS_AS(t_quantile_975(0), Error);
 }

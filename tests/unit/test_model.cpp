@@ -214,3 +214,112 @@ TEST_CASE("masked routing: padding text tokens take no part in routing (route_pa
   j["route_padding"] = false;
   CHECK_FALSE(config_from_json(j).route_padding);
 }
+
+TEST_CASE("two towers: each modality runs its own blocks, as a one-tower dense model would with that tower's weights") {
+  ModelConfig c = two_tower_variant(preset("tiny"));
+  c.text_mask = true;
+  CHECK(c.towers == 2);
+  CHECK(c.moe_blocks.empty());
+  const index_t B = 3, L = c.text_len;
+  Tensor<double> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
+  testing::fill_normal(images.view(), 21, 0.5);
+  Tensor<std::int32_t> texts(Shape{B, L});
+  for (index_t b = 0; b < B; ++b)
+    for (index_t i = 0; i < L; ++i)
+      texts[b * L + i] = i < 4 + 3 * b ? static_cast<std::int32_t>(3 + (b * 5 + i * 7) % (c.vocab_size - 3)) : c.pad_id;
+
+  Limoe<double> m(c);
+  m.init(6);
+  CHECK(m.params().size() == count_params(c).total);
+  CHECK(count_params(c).per_token == count_params(dense_variant(preset("tiny"))).per_token);  // equal compute
+  // The one-tower dense models holding the image tower's and the text tower's weights.
+  const ModelConfig one = dense_variant(preset("tiny"));
+  ModelConfig one_masked = one;
+  one_masked.text_mask = true;
+  Limoe<double> img_model(one_masked), txt_model(one_masked);
+  auto& ps = m.params();
+  for (const auto& e : img_model.params().entries()) {
+    auto dst_i = img_model.params().value(img_model.params().get(e.name));
+    auto dst_t = txt_model.params().value(txt_model.params().get(e.name));
+    const auto src_i = ps.value(ps.get(e.name));
+    // Block and final-norm weights of the text tower live under "txt."; everything else is shared.
+    const bool tower = e.name.rfind("blocks.", 0) == 0 || e.name.rfind("norm.", 0) == 0;
+    const auto src_t = tower ? ps.value(ps.get("txt." + e.name)) : src_i;
+    REQUIRE(src_t.numel() == dst_t.numel());
+    std::copy_n(src_i.data(), src_i.numel(), dst_i.data());
+    std::copy_n(src_t.data(), src_t.numel(), dst_t.data());
+  }
+  const auto f = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  const auto fi = img_model.forward(images.cview(), {}, Mode::Train, 0);
+  const auto ft = txt_model.forward({}, texts.cview(), Mode::Train, 0);
+  for (index_t i = 0; i < f.img_emb.numel(); ++i) REQUIRE(f.img_emb[i] == doctest::Approx(fi.img_emb[i]).epsilon(1e-12));
+  for (index_t i = 0; i < f.txt_emb.numel(); ++i) REQUIRE(f.txt_emb[i] == doctest::Approx(ft.txt_emb[i]).epsilon(1e-12));
+  // The text tower differs from the image tower (init draws each tensor separately), so sharing would show.
+  {
+    const auto g = img_model.forward({}, texts.cview(), Mode::Eval);
+    double differ = 0;
+    for (index_t i = 0; i < f.txt_emb.numel(); ++i) differ += std::abs(g.txt_emb[i] - f.txt_emb[i]);
+    CHECK(differ > 1e-6);
+  }
+
+  // Gradients from given embedding gradients: each tower's equal the matching one-tower model's.
+  const auto dzi = testing::randn<double>(f.img_emb.shape(), 31), dzt = testing::randn<double>(f.txt_emb.shape(), 32);
+  m.zero_grad(), img_model.zero_grad(), txt_model.zero_grad();
+  m.backward_from(f, dzi.cview(), dzt.cview());
+  const auto fi2 = img_model.forward(images.cview(), {}, Mode::Train, 0);
+  img_model.backward_from(fi2, dzi.cview(), {});
+  const auto ft2 = txt_model.forward({}, texts.cview(), Mode::Train, 0);
+  txt_model.backward_from(ft2, {}, dzt.cview());
+  for (const auto& e : img_model.params().entries()) {
+    const bool tower = e.name.rfind("blocks.", 0) == 0 || e.name.rfind("norm.", 0) == 0;
+    const auto gi = img_model.params().grad(img_model.params().get(e.name));
+    const auto gt = txt_model.params().grad(txt_model.params().get(e.name));
+    const auto gm = ps.grad(ps.get(e.name));
+    for (index_t k = 0; k < gm.numel(); ++k) {
+      // Shared tensors (embeddings, heads) get the sum of both models' gradients; tower tensors each their own.
+      const double want = tower ? gi[k] : gi[k] + gt[k];
+      REQUIRE_MESSAGE(gm[k] == doctest::Approx(want).epsilon(1e-10).scale(1e-12), e.name, "[", k, "]");
+      if (tower) {
+        const double got_t = ps.grad(ps.get("txt." + e.name))[k];
+        REQUIRE_MESSAGE(got_t == doctest::Approx(gt[k]).epsilon(1e-10).scale(1e-12), "txt.", e.name, "[", k, "]");
+      }
+    }
+  }
+
+  // The contrastive loss's gradient of text-tower entries against central differences.
+  m.zero_grad();
+  auto fl = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  m.loss(fl);
+  m.backward(fl);
+  for (const char* name : {"txt.blocks.0.ln1.weight", "txt.blocks.1.mlp.fc1.weight", "txt.blocks.1.attn.v.weight",
+                           "txt.norm.bias", "blocks.1.mlp.fc2.weight"}) {
+    auto v = ps.value(ps.get(name));
+    const auto g = ps.grad(ps.get(name));
+    std::vector<double> analytic;
+    std::vector<double*> picked;
+    for (index_t k = 0; k < v.numel(); k += std::max<index_t>(1, v.numel() / 12)) {
+      picked.push_back(v.data() + k);
+      analytic.push_back(g[k]);
+    }
+    std::vector<double> x(picked.size());
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = *picked[i];
+    auto loss = [&] {
+      for (std::size_t i = 0; i < x.size(); ++i) *picked[i] = x[i];
+      const auto fo = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+      return m.loss(fo).total;
+    };
+    const auto r = testing::check_gradient(std::span<double>(x), std::span<const double>(analytic), loss, 1e-5);
+    for (std::size_t i = 0; i < x.size(); ++i) *picked[i] = x[i];
+    CHECK_MESSAGE(r.rel_error < 1e-6, name, ": ", r.str());
+  }
+
+  // The config: written only when 2, absent reads as 1; impossible settings are errors.
+  CHECK(to_json(c)["towers"] == 2);
+  CHECK_FALSE(to_json(one).contains("towers"));
+  CHECK(config_from_json(to_json(c)).towers == 2);
+  ModelConfig bad = preset("tiny");
+  bad.towers = 2;  // MoE blocks in a two-tower config
+  CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("two-tower model (towers 2) has dense blocks only"), Error);
+  bad.towers = 3;
+  CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("towers must be 1"), Error);
+}

@@ -43,6 +43,7 @@ class Args {
             value = argv[++i];
           }
           values_[name] = value;
+          all_[name].push_back(value);
         } else {
           fail("unknown option --", name, " (see limoe ", command_, " --help)");
         }
@@ -55,6 +56,11 @@ class Args {
   bool flag(const std::string& name) const { return flags_.count(name) > 0; }
   void set(const std::string& name, const std::string& value) { values_[name] = value; }
   bool has(const std::string& name) const { return values_.count(name) > 0; }
+  // Every value of a repeatable option, in command-line order (str() gives the last).
+  std::vector<std::string> all(const std::string& name) const {
+    auto it = all_.find(name);
+    return it == all_.end() ? std::vector<std::string>{} : it->second;
+  }
   std::string str(const std::string& name, const std::string& def = "") const {
     auto it = values_.find(name);
     return it == values_.end() ? def : it->second;
@@ -88,6 +94,7 @@ class Args {
  private:
   std::string command_;
   std::map<std::string, std::string> values_;
+  std::map<std::string, std::vector<std::string>> all_;
   std::set<std::string> flags_;
   std::vector<std::string> positional_;
 };

@@ -126,18 +126,37 @@ int run(const std::vector<std::string>& argv) {
     out["recall_at_" + std::to_string(ks[k]) + "_i2t"] = rec.i2t[k];
     out["recall_at_" + std::to_string(ks[k]) + "_t2i"] = rec.t2i[k];
   }
+  // The same pool over its distinct captions (captions repeat: a class name, an attribute set).
+  const auto uniq = unique_caption_retrieval(img_r, txt, captions);
+  out["unique_captions"] = uniq.unique;
+  out["recall_at_1_i2t_unique"] = uniq.i2t_at1;
+  out["recall_at_1_t2i_unique"] = uniq.t2i_at1;
+  // The training loss on the pool's pairs, in batches of 128, at the learned temperature.
+  const float theta = model.params().value(model.params().get("logit_scale"))[0];
+  out["heldout_contrastive_loss"] =
+      batched_contrastive_loss(img_r, txt, theta, static_cast<float>(cfg.logit_scale_max), 128);
   // Routing as training sees it: images and texts of test pairs share groups, training capacity factor.
   if (!cfg.moe_blocks.empty()) {
     const auto blocks = routing_summary(model, loaded.tokenizer, test, std::min<index_t>(n, 2048), 128, 0,
                                         cfg.router.capacity_factor_train);
-    double di = 0, dt = 0;
+    double di = 0, dt = 0, eff_txt = 0, spec = 0;
     int used = 0;
-    for (const auto& b : blocks) di += b.drop_rate(0), dt += b.drop_rate(1), used += b.experts_used() == b.experts;
+    nlohmann::json per_block = nlohmann::json::array();
+    for (const auto& b : blocks) {
+      di += b.drop_rate(0), dt += b.drop_rate(1), used += b.experts_used() == b.experts;
+      eff_txt += b.effective_experts(1);
+      const auto s = b.specialised();
+      spec += static_cast<double>(s[0] + s[1]) / std::max(1, b.experts);
+      per_block.push_back(b.to_json());
+    }
     const double nb = static_cast<double>(std::max<std::size_t>(1, blocks.size()));
     out["drop_rate_img"] = di / nb;
     out["drop_rate_txt"] = dt / nb;
+    out["text_effective_experts"] = eff_txt / nb;       // exp(entropy) of text's choices, mean over MoE blocks
+    out["experts_specialised_share"] = spec / nb;       // experts with > 90% of one modality, mean over blocks
     out["blocks_using_all_experts"] = used;
     out["moe_blocks"] = blocks.size();
+    out["routing"] = per_block;
   } else {
     out["drop_rate_img"] = 0.0;
     out["drop_rate_txt"] = 0.0;
@@ -166,6 +185,9 @@ const cli::Register reg({"eval", "zero-shot accuracy, 10-shot linear probe and r
                          "Prints one JSON line. Zero-shot prompts and retrieval captions use the data set's held-out\n"
                          "templates, never seen in training. On fashion-scenes it adds compositional_zero_shot: the\n"
                          "colour and noun of single-object test scenes among all 60 combinations, on the combinations\n"
-                         "training never showed (and seen_combination_zero_shot on the others).\n",
+                         "training never showed (and seen_combination_zero_shot on the others). Also: retrieval over the\n"
+                         "pool's distinct captions (*_unique), the contrastive loss on the pool in batches of 128\n"
+                         "(heldout_contrastive_loss) and, per MoE block (routing), drop rates, each expert's image share,\n"
+                         "text's effective number of experts exp(entropy) and the modality-specialised experts.\n",
                          run});
 }  // namespace

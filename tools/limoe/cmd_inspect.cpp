@@ -56,7 +56,7 @@ int run(const std::vector<std::string>& argv) {
             << ", proj " << cfg.proj_dim << "; pooling img " << pooling_name(cfg.pool_img) << ", txt "
             << pooling_name(cfg.pool_txt) << "\n"
             << "  experts " << cfg.experts << ", top-" << cfg.top_k << ", " << cfg.moe_blocks.size()
-            << " MoE blocks; router: noise " << cfg.router.noise_std << ", capacity train "
+            << " MoE blocks" << (cfg.towers == 2 ? " (two towers: text has its own blocks)" : "") << "; router: noise " << cfg.router.noise_std << ", capacity train "
             << cfg.router.capacity_factor_train << " / eval " << cfg.router.capacity_factor_eval
             << (cfg.router.capacity_factor_eval == 0 ? " (no drop)" : "") << ", bpr "
             << (cfg.router.bpr ? "on" : "off") << ", group "

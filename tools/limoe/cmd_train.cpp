@@ -25,12 +25,37 @@ std::string hms(double s) {
   return buf;
 }
 
+// --set KEY=VALUE (repeatable): a config key, dotted for a nested one (router.bpr=false, aux_loss.load=0), and
+// a JSON value (a bare word is a string: pool_img=gap); then the config is read back and checked as a file is.
+ModelConfig with_overrides(const ModelConfig& cfg, const std::vector<std::string>& sets) {
+  if (sets.empty()) return cfg;
+  nlohmann::json j = to_json(cfg);
+  for (const auto& s : sets) {
+    const auto eq = s.find('=');
+    LIMOE_CHECK(eq != std::string::npos && eq > 0, "--set expects KEY=VALUE (a config key, dotted when nested: "
+                "router.bpr=false), got \"", s, "\"");
+    const std::string key = s.substr(0, eq), text = s.substr(eq + 1);
+    nlohmann::json* node = &j;
+    std::size_t from = 0;
+    for (std::size_t dot; (dot = key.find('.', from)) != std::string::npos; from = dot + 1) {
+      const std::string part = key.substr(from, dot - from);
+      LIMOE_CHECK(node->contains(part) && (*node)[part].is_object(), "--set ", key, ": \"", part,
+                  "\" is not an object of the config (docs/cli.md lists its keys)");
+      node = &(*node)[part];
+    }
+    nlohmann::json value = nlohmann::json::parse(text, nullptr, false);
+    if (value.is_discarded()) value = text;  // a bare word: a string
+    (*node)[key.substr(from)] = value;
+  }
+  return config_from_json(j);
+}
+
 int run(const std::vector<std::string>& argv) {
   auto opts = cli::kDataOptions;
   opts.insert({"preset", "config", "steps", "batch", "lr", "warmup", "weight-decay", "clip", "seed", "threads", "out",
-               "resume", "log-every", "checkpoint-every", "workers", "stop-at", "data-parallel", "expert-parallel"});
+               "resume", "log-every", "checkpoint-every", "workers", "stop-at", "data-parallel", "expert-parallel", "set"});
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
-  cli::Args args(argv, opts, {"dense", "quiet"}, "train");
+  cli::Args args(argv, opts, {"dense", "two-tower", "quiet"}, "train");
   args.no_positional();
   const PrecisionKind precision = cli::check_backend(args);
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
@@ -68,6 +93,10 @@ int run(const std::vector<std::string>& argv) {
     cfg = preset(args.str("preset", args.str("data") == "fashion-scenes" ? "small-56" : "small-28"));
   }
   if (args.flag("dense")) cfg = dense_variant(cfg);
+  if (args.flag("two-tower")) cfg = two_tower_variant(cfg);
+  LIMOE_CHECK(!resume || args.all("set").empty(), "--set changes the model; a resumed run keeps its checkpoint's "
+              "config (start a new run with --config or --preset and --set)");
+  cfg = with_overrides(cfg, args.all("set"));
   // A resumed run continues with the settings it was started with unless told otherwise.
   nlohmann::json prior = nlohmann::json::object();
   if (resume && resume->metadata().count("train_state")) {
@@ -136,7 +165,9 @@ int run(const std::vector<std::string>& argv) {
   data::Loader<data::AnyDataset, data::WordTokenizer> loader(train_ds, tok, lo);
   loader.seek(start / loader.batches_per_epoch(), start % loader.batches_per_epoch());
 
-  const std::string out = args.str("out", "runs/" + std::string(args.flag("dense") ? "dense" : "limoe"));
+  const std::string out = args.str("out", "runs/" + std::string(args.flag("two-tower") ? "two-tower"
+                                                                 : args.flag("dense")   ? "dense"
+                                                                                        : "limoe"));
   const std::string ckpt = out + "/checkpoint.safetensors";
   std::ofstream log;
   if (lead) {
@@ -224,7 +255,10 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          "  --preset NAME        a preset (default small-28); see limoe inspect\n"
                          "  --config FILE        a JSON config object (docs/cli.md)\n"
                          "  --resume CKPT        continue a run from its checkpoint (steps, batch, lr, seed and data default to the run's)\n"
-                         "  --dense              every MoE block becomes a dense MLP (the dense model of equal per-token compute)\n") +
+                         "  --dense              every MoE block becomes a dense MLP (the dense model of equal per-token compute)\n"
+                         "  --two-tower          the dense model with separate image and text towers (CLIP-style, equal per-token compute)\n"
+                         "  --set KEY=VALUE      change a config key (repeatable; dotted when nested: --set router.bpr=false\n"
+                         "                       --set aux_loss.load=0 --set pool_img=gap); applied after --dense / --two-tower\n") +
                          cli::kDataHelp +
                          "  --steps N            total optimizer steps (default 1000)\n"
                          "  --batch B            pairs per step (default 128)\n"

@@ -7,6 +7,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/moe/stats.hpp"
+#include "limoe/ops/contrastive.hpp"
 
 namespace limoe {
 
@@ -125,6 +127,78 @@ inline RetrievalRecall retrieval_recall(const Tensor<float>& img, const Tensor<f
   return r;
 }
 
+// The contrastive loss (the training objective, ops/contrastive.hpp) of the pairs (img[i], txt[i]) of held-out
+// data, cut into consecutive batches of `batch` pairs (the last may be shorter; a last batch of one pair is left
+// out), at temperature exp(theta) clamped to max_scale; the mean over pairs.
+inline double batched_contrastive_loss(const Tensor<float>& img, const Tensor<float>& txt, float theta,
+                                       float max_scale, index_t batch) {
+  LIMOE_CHECK(img.shape() == txt.shape() && img.rank() == 2 && batch >= 2, "batched_contrastive_loss: [n, P] image "
+              "and text embeddings and batches of at least 2 pairs, got ", img.shape().str(), ", ",
+              txt.shape().str(), ", batch ", batch);
+  const index_t n = img.dim(0), P = img.dim(1);
+  double sum = 0;
+  index_t pairs = 0;
+  Tensor<float> logits;
+  for (index_t b0 = 0; b0 + 1 < n; b0 += batch) {
+    const index_t m = std::min(batch, n - b0);
+    if (m < 2) break;
+    logits.resize(Shape{m, m});
+    const auto r = cpu::contrastive_forward<float>(CView<float>(img.data() + b0 * P, Shape{m, P}),
+                                                   CView<float>(txt.data() + b0 * P, Shape{m, P}), theta, max_scale,
+                                                   logits.view());
+    sum += r.loss * static_cast<double>(m);
+    pairs += m;
+  }
+  return pairs > 0 ? sum / static_cast<double>(pairs) : 0.0;
+}
+
+// Retrieval over a pool whose captions repeat (a caption names a class, an attribute set): the pool's distinct
+// captions are the candidates. Image i's caption is captions[i]; its text embedding txt[i]. Image -> text: the
+// best of the distinct captions is image i's own caption. Text -> image: for each distinct caption, the best
+// image is one of the images captioned with exactly it. Ties count against the query, as above.
+struct UniqueRetrieval {
+  index_t unique = 0;          // distinct captions in the pool
+  double i2t_at1 = 0, t2i_at1 = 0;
+};
+inline UniqueRetrieval unique_caption_retrieval(const Tensor<float>& img, const Tensor<float>& txt,
+                                                const std::vector<std::string>& captions) {
+  const index_t n = img.dim(0);
+  LIMOE_CHECK(txt.dim(0) == n && static_cast<index_t>(captions.size()) == n, "unique_caption_retrieval: ", n,
+              " images, ", txt.dim(0), " texts and ", captions.size(), " captions");
+  // Distinct captions in order of first appearance, and each image's caption id.
+  std::vector<index_t> first, id(static_cast<std::size_t>(n));
+  std::map<std::string, index_t> seen;
+  for (index_t i = 0; i < n; ++i) {
+    const auto [it, added] = seen.emplace(captions[static_cast<std::size_t>(i)], static_cast<index_t>(first.size()));
+    if (added) first.push_back(i);
+    id[static_cast<std::size_t>(i)] = it->second;
+  }
+  const index_t U = static_cast<index_t>(first.size());
+  Tensor<float> cand(Shape{U, txt.dim(1)});
+  for (index_t u = 0; u < U; ++u)
+    std::copy_n(txt.data() + first[static_cast<std::size_t>(u)] * txt.dim(1), txt.dim(1), cand.data() + u * txt.dim(1));
+  const Eigen::MatrixXf s = as_matrix(img) * as_matrix(cand).transpose();  // [n, U]
+  UniqueRetrieval r;
+  r.unique = U;
+  for (index_t i = 0; i < n; ++i) {  // image -> distinct captions
+    const index_t own = id[static_cast<std::size_t>(i)];
+    bool best = true;
+    for (index_t u = 0; u < U && best; ++u) best = u == own || s(i, u) < s(i, own);
+    r.i2t_at1 += best;
+  }
+  for (index_t u = 0; u < U; ++u) {  // distinct caption -> images: the best matching image vs the best other
+    float best_match = -INFINITY, best_other = -INFINITY;
+    for (index_t i = 0; i < n; ++i) {
+      float& b = id[static_cast<std::size_t>(i)] == u ? best_match : best_other;
+      b = std::max(b, s(i, u));
+    }
+    r.t2i_at1 += best_match > best_other;
+  }
+  r.i2t_at1 /= static_cast<double>(std::max<index_t>(n, 1));
+  r.t2i_at1 /= static_cast<double>(std::max<index_t>(U, 1));
+  return r;
+}
+
 // Routing statistics of one MoE block summed over many calls.
 struct RoutingSummary {
   int block = 0, experts = 0, top_k = 0;
@@ -163,6 +237,29 @@ struct RoutingSummary {
     const double t = static_cast<double>(routed[1][static_cast<std::size_t>(e)]);
     return i + t > 0 ? i / (i + t) : 0.0;
   }
+  // exp(entropy) of modality m's accepted choices over the experts: how many experts it effectively uses (1 when
+  // all go to one expert, E when spread evenly).
+  double effective_experts(int m) const {
+    double total = 0, h = 0;
+    for (auto v : routed[m]) total += static_cast<double>(v);
+    if (total <= 0) return 0.0;
+    for (auto v : routed[m])
+      if (v > 0) h -= static_cast<double>(v) / total * std::log(static_cast<double>(v) / total);
+    return std::exp(h);
+  }
+  // Experts of which more than `share` of the accepted choices come from one modality (modality-specialised),
+  // among the experts that receive any; [0] image-specialised, [1] text-specialised.
+  std::array<int, 2> specialised(double share = 0.9) const {
+    std::array<int, 2> n{};
+    for (int e = 0; e < experts; ++e) {
+      const double i = static_cast<double>(routed[0][static_cast<std::size_t>(e)]);
+      const double t = static_cast<double>(routed[1][static_cast<std::size_t>(e)]);
+      if (i + t <= 0) continue;
+      n[0] += i / (i + t) > share;
+      n[1] += t / (i + t) > share;
+    }
+    return n;
+  }
   // Experts that receive at least `min_share` of the choices of all tokens (a used expert).
   int experts_used(double min_share = 0.01) const {
     index_t total = 0;
@@ -178,10 +275,14 @@ struct RoutingSummary {
     std::vector<double> share;
     for (int e = 0; e < experts; ++e) share.push_back(image_share(e));
     j["image_share"] = share;
+    const auto spec = specialised();
+    j["experts_image_specialised"] = spec[0];  // > 90% of an expert's choices from images
+    j["experts_text_specialised"] = spec[1];
     const char* names[2] = {"img", "txt"};
     for (int m = 0; m < 2; ++m)
       j[names[m]] = {{"tokens", tokens[m]},
                      {"drop_rate", drop_rate(m)},
+                     {"effective_experts", effective_experts(m)},
                      {"routed", routed[m]},
                      {"dropped", dropped[m]},
                      {"local_entropy", local_entropy[m]},

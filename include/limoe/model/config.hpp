@@ -75,6 +75,11 @@ struct ModelConfig {
   // auxiliary losses are decided per group. 0: router.group_size decides (consecutive tokens; 0 = the call is
   // one group). Under data parallelism a group never spans ranks: 0 makes each rank's shard one group.
   int group_pairs = 0;
+  // 1: one tower shared by images and text (LIMoE). 2: a two-tower model (CLIP-style): the text tokens run
+  // through their own blocks and final LayerNorm (checkpoint names `txt.blocks.{i}.*`, `txt.norm.*`), the image
+  // tokens through `blocks.{i}.*` and `norm.*`; dense blocks only (moe_blocks empty). Per-token compute equals
+  // the one-tower dense model's; the parameters of the blocks double.
+  int towers = 1;
   moe::AuxLossConfig aux{};  // stored in the checkpoint config as "aux_loss" (an extension readers may ignore)
   double logit_scale_init = std::log(10.0);  // theta_0
   double logit_scale_max = 100.0;            // clamp exp(theta) <= this; <= 0: no clamp
@@ -113,6 +118,10 @@ struct ModelConfig {
     LIMOE_CHECK(pad_id >= 0 && pad_id < vocab_size, "config: pad_id ", pad_id, " outside [0, vocab_size=",
                 vocab_size, ")");
     LIMOE_CHECK(ln_eps > 0, "config: ln_eps must be positive, got ", ln_eps);
+    LIMOE_CHECK(towers == 1 || towers == 2, "config: towers must be 1 (one tower, LIMoE) or 2 (separate image and "
+                "text towers), got ", towers);
+    LIMOE_CHECK(towers == 1 || moe_blocks.empty(), "config: a two-tower model (towers 2) has dense blocks only; "
+                "set moe_blocks to [] (limoe train --two-tower does)");
     std::vector<int> seen;
     for (int b : moe_blocks) {
       LIMOE_CHECK(b >= 0 && b < depth, "config: moe_blocks entry ", b, " outside [0, depth=", depth, ")");
@@ -155,7 +164,9 @@ ParamCountsOf<A> count_params_as(const ModelConfig& c) {
   r.per_block_dense = attn + 2 * ln + mlp;
   r.per_block_moe = attn + 2 * ln + E * mlp + E * D;
   r.experts_per_block = E;
-  r.total = shared + moe_n * E * mlp + img_embed + txt_embed + head(c.pool_img) + head(c.pool_txt) + 2 * P * D;
+  // A second tower (towers 2, dense only) repeats the blocks and the final LayerNorm for the text tokens.
+  const A second_tower = c.towers == 2 ? shared - 1 : A(0);
+  r.total = second_tower + shared + moe_n * E * mlp + img_embed + txt_embed + head(c.pool_img) + head(c.pool_txt) + 2 * P * D;
   r.per_token = shared + moe_n * K * mlp + img_embed + head(c.pool_img) + P * D;
   return r;
 }
@@ -211,6 +222,7 @@ inline nlohmann::json to_json(const ModelConfig& c) {
       {"logit_scale_max", c.logit_scale_max},
   };
   if (c.group_pairs > 0) j["group_pairs"] = c.group_pairs;  // an extension, written only when set
+  if (c.towers != 1) j["towers"] = c.towers;                 // likewise
   return j;
 }
 
@@ -221,7 +233,7 @@ inline const std::vector<std::string>& config_keys() {
                                           "vocab_size", "text_len", "experts", "top_k", "moe_blocks", "pool_img",
                                           "pool_txt", "proj_dim", "ln_eps", "gelu", "text_mask", "pad_id", "router",
                                           "aux_loss", "logit_scale_init", "logit_scale_max", "group_pairs",
-                                          "route_padding"};
+                                          "route_padding", "towers"};
   return k;
 }
 inline const std::vector<std::string>& router_keys() {
@@ -344,6 +356,7 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
   json_get(j, "route_padding", c.route_padding, false);
   json_get_int(j, "pad_id", c.pad_id, false, 0, kBig);
   json_get_int(j, "group_pairs", c.group_pairs, false, 0, kBig);
+  json_get_int(j, "towers", c.towers, false, 1, 2);
   if (auto r = j.find("router"); r != j.end()) {
     LIMOE_CHECK(r->is_object(), "config: \"router\" must be an object");
     detail::check_known_keys(*r, detail::router_keys(), " in \"router\"");

@@ -6,6 +6,10 @@
 // routing groups. Attention is per sequence: it sees the image rows as [Bi, N, D] and the text rows as
 // [Bt, T, D]. Only the embeddings, the pooling heads and the projections are per modality.
 //
+// A two-tower config (ModelConfig::towers 2, dense blocks only) gives the text rows their own blocks and final
+// LayerNorm: every row-wise op (LayerNorm, MLP) then runs once per tower on its rows, and the text attention uses
+// the text tower's weights. Everything else (the one activation matrix, the heads, the loss) is unchanged.
+//
 // Template parameters are policies (what changes the code path); sizes are data in ModelConfig:
 //   Limoe<T, Router, Losses, BackendT>: T scalar (float; double for gradient checks), Router a router policy,
 //   Losses the auxiliary-loss set (moe/layer.hpp), BackendT the backend whose ops run (backend/backend.hpp: Cpu, the
@@ -167,7 +171,8 @@ class Limoe {
         v[0] = static_cast<T>(cfg_.logit_scale_init);
       } else if (ends(".bias") || ends("_b")) {
         std::fill(v.span().begin(), v.span().end(), T(0));
-      } else if (ends("ln1.weight") || ends("ln2.weight") || ends("ln.weight") || n == "norm.weight") {
+      } else if (ends("ln1.weight") || ends("ln2.weight") || ends("ln.weight") || n == "norm.weight" ||
+                 n == "txt.norm.weight") {
         std::fill(v.span().begin(), v.span().end(), T(1));
       } else if (ends(".pos") || n == "txt.embed" || ends(".probe")) {
         fill(v, r, 0.02);
@@ -255,8 +260,11 @@ class Limoe {
     xn_.resize(Shape{R, D});        // [R, D]
     xn_mean_.resize(Shape{R});      // [R]
     xn_rstd_.resize(Shape{R});      // [R]
-    O::layernorm_forward(x_final_.cview(), pv(norm_w_), pv(norm_b_), static_cast<T>(cfg_.ln_eps), xn_.view(),
-                              xn_mean_.view(), xn_rstd_.view());
+    for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
+      O::layernorm_forward(rows(x_final_.cview(), r0, r1), pv(final_norm(tw).first), pv(final_norm(tw).second),
+                           static_cast<T>(cfg_.ln_eps), rows(xn_.view(), r0, r1), rows(xn_mean_.view(), r0, r1),
+                           rows(xn_rstd_.view(), r0, r1));
+    });
     if (Bi_ > 0) head_forward(img_head_, img_acts_, img_rows(xn_.cview()), CView<std::uint8_t>{}, out.img_emb);
     if (Bt_ > 0) head_forward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), out.txt_emb);
     return out;
@@ -358,8 +366,12 @@ class Limoe {
     if (Bi_ > 0 && !dz_img.empty()) head_backward(img_head_, img_acts_, img_rows(xn_.cview()), {}, fwd.img_emb.cview(), dz_img, img_rows(dxn_.view()));
     if (Bt_ > 0 && !dz_txt.empty()) head_backward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), fwd.txt_emb.cview(), dz_txt, txt_rows(dxn_.view()));
     dx_.resize(Shape{R, D});  // [R, D] gradient of the current block output
-    O::layernorm_backward(x_final_.cview(), pv(norm_w_), xn_mean_.cview(), xn_rstd_.cview(), dxn_.cview(),
-                               dx_.view(), pg(norm_w_), pg(norm_b_));
+    for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
+      const auto [w, b] = final_norm(tw);
+      O::layernorm_backward(rows(x_final_.cview(), r0, r1), pv(w), rows(xn_mean_.cview(), r0, r1),
+                            rows(xn_rstd_.cview(), r0, r1), rows(dxn_.cview(), r0, r1), rows(dx_.view(), r0, r1),
+                            pg(w), pg(b));
+    });
     for (int l = cfg_.depth - 1; l >= 0; --l) block_backward(l);
     if (Bi_ > 0)
       O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
@@ -423,28 +435,39 @@ class Limoe {
     img_pos_ = add("img.pos", {cfg_.num_patches(), D}, false);
     txt_embed_ = add("txt.embed", {cfg_.vocab_size, D}, false);
     txt_pos_ = add("txt.pos", {cfg_.text_len, D}, false);
-    blocks_.resize(static_cast<std::size_t>(cfg_.depth));
-    for (int l = 0; l < cfg_.depth; ++l) {
-      const std::string p = "blocks." + std::to_string(l);
-      BlockRefs& b = blocks_[static_cast<std::size_t>(l)];
-      b.moe = cfg_.is_moe(l);
+    auto add_block = [&](const std::string& p, bool moe) {
+      BlockRefs b;
+      b.moe = moe;
       b.ln1_w = add(p + ".ln1.weight", {D}, false);
       b.ln1_b = add(p + ".ln1.bias", {D}, false);
       b.attn = add_attn(p + ".attn");
       b.ln2_w = add(p + ".ln2.weight", {D}, false);
       b.ln2_b = add(p + ".ln2.bias", {D}, false);
+      if (!moe) b.mlp = add_mlp(p + ".mlp");
+      return b;
+    };
+    blocks_.resize(static_cast<std::size_t>(cfg_.depth));
+    for (int l = 0; l < cfg_.depth; ++l) {
+      const std::string p = "blocks." + std::to_string(l);
+      BlockRefs& b = blocks_[static_cast<std::size_t>(l)];
+      b = add_block(p, cfg_.is_moe(l));
       if (b.moe) {
         b.router = add(p + ".moe.router.weight", {E, D}, true);
         const index_t Ex = E / ep_.count;  // this model's part of the experts
         auto part = [&](const std::string& n, Shape s, bool decay) { return params_.add(n, s, decay, ep_.index, ep_.count); };
         b.mlp = {part(p + ".moe.fc1.weight", {Ex, M, D}, true), part(p + ".moe.fc1.bias", {Ex, M}, false),
                  part(p + ".moe.fc2.weight", {Ex, D, M}, true), part(p + ".moe.fc2.bias", {Ex, D}, false)};
-      } else {
-        b.mlp = add_mlp(p + ".mlp");
       }
     }
     norm_w_ = add("norm.weight", {D}, false);
     norm_b_ = add("norm.bias", {D}, false);
+    if (cfg_.towers == 2) {  // the text tower (dense: validate() allows no MoE block in a two-tower config)
+      txt_blocks_.resize(static_cast<std::size_t>(cfg_.depth));
+      for (int l = 0; l < cfg_.depth; ++l)
+        txt_blocks_[static_cast<std::size_t>(l)] = add_block("txt.blocks." + std::to_string(l), false);
+      txt_norm_w_ = add("txt.norm.weight", {D}, false);
+      txt_norm_b_ = add("txt.norm.bias", {D}, false);
+    }
     img_head_ = add_head("img", cfg_.pool_img);
     txt_head_ = add_head("txt", cfg_.pool_txt);
     img_head_.proj = add("img.proj.weight", {P, D}, true);
@@ -482,6 +505,30 @@ class Limoe {
     return View<U>(x.data() + Ni_ * cfg_.width, Shape{Bt_, cfg_.text_len, cfg_.width});
   }
   CView<std::uint8_t> text_mask() const { return cfg_.text_mask ? txt_mask_.cview() : CView<std::uint8_t>{}; }
+
+  // Rows [r0, r1) of a [R, D] or [R] tensor.
+  template <class U>
+  static View<U> rows(View<U> x, index_t r0, index_t r1) {
+    const index_t w = x.rank() == 2 ? x.dim(1) : 1;
+    return x.rank() == 2 ? View<U>(x.data() + r0 * w, Shape{r1 - r0, w}) : View<U>(x.data() + r0, Shape{r1 - r0});
+  }
+  // The towers of the R rows of a call and the rows each runs: one tower, f(0, 0, R); two towers, f(0, 0, Ni) for
+  // the image rows and f(1, Ni, R) for the text rows (a tower without rows is skipped).
+  template <class F>
+  void for_each_tower(index_t R, F&& f) const {
+    if (cfg_.towers == 1) return f(0, index_t{0}, R);
+    if (Ni_ > 0) f(0, index_t{0}, Ni_);
+    if (R > Ni_) f(1, Ni_, R);
+  }
+  // Block l of tower tw (0: the shared or image tower, 1: the text tower), and tower tw's final LayerNorm.
+  const BlockRefs& tower_block(int tw, int l) const {
+    return (tw == 0 ? blocks_ : txt_blocks_)[static_cast<std::size_t>(l)];
+  }
+  std::pair<ParamRef, ParamRef> final_norm(int tw) const {
+    return tw == 0 ? std::pair{norm_w_, norm_b_} : std::pair{txt_norm_w_, txt_norm_b_};
+  }
+  // The tower that runs the text rows.
+  int text_tower() const { return cfg_.towers == 2 ? 1 : 0; }
 
   // The settings of one forward call (not model state: block_forward receives them).
   struct CallSettings {
@@ -598,31 +645,39 @@ class Limoe {
     a.ln1.resize(Shape{R, D});  // [R, D]
     a.ln1_mean.resize(Shape{R});
     a.ln1_rstd.resize(Shape{R});
-    O::layernorm_forward(x_in.cview(), pv(b.ln1_w), pv(b.ln1_b), eps, a.ln1.view(), a.ln1_mean.view(),
-                              a.ln1_rstd.view());
+    for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
+      const BlockRefs& bt = tower_block(tw, l);
+      O::layernorm_forward(rows(x_in.cview(), r0, r1), pv(bt.ln1_w), pv(bt.ln1_b), eps, rows(a.ln1.view(), r0, r1),
+                           rows(a.ln1_mean.view(), r0, r1), rows(a.ln1_rstd.view(), r0, r1));
+    });
     // Attention per modality, written into x_mid, then the residual.
     a.x_mid.resize(Shape{R, D});  // [R, D]
-    const auto aw = attn_weights(b.attn);
     if (Bi_ > 0)
-      O::self_attention_forward(aw, cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{}, img_rows(a.x_mid.view()),
-                                     a.attn_img, prec());
+      O::self_attention_forward(attn_weights(b.attn), cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{},
+                                img_rows(a.x_mid.view()), a.attn_img, prec());
     if (Bt_ > 0)
-      O::self_attention_forward(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(),
-                                     txt_rows(a.x_mid.view()), a.attn_txt, prec());
+      O::self_attention_forward(attn_weights(tower_block(text_tower(), l).attn), cfg_.heads, txt_rows(a.ln1.cview()),
+                                text_mask(), txt_rows(a.x_mid.view()), a.attn_txt, prec());
     for (index_t i = 0; i < R * D; ++i) a.x_mid[i] += x_in[i];
 
     a.ln2.resize(Shape{R, D});  // [R, D]
     a.ln2_mean.resize(Shape{R});
     a.ln2_rstd.resize(Shape{R});
-    O::layernorm_forward(a.x_mid.cview(), pv(b.ln2_w), pv(b.ln2_b), eps, a.ln2.view(), a.ln2_mean.view(),
-                              a.ln2_rstd.view());
+    for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
+      const BlockRefs& bt = tower_block(tw, l);
+      O::layernorm_forward(rows(a.x_mid.cview(), r0, r1), pv(bt.ln2_w), pv(bt.ln2_b), eps, rows(a.ln2.view(), r0, r1),
+                           rows(a.ln2_mean.view(), r0, r1), rows(a.ln2_rstd.view(), r0, r1));
+    });
     x_out.resize(Shape{R, D});  // [R, D]
     if (!b.moe) {
       a.h_pre.resize(Shape{R, M});  // [R, M]
       a.h_act.resize(Shape{R, M});  // [R, M]
-      O::linear_forward(a.ln2.cview(), pv(b.mlp.fc1_w), CView<T>{}, a.h_pre.view(), prec());
-      O::bias_gelu_forward(cfg_.gelu, pv(b.mlp.fc1_b), a.h_pre.view(), a.h_act.view());
-      O::linear_forward(a.h_act.cview(), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b), x_out.view(), prec());
+      for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
+        const MlpRefs& m = tower_block(tw, l).mlp;
+        O::linear_forward(rows(a.ln2.cview(), r0, r1), pv(m.fc1_w), CView<T>{}, rows(a.h_pre.view(), r0, r1), prec());
+        O::bias_gelu_forward(cfg_.gelu, pv(m.fc1_b), rows(a.h_pre.view(), r0, r1), rows(a.h_act.view(), r0, r1));
+        O::linear_forward(rows(a.h_act.cview(), r0, r1), pv(m.fc2_w), pv(m.fc2_b), rows(x_out.view(), r0, r1), prec());
+      });
     } else {
       moe::MoeConfig mc{cfg_.experts, cfg_.top_k, cfg_.router, cfg_.aux, cfg_.gelu};
       mc.router.group_size = moe_group_tokens_;
@@ -674,11 +729,14 @@ class Limoe {
     dln_.resize(Shape{R, D});  // [R, D]
     if (!b.moe) {
       dh_.resize(Shape{R, M});  // [R, M]
-      O::linear_backward(a.h_act.cview(), pv(b.mlp.fc2_w), dx_.cview(), dh_.view(), pg(b.mlp.fc2_w),
-                              pg(b.mlp.fc2_b), prec());
-      O::gelu_backward(cfg_.gelu, a.h_pre.cview(), dh_.cview(), dh_.view());
-      O::linear_backward(a.ln2.cview(), pv(b.mlp.fc1_w), dh_.cview(), dln_.view(), pg(b.mlp.fc1_w),
-                              pg(b.mlp.fc1_b), prec());
+      for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
+        const MlpRefs& m = tower_block(tw, l).mlp;
+        O::linear_backward(rows(a.h_act.cview(), r0, r1), pv(m.fc2_w), rows(dx_.cview(), r0, r1),
+                           rows(dh_.view(), r0, r1), pg(m.fc2_w), pg(m.fc2_b), prec());
+        O::gelu_backward(cfg_.gelu, rows(a.h_pre.cview(), r0, r1), rows(dh_.cview(), r0, r1), rows(dh_.view(), r0, r1));
+        O::linear_backward(rows(a.ln2.cview(), r0, r1), pv(m.fc1_w), rows(dh_.cview(), r0, r1),
+                           rows(dln_.view(), r0, r1), pg(m.fc1_w), pg(m.fc1_b), prec());
+      });
     } else {
       auto& ctx = moe_ctx_[static_cast<std::size_t>(l)];
       if (moe_permute_) {  // the layer's rows are in routing-group order
@@ -695,20 +753,28 @@ class Limoe {
     }
     // dx_mid = dx_out + LN2^T dln
     dtmp_.resize(Shape{R, D});  // [R, D]
-    O::layernorm_backward(a.x_mid.cview(), pv(b.ln2_w), a.ln2_mean.cview(), a.ln2_rstd.cview(), dln_.cview(),
-                               dtmp_.view(), pg(b.ln2_w), pg(b.ln2_b));
+    for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
+      const BlockRefs& bt = tower_block(tw, l);
+      O::layernorm_backward(rows(a.x_mid.cview(), r0, r1), pv(bt.ln2_w), rows(a.ln2_mean.cview(), r0, r1),
+                            rows(a.ln2_rstd.cview(), r0, r1), rows(dln_.cview(), r0, r1), rows(dtmp_.view(), r0, r1),
+                            pg(bt.ln2_w), pg(bt.ln2_b));
+    });
     for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
     // Attention per modality: dln = Attn^T dx_mid.
-    const auto aw = attn_weights(b.attn);
-    const auto ag = attn_grads(b.attn);
     if (Bi_ > 0)
-      O::self_attention_backward(aw, cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{}, a.attn_img,
-                                      img_rows(dx_.cview()), img_rows(dln_.view()), ag, prec());
-    if (Bt_ > 0)
-      O::self_attention_backward(aw, cfg_.heads, txt_rows(a.ln1.cview()), text_mask(), a.attn_txt,
-                                      txt_rows(dx_.cview()), txt_rows(dln_.view()), ag, prec());
-    O::layernorm_backward(a.x_in.cview(), pv(b.ln1_w), a.ln1_mean.cview(), a.ln1_rstd.cview(), dln_.cview(),
-                               dtmp_.view(), pg(b.ln1_w), pg(b.ln1_b));
+      O::self_attention_backward(attn_weights(b.attn), cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{},
+                                 a.attn_img, img_rows(dx_.cview()), img_rows(dln_.view()), attn_grads(b.attn), prec());
+    if (Bt_ > 0) {
+      const AttnRefs& ta = tower_block(text_tower(), l).attn;
+      O::self_attention_backward(attn_weights(ta), cfg_.heads, txt_rows(a.ln1.cview()), text_mask(), a.attn_txt,
+                                 txt_rows(dx_.cview()), txt_rows(dln_.view()), attn_grads(ta), prec());
+    }
+    for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
+      const BlockRefs& bt = tower_block(tw, l);
+      O::layernorm_backward(rows(a.x_in.cview(), r0, r1), pv(bt.ln1_w), rows(a.ln1_mean.cview(), r0, r1),
+                            rows(a.ln1_rstd.cview(), r0, r1), rows(dln_.cview(), r0, r1), rows(dtmp_.view(), r0, r1),
+                            pg(bt.ln1_w), pg(bt.ln1_b));
+    });
     for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
   }
 
@@ -773,6 +839,8 @@ class Limoe {
   ParamStore<T, memory_space> params_;
   ParamRef img_patch_w_, img_patch_b_, img_pos_, txt_embed_, txt_pos_, norm_w_, norm_b_, logit_scale_;
   std::vector<BlockRefs> blocks_;
+  std::vector<BlockRefs> txt_blocks_;      // the text tower's blocks (towers 2 only)
+  ParamRef txt_norm_w_, txt_norm_b_;       // and its final LayerNorm
   HeadRefs img_head_, txt_head_;
 
   // Activations of the last forward (kept for backward; buffers are reused across steps).

@@ -103,4 +103,12 @@ inline ModelConfig dense_variant(ModelConfig c) {
   return c;
 }
 
+// The two-tower dense model (CLIP-style) of the same per-token compute: the dense variant with a second tower,
+// so image and text tokens run through separate blocks (ModelConfig::towers).
+inline ModelConfig two_tower_variant(ModelConfig c) {
+  c = dense_variant(std::move(c));
+  c.towers = 2;
+  return c;
+}
+
 }  // namespace limoe

@@ -148,6 +148,7 @@ struct TowerLayout {
     c.experts = mlp::experts;
     c.top_k = mlp::top_k;
     c.moe_blocks = Placement::blocks(c.depth);
+    c.towers = 1;
     c.pool_img = ImageHead::kind;
     c.pool_txt = TextHead::kind;
     if constexpr (detail::router_traits<typename mlp::router_type>::stock)
@@ -168,6 +169,7 @@ struct TowerLayout {
       for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
       return s + "]";
     };
+    field(c.towers == 1, "towers", c.towers, 1);
     field(c.moe_blocks == want.moe_blocks, "moe_blocks", list(c.moe_blocks), list(want.moe_blocks));
     field(c.pool_img == want.pool_img, "pool_img", pooling_name(c.pool_img), pooling_name(want.pool_img));
     field(c.pool_txt == want.pool_txt, "pool_txt", pooling_name(c.pool_txt), pooling_name(want.pool_txt));
