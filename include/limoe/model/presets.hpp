@@ -89,6 +89,11 @@ inline ModelConfig preset(const std::string& name) {
     c.experts = 8;
     c.moe_blocks = {1, 3};
     c.proj_dim = 128;
+    // The recipe of docs/experiments.md (the recipe screen on the demo's data): both heads average the tokens
+    // (global average pooling; text over its words only) and text attention skips padding.
+    c.pool_img = Pooling::Gap;
+    c.pool_txt = Pooling::Gap;
+    c.text_mask = true;
   } else {
     std::string names;
     for (const auto& n : preset_names()) names += (names.empty() ? "" : ", ") + n;
