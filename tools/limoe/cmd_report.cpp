@@ -153,6 +153,10 @@ std::vector<Arm> read_arms(const fs::path& dir, const Protocol& proto) {
 struct BlockRouting {
   int block = 0, experts = 0;
   double drop_img = 0, drop_txt = 0, txt_eff = 0, spec_img = 0, spec_txt = 0;
+  // The same counted on modality-balanced shares: expert e's share of image traffic over its share of image plus
+  // its share of text traffic (p_img(e) / (p_img(e) + p_txt(e))), so the base rate (text is a minority) does not
+  // count as specialisation.
+  double bal_img = 0, bal_txt = 0;
   std::vector<double> shares;  // every seed's experts
   int seeds = 0;
 };
@@ -173,12 +177,24 @@ std::vector<BlockRouting> routing_of(const Arm& a) {
       b.spec_img += j.value("experts_image_specialised", 0);
       b.spec_txt += j.value("experts_text_specialised", 0);
       for (const auto& s : j["image_share"]) b.shares.push_back(s.get<double>());
+      if (j["img"].contains("routed") && j["txt"].contains("routed")) {
+        const auto ri = j["img"]["routed"].get<std::vector<double>>(), rt = j["txt"]["routed"].get<std::vector<double>>();
+        double si = 0, st = 0;
+        for (double v : ri) si += v;
+        for (double v : rt) st += v;
+        for (std::size_t e = 0; e < ri.size() && e < rt.size() && si > 0 && st > 0; ++e) {
+          const double pi = ri[e] / si, pt = rt[e] / st;
+          if (pi + pt <= 0) continue;
+          b.bal_img += pi / (pi + pt) > 0.9;
+          b.bal_txt += pt / (pi + pt) > 0.9;
+        }
+      }
       ++b.seeds;
     }
   }
   for (auto& b : out) {
     const double n = std::max(1, b.seeds);
-    b.drop_img /= n, b.drop_txt /= n, b.txt_eff /= n, b.spec_img /= n, b.spec_txt /= n;
+    b.drop_img /= n, b.drop_txt /= n, b.txt_eff /= n, b.spec_img /= n, b.spec_txt /= n, b.bal_img /= n, b.bal_txt /= n;
   }
   return out;
 }
@@ -397,6 +413,14 @@ int run(const std::vector<std::string>& argv) {
     jd.push_back(row);
   }
   js["paired_differences"] = jd;
+  js["routing"] = nlohmann::json::object();
+  for (const auto& a : arms)
+    for (const auto& b : routing_of(a))
+      js["routing"][a.name].push_back({{"block", b.block}, {"experts", b.experts}, {"drop_img", b.drop_img},
+                                       {"drop_txt", b.drop_txt}, {"text_effective_experts", b.txt_eff},
+                                       {"image_specialised", b.spec_img}, {"text_specialised", b.spec_txt},
+                                       {"balanced_image_specialised", b.bal_img},
+                                       {"balanced_text_specialised", b.bal_txt}});
 
   bool any_routing = false;
   for (const auto& a : arms) {
@@ -404,12 +428,14 @@ int run(const std::vector<std::string>& argv) {
     if (r.empty()) continue;
     if (!any_routing)
       md << "\n## Routing per MoE block (evaluation pairs routed as in training; mean over seeds)\n\n"
-         << "| arm | block | image drops | text drops | text eff. experts | image- / text-specialised experts (of E) |\n"
-         << "|---|---|---|---|---|---|\n";
+         << "| arm | block | image drops | text drops | text eff. experts | image- / text-specialised experts (of E) | "
+            "the same on balanced shares |\n"
+         << "|---|---|---|---|---|---|---|\n";
     any_routing = true;
     for (const auto& b : r) {
-      std::snprintf(buf, sizeof buf, "| %s | %d | %.1f%% | %.1f%% | %.2f | %.1f / %.1f (of %d) |\n", a.name.c_str(),
-                    b.block, 100 * b.drop_img, 100 * b.drop_txt, b.txt_eff, b.spec_img, b.spec_txt, b.experts);
+      std::snprintf(buf, sizeof buf, "| %s | %d | %.1f%% | %.1f%% | %.2f | %.1f / %.1f (of %d) | %.1f / %.1f |\n",
+                    a.name.c_str(), b.block, 100 * b.drop_img, 100 * b.drop_txt, b.txt_eff, b.spec_img, b.spec_txt,
+                    b.experts, b.bal_img, b.bal_txt);
       md << buf;
     }
   }
