@@ -267,6 +267,7 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   const fs::path rep = scratch() / "routing";
   const Run g = run("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs 64 --out " + rep.string());
   REQUIRE_MESSAGE(g.code == 0, g.err);
+  CHECK_MESSAGE(g.out.find("capacity factor 1.05 ") != std::string::npos, g.out);  // the factor it routed at
   CHECK(fs::exists(rep.string() + ".svg"));
   CHECK(fs::exists(rep.string() + ".json"));
   expect_failure("train --preset tiny --data synthetic --batch 1 --steps 2 --out " + (scratch() / "c").string(), "--batch must be at least 2");

@@ -129,8 +129,7 @@ int run(const std::vector<std::string>& argv) {
 
   // Table.
   std::printf("routing on %s, %lld pairs, capacity factor %.2f (images and texts share groups, no noise)\n",
-              test.name().c_str(), static_cast<long long>(blocks.empty() ? 0 : blocks[0].tokens[0] / cfg.num_patches()),
-              cfg.router.capacity_factor_eval);
+              test.name().c_str(), static_cast<long long>(blocks.empty() ? 0 : blocks[0].tokens[0] / cfg.num_patches()), cf);
   for (const auto& b : blocks) {
     std::printf("block %d: drop img %.2f%% txt %.2f%% | local entropy img %.3f txt %.3f | global entropy img %.3f txt %.3f | experts used %d/%d\n",
                 b.block, 100 * b.drop_rate(0), 100 * b.drop_rate(1), b.local_entropy[0], b.local_entropy[1],
