@@ -261,14 +261,15 @@ std::string accuracy_svg(const std::vector<Arm>& arms, const std::vector<std::st
 
 // Left: per arm and MoE block, image and text drop rates (mean over seeds). Right: every expert's image share
 // (all seeds), with the 10% / 90% lines of modality specialisation.
-std::string routing_svg(const std::vector<Arm>& arms, const std::string& title) {
-  std::vector<std::pair<const Arm*, std::vector<BlockRouting>>> rows;
+// routing[i]: routing_of(arms[i]).
+std::string routing_svg(const std::vector<Arm>& arms, const std::vector<std::vector<BlockRouting>>& routing,
+                        const std::string& title) {
+  std::vector<std::pair<const Arm*, const std::vector<BlockRouting>*>> rows;
   std::size_t columns = 0;
-  for (const auto& a : arms) {
-    auto r = routing_of(a);
-    if (r.empty()) continue;
-    columns += r.size();
-    rows.emplace_back(&a, std::move(r));
+  for (std::size_t i = 0; i < arms.size(); ++i) {
+    if (routing[i].empty()) continue;
+    columns += routing[i].size();
+    rows.emplace_back(&arms[i], &routing[i]);
   }
   const int cw = 46, h = 200, y0 = 40, x0 = 60;
   const int pw = x0 + cw * static_cast<int>(columns) + 40 + 20 * static_cast<int>(rows.size());
@@ -280,7 +281,7 @@ std::string routing_svg(const std::vector<Arm>& arms, const std::string& title) 
     << "<text x=\"" << pw + x0 << "\" y=\"34\" font-size=\"12\">experts' image share (every seed; lines at 0.1, 0.9)</text>\n";
   double top = 0.05;
   for (const auto& [a, r] : rows)
-    for (const auto& b : r) top = std::max({top, b.drop_img, b.drop_txt});
+    for (const auto& b : *r) top = std::max({top, b.drop_img, b.drop_txt});
   for (int panel = 0; panel < 2; ++panel) {
     const int px = panel * pw + x0;
     const double ymax = panel == 0 ? top * 1.1 : 1.0;
@@ -298,7 +299,7 @@ std::string routing_svg(const std::vector<Arm>& arms, const std::string& title) 
     int c = 0, gap = 0;
     for (const auto& [a, r] : rows) {
       const int first = px + 10 + cw * c + 20 * gap;
-      for (const auto& b : r) {
+      for (const auto& b : *r) {
         const int cx = px + 10 + cw * c + 20 * gap;
         if (panel == 0) {
           s << "<rect x=\"" << cx << "\" y=\"" << Y(b.drop_img) << "\" width=\"16\" height=\"" << Y(0) - Y(b.drop_img)
@@ -413,18 +414,21 @@ int run(const std::vector<std::string>& argv) {
     jd.push_back(row);
   }
   js["paired_differences"] = jd;
+  std::vector<std::vector<BlockRouting>> routing;  // per arm, computed once
+  for (const auto& a : arms) routing.push_back(routing_of(a));
   js["routing"] = nlohmann::json::object();
-  for (const auto& a : arms)
-    for (const auto& b : routing_of(a))
-      js["routing"][a.name].push_back({{"block", b.block}, {"experts", b.experts}, {"drop_img", b.drop_img},
+  for (std::size_t i = 0; i < arms.size(); ++i)
+    for (const auto& b : routing[i])
+      js["routing"][arms[i].name].push_back({{"block", b.block}, {"experts", b.experts}, {"drop_img", b.drop_img},
                                        {"drop_txt", b.drop_txt}, {"text_effective_experts", b.txt_eff},
                                        {"image_specialised", b.spec_img}, {"text_specialised", b.spec_txt},
                                        {"balanced_image_specialised", b.bal_img},
                                        {"balanced_text_specialised", b.bal_txt}});
 
   bool any_routing = false;
-  for (const auto& a : arms) {
-    const auto r = routing_of(a);
+  for (std::size_t i = 0; i < arms.size(); ++i) {
+    const Arm& a = arms[i];
+    const auto& r = routing[i];
     if (r.empty()) continue;
     if (!any_routing)
       md << "\n## Routing per MoE block (evaluation pairs routed as in training; mean over seeds)\n\n"
@@ -448,7 +452,7 @@ int run(const std::vector<std::string>& argv) {
   for (const auto& k : kPictureKeys)
     if (std::find_if(cols.begin(), cols.end(), [&](const Metric* m) { return k == m->key; }) != cols.end()) pic.push_back(k);
   write_text(dir / "accuracy.svg", accuracy_svg(arms, pic, title));
-  if (any_routing) write_text(dir / "routing.svg", routing_svg(arms, title));
+  if (any_routing) write_text(dir / "routing.svg", routing_svg(arms, routing, title));
   write_text(dir / "report.json", js.dump(1) + "\n");
   write_text(dir / "report.md", md.str());
   std::cout << md.str();
