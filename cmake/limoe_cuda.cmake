@@ -37,6 +37,7 @@ if(LIMOE_WITH_CUDA)
   message(STATUS "limoe: CUDA ${CMAKE_CUDA_COMPILER_VERSION}, architectures ${CMAKE_CUDA_ARCHITECTURES}")
 
   add_library(limoe_cuda STATIC
+    ${PROJECT_SOURCE_DIR}/src/cuda/backend.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/device.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/math.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/rows.cu
@@ -56,10 +57,17 @@ if(LIMOE_WITH_CUDA)
     target_compile_options(limoe_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20>)
   endif()
   target_include_directories(limoe_cuda PRIVATE ${PROJECT_SOURCE_DIR}/src/cuda)
-  # Users get the CPU library (limoe/core/error.hpp for limoe::Error) and the static CUDA runtime; they need
-  # neither nvcc nor the CUDA language enabled, only the toolkit's libraries (find_dependency(CUDAToolkit)).
-  target_link_libraries(limoe_cuda PUBLIC limoe_library PRIVATE CUDA::cudart_static)
+  # Users get the CPU library (limoe/core/error.hpp for limoe::Error), the static CUDA runtime and cuBLAS (the
+  # backend's products); they need neither nvcc nor the CUDA language enabled, only the toolkit's libraries
+  # (find_dependency(CUDAToolkit)).
+  target_link_libraries(limoe_cuda PUBLIC limoe_library CUDA::cublas PRIVATE CUDA::cudart_static)
   if(LIMOE_TOP_LEVEL)
     target_compile_options(limoe_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
   endif()
+endif()
+
+# The GPU benchmark (bench/cuda/): built with the project's own targets, run by scripts/gpu-check.
+if(LIMOE_WITH_CUDA AND LIMOE_TOP_LEVEL)
+  add_executable(bench_cuda_moe ${PROJECT_SOURCE_DIR}/bench/cuda/bench_cuda_moe.cpp)
+  target_link_libraries(bench_cuda_moe PRIVATE limoe::cuda limoe_project_flags)
 endif()

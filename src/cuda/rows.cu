@@ -6,25 +6,16 @@
 #include <utility>
 
 #include "check.cuh"
-#include "kernels/moe.cuh"
 #include "kernels/optimizer.cuh"
 #include "kernels/rows.cuh"
 #include "limoe/cuda.hpp"
 
 namespace limoe::cuda {
 
-// The MoE data-movement, softmax and optimizer kernels, compiled for the device here (the CUDA backend's ops will launch them; the
-// tests run them on the CPU through tests/support/cuda_emu.hpp).
-template __global__ void kernels::dispatch_forward<float>(const std::int64_t*, std::int64_t, std::int64_t, const float*, float*);
-template __global__ void kernels::dispatch_backward<float>(const std::int64_t*, std::int64_t, int, std::int64_t, const float*, float*);
-template __global__ void kernels::combine_forward<float>(const std::int64_t*, const std::int32_t*, const float*, std::int64_t, int,
-                                                         int, std::int64_t, const float*, float*);
+// The optimizer kernels, compiled for the device here until the backend's optimizer launches them (the tests
+// run them on the CPU through tests/support/cuda_emu.hpp).
 template __global__ void kernels::sum_squares_partial<256>(const float*, std::int64_t, float*);
 template __global__ void kernels::sum_squares_final<256>(const float*, int, float*);
-template __global__ void kernels::softmax_forward<128>(const float*, std::int64_t, float, const std::uint8_t*, float*);
-template __global__ void kernels::softmax_backward<128>(const float*, const float*, std::int64_t, float*);
-template __global__ void kernels::combine_backward<128>(const std::int64_t*, const std::int64_t*, const std::int32_t*, const float*,
-                                                        int, std::int64_t, const float*, const float*, float*, float*);
 
 LayerNormRows layernorm_rows(std::span<const float> x, std::span<const float> g, std::span<const float> b,
                              std::span<const float> dy, std::int64_t D, float eps, int device) {

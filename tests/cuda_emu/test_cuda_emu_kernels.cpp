@@ -40,11 +40,11 @@ void check_layernorm(index_t R, index_t D, std::uint64_t seed) {
   Tensor<float> y(Shape{R, D}), mean(Shape{R}), rstd(Shape{R}), dx(Shape{R, D}), dg(Shape{D}, 0.5f), db(Shape{D}, 0.5f);
   Tensor<float> y_ref(Shape{R, D}), mean_ref(Shape{R}), rstd_ref(Shape{R}), dx_ref(Shape{R, D}), dg_ref(Shape{D}, 0.5f),
       db_ref(Shape{D}, 0.5f);
-  emu::launch(dim3(static_cast<unsigned>(R)), dim3(kThreads), k::layernorm_forward<kThreads>, x.data(), g.data(),
+  emu::launch(dim3(static_cast<unsigned>(R)), dim3(kThreads), k::layernorm_forward<kThreads, float>, x.data(), g.data(),
               b.data(), 1e-6f, D, y.data(), mean.data(), rstd.data());
-  emu::launch(dim3(static_cast<unsigned>(R)), dim3(kThreads), k::layernorm_backward_input<kThreads>, x.data(), g.data(),
+  emu::launch(dim3(static_cast<unsigned>(R)), dim3(kThreads), k::layernorm_backward_input<kThreads, float>, x.data(), g.data(),
               mean.data(), rstd.data(), dy.data(), D, dx.data());
-  emu::launch(dim3(static_cast<unsigned>((D + 31) / 32)), dim3(32), k::layernorm_backward_params, x.data(),
+  emu::launch(dim3(static_cast<unsigned>((D + 31) / 32)), dim3(32), k::layernorm_backward_params<float>, x.data(),
               mean.data(), rstd.data(), dy.data(), R, D, dg.data(), db.data());
   O::layernorm_forward(x.cview(), g.cview(), b.cview(), 1e-6f, y_ref.view(), mean_ref.view(), rstd_ref.view());
   O::layernorm_backward(x.cview(), g.cview(), mean_ref.cview(), rstd_ref.cview(), dy.cview(), dx_ref.view(),
@@ -74,12 +74,12 @@ TEST_CASE("cuda kernels on the CPU: bias + GELU and the GELU backward against Re
     const auto dy = testing::randn<float>(Shape{R, M}, 9);
     Tensor<float> pre = pre0, y(Shape{R, M}), pre_ref = pre0, y_ref(Shape{R, M});
     // 3 blocks of 32 threads for 333 elements: the grid-stride loop runs several rounds.
-    emu::launch(dim3(3), dim3(32), k::bias_gelu_forward, kind, b.data(), R * M, M, pre.data(), y.data());
+    emu::launch(dim3(3), dim3(32), k::bias_gelu_forward<float>, kind, b.data(), R * M, M, pre.data(), y.data());
     O::bias_gelu_forward(kind, b.cview(), pre_ref.view(), y_ref.view());
     CHECK(max_rel(pre.cview(), pre_ref.cview()) == 0);
     CHECK(max_rel(y.cview(), y_ref.cview()) < 1e-6);
     Tensor<float> dx(Shape{R, M}), dx_ref(Shape{R, M});
-    emu::launch(dim3(2), dim3(64), k::gelu_backward, kind, pre.data(), dy.data(), R * M, dx.data());
+    emu::launch(dim3(2), dim3(64), k::gelu_backward<float>, kind, pre.data(), dy.data(), R * M, dx.data());
     O::gelu_backward(kind, pre_ref.cview(), dy.cview(), dx_ref.view());
     CHECK(max_rel(dx.cview(), dx_ref.cview()) < 1e-6);
   }
@@ -95,8 +95,8 @@ TEST_CASE("cuda kernels on the CPU: the masked, scaled softmax of rows and its b
     CAPTURE(masked);
     const std::uint8_t* m = masked ? mask.data() : nullptr;
     Tensor<float> y(Shape{R, n}), y_ref(Shape{R, n}), dx(Shape{R, n}), dx_ref(Shape{R, n});
-    emu::launch(dim3(static_cast<unsigned>(R)), dim3(16), k::softmax_forward<16>, x.data(), n, 0.7f, m, y.data());
-    emu::launch(dim3(static_cast<unsigned>(R)), dim3(32), k::softmax_backward<32>, y.data(), dy.data(), n, dx.data());
+    emu::launch(dim3(static_cast<unsigned>(R)), dim3(16), k::softmax_forward<16, float>, x.data(), n, 0.7f, m, index_t{1}, y.data());
+    emu::launch(dim3(static_cast<unsigned>(R)), dim3(32), k::softmax_backward<32, float>, y.data(), dy.data(), n, dx.data());
     for (index_t r = 0; r < R; ++r) {
       math::softmax_row(x.data() + r * n, n, y_ref.data() + r * n, 0.7f, m ? m + r * n : nullptr);
       math::softmax_row_backward(y_ref.data() + r * n, dy.data() + r * n, n, dx_ref.data() + r * n);
@@ -190,7 +190,7 @@ TEST_CASE("cuda kernels on the CPU: MoE dispatch and combine over a plan, forwar
   emu::launch(dim3(3), dim3(32), k::dispatch_forward<float>, plan.row_token.data(), A, D, x.data(), xe.data());
   emu::launch(dim3(2), dim3(64), k::combine_forward<float>, plan.slot_row.data(), route.data(), gates.data(), N, E, K,
               D, ye.data(), y.data());
-  emu::launch(dim3(static_cast<unsigned>(A)), dim3(16), k::combine_backward<16>, plan.row_token.data(),
+  emu::launch(dim3(static_cast<unsigned>(A)), dim3(16), k::combine_backward<16, float>, plan.row_token.data(),
               plan.row_slot.data(), route.data(), gates.data(), E, D, ye.data(), dy.data(), dye.data(), dgate.data());
   emu::launch(dim3(4), dim3(32), k::dispatch_backward<float>, plan.slot_row.data(), N, K, D, dxe.data(), dx.data());
   O::dispatch_forward(plan, x.cview(), xe_ref.view());

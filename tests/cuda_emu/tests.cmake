@@ -1,20 +1,25 @@
 # The CUDA backend's kernels on the CPU (label "cuda"; no GPU and no nvcc needed): the kernel sources of
 # src/cuda/kernels/ compiled by the host compiler through tests/support/cuda_emu.hpp and compared with the Ref
 # backend; built twice, the second time with ThreadSanitizer, so a missing __syncthreads is a reported race.
+# test_cuda_emu_backend: the CUDA backend's whole op table (src/cuda/backend/) through the backend harness's
+# cases, against Ref; its TSan build runs float and one seed (LIMOE_HARNESS_QUICK).
 foreach(variant IN ITEMS plain tsan)
-  set(name test_cuda_emu_kernels)
+ foreach(what IN ITEMS kernels backend)
+  set(name test_cuda_emu_${what})
   if(variant STREQUAL "tsan")
-    set(name test_cuda_emu_kernels_tsan)
+    set(name test_cuda_emu_${what}_tsan)
   endif()
-  add_executable(${name} ${CMAKE_CURRENT_SOURCE_DIR}/cuda_emu/test_cuda_emu_kernels.cpp
+  add_executable(${name} ${CMAKE_CURRENT_SOURCE_DIR}/cuda_emu/test_cuda_emu_${what}.cpp
                          ${CMAKE_CURRENT_SOURCE_DIR}/support/doctest_main.cpp)
   target_link_libraries(${name} PRIVATE limoe::limoe limoe_project_flags doctest::doctest)
   target_include_directories(${name} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)
   if(variant STREQUAL "tsan")
     target_compile_options(${name} PRIVATE -fsanitize=thread -O1 -g)
+    target_compile_definitions(${name} PRIVATE LIMOE_HARNESS_QUICK=1)
     target_link_options(${name} PRIVATE -fsanitize=thread)
   endif()
   add_test(NAME ${name} COMMAND ${name})
   set_tests_properties(${name} PROPERTIES LABELS "cuda" TIMEOUT 300 SKIP_RETURN_CODE 77
                        ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1 exitcode=66")
+ endforeach()
 endforeach()

@@ -3,17 +3,24 @@
 //
 // The same `__global__` function templates that nvcc compiles into limoe_cuda (src/cuda/kernels/*.cuh) are
 // compiled by g++ with this header included first:
-//   - every CUDA thread is a host thread; `threadIdx`, `blockIdx`, `blockDim`, `gridDim` are thread-local;
-//   - blocks run one after another, the threads of a block all at once, so `__shared__` (a function-local
-//     `static`) is one array per block in flight, as on the device;
+//   - every CUDA thread of a block is a host thread (of a team created once and reused); `threadIdx`,
+//     `blockIdx`, `blockDim`, `gridDim` are thread-local; the team runs the blocks one after another, all of a
+//     block's threads at once, with a barrier between blocks, so `__shared__` (a function-local `static`) is
+//     one array per block in flight, as on the device;
 //   - `__syncthreads()` is a std::barrier over the block's threads: a kernel that reads shared memory another
 //     thread wrote without a barrier between them is a data race that ThreadSanitizer reports (the tests run
 //     under TSan too, see tests/cuda_emu/tests.cmake).
 //   - warp intrinsics are not emulated: the kernels written for both use shared-memory reductions.
 // emu::launch(grid, block, kernel, args...) is the <<<grid, block>>> launch.
+//
+// The CUDA backend's host code (src/cuda/backend/) compiled against this header runs on host memory
+// (LIMOE_CUDA_EMULATION): its kernels launch here, and its cuBLAS products are the plain row-major loops of
+// emu::gemm_batched below, the stand-in for the library the tests cannot call without a GPU.
 #pragma once
 
 #include <barrier>
+#include <condition_variable>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -39,34 +46,118 @@ struct dim3 {
 #define __shared__ static
 #define __restrict__
 
+#define LIMOE_CUDA_EMULATION 1
+
 namespace emu {
 namespace detail {
 inline thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
 inline thread_local std::barrier<>* block_barrier = nullptr;
 }  // namespace detail
 
-// Runs kernel(args...) on grid x block CUDA threads: blocks in order, each block's threads concurrently.
+// The host threads that play CUDA threads: created once and reused by every launch (creating a thread per
+// CUDA thread per launch costs more than the kernels of the tests). Worker i plays threadIdx i of a block.
+class ThreadTeam {
+ public:
+  static ThreadTeam& instance() {
+    static ThreadTeam team;
+    return team;
+  }
+  // Runs body(i) on workers 0..n-1 concurrently and returns when all have finished.
+  void run(unsigned n, const std::function<void(unsigned)>& body) {
+    std::unique_lock lock(mutex_);
+    while (workers_.size() < n) {
+      const auto id = static_cast<unsigned>(workers_.size());
+      workers_.emplace_back([this, id] { work(id); });
+    }
+    body_ = &body;
+    active_ = n;
+    remaining_ = n;
+    ++generation_;
+    wake_.notify_all();
+    done_.wait(lock, [this] { return remaining_ == 0; });
+    body_ = nullptr;
+  }
+  ~ThreadTeam() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+      ++generation_;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+ private:
+  void work(unsigned id) {
+    std::uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(unsigned)>* body = nullptr;
+      {
+        std::unique_lock lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+        if (id >= active_) continue;
+        body = body_;
+      }
+      (*body)(id);
+      std::lock_guard lock(mutex_);
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)>* body_ = nullptr;
+  std::uint64_t generation_ = 0;
+  unsigned active_ = 0, remaining_ = 0;
+  bool stop_ = false;
+};
+
+// Runs kernel(args...) on grid x block CUDA threads: block-size host threads of the team run the blocks in
+// order, each block's threads concurrently, with a barrier after each block (so no thread starts writing the
+// next block's shared memory while another still reads this block's).
 template <class Kernel, class... Args>
 void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || threads > 1024) throw std::invalid_argument("emu::launch: " + std::to_string(threads) + " threads per block");
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
-        std::vector<std::thread> team;
-        team.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-          team.emplace_back([&, t] {
-            detail::thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            detail::block_idx = dim3(bx, by, bz);
-            detail::block_dim = block;
-            detail::grid_dim = grid;
-            detail::block_barrier = &barrier;
-            kernel(args...);
-          });
-        for (auto& th : team) th.join();
+  const unsigned long long blocks = static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
+  if (blocks == 0) return;
+  std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
+  const std::function<void(unsigned)> body = [&](unsigned t) {
+    detail::thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    detail::block_dim = block;
+    detail::grid_dim = grid;
+    detail::block_barrier = &barrier;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          detail::block_idx = dim3(bx, by, bz);
+          kernel(args...);
+          barrier.arrive_and_wait();
+        }
+  };
+  ThreadTeam::instance().run(threads, body);
+}
+
+// The stand-in for cuBLAS's (strided-batched) products, row-major like limoe::gemm: for each i < batch,
+// C_i[M, N] = alpha op(A_i)[M, K] op(B_i)[K, N] + beta C_i (beta = 0 ignores C_i's old values), op = transpose
+// when the flag is set; A_i = A + i * sa and so on. Accumulates in T, k in order.
+template <class T>
+void gemm_batched(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha, const T* A,
+                  std::int64_t lda, std::int64_t sa, const T* B, std::int64_t ldb, std::int64_t sb, T beta, T* C,
+                  std::int64_t ldc, std::int64_t sc, std::int64_t batch) {
+  for (std::int64_t i = 0; i < batch; ++i) {
+    const T* a = A + i * sa;
+    const T* b = B + i * sb;
+    T* c = C + i * sc;
+    for (std::int64_t m = 0; m < M; ++m)
+      for (std::int64_t n = 0; n < N; ++n) {
+        T acc = 0;
+        for (std::int64_t k = 0; k < K; ++k) acc += (ta ? a[k * lda + m] : a[m * lda + k]) * (tb ? b[n * ldb + k] : b[k * ldb + n]);
+        c[m * ldc + n] = beta == T(0) ? alpha * acc : alpha * acc + beta * c[m * ldc + n];
       }
+  }
 }
 }  // namespace emu
 

@@ -3,7 +3,7 @@
 //
 //   Ref   the naive reference: plain loops in the op's own words, one thread, no tiling. Slow; the yardstick.
 //   Cpu   the CPU fast path: Eigen products, oneTBB threads, fixed chunking (results independent of threads).
-//   Cuda  (the CUDA backend adds it, with a device memory space)
+//   Cuda  the CUDA backend (backend/cuda.hpp): kernels and cuBLAS on device memory
 //
 // The model, its blocks and the MoE layer are generic over the backend: Limoe<T, Router, Losses, Cpu> and the
 // same with Ref differ only in which functions run. This header is light (no kernels): configs and user code

@@ -28,74 +28,15 @@
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/gelu.hpp"
+#include "limoe/moe/plan.hpp"
 #include "limoe/ops/gelu.hpp"
 
 namespace limoe::moe {
 
-// Expert weights of one layer (docs/cli.md shapes): fc1 [E, M, D] / [E, M], fc2 [E, D, M] / [E, D].
-template <class T>
-struct ExpertWeights {
-  CView<T> fc1_w, fc1_b, fc2_w, fc2_b;
-};
-template <class T>
-struct ExpertGrads {
-  View<T> fc1_w, fc1_b, fc2_w, fc2_b;  // accumulated; an empty view is skipped
-};
-
-// Which accepted (token, choice) lands in which row of which expert's block.
-struct DispatchPlan {
-  index_t N = 0, A = 0;  // tokens, accepted choices (= rows)
-  int E = 0, K = 0;
-  Tensor<index_t> offsets;    // [E + 1]: expert e owns rows [offsets[e], offsets[e + 1])
-  Tensor<index_t> row_token;  // [A]
-  Tensor<index_t> row_slot;   // [A]: the choice slot t * K + k of each row
-  Tensor<index_t> slot_row;   // [N * K]: the row of each choice slot, -1 where the choice was dropped
-  index_t rows_of(int e) const { return offsets[e + 1] - offsets[e]; }
-};
-
 namespace detail {
-inline void plan_check(CView<std::int32_t> route, int E) {
-  LIMOE_CHECK(route.rank() == 2 && E >= 1, "make_dispatch_plan: route must be [N, K] and E >= 1, got ",
-              route.shape().str(), ", E = ", E);
-  for (index_t s = 0; s < route.numel(); ++s)
-    LIMOE_CHECK(route[s] >= -1 && route[s] < E, "make_dispatch_plan: route entry ", route[s], " at ", s,
-                " is neither -1 nor an expert in [0, ", E, ")");
-}
-inline void plan_resize(DispatchPlan& p, index_t N, int K, int E, index_t A) {
-  p.N = N, p.K = K, p.E = E, p.A = A;
-  p.row_token.resize(Shape{A});    // [A]
-  p.row_slot.resize(Shape{A});     // [A]
-  p.slot_row.resize(Shape{N * K}); // [N * K]
-}
-template <class T>
-void dispatch_check(const char* fn, const DispatchPlan& p, CView<T> x, CView<T> xe) {
-  LIMOE_CHECK(x.rank() == 2 && x.dim(0) == p.N, fn, ": x must be [N = ", p.N, ", D], got ", x.shape().str());
-  expect_shape(xe, Shape{p.A, x.dim(1)}, fn);
-}
-template <class T>
-index_t expert_check(const char* fn, const DispatchPlan& p, const ExpertWeights<T>& w, index_t D) {
-  LIMOE_CHECK(w.fc1_w.rank() == 3, fn, ": fc1.weight must be [E, M, D], got ", w.fc1_w.shape().str());
-  const index_t M = w.fc1_w.dim(1);
-  expect_shape(w.fc1_w, Shape{p.E, M, D}, "expert fc1.weight");
-  expect_shape(w.fc1_b, Shape{p.E, M}, "expert fc1.bias");
-  expect_shape(w.fc2_w, Shape{p.E, D, M}, "expert fc2.weight");
-  expect_shape(w.fc2_b, Shape{p.E, D}, "expert fc2.bias");
-  return M;
-}
 inline constexpr index_t kTileRows = 256;  // rows of one expert tile (forward and input gradients)
 inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
 }  // namespace detail
-
-// Reusable work lists of the CPU expert MLP (fixed tiles of the expert blocks; weight-gradient jobs).
-struct ExpertScratch {
-  struct Tile { int e; index_t r0, r1; };
-  struct Job { int e; int what; index_t c0, c1; };
-  std::vector<Tile> tiles;
-  std::vector<Job> jobs;
-  // Bf16Mixed: the backward's bf16 operands of the weight-gradient jobs (dye, h, dh, xe), rounded once per
-  // backward: each job reads a column slice of them, and rounding per job would repeat the work D / 128 times.
-  std::vector<bf16_bits> lo_dye, lo_h, lo_dh, lo_xe;
-};
 
 namespace cpu {
 
@@ -155,7 +96,7 @@ template <class T, PrecisionPolicy Prec = Fp32>
 void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, View<T> hpre,
                         View<T> h, View<T> ye, ExpertScratch& s, const Prec& prec = {}) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
-  const index_t M = detail::expert_check("expert_mlp_forward", p, w, D);
+  const index_t M = detail::expert_check<T>("expert_mlp_forward", p, w, D);
   expect_shape(xe, Shape{p.A, D}, "expert_mlp_forward: xe");
   expect_shape(hpre, Shape{p.A, M}, "expert_mlp_forward: hpre");
   expect_shape(h, Shape{p.A, M}, "expert_mlp_forward: h");
@@ -192,7 +133,7 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
                          CView<T> h, CView<T> dye, View<T> dh, View<T> dxe, const ExpertGrads<T>& g,
                          ExpertScratch& s, const Prec& prec = {}) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
-  const index_t M = detail::expert_check("expert_mlp_backward", p, w, D);
+  const index_t M = detail::expert_check<T>("expert_mlp_backward", p, w, D);
   expect_shape(dye, Shape{p.A, D}, "expert_mlp_backward: dye");
   expect_shape(dh, Shape{p.A, M}, "expert_mlp_backward: dh");
   const bool need_dx = !dxe.empty();
@@ -363,7 +304,7 @@ template <class T, PrecisionPolicy Prec = Fp32>
 void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, View<T> hpre,
                         View<T> h, View<T> ye, ExpertScratch&, const Prec& = {}) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
-  const index_t M = detail::expert_check("ref::expert_mlp_forward", p, w, D);
+  const index_t M = detail::expert_check<T>("ref::expert_mlp_forward", p, w, D);
   for (index_t r = 0; r < p.A; ++r) {
     const index_t e = detail_ref::expert_of_row(p, r);
     for (index_t m = 0; m < M; ++m) {
@@ -385,7 +326,7 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
                          CView<T> h, CView<T> dye, View<T> dh, View<T> dxe, const ExpertGrads<T>& g, ExpertScratch&,
                          const Prec& = {}) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
-  const index_t M = detail::expert_check("ref::expert_mlp_backward", p, w, D);
+  const index_t M = detail::expert_check<T>("ref::expert_mlp_backward", p, w, D);
   for (index_t r = 0; r < p.A; ++r) {
     const index_t e = detail_ref::expert_of_row(p, r);
     for (index_t m = 0; m < M; ++m) {

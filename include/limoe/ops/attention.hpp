@@ -35,80 +35,13 @@
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 #include "limoe/math/softmax.hpp"
 #include "limoe/ops/linear.hpp"
 
 namespace limoe {
 
-// The weights of one attention layer (docs/cli.md `attn.{q,k,v,o}.weight` [D, D] / `.bias` [D]).
-template <class T>
-struct AttentionWeights {
-  CView<T> wq, bq, wk, bk, wv, bv, wo, bo;
-};
-
-// Their gradients (accumulated); an empty view skips that gradient.
-template <class T>
-struct AttentionGrads {
-  View<T> wq, bq, wk, bk, wv, bv, wo, bo;
-};
-
-// What the forward keeps for the backward, plus the backward's scratch. Reuse one cache across calls: the
-// buffers are resized, and keep their storage when the sizes do not grow.
-template <class T>
-struct AttentionCache {
-  Tensor<T> q, k, v;     // [B, Nq, D], [B, Nk, D], [B, Nk, D] projections (with bias)
-  Tensor<T> probs;       // [B, H, Nq, Nk] softmax probabilities (0 at masked keys)
-  Tensor<T> ctx;         // [B, Nq, D] concatenated per-head contexts
-  // Backward scratch.
-  Tensor<T> dctx, dq, dk, dv;  // [B, Nq, D], [B, Nq, D], [B, Nk, D], [B, Nk, D]
-  Tensor<T> dscores;           // [chunks, Nq, Nk] one score gradient per parallel chunk
-
-  // Sizes what a forward fills (every backend's forward calls this: the layout is written once).
-  void size_forward(index_t B, index_t Nq, index_t Nk, index_t D, index_t H) {
-    q.resize(Shape{B, Nq, D});
-    k.resize(Shape{B, Nk, D});
-    v.resize(Shape{B, Nk, D});
-    probs.resize(Shape{B, H, Nq, Nk});
-    ctx.resize(Shape{B, Nq, D});
-  }
-};
-
 namespace detail {
-
-struct AttentionDims {
-  index_t B = 0, Nq = 0, Nk = 0, D = 0, H = 0, Dh = 0;
-};
-
-template <class T>
-AttentionDims attention_check(const char* fn, const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
-                              CView<std::uint8_t> key_mask) {
-  LIMOE_CHECK(xq.rank() == 3, fn, ": xq must be [B, Nq, D], got ", xq.shape().str());
-  LIMOE_CHECK(xkv.rank() == 3, fn, ": xkv must be [B, Nk, D], got ", xkv.shape().str());
-  AttentionDims d;
-  d.B = xq.dim(0);
-  d.Nq = xq.dim(1);
-  d.D = xq.dim(2);
-  d.Nk = xkv.dim(1);
-  LIMOE_CHECK(xkv.dim(0) == d.B && xkv.dim(2) == d.D, fn, ": xkv ", xkv.shape().str(),
-              " must have the batch and width of xq ", xq.shape().str());
-  LIMOE_CHECK(heads >= 1, fn, ": heads must be >= 1, got H=", heads);
-  LIMOE_CHECK(d.D % heads == 0, fn, ": width D=", d.D, " is not divisible by the number of heads H=", heads,
-              "; choose H dividing D");
-  d.H = heads;
-  d.Dh = d.D / heads;
-  const Shape dd{d.D, d.D}, d1{d.D};
-  expect_shape(w.wq, dd, "attention: wq");
-  expect_shape(w.wk, dd, "attention: wk");
-  expect_shape(w.wv, dd, "attention: wv");
-  expect_shape(w.wo, dd, "attention: wo");
-  expect_shape(w.bq, d1, "attention: bq");
-  expect_shape(w.bk, d1, "attention: bk");
-  expect_shape(w.bv, d1, "attention: bv");
-  expect_shape(w.bo, d1, "attention: bo");
-  if (!key_mask.empty()) expect_shape(key_mask, Shape{d.B, d.Nk}, "attention: key_mask");
-  return d;
-}
-
 // Adds the column sums of g[R, C] to acc[C], rows in order (deterministic).
 template <class T>
 void add_column_sums(const T* g, index_t R, index_t C, T* acc) {

@@ -20,33 +20,11 @@
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 
 namespace limoe {
 
-struct ContrastiveResult {
-  double loss = 0;
-  double accuracy_i2t = 0;  // fraction of images whose best text is their own
-  double accuracy_t2i = 0;  // fraction of texts whose best image is their own
-  double scale = 0;         // the temperature t actually used (after the clamp)
-};
-
 namespace detail {
-template <class T>
-index_t contrastive_check(const char* fn, CView<T> zi, CView<T> zt, CView<T> logits) {
-  LIMOE_CHECK(zi.rank() == 2 && zi.dim(0) > 0, fn, ": zi must be [n, P] with n > 0, got ", zi.shape().str());
-  expect_shape(zt, zi.shape(), "contrastive: zt (must match zi)");
-  const index_t n = zi.dim(0);
-  expect_shape(logits, Shape{n, n}, "contrastive: logits");
-  return n;
-}
-// The temperature and whether the clamp is active.
-template <class T>
-std::pair<T, bool> contrastive_scale(T theta, T max_scale) {
-  const T t = std::exp(theta);
-  if (max_scale > T(0) && t > max_scale) return {max_scale, true};
-  return {t, false};
-}
-
 // Per-column max and sum of exp(logit - max) (and the first argmax), over column blocks in parallel so the
 // row-major matrix is read row by row.
 template <class T>

@@ -15,29 +15,12 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 #include "limoe/ops/linear.hpp"
 
 namespace limoe {
-namespace detail {
-struct PatchGeom {
-  index_t B, H, W, C, P, nh, nw, N, F;  // F = P * P * C
-};
-template <class T>
-PatchGeom patch_geom(const char* fn, CView<T> images, int P) {
-  LIMOE_CHECK(images.rank() == 4, fn, ": images must be [B, H, W, C], got ", images.shape().str());
-  LIMOE_CHECK(P > 0, fn, ": patch size must be positive, got ", P);
-  PatchGeom g{images.dim(0), images.dim(1), images.dim(2), images.dim(3), P, 0, 0, 0, 0};
-  LIMOE_CHECK(g.H % P == 0 && g.W % P == 0, fn, ": image height and width ", g.H, "x", g.W,
-              " must be divisible by the patch size ", P, " (images ", images.shape().str(),
-              "); resize or crop the images, or choose a patch size that divides both");
-  g.nh = g.H / P;
-  g.nw = g.W / P;
-  g.N = g.nh * g.nw;
-  g.F = index_t{P} * P * g.C;
-  return g;
-}
-inline Shape patch_shape(const PatchGeom& g) { return Shape{g.B, g.N, g.F}; }
 
+namespace detail {
 // Copies between images and patches in either direction (to_patches: images -> patches).
 template <class T, class Src, class Dst>
 void patch_copy(const PatchGeom& g, Src src, Dst dst, bool to_patches) {
@@ -53,21 +36,6 @@ void patch_copy(const PatchGeom& g, Src src, Dst dst, bool to_patches) {
       }
     }
   });
-}
-
-template <class T>
-void token_check(const char* fn, CView<std::int32_t> ids, index_t D, CView<T> pos, const Shape& y, const char* yname) {
-  LIMOE_CHECK(ids.rank() >= 1, fn, ": ids must be [B, T] or [T], got ", ids.shape().str());
-  LIMOE_CHECK(y.rank() == ids.rank() + 1 && y.back() == D && y.numel() == ids.numel() * D, fn, ": ", yname, " ",
-              y.str(), " must be ids ", ids.shape().str(), " plus the width D = ", D);
-  const index_t T_ = ids.shape().back();
-  LIMOE_CHECK(pos.empty() || (pos.rank() == 2 && pos.dim(1) == D && pos.dim(0) >= T_), fn, ": pos ",
-              pos.shape().str(), " must be [L >= ", T_, ", ", D, "] (or empty)");
-}
-
-[[noreturn]] inline void bad_token(const char* fn, std::int32_t id, index_t at, index_t T_, index_t V) {
-  fail(fn, ": token id ", id, " at position ", at % T_, " of sequence ", at / T_, " is outside the vocabulary [0, ",
-       V, "); check the tokenizer's vocabulary size against the model config");
 }
 }  // namespace detail
 

@@ -19,6 +19,7 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 #include "limoe/math/gelu.hpp"
 
 namespace limoe {
@@ -37,11 +38,6 @@ struct NormalCdf<V, std::enable_if_t<std::is_base_of_v<Eigen::ArrayBase<V>, V>>>
 }  // namespace math
 
 namespace detail {
-template <class T>
-void gelu_check_like(const char* fn, const char* what, CView<T> v, CView<T> x) {
-  LIMOE_CHECK((!v.empty() || x.numel() == 0) && v.numel() == x.numel(), fn, ": ", what, " ", v.shape().str(), " must have as many elements as x ",
-              x.shape().str());
-}
 inline constexpr index_t kGeluGrain = 16384;
 
 // y[0, n) = gelu(x[0, n)). float: Eigen's vectorised erf / tanh / exp; double keeps the scalar library

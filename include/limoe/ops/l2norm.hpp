@@ -13,23 +13,9 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 
 namespace limoe {
-
-inline constexpr double kL2NormEps = 1e-8;
-
-namespace detail {
-template <class T>
-index_t l2norm_check(const char* fn, CView<T> u, CView<T> z, CView<T> norms) {
-  LIMOE_CHECK(u.rank() >= 1 && u.shape().back() > 0, fn, ": u ", u.shape().str(),
-              " must have a non-empty last dimension");
-  const index_t R = u.numel() / u.shape().back();
-  LIMOE_CHECK(!z.empty() && z.numel() == u.numel() && z.rank() >= 1 && z.shape().back() == u.shape().back(), fn, ": z ",
-              z.shape().str(), " must match u ", u.shape().str());
-  LIMOE_CHECK(!norms.empty() && norms.numel() == R, fn, ": norms ", norms.shape().str(), " must hold one value per row (", R, ")");
-  return R;
-}
-}  // namespace detail
 
 namespace cpu {
 

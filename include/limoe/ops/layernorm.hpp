@@ -18,30 +18,10 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 #include "limoe/math/layernorm.hpp"
 
 namespace limoe {
-namespace detail {
-template <class T>
-index_t layernorm_check(const char* fn, CView<T> x, CView<T> g, CView<T> b) {
-  const index_t D = g.numel();
-  LIMOE_CHECK(g.rank() == 1 && D > 0, fn, ": g must be [D] with D > 0, got ", g.shape().str());
-  LIMOE_CHECK(x.rank() >= 1 && x.shape().back() == D, fn, ": x ", x.shape().str(), " must end in D = ", D,
-              " (g is ", g.shape().str(), ")");
-  LIMOE_CHECK(b.empty() || b.shape() == g.shape(), fn, ": b ", b.shape().str(), " must match g ", g.shape().str());
-  return x.numel() / D;
-}
-template <class T>
-void layernorm_check_rows(const char* fn, const char* what, CView<T> v, index_t R) {
-  LIMOE_CHECK(!v.empty() && v.numel() == R, fn, ": ", what, " ", v.shape().str(), " must hold one value per row (", R, ")");
-}
-template <class T>
-void layernorm_check_like(const char* fn, const char* what, CView<T> v, CView<T> x) {
-  LIMOE_CHECK(v.numel() == x.numel() && v.rank() >= 1 && v.shape().back() == x.shape().back(), fn, ": ", what, " ",
-              v.shape().str(), " must match x ", x.shape().str());
-}
-}  // namespace detail
-
 namespace cpu {
 
 template <class T>

@@ -17,25 +17,9 @@
 #include "limoe/core/precision.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 
 namespace limoe {
-namespace detail {
-// Checks the shapes of a linear layer and returns the row count R.
-template <class T>
-index_t linear_check(const char* fn, CView<T> x, CView<T> W, CView<T> b, const Shape& y, const char* yname) {
-  LIMOE_CHECK(W.rank() == 2, fn, ": W must be [O, I], got ", W.shape().str());
-  const index_t O = W.dim(0), I = W.dim(1);
-  LIMOE_CHECK(x.rank() >= 1 && x.shape().back() == I, fn, ": x ", x.shape().str(), " must end in I = ", I,
-              " (W is ", W.shape().str(), ")");
-  const index_t R = I > 0 ? x.numel() / I : 0;
-  LIMOE_CHECK(y.rank() >= 1 && y.back() == O && y.numel() == R * O, fn, ": ", yname, " ", y.str(),
-              " must hold ", R, " rows of O = ", O, " (x is ", x.shape().str(), ", W is ", W.shape().str(), ")");
-  LIMOE_CHECK(b.empty() || b.numel() == O, fn, ": bias ", b.shape().str(), " must have O = ", O,
-              " elements (or be empty for no bias)");
-  return R;
-}
-}  // namespace detail
-
 namespace cpu {
 
 // y[R, O] = x[R, I] W[O, I]^T + b[O].

@@ -24,105 +24,13 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 #include "limoe/ops/attention.hpp"
 #include "limoe/ops/gelu.hpp"
 #include "limoe/ops/layernorm.hpp"
 #include "limoe/ops/linear.hpp"
 
 namespace limoe {
-
-// The weights of a `map` head. fc1_w [M, D], fc1_b [M], fc2_w [D, M], fc2_b [D], the rest [D] or [D, D].
-template <class T>
-struct MapHeadWeights {
-  CView<T> probe;              // [D]
-  AttentionWeights<T> attn;    // q/k/v/o [D, D] / [D]
-  CView<T> ln_g, ln_b;         // [D]
-  CView<T> fc1_w, fc1_b;       // [M, D], [M]
-  CView<T> fc2_w, fc2_b;       // [D, M], [D]
-};
-
-// Their gradients (accumulated; an empty view skips it).
-template <class T>
-struct MapHeadGrads {
-  View<T> probe;
-  AttentionGrads<T> attn;
-  View<T> ln_g, ln_b, fc1_w, fc1_b, fc2_w, fc2_b;
-};
-
-// Activations for the backward and its scratch; reuse across calls (buffers keep their storage).
-template <class T>
-struct MapHeadCache {
-  Tensor<T> query;            // [B, 1, D] the probe repeated per example (the attention's xq)
-  Tensor<T> u;                // [B, 1, D] attention output
-  Tensor<T> ln, mean, rstd;   // [B, D], [B], [B]
-  Tensor<T> h, a;             // [B, M] fc1 output before / after GELU
-  AttentionCache<T> attn;
-  Tensor<T> da, dln, du, dquery;  // [B, M], [B, D], [B, 1, D], [B, 1, D] backward scratch
-
-  // Sizes what a forward fills and sets the query to the probe per example (every backend's forward).
-  void start_forward(CView<T> probe, index_t B, index_t D, index_t M) {
-    query.resize(Shape{B, 1, D});
-    u.resize(Shape{B, 1, D});
-    ln.resize(Shape{B, D});
-    mean.resize(Shape{B});
-    rstd.resize(Shape{B});
-    h.resize(Shape{B, M});
-    a.resize(Shape{B, M});
-    for (index_t b = 0; b < B; ++b) std::copy(probe.data(), probe.data() + D, query.data() + b * D);
-  }
-};
-
-namespace detail {
-
-template <class T>
-void pool_check(const char* fn, Pooling kind, CView<T> x_or_dx, CView<std::uint8_t> key_mask, CView<T> y_or_dy) {
-  LIMOE_CHECK(kind != Pooling::Map, fn, ": map pooling has weights; call map_head_forward/backward instead");
-  LIMOE_CHECK(x_or_dx.rank() == 3, fn, ": tokens must be [B, N, D], got ", x_or_dx.shape().str());
-  const index_t B = x_or_dx.dim(0), N = x_or_dx.dim(1), D = x_or_dx.dim(2);
-  expect_shape(y_or_dy, Shape{B, D}, fn);
-  LIMOE_CHECK(kind == Pooling::Gap || N >= 1, fn, ": ", pooling_name(kind), " pooling needs N >= 1 tokens, got ",
-              x_or_dx.shape().str());
-  if (!key_mask.empty()) expect_shape(key_mask, Shape{B, N}, "pooling: key_mask");
-}
-
-// The token `last` pooling reads in row b: the last unmasked one, N-1 without a mask or when all are masked.
-inline index_t last_position(CView<std::uint8_t> key_mask, index_t b, index_t N) {
-  if (!key_mask.empty())
-    for (index_t n = N - 1; n >= 0; --n)
-      if (key_mask[b * N + n]) return n;
-  return N - 1;
-}
-
-// Number of attended tokens of row b (N without a mask).
-inline index_t pool_count(CView<std::uint8_t> key_mask, index_t b, index_t N) {
-  if (key_mask.empty()) return N;
-  index_t c = 0;
-  for (index_t n = 0; n < N; ++n) c += key_mask[b * N + n] != 0;
-  return c;
-}
-
-template <class T>
-struct MapDims {
-  index_t B, N, D, M;
-};
-
-template <class T>
-MapDims<T> map_head_check(const char* fn, const MapHeadWeights<T>& w, CView<T> x) {
-  LIMOE_CHECK(x.rank() == 3, fn, ": x must be [B, N, D], got ", x.shape().str());
-  const index_t B = x.dim(0), N = x.dim(1), D = x.dim(2);
-  LIMOE_CHECK(w.fc1_w.rank() == 2, fn, ": fc1_w must be [M, D], got ", w.fc1_w.shape().str());
-  const index_t M = w.fc1_w.dim(0);
-  expect_shape(w.probe, Shape{D}, "map_head: probe");
-  expect_shape(w.ln_g, Shape{D}, "map_head: ln_g");
-  expect_shape(w.ln_b, Shape{D}, "map_head: ln_b");
-  expect_shape(w.fc1_w, Shape{M, D}, "map_head: fc1_w");
-  expect_shape(w.fc1_b, Shape{M}, "map_head: fc1_b");
-  expect_shape(w.fc2_w, Shape{D, M}, "map_head: fc2_w");
-  expect_shape(w.fc2_b, Shape{D}, "map_head: fc2_b");
-  return {B, N, D, M};
-}
-
-}  // namespace detail
 
 namespace cpu {
 

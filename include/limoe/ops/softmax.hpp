@@ -13,20 +13,10 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
 #include "limoe/math/softmax.hpp"
 
 namespace limoe {
-namespace detail {
-template <class T>
-index_t softmax_check(const char* fn, const char* what, CView<T> v, CView<T> x) {
-  LIMOE_CHECK(x.rank() >= 1 && x.shape().back() > 0, fn, ": input ", x.shape().str(),
-              " must have a non-empty last dimension");
-  LIMOE_CHECK(v.numel() == x.numel() && v.rank() >= 1 && v.shape().back() == x.shape().back(), fn, ": ", what, " ",
-              v.shape().str(), " must match ", x.shape().str());
-  return x.numel() / x.shape().back();
-}
-}  // namespace detail
-
 namespace cpu {
 
 template <class T>

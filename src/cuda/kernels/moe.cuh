@@ -56,21 +56,22 @@ __global__ void combine_forward(const std::int64_t* __restrict__ slot_row, const
 }
 
 // One block per accepted row r: dye[r, :] = gate * dy[t, :], dgate[r] = <dy[t, :], ye[r, :]> (a block sum).
-template <int kThreads>
+template <int kThreads, class T>
 __global__ void combine_backward(const std::int64_t* __restrict__ row_token, const std::int64_t* __restrict__ row_slot,
-                                 const std::int32_t* __restrict__ route, const float* __restrict__ gates, int E,
-                                 std::int64_t D, const float* __restrict__ ye, const float* __restrict__ dy,
-                                 float* __restrict__ dye, float* __restrict__ dgate) {
-  __shared__ float red[kThreads];
+                                 const std::int32_t* __restrict__ route, const T* __restrict__ gates, int E,
+                                 std::int64_t D, const T* __restrict__ ye, const T* __restrict__ dy,
+                                 T* __restrict__ dye, T* __restrict__ dgate) {
+  __shared__ T red[kThreads];
   const std::int64_t r = blockIdx.x, t = row_token[r];
-  const float gate = gates[t * E + route[row_slot[r]]];
-  float acc = 0;
+  const T gate = gates[t * E + route[row_slot[r]]];
+  T acc = 0;
   for (std::int64_t d = threadIdx.x; d < D; d += kThreads) {
     dye[r * D + d] = gate * dy[t * D + d];
     acc += dy[t * D + d] * ye[r * D + d];
   }
-  const float total = block_sum<kThreads>(red, acc);
+  const T total = block_sum<kThreads>(red, acc);
   if (threadIdx.x == 0) dgate[r] = total;
 }
 
 }  // namespace limoe::cuda::kernels
+

@@ -11,6 +11,7 @@
 // depend on timing.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "limoe/core/enums.hpp"
@@ -22,58 +23,59 @@
 namespace limoe::cuda::kernels {
 
 // One block of kThreads per row: y[r] = LN(x[r]) g + b (b may be null), mean[r], rstd[r].
-template <int kThreads>
-__global__ void layernorm_forward(const float* __restrict__ x, const float* __restrict__ g, const float* b, float eps,
-                                  std::int64_t D, float* __restrict__ y, float* __restrict__ mean,
-                                  float* __restrict__ rstd) {
-  __shared__ float red[kThreads];
+template <int kThreads, class T>
+__global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ g, const T* b, T eps,
+                                  std::int64_t D, T* __restrict__ y, T* __restrict__ mean,
+                                  T* __restrict__ rstd) {
+  __shared__ T red[kThreads];
   const std::int64_t r = blockIdx.x;
   const int t = static_cast<int>(threadIdx.x);
-  const float* xr = x + r * D;
-  float s = 0;
+  const T* xr = x + r * D;
+  T s = 0;
   for (std::int64_t d = t; d < D; d += kThreads) s += xr[d];
-  const float m = math::layernorm_mean(block_sum<kThreads>(red, s), D);
-  float q = 0;
+  const T m = math::layernorm_mean(block_sum<kThreads>(red, s), D);
+  T q = 0;
   for (std::int64_t d = t; d < D; d += kThreads) q += (xr[d] - m) * (xr[d] - m);
-  const math::RowStats<float> st{m, math::layernorm_rstd(block_sum<kThreads>(red, q), D, eps)};
+  const math::RowStats<T> st{m, math::layernorm_rstd(block_sum<kThreads>(red, q), D, eps)};
   for (std::int64_t d = t; d < D; d += kThreads)
     math::layernorm_row(xr + d, std::int64_t{1}, st, g + d, b ? b + d : nullptr, y + r * D + d);
   if (t == 0) mean[r] = st.mean, rstd[r] = st.rstd;
 }
 
 // One block per row: dx[r] (overwritten) from dy[r] and the forward's mean and rstd.
-template <int kThreads>
-__global__ void layernorm_backward_input(const float* __restrict__ x, const float* __restrict__ g,
-                                         const float* __restrict__ mean, const float* __restrict__ rstd,
-                                         const float* __restrict__ dy, std::int64_t D, float* __restrict__ dx) {
-  __shared__ float red[kThreads];
+template <int kThreads, class T>
+__global__ void layernorm_backward_input(const T* __restrict__ x, const T* __restrict__ g,
+                                         const T* __restrict__ mean, const T* __restrict__ rstd,
+                                         const T* __restrict__ dy, std::int64_t D, T* __restrict__ dx) {
+  __shared__ T red[kThreads];
   const std::int64_t r = blockIdx.x;
   const int t = static_cast<int>(threadIdx.x);
-  const float* xr = x + r * D;
-  const float* dyr = dy + r * D;
-  const math::RowStats<float> st{mean[r], rstd[r]};
-  float a = 0, c = 0;
+  const T* xr = x + r * D;
+  const T* dyr = dy + r * D;
+  const math::RowStats<T> st{mean[r], rstd[r]};
+  T a = 0, c = 0;
   for (std::int64_t d = t; d < D; d += kThreads) {
-    const float gx = dyr[d] * g[d];
+    const T gx = dyr[d] * g[d];
     a += gx;
     c += gx * (xr[d] - st.mean) * st.rstd;
   }
-  const float mean_gx = block_sum<kThreads>(red, a) / static_cast<float>(D);
-  const float mean_gx_xhat = block_sum<kThreads>(red, c) / static_cast<float>(D);
+  const T mean_gx = block_sum<kThreads>(red, a) / static_cast<T>(D);
+  const T mean_gx_xhat = block_sum<kThreads>(red, c) / static_cast<T>(D);
   for (std::int64_t d = t; d < D; d += kThreads)
     dx[r * D + d] = math::layernorm_dx(xr[d], dyr[d], g[d], st, mean_gx, mean_gx_xhat);
 }
 
 // One thread per column d: dg[d] += sum_r dy xhat, db[d] += sum_r dy, rows in order (accumulated, as every
 // parameter gradient). dg or db may be null.
-__global__ void layernorm_backward_params(const float* __restrict__ x, const float* __restrict__ mean,
-                                                 const float* __restrict__ rstd, const float* __restrict__ dy,
-                                                 std::int64_t rows, std::int64_t D, float* dg, float* db) {
+template <class T>
+__global__ void layernorm_backward_params(const T* __restrict__ x, const T* __restrict__ mean,
+                                                 const T* __restrict__ rstd, const T* __restrict__ dy,
+                                                 std::int64_t rows, std::int64_t D, T* dg, T* db) {
   const std::int64_t d = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (d >= D) return;
-  float sg = 0, sb = 0;
+  T sg = 0, sb = 0;
   for (std::int64_t r = 0; r < rows; ++r) {
-    const float g = dy[r * D + d];
+    const T g = dy[r * D + d];
     sg += g * (x[r * D + d] - mean[r]) * rstd[r];
     sb += g;
   }
@@ -82,63 +84,100 @@ __global__ void layernorm_backward_params(const float* __restrict__ x, const flo
 }
 
 // Elementwise over rows x M (grid-stride): pre += b (per column), y = GELU(pre).
-__global__ void bias_gelu_forward(GeluKind kind, const float* __restrict__ b, std::int64_t n, std::int64_t M,
-                                         float* __restrict__ pre, float* __restrict__ y) {
+template <class T>
+__global__ void bias_gelu_forward(GeluKind kind, const T* __restrict__ b, std::int64_t n, std::int64_t M,
+                                         T* __restrict__ pre, T* __restrict__ y) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const float h = pre[i] + (b ? b[i % M] : 0.0f);
+    const T h = pre[i] + (b ? b[i % M] : T(0));
     pre[i] = h;
     y[i] = math::gelu(kind, h);
   }
 }
 
 // dx = dy GELU'(x), elementwise (dx may alias dy).
-__global__ void gelu_backward(GeluKind kind, const float* __restrict__ x, const float* dy, std::int64_t n,
-                                     float* dx) {
+template <class T>
+__global__ void gelu_backward(GeluKind kind, const T* __restrict__ x, const T* dy, std::int64_t n,
+                                     T* dx) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     dx[i] = dy[i] * math::gelu_grad(kind, x[i]);
 }
 
-// One block per row of x [rows, n]: y = softmax(scale x) over the unmasked entries (mask [rows, n] or null;
-// a row with none gives zeros), as math::softmax_row.
-template <int kThreads>
-__global__ void softmax_forward(const float* __restrict__ x, std::int64_t n, float scale,
-                                const std::uint8_t* __restrict__ mask, float* __restrict__ y) {
-  __shared__ float red[kThreads];
+// One block per row of x [rows, n]: y = softmax(scale x) over the unmasked entries, as math::softmax_row. The
+// mask (or null) has a row of n per mask_period rows of x: row r uses mask row r / mask_period (1: a mask per
+// row; attention's B*H*Nq score rows share their example's key mask with mask_period = H*Nq). A row with no
+// unmasked entry gives zeros.
+template <int kThreads, class T>
+__global__ void softmax_forward(const T* __restrict__ x, std::int64_t n, T scale,
+                                const std::uint8_t* __restrict__ mask, std::int64_t mask_period, T* __restrict__ y) {
+  __shared__ T red[kThreads];
   const std::int64_t r = blockIdx.x;
   const int t = static_cast<int>(threadIdx.x);
-  const float* xr = x + r * n;
-  const std::uint8_t* mr = mask ? mask + r * n : nullptr;
-  float* yr = y + r * n;
-  float m = math::neg_inf<float>();
+  const T* xr = x + r * n;
+  const std::uint8_t* mr = mask ? mask + (r / mask_period) * n : nullptr;
+  T* yr = y + r * n;
+  T m = math::neg_inf<T>();
   for (std::int64_t j = t; j < n; j += kThreads)
     if ((!mr || mr[j]) && xr[j] > m) m = xr[j];
   m = block_max<kThreads>(red, m);
-  if (m == math::neg_inf<float>()) {  // the same for every thread of the block: no barrier is skipped by some
-    for (std::int64_t j = t; j < n; j += kThreads) yr[j] = 0.0f;
+  if (m == math::neg_inf<T>()) {  // the same for every thread of the block: no barrier is skipped by some
+    for (std::int64_t j = t; j < n; j += kThreads) yr[j] = T(0);
     return;
   }
-  float s = 0;
+  T s = 0;
   for (std::int64_t j = t; j < n; j += kThreads) {
-    const float e = math::softmax_term(xr[j], m, scale, !mr || mr[j]);
+    const T e = math::softmax_term(xr[j], m, scale, !mr || mr[j]);
     yr[j] = e;
     s += e;
   }
-  const float inv = 1.0f / block_sum<kThreads>(red, s);
+  const T inv = T(1) / block_sum<kThreads>(red, s);
   for (std::int64_t j = t; j < n; j += kThreads) yr[j] *= inv;
 }
 
 // One block per row: dx = y (dy - <dy, y>) (dx may alias dy).
-template <int kThreads>
-__global__ void softmax_backward(const float* __restrict__ y, const float* dy, std::int64_t n, float* dx) {
-  __shared__ float red[kThreads];
+template <int kThreads, class T>
+__global__ void softmax_backward(const T* __restrict__ y, const T* dy, std::int64_t n, T* dx) {
+  __shared__ T red[kThreads];
   const std::int64_t r = blockIdx.x;
   const int t = static_cast<int>(threadIdx.x);
-  float dot = 0;
+  T dot = 0;
   for (std::int64_t j = t; j < n; j += kThreads) dot += dy[r * n + j] * y[r * n + j];
   dot = block_sum<kThreads>(red, dot);
   for (std::int64_t j = t; j < n; j += kThreads) dx[r * n + j] = y[r * n + j] * (dy[r * n + j] - dot);
+}
+
+// One block per row of u [rows, D]: norms[r] = ||u_r||, z_r = u_r / (||u_r|| + kL2NormEps) (ops/l2norm.hpp).
+template <int kThreads, class T>
+__global__ void l2_normalize_forward(const T* __restrict__ u, std::int64_t D, T eps, T* __restrict__ z,
+                                     T* __restrict__ norms) {
+  __shared__ T red[kThreads];
+  const std::int64_t r = blockIdx.x;
+  const int t = static_cast<int>(threadIdx.x);
+  const T* ur = u + r * D;
+  T ss = 0;
+  for (std::int64_t d = t; d < D; d += kThreads) ss += ur[d] * ur[d];
+  using std::sqrt;
+  const T n = sqrt(block_sum<kThreads>(red, ss));
+  const T inv = T(1) / (n + eps);
+  for (std::int64_t d = t; d < D; d += kThreads) z[r * D + d] = ur[d] * inv;
+  if (t == 0) norms[r] = n;
+}
+
+// One block per row: du = dz / s - z <dz, z> / n with n = norms[r], s = n + eps (0 for the second term at
+// n = 0). du may alias dz.
+template <int kThreads, class T>
+__global__ void l2_normalize_backward(const T* __restrict__ z, const T* __restrict__ norms, const T* dz,
+                                      std::int64_t D, T eps, T* du) {
+  __shared__ T red[kThreads];
+  const std::int64_t r = blockIdx.x;
+  const int t = static_cast<int>(threadIdx.x);
+  T dot = 0;
+  for (std::int64_t d = t; d < D; d += kThreads) dot += dz[r * D + d] * z[r * D + d];
+  dot = block_sum<kThreads>(red, dot);
+  const T n = norms[r], s = n + eps;
+  const T c = n > T(0) ? dot / n : T(0);
+  for (std::int64_t d = t; d < D; d += kThreads) du[r * D + d] = dz[r * D + d] / s - z[r * D + d] * c;
 }
 
 }  // namespace limoe::cuda::kernels

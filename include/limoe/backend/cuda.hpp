@@ -1,0 +1,36 @@
+// limoe/backend/cuda.hpp: the CUDA backend's tag and op table, Ops<Cuda, T>.
+//
+//   Cuda  kernels (src/cuda/kernels/) for the row-wise and data-moving work, cuBLAS for the products, on the
+//         current device's default stream; tensors and views in CudaSpace (device memory).
+//
+// The ops are declared in backend/cuda_ops.hpp and defined in src/cuda/backend/ (ops.cuh, moe_ops.cuh),
+// compiled by nvcc into limoe_cuda (src/cuda/backend.cu, T = float): a plain C++ program that links
+// limoe::cuda uses Ops<Cuda, float> on device tensors (Tensor<float, CudaSpace>). The tests on machines
+// without a GPU compile the definitions with the host compiler through tests/support/cuda_emu.hpp
+// (LIMOE_CUDA_EMULATION: host threads as CUDA threads, host memory as device memory, plain loops for cuBLAS).
+// The op list and rules are backend/ops.hpp's.
+// Eigen-free (it includes backend/op_table.hpp, not the CPU ops).
+#pragma once
+
+#include "limoe/backend/cuda_ops.hpp"
+#include "limoe/backend/op_table.hpp"
+
+
+namespace limoe {
+
+struct Cuda {
+  using memory_space = CudaBackendSpace;
+  static constexpr const char* name = "cuda";
+};
+static_assert(Backend<Cuda>);
+
+template <class T>
+struct Ops<Cuda, T> {
+#define LIMOE_OPS_DENSE_NS ::limoe::cuda::ops
+#define LIMOE_OPS_MOE_NS ::limoe::cuda::ops
+  LIMOE_BACKEND_OP_TABLE(CudaBackendSpace)
+#undef LIMOE_OPS_DENSE_NS
+#undef LIMOE_OPS_MOE_NS
+};
+
+}  // namespace limoe

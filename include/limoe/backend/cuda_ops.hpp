@@ -1,0 +1,122 @@
+// limoe/backend/cuda_ops.hpp: the declarations of the CUDA backend's ops (namespace limoe::cuda::ops), the
+// functions Ops<Cuda, T> forwards to. Their definitions are src/cuda/backend/ops.cuh and moe_ops.cuh, compiled
+// by nvcc into limoe_cuda for T = float (src/cuda/backend.cu), so a plain C++ translation unit that links
+// limoe::cuda calls them through these declarations; the tests' emulation compiles the definitions directly.
+// Names, shape checks and gradient rules are the CPU ops' (backend/ops.hpp, docs/conventions.md); views live
+// in the backend's memory space (device memory).
+#pragma once
+
+#include <cstdint>
+
+#include "limoe/core/enums.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/moe/plan.hpp"
+#include "limoe/ops/shapes.hpp"
+
+#if defined(LIMOE_CUDA_EMULATION)
+namespace limoe {
+using CudaBackendSpace = HostSpace;  // emulated device memory: host memory
+}
+#else
+#include "limoe/core/cuda_space.hpp"
+namespace limoe {
+using CudaBackendSpace = CudaSpace;
+}
+#endif
+
+namespace limoe::cuda::ops {
+
+using Space = CudaBackendSpace;
+template <class T>
+using CV = CView<T, Space>;
+template <class T>
+using V = View<T, Space>;
+using DispatchPlan = moe::BasicDispatchPlan<Space>;
+
+// The products' precision policy (core/precision.hpp's Fp32 / Bf16Mixed, or this default): fp32 only so far;
+// a bf16 policy is refused at compile time rather than computed in fp32 under its name.
+struct Fp32Products {
+  static constexpr bool mixed = false;
+};
+
+template <class T, class Prec = Fp32Products>
+void linear_forward(CV<T> x, CV<T> W, CV<T> b, V<T> y, const Prec& = {});
+template <class T, class Prec = Fp32Products>
+void linear_backward(CV<T> x, CV<T> W, CV<T> dy, V<T> dx, V<T> dW, V<T> db, const Prec& = {});
+template <class T>
+void layernorm_forward(CV<T> x, CV<T> g, CV<T> b, T eps, V<T> y, V<T> mean, V<T> rstd);
+template <class T>
+void layernorm_backward(CV<T> x, CV<T> g, CV<T> mean, CV<T> rstd, CV<T> dy, V<T> dx, V<T> dg, V<T> db);
+template <class T>
+void gelu_forward(GeluKind kind, CV<T> x, V<T> y);
+template <class T>
+void gelu_backward(GeluKind kind, CV<T> x, CV<T> dy, V<T> dx);
+template <class T>
+void bias_gelu_forward(GeluKind kind, CV<T> b, V<T> pre_out, V<T> y);
+template <class T>
+void softmax_forward(CV<T> x, V<T> y);
+template <class T>
+void softmax_backward(CV<T> y, CV<T> dy, V<T> dx);
+template <class T>
+void l2_normalize_forward(CV<T> u, V<T> z, V<T> norms);
+template <class T>
+void l2_normalize_backward(CV<T> u, CV<T> z, CV<T> norms, CV<T> dz, V<T> du);
+template <class T, class Prec = Fp32Products>
+void patch_embed_forward(CV<T> images, int P, CV<T> W, CV<T> b, CV<T> pos, V<T> patches, V<T> y, const Prec& = {});
+template <class T, class Prec = Fp32Products>
+void patch_embed_backward(CV<T> images, int P, CV<T> patches, CV<T> W, CV<T> dy, V<T> dimages, V<T> dW, V<T> db,
+                          V<T> dpos, const Prec& = {});
+template <class T>
+void token_embed_forward(CV<std::int32_t> ids, CV<T> table, CV<T> pos, V<T> y);
+template <class T>
+void token_embed_backward(CV<std::int32_t> ids, CV<T> dy, V<T> dtable, V<T> dpos);
+template <class T>
+void pool_forward(Pooling kind, CV<T> x, CV<std::uint8_t> key_mask, V<T> y);
+template <class T>
+void pool_backward(Pooling kind, CV<std::uint8_t> key_mask, CV<T> dy, V<T> dx);
+template <class T, class Prec = Fp32Products>
+void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq, CV<T> xkv, CV<std::uint8_t> key_mask,
+                       V<T> y, AttentionCache<T, Space>& cache, const Prec& = {});
+template <class T, class Prec = Fp32Products>
+void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq, CV<T> xkv,
+                        CV<std::uint8_t> key_mask, AttentionCache<T, Space>& cache, CV<T> dy, V<T> dxq, V<T> dxkv,
+                        const AttentionGrads<T, Space>& g, const Prec& = {});
+template <class T, class Prec = Fp32Products>
+void self_attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> x, CV<std::uint8_t> key_mask, V<T> y,
+                            AttentionCache<T, Space>& cache, const Prec& = {});
+template <class T, class Prec = Fp32Products>
+void self_attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> x, CV<std::uint8_t> key_mask,
+                             AttentionCache<T, Space>& cache, CV<T> dy, V<T> dx, const AttentionGrads<T, Space>& g,
+                             const Prec& = {});
+template <class T, class Prec = Fp32Products>
+void map_head_forward(const MapHeadWeights<T, Space>& w, int heads, GeluKind gelu, T ln_eps, CV<T> x,
+                      CV<std::uint8_t> key_mask, V<T> y, MapHeadCache<T, Space>& c, const Prec& = {});
+template <class T, class Prec = Fp32Products>
+void map_head_backward(const MapHeadWeights<T, Space>& w, int heads, GeluKind gelu, CV<T> x, CV<std::uint8_t> key_mask,
+                       MapHeadCache<T, Space>& c, CV<T> dy, V<T> dx, const MapHeadGrads<T, Space>& g, const Prec& = {});
+template <class T>
+ContrastiveResult contrastive_forward(CV<T> zi, CV<T> zt, T theta, T max_scale, V<T> logits);
+template <class T>
+void contrastive_backward(CV<T> zi, CV<T> zt, T theta, T max_scale, CV<T> logits, T dloss, V<T> dzi, V<T> dzt,
+                          T* dtheta);
+
+void make_dispatch_plan(CV<std::int32_t> route, int E, DispatchPlan& p);
+template <class T>
+void dispatch_forward(const DispatchPlan& p, CV<T> x, V<T> xe);
+template <class T>
+void dispatch_backward(const DispatchPlan& p, CV<T> dxe, V<T> dx);
+// The scratch (moe::ExpertScratch: the CPU backend's tile lists) is accepted and unused.
+template <class T, class Prec = Fp32Products>
+void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe, V<T> hpre,
+                        V<T> h, V<T> ye, moe::ExpertScratch& scratch, const Prec& = {});
+template <class T, class Prec = Fp32Products>
+void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe,
+                         CV<T> hpre, CV<T> h, CV<T> dye, V<T> dh, V<T> dxe, const moe::ExpertGrads<T, Space>& g,
+                         moe::ExpertScratch& scratch, const Prec& = {});
+template <class T>
+void combine_forward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> ye, V<T> y);
+template <class T>
+void combine_backward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> ye, CV<T> dy, V<T> dye,
+                      V<T> dgate);
+
+}  // namespace limoe::cuda::ops

@@ -1,0 +1,87 @@
+// limoe/moe/plan.hpp: the MoE layer's shared argument types and checks (every backend): expert weights and
+// gradients, the dispatch plan, and the shape checks of the MoE ops (limoe/moe/ops.hpp). Plain C++ (no Eigen,
+// no TBB), so the CUDA backend's sources include it; the plan's arrays live in the backend's memory space S.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+#include <type_traits>
+
+#include "limoe/core/error.hpp"
+#include "limoe/core/tensor.hpp"
+#include "limoe/ops/shapes.hpp"
+
+namespace limoe::moe {
+
+// Expert weights of one layer (docs/cli.md shapes): fc1 [E, M, D] / [E, M], fc2 [E, D, M] / [E, D].
+template <class T, class S = HostSpace>
+struct ExpertWeights {
+  CView<T, S> fc1_w, fc1_b, fc2_w, fc2_b;
+};
+template <class T, class S = HostSpace>
+struct ExpertGrads {
+  View<T, S> fc1_w, fc1_b, fc2_w, fc2_b;  // accumulated; an empty view is skipped
+};
+
+// Which accepted (token, choice) lands in which row of which expert's block.
+template <class S = HostSpace>
+struct BasicDispatchPlan {
+  index_t N = 0, A = 0;  // tokens, accepted choices (= rows)
+  int E = 0, K = 0;
+  Tensor<index_t, S> offsets;    // [E + 1]: expert e owns rows [offsets[e], offsets[e + 1])
+  Tensor<index_t, S> row_token;  // [A]
+  Tensor<index_t, S> row_slot;   // [A]: the choice slot t * K + k of each row
+  Tensor<index_t, S> slot_row;   // [N * K]: the row of each choice slot, -1 where the choice was dropped
+  index_t rows_of(int e) const
+    requires S::host_accessible
+  {
+    return offsets[e + 1] - offsets[e];
+  }
+};
+
+using DispatchPlan = BasicDispatchPlan<HostSpace>;
+
+// Reusable work lists of the expert MLP on the CPU (every backend's expert op takes one; others ignore it).
+struct ExpertScratch {
+  struct Tile { int e; index_t r0, r1; };
+  struct Job { int e; int what; index_t c0, c1; };
+  std::vector<Tile> tiles;
+  std::vector<Job> jobs;
+  // Bf16Mixed: the backward's bf16 operands (bf16_bits) of the weight-gradient jobs (dye, h, dh, xe), rounded once per
+  // backward: each job reads a column slice of them, and rounding per job would repeat the work D / 128 times.
+  std::vector<std::uint16_t> lo_dye, lo_h, lo_dh, lo_xe;
+};
+
+
+namespace detail {
+inline void plan_check(CView<std::int32_t> route, int E) {
+  LIMOE_CHECK(route.rank() == 2 && E >= 1, "make_dispatch_plan: route must be [N, K] and E >= 1, got ",
+              route.shape().str(), ", E = ", E);
+  for (index_t s = 0; s < route.numel(); ++s)
+    LIMOE_CHECK(route[s] >= -1 && route[s] < E, "make_dispatch_plan: route entry ", route[s], " at ", s,
+                " is neither -1 nor an expert in [0, ", E, ")");
+}
+template <class S>
+void plan_resize(BasicDispatchPlan<S>& p, index_t N, int K, int E, index_t A) {
+  p.N = N, p.K = K, p.E = E, p.A = A;
+  p.row_token.resize(Shape{A});    // [A]
+  p.row_slot.resize(Shape{A});     // [A]
+  p.slot_row.resize(Shape{N * K}); // [N * K]
+}
+template <class T, class S = HostSpace>
+void dispatch_check(const char* fn, const std::type_identity_t<BasicDispatchPlan<S>>& p, ::limoe::detail::CArg<T, S> x, ::limoe::detail::CArg<T, S> xe) {
+  LIMOE_CHECK(x.rank() == 2 && x.dim(0) == p.N, fn, ": x must be [N = ", p.N, ", D], got ", x.shape().str());
+  expect_shape(xe, Shape{p.A, x.dim(1)}, fn);
+}
+template <class T, class S = HostSpace>
+index_t expert_check(const char* fn, const std::type_identity_t<BasicDispatchPlan<S>>& p, const std::type_identity_t<ExpertWeights<T, S>>& w, index_t D) {
+  LIMOE_CHECK(w.fc1_w.rank() == 3, fn, ": fc1.weight must be [E, M, D], got ", w.fc1_w.shape().str());
+  const index_t M = w.fc1_w.dim(1);
+  expect_shape(w.fc1_w, Shape{p.E, M, D}, "expert fc1.weight");
+  expect_shape(w.fc1_b, Shape{p.E, M}, "expert fc1.bias");
+  expect_shape(w.fc2_w, Shape{p.E, D, M}, "expert fc2.weight");
+  expect_shape(w.fc2_b, Shape{p.E, D}, "expert fc2.bias");
+  return M;
+}
+}  // namespace detail
+}  // namespace limoe::moe

@@ -1,0 +1,146 @@
+// src/cuda/backend/exec.cuh: how the CUDA backend's host code runs its work: kernel launches, the cuBLAS
+// products, and the few copies between host and device (scalars the caller asks for, the dispatch plan's
+// per-expert row counts). Everything else in src/cuda/backend/ is written against these functions only.
+//
+// Two builds of one source:
+//   nvcc (src/cuda/backend.cu)      launches are <<<grid, block, 0, stream>>> on the calling thread's stream
+//                                   (the default stream), products are cuBLAS calls on a per-thread handle;
+//   g++ with LIMOE_CUDA_EMULATION   (tests/support/cuda_emu.hpp included first) launches run on host threads,
+//                                   products are emu::gemm_batched, memory is host memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "limoe/backend/cuda_ops.hpp"
+#include "limoe/core/error.hpp"
+#include "limoe/core/tensor.hpp"
+
+#if defined(LIMOE_CUDA_EMULATION)
+#if defined(__CUDACC__)
+#error "LIMOE_CUDA_EMULATION is for host compilers"
+#endif
+#else
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace limoe::cuda::exec {
+
+using Space = ::limoe::CudaBackendSpace;  // device memory (host memory under the emulation)
+
+template <class T>
+using DTensor = Tensor<T, Space>;
+
+// Launches kernel<<<grid, block>>>(args...); `what` names it in an error.
+template <class Kernel, class... Args>
+void launch(const char* what, dim3 grid, dim3 block, Kernel kernel, Args... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+#if defined(LIMOE_CUDA_EMULATION)
+  (void)what;
+  emu::launch(grid, block, kernel, args...);
+#else
+  kernel<<<grid, block>>>(args...);
+  const cudaError_t e = cudaGetLastError();
+  LIMOE_CHECK(e == cudaSuccess, "CUDA backend: launch of ", what, " failed: ", cudaGetErrorName(e), ": ",
+              cudaGetErrorString(e));
+#endif
+}
+
+// A grid of enough blocks of `threads` for n independent items, capped (the kernels stride over the rest).
+inline dim3 grid_for(std::int64_t n, int threads = 256, std::int64_t cap = 65535) {
+  std::int64_t b = (n + threads - 1) / threads;
+  if (b > cap) b = cap;
+  return dim3(static_cast<unsigned>(b < 1 ? 1 : b));
+}
+
+// Host <-> device copies of n elements (host memory on the host side; plain copies under emulation).
+template <class T>
+void to_host(T* dst, const T* src, std::size_t n) {
+#if defined(LIMOE_CUDA_EMULATION)
+  if (n) std::memcpy(dst, src, n * sizeof(T));
+#else
+  const cudaError_t e = cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost);
+  LIMOE_CHECK(e == cudaSuccess, "CUDA backend: copy to the host failed: ", cudaGetErrorString(e));
+#endif
+}
+template <class T>
+void to_device(T* dst, const T* src, std::size_t n) {
+#if defined(LIMOE_CUDA_EMULATION)
+  if (n) std::memcpy(dst, src, n * sizeof(T));
+#else
+  const cudaError_t e = cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyHostToDevice);
+  LIMOE_CHECK(e == cudaSuccess, "CUDA backend: copy to the device failed: ", cudaGetErrorString(e));
+#endif
+}
+inline void copy_device(void* dst, const void* src, std::size_t bytes) { Space::copy(dst, src, bytes); }
+inline void zero(void* p, std::size_t bytes) {
+  if (bytes) Space::zero(p, bytes);
+}
+
+#if !defined(LIMOE_CUDA_EMULATION)
+namespace detail {
+// The calling thread's cuBLAS handle (created on first use, on the current device's default stream).
+inline cublasHandle_t blas_handle() {
+  struct Handle {
+    cublasHandle_t h = nullptr;
+    Handle() {
+      const cublasStatus_t s = cublasCreate(&h);
+      LIMOE_CHECK(s == CUBLAS_STATUS_SUCCESS, "CUDA backend: cublasCreate failed: ", cublasGetStatusString(s));
+    }
+    ~Handle() {
+      if (h) cublasDestroy(h);
+    }
+  };
+  thread_local Handle handle;
+  return handle.h;
+}
+inline void blas_check(cublasStatus_t s, const char* what) {
+  LIMOE_CHECK(s == CUBLAS_STATUS_SUCCESS, "CUDA backend: ", what, " failed: ", cublasGetStatusString(s));
+}
+}  // namespace detail
+#endif
+
+// Row-major products, for i < batch: C_i[M, N] = alpha op(A_i) op(B_i) + beta C_i with A_i = A + i * sa, ...
+// (ta / tb: transpose). cuBLAS is column-major: a row-major C is the column-major C^T = op(B)^T op(A)^T, so
+// the operands swap and the flags stay.
+template <class T>
+void gemm_batched(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha, const T* A,
+                  std::int64_t lda, std::int64_t sa, const T* B, std::int64_t ldb, std::int64_t sb, T beta, T* C,
+                  std::int64_t ldc, std::int64_t sc, std::int64_t batch) {
+  if (M == 0 || N == 0 || batch == 0) return;
+#if defined(LIMOE_CUDA_EMULATION)
+  emu::gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+#else
+  const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const auto m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const auto l_b = static_cast<int>(ldb), l_a = static_cast<int>(lda), l_c = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (batch == 1)
+      detail::blas_check(cublasSgemm(detail::blas_handle(), opb, opa, m, n, k, &alpha, B, l_b, A, l_a, &beta, C, l_c),
+                         "cublasSgemm");
+    else
+      detail::blas_check(cublasSgemmStridedBatched(detail::blas_handle(), opb, opa, m, n, k, &alpha, B, l_b, sb, A, l_a,
+                                                   sa, &beta, C, l_c, sc, static_cast<int>(batch)),
+                         "cublasSgemmStridedBatched");
+  } else {
+    static_assert(std::is_same_v<T, double>, "CUDA backend products: float or double");
+    if (batch == 1)
+      detail::blas_check(cublasDgemm(detail::blas_handle(), opb, opa, m, n, k, &alpha, B, l_b, A, l_a, &beta, C, l_c),
+                         "cublasDgemm");
+    else
+      detail::blas_check(cublasDgemmStridedBatched(detail::blas_handle(), opb, opa, m, n, k, &alpha, B, l_b, sb, A, l_a,
+                                                   sa, &beta, C, l_c, sc, static_cast<int>(batch)),
+                         "cublasDgemmStridedBatched");
+  }
+#endif
+}
+
+template <class T>
+void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha, const T* A, std::int64_t lda,
+          const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
+  gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+}
+
+}  // namespace limoe::cuda::exec
