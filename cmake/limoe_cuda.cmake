@@ -40,6 +40,7 @@ if(LIMOE_WITH_CUDA)
     ${PROJECT_SOURCE_DIR}/src/cuda/backend.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/device.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/math.cu
+    ${PROJECT_SOURCE_DIR}/src/cuda/routing.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/rows.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/saxpy.cu
     ${PROJECT_SOURCE_DIR}/src/cuda/sort.cu)
@@ -57,6 +58,8 @@ if(LIMOE_WITH_CUDA)
     target_compile_options(limoe_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20>)
   endif()
   target_include_directories(limoe_cuda PRIVATE ${PROJECT_SOURCE_DIR}/src/cuda)
+  # Host-and-device lambdas (moe/parallel_routing.hpp's, run by Thrust on the device).
+  target_compile_options(limoe_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--extended-lambda>)
   # Users get the CPU library (limoe/core/error.hpp for limoe::Error), the static CUDA runtime and cuBLAS (the
   # backend's products); they need neither nvcc nor the CUDA language enabled, only the toolkit's libraries
   # (find_dependency(CUDAToolkit)).

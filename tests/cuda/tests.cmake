@@ -15,3 +15,8 @@ foreach(src IN LISTS LIMOE_CUDA_TESTS)
   add_test(NAME ${name} COMMAND ${name})
   set_tests_properties(${name} PROPERTIES LABELS "cuda" SKIP_RETURN_CODE 77 TIMEOUT 300)
 endforeach()
+
+# No register spills and no stack frames in the CUDA backend's kernels (nvcc --resource-usage, sm_90).
+add_test(NAME test_cuda_resource_usage
+         COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cuda/resource_check.sh ${CMAKE_CUDA_COMPILER} ${PROJECT_SOURCE_DIR})
+set_tests_properties(test_cuda_resource_usage PROPERTIES LABELS "cuda" TIMEOUT 300)

@@ -119,4 +119,11 @@ template <class T>
 void combine_backward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> ye, CV<T> dy, V<T> dye,
                       V<T> dgate);
 
+// Routing on the device (src/cuda/routing.cu): moe::parallel::route_groups with thrust::cuda::par on device
+// views (gates [N, E], capacity per group, choice and route [N, K]); the same decisions as the sequential
+// router on the same gates. T = float or double.
+template <class T>
+void route_groups(CV<T> gates, int K, std::int64_t group_size, CV<std::int64_t> capacity, bool bpr,
+                  V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch);
+
 }  // namespace limoe::cuda::ops

@@ -14,10 +14,12 @@
 // The sequential fill accepts choice (t, k) for expert e exactly when fewer than C choices of e come before
 // it in that queue, which is step 4. No atomics: the decisions are a pure function of the gates.
 //
-// Needs Thrust (the CUDA toolkit's `cccl` include folder). Not included by <limoe/limoe.hpp>.
+// Needs Thrust (the CUDA toolkit's `cccl` include folder). Not included by <limoe/limoe.hpp>. The lambdas are
+// LIMOE_HD (host and device): nvcc compiles them for the GPU with --extended-lambda (src/cuda/routing.cu).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <thrust/for_each.h>
 #include <thrust/functional.h>
@@ -29,27 +31,21 @@
 #include <thrust/gather.h>
 
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/host_device.hpp"
+#include "limoe/moe/plan.hpp"
 #include "limoe/moe/router.hpp"
 
 namespace limoe::moe::parallel {
 
-// Scratch of route_groups (sized by it; reuse across calls). On a device policy these are device buffers the
-// caller provides through the same pointers; the CPU systems use the host vectors here.
-struct RoutingScratch {
-  Tensor<double> top1;             // [N] top-1 gate (the BPR key; double holds a float or double gate exactly)
-  Tensor<std::int64_t> order;      // [N] tokens in priority order
-  Tensor<std::int64_t> group_of;   // [N] group of each token in `order`
-  Tensor<std::int64_t> rank;       // [N] place of each token in its group's priority order (global index)
-  Tensor<std::int64_t> key;        // [N*K] combined sort key of each choice
-  Tensor<std::int64_t> slot;       // [N*K] choice slots t*K + k in queue order
-  Tensor<std::int64_t> place;      // [N*K] place of each (sorted) choice in its expert's queue
-};
-
 // gates [N, E] (softmax of the noisy logits), groups of `group_size` consecutive tokens (the last may be
 // shorter), capacity[g] per group; writes choice [N, K] and route [N, K] (expert, or -1 when dropped).
-template <class Policy, class T>
-void route_groups(Policy&& policy, CView<T> gates, int K, std::int64_t group_size, CView<std::int64_t> capacity,
-                  bool bpr, View<std::int32_t> choice, View<std::int32_t> route, RoutingScratch& s) {
+// Every view and the scratch live in the policy's memory space S (HostSpace for the CPU systems, CudaSpace for
+// thrust::cuda::par); S is deduced from gates.
+template <class Policy, class T, class S>
+void route_groups(Policy&& policy, CView<T, S> gates, int K, std::int64_t group_size,
+                  std::type_identity_t<CView<std::int64_t, S>> capacity, bool bpr,
+                  std::type_identity_t<View<std::int32_t, S>> choice, std::type_identity_t<View<std::int32_t, S>> route,
+                  BasicRoutingScratch<S>& s) {
   LIMOE_CHECK(gates.rank() == 2, "route_groups: gates must be [N, E], got ", gates.shape().str());
   const std::int64_t N = gates.dim(0);
   const int E = static_cast<int>(gates.dim(1));
@@ -76,7 +72,7 @@ void route_groups(Policy&& policy, CView<T> gates, int K, std::int64_t group_siz
   const thrust::counting_iterator<std::int64_t> first(0);
 
   // 1. Each token's K choices and its top-1 gate.
-  thrust::for_each(policy, first, first + N, [=](std::int64_t t) {
+  thrust::for_each(policy, first, first + N, [=] LIMOE_HD(std::int64_t t) {
     detail::select_top_k<0>(g + t * E, E, K, ch + t * K);
     top1[t] = static_cast<double>(g[t * E + ch[t * K]]);
   });
@@ -84,11 +80,11 @@ void route_groups(Policy&& policy, CView<T> gates, int K, std::int64_t group_siz
   //    lower token (stable sorts of the identity permutation).
   thrust::sequence(policy, order, order + N);
   if (bpr) thrust::stable_sort_by_key(policy, top1, top1 + N, order, thrust::greater<double>());
-  thrust::for_each(policy, first, first + N, [=](std::int64_t i) { group_of[i] = order[i] / group_size; });
+  thrust::for_each(policy, first, first + N, [=] LIMOE_HD(std::int64_t i) { group_of[i] = order[i] / group_size; });
   thrust::stable_sort_by_key(policy, group_of, group_of + N, order);
-  thrust::for_each(policy, first, first + N, [=](std::int64_t i) { rank[order[i]] = i; });
+  thrust::for_each(policy, first, first + N, [=] LIMOE_HD(std::int64_t i) { rank[order[i]] = i; });
   // 3. The queues: one sort of all choices on (group, expert, rank k, priority).
-  thrust::for_each(policy, first, first + N * K, [=](std::int64_t c) {
+  thrust::for_each(policy, first, first + N * K, [=] LIMOE_HD(std::int64_t c) {
     const std::int64_t t = c / K, k = c % K;
     key[c] = (((t / group_size) * E + ch[c]) * K + k) * N + rank[t];
     slot[c] = c;
@@ -96,9 +92,9 @@ void route_groups(Policy&& policy, CView<T> gates, int K, std::int64_t group_siz
   thrust::stable_sort_by_key(policy, key, key + N * K, slot);
   // 4. Place in the queue (a scan per (group, expert) segment), then accept or drop.
   const std::int64_t per_queue = static_cast<std::int64_t>(K) * N;
-  thrust::for_each(policy, first, first + N * K, [=](std::int64_t i) { key[i] /= per_queue; });
+  thrust::for_each(policy, first, first + N * K, [=] LIMOE_HD(std::int64_t i) { key[i] /= per_queue; });
   thrust::exclusive_scan_by_key(policy, key, key + N * K, thrust::make_constant_iterator<std::int64_t>(1), place);
-  thrust::for_each(policy, first, first + N * K, [=](std::int64_t i) {
+  thrust::for_each(policy, first, first + N * K, [=] LIMOE_HD(std::int64_t i) {
     const std::int64_t c = slot[i];
     const std::int64_t grp = key[i] / E;
     rt[c] = place[i] < cap[grp] ? ch[c] : -1;

@@ -53,6 +53,25 @@ struct ExpertScratch {
 };
 
 
+namespace parallel {
+// Scratch of moe::parallel::route_groups (moe/parallel_routing.hpp; sized by it, reuse across calls), in the
+// memory space S of the policy it runs on: host tensors for Thrust's CPP and TBB systems, device tensors for
+// thrust::cuda::par (the CUDA backend).
+template <class S = HostSpace>
+struct BasicRoutingScratch {
+  Tensor<double, S> top1;             // [N] top-1 gate (the BPR key; double holds a float or double gate exactly)
+  Tensor<std::int64_t, S> order;      // [N] tokens in priority order
+  Tensor<std::int64_t, S> group_of;   // [N] group of each token in `order`
+  Tensor<std::int64_t, S> rank;       // [N] place of each token in its group's priority order (global index)
+  Tensor<std::int64_t, S> key;        // [N*K] combined sort key of each choice
+  Tensor<std::int64_t, S> slot;       // [N*K] choice slots t*K + k in queue order
+  Tensor<std::int64_t, S> place;      // [N*K] place of each (sorted) choice in its expert's queue
+};
+
+using RoutingScratch = BasicRoutingScratch<HostSpace>;
+
+}  // namespace parallel
+
 namespace detail {
 inline void plan_check(CView<std::int32_t> route, int E) {
   LIMOE_CHECK(route.rank() == 2 && E >= 1, "make_dispatch_plan: route must be [N, K] and E >= 1, got ",

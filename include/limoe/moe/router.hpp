@@ -26,6 +26,7 @@
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/rng.hpp"
+#include "limoe/math/host_device.hpp"
 #include "limoe/math/softmax.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/moe/config.hpp"
@@ -85,7 +86,7 @@ struct DynamicTopK {
 namespace detail {
 // The K largest entries of g[0, E), best first; ties go to the lower expert index.
 template <int KStatic, class T>
-inline void select_top_k(const T* g, int E, int K, std::int32_t* out) {
+LIMOE_HD inline void select_top_k(const T* g, int E, int K, std::int32_t* out) {
   if constexpr (KStatic == 1) {
     int best = 0;
     for (int e = 1; e < E; ++e)

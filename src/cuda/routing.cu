@@ -1,0 +1,24 @@
+// src/cuda/routing.cu: routing on the GPU: moe/parallel_routing.hpp's route_groups (top-K, batch priority
+// routing, capacity and groups as stable sorts, one combined-key sort and a segmented scan; no atomics) with
+// thrust::cuda::par, for float and double gates in device memory. The same source runs on the CPU through
+// Thrust's CPP and TBB systems in the tests (tests/thrust/), against the sequential router; its lambdas are
+// host-and-device (LIMOE_HD), which nvcc accepts with --extended-lambda (cmake/limoe_cuda.cmake).
+#include <thrust/execution_policy.h>
+
+#include "limoe/backend/cuda_ops.hpp"
+#include "limoe/moe/parallel_routing.hpp"
+
+namespace limoe::cuda::ops {
+
+template <class T>
+void route_groups(CV<T> gates, int K, std::int64_t group_size, CV<std::int64_t> capacity, bool bpr,
+                  V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch) {
+  moe::parallel::route_groups(thrust::cuda::par, gates, K, group_size, capacity, bpr, choice, route, scratch);
+}
+
+template void route_groups<float>(CV<float>, int, std::int64_t, CV<std::int64_t>, bool, V<std::int32_t>,
+                                  V<std::int32_t>, moe::parallel::BasicRoutingScratch<Space>&);
+template void route_groups<double>(CV<double>, int, std::int64_t, CV<std::int64_t>, bool, V<std::int32_t>,
+                                   V<std::int32_t>, moe::parallel::BasicRoutingScratch<Space>&);
+
+}  // namespace limoe::cuda::ops
