@@ -53,6 +53,7 @@ template void expert_mlp_forward<F, P>(const DispatchPlan&, const moe::ExpertWei
 template void expert_mlp_backward<F, P>(const DispatchPlan&, const moe::ExpertWeights<F, Space>&, GeluKind, CV<F>, CV<F>,
                                         CV<F>, CV<F>, V<F>, V<F>, const moe::ExpertGrads<F, Space>&, moe::ExpertScratch&,
                                         const P&);
+template double adamw_update<F>(const AdamWConfig&, std::int64_t, double, CV<F>, CV<std::uint8_t>, V<F>, V<F>, V<F>);
 template void combine_backward<F>(const DispatchPlan&, CV<F>, CV<std::int32_t>, CV<F>, CV<F>, V<F>, V<F>);
 
 }  // namespace limoe::cuda::ops

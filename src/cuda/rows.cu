@@ -6,16 +6,10 @@
 #include <utility>
 
 #include "check.cuh"
-#include "kernels/optimizer.cuh"
 #include "kernels/rows.cuh"
 #include "limoe/cuda.hpp"
 
 namespace limoe::cuda {
-
-// The optimizer kernels, compiled for the device here until the backend's optimizer launches them (the tests
-// run them on the CPU through tests/support/cuda_emu.hpp).
-template __global__ void kernels::sum_squares_partial<256>(const float*, std::int64_t, float*);
-template __global__ void kernels::sum_squares_final<256>(const float*, int, float*);
 
 LayerNormRows layernorm_rows(std::span<const float> x, std::span<const float> g, std::span<const float> b,
                              std::span<const float> dy, std::int64_t D, float eps, int device) {

@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <limoe/backend/cuda.hpp>
+#include <limoe/core/params.hpp>
+#include <limoe/train/optimizer.hpp>
 #include <map>
 
 #include "unit/backend_cases.hpp"
@@ -367,4 +369,33 @@ struct Ops<CudaFromHost, T> {
 
 TEST_CASE("cuda backend on the GPU: every op against Ref, forward and backward (float)") {
   limoe::backend_cases::for_each_backend<std::tuple<CudaFromHost>, float>();
+}
+
+TEST_CASE("cuda backend on the GPU: AdamW with global-norm clipping against the CPU optimizer") {
+  const index_t n = 5000;
+  ParamStore<float> ps;
+  ps.add("w", Shape{n - 100}, true);
+  ps.add("b", Shape{100}, false);
+  ps.finalize();
+  testing::fill_normal(ps.values(), 1, 0.5);
+  Tensor<std::uint8_t> decay(Shape{n});
+  for (const auto& e : ps.entries())
+    for (index_t i = 0; i < e.shape.numel(); ++i) decay[e.offset + i] = e.decay ? 1 : 0;
+  const AdamWConfig cfg{.lr = 1e-2, .weight_decay = 0.1, .clip_norm = 1.0};
+  AdamW<float> opt(cfg, ps);
+  Tensor<float> w(Shape{n}), zeros(Shape{n});
+  std::copy(ps.values().data(), ps.values().data() + n, w.data());
+  auto dw = Mirror<float>(w.view()), dm = Mirror<float>(zeros.view()), dv = Mirror<float>(zeros.view());
+  auto dd = Mirror<const std::uint8_t>(decay.cview());
+  for (int step = 1; step <= 3; ++step) {
+    testing::fill_normal(ps.grads(), 10 + static_cast<std::uint64_t>(step), step == 1 ? 2.0 : 0.01);
+    auto dg = Mirror<const float>(ps.grads());
+    const double norm = opt.update(ps, 1e-2);
+    const double got = cuda::ops::adamw_update<float>(cfg, step, 1e-2, dg.v(), dd.v(), dw.v(), dm.v(), dv.v());
+    CHECK(got == doctest::Approx(norm).epsilon(1e-9));
+  }
+  dw.back();
+  Tensor<double> want(Shape{n});
+  for (index_t i = 0; i < n; ++i) want[i] = ps.values()[i];
+  CHECK(testing::max_diff(w, want) <= 1e-6);
 }

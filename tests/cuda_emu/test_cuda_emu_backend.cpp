@@ -9,6 +9,8 @@
 
 #include <cuda/backend/moe_ops.cuh>
 #include <limoe/backend/cuda.hpp>
+#include <limoe/core/params.hpp>
+#include <limoe/train/optimizer.hpp>
 
 #include "unit/backend_cases.hpp"
 #if !defined(LIMOE_HARNESS_QUICK)
@@ -56,4 +58,50 @@ TEST_CASE("cuda backend (emulated): bad input is refused with the ops' messages"
   Tensor<float> x(Shape{4, 6}), W(Shape{5, 7}), out(Shape{4, 5});
   CHECK_THROWS_WITH_AS(O::linear_forward(x.cview(), W.cview(), CView<float>{}, out.view()),
                        doctest::Contains("must end in I = 7"), Error);
+}
+
+namespace {
+Tensor<double> as_double(CView<float> v) {
+  Tensor<double> d(v.shape());
+  for (index_t i = 0; i < v.numel(); ++i) d[i] = static_cast<double>(v[i]);
+  return d;
+}
+}  // namespace
+
+TEST_CASE("cuda backend (emulated): AdamW with global-norm clipping against the CPU optimizer") {
+  // A store with decayed and undecayed entries; three steps, clipping active in the first; float and the CPU
+  // optimizer's arithmetic (math/adamw.hpp) on both sides, norms summed in double on both.
+  ParamStore<float> ps;
+  ps.add("w", Shape{37, 5}, true);
+  ps.add("b", Shape{29}, false);
+  ps.add("big", Shape{300, 7}, true);  // more than one block of the norm's partial sums
+  ps.finalize();
+  const index_t n = ps.size();
+  testing::fill_normal(ps.values(), 1, 0.5);
+  Tensor<float> w(Shape{n}), m(Shape{n}), v(Shape{n}), g(Shape{n});
+  std::copy(ps.values().data(), ps.values().data() + n, w.data());
+  Tensor<std::uint8_t> decay(Shape{n});
+  for (const auto& e : ps.entries())
+    for (index_t i = 0; i < e.shape.numel(); ++i) decay[e.offset + i] = e.decay ? 1 : 0;
+  const AdamWConfig cfg{.lr = 1e-2, .weight_decay = 0.1, .clip_norm = 1.0};
+  AdamW<float> opt(cfg, ps);
+  for (int step = 1; step <= 3; ++step) {
+    CAPTURE(step);
+    testing::fill_normal(ps.grads(), 10 + static_cast<std::uint64_t>(step), step == 1 ? 2.0 : 0.01);
+    std::copy(ps.grads().data(), ps.grads().data() + n, g.data());
+    const double lr = 1e-2 * (1.0 + 0.1 * step);
+    const double norm = opt.update(ps, lr);
+    const double got = cuda::ops::adamw_update<float>(cfg, step, lr, g.cview(), decay.cview(), w.view(), m.view(), v.view());
+    if (step == 1) CHECK(norm > 1.0);  // the clipped step
+    CHECK(got == doctest::Approx(norm).epsilon(1e-12));
+    CHECK(testing::max_diff(w, as_double(ps.values())) <= 1e-6);
+    CHECK(testing::max_diff(m, as_double(opt.m().cview())) <= 1e-6);
+    CHECK(testing::max_diff(v, as_double(opt.v().cview())) <= 1e-6);
+  }
+  // A gradient that is not finite: an error naming it, and nothing changes.
+  const Tensor<float> w_before = w;
+  g[3] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH_AS(cuda::ops::adamw_update<float>(cfg, 4, 1e-2, g.cview(), decay.cview(), w.view(), m.view(), v.view()),
+                       doctest::Contains("the gradient is not finite"), Error);
+  CHECK(testing::max_diff(w, as_double(w_before.cview())) == 0);
 }

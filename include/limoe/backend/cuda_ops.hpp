@@ -10,6 +10,7 @@
 
 #include "limoe/core/enums.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/adamw.hpp"
 #include "limoe/moe/plan.hpp"
 #include "limoe/ops/shapes.hpp"
 
@@ -118,6 +119,13 @@ void combine_forward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route,
 template <class T>
 void combine_backward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> ye, CV<T> dy, V<T> dye,
                       V<T> dgate);
+
+// One AdamW step with global-norm clipping over flat buffers (w, m, v updated in place; decay[i] != 0 where
+// weight decay applies), step t counted from 1: AdamW::update's arithmetic (math/adamw.hpp). Returns the
+// gradient norm before clipping; a non-finite norm throws and changes nothing.
+template <class T>
+double adamw_update(const AdamWConfig& cfg, std::int64_t step, double lr, CV<T> g, CV<std::uint8_t> decay, V<T> w,
+                    V<T> m, V<T> v);
 
 // Routing on the device (src/cuda/routing.cu): moe::parallel::route_groups with thrust::cuda::par on device
 // views (gates [N, E], capacity per group, choice and route [N, K]); the same decisions as the sequential

@@ -9,8 +9,21 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "limoe/math/host_device.hpp"
+
+namespace limoe {
+
+// AdamW's hyperparameters (train/optimizer.hpp's AdamW on the CPU, cuda::ops::adamw_update on a GPU).
+struct AdamWConfig {
+  double lr = 1e-3;            // peak learning rate
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double weight_decay = 0.1;   // decoupled (Loshchilov & Hutter): w -= lr_t * wd * w, on matrices only
+  double clip_norm = 1.0;      // global-norm clipping; <= 0 disables it
+};
+
+}  // namespace limoe
 
 namespace limoe::math {
 
@@ -27,6 +40,20 @@ LIMOE_HD inline void adamw_element(const AdamWStep<T>& s, bool decay, T g, T& w,
   v = s.b2 * v + (T(1) - s.b2) * gc * gc;
   if (decay) w -= s.wd_lr * w;
   w -= s.step_size * m / (sqrt(v * s.inv_bc2) + s.eps);
+}
+
+// The clip factor of a step: min(1, clip_norm / norm), 1 when clipping is off (clip_norm <= 0).
+inline double adamw_clip(double norm, double clip_norm) {
+  return (clip_norm > 0 && norm > clip_norm) ? clip_norm / norm : 1.0;
+}
+
+// The constants of step t (1-based) at learning rate lr with clip factor clip, every backend's.
+template <class T>
+AdamWStep<T> adamw_step(const AdamWConfig& c, std::int64_t t, double lr, double clip) {
+  const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(t));
+  const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(t));
+  return {static_cast<T>(c.beta1), static_cast<T>(c.beta2), static_cast<T>(c.eps), static_cast<T>(lr / bc1),
+          static_cast<T>(1.0 / bc2), static_cast<T>(lr * c.weight_decay), static_cast<T>(clip)};
 }
 
 }  // namespace limoe::math

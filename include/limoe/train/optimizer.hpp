@@ -24,13 +24,6 @@
 
 namespace limoe {
 
-struct AdamWConfig {
-  double lr = 1e-3;            // peak learning rate
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  double weight_decay = 0.1;   // decoupled (Loshchilov & Hutter): w -= lr_t * wd * w, on matrices only
-  double clip_norm = 1.0;      // global-norm clipping; <= 0 disables it
-};
-
 enum class Decay { Cosine, Linear };
 
 // Linear warmup to the peak, then cosine or linear decay to `final_fraction` of the peak at `total_steps`.
@@ -143,13 +136,8 @@ class AdamW {
     const double norm = grad_norm ? *grad_norm : std::sqrt(sq);
     LIMOE_CHECK(std::isfinite(norm), "AdamW: the gradient is not finite (norm ", norm,
                 "); lower the learning rate or enable clipping");
-    const double clip = (cfg_.clip_norm > 0 && norm > cfg_.clip_norm) ? cfg_.clip_norm / norm : 1.0;
     ++step_;
-    const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(step_));
-    const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(step_));
-    const math::AdamWStep<T> st{static_cast<T>(cfg_.beta1), static_cast<T>(cfg_.beta2), static_cast<T>(cfg_.eps),
-                                static_cast<T>(lr_t / bc1),   static_cast<T>(1.0 / bc2),  static_cast<T>(lr_t * cfg_.weight_decay),
-                                static_cast<T>(clip)};
+    const auto st = math::adamw_step<T>(cfg_, step_, lr_t, math::adamw_clip(norm, cfg_.clip_norm));
     parallel_for(0, n, 1 << 15, [&](index_t i0, index_t i1) {
       for (index_t i = i0; i < i1; ++i) math::adamw_element(st, decay_mask_[i] != 0, g[i], w[i], m_[i], v_[i]);
     });

@@ -9,12 +9,14 @@
 // integer back), and the dispatch plan (per-expert row counts). Scratch is allocated per call for now.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "../kernels/contrastive.cuh"
 #include "../kernels/moe.cuh"
+#include "../kernels/optimizer.cuh"
 #include "../kernels/rows.cuh"
 #include "../kernels/tensor.cuh"
 #include "exec.cuh"
@@ -464,6 +466,39 @@ void contrastive_backward(CV<T> zi, CV<T> zt, T theta, T max_scale, CV<T> logits
     exec::to_host(&s, theta_sum.data(), 1);
     *dtheta += static_cast<T>(s);
   }
+}
+
+// ---- the optimizer -------------------------------------------------------------------------------------------
+
+// One AdamW step over flat buffers (train/optimizer.hpp's AdamW::update): the global gradient norm in double
+// (partial sums per block, then one block, fixed order), the clip factor and the step's constants from
+// math::adamw_clip / adamw_step on the host, then math::adamw_element per parameter. Returns the norm before
+// clipping; a norm that is not finite is an error and leaves w, m and v untouched.
+template <class T>
+double adamw_update(const AdamWConfig& cfg, std::int64_t step, double lr, CV<T> g, CV<std::uint8_t> decay, V<T> w,
+                    V<T> m, V<T> v) {
+  const index_t n = g.numel();
+  LIMOE_CHECK(decay.numel() == n && w.numel() == n && m.numel() == n && v.numel() == n,
+              "cuda::adamw_update: g, decay, w, m and v must have the same size (", n, ", ", decay.numel(), ", ",
+              w.numel(), ", ", m.numel(), ", ", v.numel(), ")");
+  LIMOE_CHECK(step >= 1, "cuda::adamw_update: step counts from 1, got ", step);
+  constexpr int kThreads = 256;
+  const index_t blocks = std::max<index_t>(1, std::min<index_t>(1024, (n + kThreads - 1) / kThreads));
+  DTensor<double> partial(Shape{blocks}), sum(Shape{1});
+  exec::launch("sum_squares_partial", dim3(static_cast<unsigned>(blocks)), kThreads,
+               kn::sum_squares_partial<kThreads, T>, g.data(), n, partial.data());
+  exec::launch("sum_squares_final", 1, kThreads, kn::sum_squares_final<kThreads>,
+               static_cast<const double*>(partial.data()), static_cast<int>(blocks), sum.data());
+  double sq = 0;
+  exec::to_host(&sq, sum.data(), 1);
+  using std::sqrt;
+  const double norm = sqrt(sq);
+  LIMOE_CHECK(std::isfinite(norm), "cuda::adamw_update: the gradient is not finite (norm ", norm,
+              "); lower the learning rate or enable clipping");
+  const auto st = math::adamw_step<T>(cfg, step, lr, math::adamw_clip(norm, cfg.clip_norm));
+  exec::launch("adamw_update", exec::grid_for(n), 256, kn::adamw_update<T>, st, decay.data(), g.data(), n, w.data(),
+               m.data(), v.data());
+  return norm;
 }
 
 }  // namespace limoe::cuda::ops

@@ -11,6 +11,14 @@
 
 namespace limoe::cuda::kernels {
 
+// The maximum of row li[0, n) over the block, returned to every thread (red: kThreads values of shared scratch).
+template <int kThreads, class T>
+__device__ __forceinline__ T row_max(const T* li, std::int64_t n, T* red) {
+  T m = li[0];
+  for (std::int64_t j = threadIdx.x; j < n; j += kThreads) m = li[j] > m ? li[j] : m;
+  return block_max<kThreads>(red, m);
+}
+
 // One block per row i of logits [n, n]: loss_i = log sum_j exp(l_ij - m) + m - l_ii, hit_i = (first argmax == i).
 template <int kThreads, class T>
 __global__ void contrastive_rows(const T* __restrict__ logits, std::int64_t n, double* __restrict__ loss,
@@ -23,9 +31,7 @@ __global__ void contrastive_rows(const T* __restrict__ logits, std::int64_t n, d
   const std::int64_t i = blockIdx.x;
   const int t = static_cast<int>(threadIdx.x);
   const T* li = logits + i * n;
-  T m = li[0];
-  for (std::int64_t j = t; j < n; j += kThreads) m = li[j] > m ? li[j] : m;
-  m = block_max<kThreads>(red_t, m);
+  const T m = row_max<kThreads>(li, n, red_t);
   std::int64_t arg = n;
   double s = 0;
   for (std::int64_t j = t; j < n; j += kThreads) {
@@ -86,9 +92,7 @@ __global__ void contrastive_grad(const T* __restrict__ logits, std::int64_t n, c
   const std::int64_t i = blockIdx.x;
   const int t = static_cast<int>(threadIdx.x);
   const T* li = logits + i * n;
-  T m = li[0];
-  for (std::int64_t j = t; j < n; j += kThreads) m = li[j] > m ? li[j] : m;
-  m = block_max<kThreads>(red_t, m);
+  const T m = row_max<kThreads>(li, n, red_t);
   double s = 0;
   for (std::int64_t j = t; j < n; j += kThreads) s += exp(static_cast<double>(li[j] - m));
   const double inv = 1.0 / block_sum<kThreads>(red_d, s);
