@@ -98,11 +98,7 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
   const auto d = detail::attention_check<T>("attention_backward", w, heads, xq, xkv, key_mask);
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   expect_shape(dy, xq.shape(), "attention_backward: dy");
-  LIMOE_CHECK(cache.q.shape() == xq.shape() && cache.k.shape() == xkv.shape() &&
-                  cache.probs.shape() == (Shape{B, H, Nq, Nk}),
-              "attention_backward: the cache holds q ", cache.q.shape().str(), ", k ", cache.k.shape().str(),
-              ", probs ", cache.probs.shape().str(), " which do not match xq ", xq.shape().str(), ", xkv ",
-              xkv.shape().str(), " and H=", H, "; run attention_forward with these inputs first");
+  detail::attention_cache_check<T>("attention_backward", cache, xq.shape(), xkv.shape(), d);
   if (!dxq.empty()) expect_shape(dxq, xq.shape(), "attention_backward: dxq");
   if (!dxkv.empty()) expect_shape(dxkv, xkv.shape(), "attention_backward: dxkv");
   const bool summed = !dxq.empty() && dxq.data() == dxkv.data();

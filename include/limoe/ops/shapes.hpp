@@ -243,6 +243,16 @@ AttentionDims attention_check(const char* fn, const std::type_identity_t<Attenti
   return d;
 }
 
+// The backward's check that `cache` holds what attention_forward left for these inputs and heads.
+template <class T, class S = HostSpace>
+void attention_cache_check(const char* fn, const AttentionCache<T, S>& cache, const Shape& xq, const Shape& xkv,
+                           const AttentionDims& d) {
+  LIMOE_CHECK(cache.q.shape() == xq && cache.k.shape() == xkv && cache.probs.shape() == (Shape{d.B, d.H, d.Nq, d.Nk}),
+              fn, ": the cache holds q ", cache.q.shape().str(), ", k ", cache.k.shape().str(), ", probs ",
+              cache.probs.shape().str(), " which do not match xq ", xq.str(), ", xkv ", xkv.str(), " and H=", d.H,
+              "; run attention_forward with these inputs first");
+}
+
 template <class T, class S = HostSpace>
 void pool_check(const char* fn, Pooling kind, detail::CArg<T, S> x_or_dx, detail::CArg<std::uint8_t, S> key_mask, detail::CArg<T, S> y_or_dy) {
   LIMOE_CHECK(kind != Pooling::Map, fn, ": map pooling has weights; call map_head_forward/backward instead");

@@ -57,6 +57,12 @@ inline std::vector<index_t> host_offsets(const DispatchPlan& p) {
   exec::to_host(off.data(), p.offsets.data(), off.size());
   return off;
 }
+// fn(e, r0, n) for each expert e with n > 0 rows starting at row r0, in expert order.
+template <class Fn>
+void for_each_block(const std::vector<index_t>& off, Fn&& fn) {
+  for (std::size_t e = 0; e + 1 < off.size(); ++e)
+    if (off[e + 1] > off[e]) fn(static_cast<index_t>(e), off[e], off[e + 1] - off[e]);
+}
 }  // namespace detail
 
 // xe [A, D] -> hpre [A, M] (kept for the backward), h = GELU(hpre), ye [A, D]: per expert e over its rows,
@@ -72,23 +78,19 @@ void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space
   expect_shape(h, Shape{p.A, M}, "cuda::expert_mlp_forward: h");
   expect_shape(ye, Shape{p.A, D}, "cuda::expert_mlp_forward: ye");
   const auto off = detail::host_offsets(p);
-  for (int e = 0; e < p.E; ++e) {
-    const index_t r0 = off[static_cast<std::size_t>(e)], n = off[static_cast<std::size_t>(e) + 1] - r0;
-    if (n == 0) continue;
+  detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
     exec::launch("fill_rows (b1)", exec::grid_for(n * M), 256, kn::fill_rows<T>, w.fc1_b.data() + e * M, n, M,
                  hpre.data() + r0 * M);
     exec::gemm<T>(false, true, n, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D, T(1),
                   hpre.data() + r0 * M, M);
-  }
+  });
   gelu_forward<T>(gelu, CV<T>(hpre), h);
-  for (int e = 0; e < p.E; ++e) {
-    const index_t r0 = off[static_cast<std::size_t>(e)], n = off[static_cast<std::size_t>(e) + 1] - r0;
-    if (n == 0) continue;
+  detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
     exec::launch("fill_rows (b2)", exec::grid_for(n * D), 256, kn::fill_rows<T>, w.fc2_b.data() + e * D, n, D,
                  ye.data() + r0 * D);
     exec::gemm<T>(false, true, n, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M, T(1),
                   ye.data() + r0 * D, D);
-  }
+  });
 }
 
 // dh = (dye W2_e) GELU'(hpre) (overwritten), dxe = dh W1_e (overwritten; skipped when empty); dW2_e += dye^T h,
@@ -107,16 +109,12 @@ void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Spac
   expect_shape(dh, Shape{p.A, M}, "cuda::expert_mlp_backward: dh");
   if (!dxe.empty()) expect_shape(dxe, Shape{p.A, D}, "cuda::expert_mlp_backward: dxe");
   const auto off = detail::host_offsets(p);
-  for (int e = 0; e < p.E; ++e) {
-    const index_t r0 = off[static_cast<std::size_t>(e)], n = off[static_cast<std::size_t>(e) + 1] - r0;
-    if (n == 0) continue;
+  detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
     exec::gemm<T>(false, false, n, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M, T(0),
                   dh.data() + r0 * M, M);
-  }
+  });
   gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
-  for (int e = 0; e < p.E; ++e) {
-    const index_t r0 = off[static_cast<std::size_t>(e)], n = off[static_cast<std::size_t>(e) + 1] - r0;
-    if (n == 0) continue;
+  detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
     if (!dxe.empty())
       exec::gemm<T>(false, false, n, D, M, T(1), dh.data() + r0 * M, M, w.fc1_w.data() + e * M * D, D, T(0),
                     dxe.data() + r0 * D, D);
@@ -132,7 +130,7 @@ void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Spac
     if (!g.fc1_b.empty())
       exec::launch("add_column_sums (db1)", exec::grid_for(M, kColThreads), kColThreads, kn::add_column_sums<T>,
                    static_cast<const T*>(dh.data() + r0 * M), n, M, M, g.fc1_b.data() + e * M);
-  }
+  });
 }
 
 template <class T>

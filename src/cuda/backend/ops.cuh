@@ -308,11 +308,7 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
   const auto d = chk::attention_check<T, Space>("cuda::attention_backward", w, heads, xq, xkv, key_mask);
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   expect_shape(dy, xq.shape(), "cuda::attention_backward: dy");
-  LIMOE_CHECK(cache.q.shape() == xq.shape() && cache.k.shape() == xkv.shape() &&
-                  cache.probs.shape() == (Shape{B, H, Nq, Nk}),
-              "cuda::attention_backward: the cache holds q ", cache.q.shape().str(), ", k ", cache.k.shape().str(),
-              ", probs ", cache.probs.shape().str(), " which do not match xq ", xq.shape().str(), ", xkv ",
-              xkv.shape().str(), " and H=", H, "; run attention_forward with these inputs first");
+  chk::attention_cache_check<T, Space>("cuda::attention_backward", cache, xq.shape(), xkv.shape(), d);
   if (!dxq.empty()) expect_shape(dxq, xq.shape(), "cuda::attention_backward: dxq");
   if (!dxkv.empty()) expect_shape(dxkv, xkv.shape(), "cuda::attention_backward: dxkv");
   const bool summed = !dxq.empty() && dxq.data() == dxkv.data();
