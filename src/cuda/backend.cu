@@ -45,6 +45,9 @@ template void map_head_backward<F, P>(const MapHeadWeights<F, Space>&, int, Gelu
                                       MapHeadCache<F, Space>&, CV<F>, V<F>, const MapHeadGrads<F, Space>&, const P&);
 template ContrastiveResult contrastive_forward<F>(CV<F>, CV<F>, F, F, V<F>);
 template void contrastive_backward<F>(CV<F>, CV<F>, F, F, CV<F>, F, V<F>, V<F>, F*);
+template void add_into<F>(CV<F>, V<F>);
+template void gather_rows<F>(CV<F>, CV<std::int64_t>, V<F>);
+template void scatter_rows<F>(CV<F>, CV<std::int64_t>, V<F>);
 template void dispatch_forward<F>(const DispatchPlan&, CV<F>, V<F>);
 template void dispatch_backward<F>(const DispatchPlan&, CV<F>, V<F>);
 template void combine_forward<F>(const DispatchPlan&, CV<F>, CV<std::int32_t>, CV<F>, V<F>);

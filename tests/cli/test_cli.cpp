@@ -126,11 +126,29 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --input " + in + tail, "--checkpoint is required", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --bogus 1", "unknown option --bogus", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);
-  // The backend flags: cpu / fp32 run; what this build cannot do is refused by name, never ignored.
-  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device cuda", "--device cuda", out);
+  // The backend flags: cpu / fp32 run; what cannot run is refused by name, never ignored.
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device tpu", "cpu or cuda", out);
-  expect_failure("train --preset tiny --steps 1 --device cuda --out " + (scratch() / "nodev").string(), "--device cuda",
-                 scratch() / "nodev" / "checkpoint.safetensors");
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device cuda --precision bf16",
+                 "fp32 only", out);
+  expect_failure("bench --workload gemm --device cuda", "model workloads");
+  {
+    // --device cuda runs on a machine with a GPU and a CUDA build; anywhere else it is one line naming why
+    // (no CUDA part, or no usable device with CUDA's reason), and nothing is written.
+    const fs::path dir = scratch() / "cudarun";
+    const Run r = run("train --preset tiny --steps 1 --batch 4 --data synthetic --quiet --device cuda --out " + dir.string());
+    INFO(r.err);
+    if (r.code == 0) {
+      CHECK(fs::exists(dir / "checkpoint.safetensors"));
+    } else {
+      CHECK(r.code == 2);
+      CHECK(r.err.find("--device cuda") != std::string::npos);
+      CHECK((r.err.find("without the CUDA part") != std::string::npos ||
+             r.err.find("no usable CUDA device") != std::string::npos));
+      CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+      CHECK_FALSE(fs::exists(dir / "checkpoint.safetensors"));
+    }
+    fs::remove_all(dir);
+  }
   expect_failure("bench --workload gemm --precision fp16", "fp32 or bf16");
   {
     const Run r = run("embed --checkpoint " + ck + " --input " + in + tail + " --device cpu --precision fp32");

@@ -16,6 +16,9 @@ foreach(src IN LISTS LIMOE_CUDA_TESTS)
   set_tests_properties(${name} PROPERTIES LABELS "cuda" SKIP_RETURN_CODE 77 TIMEOUT 300)
 endforeach()
 
+# The whole model on the GPU uses the model compiled once (the CPU's and the CUDA backend's instances).
+target_link_libraries(test_cuda_model PRIVATE limoe_instances limoe_instances_cuda)
+
 # No register spills and no stack frames in the CUDA backend's kernels (nvcc --resource-usage, sm_90).
 add_test(NAME test_cuda_resource_usage
          COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/cuda/resource_check.sh ${CMAKE_CUDA_COMPILER} ${PROJECT_SOURCE_DIR})

@@ -12,52 +12,185 @@
 #include <limoe/core/params.hpp>
 #include <limoe/train/optimizer.hpp>
 
+#include "support/cuda_from_host.hpp"
 #include "unit/backend_cases.hpp"
 #if !defined(LIMOE_HARNESS_QUICK)
 #include "unit/backend_model.hpp"
+
+#include <cstdio>
+#include <filesystem>
+#include <limoe/model/checkpoint.hpp>
+#include <limoe/train/trainer.hpp>
 #endif
 
 using namespace limoe;
 using namespace limoe::backend_cases;
+using limoe::testing_cuda::CudaFromHost;
+using limoe::testing_cuda::Mirror;
 
-static_assert(std::is_same_v<Cuda::memory_space, HostSpace>, "the emulated backend runs on host memory");
+// The emulated device memory is host memory the host may not read through views, as on a GPU.
+static_assert(!Cuda::memory_space::host_accessible, "the emulated backend's memory is opaque to host code");
 
 #if !defined(LIMOE_HARNESS_QUICK)  // the ThreadSanitizer build runs float only
 TEST_CASE("cuda backend (emulated): every op against Ref, forward and backward (double)") {
-  for_each_backend<std::tuple<Cuda>, double>();
+  for_each_backend<std::tuple<CudaFromHost>, double>();
 }
 
-// The model composed from the CUDA op table (Limoe<double, ..., Cuda>): the ops' seams (views, caches, the
-// dispatch plan) fit the model's calls, and its outputs, routes and gradients equal the model on Ref. Under
-// emulation the model's own host code reads the "device" tensors directly; on a GPU it cannot yet (the model
-// keeps host tensors), so this runs here only.
+// The model on the CUDA backend (Limoe<double, ..., Cuda>): parameters, activations and the MoE layer's
+// buffers in device memory, the router's decisions on the host over the downloaded logits; its outputs,
+// routes and gradients equal the model on Ref.
 TEST_CASE("cuda backend (emulated): the whole model on Cuda against the model on Ref") { compare_model<Cuda>(1e-9); }
+
+namespace {
+template <class B>
+using DModel = Limoe<double, ConfigRouter, moe::DefaultAuxLosses, B>;
+
+// A batch of n pairs for tiny_config (some texts padded).
+struct Batch {
+  Tensor<double> images;
+  Tensor<std::int32_t> texts;
+};
+Batch tiny_batch(const ModelConfig& cfg, index_t n, std::uint64_t seed) {
+  Batch b{testing::randn<double>(Shape{n, 8, 8, 3}, seed), Tensor<std::int32_t>(Shape{n, cfg.text_len})};
+  for (index_t i = 0; i < n * cfg.text_len; ++i)
+    b.texts[i] = i % cfg.text_len < 2 + (i / cfg.text_len + static_cast<index_t>(seed)) % 3
+                     ? static_cast<std::int32_t>(2 + (i * 7 + static_cast<index_t>(seed)) % 11)
+                     : cfg.pad_id;
+  return b;
+}
+// The largest |a - b| over two host views of one size.
+double diff(CView<double> a, CView<double> b) {
+  REQUIRE(a.numel() == b.numel());
+  double d = 0;
+  for (index_t i = 0; i < a.numel(); ++i) d = std::max(d, std::abs(a[i] - b[i]));
+  return d;
+}
+std::string scratch_file(const char* name) {
+  return (std::filesystem::temp_directory_path() / name).string();
+}
+}  // namespace
+
+// Training on the device: the Trainer with the model's parameters, gradients and AdamW moments in device
+// memory (AdamW<double, device space>, cuda::ops::adamw_update) against the same steps on Ref: losses, routing
+// statistics and every parameter and moment after 4 steps (the first clipped).
+TEST_CASE("cuda backend (emulated): training steps on Cuda against training on Ref") {
+  const ModelConfig cfg = tiny_config();
+  TrainConfig tc;
+  tc.steps = 10, tc.warmup_steps = 2;
+  tc.adam.lr = 3e-3, tc.adam.clip_norm = 0.5;
+  DModel<Ref> want(cfg);
+  DModel<Cuda> got(cfg);
+  want.init(11), got.init(11);
+  want.set_noise_seed(5), got.set_noise_seed(5);
+  Trainer<DModel<Ref>> tw(want, tc);
+  Trainer<DModel<Cuda>> tg(got, tc);
+  static_assert(!std::is_same_v<decltype(tg.optimizer().m()), Tensor<double>&>, "the moments live on the device");
+  bool clipped = false;
+  for (int s = 0; s < 4; ++s) {
+    CAPTURE(s);
+    const Batch b = tiny_batch(cfg, 3, 100 + static_cast<std::uint64_t>(s));
+    const StepReport rw = tw.step(b.images.cview(), b.texts.cview());
+    const StepReport rg = tg.step(b.images.cview(), b.texts.cview());
+    CHECK(rg.loss.total == doctest::Approx(rw.loss.total).epsilon(1e-10));
+    CHECK(rg.grad_norm == doctest::Approx(rw.grad_norm).epsilon(1e-9));
+    clipped |= rw.grad_norm > tc.adam.clip_norm;
+    REQUIRE(rg.routing.size() == rw.routing.size());
+    for (std::size_t i = 0; i < rw.routing.size(); ++i)
+      for (int m = 0; m < 2; ++m) CHECK(rg.routing[i].routed[m] == rw.routing[i].routed[m]);
+  }
+  CHECK(clipped);
+  CHECK(diff(to_host(got.params().values()).cview(), want.params().values()) <= 1e-9);
+  CHECK(diff(to_host(tg.optimizer().m().cview()).cview(), tw.optimizer().m().cview()) <= 1e-9);
+  CHECK(diff(to_host(tg.optimizer().v().cview()).cview(), tw.optimizer().v().cview()) <= 1e-12);
+  CHECK(tg.optimizer().step() == 4);
+}
+
+// One checkpoint file for both backends: written by the model on the device (with its optimizer state) and
+// read by the model on the CPU, and the reverse; the two give the same embeddings and routes.
+TEST_CASE("cuda backend (emulated): checkpoints move between the device and the CPU") {
+  const ModelConfig cfg = tiny_config();
+  TrainConfig tc;
+  tc.steps = 10, tc.warmup_steps = 1;
+  DModel<Cuda> dev(cfg);
+  dev.init(3);
+  Trainer<DModel<Cuda>> trainer(dev, tc);
+  const Batch b = tiny_batch(cfg, 3, 7);
+  trainer.step(b.images.cview(), b.texts.cview());  // moments that are not zero
+  const std::string a = scratch_file("limoe_emu_dev.safetensors"), c = scratch_file("limoe_emu_cpu.safetensors");
+  save_checkpoint(dev, a, TrainState<double, Cuda::memory_space>{&trainer.optimizer(), R"({"step": 1})"});
+
+  // Device -> CPU: the weights (as float, the file's type) and the moments arrive; the embeddings agree.
+  DModel<Cpu> cpu(cfg);
+  const auto r = io::SafetensorsReader::open(a);
+  load_weights(cpu, r);
+  AdamW<double> opt(tc.adam, cpu.params());
+  REQUIRE(load_optimizer(opt, r));
+  CHECK(opt.step() == 1);
+  auto as_float = [](CView<double> v) {
+    Tensor<double> t(v.shape());
+    for (index_t i = 0; i < v.numel(); ++i) t[i] = static_cast<double>(static_cast<float>(v[i]));
+    return t;
+  };
+  CHECK(diff(std::as_const(cpu.params()).values(), as_float(to_host(dev.params().values()).cview()).cview()) == 0);
+  CHECK(diff(opt.m().cview(), as_float(to_host(trainer.optimizer().m().cview()).cview()).cview()) == 0);
+
+  // CPU -> device: a CPU model's file loads on the device; forward in evaluation on both.
+  save_checkpoint(cpu, c);
+  DModel<Cuda> dev2(cfg);
+  load_weights(dev2, io::SafetensorsReader::open(c));
+  const Batch e = tiny_batch(cfg, 4, 9);
+  const auto fc = cpu.forward(e.images.cview(), e.texts.cview(), Mode::Eval);
+  const auto fd = dev2.forward(e.images.cview(), e.texts.cview(), Mode::Eval);
+  CHECK(diff(fd.img_emb.cview(), fc.img_emb.cview()) <= 1e-9);
+  CHECK(diff(fd.txt_emb.cview(), fc.txt_emb.cview()) <= 1e-9);
+  REQUIRE(fd.routes.size() == fc.routes.size());
+  for (std::size_t i = 0; i < fc.routes.size(); ++i)
+    for (index_t j = 0; j < fc.routes[i].numel(); ++j) CHECK(fd.routes[i][j] == fc.routes[i][j]);
+  // The user's own loss gradient (host data) goes into the device model too: backward_from against Ref.
+  DModel<Ref> ref(cfg);
+  load_weights(ref, io::SafetensorsReader::open(c));
+  const auto tr = ref.forward(e.images.cview(), e.texts.cview(), Mode::Train, 2);
+  const auto td = dev2.forward(e.images.cview(), e.texts.cview(), Mode::Train, 2);
+  const auto dz = testing::randn<double>(tr.img_emb.shape(), 4);
+  ref.zero_grad(), dev2.zero_grad();
+  ref.backward_from(tr, dz.cview(), CView<double>{});
+  dev2.backward_from(td, dz.cview(), CView<double>{});
+  CHECK(diff(to_host(dev2.params().grads()).cview(), std::as_const(ref.params()).grads()) <= 1e-9);
+  CHECK(diff(dev2.input_image_grad().cview(), ref.input_image_grad().cview()) <= 1e-9);
+  std::remove(a.c_str());
+  std::remove(c.c_str());
+}
 #endif
 
 TEST_CASE("cuda backend (emulated): every op against Ref, forward and backward (float)") {
-  for_each_backend<std::tuple<Cuda>, float>();
+  for_each_backend<std::tuple<CudaFromHost>, float>();
 }
 
 TEST_CASE("cuda backend (emulated): bad input is refused with the ops' messages") {
   using O = Ops<Cuda, float>;
-  Tensor<float> table(Shape{5, 4}), y(Shape{2, 3, 4});
+  using S = Cuda::memory_space;
+  Tensor<float> table(Shape{5, 4});
   Tensor<std::int32_t> ids(Shape{2, 3});
   for (index_t i = 0; i < 6; ++i) ids[i] = static_cast<std::int32_t>(i % 5);
   ids[4] = 7;
+  Mirror<const float> dtable(table.cview());
+  Mirror<const std::int32_t> dids(ids.cview());
+  Tensor<float, S> y(Shape{2, 3, 4});
   try {
-    O::token_embed_forward(ids.cview(), table.cview(), CView<float>{}, y.view());
+    O::token_embed_forward(dids.v(), dtable.v(), CView<float, S>{}, y.view());
     FAIL("an id outside the vocabulary was accepted");
   } catch (const Error& e) {
     CHECK(std::string(e.what()).find("token id 7 at position 1 of sequence 1") != std::string::npos);
   }
-  Tensor<std::int32_t> route(Shape{3, 1});
-  route[0] = 0, route[1] = 4, route[2] = -1;
-  moe::DispatchPlan plan;
-  CHECK_THROWS_WITH_AS(O::make_dispatch_plan(route.cview(), 3, plan),
+  const Tensor<std::int32_t> route = Tensor<std::int32_t>::from(Shape{3, 1}, {0, 4, -1});
+  Mirror<const std::int32_t> droute(route.cview());
+  moe::BasicDispatchPlan<S> plan;
+  CHECK_THROWS_WITH_AS(O::make_dispatch_plan(droute.v(), 3, plan),
                        doctest::Contains("1 route entries are neither -1 nor an expert in [0, 3)"), Error);
-  Tensor<float> x(Shape{4, 6}), W(Shape{5, 7}), out(Shape{4, 5});
-  CHECK_THROWS_WITH_AS(O::linear_forward(x.cview(), W.cview(), CView<float>{}, out.view()),
+  Tensor<float, S> x(Shape{4, 6}), W(Shape{5, 7}), out(Shape{4, 5});
+  CHECK_THROWS_WITH_AS(O::linear_forward(x.cview(), W.cview(), CView<float, S>{}, out.view()),
                        doctest::Contains("must end in I = 7"), Error);
+  CHECK_THROWS_WITH_AS(O::add_into(x.cview(), out.view()), doctest::Contains("must have one shape"), Error);
 }
 
 namespace {
@@ -65,6 +198,22 @@ Tensor<double> as_double(CView<float> v) {
   Tensor<double> d(v.shape());
   for (index_t i = 0; i < v.numel(); ++i) d[i] = static_cast<double>(v[i]);
   return d;
+}
+// cuda::ops::adamw_update on device copies of host buffers; w, m, v copied back.
+double adamw_on_device(const AdamWConfig& cfg, int step, double lr, const Tensor<float>& g,
+                       const Tensor<std::uint8_t>& decay, Tensor<float>& w, Tensor<float>& m, Tensor<float>& v) {
+  Mirror<const float> dg(g.cview());
+  Mirror<const std::uint8_t> dd(decay.cview());
+  Mirror<float> dw(w.view()), dm(m.view()), dv(v.view());
+  double norm = 0;
+  try {
+    norm = cuda::ops::adamw_update<float>(cfg, step, lr, dg.v(), dd.v(), dw.v(), dm.v(), dv.v());
+  } catch (...) {
+    dw.back(), dm.back(), dv.back();  // what the device holds after a refused step
+    throw;
+  }
+  dw.back(), dm.back(), dv.back();
+  return norm;
 }
 }  // namespace
 
@@ -91,7 +240,7 @@ TEST_CASE("cuda backend (emulated): AdamW with global-norm clipping against the 
     std::copy(ps.grads().data(), ps.grads().data() + n, g.data());
     const double lr = 1e-2 * (1.0 + 0.1 * step);
     const double norm = opt.update(ps, lr);
-    const double got = cuda::ops::adamw_update<float>(cfg, step, lr, g.cview(), decay.cview(), w.view(), m.view(), v.view());
+    const double got = adamw_on_device(cfg, step, lr, g, decay, w, m, v);
     if (step == 1) CHECK(norm > 1.0);  // the clipped step
     CHECK(got == doctest::Approx(norm).epsilon(1e-12));
     CHECK(testing::max_diff(w, as_double(ps.values())) <= 1e-6);
@@ -101,7 +250,7 @@ TEST_CASE("cuda backend (emulated): AdamW with global-norm clipping against the 
   // A gradient that is not finite: an error naming it, and nothing changes.
   const Tensor<float> w_before = w;
   g[3] = std::numeric_limits<float>::quiet_NaN();
-  CHECK_THROWS_WITH_AS(cuda::ops::adamw_update<float>(cfg, 4, 1e-2, g.cview(), decay.cview(), w.view(), m.view(), v.view()),
+  CHECK_THROWS_WITH_AS(adamw_on_device(cfg, 4, 1e-2, g, decay, w, m, v),
                        doctest::Contains("the gradient is not finite"), Error);
   CHECK(testing::max_diff(w, as_double(w_before.cview())) == 0);
 }

@@ -305,6 +305,23 @@ Outputs case_moe_ops(std::uint64_t s) {
   return o;
 }
 
+// The row moves: the residual add, and a permutation's gather and scatter (the model's routing-group order).
+template <class B, class T>
+Outputs case_rows(std::uint64_t s) {
+  using O = Ops<B, T>;
+  const index_t R = 23, D = 12;
+  auto x = randn<T>(Shape{R, D}, s), y = randn<T>(Shape{R, D}, s + 1);
+  Tensor<std::int64_t> perm(Shape{R});
+  for (index_t i = 0; i < R; ++i) perm[i] = (i * 7 + static_cast<index_t>(s % 5)) % R;  // 7 is prime to 23
+  Tensor<T> gathered(Shape{R, D}), scattered(Shape{R, D});
+  O::add_into(x.cview(), y.view());
+  O::gather_rows(y.cview(), perm.cview(), gathered.view());
+  O::scatter_rows(gathered.cview(), perm.cview(), scattered.view());
+  Outputs o;
+  put(o, "y", y), put(o, "gathered", gathered), put(o, "scattered", scattered);
+  return o;
+}
+
 // ---- the harness -----------------------------------------------------------------------------------------
 
 template <class T>
@@ -364,6 +381,7 @@ void all_cases() {
   compare<B, T>("pooling", []<class B2, class T2>(std::uint64_t s) { return case_pooling<B2, T2>(s); });
   compare<B, T>("l2+contrastive", []<class B2, class T2>(std::uint64_t s) { return case_l2_contrastive<B2, T2>(s); });
   compare<B, T>("moe ops", []<class B2, class T2>(std::uint64_t s) { return case_moe_ops<B2, T2>(s); });
+  compare<B, T>("rows", []<class B2, class T2>(std::uint64_t s) { return case_rows<B2, T2>(s); });
 }
 
 template <class Tuple, class T>

@@ -56,7 +56,7 @@ Outputs run_model(const ModelConfig& cfg) {
     put(o, "loss", loss.total);
     m.zero_grad();
     m.backward(fwd);
-    for (const auto& e : m.params().entries()) put<double>(o, "grad." + e.name, m.params().grad(m.params().get(e.name)));
+    for (const auto& e : m.params().entries()) put(o, "grad." + e.name, to_host(m.params().grad(m.params().get(e.name))));
   }
   return o;
 }
@@ -64,8 +64,7 @@ Outputs run_model(const ModelConfig& cfg) {
 // Runs the model on B and on Ref and checks every output within tol; the routes (discrete) must be identical,
 // and the capacity must have dropped something in training (else the case would not test dropping).
 template <class B>
-void compare_model(double tol) {
-  const ModelConfig cfg = tiny_config();
+void compare_model_on(const ModelConfig& cfg, double tol) {
   const Outputs want = run_model<Ref>(cfg);
   const Outputs got = run_model<B>(cfg);
   REQUIRE(got.size() == want.size());
@@ -80,6 +79,18 @@ void compare_model(double tol) {
     if (v.name.rfind("train.routes", 0) == 0)
       for (index_t i = 0; i < v.value.numel(); ++i) dropped |= v.value[i] < 0;
   CHECK(dropped);
+}
+
+// Twice: routing groups of tokens, and routing groups of pairs (group_pairs 2 over 3 pairs: two groups, so the
+// MoE layers' rows are gathered into group order and scattered back).
+template <class B>
+void compare_model(double tol) {
+  for (int group_pairs : {0, 2}) {
+    CAPTURE(group_pairs);
+    ModelConfig cfg = tiny_config();
+    cfg.group_pairs = group_pairs;
+    compare_model_on<B>(cfg, tol);
+  }
 }
 
 }  // namespace limoe::backend_cases

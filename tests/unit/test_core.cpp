@@ -43,6 +43,8 @@ struct CountingOpaqueSpace {
   }
   static void zero(void* p, std::size_t n) { HostSpace::zero(p, n); }
   static void copy(void* d, const void* s, std::size_t n) { HostSpace::copy(d, s, n); }
+  static void upload(void* d, const void* s, std::size_t n) { HostSpace::copy(d, s, n); }
+  static void download(void* d, const void* s, std::size_t n) { HostSpace::copy(d, s, n); }
 };
 template <class V>
 concept HasElementAccess = requires(V v) { v[0]; };

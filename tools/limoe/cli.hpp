@@ -111,11 +111,12 @@ struct Register {
   explicit Register(Command c) { registry().push_back(std::move(c)); }
 };
 
-// --device and --precision, accepted by every sub-command that runs a model (docs/cli.md). This build runs the
-// model on the CPU; --device cuda is refused with one line saying so, never silently ignored.
+// --device and --precision, accepted by every sub-command that runs a model (docs/cli.md). --device cuda runs
+// the model on the CUDA backend (fp32) when the program was built with the CUDA part and a GPU is there; else
+// it is refused with one line saying which, never silently ignored.
 inline const std::set<std::string> kBackendOptions = {"device", "precision"};
 #define LIMOE_CLI_BACKEND_HELP                                                                \
-  "  --device cpu|cuda    the backend (default cpu; this build runs the model on the CPU only)\n" \
+  "  --device cpu|cuda    the backend (default cpu); cuda: the whole model on the GPU, fp32\n" \
   "  --precision P        fp32 (default) or bf16: the large products read bf16 operands and accumulate in\n" \
   "                       fp32; routing, losses and the checkpoint stay fp32 (docs/precision.md)\n"
 
@@ -128,14 +129,24 @@ inline void require_one_rank(const std::string& command) {
               " (only limoe train uses several)");
 }
 
-// Checks --device and returns --precision.
-inline PrecisionKind check_backend(const Args& args) {
+// What --device and --precision chose.
+struct BackendChoice {
+  bool cuda = false;
+  PrecisionKind precision = PrecisionKind::Fp32;
+};
+
+// Checks --device and --precision (the GPU itself is checked when a model is made: cli::with_model).
+inline BackendChoice check_backend(const Args& args) {
   const std::string device = args.str("device", "cpu"), precision = args.str("precision", "fp32");
   LIMOE_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got \"", device, "\"");
-  LIMOE_CHECK(device == "cpu", "--device cuda: this build runs the model on the CPU only (the CUDA backend does not "
-              "run the model yet); use --device cpu");
   LIMOE_CHECK(precision == "fp32" || precision == "bf16", "--precision must be fp32 or bf16, got \"", precision, "\"");
-  return parse_precision(precision);
+#if !defined(LIMOE_CLI_CUDA)
+  LIMOE_CHECK(device == "cpu", "--device cuda: this limoe was built without the CUDA part (no CUDA toolkit at "
+              "configure time, or LIMOE_CUDA=OFF); use --device cpu");
+#endif
+  LIMOE_CHECK(device == "cpu" || precision == "fp32", "--device cuda --precision bf16: the CUDA backend computes in "
+              "fp32 only so far (its bf16 products are not written); use --precision fp32 on cuda, or bf16 on cpu");
+  return {device == "cuda", parse_precision(precision)};
 }
 
 }  // namespace limoe::cli

@@ -49,6 +49,7 @@
 #include <limoe/train/trainer.hpp>
 
 #include "cli.hpp"
+#include "session.hpp"
 
 namespace {
 using namespace limoe;
@@ -315,13 +316,12 @@ std::pair<double, double> accepted_rows(const std::vector<moe::RoutingStats>& st
   return {acc, nominal};
 }
 
-template <class P>
-using BenchModel = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, P>;
-
-template <class P>
+// The model workloads run on the model type the command chose (cli::with_model: CPU fp32 or bf16, or CUDA).
+// A forward returns its embeddings in host memory, so a timed iteration on the GPU ends when the device is done.
+template <class Model>
 json embed(const Params& p) {
   const ModelConfig c = model_config(p, false);
-  BenchModel<P> model(c);
+  Model model(c);
   model.init(kSeed);
   const index_t B = p.batch;
   Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
@@ -342,10 +342,10 @@ json embed(const Params& p) {
   return j;
 }
 
-template <class P>
+template <class Model>
 json train_step(const Params& p) {
   const ModelConfig c = model_config(p, true);
-  BenchModel<P> model(c);
+  Model model(c);
   model.init(kSeed);
   TrainConfig tc;
   tc.steps = 1000;
@@ -356,7 +356,7 @@ json train_step(const Params& p) {
   const index_t B = p.batch;
   LIMOE_CHECK(B % ranks == 0, "--batch ", B, " must split evenly over the ", ranks, " ranks");
   const index_t n = B / ranks;
-  Trainer<BenchModel<P>, dist::AnyComm> trainer(model, tc, std::move(comm));
+  Trainer<Model, dist::AnyComm> trainer(model, tc, std::move(comm));
   Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
   Tensor<std::int32_t> texts(Shape{B, c.text_len});                              // [B, T] ids in [1, V)
   const Rng rng(kSeed);
@@ -395,7 +395,8 @@ int run(const std::vector<std::string>& argv) {
                  {"workload", "config", "width", "tokens", "experts", "top-k", "capacity-factor", "batch", "threads",
                   "repeats", "warmup", "device", "precision"},
                  {"backward"}, "bench");
-  const PrecisionKind precision = cli::check_backend(args);
+  const cli::BackendChoice backend = cli::check_backend(args);
+  const PrecisionKind precision = backend.precision;
   LIMOE_CHECK(args.positional().empty(), "unexpected argument \"",
               args.positional().empty() ? "" : args.positional()[0], "\"");
   Params p;
@@ -451,16 +452,22 @@ int run(const std::vector<std::string>& argv) {
   }
 
   if (p.workload != "train_step") cli::require_one_rank("bench --workload " + p.workload);
+  LIMOE_CHECK(!backend.cuda || model_workload, "--device cuda times the model workloads (embed, train_step); the "
+              "GPU's MoE layer and products are timed by bench_cuda_moe (scripts/gpu-check)");
   json j;
-  auto workload = [&]<class P>() {
-    if (p.workload == "moe_layer") return moe_layer<P>(p);
-    if (p.workload == "dense_mlp") return dense_mlp<P>(p);
-    if (p.workload == "gemm") return gemm_workload(p);
-    if (p.workload == "embed") return embed<P>(p);
-    return train_step<P>(p);
-  };
-  if (precision == PrecisionKind::Bf16) j = workload.template operator()<Bf16Mixed>();
-  else j = workload.template operator()<Fp32>();
+  if (model_workload) {
+    j = cli::with_model(backend, [&]<class Model>() {
+      return p.workload == "embed" ? embed<Model>(p) : train_step<Model>(p);
+    });
+  } else {
+    auto workload = [&]<class P>() {
+      if (p.workload == "moe_layer") return moe_layer<P>(p);
+      if (p.workload == "dense_mlp") return dense_mlp<P>(p);
+      return gemm_workload(p);
+    };
+    if (precision == PrecisionKind::Bf16) j = workload.template operator()<Bf16Mixed>();
+    else j = workload.template operator()<Fp32>();
+  }
 
   json out = {{"workload", p.workload}, {"impl", "limoe"}};
   const double gflop = j["gflop"].get<double>(), median = j["median_s"].get<double>();
@@ -474,6 +481,7 @@ int run(const std::vector<std::string>& argv) {
   out["gflops"] = gflops;
   out["threads"] = num_threads();
   out["precision"] = precision_name(precision);
+  out["device"] = backend.cuda ? "cuda" : "cpu";
   // Parameters used (for embed/train_step: the model's; --tokens is then the tokens of one batch).
   out["width"] = j.contains("width") ? j["width"] : json(p.width);
   out["tokens"] = j.contains("tokens") ? j["tokens"] : json(p.tokens);

@@ -14,7 +14,7 @@ int run(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"checkpoint", "input", "output", "capacity-factor", "group-size", "threads", "device", "precision"},
                  {}, "embed");
   cli::require_one_rank("embed");
-  const PrecisionKind precision = cli::check_backend(args);
+  const cli::BackendChoice backend = cli::check_backend(args);
   args.no_positional();
   const std::string ckpt = args.required("checkpoint"), in = args.required("input"), out = args.required("output");
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
@@ -32,7 +32,7 @@ int run(const std::vector<std::string>& argv) {
     cfg.router.group_size = g;
     cfg.group_pairs = 0;  // the flag's groups (of tokens) replace the checkpoint's groups of pairs
   }
-  return cli::with_precision(precision, [&]<class Model>() -> int {
+  return cli::with_model(backend, [&]<class Model>() -> int {
   Model model(cfg);
   load_weights(model, reader);
 

@@ -81,10 +81,10 @@ int run(const std::vector<std::string>& argv) {
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {}, "eval");
   cli::require_one_rank("eval");
-  const PrecisionKind precision = cli::check_backend(args);
+  const cli::BackendChoice backend = cli::check_backend(args);
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
-  return cli::with_precision(precision, [&]<class Model>() -> int {
+  return cli::with_model(backend, [&]<class Model>() -> int {
   auto loaded = cli::load_model<Model>(args.required("checkpoint"));
   auto& model = *loaded.model;
   const auto& cfg = model.config();
@@ -132,7 +132,7 @@ int run(const std::vector<std::string>& argv) {
   out["recall_at_1_i2t_unique"] = uniq.i2t_at1;
   out["recall_at_1_t2i_unique"] = uniq.t2i_at1;
   // The training loss on the pool's pairs, in batches of 128, at the learned temperature.
-  const float theta = model.params().value(model.params().get("logit_scale"))[0];
+  const float theta = to_host(model.params().value(model.params().get("logit_scale")))[0];
   out["heldout_contrastive_loss"] =
       batched_contrastive_loss(img_r, txt, theta, static_cast<float>(cfg.logit_scale_max), 128);
   // Routing as training sees it: images and texts of test pairs share groups, training capacity factor.

@@ -100,11 +100,11 @@ int run(const std::vector<std::string>& argv) {
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {}, "routing");
   cli::require_one_rank("routing");
-  const PrecisionKind precision = cli::check_backend(args);
+  const cli::BackendChoice backend = cli::check_backend(args);
   args.no_positional();
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
   const std::string ckpt = args.required("checkpoint");
-  return cli::with_precision(precision, [&]<class Model>() -> int {
+  return cli::with_model(backend, [&]<class Model>() -> int {
   auto loaded = cli::load_model<Model>(ckpt);
   auto& model = *loaded.model;
   const auto& cfg = model.config();

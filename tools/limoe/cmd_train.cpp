@@ -57,7 +57,7 @@ int run(const std::vector<std::string>& argv) {
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
   cli::Args args(argv, opts, {"dense", "two-tower", "quiet"}, "train");
   args.no_positional();
-  const PrecisionKind precision = cli::check_backend(args);
+  const cli::BackendChoice backend = cli::check_backend(args);
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
   // The ranks of this run (mpirun) and their layout: data parallel over all of them.
   dist::AnyComm comm = cli::world();
@@ -142,7 +142,7 @@ int run(const std::vector<std::string>& argv) {
               " ranks): a group never spans ranks");
   cfg.validate();
 
-  return cli::with_precision(precision, [&]<class Model>() -> int {
+  return cli::with_model(backend, [&]<class Model>() -> int {
   // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
   Model model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
   const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL)));
@@ -194,7 +194,7 @@ int run(const std::vector<std::string>& argv) {
                          {"data", data::resolve_kind(src)}, {"train_seconds", secs},
                          {"precision", Model::precision_type::name}};
     if (ep == 1) {
-      save_checkpoint(model, ckpt, TrainState<float>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
+      save_checkpoint(model, ckpt, TrainState<float, typename Model::memory_space>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
       return;
     }
     Limoe<float> whole(cfg);

@@ -13,6 +13,13 @@
 
 #include "cli.hpp"
 
+#if defined(LIMOE_CLI_CUDA)
+#include <limoe/backend/cuda.hpp>
+#include <limoe/cuda.hpp>
+// Compiled once, in limoe_instances_cuda (src/instances/limoe_float_cuda.cpp).
+extern template class limoe::Limoe<float, limoe::ConfigRouter, limoe::moe::DefaultAuxLosses, limoe::Cuda>;
+#endif
+
 namespace limoe::cli {
 
 inline const std::set<std::string> kDataOptions = {"data", "data-path", "test-path"};
@@ -51,10 +58,13 @@ inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r) {
   return data::WordTokenizer::from_json(it->second);
 }
 
-// The model types a command runs, by --precision (core/precision.hpp): the same parameters and checkpoint, the
-// large products in fp32 or in bf16 with fp32 accumulation.
+// The model types a command runs, by --device and --precision (core/precision.hpp): the same parameters and
+// checkpoint, the large products in fp32 or in bf16 with fp32 accumulation, on the CPU or on the GPU.
 using ModelFp32 = Limoe<float>;
 using ModelBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed>;
+#if defined(LIMOE_CLI_CUDA)
+using ModelCuda = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cuda>;
+#endif
 
 // Calls fn.template operator()<Model>() with the model type of precision p (a command's body written once).
 // Under bf16 without a bf16 matrix kernel (oneDNN absent, or no AVX-512 BF16 / AMX) one line says that the
@@ -68,6 +78,20 @@ decltype(auto) with_precision(PrecisionKind p, Fn&& fn) {
     return fn.template operator()<ModelBf16>();
   }
   return fn.template operator()<ModelFp32>();
+}
+
+// Calls fn.template operator()<Model>() with the model type of the chosen backend: ModelCuda for --device cuda
+// (after checking that a GPU is there), else by precision (with_precision).
+template <class Fn>
+decltype(auto) with_model(const BackendChoice& b, Fn&& fn) {
+#if defined(LIMOE_CLI_CUDA)
+  if (b.cuda) {
+    LIMOE_CHECK(cuda::device_count() > 0, "--device cuda: no usable CUDA device (", cuda::unavailable_reason(),
+                "); use --device cpu");
+    return fn.template operator()<ModelCuda>();
+  }
+#endif
+  return with_precision(b.precision, std::forward<Fn>(fn));
 }
 
 template <class Model = ModelFp32>

@@ -34,6 +34,10 @@ concept Backend = MemorySpace<typename B::memory_space> && requires {
 
 static_assert(Backend<Ref> && Backend<Cpu>);
 
+// The memory space of backend B's tensors (a non-deduced context in a signature: B is named, never deduced).
+template <class B>
+using SpaceOf = typename B::memory_space;
+
 // Each backend's op table: specialisations in backend/ops.hpp (Ref, Cpu) and the CUDA part (Cuda).
 template <Backend B, class T>
 struct Ops;

@@ -33,4 +33,12 @@ struct Ops<Cuda, T> {
 #undef LIMOE_OPS_MOE_NS
 };
 
+// AdamW<T, CudaBackendSpace>'s update (train/optimizer.hpp finds it by argument-dependent lookup): the CUDA op.
+template <class T>
+double adamw_device_update(const AdamWConfig& cfg, std::int64_t step, double lr, CView<T, CudaBackendSpace> g,
+                           CView<std::uint8_t, CudaBackendSpace> decay, View<T, CudaBackendSpace> w,
+                           View<T, CudaBackendSpace> m, View<T, CudaBackendSpace> v) {
+  return cuda::ops::adamw_update<T>(cfg, step, lr, g, decay, w, m, v);
+}
+
 }  // namespace limoe

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "limoe/core/enums.hpp"
+#include "limoe/core/fp32.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/adamw.hpp"
 #include "limoe/moe/plan.hpp"
@@ -16,7 +17,21 @@
 
 #if defined(LIMOE_CUDA_EMULATION)
 namespace limoe {
-using CudaBackendSpace = HostSpace;  // emulated device memory: host memory
+// Emulated device memory: host memory that host code may not read through views, as on a GPU (the kernels
+// and the emulated cuBLAS read it through raw pointers). Code that would read device memory on the host (the
+// model, the MoE layer, the tests) then fails to compile under the emulation too, and every host <-> device
+// move goes through upload / download, as it must on a GPU.
+struct EmulatedDeviceSpace {
+  static constexpr bool host_accessible = false;
+  static constexpr const char* name = "cuda (emulated)";
+  static void* allocate(std::size_t bytes) { return HostSpace::allocate(bytes); }
+  static void deallocate(void* p, std::size_t bytes) noexcept { HostSpace::deallocate(p, bytes); }
+  static void zero(void* p, std::size_t bytes) { HostSpace::zero(p, bytes); }
+  static void copy(void* dst, const void* src, std::size_t bytes) { HostSpace::copy(dst, src, bytes); }
+  static void upload(void* dst, const void* host_src, std::size_t bytes) { HostSpace::copy(dst, host_src, bytes); }
+  static void download(void* host_dst, const void* src, std::size_t bytes) { HostSpace::copy(host_dst, src, bytes); }
+};
+using CudaBackendSpace = EmulatedDeviceSpace;
 }
 #else
 #include "limoe/core/cuda_space.hpp"
@@ -34,11 +49,10 @@ template <class T>
 using V = View<T, Space>;
 using DispatchPlan = moe::BasicDispatchPlan<Space>;
 
-// The products' precision policy (core/precision.hpp's Fp32 / Bf16Mixed, or this default): fp32 only so far;
-// a bf16 policy is refused at compile time rather than computed in fp32 under its name.
-struct Fp32Products {
-  static constexpr bool mixed = false;
-};
+// The products' precision policy (core/precision.hpp's Fp32 / Bf16Mixed): fp32 only so far, compiled for
+// limoe::Fp32 (what the model passes); a bf16 policy is refused at compile time rather than computed in fp32
+// under its name.
+using Fp32Products = ::limoe::Fp32;
 
 template <class T, class Prec = Fp32Products>
 void linear_forward(CV<T> x, CV<T> W, CV<T> b, V<T> y, const Prec& = {});
@@ -100,6 +114,15 @@ ContrastiveResult contrastive_forward(CV<T> zi, CV<T> zt, T theta, T max_scale, 
 template <class T>
 void contrastive_backward(CV<T> zi, CV<T> zt, T theta, T max_scale, CV<T> logits, T dloss, V<T> dzi, V<T> dzt,
                           T* dtheta);
+
+// The row moves of limoe/ops/rows.hpp: y += x; dst[i] = src[idx[i]]; dst[idx[i]] = src[i]. The indices are
+// not read back to the host for a check (they stay on the device): they must be rows of the indexed side.
+template <class T>
+void add_into(CV<T> x, V<T> y);
+template <class T>
+void gather_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst);
+template <class T>
+void scatter_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst);
 
 void make_dispatch_plan(CV<std::int32_t> route, int E, DispatchPlan& p);
 template <class T>

@@ -17,7 +17,8 @@
   X(attention_backward) X(self_attention_forward) X(self_attention_backward) X(patch_embed_forward)     \
   X(patch_embed_backward) X(token_embed_forward) X(token_embed_backward) X(pool_forward)                 \
   X(pool_backward) X(map_head_forward) X(map_head_backward) X(l2_normalize_forward)                     \
-  X(l2_normalize_backward) X(contrastive_forward) X(contrastive_backward)                               \
+  X(l2_normalize_backward) X(contrastive_forward) X(contrastive_backward) X(add_into) X(gather_rows)    \
+  X(scatter_rows)                                                                                       \
   M(dispatch_forward) M(dispatch_backward) M(expert_mlp_forward) M(expert_mlp_backward)                 \
   M(combine_forward) M(combine_backward)
 

@@ -29,6 +29,14 @@ struct CudaSpace {
     const cudaError_t e = cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice);
     LIMOE_CHECK(e == cudaSuccess, "CUDA: cudaMemcpy failed: ", cudaGetErrorString(e));
   }
+  static void upload(void* dst, const void* host_src, std::size_t bytes) {
+    const cudaError_t e = cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice);
+    LIMOE_CHECK(e == cudaSuccess, "CUDA: copy of ", bytes, " bytes to the device failed: ", cudaGetErrorString(e));
+  }
+  static void download(void* host_dst, const void* src, std::size_t bytes) {
+    const cudaError_t e = cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost);
+    LIMOE_CHECK(e == cudaSuccess, "CUDA: copy of ", bytes, " bytes from the device failed: ", cudaGetErrorString(e));
+  }
 };
 static_assert(MemorySpace<CudaSpace>);
 

@@ -1,7 +1,8 @@
 // limoe/core/memory.hpp: memory spaces. Where a tensor's bytes live, and how to allocate, zero and copy them.
 //
-// A memory space is a type with static allocate / deallocate / zero / copy (within the space) and a flag that
-// says whether host code may read and write its elements. Tensors, views and the parameter store carry their
+// A memory space is a type with static allocate / deallocate / zero / copy (within the space), upload (host
+// memory -> the space) and download (the space -> host memory), and a flag that says whether host code may read
+// and write its elements. Tensors, views and the parameter store carry their
 // space as a template parameter (core/tensor.hpp, core/params.hpp); a backend names the space its ops work on
 // (backend/backend.hpp). HostSpace is the one every CPU backend uses; the CUDA backend adds a device space whose
 // allocate is cudaMalloc and whose views have no element access on the host.
@@ -22,6 +23,8 @@ concept MemorySpace = requires(void* p, const void* q, std::size_t n) {
   S::deallocate(p, n);
   S::zero(p, n);
   S::copy(p, q, n);
+  S::upload(p, q, n);
+  S::download(p, q, n);
 };
 
 // Ordinary host memory, 64-byte aligned (one cache line; full AVX-512 vectors).
@@ -33,6 +36,8 @@ struct HostSpace {
   static void deallocate(void* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{kAlign}); }
   static void zero(void* p, std::size_t bytes) { std::memset(p, 0, bytes); }
   static void copy(void* dst, const void* src, std::size_t bytes) { std::memcpy(dst, src, bytes); }
+  static void upload(void* dst, const void* host_src, std::size_t bytes) { std::memcpy(dst, host_src, bytes); }
+  static void download(void* host_dst, const void* src, std::size_t bytes) { std::memcpy(host_dst, src, bytes); }
 };
 
 static_assert(MemorySpace<HostSpace>);

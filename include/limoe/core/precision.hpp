@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "limoe/core/error.hpp"
+#include "limoe/core/fp32.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
 
@@ -85,11 +86,6 @@ class WeightMirror {
   std::uint64_t version_ = 0, conversions_ = 0;
   bool valid_ = false;
   std::vector<bf16_bits> lo_;
-};
-
-struct Fp32 {
-  static constexpr const char* name = "fp32";
-  static constexpr bool mixed = false;
 };
 
 struct Bf16Mixed {

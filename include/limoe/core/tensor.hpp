@@ -275,4 +275,50 @@ void expect_shape(const View<T, Space>& v, const Shape& expected, const char* wh
   LIMOE_CHECK(v.shape() == expected, what, ": expected shape ", expected.str(), ", got ", v.shape().str());
 }
 
+// ---- between host memory and a space (core/memory.hpp: upload, download) ----
+
+// Host elements into a view of space S, and a view of space S into host elements: same number of elements.
+template <class T, MemorySpace S>
+void copy_from_host(CView<T> src, View<T, S> dst) {
+  LIMOE_CHECK(src.numel() == dst.numel(), "copy_from_host: ", src.shape().str(), " into ", dst.shape().str());
+  if (src.numel() > 0) S::upload(dst.data(), src.data(), static_cast<std::size_t>(src.numel()) * sizeof(T));
+}
+template <class T, MemorySpace S>
+void copy_to_host(CView<T, S> src, View<T> dst) {
+  LIMOE_CHECK(src.numel() == dst.numel(), "copy_to_host: ", src.shape().str(), " into ", dst.shape().str());
+  if (src.numel() > 0) S::download(dst.data(), src.data(), static_cast<std::size_t>(src.numel()) * sizeof(T));
+}
+// A host copy of a view of any space.
+template <class T, MemorySpace S>
+Tensor<std::remove_const_t<T>> to_host(View<T, S> v) {
+  using U = std::remove_const_t<T>;
+  Tensor<U> h(v.shape());
+  copy_to_host<U, S>(v, h.view());
+  return h;
+}
+// Host data seen from space S: the data itself when S is host memory, else a copy of it in `buf` (resized).
+template <MemorySpace S, class T>
+CView<T, S> host_into(CView<T> host, Tensor<T, S>& buf) {
+  if constexpr (std::is_same_v<S, HostSpace>) {
+    return host;
+  } else {
+    if (host.empty()) return {};
+    buf.resize(host.shape());
+    copy_from_host<T, S>(host, buf.view());
+    return buf.cview();
+  }
+}
+// Data of space S seen from the host: the data itself when S is host memory, else a copy of it in `buf`.
+template <class T, MemorySpace S>
+CView<T> host_view(CView<T, S> v, Tensor<T>& buf) {
+  if constexpr (std::is_same_v<S, HostSpace>) {
+    return v;
+  } else {
+    if (v.empty()) return {};
+    buf.resize(v.shape());
+    copy_to_host<T, S>(v, buf.view());
+    return buf.cview();
+  }
+}
+
 }  // namespace limoe

@@ -10,12 +10,13 @@
 #include <map>
 #include <string>
 
+#include "limoe/core/tensor.hpp"
 #include "limoe/io/safetensors.hpp"
 #include "limoe/model/config.hpp"
 
 namespace limoe {
 
-template <class T>
+template <class T, class S>
 class AdamW;  // train/optimizer.hpp: it writes and reads its own state (save_state / load_state)
 
 inline constexpr const char* kCheckpointFormat = "limoe";
@@ -62,26 +63,29 @@ void load_weights(Model& model, const io::SafetensorsReader& r) {
                 "\" has ", dims.size() <= 4 ? "shape " + found.str() : "rank " + std::to_string(dims.size()),
                 ", the config requires ", whole.str());
     const std::vector<float> t = r.read_f32_flat(e.name);
-    auto dst = ps.value(ps.get(e.name));
+    using U = typename Model::scalar_type;
+    Tensor<U> host(e.shape);  // checked on the host, then copied into the model's memory (a device backend's)
     const std::size_t first = static_cast<std::size_t>(e.shard * e.shape.numel());
     for (std::size_t i = 0; i < static_cast<std::size_t>(e.shape.numel()); ++i) {
       const float x = t[first + i];
       LIMOE_CHECK(std::isfinite(x), "checkpoint '", r.label(), "': tensor \"", e.name, "\" holds a non-finite value at ", first + i);
-      dst[static_cast<index_t>(i)] = static_cast<typename Model::scalar_type>(x);
+      host[static_cast<index_t>(i)] = static_cast<U>(x);
     }
+    copy_from_host<U, typename Model::memory_space>(host.cview(), ps.value(ps.get(e.name)));
   }
 }
 
 // Optional training state saved beside the weights so a run resumes exactly.
-template <class T>
+template <class T, class S = HostSpace>
 struct TrainState {
-  const AdamW<T>* optimizer = nullptr;
+  const AdamW<T, S>* optimizer = nullptr;
   std::string json;  // free-form "train_state" metadata (step, data position, schedule)
 };
 
 // Writes the model (and optionally the optimizer) atomically: a crash never leaves a half-written file.
 template <class Model, class T = typename Model::scalar_type>
-void save_checkpoint(const Model& model, const std::string& path, const TrainState<T>& state = {},
+void save_checkpoint(const Model& model, const std::string& path,
+                     const TrainState<T, typename Model::memory_space>& state = {},
                      const std::map<std::string, std::string>& extra_metadata = {}) {
   io::SafetensorsWriter w;
   const auto& ps = model.params();
@@ -90,7 +94,7 @@ void save_checkpoint(const Model& model, const std::string& path, const TrainSta
     LIMOE_CHECK(e.shards == 1, "save_checkpoint: \"", e.name, "\" is part ", e.shard, " of ", e.shards,
                 " of its tensor (expert parallel); a checkpoint holds the whole model: gather the parts first "
                 "(Trainer::gather_whole_state) into a whole model");
-    const auto v = ps.value(ps.get(e.name));
+    const auto v = to_host(ps.value(ps.get(e.name)));  // a host copy (of device memory on a device backend)
     buf.assign(v.data(), v.data() + v.numel());
     w.add(e.name, std::vector<std::int64_t>(e.shape.begin(), e.shape.end()), std::span<const float>(buf));
   }
@@ -105,8 +109,8 @@ void save_checkpoint(const Model& model, const std::string& path, const TrainSta
 
 // Restores the AdamW moments and step written by save_checkpoint (AdamW::load_state); false when the checkpoint
 // has none.
-template <class T>
-bool load_optimizer(AdamW<T>& opt, const io::SafetensorsReader& r) {
+template <class T, class S>
+bool load_optimizer(AdamW<T, S>& opt, const io::SafetensorsReader& r) {
   return opt.load_state(r);
 }
 

@@ -1,4 +1,4 @@
-// limoe/model/model.hpp: the one-tower LIMoE model (semantics §1), forward and backward on the CPU.
+// limoe/model/model.hpp: the one-tower LIMoE model (semantics §1), forward and backward on any backend.
 //
 // A batch flows as ONE activation matrix X[R, D], R = Bi*N + Bt*T: all image tokens (image by image), then all
 // text tokens (text by text). That is exactly the order in which the routers group tokens (section 3), so the
@@ -13,7 +13,13 @@
 // Template parameters are policies (what changes the code path); sizes are data in ModelConfig:
 //   Limoe<T, Router, Losses, BackendT>: T scalar (float; double for gradient checks), Router a router policy,
 //   Losses the auxiliary-loss set (moe/layer.hpp), BackendT the backend whose ops run (backend/backend.hpp: Cpu, the
-//   default, or Ref, the naive reference; every op is called through Ops<BackendT, T>).
+//   default, Ref, the naive reference, or Cuda, backend/cuda.hpp; every op is called through Ops<BackendT, T>).
+//
+// Memory: parameters, gradients, activations and caches live in the backend's memory space (device memory for
+// Cuda: the model never reads them on the host). Inputs, outputs and routing are host data: forward() copies the
+// images and token ids in and the embeddings out (ForwardOutput holds host tensors), and the MoE layers route on
+// the host over a copy of the router logits (moe/layer.hpp). The few other values that cross are scalars (the
+// logit scale and its gradient).
 //
 // Gradient rule: backward() ACCUMULATES into the parameter gradients of params() (call zero_grad() first).
 #pragma once
@@ -113,10 +119,19 @@ class Limoe {
   using backend_type = BackendT;
   using precision_type = Precision;
   static_assert(!Precision::mixed || std::is_same_v<T, float>, "Limoe: the bf16 precision policy computes in float");
+  // Parameters, gradients, activations, caches and the MoE layers' rows live in the backend's memory space
+  // (device memory for Cuda); inputs and outputs (images, token ids, embeddings, routes, losses) are host data,
+  // copied in and out. The routers and auxiliary losses run on the host over copies of the router logits.
   using memory_space = typename BackendT::memory_space;
-  // The activations, caches and the MoE layer's plan are host tensors today: a backend over another memory
-  // space (CUDA) brings its own caches with it.
-  static_assert(memory_space::host_accessible, "Limoe: this backend's memory space is not host-accessible");
+  static_assert(std::is_same_v<memory_space, HostSpace> || !Precision::mixed,
+                "Limoe: the bf16 policy runs on host-memory backends only (bf16 on CUDA is not written yet)");
+
+ private:
+  using S = memory_space;
+  template <class U>
+  using DTensor = Tensor<U, S>;
+
+ public:
 
   // `router` is the router policy instance (ignored for ConfigRouter, which builds the stock router from the
   // config); its top_k() must equal the config's top_k.
@@ -162,8 +177,9 @@ class Limoe {
   void init(std::uint64_t seed) {
     const Rng rng(seed);
     int tag = 0;
+    Tensor<T> host(Shape{params_.size()});  // drawn on the host, then copied into the store's memory
     for (const auto& e : params_.entries()) {
-      View<T> v = params_.value(params_.get(e.name));
+      View<T> v(host.data() + e.offset, e.shape);
       const Rng r = rng.derive(static_cast<std::uint64_t>(tag++));
       const std::string& n = e.name;
       auto ends = [&](const char* s) { return n.size() >= std::string(s).size() && n.compare(n.size() - std::string(s).size(), std::string::npos, s) == 0; };
@@ -184,6 +200,7 @@ class Limoe {
         fill(v, r, 1.0 / std::sqrt(static_cast<double>(fan_in)), e.shard * v.numel());
       }
     }
+    copy_from_host<T, S>(host.cview(), params_.values());
   }
 
   // ---- forward ------------------------------------------------------------------------------------------
@@ -218,40 +235,42 @@ class Limoe {
     std::fill(modality_.begin() + Ni_, modality_.end(), std::uint8_t{moe::kText});
     if (Bt_ > 0) {
       texts_.resize(Shape{Bt_, L});
-      std::copy(texts.data(), texts.data() + Bt_ * L, texts_.data());
+      copy_from_host<std::int32_t, S>(texts, texts_.view());
+      txt_mask_host_.resize(Shape{Bt_, L});
+      for (index_t i = 0; i < Bt_ * L; ++i) txt_mask_host_[i] = texts[i] != cfg_.pad_id ? 1 : 0;
       txt_mask_.resize(Shape{Bt_, L});
-      for (index_t i = 0; i < Bt_ * L; ++i) txt_mask_[i] = texts[i] != cfg_.pad_id ? 1 : 0;
+      copy_from_host<std::uint8_t, S>(txt_mask_host_.cview(), txt_mask_.view());
       // Masked routing (ModelConfig::route_padding false): the MoE layers leave padding tokens out.
       if (!cfg_.route_padding)
         for (index_t i = 0; i < Bt_ * L; ++i)
-          if (!txt_mask_[i]) modality_[static_cast<std::size_t>(Ni_ + i)] = moe::kPad;
+          if (!txt_mask_host_[i]) modality_[static_cast<std::size_t>(Ni_ + i)] = moe::kPad;
     }
     plan_routing_groups(shard.first_pair);
     if (Bi_ > 0) {
       images_.resize(images.shape());
-      std::copy(images.data(), images.data() + images.numel(), images_.data());
+      copy_from_host<T, S>(images, images_.view());
     }
 
     // Embeddings -> X0 (the input of block 0). Training keeps every block's activations for backward();
     // evaluation keeps none: all blocks share one scratch set and the block inputs ping-pong between two
     // buffers, so an evaluation forward holds one block's activations, not depth of them.
     const bool tape = mode == Mode::Train;
-    Tensor<T>& x0 = tape ? blocks_acts_[0].x_in : eval_x_[0];
+    DTensor<T>& x0 = tape ? blocks_acts_[0].x_in : eval_x_[0];
     x0.resize(Shape{R, D});  // [R, D]
     if (Bi_ > 0) {
       patches_.resize(Shape{Bi_, N, static_cast<index_t>(cfg_.patch_dim())});  // [Bi, N, P*P*C]
-      O::patch_embed_forward(images, cfg_.patch, pv(img_patch_w_), pv(img_patch_b_), pv(img_pos_),
+      O::patch_embed_forward(images_.cview(), cfg_.patch, pv(img_patch_w_), pv(img_patch_b_), pv(img_pos_),
                                   patches_.view(), img_rows(x0.view()), prec());
     }
-    if (Bt_ > 0) O::token_embed_forward(texts, pv(txt_embed_), pv(txt_pos_), txt_rows(x0.view()));
+    if (Bt_ > 0) O::token_embed_forward(texts_.cview(), pv(txt_embed_), pv(txt_pos_), txt_rows(x0.view()));
 
     ForwardOutput<T> out;
     out.generation = generation_;
     out.mode = mode;
     for (int l = 0; l < cfg_.depth; ++l) {
       const auto i = static_cast<std::size_t>(l);
-      Tensor<T>& x_in = tape ? blocks_acts_[i].x_in : eval_x_[i % 2];
-      Tensor<T>& x_out = l + 1 == cfg_.depth ? x_final_ : tape ? blocks_acts_[i + 1].x_in : eval_x_[(i + 1) % 2];
+      DTensor<T>& x_in = tape ? blocks_acts_[i].x_in : eval_x_[i % 2];
+      DTensor<T>& x_out = l + 1 == cfg_.depth ? x_final_ : tape ? blocks_acts_[i + 1].x_in : eval_x_[(i + 1) % 2];
       block_forward(l, call, x_in, x_out, tape ? blocks_acts_[i] : blocks_acts_[0], tape ? moe_ctx_[i] : moe_ctx_[0],
                     out);
     }
@@ -265,8 +284,15 @@ class Limoe {
                            static_cast<T>(cfg_.ln_eps), rows(xn_.view(), r0, r1), rows(xn_mean_.view(), r0, r1),
                            rows(xn_rstd_.view(), r0, r1));
     });
-    if (Bi_ > 0) head_forward(img_head_, img_acts_, img_rows(xn_.cview()), CView<std::uint8_t>{}, out.img_emb);
-    if (Bt_ > 0) head_forward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), out.txt_emb);
+    // The embeddings stay in the model's memory for loss() and backward(); the output holds host copies.
+    if (Bi_ > 0) {
+      head_forward(img_head_, img_acts_, img_rows(xn_.cview()), CView<std::uint8_t, S>{}, z_img_);
+      out.img_emb = to_host(z_img_.cview());
+    }
+    if (Bt_ > 0) {
+      head_forward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), z_txt_);
+      out.txt_emb = to_host(z_txt_.cview());
+    }
     return out;
   }
 
@@ -279,7 +305,7 @@ class Limoe {
                 " images and ", Bt_, " texts");
     dp_.on = false;
     aux_scale_ = 1.0;
-    return contrastive_loss(fwd, fwd.img_emb.cview(), fwd.txt_emb.cview());
+    return contrastive_loss(fwd, z_img_.cview(), z_txt_.cview());
   }
 
   // Data parallel: the contrastive loss over the whole batch of a step, of which the last forward computed the
@@ -310,17 +336,18 @@ class Limoe {
                 "forward's; gather every rank's embeddings in rank order and pass this rank's first pair");
     dp_.on = true;
     dp_.first_pair = first_pair;
-    dp_.img_all = Tensor<T>::copy_of(img_all);
-    dp_.txt_all = Tensor<T>::copy_of(txt_all);
+    dp_.img_all.resize(img_all.shape()), dp_.txt_all.resize(txt_all.shape());
+    copy_from_host<T, S>(img_all, dp_.img_all.view());
+    copy_from_host<T, S>(txt_all, dp_.txt_all.view());
     aux_scale_ = 1.0 / static_cast<double>(replicas);
     return contrastive_loss(fwd, dp_.img_all.cview(), dp_.txt_all.cview());
   }
 
  private:
-  LossOutput contrastive_loss(const ForwardOutput<T>& fwd, CView<T> img, CView<T> txt) {
+  LossOutput contrastive_loss(const ForwardOutput<T>& fwd, CView<T, S> img, CView<T, S> txt) {
     const index_t n = img.dim(0);
     logits_.resize(Shape{n, n});  // [n, n]
-    const T theta = pv(logit_scale_)[0];
+    const T theta = logit_scale();
     const auto r = O::contrastive_forward(img, txt, theta, static_cast<T>(cfg_.logit_scale_max), logits_.view());
     loss_generation_ = generation_;
     LossOutput o;
@@ -340,31 +367,50 @@ class Limoe {
     LIMOE_CHECK(loss_generation_ == generation_, "Limoe::backward: call loss() on the output of the last forward() first");
     check_latest(fwd, "backward");
     check_tape(fwd, "backward");
-    const T theta = pv(logit_scale_)[0];
+    const T theta = logit_scale();
     T dtheta = 0;
     // The gradient of the loss's whole batch (data parallel: every rank's pairs), of which this call keeps its
     // own pairs' rows; the logit scale's is added once, by the call holding pair 0.
-    const CView<T> img = dp_.on ? dp_.img_all.cview() : fwd.img_emb.cview();
-    const CView<T> txt = dp_.on ? dp_.txt_all.cview() : fwd.txt_emb.cview();
+    const CView<T, S> img = dp_.on ? dp_.img_all.cview() : z_img_.cview();
+    const CView<T, S> txt = dp_.on ? dp_.txt_all.cview() : z_txt_.cview();
     dz_img_.resize(img.shape());
     dz_txt_.resize(txt.shape());
     O::contrastive_backward(img, txt, theta, static_cast<T>(cfg_.logit_scale_max), logits_.cview(), T(1),
                             dz_img_.view(), dz_txt_.view(), &dtheta);
     const index_t first = dp_.on ? dp_.first_pair : 0, n = Bi_, P = cfg_.proj_dim;
-    if (first == 0) pg(logit_scale_)[0] += dtheta;
-    backward_from(fwd, CView<T>(dz_img_.data() + first * P, Shape{n, P}), CView<T>(dz_txt_.data() + first * P, Shape{n, P}));
+    if (first == 0) add_to_logit_scale_grad(dtheta);
+    backward_in_space(CView<T, S>(dz_img_.data() + first * P, Shape{n, P}),
+                      CView<T, S>(dz_txt_.data() + first * P, Shape{n, P}));
   }
 
-  // Backward from given gradients of the normalised embeddings (either may be empty): for users with their own
-  // loss. The auxiliary losses' gradients are always included.
+  // Backward from given gradients of the normalised embeddings (host data; either may be empty): for users with
+  // their own loss. The auxiliary losses' gradients are always included.
   void backward_from(const ForwardOutput<T>& fwd, CView<T> dz_img, CView<T> dz_txt) {
     check_latest(fwd, "backward_from");
     check_tape(fwd, "backward_from");
+    backward_in_space(host_into<S>(dz_img, dz_in_img_), host_into<S>(dz_txt, dz_in_txt_));
+  }
+
+  // Gradient of the loss with respect to the input images of the last forward (after backward): [Bi, H, W, C].
+  // Computed on request (it is not needed for training).
+  Tensor<T> input_image_grad() {
+    DTensor<T> dimg(images_.shape());
+    DTensor<T> dW(pv(img_patch_w_).shape()), db(pv(img_patch_b_).shape()), dpos(pv(img_pos_).shape());
+    O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
+                                 img_rows(dx_.cview()), dimg.view(), dW.view(), db.view(), dpos.view(), prec());
+    return to_host(dimg.cview());
+  }
+
+ private:
+  using O = Ops<BackendT, T>;
+
+  // backward_from on gradients already in the model's memory (the caller checked the forward output).
+  void backward_in_space(CView<T, S> dz_img, CView<T, S> dz_txt) {
     const index_t D = cfg_.width, R = Ni_ + Bt_ * cfg_.text_len;
     dxn_.resize(Shape{R, D});  // [R, D]
     dxn_.zero();
-    if (Bi_ > 0 && !dz_img.empty()) head_backward(img_head_, img_acts_, img_rows(xn_.cview()), {}, fwd.img_emb.cview(), dz_img, img_rows(dxn_.view()));
-    if (Bt_ > 0 && !dz_txt.empty()) head_backward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), fwd.txt_emb.cview(), dz_txt, txt_rows(dxn_.view()));
+    if (Bi_ > 0 && !dz_img.empty()) head_backward(img_head_, img_acts_, img_rows(xn_.cview()), {}, z_img_.cview(), dz_img, img_rows(dxn_.view()));
+    if (Bt_ > 0 && !dz_txt.empty()) head_backward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), z_txt_.cview(), dz_txt, txt_rows(dxn_.view()));
     dx_.resize(Shape{R, D});  // [R, D] gradient of the current block output
     for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
       const auto [w, b] = final_norm(tw);
@@ -375,22 +421,9 @@ class Limoe {
     for (int l = cfg_.depth - 1; l >= 0; --l) block_backward(l);
     if (Bi_ > 0)
       O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
-                                   img_rows(dx_.cview()), View<T>{}, pg(img_patch_w_), pg(img_patch_b_), pg(img_pos_), prec());
+                                   img_rows(dx_.cview()), View<T, S>{}, pg(img_patch_w_), pg(img_patch_b_), pg(img_pos_), prec());
     if (Bt_ > 0) O::token_embed_backward(texts_.cview(), txt_rows(dx_.cview()), pg(txt_embed_), pg(txt_pos_));
   }
-
-  // Gradient of the loss with respect to the input images of the last forward (after backward): [Bi, H, W, C].
-  // Computed on request (it is not needed for training).
-  Tensor<T> input_image_grad() {
-    Tensor<T> dimg(images_.shape());
-    Tensor<T> dW(pv(img_patch_w_).shape()), db(pv(img_patch_b_).shape()), dpos(pv(img_pos_).shape());
-    O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
-                                 img_rows(dx_.cview()), dimg.view(), dW.view(), db.view(), dpos.view(), prec());
-    return dimg;
-  }
-
- private:
-  using O = Ops<BackendT, T>;
 
   // ---- parameters ---------------------------------------------------------------------------------------
 
@@ -475,7 +508,19 @@ class Limoe {
     logit_scale_ = add("logit_scale", Shape{}, false);
   }
 
-  CView<T> pv(ParamRef r) const { return params_.value(r); }
+  CView<T, S> pv(ParamRef r) const { return params_.value(r); }
+  // The logit scale theta (one value; read from device memory on a device backend) and its gradient's update.
+  T logit_scale() const {
+    T theta{};
+    copy_to_host<T, S>(pv(logit_scale_), View<T>(&theta, Shape{}));
+    return theta;
+  }
+  void add_to_logit_scale_grad(T dtheta) {
+    T g{};
+    copy_to_host<T, S>(pg(logit_scale_), View<T>(&g, Shape{}));
+    g += dtheta;
+    copy_from_host<T, S>(CView<T>(&g, Shape{}), pg(logit_scale_));
+  }
 
   // The precision policy the ops receive: Bf16Mixed reads the weights from this model's bf16 mirror, made again
   // only when the parameters changed since (once per optimizer step in training; core/precision.hpp).
@@ -486,31 +531,31 @@ class Limoe {
   void refresh_weight_mirror() {
     if constexpr (Precision::mixed) mirror_.refresh(std::as_const(params_));
   }
-  View<T> pg(ParamRef r) { return params_.grad(r); }
+  View<T, S> pg(ParamRef r) { return params_.grad(r); }
 
-  AttentionWeights<T> attn_weights(const AttnRefs& a) const {
+  AttentionWeights<T, S> attn_weights(const AttnRefs& a) const {
     return {pv(a.q_w), pv(a.q_b), pv(a.k_w), pv(a.k_b), pv(a.v_w), pv(a.v_b), pv(a.o_w), pv(a.o_b)};
   }
-  AttentionGrads<T> attn_grads(const AttnRefs& a) {
+  AttentionGrads<T, S> attn_grads(const AttnRefs& a) {
     return {pg(a.q_w), pg(a.q_b), pg(a.k_w), pg(a.k_b), pg(a.v_w), pg(a.v_b), pg(a.o_w), pg(a.o_b)};
   }
 
   // Rows of the image tokens as [Bi, N, D] and of the text tokens as [Bt, T, D].
   template <class U>
-  View<U> img_rows(View<U> x) const {
-    return View<U>(x.data(), Shape{Bi_, cfg_.num_patches(), cfg_.width});
+  View<U, S> img_rows(View<U, S> x) const {
+    return View<U, S>(x.data(), Shape{Bi_, cfg_.num_patches(), cfg_.width});
   }
   template <class U>
-  View<U> txt_rows(View<U> x) const {
-    return View<U>(x.data() + Ni_ * cfg_.width, Shape{Bt_, cfg_.text_len, cfg_.width});
+  View<U, S> txt_rows(View<U, S> x) const {
+    return View<U, S>(x.data() + Ni_ * cfg_.width, Shape{Bt_, cfg_.text_len, cfg_.width});
   }
-  CView<std::uint8_t> text_mask() const { return cfg_.text_mask ? txt_mask_.cview() : CView<std::uint8_t>{}; }
+  CView<std::uint8_t, S> text_mask() const { return cfg_.text_mask ? txt_mask_.cview() : CView<std::uint8_t, S>{}; }
 
   // Rows [r0, r1) of a [R, D] or [R] tensor.
   template <class U>
-  static View<U> rows(View<U> x, index_t r0, index_t r1) {
+  static View<U, S> rows(View<U, S> x, index_t r0, index_t r1) {
     const index_t w = x.rank() == 2 ? x.dim(1) : 1;
-    return x.rank() == 2 ? View<U>(x.data() + r0 * w, Shape{r1 - r0, w}) : View<U>(x.data() + r0, Shape{r1 - r0});
+    return x.rank() == 2 ? View<U, S>(x.data() + r0 * w, Shape{r1 - r0, w}) : View<U, S>(x.data() + r0, Shape{r1 - r0});
   }
   // The towers of the R rows of a call and the rows each runs: one tower, f(0, 0, R); two towers, f(0, 0, Ni) for
   // the image rows and f(1, Ni, R) for the text rows (a tower without rows is skipped).
@@ -565,13 +610,13 @@ class Limoe {
   // ---- blocks -------------------------------------------------------------------------------------------
 
   struct BlockActs {
-    Tensor<T> x_in;                        // [R, D] block input
-    Tensor<T> ln1, ln1_mean, ln1_rstd;     // [R, D], [R], [R]
-    AttentionCache<T> attn_img, attn_txt;
-    Tensor<T> x_mid;                       // [R, D] x_in + attention
-    Tensor<T> ln2, ln2_mean, ln2_rstd;     // [R, D], [R], [R]
-    Tensor<T> h_pre, h_act;                // [R, M] dense MLP hidden, before / after GELU
-    Tensor<T> moe_x;                       // [R, D] MoE block with routing groups of pairs: ln2 in group order
+    DTensor<T> x_in;                       // [R, D] block input
+    DTensor<T> ln1, ln1_mean, ln1_rstd;    // [R, D], [R], [R]
+    AttentionCache<T, S> attn_img, attn_txt;
+    DTensor<T> x_mid;                      // [R, D] x_in + attention
+    DTensor<T> ln2, ln2_mean, ln2_rstd;    // [R, D], [R], [R]
+    DTensor<T> h_pre, h_act;               // [R, M] dense MLP hidden, before / after GELU
+    DTensor<T> moe_x;                      // [R, D] MoE block with routing groups of pairs: ln2 in group order
   };
 
   // Routing groups of the call (ModelConfig::group_pairs): the MoE layers cut their input into groups of
@@ -602,6 +647,8 @@ class Limoe {
       for (index_t r = Ni_ + p0 * L; r < Ni_ + p1 * L; ++r) moe_perm_.push_back(r);
     }
     for (const index_t r : moe_perm_) moe_modality_.push_back(modality_[static_cast<std::size_t>(r)]);
+    moe_perm_idx_ = host_into<S>(CView<index_t>(moe_perm_.data(), Shape{static_cast<index_t>(moe_perm_.size())}),
+                                 moe_perm_dev_);
   }
 
   // Block l's expert exchange under expert parallelism, else none.
@@ -617,27 +664,21 @@ class Limoe {
   }
 
   // gather: dst[i] = src[perm[i]] (rows to group order); else scatter: dst[perm[i]] = src[i].
-  void permute_rows(CView<T> src, View<T> dst, bool gather) const {
-    const index_t R = src.dim(0), D = src.dim(1);
-    parallel_for(0, R, 256, [&](index_t i0, index_t i1) {
-      for (index_t i = i0; i < i1; ++i) {
-        const index_t p = moe_perm_[static_cast<std::size_t>(i)];
-        if (gather) std::copy_n(src.data() + p * D, D, dst.data() + i * D);
-        else std::copy_n(src.data() + i * D, D, dst.data() + p * D);
-      }
-    });
+  void permute_rows(CView<T, S> src, View<T, S> dst, bool gather) const {
+    if (gather) O::gather_rows(src, moe_perm_idx_, dst);
+    else O::scatter_rows(src, moe_perm_idx_, dst);
   }
 
-  moe::MoeParams<T> expert_weights(const BlockRefs& b) const {
+  moe::MoeParams<T, S> expert_weights(const BlockRefs& b) const {
     return {pv(b.router), pv(b.mlp.fc1_w), pv(b.mlp.fc1_b), pv(b.mlp.fc2_w), pv(b.mlp.fc2_b)};
   }
-  moe::MoeGrads<T> expert_grads(const BlockRefs& b) {
+  moe::MoeGrads<T, S> expert_grads(const BlockRefs& b) {
     return {pg(b.router), pg(b.mlp.fc1_w), pg(b.mlp.fc1_b), pg(b.mlp.fc2_w), pg(b.mlp.fc2_b)};
   }
 
   // Block l from x_in to x_out; `a` and `ctx` receive the activations (block l's own in training, the shared
   // scratch in evaluation). a.x_in is not used here: x_in is passed explicitly.
-  void block_forward(int l, const CallSettings& call, const Tensor<T>& x_in, Tensor<T>& x_out, BlockActs& a, moe::MoeContext<T>& ctx,
+  void block_forward(int l, const CallSettings& call, const DTensor<T>& x_in, DTensor<T>& x_out, BlockActs& a, moe::MoeContext<T, S>& ctx,
                      ForwardOutput<T>& out) {
     const BlockRefs& b = blocks_[static_cast<std::size_t>(l)];
     const index_t R = x_in.dim(0), D = cfg_.width, M = cfg_.mlp_dim;
@@ -653,12 +694,12 @@ class Limoe {
     // Attention per modality, written into x_mid, then the residual.
     a.x_mid.resize(Shape{R, D});  // [R, D]
     if (Bi_ > 0)
-      O::self_attention_forward(attn_weights(b.attn), cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{},
+      O::self_attention_forward(attn_weights(b.attn), cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t, S>{},
                                 img_rows(a.x_mid.view()), a.attn_img, prec());
     if (Bt_ > 0)
       O::self_attention_forward(attn_weights(tower_block(text_tower(), l).attn), cfg_.heads, txt_rows(a.ln1.cview()),
                                 text_mask(), txt_rows(a.x_mid.view()), a.attn_txt, prec());
-    for (index_t i = 0; i < R * D; ++i) a.x_mid[i] += x_in[i];
+    O::add_into(x_in.cview(), a.x_mid.view());  // the residual
 
     a.ln2.resize(Shape{R, D});  // [R, D]
     a.ln2_mean.resize(Shape{R});
@@ -674,7 +715,7 @@ class Limoe {
       a.h_act.resize(Shape{R, M});  // [R, M]
       for_each_tower(R, [&](int tw, index_t r0, index_t r1) {
         const MlpRefs& m = tower_block(tw, l).mlp;
-        O::linear_forward(rows(a.ln2.cview(), r0, r1), pv(m.fc1_w), CView<T>{}, rows(a.h_pre.view(), r0, r1), prec());
+        O::linear_forward(rows(a.ln2.cview(), r0, r1), pv(m.fc1_w), CView<T, S>{}, rows(a.h_pre.view(), r0, r1), prec());
         O::bias_gelu_forward(cfg_.gelu, pv(m.fc1_b), rows(a.h_pre.view(), r0, r1), rows(a.h_act.view(), r0, r1));
         O::linear_forward(rows(a.h_act.cview(), r0, r1), pv(m.fc2_w), pv(m.fc2_b), rows(x_out.view(), r0, r1), prec());
       });
@@ -687,8 +728,8 @@ class Limoe {
       // Router noise: a function of (seed, step, block) only, so a resumed run draws the same noise.
       const Rng noise = Rng(noise_seed_).derive(call.step * 4096 + static_cast<std::uint64_t>(l));
       // The layer sees the rows in routing-group order (plan_routing_groups); a permuted call gathers them.
-      CView<T> xin = a.ln2.cview();
-      View<T> yout = x_out.view();
+      CView<T, S> xin = a.ln2.cview();
+      View<T, S> yout = x_out.view();
       std::span<const std::uint8_t> modality(modality_.data(), modality_.size());
       if (moe_permute_) {
         a.moe_x.resize(Shape{R, D});  // [R, D] ln2 in group order
@@ -718,7 +759,7 @@ class Limoe {
       out.aux_terms.push_back(ctx.losses);
       out.aux_loss += ctx.losses.total;
     }
-    for (index_t i = 0; i < R * D; ++i) x_out[i] += a.x_mid[i];
+    O::add_into(a.x_mid.cview(), x_out.view());  // the residual
   }
 
   // dx_ holds the gradient of block l's output on entry and of its input on exit.
@@ -759,10 +800,10 @@ class Limoe {
                             rows(a.ln2_rstd.cview(), r0, r1), rows(dln_.cview(), r0, r1), rows(dtmp_.view(), r0, r1),
                             pg(bt.ln2_w), pg(bt.ln2_b));
     });
-    for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
+    O::add_into(dtmp_.cview(), dx_.view());
     // Attention per modality: dln = Attn^T dx_mid.
     if (Bi_ > 0)
-      O::self_attention_backward(attn_weights(b.attn), cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t>{},
+      O::self_attention_backward(attn_weights(b.attn), cfg_.heads, img_rows(a.ln1.cview()), CView<std::uint8_t, S>{},
                                  a.attn_img, img_rows(dx_.cview()), img_rows(dln_.view()), attn_grads(b.attn), prec());
     if (Bt_ > 0) {
       const AttnRefs& ta = tower_block(text_tower(), l).attn;
@@ -775,29 +816,29 @@ class Limoe {
                             rows(a.ln1_rstd.cview(), r0, r1), rows(dln_.cview(), r0, r1), rows(dtmp_.view(), r0, r1),
                             pg(bt.ln1_w), pg(bt.ln1_b));
     });
-    for (index_t i = 0; i < R * D; ++i) dx_[i] += dtmp_[i];
+    O::add_into(dtmp_.cview(), dx_.view());
   }
 
   // ---- heads --------------------------------------------------------------------------------------------
 
   struct HeadActs {
-    Tensor<T> pooled;   // [B, D]
-    MapHeadCache<T> map;
-    Tensor<T> proj;     // [B, P] before normalisation
-    Tensor<T> norms;    // [B]
-    Tensor<T> dpooled, dproj;
+    DTensor<T> pooled;  // [B, D]
+    MapHeadCache<T, S> map;
+    DTensor<T> proj;    // [B, P] before normalisation
+    DTensor<T> norms;   // [B]
+    DTensor<T> dpooled, dproj;
   };
 
-  MapHeadWeights<T> map_weights(const HeadRefs& h) const {
+  MapHeadWeights<T, S> map_weights(const HeadRefs& h) const {
     return {pv(h.probe), attn_weights(h.attn), pv(h.ln_w), pv(h.ln_b), pv(h.mlp.fc1_w), pv(h.mlp.fc1_b),
             pv(h.mlp.fc2_w), pv(h.mlp.fc2_b)};
   }
-  MapHeadGrads<T> map_grads(const HeadRefs& h) {
+  MapHeadGrads<T, S> map_grads(const HeadRefs& h) {
     return {pg(h.probe), attn_grads(h.attn), pg(h.ln_w), pg(h.ln_b), pg(h.mlp.fc1_w), pg(h.mlp.fc1_b),
             pg(h.mlp.fc2_w), pg(h.mlp.fc2_b)};
   }
 
-  void head_forward(const HeadRefs& h, HeadActs& a, CView<T> x, CView<std::uint8_t> mask, Tensor<T>& z) {
+  void head_forward(const HeadRefs& h, HeadActs& a, CView<T, S> x, CView<std::uint8_t, S> mask, DTensor<T>& z) {
     const index_t B = x.dim(0), D = cfg_.width, P = cfg_.proj_dim;
     a.pooled.resize(Shape{B, D});  // [B, D]
     if (h.kind == Pooling::Map)
@@ -806,20 +847,20 @@ class Limoe {
     else
       O::pool_forward(h.kind, x, mask, a.pooled.view());
     a.proj.resize(Shape{B, P});  // [B, P]
-    O::linear_forward(a.pooled.cview(), pv(h.proj), CView<T>{}, a.proj.view(), prec());
+    O::linear_forward(a.pooled.cview(), pv(h.proj), CView<T, S>{}, a.proj.view(), prec());
     a.norms.resize(Shape{B});  // [B]
     z.resize(Shape{B, P});     // [B, P]
     O::l2_normalize_forward(a.proj.cview(), z.view(), a.norms.view());
   }
 
-  void head_backward(const HeadRefs& h, HeadActs& a, CView<T> x, CView<std::uint8_t> mask, CView<T> z, CView<T> dz,
-                     View<T> dx) {
+  void head_backward(const HeadRefs& h, HeadActs& a, CView<T, S> x, CView<std::uint8_t, S> mask, CView<T, S> z,
+                     CView<T, S> dz, View<T, S> dx) {
     const index_t B = x.dim(0), D = cfg_.width, P = cfg_.proj_dim;
     expect_shape(dz, Shape{B, P}, "backward: embedding gradient");
     a.dproj.resize(Shape{B, P});   // [B, P]
     a.dpooled.resize(Shape{B, D}); // [B, D]
     O::l2_normalize_backward(a.proj.cview(), z, a.norms.cview(), dz, a.dproj.view());
-    O::linear_backward(a.pooled.cview(), pv(h.proj), a.dproj.cview(), a.dpooled.view(), pg(h.proj), View<T>{}, prec());
+    O::linear_backward(a.pooled.cview(), pv(h.proj), a.dproj.cview(), a.dpooled.view(), pg(h.proj), View<T, S>{}, prec());
     if (h.kind == Pooling::Map)
       O::map_head_backward(map_weights(h), cfg_.heads, cfg_.gelu, x, mask, a.map, a.dpooled.cview(), dx,
                                 map_grads(h), prec());
@@ -852,8 +893,10 @@ class Limoe {
   index_t moe_group_tokens_ = 0, first_token_ = 0;
   bool moe_permute_ = false;
   std::vector<index_t> moe_perm_;
+  DTensor<index_t> moe_perm_dev_;          // moe_perm_ in the model's memory (a device backend)
+  CView<index_t, S> moe_perm_idx_;         // moe_perm_ as the row ops read it
   std::vector<std::uint8_t> moe_modality_;
-  Tensor<T> moe_y_, moe_dy_, moe_dx_;
+  DTensor<T> moe_y_, moe_dy_, moe_dx_;
   double aux_scale_ = 1.0;
   // Expert parallelism: this model's part of the experts, the group's communicator, one exchange per block.
   ExpertShard ep_;
@@ -864,18 +907,21 @@ class Limoe {
   struct DataParallelLoss {
     bool on = false;
     index_t first_pair = 0;
-    Tensor<T> img_all, txt_all;
+    DTensor<T> img_all, txt_all;
   } dp_;
-  Tensor<T> images_, patches_;
-  Tensor<std::int32_t> texts_;
-  Tensor<std::uint8_t> txt_mask_;
+  DTensor<T> images_, patches_;
+  DTensor<std::int32_t> texts_;
+  Tensor<std::uint8_t> txt_mask_host_;     // the text key mask, made on the host
+  DTensor<std::uint8_t> txt_mask_;
   std::vector<BlockActs> blocks_acts_;
-  Tensor<T> eval_x_[2];  // evaluation: block inputs/outputs ping-pong here (blocks_acts_[0] is the scratch)
-  std::vector<moe::MoeContext<T>> moe_ctx_;
-  Tensor<T> x_final_, xn_, xn_mean_, xn_rstd_;
+  DTensor<T> eval_x_[2];  // evaluation: block inputs/outputs ping-pong here (blocks_acts_[0] is the scratch)
+  std::vector<moe::MoeContext<T, S>> moe_ctx_;
+  DTensor<T> x_final_, xn_, xn_mean_, xn_rstd_;
   HeadActs img_acts_, txt_acts_;
-  Tensor<T> logits_, dz_img_, dz_txt_;
-  Tensor<T> dxn_, dx_, dln_, dtmp_, dh_;
+  DTensor<T> z_img_, z_txt_;               // the last forward's normalised embeddings [B, P]
+  DTensor<T> logits_, dz_img_, dz_txt_;
+  DTensor<T> dz_in_img_, dz_in_txt_;       // backward_from's host gradients, copied in (a device backend)
+  DTensor<T> dxn_, dx_, dln_, dtmp_, dh_;
 };
 
 // The project's own programs compile Limoe<float> and Limoe<double> once (src/instances/, CMake target

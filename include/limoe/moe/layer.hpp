@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "limoe/backend/ops.hpp"
@@ -39,25 +40,29 @@
 
 namespace limoe::moe {
 
-// Read-only parameters of one MoE layer.
-template <class T>
+// Read-only parameters of one MoE layer, in the memory space S of the backend that runs it.
+template <class T, class S = HostSpace>
 struct MoeParams {
-  CView<T> router_w;  // [E, D]
-  CView<T> fc1_w;     // [E, M, D]
-  CView<T> fc1_b;     // [E, M]
-  CView<T> fc2_w;     // [E, D, M]
-  CView<T> fc2_b;     // [E, D]
+  CView<T, S> router_w;  // [E, D]
+  CView<T, S> fc1_w;     // [E, M, D]
+  CView<T, S> fc1_b;     // [E, M]
+  CView<T, S> fc2_w;     // [E, D, M]
+  CView<T, S> fc2_b;     // [E, D]
 };
 
 // Their gradients (accumulated); any empty view is skipped.
-template <class T>
+template <class T, class S = HostSpace>
 struct MoeGrads {
-  View<T> router_w, fc1_w, fc1_b, fc2_w, fc2_b;
+  View<T, S> router_w, fc1_w, fc1_b, fc2_w, fc2_b;
 };
 
 // Everything forward leaves for backward, plus the call's outputs besides y: routes, losses, statistics.
 // Reuse one context per layer (and per micro-batch in flight); buffers only grow.
-template <class T>
+// The routing state (logits, gates, choices, routes, losses, statistics) is host data on every backend: the
+// router and loss policies are host code. The rows the experts see (the dispatch plan, xe, ..., dxe) live in the
+// backend's memory space S; a device backend also keeps device copies of what its ops read (gates, routes,
+// the router's logit gradient) and host copies of what the router's backward reads.
+template <class T, class S = HostSpace>
 struct MoeContext {
   // ---- outputs of the last forward ----
   AuxLossValues losses;  // averaged over groups; `total` is weighted (add it to the training loss)
@@ -92,11 +97,27 @@ struct MoeContext {
   Tensor<T> pk_logits, pk_noisy, pk_gates, pk_probs;  // [N, E]
   Tensor<std::int32_t> pk_choice, pk_route;       // [N, K]
   Tensor<double> pk_dlogits;                      // [N, E]
-  DispatchPlan plan;                              // which accepted choice is which row of which expert block
+  BasicDispatchPlan<S> plan;                      // which accepted choice is which row of which expert block
   ExpertScratch scratch;                          // the CPU expert MLP's tiles and jobs
-  Tensor<T> xe, hpre, h, ye;                      // [A, D], [A, M], [A, M], [A, D]
-  Tensor<T> row_dgate;                            // [A] backward: d loss / d gate of each row
-  Tensor<T> dye, dh, dxe, dlogits;                // [A, D], [A, M], [A, D], [N, E]
+  Tensor<T, S> xe, hpre, h, ye;                   // [A, D], [A, M], [A, M], [A, D]
+  Tensor<T, S> row_dgate;                         // [A] backward: d loss / d gate of each row
+  Tensor<T, S> dye, dh, dxe;                      // [A, D], [A, M], [A, D]
+  Tensor<T> dlogits;                              // [N, E]
+  // A device backend (S not host memory) only: the router logits as computed, the gates, routes and logit
+  // gradient its ops read, and host copies of the plan's slot rows and the rows' gate gradients.
+  Tensor<T, S> logits_d, gates_d, dlogits_d;      // [N, E]
+  Tensor<std::int32_t, S> route_d;                // [N, K]
+  Tensor<index_t> slot_row_h;                     // [N * K]
+  Tensor<T> row_dgate_h;                          // [A]
+  // The gates and routes as the backend's ops see them.
+  CView<T, S> gates_for_ops() const {
+    if constexpr (std::is_same_v<S, HostSpace>) return gates.cview();
+    else return gates_d.cview();
+  }
+  CView<std::int32_t, S> routes_for_ops() const {
+    if constexpr (std::is_same_v<S, HostSpace>) return route.cview();
+    else return route_d.cview();
+  }
 };
 
 namespace detail {
@@ -129,15 +150,15 @@ void gemm_cols(Trans ta, Trans tb, index_t M, index_t N, index_t K, const T* A, 
   });
 }
 
-template <class T>
-ExpertWeights<T> experts_of(const MoeParams<T>& p) {
+template <class T, class S>
+ExpertWeights<T, S> experts_of(const MoeParams<T, S>& p) {
   return {p.fc1_w, p.fc1_b, p.fc2_w, p.fc2_b};
 }
 
 // The router sees all E experts; the expert weights are this rank's Ex of them (Ex = E without expert
 // parallelism).
-template <class T>
-void check_params(const MoeParams<T>& p, int E, index_t D, int Ex) {
+template <class T, class S>
+void check_params(const MoeParams<T, S>& p, int E, index_t D, int Ex) {
   LIMOE_CHECK(p.fc1_w.rank() == 3, "moe: fc1.weight must be [E, M, D], got ", p.fc1_w.shape().str());
   const index_t M = p.fc1_w.dim(1);
   expect_shape(p.router_w, Shape{E, D}, "moe: router.weight");
@@ -168,9 +189,13 @@ int local_experts(int E, const ExpertExchange<T>* ex) {
 //   `prec` (core/precision.hpp): the policy of the expert products; the router's logits stay fp32.
 template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, class Router, PrecisionPolicy Prec = Fp32>
   requires RouterPolicy<Router, T>
-void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x,
-                 std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx,
-                 ExpertExchange<T>* ex = nullptr, const Prec& prec = {}) {
+void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, SpaceOf<BackendT>>& p,
+                 CView<T, SpaceOf<BackendT>> x, std::span<const std::uint8_t> modality, Mode mode, const Rng& rng,
+                 View<T, SpaceOf<BackendT>> y, MoeContext<T, SpaceOf<BackendT>>& ctx, ExpertExchange<T>* ex = nullptr,
+                 const Prec& prec = {}) {
+  using O = Ops<BackendT, T>;
+  using S = SpaceOf<BackendT>;
+  constexpr bool host_memory = std::is_same_v<S, HostSpace>;
   cfg.validate();
   const int E = cfg.experts;
   const int K = router.top_k();
@@ -181,6 +206,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   LIMOE_CHECK(x.rank() == 2, "moe_forward: x must be [N, D], got ", x.shape().str());
   const index_t N = x.dim(0), D = x.dim(1);
   const bool sharded = ex != nullptr && ex->shards() > 1;
+  LIMOE_CHECK(host_memory || !sharded, "moe_forward: expert parallelism runs on host-memory backends only (the "
+              "expert exchange of the ", BackendT::name, " backend is not written)");
   detail::check_params(p, E, D, detail::local_experts(E, ex));
   const index_t M = p.fc1_w.dim(1);
   expect_shape(y, Shape{N, D}, "moe_forward: y");
@@ -217,9 +244,16 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
     modality = c.default_modality;
   }
 
-  // 1. Router logits (semantics §3 step 1) and clean gates G = softmax(logits) for the losses.
-  if (N > 0)
-    detail::gemm_rows<T>(Trans::N, Trans::T, N, E, D, x.data(), D, p.router_w.data(), D, T(0), c.logits.data(), E);
+  // 1. Router logits (semantics §3 step 1) and clean gates G = softmax(logits) for the losses. A device
+  // backend computes the logits there (fp32) and routes on the host over a copy: the router is host code.
+  if constexpr (host_memory) {
+    if (N > 0)
+      detail::gemm_rows<T>(Trans::N, Trans::T, N, E, D, x.data(), D, p.router_w.data(), D, T(0), c.logits.data(), E);
+  } else {
+    c.logits_d.resize(Shape{N, E});  // [N, E]
+    O::linear_forward(x, p.router_w, CView<T, S>{}, c.logits_d.view());
+    copy_to_host<T, S>(c.logits_d.cview(), c.logits.view());
+  }
   parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
     for (index_t t = t0; t < t1; ++t) math::softmax_row(c.logits.data() + t * E, E, c.probs.data() + t * E);
   });
@@ -329,21 +363,26 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
   }
 
   // 4-6. Dispatch plan, gather, the grouped expert MLP, combine (moe/ops.hpp).
-  using O = Ops<BackendT, T>;
-  O::make_dispatch_plan(c.route.cview(), E, c.plan);
+  if constexpr (!host_memory) {  // what the device ops read of the routing
+    c.gates_d.resize(Shape{N, E}), c.route_d.resize(Shape{N, K});
+    copy_from_host<T, S>(c.gates.cview(), c.gates_d.view());
+    copy_from_host<std::int32_t, S>(c.route.cview(), c.route_d.view());
+  }
+  O::make_dispatch_plan(c.routes_for_ops(), E, c.plan);
   const index_t A = c.plan.A;
   c.xe.resize(Shape{A, D});    // [A, D]
   c.ye.resize(Shape{A, D});    // [A, D]
   O::dispatch_forward(c.plan, x, c.xe.view());
   if (sharded) {
-    expert_parallel_forward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.ye.view(), prec);
+    if constexpr (host_memory)
+      expert_parallel_forward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.ye.view(), prec);
   } else {
     c.hpre.resize(Shape{A, M});  // [A, M]
     c.h.resize(Shape{A, M});     // [A, M]
     O::expert_mlp_forward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.view(), c.h.view(),
                           c.ye.view(), c.scratch, prec);
   }
-  O::combine_forward(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), y);
+  O::combine_forward(c.plan, c.gates_for_ops(), c.routes_for_ops(), c.ye.cview(), y);
 
   // 7. Routing statistics (semantics §6).
   auto& st = c.stats;
@@ -395,9 +434,9 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T>&
 // Forward with the stock router that cfg.router describes (top-K 1 and 2 compiled, others at run time; BPR or
 // vanilla) and the given loss set (default: all five terms; set a weight to 0 to drop a term's gradient).
 template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, PrecisionPolicy Prec = Fp32>
-void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::span<const std::uint8_t> modality,
-                 Mode mode, const Rng& rng, View<T> y, MoeContext<T>& ctx, ExpertExchange<T>* ex = nullptr,
-                 const Prec& prec = {}) {
+void moe_forward(const MoeConfig& cfg, const MoeParams<T, SpaceOf<BackendT>>& p, CView<T, SpaceOf<BackendT>> x,
+                 std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T, SpaceOf<BackendT>> y,
+                 MoeContext<T, SpaceOf<BackendT>>& ctx, ExpertExchange<T>* ex = nullptr, const Prec& prec = {}) {
   cfg.validate();
   visit_router(cfg.router, cfg.top_k, [&](const auto& router) {
     moe_forward<T, Losses, BackendT>(router, cfg, p, x, modality, mode, rng, y, ctx, ex, prec);
@@ -409,8 +448,12 @@ void moe_forward(const MoeConfig& cfg, const MoeParams<T>& p, CView<T> x, std::s
 //   The aux losses' gradients (already weighted and averaged over groups) are added to the router's, times
 //   aux_scale (1 when the aux losses enter the training loss with coefficient 1). `ex`: as in forward.
 template <class T, Backend BackendT = Cpu, PrecisionPolicy Prec = Fp32>
-void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, const MoeGrads<T>& grads,
-                  MoeContext<T>& ctx, double aux_scale = 1.0, ExpertExchange<T>* ex = nullptr, const Prec& prec = {}) {
+void moe_backward(const MoeParams<T, SpaceOf<BackendT>>& p, CView<T, SpaceOf<BackendT>> x,
+                  CView<T, SpaceOf<BackendT>> dy, View<T, SpaceOf<BackendT>> dx,
+                  const MoeGrads<T, SpaceOf<BackendT>>& grads, MoeContext<T, SpaceOf<BackendT>>& ctx,
+                  double aux_scale = 1.0, ExpertExchange<T>* ex = nullptr, const Prec& prec = {}) {
+  using S = SpaceOf<BackendT>;
+  constexpr bool host_memory = std::is_same_v<S, HostSpace>;
   auto& c = ctx;
   LIMOE_CHECK(c.valid, "moe_backward: run moe_forward on this context first");
   const index_t N = c.N, D = c.D, M = c.M, A = c.plan.A;
@@ -434,17 +477,20 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
   // 1. Combine backward: d gate = <dy[t], ye[r]>, d ye[r] = gate * dy[t].
   c.row_dgate.resize(Shape{A});  // [A]
   c.dye.resize(Shape{A, D});     // [A, D]
-  O::combine_backward(c.plan, c.gates.cview(), c.route.cview(), c.ye.cview(), dy, c.dye.view(), c.row_dgate.view());
+  O::combine_backward(c.plan, c.gates_for_ops(), c.routes_for_ops(), c.ye.cview(), dy, c.dye.view(), c.row_dgate.view());
 
   // 2. Router: through softmax(noisy) of the combine weights (the noise is a constant), plus the aux losses.
+  // Host code: a device backend brings the rows' gate gradients and the plan's slot rows over.
+  const CView<index_t> slot_row = host_view<index_t, S>(c.plan.slot_row.cview(), c.slot_row_h);
+  const CView<T> row_dgate = host_view<T, S>(c.row_dgate.cview(), c.row_dgate_h);
   c.dlogits.resize(Shape{N, E});  // [N, E]
   parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
     std::array<double, detail::kMaxStackExperts> dg{};
     for (index_t t = t0; t < t1; ++t) {
       std::fill(dg.begin(), dg.begin() + E, 0.0);
       for (int k = 0; k < K; ++k) {
-        const index_t r = c.plan.slot_row[t * K + k];
-        if (r >= 0) dg[c.route[t * K + k]] += static_cast<double>(c.row_dgate[r]);
+        const index_t r = slot_row[t * K + k];
+        if (r >= 0) dg[c.route[t * K + k]] += static_cast<double>(row_dgate[r]);
       }
       const T* g = c.gates.data() + t * E;
       double dot = 0;
@@ -457,26 +503,31 @@ void moe_backward(const MoeParams<T>& p, CView<T> x, CView<T> dy, View<T> dx, co
 
   // 3-4. The expert MLPs: dxe, and the expert weight gradients (accumulated).
   if (need_dx) c.dxe.resize(Shape{A, D});  // [A, D]
-  const ExpertGrads<T> eg{grads.fc1_w, grads.fc1_b, grads.fc2_w, grads.fc2_b};
+  const ExpertGrads<T, S> eg{grads.fc1_w, grads.fc1_b, grads.fc2_w, grads.fc2_b};
   if (sharded) {
-    expert_parallel_backward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.dye.cview(),
-                                          need_dx ? c.dxe.view() : View<T>{}, eg, prec);
+    if constexpr (host_memory)
+      expert_parallel_backward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.dye.cview(),
+                                            need_dx ? c.dxe.view() : View<T>{}, eg, prec);
   } else {
     c.dh.resize(Shape{A, M});  // [A, M]
     O::expert_mlp_backward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.cview(), c.h.cview(),
-                           c.dye.cview(), c.dh.view(), need_dx ? c.dxe.view() : View<T>{}, eg, c.scratch, prec);
+                           c.dye.cview(), c.dh.view(), need_dx ? c.dxe.view() : View<T, S>{}, eg, c.scratch, prec);
   }
 
   // 5. Router weight and input: dW_r += dlogits^T x; dx = dlogits W_r + sum_k dxe[row(t, k)].
-  if (!grads.router_w.empty() && N > 0)
-    detail::gemm_cols<T>(Trans::T, Trans::N, E, D, N, c.dlogits.data(), E, x.data(), D, T(1),
-                         grads.router_w.data(), D);
-  if (need_dx) {
-    if (N > 0)
+  if constexpr (host_memory) {
+    if (!grads.router_w.empty() && N > 0)
+      detail::gemm_cols<T>(Trans::T, Trans::N, E, D, N, c.dlogits.data(), E, x.data(), D, T(1),
+                           grads.router_w.data(), D);
+    if (need_dx && N > 0)
       detail::gemm_rows<T>(Trans::N, Trans::N, N, D, E, c.dlogits.data(), E, p.router_w.data(), D, T(0), dx.data(),
                            D);
-    O::dispatch_backward(c.plan, c.dxe.cview(), dx);
+  } else {  // the same products on the device (fp32), the logit gradient uploaded once
+    c.dlogits_d.resize(Shape{N, E});  // [N, E]
+    copy_from_host<T, S>(c.dlogits.cview(), c.dlogits_d.view());
+    O::linear_backward(x, p.router_w, c.dlogits_d.cview(), need_dx ? dx : View<T, S>{}, grads.router_w, View<T, S>{});
   }
+  if (need_dx) O::dispatch_backward(c.plan, c.dxe.cview(), dx);
 }
 
 }  // namespace limoe::moe

@@ -9,4 +9,5 @@
 #include "limoe/ops/layernorm.hpp"
 #include "limoe/ops/linear.hpp"
 #include "limoe/ops/pooling.hpp"
+#include "limoe/ops/rows.hpp"
 #include "limoe/ops/softmax.hpp"

@@ -324,5 +324,23 @@ std::pair<T, bool> contrastive_scale(T theta, T max_scale) {
   return {t, false};
 }
 
+
+// add_into: y += x, the same shape. gather_rows: dst [n, D] from src [R, D] by idx [n]; scatter_rows: dst [R, D]
+// from src [n, D] by idx [n]. Returns D.
+template <class T, class S = HostSpace>
+void add_into_check(const char* fn, detail::CArg<T, S> x, detail::CArg<T, S> y) {
+  LIMOE_CHECK(x.shape() == y.shape(), fn, ": x ", x.shape().str(), " and y ", y.shape().str(), " must have one shape");
+}
+template <class T, class S = HostSpace>
+index_t rows_by_index_check(const char* fn, detail::CArg<T, S> from, detail::CArg<std::int64_t, S> idx,
+                            detail::CArg<T, S> to, bool gather) {
+  const detail::CArg<T, S>& packed = gather ? to : from;  // the [n, D] side, one row per index
+  const detail::CArg<T, S>& full = gather ? from : to;
+  LIMOE_CHECK(full.rank() == 2 && packed.rank() == 2 && packed.dim(1) == full.dim(1), fn, ": src ",
+              from.shape().str(), " and dst ", to.shape().str(), " must be matrices of one row width");
+  LIMOE_CHECK(idx.rank() == 1 && idx.dim(0) == packed.dim(0), fn, ": idx ", idx.shape().str(), " must hold one row index per row of ",
+              packed.shape().str());
+  return full.dim(1);
+}
 }  // namespace detail
 }  // namespace limoe

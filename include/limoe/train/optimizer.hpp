@@ -7,6 +7,10 @@
 //
 // Checkpointing is the optimizer's own: save_state / load_state write and read its moments and step through a
 // safetensors writer / reader (model/checkpoint.hpp calls them when a TrainState carries an optimizer).
+//
+// AdamW<T, S> keeps its moments in the memory space S of the store it updates. On host memory the update is the
+// loop below; on another space it is that space's adamw_device_update (found by argument-dependent lookup:
+// backend/cuda.hpp defines the CUDA one, cuda::ops::adamw_update), the same arithmetic (math/adamw.hpp).
 #pragma once
 
 #include <cmath>
@@ -14,6 +18,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -41,23 +46,26 @@ struct LrSchedule {
   }
 };
 
-template <class T>
+template <class T, class S = HostSpace>
 class AdamW {
  public:
+  using memory_space = S;
   AdamW() = default;
   // attach() to a parameter store before the first update.
   explicit AdamW(AdamWConfig cfg) : cfg_(cfg) {}
-  AdamW(AdamWConfig cfg, const ParamStore<T>& ps) : cfg_(cfg) { attach(ps); }
+  AdamW(AdamWConfig cfg, const ParamStore<T, S>& ps) : cfg_(cfg) { attach(ps); }
 
   // Sizes the moments for `ps` and records which entries decay.
-  void attach(const ParamStore<T>& ps) {
+  void attach(const ParamStore<T, S>& ps) {
     m_.resize(Shape{ps.size()});
     v_.resize(Shape{ps.size()});
     m_.zero();
     v_.zero();
-    decay_mask_.resize(Shape{ps.size()});
+    Tensor<std::uint8_t> mask(Shape{ps.size()});
     for (const auto& e : ps.entries())
-      for (index_t i = 0; i < e.shape.numel(); ++i) decay_mask_[e.offset + i] = e.decay ? 1 : 0;
+      for (index_t i = 0; i < e.shape.numel(); ++i) mask[e.offset + i] = e.decay ? 1 : 0;
+    decay_mask_.resize(Shape{ps.size()});
+    copy_from_host<std::uint8_t, S>(mask.cview(), decay_mask_.view());
     // Where each entry's moments sit in the saved (whole-model) layout: a shard reads its part.
     segments_.clear();
     global_size_ = 0;
@@ -73,10 +81,10 @@ class AdamW {
   AdamWConfig& config() { return cfg_; }
   std::int64_t step() const { return step_; }
   void set_step(std::int64_t s) { step_ = s; }
-  Tensor<T>& m() { return m_; }
-  Tensor<T>& v() { return v_; }
-  const Tensor<T>& m() const { return m_; }
-  const Tensor<T>& v() const { return v_; }
+  Tensor<T, S>& m() { return m_; }
+  Tensor<T, S>& v() { return v_; }
+  const Tensor<T, S>& m() const { return m_; }
+  const Tensor<T, S>& v() const { return v_; }
 
   // Writes the moments as flat F32 tensors "opt.m" / "opt.v" (in the order of the parameter store) and the
   // step as metadata "opt_step" (an io::SafetensorsWriter, or anything with its add / set_metadata).
@@ -85,8 +93,9 @@ class AdamW {
     LIMOE_CHECK(global_size_ == m_.numel(), "AdamW::save_state: this optimizer holds the moments of part of the "
                 "model (expert parallel); gather the whole model's first (Trainer::gather_whole_state)");
     std::vector<float> buf;
-    for (auto [name, t] : {std::pair<const char*, const Tensor<T>*>{"opt.m", &m_}, {"opt.v", &v_}}) {
-      buf.assign(t->data(), t->data() + t->numel());
+    for (auto [name, t] : {std::pair<const char*, const Tensor<T, S>*>{"opt.m", &m_}, {"opt.v", &v_}}) {
+      const Tensor<T> h = to_host(t->cview());
+      buf.assign(h.data(), h.data() + h.numel());
       w.add(name, {t->numel()}, std::span<const float>(buf));
     }
     w.set_metadata("opt_step", std::to_string(step_));
@@ -112,11 +121,14 @@ class AdamW {
         fail("checkpoint '", r.label(), "': opt_step \"", it->second, "\" is not a step count");
       }
     }
+    Tensor<T> m(m_.shape()), v(v_.shape());  // on the host, then into the moments' memory
     for (const auto& sg : segments_)
       for (index_t i = 0; i < sg.numel; ++i) {
-        m_[sg.local + i] = static_cast<T>(flat[0][static_cast<std::size_t>(sg.global + i)]);
-        v_[sg.local + i] = static_cast<T>(flat[1][static_cast<std::size_t>(sg.global + i)]);
+        m[sg.local + i] = static_cast<T>(flat[0][static_cast<std::size_t>(sg.global + i)]);
+        v[sg.local + i] = static_cast<T>(flat[1][static_cast<std::size_t>(sg.global + i)]);
       }
+    copy_from_host<T, S>(m.cview(), m_.view());
+    copy_from_host<T, S>(v.cview(), v_.view());
     step_ = step;
     return true;
   }
@@ -124,9 +136,23 @@ class AdamW {
   // One update with learning rate lr_t; returns the global gradient norm before clipping. `grad_norm`, when
   // given, is that norm computed by the caller (a store holding a shard of the model: the norm is the whole
   // model's, summed over ranks).
-  double update(ParamStore<T>& ps, double lr_t, std::optional<double> grad_norm = std::nullopt) {
+  double update(ParamStore<T, S>& ps, double lr_t, std::optional<double> grad_norm = std::nullopt) {
     LIMOE_CHECK(m_.numel() == ps.size(), "AdamW: attach() the optimizer to this parameter store first (",
                 m_.numel(), " moments for ", ps.size(), " parameters)");
+    if constexpr (!std::is_same_v<S, HostSpace>) {
+      // The space's own update (the norm summed where the gradient is); a non-finite norm throws, nothing changed.
+      LIMOE_CHECK(!grad_norm, "AdamW: a gradient norm given by the caller (a sharded model) needs host memory");
+      const double norm = adamw_device_update(cfg_, step_ + 1, lr_t, CView<T, S>(ps.grads()), decay_mask_.cview(),
+                                              ps.values(), m_.view(), v_.view());
+      ++step_;
+      return norm;
+    } else {
+      return update_host(ps, lr_t, grad_norm);
+    }
+  }
+
+ private:
+  double update_host(ParamStore<T>& ps, double lr_t, std::optional<double> grad_norm) {
     View<T> w = ps.values();
     CView<T> g = ps.grads();
     const index_t n = ps.size();
@@ -144,10 +170,9 @@ class AdamW {
     return norm;
   }
 
- private:
   AdamWConfig cfg_;
-  Tensor<T> m_, v_;
-  Tensor<std::uint8_t> decay_mask_;
+  Tensor<T, S> m_, v_;
+  Tensor<std::uint8_t, S> decay_mask_;
   struct Segment {
     index_t local, numel, global;  // an entry's moments: here, and in the whole model's saved layout
   };

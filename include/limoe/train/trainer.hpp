@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -140,11 +141,14 @@ void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
   }
 }
 
-// Comm: a communicator over host memory (the gradients it sums live in the model's host store).
+// Comm: a communicator over host memory (the gradients it sums live in the model's host store). A model on a
+// device backend (Cuda) trains on one process: its optimizer runs on the device (AdamW<T, S>), and a
+// communicator of more than one rank is refused (the gradient sum over NCCL is not written).
 template <class Model, dist::HostCommunicator Comm = dist::SingleProcess>
 class Trainer {
  public:
   using T = typename Model::scalar_type;
+  using Space = typename Model::memory_space;
   // Gradient elements summed per all-reduce call (16 MiB of float): bounds the scratch the sum needs.
   static constexpr std::size_t kBucket = std::size_t{1} << 22;
 
@@ -154,7 +158,10 @@ class Trainer {
   Trainer(Model& model, TrainConfig cfg, Comm comm = Comm{}) : model_(model), cfg_(cfg), comm_(std::move(comm)) {
     LIMOE_CHECK(cfg_.steps >= 1, "TrainConfig: steps must be >= 1, got ", cfg_.steps);
     LIMOE_CHECK(cfg_.adam.lr > 0, "TrainConfig: the learning rate must be positive, got ", cfg_.adam.lr);
-    opt_ = AdamW<T>(cfg_.adam, model_.params());
+    LIMOE_CHECK((std::is_same_v<Space, HostSpace> || comm_.size() == 1), "Trainer: a model on the ",
+                Model::backend_type::name, " backend trains on one process (", comm_.size(), " ranks given): its "
+                "gradient sum over NCCL is not written");
+    opt_ = AdamW<T, Space>(cfg_.adam, model_.params());
     sched_ = LrSchedule{cfg_.warmup_steps, cfg_.steps, cfg_.decay, cfg_.final_lr_fraction};
     if constexpr (requires { model.expert_shard(); }) {
       const int E = model_.expert_shard().count, rank = comm_.rank();
@@ -177,6 +184,17 @@ class Trainer {
   // Expert parallel: the whole model's parameters and AdamW moments, in the store's entry order with every
   // expert tensor whole (what a checkpoint holds). Collective over the trainer's communicator.
   void gather_whole_state(std::vector<T>& values, std::vector<T>& m, std::vector<T>& v) {
+    if constexpr (!std::is_same_v<Space, HostSpace>) {
+      (void)values, (void)m, (void)v;
+      fail("Trainer::gather_whole_state: the model is on the ", Model::backend_type::name,
+           " backend, which trains on one process (nothing to gather)");
+    } else {
+      gather_whole_state_host(values, m, v);
+    }
+  }
+
+ private:
+  void gather_whole_state_host(std::vector<T>& values, std::vector<T>& m, std::vector<T>& v) {
     const auto& ps = model_.params();
     values.clear(), m.clear(), v.clear();
     std::vector<T> whole;
@@ -196,7 +214,8 @@ class Trainer {
     }
   }
 
-  AdamW<T>& optimizer() { return opt_; }
+ public:
+  AdamW<T, Space>& optimizer() { return opt_; }
   Comm& comm() { return comm_; }
   // Seconds the last step spent in collectives (gathering embeddings, summing gradients and statistics).
   double comm_seconds() const { return comm_seconds_; }
@@ -222,7 +241,7 @@ class Trainer {
                   "); lower the learning rate or raise the warmup");
       model_.backward(fwd);
       fill_routing(r, fwd);
-    } else {
+    } else if constexpr (std::is_same_v<Space, HostSpace>) {
       // Every rank checks its shard and all agree before any rank runs a collective of the step, so a bad shard
       // on one rank is an error on every rank, never a rank left waiting.
       const index_t n = images.empty() ? 0 : images.dim(0);
@@ -353,7 +372,7 @@ class Trainer {
   // Expert parallel: the expert-parallel and data-parallel groups, and the gradient's segments.
   std::optional<Comm> ep_comm_, dp_comm_;
   std::vector<Segment> whole_, sharded_;
-  AdamW<T> opt_;
+  AdamW<T, Space> opt_;
   LrSchedule sched_;
 };
 

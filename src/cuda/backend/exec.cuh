@@ -55,24 +55,14 @@ inline dim3 grid_for(std::int64_t n, int threads = 256, std::int64_t cap = 65535
   return dim3(static_cast<unsigned>(b < 1 ? 1 : b));
 }
 
-// Host <-> device copies of n elements (host memory on the host side; plain copies under emulation).
+// Host <-> device copies of n elements (host memory on the host side).
 template <class T>
 void to_host(T* dst, const T* src, std::size_t n) {
-#if defined(LIMOE_CUDA_EMULATION)
-  if (n) std::memcpy(dst, src, n * sizeof(T));
-#else
-  const cudaError_t e = cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost);
-  LIMOE_CHECK(e == cudaSuccess, "CUDA backend: copy to the host failed: ", cudaGetErrorString(e));
-#endif
+  if (n) Space::download(dst, src, n * sizeof(T));
 }
 template <class T>
 void to_device(T* dst, const T* src, std::size_t n) {
-#if defined(LIMOE_CUDA_EMULATION)
-  if (n) std::memcpy(dst, src, n * sizeof(T));
-#else
-  const cudaError_t e = cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyHostToDevice);
-  LIMOE_CHECK(e == cudaSuccess, "CUDA backend: copy to the device failed: ", cudaGetErrorString(e));
-#endif
+  if (n) Space::upload(dst, src, n * sizeof(T));
 }
 inline void copy_device(void* dst, const void* src, std::size_t bytes) { Space::copy(dst, src, bytes); }
 inline void zero(void* p, std::size_t bytes) {

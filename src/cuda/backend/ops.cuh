@@ -464,6 +464,26 @@ void contrastive_backward(CV<T> zi, CV<T> zt, T theta, T max_scale, CV<T> logits
   }
 }
 
+// ---- row moves -------------------------------------------------------------------------------------------
+
+template <class T>
+void add_into(CV<T> x, V<T> y) {
+  chk::add_into_check<T, Space>("cuda::add_into", x, y);
+  exec::launch("add_into", exec::grid_for(x.numel()), 256, kn::add<T>, x.data(), x.numel(), y.data());
+}
+template <class T>
+void gather_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst) {
+  const index_t D = chk::rows_by_index_check<T, Space>("cuda::gather_rows", src, idx, dst, true);
+  const index_t n = idx.numel();
+  exec::launch("gather_rows", exec::grid_for(n * D), 256, kn::gather_rows<T>, src.data(), idx.data(), n, D, dst.data());
+}
+template <class T>
+void scatter_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst) {
+  const index_t D = chk::rows_by_index_check<T, Space>("cuda::scatter_rows", src, idx, dst, false);
+  const index_t n = idx.numel();
+  exec::launch("scatter_rows", exec::grid_for(n * D), 256, kn::scatter_rows<T>, src.data(), idx.data(), n, D, dst.data());
+}
+
 // ---- the optimizer -------------------------------------------------------------------------------------------
 
 // One AdamW step over flat buffers (train/optimizer.hpp's AdamW::update): the global gradient norm in double

@@ -41,6 +41,19 @@ __global__ void add(const T* __restrict__ a, std::int64_t n, T* __restrict__ y) 
   LIMOE_GRID_STRIDE(i, n) y[i] += a[i];
 }
 
+// Rows by index, one thread per element: gather dst[i, :] = src[idx[i], :]; scatter dst[idx[i], :] = src[i, :]
+// (n rows of width D; the indices of a scatter are distinct, so no element is written twice).
+template <class T>
+__global__ void gather_rows(const T* __restrict__ src, const std::int64_t* __restrict__ idx, std::int64_t n,
+                            std::int64_t D, T* __restrict__ dst) {
+  LIMOE_GRID_STRIDE(i, n * D) dst[i] = src[idx[i / D] * D + i % D];
+}
+template <class T>
+__global__ void scatter_rows(const T* __restrict__ src, const std::int64_t* __restrict__ idx, std::int64_t n,
+                             std::int64_t D, T* __restrict__ dst) {
+  LIMOE_GRID_STRIDE(i, n * D) dst[idx[i / D] * D + i % D] = src[i];
+}
+
 // y[r, :] += p[r % period, :] over rows of width D (position embeddings).
 template <class T>
 __global__ void add_periodic_rows(const T* __restrict__ p, std::int64_t rows, std::int64_t period, std::int64_t D,
