@@ -35,6 +35,10 @@ std::string unavailable_reason();
 // One entry per device, in ordinal order; empty when device_count() is 0.
 std::vector<DeviceInfo> devices();
 
+// Makes `device` the calling thread's current device: where the CUDA backend's tensors are allocated and its
+// work runs from then on (one process per GPU under mpirun: device = local rank % device_count()).
+void set_device(int device);
+
 // CUDA runtime version limoe_cuda was built with, as 1000 * major + 10 * minor (13000 for CUDA 13.0).
 int runtime_version() noexcept;
 

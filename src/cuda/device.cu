@@ -48,4 +48,11 @@ std::vector<DeviceInfo> devices() {
 
 int runtime_version() noexcept { return CUDART_VERSION; }
 
+void set_device(int device) {
+  const int n = device_count();
+  LIMOE_CHECK(device >= 0 && device < n, "limoe::cuda::set_device: device ", device, " does not exist (", n,
+              " usable devices)");
+  detail::check(cudaSetDevice(device), "limoe::cuda::set_device", "cudaSetDevice");
+}
+
 }  // namespace limoe::cuda

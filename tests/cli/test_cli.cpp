@@ -128,8 +128,6 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);
   // The backend flags: cpu / fp32 run; what cannot run is refused by name, never ignored.
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device tpu", "cpu or cuda", out);
-  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device cuda --precision bf16",
-                 "fp32 only", out);
   expect_failure("bench --workload gemm --device cuda", "model workloads");
   {
     // --device cuda runs on a machine with a GPU and a CUDA build; anywhere else it is one line naming why

@@ -19,6 +19,8 @@
 #include <limoe/train/optimizer.hpp>
 #include <limoe/train/trainer.hpp>
 
+#include "shard.hpp"
+
 using namespace limoe;
 using dist::MpiComm;
 
@@ -76,13 +78,7 @@ void same_start(std::initializer_list<Limoe<double>*> models) {
   }
 }
 
-template <class U>
-CView<U> rows(const Tensor<U>& t, index_t first, index_t n) {
-  Shape s = t.shape();
-  const index_t per = t.numel() / s[0];
-  s[0] = n;
-  return CView<U>(t.data() + first * per, s);
-}
+using testing::rows;
 
 // Relative to the reference tensor's largest entry; gradients that are zero in exact arithmetic (the key bias:
 // softmax ignores a shift shared by all keys) are rounding noise, compared on an absolute floor of 1e-13.

@@ -19,3 +19,11 @@ endforeach()
 add_test(NAME test_mpi_rank_failure COMMAND ${LIMOE_MPIEXEC} --oversubscribe -np 3 $<TARGET_FILE:test_mpi> --throw-on-rank 1)
 set_tests_properties(test_mpi_rank_failure PROPERTIES LABELS "mpi" TIMEOUT 60 PROCESSORS 2 ENVIRONMENT "${_limoe_mpi_env}"
   PASS_REGULAR_EXPRESSION "rank 1: injected failure on this rank")
+
+# A model on the CUDA backend (through the CPU emulation) trained data parallel on 2 ranks.
+add_executable(test_mpi_cuda_emu ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_mpi_cuda_emu.cpp)
+target_link_libraries(test_mpi_cuda_emu PRIVATE limoe::mpi limoe_project_flags doctest::doctest)
+target_include_directories(test_mpi_cuda_emu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)
+add_test(NAME test_mpi_cuda_emu_np2 COMMAND ${LIMOE_MPIEXEC} --oversubscribe -np 2 $<TARGET_FILE:test_mpi_cuda_emu>)
+set_tests_properties(test_mpi_cuda_emu_np2 PROPERTIES LABELS "mpi" TIMEOUT 300 PROCESSORS 2 RUN_SERIAL ON
+                     ENVIRONMENT "${_limoe_mpi_env}")

@@ -3,8 +3,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limoe/core/block_pool.hpp>
 #include <limoe/limoe.hpp>
 #include <limoe/testing/gradcheck.hpp>
+#include <new>
 #include <set>
 #include <utility>
 #include <vector>
@@ -171,4 +173,64 @@ TEST_CASE("gradient checker: detects a wrong gradient") {
   bad[2] *= 1.01;
   CHECK(testing::check_gradient(std::span<double>(x), std::span<const double>(good), loss).rel_error < 1e-8);
   CHECK(testing::check_gradient(std::span<double>(x), std::span<const double>(bad), loss).rel_error > 1e-4);
+}
+
+namespace {
+// A raw allocator over host memory that counts, and fails once `budget` bytes are out.
+struct CountingRaw {
+  static inline std::size_t out = 0, budget = ~std::size_t{0};
+  static inline int allocations = 0, releases = 0;
+  static void* allocate(std::size_t bytes) noexcept {
+    if (out + bytes > budget) return nullptr;
+    out += bytes, ++allocations;
+    return ::operator new(bytes, std::nothrow);
+  }
+  static void release(void* p, std::size_t bytes) noexcept {
+    out -= bytes, ++releases;
+    ::operator delete(p);
+  }
+};
+}  // namespace
+
+TEST_CASE("block pool: blocks are reused by size class, and the cache is returned when the space runs out") {
+  using Pool = BlockPool<CountingRaw>;
+  // Size classes: multiples of 512 bytes up to 1 MiB, then eight steps per power of two (at most 12.5% more).
+  CHECK(Pool::size_class(1) == 512);
+  CHECK(Pool::size_class(512) == 512);
+  CHECK(Pool::size_class(513) == 1024);
+  CHECK(Pool::size_class(std::size_t{1} << 20) == std::size_t{1} << 20);
+  for (std::size_t b : {std::size_t{1048577}, std::size_t{3000000}, std::size_t{123456789}}) {
+    const std::size_t c = Pool::size_class(b);
+    CHECK(c >= b);
+    CHECK(static_cast<double>(c) <= 1.125 * static_cast<double>(b) + 1);
+  }
+  {
+    Pool pool;
+    void* a = pool.allocate(1000);
+    void* b = pool.allocate(5000);
+    REQUIRE((a && b && a != b));
+    CHECK(CountingRaw::allocations == 2);
+    pool.deallocate(a, 1000);
+    void* c = pool.allocate(900);  // the same class (1024): the cached block, no new allocation
+    CHECK(c == a);
+    CHECK(CountingRaw::allocations == 2);
+    CHECK(pool.stats().hits == 1);
+    void* d = pool.allocate(1000);  // its block is taken: a new one
+    CHECK(d != a);
+    CHECK(CountingRaw::allocations == 3);
+    pool.deallocate(c, 900), pool.deallocate(d, 1000), pool.deallocate(b, 5000);
+    CHECK(pool.stats().live_bytes == 0);
+    CHECK(pool.stats().cached_bytes == 1024 + 1024 + 5120);
+    // The space runs out: the cache goes back to it and the allocation succeeds.
+    CountingRaw::budget = CountingRaw::out + 4096;
+    void* big = pool.allocate(8000);
+    CHECK(big != nullptr);
+    CHECK(pool.stats().cached_bytes == 0);
+    CHECK(CountingRaw::releases == 3);
+    // Nothing left to return: the failure is reported (nullptr), not hidden.
+    CHECK(pool.allocate(std::size_t{1} << 30) == nullptr);
+    pool.deallocate(big, 8000);
+    CountingRaw::budget = ~std::size_t{0};
+  }
+  CHECK(CountingRaw::out == 0);  // the pool's destructor returned every cached block
 }

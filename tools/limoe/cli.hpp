@@ -116,7 +116,7 @@ struct Register {
 // it is refused with one line saying which, never silently ignored.
 inline const std::set<std::string> kBackendOptions = {"device", "precision"};
 #define LIMOE_CLI_BACKEND_HELP                                                                \
-  "  --device cpu|cuda    the backend (default cpu); cuda: the whole model on the GPU, fp32\n" \
+  "  --device cpu|cuda    the backend (default cpu); cuda: the whole model on the GPU\n" \
   "  --precision P        fp32 (default) or bf16: the large products read bf16 operands and accumulate in\n" \
   "                       fp32; routing, losses and the checkpoint stay fp32 (docs/precision.md)\n"
 
@@ -144,8 +144,6 @@ inline BackendChoice check_backend(const Args& args) {
   LIMOE_CHECK(device == "cpu", "--device cuda: this limoe was built without the CUDA part (no CUDA toolkit at "
               "configure time, or LIMOE_CUDA=OFF); use --device cpu");
 #endif
-  LIMOE_CHECK(device == "cpu" || precision == "fp32", "--device cuda --precision bf16: the CUDA backend computes in "
-              "fp32 only so far (its bf16 products are not written); use --precision fp32 on cuda, or bf16 on cpu");
   return {device == "cuda", parse_precision(precision)};
 }
 

@@ -2,6 +2,7 @@
 // tokenizer stored in a checkpoint, and a model loaded from a checkpoint.
 #pragma once
 
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -18,6 +19,8 @@
 #include <limoe/cuda.hpp>
 // Compiled once, in limoe_instances_cuda (src/instances/limoe_float_cuda.cpp).
 extern template class limoe::Limoe<float, limoe::ConfigRouter, limoe::moe::DefaultAuxLosses, limoe::Cuda>;
+extern template class limoe::Limoe<float, limoe::ConfigRouter, limoe::moe::DefaultAuxLosses, limoe::Cuda,
+                                   limoe::Bf16Mixed>;
 #endif
 
 namespace limoe::cli {
@@ -64,6 +67,7 @@ using ModelFp32 = Limoe<float>;
 using ModelBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed>;
 #if defined(LIMOE_CLI_CUDA)
 using ModelCuda = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cuda>;
+using ModelCudaBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cuda, Bf16Mixed>;
 #endif
 
 // Calls fn.template operator()<Model>() with the model type of precision p (a command's body written once).
@@ -80,14 +84,23 @@ decltype(auto) with_precision(PrecisionKind p, Fn&& fn) {
   return fn.template operator()<ModelFp32>();
 }
 
-// Calls fn.template operator()<Model>() with the model type of the chosen backend: ModelCuda for --device cuda
-// (after checking that a GPU is there), else by precision (with_precision).
+// Calls fn.template operator()<Model>() with the model type of the chosen backend and precision: ModelCuda or
+// ModelCudaBf16 for --device cuda (after checking that a GPU is there), else with_precision's.
 template <class Fn>
 decltype(auto) with_model(const BackendChoice& b, Fn&& fn) {
 #if defined(LIMOE_CLI_CUDA)
   if (b.cuda) {
-    LIMOE_CHECK(cuda::device_count() > 0, "--device cuda: no usable CUDA device (", cuda::unavailable_reason(),
-                "); use --device cpu");
+    const int n = cuda::device_count();
+    LIMOE_CHECK(n > 0, "--device cuda: no usable CUDA device (", cuda::unavailable_reason(), "); use --device cpu");
+    // Under mpirun, one GPU per process on each machine: the launcher's local rank picks it.
+    int local = 0;
+    for (const char* v : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+      if (const char* e = std::getenv(v)) {
+        local = std::atoi(e);
+        break;
+      }
+    cuda::set_device(local % n);
+    if (b.precision == PrecisionKind::Bf16) return fn.template operator()<ModelCudaBf16>();
     return fn.template operator()<ModelCuda>();
   }
 #endif

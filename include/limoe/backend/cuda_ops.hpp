@@ -7,9 +7,11 @@
 #pragma once
 
 #include <cstdint>
+#include <new>
 
+#include "limoe/core/block_pool.hpp"
 #include "limoe/core/enums.hpp"
-#include "limoe/core/fp32.hpp"
+#include "limoe/core/policies.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/adamw.hpp"
 #include "limoe/moe/plan.hpp"
@@ -21,11 +23,26 @@ namespace limoe {
 // and the emulated cuBLAS read it through raw pointers). Code that would read device memory on the host (the
 // model, the MoE layer, the tests) then fails to compile under the emulation too, and every host <-> device
 // move goes through upload / download, as it must on a GPU.
+// Allocations go through the same caching pool as CudaSpace's (core/block_pool.hpp), over host memory.
 struct EmulatedDeviceSpace {
   static constexpr bool host_accessible = false;
   static constexpr const char* name = "cuda (emulated)";
-  static void* allocate(std::size_t bytes) { return HostSpace::allocate(bytes); }
-  static void deallocate(void* p, std::size_t bytes) noexcept { HostSpace::deallocate(p, bytes); }
+  struct Raw {
+    static void* allocate(std::size_t bytes) noexcept {
+      return ::operator new(bytes, std::align_val_t{HostSpace::kAlign}, std::nothrow);
+    }
+    static void release(void* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{HostSpace::kAlign}); }
+  };
+  static BlockPool<Raw>& pool() {
+    static BlockPool<Raw>* p = new BlockPool<Raw>;
+    return *p;
+  }
+  static void* allocate(std::size_t bytes) {
+    void* p = pool().allocate(bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+  static void deallocate(void* p, std::size_t bytes) noexcept { pool().deallocate(p, bytes); }
   static void zero(void* p, std::size_t bytes) { HostSpace::zero(p, bytes); }
   static void copy(void* dst, const void* src, std::size_t bytes) { HostSpace::copy(dst, src, bytes); }
   static void upload(void* dst, const void* host_src, std::size_t bytes) { HostSpace::copy(dst, host_src, bytes); }
@@ -49,9 +66,9 @@ template <class T>
 using V = View<T, Space>;
 using DispatchPlan = moe::BasicDispatchPlan<Space>;
 
-// The products' precision policy (core/precision.hpp's Fp32 / Bf16Mixed): fp32 only so far, compiled for
-// limoe::Fp32 (what the model passes); a bf16 policy is refused at compile time rather than computed in fp32
-// under its name.
+// The products' precision policy (core/policies.hpp): Fp32, or Bf16Mixed (the large products read bf16 operands,
+// converted on the device as they enter the product, through tensor cores with fp32 accumulation; the policy's
+// host mirror is not used). Compiled for both.
 using Fp32Products = ::limoe::Fp32;
 
 template <class T, class Prec = Fp32Products>

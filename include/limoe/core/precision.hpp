@@ -22,22 +22,16 @@
 #include <vector>
 
 #include "limoe/core/error.hpp"
-#include "limoe/core/fp32.hpp"
+#include "limoe/core/policies.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/bf16.hpp"
 
 namespace limoe {
 
-// bf16: the upper 16 bits of an IEEE binary32 (8 exponent bits, 7 stored mantissa bits).
-using bf16_bits = std::uint16_t;
-
-// Round to nearest, ties to even; NaN stays NaN (quiet), infinities stay infinite.
-inline bf16_bits to_bf16(float x) {
-  const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_bits>((u >> 16) | 0x0040u);
-  return static_cast<bf16_bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline float from_bf16(bf16_bits b) { return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16); }
+// Round to nearest, ties to even; NaN stays NaN (quiet), infinities stay infinite (math/bf16.hpp).
+inline bf16_bits to_bf16(float x) { return math::bf16_round(x); }
+inline float from_bf16(bf16_bits b) { return math::bf16_value(b); }
 // x rounded to the nearest bf16, as a float.
 inline float round_bf16(float x) { return from_bf16(to_bf16(x)); }
 inline double round_bf16(double x) { return from_bf16(to_bf16(static_cast<float>(x))); }
@@ -88,14 +82,9 @@ class WeightMirror {
   std::vector<bf16_bits> lo_;
 };
 
-struct Bf16Mixed {
-  static constexpr const char* name = "bf16";
-  static constexpr bool mixed = true;
-  // Where the weights' bf16 copies are found (a model points it at its own mirror); operands not found there
-  // are rounded as they enter the product.
-  const WeightMirror* weights = nullptr;
-  const bf16_bits* find(const float* p, index_t n) const { return weights ? weights->find(p, n) : nullptr; }
-};
+inline const bf16_bits* Bf16Mixed::find(const float* p, index_t n) const {
+  return weights ? weights->find(p, n) : nullptr;
+}
 
 template <class P>
 concept PrecisionPolicy = std::same_as<P, Fp32> || std::same_as<P, Bf16Mixed>;

@@ -123,8 +123,6 @@ class Limoe {
   // (device memory for Cuda); inputs and outputs (images, token ids, embeddings, routes, losses) are host data,
   // copied in and out. The routers and auxiliary losses run on the host over copies of the router logits.
   using memory_space = typename BackendT::memory_space;
-  static_assert(std::is_same_v<memory_space, HostSpace> || !Precision::mixed,
-                "Limoe: the bf16 policy runs on host-memory backends only (bf16 on CUDA is not written yet)");
 
  private:
   using S = memory_space;
@@ -522,14 +520,16 @@ class Limoe {
     copy_from_host<T, S>(CView<T>(&g, Shape{}), pg(logit_scale_));
   }
 
-  // The precision policy the ops receive: Bf16Mixed reads the weights from this model's bf16 mirror, made again
-  // only when the parameters changed since (once per optimizer step in training; core/precision.hpp).
+  // The precision policy the ops receive: on host memory, Bf16Mixed reads the weights from this model's bf16
+  // mirror, made again only when the parameters changed since (once per optimizer step in training;
+  // core/precision.hpp); a device backend converts its operands on the device and gets no mirror.
+  static constexpr bool kHostMirror = Precision::mixed && std::is_same_v<memory_space, HostSpace>;
   Precision prec() const {
-    if constexpr (Precision::mixed) return Precision{&mirror_};
+    if constexpr (kHostMirror) return Precision{&mirror_};
     else return Precision{};
   }
   void refresh_weight_mirror() {
-    if constexpr (Precision::mixed) mirror_.refresh(std::as_const(params_));
+    if constexpr (kHostMirror) mirror_.refresh(std::as_const(params_));
   }
   View<T, S> pg(ParamRef r) { return params_.grad(r); }
 

@@ -21,6 +21,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -141,9 +142,10 @@ void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
   }
 }
 
-// Comm: a communicator over host memory (the gradients it sums live in the model's host store). A model on a
-// device backend (Cuda) trains on one process: its optimizer runs on the device (AdamW<T, S>), and a
-// communicator of more than one rank is refused (the gradient sum over NCCL is not written).
+// Comm: a communicator over host memory. A model on a device backend (Cuda) keeps its gradients and optimizer
+// on the device (AdamW<T, S>); data parallel, its flat gradient is copied to the host, summed over the ranks
+// exactly as a host model's, and copied back (a staged sum: the same bits as the CPU path; a sum over NCCL on
+// the device is not written). Expert parallelism needs a host-memory model.
 template <class Model, dist::HostCommunicator Comm = dist::SingleProcess>
 class Trainer {
  public:
@@ -158,14 +160,13 @@ class Trainer {
   Trainer(Model& model, TrainConfig cfg, Comm comm = Comm{}) : model_(model), cfg_(cfg), comm_(std::move(comm)) {
     LIMOE_CHECK(cfg_.steps >= 1, "TrainConfig: steps must be >= 1, got ", cfg_.steps);
     LIMOE_CHECK(cfg_.adam.lr > 0, "TrainConfig: the learning rate must be positive, got ", cfg_.adam.lr);
-    LIMOE_CHECK((std::is_same_v<Space, HostSpace> || comm_.size() == 1), "Trainer: a model on the ",
-                Model::backend_type::name, " backend trains on one process (", comm_.size(), " ranks given): its "
-                "gradient sum over NCCL is not written");
     opt_ = AdamW<T, Space>(cfg_.adam, model_.params());
     sched_ = LrSchedule{cfg_.warmup_steps, cfg_.steps, cfg_.decay, cfg_.final_lr_fraction};
     if constexpr (requires { model.expert_shard(); }) {
       const int E = model_.expert_shard().count, rank = comm_.rank();
       if (E > 1) {
+        LIMOE_CHECK((std::is_same_v<Space, HostSpace>), "Trainer: expert parallelism needs a host-memory model; this "
+                    "one is on the ", Model::backend_type::name, " backend (its expert exchange is not written)");
         LIMOE_CHECK(comm_.size() % E == 0, "Trainer: the model's experts are in ", E, " parts, but the communicator has ",
                     comm_.size(), " rank(s); the ranks must be a multiple of the parts");
         LIMOE_CHECK(model_.expert_shard().index == rank % E, "Trainer: rank ", rank, " must hold expert part ", rank % E,
@@ -187,7 +188,7 @@ class Trainer {
     if constexpr (!std::is_same_v<Space, HostSpace>) {
       (void)values, (void)m, (void)v;
       fail("Trainer::gather_whole_state: the model is on the ", Model::backend_type::name,
-           " backend, which trains on one process (nothing to gather)");
+           " backend, which holds whole experts (nothing to gather)");
     } else {
       gather_whole_state_host(values, m, v);
     }
@@ -241,7 +242,7 @@ class Trainer {
                   "); lower the learning rate or raise the warmup");
       model_.backward(fwd);
       fill_routing(r, fwd);
-    } else if constexpr (std::is_same_v<Space, HostSpace>) {
+    } else {
       // Every rank checks its shard and all agree before any rank runs a collective of the step, so a bad shard
       // on one rank is an error on every rank, never a rank left waiting.
       const index_t n = images.empty() ? 0 : images.dim(0);
@@ -284,7 +285,15 @@ class Trainer {
       tc = clock::now();
       reduce_aux_terms(r.aux_terms);
       merge_routing_stats(comm_, r.routing);
-      View<T> g = model_.params().grads();
+      // The flat gradient on the host: the store's own (host memory), or a copy of the device's.
+      View<T> g;
+      if constexpr (std::is_same_v<Space, HostSpace>) {
+        g = model_.params().grads();
+      } else {
+        grad_host_.resize(Shape{model_.params().size()});
+        copy_to_host<T, Space>(std::as_const(model_.params()).grads(), grad_host_.view());
+        g = grad_host_.view();
+      }
       if (!dp_comm_) {
         // The flat gradient, summed over ranks bucket by bucket.
         for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
@@ -303,6 +312,7 @@ class Trainer {
           for (index_t i = 0; i < sg.numel; ++i) sq_part += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
         grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
       }
+      if constexpr (!std::is_same_v<Space, HostSpace>) copy_from_host<T, Space>(grad_host_.cview(), model_.params().grads());
       comm_seconds_ += seconds_since(tc);
     }
     r.lr = lr_at(s);
@@ -368,6 +378,7 @@ class Trainer {
   Comm comm_;
   double comm_seconds_ = 0;
   Tensor<T> img_all_, txt_all_;
+  Tensor<T> grad_host_;  // a device model's flat gradient, staged on the host for the sum over ranks
   std::vector<T> scratch_, pack_;
   // Expert parallel: the expert-parallel and data-parallel groups, and the gradient's segments.
   std::optional<Comm> ep_comm_, dp_comm_;

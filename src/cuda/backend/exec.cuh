@@ -12,10 +12,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "limoe/backend/cuda_ops.hpp"
 #include "limoe/core/error.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/bf16.hpp"
+#include "../kernels/tensor.cuh"
 
 #if defined(LIMOE_CUDA_EMULATION)
 #if defined(__CUDACC__)
@@ -131,6 +135,47 @@ template <class T>
 void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha, const T* A, std::int64_t lda,
           const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
   gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+}
+
+// The same product with bf16 operands and fp32 accumulation (the Bf16Mixed policy): A and B are rounded to bf16
+// into packed scratch on the device (kernels::to_bf16_block), then one cuBLAS product with bf16 inputs, fp32
+// output and fp32 compute (tensor cores). Under the emulation the rounded operands go through the plain loop.
+inline void gemm_bf16(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, float alpha, const float* A,
+                      std::int64_t lda, const float* B, std::int64_t ldb, float beta, float* C, std::int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  // op(A) is M x K: A itself is (ta ? K x M : M x K) with leading dimension lda; likewise B.
+  const std::int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+  DTensor<std::uint16_t> a16(Shape{ar, ac}), b16(Shape{br, bc});
+  if (K > 0) {
+    namespace kn = ::limoe::cuda::kernels;
+    launch("to_bf16_block", grid_for(ar * ac), 256, kn::to_bf16_block<float>, A, ar, ac, lda, a16.data());
+    launch("to_bf16_block", grid_for(br * bc), 256, kn::to_bf16_block<float>, B, br, bc, ldb, b16.data());
+  }
+#if defined(LIMOE_CUDA_EMULATION)
+  std::vector<float> af(static_cast<std::size_t>(ar * ac)), bf(static_cast<std::size_t>(br * bc));
+  for (std::size_t i = 0; i < af.size(); ++i) af[i] = math::bf16_value(a16.data()[i]);
+  for (std::size_t i = 0; i < bf.size(); ++i) bf[i] = math::bf16_value(b16.data()[i]);
+  emu::gemm_batched<float>(ta, tb, M, N, K, alpha, af.data(), ac, 0, bf.data(), bc, 0, beta, C, ldc, 0, 1);
+#else
+  const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  detail::blas_check(cublasGemmEx(detail::blas_handle(), opb, opa, static_cast<int>(N), static_cast<int>(M),
+                                  static_cast<int>(K), &alpha, b16.data(), CUDA_R_16BF, static_cast<int>(bc),
+                                  a16.data(), CUDA_R_16BF, static_cast<int>(ac), &beta, C, CUDA_R_32F,
+                                  static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx (bf16)");
+#endif
+}
+
+// A product under precision policy Prec: fp32 (gemm), or bf16 operands for a mixed policy (gemm_bf16).
+template <class Prec, class T>
+void gemm_as(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha, const T* A, std::int64_t lda,
+             const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
+  if constexpr (Prec::mixed) {
+    static_assert(std::is_same_v<T, float>, "CUDA backend: the bf16 products take float tensors");
+    gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else {
+    gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
 }
 
 }  // namespace limoe::cuda::exec

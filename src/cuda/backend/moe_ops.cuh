@@ -70,7 +70,6 @@ void for_each_block(const std::vector<index_t>& off, Fn&& fn) {
 template <class T, class Prec>
 void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe, V<T> hpre,
                         V<T> h, V<T> ye, moe::ExpertScratch&, const Prec&) {
-  products_in_fp32<Prec>();
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
   const index_t M = moe::detail::expert_check<T, Space>("cuda::expert_mlp_forward", p, w, D);
   expect_shape(xe, Shape{p.A, D}, "cuda::expert_mlp_forward: xe");
@@ -81,14 +80,14 @@ void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space
   detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
     exec::launch("fill_rows (b1)", exec::grid_for(n * M), 256, kn::fill_rows<T>, w.fc1_b.data() + e * M, n, M,
                  hpre.data() + r0 * M);
-    exec::gemm<T>(false, true, n, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D, T(1),
+    exec::gemm_as<Prec, T>(false, true, n, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D, T(1),
                   hpre.data() + r0 * M, M);
   });
   gelu_forward<T>(gelu, CV<T>(hpre), h);
   detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
     exec::launch("fill_rows (b2)", exec::grid_for(n * D), 256, kn::fill_rows<T>, w.fc2_b.data() + e * D, n, D,
                  ye.data() + r0 * D);
-    exec::gemm<T>(false, true, n, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M, T(1),
+    exec::gemm_as<Prec, T>(false, true, n, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M, T(1),
                   ye.data() + r0 * D, D);
   });
 }
@@ -99,7 +98,6 @@ template <class T, class Prec>
 void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe,
                          CV<T> hpre, CV<T> h, CV<T> dye, V<T> dh, V<T> dxe, const moe::ExpertGrads<T, Space>& g,
                          moe::ExpertScratch&, const Prec&) {
-  products_in_fp32<Prec>();
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
   const index_t M = moe::detail::expert_check<T, Space>("cuda::expert_mlp_backward", p, w, D);
   expect_shape(xe, Shape{p.A, D}, "cuda::expert_mlp_backward: xe");
@@ -110,22 +108,22 @@ void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Spac
   if (!dxe.empty()) expect_shape(dxe, Shape{p.A, D}, "cuda::expert_mlp_backward: dxe");
   const auto off = detail::host_offsets(p);
   detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-    exec::gemm<T>(false, false, n, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M, T(0),
+    exec::gemm_as<Prec, T>(false, false, n, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M, T(0),
                   dh.data() + r0 * M, M);
   });
   gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
   detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
     if (!dxe.empty())
-      exec::gemm<T>(false, false, n, D, M, T(1), dh.data() + r0 * M, M, w.fc1_w.data() + e * M * D, D, T(0),
+      exec::gemm_as<Prec, T>(false, false, n, D, M, T(1), dh.data() + r0 * M, M, w.fc1_w.data() + e * M * D, D, T(0),
                     dxe.data() + r0 * D, D);
     if (!g.fc2_w.empty())
-      exec::gemm<T>(true, false, D, M, n, T(1), dye.data() + r0 * D, D, h.data() + r0 * M, M, T(1),
+      exec::gemm_as<Prec, T>(true, false, D, M, n, T(1), dye.data() + r0 * D, D, h.data() + r0 * M, M, T(1),
                     g.fc2_w.data() + e * D * M, M);
     if (!g.fc2_b.empty())
       exec::launch("add_column_sums (db2)", exec::grid_for(D, kColThreads), kColThreads, kn::add_column_sums<T>,
                    dye.data() + r0 * D, n, D, D, g.fc2_b.data() + e * D);
     if (!g.fc1_w.empty())
-      exec::gemm<T>(true, false, M, D, n, T(1), dh.data() + r0 * M, M, xe.data() + r0 * D, D, T(1),
+      exec::gemm_as<Prec, T>(true, false, M, D, n, T(1), dh.data() + r0 * M, M, xe.data() + r0 * D, D, T(1),
                     g.fc1_w.data() + e * M * D, D);
     if (!g.fc1_b.empty())
       exec::launch("add_column_sums (db1)", exec::grid_for(M, kColThreads), kColThreads, kn::add_column_sums<T>,

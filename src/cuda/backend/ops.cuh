@@ -6,7 +6,8 @@
 //
 // Host synchronisation: none, except where the op's result is a host value or a host-side size: the
 // contrastive loss and its temperature gradient (scalars), token ids checked against the vocabulary (one
-// integer back), and the dispatch plan (per-expert row counts). Scratch is allocated per call for now.
+// integer back), and the dispatch plan (per-expert row counts). Scratch is allocated per call from the space's
+// caching pool (core/block_pool.hpp), which reaches cudaMalloc only when no freed block of the size is cached.
 #pragma once
 
 #include <algorithm>
@@ -36,27 +37,19 @@ inline constexpr int kColThreads = 128;  // threads per block of a one-thread-pe
 
 inline dim3 rows_grid(index_t R) { return dim3(static_cast<unsigned>(R)); }
 
-// The products' precision policy: fp32 only so far (cuda_ops.hpp).
-template <class Prec>
-constexpr void products_in_fp32() {
-  static_assert(!Prec::mixed, "the CUDA backend's bf16 (tensor-core) products are not written yet: use Fp32");
-}
-
 // ---- dense ops -------------------------------------------------------------------------------------------
 
 template <class T, class Prec>
 void linear_forward(CV<T> x, CV<T> W, CV<T> b, V<T> y, const Prec&) {
-  products_in_fp32<Prec>();
   const index_t R = chk::linear_check<T, Space>("cuda::linear_forward", x, W, b, y.shape(), "y");
   const index_t O = W.dim(0), I = W.dim(1);
   if (R == 0 || O == 0) return;
   if (!b.empty()) exec::launch("fill_rows", exec::grid_for(R * O), 256, kn::fill_rows<T>, b.data(), R, O, y.data());
-  exec::gemm<T>(false, true, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
+  exec::gemm_as<Prec, T>(false, true, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
 }
 
 template <class T, class Prec>
 void linear_backward(CV<T> x, CV<T> W, CV<T> dy, V<T> dx, V<T> dW, V<T> db, const Prec&) {
-  products_in_fp32<Prec>();
   const index_t R = chk::linear_check<T, Space>("cuda::linear_backward", x, W, CV<T>{}, dy.shape(), "dy");
   const index_t O = W.dim(0), I = W.dim(1);
   if (!dx.empty())
@@ -65,9 +58,9 @@ void linear_backward(CV<T> x, CV<T> W, CV<T> dy, V<T> dx, V<T> dW, V<T> db, cons
   if (!dW.empty()) expect_shape(dW, W.shape(), "cuda::linear_backward: dW");
   if (!db.empty())
     LIMOE_CHECK(db.numel() == O, "cuda::linear_backward: db ", db.shape().str(), " must have O = ", O, " elements");
-  if (!dx.empty()) exec::gemm<T>(false, false, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
+  if (!dx.empty()) exec::gemm_as<Prec, T>(false, false, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
   if (R == 0) return;
-  if (!dW.empty()) exec::gemm<T>(true, false, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
+  if (!dW.empty()) exec::gemm_as<Prec, T>(true, false, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
   if (!db.empty())
     exec::launch("add_column_sums", exec::grid_for(O, kColThreads), kColThreads, kn::add_column_sums<T>, dy.data(), R,
                  O, O, db.data());
@@ -170,8 +163,7 @@ void l2_normalize_backward(CV<T> u, CV<T> z, CV<T> norms, CV<T> dz, V<T> du) {
 // ---- embeddings --------------------------------------------------------------------------------------------
 
 template <class T, class Prec>
-void patch_embed_forward(CV<T> images, int P, CV<T> W, CV<T> b, CV<T> pos, V<T> patches, V<T> y, const Prec&) {
-  products_in_fp32<Prec>();
+void patch_embed_forward(CV<T> images, int P, CV<T> W, CV<T> b, CV<T> pos, V<T> patches, V<T> y, const Prec& prec) {
   const auto g = chk::patch_geom<T, Space>("cuda::patch_embed_forward", images, P);
   LIMOE_CHECK(W.rank() == 2 && W.dim(1) == g.F, "cuda::patch_embed_forward: W ", W.shape().str(),
               " must be [D, P*P*C = ", g.F, "] for images ", images.shape().str(), " and P = ", P);
@@ -180,7 +172,7 @@ void patch_embed_forward(CV<T> images, int P, CV<T> W, CV<T> b, CV<T> pos, V<T> 
   if (!pos.empty()) expect_shape(pos, Shape{g.N, D}, "cuda::patch_embed_forward: pos");
   expect_shape(patches, chk::patch_shape(g), "cuda::patch_embed_forward: patches");
   exec::launch("patch_copy", exec::grid_for(g.B * g.N * g.F), 256, kn::patch_copy<T>, g, images.data(), patches.data(), true);
-  linear_forward<T>(patches, W, b, y);
+  linear_forward<T>(patches, W, b, y, prec);
   if (!pos.empty())
     exec::launch("add_periodic_rows", exec::grid_for(g.B * g.N * D), 256, kn::add_periodic_rows<T>, pos.data(),
                  g.B * g.N, g.N, D, y.data());
@@ -188,8 +180,7 @@ void patch_embed_forward(CV<T> images, int P, CV<T> W, CV<T> b, CV<T> pos, V<T> 
 
 template <class T, class Prec>
 void patch_embed_backward(CV<T> images, int P, CV<T> patches, CV<T> W, CV<T> dy, V<T> dimages, V<T> dW, V<T> db,
-                          V<T> dpos, const Prec&) {
-  products_in_fp32<Prec>();
+                          V<T> dpos, const Prec& prec) {
   const auto g = chk::patch_geom<T, Space>("cuda::patch_embed_backward", images, P);
   expect_shape(patches, chk::patch_shape(g), "cuda::patch_embed_backward: patches");
   LIMOE_CHECK(W.rank() == 2 && W.dim(1) == g.F, "cuda::patch_embed_backward: W ", W.shape().str(),
@@ -200,11 +191,11 @@ void patch_embed_backward(CV<T> images, int P, CV<T> patches, CV<T> W, CV<T> dy,
   if (!dpos.empty()) expect_shape(dpos, Shape{g.N, D}, "cuda::patch_embed_backward: dpos");
   if (!dimages.empty()) {
     DTensor<T> dpatches(chk::patch_shape(g));  // [B, N, P*P*C]
-    linear_backward<T>(patches, W, dy, dpatches.view(), dW, db);
+    linear_backward<T>(patches, W, dy, dpatches.view(), dW, db, prec);
     exec::launch("patch_copy", exec::grid_for(g.B * g.N * g.F), 256, kn::patch_copy<T>, g, dpatches.data(),
                  dimages.data(), false);
   } else {
-    linear_backward<T>(patches, W, dy, V<T>{}, dW, db);
+    linear_backward<T>(patches, W, dy, V<T>{}, dW, db, prec);
   }
   if (!dpos.empty())
     exec::launch("add_periodic_sums", exec::grid_for(g.N * D), 256, kn::add_periodic_sums<T>, dy.data(), g.B * g.N,
@@ -276,15 +267,14 @@ void pool_backward(Pooling kind, CV<std::uint8_t> key_mask, CV<T> dy, V<T> dx) {
 // over the examples, one call per head.
 template <class T, class Prec>
 void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq, CV<T> xkv,
-                       CV<std::uint8_t> key_mask, V<T> y, AttentionCache<T, Space>& cache, const Prec&) {
-  products_in_fp32<Prec>();
+                       CV<std::uint8_t> key_mask, V<T> y, AttentionCache<T, Space>& cache, const Prec& prec) {
   const auto d = chk::attention_check<T, Space>("cuda::attention_forward", w, heads, xq, xkv, key_mask);
   expect_shape(y, xq.shape(), "cuda::attention_forward: y");
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   cache.size_forward(B, Nq, Nk, D, H);
-  linear_forward<T>(xq, w.wq, w.bq, cache.q.view());
-  linear_forward<T>(xkv, w.wk, w.bk, cache.k.view());
-  linear_forward<T>(xkv, w.wv, w.bv, cache.v.view());
+  linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), prec);
+  linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), prec);
+  linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), prec);
   if (B == 0) return;
   T* probs = cache.probs.data();
   for (index_t h = 0; h < H; ++h)  // raw scores q_h k_h^T of every example
@@ -297,14 +287,13 @@ void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq,
   for (index_t h = 0; h < H; ++h)  // ctx_h = P_h v_h
     exec::gemm_batched<T>(false, false, Nq, Dh, Nk, T(1), probs + h * Nq * Nk, Nk, H * Nq * Nk, cache.v.data() + h * Dh,
                           D, Nk * D, T(0), cache.ctx.data() + h * Dh, D, Nq * D, B);
-  linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y);
+  linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y, prec);
 }
 
 template <class T, class Prec>
 void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq, CV<T> xkv,
                         CV<std::uint8_t> key_mask, AttentionCache<T, Space>& cache, CV<T> dy, V<T> dxq, V<T> dxkv,
-                        const AttentionGrads<T, Space>& g, const Prec&) {
-  products_in_fp32<Prec>();
+                        const AttentionGrads<T, Space>& g, const Prec& prec) {
   const auto d = chk::attention_check<T, Space>("cuda::attention_backward", w, heads, xq, xkv, key_mask);
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   expect_shape(dy, xq.shape(), "cuda::attention_backward: dy");
@@ -317,7 +306,7 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
   cache.dk.resize(Shape{B, Nk, D});
   cache.dv.resize(Shape{B, Nk, D});
   cache.dscores.resize(Shape{B, H, Nq, Nk});  // every pair's score gradient at once
-  linear_backward<T>(cache.ctx.cview(), w.wo, dy, cache.dctx.view(), g.wo, g.bo);
+  linear_backward<T>(cache.ctx.cview(), w.wo, dy, cache.dctx.view(), g.wo, g.bo, prec);
   const T* P = cache.probs.data();
   T* dS = cache.dscores.data();
   const index_t sp = H * Nq * Nk;
@@ -342,54 +331,50 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
                           cache.dk.data() + ho, D, Nk * D, B);
   }
   const CV<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
-  linear_backward<T>(xq, w.wq, dqv, V<T>{}, g.wq, g.bq);
-  linear_backward<T>(xkv, w.wk, dkv, V<T>{}, g.wk, g.bk);
-  linear_backward<T>(xkv, w.wv, dvv, V<T>{}, g.wv, g.bv);
-  if (!dxq.empty()) exec::gemm<T>(false, false, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
+  linear_backward<T>(xq, w.wq, dqv, V<T>{}, g.wq, g.bq, prec);
+  linear_backward<T>(xkv, w.wk, dkv, V<T>{}, g.wk, g.bk, prec);
+  linear_backward<T>(xkv, w.wv, dvv, V<T>{}, g.wv, g.bv, prec);
+  if (!dxq.empty()) exec::gemm_as<Prec, T>(false, false, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
   if (!dxkv.empty()) {
-    exec::gemm<T>(false, false, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0), dxkv.data(), D);
-    exec::gemm<T>(false, false, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
+    exec::gemm_as<Prec, T>(false, false, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0), dxkv.data(), D);
+    exec::gemm_as<Prec, T>(false, false, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
   }
 }
 
 template <class T, class Prec>
 void self_attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> x, CV<std::uint8_t> key_mask, V<T> y,
-                            AttentionCache<T, Space>& cache, const Prec&) {
-  products_in_fp32<Prec>();
-  attention_forward<T>(w, heads, x, x, key_mask, y, cache);
+                            AttentionCache<T, Space>& cache, const Prec& prec) {
+  attention_forward<T>(w, heads, x, x, key_mask, y, cache, prec);
 }
 
 template <class T, class Prec>
 void self_attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> x, CV<std::uint8_t> key_mask,
-                             AttentionCache<T, Space>& cache, CV<T> dy, V<T> dx, const AttentionGrads<T, Space>& g, const Prec&) {
-  products_in_fp32<Prec>();
-  attention_backward<T>(w, heads, x, x, key_mask, cache, dy, dx, dx, g);
+                             AttentionCache<T, Space>& cache, CV<T> dy, V<T> dx, const AttentionGrads<T, Space>& g, const Prec& prec) {
+  attention_backward<T>(w, heads, x, x, key_mask, cache, dy, dx, dx, g, prec);
 }
 
 // ---- the map head ------------------------------------------------------------------------------------------
 
 template <class T, class Prec>
 void map_head_forward(const MapHeadWeights<T, Space>& w, int heads, GeluKind gelu, T ln_eps, CV<T> x,
-                      CV<std::uint8_t> key_mask, V<T> y, MapHeadCache<T, Space>& c, const Prec&) {
-  products_in_fp32<Prec>();
+                      CV<std::uint8_t> key_mask, V<T> y, MapHeadCache<T, Space>& c, const Prec& prec) {
   const auto d = chk::map_head_check<T, Space>("cuda::map_head_forward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(y, Shape{B, D}, "cuda::map_head_forward: y");
   c.size_forward(B, D, M);
   exec::launch("fill_rows (probe)", exec::grid_for(B * D), 256, kn::fill_rows<T>, w.probe.data(), B, D, c.query.data());
-  attention_forward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.u.view(), c.attn);
+  attention_forward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.u.view(), c.attn, prec);
   const CV<T> u = c.u.cview().reshape(Shape{B, D});
   layernorm_forward<T>(u, w.ln_g, w.ln_b, ln_eps, c.ln.view(), c.mean.view(), c.rstd.view());
-  linear_forward<T>(c.ln.cview(), w.fc1_w, w.fc1_b, c.h.view());
+  linear_forward<T>(c.ln.cview(), w.fc1_w, w.fc1_b, c.h.view(), prec);
   gelu_forward<T>(gelu, c.h.cview(), c.a.view());
-  linear_forward<T>(c.a.cview(), w.fc2_w, w.fc2_b, y);
+  linear_forward<T>(c.a.cview(), w.fc2_w, w.fc2_b, y, prec);
   exec::launch("add (residual)", exec::grid_for(B * D), 256, kn::add<T>, u.data(), B * D, y.data());
 }
 
 template <class T, class Prec>
 void map_head_backward(const MapHeadWeights<T, Space>& w, int heads, GeluKind gelu, CV<T> x, CV<std::uint8_t> key_mask,
-                       MapHeadCache<T, Space>& c, CV<T> dy, V<T> dx, const MapHeadGrads<T, Space>& g, const Prec&) {
-  products_in_fp32<Prec>();
+                       MapHeadCache<T, Space>& c, CV<T> dy, V<T> dx, const MapHeadGrads<T, Space>& g, const Prec& prec) {
   const auto d = chk::map_head_check<T, Space>("cuda::map_head_backward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(dy, Shape{B, D}, "cuda::map_head_backward: dy");
@@ -398,14 +383,14 @@ void map_head_backward(const MapHeadWeights<T, Space>& w, int heads, GeluKind ge
   c.dln.resize(Shape{B, D});
   c.du.resize(Shape{B, 1, D});
   c.dquery.resize(Shape{B, 1, D});
-  linear_backward<T>(c.a.cview(), w.fc2_w, dy, c.da.view(), g.fc2_w, g.fc2_b);
+  linear_backward<T>(c.a.cview(), w.fc2_w, dy, c.da.view(), g.fc2_w, g.fc2_b, prec);
   gelu_backward<T>(gelu, c.h.cview(), c.da.cview(), c.da.view());  // in place: da becomes dh
-  linear_backward<T>(c.ln.cview(), w.fc1_w, c.da.cview(), c.dln.view(), g.fc1_w, g.fc1_b);
+  linear_backward<T>(c.ln.cview(), w.fc1_w, c.da.cview(), c.dln.view(), g.fc1_w, g.fc1_b, prec);
   const V<T> du2 = c.du.view().reshape(Shape{B, D});
   layernorm_backward<T>(c.u.cview().reshape(Shape{B, D}), w.ln_g, c.mean.cview(), c.rstd.cview(), c.dln.cview(), du2,
                         g.ln_g, g.ln_b);
   exec::launch("add (residual)", exec::grid_for(B * D), 256, kn::add<T>, dy.data(), B * D, du2.data());
-  attention_backward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.attn, c.du.cview(), c.dquery.view(), dx, g.attn);
+  attention_backward<T>(w.attn, heads, c.query.cview(), x, key_mask, c.attn, c.du.cview(), c.dquery.view(), dx, g.attn, prec);
   if (!g.probe.empty())  // the probe is every example's query: its gradient sums over the examples
     exec::launch("add_column_sums (probe)", exec::grid_for(D, kColThreads), kColThreads, kn::add_column_sums<T>,
                  static_cast<const T*>(c.dquery.data()), B, D, D, g.probe.data());

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "limoe/core/enums.hpp"
+#include "limoe/math/bf16.hpp"
 #include "limoe/math/gelu.hpp"
 #include "limoe/ops/shapes.hpp"
 #include "reduce.cuh"
@@ -39,6 +40,14 @@ __global__ void add_column_sums(const T* __restrict__ g, std::int64_t R, std::in
 template <class T>
 __global__ void add(const T* __restrict__ a, std::int64_t n, T* __restrict__ y) {
   LIMOE_GRID_STRIDE(i, n) y[i] += a[i];
+}
+
+// dst[r * cols + c] = bf16(src[r * ld + c]) over a rows x cols block of leading dimension ld (the operands of a
+// bf16 product, packed; math/bf16.hpp's rounding).
+template <class T>
+__global__ void to_bf16_block(const T* __restrict__ src, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                              std::uint16_t* __restrict__ dst) {
+  LIMOE_GRID_STRIDE(i, rows * cols) dst[i] = math::bf16_round(static_cast<float>(src[(i / cols) * ld + i % cols]));
 }
 
 // Rows by index, one thread per element: gather dst[i, :] = src[idx[i], :]; scatter dst[idx[i], :] = src[i, :]

@@ -1,0 +1,86 @@
+// Data-parallel training of a model on the CUDA backend, on the CPU: the backend through the emulation
+// (tests/support/cuda_emu.hpp; its device memory is opaque to host code), the ranks under mpirun. Each rank's
+// Trainer copies its device gradient to the host, sums it over the ranks and copies it back; after a few steps
+// every rank holds the parameters of one process stepping the same model on the whole batch (within the
+// rounding of the sum's order) and the same bits as the other ranks.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include "support/cuda_emu.hpp"  // first: the CUDA keywords and LIMOE_CUDA_EMULATION
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cuda/backend/moe_ops.cuh>
+#include <limoe/backend/cuda.hpp>
+#include <limoe/dist/mpi.hpp>
+#include <limoe/model/model.hpp>
+#include <limoe/testing/gradcheck.hpp>
+#include <limoe/train/trainer.hpp>
+#include <vector>
+
+#include "mpi/shard.hpp"  // (tests/ is on the include path)
+#include "unit/backend_model.hpp"
+
+using namespace limoe;
+using dist::MpiComm;
+
+namespace {
+using DevModel = Limoe<double, ConfigRouter, moe::DefaultAuxLosses, Cuda>;
+
+// The backend harness's tiny model (every code path), routed in groups of one pair so that no group spans ranks.
+ModelConfig config() {
+  ModelConfig c = backend_cases::tiny_config();
+  c.group_pairs = 1;
+  c.router.capacity_factor_train = 1.0;
+  return c;
+}
+using testing::rows;
+}  // namespace
+
+TEST_CASE("data parallel training of a device model: every rank ends with one process's parameters") {
+  MpiComm comm(MPI_COMM_WORLD);
+  const int P = comm.size(), me = comm.rank();
+  const index_t n = 2, B = n * P;
+  const ModelConfig cfg = config();
+  TrainConfig tc;
+  tc.steps = 10, tc.warmup_steps = 1;
+  tc.adam.lr = 3e-3, tc.adam.clip_norm = 0.5;
+  DevModel one(cfg), dp(cfg);
+  for (DevModel* m : {&one, &dp}) m->init(9), m->set_noise_seed(5);
+  Trainer<DevModel> t1(one, tc);
+  Trainer<DevModel, MpiComm> td(dp, tc, MpiComm(MPI_COMM_WORLD));
+  for (int s = 0; s < 3; ++s) {
+    CAPTURE(s);
+    const auto images = testing::randn<double>(Shape{B, 8, 8, 3}, 50 + static_cast<std::uint64_t>(s));
+    Tensor<std::int32_t> texts(Shape{B, cfg.text_len});
+    for (index_t i = 0; i < texts.numel(); ++i)
+      texts[i] = i % cfg.text_len < 2 + (i / cfg.text_len) % 3 ? static_cast<std::int32_t>(2 + (i * 7 + s) % 11) : cfg.pad_id;
+    const StepReport r1 = t1.step(images.cview(), texts.cview());
+    const StepReport rd = td.step(rows(images, me * n, n), rows(texts, me * n, n));
+    CHECK(std::abs(rd.loss.total - r1.loss.total) <= 1e-10 * std::abs(r1.loss.total));
+    CHECK(std::abs(rd.grad_norm - r1.grad_norm) <= 1e-10 * r1.grad_norm);
+  }
+  const Tensor<double> a = to_host(dp.params().values()), b = to_host(one.params().values());
+  double d = 0, scale = 0;
+  for (index_t i = 0; i < a.numel(); ++i) d = std::max(d, std::abs(a[i] - b[i])), scale = std::max(scale, std::abs(b[i]));
+  CHECK(d <= 1e-10 * scale);
+  // Every rank holds the same bits.
+  double mine = 0;
+  for (index_t i = 0; i < a.numel(); ++i) mine += a[i] * static_cast<double>(i % 7 + 1);
+  std::vector<double> all(static_cast<std::size_t>(P));
+  dist::all_gather(comm, std::span<const double>(&mine, 1), std::span<double>(all));
+  for (double x : all) CHECK(x == all[0]);
+}
+
+int main(int argc, char** argv) {
+  dist::MpiSession mpi(&argc, &argv);
+  set_num_threads(1);
+  try {
+    MpiComm comm(MPI_COMM_WORLD);
+    doctest::Context ctx(argc, argv);
+    if (comm.rank() != 0) ctx.setOption("out", "/dev/null");
+    const int rc = ctx.run();
+    return dist::all_reduce_max(comm, rc);
+  } catch (const std::exception& e) {
+    dist::MpiSession::abort(e.what());
+  }
+}
