@@ -7,7 +7,7 @@
 //              rounded as they enter the product. Everything else stays fp32: the stored activations, router
 //              logits and gates (so routing is decided on fp32 gates), softmax, attention scores and contexts,
 //              LayerNorm statistics, the auxiliary and contrastive losses, the master weights and AdamW's
-//              moments. The CUDA backend will use the same split.
+//              moments. The CUDA backend uses the same split (docs/cuda.md).
 //
 // A policy is passed to the ops that hold a large product as their last argument (`Fp32{}` by default), so
 // the op tables (backend/ops.hpp) forward it unchanged; the Ref backend reads a Bf16Mixed policy as "round
