@@ -158,9 +158,11 @@ inline void gemm_bf16(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int
   emu::gemm_batched<float>(ta, tb, M, N, K, alpha, af.data(), ac, 0, bf.data(), bc, 0, beta, C, ldc, 0, 1);
 #else
   const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  // The packed copies' leading dimensions; at least 1 (cuBLAS refuses 0, which K = 0 would give).
+  const auto l_a = static_cast<int>(ac > 1 ? ac : 1), l_b = static_cast<int>(bc > 1 ? bc : 1);
   detail::blas_check(cublasGemmEx(detail::blas_handle(), opb, opa, static_cast<int>(N), static_cast<int>(M),
-                                  static_cast<int>(K), &alpha, b16.data(), CUDA_R_16BF, static_cast<int>(bc),
-                                  a16.data(), CUDA_R_16BF, static_cast<int>(ac), &beta, C, CUDA_R_32F,
+                                  static_cast<int>(K), &alpha, b16.data(), CUDA_R_16BF, l_b,
+                                  a16.data(), CUDA_R_16BF, l_a, &beta, C, CUDA_R_32F,
                                   static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                      "cublasGemmEx (bf16)");
 #endif
