@@ -66,14 +66,13 @@ template <class T>
 using V = View<T, Space>;
 using DispatchPlan = moe::BasicDispatchPlan<Space>;
 
-// The products' precision policy (core/policies.hpp): Fp32, or Bf16Mixed (the large products read bf16 operands,
-// converted on the device as they enter the product, through tensor cores with fp32 accumulation; the policy's
-// host mirror is not used). Compiled for both.
-using Fp32Products = ::limoe::Fp32;
+// The products' precision policy (core/policies.hpp): Fp32 (the default), or Bf16Mixed (the large products read
+// bf16 operands, converted on the device as they enter the product, through tensor cores with fp32
+// accumulation; the policy's host mirror is not used). Compiled for both.
 
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void linear_forward(CV<T> x, CV<T> W, CV<T> b, V<T> y, const Prec& = {});
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void linear_backward(CV<T> x, CV<T> W, CV<T> dy, V<T> dx, V<T> dW, V<T> db, const Prec& = {});
 template <class T>
 void layernorm_forward(CV<T> x, CV<T> g, CV<T> b, T eps, V<T> y, V<T> mean, V<T> rstd);
@@ -93,9 +92,9 @@ template <class T>
 void l2_normalize_forward(CV<T> u, V<T> z, V<T> norms);
 template <class T>
 void l2_normalize_backward(CV<T> u, CV<T> z, CV<T> norms, CV<T> dz, V<T> du);
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void patch_embed_forward(CV<T> images, int P, CV<T> W, CV<T> b, CV<T> pos, V<T> patches, V<T> y, const Prec& = {});
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void patch_embed_backward(CV<T> images, int P, CV<T> patches, CV<T> W, CV<T> dy, V<T> dimages, V<T> dW, V<T> db,
                           V<T> dpos, const Prec& = {});
 template <class T>
@@ -106,24 +105,24 @@ template <class T>
 void pool_forward(Pooling kind, CV<T> x, CV<std::uint8_t> key_mask, V<T> y);
 template <class T>
 void pool_backward(Pooling kind, CV<std::uint8_t> key_mask, CV<T> dy, V<T> dx);
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq, CV<T> xkv, CV<std::uint8_t> key_mask,
                        V<T> y, AttentionCache<T, Space>& cache, const Prec& = {});
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq, CV<T> xkv,
                         CV<std::uint8_t> key_mask, AttentionCache<T, Space>& cache, CV<T> dy, V<T> dxq, V<T> dxkv,
                         const AttentionGrads<T, Space>& g, const Prec& = {});
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void self_attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> x, CV<std::uint8_t> key_mask, V<T> y,
                             AttentionCache<T, Space>& cache, const Prec& = {});
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void self_attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> x, CV<std::uint8_t> key_mask,
                              AttentionCache<T, Space>& cache, CV<T> dy, V<T> dx, const AttentionGrads<T, Space>& g,
                              const Prec& = {});
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void map_head_forward(const MapHeadWeights<T, Space>& w, int heads, GeluKind gelu, T ln_eps, CV<T> x,
                       CV<std::uint8_t> key_mask, V<T> y, MapHeadCache<T, Space>& c, const Prec& = {});
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void map_head_backward(const MapHeadWeights<T, Space>& w, int heads, GeluKind gelu, CV<T> x, CV<std::uint8_t> key_mask,
                        MapHeadCache<T, Space>& c, CV<T> dy, V<T> dx, const MapHeadGrads<T, Space>& g, const Prec& = {});
 template <class T>
@@ -147,10 +146,10 @@ void dispatch_forward(const DispatchPlan& p, CV<T> x, V<T> xe);
 template <class T>
 void dispatch_backward(const DispatchPlan& p, CV<T> dxe, V<T> dx);
 // The scratch (moe::ExpertScratch: the CPU backend's tile lists) is accepted and unused.
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe, V<T> hpre,
                         V<T> h, V<T> ye, moe::ExpertScratch& scratch, const Prec& = {});
-template <class T, class Prec = Fp32Products>
+template <class T, class Prec = Fp32>
 void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe,
                          CV<T> hpre, CV<T> h, CV<T> dye, V<T> dh, V<T> dxe, const moe::ExpertGrads<T, Space>& g,
                          moe::ExpertScratch& scratch, const Prec& = {});

@@ -16,8 +16,7 @@
 namespace limoe {
 
 namespace detail {
-template <class T>
-void rows_index_values_check(const char* fn, CView<std::int64_t> idx, index_t rows) {
+inline void rows_index_values_check(const char* fn, CView<std::int64_t> idx, index_t rows) {
   for (index_t i = 0; i < idx.numel(); ++i)
     LIMOE_CHECK(idx[i] >= 0 && idx[i] < rows, fn, ": idx[", i, "] = ", idx[i], " is not a row of [0, ", rows, ")");
 }
@@ -32,14 +31,14 @@ void add_into(CView<T> x, View<T> y) {
 template <class T>
 void gather_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
   const index_t D = detail::rows_by_index_check<T>("ref::gather_rows", src, idx, dst, true);
-  detail::rows_index_values_check<T>("ref::gather_rows", idx, src.dim(0));
+  detail::rows_index_values_check("ref::gather_rows", idx, src.dim(0));
   for (index_t i = 0; i < idx.numel(); ++i)
     for (index_t d = 0; d < D; ++d) dst[i * D + d] = src[idx[i] * D + d];
 }
 template <class T>
 void scatter_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
   const index_t D = detail::rows_by_index_check<T>("ref::scatter_rows", src, idx, dst, false);
-  detail::rows_index_values_check<T>("ref::scatter_rows", idx, dst.dim(0));
+  detail::rows_index_values_check("ref::scatter_rows", idx, dst.dim(0));
   for (index_t i = 0; i < idx.numel(); ++i)
     for (index_t d = 0; d < D; ++d) dst[idx[i] * D + d] = src[i * D + d];
 }
@@ -56,7 +55,7 @@ void add_into(CView<T> x, View<T> y) {
 template <class T>
 void gather_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
   const index_t D = detail::rows_by_index_check<T>("cpu::gather_rows", src, idx, dst, true);
-  detail::rows_index_values_check<T>("cpu::gather_rows", idx, src.dim(0));
+  detail::rows_index_values_check("cpu::gather_rows", idx, src.dim(0));
   parallel_for(0, idx.numel(), 256, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) std::copy_n(src.data() + idx[i] * D, D, dst.data() + i * D);
   });
@@ -64,7 +63,7 @@ void gather_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
 template <class T>
 void scatter_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
   const index_t D = detail::rows_by_index_check<T>("cpu::scatter_rows", src, idx, dst, false);
-  detail::rows_index_values_check<T>("cpu::scatter_rows", idx, dst.dim(0));
+  detail::rows_index_values_check("cpu::scatter_rows", idx, dst.dim(0));
   parallel_for(0, idx.numel(), 256, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) std::copy_n(src.data() + i * D, D, dst.data() + idx[i] * D);
   });
