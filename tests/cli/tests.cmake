@@ -3,7 +3,7 @@
 # embeddings, and that a resumed training run continues the same curve.
 if(TARGET limoe)
   add_executable(test_cli ${CMAKE_CURRENT_LIST_DIR}/test_cli.cpp)
-  target_link_libraries(test_cli PRIVATE limoe::limoe limoe_instances limoe_instances_double limoe_project_flags limoe_test_main doctest::doctest)
+  target_link_libraries(test_cli PRIVATE limoe::limoe limoe_instances limoe_instances_double limoe_project_flags limoe_test_flags limoe_test_main doctest::doctest)
   target_compile_definitions(test_cli PRIVATE LIMOE_CLI_PATH="$<TARGET_FILE:limoe>"
                                               LIMOE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/../data"
                                               LIMOE_SCRIPTS_DIR="${PROJECT_SOURCE_DIR}/scripts")

@@ -10,7 +10,7 @@ file(GLOB LIMOE_CUDA_TESTS CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/cuda/te
 foreach(src IN LISTS LIMOE_CUDA_TESTS)
   get_filename_component(name ${src} NAME_WE)
   add_executable(${name} ${src})
-  target_link_libraries(${name} PRIVATE limoe::cuda limoe_project_flags limoe_cuda_test_main doctest::doctest)
+  target_link_libraries(${name} PRIVATE limoe::cuda limoe_project_flags limoe_test_flags limoe_cuda_test_main doctest::doctest)
   target_include_directories(${name} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
   add_test(NAME ${name} COMMAND ${name})
   set_tests_properties(${name} PROPERTIES LABELS "cuda" SKIP_RETURN_CODE 77 TIMEOUT 300)

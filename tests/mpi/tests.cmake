@@ -9,7 +9,7 @@ if(NOT LIMOE_MPIEXEC)
   return()
 endif()
 add_executable(test_mpi ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_mpi.cpp)
-target_link_libraries(test_mpi PRIVATE limoe::mpi limoe_instances limoe_instances_double limoe_project_flags doctest::doctest)
+target_link_libraries(test_mpi PRIVATE limoe::mpi limoe_instances limoe_instances_double limoe_project_flags limoe_test_flags doctest::doctest)
 # OpenMPI refuses to start as root unless told; CI runs as root.
 set(_limoe_mpi_env "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
 foreach(np 2 4)
@@ -22,7 +22,7 @@ set_tests_properties(test_mpi_rank_failure PROPERTIES LABELS "mpi" TIMEOUT 60 PR
 
 # A model on the CUDA backend (through the CPU emulation) trained data parallel on 2 ranks.
 add_executable(test_mpi_cuda_emu ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_mpi_cuda_emu.cpp)
-target_link_libraries(test_mpi_cuda_emu PRIVATE limoe::mpi limoe_project_flags doctest::doctest)
+target_link_libraries(test_mpi_cuda_emu PRIVATE limoe::mpi limoe_project_flags limoe_test_flags doctest::doctest)
 target_include_directories(test_mpi_cuda_emu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)
 add_test(NAME test_mpi_cuda_emu_np2 COMMAND ${LIMOE_MPIEXEC} --oversubscribe -np 2 $<TARGET_FILE:test_mpi_cuda_emu>)
 set_tests_properties(test_mpi_cuda_emu_np2 PROPERTIES LABELS "mpi" TIMEOUT 300 PROCESSORS 2 RUN_SERIAL ON

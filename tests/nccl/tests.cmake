@@ -5,7 +5,7 @@ if(NOT TARGET limoe::nccl)
 endif()
 find_program(LIMOE_MPIEXEC NAMES mpirun mpiexec)
 add_executable(test_cuda_nccl ${CMAKE_CURRENT_SOURCE_DIR}/nccl/test_cuda_nccl.cpp)
-target_link_libraries(test_cuda_nccl PRIVATE limoe::nccl limoe_project_flags doctest::doctest)
+target_link_libraries(test_cuda_nccl PRIVATE limoe::nccl limoe_project_flags limoe_test_flags doctest::doctest)
 if(LIMOE_MPIEXEC)
   add_test(NAME test_cuda_nccl COMMAND ${LIMOE_MPIEXEC} --oversubscribe -np 1 $<TARGET_FILE:test_cuda_nccl>)
   set_tests_properties(test_cuda_nccl PROPERTIES LABELS "cuda" SKIP_RETURN_CODE 77 TIMEOUT 120

@@ -5,7 +5,7 @@ find_path(LIMOE_CCCL_INCLUDE_DIR thrust/version.h
         /usr/local/cuda/include/cccl /usr/local/cuda/include)
 if(LIMOE_CCCL_INCLUDE_DIR)
   add_executable(test_cuda_thrust_routing ${CMAKE_CURRENT_SOURCE_DIR}/thrust/test_parallel_routing.cpp)
-  target_link_libraries(test_cuda_thrust_routing PRIVATE limoe::limoe limoe_project_flags limoe_test_main doctest::doctest)
+  target_link_libraries(test_cuda_thrust_routing PRIVATE limoe::limoe limoe_project_flags limoe_test_flags limoe_test_main doctest::doctest)
   target_include_directories(test_cuda_thrust_routing SYSTEM PRIVATE ${LIMOE_CCCL_INCLUDE_DIR})
   target_compile_definitions(test_cuda_thrust_routing PRIVATE THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP
                              THRUST_HOST_SYSTEM=THRUST_HOST_SYSTEM_CPP)
