@@ -1,8 +1,10 @@
 // Data-parallel training of a model on the CUDA backend, on the CPU: the backend through the emulation
 // (tests/support/cuda_emu.hpp; its device memory is opaque to host code), the ranks under mpirun. Each rank's
-// Trainer copies its device gradient to the host, sums it over the ranks and copies it back; after a few steps
-// every rank holds the parameters of one process stepping the same model on the whole batch (within the
-// rounding of the sum's order) and the same bits as the other ranks.
+// Trainer copies its device gradient to the host, sums it over the ranks and copies it back, or (after
+// sum_gradients_with) sums it on the device through a communicator over device memory: here MPI moving the
+// emulation's device memory, standing in for NcclComm. After a few steps every rank holds the parameters of one
+// process stepping the same model on the whole batch (within the rounding of the sum's order), the same bits
+// as the other ranks, and the device sum gives the same bits as the staged one.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include "support/cuda_emu.hpp"  // first: the CUDA keywords and LIMOE_CUDA_EMULATION
 
@@ -34,7 +36,48 @@ ModelConfig config() {
   return c;
 }
 using testing::rows;
+
+// MPI over the emulation's device memory (host memory underneath, which MPI may read): a communicator in the
+// model's memory space, as NcclComm is on a GPU.
+class DeviceMpi {
+ public:
+  using memory_space = SpaceOf<Cuda>;
+  explicit DeviceMpi(MpiComm c) : mpi_(std::move(c)) {}
+  int rank() const { return mpi_.rank(); }
+  int size() const { return mpi_.size(); }
+  void all_gather_bytes(const void* s, void* r, std::size_t n) { mpi_.all_gather_bytes(s, r, n); }
+  void all_to_all_bytes(const void* s, void* r, std::size_t n) { mpi_.all_to_all_bytes(s, r, n); }
+  void broadcast_bytes(void* d, std::size_t n, int root) { mpi_.broadcast_bytes(d, n, root); }
+  DeviceMpi split(int color, int key) const { return DeviceMpi(mpi_.split(color, key)); }
+
+ private:
+  MpiComm mpi_;
+};
+static_assert(dist::CommunicatorIn<DeviceMpi, SpaceOf<Cuda>>);
 }  // namespace
+
+TEST_CASE("the sum over ranks on the device: the same bits as the host sum, for even and uneven sizes") {
+  using S = SpaceOf<Cuda>;
+  MpiComm comm(MPI_COMM_WORLD);
+  DeviceMpi dev(MpiComm(MPI_COMM_WORLD));
+  const int P = comm.size(), me = comm.rank();
+  Tensor<float, S> scratch;
+  for (index_t n : {index_t{1}, index_t{7}, index_t{2 * P}, index_t{1000}, index_t{4099}}) {
+    CAPTURE(n);
+    std::vector<float> host(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i)
+      host[static_cast<std::size_t>(i)] = std::ldexp(static_cast<float>((i * 37 + me * 11) % 101) - 50.f, -(me % 3)) / 3.f;
+    Tensor<float, S> d(Shape{n});
+    copy_from_host<float, S>(CView<float>(host.data(), Shape{n}), d.view());
+    dist::all_reduce_sum_in(dev, d.view(), scratch,
+                            [](CView<float, S> x, View<float, S> y) { Ops<Cuda, float>::add_into(x, y); });
+    dist::all_reduce_sum(comm, std::span<float>(host));
+    const Tensor<float> got = to_host(d.cview());
+    index_t differ = 0;
+    for (index_t i = 0; i < n; ++i) differ += got[i] != host[static_cast<std::size_t>(i)];
+    CHECK(differ == 0);
+  }
+}
 
 TEST_CASE("data parallel training of a device model: every rank ends with one process's parameters") {
   MpiComm comm(MPI_COMM_WORLD);
@@ -44,10 +87,21 @@ TEST_CASE("data parallel training of a device model: every rank ends with one pr
   TrainConfig tc;
   tc.steps = 10, tc.warmup_steps = 1;
   tc.adam.lr = 3e-3, tc.adam.clip_norm = 0.5;
-  DevModel one(cfg), dp(cfg);
-  for (DevModel* m : {&one, &dp}) m->init(9), m->set_noise_seed(5);
+  DevModel one(cfg), dp(cfg), dd(cfg);
+  for (DevModel* m : {&one, &dp, &dd}) m->init(9), m->set_noise_seed(5);
   Trainer<DevModel> t1(one, tc);
-  Trainer<DevModel, MpiComm> td(dp, tc, MpiComm(MPI_COMM_WORLD));
+  Trainer<DevModel, MpiComm> td(dp, tc, MpiComm(MPI_COMM_WORLD));  // the gradient staged through the host
+  Trainer<DevModel, MpiComm> tv(dd, tc, MpiComm(MPI_COMM_WORLD));  // summed on the device
+  tv.sum_gradients_with(DeviceMpi(MpiComm(MPI_COMM_WORLD)));
+  CHECK(tv.sums_gradients_on_device());
+  CHECK_FALSE(td.sums_gradients_on_device());
+  {
+    // A gradient communicator over other ranks (here: each rank alone) is refused, naming both.
+    DevModel other(cfg);
+    Trainer<DevModel, MpiComm> tx(other, tc, MpiComm(MPI_COMM_WORLD));
+    DeviceMpi alone(MpiComm(MPI_COMM_WORLD).split(me, 0));
+    CHECK_THROWS_WITH(tx.sum_gradients_with(std::move(alone)), doctest::Contains("both must join the same ranks"));
+  }
   for (int s = 0; s < 3; ++s) {
     CAPTURE(s);
     const auto images = testing::randn<double>(Shape{B, 8, 8, 3}, 50 + static_cast<std::uint64_t>(s));
@@ -56,8 +110,18 @@ TEST_CASE("data parallel training of a device model: every rank ends with one pr
       texts[i] = i % cfg.text_len < 2 + (i / cfg.text_len) % 3 ? static_cast<std::int32_t>(2 + (i * 7 + s) % 11) : cfg.pad_id;
     const StepReport r1 = t1.step(images.cview(), texts.cview());
     const StepReport rd = td.step(rows(images, me * n, n), rows(texts, me * n, n));
+    const StepReport rv = tv.step(rows(images, me * n, n), rows(texts, me * n, n));
     CHECK(std::abs(rd.loss.total - r1.loss.total) <= 1e-10 * std::abs(r1.loss.total));
     CHECK(std::abs(rd.grad_norm - r1.grad_norm) <= 1e-10 * r1.grad_norm);
+    CHECK(rv.loss.total == rd.loss.total);
+    CHECK(rv.grad_norm == rd.grad_norm);
+  }
+  // The device sum adds in the staged sum's order: the same parameters to the bit.
+  {
+    const Tensor<double> staged = to_host(dp.params().values()), on_device = to_host(dd.params().values());
+    index_t differ = 0;
+    for (index_t i = 0; i < staged.numel(); ++i) differ += staged[i] != on_device[i];
+    CHECK(differ == 0);
   }
   const Tensor<double> a = to_host(dp.params().values()), b = to_host(one.params().values());
   double d = 0, scale = 0;

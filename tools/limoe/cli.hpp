@@ -15,6 +15,9 @@
 #include <limoe/core/error.hpp>
 #include <limoe/core/precision.hpp>
 #include <limoe/dist/comm.hpp>
+#if defined(LIMOE_CLI_NCCL)
+#include <limoe/dist/nccl.hpp>
+#endif
 
 namespace limoe::cli {
 
@@ -124,6 +127,11 @@ inline const std::set<std::string> kBackendOptions = {"device", "precision"};
 // launcher (mpirun), else one process. Only `train` uses more than one rank; the other commands refuse to run
 // on several (each rank would write the same outputs).
 dist::AnyComm world();
+#if defined(LIMOE_CLI_NCCL)
+// NCCL over world()'s ranks, on this process's current GPU (cli::with_model picked it): a CUDA model trained on
+// several ranks sums its gradient on the device through it (Trainer::sum_gradients_with).
+dist::NcclComm nccl_world();
+#endif
 inline void require_one_rank(const std::string& command) {
   LIMOE_CHECK(world().size() == 1, "limoe ", command, " runs on one process; mpirun started ", world().size(),
               " (only limoe train uses several)");

@@ -357,6 +357,10 @@ json train_step(const Params& p) {
   LIMOE_CHECK(B % ranks == 0, "--batch ", B, " must split evenly over the ", ranks, " ranks");
   const index_t n = B / ranks;
   Trainer<Model, dist::AnyComm> trainer(model, tc, std::move(comm));
+#if defined(LIMOE_CLI_NCCL)
+  if constexpr (!std::is_same_v<typename Model::memory_space, HostSpace>)
+    if (ranks > 1) trainer.sum_gradients_with(cli::nccl_world());  // as limoe train
+#endif
   Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
   Tensor<std::int32_t> texts(Shape{B, c.text_len});                              // [B, T] ids in [1, V)
   const Rng rng(kSeed);
@@ -385,7 +389,8 @@ json train_step(const Params& p) {
             {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times},
             {"width", c.width}, {"experts", c.experts}, {"top_k", c.top_k},
             {"capacity_factor", c.router.capacity_factor_train}, {"tokens", B * (c.num_patches() + c.text_len)},
-            {"ranks", ranks}, {"comm_share", step_s > 0 ? comm_s / step_s : 0.0}};
+            {"ranks", ranks}, {"comm_share", step_s > 0 ? comm_s / step_s : 0.0},
+            {"gradient_sum", ranks == 1 ? "none" : trainer.sums_gradients_on_device() ? "device" : "host"}};
   j.update(model_info(c));
   return j;
 }
@@ -495,7 +500,7 @@ int run(const std::vector<std::string>& argv) {
   out["warmup"] = p.warmup;
   for (const char* k : {"gflop_accepted", "flop_basis", "drop_fraction", "accepted", "capacity", "mlp_dim", "shape", "kernel",
                         "depth", "heads", "patch", "patches", "text_len", "moe_blocks", "params_total", "ranks",
-                        "comm_share"})
+                        "comm_share", "gradient_sum"})
     if (j.contains(k)) out[k] = j[k];
   out["times_s"] = j["times_s"];
   out["peak_rss_mb"] = peak_rss_mb();

@@ -149,6 +149,11 @@ int run(const std::vector<std::string>& argv) {
   if (resume) load_weights(model, *resume); else model.init(seed);
   model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
   Trainer<Model, dist::AnyComm> trainer(model, tc, std::move(comm));
+#if defined(LIMOE_CLI_NCCL)
+  // Data parallel on GPUs: the gradient summed on the devices over NCCL (the same order as the staged sum).
+  if constexpr (!std::is_same_v<typename Model::memory_space, HostSpace>)
+    if (ranks > 1) trainer.sum_gradients_with(cli::nccl_world());
+#endif
   std::int64_t start = 0;
   if (resume) {
     LIMOE_CHECK(load_optimizer(trainer.optimizer(), *resume), "checkpoint '", args.str("resume"),

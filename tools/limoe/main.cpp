@@ -37,6 +37,15 @@ dist::AnyComm world() {
 #else
 dist::AnyComm world() { return dist::AnyComm{}; }
 #endif
+#if defined(LIMOE_CLI_NCCL)
+dist::NcclComm nccl_world() {
+  LIMOE_CHECK(mpi_session() != nullptr, "NCCL needs the ranks of an MPI launcher (mpirun)");
+  int device = 0;
+  LIMOE_CHECK(cudaGetDevice(&device) == cudaSuccess, "NCCL: no current CUDA device");
+  dist::MpiComm w = mpi_session()->world();
+  return dist::NcclComm(w, device);
+}
+#endif
 }  // namespace limoe::cli
 
 namespace {

@@ -6,11 +6,13 @@
 //   limoe::dist::NcclComm gpus(world, /*device=*/world.rank() % device_count);
 //
 // It satisfies dist::Communicator over DEVICE memory: every pointer given to its collectives is a device
-// pointer on its device (memory_space = CudaSpace). Each collective is enqueued on the communicator's stream and waited for (the concept's
-// collectives are blocking); stream() lets device code order its own work with them. The typed helpers
-// dist::all_gather and dist::broadcast work on device spans; dist::all_reduce_sum and all_reduce_max, which add
-// on the host, AnyComm and Trainer (whose gradients are host memory) take host communicators only: a
-// compile-time error here. The CUDA backend's training (issue 10) will sum its device gradients through it. Every NCCL and CUDA status is checked: a
+// pointer on its device (memory_space = CudaSpace). Each collective is enqueued on the communicator's stream
+// after the work already queued on the legacy default stream (where the CUDA backend's kernels and cuBLAS run:
+// an event, no host wait), and waited for (the concept's collectives are blocking), so the backend's next work
+// sees its result. The typed helpers dist::all_gather and dist::broadcast work on device spans;
+// dist::all_reduce_sum_in (dist/device_sum.hpp) sums on the device, and Trainer::sum_gradients_with(NcclComm)
+// sums a device model's gradient through it. dist::all_reduce_sum and all_reduce_max, which add on the host,
+// and AnyComm take host communicators only: a compile-time error here. Every NCCL and CUDA status is checked: a
 // failure is a limoe::Error naming the call.
 #pragma once
 
@@ -56,6 +58,7 @@ class NcclComm {
     mpi.broadcast_bytes(&id, sizeof id, 0);
     detail::cuda_check(cudaSetDevice(device_), "cudaSetDevice");
     detail::cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    detail::cuda_check(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreate");
     detail::nccl_check(ncclCommInitRank(&comm_, mpi.size(), id, mpi.rank()), "ncclCommInitRank");
     fill_rank();
   }
@@ -67,6 +70,7 @@ class NcclComm {
       release();
       comm_ = std::exchange(o.comm_, nullptr);
       stream_ = std::exchange(o.stream_, nullptr);
+      ready_ = std::exchange(o.ready_, nullptr);
       device_ = o.device_, rank_ = o.rank_, size_ = o.size_;
     }
     return *this;
@@ -105,6 +109,7 @@ class NcclComm {
     out.device_ = device_;
     detail::cuda_check(cudaSetDevice(device_), "cudaSetDevice");
     detail::cuda_check(cudaStreamCreateWithFlags(&out.stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    detail::cuda_check(cudaEventCreateWithFlags(&out.ready_, cudaEventDisableTiming), "cudaEventCreate");
     detail::nccl_check(ncclCommSplit(comm_, color, key, &out.comm_, nullptr), "ncclCommSplit");
     out.fill_rank();
     return out;
@@ -116,15 +121,22 @@ class NcclComm {
     detail::nccl_check(ncclCommUserRank(comm_, &rank_), "ncclCommUserRank");
     detail::nccl_check(ncclCommCount(comm_, &size_), "ncclCommCount");
   }
-  void select() const { detail::cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
+  // Before each collective: its device, and its stream after the default stream's queued work.
+  void select() const {
+    detail::cuda_check(cudaSetDevice(device_), "cudaSetDevice");
+    detail::cuda_check(cudaEventRecord(ready_, cudaStreamLegacy), "cudaEventRecord");
+    detail::cuda_check(cudaStreamWaitEvent(stream_, ready_, 0), "cudaStreamWaitEvent");
+  }
   void wait() const { detail::cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
   void release() {
     if (comm_ != nullptr && std::uncaught_exceptions() == 0) ncclCommDestroy(comm_);  // as MpiComm: not while failing
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
-    comm_ = nullptr, stream_ = nullptr;
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+    comm_ = nullptr, stream_ = nullptr, ready_ = nullptr;
   }
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  cudaEvent_t ready_ = nullptr;  // recorded on the default stream before each collective
   int device_ = 0, rank_ = 0, size_ = 1;
 };
 static_assert(Communicator<NcclComm>);

@@ -18,6 +18,8 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -27,6 +29,7 @@
 #include <nlohmann/json.hpp>
 
 #include "limoe/dist/comm.hpp"
+#include "limoe/dist/device_sum.hpp"
 #include "limoe/model/model.hpp"
 #include "limoe/train/optimizer.hpp"
 
@@ -143,9 +146,10 @@ void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
 }
 
 // Comm: a communicator over host memory. A model on a device backend (Cuda) keeps its gradients and optimizer
-// on the device (AdamW<T, S>); data parallel, its flat gradient is copied to the host, summed over the ranks
-// exactly as a host model's, and copied back (a staged sum: the same bits as the CPU path; a sum over NCCL on
-// the device is not written). Expert parallelism needs a host-memory model.
+// on the device (AdamW<T, S>); data parallel, its flat gradient is by default copied to the host, summed over
+// the ranks exactly as a host model's, and copied back; after sum_gradients_with(NcclComm) it is summed on the
+// device instead (dist::all_reduce_sum_in: the same algorithm and order, so the same bits, without the two
+// copies). Expert parallelism needs a host-memory model.
 template <class Model, dist::HostCommunicator Comm = dist::SingleProcess>
 class Trainer {
  public:
@@ -216,6 +220,32 @@ class Trainer {
   }
 
  public:
+  // A device model: its flat gradient is summed over the ranks through `grad_comm`, a communicator over the
+  // model's memory space (dist::NcclComm for CudaSpace) joining the same ranks in the same order as the
+  // trainer's, on the device, bucket by bucket, in rank order (dist/device_sum.hpp). Without it the sum is
+  // staged through host memory. Embeddings, losses and statistics still go through the trainer's communicator.
+  template <class GradComm>
+    requires dist::CommunicatorIn<GradComm, Space>
+  void sum_gradients_with(GradComm grad_comm) {
+    static_assert(!std::is_same_v<Space, HostSpace>, "Trainer::sum_gradients_with: a host model's gradient is "
+                  "summed through the trainer's own communicator");
+    LIMOE_CHECK(!dp_comm_, "Trainer::sum_gradients_with: the model holds a part of the experts; expert parallelism "
+                "sums its gradients through the trainer's communicator");
+    LIMOE_CHECK(grad_comm.size() == comm_.size() && grad_comm.rank() == comm_.rank(),
+                "Trainer::sum_gradients_with: the gradient communicator is rank ", grad_comm.rank(), " of ",
+                grad_comm.size(), ", the trainer's rank ", comm_.rank(), " of ", comm_.size(),
+                "; both must join the same ranks in the same order");
+    auto comm = std::make_shared<GradComm>(std::move(grad_comm));  // shared: std::function copies its target
+    device_sum_ = [comm](View<T, Space> g, Tensor<T, Space>& scratch) {
+      const auto add = [](CView<T, Space> x, View<T, Space> y) { Ops<typename Model::backend_type, T>::add_into(x, y); };
+      for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
+        const index_t len = std::min<index_t>(static_cast<index_t>(kBucket), g.numel() - i);
+        dist::all_reduce_sum_in(*comm, View<T, Space>(g.data() + i, Shape{len}), scratch, add);
+      }
+    };
+  }
+  bool sums_gradients_on_device() const { return static_cast<bool>(device_sum_); }
+
   AdamW<T, Space>& optimizer() { return opt_; }
   Comm& comm() { return comm_; }
   // Seconds the last step spent in collectives (gathering embeddings, summing gradients and statistics).
@@ -285,34 +315,11 @@ class Trainer {
       tc = clock::now();
       reduce_aux_terms(r.aux_terms);
       merge_routing_stats(comm_, r.routing);
-      // The flat gradient on the host: the store's own (host memory), or a copy of the device's.
-      View<T> g;
-      if constexpr (std::is_same_v<Space, HostSpace>) {
-        g = model_.params().grads();
+      if (device_sum_) {
+        device_sum_(model_.params().grads(), device_scratch_);
       } else {
-        grad_host_.resize(Shape{model_.params().size()});
-        copy_to_host<T, Space>(std::as_const(model_.params()).grads(), grad_host_.view());
-        g = grad_host_.view();
+        sum_flat_gradient_on_host(grad_norm);
       }
-      if (!dp_comm_) {
-        // The flat gradient, summed over ranks bucket by bucket.
-        for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
-          const index_t len = std::min<index_t>(static_cast<index_t>(kBucket), g.numel() - i);
-          dist::all_reduce_sum(comm_, std::span<T>(g.data() + i, static_cast<std::size_t>(len)), scratch_);
-        }
-      } else {
-        // Whole tensors over every rank; expert shards over the ranks holding the same part. The norm for
-        // clipping is the whole model's: whole tensors once, every expert part once (summed over its group).
-        reduce_segments(comm_, whole_, g);
-        reduce_segments(*dp_comm_, sharded_, g);
-        double sq_whole = 0, sq_part = 0;
-        for (const auto& sg : whole_)
-          for (index_t i = 0; i < sg.numel; ++i) sq_whole += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
-        for (const auto& sg : sharded_)
-          for (index_t i = 0; i < sg.numel; ++i) sq_part += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
-        grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
-      }
-      if constexpr (!std::is_same_v<Space, HostSpace>) copy_from_host<T, Space>(grad_host_.cview(), model_.params().grads());
       comm_seconds_ += seconds_since(tc);
     }
     r.lr = lr_at(s);
@@ -323,6 +330,39 @@ class Trainer {
   }
 
  private:
+  // Data parallel: the flat gradient summed over the ranks through host memory (the store's own, or a copy of
+  // a device store's); with expert shards, the whole tensors over every rank and each shard over its replicas,
+  // and grad_norm the whole model's.
+  void sum_flat_gradient_on_host(std::optional<double>& grad_norm) {
+    View<T> g;
+    if constexpr (std::is_same_v<Space, HostSpace>) {
+      g = model_.params().grads();
+    } else {
+      grad_host_.resize(Shape{model_.params().size()});
+      copy_to_host<T, Space>(std::as_const(model_.params()).grads(), grad_host_.view());
+      g = grad_host_.view();
+    }
+    if (!dp_comm_) {
+      // The flat gradient, summed over ranks bucket by bucket.
+      for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
+        const index_t len = std::min<index_t>(static_cast<index_t>(kBucket), g.numel() - i);
+        dist::all_reduce_sum(comm_, std::span<T>(g.data() + i, static_cast<std::size_t>(len)), scratch_);
+      }
+    } else {
+      // Whole tensors over every rank; expert shards over the ranks holding the same part. The norm for
+      // clipping is the whole model's: whole tensors once, every expert part once (summed over its group).
+      reduce_segments(comm_, whole_, g);
+      reduce_segments(*dp_comm_, sharded_, g);
+      double sq_whole = 0, sq_part = 0;
+      for (const auto& sg : whole_)
+        for (index_t i = 0; i < sg.numel; ++i) sq_whole += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
+      for (const auto& sg : sharded_)
+        for (index_t i = 0; i < sg.numel; ++i) sq_part += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
+      grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
+    }
+    if constexpr (!std::is_same_v<Space, HostSpace>) copy_from_host<T, Space>(grad_host_.cview(), model_.params().grads());
+  }
+
   static double seconds_since(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   }
@@ -379,6 +419,9 @@ class Trainer {
   double comm_seconds_ = 0;
   Tensor<T> img_all_, txt_all_;
   Tensor<T> grad_host_;  // a device model's flat gradient, staged on the host for the sum over ranks
+  // sum_gradients_with's sum on the device, and its scratch
+  std::function<void(View<T, Space>, Tensor<T, Space>&)> device_sum_;
+  Tensor<T, Space> device_scratch_;
   std::vector<T> scratch_, pack_;
   // Expert parallel: the expert-parallel and data-parallel groups, and the gradient's segments.
   std::optional<Comm> ep_comm_, dp_comm_;
