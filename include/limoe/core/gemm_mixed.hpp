@@ -28,6 +28,10 @@
 namespace limoe {
 namespace detail {
 
+// The functions below that are not otherwise templates are `template <class = void>`: called as before, but
+// their bodies (oneDNN's and Eigen's templates) are compiled only in the translation units that call them, not
+// in every one that includes this header (docs/testing.md, "Build time").
+
 // Per-thread scratch that a call nested on the same thread (a task stolen while waiting) cannot clobber: each
 // live lease holds its own buffer, taken in stack order; buffers are kept, so steady state allocates nothing.
 template <class U>
@@ -61,7 +65,8 @@ class ScratchLease {
 inline index_t operand_extent(index_t rows, index_t cols, index_t ld) { return rows == 0 ? 0 : (rows - 1) * ld + cols; }
 
 // The bf16 product on one thread, fallback arithmetic: widen to fp32, multiply with gemm_serial.
-inline void gemm_bf16_widened(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
+template <class = void>
+void gemm_bf16_widened(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                               index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc) {
   const index_t na = operand_extent(ta == Trans::N ? M : K, ta == Trans::N ? K : M, lda);
   const index_t nb = operand_extent(tb == Trans::N ? K : N, tb == Trans::N ? N : K, ldb);
@@ -72,12 +77,13 @@ inline void gemm_bf16_widened(Trans ta, Trans tb, index_t M, index_t N, index_t 
 }
 
 #if defined(LIMOE_HAVE_DNNL)
-struct DnnlContext {
+template <class = void>
+struct DnnlContextT {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   // Whether oneDNN has a fast bf16 matmul on this processor (its reference kernel is far slower than widening).
   bool fast = false;
   std::string impl;
-  DnnlContext() {
+  DnnlContextT() {
     try {
       using dt = dnnl::memory::data_type;
       using tag = dnnl::memory::format_tag;
@@ -89,11 +95,12 @@ struct DnnlContext {
       fast = false;
     }
   }
-  static DnnlContext& get() {
-    static DnnlContext ctx;
+  static DnnlContextT& get() {
+    static DnnlContextT ctx;
     return ctx;
   }
 };
+using DnnlContext = DnnlContextT<>;
 
 // One oneDNN bf16 matmul on the calling thread. Each thread keeps the primitives it made, so a call creates
 // nothing and binds its operands. A new shape would cost oneDNN a JIT compilation (130-260 us measured), and the
@@ -101,7 +108,8 @@ struct DnnlContext {
 // run time (DNNL_RUNTIME_DIM_VAL: one primitive per transposes, N, leading dimensions, alpha and beta; oneDNN's
 // gemm:jit bf16 kernel then, measured at the rate of the fixed-shape kernels: 205-207 vs 203-207 GFLOP/s), unless
 // oneDNN offers only its reference kernel for that, in which case the exact shape is used.
-inline void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
+template <class = void>
+void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                            index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc) {
   using dt = dnnl::memory::data_type;
   using dims = dnnl::memory::dims;
@@ -159,7 +167,8 @@ inline void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, 
 #endif
 
 // Which kernel the bf16 products use here: "onednn:<its implementation>" or "widened".
-inline std::string bf16_kernel_name() {
+template <class = void>
+std::string bf16_kernel_name() {
 #if defined(LIMOE_HAVE_DNNL)
   if (DnnlContext::get().fast) return "onednn:" + DnnlContext::get().impl;
 #endif
@@ -167,7 +176,8 @@ inline std::string bf16_kernel_name() {
 }
 
 // C = alpha op(A) op(B) + beta C on one thread; A, B bf16, C fp32.
-inline void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
+template <class = void>
+void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                              index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {

@@ -23,6 +23,10 @@
 
 namespace limoe {
 
+// The metrics are `template <class = void>`: called as plain functions, but their Eigen products and solves are
+// compiled only in the translation units that call them, not in every one that includes <limoe/limoe.hpp>
+// (about 4 s each on 2 cores; docs/testing.md, "Build time").
+
 // Text embeddings [n, P] of token ids [n, T], in batches.
 template <class Model>
 Tensor<float> embed_texts(Model& model, CView<std::int32_t> ids, index_t batch = 512) {
@@ -37,18 +41,21 @@ Tensor<float> embed_texts(Model& model, CView<std::int32_t> ids, index_t batch =
 }
 
 // Index of the largest entry of each row of a [n, m] matrix.
-inline std::vector<int> argmax_rows(const Eigen::MatrixXf& s) {
+template <class = void>
+std::vector<int> argmax_rows(const Eigen::MatrixXf& s) {
   std::vector<int> out(static_cast<std::size_t>(s.rows()));
   for (Eigen::Index i = 0; i < s.rows(); ++i) s.row(i).maxCoeff(&out[static_cast<std::size_t>(i)]);
   return out;
 }
 
-inline Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> as_matrix(const Tensor<float>& t) {
+template <class = void>
+Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> as_matrix(const Tensor<float>& t) {
   return {t.data(), t.dim(0), t.dim(1)};
 }
 
 // Top-1 accuracy of zero-shot classification: the class whose vector has the largest dot product.
-inline double zero_shot_accuracy(const Tensor<float>& img_emb, const std::vector<int>& labels, const Tensor<float>& class_emb) {
+template <class = void>
+double zero_shot_accuracy(const Tensor<float>& img_emb, const std::vector<int>& labels, const Tensor<float>& class_emb) {
   LIMOE_CHECK(static_cast<index_t>(labels.size()) == img_emb.dim(0), "zero_shot_accuracy: ", labels.size(),
               " labels for ", img_emb.dim(0), " image embeddings");
   LIMOE_CHECK(img_emb.rank() == 2 && class_emb.rank() == 2 && img_emb.dim(1) == class_emb.dim(1),
@@ -64,7 +71,8 @@ inline double zero_shot_accuracy(const Tensor<float>& img_emb, const std::vector
 // Few-shot linear probe (semantics §5): features standardised with the training shots' statistics, plus a
 // bias feature; one-hot targets in {-1, +1}; closed-form ridge regression for each lambda of a grid; the best
 // test accuracy over the grid is reported (as big_vision's few-shot evaluator does).
-inline double linear_probe_accuracy(const Tensor<float>& train_x, const std::vector<int>& train_y, const Tensor<float>& test_x,
+template <class = void>
+double linear_probe_accuracy(const Tensor<float>& train_x, const std::vector<int>& train_y, const Tensor<float>& test_x,
                                     const std::vector<int>& test_y, int classes) {
   const Eigen::Index n = train_x.dim(0), d = train_x.dim(1);
   Eigen::MatrixXd X = as_matrix(train_x).cast<double>();
@@ -103,7 +111,8 @@ struct RetrievalRecall {
 
 // Image i and text i are a pair. Recall@k: the pair's partner ranks among the k best of n (ties counted
 // against the query, so a constant model scores chance).
-inline RetrievalRecall retrieval_recall(const Tensor<float>& img, const Tensor<float>& txt) {
+template <class = void>
+RetrievalRecall retrieval_recall(const Tensor<float>& img, const Tensor<float>& txt) {
   const Eigen::MatrixXf s = as_matrix(img) * as_matrix(txt).transpose();  // [n, n]
   const Eigen::Index n = s.rows();
   RetrievalRecall r;
@@ -130,7 +139,8 @@ inline RetrievalRecall retrieval_recall(const Tensor<float>& img, const Tensor<f
 // The contrastive loss (the training objective, ops/contrastive.hpp) of the pairs (img[i], txt[i]) of held-out
 // data, cut into consecutive batches of `batch` pairs (the last may be shorter; a last batch of one pair is left
 // out), at temperature exp(theta) clamped to max_scale; the mean over pairs.
-inline double batched_contrastive_loss(const Tensor<float>& img, const Tensor<float>& txt, float theta,
+template <class = void>
+double batched_contrastive_loss(const Tensor<float>& img, const Tensor<float>& txt, float theta,
                                        float max_scale, index_t batch) {
   LIMOE_CHECK(img.shape() == txt.shape() && img.rank() == 2 && batch >= 2, "batched_contrastive_loss: [n, P] image "
               "and text embeddings and batches of at least 2 pairs, got ", img.shape().str(), ", ",
@@ -160,7 +170,8 @@ struct UniqueRetrieval {
   index_t unique = 0;          // distinct captions in the pool
   double i2t_at1 = 0, t2i_at1 = 0;
 };
-inline UniqueRetrieval unique_caption_retrieval(const Tensor<float>& img, const Tensor<float>& txt,
+template <class = void>
+UniqueRetrieval unique_caption_retrieval(const Tensor<float>& img, const Tensor<float>& txt,
                                                 const std::vector<std::string>& captions) {
   const index_t n = img.dim(0);
   LIMOE_CHECK(txt.dim(0) == n && static_cast<index_t>(captions.size()) == n, "unique_caption_retrieval: ", n,
