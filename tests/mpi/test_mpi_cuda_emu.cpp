@@ -102,7 +102,7 @@ TEST_CASE("data parallel training of a device model: every rank ends with one pr
     DeviceMpi alone(MpiComm(MPI_COMM_WORLD).split(me, 0));
     CHECK_THROWS_WITH(tx.sum_gradients_with(std::move(alone)), doctest::Contains("both must join the same ranks"));
   }
-  for (int s = 0; s < 3; ++s) {
+  for (int s = 0; s < 2; ++s) {
     CAPTURE(s);
     const auto images = testing::randn<double>(Shape{B, 8, 8, 3}, 50 + static_cast<std::uint64_t>(s));
     Tensor<std::int32_t> texts(Shape{B, cfg.text_len});

@@ -10,7 +10,12 @@
 //   - `__syncthreads()` is a std::barrier over the block's threads: a kernel that reads shared memory another
 //     thread wrote without a barrier between them is a data race that ThreadSanitizer reports (the tests run
 //     under TSan too, see tests/cuda_emu/tests.cmake).
-//   - warp intrinsics are not emulated: the kernels written for both use shared-memory reductions.
+//   - warp intrinsics are not emulated: the kernels written for both use shared-memory reductions;
+//   - outside ThreadSanitizer builds, a kernel whose first launch never reached `__syncthreads` runs its later
+//     launches on the calling thread, each block's threads one after another (no team wake-up and no barrier
+//     per block: the same results, since threads that never meet at a barrier cannot rely on each other's
+//     writes). Should such a kernel reach `__syncthreads` on a later launch, the emulator throws, naming it,
+//     rather than guess. Under TSan every launch runs on the team, so races between threads stay visible.
 // emu::launch(grid, block, kernel, args...) is the <<<grid, block>>> launch.
 //
 // The CUDA backend's host code (src/cuda/backend/) compiled against this header runs on host memory
@@ -18,6 +23,7 @@
 // emu::gemm_batched below, the stand-in for the library the tests cannot call without a GPU.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <condition_variable>
 #include <mutex>
@@ -27,6 +33,8 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -52,6 +60,25 @@ namespace emu {
 namespace detail {
 inline thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
 inline thread_local std::barrier<>* block_barrier = nullptr;
+// The launch in progress: set when one of its threads reaches __syncthreads (team mode); in sequential mode
+// block_barrier is null and __syncthreads throws.
+inline thread_local std::atomic<bool>* barrier_reached = nullptr;
+
+#if defined(__SANITIZE_THREAD__)
+inline constexpr bool kSequentialLaunches = false;
+#else
+inline constexpr bool kSequentialLaunches = true;
+#endif
+// Per kernel (its address): 1 when a launch of it ran on the team without reaching __syncthreads, 2 when one
+// reached it.
+inline int& barrier_use(const void* kernel) {
+  static std::unordered_map<const void*, int> seen;
+  return seen[kernel];
+}
+inline std::mutex& barrier_use_mutex() {
+  static std::mutex m;
+  return m;
+}
 }  // namespace detail
 
 // The host threads that play CUDA threads: created once and reused by every launch (creating a thread per
@@ -123,12 +150,39 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
   if (threads == 0 || threads > 1024) throw std::invalid_argument("emu::launch: " + std::to_string(threads) + " threads per block");
   const unsigned long long blocks = static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
   if (blocks == 0) return;
+  // The kernel's address, when it is a function (launches of one kernel share what is known of its barriers).
+  const void* key = nullptr;
+  if constexpr (std::is_pointer_v<std::decay_t<Kernel>> && std::is_function_v<std::remove_pointer_t<std::decay_t<Kernel>>>)
+    key = reinterpret_cast<const void*>(+kernel);
+  int known = 0;
+  if (detail::kSequentialLaunches && key != nullptr) {
+    std::lock_guard lock(detail::barrier_use_mutex());
+    known = detail::barrier_use(key);
+  }
+  if (known == 1) {  // barrier-free: every thread of every block on this thread, in order
+    detail::block_barrier = nullptr;
+    detail::barrier_reached = nullptr;
+    detail::block_dim = block;
+    detail::grid_dim = grid;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          detail::block_idx = dim3(bx, by, bz);
+          for (unsigned t = 0; t < threads; ++t) {
+            detail::thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            kernel(args...);
+          }
+        }
+    return;
+  }
   std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
+  std::atomic<bool> reached{false};
   const std::function<void(unsigned)> body = [&](unsigned t) {
     detail::thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
     detail::block_dim = block;
     detail::grid_dim = grid;
     detail::block_barrier = &barrier;
+    detail::barrier_reached = &reached;
     for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -138,6 +192,11 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
         }
   };
   ThreadTeam::instance().run(threads, body);
+  if (detail::kSequentialLaunches && key != nullptr) {
+    std::lock_guard lock(detail::barrier_use_mutex());
+    int& use = detail::barrier_use(key);
+    if (use != 2) use = reached.load() ? 2 : 1;
+  }
 }
 
 // The stand-in for cuBLAS's (strided-batched) products, row-major like limoe::gemm: for each i < batch,
@@ -168,7 +227,13 @@ void gemm_batched(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t
 
 // Every thread of the block waits here until all have arrived (each thread must reach it: as on the device,
 // a __syncthreads under a divergent branch deadlocks).
-inline void __syncthreads() { ::emu::detail::block_barrier->arrive_and_wait(); }
+inline void __syncthreads() {
+  if (::emu::detail::block_barrier == nullptr)
+    throw std::logic_error("emu: a kernel reached __syncthreads on a launch run sequentially (its first launch never "
+                           "did); make its barriers unconditional or launch it on the team");
+  ::emu::detail::barrier_reached->store(true, std::memory_order_relaxed);
+  ::emu::detail::block_barrier->arrive_and_wait();
+}
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float sqrtf(float x) { return std::sqrt(x); }
