@@ -64,7 +64,12 @@ inline thread_local std::barrier<>* block_barrier = nullptr;
 // block_barrier is null and __syncthreads throws.
 inline thread_local std::atomic<bool>* barrier_reached = nullptr;
 
-#if defined(__SANITIZE_THREAD__)
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define LIMOE_EMU_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__) || defined(LIMOE_EMU_TSAN)
 inline constexpr bool kSequentialLaunches = false;
 #else
 inline constexpr bool kSequentialLaunches = true;

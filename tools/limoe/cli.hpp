@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -129,8 +130,9 @@ inline const std::set<std::string> kBackendOptions = {"device", "precision"};
 dist::AnyComm world();
 #if defined(LIMOE_CLI_NCCL)
 // NCCL over world()'s ranks, on this process's current GPU (cli::with_model picked it): a CUDA model trained on
-// several ranks sums its gradient on the device through it (Trainer::sum_gradients_with).
-dist::NcclComm nccl_world();
+// several ranks sums its gradient on the device through it (Trainer::sum_gradients_with). Collective; empty on
+// every rank (one line on rank 0 says why) when ranks share a GPU, which NCCL refuses.
+std::optional<dist::NcclComm> nccl_world();
 #endif
 inline void require_one_rank(const std::string& command) {
   LIMOE_CHECK(world().size() == 1, "limoe ", command, " runs on one process; mpirun started ", world().size(),

@@ -359,7 +359,8 @@ json train_step(const Params& p) {
   Trainer<Model, dist::AnyComm> trainer(model, tc, std::move(comm));
 #if defined(LIMOE_CLI_NCCL)
   if constexpr (!std::is_same_v<typename Model::memory_space, HostSpace>)
-    if (ranks > 1) trainer.sum_gradients_with(cli::nccl_world());  // as limoe train
+    if (ranks > 1)
+      if (auto nccl = cli::nccl_world()) trainer.sum_gradients_with(std::move(*nccl));  // as limoe train
 #endif
   Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
   Tensor<std::int32_t> texts(Shape{B, c.text_len});                              // [B, T] ids in [1, V)

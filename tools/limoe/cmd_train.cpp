@@ -152,7 +152,8 @@ int run(const std::vector<std::string>& argv) {
 #if defined(LIMOE_CLI_NCCL)
   // Data parallel on GPUs: the gradient summed on the devices over NCCL (the same order as the staged sum).
   if constexpr (!std::is_same_v<typename Model::memory_space, HostSpace>)
-    if (ranks > 1) trainer.sum_gradients_with(cli::nccl_world());
+    if (ranks > 1)
+      if (auto nccl = cli::nccl_world()) trainer.sum_gradients_with(std::move(*nccl));
 #endif
   std::int64_t start = 0;
   if (resume) {

@@ -1,6 +1,7 @@
 // tools/limoe/main.cpp: `limoe <sub-command> [options]`. Every failure is one line on stderr and exit status
 // 2 (bad input) or 1 (anything else); no sub-command leaves a half-written output file.
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstdio>
 #include <exception>
@@ -14,6 +15,11 @@
 
 #if defined(LIMOE_HAVE_MPI)
 #include <memory>
+#include <optional>
+#include <set>
+#include <span>
+
+#include <unistd.h>
 
 #include <limoe/dist/mpi.hpp>
 #endif
@@ -38,11 +44,29 @@ dist::AnyComm world() {
 dist::AnyComm world() { return dist::AnyComm{}; }
 #endif
 #if defined(LIMOE_CLI_NCCL)
-dist::NcclComm nccl_world() {
+std::optional<dist::NcclComm> nccl_world() {
   LIMOE_CHECK(mpi_session() != nullptr, "NCCL needs the ranks of an MPI launcher (mpirun)");
   int device = 0;
   LIMOE_CHECK(cudaGetDevice(&device) == cudaSuccess, "NCCL: no current CUDA device");
   dist::MpiComm w = mpi_session()->world();
+  // NCCL takes one rank per GPU: where two ranks share one (more ranks than GPUs on a machine), every rank
+  // learns it from the same gathered table and the trainer keeps the staged sum.
+  std::array<char, 160> me{};  // host name, then the GPU's PCI bus id
+  gethostname(me.data(), 127);
+  if (cudaDeviceGetPCIBusId(me.data() + 128, 32, device) != cudaSuccess) std::snprintf(me.data() + 128, 32, "device %d", device);
+  std::vector<char> all(me.size() * static_cast<std::size_t>(w.size()));
+  dist::all_gather(w, std::span<const char>(me), std::span<char>(all));
+  std::set<std::string> gpus;
+  for (int r = 0; r < w.size(); ++r) {
+    const char* p = all.data() + static_cast<std::size_t>(r) * me.size();
+    gpus.insert(std::string(p, strnlen(p, 128)) + "/" + std::string(p + 128, strnlen(p + 128, 32)));
+  }
+  if (gpus.size() != static_cast<std::size_t>(w.size())) {
+    if (w.rank() == 0)
+      std::cerr << "limoe: " << w.size() << " ranks share " << gpus.size() << " GPU(s); NCCL needs one rank per GPU: "
+                << "the gradient is summed through host memory\n";
+    return std::nullopt;
+  }
   return dist::NcclComm(w, device);
 }
 #endif

@@ -231,10 +231,13 @@ class Trainer {
                   "summed through the trainer's own communicator");
     LIMOE_CHECK(!dp_comm_, "Trainer::sum_gradients_with: the model holds a part of the experts; expert parallelism "
                 "sums its gradients through the trainer's communicator");
-    LIMOE_CHECK(grad_comm.size() == comm_.size() && grad_comm.rank() == comm_.rank(),
-                "Trainer::sum_gradients_with: the gradient communicator is rank ", grad_comm.rank(), " of ",
+    // Every rank checks and all agree (over the trainer's communicator) before any rank goes on: a mismatch on
+    // one rank is an error on every rank, never a rank left waiting in the next collective.
+    const bool same = grad_comm.size() == comm_.size() && grad_comm.rank() == comm_.rank();
+    const bool all_same = dist::all_reduce_max(comm_, same ? 0 : 1) == 0;
+    LIMOE_CHECK(all_same, "Trainer::sum_gradients_with: the gradient communicator is rank ", grad_comm.rank(), " of ",
                 grad_comm.size(), ", the trainer's rank ", comm_.rank(), " of ", comm_.size(),
-                "; both must join the same ranks in the same order");
+                same ? " here, but not on another rank" : "", "; both must join the same ranks in the same order");
     auto comm = std::make_shared<GradComm>(std::move(grad_comm));  // shared: std::function copies its target
     device_sum_ = [comm](View<T, Space> g, Tensor<T, Space>& scratch) {
       const auto add = [](CView<T, Space> x, View<T, Space> y) { Ops<typename Model::backend_type, T>::add_into(x, y); };
