@@ -74,15 +74,37 @@ inline constexpr bool kSequentialLaunches = false;
 #else
 inline constexpr bool kSequentialLaunches = true;
 #endif
-// Per kernel (its address): 1 when a launch of it ran on the team without reaching __syncthreads, 2 when one
-// reached it.
-inline int& barrier_use(const void* kernel) {
-  static std::unordered_map<const void*, int> seen;
-  return seen[kernel];
-}
-inline std::mutex& barrier_use_mutex() {
-  static std::mutex m;
-  return m;
+// What the launches on the team showed of each kernel's barriers, by the kernel's address.
+enum class Barriers { unknown, none, used };
+class BarrierLog {
+ public:
+  static BarrierLog& instance() {
+    static BarrierLog log;
+    return log;
+  }
+  Barriers of(const void* kernel) {
+    std::lock_guard lock(mutex_);
+    const auto it = seen_.find(kernel);
+    return it == seen_.end() ? Barriers::unknown : it->second;
+  }
+  void note(const void* kernel, bool reached) {
+    std::lock_guard lock(mutex_);
+    Barriers& b = seen_[kernel];
+    if (b != Barriers::used) b = reached ? Barriers::used : Barriers::none;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<const void*, Barriers> seen_;
+};
+
+// threadIdx of linear thread t in a block; calls fn(blockIdx) for every block of the grid, in order.
+inline dim3 thread_of(unsigned t, dim3 block) { return dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y)); }
+template <class Fn>
+void for_each_block(dim3 grid, Fn&& fn) {
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) fn(dim3(bx, by, bz));
 }
 }  // namespace detail
 
@@ -159,49 +181,38 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
   const void* key = nullptr;
   if constexpr (std::is_pointer_v<std::decay_t<Kernel>> && std::is_function_v<std::remove_pointer_t<std::decay_t<Kernel>>>)
     key = reinterpret_cast<const void*>(+kernel);
-  int known = 0;
-  if (detail::kSequentialLaunches && key != nullptr) {
-    std::lock_guard lock(detail::barrier_use_mutex());
-    known = detail::barrier_use(key);
-  }
-  if (known == 1) {  // barrier-free: every thread of every block on this thread, in order
+  const bool logged = detail::kSequentialLaunches && key != nullptr;
+  if (logged && detail::BarrierLog::instance().of(key) == detail::Barriers::none) {
+    // Barrier-free: every thread of every block on this thread, in order.
     detail::block_barrier = nullptr;
     detail::barrier_reached = nullptr;
     detail::block_dim = block;
     detail::grid_dim = grid;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          detail::block_idx = dim3(bx, by, bz);
-          for (unsigned t = 0; t < threads; ++t) {
-            detail::thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            kernel(args...);
-          }
-        }
+    detail::for_each_block(grid, [&](dim3 b) {
+      detail::block_idx = b;
+      for (unsigned t = 0; t < threads; ++t) {
+        detail::thread_idx = detail::thread_of(t, block);
+        kernel(args...);
+      }
+    });
     return;
   }
   std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
   std::atomic<bool> reached{false};
   const std::function<void(unsigned)> body = [&](unsigned t) {
-    detail::thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    detail::thread_idx = detail::thread_of(t, block);
     detail::block_dim = block;
     detail::grid_dim = grid;
     detail::block_barrier = &barrier;
     detail::barrier_reached = &reached;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          detail::block_idx = dim3(bx, by, bz);
-          kernel(args...);
-          barrier.arrive_and_wait();
-        }
+    detail::for_each_block(grid, [&](dim3 b) {
+      detail::block_idx = b;
+      kernel(args...);
+      barrier.arrive_and_wait();
+    });
   };
   ThreadTeam::instance().run(threads, body);
-  if (detail::kSequentialLaunches && key != nullptr) {
-    std::lock_guard lock(detail::barrier_use_mutex());
-    int& use = detail::barrier_use(key);
-    if (use != 2) use = reached.load() ? 2 : 1;
-  }
+  if (logged) detail::BarrierLog::instance().note(key, reached.load());
 }
 
 // The stand-in for cuBLAS's (strided-batched) products, row-major like limoe::gemm: for each i < batch,

@@ -241,10 +241,9 @@ class Trainer {
     auto comm = std::make_shared<GradComm>(std::move(grad_comm));  // shared: std::function copies its target
     device_sum_ = [comm](View<T, Space> g, Tensor<T, Space>& scratch) {
       const auto add = [](CView<T, Space> x, View<T, Space> y) { Ops<typename Model::backend_type, T>::add_into(x, y); };
-      for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
-        const index_t len = std::min<index_t>(static_cast<index_t>(kBucket), g.numel() - i);
+      for_each_bucket(g.numel(), [&](index_t i, index_t len) {
         dist::all_reduce_sum_in(*comm, View<T, Space>(g.data() + i, Shape{len}), scratch, add);
-      }
+      });
     };
   }
   bool sums_gradients_on_device() const { return static_cast<bool>(device_sum_); }
@@ -347,10 +346,9 @@ class Trainer {
     }
     if (!dp_comm_) {
       // The flat gradient, summed over ranks bucket by bucket.
-      for (index_t i = 0; i < g.numel(); i += static_cast<index_t>(kBucket)) {
-        const index_t len = std::min<index_t>(static_cast<index_t>(kBucket), g.numel() - i);
+      for_each_bucket(g.numel(), [&](index_t i, index_t len) {
         dist::all_reduce_sum(comm_, std::span<T>(g.data() + i, static_cast<std::size_t>(len)), scratch_);
-      }
+      });
     } else {
       // Whole tensors over every rank; expert shards over the ranks holding the same part. The norm for
       // clipping is the whole model's: whole tensors once, every expert part once (summed over its group).
@@ -366,6 +364,11 @@ class Trainer {
     if constexpr (!std::is_same_v<Space, HostSpace>) copy_from_host<T, Space>(grad_host_.cview(), model_.params().grads());
   }
 
+  // fn(first, count) for consecutive buckets of at most kBucket elements covering [0, n).
+  template <class Fn>
+  static void for_each_bucket(index_t n, Fn&& fn) {
+    for (index_t i = 0; i < n; i += static_cast<index_t>(kBucket)) fn(i, std::min<index_t>(static_cast<index_t>(kBucket), n - i));
+  }
   static double seconds_since(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   }
