@@ -224,3 +224,60 @@ TEST_CASE("padding is masked out: each group routes, drops, losses and gradients
   CHECK_THROWS_WITH_AS(moe_forward<double>(cfg, f.params(), x.view(), mod, Mode::Train, Rng(3), y.view(), ctx),
                        doctest::Contains("modality value 3"), Error);
 }
+
+TEST_CASE("one large group: routes, losses, outputs and gradients are the same bits on 1 and 2 threads") {
+  // The router and the loss terms spread a group's per-token work over the pool (moe/config.hpp kRowGrain);
+  // every sum over tokens must stay in token order. 1500 tokens: six tasks of 256, the last one short.
+  const index_t N = 1500, D = 24, M = 32;
+  const int E = 8;
+  Fixture<float> f(E, D, M, 41);
+  Tensor<float> x(Shape{N, D}), dy(Shape{N, D});
+  testing::fill_normal(x.view(), 42);
+  testing::fill_normal(dy.view(), 43);
+  std::vector<std::uint8_t> mod(N, kImage);
+  for (index_t t = N - 300; t < N; ++t) mod[static_cast<std::size_t>(t)] = kText;
+  auto cfg = config(E, 2, 1.0, 0.0, true);
+  cfg.losses.z_loss_weight = 0.01;
+  cfg.losses.local_entropy_weight = {0.01, 0.02};
+  cfg.losses.global_entropy_weight = {0.05, 0.05};
+  cfg.losses.global_entropy_tau = {2.5, 2.5};  // above log 8, H(pbar)'s largest value: the term and its gradient are active
+  struct Run {
+    Tensor<float> y, dx, gwr, gw1, gb1, gw2, gb2;
+    std::vector<std::int32_t> route;
+    AuxLossValues losses;
+  };
+  auto copy_of = [](const Tensor<float>& t) {
+    Tensor<float> c(t.shape());
+    std::copy_n(t.data(), t.numel(), c.data());
+    return c;
+  };
+  auto run = [&](int threads) {
+    set_num_threads(threads);
+    f.zero_grads();
+    Run r{Tensor<float>(Shape{N, D}), Tensor<float>(Shape{N, D}), {}, {}, {}, {}, {}, {}, {}};
+    MoeContext<float> ctx;
+    moe_forward<float>(cfg, f.params(), x.view(), mod, Mode::Train, Rng(7), r.y.view(), ctx);
+    moe_backward<float>(f.params(), x.view(), dy.view(), r.dx.view(), f.grads(), ctx);
+    r.route.assign(ctx.routes().data(), ctx.routes().data() + N * 2);
+    r.losses = ctx.losses;
+    r.gwr = copy_of(f.gwr), r.gw1 = copy_of(f.gw1), r.gb1 = copy_of(f.gb1), r.gw2 = copy_of(f.gw2), r.gb2 = copy_of(f.gb2);
+    return r;
+  };
+  const Run one = run(1), two = run(2);
+  set_num_threads(0);
+  auto same = [](const Tensor<float>& a, const Tensor<float>& b) {
+    return a.numel() == b.numel() && std::equal(a.data(), a.data() + a.numel(), b.data());
+  };
+  CHECK(std::count(one.route.begin(), one.route.end(), -1) > 0);  // capacity 1.0 with K = 2: some drops
+  CHECK(one.route == two.route);
+  CHECK(one.losses.total == two.losses.total);
+  CHECK(one.losses.load == two.losses.load);
+  CHECK(one.losses.global_entropy[kText] > 0);
+  CHECK(one.losses.local_entropy[kText] == two.losses.local_entropy[kText]);
+  CHECK(one.losses.z == two.losses.z);
+  CHECK(same(one.y, two.y));
+  CHECK(same(one.dx, two.dx));
+  CHECK(same(one.gwr, two.gwr));
+  CHECK(same(one.gw1, two.gw1));
+  CHECK(same(one.gb2, two.gb2));
+}

@@ -32,35 +32,6 @@ namespace detail {
 // their bodies (oneDNN's and Eigen's templates) are compiled only in the translation units that call them, not
 // in every one that includes this header (docs/testing.md, "Build time").
 
-// Per-thread scratch that a call nested on the same thread (a task stolen while waiting) cannot clobber: each
-// live lease holds its own buffer, taken in stack order; buffers are kept, so steady state allocates nothing.
-template <class U>
-class ScratchLease {
- public:
-  explicit ScratchLease(index_t n) {
-    Stack& s = stack();
-    if (s.bufs.size() <= s.depth) s.bufs.emplace_back();
-    auto& b = s.bufs[s.depth++];
-    if (b.size() < static_cast<std::size_t>(n)) b.resize(static_cast<std::size_t>(n));
-    p_ = b.data();
-  }
-  ~ScratchLease() { --stack().depth; }
-  ScratchLease(const ScratchLease&) = delete;
-  ScratchLease& operator=(const ScratchLease&) = delete;
-  U* data() const { return p_; }
-
- private:
-  struct Stack {
-    std::vector<std::vector<U>> bufs;
-    std::size_t depth = 0;
-  };
-  static Stack& stack() {
-    thread_local Stack s;
-    return s;
-  }
-  U* p_ = nullptr;
-};
-
 // Elements spanned by a row-major [rows, cols] operand with leading dimension ld.
 inline index_t operand_extent(index_t rows, index_t cols, index_t ld) { return rows == 0 ? 0 : (rows - 1) * ld + cols; }
 

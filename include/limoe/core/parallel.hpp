@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include <tbb/blocked_range.h>
 #include <tbb/global_control.h>
@@ -42,6 +43,37 @@ inline void set_num_threads(int n) {
 inline int num_threads() {
   return static_cast<int>(tbb::global_control::active_value(tbb::global_control::max_allowed_parallelism));
 }
+
+namespace detail {
+// Per-thread scratch that a call nested on the same thread (a task stolen while waiting) cannot clobber: each
+// live lease holds its own buffer, taken in stack order; buffers are kept, so steady state allocates nothing.
+template <class U>
+class ScratchLease {
+ public:
+  explicit ScratchLease(std::int64_t n) {
+    Stack& s = stack();
+    if (s.bufs.size() <= s.depth) s.bufs.emplace_back();
+    auto& b = s.bufs[s.depth++];
+    if (b.size() < static_cast<std::size_t>(n)) b.resize(static_cast<std::size_t>(n));
+    p_ = b.data();
+  }
+  ~ScratchLease() { --stack().depth; }
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+  U* data() const { return p_; }
+
+ private:
+  struct Stack {
+    std::vector<std::vector<U>> bufs;
+    std::size_t depth = 0;
+  };
+  static Stack& stack() {
+    thread_local Stack s;
+    return s;
+  }
+  U* p_ = nullptr;
+};
+}  // namespace detail
 
 // Calls fn(begin, end) on sub-ranges of [begin, end) of at least `grain` items, in parallel.
 // The split depends only on the range and grain, so per-range results are deterministic.

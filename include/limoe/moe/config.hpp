@@ -26,6 +26,14 @@ using limoe::Mode;
 // The most experts a layer supports (the auxiliary losses keep per-expert sums on the stack).
 inline constexpr int kMaxExperts = 256;
 
+namespace detail {
+// How the router and the loss terms split a group's per-token work over threads. Only the work is split: each
+// token's values depend on that token alone, and every sum over tokens still runs in token order on one thread,
+// so the results are the same bits on any thread count.
+inline constexpr index_t kRowGrain = 256;     // tokens per task
+inline constexpr index_t kNoiseGrain = 2048;  // noise draws per task
+}  // namespace detail
+
 // E and K are not here: they have one owner, ModelConfig (experts, top_k) for a model and MoeConfig for a
 // layer used on its own; the model builds the layer's MoeConfig from its own at every call.
 struct RouterConfig {

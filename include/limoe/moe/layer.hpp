@@ -88,6 +88,7 @@ struct MoeContext {
   Tensor<double> aux_dlogits;                     // [N, E] weighted aux-loss gradient wrt the clean logits
   std::vector<AuxLossValues> group_losses;        // [groups]
   std::vector<std::uint8_t> default_modality;     // [N] all image, when the caller passes no modality
+  std::vector<double> token_entropy;              // [N] statistics: H of each token's clean gates
   // Padding (kPad tokens): each group's routed tokens, packed. Group g's routed rows are
   // active_rows[row0, row0 + group_active[g]) (row0 = its first row); the pk_ buffers hold their router values
   // at the same offsets while the group is routed and its losses are taken. Unused when no token is padding.
@@ -396,6 +397,11 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     st.tokens[m] = 0, st.tokens_fully_dropped[m] = 0, st.local_entropy[m] = 0, st.global_entropy[m] = 0;
     pbar[m].assign(static_cast<std::size_t>(E), 0.0);
   }
+  // Each token's entropy over the pool (the sums below stay in token order: the same bits on any thread count).
+  c.token_entropy.resize(static_cast<std::size_t>(N));
+  parallel_for(0, N, detail::kRowGrain, [&](index_t t0, index_t t1) {
+    for (index_t t = t0; t < t1; ++t) c.token_entropy[static_cast<std::size_t>(t)] = math::entropy(c.probs.data() + t * E, E);
+  });
   for (index_t t = 0; t < N; ++t) {
     if (modality[static_cast<std::size_t>(t)] == kPad) {
       ++st.padding;
@@ -411,7 +417,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     }
     if (!any) ++st.tokens_fully_dropped[m];
     for (int e = 0; e < E; ++e) pbar[m][e] += static_cast<double>(c.probs[t * E + e]);
-    st.local_entropy[m] += math::entropy(c.probs.data() + t * E, E);
+    st.local_entropy[m] += c.token_entropy[static_cast<std::size_t>(t)];
   }
   for (int m = 0; m < kModalities; ++m) {
     index_t dropped = 0;

@@ -9,6 +9,9 @@
 // AuxLossValues&, double* dlogits)` (the `AuxLossTerm` concept): add `scale * value` to its field of the
 // values, `scale * weight * value` to `total`, and `scale * weight * d value / d logits` to dlogits [S, E]
 // when dlogits is not null and its weight is positive.
+//
+// The stock terms spread their per-token work (transcendentals, gradient rows) over the thread pool and keep
+// every sum over tokens in token order on one thread: the same bits on any thread count (detail::kRowGrain).
 #pragma once
 
 #include <algorithm>
@@ -18,6 +21,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/balance.hpp"
 #include "limoe/math/normal.hpp"
@@ -68,6 +72,14 @@ inline void add_softmax_grad(const T* G, const double* du, int E, double coef, d
 }
 
 inline constexpr int kMaxStackExperts = kMaxExperts;  // per-row scratch on the stack
+
+// fn(s) for every token s of [0, S), over the thread pool.
+template <class Fn>
+void for_rows(index_t S, Fn&& fn) {
+  parallel_for(0, S, kRowGrain, [&](index_t s0, index_t s1) {
+    for (index_t s = s0; s < s1; ++s) fn(s);
+  });
+}
 }  // namespace detail
 
 // V-MoE importance loss (Riquelme et al. 2021, appendix A.2): Imp_e = sum_s G[s, e] on clean gates.
@@ -82,8 +94,9 @@ struct ImportanceLoss {
     v.importance += g.scale * L;
     v.total += g.scale * c.importance_weight * L;
     if (dl == nullptr || !(c.importance_weight > 0)) return;
-    for (index_t s = 0; s < g.S; ++s)
+    detail::for_rows(g.S, [&](index_t s) {
       detail::add_softmax_grad(g.probs + s * E, dimp.data(), E, g.scale * c.importance_weight, dl + s * E);
+    });
   }
 };
 
@@ -97,20 +110,23 @@ struct LoadLoss {
     if (!g.noise_active || !(g.sigma > 0) || g.S == 0) return;
     const int E = g.E, K = g.K;
     std::array<double, detail::kMaxStackExperts> load{}, dload{};
-    for (index_t s = 0; s < g.S; ++s) {
+    ::limoe::detail::ScratchLease<double> sf(g.S * E);  // [S, E] 1 - Phi(z), summed below in token order
+    detail::for_rows(g.S, [&](index_t s) {
       const double thr = static_cast<double>(g.noisy[s * E + g.choice[s * K + K - 1]]);
       for (int e = 0; e < E; ++e) {
         const double z = (thr - static_cast<double>(g.logits[s * E + e])) / g.sigma;
-        load[e] += math::normal_sf(z);  // 1 - Phi(z)
+        sf.data()[s * E + e] = math::normal_sf(z);  // 1 - Phi(z)
       }
-    }
+    });
+    for (index_t s = 0; s < g.S; ++s)
+      for (int e = 0; e < E; ++e) load[e] += sf.data()[s * E + e];
     for (int e = 0; e < E; ++e) load[e] /= static_cast<double>(g.S);
     const double L = math::cv_squared(load.data(), E, dload.data());
     v.load += g.scale * L;
     v.total += g.scale * c.load_weight * L;
     if (dl == nullptr || !(c.load_weight > 0)) return;
     const double coef = g.scale * c.load_weight / static_cast<double>(g.S) / g.sigma;
-    for (index_t s = 0; s < g.S; ++s) {
+    detail::for_rows(g.S, [&](index_t s) {
       const int kth = g.choice[s * K + K - 1];
       const double thr = static_cast<double>(g.noisy[s * E + kth]);
       double to_thr = 0;
@@ -121,7 +137,7 @@ struct LoadLoss {
         to_thr -= d;         // d p / d thr_s = -phi / sigma
       }
       dl[s * E + kth] += to_thr;
-    }
+    });
   }
 };
 
@@ -134,19 +150,21 @@ struct LocalEntropyLoss {
     std::array<index_t, kModalities> n{};
     for (index_t s = 0; s < g.S; ++s) ++n[g.modality[s] ? 1 : 0];
     std::array<double, kModalities> sum{};
-    for (index_t s = 0; s < g.S; ++s) {
+    ::limoe::detail::ScratchLease<double> Hs(g.S);  // [S] each token's entropy, summed below in token order
+    detail::for_rows(g.S, [&](index_t s) {
       const int m = g.modality[s] ? 1 : 0;
       const T* G = g.probs + s * E;
       const double H = math::entropy(G, E);
-      sum[m] += H;
+      Hs.data()[s] = H;
       const double w = c.local_entropy_weight[m];
-      if (dl == nullptr || !(w > 0)) continue;
+      if (dl == nullptr || !(w > 0)) return;
       const double coef = g.scale * w / static_cast<double>(n[m]);
       for (int e = 0; e < E; ++e) {
         const double p = static_cast<double>(G[e]);
         dl[s * E + e] -= coef * p * (math::safe_log(p) + H);
       }
-    }
+    });
+    for (index_t s = 0; s < g.S; ++s) sum[g.modality[s] ? 1 : 0] += Hs.data()[s];
     for (int m = 0; m < kModalities; ++m) {
       if (n[m] == 0) continue;
       const double L = sum[m] / static_cast<double>(n[m]);
@@ -181,8 +199,9 @@ struct GlobalEntropyLoss {
       if (dl == nullptr || !(w > 0) || !(L > 0)) continue;
       for (int e = 0; e < E; ++e) du[e] = math::safe_log(pbar[e]);
       const double coef = g.scale * w / static_cast<double>(n);
-      for (index_t s = 0; s < g.S; ++s)
+      detail::for_rows(g.S, [&](index_t s) {
         if ((g.modality[s] ? 1 : 0) == m) detail::add_softmax_grad(g.probs + s * E, du.data(), E, coef, dl + s * E);
+      });
     }
   }
 };
@@ -196,13 +215,14 @@ struct ZLoss {
     double sum = 0;
     const bool grad = dl != nullptr && c.z_loss_weight > 0;
     const double coef = g.scale * c.z_loss_weight * 2.0 / static_cast<double>(g.S);
-    for (index_t s = 0; s < g.S; ++s) {
-      const T* l = g.logits + s * E;
-      const double lse = math::logsumexp_row(l, E);
-      sum += lse * lse;
+    ::limoe::detail::ScratchLease<double> lses(g.S);  // [S] logsumexp per token, squared and summed in token order
+    detail::for_rows(g.S, [&](index_t s) {
+      const double lse = math::logsumexp_row(g.logits + s * E, E);
+      lses.data()[s] = lse;
       if (grad)
         for (int e = 0; e < E; ++e) dl[s * E + e] += coef * lse * static_cast<double>(g.probs[s * E + e]);
-    }
+    });
+    for (index_t s = 0; s < g.S; ++s) sum += lses.data()[s] * lses.data()[s];
     const double L = sum / static_cast<double>(g.S);
     v.z += g.scale * L;
     v.total += g.scale * c.z_loss_weight * L;

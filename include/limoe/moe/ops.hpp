@@ -18,6 +18,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -191,12 +192,14 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
       } else if (dW != nullptr) {
         gemm_serial<T>(Trans::T, Trans::N, cols, In, n, T(1), Gd + j0, W, I, In, T(1), dW + (e * W + j0) * In, In);
       }
-      if (db != nullptr)
-        for (index_t j = j0; j < j0 + cols; ++j) {
-          T acc = 0;
-          for (index_t r = 0; r < n; ++r) acc += Gd[r * W + j];
-          db[e * W + j] += acc;
+      if (db != nullptr) {  // column sums, row by row (contiguous); each column still sums its rows in order
+        std::array<T, detail::kGradRows> acc{};
+        for (index_t r = 0; r < n; ++r) {
+          const T* g = Gd + r * W + j0;
+          for (index_t j = 0; j < cols; ++j) acc[static_cast<std::size_t>(j)] += g[j];
         }
+        for (index_t j = 0; j < cols; ++j) db[e * W + j0 + j] += acc[static_cast<std::size_t>(j)];
+      }
     }
   });
 }

@@ -33,7 +33,7 @@
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/host_device.hpp"
 #include "limoe/moe/plan.hpp"
-#include "limoe/moe/router.hpp"
+#include "limoe/moe/top_k.hpp"
 
 namespace limoe::moe::parallel {
 

@@ -25,11 +25,12 @@
 #include <numeric>
 
 #include "limoe/core/error.hpp"
+#include "limoe/core/parallel.hpp"
 #include "limoe/core/rng.hpp"
-#include "limoe/math/host_device.hpp"
 #include "limoe/math/softmax.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/moe/config.hpp"
+#include "limoe/moe/top_k.hpp"
 
 namespace limoe::moe {
 
@@ -83,31 +84,6 @@ struct DynamicTopK {
   int k() const { return value; }
 };
 
-namespace detail {
-// The K largest entries of g[0, E), best first; ties go to the lower expert index.
-template <int KStatic, class T>
-LIMOE_HD inline void select_top_k(const T* g, int E, int K, std::int32_t* out) {
-  if constexpr (KStatic == 1) {
-    int best = 0;
-    for (int e = 1; e < E; ++e)
-      if (g[e] > g[best]) best = e;
-    out[0] = best;
-  } else {
-    const int k_n = KStatic > 0 ? KStatic : K;
-    for (int k = 0; k < k_n; ++k) {
-      int best = -1;
-      for (int e = 0; e < E; ++e) {
-        bool taken = false;
-        for (int j = 0; j < k; ++j) taken |= out[j] == e;
-        if (taken) continue;
-        if (best < 0 || g[e] > g[best]) best = e;
-      }
-      out[k] = best;
-    }
-  }
-}
-
-}  // namespace detail
 
 // ---- noise policies ----------------------------------------------------------------------------------------
 
@@ -128,8 +104,10 @@ struct GaussianNoise {
     LIMOE_CHECK(g.rng != nullptr, "GaussianNoise: training with noise needs the step's Rng");
     const double s = sigma(g.E);
     const auto base = static_cast<std::uint64_t>(g.row0) * static_cast<std::uint64_t>(g.E);
-    for (index_t i = 0; i < n; ++i)
-      g.noisy[i] = g.logits[i] + static_cast<T>(s * g.rng->normal(0, base + static_cast<std::uint64_t>(i)));
+    parallel_for(0, n, detail::kNoiseGrain, [&](index_t i0, index_t i1) {  // each draw by its index: any split
+      for (index_t i = i0; i < i1; ++i)
+        g.noisy[i] = g.logits[i] + static_cast<T>(s * g.rng->normal(0, base + static_cast<std::uint64_t>(i)));
+    });
   }
 };
 struct NoNoise {
@@ -185,11 +163,14 @@ struct TopKRouter {
     const int E = g.E, K = top_k();
     LIMOE_CHECK(g.K == K && K >= 1 && K <= E, "TopKRouter: K = ", K, " must be in [1, E = ", E, "]");
     // Steps 2-3: noise (training), gates = softmax(noisy), each token's K largest gates.
+    // Token by token (a token's values depend on it alone), so the same bits on any thread count.
     noise.apply(g);
-    for (index_t s = 0; s < g.S; ++s) {
-      math::softmax_row(g.noisy + s * E, E, g.gates + s * E);
-      detail::select_top_k<kStatic>(g.gates + s * E, E, K, g.choice + s * K);
-    }
+    parallel_for(0, g.S, detail::kRowGrain, [&](index_t s0, index_t s1) {
+      for (index_t s = s0; s < s1; ++s) {
+        math::softmax_row(g.noisy + s * E, E, g.gates + s * E);
+        detail::select_top_k<kStatic>(g.gates + s * E, E, K, g.choice + s * K);
+      }
+    });
     // Step 6: all first choices, then all second choices, ...; within a rank, tokens in the policy's order.
     OrderPolicy::order(g);
     std::fill(g.fill, g.fill + E, index_t{0});
