@@ -28,23 +28,7 @@ inline ThreadLimit& thread_limit() {
   static ThreadLimit limit;
   return limit;
 }
-}  // namespace detail
 
-// Caps the number of worker threads for the whole process (0 restores oneTBB's default).
-inline void set_num_threads(int n) {
-  LIMOE_CHECK(n >= 0, "set_num_threads: thread count must be >= 0, got ", n);
-  auto& l = detail::thread_limit();
-  std::lock_guard<std::mutex> lock(l.mu);
-  l.control.reset();
-  if (n > 0) l.control = std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism, n);
-  l.threads = n;
-}
-
-inline int num_threads() {
-  return static_cast<int>(tbb::global_control::active_value(tbb::global_control::max_allowed_parallelism));
-}
-
-namespace detail {
 // Per-thread scratch that a call nested on the same thread (a task stolen while waiting) cannot clobber: each
 // live lease holds its own buffer, taken in stack order; buffers are kept, so steady state allocates nothing.
 template <class U>
@@ -75,6 +59,20 @@ class ScratchLease {
 };
 }  // namespace detail
 
+// Caps the number of worker threads for the whole process (0 restores oneTBB's default).
+inline void set_num_threads(int n) {
+  LIMOE_CHECK(n >= 0, "set_num_threads: thread count must be >= 0, got ", n);
+  auto& l = detail::thread_limit();
+  std::lock_guard<std::mutex> lock(l.mu);
+  l.control.reset();
+  if (n > 0) l.control = std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism, n);
+  l.threads = n;
+}
+
+inline int num_threads() {
+  return static_cast<int>(tbb::global_control::active_value(tbb::global_control::max_allowed_parallelism));
+}
+
 // Calls fn(begin, end) on sub-ranges of [begin, end) of at least `grain` items, in parallel.
 // The split depends only on the range and grain, so per-range results are deterministic.
 template <class Fn>
@@ -88,6 +86,14 @@ void parallel_for(std::int64_t begin, std::int64_t end, std::int64_t grain, Fn&&
   tbb::parallel_for(
       tbb::blocked_range<std::int64_t>(begin, end, grain),
       [&](const tbb::blocked_range<std::int64_t>& r) { fn(r.begin(), r.end()); }, tbb::simple_partitioner());
+}
+
+// fn(i) for every i of [begin, end), in the tasks of parallel_for(begin, end, grain, ...).
+template <class Fn>
+void parallel_for_each_index(std::int64_t begin, std::int64_t end, std::int64_t grain, Fn&& fn) {
+  parallel_for(begin, end, grain, [&](std::int64_t i0, std::int64_t i1) {
+    for (std::int64_t i = i0; i < i1; ++i) fn(i);
+  });
 }
 
 }  // namespace limoe

@@ -399,8 +399,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   }
   // Each token's entropy over the pool (the sums below stay in token order: the same bits on any thread count).
   c.token_entropy.resize(static_cast<std::size_t>(N));
-  parallel_for(0, N, detail::kRowGrain, [&](index_t t0, index_t t1) {
-    for (index_t t = t0; t < t1; ++t) c.token_entropy[static_cast<std::size_t>(t)] = math::entropy(c.probs.data() + t * E, E);
+  parallel_for_each_index(0, N, detail::kRowGrain, [&](index_t t) {
+    c.token_entropy[static_cast<std::size_t>(t)] = math::entropy(c.probs.data() + t * E, E);
   });
   for (index_t t = 0; t < N; ++t) {
     if (modality[static_cast<std::size_t>(t)] == kPad) {

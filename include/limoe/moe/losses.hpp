@@ -72,14 +72,6 @@ inline void add_softmax_grad(const T* G, const double* du, int E, double coef, d
 }
 
 inline constexpr int kMaxStackExperts = kMaxExperts;  // per-row scratch on the stack
-
-// fn(s) for every token s of [0, S), over the thread pool.
-template <class Fn>
-void for_rows(index_t S, Fn&& fn) {
-  parallel_for(0, S, kRowGrain, [&](index_t s0, index_t s1) {
-    for (index_t s = s0; s < s1; ++s) fn(s);
-  });
-}
 }  // namespace detail
 
 // V-MoE importance loss (Riquelme et al. 2021, appendix A.2): Imp_e = sum_s G[s, e] on clean gates.
@@ -94,7 +86,7 @@ struct ImportanceLoss {
     v.importance += g.scale * L;
     v.total += g.scale * c.importance_weight * L;
     if (dl == nullptr || !(c.importance_weight > 0)) return;
-    detail::for_rows(g.S, [&](index_t s) {
+    parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
       detail::add_softmax_grad(g.probs + s * E, dimp.data(), E, g.scale * c.importance_weight, dl + s * E);
     });
   }
@@ -111,7 +103,7 @@ struct LoadLoss {
     const int E = g.E, K = g.K;
     std::array<double, detail::kMaxStackExperts> load{}, dload{};
     ::limoe::detail::ScratchLease<double> sf(g.S * E);  // [S, E] 1 - Phi(z), summed below in token order
-    detail::for_rows(g.S, [&](index_t s) {
+    parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
       const double thr = static_cast<double>(g.noisy[s * E + g.choice[s * K + K - 1]]);
       for (int e = 0; e < E; ++e) {
         const double z = (thr - static_cast<double>(g.logits[s * E + e])) / g.sigma;
@@ -126,7 +118,7 @@ struct LoadLoss {
     v.total += g.scale * c.load_weight * L;
     if (dl == nullptr || !(c.load_weight > 0)) return;
     const double coef = g.scale * c.load_weight / static_cast<double>(g.S) / g.sigma;
-    detail::for_rows(g.S, [&](index_t s) {
+    parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
       const int kth = g.choice[s * K + K - 1];
       const double thr = static_cast<double>(g.noisy[s * E + kth]);
       double to_thr = 0;
@@ -151,7 +143,7 @@ struct LocalEntropyLoss {
     for (index_t s = 0; s < g.S; ++s) ++n[g.modality[s] ? 1 : 0];
     std::array<double, kModalities> sum{};
     ::limoe::detail::ScratchLease<double> Hs(g.S);  // [S] each token's entropy, summed below in token order
-    detail::for_rows(g.S, [&](index_t s) {
+    parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
       const int m = g.modality[s] ? 1 : 0;
       const T* G = g.probs + s * E;
       const double H = math::entropy(G, E);
@@ -199,7 +191,7 @@ struct GlobalEntropyLoss {
       if (dl == nullptr || !(w > 0) || !(L > 0)) continue;
       for (int e = 0; e < E; ++e) du[e] = math::safe_log(pbar[e]);
       const double coef = g.scale * w / static_cast<double>(n);
-      detail::for_rows(g.S, [&](index_t s) {
+      parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
         if ((g.modality[s] ? 1 : 0) == m) detail::add_softmax_grad(g.probs + s * E, du.data(), E, coef, dl + s * E);
       });
     }
@@ -216,7 +208,7 @@ struct ZLoss {
     const bool grad = dl != nullptr && c.z_loss_weight > 0;
     const double coef = g.scale * c.z_loss_weight * 2.0 / static_cast<double>(g.S);
     ::limoe::detail::ScratchLease<double> lses(g.S);  // [S] logsumexp per token, squared and summed in token order
-    detail::for_rows(g.S, [&](index_t s) {
+    parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
       const double lse = math::logsumexp_row(g.logits + s * E, E);
       lses.data()[s] = lse;
       if (grad)

@@ -104,9 +104,8 @@ struct GaussianNoise {
     LIMOE_CHECK(g.rng != nullptr, "GaussianNoise: training with noise needs the step's Rng");
     const double s = sigma(g.E);
     const auto base = static_cast<std::uint64_t>(g.row0) * static_cast<std::uint64_t>(g.E);
-    parallel_for(0, n, detail::kNoiseGrain, [&](index_t i0, index_t i1) {  // each draw by its index: any split
-      for (index_t i = i0; i < i1; ++i)
-        g.noisy[i] = g.logits[i] + static_cast<T>(s * g.rng->normal(0, base + static_cast<std::uint64_t>(i)));
+    parallel_for_each_index(0, n, detail::kNoiseGrain, [&](index_t i) {  // each draw by its index: any split
+      g.noisy[i] = g.logits[i] + static_cast<T>(s * g.rng->normal(0, base + static_cast<std::uint64_t>(i)));
     });
   }
 };
@@ -165,11 +164,9 @@ struct TopKRouter {
     // Steps 2-3: noise (training), gates = softmax(noisy), each token's K largest gates.
     // Token by token (a token's values depend on it alone), so the same bits on any thread count.
     noise.apply(g);
-    parallel_for(0, g.S, detail::kRowGrain, [&](index_t s0, index_t s1) {
-      for (index_t s = s0; s < s1; ++s) {
-        math::softmax_row(g.noisy + s * E, E, g.gates + s * E);
-        detail::select_top_k<kStatic>(g.gates + s * E, E, K, g.choice + s * K);
-      }
+    parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
+      math::softmax_row(g.noisy + s * E, E, g.gates + s * E);
+      detail::select_top_k<kStatic>(g.gates + s * E, E, K, g.choice + s * K);
     });
     // Step 6: all first choices, then all second choices, ...; within a rank, tokens in the policy's order.
     OrderPolicy::order(g);
