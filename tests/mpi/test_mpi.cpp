@@ -3,7 +3,8 @@
 //
 // Own main: MPI is initialised before doctest runs and finalised after. Assertions are CHECKs (never REQUIRE),
 // so a failing rank still enters every collective the others enter; an exception ends all ranks through
-// MpiSession::abort. `--throw-on-rank R` makes rank R fail before a collective (the fail-fast test).
+// MpiSession::abort. `--throw-on-rank R` makes rank R fail before a collective, `--throw-in-backward R` in the
+// middle of a backward pass whose gradient is being summed on another thread (the fail-fast tests).
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
@@ -79,6 +80,20 @@ void same_start(std::initializer_list<Limoe<double>*> models) {
 }
 
 using testing::rows;
+
+// A model whose backward fails on one rank after its first parts went to the gradient-sum thread (the fail-fast
+// test of the overlapped sum: the failing rank must end the job, not wait for buckets it never sends).
+struct FailingBackward : Limoe<double> {
+  using Limoe<double>::Limoe;
+  int fail_rank = -1, rank = 0;
+  void backward(const ForwardOutput<double>& fwd, const GradsFinal& on_final = {}) {
+    int reports = 0;
+    Limoe<double>::backward(fwd, [&](index_t first) {
+      if (on_final) on_final(first);
+      if (rank == fail_rank && ++reports == 2) fail("injected failure in backward");
+    });
+  }
+};
 
 // Relative to the reference tensor's largest entry; gradients that are zero in exact arithmetic (the key bias:
 // softmax ignores a shift shared by all keys) are rounding noise, compared on an absolute floor of 1e-13.
@@ -238,6 +253,34 @@ TEST_CASE("data parallel training: a few steps on every rank end with one proces
   }
 }
 
+TEST_CASE("data parallel: the gradient summed during backward gives the same bits as summed after it") {
+  MpiComm comm = world();
+  const int P = comm.size(), me = comm.rank();
+  const index_t B = 8, n = B / P;
+  const ModelConfig cfg = small_config(2, 1);
+  TrainConfig after = three_steps(1.0), during = three_steps(1.0);
+  after.overlap_grad_sum = false;
+  Limoe<double> a(cfg), d(cfg);
+  same_start({&a, &d});
+  Trainer<Limoe<double>, MpiComm> ta(a, after, world()), td(d, during, world());
+  CHECK_FALSE(ta.overlaps_grad_sum());
+  REQUIRE(comm.calls_from_any_thread());  // MpiSession asks for MPI_THREAD_SERIALIZED
+  CHECK(td.overlaps_grad_sum() == (P > 1));
+  td.set_overlap_min_bucket(1);  // a bucket per part backward reports: the tiny model's store in several pieces
+  for (int s = 0; s < 3; ++s) {
+    const Batch batch = make_batch(cfg, B, 300 + static_cast<std::uint64_t>(s));
+    const StepReport ra = ta.step(rows(batch.images, me * n, n), rows(batch.texts, me * n, n));
+    const StepReport rd = td.step(rows(batch.images, me * n, n), rows(batch.texts, me * n, n));
+    CHECK(rd.loss.total == ra.loss.total);
+    CHECK(rd.grad_norm == ra.grad_norm);
+    if (P > 1) CHECK(td.overlapped_comm_seconds() > 0);
+    CHECK(ta.overlapped_comm_seconds() == 0);
+  }
+  index_t differ = 0;
+  for (index_t i = 0; i < a.params().size(); ++i) differ += a.params().values()[i] != d.params().values()[i];
+  CHECK_MESSAGE(differ == 0, differ, " parameters differ between the overlapped and the after-backward sums");
+}
+
 namespace {
 // The expert layouts a job of P ranks can take: E parts of the experts (E divides P and the 4 experts).
 std::vector<int> expert_layouts(int P) {
@@ -365,14 +408,27 @@ TEST_CASE("expert parallel training: the whole state after three steps equals on
 int main(int argc, char** argv) {
   dist::MpiSession mpi(&argc, &argv);
   set_num_threads(1);  // the ranks share the machine's cores
-  int throw_on = -1;
+  int throw_on = -1, throw_in_backward = -1;
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--throw-on-rank") == 0 && i + 1 < argc) throw_on = std::atoi(argv[++i]);
+    else if (std::strcmp(argv[i], "--throw-in-backward") == 0 && i + 1 < argc) throw_in_backward = std::atoi(argv[++i]);
     else args.push_back(argv[i]);
   }
   try {
     MpiComm comm = world();
+    if (throw_in_backward >= 0) {
+      const ModelConfig cfg = small_config(1, 1);
+      FailingBackward m(cfg);
+      m.init(9);
+      m.fail_rank = throw_in_backward, m.rank = comm.rank();
+      Trainer<FailingBackward, MpiComm> t(m, three_steps(1.0), world());
+      t.set_overlap_min_bucket(1);
+      if (!t.overlaps_grad_sum()) fail("the trainer does not overlap its gradient sum");
+      const Batch batch = make_batch(cfg, 2 * comm.size(), 1);
+      t.step(rows(batch.images, 2 * comm.rank(), 2), rows(batch.texts, 2 * comm.rank(), 2));
+      return 0;
+    }
     if (throw_on >= 0) {
       if (comm.rank() == throw_on) fail("injected failure on this rank");
       std::vector<double> v(4, 1.0);

@@ -19,6 +19,9 @@ endforeach()
 add_test(NAME test_mpi_rank_failure COMMAND ${LIMOE_MPIEXEC} --oversubscribe -np 3 $<TARGET_FILE:test_mpi> --throw-on-rank 1)
 set_tests_properties(test_mpi_rank_failure PROPERTIES LABELS "mpi" TIMEOUT 60 PROCESSORS 2 ENVIRONMENT "${_limoe_mpi_env}"
   PASS_REGULAR_EXPRESSION "rank 1: injected failure on this rank")
+add_test(NAME test_mpi_rank_failure_in_backward COMMAND ${LIMOE_MPIEXEC} --oversubscribe -np 2 $<TARGET_FILE:test_mpi> --throw-in-backward 1)
+set_tests_properties(test_mpi_rank_failure_in_backward PROPERTIES LABELS "mpi" TIMEOUT 60 PROCESSORS 2
+  ENVIRONMENT "${_limoe_mpi_env}" PASS_REGULAR_EXPRESSION "rank 1: injected failure in backward")
 
 # A model on the CUDA backend (through the CPU emulation) trained data parallel on 2 ranks.
 add_executable(test_mpi_cuda_emu ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_mpi_cuda_emu.cpp)

@@ -3,6 +3,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <utility>
+#include <vector>
 #include <limoe/model/checkpoint.hpp>
 #include <limoe/model/model.hpp>
 #include <limoe/model/presets.hpp>
@@ -322,4 +324,49 @@ TEST_CASE("two towers: each modality runs its own blocks, as a one-tower dense m
   CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("two-tower model (towers 2) has dense blocks only"), Error);
   bad.towers = 3;
   CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("towers must be 1"), Error);
+}
+
+TEST_CASE("backward reports where the gradient is final: nothing it reports changes later in the pass") {
+  // The data-parallel trainer sums each reported part over the ranks while backward goes on, so a part reported
+  // too early would be summed before its last contribution. Every report's part is copied at once and compared
+  // with the gradient after the pass, on a one-tower MoE model and on a two-tower model (whose text blocks come
+  // after the heads' norm in the store).
+  for (const bool two : {false, true}) {
+    CAPTURE(two);
+    ModelConfig c = two ? two_tower_variant(preset("tiny")) : preset("tiny");
+    c.text_mask = two;
+    Limoe<double> m(c);
+    m.init(5);
+    const index_t B = 3, N = m.params().size();
+    Tensor<double> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
+    testing::fill_normal(images.view(), 13, 0.5);
+    Tensor<std::int32_t> texts(Shape{B, c.text_len});
+    for (index_t i = 0; i < texts.numel(); ++i) texts[i] = static_cast<std::int32_t>(3 + (i * 5) % (c.vocab_size - 3));
+    m.zero_grad();
+    const auto f = m.forward(images.cview(), texts.cview(), Mode::Train, 2);
+    m.loss(f);
+    std::vector<std::pair<index_t, std::vector<double>>> reports;
+    m.backward(f, [&](index_t first) {
+      const double* g = std::as_const(m.params()).grads().data();
+      reports.emplace_back(first, std::vector<double>(g + first, g + N));
+    });
+    REQUIRE(reports.size() == static_cast<std::size_t>(c.depth) + 2);  // heads, every block, the embeddings
+    CHECK(reports.back().first == 0);
+    CHECK(reports.front().first < N);  // the heads' part is reported before the blocks
+    CHECK(reports[1].first < reports.front().first);
+    const double* g = std::as_const(m.params()).grads().data();
+    for (std::size_t k = 0; k < reports.size(); ++k) {
+      if (k > 0) CHECK(reports[k].first <= reports[k - 1].first);
+      const auto& [first, part] = reports[k];
+      index_t changed = 0;
+      for (index_t i = first; i < N; ++i) changed += part[static_cast<std::size_t>(i - first)] != g[i];
+      CHECK_MESSAGE(changed == 0, "report ", k, " (from ", first, "): ", changed, " elements changed afterwards");
+    }
+    // The parts are not trivially final: the embeddings' gradient is written last.
+    const auto emb = m.params().entry(m.params().get("txt.embed"));
+    index_t nonzero = 0;
+    for (index_t i = 0; i < emb.shape.numel(); ++i) nonzero += g[emb.offset + i] != 0;
+    CHECK(nonzero > 0);
+    CHECK(reports[static_cast<std::size_t>(c.depth)].first >= emb.offset + emb.shape.numel());
+  }
 }

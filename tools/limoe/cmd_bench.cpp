@@ -136,7 +136,7 @@ struct Params {
   index_t width = 384, tokens = 4096, batch = 32;
   int experts = 8, top_k = 1, repeats = 5, warmup = 1;
   double capacity_factor = 1.0;
-  bool backward = false;
+  bool backward = false, grad_overlap = true;
   bool has_width = false, has_experts = false, has_top_k = false, has_cf = false;
 };
 
@@ -350,6 +350,7 @@ json train_step(const Params& p) {
   TrainConfig tc;
   tc.steps = 1000;
   tc.warmup_steps = 10;
+  tc.overlap_grad_sum = p.grad_overlap;
   // Under mpirun: data parallel over the ranks, --batch the whole batch of a step (each rank steps on its part).
   dist::AnyComm comm = cli::world();
   const int ranks = comm.size(), rank = comm.rank();
@@ -373,11 +374,12 @@ json train_step(const Params& p) {
   const CView<float> my_images(images.data() + rank * n * H * W * c.channels, Shape{n, H, W, c.channels});
   const CView<std::int32_t> my_texts(texts.data() + rank * n * c.text_len, Shape{n, c.text_len});
   std::pair<double, double> rows{0, 0};
-  double comm_s = 0, step_s = 0;
+  double comm_s = 0, hidden_s = 0, step_s = 0;
   const Timing t = time_it(p.warmup, p.repeats, [&](int) {
     const auto r = trainer.step(my_images, my_texts);
     rows = accepted_rows(r.routing);
     comm_s += trainer.comm_seconds();
+    hidden_s += trainer.overlapped_comm_seconds();
     step_s += r.seconds;
   });
   // Forward of B images and B texts plus the contrastive logits; backward counted twice.
@@ -391,7 +393,11 @@ json train_step(const Params& p) {
             {"width", c.width}, {"experts", c.experts}, {"top_k", c.top_k},
             {"capacity_factor", c.router.capacity_factor_train}, {"tokens", B * (c.num_patches() + c.text_len)},
             {"ranks", ranks}, {"comm_share", step_s > 0 ? comm_s / step_s : 0.0},
-            {"gradient_sum", ranks == 1 ? "none" : trainer.sums_gradients_on_device() ? "device" : "host"}};
+            {"overlapped_comm_share", step_s > 0 ? hidden_s / step_s : 0.0},
+            {"gradient_sum", ranks == 1                         ? "none"
+                             : trainer.sums_gradients_on_device() ? "device"
+                             : trainer.overlaps_grad_sum()        ? "host-overlapped"
+                                                                  : "host"}};
   j.update(model_info(c));
   return j;
 }
@@ -400,7 +406,7 @@ int run(const std::vector<std::string>& argv) {
   cli::Args args(argv,
                  {"workload", "config", "width", "tokens", "experts", "top-k", "capacity-factor", "batch", "threads",
                   "repeats", "warmup", "device", "precision"},
-                 {"backward"}, "bench");
+                 {"backward", "no-grad-overlap"}, "bench");
   const cli::BackendChoice backend = cli::check_backend(args);
   const PrecisionKind precision = backend.precision;
   LIMOE_CHECK(args.positional().empty(), "unexpected argument \"",
@@ -431,6 +437,8 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(warmup >= 0 && warmup <= (1 << 20), "--warmup must be >= 0, got ", warmup);
   p.warmup = static_cast<int>(warmup);
   p.backward = args.flag("backward");
+  p.grad_overlap = !args.flag("no-grad-overlap");
+  LIMOE_CHECK(p.grad_overlap || p.workload == "train_step", "--no-grad-overlap applies to train_step only");
   p.has_width = args.has("width");
   p.has_experts = args.has("experts");
   p.has_top_k = args.has("top-k");
@@ -501,7 +509,7 @@ int run(const std::vector<std::string>& argv) {
   out["warmup"] = p.warmup;
   for (const char* k : {"gflop_accepted", "flop_basis", "drop_fraction", "accepted", "capacity", "mlp_dim", "shape", "kernel",
                         "depth", "heads", "patch", "patches", "text_len", "moe_blocks", "params_total", "ranks",
-                        "comm_share", "gradient_sum"})
+                        "comm_share", "overlapped_comm_share", "gradient_sum"})
     if (j.contains(k)) out[k] = j[k];
   out["times_s"] = j["times_s"];
   out["peak_rss_mb"] = peak_rss_mb();
@@ -513,7 +521,8 @@ int run(const std::vector<std::string>& argv) {
 const cli::Register reg(
     {"bench", "benchmark workloads (bench/README.md): one JSON line with throughput, GFLOP/s and timings",
      "usage: limoe bench --workload W [--config NAME] [--width D] [--tokens T] [--experts E] [--top-k K]\n"
-     "                   [--capacity-factor F] [--batch B] [--threads N] [--repeats R] [--warmup W] [--backward]\n\n"
+     "                   [--capacity-factor F] [--batch B] [--threads N] [--repeats R] [--warmup W] [--backward]\n"
+     "                   [--no-grad-overlap]\n\n"
      "  --workload W          moe_layer | dense_mlp | gemm | embed | train_step\n"
      "                          moe_layer   one MoE layer (router, BPR, dispatch, E experts D->4D->D, combine)\n"
      "                                      on T tokens, training mode, noise on            (tokens/s)\n"
@@ -532,7 +541,8 @@ const cli::Register reg(
      "  --threads N           worker threads (default: all)\n"
      LIMOE_CLI_BACKEND_HELP
      "  --repeats R           timed iterations (default 5); --warmup W untimed ones first (default 1)\n"
-     "  --backward            moe_layer/dense_mlp: time forward + backward\n\n"
+     "  --backward            moe_layer/dense_mlp: time forward + backward\n"
+     "  --no-grad-overlap     train_step under mpirun: sum the gradient after the backward pass, not during it\n\n"
      "Prints one JSON line: workload, throughput, unit, median_s, min_s, max_s, gflop (analytic: 2*M*N*K per\n"
      "matrix product, backward = 2x forward, MoE experts counted for K*tokens rows), gflops, threads, the\n"
      "parameters used, peak_rss_mb (getrusage), and for MoE workloads drop_fraction and gflop_accepted.\n",

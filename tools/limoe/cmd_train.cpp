@@ -55,7 +55,7 @@ int run(const std::vector<std::string>& argv) {
   opts.insert({"preset", "config", "steps", "batch", "lr", "warmup", "weight-decay", "clip", "seed", "threads", "out",
                "resume", "log-every", "checkpoint-every", "workers", "stop-at", "data-parallel", "expert-parallel", "set"});
   opts.insert(cli::kBackendOptions.begin(), cli::kBackendOptions.end());
-  cli::Args args(argv, opts, {"dense", "two-tower", "quiet"}, "train");
+  cli::Args args(argv, opts, {"dense", "two-tower", "quiet", "no-grad-overlap"}, "train");
   args.no_positional();
   const cli::BackendChoice backend = cli::check_backend(args);
   set_num_threads(static_cast<int>(args.integer("threads", 0)));
@@ -124,6 +124,7 @@ int run(const std::vector<std::string>& argv) {
   tc.adam.lr = args.number("lr", prior_or("lr", 1e-3));
   tc.adam.weight_decay = args.number("weight-decay", prior_or("weight_decay", 0.1));
   tc.adam.clip_norm = args.number("clip", prior_or("clip", 1.0));
+  tc.overlap_grad_sum = !args.flag("no-grad-overlap");
   tc.warmup_steps = args.integer("warmup", prior_or("warmup", static_cast<long long>(std::min<std::int64_t>(100, tc.steps / 10))));
   LIMOE_CHECK(tc.warmup_steps >= 0 && tc.warmup_steps <= tc.steps, "--warmup must be in [0, steps], got ", tc.warmup_steps);
   const index_t batch = args.integer("batch", prior_or("batch", 128LL));
@@ -276,6 +277,8 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          "                       stays the whole batch, and a seed gives the same data order on any N\n"
                          "  --expert-parallel E  ranks that share out each block's experts (default 1): rank r holds part\n"
                          "                       r % E of them; D x E = N, and the batch is split over all N ranks\n"
+                         "  --no-grad-overlap    data parallel: sum the gradient over the ranks after the backward pass\n"
+                         "                       (default: during it, on a thread of its own; the same result)\n"
                          LIMOE_CLI_BACKEND_HELP
                          "  --out DIR            output folder (default runs/limoe): checkpoint.safetensors, metrics.jsonl\n"
                          "  --log-every N        progress line every N steps (default 10); --quiet for none\n"

@@ -69,6 +69,7 @@ class SingleProcess {
     LIMOE_CHECK(root == 0, "SingleProcess::broadcast: root ", root, " does not exist (one rank)");
   }
   SingleProcess split(int, int) const { return {}; }
+  bool calls_from_any_thread() const { return true; }
 
  private:
   static void copy(const void* s, void* r, std::size_t n) {
@@ -92,6 +93,8 @@ class AnyComm {
   void all_to_all_bytes(const void* s, void* r, std::size_t n) { self_->all_to_all_bytes(s, r, n); }
   void broadcast_bytes(void* d, std::size_t n, int root) { self_->broadcast_bytes(d, n, root); }
   AnyComm split(int color, int key) const { return self_->split(color, key); }
+  // Whether the wrapped communicator may be called from any one thread at a time (dist/background_sum.hpp).
+  bool calls_from_any_thread() const { return self_->calls_from_any_thread(); }
 
  private:
   struct Concept {
@@ -102,6 +105,7 @@ class AnyComm {
     virtual void all_to_all_bytes(const void*, void*, std::size_t) = 0;
     virtual void broadcast_bytes(void*, std::size_t, int) = 0;
     virtual AnyComm split(int, int) const = 0;
+    virtual bool calls_from_any_thread() const = 0;
   };
   template <class C>
   struct Model final : Concept {
@@ -112,6 +116,12 @@ class AnyComm {
     void all_to_all_bytes(const void* s, void* r, std::size_t n) override { comm.all_to_all_bytes(s, r, n); }
     void broadcast_bytes(void* d, std::size_t n, int root) override { comm.broadcast_bytes(d, n, root); }
     AnyComm split(int color, int key) const override { return AnyComm(comm.split(color, key)); }
+    bool calls_from_any_thread() const override {
+      if constexpr (requires { { comm.calls_from_any_thread() } -> std::convertible_to<bool>; })
+        return comm.calls_from_any_thread();
+      else
+        return false;
+    }
     C comm;
   };
   std::unique_ptr<Concept> self_;

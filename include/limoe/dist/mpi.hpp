@@ -48,6 +48,9 @@ class MpiComm {
     detail::mpi_check(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
     detail::mpi_check(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
     detail::mpi_check(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+    int level = MPI_THREAD_SINGLE;
+    detail::mpi_check(MPI_Query_thread(&level), "MPI_Query_thread");
+    any_thread_ = level >= MPI_THREAD_SERIALIZED;
   }
   MpiComm(const MpiComm&) = delete;
   MpiComm& operator=(const MpiComm&) = delete;
@@ -55,7 +58,7 @@ class MpiComm {
   MpiComm& operator=(MpiComm&& o) noexcept {
     if (this != &o) {
       release();
-      comm_ = o.comm_, owned_ = o.owned_, rank_ = o.rank_, size_ = o.size_;
+      comm_ = o.comm_, owned_ = o.owned_, rank_ = o.rank_, size_ = o.size_, any_thread_ = o.any_thread_;
       o.comm_ = MPI_COMM_NULL, o.owned_ = false;
     }
     return *this;
@@ -65,6 +68,9 @@ class MpiComm {
   int rank() const { return rank_; }
   int size() const { return size_; }
   MPI_Comm handle() const { return comm_; }
+  // MPI was initialised at MPI_THREAD_SERIALIZED or more: any thread may call it, one at a time (the trainer then
+  // sums gradients on a thread of its own during the backward pass).
+  bool calls_from_any_thread() const { return any_thread_; }
 
   void all_gather_bytes(const void* send, void* recv, std::size_t n) {
     const int c = detail::mpi_count(n, "all-gather");
@@ -94,11 +100,14 @@ class MpiComm {
   MPI_Comm comm_ = MPI_COMM_NULL;
   bool owned_ = false;
   int rank_ = 0, size_ = 1;
+  bool any_thread_ = false;
 };
 static_assert(Communicator<MpiComm>);
 
-// MPI for the life of this object. Only the thread that made it calls MPI (MPI_THREAD_FUNNELED): the library's
-// worker threads never do.
+// MPI for the life of this object, at MPI_THREAD_SERIALIZED where the library provides it: the thread that made
+// it and the trainer's gradient-sum thread call MPI, never at the same time (dist/background_sum.hpp); the pool's
+// worker threads never do. A library providing only MPI_THREAD_FUNNELED still works: the gradient is then summed
+// after the backward pass, on the calling thread.
 class MpiSession {
  public:
   MpiSession(int* argc, char*** argv) {
@@ -106,7 +115,7 @@ class MpiSession {
     MPI_Initialized(&inited);
     LIMOE_CHECK(!inited, "MpiSession: MPI is already initialised");
     int provided = 0;
-    detail::mpi_check(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
+    detail::mpi_check(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
     LIMOE_CHECK(provided >= MPI_THREAD_FUNNELED, "MPI: the library provides thread level ", provided,
                 ", limoe needs MPI_THREAD_FUNNELED");
   }

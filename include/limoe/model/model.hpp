@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -360,8 +361,14 @@ class Limoe {
 
  public:
 
+  // Called during backward() with `first`: from here on, params().grads()[first, size()) holds its final value
+  // for this pass (nothing later in the pass writes there). `first` only decreases; the last call gives 0. A data-
+  // parallel trainer sums those parts over the ranks while the pass goes on (docs/distributed.md). On a device
+  // backend "final" is in the order of the backend's stream.
+  using GradsFinal = std::function<void(index_t first)>;
+
   // Gradient of (contrastive + auxiliary losses) of the last forward + loss(), accumulated into params().grads().
-  void backward(const ForwardOutput<T>& fwd) {
+  void backward(const ForwardOutput<T>& fwd, const GradsFinal& on_final = {}) {
     LIMOE_CHECK(loss_generation_ == generation_, "Limoe::backward: call loss() on the output of the last forward() first");
     check_latest(fwd, "backward");
     check_tape(fwd, "backward");
@@ -378,7 +385,7 @@ class Limoe {
     const index_t first = dp_.on ? dp_.first_pair : 0, n = Bi_, P = cfg_.proj_dim;
     if (first == 0) add_to_logit_scale_grad(dtheta);
     backward_in_space(CView<T, S>(dz_img_.data() + first * P, Shape{n, P}),
-                      CView<T, S>(dz_txt_.data() + first * P, Shape{n, P}));
+                      CView<T, S>(dz_txt_.data() + first * P, Shape{n, P}), on_final);
   }
 
   // Backward from given gradients of the normalised embeddings (host data; either may be empty): for users with
@@ -403,7 +410,10 @@ class Limoe {
   using O = Ops<BackendT, T>;
 
   // backward_from on gradients already in the model's memory (the caller checked the forward output).
-  void backward_in_space(CView<T, S> dz_img, CView<T, S> dz_txt) {
+  void backward_in_space(CView<T, S> dz_img, CView<T, S> dz_txt, const GradsFinal& on_final = {}) {
+    const auto report = [&](index_t first) {
+      if (on_final) on_final(first);
+    };
     const index_t D = cfg_.width, R = Ni_ + Bt_ * cfg_.text_len;
     dxn_.resize(Shape{R, D});  // [R, D]
     dxn_.zero();
@@ -416,11 +426,16 @@ class Limoe {
                             rows(xn_rstd_.cview(), r0, r1), rows(dxn_.cview(), r0, r1), rows(dx_.view(), r0, r1),
                             pg(w), pg(b));
     });
-    for (int l = cfg_.depth - 1; l >= 0; --l) block_backward(l);
+    report(final_from_[static_cast<std::size_t>(cfg_.depth)]);  // the heads, final norms (and a text tower's blocks)
+    for (int l = cfg_.depth - 1; l >= 0; --l) {
+      block_backward(l);
+      report(final_from_[static_cast<std::size_t>(l)]);
+    }
     if (Bi_ > 0)
       O::patch_embed_backward(images_.cview(), cfg_.patch, patches_.cview(), pv(img_patch_w_),
                                    img_rows(dx_.cview()), View<T, S>{}, pg(img_patch_w_), pg(img_patch_b_), pg(img_pos_), prec());
     if (Bt_ > 0) O::token_embed_backward(texts_.cview(), txt_rows(dx_.cview()), pg(txt_embed_), pg(txt_pos_));
+    report(0);
   }
 
   // ---- parameters ---------------------------------------------------------------------------------------
@@ -466,6 +481,9 @@ class Limoe {
     img_pos_ = add("img.pos", {cfg_.num_patches(), D}, false);
     txt_embed_ = add("txt.embed", {cfg_.vocab_size, D}, false);
     txt_pos_ = add("txt.pos", {cfg_.text_len, D}, false);
+    // block_end[l]: the end of block l's entries in the flat store (of either tower), for final_from_.
+    std::vector<index_t> block_end(static_cast<std::size_t>(cfg_.depth), 0);
+    const index_t embed_end = params_.size();
     auto add_block = [&](const std::string& p, bool moe) {
       BlockRefs b;
       b.moe = moe;
@@ -489,13 +507,16 @@ class Limoe {
         b.mlp = {part(p + ".moe.fc1.weight", {Ex, M, D}, true), part(p + ".moe.fc1.bias", {Ex, M}, false),
                  part(p + ".moe.fc2.weight", {Ex, D, M}, true), part(p + ".moe.fc2.bias", {Ex, D}, false)};
       }
+      block_end[static_cast<std::size_t>(l)] = params_.size();
     }
     norm_w_ = add("norm.weight", {D}, false);
     norm_b_ = add("norm.bias", {D}, false);
     if (cfg_.towers == 2) {  // the text tower (dense: validate() allows no MoE block in a two-tower config)
       txt_blocks_.resize(static_cast<std::size_t>(cfg_.depth));
-      for (int l = 0; l < cfg_.depth; ++l)
+      for (int l = 0; l < cfg_.depth; ++l) {
         txt_blocks_[static_cast<std::size_t>(l)] = add_block("txt.blocks." + std::to_string(l), false);
+        block_end[static_cast<std::size_t>(l)] = params_.size();
+      }
       txt_norm_w_ = add("txt.norm.weight", {D}, false);
       txt_norm_b_ = add("txt.norm.bias", {D}, false);
     }
@@ -504,6 +525,12 @@ class Limoe {
     img_head_.proj = add("img.proj.weight", {P, D}, true);
     txt_head_.proj = add("txt.proj.weight", {P, D}, true);
     logit_scale_ = add("logit_scale", Shape{}, false);
+    // Once blocks l..depth-1 are through backward, what is still to come are blocks 0..l-1 and the embeddings:
+    // the gradient is final from the end of the last of their entries on.
+    final_from_.assign(static_cast<std::size_t>(cfg_.depth) + 1, embed_end);
+    for (int l = 1; l <= cfg_.depth; ++l)
+      final_from_[static_cast<std::size_t>(l)] =
+          std::max(final_from_[static_cast<std::size_t>(l - 1)], block_end[static_cast<std::size_t>(l - 1)]);
   }
 
   CView<T, S> pv(ParamRef r) const { return params_.value(r); }
@@ -883,6 +910,8 @@ class Limoe {
   std::vector<BlockRefs> txt_blocks_;      // the text tower's blocks (towers 2 only)
   ParamRef txt_norm_w_, txt_norm_b_;       // and its final LayerNorm
   HeadRefs img_head_, txt_head_;
+  // final_from_[l]: the flat gradient is final from this offset on once blocks l..depth-1 are through backward.
+  std::vector<index_t> final_from_;
 
   // Activations of the last forward (kept for backward; buffers are reused across steps).
   std::uint64_t noise_seed_ = 0x11A0E;

@@ -28,6 +28,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "limoe/dist/background_sum.hpp"
 #include "limoe/dist/comm.hpp"
 #include "limoe/dist/device_sum.hpp"
 #include "limoe/model/model.hpp"
@@ -41,6 +42,10 @@ struct TrainConfig {
   std::int64_t warmup_steps = 100;
   Decay decay = Decay::Cosine;
   double final_lr_fraction = 0.0;
+  // Data parallel, host model, no expert shards: sum the gradient's buckets over the ranks on a thread of their
+  // own as backward finishes them (dist/background_sum.hpp), instead of all of it after backward. The same bits
+  // either way; needs a communicator callable from any thread (MPI_THREAD_SERIALIZED), else it is not used.
+  bool overlap_grad_sum = true;
 };
 
 // What one step reports. `routing` and `aux_terms` are per MoE block (in block order).
@@ -155,6 +160,11 @@ class Trainer {
  public:
   using T = typename Model::scalar_type;
   using Space = typename Model::memory_space;
+  // A host model that reports during backward where its gradient is final (Limoe::GradsFinal) can have it summed
+  // over the ranks meanwhile (TrainConfig::overlap_grad_sum).
+  static constexpr bool kCanOverlap =
+      std::is_same_v<Space, HostSpace> &&
+      requires(Model& m, const ForwardOutput<T>& f, const typename Model::GradsFinal& cb) { m.backward(f, cb); };
   // Gradient elements summed per all-reduce call (16 MiB of float): bounds the scratch the sum needs.
   static constexpr std::size_t kBucket = std::size_t{1} << 22;
 
@@ -185,6 +195,9 @@ class Trainer {
       }
     }
   }
+
+  Trainer(const Trainer&) = delete;  // the gradient-sum thread holds on to comm_
+  Trainer& operator=(const Trainer&) = delete;
 
   // Expert parallel: the whole model's parameters and AdamW moments, in the store's entry order with every
   // expert tensor whole (what a checkpoint holds). Collective over the trainer's communicator.
@@ -250,8 +263,21 @@ class Trainer {
 
   AdamW<T, Space>& optimizer() { return opt_; }
   Comm& comm() { return comm_; }
-  // Seconds the last step spent in collectives (gathering embeddings, summing gradients and statistics).
+  // Seconds the last step spent in collectives (gathering embeddings, summing gradients and statistics) on the
+  // calling thread: with the gradient sum overlapped, only the wait for what backward did not hide.
   double comm_seconds() const { return comm_seconds_; }
+  // Seconds the last step's gradient-sum thread spent summing (0 when the sum was not overlapped).
+  double overlapped_comm_seconds() const { return overlapped_seconds_; }
+  // Whether steps sum the gradient during the backward pass (TrainConfig::overlap_grad_sum, when it applies).
+  bool overlaps_grad_sum() const {
+    if constexpr (kCanOverlap)
+      return cfg_.overlap_grad_sum && comm_.size() > 1 && !dp_comm_ && dist::calls_from_any_thread(comm_);
+    else
+      return false;
+  }
+  // Gradient elements per bucket of the overlapped sum: a bucket is sent once at least `min_elems` more are
+  // final (or backward is over), cut into pieces of at most kBucket. Fewer, larger messages cost less latency.
+  void set_overlap_min_bucket(std::size_t min_elems) { overlap_min_ = std::max<std::size_t>(1, min_elems); }
   const TrainConfig& config() const { return cfg_; }
   std::int64_t step_count() const { return opt_.step(); }
   double lr_at(std::int64_t step) const { return cfg_.adam.lr * sched_.factor(step); }
@@ -262,6 +288,7 @@ class Trainer {
     using clock = std::chrono::steady_clock;
     const auto t0 = clock::now();
     comm_seconds_ = 0;
+    overlapped_seconds_ = 0;
     const std::int64_t s = opt_.step();
     const int P = comm_.size(), rank = comm_.rank();
     model_.zero_grad();
@@ -312,17 +339,23 @@ class Trainer {
       r.loss.total = r.loss.contrastive + r.loss.aux;
       LIMOE_CHECK(std::isfinite(r.loss.total), "training diverged at step ", s, " (loss ", r.loss.total,
                   "); lower the learning rate or raise the warmup");
-      model_.backward(fwd);
       fill_routing(r, fwd);
       tc = clock::now();
       reduce_aux_terms(r.aux_terms);
       merge_routing_stats(comm_, r.routing);
-      if (device_sum_) {
-        device_sum_(model_.params().grads(), device_scratch_);
-      } else {
-        sum_flat_gradient_on_host(grad_norm);
-      }
       comm_seconds_ += seconds_since(tc);
+      if (overlaps_grad_sum()) {
+        if constexpr (kCanOverlap) backward_summing(fwd);
+      } else {
+        model_.backward(fwd);
+        tc = clock::now();
+        if (device_sum_) {
+          device_sum_(model_.params().grads(), device_scratch_);
+        } else {
+          sum_flat_gradient_on_host(grad_norm);
+        }
+        comm_seconds_ += seconds_since(tc);
+      }
     }
     r.lr = lr_at(s);
     r.grad_norm = opt_.update(model_.params(), r.lr, grad_norm);
@@ -362,6 +395,29 @@ class Trainer {
       grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
     }
     if constexpr (!std::is_same_v<Space, HostSpace>) copy_from_host<T, Space>(grad_host_.cview(), model_.params().grads());
+  }
+
+  // Backward with the flat gradient summed over the ranks as it becomes final: each part the model reports final
+  // goes to the sum thread once at least overlap_min_ elements are waiting (the rest when backward is over), in
+  // the same order on every rank. The wait at the end is what the pass did not hide.
+  template <class Fwd>
+  void backward_summing(const Fwd& fwd) {
+    if (!background_) background_ = std::make_unique<dist::BackgroundSum<Comm, T>>(comm_);
+    const View<T> g = model_.params().grads();
+    index_t queued = g.numel();  // [queued, size) is with the sum thread
+    const auto send = [&](index_t first, bool last) {
+      if (queued - first < static_cast<index_t>(overlap_min_) && !(last && first < queued)) return;
+      for_each_bucket(queued - first, [&](index_t i, index_t len) {
+        background_->push(std::span<T>(g.data() + first + i, static_cast<std::size_t>(len)));
+      });
+      queued = first;
+    };
+    model_.backward(fwd, [&](index_t first) { send(first, false); });
+    send(0, true);
+    const auto tc = std::chrono::steady_clock::now();
+    background_->wait();
+    comm_seconds_ += seconds_since(tc);
+    overlapped_seconds_ = background_->take_busy_seconds();
   }
 
   // fn(first, count) for consecutive buckets of at most kBucket elements covering [0, n).
@@ -422,7 +478,8 @@ class Trainer {
   Model& model_;
   TrainConfig cfg_;
   Comm comm_;
-  double comm_seconds_ = 0;
+  double comm_seconds_ = 0, overlapped_seconds_ = 0;
+  std::size_t overlap_min_ = std::size_t{1} << 18;  // 1 MiB of float
   Tensor<T> img_all_, txt_all_;
   Tensor<T> grad_host_;  // a device model's flat gradient, staged on the host for the sum over ranks
   // sum_gradients_with's sum on the device, and its scratch
@@ -434,6 +491,8 @@ class Trainer {
   std::vector<Segment> whole_, sharded_;
   AdamW<T, Space> opt_;
   LrSchedule sched_;
+  // The overlapped gradient sum's thread (after comm_: it ends, finishing what was pushed, before comm_ goes).
+  std::unique_ptr<dist::BackgroundSum<Comm, T>> background_;
 };
 
 }  // namespace limoe
