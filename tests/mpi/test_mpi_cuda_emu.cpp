@@ -4,7 +4,8 @@
 // sum_gradients_with) sums it on the device through a communicator over device memory: here MPI moving the
 // emulation's device memory, standing in for NcclComm. After a few steps every rank holds the parameters of one
 // process stepping the same model on the whole batch (within the rounding of the sum's order), the same bits
-// as the other ranks, and the device sum gives the same bits as the staged one.
+// as the other ranks, and the device sum gives the same bits as the staged one. Expert parallel: a device model
+// holding half of the experts trains as one process does.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include "support/cuda_emu.hpp"  // first: the CUDA keywords and LIMOE_CUDA_EMULATION
 
@@ -133,6 +134,62 @@ TEST_CASE("data parallel training of a device model: every rank ends with one pr
   std::vector<double> all(static_cast<std::size_t>(P));
   dist::all_gather(comm, std::span<const double>(&mine, 1), std::span<double>(all));
   for (double x : all) CHECK(x == all[0]);
+}
+
+TEST_CASE("expert parallel training of a device model: losses, routing and the whole state equal one process's") {
+  // Experts in 2 parts over the ranks (rank r holds part r % 2): the rows cross between the emulated devices
+  // through host copies and MPI (moe/expert_parallel.hpp), and the shards' gradients are summed over their
+  // replicas only. Clipping is active, so the norm must be the whole model's.
+  MpiComm comm(MPI_COMM_WORLD);
+  const int P = comm.size(), me = comm.rank(), parts = 2;
+  if (P % parts != 0) return;
+  const index_t n = 2, B = n * P;
+  const ModelConfig cfg = config();
+  TrainConfig tc;
+  tc.steps = 10, tc.warmup_steps = 1;
+  tc.adam.lr = 3e-3, tc.adam.clip_norm = 0.05;
+  DevModel one(cfg), ep(cfg, ConfigRouter{}, ExpertShard{me % parts, parts});
+  for (DevModel* m : {&one, &ep}) m->init(9), m->set_noise_seed(5);
+  Trainer<DevModel> t1(one, tc);
+  Trainer<DevModel, MpiComm> te(ep, tc, MpiComm(MPI_COMM_WORLD));
+  for (int s = 0; s < 2; ++s) {
+    CAPTURE(s);
+    const auto images = testing::randn<double>(Shape{B, 8, 8, 3}, 70 + static_cast<std::uint64_t>(s));
+    Tensor<std::int32_t> texts(Shape{B, cfg.text_len});
+    for (index_t i = 0; i < texts.numel(); ++i)
+      texts[i] = i % cfg.text_len < 2 + (i / cfg.text_len) % 3 ? static_cast<std::int32_t>(2 + (i * 5 + s) % 11) : cfg.pad_id;
+    const StepReport r1 = t1.step(images.cview(), texts.cview());
+    const StepReport re = te.step(rows(images, me * n, n), rows(texts, me * n, n));
+    CHECK(std::abs(re.loss.total - r1.loss.total) <= 1e-10 * std::abs(r1.loss.total));
+    CHECK(std::abs(re.grad_norm - r1.grad_norm) <= 1e-10 * r1.grad_norm);
+    CHECK(r1.grad_norm > tc.adam.clip_norm);
+    // The merged routing statistics are the whole batch's: the same choices reached the same experts.
+    REQUIRE(re.routing.size() == r1.routing.size());
+    index_t dropped = 0;
+    for (std::size_t b = 0; b < r1.routing.size(); ++b) {
+      CHECK(re.routing[b].routed == r1.routing[b].routed);
+      CHECK(re.routing[b].dropped == r1.routing[b].dropped);
+      for (int m = 0; m < 2; ++m)
+        for (index_t d : r1.routing[b].dropped[m]) dropped += d;
+    }
+    CHECK(dropped > 0);  // capacity 1.0 over groups of one pair: the comparison covers drops
+  }
+  // The whole state, gathered from the device shards, is one process's.
+  std::vector<double> values, m, v;
+  te.gather_whole_state(values, m, v);
+  const index_t N = one.params().size();
+  REQUIRE(values.size() == static_cast<std::size_t>(N));
+  const Tensor<double> want_v = to_host(one.params().values()), want_m = to_host(t1.optimizer().m().cview()),
+                       want_s = to_host(t1.optimizer().v().cview());
+  auto rel = [&](const std::vector<double>& got, const Tensor<double>& want) {
+    double d = 0, scale = 1e-3;
+    for (index_t i = 0; i < N; ++i)
+      d = std::max(d, std::abs(got[static_cast<std::size_t>(i)] - want[i])), scale = std::max(scale, std::abs(want[i]));
+    return d / scale;
+  };
+  CHECK(rel(values, want_v) < 1e-10);
+  CHECK(rel(m, want_m) < 1e-10);
+  CHECK(rel(v, want_s) < 1e-8);
 }
 
 int main(int argc, char** argv) {

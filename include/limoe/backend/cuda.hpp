@@ -40,5 +40,12 @@ double adamw_device_update(const AdamWConfig& cfg, std::int64_t step, double lr,
                            View<T, CudaBackendSpace> m, View<T, CudaBackendSpace> v) {
   return cuda::ops::adamw_update<T>(cfg, step, lr, g, decay, w, m, v);
 }
+// ... with the norm given (a model holding a shard of the experts: the whole model's norm, summed by the trainer).
+template <class T>
+void adamw_device_apply(const AdamWConfig& cfg, std::int64_t step, double lr, double norm,
+                        CView<T, CudaBackendSpace> g, CView<std::uint8_t, CudaBackendSpace> decay,
+                        View<T, CudaBackendSpace> w, View<T, CudaBackendSpace> m, View<T, CudaBackendSpace> v) {
+  cuda::ops::adamw_apply<T>(cfg, step, lr, norm, g, decay, w, m, v);
+}
 
 }  // namespace limoe

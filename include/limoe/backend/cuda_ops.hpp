@@ -165,6 +165,10 @@ void combine_backward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route
 template <class T>
 double adamw_update(const AdamWConfig& cfg, std::int64_t step, double lr, CV<T> g, CV<std::uint8_t> decay, V<T> w,
                     V<T> m, V<T> v);
+// The same step with the norm given by the caller (a model holding a shard: the whole model's norm).
+template <class T>
+void adamw_apply(const AdamWConfig& cfg, std::int64_t step, double lr, double norm, CV<T> g, CV<std::uint8_t> decay,
+                 V<T> w, V<T> m, V<T> v);
 
 // Routing on the device (src/cuda/routing.cu): moe::parallel::route_groups with thrust::cuda::par on device
 // views (gates [N, E], capacity per group, choice and route [N, K]); the same decisions as the sequential

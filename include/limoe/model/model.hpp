@@ -679,7 +679,7 @@ class Limoe {
   }
 
   // Block l's expert exchange under expert parallelism, else none.
-  moe::ExpertExchange<T>* exchange(int l) {
+  moe::ExpertExchange<T, S>* exchange(int l) {
     if (ep_.count == 1) return nullptr;
     LIMOE_CHECK(ep_comm_.has_value(), "Limoe: this model holds expert part ", ep_.index, " of ", ep_.count,
                 "; give it the expert-parallel communicator (set_expert_comm) before running it");
@@ -930,7 +930,7 @@ class Limoe {
   // Expert parallelism: this model's part of the experts, the group's communicator, one exchange per block.
   ExpertShard ep_;
   std::optional<dist::AnyComm> ep_comm_;
-  std::vector<moe::ExpertExchange<T>> ep_ex_;
+  std::vector<moe::ExpertExchange<T, S>> ep_ex_;
   WeightMirror mirror_;  // the weights in bf16 (Bf16Mixed only)
   // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and this call's place in it.
   struct DataParallelLoss {

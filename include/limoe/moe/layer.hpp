@@ -168,8 +168,8 @@ void check_params(const MoeParams<T, S>& p, int E, index_t D, int Ex) {
   expect_shape(p.fc2_w, Shape{Ex, D, M}, "moe: fc2.weight");
   expect_shape(p.fc2_b, Shape{Ex, D}, "moe: fc2.bias");
 }
-template <class T>
-int local_experts(int E, const ExpertExchange<T>* ex) {
+template <class T, class S>
+int local_experts(int E, const ExpertExchange<T, S>* ex) {
   if (ex == nullptr || ex->shards() == 1) return E;
   LIMOE_CHECK(E % ex->shards() == 0, "moe: ", E, " experts do not split over ", ex->shards(), " expert-parallel ranks");
   return E / ex->shards();
@@ -192,7 +192,7 @@ template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, clas
   requires RouterPolicy<Router, T>
 void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, SpaceOf<BackendT>>& p,
                  CView<T, SpaceOf<BackendT>> x, std::span<const std::uint8_t> modality, Mode mode, const Rng& rng,
-                 View<T, SpaceOf<BackendT>> y, MoeContext<T, SpaceOf<BackendT>>& ctx, ExpertExchange<T>* ex = nullptr,
+                 View<T, SpaceOf<BackendT>> y, MoeContext<T, SpaceOf<BackendT>>& ctx, ExpertExchange<T, SpaceOf<BackendT>>* ex = nullptr,
                  const Prec& prec = {}) {
   using O = Ops<BackendT, T>;
   using S = SpaceOf<BackendT>;
@@ -207,8 +207,6 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   LIMOE_CHECK(x.rank() == 2, "moe_forward: x must be [N, D], got ", x.shape().str());
   const index_t N = x.dim(0), D = x.dim(1);
   const bool sharded = ex != nullptr && ex->shards() > 1;
-  LIMOE_CHECK(host_memory || !sharded, "moe_forward: expert parallelism runs on host-memory backends only (the "
-              "expert exchange of the ", BackendT::name, " backend is not written)");
   detail::check_params(p, E, D, detail::local_experts(E, ex));
   const index_t M = p.fc1_w.dim(1);
   expect_shape(y, Shape{N, D}, "moe_forward: y");
@@ -375,8 +373,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   c.ye.resize(Shape{A, D});    // [A, D]
   O::dispatch_forward(c.plan, x, c.xe.view());
   if (sharded) {
-    if constexpr (host_memory)
-      expert_parallel_forward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.ye.view(), prec);
+    expert_parallel_forward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.ye.view(), prec);
   } else {
     c.hpre.resize(Shape{A, M});  // [A, M]
     c.h.resize(Shape{A, M});     // [A, M]
@@ -442,7 +439,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
 template <class T, class Losses = DefaultAuxLosses, Backend BackendT = Cpu, PrecisionPolicy Prec = Fp32>
 void moe_forward(const MoeConfig& cfg, const MoeParams<T, SpaceOf<BackendT>>& p, CView<T, SpaceOf<BackendT>> x,
                  std::span<const std::uint8_t> modality, Mode mode, const Rng& rng, View<T, SpaceOf<BackendT>> y,
-                 MoeContext<T, SpaceOf<BackendT>>& ctx, ExpertExchange<T>* ex = nullptr, const Prec& prec = {}) {
+                 MoeContext<T, SpaceOf<BackendT>>& ctx, ExpertExchange<T, SpaceOf<BackendT>>* ex = nullptr, const Prec& prec = {}) {
   cfg.validate();
   visit_router(cfg.router, cfg.top_k, [&](const auto& router) {
     moe_forward<T, Losses, BackendT>(router, cfg, p, x, modality, mode, rng, y, ctx, ex, prec);
@@ -457,7 +454,7 @@ template <class T, Backend BackendT = Cpu, PrecisionPolicy Prec = Fp32>
 void moe_backward(const MoeParams<T, SpaceOf<BackendT>>& p, CView<T, SpaceOf<BackendT>> x,
                   CView<T, SpaceOf<BackendT>> dy, View<T, SpaceOf<BackendT>> dx,
                   const MoeGrads<T, SpaceOf<BackendT>>& grads, MoeContext<T, SpaceOf<BackendT>>& ctx,
-                  double aux_scale = 1.0, ExpertExchange<T>* ex = nullptr, const Prec& prec = {}) {
+                  double aux_scale = 1.0, ExpertExchange<T, SpaceOf<BackendT>>* ex = nullptr, const Prec& prec = {}) {
   using S = SpaceOf<BackendT>;
   constexpr bool host_memory = std::is_same_v<S, HostSpace>;
   auto& c = ctx;
@@ -511,9 +508,8 @@ void moe_backward(const MoeParams<T, SpaceOf<BackendT>>& p, CView<T, SpaceOf<Bac
   if (need_dx) c.dxe.resize(Shape{A, D});  // [A, D]
   const ExpertGrads<T, S> eg{grads.fc1_w, grads.fc1_b, grads.fc2_w, grads.fc2_b};
   if (sharded) {
-    if constexpr (host_memory)
-      expert_parallel_backward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.dye.cview(),
-                                            need_dx ? c.dxe.view() : View<T>{}, eg, prec);
+    expert_parallel_backward<T, BackendT>(*ex, c.plan, detail::experts_of(p), c.gelu, c.dye.cview(),
+                                          need_dx ? c.dxe.view() : View<T, S>{}, eg, prec);
   } else {
     c.dh.resize(Shape{A, M});  // [A, M]
     O::expert_mlp_backward(c.plan, detail::experts_of(p), c.gelu, c.xe.cview(), c.hpre.cview(), c.h.cview(),

@@ -10,7 +10,8 @@
 //
 // AdamW<T, S> keeps its moments in the memory space S of the store it updates. On host memory the update is the
 // loop below; on another space it is that space's adamw_device_update (found by argument-dependent lookup:
-// backend/cuda.hpp defines the CUDA one, cuda::ops::adamw_update), the same arithmetic (math/adamw.hpp).
+// backend/cuda.hpp defines the CUDA one, cuda::ops::adamw_update; adamw_device_apply where the caller gives the
+// norm, cuda::ops::adamw_apply), the same arithmetic (math/adamw.hpp).
 #pragma once
 
 #include <cmath>
@@ -140,10 +141,17 @@ class AdamW {
     LIMOE_CHECK(m_.numel() == ps.size(), "AdamW: attach() the optimizer to this parameter store first (",
                 m_.numel(), " moments for ", ps.size(), " parameters)");
     if constexpr (!std::is_same_v<S, HostSpace>) {
-      // The space's own update (the norm summed where the gradient is); a non-finite norm throws, nothing changed.
-      LIMOE_CHECK(!grad_norm, "AdamW: a gradient norm given by the caller (a sharded model) needs host memory");
-      const double norm = adamw_device_update(cfg_, step_ + 1, lr_t, CView<T, S>(ps.grads()), decay_mask_.cview(),
-                                              ps.values(), m_.view(), v_.view());
+      // The space's own update (the norm summed where the gradient is, unless given); a non-finite norm throws,
+      // nothing changed.
+      double norm = 0;
+      if (grad_norm) {
+        norm = *grad_norm;
+        adamw_device_apply(cfg_, step_ + 1, lr_t, norm, CView<T, S>(ps.grads()), decay_mask_.cview(), ps.values(),
+                           m_.view(), v_.view());
+      } else {
+        norm = adamw_device_update(cfg_, step_ + 1, lr_t, CView<T, S>(ps.grads()), decay_mask_.cview(), ps.values(),
+                                   m_.view(), v_.view());
+      }
       ++step_;
       return norm;
     } else {

@@ -154,7 +154,8 @@ void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
 // on the device (AdamW<T, S>); data parallel, its flat gradient is by default copied to the host, summed over
 // the ranks exactly as a host model's, and copied back; after sum_gradients_with(NcclComm) it is summed on the
 // device instead (dist::all_reduce_sum_in: the same algorithm and order, so the same bits, without the two
-// copies). Expert parallelism needs a host-memory model.
+// copies). Expert parallel on a device: the expert exchange and the shards' gradient sums are staged through host
+// memory as well (moe/expert_parallel.hpp).
 template <class Model, dist::HostCommunicator Comm = dist::SingleProcess>
 class Trainer {
  public:
@@ -179,8 +180,6 @@ class Trainer {
     if constexpr (requires { model.expert_shard(); }) {
       const int E = model_.expert_shard().count, rank = comm_.rank();
       if (E > 1) {
-        LIMOE_CHECK((std::is_same_v<Space, HostSpace>), "Trainer: expert parallelism needs a host-memory model; this "
-                    "one is on the ", Model::backend_type::name, " backend (its expert exchange is not written)");
         LIMOE_CHECK(comm_.size() % E == 0, "Trainer: the model's experts are in ", E, " parts, but the communicator has ",
                     comm_.size(), " rank(s); the ranks must be a multiple of the parts");
         LIMOE_CHECK(model_.expert_shard().index == rank % E, "Trainer: rank ", rank, " must hold expert part ", rank % E,
@@ -201,25 +200,27 @@ class Trainer {
 
   // Expert parallel: the whole model's parameters and AdamW moments, in the store's entry order with every
   // expert tensor whole (what a checkpoint holds). Collective over the trainer's communicator.
+  // A device model's state is copied to the host first.
   void gather_whole_state(std::vector<T>& values, std::vector<T>& m, std::vector<T>& v) {
-    if constexpr (!std::is_same_v<Space, HostSpace>) {
-      (void)values, (void)m, (void)v;
-      fail("Trainer::gather_whole_state: the model is on the ", Model::backend_type::name,
-           " backend, which holds whole experts (nothing to gather)");
+    const auto& ps = std::as_const(model_).params();
+    if constexpr (std::is_same_v<Space, HostSpace>) {
+      gather_whole_state_from(ps.values().data(), opt_.m().data(), opt_.v().data(), values, m, v);
     } else {
-      gather_whole_state_host(values, m, v);
+      const Tensor<T> hv = to_host(ps.values()), hm = to_host(opt_.m().cview()), hs = to_host(opt_.v().cview());
+      gather_whole_state_from(hv.data(), hm.data(), hs.data(), values, m, v);
     }
   }
 
  private:
-  void gather_whole_state_host(std::vector<T>& values, std::vector<T>& m, std::vector<T>& v) {
-    const auto& ps = model_.params();
+  // The whole state from this rank's flat values and moments (host memory, the store's layout).
+  void gather_whole_state_from(const T* pv, const T* pm, const T* ps_, std::vector<T>& values, std::vector<T>& m,
+                               std::vector<T>& v) {
+    const auto& ps = std::as_const(model_).params();
     values.clear(), m.clear(), v.clear();
     std::vector<T> whole;
     for (const auto& e : ps.entries()) {
       const index_t n = e.shape.numel();
-      for (auto [src, dst] : {std::pair<const T*, std::vector<T>*>{ps.values().data(), &values},
-                              {opt_.m().data(), &m}, {opt_.v().data(), &v}}) {
+      for (auto [src, dst] : {std::pair<const T*, std::vector<T>*>{pv, &values}, {pm, &m}, {ps_, &v}}) {
         if (e.shards == 1) {
           dst->insert(dst->end(), src + e.offset, src + e.offset + n);
           continue;

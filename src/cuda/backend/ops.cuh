@@ -476,6 +476,10 @@ void scatter_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst) {
 // math::adamw_clip / adamw_step on the host, then math::adamw_element per parameter. Returns the norm before
 // clipping; a norm that is not finite is an error and leaves w, m and v untouched.
 template <class T>
+void adamw_apply(const AdamWConfig& cfg, std::int64_t step, double lr, double norm, CV<T> g, CV<std::uint8_t> decay,
+                 V<T> w, V<T> m, V<T> v);
+
+template <class T>
 double adamw_update(const AdamWConfig& cfg, std::int64_t step, double lr, CV<T> g, CV<std::uint8_t> decay, V<T> w,
                     V<T> m, V<T> v) {
   const index_t n = g.numel();
@@ -494,12 +498,26 @@ double adamw_update(const AdamWConfig& cfg, std::int64_t step, double lr, CV<T> 
   exec::to_host(&sq, sum.data(), 1);
   using std::sqrt;
   const double norm = sqrt(sq);
+  adamw_apply<T>(cfg, step, lr, norm, g, decay, w, m, v);
+  return norm;
+}
+
+// The update with the gradient norm given (the caller summed it: a model holding a shard, whose norm is the
+// whole model's over the ranks): adamw_update without its own sum. A norm that is not finite is an error and
+// leaves w, m and v untouched.
+template <class T>
+void adamw_apply(const AdamWConfig& cfg, std::int64_t step, double lr, double norm, CV<T> g, CV<std::uint8_t> decay,
+                 V<T> w, V<T> m, V<T> v) {
+  const index_t n = g.numel();
+  LIMOE_CHECK(decay.numel() == n && w.numel() == n && m.numel() == n && v.numel() == n,
+              "cuda::adamw_apply: g, decay, w, m and v must have the same size (", n, ", ", decay.numel(), ", ",
+              w.numel(), ", ", m.numel(), ", ", v.numel(), ")");
+  LIMOE_CHECK(step >= 1, "cuda::adamw_apply: step counts from 1, got ", step);
   LIMOE_CHECK(std::isfinite(norm), "cuda::adamw_update: the gradient is not finite (norm ", norm,
               "); lower the learning rate or enable clipping");
   const auto st = math::adamw_step<T>(cfg, step, lr, math::adamw_clip(norm, cfg.clip_norm));
   exec::launch("adamw_update", exec::grid_for(n), 256, kn::adamw_update<T>, st, decay.data(), g.data(), n, w.data(),
                m.data(), v.data());
-  return norm;
 }
 
 }  // namespace limoe::cuda::ops
