@@ -38,6 +38,20 @@ ModelConfig config() {
 }
 using testing::rows;
 
+// Step s's batch of B pairs: normal images (seed first_seed + s), captions of 2-4 ids then padding (ids vary
+// with `stride`).
+struct StepBatch {
+  Tensor<double> images;
+  Tensor<std::int32_t> texts;
+};
+StepBatch step_batch(const ModelConfig& cfg, index_t B, int s, std::uint64_t first_seed, index_t stride) {
+  StepBatch b{testing::randn<double>(Shape{B, 8, 8, 3}, first_seed + static_cast<std::uint64_t>(s)),
+              Tensor<std::int32_t>(Shape{B, cfg.text_len})};
+  for (index_t i = 0; i < b.texts.numel(); ++i)
+    b.texts[i] = i % cfg.text_len < 2 + (i / cfg.text_len) % 3 ? static_cast<std::int32_t>(2 + (i * stride + s) % 11) : cfg.pad_id;
+  return b;
+}
+
 // MPI over the emulation's device memory (host memory underneath, which MPI may read): a communicator in the
 // model's memory space, as NcclComm is on a GPU.
 class DeviceMpi {
@@ -105,10 +119,7 @@ TEST_CASE("data parallel training of a device model: every rank ends with one pr
   }
   for (int s = 0; s < 2; ++s) {
     CAPTURE(s);
-    const auto images = testing::randn<double>(Shape{B, 8, 8, 3}, 50 + static_cast<std::uint64_t>(s));
-    Tensor<std::int32_t> texts(Shape{B, cfg.text_len});
-    for (index_t i = 0; i < texts.numel(); ++i)
-      texts[i] = i % cfg.text_len < 2 + (i / cfg.text_len) % 3 ? static_cast<std::int32_t>(2 + (i * 7 + s) % 11) : cfg.pad_id;
+    const auto [images, texts] = step_batch(cfg, B, s, 50, 7);
     const StepReport r1 = t1.step(images.cview(), texts.cview());
     const StepReport rd = td.step(rows(images, me * n, n), rows(texts, me * n, n));
     const StepReport rv = tv.step(rows(images, me * n, n), rows(texts, me * n, n));
@@ -154,10 +165,7 @@ TEST_CASE("expert parallel training of a device model: losses, routing and the w
   Trainer<DevModel, MpiComm> te(ep, tc, MpiComm(MPI_COMM_WORLD));
   for (int s = 0; s < 2; ++s) {
     CAPTURE(s);
-    const auto images = testing::randn<double>(Shape{B, 8, 8, 3}, 70 + static_cast<std::uint64_t>(s));
-    Tensor<std::int32_t> texts(Shape{B, cfg.text_len});
-    for (index_t i = 0; i < texts.numel(); ++i)
-      texts[i] = i % cfg.text_len < 2 + (i / cfg.text_len) % 3 ? static_cast<std::int32_t>(2 + (i * 5 + s) % 11) : cfg.pad_id;
+    const auto [images, texts] = step_batch(cfg, B, s, 70, 5);
     const StepReport r1 = t1.step(images.cview(), texts.cview());
     const StepReport re = te.step(rows(images, me * n, n), rows(texts, me * n, n));
     CHECK(std::abs(re.loss.total - r1.loss.total) <= 1e-10 * std::abs(r1.loss.total));
