@@ -62,6 +62,7 @@ template void scatter_rows<F>(CV<F>, CV<std::int64_t>, V<F>);
 template void dispatch_forward<F>(const DispatchPlan&, CV<F>, V<F>);
 template void dispatch_backward<F>(const DispatchPlan&, CV<F>, V<F>);
 template void combine_forward<F>(const DispatchPlan&, CV<F>, CV<std::int32_t>, CV<F>, V<F>);
+template double sum_squares<F>(CV<F>);
 template double adamw_update<F>(const AdamWConfig&, std::int64_t, double, CV<F>, CV<std::uint8_t>, V<F>, V<F>, V<F>);
 template void adamw_apply<F>(const AdamWConfig&, std::int64_t, double, double, CV<F>, CV<std::uint8_t>, V<F>, V<F>, V<F>);
 template void combine_backward<F>(const DispatchPlan&, CV<F>, CV<std::int32_t>, CV<F>, CV<F>, V<F>, V<F>);

@@ -11,7 +11,9 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <cuda/backend/moe_ops.cuh>
 #include <limoe/backend/cuda.hpp>
 #include <limoe/dist/mpi.hpp>
@@ -54,19 +56,26 @@ StepBatch step_batch(const ModelConfig& cfg, index_t B, int s, std::uint64_t fir
 
 // MPI over the emulation's device memory (host memory underneath, which MPI may read): a communicator in the
 // model's memory space, as NcclComm is on a GPU.
+// It counts the bytes its all-to-alls moved, over it and every communicator split from it.
 class DeviceMpi {
  public:
   using memory_space = SpaceOf<Cuda>;
-  explicit DeviceMpi(MpiComm c) : mpi_(std::move(c)) {}
+  explicit DeviceMpi(MpiComm c, std::shared_ptr<std::size_t> moved = std::make_shared<std::size_t>(0))
+      : mpi_(std::move(c)), moved_(std::move(moved)) {}
   int rank() const { return mpi_.rank(); }
   int size() const { return mpi_.size(); }
   void all_gather_bytes(const void* s, void* r, std::size_t n) { mpi_.all_gather_bytes(s, r, n); }
-  void all_to_all_bytes(const void* s, void* r, std::size_t n) { mpi_.all_to_all_bytes(s, r, n); }
+  void all_to_all_bytes(const void* s, void* r, std::size_t n) {
+    mpi_.all_to_all_bytes(s, r, n);
+    *moved_ += n * static_cast<std::size_t>(size());
+  }
   void broadcast_bytes(void* d, std::size_t n, int root) { mpi_.broadcast_bytes(d, n, root); }
-  DeviceMpi split(int color, int key) const { return DeviceMpi(mpi_.split(color, key)); }
+  DeviceMpi split(int color, int key) const { return DeviceMpi(mpi_.split(color, key), moved_); }
+  std::shared_ptr<std::size_t> moved() const { return moved_; }
 
  private:
   MpiComm mpi_;
+  std::shared_ptr<std::size_t> moved_;
 };
 static_assert(dist::CommunicatorIn<DeviceMpi, SpaceOf<Cuda>>);
 }  // namespace
@@ -150,7 +159,9 @@ TEST_CASE("data parallel training of a device model: every rank ends with one pr
 TEST_CASE("expert parallel training of a device model: losses, routing and the whole state equal one process's") {
   // Experts in 2 parts over the ranks (rank r holds part r % 2): the rows cross between the emulated devices
   // through host copies and MPI (moe/expert_parallel.hpp), and the shards' gradients are summed over their
-  // replicas only. Clipping is active, so the norm must be the whole model's.
+  // replicas only. Clipping is active, so the norm must be the whole model's. A second copy does the same
+  // through a communicator of device memory (sum_gradients_with: as NcclComm would), blocks and gradient
+  // segments never staged on the host.
   MpiComm comm(MPI_COMM_WORLD);
   const int P = comm.size(), me = comm.rank(), parts = 2;
   if (P % parts != 0) return;
@@ -159,17 +170,35 @@ TEST_CASE("expert parallel training of a device model: losses, routing and the w
   TrainConfig tc;
   tc.steps = 10, tc.warmup_steps = 1;
   tc.adam.lr = 3e-3, tc.adam.clip_norm = 0.05;
-  DevModel one(cfg), ep(cfg, ConfigRouter{}, ExpertShard{me % parts, parts});
-  for (DevModel* m : {&one, &ep}) m->init(9), m->set_noise_seed(5);
+  DevModel one(cfg), ep(cfg, ConfigRouter{}, ExpertShard{me % parts, parts}), epd(cfg, ConfigRouter{}, ExpertShard{me % parts, parts});
+  for (DevModel* m : {&one, &ep, &epd}) m->init(9), m->set_noise_seed(5);
   Trainer<DevModel> t1(one, tc);
   Trainer<DevModel, MpiComm> te(ep, tc, MpiComm(MPI_COMM_WORLD));
+  Trainer<DevModel, MpiComm> td(epd, tc, MpiComm(MPI_COMM_WORLD));
+  DeviceMpi dev(MpiComm(MPI_COMM_WORLD));
+  const auto moved = dev.moved();
+  td.sum_gradients_with(std::move(dev));
+  CHECK(epd.expert_blocks_on_device());
+  CHECK_FALSE(ep.expert_blocks_on_device());
   for (int s = 0; s < 2; ++s) {
     CAPTURE(s);
     const auto [images, texts] = step_batch(cfg, B, s, 70, 5);
     const StepReport r1 = t1.step(images.cview(), texts.cview());
     const StepReport re = te.step(rows(images, me * n, n), rows(texts, me * n, n));
+    const std::size_t before = *moved;
+    const StepReport rd = td.step(rows(images, me * n, n), rows(texts, me * n, n));
+    // The whole tensors' gradient sums went over the device communicator (with 2 parts on 2 ranks each shard
+    // has no replica to be summed with), and the blocks, checked below.
+    CHECK(*moved > before);
     CHECK(std::abs(re.loss.total - r1.loss.total) <= 1e-10 * std::abs(r1.loss.total));
     CHECK(std::abs(re.grad_norm - r1.grad_norm) <= 1e-10 * r1.grad_norm);
+    CHECK(std::abs(rd.loss.total - r1.loss.total) <= 1e-10 * std::abs(r1.loss.total));
+    CHECK(std::abs(rd.grad_norm - r1.grad_norm) <= 1e-10 * r1.grad_norm);
+    CHECK(rd.routing.size() == re.routing.size());
+    for (std::size_t b = 0; b < std::min(rd.routing.size(), re.routing.size()); ++b) {
+      CHECK(rd.routing[b].routed == re.routing[b].routed);
+      CHECK(rd.routing[b].dropped == re.routing[b].dropped);
+    }
     CHECK(r1.grad_norm > tc.adam.clip_norm);
     // The merged routing statistics are the whole batch's: the same choices reached the same experts.
     REQUIRE(re.routing.size() == r1.routing.size());
@@ -198,6 +227,28 @@ TEST_CASE("expert parallel training of a device model: losses, routing and the w
   CHECK(rel(values, want_v) < 1e-10);
   CHECK(rel(m, want_m) < 1e-10);
   CHECK(rel(v, want_s) < 1e-8);
+  // A forward moves the expert blocks over the device communicator (it sums no gradient), the staged model's none.
+  {
+    const auto [images, texts] = step_batch(cfg, B, 9, 70, 5);
+    const std::size_t before = *moved;
+    epd.forward(rows(images, me * n, n), rows(texts, me * n, n), Mode::Eval);
+    CHECK(*moved > before);
+    const std::size_t after = *moved;
+    ep.forward(rows(images, me * n, n), rows(texts, me * n, n), Mode::Eval);
+    CHECK(*moved == after);
+  }
+  // The device path sums in the staged path's rank order; only the norm's double sum is taken in another order.
+  std::vector<double> dvalues, dm, dv;
+  td.gather_whole_state(dvalues, dm, dv);
+  REQUIRE(dvalues.size() == static_cast<std::size_t>(N));
+  const auto as_tensor = [&](const std::vector<double>& x) {
+    Tensor<double> t(Shape{N});
+    std::copy(x.begin(), x.end(), t.data());
+    return t;
+  };
+  CHECK(rel(dvalues, as_tensor(values)) < 1e-13);
+  CHECK(rel(dm, as_tensor(m)) < 1e-13);
+  CHECK(rel(dv, as_tensor(v)) < 1e-12);
 }
 
 int main(int argc, char** argv) {

@@ -151,7 +151,8 @@ int run(const std::vector<std::string>& argv) {
   model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
   Trainer<Model, dist::AnyComm> trainer(model, tc, std::move(comm));
 #if defined(LIMOE_CLI_NCCL)
-  // Data parallel on GPUs: the gradient summed on the devices over NCCL (the same order as the staged sum).
+  // Several GPUs: the gradient summed on the devices over NCCL (the same order as the staged sum), and under
+  // expert parallelism the expert blocks exchanged device to device.
   if constexpr (!std::is_same_v<typename Model::memory_space, HostSpace>)
     if (ranks > 1)
       if (auto nccl = cli::nccl_world()) trainer.sum_gradients_with(std::move(*nccl));

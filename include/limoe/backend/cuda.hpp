@@ -48,4 +48,10 @@ void adamw_device_apply(const AdamWConfig& cfg, std::int64_t step, double lr, do
   cuda::ops::adamw_apply<T>(cfg, step, lr, norm, g, decay, w, m, v);
 }
 
+// sum_squares(CView<T, CudaBackendSpace>) (train/optimizer.hpp, by argument-dependent lookup): the CUDA op.
+template <class T>
+double device_sum_squares(CView<T, CudaBackendSpace> x) {
+  return cuda::ops::sum_squares<T>(x);
+}
+
 }  // namespace limoe

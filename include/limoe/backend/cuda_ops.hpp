@@ -159,6 +159,10 @@ template <class T>
 void combine_backward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> ye, CV<T> dy, V<T> dye,
                       V<T> dgate);
 
+// The sum of x's squares in double, in a fixed order (the optimizer's norm; the trainer's norm of a model
+// holding a shard of the experts).
+template <class T>
+double sum_squares(CV<T> x);
 // One AdamW step with global-norm clipping over flat buffers (w, m, v updated in place; decay[i] != 0 where
 // weight decay applies), step t counted from 1: AdamW::update's arithmetic (math/adamw.hpp). Returns the
 // gradient norm before clipping; a non-finite norm throws and changes nothing.

@@ -78,21 +78,30 @@ class SingleProcess {
 };
 static_assert(Communicator<SingleProcess>);
 
-// Any communicator behind one type (a program that picks single-process or MPI at run time, like the `limoe`
-// command line, compiles one trainer). One virtual call per collective; the collectives are the cost.
-class AnyComm {
+// A communicator whose collectives read and write memory of space S.
+template <class C, class S>
+concept CommunicatorIn = Communicator<C> && std::is_same_v<comm_memory_space<C>, S>;
+
+// Any communicator over memory of space S behind one type (a program that picks single-process or MPI at run
+// time, like the `limoe` command line, compiles one trainer; a device model's expert exchange holds an NcclComm
+// as BasicAnyComm<CudaSpace>). One virtual call per collective; the collectives are the cost.
+template <class S>
+class BasicAnyComm {
  public:
-  AnyComm() : AnyComm(SingleProcess{}) {}
-  template <HostCommunicator C>
-    requires(!std::is_same_v<std::remove_cvref_t<C>, AnyComm>)
-  AnyComm(C comm) : self_(std::make_unique<Model<C>>(std::move(comm))) {}
+  using memory_space = S;
+  BasicAnyComm()
+    requires std::is_same_v<S, HostSpace>
+      : BasicAnyComm(SingleProcess{}) {}
+  template <class C>
+    requires CommunicatorIn<C, S> && (!std::is_same_v<std::remove_cvref_t<C>, BasicAnyComm>)
+  BasicAnyComm(C comm) : self_(std::make_unique<Model<C>>(std::move(comm))) {}
 
   int rank() const { return self_->rank(); }
   int size() const { return self_->size(); }
   void all_gather_bytes(const void* s, void* r, std::size_t n) { self_->all_gather_bytes(s, r, n); }
   void all_to_all_bytes(const void* s, void* r, std::size_t n) { self_->all_to_all_bytes(s, r, n); }
   void broadcast_bytes(void* d, std::size_t n, int root) { self_->broadcast_bytes(d, n, root); }
-  AnyComm split(int color, int key) const { return self_->split(color, key); }
+  BasicAnyComm split(int color, int key) const { return self_->split(color, key); }
   // Whether the wrapped communicator may be called from any one thread at a time (dist/background_sum.hpp).
   bool calls_from_any_thread() const { return self_->calls_from_any_thread(); }
 
@@ -104,7 +113,7 @@ class AnyComm {
     virtual void all_gather_bytes(const void*, void*, std::size_t) = 0;
     virtual void all_to_all_bytes(const void*, void*, std::size_t) = 0;
     virtual void broadcast_bytes(void*, std::size_t, int) = 0;
-    virtual AnyComm split(int, int) const = 0;
+    virtual BasicAnyComm split(int, int) const = 0;
     virtual bool calls_from_any_thread() const = 0;
   };
   template <class C>
@@ -115,7 +124,7 @@ class AnyComm {
     void all_gather_bytes(const void* s, void* r, std::size_t n) override { comm.all_gather_bytes(s, r, n); }
     void all_to_all_bytes(const void* s, void* r, std::size_t n) override { comm.all_to_all_bytes(s, r, n); }
     void broadcast_bytes(void* d, std::size_t n, int root) override { comm.broadcast_bytes(d, n, root); }
-    AnyComm split(int color, int key) const override { return AnyComm(comm.split(color, key)); }
+    BasicAnyComm split(int color, int key) const override { return BasicAnyComm(comm.split(color, key)); }
     bool calls_from_any_thread() const override {
       if constexpr (requires { { comm.calls_from_any_thread() } -> std::convertible_to<bool>; })
         return comm.calls_from_any_thread();
@@ -126,7 +135,10 @@ class AnyComm {
   };
   std::unique_ptr<Concept> self_;
 };
+// Any host communicator (single process, MPI).
+using AnyComm = BasicAnyComm<HostSpace>;
 static_assert(Communicator<AnyComm>);
+static_assert(HostCommunicator<AnyComm>);
 
 // ---- typed collectives, written once for every communicator ----------------------------------------------
 

@@ -17,10 +17,6 @@
 
 namespace limoe::dist {
 
-// A communicator whose collectives read and write memory of space S.
-template <class C, class S>
-concept CommunicatorIn = Communicator<C> && std::is_same_v<comm_memory_space<C>, S>;
-
 // In place: data = the sum over the ranks of data, added in rank order. `scratch` (grown here; reuse it across
 // calls) holds the chunks in flight: about 1x data, 2x when the size does not split evenly over the ranks.
 // add(x, y): y += x for two equal-shaped buffers of the space.

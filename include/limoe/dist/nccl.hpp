@@ -12,7 +12,8 @@
 // sees its result. The typed helpers dist::all_gather and dist::broadcast work on device spans;
 // dist::all_reduce_sum_in (dist/device_sum.hpp) sums on the device, and Trainer::sum_gradients_with(NcclComm)
 // sums a device model's gradient through it. dist::all_reduce_sum and all_reduce_max, which add on the host,
-// and AnyComm take host communicators only: a compile-time error here. Every NCCL and CUDA status is checked: a
+// and AnyComm take host communicators only: a compile-time error here (dist::BasicAnyComm<CudaSpace> holds it;
+// the trainer gives a device model's expert exchange one, split from the communicator sum_gradients_with got). Every NCCL and CUDA status is checked: a
 // failure is a limoe::Error naming the call.
 #pragma once
 

@@ -169,6 +169,17 @@ class Limoe {
                 "part ", ep_.index, " of ", ep_.count, ", the communicator is rank ", comm.rank(), " of ", comm.size());
     ep_comm_.emplace(std::move(comm));
   }
+  // ... and, on a device, the same group over device memory (NcclComm): the expert blocks then move device to
+  // device instead of through host copies (moe/expert_parallel.hpp). Call after set_expert_comm.
+  void set_expert_blocks_comm(dist::BasicAnyComm<S> comm)
+    requires(!S::host_accessible)
+  {
+    LIMOE_CHECK(comm.size() == ep_.count && comm.rank() == ep_.index, "Limoe::set_expert_blocks_comm: this model "
+                "holds expert part ", ep_.index, " of ", ep_.count, ", the communicator is rank ", comm.rank(), " of ",
+                comm.size());
+    ep_blocks_comm_.emplace(std::move(comm));
+  }
+  bool expert_blocks_on_device() const { return ep_blocks_comm_.has_value(); }
 
   // Initialisation (ViT/big_vision style, adapted): LeCun-normal matrices, zero biases, unit LayerNorm gains,
   // N(0, 0.02) positions and token table, a small router, logit_scale = theta_0. Counter-based: the values do
@@ -686,6 +697,7 @@ class Limoe {
     ep_ex_.resize(static_cast<std::size_t>(cfg_.depth));
     auto& ex = ep_ex_[static_cast<std::size_t>(l)];
     ex.comm = &*ep_comm_;
+    ex.blocks_comm = ep_blocks_comm_ ? &*ep_blocks_comm_ : nullptr;
     ex.experts = cfg_.experts;
     return &ex;
   }
@@ -930,6 +942,7 @@ class Limoe {
   // Expert parallelism: this model's part of the experts, the group's communicator, one exchange per block.
   ExpertShard ep_;
   std::optional<dist::AnyComm> ep_comm_;
+  std::optional<dist::BasicAnyComm<S>> ep_blocks_comm_;  // set_expert_blocks_comm (device models)
   std::vector<moe::ExpertExchange<T, S>> ep_ex_;
   WeightMirror mirror_;  // the weights in bf16 (Bf16Mixed only)
   // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and this call's place in it.

@@ -14,8 +14,10 @@
 //
 // On any memory space S: the rows, blocks and expert activations live in the backend's memory (a device's on
 // the CUDA backend), the row counts and offsets on the host (the dispatch plan's offsets are read back once per
-// exchange, as the CUDA experts do anyway). The communicator is a host one (MPI); blocks in memory the host
-// cannot read go through a host copy on each side of the all-to-all (staged, as the data-parallel gradient).
+// exchange, as the CUDA experts do anyway). The counts go over a host communicator (MPI); the blocks go over a
+// communicator of the blocks' own memory where one is given (`blocks_comm`: NcclComm on a GPU, device to
+// device), else through a host copy on each side of the host communicator's all-to-all (staged, as the
+// data-parallel gradient without a device communicator).
 #pragma once
 
 #include <algorithm>
@@ -35,6 +37,8 @@ namespace limoe::moe {
 template <class T, class S = HostSpace>
 struct ExpertExchange {
   dist::AnyComm* comm = nullptr;  // the expert-parallel group; rank q holds experts [q Ex, (q + 1) Ex)
+  // The same group over memory of space S (a device's), for the blocks; null: staged through host copies.
+  dist::BasicAnyComm<S>* blocks_comm = nullptr;
   int experts = 0;                // E, all experts of the layer
 
   // ---- state of the last forward ----
@@ -90,12 +94,15 @@ void ep_compact(const ExpertExchange<T, S>& ex, T* blocks, T* local_rows, bool t
     }
   }
 }
-// send -> recv over the group: directly where the host can read S, else through host copies.
+// send -> recv over the group: directly where the host can read S or a communicator of S is given, else
+// through host copies.
 template <class T, class S>
 void ep_exchange(ExpertExchange<T, S>& ex) {
   const std::size_t bytes = static_cast<std::size_t>(ex.Ex * ex.cmax * ex.D) * sizeof(T);
   if constexpr (S::host_accessible) {
     ex.comm->all_to_all_bytes(ex.send.data(), ex.recv.data(), bytes);
+  } else if (ex.blocks_comm != nullptr) {
+    ex.blocks_comm->all_to_all_bytes(ex.send.data(), ex.recv.data(), bytes);
   } else {
     ex.staged_send.resize(ex.send.shape());
     ex.staged_recv.resize(ex.recv.shape());

@@ -30,6 +30,19 @@
 
 namespace limoe {
 
+// The sum of x's squares in double: in index order on the host; on another space, that space's
+// device_sum_squares (found by argument-dependent lookup; backend/cuda.hpp: a fixed tree on the device).
+template <class T, class S>
+double sum_squares(CView<T, S> x) {
+  if constexpr (std::is_same_v<S, HostSpace>) {
+    double sq = 0;
+    for (index_t i = 0; i < x.numel(); ++i) sq += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+    return sq;
+  } else {
+    return device_sum_squares(x);
+  }
+}
+
 enum class Decay { Cosine, Linear };
 
 // Linear warmup to the peak, then cosine or linear decay to `final_fraction` of the peak at `total_steps`.
@@ -164,10 +177,7 @@ class AdamW {
     View<T> w = ps.values();
     CView<T> g = ps.grads();
     const index_t n = ps.size();
-    double sq = 0;
-    if (!grad_norm)
-      for (index_t i = 0; i < n; ++i) sq += static_cast<double>(g[i]) * static_cast<double>(g[i]);
-    const double norm = grad_norm ? *grad_norm : std::sqrt(sq);
+    const double norm = grad_norm ? *grad_norm : std::sqrt(sum_squares(g));
     LIMOE_CHECK(std::isfinite(norm), "AdamW: the gradient is not finite (norm ", norm,
                 "); lower the learning rate or enable clipping");
     ++step_;

@@ -155,7 +155,9 @@ void merge_routing_stats(Comm& comm, std::vector<moe::RoutingStats>& stats) {
 // the ranks exactly as a host model's, and copied back; after sum_gradients_with(NcclComm) it is summed on the
 // device instead (dist::all_reduce_sum_in: the same algorithm and order, so the same bits, without the two
 // copies). Expert parallel on a device: the expert exchange and the shards' gradient sums are staged through host
-// memory as well (moe/expert_parallel.hpp).
+// memory as well (moe/expert_parallel.hpp), unless sum_gradients_with gave a device communicator: then the
+// expert blocks move device to device over its expert-parallel group, and every gradient segment is summed on
+// the device.
 template <class Model, dist::HostCommunicator Comm = dist::SingleProcess>
 class Trainer {
  public:
@@ -238,13 +240,14 @@ class Trainer {
   // model's memory space (dist::NcclComm for CudaSpace) joining the same ranks in the same order as the
   // trainer's, on the device, bucket by bucket, in rank order (dist/device_sum.hpp). Without it the sum is
   // staged through host memory. Embeddings, losses and statistics still go through the trainer's communicator.
+  // Expert parallel, `grad_comm` is split as the trainer's communicator is: the model's expert blocks move over
+  // its expert-parallel group (Limoe::set_expert_blocks_comm), each expert shard's gradient is summed over its
+  // replicas, the whole tensors over every rank, all on the device. Collective over both communicators.
   template <class GradComm>
     requires dist::CommunicatorIn<GradComm, Space>
   void sum_gradients_with(GradComm grad_comm) {
     static_assert(!std::is_same_v<Space, HostSpace>, "Trainer::sum_gradients_with: a host model's gradient is "
                   "summed through the trainer's own communicator");
-    LIMOE_CHECK(!dp_comm_, "Trainer::sum_gradients_with: the model holds a part of the experts; expert parallelism "
-                "sums its gradients through the trainer's communicator");
     // Every rank checks and all agree (over the trainer's communicator) before any rank goes on: a mismatch on
     // one rank is an error on every rank, never a rank left waiting in the next collective.
     const bool same = grad_comm.size() == comm_.size() && grad_comm.rank() == comm_.rank();
@@ -253,12 +256,31 @@ class Trainer {
                 grad_comm.size(), ", the trainer's rank ", comm_.rank(), " of ", comm_.size(),
                 same ? " here, but not on another rank" : "", "; both must join the same ranks in the same order");
     auto comm = std::make_shared<GradComm>(std::move(grad_comm));  // shared: std::function copies its target
-    device_sum_ = [comm](View<T, Space> g, Tensor<T, Space>& scratch) {
-      const auto add = [](CView<T, Space> x, View<T, Space> y) { Ops<typename Model::backend_type, T>::add_into(x, y); };
-      for_each_bucket(g.numel(), [&](index_t i, index_t len) {
-        dist::all_reduce_sum_in(*comm, View<T, Space>(g.data() + i, Shape{len}), scratch, add);
-      });
-    };
+    if (!dp_comm_) {
+      device_sum_ = [comm](View<T, Space> g, Tensor<T, Space>& scratch, std::optional<double>&) {
+        for_each_bucket(g.numel(), [&](index_t i, index_t len) {
+          dist::all_reduce_sum_in(*comm, View<T, Space>(g.data() + i, Shape{len}), scratch, add_on_device);
+        });
+      };
+      return;
+    }
+    if constexpr (requires(Model& m, dist::BasicAnyComm<Space> c) { m.set_expert_blocks_comm(std::move(c)); }) {
+      const int E = model_.expert_shard().count, rank = comm_.rank();
+      model_.set_expert_blocks_comm(dist::BasicAnyComm<Space>(comm->split(rank / E, rank)));
+      auto dp = std::make_shared<GradComm>(comm->split(rank % E, rank));
+      // The trainer outlives its sum (a member), and is neither copied nor moved: `this` stays valid.
+      device_sum_ = [this, comm, dp](View<T, Space> g, Tensor<T, Space>& scratch, std::optional<double>& grad_norm) {
+        const auto sum_over = [&scratch](GradComm& c) {
+          return [&c, &scratch](View<T, Space> pack) { dist::all_reduce_sum_in(c, pack, scratch, add_on_device); };
+        };
+        const double sq_whole = reduce_segments<Space>(whole_, g, device_pack_, sum_over(*comm));
+        const double sq_part = reduce_segments<Space>(sharded_, g, device_pack_, sum_over(*dp));
+        grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
+      };
+    } else {
+      fail("Trainer::sum_gradients_with: this model holds a part of the experts but cannot take a device "
+           "communicator for them");
+    }
   }
   bool sums_gradients_on_device() const { return static_cast<bool>(device_sum_); }
 
@@ -351,7 +373,7 @@ class Trainer {
         model_.backward(fwd);
         tc = clock::now();
         if (device_sum_) {
-          device_sum_(model_.params().grads(), device_scratch_);
+          device_sum_(model_.params().grads(), device_scratch_, grad_norm);
         } else {
           sum_flat_gradient_on_host(grad_norm);
         }
@@ -386,13 +408,11 @@ class Trainer {
     } else {
       // Whole tensors over every rank; expert shards over the ranks holding the same part. The norm for
       // clipping is the whole model's: whole tensors once, every expert part once (summed over its group).
-      reduce_segments(comm_, whole_, g);
-      reduce_segments(*dp_comm_, sharded_, g);
-      double sq_whole = 0, sq_part = 0;
-      for (const auto& sg : whole_)
-        for (index_t i = 0; i < sg.numel; ++i) sq_whole += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
-      for (const auto& sg : sharded_)
-        for (index_t i = 0; i < sg.numel; ++i) sq_part += static_cast<double>(g[sg.offset + i]) * g[sg.offset + i];
+      const auto sum_over = [this](Comm& c) {
+        return [&c, this](View<T> pack) { dist::all_reduce_sum(c, std::span<T>(pack.data(), static_cast<std::size_t>(pack.numel())), scratch_); };
+      };
+      const double sq_whole = reduce_segments<HostSpace>(whole_, g, pack_, sum_over(comm_));
+      const double sq_part = reduce_segments<HostSpace>(sharded_, g, pack_, sum_over(*dp_comm_));
       grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
     }
     if constexpr (!std::is_same_v<Space, HostSpace>) copy_from_host<T, Space>(grad_host_.cview(), model_.params().grads());
@@ -438,25 +458,29 @@ class Trainer {
   struct Segment {
     index_t offset, numel;
   };
-  // Sums the listed segments of g over `comm`, packed into buckets (one all-reduce per bucket).
-  template <dist::Communicator C>
-  void reduce_segments(C& comm, const std::vector<Segment>& segs, View<T> g) {
+  // Sums the listed segments of g (memory of space S), packed into buckets of at most kBucket elements (one
+  // sum(pack) per bucket: the sum over ranks, in place), and returns the sum of the summed segments' squares.
+  template <class S, class Sum>
+  static double reduce_segments(const std::vector<Segment>& segs, View<T, S> g, Tensor<T, S>& pack, Sum&& sum) {
+    const auto bytes = [](index_t k) { return static_cast<std::size_t>(k) * sizeof(T); };
+    double sq = 0;
     std::size_t k = 0;
     while (k < segs.size()) {
-      pack_.clear();
       const std::size_t k0 = k;
-      while (k < segs.size() && (pack_.empty() || pack_.size() + static_cast<std::size_t>(segs[k].numel) <= kBucket)) {
-        pack_.insert(pack_.end(), g.data() + segs[k].offset, g.data() + segs[k].offset + segs[k].numel);
-        ++k;
-      }
-      dist::all_reduce_sum(comm, std::span<T>(pack_), scratch_);
-      std::size_t at = 0;
-      for (std::size_t j = k0; j < k; ++j) {
-        std::copy_n(pack_.begin() + static_cast<std::ptrdiff_t>(at), segs[j].numel, g.data() + segs[j].offset);
-        at += static_cast<std::size_t>(segs[j].numel);
-      }
+      index_t len = 0;
+      while (k < segs.size() && (len == 0 || len + segs[k].numel <= static_cast<index_t>(kBucket))) len += segs[k++].numel;
+      if (pack.numel() < len) pack.resize(Shape{len});
+      index_t at = 0;
+      for (std::size_t j = k0; j < k; ++j) S::copy(pack.data() + at, g.data() + segs[j].offset, bytes(segs[j].numel)), at += segs[j].numel;
+      const View<T, S> p(pack.data(), Shape{len});
+      sum(p);
+      sq += sum_squares(CView<T, S>(p));
+      at = 0;
+      for (std::size_t j = k0; j < k; ++j) S::copy(g.data() + segs[j].offset, pack.data() + at, bytes(segs[j].numel)), at += segs[j].numel;
     }
+    return sq;
   }
+  static void add_on_device(CView<T, Space> x, View<T, Space> y) { Ops<typename Model::backend_type, T>::add_into(x, y); }
 
   // Every block's auxiliary loss terms: the mean over ranks (one sum for all blocks).
   void reduce_aux_terms(std::vector<moe::AuxLossValues>& terms) {
@@ -484,9 +508,11 @@ class Trainer {
   Tensor<T> img_all_, txt_all_;
   Tensor<T> grad_host_;  // a device model's flat gradient, staged on the host for the sum over ranks
   // sum_gradients_with's sum on the device, and its scratch
-  std::function<void(View<T, Space>, Tensor<T, Space>&)> device_sum_;
-  Tensor<T, Space> device_scratch_;
-  std::vector<T> scratch_, pack_;
+  // (expert parallel: it also gives the whole model's gradient norm)
+  std::function<void(View<T, Space>, Tensor<T, Space>&, std::optional<double>&)> device_sum_;
+  Tensor<T, Space> device_scratch_, device_pack_;
+  std::vector<T> scratch_;
+  Tensor<T> pack_;
   // Expert parallel: the expert-parallel and data-parallel groups, and the gradient's segments.
   std::optional<Comm> ep_comm_, dp_comm_;
   std::vector<Segment> whole_, sharded_;

@@ -479,6 +479,23 @@ template <class T>
 void adamw_apply(const AdamWConfig& cfg, std::int64_t step, double lr, double norm, CV<T> g, CV<std::uint8_t> decay,
                  V<T> w, V<T> m, V<T> v);
 
+// The sum of x's squares in double: partial sums per block over fixed grid-stride shares, then one block,
+// each in a fixed tree (no atomics: the same bits every run).
+template <class T>
+double sum_squares(CV<T> x) {
+  const index_t n = x.numel();
+  constexpr int kThreads = 256;
+  const index_t blocks = std::max<index_t>(1, std::min<index_t>(1024, (n + kThreads - 1) / kThreads));
+  DTensor<double> partial(Shape{blocks}), sum(Shape{1});
+  exec::launch("sum_squares_partial", dim3(static_cast<unsigned>(blocks)), kThreads,
+               kn::sum_squares_partial<kThreads, T>, x.data(), n, partial.data());
+  exec::launch("sum_squares_final", 1, kThreads, kn::sum_squares_final<kThreads>,
+               static_cast<const double*>(partial.data()), static_cast<int>(blocks), sum.data());
+  double sq = 0;
+  exec::to_host(&sq, sum.data(), 1);
+  return sq;
+}
+
 template <class T>
 double adamw_update(const AdamWConfig& cfg, std::int64_t step, double lr, CV<T> g, CV<std::uint8_t> decay, V<T> w,
                     V<T> m, V<T> v) {
@@ -487,17 +504,8 @@ double adamw_update(const AdamWConfig& cfg, std::int64_t step, double lr, CV<T> 
               "cuda::adamw_update: g, decay, w, m and v must have the same size (", n, ", ", decay.numel(), ", ",
               w.numel(), ", ", m.numel(), ", ", v.numel(), ")");
   LIMOE_CHECK(step >= 1, "cuda::adamw_update: step counts from 1, got ", step);
-  constexpr int kThreads = 256;
-  const index_t blocks = std::max<index_t>(1, std::min<index_t>(1024, (n + kThreads - 1) / kThreads));
-  DTensor<double> partial(Shape{blocks}), sum(Shape{1});
-  exec::launch("sum_squares_partial", dim3(static_cast<unsigned>(blocks)), kThreads,
-               kn::sum_squares_partial<kThreads, T>, g.data(), n, partial.data());
-  exec::launch("sum_squares_final", 1, kThreads, kn::sum_squares_final<kThreads>,
-               static_cast<const double*>(partial.data()), static_cast<int>(blocks), sum.data());
-  double sq = 0;
-  exec::to_host(&sq, sum.data(), 1);
   using std::sqrt;
-  const double norm = sqrt(sq);
+  const double norm = sqrt(sum_squares<T>(g));
   adamw_apply<T>(cfg, step, lr, norm, g, decay, w, m, v);
   return norm;
 }
