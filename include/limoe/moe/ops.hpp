@@ -113,10 +113,9 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
       T* hp = hpre.data() + r0 * M;
       gemm_mixed_serial<T>(prec, Trans::N, Trans::T, rows, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D,
                      T(0), hp, M);
-      const T* b1 = w.fc1_b.data() + e * M;
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t m = 0; m < M; ++m) hp[r * M + m] += b1[m];
-      limoe::cpu::gelu_forward<T>(gelu, CView<T>(hp, Shape{rows, M}), View<T>(h.data() + r0 * M, Shape{rows, M}));
+      // + b1 and GELU in one pass over the tile (as the dense MLP's bias_gelu_forward)
+      limoe::cpu::bias_gelu_forward<T>(gelu, CView<T>(w.fc1_b.data() + e * M, Shape{M}), View<T>(hp, Shape{rows, M}),
+                                       View<T>(h.data() + r0 * M, Shape{rows, M}));
       T* yo = ye.data() + r0 * D;
       gemm_mixed_serial<T>(prec, Trans::N, Trans::T, rows, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M,
                      T(0), yo, D);
