@@ -18,7 +18,7 @@ using testing::randn;
 namespace {
 Tensor<float> to_float(const Tensor<double>& t) { return Tensor<float>::copy_of(t.cview()); }
 // Shapes: odd, and large enough (rows x width > the parallel grain) to split over 2 threads.
-const Shape kShapes[] = {Shape{7, 13}, Shape{3, 5, 1}, Shape{2, 300, 96}};
+const Shape kShapes[] = {Shape{7, 13}, Shape{3, 5, 1}, Shape{2, 300, 96}, Shape{4, 37}};  // D (the last): below 16 lanes, a multiple of 16, 2 x 16 + a tail (core/reduce.hpp)
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------- layernorm

@@ -271,6 +271,68 @@ TEST_CASE("AdamW<float>: several steps match the double reference to float preci
   }
 }
 
+TEST_CASE("AdamW<float>: a store of 300,007 entries (the vectorised loop, its tail, several threads' blocks) matches the double reference") {
+  // Entries alternate decay in runs of 1,000, so every vector of the loop meets both kinds somewhere.
+  const index_t n = 300007;
+  ParamStore<float> ps;
+  std::vector<bool> mask;
+  for (index_t at = 0, k = 0; at < n; ++k) {
+    const index_t len = std::min<index_t>(1000 + k % 3, n - at);
+    ps.add("p" + std::to_string(k), Shape{len}, k % 2 == 1);
+    for (index_t i = 0; i < len; ++i) mask.push_back(k % 2 == 1);
+    at += len;
+  }
+  ps.finalize();
+  REQUIRE(ps.size() == n);
+  for (index_t i = 0; i < n; ++i) ps.values()[i] = static_cast<float>(0.3 * std::sin(0.001 * static_cast<double>(i)) + 0.05);
+  auto w_ref = values_of(ps);
+  AdamW<float> opt(AdamWConfig{.weight_decay = 0.1, .clip_norm = 1.0});
+  opt.attach(ps);
+  RefAdamW ref(static_cast<std::size_t>(n), 0.1, 1.0);
+  for (int t = 0; t < 3; ++t) {
+    std::vector<double> g(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) {
+      const float gi = static_cast<float>((t == 1 ? 0.01 : 1e-4) * std::cos(0.37 * static_cast<double>(i) - t));
+      ps.grads()[i] = gi;
+      g[static_cast<std::size_t>(i)] = gi;
+    }
+    const double norm_ref = ref.step(w_ref, g, mask, 0.01);
+    const double norm = opt.update(ps, 0.01);
+    CHECK(norm == doctest::Approx(norm_ref).epsilon(1e-12));  // step 1 is clipped (norm ~3.9), 0 and 2 are not
+    double worst = 0;
+    for (index_t i = 0; i < n; ++i) worst = std::max(worst, std::abs(ps.values()[i] - w_ref[static_cast<std::size_t>(i)]));
+    CHECK(worst < 2e-6);
+  }
+}
+
+TEST_CASE("sum_squares: fixed-order lane sums match a long double sum and do not depend on the thread count") {
+  // Lengths around the 16 lanes and the 2^16-element chunks (core/reduce.hpp).
+  for (index_t n : {index_t(0), index_t(1), index_t(15), index_t(16), index_t(17), index_t(65535), index_t(65536),
+                    index_t(65537), index_t(3 * 65536 + 21)}) {
+    CAPTURE(n);
+    std::vector<float> x(static_cast<std::size_t>(n));
+    long double exact = 0;
+    for (index_t i = 0; i < n; ++i) {
+      x[static_cast<std::size_t>(i)] = static_cast<float>(std::sin(1.3 * static_cast<double>(i)) * (1 + i % 7));
+      exact += static_cast<long double>(x[static_cast<std::size_t>(i)]) * x[static_cast<std::size_t>(i)];
+    }
+    const CView<float> v(x.data(), Shape{n});
+    set_num_threads(1);
+    const double one = sum_squares(v);
+    set_num_threads(2);
+    const double two = sum_squares(v);
+    set_num_threads(0);
+    CHECK(one == two);
+    CHECK(std::abs(one - static_cast<double>(exact)) <= 1e-14 * static_cast<double>(exact) + 1e-300);
+    // A term of the tail lands in the sum: the last element counts.
+    if (n > 0) {
+      x.back() += 1.0f;
+      CHECK(sum_squares(v) != one);
+      x.back() -= 1.0f;
+    }
+  }
+}
+
 TEST_CASE("AdamW: a non-finite gradient is an error and changes nothing") {
   for (double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
     auto ps = make_store<double>();

@@ -38,7 +38,7 @@ LIMOE_HD inline void adamw_element(const AdamWStep<T>& s, bool decay, T g, T& w,
   const T gc = g * s.clip;
   m = s.b1 * m + (T(1) - s.b1) * gc;
   v = s.b2 * v + (T(1) - s.b2) * gc * gc;
-  if (decay) w -= s.wd_lr * w;
+  w = decay ? w - s.wd_lr * w : w;  // a select, not a branch: a host loop over elements vectorises
   w -= s.step_size * m / (sqrt(v * s.inv_bc2) + s.eps);
 }
 

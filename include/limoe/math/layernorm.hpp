@@ -54,7 +54,15 @@ LIMOE_HD inline T layernorm_dx(T x, T dy, T g, RowStats<T> st, T mean_gx, T mean
   return st.rstd * (dy * g - mean_gx - (x - st.mean) * st.rstd * mean_gx_xhat);
 }
 
-// dx of one row from dy (dx may alias dy: each element is read before it is written).
+// dx of one row from the row's two sums, sum gx and sum gx xhat (each backend reduces them in its own order).
+template <class T, class I>
+LIMOE_HD inline void layernorm_row_dx(const T* x, I D, RowStats<T> st, const T* g, const T* dy, T sum_gx,
+                                      T sum_gx_xhat, T* dx) {
+  const T a = sum_gx / static_cast<T>(D), c = sum_gx_xhat / static_cast<T>(D);
+  for (I d = 0; d < D; ++d) dx[d] = layernorm_dx(x[d], dy[d], g[d], st, a, c);
+}
+
+// dx of one row from dy, the sums in index order (dx may alias dy: each element is read before it is written).
 template <class T, class I>
 LIMOE_HD inline void layernorm_row_backward(const T* x, I D, RowStats<T> st, const T* g, const T* dy, T* dx) {
   T sum_gx = 0, sum_gx_xhat = 0;
@@ -63,8 +71,7 @@ LIMOE_HD inline void layernorm_row_backward(const T* x, I D, RowStats<T> st, con
     sum_gx += gx;
     sum_gx_xhat += gx * (x[d] - st.mean) * st.rstd;
   }
-  const T a = sum_gx / static_cast<T>(D), c = sum_gx_xhat / static_cast<T>(D);
-  for (I d = 0; d < D; ++d) dx[d] = layernorm_dx(x[d], dy[d], g[d], st, a, c);
+  layernorm_row_dx(x, D, st, g, dy, sum_gx, sum_gx_xhat, dx);
 }
 
 }  // namespace limoe::math
