@@ -165,8 +165,7 @@ class Limoe {
   // Expert parallelism: the communicator of the ranks holding the other parts of the experts (its rank r holds
   // part r). Every forward and backward with MoE blocks is then collective over it.
   void set_expert_comm(dist::AnyComm comm) {
-    LIMOE_CHECK(comm.size() == ep_.count && comm.rank() == ep_.index, "Limoe::set_expert_comm: this model holds expert "
-                "part ", ep_.index, " of ", ep_.count, ", the communicator is rank ", comm.rank(), " of ", comm.size());
+    check_expert_group("Limoe::set_expert_comm", comm.rank(), comm.size());
     ep_comm_.emplace(std::move(comm));
   }
   // ... and, on a device, the same group over device memory (NcclComm): the expert blocks then move device to
@@ -174,9 +173,7 @@ class Limoe {
   void set_expert_blocks_comm(dist::BasicAnyComm<S> comm)
     requires(!S::host_accessible)
   {
-    LIMOE_CHECK(comm.size() == ep_.count && comm.rank() == ep_.index, "Limoe::set_expert_blocks_comm: this model "
-                "holds expert part ", ep_.index, " of ", ep_.count, ", the communicator is rank ", comm.rank(), " of ",
-                comm.size());
+    check_expert_group("Limoe::set_expert_blocks_comm", comm.rank(), comm.size());
     ep_blocks_comm_.emplace(std::move(comm));
   }
   bool expert_blocks_on_device() const { return ep_blocks_comm_.has_value(); }
@@ -626,6 +623,11 @@ class Limoe {
                 " only; pass the output of the last forward()");
   }
 
+  // An expert communicator's rank r must be the rank holding expert part r, and its size the number of parts.
+  void check_expert_group(const char* who, int rank, int size) const {
+    LIMOE_CHECK(size == ep_.count && rank == ep_.index, who, ": this model holds expert part ", ep_.index, " of ",
+                ep_.count, ", the communicator is rank ", rank, " of ", size);
+  }
   // Only a training forward keeps the activations a backward pass needs (fwd is the last forward's output).
   void check_tape(const ForwardOutput<T>& fwd, const char* who) const {
     LIMOE_CHECK(fwd.mode == Mode::Train, "Limoe::", who, ": the last forward() ran in evaluation mode, which keeps no "

@@ -273,9 +273,7 @@ class Trainer {
         const auto sum_over = [&scratch](GradComm& c) {
           return [&c, &scratch](View<T, Space> pack) { dist::all_reduce_sum_in(c, pack, scratch, add_on_device); };
         };
-        const double sq_whole = reduce_segments<Space>(whole_, g, device_pack_, sum_over(*comm));
-        const double sq_part = reduce_segments<Space>(sharded_, g, device_pack_, sum_over(*dp));
-        grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
+        grad_norm = sum_expert_parallel<Space>(g, device_pack_, sum_over(*comm), sum_over(*dp));
       };
     } else {
       fail("Trainer::sum_gradients_with: this model holds a part of the experts but cannot take a device "
@@ -411,9 +409,7 @@ class Trainer {
       const auto sum_over = [this](Comm& c) {
         return [&c, this](View<T> pack) { dist::all_reduce_sum(c, std::span<T>(pack.data(), static_cast<std::size_t>(pack.numel())), scratch_); };
       };
-      const double sq_whole = reduce_segments<HostSpace>(whole_, g, pack_, sum_over(comm_));
-      const double sq_part = reduce_segments<HostSpace>(sharded_, g, pack_, sum_over(*dp_comm_));
-      grad_norm = std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
+      grad_norm = sum_expert_parallel<HostSpace>(g, pack_, sum_over(comm_), sum_over(*dp_comm_));
     }
     if constexpr (!std::is_same_v<Space, HostSpace>) copy_from_host<T, Space>(grad_host_.cview(), model_.params().grads());
   }
@@ -458,6 +454,14 @@ class Trainer {
   struct Segment {
     index_t offset, numel;
   };
+  // Expert parallel: whole tensors summed by `sum_all` (over every rank), expert shards by `sum_replicas` (over
+  // the ranks holding the same part); returns the whole model's gradient norm (every part once).
+  template <class S, class SumAll, class SumReplicas>
+  double sum_expert_parallel(View<T, S> g, Tensor<T, S>& pack, SumAll&& sum_all, SumReplicas&& sum_replicas) {
+    const double sq_whole = reduce_segments<S>(whole_, g, pack, sum_all);
+    const double sq_part = reduce_segments<S>(sharded_, g, pack, sum_replicas);
+    return std::sqrt(sq_whole + dist::all_reduce_sum(*ep_comm_, sq_part));
+  }
   // Sums the listed segments of g (memory of space S), packed into buckets of at most kBucket elements (one
   // sum(pack) per bucket: the sum over ranks, in place), and returns the sum of the summed segments' squares.
   template <class S, class Sum>
