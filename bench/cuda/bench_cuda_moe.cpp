@@ -6,7 +6,7 @@
 //   moe    dispatch plan, dispatch, the E experts (each D -> M -> D over its T/E tokens: K = 1, capacity 1.0,
 //          a balanced route), combine with the gates
 // Also the sgemm rate cuBLAS reaches on the dense product [T, D] x [D, M] (the machine's ceiling for these
-// shapes in fp32) and the rate of the experts' products alone. Times: CUDA events around 10 repetitions after
+// shapes in fp32), the rate of the experts' products alone, and the plan, dispatch and combine each alone. Times: CUDA events around 10 repetitions after
 // 3 warm-ups. Exits 77 without a GPU.
 #include <cuda_runtime.h>
 
@@ -86,15 +86,20 @@ void run(index_t T, index_t D, int E) {
   });
   const double experts_ms = time_ms(
       [&] { O::expert_mlp_forward(plan, w, GeluKind::Erf, xe.cview(), hpre.view(), he.view(), ye.view(), scratch); });
+  // The parts around the experts, each alone.
+  const double plan_ms = time_ms([&] { O::make_dispatch_plan(route.cview(), E, plan); });
+  const double dispatch_ms = time_ms([&] { O::dispatch_forward(plan, x.cview(), xe.view()); });
+  const double combine_ms = time_ms([&] { O::combine_forward(plan, gates.cview(), route.cview(), ye.cview(), out.view()); });
   const double flops_mlp = 4.0 * static_cast<double>(T) * static_cast<double>(D) * static_cast<double>(M);
   const double flops_gemm = flops_mlp / 2;
   std::printf(
       "{\"bench\":\"cuda_moe_layer_fp32\",\"T\":%lld,\"D\":%lld,\"M\":%lld,\"E\":%d,\"K\":1,\"capacity\":1.0,"
-      "\"dense_mlp_ms\":%.3f,\"moe_layer_ms\":%.3f,\"experts_ms\":%.3f,\"sgemm_ms\":%.3f,"
+      "\"dense_mlp_ms\":%.3f,\"moe_layer_ms\":%.3f,\"experts_ms\":%.3f,\"plan_ms\":%.3f,\"dispatch_ms\":%.3f,"
+      "\"combine_ms\":%.3f,\"sgemm_ms\":%.3f,"
       "\"sgemm_tflops\":%.2f,\"dense_mlp_tflops\":%.2f,\"experts_tflops\":%.2f,"
       "\"moe_over_dense_speed\":%.3f,\"experts_over_sgemm_rate\":%.3f}\n",
       static_cast<long long>(T), static_cast<long long>(D), static_cast<long long>(M), E, dense_ms, moe_ms, experts_ms,
-      gemm_ms, flops_gemm / gemm_ms * 1e-9, flops_mlp / dense_ms * 1e-9, flops_mlp / experts_ms * 1e-9,
+      plan_ms, dispatch_ms, combine_ms, gemm_ms, flops_gemm / gemm_ms * 1e-9, flops_mlp / dense_ms * 1e-9, flops_mlp / experts_ms * 1e-9,
       dense_ms / moe_ms, (flops_mlp / experts_ms) / (flops_gemm / gemm_ms));
 }
 

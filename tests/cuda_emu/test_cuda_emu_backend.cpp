@@ -242,6 +242,44 @@ TEST_CASE("cuda backend (emulated): bad input is refused with the ops' messages"
   CHECK_THROWS_WITH_AS(O::add_into(x.cview(), out.view()), doctest::Contains("must have one shape"), Error);
 }
 
+// The plan cuts the slots into chunks of kernels::kPlanChunk (512) and hands each expert its rows chunk by
+// chunk: routes over several chunks, with drops, an expert never chosen, and (in the full build) more experts
+// than a block has threads, give exactly Ref's plan.
+TEST_CASE("cuda backend (emulated): the dispatch plan over several chunks equals Ref's") {
+  struct Case {
+    index_t N;
+    int K, E;
+  };
+  std::vector<Case> cases{{700, 2, 5}, {512, 1, 3}, {1, 1, 1}};
+#if !defined(LIMOE_HARNESS_QUICK)
+  cases.push_back({600, 1, 300});
+#endif
+  for (const Case& cs : cases) {
+    CAPTURE(cs.N);
+    CAPTURE(cs.K);
+    CAPTURE(cs.E);
+    Tensor<std::int32_t> route(Shape{cs.N, cs.K});
+    const Rng rng(23);
+    for (index_t i = 0; i < route.numel(); ++i)
+      route[i] = rng.uniform(i, 0) < 0.2 ? -1 : static_cast<std::int32_t>(rng.uniform(i, 1) * std::max(1, cs.E - 1));
+    moe::DispatchPlan got, want;
+    Ops<testing_cuda::CudaFromHost, float>::make_dispatch_plan(route.cview(), cs.E, got);
+    Ops<Ref, float>::make_dispatch_plan(route.cview(), cs.E, want);
+    REQUIRE(got.A == want.A);
+    CHECK(got.N == want.N);
+    const auto same = [](const Tensor<index_t>& a, const Tensor<index_t>& b) {
+      if (a.numel() != b.numel()) return false;
+      for (index_t i = 0; i < a.numel(); ++i)
+        if (a[i] != b[i]) return false;
+      return true;
+    };
+    CHECK(same(got.offsets, want.offsets));
+    CHECK(same(got.row_token, want.row_token));
+    CHECK(same(got.row_slot, want.row_slot));
+    CHECK(same(got.slot_row, want.slot_row));
+  }
+}
+
 namespace {
 Tensor<double> as_double(CView<float> v) {
   Tensor<double> d(v.shape());

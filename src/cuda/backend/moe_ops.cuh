@@ -20,18 +20,38 @@ void make_dispatch_plan(CV<std::int32_t> route, int E, DispatchPlan& p) {
   LIMOE_CHECK(route.rank() == 2 && E >= 1, "cuda::make_dispatch_plan: route must be [N, K] and E >= 1, got ",
               route.shape().str(), ", E = ", E);
   const index_t N = route.dim(0), K = route.dim(1), slots = N * K;
-  DTensor<std::int64_t> counts(Shape{E + 1});
-  exec::launch("plan_count", exec::grid_for(E + 1, 64), 64, kn::plan_count, route.data(), slots, E, counts.data());
-  std::vector<std::int64_t> c(static_cast<std::size_t>(E + 1)), off(static_cast<std::size_t>(E + 1), 0);
-  exec::to_host(c.data(), counts.data(), c.size());
-  LIMOE_CHECK(c[static_cast<std::size_t>(E)] == 0, "cuda::make_dispatch_plan: ", c[static_cast<std::size_t>(E)],
-              " route entries are neither -1 nor an expert in [0, ", E, ")");
-  for (int e = 0; e < E; ++e) off[static_cast<std::size_t>(e + 1)] = off[static_cast<std::size_t>(e)] + c[static_cast<std::size_t>(e)];
+  // The per-(chunk, expert) counts (kernels/plan.cuh), scanned on the host into each one's first row.
+  const index_t chunks = (slots + kn::kPlanChunk - 1) / kn::kPlanChunk;
+  const auto Es = static_cast<std::size_t>(E);
+  std::vector<std::int64_t> c(static_cast<std::size_t>(chunks) * (Es + 1), 0);
+  const int threads = E + 1 < 256 ? 32 * ((E + 32) / 32) : 256;
+  const dim3 grid(static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
+  if (chunks > 0) {
+    DTensor<std::int64_t> counts(Shape{chunks * (E + 1)});
+    exec::launch("plan_count", grid, threads, kn::plan_count, route.data(), slots, E, counts.data());
+    exec::to_host(c.data(), counts.data(), c.size());
+  }
+  std::vector<std::int64_t> off(Es + 1, 0), starts(static_cast<std::size_t>(chunks) * Es);
+  std::int64_t invalid = 0;
+  for (index_t ch = 0; ch < chunks; ++ch) invalid += c[static_cast<std::size_t>(ch) * (Es + 1) + Es];
+  LIMOE_CHECK(invalid == 0, "cuda::make_dispatch_plan: ", invalid, " route entries are neither -1 nor an expert in [0, ",
+              E, ")");
+  for (std::size_t e = 0; e < Es; ++e) {
+    std::int64_t r = off[e];
+    for (std::size_t ch = 0; ch < static_cast<std::size_t>(chunks); ++ch) {
+      starts[ch * Es + e] = r;
+      r += c[ch * (Es + 1) + e];
+    }
+    off[e + 1] = r;
+  }
   p.offsets.resize(Shape{E + 1});
   exec::to_device(p.offsets.data(), off.data(), off.size());
-  moe::detail::plan_resize(p, N, static_cast<int>(K), E, off[static_cast<std::size_t>(E)]);
-  exec::launch("plan_assign", exec::grid_for(E + 1, 64), 64, kn::plan_assign, route.data(), slots, static_cast<int>(K),
-               E, static_cast<const std::int64_t*>(p.offsets.data()), p.row_token.data(), p.row_slot.data(),
+  moe::detail::plan_resize(p, N, static_cast<int>(K), E, off[Es]);
+  if (chunks == 0) return;
+  DTensor<std::int64_t> dstarts(Shape{chunks * E});
+  exec::to_device(dstarts.data(), starts.data(), starts.size());
+  exec::launch("plan_assign", grid, threads, kn::plan_assign, route.data(), slots, static_cast<int>(K), E,
+               static_cast<const std::int64_t*>(dstarts.data()), p.row_token.data(), p.row_slot.data(),
                p.slot_row.data());
 }
 
