@@ -9,6 +9,10 @@ Runs with Debian's python3-torch (1.13) or PyTorch 2 from PyPI in a virtual envi
 as PyTorch recommends) and the gemm workload as torch.mm of two bfloat16 matrices: what a PyTorch user gets
 for mixed precision on a CPU; fp32 (the default) runs as before.
 
+--device cuda runs the same code on the first GPU (torch.set_default_device, a CUDA generator, autocast("cuda")
+for bf16, TF32 left off as PyTorch's default for float32 products), each timed call between two
+torch.cuda.synchronize(); the counterpart of `limoe bench --device cuda`.
+
   moe_layer   router softmax of noisy logits (noise N(0, (1/E)^2)), top-K, Batch Priority Routing (tokens by
               descending top-1 gate), capacity C = ceil(K T cf / E), per-expert index_select + Linear/GELU/Linear
               + index_add of gate * output; the auxiliary losses (importance, load, local and global entropy
@@ -88,6 +92,7 @@ def parse(argv):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the first GPU)")
     # Peer settings.
     ap.add_argument("--blas-dir", default="", help="directory prepended to LD_LIBRARY_PATH (a libblas.so.3)")
     ap.add_argument("--openblas-coretype", default="", help="OPENBLAS_CORETYPE to set (default: unset)")
@@ -102,6 +107,8 @@ def parse(argv):
         sys.exit(0 if e.code == 0 else 2)
     if a.precision not in ("fp32", "bf16"):
         raise BadFlag(f'--precision must be fp32 or bf16, got "{a.precision}"')
+    if a.device not in ("cpu", "cuda"):
+        raise BadFlag(f'--device must be cpu or cuda, got "{a.device}"')
     if a.workload not in WORKLOADS:
         raise BadFlag(f'unknown --workload "{a.workload}"; expected one of ' + ", ".join(WORKLOADS))
     for name in ("width", "tokens", "experts", "top_k", "batch", "threads", "repeats"):
@@ -206,7 +213,13 @@ def main(argv):
     except RuntimeError:
         pass
     torch.manual_seed(0x5EED)
-    gen = torch.Generator().manual_seed(0x5EED)
+    cuda = a.device == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            print("peer: --device cuda, but torch sees no GPU", file=sys.stderr)
+            return 77
+        torch.set_default_device("cuda")
+    gen = torch.Generator(device=a.device).manual_seed(0x5EED)
 
     # -------------------------------------------------------------------------------------------------------
     # MoE layer
@@ -403,7 +416,7 @@ def main(argv):
 
     def contrastive(zi, zt, theta):
         logits = torch.clamp(theta.exp(), max=100.0) * zi @ zt.t()          # [B, B]
-        lab = torch.arange(zi.shape[0])
+        lab = torch.arange(zi.shape[0], device=zi.device)
         return 0.5 * (F.cross_entropy(logits, lab) + F.cross_entropy(logits.t(), lab))
 
     # -------------------------------------------------------------------------------------------------------
@@ -414,8 +427,12 @@ def main(argv):
             fn(i)
         times = []
         for r in range(a.repeats):
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn(a.warmup + r)
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         return times
 
@@ -423,7 +440,7 @@ def main(argv):
     bf16 = a.precision == "bf16"
 
     def amp():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        return torch.autocast(a.device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     W = a.workload
     T, D, E, K = a.tokens, a.width, a.experts, a.top_k
     if W == "gemm":
@@ -549,7 +566,7 @@ def main(argv):
     out = {"workload": W, "impl": "torch",
            "throughput": gflops if units is None else units / med, "unit": UNITS[W],
            "median_s": med, "min_s": min(times), "max_s": max(times), "gflop": gflop, "gflops": gflops,
-           "threads": torch.get_num_threads(), "precision": a.precision, "width": D, "tokens": T, "experts": E, "top_k": K,
+           "threads": torch.get_num_threads(), "precision": a.precision, "device": a.device, "width": D, "tokens": T, "experts": E, "top_k": K,
            "capacity_factor": a.capacity_factor, "batch": a.batch, "config": a.config,
            "backward": bool(a.backward or W == "train_step"), "repeats": a.repeats, "warmup": a.warmup}
     out.update(extra)
@@ -571,7 +588,8 @@ def peer_info(torch):
     env_keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OMP_WAIT_POLICY",
                 "MALLOC_ARENA_MAX",
                 "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_LIBRARY_PATH", "LD_PRELOAD")
-    return {"torch": torch.__version__, "libs": blas, "cpu_capability": cap,
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.__version__, "libs": blas, "cpu_capability": cap, "gpu": gpu,
             "mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
             "num_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "env": {k: os.environ.get(k) for k in env_keys if os.environ.get(k) is not None},
