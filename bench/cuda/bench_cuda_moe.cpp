@@ -1,13 +1,14 @@
 // bench/cuda/bench_cuda_moe.cpp: the CUDA backend's MoE layer against the dense MLP of equal per-token compute,
-// fp32, on one GPU; one JSON line per case (scripts/gpu-check runs it). The figures are bf16; these are
-// the fp32 baseline until the bf16 products exist.
+// on one GPU, in fp32 and under the bf16 policy (Bf16Mixed: operands rounded to bf16, fp32 accumulation); one
+// JSON line per case (scripts/gpu-check runs it).
 //
 //   dense  y = GELU(x W1^T + b1) W2^T + b2 over T tokens (D -> M -> D)
 //   moe    dispatch plan, dispatch, the E experts (each D -> M -> D over its T/E tokens: K = 1, capacity 1.0,
 //          a balanced route), combine with the gates
-// Also the sgemm rate cuBLAS reaches on the dense product [T, D] x [D, M] (the machine's ceiling for these
-// shapes in fp32), the rate of the experts' products alone, and the plan, dispatch and combine each alone. Times: CUDA events around 10 repetitions after
-// 3 warm-ups. Exits 77 without a GPU.
+// Also the ceiling for the dense product [T, D] x [D, M] (cuBLAS's sgemm in fp32; cublasGemmEx on operands
+// already in bf16 for bf16), the rate of the experts' products alone against it, and the plan, dispatch and
+// combine each alone. Times: CUDA events around 10 repetitions after 3 warm-ups. Exits 77 without a GPU.
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -53,7 +54,43 @@ double time_ms(F&& f) {
   return static_cast<double>(ms) / reps;
 }
 
+// The rate of the machine's best product for these shapes, [T, D] x [D, M], in ms: cuBLAS's sgemm in fp32 (through
+// linear_forward), and in bf16 cublasGemmEx on operands already in bf16 (no rounding pass: the ceiling a bf16
+// product can reach, against which the policy's products, which round their fp32 operands first, are measured).
+double ceiling_ms(Fp32, index_t, index_t, index_t, const Tensor<float, DS>& x, const Tensor<float, DS>& w1,
+                  Tensor<float, DS>& h) {
+  return time_ms([&] { O::linear_forward(x.cview(), w1.cview(), CView<float, DS>{}, h.view()); });
+}
+double ceiling_ms(Bf16Mixed, index_t T, index_t D, index_t M, const Tensor<float, DS>&, const Tensor<float, DS>&,
+                  Tensor<float, DS>& h) {
+  std::vector<std::uint16_t> hb(static_cast<std::size_t>((T + M) * D));
+  std::uint64_t s = 99;
+  for (auto& v : hb) {  // bf16 bits of values in [-1, 1): sign, exponent 118..126, random mantissa
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    v = static_cast<std::uint16_t>(((s >> 20) & 0x8000u) | ((118u + (s >> 40) % 9u) << 7) | ((s >> 50) & 0x7fu));
+  }
+  Tensor<std::uint16_t, DS> ab(Shape{T + M, D});  // rows 0..T-1: x; rows T..T+M-1: W1
+  check(cudaMemcpy(ab.data(), hb.data(), hb.size() * sizeof(std::uint16_t), cudaMemcpyHostToDevice), "upload");
+  cublasHandle_t handle;
+  LIMOE_CHECK(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS, "bench_cuda_moe: cublasCreate failed");
+  const float one = 1.f, zero = 0.f;
+  const auto* xb = ab.data();
+  const auto* wb = ab.data() + T * D;
+  // Row-major h [T, M] = x [T, D] W1^T: column-major h^T [M, T] = W1 (D x M, transposed) x^T (D x T).
+  const double ms = time_ms([&] {
+    LIMOE_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(M), static_cast<int>(T),
+                             static_cast<int>(D), &one, wb, CUDA_R_16BF, static_cast<int>(D), xb, CUDA_R_16BF,
+                             static_cast<int>(D), &zero, h.data(), CUDA_R_32F, static_cast<int>(M),
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS,
+                "bench_cuda_moe: cublasGemmEx failed");
+  });
+  cublasDestroy(handle);
+  return ms;
+}
+
+template <class Prec>
 void run(index_t T, index_t D, int E) {
+  const Prec prec{};
   const index_t M = 4 * D;
   auto x = device_random(Shape{T, D}, 1, 1.0f);
   // Dense MLP.
@@ -61,11 +98,11 @@ void run(index_t T, index_t D, int E) {
   auto w2 = device_random(Shape{D, M}, 4, 0.05f), b2 = device_random(Shape{D}, 5, 0.1f);
   Tensor<float, DS> h(Shape{T, M}), a(Shape{T, M}), y(Shape{T, D});
   const double dense_ms = time_ms([&] {
-    O::linear_forward(x.cview(), w1.cview(), b1.cview(), h.view());
+    cuda::ops::linear_forward<float, Prec>(x.cview(), w1.cview(), b1.cview(), h.view(), prec);
     O::gelu_forward(GeluKind::Erf, h.cview(), a.view());
-    O::linear_forward(a.cview(), w2.cview(), b2.cview(), y.view());
+    cuda::ops::linear_forward<float, Prec>(a.cview(), w2.cview(), b2.cview(), y.view(), prec);
   });
-  const double gemm_ms = time_ms([&] { O::linear_forward(x.cview(), w1.cview(), CView<float, DS>{}, h.view()); });
+  const double gemm_ms = ceiling_ms(prec, T, D, M, x, w1, h);
   // MoE layer: a balanced route (token t -> expert t % E), K = 1, capacity 1.0 drops nothing.
   std::vector<std::int32_t> hr(static_cast<std::size_t>(T));
   for (index_t t = 0; t < T; ++t) hr[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(t % E);
@@ -78,14 +115,17 @@ void run(index_t T, index_t D, int E) {
   moe::BasicDispatchPlan<DS> plan;
   moe::ExpertScratch scratch;
   Tensor<float, DS> xe(Shape{T, D}), hpre(Shape{T, M}), he(Shape{T, M}), ye(Shape{T, D}), out(Shape{T, D});
+  const auto experts = [&] {
+    cuda::ops::expert_mlp_forward<float, Prec>(plan, w, GeluKind::Erf, xe.cview(), hpre.view(), he.view(), ye.view(),
+                                               scratch, prec);
+  };
   const double moe_ms = time_ms([&] {
     O::make_dispatch_plan(route.cview(), E, plan);
     O::dispatch_forward(plan, x.cview(), xe.view());
-    O::expert_mlp_forward(plan, w, GeluKind::Erf, xe.cview(), hpre.view(), he.view(), ye.view(), scratch);
+    experts();
     O::combine_forward(plan, gates.cview(), route.cview(), ye.cview(), out.view());
   });
-  const double experts_ms = time_ms(
-      [&] { O::expert_mlp_forward(plan, w, GeluKind::Erf, xe.cview(), hpre.view(), he.view(), ye.view(), scratch); });
+  const double experts_ms = time_ms(experts);
   // The parts around the experts, each alone.
   const double plan_ms = time_ms([&] { O::make_dispatch_plan(route.cview(), E, plan); });
   const double dispatch_ms = time_ms([&] { O::dispatch_forward(plan, x.cview(), xe.view()); });
@@ -93,13 +133,14 @@ void run(index_t T, index_t D, int E) {
   const double flops_mlp = 4.0 * static_cast<double>(T) * static_cast<double>(D) * static_cast<double>(M);
   const double flops_gemm = flops_mlp / 2;
   std::printf(
-      "{\"bench\":\"cuda_moe_layer_fp32\",\"T\":%lld,\"D\":%lld,\"M\":%lld,\"E\":%d,\"K\":1,\"capacity\":1.0,"
+      "{\"bench\":\"cuda_moe_layer_%s\",\"T\":%lld,\"D\":%lld,\"M\":%lld,\"E\":%d,\"K\":1,\"capacity\":1.0,"
       "\"dense_mlp_ms\":%.3f,\"moe_layer_ms\":%.3f,\"experts_ms\":%.3f,\"plan_ms\":%.3f,\"dispatch_ms\":%.3f,"
-      "\"combine_ms\":%.3f,\"sgemm_ms\":%.3f,"
-      "\"sgemm_tflops\":%.2f,\"dense_mlp_tflops\":%.2f,\"experts_tflops\":%.2f,"
-      "\"moe_over_dense_speed\":%.3f,\"experts_over_sgemm_rate\":%.3f}\n",
-      static_cast<long long>(T), static_cast<long long>(D), static_cast<long long>(M), E, dense_ms, moe_ms, experts_ms,
-      plan_ms, dispatch_ms, combine_ms, gemm_ms, flops_gemm / gemm_ms * 1e-9, flops_mlp / dense_ms * 1e-9, flops_mlp / experts_ms * 1e-9,
+      "\"combine_ms\":%.3f,\"ceiling\":\"%s\",\"ceiling_ms\":%.3f,"
+      "\"ceiling_tflops\":%.2f,\"dense_mlp_tflops\":%.2f,\"experts_tflops\":%.2f,"
+      "\"moe_over_dense_speed\":%.3f,\"experts_over_ceiling_rate\":%.3f}\n",
+      Prec::name, static_cast<long long>(T), static_cast<long long>(D), static_cast<long long>(M), E, dense_ms, moe_ms,
+      experts_ms, plan_ms, dispatch_ms, combine_ms, Prec::mixed ? "cublasGemmEx bf16 operands" : "cublasSgemm",
+      gemm_ms, flops_gemm / gemm_ms * 1e-9, flops_mlp / dense_ms * 1e-9, flops_mlp / experts_ms * 1e-9,
       dense_ms / moe_ms, (flops_mlp / experts_ms) / (flops_gemm / gemm_ms));
 }
 
@@ -111,7 +152,8 @@ int main() {
     return 77;
   }
   try {
-    for (int E : {8, 16, 32}) run(65536, 1024, E);
+    for (int E : {8, 16, 32}) run<Fp32>(65536, 1024, E);
+    for (int E : {8, 16, 32}) run<Bf16Mixed>(65536, 1024, E);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_moe: %s\n", e.what());
     return 1;
