@@ -54,15 +54,10 @@ double time_ms(F&& f) {
   return static_cast<double>(ms) / reps;
 }
 
-// The rate of the machine's best product for these shapes, [T, D] x [D, M], in ms: cuBLAS's sgemm in fp32 (through
-// linear_forward), and in bf16 cublasGemmEx on operands already in bf16 (no rounding pass: the ceiling a bf16
-// product can reach, against which the policy's products, which round their fp32 operands first, are measured).
-double ceiling_ms(Fp32, index_t, index_t, index_t, const Tensor<float, DS>& x, const Tensor<float, DS>& w1,
-                  Tensor<float, DS>& h) {
-  return time_ms([&] { O::linear_forward(x.cview(), w1.cview(), CView<float, DS>{}, h.view()); });
-}
-double ceiling_ms(Bf16Mixed, index_t T, index_t D, index_t M, const Tensor<float, DS>&, const Tensor<float, DS>&,
-                  Tensor<float, DS>& h) {
+// The bf16 ceiling for h [T, M] = x [T, D] W1^T, in ms: cublasGemmEx on operands already in bf16 (no rounding
+// pass: the rate a bf16 product can reach, against which the policy's products, which round their fp32 operands
+// first, are measured). The fp32 ceiling is cuBLAS's sgemm through linear_forward.
+double cublas_bf16_ms(index_t T, index_t D, index_t M, Tensor<float, DS>& h) {
   std::vector<std::uint16_t> hb(static_cast<std::size_t>((T + M) * D));
   std::uint64_t s = 99;
   for (auto& v : hb) {  // bf16 bits of values in [-1, 1): sign, exponent 118..126, random mantissa
@@ -102,7 +97,9 @@ void run(index_t T, index_t D, int E) {
     O::gelu_forward(GeluKind::Erf, h.cview(), a.view());
     cuda::ops::linear_forward<float, Prec>(a.cview(), w2.cview(), b2.cview(), y.view(), prec);
   });
-  const double gemm_ms = ceiling_ms(prec, T, D, M, x, w1, h);
+  const double gemm_ms =
+      Prec::mixed ? cublas_bf16_ms(T, D, M, h)
+                  : time_ms([&] { O::linear_forward(x.cview(), w1.cview(), CView<float, DS>{}, h.view()); });
   // MoE layer: a balanced route (token t -> expert t % E), K = 1, capacity 1.0 drops nothing.
   std::vector<std::int32_t> hr(static_cast<std::size_t>(T));
   for (index_t t = 0; t < T; ++t) hr[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(t % E);
