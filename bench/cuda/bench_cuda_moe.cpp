@@ -7,12 +7,15 @@
 //          a balanced route), combine with the gates
 // Also the ceiling for the dense product [T, D] x [D, M] (cuBLAS's sgemm in fp32; cublasGemmEx on operands
 // already in bf16 for bf16), the rate of the experts' products alone against it, and the plan, dispatch and
-// combine each alone. Times: CUDA events around 10 repetitions after 3 warm-ups. Exits 77 without a GPU.
+// combine each alone. Under bf16 the weights are read from a bf16 copy made before the timing, as a model reads
+// them from its mirror made once per optimizer step (core/precision.hpp); activations are rounded as they enter
+// each product. Times: CUDA events around 10 repetitions after 3 warm-ups. Exits 77 without a GPU.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstdio>
 #include <limoe/backend/cuda.hpp>
+#include <limoe/core/precision.hpp>
 #include <limoe/cuda.hpp>
 #include <vector>
 
@@ -83,32 +86,62 @@ double cublas_bf16_ms(index_t T, index_t D, index_t M, Tensor<float, DS>& h) {
   return ms;
 }
 
+// Weights in one flat device buffer with its bf16 copy, as a model holds them (core/params.hpp, precision.hpp).
+struct FlatWeights {
+  Tensor<float, DS> all;
+  BasicWeightMirror<DS> mirror;
+  index_t used = 0;
+  explicit FlatWeights(index_t n) : all(Shape{n}) {}
+  CView<float, DS> add(Shape s, std::uint64_t seed, float scale) {
+    const auto t = device_random(s, seed, scale);
+    LIMOE_CHECK(used + s.numel() <= all.numel(), "bench_cuda_moe: weight buffer too small");
+    check(cudaMemcpy(all.data() + used, t.data(), sizeof(float) * static_cast<std::size_t>(s.numel()),
+                     cudaMemcpyDeviceToDevice),
+          "weights");
+    used += s.numel();
+    return CView<float, DS>(all.data() + used - s.numel(), s);
+  }
+  template <class Prec>
+  Prec policy() {
+    if constexpr (Prec::mixed) {
+      mirror.refresh(all.data(), all.numel(), 1, [](const float* x, index_t n, std::uint16_t* out) {
+        cuda::ops::to_bf16(CView<float, DS>(x, Shape{n}), View<std::uint16_t, DS>(out, Shape{n}));
+      });
+      return Prec{mirror.copies()};
+    } else {
+      return Prec{};
+    }
+  }
+};
+
 template <class Prec>
 void run(index_t T, index_t D, int E) {
-  const Prec prec{};
   const index_t M = 4 * D;
   auto x = device_random(Shape{T, D}, 1, 1.0f);
+  FlatWeights fw(2 * (M * D + M + D) + E * (2 * M * D + M + D));
   // Dense MLP.
-  auto w1 = device_random(Shape{M, D}, 2, 0.05f), b1 = device_random(Shape{M}, 3, 0.1f);
-  auto w2 = device_random(Shape{D, M}, 4, 0.05f), b2 = device_random(Shape{D}, 5, 0.1f);
+  const auto w1 = fw.add(Shape{M, D}, 2, 0.05f), b1 = fw.add(Shape{M}, 3, 0.1f);
+  const auto w2 = fw.add(Shape{D, M}, 4, 0.05f), b2 = fw.add(Shape{D}, 5, 0.1f);
+  // The experts' weights (the MoE layer below).
+  const auto e1 = fw.add(Shape{E, M, D}, 7, 0.05f), eb1 = fw.add(Shape{E, M}, 8, 0.1f);
+  const auto e2 = fw.add(Shape{E, D, M}, 9, 0.05f), eb2 = fw.add(Shape{E, D}, 10, 0.1f);
   Tensor<float, DS> h(Shape{T, M}), a(Shape{T, M}), y(Shape{T, D});
+  const Prec prec = fw.policy<Prec>();  // after every weight is in
   const double dense_ms = time_ms([&] {
-    cuda::ops::linear_forward<float, Prec>(x.cview(), w1.cview(), b1.cview(), h.view(), prec);
+    cuda::ops::linear_forward<float, Prec>(x.cview(), w1, b1, h.view(), prec);
     O::gelu_forward(GeluKind::Erf, h.cview(), a.view());
-    cuda::ops::linear_forward<float, Prec>(a.cview(), w2.cview(), b2.cview(), y.view(), prec);
+    cuda::ops::linear_forward<float, Prec>(a.cview(), w2, b2, y.view(), prec);
   });
   const double gemm_ms =
       Prec::mixed ? cublas_bf16_ms(T, D, M, h)
-                  : time_ms([&] { O::linear_forward(x.cview(), w1.cview(), CView<float, DS>{}, h.view()); });
+                  : time_ms([&] { O::linear_forward(x.cview(), w1, CView<float, DS>{}, h.view()); });
   // MoE layer: a balanced route (token t -> expert t % E), K = 1, capacity 1.0 drops nothing.
   std::vector<std::int32_t> hr(static_cast<std::size_t>(T));
   for (index_t t = 0; t < T; ++t) hr[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(t % E);
   Tensor<std::int32_t, DS> route(Shape{T, 1});
   check(cudaMemcpy(route.data(), hr.data(), hr.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice), "route");
   auto gates = device_random(Shape{T, E}, 6, 1.0f);
-  auto e1 = device_random(Shape{E, M, D}, 7, 0.05f), eb1 = device_random(Shape{E, M}, 8, 0.1f);
-  auto e2 = device_random(Shape{E, D, M}, 9, 0.05f), eb2 = device_random(Shape{E, D}, 10, 0.1f);
-  const moe::ExpertWeights<float, DS> w{e1.cview(), eb1.cview(), e2.cview(), eb2.cview()};
+  const moe::ExpertWeights<float, DS> w{e1, eb1, e2, eb2};
   moe::BasicDispatchPlan<DS> plan;
   moe::ExpertScratch scratch;
   Tensor<float, DS> xe(Shape{T, D}), hpre(Shape{T, M}), he(Shape{T, M}), ye(Shape{T, D}), out(Shape{T, D});

@@ -14,6 +14,7 @@
 
 #include "support/cuda_from_host.hpp"
 #include "unit/backend_cases.hpp"
+#include "unit/precision_cases.hpp"
 #if !defined(LIMOE_HARNESS_QUICK)
 #include "unit/backend_model.hpp"
 
@@ -119,6 +120,55 @@ TEST_CASE("cuda backend (emulated): the model in bf16 on Cuda against the model 
   }
 }
 
+// bf16 training on the device: the model's weights are read from its bf16 mirror in device memory (made by
+// the backend's to_bf16 once per optimizer step, core/precision.hpp), against the same steps on Ref under bf16
+// (a host mirror). Losses to 1e-4 relative and routes identical at every step, and the embeddings of the trained
+// models to 1e-4: a mirror left stale after a step (the previous step's weights) moves them by far more.
+TEST_CASE("cuda backend (emulated): bf16 training on Cuda against bf16 training on Ref, one weight copy per step") {
+  using RefBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Ref, Bf16Mixed>;
+  using DevBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cuda, Bf16Mixed>;
+  const ModelConfig cfg = tiny_config();
+  TrainConfig tc;
+  tc.steps = 10, tc.warmup_steps = 1;
+  tc.adam.lr = 1e-2;
+  RefBf16 want(cfg);
+  DevBf16 got(cfg);
+  want.init(11), got.init(11);
+  want.set_noise_seed(5), got.set_noise_seed(5);
+  Trainer<RefBf16> tw(want, tc);
+  Trainer<DevBf16> tg(got, tc);
+  auto images_of = [](const Batch& b) {
+    Tensor<float> f(b.images.shape());
+    for (index_t i = 0; i < f.numel(); ++i) f[i] = static_cast<float>(b.images[i]);
+    return f;
+  };
+  for (int s = 0; s < 3; ++s) {
+    CAPTURE(s);
+    const Batch b = tiny_batch(cfg, 3, 100 + static_cast<std::uint64_t>(s));
+    const Tensor<float> im = images_of(b);
+    const StepReport rw = tw.step(im.cview(), b.texts.cview());
+    const StepReport rg = tg.step(im.cview(), b.texts.cview());
+    CHECK(rg.loss.total == doctest::Approx(rw.loss.total).epsilon(1e-4));
+    REQUIRE(rg.routing.size() == rw.routing.size());
+    for (std::size_t i = 0; i < rw.routing.size(); ++i)
+      for (int m = 0; m < 2; ++m) CHECK(rg.routing[i].routed[m] == rw.routing[i].routed[m]);
+    CHECK(got.weight_conversions() == static_cast<std::uint64_t>(s + 1));  // this step's forward made it
+  }
+  const Batch b = tiny_batch(cfg, 3, 7);
+  const Tensor<float> im = images_of(b);
+  const auto fw = want.forward(im.cview(), b.texts.cview(), Mode::Eval);
+  const auto fg = got.forward(im.cview(), b.texts.cview(), Mode::Eval);
+  const auto fg2 = got.forward(im.cview(), b.texts.cview(), Mode::Eval);
+  CHECK(got.weight_conversions() == 4);  // after the last step, once; not again without a change
+  double d = 0;
+  for (index_t i = 0; i < fw.img_emb.numel(); ++i) {
+    d = std::max(d, static_cast<double>(std::abs(fg.img_emb[i] - fw.img_emb[i])));
+    d = std::max(d, static_cast<double>(std::abs(fg.txt_emb[i] - fw.txt_emb[i])));
+    CHECK(fg2.img_emb[i] == fg.img_emb[i]);
+  }
+  CHECK(d <= 1e-4);
+}
+
 // Training on the device: the Trainer with the model's parameters, gradients and AdamW moments in device
 // memory (AdamW<double, device space>, cuda::ops::adamw_update) against the same steps on Ref: losses, routing
 // statistics and every parameter and moment after 3 steps (the first clipped).
@@ -213,6 +263,30 @@ TEST_CASE("cuda backend (emulated): checkpoints move between the device and the 
 
 TEST_CASE("cuda backend (emulated): every op against Ref, forward and backward (float)") {
   for_each_backend<std::tuple<CudaFromHost>, float>();
+}
+
+// Every op that takes the precision policy (tests/unit/precision_cases.hpp: linear, self-attention, the patch
+// embedding, the experts with an empty expert and dropped tokens), on the device under Bf16Mixed against Ref under
+// Bf16Mixed (the same operands rounded the same way, exact accumulation: 1e-3 of the largest value covers fp32
+// accumulation order and a bf16 rounding of h that may fall the other way), and against Ref in fp32 within bf16's
+// error (2e-2), and not equal to it where a product is involved (the policy did round).
+TEST_CASE("cuda backend (emulated): every op under the bf16 policy against Ref under bf16 and in fp32") {
+  for (std::uint64_t seed : {3u, 77u}) {
+    const auto dev16 = precision_cases::run_ops<CudaFromHost, Bf16Mixed>(seed);
+    const auto ref16 = precision_cases::run_ops<Ref, Bf16Mixed>(seed);
+    const auto ref32 = precision_cases::run_ops<Ref, Fp32>(seed);
+    REQUIRE(dev16.size() == ref16.size());
+    for (std::size_t i = 0; i < dev16.size(); ++i) {
+      CAPTURE(dev16[i].name);
+      CAPTURE(seed);
+      const double same = precision_cases::rel_max(dev16[i].value.cview(), ref16[i].value.cview());
+      const double vs32 = precision_cases::rel_max(dev16[i].value.cview(), ref32[i].value.cview());
+      CHECK(same <= 1e-3);
+      CHECK(vs32 <= 2e-2);
+      // The output biases' gradients are column sums of dy, no product: the same bits as fp32 here.
+      if (dev16[i].name != "linear.db" && dev16[i].name != "attn.g7") CHECK(vs32 > 0);
+    }
+  }
 }
 
 TEST_CASE("cuda backend (emulated): bad input is refused with the ops' messages") {

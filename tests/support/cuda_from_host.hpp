@@ -118,16 +118,18 @@ template <class T>
 struct Ops<testing_cuda::CudaFromHost, T> {
   using D = Ops<Cuda, T>;
   using St = testing_cuda::DeviceState<T>;
-  static void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y) {
+  template <class Prec = Fp32>
+  static void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y, const Prec& prec = Prec{}) {
     auto mx = testing_cuda::mirror(x), mw = testing_cuda::mirror(W), mb = testing_cuda::mirror(b);
     auto my = testing_cuda::mirror(y);
-    D::linear_forward(mx.v(), mw.v(), mb.v(), my.v());
+    D::linear_forward(mx.v(), mw.v(), mb.v(), my.v(), prec);
     my.back();
   }
-  static void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW, View<T> db) {
+  template <class Prec = Fp32>
+  static void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW, View<T> db, const Prec& prec = Prec{}) {
     auto mx = testing_cuda::mirror(x), mw = testing_cuda::mirror(W), mdy = testing_cuda::mirror(dy);
     auto mdx = testing_cuda::mirror(dx), mdW = testing_cuda::mirror(dW), mdb = testing_cuda::mirror(db);
-    D::linear_backward(mx.v(), mw.v(), mdy.v(), mdx.v(), mdW.v(), mdb.v());
+    D::linear_backward(mx.v(), mw.v(), mdy.v(), mdx.v(), mdW.v(), mdb.v(), prec);
     mdx.back(), mdW.back(), mdb.back();
   }
   static void layernorm_forward(CView<T> x, CView<T> g, CView<T> b, T eps, View<T> y, View<T> mean, View<T> rstd) {
@@ -193,37 +195,41 @@ struct Ops<testing_cuda::CudaFromHost, T> {
     D::attention_backward(mw.v(), H, mq.v(), mkv.v(), mm.v(), St::get().attn.at(&cache), mdy.v(), mdq.v(), mdkv.v(), mg.v());
     mdq.back(), mdkv.back(), mg.back();
   }
+  template <class Prec = Fp32>
   static void self_attention_forward(const AttentionWeights<T>& w, int H, CView<T> x, CView<std::uint8_t> mask,
-                                     View<T> y, AttentionCache<T>& cache) {
+                                     View<T> y, AttentionCache<T>& cache, const Prec& prec = Prec{}) {
     testing_cuda::AttnMirror<T> mw(w);
     auto mx = testing_cuda::mirror(x);
     auto mm = testing_cuda::mirror(mask);
     auto my = testing_cuda::mirror(y);
-    D::self_attention_forward(mw.v(), H, mx.v(), mm.v(), my.v(), St::get().attn[&cache]);
+    D::self_attention_forward(mw.v(), H, mx.v(), mm.v(), my.v(), St::get().attn[&cache], prec);
     my.back();
   }
+  template <class Prec = Fp32>
   static void self_attention_backward(const AttentionWeights<T>& w, int H, CView<T> x, CView<std::uint8_t> mask,
-                                      AttentionCache<T>& cache, CView<T> dy, View<T> dx, const AttentionGrads<T>& g) {
+                                      AttentionCache<T>& cache, CView<T> dy, View<T> dx, const AttentionGrads<T>& g, const Prec& prec = Prec{}) {
     testing_cuda::AttnMirror<T> mw(w);
     testing_cuda::AttnGradMirror<T> mg(g);
     auto mx = testing_cuda::mirror(x), mdy = testing_cuda::mirror(dy);
     auto mm = testing_cuda::mirror(mask);
     auto mdx = testing_cuda::mirror(dx);
-    D::self_attention_backward(mw.v(), H, mx.v(), mm.v(), St::get().attn.at(&cache), mdy.v(), mdx.v(), mg.v());
+    D::self_attention_backward(mw.v(), H, mx.v(), mm.v(), St::get().attn.at(&cache), mdy.v(), mdx.v(), mg.v(), prec);
     mdx.back(), mg.back();
   }
+  template <class Prec = Fp32>
   static void patch_embed_forward(CView<T> images, int P, CView<T> W, CView<T> b, CView<T> pos, View<T> patches,
-                                  View<T> y) {
+                                  View<T> y, const Prec& prec = Prec{}) {
     auto mi = testing_cuda::mirror(images), mw = testing_cuda::mirror(W), mb = testing_cuda::mirror(b), mpos = testing_cuda::mirror(pos);
     auto mp = testing_cuda::mirror(patches), my = testing_cuda::mirror(y);
-    D::patch_embed_forward(mi.v(), P, mw.v(), mb.v(), mpos.v(), mp.v(), my.v());
+    D::patch_embed_forward(mi.v(), P, mw.v(), mb.v(), mpos.v(), mp.v(), my.v(), prec);
     mp.back(), my.back();
   }
+  template <class Prec = Fp32>
   static void patch_embed_backward(CView<T> images, int P, CView<T> patches, CView<T> W, CView<T> dy, View<T> dimages,
-                                   View<T> dW, View<T> db, View<T> dpos) {
+                                   View<T> dW, View<T> db, View<T> dpos, const Prec& prec = Prec{}) {
     auto mi = testing_cuda::mirror(images), mp = testing_cuda::mirror(patches), mw = testing_cuda::mirror(W), mdy = testing_cuda::mirror(dy);
     auto mdi = testing_cuda::mirror(dimages), mdw = testing_cuda::mirror(dW), mdb = testing_cuda::mirror(db), mdpos = testing_cuda::mirror(dpos);
-    D::patch_embed_backward(mi.v(), P, mp.v(), mw.v(), mdy.v(), mdi.v(), mdw.v(), mdb.v(), mdpos.v());
+    D::patch_embed_backward(mi.v(), P, mp.v(), mw.v(), mdy.v(), mdi.v(), mdw.v(), mdb.v(), mdpos.v(), prec);
     mdi.back(), mdw.back(), mdb.back(), mdpos.back();
   }
   static void token_embed_forward(CView<std::int32_t> ids, CView<T> table, CView<T> pos, View<T> y) {
@@ -317,6 +323,12 @@ struct Ops<testing_cuda::CudaFromHost, T> {
     D::scatter_rows(ms.v(), mi.v(), md.v());
     md.back();
   }
+  static void to_bf16(CView<float> x, View<std::uint16_t> y) {
+    auto mx = testing_cuda::mirror(x);
+    auto my = testing_cuda::mirror(y);
+    D::to_bf16(mx.v(), my.v());
+    my.back();
+  }
   static void make_dispatch_plan(CView<std::int32_t> route, int E, moe::DispatchPlan& plan) {
     auto mr = testing_cuda::mirror(route);
     auto& dp = St::get().plans[&plan];
@@ -337,24 +349,26 @@ struct Ops<testing_cuda::CudaFromHost, T> {
     D::dispatch_backward(St::get().plans.at(&p), mdxe.v(), mdx.v());
     mdx.back();
   }
+  template <class Prec = Fp32>
   static void expert_mlp_forward(const moe::DispatchPlan& p, const moe::ExpertWeights<T>& w, GeluKind gelu, CView<T> xe,
-                                 View<T> hpre, View<T> h, View<T> ye, moe::ExpertScratch& s) {
+                                 View<T> hpre, View<T> h, View<T> ye, moe::ExpertScratch& s, const Prec& prec = Prec{}) {
     auto m1 = testing_cuda::mirror(w.fc1_w), mb1 = testing_cuda::mirror(w.fc1_b), m2 = testing_cuda::mirror(w.fc2_w), mb2 = testing_cuda::mirror(w.fc2_b), mxe = testing_cuda::mirror(xe);
     auto mhp = testing_cuda::mirror(hpre), mh = testing_cuda::mirror(h), mye = testing_cuda::mirror(ye);
     D::expert_mlp_forward(St::get().plans.at(&p), moe::ExpertWeights<T, testing_cuda::DS>{m1.v(), mb1.v(), m2.v(), mb2.v()}, gelu,
-                          mxe.v(), mhp.v(), mh.v(), mye.v(), s);
+                          mxe.v(), mhp.v(), mh.v(), mye.v(), s, prec);
     mhp.back(), mh.back(), mye.back();
   }
+  template <class Prec = Fp32>
   static void expert_mlp_backward(const moe::DispatchPlan& p, const moe::ExpertWeights<T>& w, GeluKind gelu,
                                   CView<T> xe, CView<T> hpre, CView<T> h, CView<T> dye, View<T> dh, View<T> dxe,
-                                  const moe::ExpertGrads<T>& g, moe::ExpertScratch& s) {
+                                  const moe::ExpertGrads<T>& g, moe::ExpertScratch& s, const Prec& prec = Prec{}) {
     auto m1 = testing_cuda::mirror(w.fc1_w), mb1 = testing_cuda::mirror(w.fc1_b), m2 = testing_cuda::mirror(w.fc2_w), mb2 = testing_cuda::mirror(w.fc2_b);
     auto mxe = testing_cuda::mirror(xe), mhp = testing_cuda::mirror(hpre), mh = testing_cuda::mirror(h), mdye = testing_cuda::mirror(dye);
     auto mdh = testing_cuda::mirror(dh), mdxe = testing_cuda::mirror(dxe), g1 = testing_cuda::mirror(g.fc1_w), gb1 = testing_cuda::mirror(g.fc1_b), g2 = testing_cuda::mirror(g.fc2_w),
          gb2 = testing_cuda::mirror(g.fc2_b);
     D::expert_mlp_backward(St::get().plans.at(&p), moe::ExpertWeights<T, testing_cuda::DS>{m1.v(), mb1.v(), m2.v(), mb2.v()}, gelu,
                            mxe.v(), mhp.v(), mh.v(), mdye.v(), mdh.v(), mdxe.v(),
-                           moe::ExpertGrads<T, testing_cuda::DS>{g1.v(), gb1.v(), g2.v(), gb2.v()}, s);
+                           moe::ExpertGrads<T, testing_cuda::DS>{g1.v(), gb1.v(), g2.v(), gb2.v()}, s, prec);
     mdh.back(), mdxe.back(), g1.back(), gb1.back(), g2.back(), gb2.back();
   }
   static void combine_forward(const moe::DispatchPlan& p, CView<T> gates, CView<std::int32_t> route, CView<T> ye,

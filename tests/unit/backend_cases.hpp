@@ -317,8 +317,18 @@ Outputs case_rows(std::uint64_t s) {
   O::add_into(x.cview(), y.view());
   O::gather_rows(y.cview(), perm.cview(), gathered.view());
   O::scatter_rows(gathered.cview(), perm.cview(), scattered.view());
+  // to_bf16 (a weight mirror's conversion): the bits must be identical on every backend, compared as high and
+  // low bytes (at most 255, so float's 2e-5 relative tolerance is far below one unit). Values at ties (x + 2^-8
+  // for |x| near 1) and beyond bf16's range (x 1e38) too.
+  Tensor<float> f(Shape{R, D});
+  for (index_t i = 0; i < R * D; ++i) f[i] = static_cast<float>(x[i]) * (i % 5 == 0 ? 1e38f : 1.0f) + (i % 7 == 0 ? 0x1p-8f : 0.0f);
+  Tensor<std::uint16_t> bits(Shape{R, D});
+  O::to_bf16(f.cview(), bits.view());
   Outputs o;
-  put(o, "y", y), put(o, "gathered", gathered), put(o, "scattered", scattered);
+  Tensor<double> hi(Shape{R, D}), lo(Shape{R, D});
+  for (index_t i = 0; i < R * D; ++i) hi[i] = bits[i] >> 8, lo[i] = bits[i] & 0xff;
+  put(o, "y", y), put(o, "gathered", gathered), put(o, "scattered", scattered), put(o, "to_bf16.hi", hi),
+      put(o, "to_bf16.lo", lo);
   return o;
 }
 

@@ -148,7 +148,7 @@ struct LayerWeights {
   P prec() {
     if constexpr (P::mixed) {
       mirror.refresh(std::as_const(ps));
-      return P{&mirror};
+      return P{mirror.copies()};
     } else {
       return P{};
     }

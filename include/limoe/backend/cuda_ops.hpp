@@ -139,6 +139,8 @@ template <class T>
 void gather_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst);
 template <class T>
 void scatter_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst);
+// y = x rounded to bf16 (math/bf16.hpp), elementwise: a device model's weight mirror (core/precision.hpp).
+void to_bf16(CV<float> x, V<std::uint16_t> y);
 
 void make_dispatch_plan(CV<std::int32_t> route, int E, DispatchPlan& p);
 template <class T>

@@ -38,4 +38,6 @@
   static void make_dispatch_plan(CView<std::int32_t, SPACE> route, int E, moe::BasicDispatchPlan<SPACE>& plan) { \
     LIMOE_OPS_MOE_NS::make_dispatch_plan(route, E, plan);                                                 \
   }                                                                                                       \
+  /* A float buffer rounded to bf16 (the weight mirror of a model under Bf16Mixed, core/precision.hpp). */  \
+  static void to_bf16(CView<float, SPACE> x, View<std::uint16_t, SPACE> y) { LIMOE_OPS_DENSE_NS::to_bf16(x, y); } \
   LIMOE_BACKEND_OPS(LIMOE_DETAIL_DENSE_OP, LIMOE_DETAIL_MOE_OP)

@@ -12,7 +12,21 @@ namespace limoe {
 // bf16: the upper 16 bits of an IEEE binary32 (8 exponent bits, 7 stored mantissa bits).
 using bf16_bits = std::uint16_t;
 
-class WeightMirror;  // core/precision.hpp
+// Where the bf16 copy of a flat float buffer lives: lo[i] is base[i] rounded (core/precision.hpp's
+// BasicWeightMirror makes it, in host or device memory). find() is pointer arithmetic only, so host code finds
+// a device copy without reading it.
+struct Bf16Copies {
+  const float* base = nullptr;
+  index_t size = 0;
+  const bf16_bits* lo = nullptr;
+  // The copy of the n floats at p, when they lie inside the buffer; nullptr otherwise.
+  const bf16_bits* find(const float* p, index_t n) const {
+    const auto a = reinterpret_cast<std::uintptr_t>(p), b = reinterpret_cast<std::uintptr_t>(base);
+    if (lo == nullptr || p == nullptr || a < b || n < 0 || (a - b) % sizeof(float) != 0) return nullptr;
+    const auto i = static_cast<index_t>((a - b) / sizeof(float));
+    return i + n <= size ? lo + i : nullptr;
+  }
+};
 
 // Every product in fp32 (the default policy).
 struct Fp32 {
@@ -24,10 +38,10 @@ struct Fp32 {
 struct Bf16Mixed {
   static constexpr const char* name = "bf16";
   static constexpr bool mixed = true;
-  // Where the weights' bf16 copies are found (a CPU model points it at its own host mirror; a device model
-  // leaves it empty); operands not found there are rounded as they enter the product.
-  const WeightMirror* weights = nullptr;
-  const bf16_bits* find(const float* p, index_t n) const;  // defined in core/precision.hpp
+  // Where the weights' bf16 copies are found (a model points it at its own mirror, in the memory of its
+  // backend); operands not found there are rounded as they enter the product.
+  Bf16Copies weights{};
+  const bf16_bits* find(const float* p, index_t n) const { return weights.find(p, n); }
 };
 
 }  // namespace limoe

@@ -45,15 +45,21 @@ inline void to_bf16_parallel(const float* x, index_t n, bf16_bits* out) {
   parallel_for(0, n, 1 << 16, [&](index_t i0, index_t i1) { to_bf16(x + i0, i1 - i0, out + i0); });
 }
 
-// The bf16 copy of a whole flat parameter buffer (core/params.hpp), made again only when the buffer's version
-// changes (the optimizer's step, a load, init: every non-const access to the values bumps it).
-class WeightMirror {
+// The bf16 copy of a whole flat parameter buffer (core/params.hpp), in memory space S, made again only when the
+// buffer's version changes (the optimizer's step, a load, init: every non-const access to the values bumps it).
+// On host memory it converts over the thread pool; a device model passes its backend's conversion
+// (Ops<B, T>::to_bf16) to refresh.
+template <class S = HostSpace>
+class BasicWeightMirror {
  public:
-  // Converts when `version` differs from the copy's; returns whether it converted.
-  bool refresh(const float* base, index_t size, std::uint64_t version) {
+  // Converts when `version` differs from the copy's (or the buffer moved): convert(base, size, out) writes the
+  // copy into out (size elements in memory of S). Returns whether it converted.
+  template <class Convert>
+  bool refresh(const float* base, index_t size, std::uint64_t version, Convert&& convert) {
     if (base == base_ && size == size_ && version == version_ && valid_) return false;
-    lo_.resize(static_cast<std::size_t>(size));
-    to_bf16_parallel(base, size, lo_.data());
+    valid_ = false;
+    lo_.resize(Shape{size});
+    convert(base, size, lo_.data());
     base_ = base;
     size_ = size;
     version_ = version;
@@ -61,16 +67,22 @@ class WeightMirror {
     ++conversions_;
     return true;
   }
-  // The same for a parameter store (core/params.hpp): its flat values and their version.
+  bool refresh(const float* base, index_t size, std::uint64_t version)
+    requires S::host_accessible
+  {
+    return refresh(base, size, version, [](const float* x, index_t n, bf16_bits* out) { to_bf16_parallel(x, n, out); });
+  }
+  // The same for a parameter store in host memory (core/params.hpp): its flat values and their version.
   template <class Store>
-  bool refresh(const Store& ps) {
+  bool refresh(const Store& ps)
+    requires S::host_accessible
+  {
     return refresh(ps.values().data(), ps.size(), ps.version());
   }
+  // Where the copy is (what a Bf16Mixed policy carries); empty before the first refresh.
+  Bf16Copies copies() const { return valid_ ? Bf16Copies{base_, size_, lo_.data()} : Bf16Copies{}; }
   // The bf16 copy of the n floats at p, when they lie inside the mirrored buffer; nullptr otherwise.
-  const bf16_bits* find(const float* p, index_t n) const {
-    if (!valid_ || p == nullptr || p < base_ || p + n > base_ + size_) return nullptr;
-    return lo_.data() + (p - base_);
-  }
+  const bf16_bits* find(const float* p, index_t n) const { return copies().find(p, n); }
   // How many times the copy was made (tests: once per optimizer step).
   std::uint64_t conversions() const { return conversions_; }
 
@@ -79,12 +91,9 @@ class WeightMirror {
   index_t size_ = 0;
   std::uint64_t version_ = 0, conversions_ = 0;
   bool valid_ = false;
-  std::vector<bf16_bits> lo_;
+  Tensor<bf16_bits, S> lo_;
 };
-
-inline const bf16_bits* Bf16Mixed::find(const float* p, index_t n) const {
-  return weights ? weights->find(p, n) : nullptr;
-}
+using WeightMirror = BasicWeightMirror<HostSpace>;
 
 template <class P>
 concept PrecisionPolicy = std::same_as<P, Fp32> || std::same_as<P, Bf16Mixed>;

@@ -555,16 +555,24 @@ class Limoe {
     copy_from_host<T, S>(CView<T>(&g, Shape{}), pg(logit_scale_));
   }
 
-  // The precision policy the ops receive: on host memory, Bf16Mixed reads the weights from this model's bf16
-  // mirror, made again only when the parameters changed since (once per optimizer step in training;
-  // core/precision.hpp); a device backend converts its operands on the device and gets no mirror.
-  static constexpr bool kHostMirror = Precision::mixed && std::is_same_v<memory_space, HostSpace>;
+  // The precision policy the ops receive: Bf16Mixed reads the weights from this model's bf16 mirror, made again
+  // only when the parameters changed since (once per optimizer step in training; core/precision.hpp), in the
+  // memory of the backend: on a device the copy is made there by the backend's to_bf16 (one launch per step).
   Precision prec() const {
-    if constexpr (kHostMirror) return Precision{&mirror_};
+    if constexpr (Precision::mixed) return Precision{mirror_.copies()};
     else return Precision{};
   }
   void refresh_weight_mirror() {
-    if constexpr (kHostMirror) mirror_.refresh(std::as_const(params_));
+    if constexpr (Precision::mixed) {
+      const ParamStore<T, S>& ps = params_;
+      if constexpr (S::host_accessible) {
+        mirror_.refresh(ps);
+      } else {
+        mirror_.refresh(ps.values().data(), ps.size(), ps.version(), [](const float* x, index_t n, bf16_bits* out) {
+          Ops<BackendT, T>::to_bf16(CView<float, S>(x, Shape{n}), View<bf16_bits, S>(out, Shape{n}));
+        });
+      }
+    }
   }
   View<T, S> pg(ParamRef r) { return params_.grad(r); }
 
@@ -946,7 +954,7 @@ class Limoe {
   std::optional<dist::AnyComm> ep_comm_;
   std::optional<dist::BasicAnyComm<S>> ep_blocks_comm_;  // set_expert_blocks_comm (device models)
   std::vector<moe::ExpertExchange<T, S>> ep_ex_;
-  WeightMirror mirror_;  // the weights in bf16 (Bf16Mixed only)
+  BasicWeightMirror<S> mirror_;  // the weights in bf16, in the backend's memory (Bf16Mixed only)
   // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and this call's place in it.
   struct DataParallelLoss {
     bool on = false;

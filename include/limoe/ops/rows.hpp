@@ -2,7 +2,8 @@
 // (gather_rows: dst[i] = src[idx[i]]; scatter_rows: dst[idx[i]] = src[i]), which put the MoE layer's rows into
 // routing-group order and back. ref:: is the plain loop, cpu:: the same over threads (every element written by
 // one thread: results do not depend on the thread count). The indices must lie in [0, rows); scatter_rows
-// writes only the rows idx names, and each at most once is what the model passes (a permutation).
+// writes only the rows idx names, and each at most once is what the model passes (a permutation). Also to_bf16
+// (y = x rounded to bf16, math/bf16.hpp), the conversion a device model's weight mirror needs from its backend.
 #pragma once
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/math/bf16.hpp"
 #include "limoe/ops/shapes.hpp"
 
 namespace limoe {
@@ -42,6 +44,10 @@ void scatter_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
   for (index_t i = 0; i < idx.numel(); ++i)
     for (index_t d = 0; d < D; ++d) dst[idx[i] * D + d] = src[i * D + d];
 }
+inline void to_bf16(CView<float> x, View<std::uint16_t> y) {
+  detail::to_bf16_check("ref::to_bf16", x, y);
+  for (index_t i = 0; i < x.numel(); ++i) y[i] = math::bf16_round(x[i]);
+}
 }  // namespace ref
 
 namespace cpu {
@@ -66,6 +72,14 @@ void scatter_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
   detail::rows_index_values_check("cpu::scatter_rows", idx, dst.dim(0));
   parallel_for(0, idx.numel(), 256, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) std::copy_n(src.data() + i * D, D, dst.data() + idx[i] * D);
+  });
+}
+inline void to_bf16(CView<float> x, View<std::uint16_t> y) {
+  detail::to_bf16_check("cpu::to_bf16", x, y);
+  const float* px = x.data();
+  std::uint16_t* py = y.data();
+  parallel_for(0, x.numel(), 1 << 16, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) py[i] = math::bf16_round(px[i]);
   });
 }
 }  // namespace cpu

@@ -331,6 +331,11 @@ template <class T, class S = HostSpace>
 void add_into_check(const char* fn, detail::CArg<T, S> x, detail::CArg<T, S> y) {
   LIMOE_CHECK(x.shape() == y.shape(), fn, ": x ", x.shape().str(), " and y ", y.shape().str(), " must have one shape");
 }
+// to_bf16: y [same shape] = x rounded to bf16 (a weight mirror's copy).
+template <class S = HostSpace>
+void to_bf16_check(const char* fn, detail::CArg<float, S> x, detail::CArg<std::uint16_t, S> y) {
+  LIMOE_CHECK(x.shape() == y.shape(), fn, ": x ", x.shape().str(), " and y ", y.shape().str(), " must have one shape");
+}
 template <class T, class S = HostSpace>
 index_t rows_by_index_check(const char* fn, detail::CArg<T, S> from, detail::CArg<std::int64_t, S> idx,
                             detail::CArg<T, S> to, bool gather) {

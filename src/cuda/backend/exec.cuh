@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -137,45 +138,75 @@ void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T al
   gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
 }
 
-// The same product with bf16 operands and fp32 accumulation (the Bf16Mixed policy): A and B are rounded to bf16
-// into packed scratch on the device (kernels::to_bf16_block), then one cuBLAS product with bf16 inputs, fp32
-// output and fp32 compute (tensor cores). Under the emulation the rounded operands go through the plain loop.
-inline void gemm_bf16(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, float alpha, const float* A,
-                      std::int64_t lda, const float* B, std::int64_t ldb, float beta, float* C, std::int64_t ldc) {
+// The product on operands already rounded to bf16, fp32 accumulation (the Bf16Mixed policy): A16 and B16 are
+// bf16 with leading dimensions lda and ldb, C fp32; one cuBLAS product with bf16 inputs, fp32 output and fp32
+// compute (tensor cores). Under the emulation the operands are widened (exactly) and go through the plain loop.
+inline void gemm_bf16_rounded(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, float alpha,
+                              const std::uint16_t* A16, std::int64_t lda, const std::uint16_t* B16, std::int64_t ldb,
+                              float beta, float* C, std::int64_t ldc) {
   if (M == 0 || N == 0) return;
-  // op(A) is M x K: A itself is (ta ? K x M : M x K) with leading dimension lda; likewise B.
   const std::int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
-  DTensor<std::uint16_t> a16(Shape{ar, ac}), b16(Shape{br, bc});
-  if (K > 0) {
-    namespace kn = ::limoe::cuda::kernels;
-    launch("to_bf16_block", grid_for(ar * ac), 256, kn::to_bf16_block<float>, A, ar, ac, lda, a16.data());
-    launch("to_bf16_block", grid_for(br * bc), 256, kn::to_bf16_block<float>, B, br, bc, ldb, b16.data());
-  }
 #if defined(LIMOE_CUDA_EMULATION)
-  std::vector<float> af(static_cast<std::size_t>(ar * ac)), bf(static_cast<std::size_t>(br * bc));
-  for (std::size_t i = 0; i < af.size(); ++i) af[i] = math::bf16_value(a16.data()[i]);
-  for (std::size_t i = 0; i < bf.size(); ++i) bf[i] = math::bf16_value(b16.data()[i]);
-  emu::gemm_batched<float>(ta, tb, M, N, K, alpha, af.data(), ac, 0, bf.data(), bc, 0, beta, C, ldc, 0, 1);
+  // The elements spanned by each operand (rows - 1 full rows and one of the operand's width).
+  const std::int64_t na = ar == 0 ? 0 : (ar - 1) * lda + ac, nb = br == 0 ? 0 : (br - 1) * ldb + bc;
+  std::vector<float> af(static_cast<std::size_t>(na)), bf(static_cast<std::size_t>(nb));
+  for (std::size_t i = 0; i < af.size(); ++i) af[i] = math::bf16_value(A16[i]);
+  for (std::size_t i = 0; i < bf.size(); ++i) bf[i] = math::bf16_value(B16[i]);
+  emu::gemm_batched<float>(ta, tb, M, N, K, alpha, af.data(), lda, 0, bf.data(), ldb, 0, beta, C, ldc, 0, 1);
 #else
+  (void)ar, (void)ac, (void)br, (void)bc;
   const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-  // The packed copies' leading dimensions; at least 1 (cuBLAS refuses 0, which K = 0 would give).
-  const auto l_a = static_cast<int>(ac > 1 ? ac : 1), l_b = static_cast<int>(bc > 1 ? bc : 1);
+  // At least 1 (cuBLAS refuses 0, which K = 0 with packed operands would give).
+  const auto l_a = static_cast<int>(lda > 1 ? lda : 1), l_b = static_cast<int>(ldb > 1 ? ldb : 1);
   detail::blas_check(cublasGemmEx(detail::blas_handle(), opb, opa, static_cast<int>(N), static_cast<int>(M),
-                                  static_cast<int>(K), &alpha, b16.data(), CUDA_R_16BF, l_b,
-                                  a16.data(), CUDA_R_16BF, l_a, &beta, C, CUDA_R_32F,
-                                  static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                  static_cast<int>(K), &alpha, B16, CUDA_R_16BF, l_b, A16, CUDA_R_16BF, l_a, &beta, C,
+                                  CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                      "cublasGemmEx (bf16)");
 #endif
 }
 
+// A packed bf16 copy of an fp32 [rows, cols] block with leading dimension ld, on the device (math/bf16.hpp's
+// rounding, kernels::to_bf16_block): an operand rounded once and read by any number of products.
+class Bf16Copy {
+ public:
+  Bf16Copy(const float* src, std::int64_t rows, std::int64_t cols, std::int64_t ld) : v_(Shape{rows, cols}) {
+    if (rows > 0 && cols > 0)
+      launch("to_bf16_block", grid_for(rows * cols), 256, ::limoe::cuda::kernels::to_bf16_block<float>, src, rows, cols,
+             ld, v_.data());
+  }
+  const std::uint16_t* data() const { return v_.data(); }
+
+ private:
+  DTensor<std::uint16_t> v_;
+};
+
+// The same product on fp32 operands under the Bf16Mixed policy `prec`: an operand whose bf16 copy the policy
+// holds (a weight in the model's mirror, core/precision.hpp) is read from there with its own leading dimension;
+// any other is rounded into a packed copy first (Bf16Copy).
+inline void gemm_bf16(const Bf16Mixed& prec, bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K,
+                      float alpha, const float* A, std::int64_t lda, const float* B, std::int64_t ldb, float beta,
+                      float* C, std::int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  // op(A) is M x K: A itself is (ta ? K x M : M x K) with leading dimension lda; likewise B.
+  const std::int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+  const std::uint16_t* a = K > 0 ? prec.find(A, (ar - 1) * lda + ac) : nullptr;
+  const std::uint16_t* b = K > 0 ? prec.find(B, (br - 1) * ldb + bc) : nullptr;
+  std::optional<Bf16Copy> ca, cb;
+  if (!a) ca.emplace(A, ar, ac, lda);
+  if (!b) cb.emplace(B, br, bc, ldb);
+  gemm_bf16_rounded(ta, tb, M, N, K, alpha, a ? a : ca->data(), a ? lda : ac, b ? b : cb->data(), b ? ldb : bc, beta, C,
+                    ldc);
+}
+
 // A product under precision policy Prec: fp32 (gemm), or bf16 operands for a mixed policy (gemm_bf16).
 template <class Prec, class T>
-void gemm_as(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha, const T* A, std::int64_t lda,
-             const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
+void gemm_as(const Prec& prec, bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha, const T* A,
+             std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
   if constexpr (Prec::mixed) {
     static_assert(std::is_same_v<T, float>, "CUDA backend: the bf16 products take float tensors");
-    gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_bf16(prec, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   } else {
+    (void)prec;
     gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "../kernels/plan.cuh"
@@ -85,39 +86,86 @@ void for_each_block(const std::vector<index_t>& off, Fn&& fn) {
 }
 }  // namespace detail
 
+namespace detail {
+// An operand of the expert products as policy Prec reads it: fp32 in place, or (a mixed policy) bf16: the
+// weights from the policy's mirror when it has one, else a packed copy of the whole [rows, cols] buffer made once
+// per op, so each expert's product reads its block of it instead of rounding its own operands.
+template <class Prec, class T>
+class ExpertOperand {
+ public:
+  // A weight the policy's mirror holds is read from there (made once per optimizer step, not per call).
+  ExpertOperand(const Prec& prec, const T* src, index_t rows, index_t cols) : f_(src) {
+    if constexpr (Prec::mixed) {
+      given_ = prec.find(src, rows * cols);
+      if (!given_) lo_.emplace(src, rows, cols, cols);
+    } else {
+      (void)prec, (void)rows, (void)cols;
+    }
+  }
+  // A copy already made elsewhere (the forward's bf16 activation, written by expert_bias_gelu).
+  ExpertOperand(const T* src, const std::uint16_t* lo) : f_(src), given_(lo) {}
+  const T* f() const { return f_; }
+  const std::uint16_t* lo() const { return given_ ? given_ : lo_->data(); }
+
+ private:
+  const T* f_;
+  const std::uint16_t* given_ = nullptr;
+  std::optional<exec::Bf16Copy> lo_;
+};
+
+// C = op(A) op(B) (+ C when accumulate) on the operands' elements from offsets a0 and b0, under policy Prec.
+template <class Prec, class T>
+void expert_product(bool ta, bool tb, index_t M, index_t N, index_t K, const ExpertOperand<Prec, T>& A, index_t a0,
+                    index_t lda, const ExpertOperand<Prec, T>& B, index_t b0, index_t ldb, bool accumulate, T* C,
+                    index_t ldc) {
+  if constexpr (Prec::mixed)
+    exec::gemm_bf16_rounded(ta, tb, M, N, K, 1.0f, A.lo() + a0, lda, B.lo() + b0, ldb, accumulate ? 1.0f : 0.0f, C, ldc);
+  else
+    exec::gemm<T>(ta, tb, M, N, K, T(1), A.f() + a0, lda, B.f() + b0, ldb, accumulate ? T(1) : T(0), C, ldc);
+}
+}  // namespace detail
+
 // xe [A, D] -> hpre [A, M] (kept for the backward), h = GELU(hpre), ye [A, D]: per expert e over its rows,
-// hpre = xe W1_e^T + b1_e and ye = h W2_e^T + b2_e.
+// hpre = xe W1_e^T + b1_e and ye = h W2_e^T + b2_e. One product per expert and weight matrix; the biases and the
+// activation are one launch each over all rows (kernels::expert_bias_gelu, expert_bias_add), not one per expert.
+// Under a mixed policy every operand is rounded once per call (detail::ExpertOperand), h as GELU writes it.
 template <class T, class Prec>
 void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe, V<T> hpre,
-                        V<T> h, V<T> ye, moe::ExpertScratch&, const Prec&) {
+                        V<T> h, V<T> ye, moe::ExpertScratch&, const Prec& prec) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
   const index_t M = moe::detail::expert_check<T, Space>("cuda::expert_mlp_forward", p, w, D);
   expect_shape(xe, Shape{p.A, D}, "cuda::expert_mlp_forward: xe");
   expect_shape(hpre, Shape{p.A, M}, "cuda::expert_mlp_forward: hpre");
   expect_shape(h, Shape{p.A, M}, "cuda::expert_mlp_forward: h");
   expect_shape(ye, Shape{p.A, D}, "cuda::expert_mlp_forward: ye");
+  if (p.A == 0) return;
+  using Op = detail::ExpertOperand<Prec, T>;
   const auto off = detail::host_offsets(p);
+  const std::int64_t* offsets = p.offsets.data();
+  {
+    const Op x(prec, xe.data(), p.A, D), w1(prec, w.fc1_w.data(), p.E * M, D);
+    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+      detail::expert_product(false, true, n, M, D, x, r0 * D, D, w1, e * M * D, D, false, hpre.data() + r0 * M, M);
+    });
+  }
+  DTensor<std::uint16_t> h16(Shape{Prec::mixed ? p.A : 0, M});
+  exec::launch("expert_bias_gelu", exec::grid_for(p.A * M), 256, kn::expert_bias_gelu<T>, offsets, p.E, p.A, M, gelu,
+               w.fc1_b.data(), hpre.data(), h.data(), Prec::mixed ? h16.data() : nullptr);
+  const Op hop(h.data(), Prec::mixed ? h16.data() : nullptr), w2(prec, w.fc2_w.data(), p.E * D, M);
   detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-    exec::launch("fill_rows (b1)", exec::grid_for(n * M), 256, kn::fill_rows<T>, w.fc1_b.data() + e * M, n, M,
-                 hpre.data() + r0 * M);
-    exec::gemm_as<Prec, T>(false, true, n, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D, T(1),
-                  hpre.data() + r0 * M, M);
+    detail::expert_product(false, true, n, D, M, hop, r0 * M, M, w2, e * D * M, M, false, ye.data() + r0 * D, D);
   });
-  gelu_forward<T>(gelu, CV<T>(hpre), h);
-  detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-    exec::launch("fill_rows (b2)", exec::grid_for(n * D), 256, kn::fill_rows<T>, w.fc2_b.data() + e * D, n, D,
-                 ye.data() + r0 * D);
-    exec::gemm_as<Prec, T>(false, true, n, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M, T(1),
-                  ye.data() + r0 * D, D);
-  });
+  exec::launch("expert_bias_add", exec::grid_for(p.A * D), 256, kn::expert_bias_add<T>, offsets, p.E, p.A, D,
+               w.fc2_b.data(), ye.data());
 }
 
 // dh = (dye W2_e) GELU'(hpre) (overwritten), dxe = dh W1_e (overwritten; skipped when empty); dW2_e += dye^T h,
-// db2_e += column sums of dye, dW1_e += dh^T xe, db1_e += column sums of dh (each skipped when empty).
+// db2_e += column sums of dye, dW1_e += dh^T xe, db1_e += column sums of dh (each skipped when empty). The bias
+// gradients are one launch each (kernels::expert_column_sums); under a mixed policy each operand is rounded once.
 template <class T, class Prec>
 void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe,
                          CV<T> hpre, CV<T> h, CV<T> dye, V<T> dh, V<T> dxe, const moe::ExpertGrads<T, Space>& g,
-                         moe::ExpertScratch&, const Prec&) {
+                         moe::ExpertScratch&, const Prec& prec) {
   const index_t D = xe.rank() == 2 ? xe.dim(1) : 0;
   const index_t M = moe::detail::expert_check<T, Space>("cuda::expert_mlp_backward", p, w, D);
   expect_shape(xe, Shape{p.A, D}, "cuda::expert_mlp_backward: xe");
@@ -126,29 +174,45 @@ void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Spac
   expect_shape(dye, Shape{p.A, D}, "cuda::expert_mlp_backward: dye");
   expect_shape(dh, Shape{p.A, M}, "cuda::expert_mlp_backward: dh");
   if (!dxe.empty()) expect_shape(dxe, Shape{p.A, D}, "cuda::expert_mlp_backward: dxe");
+  if (p.A == 0) return;
+  using Op = detail::ExpertOperand<Prec, T>;
   const auto off = detail::host_offsets(p);
-  detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-    exec::gemm_as<Prec, T>(false, false, n, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M, T(0),
-                  dh.data() + r0 * M, M);
-  });
+  const std::int64_t* offsets = p.offsets.data();
+  const Op dy(prec, dye.data(), p.A, D);
+  {
+    const Op w2(prec, w.fc2_w.data(), p.E * D, M);
+    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+      detail::expert_product(false, false, n, M, D, dy, r0 * D, D, w2, e * D * M, M, false, dh.data() + r0 * M, M);
+    });
+  }
   gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
-  detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-    if (!dxe.empty())
-      exec::gemm_as<Prec, T>(false, false, n, D, M, T(1), dh.data() + r0 * M, M, w.fc1_w.data() + e * M * D, D, T(0),
-                    dxe.data() + r0 * D, D);
-    if (!g.fc2_w.empty())
-      exec::gemm_as<Prec, T>(true, false, D, M, n, T(1), dye.data() + r0 * D, D, h.data() + r0 * M, M, T(1),
-                    g.fc2_w.data() + e * D * M, M);
-    if (!g.fc2_b.empty())
-      exec::launch("add_column_sums (db2)", exec::grid_for(D, kColThreads), kColThreads, kn::add_column_sums<T>,
-                   dye.data() + r0 * D, n, D, D, g.fc2_b.data() + e * D);
-    if (!g.fc1_w.empty())
-      exec::gemm_as<Prec, T>(true, false, M, D, n, T(1), dh.data() + r0 * M, M, xe.data() + r0 * D, D, T(1),
-                    g.fc1_w.data() + e * M * D, D);
-    if (!g.fc1_b.empty())
-      exec::launch("add_column_sums (db1)", exec::grid_for(M, kColThreads), kColThreads, kn::add_column_sums<T>,
-                   static_cast<const T*>(dh.data() + r0 * M), n, M, M, g.fc1_b.data() + e * M);
-  });
+  const Op dhop(prec, dh.data(), p.A, M);
+  if (!dxe.empty()) {
+    const Op w1(prec, w.fc1_w.data(), p.E * M, D);
+    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+      detail::expert_product(false, false, n, D, M, dhop, r0 * M, M, w1, e * M * D, D, false, dxe.data() + r0 * D, D);
+    });
+  }
+  if (!g.fc2_w.empty()) {
+    const Op hop(prec, h.data(), p.A, M);
+    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+      detail::expert_product(true, false, D, M, n, dy, r0 * D, D, hop, r0 * M, M, true, g.fc2_w.data() + e * D * M, M);
+    });
+  }
+  if (!g.fc1_w.empty()) {
+    const Op x(prec, xe.data(), p.A, D);
+    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+      detail::expert_product(true, false, M, D, n, dhop, r0 * M, M, x, r0 * D, D, true, g.fc1_w.data() + e * M * D, D);
+    });
+  }
+  const dim3 cols_d(exec::grid_for(D, kColThreads).x, static_cast<unsigned>(p.E)),
+      cols_m(exec::grid_for(M, kColThreads).x, static_cast<unsigned>(p.E));
+  if (!g.fc2_b.empty())
+    exec::launch("expert_column_sums (db2)", cols_d, kColThreads, kn::expert_column_sums<T>, offsets, D, dye.data(),
+                 g.fc2_b.data());
+  if (!g.fc1_b.empty())
+    exec::launch("expert_column_sums (db1)", cols_m, kColThreads, kn::expert_column_sums<T>, offsets, M,
+                 static_cast<const T*>(dh.data()), g.fc1_b.data());
 }
 
 template <class T>

@@ -40,16 +40,16 @@ inline dim3 rows_grid(index_t R) { return dim3(static_cast<unsigned>(R)); }
 // ---- dense ops -------------------------------------------------------------------------------------------
 
 template <class T, class Prec>
-void linear_forward(CV<T> x, CV<T> W, CV<T> b, V<T> y, const Prec&) {
+void linear_forward(CV<T> x, CV<T> W, CV<T> b, V<T> y, const Prec& prec) {
   const index_t R = chk::linear_check<T, Space>("cuda::linear_forward", x, W, b, y.shape(), "y");
   const index_t O = W.dim(0), I = W.dim(1);
   if (R == 0 || O == 0) return;
   if (!b.empty()) exec::launch("fill_rows", exec::grid_for(R * O), 256, kn::fill_rows<T>, b.data(), R, O, y.data());
-  exec::gemm_as<Prec, T>(false, true, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
+  exec::gemm_as<Prec, T>(prec, false, true, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
 }
 
 template <class T, class Prec>
-void linear_backward(CV<T> x, CV<T> W, CV<T> dy, V<T> dx, V<T> dW, V<T> db, const Prec&) {
+void linear_backward(CV<T> x, CV<T> W, CV<T> dy, V<T> dx, V<T> dW, V<T> db, const Prec& prec) {
   const index_t R = chk::linear_check<T, Space>("cuda::linear_backward", x, W, CV<T>{}, dy.shape(), "dy");
   const index_t O = W.dim(0), I = W.dim(1);
   if (!dx.empty())
@@ -58,9 +58,9 @@ void linear_backward(CV<T> x, CV<T> W, CV<T> dy, V<T> dx, V<T> dW, V<T> db, cons
   if (!dW.empty()) expect_shape(dW, W.shape(), "cuda::linear_backward: dW");
   if (!db.empty())
     LIMOE_CHECK(db.numel() == O, "cuda::linear_backward: db ", db.shape().str(), " must have O = ", O, " elements");
-  if (!dx.empty()) exec::gemm_as<Prec, T>(false, false, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
+  if (!dx.empty()) exec::gemm_as<Prec, T>(prec, false, false, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
   if (R == 0) return;
-  if (!dW.empty()) exec::gemm_as<Prec, T>(true, false, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
+  if (!dW.empty()) exec::gemm_as<Prec, T>(prec, true, false, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
   if (!db.empty())
     exec::launch("add_column_sums", exec::grid_for(O, kColThreads), kColThreads, kn::add_column_sums<T>, dy.data(), R,
                  O, O, db.data());
@@ -334,10 +334,10 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
   linear_backward<T>(xq, w.wq, dqv, V<T>{}, g.wq, g.bq, prec);
   linear_backward<T>(xkv, w.wk, dkv, V<T>{}, g.wk, g.bk, prec);
   linear_backward<T>(xkv, w.wv, dvv, V<T>{}, g.wv, g.bv, prec);
-  if (!dxq.empty()) exec::gemm_as<Prec, T>(false, false, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
+  if (!dxq.empty()) exec::gemm_as<Prec, T>(prec, false, false, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
   if (!dxkv.empty()) {
-    exec::gemm_as<Prec, T>(false, false, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0), dxkv.data(), D);
-    exec::gemm_as<Prec, T>(false, false, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
+    exec::gemm_as<Prec, T>(prec, false, false, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0), dxkv.data(), D);
+    exec::gemm_as<Prec, T>(prec, false, false, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
   }
 }
 
@@ -467,6 +467,12 @@ void scatter_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst) {
   const index_t D = chk::rows_by_index_check<T, Space>("cuda::scatter_rows", src, idx, dst, false);
   const index_t n = idx.numel();
   exec::launch("scatter_rows", exec::grid_for(n * D), 256, kn::scatter_rows<T>, src.data(), idx.data(), n, D, dst.data());
+}
+// Not inline, like make_dispatch_plan: one translation unit per program compiles the backend.
+void to_bf16(CV<float> x, V<std::uint16_t> y) {
+  chk::to_bf16_check<Space>("cuda::to_bf16", x, y);
+  exec::launch("to_bf16_block", exec::grid_for(x.numel()), 256, kn::to_bf16_block<float>, x.data(), x.numel(),
+               index_t(1), index_t(1), y.data());
 }
 
 // ---- the optimizer -------------------------------------------------------------------------------------------

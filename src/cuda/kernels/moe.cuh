@@ -9,6 +9,9 @@
 
 #include <cstdint>
 
+#include "limoe/core/enums.hpp"
+#include "limoe/math/bf16.hpp"
+#include "limoe/math/gelu.hpp"
 #include "reduce.cuh"
 
 namespace limoe::cuda::kernels {
@@ -73,5 +76,56 @@ __global__ void combine_backward(const std::int64_t* __restrict__ row_token, con
   if (threadIdx.x == 0) dgate[r] = total;
 }
 
-}  // namespace limoe::cuda::kernels
+// The expert that owns row r of the experts' blocks: offsets [E + 1] (expert e owns rows [offsets[e],
+// offsets[e + 1])), so the last e with offsets[e] <= r < offsets[e + 1] (binary search; empty experts skipped).
+LIMOE_HD inline int expert_of_row(const std::int64_t* __restrict__ offsets, int E, std::int64_t r) {
+  int lo = 0, hi = E;  // offsets[lo] <= r < offsets[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (offsets[mid] <= r) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
 
+// The experts' first bias and activation over all A rows at once (grid-stride over A * M), after the products
+// wrote hpre = xe W1_e^T: hpre += b1[e(r)], h = GELU(hpre), and, when h16 is not null, h16 = bf16(h) (the
+// operand of the second product under the bf16 policy, rounded here instead of in a pass of its own).
+template <class T>
+__global__ void expert_bias_gelu(const std::int64_t* __restrict__ offsets, int E, std::int64_t A, std::int64_t M,
+                                 GeluKind kind, const T* __restrict__ b1, T* __restrict__ hpre, T* __restrict__ h,
+                                 std::uint16_t* __restrict__ h16) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < A * M; i += stride) {
+    const std::int64_t r = i / M, m = i % M;
+    const T v = hpre[i] + b1[static_cast<std::int64_t>(expert_of_row(offsets, E, r)) * M + m];
+    const T g = math::gelu(kind, v);
+    hpre[i] = v;
+    h[i] = g;
+    if (h16) h16[i] = math::bf16_round(static_cast<float>(g));
+  }
+}
+
+// ye[r, :] += b2[e(r), :] over all A rows (grid-stride over A * D).
+template <class T>
+__global__ void expert_bias_add(const std::int64_t* __restrict__ offsets, int E, std::int64_t A, std::int64_t D,
+                                const T* __restrict__ b2, T* __restrict__ ye) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < A * D; i += stride)
+    ye[i] += b2[static_cast<std::int64_t>(expert_of_row(offsets, E, i / D)) * D + i % D];
+}
+
+// The experts' bias gradients in one launch: acc[e, c] += sum over expert e's rows r (in order) of g[r, c], one
+// thread per (e, c): blockIdx.y = e, columns over blockIdx.x (g [A, C]; acc [E, C]).
+template <class T>
+__global__ void expert_column_sums(const std::int64_t* __restrict__ offsets, std::int64_t C, const T* __restrict__ g,
+                                   T* __restrict__ acc) {
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const std::int64_t e = blockIdx.y;
+  if (c >= C) return;
+  T s = 0;
+  for (std::int64_t r = offsets[e]; r < offsets[e + 1]; ++r) s += g[r * C + c];
+  acc[e * C + c] += s;
+}
+
+}  // namespace limoe::cuda::kernels
