@@ -118,7 +118,7 @@ template <class Prec>
 void run(index_t T, index_t D, int E) {
   const index_t M = 4 * D;
   auto x = device_random(Shape{T, D}, 1, 1.0f);
-  FlatWeights fw(2 * (M * D + M + D) + E * (2 * M * D + M + D));
+  FlatWeights fw((2 * M * D + M + D) * (E + 1));  // the dense MLP and the E experts
   // Dense MLP.
   const auto w1 = fw.add(Shape{M, D}, 2, 0.05f), b1 = fw.add(Shape{M}, 3, 0.1f);
   const auto w2 = fw.add(Shape{D, M}, 4, 0.05f), b2 = fw.add(Shape{D}, 5, 0.1f);

@@ -557,7 +557,7 @@ class Limoe {
 
   // The precision policy the ops receive: Bf16Mixed reads the weights from this model's bf16 mirror, made again
   // only when the parameters changed since (once per optimizer step in training; core/precision.hpp), in the
-  // memory of the backend: on a device the copy is made there by the backend's to_bf16 (one launch per step).
+  // memory of the backend by its to_bf16 op (on a device, one launch per step).
   Precision prec() const {
     if constexpr (Precision::mixed) return Precision{mirror_.copies()};
     else return Precision{};
@@ -565,13 +565,9 @@ class Limoe {
   void refresh_weight_mirror() {
     if constexpr (Precision::mixed) {
       const ParamStore<T, S>& ps = params_;
-      if constexpr (S::host_accessible) {
-        mirror_.refresh(ps);
-      } else {
-        mirror_.refresh(ps.values().data(), ps.size(), ps.version(), [](const float* x, index_t n, bf16_bits* out) {
-          Ops<BackendT, T>::to_bf16(CView<float, S>(x, Shape{n}), View<bf16_bits, S>(out, Shape{n}));
-        });
-      }
+      mirror_.refresh(ps.values().data(), ps.size(), ps.version(), [](const float* x, index_t n, bf16_bits* out) {
+        Ops<BackendT, T>::to_bf16(CView<float, S>(x, Shape{n}), View<bf16_bits, S>(out, Shape{n}));
+      });
     }
   }
   View<T, S> pg(ParamRef r) { return params_.grad(r); }

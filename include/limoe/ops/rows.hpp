@@ -11,8 +11,8 @@
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
+#include "limoe/core/precision.hpp"
 #include "limoe/core/tensor.hpp"
-#include "limoe/math/bf16.hpp"
 #include "limoe/ops/shapes.hpp"
 
 namespace limoe {
@@ -46,7 +46,7 @@ void scatter_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
 }
 inline void to_bf16(CView<float> x, View<std::uint16_t> y) {
   detail::to_bf16_check("ref::to_bf16", x, y);
-  for (index_t i = 0; i < x.numel(); ++i) y[i] = math::bf16_round(x[i]);
+  ::limoe::to_bf16(x.data(), x.numel(), y.data());
 }
 }  // namespace ref
 
@@ -76,11 +76,7 @@ void scatter_rows(CView<T> src, CView<std::int64_t> idx, View<T> dst) {
 }
 inline void to_bf16(CView<float> x, View<std::uint16_t> y) {
   detail::to_bf16_check("cpu::to_bf16", x, y);
-  const float* px = x.data();
-  std::uint16_t* py = y.data();
-  parallel_for(0, x.numel(), 1 << 16, [&](index_t i0, index_t i1) {
-    for (index_t i = i0; i < i1; ++i) py[i] = math::bf16_round(px[i]);
-  });
+  to_bf16_parallel(x.data(), x.numel(), y.data());
 }
 }  // namespace cpu
 

@@ -12,7 +12,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -165,37 +164,44 @@ inline void gemm_bf16_rounded(bool ta, bool tb, std::int64_t M, std::int64_t N, 
 #endif
 }
 
-// A packed bf16 copy of an fp32 [rows, cols] block with leading dimension ld, on the device (math/bf16.hpp's
-// rounding, kernels::to_bf16_block): an operand rounded once and read by any number of products.
-class Bf16Copy {
+// An fp32 [rows, cols] block with leading dimension ld as a bf16 product reads it: the policy's copy when it holds
+// one (a weight in the model's mirror, core/precision.hpp), with the block's own leading dimension; else a packed
+// copy rounded here on the device (math/bf16.hpp's rounding, kernels::to_bf16_block), leading dimension cols.
+// Made once, it serves any number of products (the experts read their blocks of one operand).
+class Bf16Operand {
  public:
-  Bf16Copy(const float* src, std::int64_t rows, std::int64_t cols, std::int64_t ld) : v_(Shape{rows, cols}) {
+  Bf16Operand(const Bf16Mixed& prec, const float* src, std::int64_t rows, std::int64_t cols, std::int64_t ld) {
+    if (rows > 0 && cols > 0) p_ = prec.find(src, (rows - 1) * ld + cols);
+    if (p_) {
+      ld_ = ld;
+      return;
+    }
+    copy_.resize(Shape{rows, cols});
     if (rows > 0 && cols > 0)
       launch("to_bf16_block", grid_for(rows * cols), 256, ::limoe::cuda::kernels::to_bf16_block<float>, src, rows, cols,
-             ld, v_.data());
+             ld, copy_.data());
+    p_ = copy_.data();
+    ld_ = cols;
   }
-  const std::uint16_t* data() const { return v_.data(); }
+  // A bf16 block made elsewhere (the experts' GELU output, written by the bias + GELU kernel).
+  Bf16Operand(const std::uint16_t* p, std::int64_t ld) : p_(p), ld_(ld) {}
+  const std::uint16_t* data() const { return p_; }
+  std::int64_t ld() const { return ld_; }
 
  private:
-  DTensor<std::uint16_t> v_;
+  const std::uint16_t* p_ = nullptr;
+  std::int64_t ld_ = 0;
+  DTensor<std::uint16_t> copy_;
 };
 
-// The same product on fp32 operands under the Bf16Mixed policy `prec`: an operand whose bf16 copy the policy
-// holds (a weight in the model's mirror, core/precision.hpp) is read from there with its own leading dimension;
-// any other is rounded into a packed copy first (Bf16Copy).
+// The same product on fp32 operands under the Bf16Mixed policy `prec` (each operand as Bf16Operand reads it).
 inline void gemm_bf16(const Bf16Mixed& prec, bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K,
                       float alpha, const float* A, std::int64_t lda, const float* B, std::int64_t ldb, float beta,
                       float* C, std::int64_t ldc) {
   if (M == 0 || N == 0) return;
   // op(A) is M x K: A itself is (ta ? K x M : M x K) with leading dimension lda; likewise B.
-  const std::int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
-  const std::uint16_t* a = K > 0 ? prec.find(A, (ar - 1) * lda + ac) : nullptr;
-  const std::uint16_t* b = K > 0 ? prec.find(B, (br - 1) * ldb + bc) : nullptr;
-  std::optional<Bf16Copy> ca, cb;
-  if (!a) ca.emplace(A, ar, ac, lda);
-  if (!b) cb.emplace(B, br, bc, ldb);
-  gemm_bf16_rounded(ta, tb, M, N, K, alpha, a ? a : ca->data(), a ? lda : ac, b ? b : cb->data(), b ? ldb : bc, beta, C,
-                    ldc);
+  const Bf16Operand a(prec, A, ta ? K : M, ta ? M : K, lda), b(prec, B, tb ? N : K, tb ? K : N, ldb);
+  gemm_bf16_rounded(ta, tb, M, N, K, alpha, a.data(), a.ld(), b.data(), b.ld(), beta, C, ldc);
 }
 
 // A product under precision policy Prec: fp32 (gemm), or bf16 operands for a mixed policy (gemm_bf16).

@@ -87,30 +87,27 @@ void for_each_block(const std::vector<index_t>& off, Fn&& fn) {
 }  // namespace detail
 
 namespace detail {
-// An operand of the expert products as policy Prec reads it: fp32 in place, or (a mixed policy) bf16: the
-// weights from the policy's mirror when it has one, else a packed copy of the whole [rows, cols] buffer made once
-// per op, so each expert's product reads its block of it instead of rounding its own operands.
+// An operand of the expert products as policy Prec reads it: fp32 in place, or (a mixed policy) the whole
+// [rows, cols] buffer as exec::Bf16Operand reads it (the mirror's copy of a weight, else rounded once per op),
+// so each expert's product reads its block of it instead of rounding its own operands.
 template <class Prec, class T>
 class ExpertOperand {
  public:
-  // A weight the policy's mirror holds is read from there (made once per optimizer step, not per call).
   ExpertOperand(const Prec& prec, const T* src, index_t rows, index_t cols) : f_(src) {
-    if constexpr (Prec::mixed) {
-      given_ = prec.find(src, rows * cols);
-      if (!given_) lo_.emplace(src, rows, cols, cols);
-    } else {
-      (void)prec, (void)rows, (void)cols;
-    }
+    if constexpr (Prec::mixed) lo_.emplace(prec, src, rows, cols, cols);
+    else (void)prec, (void)rows, (void)cols;
   }
-  // A copy already made elsewhere (the forward's bf16 activation, written by expert_bias_gelu).
-  ExpertOperand(const T* src, const std::uint16_t* lo) : f_(src), given_(lo) {}
+  // A bf16 copy already made elsewhere (the forward's GELU output, written by expert_bias_gelu), packed.
+  ExpertOperand(const T* src, const std::uint16_t* lo, index_t cols) : f_(src) {
+    if constexpr (Prec::mixed) lo_.emplace(lo, cols);
+    else (void)lo, (void)cols;
+  }
   const T* f() const { return f_; }
-  const std::uint16_t* lo() const { return given_ ? given_ : lo_->data(); }
+  const std::uint16_t* lo() const { return lo_->data(); }
 
  private:
   const T* f_;
-  const std::uint16_t* given_ = nullptr;
-  std::optional<exec::Bf16Copy> lo_;
+  std::optional<exec::Bf16Operand> lo_;
 };
 
 // C = op(A) op(B) (+ C when accumulate) on the operands' elements from offsets a0 and b0, under policy Prec.
@@ -151,7 +148,7 @@ void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space
   DTensor<std::uint16_t> h16(Shape{Prec::mixed ? p.A : 0, M});
   exec::launch("expert_bias_gelu", exec::grid_for(p.A * M), 256, kn::expert_bias_gelu<T>, offsets, p.E, p.A, M, gelu,
                w.fc1_b.data(), hpre.data(), h.data(), Prec::mixed ? h16.data() : nullptr);
-  const Op hop(h.data(), Prec::mixed ? h16.data() : nullptr), w2(prec, w.fc2_w.data(), p.E * D, M);
+  const Op hop(h.data(), h16.data(), M), w2(prec, w.fc2_w.data(), p.E * D, M);
   detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
     detail::expert_product(false, true, n, D, M, hop, r0 * M, M, w2, e * D * M, M, false, ye.data() + r0 * D, D);
   });
