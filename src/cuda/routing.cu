@@ -12,13 +12,15 @@ namespace limoe::cuda::ops {
 
 template <class T>
 void route_groups(CV<T> gates, int K, std::int64_t group_size, CV<std::int64_t> capacity, bool bpr,
-                  V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch) {
-  moe::parallel::route_groups(thrust::cuda::par, gates, K, group_size, capacity, bpr, choice, route, scratch);
+                  V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch,
+                  CV<std::uint8_t> modality) {
+  moe::parallel::route_groups(thrust::cuda::par, gates, K, group_size, capacity, bpr, choice, route, scratch,
+                              modality);
 }
 
 template void route_groups<float>(CV<float>, int, std::int64_t, CV<std::int64_t>, bool, V<std::int32_t>,
-                                  V<std::int32_t>, moe::parallel::BasicRoutingScratch<Space>&);
+                                  V<std::int32_t>, moe::parallel::BasicRoutingScratch<Space>&, CV<std::uint8_t>);
 template void route_groups<double>(CV<double>, int, std::int64_t, CV<std::int64_t>, bool, V<std::int32_t>,
-                                   V<std::int32_t>, moe::parallel::BasicRoutingScratch<Space>&);
+                                   V<std::int32_t>, moe::parallel::BasicRoutingScratch<Space>&, CV<std::uint8_t>);
 
 }  // namespace limoe::cuda::ops

@@ -1,7 +1,7 @@
 // Routing on Thrust (moe/parallel_routing.hpp) on the CPU through Thrust's CPP and TBB systems: the same
 // choices and routes as the sequential stock router (TopKRouter with BPR or vanilla order) on the same gates,
-// for K = 1, 2, 3, groups with a shorter last one, capacities that drop and no-drop, and gates with exact ties
-// (between experts and between tokens), over many random cases.
+// for K = 1, 2, 3, groups with a shorter last one, capacities that drop and no-drop, gates with exact ties
+// (between experts and between tokens), and padding tokens masked out, over many random cases.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -22,10 +22,10 @@ template <class Policy>
 void check_system(Policy&& policy, const char* system) {
   routing_cases::check_all(
       [&](const Tensor<double>& gates, int K, std::int64_t group_size, const Tensor<std::int64_t>& capacity, bool bpr,
-          Tensor<std::int32_t>& choice, Tensor<std::int32_t>& route) {
+          Tensor<std::int32_t>& choice, Tensor<std::int32_t>& route, const Tensor<std::uint8_t>& modality) {
         parallel::RoutingScratch scratch;
         parallel::route_groups(policy, gates.cview(), K, group_size, capacity.cview(), bpr, choice.view(), route.view(),
-                               scratch);
+                               scratch, modality.numel() > 0 ? modality.cview() : CView<std::uint8_t>{});
       },
       system);
 }

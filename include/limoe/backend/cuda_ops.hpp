@@ -177,10 +177,12 @@ void adamw_apply(const AdamWConfig& cfg, std::int64_t step, double lr, double no
                  V<T> w, V<T> m, V<T> v);
 
 // Routing on the device (src/cuda/routing.cu): moe::parallel::route_groups with thrust::cuda::par on device
-// views (gates [N, E], capacity per group, choice and route [N, K]); the same decisions as the sequential
-// router on the same gates. T = float or double.
+// views (gates [N, E], capacity per group, choice and route [N, K], modality [N] or empty); the same decisions as
+// the sequential router on the same gates, padding (kPad) masked out as the CPU layer masks it. T = float or
+// double.
 template <class T>
 void route_groups(CV<T> gates, int K, std::int64_t group_size, CV<std::int64_t> capacity, bool bpr,
-                  V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch);
+                  V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch,
+                  CV<std::uint8_t> modality = {});
 
 }  // namespace limoe::cuda::ops
