@@ -10,11 +10,18 @@
 // combine each alone. Under bf16 the weights are read from a bf16 copy made before the timing, as a model reads
 // them from its mirror made once per optimizer step (core/precision.hpp); activations are rounded as they enter
 // each product. Times: CUDA events around 10 repetitions after 3 warm-ups. Exits 77 without a GPU.
+// Routing (fp32 only, the same T and E): the stock router (top-1, BPR, training noise, capacity 1.0, one group)
+// on the device (cuda::ops::route_topk, what the MoE layer runs) against the same decisions on the host over a
+// copy of the logits (the path of a user's own router, and of every router before route_topk): download, noise
+// and softmax, the sequential fill, upload of gates and routes. Wall-clock times, synchronised.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstdio>
 #include <limoe/backend/cuda.hpp>
+#include <limoe/moe/config.hpp>
+#include <limoe/moe/router.hpp>
 #include <limoe/core/precision.hpp>
 #include <limoe/cuda.hpp>
 #include <vector>
@@ -174,6 +181,55 @@ void run(index_t T, index_t D, int E) {
       dense_ms / moe_ms, (flops_mlp / experts_ms) / (flops_gemm / gemm_ms));
 }
 
+// Wall-clock ms of f (3 warm-ups, then 10 runs, the device synchronised after each).
+template <class F>
+double wall_ms(F&& f) {
+  for (int i = 0; i < 3; ++i) f(), check(cudaDeviceSynchronize(), "sync");
+  const auto t0 = std::chrono::steady_clock::now();
+  const int reps = 10;
+  for (int i = 0; i < reps; ++i) f(), check(cudaDeviceSynchronize(), "sync");
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
+}
+
+// The stock router over T tokens and E experts, on the device and on the host (see the header).
+void run_routing(index_t T, int E) {
+  const auto logits = device_random(Shape{T, E}, 11, 4.0f);
+  const Rng rng(5);
+  const double sigma = 1.0 / E;
+  const index_t C = moe::compute_capacity(T, E, 1, 1.0);
+  // Device: what moe_forward runs for the stock router.
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(T));
+  for (index_t t = 0; t < T; ++t) pos[static_cast<std::size_t>(t)] = t;
+  Tensor<std::int64_t, DS> pos_d(Shape{T}), cap_d(Shape{1});
+  check(cudaMemcpy(pos_d.data(), pos.data(), pos.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice), "pos");
+  check(cudaMemcpy(cap_d.data(), &C, sizeof(C), cudaMemcpyHostToDevice), "capacity");
+  Tensor<float, DS> noisy(Shape{T, E}), gates(Shape{T, E}), probs(Shape{T, E});
+  Tensor<std::int32_t, DS> choice(Shape{T, 1}), route(Shape{T, 1});
+  moe::parallel::BasicRoutingScratch<DS> scratch;
+  const double device_ms = wall_ms([&] {
+    cuda::ops::route_topk<float>(logits.cview(), pos_d.cview(), rng, sigma, 1, T, cap_d.cview(), true, {},
+                                 noisy.view(), gates.view(), probs.view(), choice.view(), route.view(), scratch);
+  });
+  // Host: download, the sequential stock router, upload.
+  std::vector<float> hl(static_cast<std::size_t>(T * E)), hn(hl.size()), hg(hl.size());
+  std::vector<std::int32_t> hc(static_cast<std::size_t>(T)), hr(hc.size());
+  std::vector<index_t> order(static_cast<std::size_t>(T)), fill(static_cast<std::size_t>(E));
+  const moe::TopKRouter<moe::StaticTopK<1>, moe::GaussianNoise, moe::BatchPriorityOrder> router{{}, {1.0}};
+  const double host_ms = wall_ms([&] {
+    check(cudaMemcpy(hl.data(), logits.data(), hl.size() * sizeof(float), cudaMemcpyDeviceToHost), "logits");
+    moe::RouteGroup<float> g;
+    g.S = T, g.E = E, g.K = 1, g.capacity = C, g.mode = Mode::Train, g.rng = &rng;
+    g.logits = hl.data(), g.noisy = hn.data(), g.gates = hg.data(), g.choice = hc.data(), g.route = hr.data();
+    g.order = order.data(), g.fill = fill.data();
+    router.route(g);
+    check(cudaMemcpy(gates.data(), hg.data(), hg.size() * sizeof(float), cudaMemcpyHostToDevice), "gates");
+    check(cudaMemcpy(route.data(), hr.data(), hr.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice), "routes");
+  });
+  std::printf("{\"bench\":\"cuda_routing\",\"T\":%lld,\"E\":%d,\"K\":1,\"capacity\":1.0,\"bpr\":true,"
+              "\"noise\":true,\"device_ms\":%.3f,\"host_round_trip_ms\":%.3f,\"host_over_device\":%.2f}\n",
+              static_cast<long long>(T), E, device_ms, host_ms, host_ms / device_ms);
+}
+
 }  // namespace
 
 int main() {
@@ -184,6 +240,7 @@ int main() {
   try {
     for (int E : {8, 16, 32}) run<Fp32>(65536, 1024, E);
     for (int E : {8, 16, 32}) run<Bf16Mixed>(65536, 1024, E);
+    for (int E : {8, 16, 32}) run_routing(65536, E);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_moe: %s\n", e.what());
     return 1;

@@ -37,6 +37,10 @@ using AC = AttentionCache<T, Space>;
                                           CV<F>, CV<F>, V<F>, V<F>, const moe::ExpertGrads<F, Space>&, moe::ExpertScratch&, \
                                           const P&);
 
+template void route_topk<F>(CV<F>, CV<std::int64_t>, const Rng&, double, int, std::int64_t, CV<std::int64_t>, bool,
+                            CV<std::uint8_t>, V<F>, V<F>, V<F>, V<std::int32_t>, V<std::int32_t>,
+                            moe::parallel::BasicRoutingScratch<Space>&);
+
 LIMOE_CUDA_PRODUCT_OPS(Fp32)
 LIMOE_CUDA_PRODUCT_OPS(Bf16Mixed)
 #undef LIMOE_CUDA_PRODUCT_OPS

@@ -259,6 +259,116 @@ TEST_CASE("cuda backend (emulated): checkpoints move between the device and the 
   std::remove(a.c_str());
   std::remove(c.c_str());
 }
+
+// The MoE layer on the device routes with the stock router there (noise, gates, Thrust routing:
+// cuda::ops::route_topk), and a router of the user's own on the host over the logits; the layer on Ref routes
+// on the host. Same decisions, gates, outputs, losses and gradients: groups with a shorter last one, padding (a whole group of it too), K = 1 and 2, BPR and vanilla,
+// capacity that drops, training noise drawn at each token's packed place from a nonzero first token.
+namespace {
+// The stock router behind a type of the user's own: moe_forward on a device backend routes it on the host.
+struct HostRouted {
+  moe::TopKRouter<moe::DynamicTopK, moe::GaussianNoise, moe::BatchPriorityOrder> r;
+  int top_k() const { return r.top_k(); }
+  double noise_sigma(int E) const { return r.noise_sigma(E); }
+  bool noise_active(Mode m) const { return r.noise_active(m); }
+  template <class T>
+  void route(const moe::RouteGroup<T>& g) const {
+    r.route(g);
+  }
+};
+static_assert(!moe::IsStockRouter<HostRouted>::value);
+static_assert(moe::IsStockRouter<moe::TopKRouter<moe::StaticTopK<2>, moe::NoNoise, moe::VanillaOrder>>::value);
+}  // namespace
+
+TEST_CASE("cuda backend (emulated): the MoE layer's device routing against the host router on Ref") {
+  using T = double;
+  using DS = testing_cuda::DS;
+  const index_t N = 61, D = 6, M = 10;
+  const int E = 5;
+  const Tensor<T> x = testing::randn<T>(Shape{N, D}, 11), dy = testing::randn<T>(Shape{N, D}, 12);
+  const Tensor<T> wr = testing::randn<T>(Shape{E, D}, 13), w1 = testing::randn<T>(Shape{E, M, D}, 14, 0.5);
+  const Tensor<T> b1 = testing::randn<T>(Shape{E, M}, 15, 0.1), w2 = testing::randn<T>(Shape{E, D, M}, 16, 0.5);
+  const Tensor<T> b2 = testing::randn<T>(Shape{E, D}, 17, 0.1);
+  const auto dx_ = Mirror<const T>(x.cview()), ddy = Mirror<const T>(dy.cview());
+  const auto dwr = Mirror<const T>(wr.cview()), dw1 = Mirror<const T>(w1.cview()), db1 = Mirror<const T>(b1.cview());
+  const auto dw2 = Mirror<const T>(w2.cview()), db2 = Mirror<const T>(b2.cview());
+  int cases = 0, dropped = 0;
+  for (bool own_router : {false, true})  // the stock router (on the device), or one of the user's (on the host)
+  for (int K : {1, 2})
+    for (bool bpr : {true, false})
+      for (Mode mode : {Mode::Train, Mode::Eval})
+        for (bool pad : {false, true}) {
+          if (own_router && !bpr) continue;  // HostRouted orders by priority
+          CAPTURE(own_router);
+          CAPTURE(K);
+          CAPTURE(bpr);
+          CAPTURE(static_cast<int>(mode));
+          CAPTURE(pad);
+          moe::MoeConfig cfg;
+          cfg.experts = E, cfg.top_k = K, cfg.first_token = 7;
+          cfg.router.bpr = bpr, cfg.router.group_size = 12, cfg.router.noise_std = 2.0;
+          cfg.router.capacity_factor_train = 0.8, cfg.router.capacity_factor_eval = 1.0;
+          std::vector<std::uint8_t> modality(static_cast<std::size_t>(N), moe::kImage);
+          for (index_t t = 0; t < N; ++t) {
+            if (t % 4 == 1) modality[static_cast<std::size_t>(t)] = moe::kText;
+            if (pad && ((t >= 24 && t < 36) || t % 5 == 3)) modality[static_cast<std::size_t>(t)] = moe::kPad;
+          }
+          const Rng rng(21);
+          // Ref: the host router.
+          Tensor<T> y(Shape{N, D}), dx(Shape{N, D});
+          Tensor<T> gwr(Shape{E, D}), gw1(Shape{E, M, D}), gb1(Shape{E, M}), gw2(Shape{E, D, M}), gb2(Shape{E, D});
+          moe::MoeContext<T> ctx;
+          moe::moe_forward<T, moe::DefaultAuxLosses, Ref>(cfg, {wr.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()},
+                                                          x.cview(), modality, mode, rng, y.view(), ctx);
+          moe::moe_backward<T, Ref>({wr.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()}, x.cview(), dy.cview(),
+                                    dx.view(), {gwr.view(), gw1.view(), gb1.view(), gw2.view(), gb2.view()}, ctx);
+          // Cuda: the stock router on the device.
+          Tensor<T, DS> y_d(Shape{N, D}), dx_d(Shape{N, D});
+          Tensor<T, DS> gwr_d(Shape{E, D}), gw1_d(Shape{E, M, D}), gb1_d(Shape{E, M}), gw2_d(Shape{E, D, M}),
+              gb2_d(Shape{E, D});
+          const moe::MoeParams<T, DS> pd{dwr.v(), dw1.v(), db1.v(), dw2.v(), db2.v()};
+          moe::MoeContext<T, DS> ctx_d;
+          if (own_router)
+            moe::moe_forward<T, moe::DefaultAuxLosses, Cuda>(HostRouted{{{K}, {cfg.router.noise_std}}}, cfg, pd, dx_.v(),
+                                                             modality, mode, rng, y_d.view(), ctx_d);
+          else
+            moe::moe_forward<T, moe::DefaultAuxLosses, Cuda>(cfg, pd, dx_.v(), modality, mode, rng, y_d.view(), ctx_d);
+          moe::moe_backward<T, Cuda>(pd, dx_.v(), ddy.v(), dx_d.view(),
+                                     {gwr_d.view(), gw1_d.view(), gb1_d.view(), gw2_d.view(), gb2_d.view()}, ctx_d);
+          for (index_t i = 0; i < N * K; ++i) {
+            REQUIRE(ctx_d.routes()[i] == ctx.routes()[i]);
+            dropped += ctx.routes()[i] < 0 && modality[static_cast<std::size_t>(i / K)] != moe::kPad;
+          }
+          for (index_t i = 0; i < N * E; ++i) {
+            REQUIRE(std::abs(ctx_d.gate_values()[i] - ctx.gate_values()[i]) <= 1e-14);
+            REQUIRE(std::abs(ctx_d.noisy[i] - ctx.noisy[i]) <= 1e-14);
+            REQUIRE(std::abs(ctx_d.probs[i] - ctx.probs[i]) <= 1e-14);
+          }
+          CHECK(ctx_d.losses.total == doctest::Approx(ctx.losses.total).epsilon(1e-12));
+          CHECK(ctx_d.losses.load == doctest::Approx(ctx.losses.load).epsilon(1e-12));
+          CHECK(ctx_d.stats.padding == ctx.stats.padding);
+          CHECK(ctx_d.stats.dropped[0] == ctx.stats.dropped[0]);
+          CHECK(ctx_d.stats.dropped[1] == ctx.stats.dropped[1]);
+          auto down = [](const Tensor<T, DS>& d) {
+            Tensor<T> h;
+            testing_cuda::download(d, h);
+            return h;
+          };
+          auto widen = [](const Tensor<T>& t) {
+            Tensor<double> w(t.shape());
+            for (index_t i = 0; i < t.numel(); ++i) w[i] = t[i];
+            return w;
+          };
+          CHECK(testing::max_diff(down(y_d), widen(y)) <= 1e-10);
+          CHECK(testing::max_diff(down(dx_d), widen(dx)) <= 1e-10);
+          CHECK(testing::max_diff(down(gwr_d), widen(gwr)) <= 1e-10);
+          CHECK(testing::max_diff(down(gw1_d), widen(gw1)) <= 1e-10);
+          ++cases;
+        }
+  CHECK(cases == 24);
+  CHECK(dropped > 0);  // capacity binds
+}
+
 #endif
 
 TEST_CASE("cuda backend (emulated): every op against Ref, forward and backward (float)") {

@@ -2,7 +2,10 @@
 # src/cuda/kernels/ compiled by the host compiler through tests/support/cuda_emu.hpp and compared with the Ref
 # backend; built twice, the second time with ThreadSanitizer, so a missing __syncthreads is a reported race.
 # test_cuda_emu_backend: the CUDA backend's whole op table (src/cuda/backend/) through the backend harness's
-# cases, against Ref; its TSan build runs float and one seed (LIMOE_HARNESS_QUICK).
+# cases, against Ref; its TSan build runs float and one seed (LIMOE_HARNESS_QUICK). Routing runs on Thrust's CPP
+# system there, in a unit of its own (support/emu_routing.cpp, with limoe_thrust_host of tests/CMakeLists.txt).
+set(LIMOE_EMU_ROUTING_SRC ${CMAKE_CURRENT_SOURCE_DIR}/support/emu_routing.cpp)
+set_source_files_properties(${LIMOE_EMU_ROUTING_SRC} PROPERTIES COMPILE_DEFINITIONS LIMOE_CUDA_EMULATION=1)
 foreach(variant IN ITEMS plain tsan)
  foreach(what IN ITEMS kernels backend)
   set(name test_cuda_emu_${what})
@@ -10,8 +13,8 @@ foreach(variant IN ITEMS plain tsan)
     set(name test_cuda_emu_${what}_tsan)
   endif()
   add_executable(${name} ${CMAKE_CURRENT_SOURCE_DIR}/cuda_emu/test_cuda_emu_${what}.cpp
-                         ${CMAKE_CURRENT_SOURCE_DIR}/support/doctest_main.cpp)
-  target_link_libraries(${name} PRIVATE limoe::limoe limoe_project_flags doctest::doctest)
+                         ${CMAKE_CURRENT_SOURCE_DIR}/support/doctest_main.cpp ${LIMOE_EMU_ROUTING_SRC})
+  target_link_libraries(${name} PRIVATE limoe::limoe limoe_project_flags limoe_thrust_host doctest::doctest)
   target_include_directories(${name} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)
   # -O1 (limoe_test_flags): half the compile time of -O3 (64 s against 125 s on 2 cores for the backend test) and
   # the same run time (34 s): the emulated kernels' cost is the threads meeting at barriers, not the arithmetic.
@@ -23,8 +26,9 @@ foreach(variant IN ITEMS plain tsan)
   endif()
   add_test(NAME ${name} COMMAND ${name})
   # RUN_SERIAL: each runs a team of up to 256 host threads meeting at barriers; two side by side on 2 cores
-  # took 86 s instead of 16 + 18.
-  set_tests_properties(${name} PROPERTIES LABELS "cuda" TIMEOUT 300 SKIP_RETURN_CODE 77 RUN_SERIAL ON
+  # took 86 s instead of 16 + 18. TIMEOUT 900: 32 s alone, but 7.6 min was seen beside two training runs (the
+  # threads' barriers starve when the cores are busy).
+  set_tests_properties(${name} PROPERTIES LABELS "cuda" TIMEOUT 900 SKIP_RETURN_CODE 77 RUN_SERIAL ON
                        ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1 exitcode=66")
  endforeach()
 endforeach()

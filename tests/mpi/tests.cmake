@@ -23,10 +23,14 @@ add_test(NAME test_mpi_rank_failure_in_backward COMMAND ${LIMOE_MPIEXEC} --overs
 set_tests_properties(test_mpi_rank_failure_in_backward PROPERTIES LABELS "mpi" TIMEOUT 60 PROCESSORS 2
   ENVIRONMENT "${_limoe_mpi_env}" PASS_REGULAR_EXPRESSION "rank 1: injected failure in backward")
 
-# A model on the CUDA backend (through the CPU emulation) trained data parallel on 2 ranks.
-add_executable(test_mpi_cuda_emu ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_mpi_cuda_emu.cpp)
-target_link_libraries(test_mpi_cuda_emu PRIVATE limoe::mpi limoe_project_flags limoe_test_flags doctest::doctest)
-target_include_directories(test_mpi_cuda_emu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)
-add_test(NAME test_mpi_cuda_emu_np2 COMMAND ${LIMOE_MPIEXEC} --oversubscribe -np 2 $<TARGET_FILE:test_mpi_cuda_emu>)
-set_tests_properties(test_mpi_cuda_emu_np2 PROPERTIES LABELS "mpi" TIMEOUT 300 PROCESSORS 2 RUN_SERIAL ON
-                     ENVIRONMENT "${_limoe_mpi_env}")
+# A model on the CUDA backend (through the CPU emulation; its routing on Thrust's CPP system) trained data
+# parallel on 2 ranks.
+if(TARGET limoe_thrust_host)
+  add_executable(test_mpi_cuda_emu ${CMAKE_CURRENT_SOURCE_DIR}/mpi/test_mpi_cuda_emu.cpp ${LIMOE_EMU_ROUTING_SRC})
+  target_link_libraries(test_mpi_cuda_emu PRIVATE limoe::mpi limoe_project_flags limoe_test_flags limoe_thrust_host
+                        doctest::doctest)
+  target_include_directories(test_mpi_cuda_emu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/src)
+  add_test(NAME test_mpi_cuda_emu_np2 COMMAND ${LIMOE_MPIEXEC} --oversubscribe -np 2 $<TARGET_FILE:test_mpi_cuda_emu>)
+  set_tests_properties(test_mpi_cuda_emu_np2 PROPERTIES LABELS "mpi" TIMEOUT 300 PROCESSORS 2 RUN_SERIAL ON
+                       ENVIRONMENT "${_limoe_mpi_env}")
+endif()

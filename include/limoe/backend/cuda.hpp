@@ -29,6 +29,11 @@ struct Ops<Cuda, T> {
 #define LIMOE_OPS_DENSE_NS ::limoe::cuda::ops
 #define LIMOE_OPS_MOE_NS ::limoe::cuda::ops
   LIMOE_BACKEND_OP_TABLE(CudaBackendSpace)
+  // The stock router on the device (moe_forward's route for TopKRouter with GaussianNoise on this backend).
+  template <class... A>
+  static void route_topk(A&&... a) {
+    ::limoe::cuda::ops::route_topk<T>(std::forward<A>(a)...);
+  }
 #undef LIMOE_OPS_DENSE_NS
 #undef LIMOE_OPS_MOE_NS
 };

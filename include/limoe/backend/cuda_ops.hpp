@@ -12,6 +12,7 @@
 #include "limoe/core/block_pool.hpp"
 #include "limoe/core/enums.hpp"
 #include "limoe/core/policies.hpp"
+#include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/adamw.hpp"
 #include "limoe/moe/plan.hpp"
@@ -175,6 +176,13 @@ double adamw_update(const AdamWConfig& cfg, std::int64_t step, double lr, CV<T> 
 template <class T>
 void adamw_apply(const AdamWConfig& cfg, std::int64_t step, double lr, double norm, CV<T> g, CV<std::uint8_t> decay,
                  V<T> w, V<T> m, V<T> v);
+
+// The stock router on the device (src/cuda/backend/moe_ops.cuh: noise, gates, then route_groups below on the
+// backend's stream); what moe_forward runs for TopKRouter with GaussianNoise on a device backend.
+template <class T>
+void route_topk(CV<T> logits, CV<std::int64_t> pos, const Rng& rng, double sigma, int K, std::int64_t group_size,
+                CV<std::int64_t> capacity, bool bpr, CV<std::uint8_t> modality, V<T> noisy, V<T> gates, V<T> probs,
+                V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch);
 
 // Routing on the device (src/cuda/routing.cu): moe::parallel::route_groups with thrust::cuda::par on device
 // views (gates [N, E], capacity per group, choice and route [N, K], modality [N] or empty); the same decisions as

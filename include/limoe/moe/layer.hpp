@@ -59,9 +59,11 @@ struct MoeGrads {
 // Everything forward leaves for backward, plus the call's outputs besides y: routes, losses, statistics.
 // Reuse one context per layer (and per micro-batch in flight); buffers only grow.
 // The routing state (logits, gates, choices, routes, losses, statistics) is host data on every backend: the
-// router and loss policies are host code. The rows the experts see (the dispatch plan, xe, ..., dxe) live in the
-// backend's memory space S; a device backend also keeps device copies of what its ops read (gates, routes,
-// the router's logit gradient) and host copies of what the router's backward reads.
+// loss policies and custom routers are host code. The rows the experts see (the dispatch plan, xe, ..., dxe)
+// live in the backend's memory space S; a device backend also keeps device copies of what its ops read (gates,
+// routes, the router's logit gradient) and host copies of what the router's backward reads. A device backend
+// runs the stock router there (noise, gates, routing: one pass, no host round trip before the experts) and
+// brings its results over for the losses and statistics.
 template <class T, class S = HostSpace>
 struct MoeContext {
   // ---- outputs of the last forward ----
@@ -109,6 +111,13 @@ struct MoeContext {
   Tensor<T, S> logits_d, gates_d, dlogits_d;      // [N, E]
   Tensor<std::int32_t, S> route_d;                // [N, K]
   Tensor<index_t> slot_row_h;                     // [N * K]
+  // ... and, when it routes on the device (the stock router): what the routing reads and writes there.
+  Tensor<T, S> noisy_d, probs_d;                  // [N, E]
+  Tensor<std::int32_t, S> choice_d;               // [N, K]
+  Tensor<index_t, S> pos_d, capacity_d;           // [N] noise counter row (-1 padding), [groups]
+  Tensor<std::uint8_t, S> modality_d;             // [N] (calls with padding)
+  Tensor<index_t> pos_h;                          // [N]
+  parallel::BasicRoutingScratch<S> route_scratch;
   Tensor<T> row_dgate_h;                          // [A]
   // The gates and routes as the backend's ops see them.
   CView<T, S> gates_for_ops() const {
@@ -244,18 +253,21 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   }
 
   // 1. Router logits (semantics §3 step 1) and clean gates G = softmax(logits) for the losses. A device
-  // backend computes the logits there (fp32) and routes on the host over a copy: the router is host code.
+  // backend computes the logits there (fp32); it routes there too with the stock router, and on the host over
+  // a copy with any other (host code).
+  constexpr bool device_routing = !host_memory && IsStockRouter<Router>::value;
   if constexpr (host_memory) {
     if (N > 0)
       detail::gemm_rows<T>(Trans::N, Trans::T, N, E, D, x.data(), D, p.router_w.data(), D, T(0), c.logits.data(), E);
   } else {
     c.logits_d.resize(Shape{N, E});  // [N, E]
     O::linear_forward(x, p.router_w, CView<T, S>{}, c.logits_d.view());
-    copy_to_host<T, S>(c.logits_d.cview(), c.logits.view());
+    if constexpr (!device_routing) copy_to_host<T, S>(c.logits_d.cview(), c.logits.view());
   }
-  parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
-    for (index_t t = t0; t < t1; ++t) math::softmax_row(c.logits.data() + t * E, E, c.probs.data() + t * E);
-  });
+  if constexpr (!device_routing)
+    parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
+      for (index_t t = t0; t < t1; ++t) math::softmax_row(c.logits.data() + t * E, E, c.probs.data() + t * E);
+    });
 
   // Padding: each group's routed tokens, in order (a group without padding is routed in place).
   c.group_active.assign(static_cast<std::size_t>(G), 0);
@@ -278,8 +290,58 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     c.capacity[g] = compute_capacity(n, E, K, cfg.router.capacity_factor(training), cfg.router.capacity_multiple_of);
   }
 
-  // 2. Route every group (steps 2-6), then check the router kept its contract.
-  parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
+  // The load loss needs the router's noise scale: the router policy owns it (router_noise_sigma), not the
+  // config, so a custom noise policy gets a consistent load loss and a noiseless router none.
+  const double sigma = router_noise_sigma(router, E, mode);
+  const bool noise_active = sigma > 0;
+
+  // 2. Route every group (steps 2-6), then check the router kept its contract. On a device backend the stock
+  // router runs there: each routed token's noise counter row (its packed place, as the host router draws it),
+  // the capacities and the modality go over, the results come back for the losses and statistics.
+  if constexpr (device_routing) {
+    c.pos_h.resize(Shape{N});  // [N]
+    for (index_t g = 0; g < G; ++g) {
+      const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
+      if (n == S) {
+        for (index_t s = row0; s < row0 + S; ++s) c.pos_h[s] = cfg.first_token + s;
+        continue;
+      }
+      for (index_t s = row0; s < row0 + S; ++s) c.pos_h[s] = -1;
+      for (index_t j = 0; j < n; ++j) c.pos_h[c.active_rows[static_cast<std::size_t>(row0 + j)]] = cfg.first_token + row0 + j;
+    }
+    c.pos_d.resize(Shape{N}), c.capacity_d.resize(Shape{G});                     // [N], [G]
+    c.noisy_d.resize(Shape{N, E}), c.gates_d.resize(Shape{N, E}), c.probs_d.resize(Shape{N, E});  // [N, E]
+    c.choice_d.resize(Shape{N, K}), c.route_d.resize(Shape{N, K});               // [N, K]
+    copy_from_host<index_t, S>(c.pos_h.cview(), c.pos_d.view());
+    copy_from_host<index_t, S>(c.capacity.cview(), c.capacity_d.view());
+    CView<std::uint8_t, S> mod_d;
+    if (padded) {
+      c.modality_d.resize(Shape{N});  // [N]
+      copy_from_host<std::uint8_t, S>(CView<std::uint8_t>(modality.data(), Shape{N}), c.modality_d.view());
+      mod_d = c.modality_d.cview();
+    }
+    O::route_topk(c.logits_d.cview(), c.pos_d.cview(), rng, sigma, K, gs, c.capacity_d.cview(),
+                  IsStockRouter<Router>::bpr, mod_d, c.noisy_d.view(), c.gates_d.view(), c.probs_d.view(),
+                  c.choice_d.view(), c.route_d.view(), c.route_scratch);
+    copy_to_host<T, S>(c.logits_d.cview(), c.logits.view());
+    copy_to_host<T, S>(c.noisy_d.cview(), c.noisy.view());
+    copy_to_host<T, S>(c.gates_d.cview(), c.gates.view());
+    copy_to_host<T, S>(c.probs_d.cview(), c.probs.view());
+    copy_to_host<std::int32_t, S>(c.choice_d.cview(), c.choice.view());
+    copy_to_host<std::int32_t, S>(c.route_d.cview(), c.route.view());
+    // What the loss terms read of a group with padding, packed as the host router would have left it.
+    for (index_t g = 0; padded && g < G; ++g) {
+      const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
+      for (index_t j = 0; n < S && j < n; ++j) {
+        const index_t s = c.active_rows[static_cast<std::size_t>(row0 + j)], q = row0 + j;
+        std::copy_n(c.logits.data() + s * E, E, c.pk_logits.data() + q * E);
+        std::copy_n(c.noisy.data() + s * E, E, c.pk_noisy.data() + q * E);
+        std::copy_n(c.probs.data() + s * E, E, c.pk_probs.data() + q * E);
+        std::copy_n(c.choice.data() + s * K, K, c.pk_choice.data() + q * K);
+        c.pk_modality[static_cast<std::size_t>(q)] = modality[static_cast<std::size_t>(s)];
+      }
+    }
+  } else parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
     for (index_t g = g0; g < g1; ++g) {
       const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
       const bool packed = n < S;  // the group holds padding: route its other tokens, packed
@@ -328,10 +390,6 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
 
   // 3. Auxiliary losses per group, averaged over groups (semantics §4).
   std::fill(c.aux_dlogits.data(), c.aux_dlogits.data() + N * E, 0.0);
-  // The load loss needs the router's noise scale: the router policy owns it (router_noise_sigma), not the
-  // config, so a custom noise policy gets a consistent load loss and a noiseless router none.
-  const double sigma = router_noise_sigma(router, E, mode);
-  const bool noise_active = sigma > 0;
   parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
     for (index_t g = g0; g < g1; ++g) {
       const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
@@ -362,7 +420,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   }
 
   // 4-6. Dispatch plan, gather, the grouped expert MLP, combine (moe/ops.hpp).
-  if constexpr (!host_memory) {  // what the device ops read of the routing
+  if constexpr (!host_memory && !device_routing) {  // what the device ops read of the routing
     c.gates_d.resize(Shape{N, E}), c.route_d.resize(Shape{N, K});
     copy_from_host<T, S>(c.gates.cview(), c.gates_d.view());
     copy_from_host<std::int32_t, S>(c.route.cview(), c.route_d.view());

@@ -23,6 +23,7 @@
 #include <concepts>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
@@ -183,6 +184,17 @@ struct TopKRouter {
         }
       }
   }
+};
+
+// The stock router with Gaussian or no noise, any K policy and either order: what a device backend runs on the
+// device (moe_forward; the CUDA backend's route_topk). Any other router runs on the host.
+template <class R>
+struct IsStockRouter : std::false_type {};
+template <class KP, class Noise, class Order>
+  requires((std::same_as<Noise, GaussianNoise> || std::same_as<Noise, NoNoise>) &&
+           (std::same_as<Order, BatchPriorityOrder> || std::same_as<Order, VanillaOrder>))
+struct IsStockRouter<TopKRouter<KP, Noise, Order>> : std::true_type {
+  static constexpr bool bpr = std::same_as<Order, BatchPriorityOrder>;
 };
 
 // Calls fn(router) with the TopKRouter instantiation that `cfg` describes: K 1 and 2 at compile time, other K

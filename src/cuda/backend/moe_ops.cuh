@@ -1,7 +1,11 @@
-// src/cuda/backend/moe_ops.cuh: the CUDA backend's MoE ops (moe/ops.hpp's list and rules): the dispatch plan
-// by a counting sort without atomics, dispatch and combine as gathers, the experts as one product per expert
-// over its block of rows (the grouped product of no-drop routing). The plan's per-expert row counts come back
-// to the host once per plan (the products' sizes); nothing else synchronises.
+// src/cuda/backend/moe_ops.cuh: the CUDA backend's MoE ops (moe/ops.hpp's list and rules): the stock router on
+// the device (noise, gates and moe/parallel_routing.hpp's Thrust routing), the dispatch plan by a counting sort
+// without atomics, dispatch and combine as gathers, the experts as one product per expert over its block of rows
+// (the grouped product of no-drop routing). The plan's per-expert row counts come back to the host once per
+// plan (the products' sizes); nothing else synchronises.
+// The routing itself is cuda_ops.hpp's route_groups: Thrust on the GPU (src/cuda/routing.cu) under nvcc, on
+// Thrust's CPP system in a translation unit of its own under the emulation (tests/support/emu_routing.cpp:
+// Thrust's headers and the emulation's CUDA keywords do not mix in one unit).
 #pragma once
 
 #include <cstdint>
@@ -12,6 +16,29 @@
 #include "ops.cuh"
 
 namespace limoe::cuda::ops {
+
+// The stock router (moe/router.hpp's TopKRouter with GaussianNoise, BPR or vanilla order) for every group of a
+// call, on the device: kernels::router_gates (noise, gates, the clean probs), then route_groups (top-K, priority,
+// capacity; padding masked). pos [N]: each routed token's noise counter row (MoeConfig::first_token + its row in
+// its group's packed order), -1 for padding; sigma: the noise's standard deviation, 0 for none; capacity [G];
+// modality [N] or empty. Writes noisy, gates, probs [N, E] and choice, route [N, K]; the decisions are the
+// sequential router's on the same gates (the layer routing each group's non-padding tokens packed).
+template <class T>
+void route_topk(CV<T> logits, CV<std::int64_t> pos, const Rng& rng, double sigma, int K, std::int64_t group_size,
+                CV<std::int64_t> capacity, bool bpr, CV<std::uint8_t> modality, V<T> noisy, V<T> gates, V<T> probs,
+                V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch) {
+  LIMOE_CHECK(logits.rank() == 2, "cuda::route_topk: logits must be [N, E], got ", logits.shape().str());
+  const index_t N = logits.dim(0);
+  const int E = static_cast<int>(logits.dim(1));
+  expect_shape(pos, Shape{N}, "cuda::route_topk: pos");
+  expect_shape(noisy, logits.shape(), "cuda::route_topk: noisy");
+  expect_shape(gates, logits.shape(), "cuda::route_topk: gates");
+  expect_shape(probs, logits.shape(), "cuda::route_topk: probs");
+  LIMOE_CHECK(sigma >= 0, "cuda::route_topk: sigma must be >= 0, got ", sigma);
+  exec::launch("router_gates", exec::grid_for(N, 128), 128, kn::router_gates<T>, logits.data(), pos.data(), N, E,
+               rng, sigma, noisy.data(), gates.data(), probs.data());
+  route_groups<T>(CV<T>(gates), K, group_size, capacity, bpr, choice, route, scratch, modality);
+}
 
 // route [N, K] (expert or -1) -> plan, as moe::cpu::make_dispatch_plan: experts' blocks in expert order,
 // choices in call order inside a block. An entry that is neither -1 nor an expert is an error.

@@ -10,8 +10,10 @@
 #include <cstdint>
 
 #include "limoe/core/enums.hpp"
+#include "limoe/core/rng.hpp"
 #include "limoe/math/bf16.hpp"
 #include "limoe/math/gelu.hpp"
+#include "limoe/math/softmax.hpp"
 #include "reduce.cuh"
 
 namespace limoe::cuda::kernels {
@@ -126,6 +128,29 @@ __global__ void expert_column_sums(const std::int64_t* __restrict__ offsets, std
   T s = 0;
   for (std::int64_t r = offsets[e]; r < offsets[e + 1]; ++r) s += g[r * C + c];
   acc[e * C + c] += s;
+}
+
+// The stock router's gates for every token of a call (one thread per token; moe/router.hpp's GaussianNoise and
+// softmax, the layer's packing of padding): probs = softmax(logits), the clean gates the losses read; a routed
+// token (pos[t] >= 0: its place in its group's packed order, counted from the call's first token) gets
+// noisy = logits + sigma * N(0, 1) drawn at counter pos[t] * E + e (sigma 0: no noise) and gates =
+// softmax(noisy); a padding token (pos[t] < 0) keeps noisy = logits and gates = probs.
+template <class T>
+__global__ void router_gates(const T* __restrict__ logits, const std::int64_t* __restrict__ pos, std::int64_t N,
+                             int E, Rng rng, double sigma, T* __restrict__ noisy, T* __restrict__ gates,
+                             T* __restrict__ probs) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < N; t += stride) {
+    const T* l = logits + t * E;
+    T* z = noisy + t * E;
+    math::softmax_row(l, E, probs + t * E);
+    const std::int64_t p = pos[t];
+    const auto base = static_cast<std::uint64_t>(p) * static_cast<std::uint64_t>(E);
+    for (int e = 0; e < E; ++e)
+      z[e] = p >= 0 && sigma > 0 ? l[e] + static_cast<T>(sigma * rng.normal(0, base + static_cast<std::uint64_t>(e)))
+                                 : l[e];
+    math::softmax_row(z, E, gates + t * E);
+  }
 }
 
 }  // namespace limoe::cuda::kernels
