@@ -332,7 +332,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     // What the loss terms read of a group with padding, packed as the host router would have left it.
     for (index_t g = 0; padded && g < G; ++g) {
       const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
-      for (index_t j = 0; n < S && j < n; ++j) {
+      if (n == S) continue;  // no padding in this group: the terms read it in place
+      for (index_t j = 0; j < n; ++j) {
         const index_t s = c.active_rows[static_cast<std::size_t>(row0 + j)], q = row0 + j;
         std::copy_n(c.logits.data() + s * E, E, c.pk_logits.data() + q * E);
         std::copy_n(c.noisy.data() + s * E, E, c.pk_noisy.data() + q * E);
