@@ -5,6 +5,8 @@
 //   dense  y = GELU(x W1^T + b1) W2^T + b2 over T tokens (D -> M -> D)
 //   moe    dispatch plan, dispatch, the E experts (each D -> M -> D over its T/E tokens: K = 1, capacity 1.0,
 //          a balanced route), combine with the gates
+// The same layer again on the fixed-capacity plan (make_fixed_dispatch_plan: no read-back; in fp32 the experts
+// as one strided-batched product per weight matrix): the *_fixed_* fields.
 // Also the ceiling for the dense product [T, D] x [D, M] (cuBLAS's sgemm in fp32; cublasGemmEx on operands
 // already in bf16 for bf16), the rate of the experts' products alone against it, and the plan, dispatch and
 // combine each alone. Under bf16 the weights are read from a bf16 copy made before the timing, as a model reads
@@ -167,6 +169,24 @@ void run(index_t T, index_t D, int E) {
   const double plan_ms = time_ms([&] { O::make_dispatch_plan(route.cview(), E, plan); });
   const double dispatch_ms = time_ms([&] { O::dispatch_forward(plan, x.cview(), xe.view()); });
   const double combine_ms = time_ms([&] { O::combine_forward(plan, gates.cview(), route.cview(), ye.cview(), out.view()); });
+  // The same layer on the fixed-capacity plan (C = T / E rows per expert: no empty row with this route), what
+  // the MoE layer takes when the capacity binds: no read-back, and in fp32 one strided-batched product per
+  // weight matrix.
+  const index_t C = (T + E - 1) / E;
+  moe::BasicDispatchPlan<DS> fplan;
+  Tensor<float, DS> fxe(Shape{E * C, D}), fhpre(Shape{E * C, M}), fhe(Shape{E * C, M}), fye(Shape{E * C, D});
+  const auto fexperts = [&] {
+    cuda::ops::expert_mlp_forward<float, Prec>(fplan, w, GeluKind::Erf, fxe.cview(), fhpre.view(), fhe.view(),
+                                               fye.view(), scratch, prec);
+  };
+  const double moe_fixed_ms = time_ms([&] {
+    cuda::ops::make_fixed_dispatch_plan(route.cview(), E, C, fplan);
+    O::dispatch_forward(fplan, x.cview(), fxe.view());
+    fexperts();
+    O::combine_forward(fplan, gates.cview(), route.cview(), fye.cview(), out.view());
+  });
+  const double experts_fixed_ms = time_ms(fexperts);
+  const double plan_fixed_ms = time_ms([&] { cuda::ops::make_fixed_dispatch_plan(route.cview(), E, C, fplan); });
   const double flops_mlp = 4.0 * static_cast<double>(T) * static_cast<double>(D) * static_cast<double>(M);
   const double flops_gemm = flops_mlp / 2;
   std::printf(
@@ -174,11 +194,14 @@ void run(index_t T, index_t D, int E) {
       "\"dense_mlp_ms\":%.3f,\"moe_layer_ms\":%.3f,\"experts_ms\":%.3f,\"plan_ms\":%.3f,\"dispatch_ms\":%.3f,"
       "\"combine_ms\":%.3f,\"ceiling\":\"%s\",\"ceiling_ms\":%.3f,"
       "\"ceiling_tflops\":%.2f,\"dense_mlp_tflops\":%.2f,\"experts_tflops\":%.2f,"
-      "\"moe_over_dense_speed\":%.3f,\"experts_over_ceiling_rate\":%.3f}\n",
+      "\"moe_over_dense_speed\":%.3f,\"experts_over_ceiling_rate\":%.3f,"
+      "\"moe_layer_fixed_ms\":%.3f,\"experts_fixed_ms\":%.3f,\"plan_fixed_ms\":%.3f,"
+      "\"moe_fixed_over_dense_speed\":%.3f,\"experts_fixed_over_ceiling_rate\":%.3f}\n",
       Prec::name, static_cast<long long>(T), static_cast<long long>(D), static_cast<long long>(M), E, dense_ms, moe_ms,
       experts_ms, plan_ms, dispatch_ms, combine_ms, Prec::mixed ? "cublasGemmEx bf16 operands" : "cublasSgemm",
       gemm_ms, flops_gemm / gemm_ms * 1e-9, flops_mlp / dense_ms * 1e-9, flops_mlp / experts_ms * 1e-9,
-      dense_ms / moe_ms, (flops_mlp / experts_ms) / (flops_gemm / gemm_ms));
+      dense_ms / moe_ms, (flops_mlp / experts_ms) / (flops_gemm / gemm_ms), moe_fixed_ms, experts_fixed_ms,
+      plan_fixed_ms, dense_ms / moe_fixed_ms, (flops_mlp / experts_fixed_ms) / (flops_gemm / gemm_ms));
 }
 
 // Wall-clock ms of f (3 warm-ups, then 10 runs, the device synchronised after each).

@@ -41,6 +41,10 @@ template void route_topk<F>(CV<F>, CV<std::int64_t>, const Rng&, double, int, st
                             CV<std::uint8_t>, V<F>, V<F>, V<F>, V<std::int32_t>, V<std::int32_t>,
                             moe::parallel::BasicRoutingScratch<Space>&);
 
+template void aux_losses<F>(CV<F>, CV<F>, CV<F>, CV<std::int32_t>, CV<std::int32_t>, CV<std::uint8_t>, std::int64_t, int,
+                            const moe::AuxLossConfig&, double, V<double>, V<double>, V<double>);
+template void router_backward<F>(const DispatchPlan&, CV<F>, CV<std::int32_t>, CV<F>, CV<double>, double, V<F>);
+
 LIMOE_CUDA_PRODUCT_OPS(Fp32)
 LIMOE_CUDA_PRODUCT_OPS(Bf16Mixed)
 #undef LIMOE_CUDA_PRODUCT_OPS

@@ -261,9 +261,14 @@ TEST_CASE("cuda backend (emulated): checkpoints move between the device and the 
 }
 
 // The MoE layer on the device routes with the stock router there (noise, gates, Thrust routing:
-// cuda::ops::route_topk), and a router of the user's own on the host over the logits; the layer on Ref routes
-// on the host. Same decisions, gates, outputs, losses and gradients: groups with a shorter last one, padding (a whole group of it too), K = 1 and 2, BPR and vanilla,
-// capacity that drops, training noise drawn at each token's packed place from a nonzero first token.
+// cuda::ops::route_topk) and takes a stock loss set's terms and the statistics' sums there too
+// (cuda::ops::aux_losses), and the router's backward (cuda::ops::router_backward); a router of the user's own
+// routes on the host over the logits, a loss set with a term of the user's own is computed on the host. The
+// layer on Ref does all of it on the host. Same decisions, gates, outputs, loss terms, statistics and gradients:
+// groups with a shorter last one, padding (a whole group of it too), groups longer than the device's chunk of
+// sums, K = 1 and 2, BPR and vanilla, capacity that drops (the device's fixed-capacity plan) and no drop (its
+// packed plan), training noise drawn at each token's packed place from a nonzero first token, every term with a
+// gradient (aux_scale 0.7), subsets of the terms.
 namespace {
 // The stock router behind a type of the user's own: moe_forward on a device backend routes it on the host.
 struct HostRouted {
@@ -280,93 +285,181 @@ static_assert(!moe::IsStockRouter<HostRouted>::value);
 static_assert(moe::IsStockRouter<moe::TopKRouter<moe::StaticTopK<2>, moe::NoNoise, moe::VanillaOrder>>::value);
 }  // namespace
 
-TEST_CASE("cuda backend (emulated): the MoE layer's device routing against the host router on Ref") {
+// A loss term of the user's own (a loss set holding one is computed on the host on every backend): the squared
+// mean of the clean gate of expert 0.
+struct FirstExpertLoss {
+  template <class T>
+  static void accumulate(const moe::LossGroup<T>& g, const moe::AuxLossConfig&, moe::AuxLossValues& v, double* dl) {
+    double mean = 0;
+    for (index_t s = 0; s < g.S; ++s) mean += static_cast<double>(g.probs[s * g.E]) / static_cast<double>(g.S);
+    v.total += g.scale * 0.01 * mean * mean;
+    if (dl == nullptr) return;
+    for (index_t s = 0; s < g.S; ++s) {
+      std::array<double, moe::kMaxExperts> du{};
+      du[0] = g.scale * 0.01 * 2 * mean / static_cast<double>(g.S);
+      moe::formulas::add_softmax_grad(g.probs + s * g.E, du.data(), g.E, 1.0, dl + s * g.E);
+    }
+  }
+};
+static_assert(moe::kStockLossMask<moe::AuxLosses<moe::ImportanceLoss, FirstExpertLoss>> == -1);
+
+TEST_CASE("cuda backend (emulated): the MoE layer's device routing and losses against the host router on Ref") {
   using T = double;
   using DS = testing_cuda::DS;
-  const index_t N = 61, D = 6, M = 10;
+  const index_t D = 6, M = 10;
   const int E = 5;
-  const Tensor<T> x = testing::randn<T>(Shape{N, D}, 11), dy = testing::randn<T>(Shape{N, D}, 12);
   const Tensor<T> wr = testing::randn<T>(Shape{E, D}, 13), w1 = testing::randn<T>(Shape{E, M, D}, 14, 0.5);
   const Tensor<T> b1 = testing::randn<T>(Shape{E, M}, 15, 0.1), w2 = testing::randn<T>(Shape{E, D, M}, 16, 0.5);
   const Tensor<T> b2 = testing::randn<T>(Shape{E, D}, 17, 0.1);
-  const auto dx_ = Mirror<const T>(x.cview()), ddy = Mirror<const T>(dy.cview());
   const auto dwr = Mirror<const T>(wr.cview()), dw1 = Mirror<const T>(w1.cview()), db1 = Mirror<const T>(b1.cview());
   const auto dw2 = Mirror<const T>(w2.cview()), db2 = Mirror<const T>(b2.cview());
-  int cases = 0, dropped = 0;
+  int cases = 0, dropped = 0, global_active = 0, fixed_plans = 0, packed_plans = 0;
+  // One configuration: the layer on Ref and on the device with loss set L, compared (N tokens, groups of gs).
+  auto run = [&]<class L>(L, bool own_router, int K, bool bpr, Mode mode, bool pad, bool all_terms, index_t N = 61,
+                          index_t gs = 12) {
+    CAPTURE(N);
+    CAPTURE(gs);
+    const Tensor<T> x = testing::randn<T>(Shape{N, D}, 11), dy = testing::randn<T>(Shape{N, D}, 12);
+    const auto dx_ = Mirror<const T>(x.cview()), ddy = Mirror<const T>(dy.cview());
+    CAPTURE(own_router);
+    CAPTURE(K);
+    CAPTURE(bpr);
+    CAPTURE(static_cast<int>(mode));
+    CAPTURE(pad);
+    CAPTURE(all_terms);
+    CAPTURE(moe::kStockLossMask<L>);
+    moe::MoeConfig cfg;
+    cfg.experts = E, cfg.top_k = K, cfg.first_token = 7;
+    cfg.router.bpr = bpr, cfg.router.group_size = gs, cfg.router.noise_std = 2.0;
+    // Dropping capacity: the device's fixed-capacity plan; no drop (vanilla order in evaluation): the packed plan.
+    cfg.router.capacity_factor_train = 0.8, cfg.router.capacity_factor_eval = bpr ? 1.0 : 0.0;
+    if (all_terms) {  // every term with a gradient; the global entropy's threshold above any group's entropy
+      cfg.losses.z_loss_weight = 0.02, cfg.losses.importance_weight = 0.03, cfg.losses.load_weight = 0.04;
+      cfg.losses.local_entropy_weight = {0.05, 0.06}, cfg.losses.global_entropy_weight = {0.07, 0.08};
+      cfg.losses.global_entropy_tau = {std::log(5.0), std::log(5.0)};
+    }
+    std::vector<std::uint8_t> modality(static_cast<std::size_t>(N), moe::kImage);
+    for (index_t t = 0; t < N; ++t) {
+      if (t % 4 == 1) modality[static_cast<std::size_t>(t)] = moe::kText;
+      if (pad && ((t >= 24 && t < 36) || t % 5 == 3)) modality[static_cast<std::size_t>(t)] = moe::kPad;
+    }
+    const Rng rng(21);
+    // Ref: the host router and loss terms.
+    Tensor<T> y(Shape{N, D}), dx(Shape{N, D});
+    Tensor<T> gwr(Shape{E, D}), gw1(Shape{E, M, D}), gb1(Shape{E, M}), gw2(Shape{E, D, M}), gb2(Shape{E, D});
+    moe::MoeContext<T> ctx;
+    moe::moe_forward<T, L, Ref>(cfg, {wr.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()}, x.cview(), modality,
+                                mode, rng, y.view(), ctx);
+    moe::moe_backward<T, Ref>({wr.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()}, x.cview(), dy.cview(),
+                              dx.view(), {gwr.view(), gw1.view(), gb1.view(), gw2.view(), gb2.view()}, ctx, 0.7);
+    // Cuda: the stock router and a stock loss set on the device (kernels/losses.cuh), others on the host.
+    Tensor<T, DS> y_d(Shape{N, D}), dx_d(Shape{N, D});
+    Tensor<T, DS> gwr_d(Shape{E, D}), gw1_d(Shape{E, M, D}), gb1_d(Shape{E, M}), gw2_d(Shape{E, D, M}),
+        gb2_d(Shape{E, D});
+    const moe::MoeParams<T, DS> pd{dwr.v(), dw1.v(), db1.v(), dw2.v(), db2.v()};
+    moe::MoeContext<T, DS> ctx_d;
+    {  // a call before, on the same context with other noise and inputs and no drop (the packed plan, every row
+       // filled): nothing of it may leak into the next, whose fixed-capacity plan has empty rows
+      Tensor<T, DS> y0(Shape{N, D}), dx0(Shape{N, D}), g0(Shape{E, D}), g1(Shape{E, M, D}), g2(Shape{E, M}),
+          g3(Shape{E, D, M}), g4(Shape{E, D});
+      const Tensor<T> x0 = testing::randn<T>(Shape{N, D}, 31);
+      const auto dx0_ = Mirror<const T>(x0.cview());
+      moe::MoeConfig cfg0 = cfg;
+      cfg0.router.capacity_factor_train = 0;
+      moe::moe_forward<T, L, Cuda>(cfg0, pd, dx0_.v(), modality, Mode::Train, Rng(99), y0.view(), ctx_d);
+      moe::moe_backward<T, Cuda>(pd, dx0_.v(), ddy.v(), dx0.view(), {g0.view(), g1.view(), g2.view(), g3.view(),
+                                 g4.view()}, ctx_d);
+    }
+    if (own_router)
+      moe::moe_forward<T, L, Cuda>(HostRouted{{{K}, {cfg.router.noise_std}}}, cfg, pd, dx_.v(), modality, mode, rng,
+                                   y_d.view(), ctx_d);
+    else
+      moe::moe_forward<T, L, Cuda>(cfg, pd, dx_.v(), modality, mode, rng, y_d.view(), ctx_d);
+    moe::moe_backward<T, Cuda>(pd, dx_.v(), ddy.v(), dx_d.view(),
+                               {gwr_d.view(), gw1_d.view(), gb1_d.view(), gw2_d.view(), gb2_d.view()}, ctx_d, 0.7);
+    CHECK(ctx_d.accepted() == ctx.accepted());
+    if (ctx_d.plan.fixed > 0) CHECK(ctx_d.plan.A == E * ctx_d.plan.fixed);
+    if (own_router || (mode == Mode::Eval && !bpr)) CHECK(ctx_d.plan.fixed == 0);  // host routes; no drop
+    (ctx_d.plan.fixed > 0 ? fixed_plans : packed_plans) += !own_router;
+    for (index_t i = 0; i < N * K; ++i) {
+      REQUIRE(ctx_d.routes()[i] == ctx.routes()[i]);
+      dropped += ctx.routes()[i] < 0 && modality[static_cast<std::size_t>(i / K)] != moe::kPad;
+    }
+    for (index_t i = 0; i < N * E; ++i) {
+      REQUIRE(std::abs(ctx_d.gate_values()[i] - ctx.gate_values()[i]) <= 1e-14);
+      REQUIRE(std::abs(ctx_d.noisy[i] - ctx.noisy[i]) <= 1e-14);
+      REQUIRE(std::abs(ctx_d.probs[i] - ctx.probs[i]) <= 1e-14);
+    }
+    // Every term's value (summed over tokens in another order on the device: 1e-12), and the statistics.
+    const auto& a = ctx_d.losses;
+    const auto& b = ctx.losses;
+    CHECK(a.total == doctest::Approx(b.total).epsilon(1e-12));
+    CHECK(a.importance == doctest::Approx(b.importance).epsilon(1e-12));
+    CHECK(a.load == doctest::Approx(b.load).epsilon(1e-12));
+    CHECK(a.z == doctest::Approx(b.z).epsilon(1e-12));
+    for (int m = 0; m < moe::kModalities; ++m) {
+      CHECK(a.local_entropy[m] == doctest::Approx(b.local_entropy[m]).epsilon(1e-12));
+      CHECK(a.global_entropy[m] == doctest::Approx(b.global_entropy[m]).epsilon(1e-12));
+      global_active += b.global_entropy[m] > 0;
+    }
+    if (std::is_same_v<L, moe::DefaultAuxLosses> && mode == Mode::Train) CHECK(b.load > 0);
+    const auto& sa = ctx_d.stats;
+    const auto& sb = ctx.stats;
+    CHECK(sa.padding == sb.padding);
+    CHECK(sa.tokens == sb.tokens);
+    CHECK(sa.tokens_fully_dropped == sb.tokens_fully_dropped);
+    CHECK(sa.routed == sb.routed);
+    CHECK(sa.dropped == sb.dropped);
+    CHECK(sa.image_share == sb.image_share);
+    for (int m = 0; m < moe::kModalities; ++m) {
+      CHECK(sa.drop_fraction[m] == sb.drop_fraction[m]);
+      CHECK(sa.local_entropy[m] == doctest::Approx(sb.local_entropy[m]).epsilon(1e-12));
+      CHECK(sa.global_entropy[m] == doctest::Approx(sb.global_entropy[m]).epsilon(1e-12));
+      for (int e = 0; e < E; ++e) CHECK(sa.mean_gate[m][e] == doctest::Approx(sb.mean_gate[m][e]).epsilon(1e-12));
+    }
+    auto down = [](const Tensor<T, DS>& d) {
+      Tensor<T> h;
+      testing_cuda::download(d, h);
+      return h;
+    };
+    auto widen = [](const Tensor<T>& t) {
+      Tensor<double> w(t.shape());
+      for (index_t i = 0; i < t.numel(); ++i) w[i] = t[i];
+      return w;
+    };
+    CHECK(testing::max_diff(down(y_d), widen(y)) <= 1e-10);
+    CHECK(testing::max_diff(down(dx_d), widen(dx)) <= 1e-10);
+    CHECK(testing::max_diff(down(gwr_d), widen(gwr)) <= 1e-10);
+    CHECK(testing::max_diff(down(gw1_d), widen(gw1)) <= 1e-10);
+    CHECK(testing::max_diff(down(gb1_d), widen(gb1)) <= 1e-10);
+    CHECK(testing::max_diff(down(gw2_d), widen(gw2)) <= 1e-10);
+    CHECK(testing::max_diff(down(gb2_d), widen(gb2)) <= 1e-10);
+    ++cases;
+  };
   for (bool own_router : {false, true})  // the stock router (on the device), or one of the user's (on the host)
+    for (int K : {1, 2})
+      for (bool bpr : {true, false})
+        for (Mode mode : {Mode::Train, Mode::Eval})
+          for (bool pad : {false, true}) {
+            if (own_router && !bpr) continue;  // HostRouted orders by priority
+            run(moe::DefaultAuxLosses{}, own_router, K, bpr, mode, pad, false);
+          }
+  // Every term with a gradient; a subset of the stock terms; a set with a term of the user's own.
   for (int K : {1, 2})
-    for (bool bpr : {true, false})
-      for (Mode mode : {Mode::Train, Mode::Eval})
-        for (bool pad : {false, true}) {
-          if (own_router && !bpr) continue;  // HostRouted orders by priority
-          CAPTURE(own_router);
-          CAPTURE(K);
-          CAPTURE(bpr);
-          CAPTURE(static_cast<int>(mode));
-          CAPTURE(pad);
-          moe::MoeConfig cfg;
-          cfg.experts = E, cfg.top_k = K, cfg.first_token = 7;
-          cfg.router.bpr = bpr, cfg.router.group_size = 12, cfg.router.noise_std = 2.0;
-          cfg.router.capacity_factor_train = 0.8, cfg.router.capacity_factor_eval = 1.0;
-          std::vector<std::uint8_t> modality(static_cast<std::size_t>(N), moe::kImage);
-          for (index_t t = 0; t < N; ++t) {
-            if (t % 4 == 1) modality[static_cast<std::size_t>(t)] = moe::kText;
-            if (pad && ((t >= 24 && t < 36) || t % 5 == 3)) modality[static_cast<std::size_t>(t)] = moe::kPad;
-          }
-          const Rng rng(21);
-          // Ref: the host router.
-          Tensor<T> y(Shape{N, D}), dx(Shape{N, D});
-          Tensor<T> gwr(Shape{E, D}), gw1(Shape{E, M, D}), gb1(Shape{E, M}), gw2(Shape{E, D, M}), gb2(Shape{E, D});
-          moe::MoeContext<T> ctx;
-          moe::moe_forward<T, moe::DefaultAuxLosses, Ref>(cfg, {wr.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()},
-                                                          x.cview(), modality, mode, rng, y.view(), ctx);
-          moe::moe_backward<T, Ref>({wr.cview(), w1.cview(), b1.cview(), w2.cview(), b2.cview()}, x.cview(), dy.cview(),
-                                    dx.view(), {gwr.view(), gw1.view(), gb1.view(), gw2.view(), gb2.view()}, ctx);
-          // Cuda: the stock router on the device.
-          Tensor<T, DS> y_d(Shape{N, D}), dx_d(Shape{N, D});
-          Tensor<T, DS> gwr_d(Shape{E, D}), gw1_d(Shape{E, M, D}), gb1_d(Shape{E, M}), gw2_d(Shape{E, D, M}),
-              gb2_d(Shape{E, D});
-          const moe::MoeParams<T, DS> pd{dwr.v(), dw1.v(), db1.v(), dw2.v(), db2.v()};
-          moe::MoeContext<T, DS> ctx_d;
-          if (own_router)
-            moe::moe_forward<T, moe::DefaultAuxLosses, Cuda>(HostRouted{{{K}, {cfg.router.noise_std}}}, cfg, pd, dx_.v(),
-                                                             modality, mode, rng, y_d.view(), ctx_d);
-          else
-            moe::moe_forward<T, moe::DefaultAuxLosses, Cuda>(cfg, pd, dx_.v(), modality, mode, rng, y_d.view(), ctx_d);
-          moe::moe_backward<T, Cuda>(pd, dx_.v(), ddy.v(), dx_d.view(),
-                                     {gwr_d.view(), gw1_d.view(), gb1_d.view(), gw2_d.view(), gb2_d.view()}, ctx_d);
-          for (index_t i = 0; i < N * K; ++i) {
-            REQUIRE(ctx_d.routes()[i] == ctx.routes()[i]);
-            dropped += ctx.routes()[i] < 0 && modality[static_cast<std::size_t>(i / K)] != moe::kPad;
-          }
-          for (index_t i = 0; i < N * E; ++i) {
-            REQUIRE(std::abs(ctx_d.gate_values()[i] - ctx.gate_values()[i]) <= 1e-14);
-            REQUIRE(std::abs(ctx_d.noisy[i] - ctx.noisy[i]) <= 1e-14);
-            REQUIRE(std::abs(ctx_d.probs[i] - ctx.probs[i]) <= 1e-14);
-          }
-          CHECK(ctx_d.losses.total == doctest::Approx(ctx.losses.total).epsilon(1e-12));
-          CHECK(ctx_d.losses.load == doctest::Approx(ctx.losses.load).epsilon(1e-12));
-          CHECK(ctx_d.stats.padding == ctx.stats.padding);
-          CHECK(ctx_d.stats.dropped[0] == ctx.stats.dropped[0]);
-          CHECK(ctx_d.stats.dropped[1] == ctx.stats.dropped[1]);
-          auto down = [](const Tensor<T, DS>& d) {
-            Tensor<T> h;
-            testing_cuda::download(d, h);
-            return h;
-          };
-          auto widen = [](const Tensor<T>& t) {
-            Tensor<double> w(t.shape());
-            for (index_t i = 0; i < t.numel(); ++i) w[i] = t[i];
-            return w;
-          };
-          CHECK(testing::max_diff(down(y_d), widen(y)) <= 1e-10);
-          CHECK(testing::max_diff(down(dx_d), widen(dx)) <= 1e-10);
-          CHECK(testing::max_diff(down(gwr_d), widen(gwr)) <= 1e-10);
-          CHECK(testing::max_diff(down(gw1_d), widen(gw1)) <= 1e-10);
-          ++cases;
-        }
-  CHECK(cases == 24);
-  CHECK(dropped > 0);  // capacity binds
+    for (bool pad : {false, true}) {
+      run(moe::DefaultAuxLosses{}, false, K, true, Mode::Train, pad, true);
+      run(moe::AuxLosses<moe::ImportanceLoss, moe::GlobalEntropyLoss, moe::ZLoss>{}, false, K, true, Mode::Train, pad,
+          true);
+      run(moe::AuxLosses<moe::LoadLoss, FirstExpertLoss>{}, false, K, true, Mode::Train, pad, true);
+    }
+  // Groups longer than the device's chunk of 256 tokens: one group of 700, and groups of 300 (the last of 100).
+  for (index_t gs : {0, 300})
+    for (bool pad : {false, true}) run(moe::DefaultAuxLosses{}, false, 2, true, Mode::Train, pad, true, 700, gs);
+  CHECK(cases == 40);
+  CHECK(fixed_plans >= 20);  // the device router's cases: most with the fixed-capacity plan,
+  CHECK(packed_plans >= 4);  // some with the packed one (no drop, or too many empty rows)
+  CHECK(dropped > 0);        // capacity binds
+  CHECK(global_active > 0);  // the global entropy term is above 0 somewhere
 }
 
 #endif
@@ -397,6 +490,80 @@ TEST_CASE("cuda backend (emulated): every op under the bf16 policy against Ref u
       if (dev16[i].name != "linear.db" && dev16[i].name != "attn.g7") CHECK(vs32 > 0);
     }
   }
+}
+
+// The fixed-capacity plan (expert e owns rows [e C, (e + 1) C), made without reading the routes back) against
+// the packed plan on the same routes: the same choices accepted, each expert's in the same order (row e C + i
+// for the packed plan's i-th row of e), the rest of its C rows empty; over chunks of the plan's 512 slots, with
+// experts that get no choice and experts filled to C. A route past an expert's C rows (never the stock router's)
+// is treated as dropped.
+TEST_CASE("cuda backend (emulated): the fixed-capacity dispatch plan against the packed plan") {
+  using DS = testing_cuda::DS;
+  using O = Ops<Cuda, float>;
+  int cases = 0;
+  for (index_t N : {1, 7, 600})
+    for (int K : {1, 2})
+      for (int E : {3, 8})
+        for (bool over : {false, true}) {
+          CAPTURE(N);
+          CAPTURE(K);
+          CAPTURE(E);
+          CAPTURE(over);
+          const index_t C = std::max<index_t>(1, N * K / E);
+          Tensor<std::int32_t> route(Shape{N, K});
+          std::vector<index_t> count(static_cast<std::size_t>(E), 0);
+          Rng rng(static_cast<std::uint64_t>(N * 100 + K * 10 + E));
+          for (index_t s = 0; s < N * K; ++s) {
+            const auto u = rng.uniform(0, static_cast<std::uint64_t>(s));
+            int e = static_cast<int>(u * (E + 1)) - 1;  // -1 (dropped) or an expert; expert E - 1 never chosen
+            if (e == E - 1) e = 0;
+            if (e >= 0 && count[static_cast<std::size_t>(e)] >= C + (over && e == 0 ? 2 : 0)) e = -1;
+            if (e >= 0) ++count[static_cast<std::size_t>(e)];
+            route[s] = e;
+          }
+          const auto droute = Mirror<const std::int32_t>(route.cview());
+          moe::BasicDispatchPlan<DS> packed_d, fixed_d;
+          if (!over) O::make_dispatch_plan(droute.v(), E, packed_d);
+          O::make_fixed_dispatch_plan(droute.v(), E, C, fixed_d);
+          REQUIRE(fixed_d.A == E * C);
+          REQUIRE(fixed_d.fixed == C);
+          Tensor<index_t> off, rt, rs, sr;
+          testing_cuda::download(fixed_d.offsets, off);
+          testing_cuda::download(fixed_d.row_token, rt);
+          testing_cuda::download(fixed_d.row_slot, rs);
+          testing_cuda::download(fixed_d.slot_row, sr);
+          for (int e = 0; e <= E; ++e) CHECK(off[e] == e * C);
+          // Expected: expert e's first C choices in slot order at rows e C, e C + 1, ...; the rest dropped.
+          std::vector<index_t> next(static_cast<std::size_t>(E), 0);
+          std::vector<index_t> want_sr(static_cast<std::size_t>(N * K), -1);
+          for (index_t s = 0; s < N * K; ++s) {
+            const int e = route[s];
+            if (e < 0 || next[static_cast<std::size_t>(e)] == C) continue;
+            want_sr[static_cast<std::size_t>(s)] = e * C + next[static_cast<std::size_t>(e)]++;
+          }
+          for (index_t s = 0; s < N * K; ++s) {
+            REQUIRE(sr[s] == want_sr[static_cast<std::size_t>(s)]);
+            if (sr[s] >= 0) CHECK((rs[sr[s]] == s && rt[sr[s]] == s / K));
+          }
+          for (int e = 0; e < E; ++e)
+            for (index_t r = e * C + next[static_cast<std::size_t>(e)]; r < (e + 1) * C; ++r)
+              CHECK((rt[r] == -1 && rs[r] == -1));
+          if (!over) {  // the packed plan agrees: row i of e there is row e C + i here
+            Tensor<index_t> poff, psr;
+            testing_cuda::download(packed_d.offsets, poff);
+            testing_cuda::download(packed_d.slot_row, psr);
+            for (index_t s = 0; s < N * K; ++s) {
+              if (psr[s] < 0) {
+                CHECK(sr[s] == -1);
+                continue;
+              }
+              const int e = route[s];
+              CHECK(sr[s] == e * C + psr[s] - poff[e]);
+            }
+          }
+          ++cases;
+        }
+  CHECK(cases == 24);
 }
 
 TEST_CASE("cuda backend (emulated): bad input is refused with the ops' messages") {

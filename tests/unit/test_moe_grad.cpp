@@ -16,6 +16,7 @@ struct Case {
   Mode mode;
   index_t group;
   AuxLossConfig losses;
+  double aux_scale = 1.0;  // the loss is <y, R> + aux_scale * (aux total); backward gets the same scale
 };
 
 AuxLossConfig only(int which) {
@@ -42,15 +43,15 @@ void run_case(const Case& cs) {
   cfg.losses = cs.losses;
   const Rng rng(123);
   MoeContext<double> ctx;
-  // Scalar loss: <y, R> + aux total; backward with dy = R and aux_scale = 1.
+  // Scalar loss: <y, R> + aux_scale * aux total; backward with dy = R and the same aux_scale.
   auto loss = [&] {
     moe_forward<double>(cfg, f.params(), x.view(), mod, cs.mode, rng, y.view(), ctx);
-    return testing::dot<double, double>(y.view(), R.view()) + ctx.losses.total;
+    return testing::dot<double, double>(y.view(), R.view()) + cs.aux_scale * ctx.losses.total;
   };
   loss();
   const std::vector<std::int32_t> routes0(ctx.routes().data(), ctx.routes().data() + N * cs.K);
   f.zero_grads();
-  moe_backward<double>(f.params(), x.view(), R.view(), dx.view(), f.grads(), ctx);
+  moe_backward<double>(f.params(), x.view(), R.view(), dx.view(), f.grads(), ctx, cs.aux_scale);
   INFO(cs.name);
   if (cs.mode == Mode::Train && cs.cf_train < 1) CHECK(ctx.stats.drop_fraction[kImage] + ctx.stats.drop_fraction[kText] > 0);
   bool same_routes = true;
@@ -88,6 +89,8 @@ TEST_CASE("layer gradients with each aux loss on its own, and all together") {
   all.z_loss_weight = 0.01;
   run_case({"all defaults", 2, 1.05, Mode::Train, 0, all});
   run_case({"all defaults eval", 1, 1.05, Mode::Eval, 0, all});
+  // The aux losses entering the training loss with a coefficient other than 1 (the backward's aux_scale).
+  run_case({"all defaults, aux scale 0.35", 2, 0.75, Mode::Train, 7, all, 0.35});
 }
 
 TEST_CASE("gradient rule: parameter grads accumulate, dx is overwritten, empty views are skipped") {

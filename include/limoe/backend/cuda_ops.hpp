@@ -15,6 +15,7 @@
 #include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/adamw.hpp"
+#include "limoe/moe/config.hpp"
 #include "limoe/moe/plan.hpp"
 #include "limoe/ops/shapes.hpp"
 
@@ -144,6 +145,9 @@ void scatter_rows(CV<T> src, CV<std::int64_t> idx, V<T> dst);
 void to_bf16(CV<float> x, V<std::uint16_t> y);
 
 void make_dispatch_plan(CV<std::int32_t> route, int E, DispatchPlan& p);
+// The fixed-capacity plan (moe/plan.hpp, fixed = C: expert e owns rows [e C, (e + 1) C)), made without a
+// synchronisation; route must hold at most C choices per expert (the stock router's routes do).
+void make_fixed_dispatch_plan(CV<std::int32_t> route, int E, index_t C, DispatchPlan& p);
 template <class T>
 void dispatch_forward(const DispatchPlan& p, CV<T> x, V<T> xe);
 template <class T>
@@ -183,6 +187,21 @@ template <class T>
 void route_topk(CV<T> logits, CV<std::int64_t> pos, const Rng& rng, double sigma, int K, std::int64_t group_size,
                 CV<std::int64_t> capacity, bool bpr, CV<std::uint8_t> modality, V<T> noisy, V<T> gates, V<T> probs,
                 V<std::int32_t> choice, V<std::int32_t> route, moe::parallel::BasicRoutingScratch<Space>& scratch);
+
+// The stock auxiliary losses (moe/losses.hpp's terms in the mask `terms`, moe::StockLossMask) of every routing
+// group of a call and the sums behind its routing statistics, on the device (src/cuda/backend/moe_ops.cuh):
+// dlogits [N, E] the weighted gradient with respect to the clean logits (0 for padding), values [G, 8] per group
+// (total, importance, load, local entropy image / text, global entropy image / text, z; each scaled by 1 / G),
+// sums [G, 8E + 7] (kernels/losses.cuh's layout). modality [N]; sigma the router's noise scale (0: none).
+template <class T>
+void aux_losses(CV<T> logits, CV<T> noisy, CV<T> probs, CV<std::int32_t> choice, CV<std::int32_t> route,
+                CV<std::uint8_t> modality, std::int64_t group_size, int terms, const moe::AuxLossConfig& cfg, double sigma,
+                V<double> dlogits, V<double> values, V<double> sums);
+// The router's logit gradient [N, E] from the rows' gate gradients [A] and the auxiliary losses' [N, E] times
+// aux_scale (moe/formulas.hpp's router_logit_grad per token).
+template <class T>
+void router_backward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> row_dgate, CV<double> aux,
+                     double aux_scale, V<T> dlogits);
 
 // Routing on the device (src/cuda/routing.cu): moe::parallel::route_groups with thrust::cuda::par on device
 // views (gates [N, E], capacity per group, choice and route [N, K], modality [N] or empty); the same decisions as

@@ -32,6 +32,7 @@
 #include "limoe/math/softmax.hpp"
 #include "limoe/moe/config.hpp"
 #include "limoe/moe/expert_parallel.hpp"
+#include "limoe/moe/formulas.hpp"
 #include "limoe/moe/losses.hpp"
 #include "limoe/moe/ops.hpp"
 #include "limoe/moe/router.hpp"
@@ -74,12 +75,13 @@ struct MoeContext {
   // [N, E]: the gates the combine weights came from (softmax of the noisy logits in training).
   CView<T> gate_values() const { return CView<T>(gates.data(), Shape{N, E}); }
   CView<T> router_logits() const { return CView<T>(logits.data(), Shape{N, E}); }
-  index_t accepted() const { return plan.A; }  // rows dispatched to experts (accepted choices)
+  index_t accepted() const { return accepted_rows; }  // choices accepted by an expert
 
   // ---- internal state (read-only outside the layer) ----
   index_t N = 0, D = 0, M = 0;
   int E = 0, K = 0;
   index_t groups = 0, group_size = 0;
+  index_t accepted_rows = 0;  // the plan's rows, less a fixed-capacity plan's empty ones
   GeluKind gelu = GeluKind::Erf;
   bool valid = false;
   Tensor<T> logits, noisy, gates, probs;          // [N, E]
@@ -107,18 +109,31 @@ struct MoeContext {
   Tensor<T, S> dye, dh, dxe;                      // [A, D], [A, M], [A, D]
   Tensor<T> dlogits;                              // [N, E]
   // A device backend (S not host memory) only: the router logits as computed, the gates, routes and logit
-  // gradient its ops read, and host copies of the plan's slot rows and the rows' gate gradients.
+  // gradient its ops read, and the auxiliary losses' gradient (made there, or uploaded from the host terms).
   Tensor<T, S> logits_d, gates_d, dlogits_d;      // [N, E]
   Tensor<std::int32_t, S> route_d;                // [N, K]
-  Tensor<index_t> slot_row_h;                     // [N * K]
+  Tensor<double, S> aux_dlogits_d;                // [N, E]
   // ... and, when it routes on the device (the stock router): what the routing reads and writes there.
   Tensor<T, S> noisy_d, probs_d;                  // [N, E]
   Tensor<std::int32_t, S> choice_d;               // [N, K]
   Tensor<index_t, S> pos_d, capacity_d;           // [N] noise counter row (-1 padding), [groups]
-  Tensor<std::uint8_t, S> modality_d;             // [N] (calls with padding)
+  Tensor<std::uint8_t, S> modality_d;             // [N] (calls with padding, or with the stock loss terms)
   Tensor<index_t> pos_h;                          // [N]
   parallel::BasicRoutingScratch<S> route_scratch;
-  Tensor<T> row_dgate_h;                          // [A]
+  // ... and, when the loss set is the stock terms' (kStockLossMask): each group's loss values and sums there.
+  Tensor<double, S> loss_values_d, loss_sums_d;   // [groups, 8], [groups, 8E + 7]
+  Tensor<double> loss_values, loss_sums;          // their host copies
+  // A device backend's stock router: its results into the host copies above.
+  void download_routing()
+    requires(!std::is_same_v<S, HostSpace>)
+  {
+    copy_to_host<T, S>(logits_d.cview(), logits.view());
+    copy_to_host<T, S>(noisy_d.cview(), noisy.view());
+    copy_to_host<T, S>(gates_d.cview(), gates.view());
+    copy_to_host<T, S>(probs_d.cview(), probs.view());
+    copy_to_host<std::int32_t, S>(choice_d.cview(), choice.view());
+    copy_to_host<std::int32_t, S>(route_d.cview(), route.view());
+  }
   // The gates and routes as the backend's ops see them.
   CView<T, S> gates_for_ops() const {
     if constexpr (std::is_same_v<S, HostSpace>) return gates.cview();
@@ -256,6 +271,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   // backend computes the logits there (fp32); it routes there too with the stock router, and on the host over
   // a copy with any other (host code).
   constexpr bool device_routing = !host_memory && IsStockRouter<Router>::value;
+  constexpr bool device_losses = device_routing && kStockLossMask<Losses> >= 0;
   if constexpr (host_memory) {
     if (N > 0)
       detail::gemm_rows<T>(Trans::N, Trans::T, N, E, D, x.data(), D, p.router_w.data(), D, T(0), c.logits.data(), E);
@@ -271,7 +287,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
 
   // Padding: each group's routed tokens, in order (a group without padding is routed in place).
   c.group_active.assign(static_cast<std::size_t>(G), 0);
-  if (padded) {
+  if (padded && !device_losses) {
     c.active_rows.resize(static_cast<std::size_t>(N));
     c.pk_modality.resize(static_cast<std::size_t>(N));
     c.pk_logits.resize(Shape{N, E}), c.pk_noisy.resize(Shape{N, E}), c.pk_gates.resize(Shape{N, E});  // [N, E]
@@ -284,7 +300,10 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     if (padded) {
       n = 0;
       for (index_t s = row0; s < row0 + S; ++s)
-        if (modality[static_cast<std::size_t>(s)] != kPad) c.active_rows[static_cast<std::size_t>(row0 + n++)] = s;
+        if (modality[static_cast<std::size_t>(s)] != kPad) {
+          if constexpr (!device_losses) c.active_rows[static_cast<std::size_t>(row0 + n)] = s;
+          ++n;
+        }
     }
     c.group_active[static_cast<std::size_t>(g)] = n;
     c.capacity[g] = compute_capacity(n, E, K, cfg.router.capacity_factor(training), cfg.router.capacity_multiple_of);
@@ -297,17 +316,15 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
 
   // 2. Route every group (steps 2-6), then check the router kept its contract. On a device backend the stock
   // router runs there: each routed token's noise counter row (its packed place, as the host router draws it),
-  // the capacities and the modality go over, the results come back for the losses and statistics.
+  // the capacities and the modality go over; the stock loss terms and the statistics' sums are taken there too,
+  // and everything comes back after the experts (any other loss set: here, for the host terms).
   if constexpr (device_routing) {
     c.pos_h.resize(Shape{N});  // [N]
-    for (index_t g = 0; g < G; ++g) {
-      const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
-      if (n == S) {
-        for (index_t s = row0; s < row0 + S; ++s) c.pos_h[s] = cfg.first_token + s;
-        continue;
-      }
-      for (index_t s = row0; s < row0 + S; ++s) c.pos_h[s] = -1;
-      for (index_t j = 0; j < n; ++j) c.pos_h[c.active_rows[static_cast<std::size_t>(row0 + j)]] = cfg.first_token + row0 + j;
+    for (index_t g = 0; g < G; ++g) {  // a routed token's place in its group's packed order; -1 for padding
+      const index_t row0 = g * gs, S = std::min(gs, N - row0);
+      index_t j = 0;
+      for (index_t s = row0; s < row0 + S; ++s)
+        c.pos_h[s] = padded && modality[static_cast<std::size_t>(s)] == kPad ? -1 : cfg.first_token + row0 + j++;
     }
     c.pos_d.resize(Shape{N}), c.capacity_d.resize(Shape{G});                     // [N], [G]
     c.noisy_d.resize(Shape{N, E}), c.gates_d.resize(Shape{N, E}), c.probs_d.resize(Shape{N, E});  // [N, E]
@@ -315,22 +332,25 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     copy_from_host<index_t, S>(c.pos_h.cview(), c.pos_d.view());
     copy_from_host<index_t, S>(c.capacity.cview(), c.capacity_d.view());
     CView<std::uint8_t, S> mod_d;
-    if (padded) {
+    if (padded || device_losses) {  // the stock losses read it on the device
       c.modality_d.resize(Shape{N});  // [N]
       copy_from_host<std::uint8_t, S>(CView<std::uint8_t>(modality.data(), Shape{N}), c.modality_d.view());
       mod_d = c.modality_d.cview();
     }
     O::route_topk(c.logits_d.cview(), c.pos_d.cview(), rng, sigma, K, gs, c.capacity_d.cview(),
-                  IsStockRouter<Router>::bpr, mod_d, c.noisy_d.view(), c.gates_d.view(), c.probs_d.view(),
-                  c.choice_d.view(), c.route_d.view(), c.route_scratch);
-    copy_to_host<T, S>(c.logits_d.cview(), c.logits.view());
-    copy_to_host<T, S>(c.noisy_d.cview(), c.noisy.view());
-    copy_to_host<T, S>(c.gates_d.cview(), c.gates.view());
-    copy_to_host<T, S>(c.probs_d.cview(), c.probs.view());
-    copy_to_host<std::int32_t, S>(c.choice_d.cview(), c.choice.view());
-    copy_to_host<std::int32_t, S>(c.route_d.cview(), c.route.view());
-    // What the loss terms read of a group with padding, packed as the host router would have left it.
-    for (index_t g = 0; padded && g < G; ++g) {
+                  IsStockRouter<Router>::bpr, padded ? mod_d : CView<std::uint8_t, S>{}, c.noisy_d.view(),
+                  c.gates_d.view(), c.probs_d.view(), c.choice_d.view(), c.route_d.view(), c.route_scratch);
+    if constexpr (device_losses) {  // 3. on the device; the results come back with the routing's, after the experts
+      c.aux_dlogits_d.resize(Shape{N, E}), c.loss_values_d.resize(Shape{G, 8});
+      c.loss_sums_d.resize(Shape{G, 8 * E + 7});
+      O::aux_losses(c.logits_d.cview(), c.noisy_d.cview(), c.probs_d.cview(), c.choice_d.cview(), c.route_d.cview(),
+                    mod_d, gs, kStockLossMask<Losses>, cfg.losses, sigma, c.aux_dlogits_d.view(),
+                    c.loss_values_d.view(), c.loss_sums_d.view());
+    } else {
+      c.download_routing();
+    }
+    // What the host's loss terms read of a group with padding, packed as the host router would have left it.
+    for (index_t g = 0; padded && !device_losses && g < G; ++g) {
       const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
       if (n == S) continue;  // no padding in this group: the terms read it in place
       for (index_t j = 0; j < n; ++j) {
@@ -389,35 +409,35 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     }
   });
 
-  // 3. Auxiliary losses per group, averaged over groups (semantics §4).
-  std::fill(c.aux_dlogits.data(), c.aux_dlogits.data() + N * E, 0.0);
-  parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
-    for (index_t g = g0; g < g1; ++g) {
-      const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
-      if (n == 0) continue;  // a group of padding only: no loss
-      const bool packed = n < S;  // the terms see the routed tokens as routing packed them
-      const index_t* rows = packed ? c.active_rows.data() + row0 : nullptr;
-      LossGroup<T> lg;
-      lg.S = n, lg.E = E, lg.K = K;
-      lg.logits = (packed ? c.pk_logits : c.logits).data() + row0 * E;
-      lg.noisy = (packed ? c.pk_noisy : c.noisy).data() + row0 * E;
-      lg.probs = (packed ? c.pk_probs : c.probs).data() + row0 * E;
-      lg.choice = (packed ? c.pk_choice : c.choice).data() + row0 * K;
-      lg.modality = (packed ? c.pk_modality.data() : modality.data()) + row0;
-      lg.noise_active = noise_active;
-      lg.sigma = sigma;
-      lg.scale = 1.0 / static_cast<double>(G);
-      double* dl = (packed ? c.pk_dlogits.data() : c.aux_dlogits.data()) + row0 * E;
-      if (packed) std::fill_n(dl, n * E, 0.0);
-      Losses::template accumulate<T>(lg, cfg.losses, c.group_losses[static_cast<std::size_t>(g)], dl);
-      for (index_t j = 0; packed && j < n; ++j) std::copy_n(dl + j * E, E, c.aux_dlogits.data() + rows[j] * E);
+  // 3. Auxiliary losses per group, averaged over groups (semantics §4); on the device above with the stock terms.
+  if constexpr (!device_losses) {
+    std::fill(c.aux_dlogits.data(), c.aux_dlogits.data() + N * E, 0.0);
+    parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
+      for (index_t g = g0; g < g1; ++g) {
+        const index_t row0 = g * gs, S = std::min(gs, N - row0), n = c.group_active[static_cast<std::size_t>(g)];
+        if (n == 0) continue;  // a group of padding only: no loss
+        const bool packed = n < S;  // the terms see the routed tokens as routing packed them
+        const index_t* rows = packed ? c.active_rows.data() + row0 : nullptr;
+        LossGroup<T> lg;
+        lg.S = n, lg.E = E, lg.K = K;
+        lg.logits = (packed ? c.pk_logits : c.logits).data() + row0 * E;
+        lg.noisy = (packed ? c.pk_noisy : c.noisy).data() + row0 * E;
+        lg.probs = (packed ? c.pk_probs : c.probs).data() + row0 * E;
+        lg.choice = (packed ? c.pk_choice : c.choice).data() + row0 * K;
+        lg.modality = (packed ? c.pk_modality.data() : modality.data()) + row0;
+        lg.noise_active = noise_active;
+        lg.sigma = sigma;
+        lg.scale = 1.0 / static_cast<double>(G);
+        double* dl = (packed ? c.pk_dlogits.data() : c.aux_dlogits.data()) + row0 * E;
+        if (packed) std::fill_n(dl, n * E, 0.0);
+        Losses::template accumulate<T>(lg, cfg.losses, c.group_losses[static_cast<std::size_t>(g)], dl);
+        for (index_t j = 0; packed && j < n; ++j) std::copy_n(dl + j * E, E, c.aux_dlogits.data() + rows[j] * E);
+      }
+    });
+    if constexpr (!host_memory) {  // what the device's router backward reads
+      c.aux_dlogits_d.resize(Shape{N, E});
+      copy_from_host<double, S>(c.aux_dlogits.cview(), c.aux_dlogits_d.view());
     }
-  });
-  c.losses = AuxLossValues{};
-  for (const auto& v : c.group_losses) {  // in group order: deterministic
-    c.losses.total += v.total, c.losses.importance += v.importance, c.losses.load += v.load, c.losses.z += v.z;
-    for (int m = 0; m < kModalities; ++m)
-      c.losses.local_entropy[m] += v.local_entropy[m], c.losses.global_entropy[m] += v.global_entropy[m];
   }
 
   // 4-6. Dispatch plan, gather, the grouped expert MLP, combine (moe/ops.hpp).
@@ -426,7 +446,25 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     copy_from_host<T, S>(c.gates.cview(), c.gates_d.view());
     copy_from_host<std::int32_t, S>(c.route.cview(), c.route_d.view());
   }
-  O::make_dispatch_plan(c.routes_for_ops(), E, c.plan);
+  // On a device with the stock router and a capacity that binds, the fixed-capacity plan (every expert C = the
+  // sum of the groups' capacities rows; no read-back of the counts) when its empty rows are at most a quarter of
+  // the routed choices; otherwise the packed plan, whose sizes come back from the device.
+  index_t fixed = 0;
+  constexpr bool can_fix = requires(CView<std::int32_t, S> r, BasicDispatchPlan<S>& pl) {
+    O::make_fixed_dispatch_plan(r, 1, index_t{1}, pl);
+  };
+  if constexpr (device_routing && can_fix) {
+    index_t rows = 0, routed = 0;
+    for (index_t g = 0; g < G; ++g) rows += c.capacity[g], routed += c.group_active[static_cast<std::size_t>(g)];
+    if (!sharded && cfg.router.capacity_factor(training) > 0 && rows > 0 && 4 * E * rows <= 5 * K * routed)
+      fixed = rows;
+  }
+  if constexpr (can_fix) {
+    if (fixed > 0) O::make_fixed_dispatch_plan(c.routes_for_ops(), E, fixed, c.plan);
+    else O::make_dispatch_plan(c.routes_for_ops(), E, c.plan);
+  } else {
+    O::make_dispatch_plan(c.routes_for_ops(), E, c.plan);
+  }
   const index_t A = c.plan.A;
   c.xe.resize(Shape{A, D});    // [A, D]
   c.ye.resize(Shape{A, D});    // [A, D]
@@ -441,6 +479,26 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   }
   O::combine_forward(c.plan, c.gates_for_ops(), c.routes_for_ops(), c.ye.cview(), y);
 
+  // The device's routing and loss results, once the experts are under way.
+  if constexpr (device_losses) {
+    c.download_routing();
+    c.loss_values.resize(Shape{G, 8}), c.loss_sums.resize(Shape{G, 8 * E + 7});
+    copy_to_host<double, S>(c.loss_values_d.cview(), c.loss_values.view());
+    copy_to_host<double, S>(c.loss_sums_d.cview(), c.loss_sums.view());
+    for (index_t g = 0; g < G; ++g) {
+      const double* v = c.loss_values.data() + g * 8;
+      auto& gl = c.group_losses[static_cast<std::size_t>(g)];
+      gl.total = v[0], gl.importance = v[1], gl.load = v[2], gl.z = v[7];
+      for (int m = 0; m < kModalities; ++m) gl.local_entropy[m] = v[3 + m], gl.global_entropy[m] = v[5 + m];
+    }
+  }
+  c.losses = AuxLossValues{};
+  for (const auto& v : c.group_losses) {  // in group order: deterministic
+    c.losses.total += v.total, c.losses.importance += v.importance, c.losses.load += v.load, c.losses.z += v.z;
+    for (int m = 0; m < kModalities; ++m)
+      c.losses.local_entropy[m] += v.local_entropy[m], c.losses.global_entropy[m] += v.global_entropy[m];
+  }
+
   // 7. Routing statistics (semantics §6).
   auto& st = c.stats;
   st.experts = E, st.top_k = K, st.groups = G, st.capacity = G > 0 ? c.capacity[0] : 0;
@@ -453,27 +511,46 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     st.tokens[m] = 0, st.tokens_fully_dropped[m] = 0, st.local_entropy[m] = 0, st.global_entropy[m] = 0;
     pbar[m].assign(static_cast<std::size_t>(E), 0.0);
   }
-  // Each token's entropy over the pool (the sums below stay in token order: the same bits on any thread count).
-  c.token_entropy.resize(static_cast<std::size_t>(N));
-  parallel_for_each_index(0, N, detail::kRowGrain, [&](index_t t) {
-    c.token_entropy[static_cast<std::size_t>(t)] = math::entropy(c.probs.data() + t * E, E);
-  });
-  for (index_t t = 0; t < N; ++t) {
-    if (modality[static_cast<std::size_t>(t)] == kPad) {
-      ++st.padding;
-      continue;
+  if constexpr (device_losses) {  // from each group's sums (kernels/losses.cuh's layout), in group order
+    const index_t Q = 8 * E + 7;
+    auto count = [](double v) { return static_cast<index_t>(std::llround(v)); };
+    for (index_t g = 0; g < G; ++g) {
+      const double* q = c.loss_sums.data() + g * Q;
+      for (int m = 0; m < kModalities; ++m) {
+        st.tokens[m] += count(q[8 * E + m]);
+        st.local_entropy[m] += q[8 * E + 2 + m];
+        st.tokens_fully_dropped[m] += count(q[8 * E + 5 + m]);
+        for (int e = 0; e < E; ++e) {
+          pbar[m][e] += q[(2 + m) * E + e];
+          st.routed[m][e] += count(q[(4 + m) * E + e]);
+          st.dropped[m][e] += count(q[(6 + m) * E + e]);
+        }
+      }
     }
-    const int m = modality[static_cast<std::size_t>(t)] == kText ? 1 : 0;
-    ++st.tokens[m];
-    bool any = false;
-    for (int k = 0; k < K; ++k) {
-      const std::int32_t r = c.route[t * K + k];
-      if (r >= 0) ++st.routed[m][r], any = true;
-      else ++st.dropped[m][c.choice[t * K + k]];
+    st.padding = N - st.tokens[0] - st.tokens[1];
+  } else {
+    // Each token's entropy over the pool (the sums below stay in token order: the same bits on any thread count).
+    c.token_entropy.resize(static_cast<std::size_t>(N));
+    parallel_for_each_index(0, N, detail::kRowGrain, [&](index_t t) {
+      c.token_entropy[static_cast<std::size_t>(t)] = math::entropy(c.probs.data() + t * E, E);
+    });
+    for (index_t t = 0; t < N; ++t) {
+      if (modality[static_cast<std::size_t>(t)] == kPad) {
+        ++st.padding;
+        continue;
+      }
+      const int m = modality[static_cast<std::size_t>(t)] == kText ? 1 : 0;
+      ++st.tokens[m];
+      bool any = false;
+      for (int k = 0; k < K; ++k) {
+        const std::int32_t r = c.route[t * K + k];
+        if (r >= 0) ++st.routed[m][r], any = true;
+        else ++st.dropped[m][c.choice[t * K + k]];
+      }
+      if (!any) ++st.tokens_fully_dropped[m];
+      for (int e = 0; e < E; ++e) pbar[m][e] += static_cast<double>(c.probs[t * E + e]);
+      st.local_entropy[m] += c.token_entropy[static_cast<std::size_t>(t)];
     }
-    if (!any) ++st.tokens_fully_dropped[m];
-    for (int e = 0; e < E; ++e) pbar[m][e] += static_cast<double>(c.probs[t * E + e]);
-    st.local_entropy[m] += c.token_entropy[static_cast<std::size_t>(t)];
   }
   for (int m = 0; m < kModalities; ++m) {
     index_t dropped = 0;
@@ -486,9 +563,11 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     st.global_entropy[m] = math::entropy(pbar[m].data(), E);
   }
   st.mean_gate = std::move(pbar);
+  c.accepted_rows = 0;
   for (int e = 0; e < E; ++e) {
     const index_t all = st.routed[0][e] + st.routed[1][e];
     st.image_share[e] = all > 0 ? static_cast<double>(st.routed[0][e]) / static_cast<double>(all) : 0.0;
+    c.accepted_rows += all;
   }
   c.valid = true;
 }
@@ -541,27 +620,22 @@ void moe_backward(const MoeParams<T, SpaceOf<BackendT>>& p, CView<T, SpaceOf<Bac
   c.dye.resize(Shape{A, D});     // [A, D]
   O::combine_backward(c.plan, c.gates_for_ops(), c.routes_for_ops(), c.ye.cview(), dy, c.dye.view(), c.row_dgate.view());
 
-  // 2. Router: through softmax(noisy) of the combine weights (the noise is a constant), plus the aux losses.
-  // Host code: a device backend brings the rows' gate gradients and the plan's slot rows over.
-  const CView<index_t> slot_row = host_view<index_t, S>(c.plan.slot_row.cview(), c.slot_row_h);
-  const CView<T> row_dgate = host_view<T, S>(c.row_dgate.cview(), c.row_dgate_h);
-  c.dlogits.resize(Shape{N, E});  // [N, E]
-  parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
-    std::array<double, detail::kMaxStackExperts> dg{};
-    for (index_t t = t0; t < t1; ++t) {
-      std::fill(dg.begin(), dg.begin() + E, 0.0);
-      for (int k = 0; k < K; ++k) {
-        const index_t r = slot_row[t * K + k];
-        if (r >= 0) dg[c.route[t * K + k]] += static_cast<double>(row_dgate[r]);
-      }
-      const T* g = c.gates.data() + t * E;
-      double dot = 0;
-      for (int e = 0; e < E; ++e) dot += static_cast<double>(g[e]) * dg[e];
-      for (int e = 0; e < E; ++e)
-        c.dlogits[t * E + e] = static_cast<T>(static_cast<double>(g[e]) * (dg[e] - dot) +
-                                              aux_scale * c.aux_dlogits[t * E + e]);
-    }
-  });
+  // 2. Router: through softmax(noisy) of the combine weights (the noise is a constant), plus the aux losses
+  // (moe/formulas.hpp's router_logit_grad per token; a device backend runs it there).
+  if constexpr (host_memory) {
+    c.dlogits.resize(Shape{N, E});  // [N, E]
+    const index_t* slot_row = c.plan.slot_row.data();
+    parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
+      for (index_t t = t0; t < t1; ++t)
+        formulas::router_logit_grad(c.gates.data() + t * E, c.route.data() + t * K, slot_row + t * K,
+                                    c.row_dgate.data(), E, K, aux_scale, c.aux_dlogits.data() + t * E,
+                                    c.dlogits.data() + t * E);
+    });
+  } else {
+    c.dlogits_d.resize(Shape{N, E});  // [N, E]
+    O::router_backward(c.plan, c.gates_for_ops(), c.routes_for_ops(), c.row_dgate.cview(), c.aux_dlogits_d.cview(),
+                       aux_scale, c.dlogits_d.view());
+  }
 
   // 3-4. The expert MLPs: dxe, and the expert weight gradients (accumulated).
   if (need_dx) c.dxe.resize(Shape{A, D});  // [A, D]
@@ -583,9 +657,7 @@ void moe_backward(const MoeParams<T, SpaceOf<BackendT>>& p, CView<T, SpaceOf<Bac
     if (need_dx && N > 0)
       detail::gemm_rows<T>(Trans::N, Trans::N, N, D, E, c.dlogits.data(), E, p.router_w.data(), D, T(0), dx.data(),
                            D);
-  } else {  // the same products on the device (fp32), the logit gradient uploaded once
-    c.dlogits_d.resize(Shape{N, E});  // [N, E]
-    copy_from_host<T, S>(c.dlogits.cview(), c.dlogits_d.view());
+  } else {  // the same products on the device (fp32)
     O::linear_backward(x, p.router_w, c.dlogits_d.cview(), need_dx ? dx : View<T, S>{}, grads.router_w, View<T, S>{});
   }
   if (need_dx) O::dispatch_backward(c.plan, c.dxe.cview(), dx);

@@ -20,6 +20,7 @@
 #include <concepts>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/tensor.hpp"
@@ -27,6 +28,7 @@
 #include "limoe/math/normal.hpp"
 #include "limoe/math/softmax.hpp"
 #include "limoe/moe/config.hpp"
+#include "limoe/moe/formulas.hpp"
 
 namespace limoe::moe {
 
@@ -63,15 +65,7 @@ concept AuxLossTerm = requires(const LossGroup<float>& gf, const LossGroup<doubl
 };
 
 namespace detail {
-// Adds coef * (d softmax / d logits)^T du to dl for one row (math::softmax_row_backward, scaled and added).
-template <class T>
-inline void add_softmax_grad(const T* G, const double* du, int E, double coef, double* dl) {
-  std::array<double, kMaxExperts> d{};
-  math::softmax_row_backward(G, du, E, d.data());
-  for (int e = 0; e < E; ++e) dl[e] += coef * d[e];
-}
-
-inline constexpr int kMaxStackExperts = kMaxExperts;  // per-row scratch on the stack
+inline constexpr int kMaxStackExperts = kMaxExperts;  // per-group sums on the stack
 }  // namespace detail
 
 // V-MoE importance loss (Riquelme et al. 2021, appendix A.2): Imp_e = sum_s G[s, e] on clean gates.
@@ -87,7 +81,7 @@ struct ImportanceLoss {
     v.total += g.scale * c.importance_weight * L;
     if (dl == nullptr || !(c.importance_weight > 0)) return;
     parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
-      detail::add_softmax_grad(g.probs + s * E, dimp.data(), E, g.scale * c.importance_weight, dl + s * E);
+      formulas::add_softmax_grad(g.probs + s * E, dimp.data(), E, g.scale * c.importance_weight, dl + s * E);
     });
   }
 };
@@ -104,11 +98,8 @@ struct LoadLoss {
     std::array<double, detail::kMaxStackExperts> load{}, dload{};
     ::limoe::detail::ScratchLease<double> sf(g.S * E);  // [S, E] 1 - Phi(z), summed below in token order
     parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
-      const double thr = static_cast<double>(g.noisy[s * E + g.choice[s * K + K - 1]]);
-      for (int e = 0; e < E; ++e) {
-        const double z = (thr - static_cast<double>(g.logits[s * E + e])) / g.sigma;
-        sf.data()[s * E + e] = math::normal_sf(z);  // 1 - Phi(z)
-      }
+      const T thr = g.noisy[s * E + g.choice[s * K + K - 1]];
+      for (int e = 0; e < E; ++e) sf.data()[s * E + e] = formulas::load_prob(thr, g.logits[s * E + e], g.sigma);
     });
     for (index_t s = 0; s < g.S; ++s)
       for (int e = 0; e < E; ++e) load[e] += sf.data()[s * E + e];
@@ -119,16 +110,8 @@ struct LoadLoss {
     if (dl == nullptr || !(c.load_weight > 0)) return;
     const double coef = g.scale * c.load_weight / static_cast<double>(g.S) / g.sigma;
     parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
-      const int kth = g.choice[s * K + K - 1];
-      const double thr = static_cast<double>(g.noisy[s * E + kth]);
-      double to_thr = 0;
-      for (int e = 0; e < E; ++e) {
-        const double z = (thr - static_cast<double>(g.logits[s * E + e])) / g.sigma;
-        const double d = coef * dload[e] * math::normal_pdf(z);  // dL/dp * phi(z) / sigma
-        dl[s * E + e] += d;  // d p / d logits[s, e] = +phi / sigma
-        to_thr -= d;         // d p / d thr_s = -phi / sigma
-      }
-      dl[s * E + kth] += to_thr;
+      formulas::add_load_grad(g.logits + s * E, g.noisy + s * E, g.choice + s * K, E, K, g.sigma, dload.data(), coef,
+                              dl + s * E);
     });
   }
 };
@@ -150,11 +133,7 @@ struct LocalEntropyLoss {
       Hs.data()[s] = H;
       const double w = c.local_entropy_weight[m];
       if (dl == nullptr || !(w > 0)) return;
-      const double coef = g.scale * w / static_cast<double>(n[m]);
-      for (int e = 0; e < E; ++e) {
-        const double p = static_cast<double>(G[e]);
-        dl[s * E + e] -= coef * p * (math::safe_log(p) + H);
-      }
+      formulas::add_local_entropy_grad(G, E, H, g.scale * w / static_cast<double>(n[m]), dl + s * E);
     });
     for (index_t s = 0; s < g.S; ++s) sum[g.modality[s] ? 1 : 0] += Hs.data()[s];
     for (int m = 0; m < kModalities; ++m) {
@@ -192,7 +171,7 @@ struct GlobalEntropyLoss {
       for (int e = 0; e < E; ++e) du[e] = math::safe_log(pbar[e]);
       const double coef = g.scale * w / static_cast<double>(n);
       parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
-        if ((g.modality[s] ? 1 : 0) == m) detail::add_softmax_grad(g.probs + s * E, du.data(), E, coef, dl + s * E);
+        if ((g.modality[s] ? 1 : 0) == m) formulas::add_softmax_grad(g.probs + s * E, du.data(), E, coef, dl + s * E);
       });
     }
   }
@@ -211,8 +190,7 @@ struct ZLoss {
     parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
       const double lse = math::logsumexp_row(g.logits + s * E, E);
       lses.data()[s] = lse;
-      if (grad)
-        for (int e = 0; e < E; ++e) dl[s * E + e] += coef * lse * static_cast<double>(g.probs[s * E + e]);
+      if (grad) formulas::add_z_grad(g.probs + s * E, E, lse, coef, dl + s * E);
     });
     for (index_t s = 0; s < g.S; ++s) sum += lses.data()[s] * lses.data()[s];
     const double L = sum / static_cast<double>(g.S);
@@ -231,6 +209,26 @@ struct AuxLosses {
 };
 
 using DefaultAuxLosses = AuxLosses<ImportanceLoss, LoadLoss, LocalEntropyLoss, GlobalEntropyLoss, ZLoss>;
+
+// Which stock terms a loss set holds, as a mask (1 importance, 2 load, 4 local entropy, 8 global entropy, 16 z),
+// or -1 when it holds a term of the user's own or one twice: a device backend computes a stock set there (the
+// CUDA backend's aux_losses, with the formulas of moe/formulas.hpp) and any other set on the host.
+template <class Term>
+inline constexpr int kStockLossBit = std::is_same_v<Term, ImportanceLoss>      ? 1
+                                     : std::is_same_v<Term, LoadLoss>          ? 2
+                                     : std::is_same_v<Term, LocalEntropyLoss>  ? 4
+                                     : std::is_same_v<Term, GlobalEntropyLoss> ? 8
+                                     : std::is_same_v<Term, ZLoss>             ? 16
+                                                                               : 0;
+template <class Losses>
+inline constexpr int kStockLossMask = -1;
+template <class... Terms>
+inline constexpr int kStockLossMask<AuxLosses<Terms...>> =
+    ((kStockLossBit<Terms> != 0) && ...) && (kStockLossBit<Terms> + ... + 0) == (kStockLossBit<Terms> | ... | 0)
+        ? (kStockLossBit<Terms> | ... | 0)
+        : -1;
+static_assert(kStockLossMask<DefaultAuxLosses> == 31 && kStockLossMask<AuxLosses<>> == 0);
+static_assert(kStockLossMask<AuxLosses<ZLoss, ZLoss>> == -1);
 using NoAuxLosses = AuxLosses<>;
 
 }  // namespace limoe::moe

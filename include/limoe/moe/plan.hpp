@@ -23,14 +23,18 @@ struct ExpertGrads {
   View<T, S> fc1_w, fc1_b, fc2_w, fc2_b;  // accumulated; an empty view is skipped
 };
 
-// Which accepted (token, choice) lands in which row of which expert's block.
+// Which accepted (token, choice) lands in which row of which expert's block. Packed (fixed = 0): the blocks
+// hold exactly the accepted choices, A of them. Fixed capacity (fixed = C > 0; the CUDA backend's
+// make_fixed_dispatch_plan): every expert owns C rows, A = E C, so the sizes are known without reading the
+// routes; the rows past an expert's accepted choices are empty (row_token and row_slot -1, zero inputs).
 template <class S = HostSpace>
 struct BasicDispatchPlan {
-  index_t N = 0, A = 0;  // tokens, accepted choices (= rows)
+  index_t N = 0, A = 0;  // tokens, rows (accepted choices when packed)
   int E = 0, K = 0;
+  index_t fixed = 0;             // rows per expert of a fixed-capacity plan; 0 when packed
   Tensor<index_t, S> offsets;    // [E + 1]: expert e owns rows [offsets[e], offsets[e + 1])
-  Tensor<index_t, S> row_token;  // [A]
-  Tensor<index_t, S> row_slot;   // [A]: the choice slot t * K + k of each row
+  Tensor<index_t, S> row_token;  // [A] (-1: an empty row)
+  Tensor<index_t, S> row_slot;   // [A]: the choice slot t * K + k of each row (-1: an empty row)
   Tensor<index_t, S> slot_row;   // [N * K]: the row of each choice slot, -1 where the choice was dropped
   index_t rows_of(int e) const
     requires S::host_accessible
@@ -82,7 +86,7 @@ inline void plan_check(CView<std::int32_t> route, int E) {
 }
 template <class S>
 void plan_resize(BasicDispatchPlan<S>& p, index_t N, int K, int E, index_t A) {
-  p.N = N, p.K = K, p.E = E, p.A = A;
+  p.N = N, p.K = K, p.E = E, p.A = A, p.fixed = 0;
   p.row_token.resize(Shape{A});    // [A]
   p.row_slot.resize(Shape{A});     // [A]
   p.slot_row.resize(Shape{N * K}); // [N * K]

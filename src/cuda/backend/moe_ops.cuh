@@ -12,6 +12,7 @@
 #include <optional>
 #include <vector>
 
+#include "../kernels/losses.cuh"
 #include "../kernels/plan.cuh"
 #include "ops.cuh"
 
@@ -38,6 +39,76 @@ void route_topk(CV<T> logits, CV<std::int64_t> pos, const Rng& rng, double sigma
   exec::launch("router_gates", exec::grid_for(N, 128), 128, kn::router_gates<T>, logits.data(), pos.data(), N, E,
                rng, sigma, noisy.data(), gates.data(), probs.data());
   route_groups<T>(CV<T>(gates), K, group_size, capacity, bpr, choice, route, scratch, modality);
+}
+
+// The stock auxiliary losses of every routing group and the sums behind the routing statistics, on the device
+// (kernels/losses.cuh; moe/losses.hpp's terms, those in the mask `terms` of moe::StockLossMask, with cfg's weights):
+// per token its entropy, logsumexp and load probabilities, per chunk of 256 tokens and group the sums in order,
+// per group the values and gradient coefficients, per token the weighted gradient. sigma: the router's noise
+// scale (0: no noise, no load term). Writes dlogits [N, E] (d loss / d clean logits; 0 for padding), values [G,
+// kLossValues] (per group, scaled by 1 / G as the host terms add them) and sums [G, loss_quantities(E)].
+template <class T>
+void aux_losses(CV<T> logits, CV<T> noisy, CV<T> probs, CV<std::int32_t> choice, CV<std::int32_t> route,
+                CV<std::uint8_t> modality, std::int64_t group_size, int terms, const moe::AuxLossConfig& cfg,
+                double sigma, V<double> dlogits, V<double> values, V<double> sums) {
+  LIMOE_CHECK(logits.rank() == 2, "cuda::aux_losses: logits must be [N, E], got ", logits.shape().str());
+  LIMOE_CHECK(choice.rank() == 2 && choice.dim(0) == logits.dim(0), "cuda::aux_losses: choice must be [N, K], got ",
+              choice.shape().str());
+  const index_t N = logits.dim(0), K = choice.dim(1);
+  const int E = static_cast<int>(logits.dim(1));
+  LIMOE_CHECK(group_size >= 1 && K >= 1 && sigma >= 0, "cuda::aux_losses: group_size ", group_size, ", K ", K,
+              ", sigma ", sigma, " (need group_size >= 1, K >= 1, sigma >= 0)");
+  const index_t G = (N + group_size - 1) / group_size, Q = kn::loss_quantities(E);
+  expect_shape(noisy, logits.shape(), "cuda::aux_losses: noisy");
+  expect_shape(probs, logits.shape(), "cuda::aux_losses: probs");
+  expect_shape(route, choice.shape(), "cuda::aux_losses: route");
+  expect_shape(modality, Shape{N}, "cuda::aux_losses: modality");
+  expect_shape(dlogits, logits.shape(), "cuda::aux_losses: dlogits");
+  expect_shape(values, Shape{G, kn::kLossValues}, "cuda::aux_losses: values");
+  expect_shape(sums, Shape{G, Q}, "cuda::aux_losses: sums");
+  if (N == 0) return;
+  kn::LossParams lp;
+  lp.terms = terms;
+  lp.importance_weight = cfg.importance_weight, lp.load_weight = cfg.load_weight, lp.z_weight = cfg.z_loss_weight;
+  for (int m = 0; m < 2; ++m)
+    lp.local_weight[m] = cfg.local_entropy_weight[static_cast<std::size_t>(m)],
+    lp.global_weight[m] = cfg.global_entropy_weight[static_cast<std::size_t>(m)],
+    lp.global_tau[m] = cfg.global_entropy_tau[static_cast<std::size_t>(m)];
+  lp.noise_active = sigma > 0, lp.sigma = sigma, lp.scale = 1.0 / static_cast<double>(G);
+  const index_t gs = std::min(group_size, N), cpg = (gs + kn::kLossChunk - 1) / kn::kLossChunk, chunks = G * cpg;
+  DTensor<double> H(Shape{N}), lse(Shape{N}), sf(Shape{N, E}), part(Shape{chunks, Q});
+  DTensor<double> coef(Shape{G, kn::kLossCoefs}), vec(Shape{G, 4 * E});
+  exec::launch("loss_token_terms", exec::grid_for(N, 128), 128, kn::loss_token_terms<T>, logits.data(), noisy.data(),
+               probs.data(), choice.data(), modality.data(), N, E, static_cast<int>(K), lp.noise_active, sigma,
+               H.data(), lse.data(), sf.data());
+  exec::launch("loss_chunk_sums", exec::grid_for(chunks * Q, 128), 128, kn::loss_chunk_sums<T>, probs.data(),
+               choice.data(), route.data(), modality.data(), static_cast<const double*>(H.data()),
+               static_cast<const double*>(lse.data()), static_cast<const double*>(sf.data()), N, E, static_cast<int>(K),
+               gs, chunks, cpg, part.data());
+  exec::launch("loss_group_finish", exec::grid_for(G, 64), 64, kn::loss_group_finish<>,
+               static_cast<const double*>(part.data()), G, cpg, E, lp, sums.data(), values.data(), coef.data(),
+               vec.data());
+  exec::launch("loss_token_grads", exec::grid_for(N, 128), 128, kn::loss_token_grads<T>, logits.data(), noisy.data(),
+               probs.data(), choice.data(), modality.data(), static_cast<const double*>(H.data()),
+               static_cast<const double*>(lse.data()), static_cast<const double*>(coef.data()),
+               static_cast<const double*>(vec.data()), N, E, static_cast<int>(K), gs, sigma, dlogits.data());
+}
+
+// The router's logit gradient of every token (moe/formulas.hpp's router_logit_grad, one thread per token):
+// dlogits [N, E] from the gates [N, E], routes [N, K], the plan's slot rows, the rows' gate gradients row_dgate
+// [A] and the auxiliary losses' gradient aux [N, E] (double) times aux_scale.
+template <class T>
+void router_backward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> row_dgate, CV<double> aux,
+                     double aux_scale, V<T> dlogits) {
+  expect_shape(gates, Shape{p.N, p.E}, "cuda::router_backward: gates");
+  expect_shape(route, Shape{p.N, p.K}, "cuda::router_backward: route");
+  expect_shape(row_dgate, Shape{p.A}, "cuda::router_backward: row_dgate");
+  expect_shape(aux, Shape{p.N, p.E}, "cuda::router_backward: aux");
+  expect_shape(dlogits, Shape{p.N, p.E}, "cuda::router_backward: dlogits");
+  if (p.N == 0) return;
+  exec::launch("router_backward", exec::grid_for(p.N, 128), 128, kn::router_backward<T>, gates.data(), route.data(),
+               static_cast<const std::int64_t*>(p.slot_row.data()), row_dgate.data(), aux.data(), aux_scale, p.N, p.E,
+               p.K, dlogits.data());
 }
 
 // route [N, K] (expert or -1) -> plan, as moe::cpu::make_dispatch_plan: experts' blocks in expert order,
@@ -79,7 +150,39 @@ void make_dispatch_plan(CV<std::int32_t> route, int E, DispatchPlan& p) {
   DTensor<std::int64_t> dstarts(Shape{chunks * E});
   exec::to_device(dstarts.data(), starts.data(), starts.size());
   exec::launch("plan_assign", grid, threads, kn::plan_assign, route.data(), slots, static_cast<int>(K), E,
-               static_cast<const std::int64_t*>(dstarts.data()), p.row_token.data(), p.row_slot.data(),
+               static_cast<const std::int64_t*>(dstarts.data()), std::int64_t{0}, p.row_token.data(),
+               p.row_slot.data(), p.slot_row.data());
+}
+
+// The fixed-capacity plan (moe/plan.hpp): expert e owns rows [e C, (e + 1) C), its accepted choices first in
+// slot order (as the packed plan's), the rest empty. Nothing comes back to the host: the counts are scanned on
+// the device (kernels::plan_fixed_starts), and the sizes (A = E C) are the caller's. route must respect the
+// capacity (at most C choices per expert, as the stock router's do; a choice past an expert's C rows would be
+// treated as dropped). Route entries are not checked here (the packed plan checks them, with a read-back).
+void make_fixed_dispatch_plan(CV<std::int32_t> route, int E, index_t C, DispatchPlan& p) {
+  LIMOE_CHECK(route.rank() == 2 && E >= 1 && C >= 1, "cuda::make_fixed_dispatch_plan: route must be [N, K], E >= 1 "
+              "and C >= 1, got ", route.shape().str(), ", E = ", E, ", C = ", C);
+  const index_t N = route.dim(0), K = route.dim(1), slots = N * K;
+  moe::detail::plan_resize(p, N, static_cast<int>(K), E, E * C);
+  p.fixed = C;
+  std::vector<std::int64_t> off(static_cast<std::size_t>(E) + 1);
+  for (std::size_t e = 0; e < off.size(); ++e) off[e] = static_cast<std::int64_t>(e) * C;
+  p.offsets.resize(Shape{E + 1});
+  exec::to_device(p.offsets.data(), off.data(), off.size());
+  exec::launch("fill (row_token)", exec::grid_for(p.A), 256, kn::fill<std::int64_t>, p.row_token.data(), p.A,
+               std::int64_t{-1});
+  exec::launch("fill (row_slot)", exec::grid_for(p.A), 256, kn::fill<std::int64_t>, p.row_slot.data(), p.A,
+               std::int64_t{-1});
+  const index_t chunks = (slots + kn::kPlanChunk - 1) / kn::kPlanChunk;
+  if (chunks == 0) return;
+  const int threads = E + 1 < 256 ? 32 * ((E + 32) / 32) : 256;
+  const dim3 grid(static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
+  DTensor<std::int64_t> counts(Shape{chunks * (E + 1)}), starts(Shape{chunks * E});
+  exec::launch("plan_count", grid, threads, kn::plan_count, route.data(), slots, E, counts.data());
+  exec::launch("plan_fixed_starts", exec::grid_for(E, 64), 64, kn::plan_fixed_starts,
+               static_cast<const std::int64_t*>(counts.data()), chunks, E, C, starts.data());
+  exec::launch("plan_assign", grid, threads, kn::plan_assign, route.data(), slots, static_cast<int>(K), E,
+               static_cast<const std::int64_t*>(starts.data()), C, p.row_token.data(), p.row_slot.data(),
                p.slot_row.data());
 }
 
@@ -100,9 +203,13 @@ void dispatch_backward(const DispatchPlan& p, CV<T> dxe, V<T> dx) {
 }
 
 namespace detail {
+// The plan's offsets on the host: computed for a fixed-capacity plan, read back (a synchronisation) otherwise.
 inline std::vector<index_t> host_offsets(const DispatchPlan& p) {
   std::vector<index_t> off(static_cast<std::size_t>(p.E + 1));
-  exec::to_host(off.data(), p.offsets.data(), off.size());
+  if (p.fixed > 0)
+    for (std::size_t e = 0; e < off.size(); ++e) off[e] = static_cast<index_t>(e) * p.fixed;
+  else
+    exec::to_host(off.data(), p.offsets.data(), off.size());
   return off;
 }
 // fn(e, r0, n) for each expert e with n > 0 rows starting at row r0, in expert order.
@@ -166,7 +273,13 @@ void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space
   using Op = detail::ExpertOperand<Prec, T>;
   const auto off = detail::host_offsets(p);
   const std::int64_t* offsets = p.offsets.data();
-  {
+  // A fixed-capacity plan in fp32: one strided-batched product per weight matrix over the E blocks of C rows.
+  const bool batched = p.fixed > 0 && !Prec::mixed;
+  const index_t C = p.fixed;
+  if (batched) {
+    exec::gemm_batched<T>(false, true, C, M, D, T(1), xe.data(), D, C * D, w.fc1_w.data(), D, M * D, T(0),
+                          hpre.data(), M, C * M, p.E);
+  } else {
     const Op x(prec, xe.data(), p.A, D), w1(prec, w.fc1_w.data(), p.E * M, D);
     detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
       detail::expert_product(false, true, n, M, D, x, r0 * D, D, w1, e * M * D, D, false, hpre.data() + r0 * M, M);
@@ -175,10 +288,15 @@ void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space
   DTensor<std::uint16_t> h16(Shape{Prec::mixed ? p.A : 0, M});
   exec::launch("expert_bias_gelu", exec::grid_for(p.A * M), 256, kn::expert_bias_gelu<T>, offsets, p.E, p.A, M, gelu,
                w.fc1_b.data(), hpre.data(), h.data(), Prec::mixed ? h16.data() : nullptr);
-  const Op hop(h.data(), h16.data(), M), w2(prec, w.fc2_w.data(), p.E * D, M);
-  detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-    detail::expert_product(false, true, n, D, M, hop, r0 * M, M, w2, e * D * M, M, false, ye.data() + r0 * D, D);
-  });
+  if (batched) {
+    exec::gemm_batched<T>(false, true, C, D, M, T(1), h.data(), M, C * M, w.fc2_w.data(), M, D * M, T(0), ye.data(),
+                          D, C * D, p.E);
+  } else {
+    const Op hop(h.data(), h16.data(), M), w2(prec, w.fc2_w.data(), p.E * D, M);
+    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+      detail::expert_product(false, true, n, D, M, hop, r0 * M, M, w2, e * D * M, M, false, ye.data() + r0 * D, D);
+    });
+  }
   exec::launch("expert_bias_add", exec::grid_for(p.A * D), 256, kn::expert_bias_add<T>, offsets, p.E, p.A, D,
                w.fc2_b.data(), ye.data());
 }
@@ -202,32 +320,54 @@ void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Spac
   using Op = detail::ExpertOperand<Prec, T>;
   const auto off = detail::host_offsets(p);
   const std::int64_t* offsets = p.offsets.data();
-  const Op dy(prec, dye.data(), p.A, D);
-  {
-    const Op w2(prec, w.fc2_w.data(), p.E * D, M);
-    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-      detail::expert_product(false, false, n, M, D, dy, r0 * D, D, w2, e * D * M, M, false, dh.data() + r0 * M, M);
-    });
-  }
-  gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
-  const Op dhop(prec, dh.data(), p.A, M);
-  if (!dxe.empty()) {
-    const Op w1(prec, w.fc1_w.data(), p.E * M, D);
-    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-      detail::expert_product(false, false, n, D, M, dhop, r0 * M, M, w1, e * M * D, D, false, dxe.data() + r0 * D, D);
-    });
-  }
-  if (!g.fc2_w.empty()) {
-    const Op hop(prec, h.data(), p.A, M);
-    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-      detail::expert_product(true, false, D, M, n, dy, r0 * D, D, hop, r0 * M, M, true, g.fc2_w.data() + e * D * M, M);
-    });
-  }
-  if (!g.fc1_w.empty()) {
-    const Op x(prec, xe.data(), p.A, D);
-    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-      detail::expert_product(true, false, M, D, n, dhop, r0 * M, M, x, r0 * D, D, true, g.fc1_w.data() + e * M * D, D);
-    });
+  // A fixed-capacity plan in fp32: one strided-batched product per product kind over the E blocks of C rows
+  // (the empty rows' dye is 0, so they add nothing to the weight gradients).
+  const bool batched = p.fixed > 0 && !Prec::mixed;
+  const index_t C = p.fixed, E = p.E;
+  if (batched) {
+    exec::gemm_batched<T>(false, false, C, M, D, T(1), dye.data(), D, C * D, w.fc2_w.data(), M, D * M, T(0),
+                          dh.data(), M, C * M, E);
+    gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
+    if (!dxe.empty())
+      exec::gemm_batched<T>(false, false, C, D, M, T(1), dh.data(), M, C * M, w.fc1_w.data(), D, M * D, T(0),
+                            dxe.data(), D, C * D, E);
+    if (!g.fc2_w.empty())
+      exec::gemm_batched<T>(true, false, D, M, C, T(1), dye.data(), D, C * D, h.data(), M, C * M, T(1),
+                            g.fc2_w.data(), M, D * M, E);
+    if (!g.fc1_w.empty())
+      exec::gemm_batched<T>(true, false, M, D, C, T(1), dh.data(), M, C * M, xe.data(), D, C * D, T(1),
+                            g.fc1_w.data(), D, M * D, E);
+  } else {
+    const Op dy(prec, dye.data(), p.A, D);
+    {
+      const Op w2(prec, w.fc2_w.data(), p.E * D, M);
+      detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+        detail::expert_product(false, false, n, M, D, dy, r0 * D, D, w2, e * D * M, M, false, dh.data() + r0 * M, M);
+      });
+    }
+    gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
+    const Op dhop(prec, dh.data(), p.A, M);
+    if (!dxe.empty()) {
+      const Op w1(prec, w.fc1_w.data(), p.E * M, D);
+      detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+        detail::expert_product(false, false, n, D, M, dhop, r0 * M, M, w1, e * M * D, D, false, dxe.data() + r0 * D,
+                               D);
+      });
+    }
+    if (!g.fc2_w.empty()) {
+      const Op hop(prec, h.data(), p.A, M);
+      detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+        detail::expert_product(true, false, D, M, n, dy, r0 * D, D, hop, r0 * M, M, true, g.fc2_w.data() + e * D * M,
+                               M);
+      });
+    }
+    if (!g.fc1_w.empty()) {
+      const Op x(prec, xe.data(), p.A, D);
+      detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
+        detail::expert_product(true, false, M, D, n, dhop, r0 * M, M, x, r0 * D, D, true, g.fc1_w.data() + e * M * D,
+                               D);
+      });
+    }
   }
   const dim3 cols_d(exec::grid_for(D, kColThreads).x, static_cast<unsigned>(p.E)),
       cols_m(exec::grid_for(M, kColThreads).x, static_cast<unsigned>(p.E));

@@ -18,13 +18,16 @@
 
 namespace limoe::cuda::kernels {
 
-// xe[r, :] = x[row_token[r], :] for the A accepted rows (grid-stride over A * D).
+// xe[r, :] = x[row_token[r], :] for the A rows, 0 for an empty row of a fixed-capacity plan (row_token -1)
+// (grid-stride over A * D).
 template <class T>
 __global__ void dispatch_forward(const std::int64_t* __restrict__ row_token, std::int64_t A, std::int64_t D,
                                  const T* __restrict__ x, T* __restrict__ xe) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < A * D; i += stride)
-    xe[i] = x[row_token[i / D] * D + i % D];
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < A * D; i += stride) {
+    const std::int64_t t = row_token[i / D];
+    xe[i] = t >= 0 ? x[t * D + i % D] : T(0);
+  }
 }
 
 // dx[t, :] += sum over k of dxe[slot_row[t, k], :] (accepted choices only), k in order.
@@ -60,7 +63,9 @@ __global__ void combine_forward(const std::int64_t* __restrict__ slot_row, const
   }
 }
 
-// One block per accepted row r: dye[r, :] = gate * dy[t, :], dgate[r] = <dy[t, :], ye[r, :]> (a block sum).
+// One block per row r: dye[r, :] = gate * dy[t, :], dgate[r] = <dy[t, :], ye[r, :]> (a block sum); zeros for
+// an empty row of a fixed-capacity plan (row_token -1: the whole block returns, so no barrier is skipped by
+// part of it), so its expert products add nothing to the weight gradients.
 template <int kThreads, class T>
 __global__ void combine_backward(const std::int64_t* __restrict__ row_token, const std::int64_t* __restrict__ row_slot,
                                  const std::int32_t* __restrict__ route, const T* __restrict__ gates, int E,
@@ -68,6 +73,11 @@ __global__ void combine_backward(const std::int64_t* __restrict__ row_token, con
                                  T* __restrict__ dye, T* __restrict__ dgate) {
   __shared__ T red[kThreads];
   const std::int64_t r = blockIdx.x, t = row_token[r];
+  if (t < 0) {
+    for (std::int64_t d = threadIdx.x; d < D; d += kThreads) dye[r * D + d] = T(0);
+    if (threadIdx.x == 0) dgate[r] = T(0);
+    return;
+  }
   const T gate = gates[t * E + route[row_slot[r]]];
   T acc = 0;
   for (std::int64_t d = threadIdx.x; d < D; d += kThreads) {

@@ -19,6 +19,12 @@ namespace limoe::cuda::kernels {
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);          \
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
 
+// y[i] = v for i < n.
+template <class T>
+__global__ void fill(T* __restrict__ y, std::int64_t n, T v) {
+  LIMOE_GRID_STRIDE(i, n) y[i] = v;
+}
+
 // y[r, :] = b for rows r < rows of width O (the bias a product then accumulates onto).
 template <class T>
 __global__ void fill_rows(const T* __restrict__ b, std::int64_t rows, std::int64_t O, T* __restrict__ y) {

@@ -1,0 +1,84 @@
+// limoe/moe/formulas.hpp: the MoE layer's per-token formulas of the auxiliary losses' gradients (semantics §4) and
+// of the router's logit gradient (§3), once, for the host and the device (LIMOE_HD): the stock loss terms
+// (moe/losses.hpp) and the layer's backward (moe/layer.hpp) call them on the CPU, the CUDA backend's kernels
+// (src/cuda/kernels/losses.cuh) on the GPU. Each adds to or writes one token's row of E values; none keeps a
+// per-expert array of its own, so a kernel thread needs no scratch.
+#pragma once
+
+#include <cstdint>
+
+#include "limoe/math/balance.hpp"
+#include "limoe/math/host_device.hpp"
+#include "limoe/math/normal.hpp"
+
+namespace limoe::moe::formulas {
+
+// dl[e] += coef * G_e (du_e - <du, G>): the softmax's backward of du through G = softmax(logits), scaled and
+// added (the importance and global entropy terms; math::softmax_row_backward's arithmetic).
+template <class T>
+LIMOE_HD inline void add_softmax_grad(const T* G, const double* du, int E, double coef, double* dl) {
+  double dot = 0;
+  for (int e = 0; e < E; ++e) dot += du[e] * static_cast<double>(G[e]);
+  for (int e = 0; e < E; ++e) dl[e] += coef * (static_cast<double>(G[e]) * (du[e] - dot));
+}
+
+// The load loss's probability that expert e stays among a token's top K under fresh noise: 1 - Phi(z),
+// z = (thr - logit_e) / sigma, thr the token's K-th largest noisy logit.
+template <class T>
+LIMOE_HD inline double load_prob(T thr, T logit, double sigma) {
+  return math::normal_sf((static_cast<double>(thr) - static_cast<double>(logit)) / sigma);
+}
+
+// The load loss's gradient for one token: coef * dload_e * phi(z_e) into logit e, and minus their sum into the
+// logit of the token's K-th choice (thr is that noisy logit itself, as in vmoe). coef = scale * weight / S / sigma.
+template <class T>
+LIMOE_HD inline void add_load_grad(const T* logits, const T* noisy, const std::int32_t* choice, int E, int K,
+                                   double sigma, const double* dload, double coef, double* dl) {
+  const int kth = choice[K - 1];
+  const double thr = static_cast<double>(noisy[kth]);
+  double to_thr = 0;
+  for (int e = 0; e < E; ++e) {
+    const double z = (thr - static_cast<double>(logits[e])) / sigma;
+    const double d = coef * dload[e] * math::normal_pdf(z);  // dL/dp * phi(z) / sigma
+    dl[e] += d;   // d p / d logits[e] = +phi / sigma
+    to_thr -= d;  // d p / d thr = -phi / sigma
+  }
+  dl[kth] += to_thr;
+}
+
+// The local entropy's gradient for one token of entropy H: dl[e] -= coef * G_e (log G_e + H), coef = scale *
+// weight / (the modality's tokens in the group).
+template <class T>
+LIMOE_HD inline void add_local_entropy_grad(const T* G, int E, double H, double coef, double* dl) {
+  for (int e = 0; e < E; ++e) {
+    const double p = static_cast<double>(G[e]);
+    dl[e] -= coef * p * (math::safe_log(p) + H);
+  }
+}
+
+// The z-loss's gradient for one token: dl[e] += coef * lse * G_e, coef = scale * weight * 2 / S.
+template <class T>
+LIMOE_HD inline void add_z_grad(const T* G, int E, double lse, double coef, double* dl) {
+  for (int e = 0; e < E; ++e) dl[e] += coef * lse * static_cast<double>(G[e]);
+}
+
+// The router's logit gradient for one token (semantics §3, backward): the combine weights are
+// gates = softmax(noisy logits) and the noise is a constant, so with dg_e = the sum of the gate gradients of
+// the token's accepted choices routed to e (choice order k), out_e = g_e (dg_e - <g, dg>) + aux_scale * aux_e.
+// route [K] (expert or -1), slot_row [K] (the accepted choice's row, -1 dropped), row_dgate [A].
+template <class T, class R>
+LIMOE_HD inline void router_logit_grad(const T* g, const std::int32_t* route, const std::int64_t* slot_row,
+                                       const R* row_dgate, int E, int K, double aux_scale, const double* aux, T* out) {
+  auto dg = [&](int e) {
+    double s = 0;
+    for (int k = 0; k < K; ++k)
+      if (slot_row[k] >= 0 && route[k] == e) s += static_cast<double>(row_dgate[slot_row[k]]);
+    return s;
+  };
+  double dot = 0;
+  for (int e = 0; e < E; ++e) dot += static_cast<double>(g[e]) * dg(e);
+  for (int e = 0; e < E; ++e)
+    out[e] = static_cast<T>(static_cast<double>(g[e]) * (dg(e) - dot) + aux_scale * aux[e]);
+}
+
+}  // namespace limoe::moe::formulas
