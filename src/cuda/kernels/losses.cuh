@@ -113,8 +113,8 @@ __global__ void loss_chunk_sums(const T* __restrict__ probs, const std::int32_t*
 // reads. A group without routed tokens gets zeros.
 template <int = 0>  // a template: defined in a header, compiled in one unit per program
 __global__ void loss_group_finish(const double* __restrict__ part, std::int64_t G, std::int64_t cpg, int E,
-                                         LossParams lp, double* __restrict__ tot, double* __restrict__ values,
-                                         double* __restrict__ coef, double* __restrict__ vec) {
+                                  LossParams lp, double* __restrict__ tot, double* __restrict__ values,
+                                  double* __restrict__ coef, double* __restrict__ vec) {
   const int Q = loss_quantities(E);
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t g = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < G; g += stride) {
