@@ -81,4 +81,22 @@ LIMOE_HD inline void router_logit_grad(const T* g, const std::int32_t* route, co
     out[e] = static_cast<T>(static_cast<double>(g[e]) * (dg(e) - dot) + aux_scale * aux[e]);
 }
 
+// The layout of a routing group's loss values and sums (the CUDA backend's aux_losses writes them, the layer
+// reads the losses and its statistics from them), once.
+namespace loss_layout {
+// values [kValues] per group: total, importance, load, local entropy image / text, global entropy image / text, z
+inline constexpr int kTotal = 0, kImportance = 1, kLoad = 2, kLocal = 3, kGlobal = 5, kZ = 7, kValues = 8;
+// sums [size(E)] per group (m: 0 image, 1 text; e: an expert)
+LIMOE_HD constexpr int gates(int, int e) { return e; }                        // clean gates G of routed tokens
+LIMOE_HD constexpr int load(int E, int e) { return E + e; }                   // the load loss's 1 - Phi(z)
+LIMOE_HD constexpr int gates_of(int E, int m, int e) { return (2 + m) * E + e; }  // G of modality m's tokens
+LIMOE_HD constexpr int routed(int E, int m, int e) { return (4 + m) * E + e; }    // accepted choices
+LIMOE_HD constexpr int dropped(int E, int m, int e) { return (6 + m) * E + e; }   // dropped choices (chosen e)
+LIMOE_HD constexpr int tokens(int E, int m) { return 8 * E + m; }
+LIMOE_HD constexpr int entropy(int E, int m) { return 8 * E + 2 + m; }        // sum of H(G) of the tokens
+LIMOE_HD constexpr int lse2(int E) { return 8 * E + 4; }                      // sum of logsumexp(logits)^2
+LIMOE_HD constexpr int fully_dropped(int E, int m) { return 8 * E + 5 + m; }  // tokens with no accepted choice
+LIMOE_HD constexpr int size(int E) { return 8 * E + 7; }
+}  // namespace loss_layout
+
 }  // namespace limoe::moe::formulas

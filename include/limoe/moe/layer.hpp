@@ -121,7 +121,7 @@ struct MoeContext {
   Tensor<index_t> pos_h;                          // [N]
   parallel::BasicRoutingScratch<S> route_scratch;
   // ... and, when the loss set is the stock terms' (kStockLossMask): each group's loss values and sums there.
-  Tensor<double, S> loss_values_d, loss_sums_d;   // [groups, 8], [groups, 8E + 7]
+  Tensor<double, S> loss_values_d, loss_sums_d;   // [groups, kValues], [groups, size(E)] (formulas::loss_layout)
   Tensor<double> loss_values, loss_sums;          // their host copies
   // A device backend's stock router: its results into the host copies above.
   void download_routing()
@@ -341,8 +341,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
                   IsStockRouter<Router>::bpr, padded ? mod_d : CView<std::uint8_t, S>{}, c.noisy_d.view(),
                   c.gates_d.view(), c.probs_d.view(), c.choice_d.view(), c.route_d.view(), c.route_scratch);
     if constexpr (device_losses) {  // 3. on the device; the results come back with the routing's, after the experts
-      c.aux_dlogits_d.resize(Shape{N, E}), c.loss_values_d.resize(Shape{G, 8});
-      c.loss_sums_d.resize(Shape{G, 8 * E + 7});
+      c.aux_dlogits_d.resize(Shape{N, E}), c.loss_values_d.resize(Shape{G, formulas::loss_layout::kValues});
+      c.loss_sums_d.resize(Shape{G, formulas::loss_layout::size(E)});
       O::aux_losses(c.logits_d.cview(), c.noisy_d.cview(), c.probs_d.cview(), c.choice_d.cview(), c.route_d.cview(),
                     mod_d, gs, kStockLossMask<Losses>, cfg.losses, sigma, c.aux_dlogits_d.view(),
                     c.loss_values_d.view(), c.loss_sums_d.view());
@@ -449,22 +449,18 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   // On a device with the stock router and a capacity that binds, the fixed-capacity plan (every expert C = the
   // sum of the groups' capacities rows; no read-back of the counts) when its empty rows are at most a quarter of
   // the routed choices; otherwise the packed plan, whose sizes come back from the device.
-  index_t fixed = 0;
-  constexpr bool can_fix = requires(CView<std::int32_t, S> r, BasicDispatchPlan<S>& pl) {
-    O::make_fixed_dispatch_plan(r, 1, index_t{1}, pl);
-  };
-  if constexpr (device_routing && can_fix) {
+  bool planned = false;
+  if constexpr (device_routing && requires(CView<std::int32_t, S> r, BasicDispatchPlan<S>& pl) {
+                  O::make_fixed_dispatch_plan(r, 1, index_t{1}, pl);
+                }) {
     index_t rows = 0, routed = 0;
     for (index_t g = 0; g < G; ++g) rows += c.capacity[g], routed += c.group_active[static_cast<std::size_t>(g)];
-    if (!sharded && cfg.router.capacity_factor(training) > 0 && rows > 0 && 4 * E * rows <= 5 * K * routed)
-      fixed = rows;
+    if (!sharded && cfg.router.capacity_factor(training) > 0 && rows > 0 && 4 * E * rows <= 5 * K * routed) {
+      O::make_fixed_dispatch_plan(c.routes_for_ops(), E, rows, c.plan);
+      planned = true;
+    }
   }
-  if constexpr (can_fix) {
-    if (fixed > 0) O::make_fixed_dispatch_plan(c.routes_for_ops(), E, fixed, c.plan);
-    else O::make_dispatch_plan(c.routes_for_ops(), E, c.plan);
-  } else {
-    O::make_dispatch_plan(c.routes_for_ops(), E, c.plan);
-  }
+  if (!planned) O::make_dispatch_plan(c.routes_for_ops(), E, c.plan);
   const index_t A = c.plan.A;
   c.xe.resize(Shape{A, D});    // [A, D]
   c.ye.resize(Shape{A, D});    // [A, D]
@@ -482,14 +478,15 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   // The device's routing and loss results, once the experts are under way.
   if constexpr (device_losses) {
     c.download_routing();
-    c.loss_values.resize(Shape{G, 8}), c.loss_sums.resize(Shape{G, 8 * E + 7});
+    namespace lo = formulas::loss_layout;
+    c.loss_values.resize(c.loss_values_d.shape()), c.loss_sums.resize(c.loss_sums_d.shape());
     copy_to_host<double, S>(c.loss_values_d.cview(), c.loss_values.view());
     copy_to_host<double, S>(c.loss_sums_d.cview(), c.loss_sums.view());
     for (index_t g = 0; g < G; ++g) {
-      const double* v = c.loss_values.data() + g * 8;
+      const double* v = c.loss_values.data() + g * lo::kValues;
       auto& gl = c.group_losses[static_cast<std::size_t>(g)];
-      gl.total = v[0], gl.importance = v[1], gl.load = v[2], gl.z = v[7];
-      for (int m = 0; m < kModalities; ++m) gl.local_entropy[m] = v[3 + m], gl.global_entropy[m] = v[5 + m];
+      gl.total = v[lo::kTotal], gl.importance = v[lo::kImportance], gl.load = v[lo::kLoad], gl.z = v[lo::kZ];
+      for (int m = 0; m < kModalities; ++m) gl.local_entropy[m] = v[lo::kLocal + m], gl.global_entropy[m] = v[lo::kGlobal + m];
     }
   }
   c.losses = AuxLossValues{};
@@ -511,19 +508,19 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     st.tokens[m] = 0, st.tokens_fully_dropped[m] = 0, st.local_entropy[m] = 0, st.global_entropy[m] = 0;
     pbar[m].assign(static_cast<std::size_t>(E), 0.0);
   }
-  if constexpr (device_losses) {  // from each group's sums (kernels/losses.cuh's layout), in group order
-    const index_t Q = 8 * E + 7;
+  if constexpr (device_losses) {  // from each group's sums (formulas::loss_layout), in group order
+    namespace lo = formulas::loss_layout;
     auto count = [](double v) { return static_cast<index_t>(std::llround(v)); };
     for (index_t g = 0; g < G; ++g) {
-      const double* q = c.loss_sums.data() + g * Q;
+      const double* q = c.loss_sums.data() + g * lo::size(E);
       for (int m = 0; m < kModalities; ++m) {
-        st.tokens[m] += count(q[8 * E + m]);
-        st.local_entropy[m] += q[8 * E + 2 + m];
-        st.tokens_fully_dropped[m] += count(q[8 * E + 5 + m]);
+        st.tokens[m] += count(q[lo::tokens(E, m)]);
+        st.local_entropy[m] += q[lo::entropy(E, m)];
+        st.tokens_fully_dropped[m] += count(q[lo::fully_dropped(E, m)]);
         for (int e = 0; e < E; ++e) {
-          pbar[m][e] += q[(2 + m) * E + e];
-          st.routed[m][e] += count(q[(4 + m) * E + e]);
-          st.dropped[m][e] += count(q[(6 + m) * E + e]);
+          pbar[m][e] += q[lo::gates_of(E, m, e)];
+          st.routed[m][e] += count(q[lo::routed(E, m, e)]);
+          st.dropped[m][e] += count(q[lo::dropped(E, m, e)]);
         }
       }
     }

@@ -74,12 +74,12 @@ void aux_losses(CV<T> logits, CV<T> noisy, CV<T> probs, CV<std::int32_t> choice,
     lp.local_weight[m] = cfg.local_entropy_weight[static_cast<std::size_t>(m)],
     lp.global_weight[m] = cfg.global_entropy_weight[static_cast<std::size_t>(m)],
     lp.global_tau[m] = cfg.global_entropy_tau[static_cast<std::size_t>(m)];
-  lp.noise_active = sigma > 0, lp.sigma = sigma, lp.scale = 1.0 / static_cast<double>(G);
+  lp.sigma = sigma, lp.scale = 1.0 / static_cast<double>(G);
   const index_t gs = std::min(group_size, N), cpg = (gs + kn::kLossChunk - 1) / kn::kLossChunk, chunks = G * cpg;
   DTensor<double> H(Shape{N}), lse(Shape{N}), sf(Shape{N, E}), part(Shape{chunks, Q});
   DTensor<double> coef(Shape{G, kn::kLossCoefs}), vec(Shape{G, 4 * E});
   exec::launch("loss_token_terms", exec::grid_for(N, 128), 128, kn::loss_token_terms<T>, logits.data(), noisy.data(),
-               probs.data(), choice.data(), modality.data(), N, E, static_cast<int>(K), lp.noise_active, sigma,
+               probs.data(), choice.data(), modality.data(), N, E, static_cast<int>(K), sigma,
                H.data(), lse.data(), sf.data());
   exec::launch("loss_chunk_sums", exec::grid_for(chunks * Q, 128), 128, kn::loss_chunk_sums<T>, probs.data(),
                choice.data(), route.data(), modality.data(), static_cast<const double*>(H.data()),

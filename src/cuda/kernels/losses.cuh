@@ -24,18 +24,18 @@
 
 namespace limoe::cuda::kernels {
 
+namespace layout = moe::formulas::loss_layout;
 inline constexpr std::int64_t kLossChunk = 256;  // tokens per partial sum
-LIMOE_HD inline int loss_quantities(int E) { return 8 * E + 7; }
-inline constexpr int kLossValues = 8;  // per group: total, importance, load, local[2], global[2], z
-inline constexpr int kLossCoefs = 7;   // per group: importance, load, local[2], global[2], z (0: no gradient)
+LIMOE_HD inline int loss_quantities(int E) { return layout::size(E); }
+inline constexpr int kLossValues = layout::kValues;
+inline constexpr int kLossCoefs = 7;  // per group: importance, load, local[2], global[2], z (0: no gradient)
 
 // The loss set's terms (moe::StockLossMask's bits) and weights, as the kernels read them.
 struct LossParams {
   int terms = 0;  // 1 importance, 2 load, 4 local entropy, 8 global entropy, 16 z
   double importance_weight = 0, load_weight = 0, z_weight = 0;
   double local_weight[2] = {0, 0}, global_weight[2] = {0, 0}, global_tau[2] = {0, 0};
-  bool noise_active = false;
-  double sigma = 0;
+  double sigma = 0;  // the router's noise scale; 0: no noise (no load term)
   double scale = 1;  // 1 / groups
 };
 
@@ -44,18 +44,23 @@ struct LossParams {
 template <class T>
 __global__ void loss_token_terms(const T* __restrict__ logits, const T* __restrict__ noisy, const T* __restrict__ probs,
                                  const std::int32_t* __restrict__ choice, const std::uint8_t* __restrict__ modality,
-                                 std::int64_t N, int E, int K, bool noise, double sigma, double* __restrict__ H,
+                                 std::int64_t N, int E, int K, double sigma, double* __restrict__ H,
                                  double* __restrict__ lse, double* __restrict__ sf) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < N; t += stride) {
     const bool pad = modality[t] == kPad;
     H[t] = pad ? 0.0 : math::entropy(probs + t * E, E);
     lse[t] = pad ? 0.0 : math::logsumexp_row(logits + t * E, E);
-    const bool load = !pad && noise;
+    const bool load = !pad && sigma > 0;
     const T thr = load ? noisy[t * E + choice[t * K + K - 1]] : T(0);
     for (int e = 0; e < E; ++e) sf[t * E + e] = load ? moe::formulas::load_prob(thr, logits[t * E + e], sigma) : 0.0;
   }
 }
+
+// The families of loss_chunk_sums below (quantity q / E for the per-expert ones) follow the layout.
+static_assert(layout::load(1, 0) == 1 && layout::gates_of(1, 0, 0) == 2 && layout::routed(1, 0, 0) == 4 &&
+              layout::dropped(1, 0, 0) == 6 && layout::tokens(1, 0) == 8 && layout::entropy(1, 0) == 10 &&
+              layout::lse2(1) == 12 && layout::fully_dropped(1, 0) == 13 && layout::size(1) == 15);
 
 // One thread per (chunk, quantity): the chunk's sum of the quantity over its routed tokens in order. Chunk c is
 // group c / cpg's (cpg = chunks per group) tokens [j kLossChunk, (j + 1) kLossChunk), j = c % cpg.
@@ -130,35 +135,35 @@ __global__ void loss_group_finish(const double* __restrict__ part, std::int64_t 
     double* dload = dimp + E;
     for (int i = 0; i < kLossValues; ++i) v[i] = 0;
     for (int i = 0; i < kLossCoefs; ++i) c[i] = 0;
-    const double n0 = s[8 * E], n1 = s[8 * E + 1], n = n0 + n1;
+    const double n0 = s[layout::tokens(E, 0)], n1 = s[layout::tokens(E, 1)], n = n0 + n1;
     if (!(n > 0)) continue;
     const double sc = lp.scale;
     if (lp.terms & 1) {
       const double L = math::cv_squared(s, E, dimp);
-      v[1] += sc * L, v[0] += sc * lp.importance_weight * L;
+      v[layout::kImportance] += sc * L, v[layout::kTotal] += sc * lp.importance_weight * L;
       if (lp.importance_weight > 0) c[0] = sc * lp.importance_weight;
     }
-    if ((lp.terms & 2) && lp.noise_active && lp.sigma > 0) {
-      double* load = s + E;  // the sums become means in place (not a statistic)
+    if ((lp.terms & 2) && lp.sigma > 0) {
+      double* load = s + layout::load(E, 0);  // the sums become means in place (not a statistic)
       for (int e = 0; e < E; ++e) load[e] /= n;
       const double L = math::cv_squared(load, E, dload);
-      v[2] += sc * L, v[0] += sc * lp.load_weight * L;
+      v[layout::kLoad] += sc * L, v[layout::kTotal] += sc * lp.load_weight * L;
       if (lp.load_weight > 0) c[1] = sc * lp.load_weight / n / lp.sigma;
     }
     // Per modality m, called with m a constant (no array indexed at run time: no stack frame).
     auto local = [&](int m, double nm, double w) {
       if (!(nm > 0)) return;
-      const double L = s[8 * E + 2 + m] / nm;
-      v[3 + m] += sc * L, v[0] += sc * w * L;
+      const double L = s[layout::entropy(E, m)] / nm;
+      v[layout::kLocal + m] += sc * L, v[layout::kTotal] += sc * w * L;
       if (w > 0) c[2 + m] = sc * w / nm;
     };
     auto global = [&](int m, double nm, double w, double tau) {
       if (!(nm > 0)) return;
       double* du = dimp + (2 + m) * E;  // pbar first, then log pbar where the gradient flows
-      for (int e = 0; e < E; ++e) du[e] = s[(2 + m) * E + e] / nm;
+      for (int e = 0; e < E; ++e) du[e] = s[layout::gates_of(E, m, e)] / nm;
       const double Hp = math::entropy(du, E);
       const double L = tau - Hp > 0 ? tau - Hp : 0.0;
-      v[5 + m] += sc * L, v[0] += sc * w * L;
+      v[layout::kGlobal + m] += sc * L, v[layout::kTotal] += sc * w * L;
       if (!(w > 0) || !(L > 0)) return;
       for (int e = 0; e < E; ++e) du[e] = math::safe_log(du[e]);
       c[4 + m] = sc * w / nm;
@@ -167,8 +172,8 @@ __global__ void loss_group_finish(const double* __restrict__ part, std::int64_t 
     if (lp.terms & 8)
       global(0, n0, lp.global_weight[0], lp.global_tau[0]), global(1, n1, lp.global_weight[1], lp.global_tau[1]);
     if (lp.terms & 16) {
-      const double L = s[8 * E + 4] / n;
-      v[7] += sc * L, v[0] += sc * lp.z_weight * L;
+      const double L = s[layout::lse2(E)] / n;
+      v[layout::kZ] += sc * L, v[layout::kTotal] += sc * lp.z_weight * L;
       if (lp.z_weight > 0) c[6] = sc * lp.z_weight * 2.0 / n;
     }
   }
