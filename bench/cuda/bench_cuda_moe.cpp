@@ -5,8 +5,9 @@
 //   dense  y = GELU(x W1^T + b1) W2^T + b2 over T tokens (D -> M -> D)
 //   moe    dispatch plan, dispatch, the E experts (each D -> M -> D over its T/E tokens: K = 1, capacity 1.0,
 //          a balanced route), combine with the gates
-// The same layer again on the fixed-capacity plan (make_fixed_dispatch_plan: no read-back; in fp32 the experts
-// as one strided-batched product per weight matrix): the *_fixed_* fields.
+// The same layer again on the fixed-capacity plan (make_fixed_dispatch_plan: no read-back; the experts as one
+// strided-batched product per weight matrix, sgemm in fp32 and GemmStridedBatchedEx on bf16 operands under
+// bf16): the *_fixed_* fields.
 // Also the ceiling for the dense product [T, D] x [D, M] (cuBLAS's sgemm in fp32; cublasGemmEx on operands
 // already in bf16 for bf16), the rate of the experts' products alone against it, and the plan, dispatch and
 // combine each alone. Under bf16 the weights are read from a bf16 copy made before the timing, as a model reads
@@ -170,8 +171,8 @@ void run(index_t T, index_t D, int E) {
   const double dispatch_ms = time_ms([&] { O::dispatch_forward(plan, x.cview(), xe.view()); });
   const double combine_ms = time_ms([&] { O::combine_forward(plan, gates.cview(), route.cview(), ye.cview(), out.view()); });
   // The same layer on the fixed-capacity plan (C = T / E rows per expert: no empty row with this route), what
-  // the MoE layer takes when the capacity binds: no read-back, and in fp32 one strided-batched product per
-  // weight matrix.
+  // the MoE layer takes when the capacity binds: no read-back, and one strided-batched product per weight
+  // matrix.
   const index_t C = (T + E - 1) / E;
   moe::BasicDispatchPlan<DS> fplan;
   Tensor<float, DS> fxe(Shape{E * C, D}), fhpre(Shape{E * C, M}), fhe(Shape{E * C, M}), fye(Shape{E * C, D});

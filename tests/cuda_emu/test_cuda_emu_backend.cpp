@@ -566,6 +566,127 @@ TEST_CASE("cuda backend (emulated): the fixed-capacity dispatch plan against the
   CHECK(cases == 24);
 }
 
+// The experts over a fixed-capacity plan (every product one strided-batched product over the E blocks of C
+// rows: cuBLAS's strided-batched sgemm in fp32, its bf16 GemmStridedBatchedEx under Bf16Mixed) against Ref's
+// experts over its packed plan of the same route, under the same policy: each accepted choice's output row and
+// input gradient, and the four parameter gradients accumulated onto nonzero values. An expert no token chose
+// has a whole block of empty rows, the others some; the empty rows' output gradient is 0 (as the combine's
+// backward writes it), so they must add nothing. fp32 to 2e-5 of the largest entry; bf16 to 1e-4 (both sides
+// round the same operands the same way and accumulate in float or better: the order only).
+template <class Prec>
+void check_fixed_experts(double tol) {
+  using DS = testing_cuda::DS;
+  using O = Ops<Cuda, float>;
+  using R = Ops<Ref, float>;
+  const Prec prec{};
+  const index_t D = 24, M = 40;
+  auto rnd = [](Shape s, std::uint64_t stream, double scale) {
+    Tensor<float> t(s);
+    const Rng rng(99);
+    for (index_t i = 0; i < t.numel(); ++i)
+      t[i] = static_cast<float>((2 * rng.uniform(stream, static_cast<std::uint64_t>(i)) - 1) * scale);
+    return t;
+  };
+  auto maxdiff = [](const float* a, const float* b, index_t n) {
+    double d = 0, m = 0;
+    for (index_t i = 0; i < n; ++i)
+      d = std::max(d, std::abs(static_cast<double>(a[i]) - b[i])), m = std::max(m, std::abs(static_cast<double>(b[i])));
+    return d / std::max(m, 1e-30);
+  };
+  int cases = 0;
+  for (index_t N : {5, 300})
+    for (int K : {1, 2})
+      for (int E : {3, 8})
+        for (GeluKind gelu : {GeluKind::Erf, GeluKind::Tanh}) {
+          CAPTURE(N);
+          CAPTURE(K);
+          CAPTURE(E);
+          const index_t C = std::max<index_t>(1, N * K / E);
+          Tensor<std::int32_t> route(Shape{N, K});
+          std::vector<index_t> count(static_cast<std::size_t>(E), 0);
+          const Rng rng(static_cast<std::uint64_t>(N * 100 + K * 10 + E));
+          for (index_t s = 0; s < N * K; ++s) {
+            int e = static_cast<int>(rng.uniform(1, static_cast<std::uint64_t>(s)) * (E + 1)) - 1;
+            if (e == E - 1) e = 0;  // expert E - 1 never chosen: a whole empty block
+            if (e >= 0 && count[static_cast<std::size_t>(e)] == C) e = -1;
+            if (e >= 0) ++count[static_cast<std::size_t>(e)];
+            route[s] = e;
+          }
+          const Tensor<float> x = rnd(Shape{N, D}, 2, 1.0), dslot = rnd(Shape{N * K, D}, 3, 1.0);
+          const Tensor<float> w1 = rnd(Shape{E, M, D}, 4, 0.3), b1 = rnd(Shape{E, M}, 5, 0.3),
+                              w2 = rnd(Shape{E, D, M}, 6, 0.3), b2 = rnd(Shape{E, D}, 7, 0.3);
+          const Tensor<float> g1_0 = rnd(Shape{E, M, D}, 8, 0.1), gb1_0 = rnd(Shape{E, M}, 9, 0.1),
+                              g2_0 = rnd(Shape{E, D, M}, 10, 0.1), gb2_0 = rnd(Shape{E, D}, 11, 0.1);
+
+          // Ref: the packed plan; dye row r is its slot's gradient.
+          moe::DispatchPlan rp;
+          R::make_dispatch_plan(route.cview(), E, rp);
+          const index_t A = rp.A;
+          Tensor<float> xe(Shape{A, D}), hp(Shape{A, M}), h(Shape{A, M}), ye(Shape{A, D}), dye(Shape{A, D}),
+              dh(Shape{A, M}), dxe(Shape{A, D});
+          Tensor<float> rg1 = g1_0, rgb1 = gb1_0, rg2 = g2_0, rgb2 = gb2_0;
+          moe::ExpertScratch rs;
+          const moe::ExpertWeights<float> rw{w1.cview(), b1.cview(), w2.cview(), b2.cview()};
+          R::dispatch_forward(rp, x.cview(), xe.view());
+          R::expert_mlp_forward(rp, rw, gelu, xe.cview(), hp.view(), h.view(), ye.view(), rs, prec);
+          for (index_t s = 0; s < N * K; ++s)
+            if (rp.slot_row[s] >= 0)
+              std::copy_n(dslot.data() + s * D, D, dye.data() + rp.slot_row[s] * D);
+          R::expert_mlp_backward(rp, rw, gelu, xe.cview(), hp.cview(), h.cview(), dye.cview(), dh.view(), dxe.view(),
+                                 moe::ExpertGrads<float>{rg1.view(), rgb1.view(), rg2.view(), rgb2.view()}, rs, prec);
+
+          // The device: the fixed plan; dye from the same slots, zero on the empty rows.
+          const auto droute = Mirror<const std::int32_t>(route.cview());
+          moe::BasicDispatchPlan<DS> fp;
+          O::make_fixed_dispatch_plan(droute.v(), E, C, fp);
+          REQUIRE(fp.A == E * C);
+          Tensor<index_t> sr;
+          testing_cuda::download(fp.slot_row, sr);
+          Tensor<float> fx(Shape{E * C, D}), fye(Shape{E * C, D}), fdye(Shape{E * C, D}), fdxe(Shape{E * C, D});
+          for (index_t s = 0; s < N * K; ++s)
+            if (sr[s] >= 0) std::copy_n(dslot.data() + s * D, D, fdye.data() + sr[s] * D);
+          Tensor<float> fg1 = g1_0, fgb1 = gb1_0, fg2 = g2_0, fgb2 = gb2_0;
+          {
+            auto mx = Mirror<const float>(x.cview());
+            auto m1 = Mirror<const float>(w1.cview()), mb1 = Mirror<const float>(b1.cview()),
+                 m2 = Mirror<const float>(w2.cview()), mb2 = Mirror<const float>(b2.cview());
+            auto mye = Mirror<float>(fye.view()), mdxe = Mirror<float>(fdxe.view());
+            auto mdye = Mirror<const float>(fdye.cview());
+            auto g1 = Mirror<float>(fg1.view()), gb1 = Mirror<float>(fgb1.view()), g2 = Mirror<float>(fg2.view()),
+                 gb2 = Mirror<float>(fgb2.view());
+            Tensor<float, DS> dxe_d(Shape{E * C, D}), dhp(Shape{E * C, M}), dh_(Shape{E * C, M}), ddh(Shape{E * C, M});
+            moe::ExpertScratch ds;
+            const moe::ExpertWeights<float, DS> dw{m1.v(), mb1.v(), m2.v(), mb2.v()};
+            O::dispatch_forward(fp, mx.v(), dxe_d.view());
+            O::expert_mlp_forward(fp, dw, gelu, dxe_d.cview(), dhp.view(), dh_.view(), mye.v(), ds, prec);
+            O::expert_mlp_backward(fp, dw, gelu, dxe_d.cview(), dhp.cview(), dh_.cview(), mdye.v(), ddh.view(), mdxe.v(),
+                                   moe::ExpertGrads<float, DS>{g1.v(), gb1.v(), g2.v(), gb2.v()}, ds, prec);
+            mye.back(), mdxe.back(), g1.back(), gb1.back(), g2.back(), gb2.back();
+          }
+          // Row by row through the slots, then the gradients.
+          Tensor<float> got_y(Shape{A, D}), got_dx(Shape{A, D});
+          for (index_t s = 0; s < N * K; ++s) {
+            REQUIRE((sr[s] >= 0) == (rp.slot_row[s] >= 0));
+            if (sr[s] < 0) continue;
+            std::copy_n(fye.data() + sr[s] * D, D, got_y.data() + rp.slot_row[s] * D);
+            std::copy_n(fdxe.data() + sr[s] * D, D, got_dx.data() + rp.slot_row[s] * D);
+          }
+          CHECK(maxdiff(got_y.data(), ye.data(), A * D) <= tol);
+          CHECK(maxdiff(got_dx.data(), dxe.data(), A * D) <= tol);
+          CHECK(maxdiff(fg1.data(), rg1.data(), E * M * D) <= tol);
+          CHECK(maxdiff(fgb1.data(), rgb1.data(), E * M) <= tol);
+          CHECK(maxdiff(fg2.data(), rg2.data(), E * D * M) <= tol);
+          CHECK(maxdiff(fgb2.data(), rgb2.data(), E * D) <= tol);
+          ++cases;
+        }
+  CHECK(cases == 16);
+}
+
+TEST_CASE("cuda backend (emulated): the experts over a fixed-capacity plan against Ref's over the packed plan") {
+  check_fixed_experts<Fp32>(2e-5);
+  check_fixed_experts<Bf16Mixed>(1e-4);
+}
+
 TEST_CASE("cuda backend (emulated): bad input is refused with the ops' messages") {
   using O = Ops<Cuda, float>;
   using S = Cuda::memory_space;

@@ -137,31 +137,47 @@ void gemm(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T al
   gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
 }
 
-// The product on operands already rounded to bf16, fp32 accumulation (the Bf16Mixed policy): A16 and B16 are
-// bf16 with leading dimensions lda and ldb, C fp32; one cuBLAS product with bf16 inputs, fp32 output and fp32
-// compute (tensor cores). Under the emulation the operands are widened (exactly) and go through the plain loop.
-inline void gemm_bf16_rounded(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, float alpha,
-                              const std::uint16_t* A16, std::int64_t lda, const std::uint16_t* B16, std::int64_t ldb,
-                              float beta, float* C, std::int64_t ldc) {
-  if (M == 0 || N == 0) return;
+// The product on operands already rounded to bf16, fp32 accumulation (the Bf16Mixed policy), for i < batch:
+// C_i = alpha op(A16_i) op(B16_i) + beta C_i with A16_i = A16 + i * sa, ... (as gemm_batched); A16 and B16 bf16
+// with leading dimensions lda and ldb, C fp32. One cuBLAS product with bf16 inputs, fp32 output and fp32 compute
+// (tensor cores): cublasGemmEx, or cublasGemmStridedBatchedEx for a batch. Under the emulation the operands are
+// widened (exactly) and go through the plain loop.
+inline void gemm_bf16_rounded_batched(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, float alpha,
+                                      const std::uint16_t* A16, std::int64_t lda, std::int64_t sa,
+                                      const std::uint16_t* B16, std::int64_t ldb, std::int64_t sb, float beta, float* C,
+                                      std::int64_t ldc, std::int64_t sc, std::int64_t batch) {
+  if (M == 0 || N == 0 || batch == 0) return;
   const std::int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
 #if defined(LIMOE_CUDA_EMULATION)
-  // The elements spanned by each operand (rows - 1 full rows and one of the operand's width).
-  const std::int64_t na = ar == 0 ? 0 : (ar - 1) * lda + ac, nb = br == 0 ? 0 : (br - 1) * ldb + bc;
+  // The elements spanned by each operand: batch - 1 strides, then rows - 1 full rows and one of the width.
+  const std::int64_t na = ar == 0 ? 0 : (batch - 1) * sa + (ar - 1) * lda + ac,
+                     nb = br == 0 ? 0 : (batch - 1) * sb + (br - 1) * ldb + bc;
   std::vector<float> af(static_cast<std::size_t>(na)), bf(static_cast<std::size_t>(nb));
   for (std::size_t i = 0; i < af.size(); ++i) af[i] = math::bf16_value(A16[i]);
   for (std::size_t i = 0; i < bf.size(); ++i) bf[i] = math::bf16_value(B16[i]);
-  emu::gemm_batched<float>(ta, tb, M, N, K, alpha, af.data(), lda, 0, bf.data(), ldb, 0, beta, C, ldc, 0, 1);
+  emu::gemm_batched<float>(ta, tb, M, N, K, alpha, af.data(), lda, sa, bf.data(), ldb, sb, beta, C, ldc, sc, batch);
 #else
   (void)ar, (void)ac, (void)br, (void)bc;
   const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   // At least 1 (cuBLAS refuses 0, which K = 0 with packed operands would give).
   const auto l_a = static_cast<int>(lda > 1 ? lda : 1), l_b = static_cast<int>(ldb > 1 ? ldb : 1);
-  detail::blas_check(cublasGemmEx(detail::blas_handle(), opb, opa, static_cast<int>(N), static_cast<int>(M),
-                                  static_cast<int>(K), &alpha, B16, CUDA_R_16BF, l_b, A16, CUDA_R_16BF, l_a, &beta, C,
-                                  CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     "cublasGemmEx (bf16)");
+  const auto m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K), l_c = static_cast<int>(ldc);
+  if (batch == 1)
+    detail::blas_check(cublasGemmEx(detail::blas_handle(), opb, opa, m, n, k, &alpha, B16, CUDA_R_16BF, l_b, A16,
+                                    CUDA_R_16BF, l_a, &beta, C, CUDA_R_32F, l_c, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                       "cublasGemmEx (bf16)");
+  else
+    detail::blas_check(cublasGemmStridedBatchedEx(detail::blas_handle(), opb, opa, m, n, k, &alpha, B16, CUDA_R_16BF,
+                                                  l_b, sb, A16, CUDA_R_16BF, l_a, sa, &beta, C, CUDA_R_32F, l_c, sc,
+                                                  static_cast<int>(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                       "cublasGemmStridedBatchedEx (bf16)");
 #endif
+}
+
+inline void gemm_bf16_rounded(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, float alpha,
+                              const std::uint16_t* A16, std::int64_t lda, const std::uint16_t* B16, std::int64_t ldb,
+                              float beta, float* C, std::int64_t ldc) {
+  gemm_bf16_rounded_batched(ta, tb, M, N, K, alpha, A16, lda, 0, B16, ldb, 0, beta, C, ldc, 0, 1);
 }
 
 // An fp32 [rows, cols] block with leading dimension ld as a bf16 product reads it: the policy's copy when it holds

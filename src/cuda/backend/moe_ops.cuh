@@ -1,8 +1,9 @@
 // src/cuda/backend/moe_ops.cuh: the CUDA backend's MoE ops (moe/ops.hpp's list and rules): the stock router on
 // the device (noise, gates and moe/parallel_routing.hpp's Thrust routing), the dispatch plan by a counting sort
-// without atomics, dispatch and combine as gathers, the experts as one product per expert over its block of rows
-// (the grouped product of no-drop routing). The plan's per-expert row counts come back to the host once per
-// plan (the products' sizes); nothing else synchronises.
+// without atomics, dispatch and combine as gathers, the experts as one strided-batched product per weight
+// matrix over a fixed-capacity plan's [E, C] rows, else one product per expert over its block of rows (the
+// grouped product of no-drop routing). A packed plan's per-expert row counts come back to the host once per plan
+// (the products' sizes); nothing else synchronises.
 // The routing itself is cuda_ops.hpp's route_groups: Thrust on the GPU (src/cuda/routing.cu) under nvcc, on
 // Thrust's CPP system in a translation unit of its own under the emulation (tests/support/emu_routing.cpp:
 // Thrust's headers and the emulation's CUDA keywords do not mix in one unit).
@@ -203,13 +204,10 @@ void dispatch_backward(const DispatchPlan& p, CV<T> dxe, V<T> dx) {
 }
 
 namespace detail {
-// The plan's offsets on the host: computed for a fixed-capacity plan, read back (a synchronisation) otherwise.
+// The plan's offsets read back to the host (a synchronisation).
 inline std::vector<index_t> host_offsets(const DispatchPlan& p) {
   std::vector<index_t> off(static_cast<std::size_t>(p.E + 1));
-  if (p.fixed > 0)
-    for (std::size_t e = 0; e < off.size(); ++e) off[e] = static_cast<index_t>(e) * p.fixed;
-  else
-    exec::to_host(off.data(), p.offsets.data(), off.size());
+  exec::to_host(off.data(), p.offsets.data(), off.size());
   return off;
 }
 // fn(e, r0, n) for each expert e with n > 0 rows starting at row r0, in expert order.
@@ -244,22 +242,48 @@ class ExpertOperand {
   std::optional<exec::Bf16Operand> lo_;
 };
 
-// C = op(A) op(B) (+ C when accumulate) on the operands' elements from offsets a0 and b0, under policy Prec.
+// For i < batch: C_i = op(A_i) op(B_i) (+ C_i when accumulate) with A_i the operand's elements from a0 + i * sa
+// (B_i, C_i likewise), under policy Prec: gemm_batched in fp32, gemm_bf16_rounded_batched on the bf16 copies.
 template <class Prec, class T>
 void expert_product(bool ta, bool tb, index_t M, index_t N, index_t K, const ExpertOperand<Prec, T>& A, index_t a0,
-                    index_t lda, const ExpertOperand<Prec, T>& B, index_t b0, index_t ldb, bool accumulate, T* C,
-                    index_t ldc) {
+                    index_t lda, index_t sa, const ExpertOperand<Prec, T>& B, index_t b0, index_t ldb, index_t sb,
+                    bool accumulate, T* C, index_t ldc, index_t sc, index_t batch) {
   if constexpr (Prec::mixed)
-    exec::gemm_bf16_rounded(ta, tb, M, N, K, 1.0f, A.lo() + a0, lda, B.lo() + b0, ldb, accumulate ? 1.0f : 0.0f, C, ldc);
+    exec::gemm_bf16_rounded_batched(ta, tb, M, N, K, 1.0f, A.lo() + a0, lda, sa, B.lo() + b0, ldb, sb,
+                                    accumulate ? 1.0f : 0.0f, C, ldc, sc, batch);
   else
-    exec::gemm<T>(ta, tb, M, N, K, T(1), A.f() + a0, lda, B.f() + b0, ldb, accumulate ? T(1) : T(0), C, ldc);
+    exec::gemm_batched<T>(ta, tb, M, N, K, T(1), A.f() + a0, lda, sa, B.f() + b0, ldb, sb, accumulate ? T(1) : T(0),
+                          C, ldc, sc, batch);
 }
+
+// The experts' blocks of rows as the products see them: fn(e, r0, n, batch). A fixed-capacity plan is one call,
+// fn(0, 0, C, E): every expert's block is C rows, so each product is one strided-batched product over the E
+// blocks (expert e's rows at e C, its weights at e times a weight matrix's size); otherwise one call per expert
+// with rows, fn(e, r0, n, 1), from the plan's offsets as the host reads them (the grouped product of no-drop
+// routing and of a capacity with slack).
+class ExpertBlocks {
+ public:
+  explicit ExpertBlocks(const DispatchPlan& p) : fixed_(p.fixed), E_(p.E) {
+    if (fixed_ == 0) off_ = host_offsets(p);
+  }
+  template <class Fn>
+  void each(Fn&& fn) const {
+    if (fixed_ > 0) fn(index_t{0}, index_t{0}, fixed_, E_);
+    else for_each_block(off_, [&](index_t e, index_t r0, index_t n) { fn(e, r0, n, index_t{1}); });
+  }
+
+ private:
+  index_t fixed_, E_;
+  std::vector<index_t> off_;
+};
 }  // namespace detail
 
 // xe [A, D] -> hpre [A, M] (kept for the backward), h = GELU(hpre), ye [A, D]: per expert e over its rows,
-// hpre = xe W1_e^T + b1_e and ye = h W2_e^T + b2_e. One product per expert and weight matrix; the biases and the
-// activation are one launch each over all rows (kernels::expert_bias_gelu, expert_bias_add), not one per expert.
-// Under a mixed policy every operand is rounded once per call (detail::ExpertOperand), h as GELU writes it.
+// hpre = xe W1_e^T + b1_e and ye = h W2_e^T + b2_e. One product per weight matrix over all experts for a
+// fixed-capacity plan (strided-batched: no host synchronisation), else one per expert and weight matrix
+// (detail::ExpertBlocks); the biases and the activation are one launch each over all rows
+// (kernels::expert_bias_gelu, expert_bias_add), not one per expert. Under a mixed policy every operand is
+// rounded once per call (detail::ExpertOperand), h as GELU writes it.
 template <class T, class Prec>
 void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe, V<T> hpre,
                         V<T> h, V<T> ye, moe::ExpertScratch&, const Prec& prec) {
@@ -271,30 +295,24 @@ void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space
   expect_shape(ye, Shape{p.A, D}, "cuda::expert_mlp_forward: ye");
   if (p.A == 0) return;
   using Op = detail::ExpertOperand<Prec, T>;
-  const auto off = detail::host_offsets(p);
+  const detail::ExpertBlocks blocks(p);
   const std::int64_t* offsets = p.offsets.data();
-  // A fixed-capacity plan in fp32: one strided-batched product per weight matrix over the E blocks of C rows.
-  const bool batched = p.fixed > 0 && !Prec::mixed;
-  const index_t C = p.fixed;
-  if (batched) {
-    exec::gemm_batched<T>(false, true, C, M, D, T(1), xe.data(), D, C * D, w.fc1_w.data(), D, M * D, T(0),
-                          hpre.data(), M, C * M, p.E);
-  } else {
+  const index_t C = p.fixed;  // the strides below matter for a fixed plan only (batch 1 otherwise)
+  {
     const Op x(prec, xe.data(), p.A, D), w1(prec, w.fc1_w.data(), p.E * M, D);
-    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-      detail::expert_product(false, true, n, M, D, x, r0 * D, D, w1, e * M * D, D, false, hpre.data() + r0 * M, M);
+    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
+      detail::expert_product(false, true, n, M, D, x, r0 * D, D, C * D, w1, e * M * D, D, M * D, false,
+                             hpre.data() + r0 * M, M, C * M, batch);
     });
   }
   DTensor<std::uint16_t> h16(Shape{Prec::mixed ? p.A : 0, M});
   exec::launch("expert_bias_gelu", exec::grid_for(p.A * M), 256, kn::expert_bias_gelu<T>, offsets, p.E, p.A, M, gelu,
                w.fc1_b.data(), hpre.data(), h.data(), Prec::mixed ? h16.data() : nullptr);
-  if (batched) {
-    exec::gemm_batched<T>(false, true, C, D, M, T(1), h.data(), M, C * M, w.fc2_w.data(), M, D * M, T(0), ye.data(),
-                          D, C * D, p.E);
-  } else {
+  {
     const Op hop(h.data(), h16.data(), M), w2(prec, w.fc2_w.data(), p.E * D, M);
-    detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-      detail::expert_product(false, true, n, D, M, hop, r0 * M, M, w2, e * D * M, M, false, ye.data() + r0 * D, D);
+    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
+      detail::expert_product(false, true, n, D, M, hop, r0 * M, M, C * M, w2, e * D * M, M, D * M, false,
+                             ye.data() + r0 * D, D, C * D, batch);
     });
   }
   exec::launch("expert_bias_add", exec::grid_for(p.A * D), 256, kn::expert_bias_add<T>, offsets, p.E, p.A, D,
@@ -302,8 +320,10 @@ void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space
 }
 
 // dh = (dye W2_e) GELU'(hpre) (overwritten), dxe = dh W1_e (overwritten; skipped when empty); dW2_e += dye^T h,
-// db2_e += column sums of dye, dW1_e += dh^T xe, db1_e += column sums of dh (each skipped when empty). The bias
-// gradients are one launch each (kernels::expert_column_sums); under a mixed policy each operand is rounded once.
+// db2_e += column sums of dye, dW1_e += dh^T xe, db1_e += column sums of dh (each skipped when empty). The
+// products as in the forward (one strided-batched product each for a fixed plan, whose empty rows have dye = 0
+// and so add nothing to the weight gradients); the bias gradients one launch each (kernels::expert_column_sums);
+// under a mixed policy each operand is rounded once.
 template <class T, class Prec>
 void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe,
                          CV<T> hpre, CV<T> h, CV<T> dye, V<T> dh, V<T> dxe, const moe::ExpertGrads<T, Space>& g,
@@ -318,56 +338,39 @@ void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Spac
   if (!dxe.empty()) expect_shape(dxe, Shape{p.A, D}, "cuda::expert_mlp_backward: dxe");
   if (p.A == 0) return;
   using Op = detail::ExpertOperand<Prec, T>;
-  const auto off = detail::host_offsets(p);
+  const detail::ExpertBlocks blocks(p);
   const std::int64_t* offsets = p.offsets.data();
-  // A fixed-capacity plan in fp32: one strided-batched product per product kind over the E blocks of C rows
-  // (the empty rows' dye is 0, so they add nothing to the weight gradients).
-  const bool batched = p.fixed > 0 && !Prec::mixed;
-  const index_t C = p.fixed, E = p.E;
-  if (batched) {
-    exec::gemm_batched<T>(false, false, C, M, D, T(1), dye.data(), D, C * D, w.fc2_w.data(), M, D * M, T(0),
-                          dh.data(), M, C * M, E);
-    gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
-    if (!dxe.empty())
-      exec::gemm_batched<T>(false, false, C, D, M, T(1), dh.data(), M, C * M, w.fc1_w.data(), D, M * D, T(0),
-                            dxe.data(), D, C * D, E);
-    if (!g.fc2_w.empty())
-      exec::gemm_batched<T>(true, false, D, M, C, T(1), dye.data(), D, C * D, h.data(), M, C * M, T(1),
-                            g.fc2_w.data(), M, D * M, E);
-    if (!g.fc1_w.empty())
-      exec::gemm_batched<T>(true, false, M, D, C, T(1), dh.data(), M, C * M, xe.data(), D, C * D, T(1),
-                            g.fc1_w.data(), D, M * D, E);
-  } else {
-    const Op dy(prec, dye.data(), p.A, D);
-    {
-      const Op w2(prec, w.fc2_w.data(), p.E * D, M);
-      detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-        detail::expert_product(false, false, n, M, D, dy, r0 * D, D, w2, e * D * M, M, false, dh.data() + r0 * M, M);
-      });
-    }
-    gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
-    const Op dhop(prec, dh.data(), p.A, M);
-    if (!dxe.empty()) {
-      const Op w1(prec, w.fc1_w.data(), p.E * M, D);
-      detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-        detail::expert_product(false, false, n, D, M, dhop, r0 * M, M, w1, e * M * D, D, false, dxe.data() + r0 * D,
-                               D);
-      });
-    }
-    if (!g.fc2_w.empty()) {
-      const Op hop(prec, h.data(), p.A, M);
-      detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-        detail::expert_product(true, false, D, M, n, dy, r0 * D, D, hop, r0 * M, M, true, g.fc2_w.data() + e * D * M,
-                               M);
-      });
-    }
-    if (!g.fc1_w.empty()) {
-      const Op x(prec, xe.data(), p.A, D);
-      detail::for_each_block(off, [&](index_t e, index_t r0, index_t n) {
-        detail::expert_product(true, false, M, D, n, dhop, r0 * M, M, x, r0 * D, D, true, g.fc1_w.data() + e * M * D,
-                               D);
-      });
-    }
+  const index_t C = p.fixed;
+  const Op dy(prec, dye.data(), p.A, D);
+  {
+    const Op w2(prec, w.fc2_w.data(), p.E * D, M);
+    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
+      detail::expert_product(false, false, n, M, D, dy, r0 * D, D, C * D, w2, e * D * M, M, D * M, false,
+                             dh.data() + r0 * M, M, C * M, batch);
+    });
+  }
+  gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
+  const Op dhop(prec, dh.data(), p.A, M);
+  if (!dxe.empty()) {
+    const Op w1(prec, w.fc1_w.data(), p.E * M, D);
+    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
+      detail::expert_product(false, false, n, D, M, dhop, r0 * M, M, C * M, w1, e * M * D, D, M * D, false,
+                             dxe.data() + r0 * D, D, C * D, batch);
+    });
+  }
+  if (!g.fc2_w.empty()) {
+    const Op hop(prec, h.data(), p.A, M);
+    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
+      detail::expert_product(true, false, D, M, n, dy, r0 * D, D, C * D, hop, r0 * M, M, C * M, true,
+                             g.fc2_w.data() + e * D * M, M, D * M, batch);
+    });
+  }
+  if (!g.fc1_w.empty()) {
+    const Op x(prec, xe.data(), p.A, D);
+    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
+      detail::expert_product(true, false, M, D, n, dhop, r0 * M, M, C * M, x, r0 * D, D, C * D, true,
+                             g.fc1_w.data() + e * M * D, D, M * D, batch);
+    });
   }
   const dim3 cols_d(exec::grid_for(D, kColThreads).x, static_cast<unsigned>(p.E)),
       cols_m(exec::grid_for(M, kColThreads).x, static_cast<unsigned>(p.E));
