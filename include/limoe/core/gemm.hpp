@@ -97,10 +97,20 @@ namespace detail {
 // and columns n0..n1 of C. The split depends on the shape only (blocks of about 256 rows or columns, 1024 when
 // B is large), never on the thread count, so every element of C is computed by the same kernel call on 1 or 16
 // threads: results are bitwise identical whatever the thread count.
+// The height of the row blocks for a product with op(B) of [K, N]: taller when B is large, so that each block
+// re-reads (re-packs) B fewer times; shape-only. The MoE experts' tiles use it too (moe/ops.hpp).
+inline index_t block_rows(index_t N, index_t K) {
+  return static_cast<double>(N) * static_cast<double>(K) > 1e6 ? 1024 : 256;
+}
+// n rows as ceil(n / block) blocks of equal height (a multiple of 8), so that no block is a short remainder.
+inline index_t even_block_rows(index_t n, index_t block) {
+  const index_t blocks = (n + block - 1) / block;
+  return blocks == 0 ? block : ((n + blocks - 1) / blocks + 7) / 8 * 8;
+}
+
 template <class Kernel>
 void split_product(index_t M, index_t N, index_t K, Kernel&& kernel) {
-  // Taller blocks when B is large, so that each thread re-reads (re-packs) B fewer times; still shape-only.
-  const index_t kBlock = static_cast<double>(N) * static_cast<double>(K) > 1e6 ? 1024 : 256;
+  const index_t kBlock = block_rows(N, K);
   const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
   if (flops < 4e6 || (M <= kBlock && N <= kBlock)) {
     kernel(index_t(0), M, index_t(0), N);
@@ -108,8 +118,7 @@ void split_product(index_t M, index_t N, index_t K, Kernel&& kernel) {
   }
   if (M >= N || M > kBlock) {
     // Blocks of rows of C: rows of op(A).
-    // ceil(M / kBlock) blocks of equal height (a multiple of 8), so that no block is a short remainder.
-    const index_t blocks = (M + kBlock - 1) / kBlock, rows = ((M + blocks - 1) / blocks + 7) / 8 * 8;
+    const index_t blocks = (M + kBlock - 1) / kBlock, rows = even_block_rows(M, kBlock);
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
       for (index_t b = b0; b < b1; ++b) {
         const index_t r0 = std::min(M, b * rows), r1 = std::min(M, r0 + rows);

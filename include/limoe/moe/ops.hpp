@@ -35,7 +35,6 @@
 namespace limoe::moe {
 
 namespace detail {
-inline constexpr index_t kTileRows = 256;  // rows of one expert tile (forward and input gradients)
 inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
 }  // namespace detail
 
@@ -103,9 +102,15 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
   expect_shape(h, Shape{p.A, M}, "expert_mlp_forward: h");
   expect_shape(ye, Shape{p.A, D}, "expert_mlp_forward: ye");
   s.tiles.clear();
-  for (int e = 0; e < p.E; ++e)
-    for (index_t r0 = p.offsets[e]; r0 < p.offsets[e + 1]; r0 += detail::kTileRows)
-      s.tiles.push_back({e, r0, std::min(p.offsets[e + 1], r0 + detail::kTileRows)});
+  // Tiles of an expert's rows as tall as a dense product's row blocks over the same weight (block_rows: 1024
+  // rows when a weight matrix has more than 1e6 entries, else 256), in equal heights: each tile re-packs both
+  // weight matrices once.
+  const index_t block = ::limoe::detail::block_rows(M, D);
+  for (int e = 0; e < p.E; ++e) {
+    const index_t rows = ::limoe::detail::even_block_rows(p.rows_of(e), block);
+    for (index_t r0 = p.offsets[e]; r0 < p.offsets[e + 1]; r0 += rows)
+      s.tiles.push_back({e, r0, std::min(p.offsets[e + 1], r0 + rows)});
+  }
   parallel_for(0, static_cast<index_t>(s.tiles.size()), 1, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {
       const auto tile = s.tiles[static_cast<std::size_t>(i)];
