@@ -112,6 +112,34 @@ TEST_CASE("rng: counter based, reproducible, well distributed") {
   CHECK(std::abs(u / n - 0.5) < 0.005);
 }
 
+// normal()'s own log and cos (plain arithmetic, so a loop of draws vectorises and a GPU runs the same
+// operations) against libm over (0, 1): a grid, the smallest and largest uniforms normal() can draw (2^-54 and
+// 1 - 2^-54), the folding points of cos (1/4, 1/2, 3/4) and both sides of log's sqrt(2) split; then draws
+// against Box-Muller on libm's log and cos for the same counters.
+TEST_CASE("rng: normal()'s log and cos against libm, and its draws against libm's Box-Muller") {
+  double log_err = 0, cos_err = 0;
+  auto check_at = [&](double u) {
+    log_err = std::max(log_err, std::abs(Rng::log_unit(u) - std::log(u)) / std::max(std::abs(std::log(u)), 1e-300));
+    cos_err = std::max(cos_err, std::abs(Rng::cos_2pi(u) - std::cos(6.283185307179586476925 * u)));
+  };
+  for (int i = 0; i < 200000; ++i) check_at((i + 0.5) / 200000.0);
+  for (double u : {0x1.0p-54, 1e-300, 1e-12, 0.25, 0.5, 0.75, 1.0 - 0x1.0p-54, 0.7071067811865475, 0.7071067811865476,
+                   std::nextafter(0.25, 0.0), std::nextafter(0.25, 1.0), 1.0})
+    check_at(u);
+  CHECK(log_err < 1e-15);
+  CHECK(cos_err < 2e-15);
+  const Rng a(7);
+  double d = 0;
+  for (int i = 0; i < 100000; ++i) {
+    const auto b = a.bits(2, static_cast<std::uint64_t>(i));
+    const double u1 = ((std::uint64_t{b[0]} << 21 ^ b[1]) % (std::uint64_t{1} << 53) + 0.5) * 0x1.0p-53;
+    const double u2 = ((std::uint64_t{b[2]} << 21 ^ b[3]) % (std::uint64_t{1} << 53) + 0.5) * 0x1.0p-53;
+    const double want = std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586476925 * u2);
+    d = std::max(d, std::abs(a.normal(2, static_cast<std::uint64_t>(i)) - want));
+  }
+  CHECK(d < 1e-14);
+}
+
 TEST_CASE("gemm: all transposes, beta, threads agree with a naive double loop") {
   for (int threads : {1, 2}) {
     set_num_threads(threads);
