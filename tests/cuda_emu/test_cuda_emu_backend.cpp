@@ -497,6 +497,24 @@ TEST_CASE("cuda backend (emulated): every op under the bf16 policy against Ref u
 // for the packed plan's i-th row of e), the rest of its C rows empty; over chunks of the plan's 512 slots, with
 // experts that get no choice and experts filled to C. A route past an expert's C rows (never the stock router's)
 // is treated as dropped.
+namespace {
+// A route [N, K] for the fixed-plan cases: each choice -1 (dropped) or an expert, expert E - 1 never chosen (a
+// whole empty block), at most C choices per expert but expert 0, which may take `over` more.
+Tensor<std::int32_t> capped_route(index_t N, int K, int E, index_t C, index_t over) {
+  Tensor<std::int32_t> route(Shape{N, K});
+  std::vector<index_t> count(static_cast<std::size_t>(E), 0);
+  const Rng rng(static_cast<std::uint64_t>(N * 100 + K * 10 + E));
+  for (index_t s = 0; s < N * K; ++s) {
+    int e = static_cast<int>(rng.uniform(0, static_cast<std::uint64_t>(s)) * (E + 1)) - 1;
+    if (e == E - 1) e = 0;
+    if (e >= 0 && count[static_cast<std::size_t>(e)] >= C + (e == 0 ? over : 0)) e = -1;
+    if (e >= 0) ++count[static_cast<std::size_t>(e)];
+    route[s] = e;
+  }
+  return route;
+}
+}  // namespace
+
 TEST_CASE("cuda backend (emulated): the fixed-capacity dispatch plan against the packed plan") {
   using DS = testing_cuda::DS;
   using O = Ops<Cuda, float>;
@@ -510,17 +528,7 @@ TEST_CASE("cuda backend (emulated): the fixed-capacity dispatch plan against the
           CAPTURE(E);
           CAPTURE(over);
           const index_t C = std::max<index_t>(1, N * K / E);
-          Tensor<std::int32_t> route(Shape{N, K});
-          std::vector<index_t> count(static_cast<std::size_t>(E), 0);
-          Rng rng(static_cast<std::uint64_t>(N * 100 + K * 10 + E));
-          for (index_t s = 0; s < N * K; ++s) {
-            const auto u = rng.uniform(0, static_cast<std::uint64_t>(s));
-            int e = static_cast<int>(u * (E + 1)) - 1;  // -1 (dropped) or an expert; expert E - 1 never chosen
-            if (e == E - 1) e = 0;
-            if (e >= 0 && count[static_cast<std::size_t>(e)] >= C + (over && e == 0 ? 2 : 0)) e = -1;
-            if (e >= 0) ++count[static_cast<std::size_t>(e)];
-            route[s] = e;
-          }
+          const Tensor<std::int32_t> route = capped_route(N, K, E, C, over ? 2 : 0);
           const auto droute = Mirror<const std::int32_t>(route.cview());
           moe::BasicDispatchPlan<DS> packed_d, fixed_d;
           if (!over) O::make_dispatch_plan(droute.v(), E, packed_d);
@@ -571,8 +579,10 @@ TEST_CASE("cuda backend (emulated): the fixed-capacity dispatch plan against the
 // experts over its packed plan of the same route, under the same policy: each accepted choice's output row and
 // input gradient, and the four parameter gradients accumulated onto nonzero values. An expert no token chose
 // has a whole block of empty rows, the others some; the empty rows' output gradient is 0 (as the combine's
-// backward writes it), so they must add nothing. fp32 to 2e-5 of the largest entry; bf16 to 1e-4 (both sides
-// round the same operands the same way and accumulate in float or better: the order only).
+// backward writes it), so they must add nothing. fp32 to 2e-5 of the largest entry; bf16 to 1e-3, as the bf16
+// model case: both sides round the same operands the same way, but an intermediate (h, dh) that the two
+// accumulation orders leave an ulp apart can round to neighbouring bf16 values, moving one term of a later sum
+// by 2^-8 of itself (seen: 3.7e-4).
 template <class Prec>
 void check_fixed_experts(double tol) {
   using DS = testing_cuda::DS;
@@ -602,16 +612,7 @@ void check_fixed_experts(double tol) {
           CAPTURE(K);
           CAPTURE(E);
           const index_t C = std::max<index_t>(1, N * K / E);
-          Tensor<std::int32_t> route(Shape{N, K});
-          std::vector<index_t> count(static_cast<std::size_t>(E), 0);
-          const Rng rng(static_cast<std::uint64_t>(N * 100 + K * 10 + E));
-          for (index_t s = 0; s < N * K; ++s) {
-            int e = static_cast<int>(rng.uniform(1, static_cast<std::uint64_t>(s)) * (E + 1)) - 1;
-            if (e == E - 1) e = 0;  // expert E - 1 never chosen: a whole empty block
-            if (e >= 0 && count[static_cast<std::size_t>(e)] == C) e = -1;
-            if (e >= 0) ++count[static_cast<std::size_t>(e)];
-            route[s] = e;
-          }
+          const Tensor<std::int32_t> route = capped_route(N, K, E, C, 0);
           const Tensor<float> x = rnd(Shape{N, D}, 2, 1.0), dslot = rnd(Shape{N * K, D}, 3, 1.0);
           const Tensor<float> w1 = rnd(Shape{E, M, D}, 4, 0.3), b1 = rnd(Shape{E, M}, 5, 0.3),
                               w2 = rnd(Shape{E, D, M}, 6, 0.3), b2 = rnd(Shape{E, D}, 7, 0.3);
@@ -684,7 +685,7 @@ void check_fixed_experts(double tol) {
 
 TEST_CASE("cuda backend (emulated): the experts over a fixed-capacity plan against Ref's over the packed plan") {
   check_fixed_experts<Fp32>(2e-5);
-  check_fixed_experts<Bf16Mixed>(1e-4);
+  check_fixed_experts<Bf16Mixed>(1e-3);
 }
 
 TEST_CASE("cuda backend (emulated): bad input is refused with the ops' messages") {
