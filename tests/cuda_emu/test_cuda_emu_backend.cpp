@@ -385,6 +385,10 @@ TEST_CASE("cuda backend (emulated): the MoE layer's device routing and losses ag
       REQUIRE(ctx_d.routes()[i] == ctx.routes()[i]);
       dropped += ctx.routes()[i] < 0 && modality[static_cast<std::size_t>(i / K)] != moe::kPad;
     }
+    // With the stock router and loss terms the forward brought back only the routes; the rest on request.
+    CHECK(ctx_d.host_routing_stale == (!own_router && moe::kStockLossMask<L> >= 0));
+    ctx_d.sync_host_routing();
+    CHECK_FALSE(ctx_d.host_routing_stale);
     for (index_t i = 0; i < N * E; ++i) {
       REQUIRE(std::abs(ctx_d.gate_values()[i] - ctx.gate_values()[i]) <= 1e-14);
       REQUIRE(std::abs(ctx_d.noisy[i] - ctx.noisy[i]) <= 1e-14);

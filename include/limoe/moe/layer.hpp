@@ -64,7 +64,8 @@ struct MoeGrads {
 // live in the backend's memory space S; a device backend also keeps device copies of what its ops read (gates,
 // routes, the router's logit gradient) and host copies of what the router's backward reads. A device backend
 // runs the stock router there (noise, gates, routing: one pass, no host round trip before the experts) and
-// brings its results over for the losses and statistics.
+// brings its results over for host loss terms; with the stock terms there too, only the routes, loss values
+// and statistics' sums come back (the rest on request: sync_host_routing).
 template <class T, class S = HostSpace>
 struct MoeContext {
   // ---- outputs of the last forward ----
@@ -73,8 +74,14 @@ struct MoeContext {
   // [N, K]: the expert that accepted each choice of each token, -1 where dropped (docs/cli.md img_route/txt_route).
   CView<std::int32_t> routes() const { return CView<std::int32_t>(route.data(), Shape{N, K}); }
   // [N, E]: the gates the combine weights came from (softmax of the noisy logits in training).
-  CView<T> gate_values() const { return CView<T>(gates.data(), Shape{N, E}); }
-  CView<T> router_logits() const { return CView<T>(logits.data(), Shape{N, E}); }
+  CView<T> gate_values() {
+    sync_host_routing();
+    return CView<T>(gates.data(), Shape{N, E});
+  }
+  CView<T> router_logits() {
+    sync_host_routing();
+    return CView<T>(logits.data(), Shape{N, E});
+  }
   index_t accepted() const { return accepted_rows; }  // choices accepted by an expert
 
   // ---- internal state (read-only outside the layer) ----
@@ -123,16 +130,34 @@ struct MoeContext {
   // ... and, when the loss set is the stock terms' (kStockLossMask): each group's loss values and sums there.
   Tensor<double, S> loss_values_d, loss_sums_d;   // [groups, kValues], [groups, size(E)] (formulas::loss_layout)
   Tensor<double> loss_values, loss_sums;          // their host copies
-  // A device backend's stock router: its results into the host copies above.
+  // A device backend's stock router: its results into the host copies above. With the stock loss terms on the
+  // device too, a forward brings back only the routes (what the model reads) and leaves the logits, noisy
+  // logits, gates, clean probabilities and choices there until sync_host_routing() asks for them
+  // (gate_values() and router_logits() do): 4 N E values and N K choices less to copy per block.
+  bool host_routing_stale = false;
+  void sync_host_routing() {
+    if constexpr (!std::is_same_v<S, HostSpace>) {
+      if (!host_routing_stale) return;
+      copy_to_host<T, S>(logits_d.cview(), logits.view());
+      copy_to_host<T, S>(noisy_d.cview(), noisy.view());
+      copy_to_host<T, S>(gates_d.cview(), gates.view());
+      copy_to_host<T, S>(probs_d.cview(), probs.view());
+      copy_to_host<std::int32_t, S>(choice_d.cview(), choice.view());
+      host_routing_stale = false;
+    }
+  }
   void download_routing()
     requires(!std::is_same_v<S, HostSpace>)
   {
-    copy_to_host<T, S>(logits_d.cview(), logits.view());
-    copy_to_host<T, S>(noisy_d.cview(), noisy.view());
-    copy_to_host<T, S>(gates_d.cview(), gates.view());
-    copy_to_host<T, S>(probs_d.cview(), probs.view());
-    copy_to_host<std::int32_t, S>(choice_d.cview(), choice.view());
     copy_to_host<std::int32_t, S>(route_d.cview(), route.view());
+    host_routing_stale = true;
+    sync_host_routing();
+  }
+  void download_routes()
+    requires(!std::is_same_v<S, HostSpace>)
+  {
+    copy_to_host<std::int32_t, S>(route_d.cview(), route.view());
+    host_routing_stale = true;
   }
   // The gates and routes as the backend's ops see them.
   CView<T, S> gates_for_ops() const {
@@ -244,6 +269,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
 
   auto& c = ctx;
   c.valid = false;
+  c.host_routing_stale = false;
   c.N = N, c.D = D, c.M = M, c.E = E, c.K = K;
   c.gelu = cfg.gelu;
   const bool training = mode == Mode::Train;
@@ -477,7 +503,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
 
   // The device's routing and loss results, once the experts are under way.
   if constexpr (device_losses) {
-    c.download_routing();
+    c.download_routes();  // the rest of the routing stays there until asked for (sync_host_routing)
     namespace lo = formulas::loss_layout;
     c.loss_values.resize(c.loss_values_d.shape()), c.loss_sums.resize(c.loss_sums_d.shape());
     copy_to_host<double, S>(c.loss_values_d.cview(), c.loss_values.view());
