@@ -146,18 +146,17 @@ struct MoeContext {
       host_routing_stale = false;
     }
   }
-  void download_routing()
-    requires(!std::is_same_v<S, HostSpace>)
-  {
-    copy_to_host<std::int32_t, S>(route_d.cview(), route.view());
-    host_routing_stale = true;
-    sync_host_routing();
-  }
   void download_routes()
     requires(!std::is_same_v<S, HostSpace>)
   {
     copy_to_host<std::int32_t, S>(route_d.cview(), route.view());
     host_routing_stale = true;
+  }
+  void download_routing()
+    requires(!std::is_same_v<S, HostSpace>)
+  {
+    download_routes();
+    sync_host_routing();
   }
   // The gates and routes as the backend's ops see them.
   CView<T, S> gates_for_ops() const {

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../kernels/losses.cuh"
@@ -112,6 +113,14 @@ void router_backward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route,
                p.K, dlogits.data());
 }
 
+namespace detail {
+// The plan kernels' launch (kernels/plan.cuh): a block per chunk of slots (the rest strided), a thread per expert
+// and one for invalid entries, in whole warps.
+inline std::pair<dim3, int> plan_launch(index_t chunks, int E) {
+  return {dim3(static_cast<unsigned>(chunks < 65535 ? chunks : 65535)), E + 1 < 256 ? 32 * ((E + 32) / 32) : 256};
+}
+}  // namespace detail
+
 // route [N, K] (expert or -1) -> plan, as moe::cpu::make_dispatch_plan: experts' blocks in expert order,
 // choices in call order inside a block. An entry that is neither -1 nor an expert is an error.
 // Not inline: one translation unit per program compiles the backend (src/cuda/backend.cu, or an emulated
@@ -124,8 +133,7 @@ void make_dispatch_plan(CV<std::int32_t> route, int E, DispatchPlan& p) {
   const index_t chunks = (slots + kn::kPlanChunk - 1) / kn::kPlanChunk;
   const auto Es = static_cast<std::size_t>(E);
   std::vector<std::int64_t> c(static_cast<std::size_t>(chunks) * (Es + 1), 0);
-  const int threads = E + 1 < 256 ? 32 * ((E + 32) / 32) : 256;
-  const dim3 grid(static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
+  const auto [grid, threads] = detail::plan_launch(chunks, E);
   if (chunks > 0) {
     DTensor<std::int64_t> counts(Shape{chunks * (E + 1)});
     exec::launch("plan_count", grid, threads, kn::plan_count, route.data(), slots, E, counts.data());
@@ -176,8 +184,7 @@ void make_fixed_dispatch_plan(CV<std::int32_t> route, int E, index_t C, Dispatch
                std::int64_t{-1});
   const index_t chunks = (slots + kn::kPlanChunk - 1) / kn::kPlanChunk;
   if (chunks == 0) return;
-  const int threads = E + 1 < 256 ? 32 * ((E + 32) / 32) : 256;
-  const dim3 grid(static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
+  const auto [grid, threads] = detail::plan_launch(chunks, E);
   DTensor<std::int64_t> counts(Shape{chunks * (E + 1)}), starts(Shape{chunks * E});
   exec::launch("plan_count", grid, threads, kn::plan_count, route.data(), slots, E, counts.data());
   exec::launch("plan_fixed_starts", exec::grid_for(E, 64), 64, kn::plan_fixed_starts,
@@ -202,21 +209,6 @@ void dispatch_backward(const DispatchPlan& p, CV<T> dxe, V<T> dx) {
   exec::launch("dispatch_backward", exec::grid_for(p.N * D), 256, kn::dispatch_backward<T>,
                static_cast<const std::int64_t*>(p.slot_row.data()), p.N, p.K, D, dxe.data(), dx.data());
 }
-
-namespace detail {
-// The plan's offsets read back to the host (a synchronisation).
-inline std::vector<index_t> host_offsets(const DispatchPlan& p) {
-  std::vector<index_t> off(static_cast<std::size_t>(p.E + 1));
-  exec::to_host(off.data(), p.offsets.data(), off.size());
-  return off;
-}
-// fn(e, r0, n) for each expert e with n > 0 rows starting at row r0, in expert order.
-template <class Fn>
-void for_each_block(const std::vector<index_t>& off, Fn&& fn) {
-  for (std::size_t e = 0; e + 1 < off.size(); ++e)
-    if (off[e + 1] > off[e]) fn(static_cast<index_t>(e), off[e], off[e + 1] - off[e]);
-}
-}  // namespace detail
 
 namespace detail {
 // An operand of the expert products as policy Prec reads it: fp32 in place, or (a mixed policy) the whole
@@ -259,17 +251,23 @@ void expert_product(bool ta, bool tb, index_t M, index_t N, index_t K, const Exp
 // The experts' blocks of rows as the products see them: fn(e, r0, n, batch). A fixed-capacity plan is one call,
 // fn(0, 0, C, E): every expert's block is C rows, so each product is one strided-batched product over the E
 // blocks (expert e's rows at e C, its weights at e times a weight matrix's size); otherwise one call per expert
-// with rows, fn(e, r0, n, 1), from the plan's offsets as the host reads them (the grouped product of no-drop
-// routing and of a capacity with slack).
+// with rows, fn(e, r0, n, 1), from the plan's offsets read back to the host (a synchronisation; the grouped
+// product of no-drop routing and of a capacity with slack).
 class ExpertBlocks {
  public:
   explicit ExpertBlocks(const DispatchPlan& p) : fixed_(p.fixed), E_(p.E) {
-    if (fixed_ == 0) off_ = host_offsets(p);
+    if (fixed_ > 0) return;
+    off_.resize(static_cast<std::size_t>(E_ + 1));
+    exec::to_host(off_.data(), p.offsets.data(), off_.size());
   }
   template <class Fn>
   void each(Fn&& fn) const {
-    if (fixed_ > 0) fn(index_t{0}, index_t{0}, fixed_, E_);
-    else for_each_block(off_, [&](index_t e, index_t r0, index_t n) { fn(e, r0, n, index_t{1}); });
+    if (fixed_ > 0) {
+      fn(index_t{0}, index_t{0}, fixed_, E_);
+      return;
+    }
+    for (std::size_t e = 0; e + 1 < off_.size(); ++e)
+      if (off_[e + 1] > off_[e]) fn(static_cast<index_t>(e), off_[e], off_[e + 1] - off_[e], index_t{1});
   }
 
  private:
