@@ -20,6 +20,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <set>
 #include <limoe/model/checkpoint.hpp>
 #include <limoe/train/trainer.hpp>
 #endif
@@ -204,6 +205,45 @@ TEST_CASE("cuda backend (emulated): training steps on Cuda against training on R
   CHECK(tg.optimizer().step() == 3);
 }
 
+// Where the model's forward on a GPU would make the host wait (emulated: each copy to the host, or from it,
+// records how many launches came before it). Training, with a capacity that binds: the inputs go up and the
+// token ids are checked at the start, then nothing until the heads, after which the embeddings and every MoE
+// block's results come back. Evaluation (no drop: the packed plan) waits twice per MoE block, for the plan's
+// counts and for the block's results (its context is shared with the other blocks).
+TEST_CASE("cuda backend (emulated): where the model's forward waits for the device") {
+  using DS = testing_cuda::DS;
+  for (int group_pairs : {0, 2}) {
+    CAPTURE(group_pairs);
+    ModelConfig cfg = tiny_config();
+    cfg.group_pairs = group_pairs;
+    DModel<Cuda> m(cfg);
+    m.init(7);
+    const Batch b = tiny_batch(cfg, 3, 17);
+    const int moe_blocks = static_cast<int>(cfg.moe_blocks.size());
+    for (Mode mode : {Mode::Train, Mode::Eval}) {
+      CAPTURE(static_cast<int>(mode));
+      (void)m.forward(b.images.cview(), b.texts.cview(), mode, 1);  // first call: buffers and cached inputs
+      DS::clear_waits();
+      const std::int64_t l0 = DS::launches.load();
+      const auto fwd = m.forward(b.images.cview(), b.texts.cview(), mode, 2);
+      const std::int64_t l1 = DS::launches.load();
+      REQUIRE(fwd.routes.size() == static_cast<std::size_t>(moe_blocks));
+      const auto w = DS::waits();
+      // The wait points between the embeddings (a few launches after l0) and the heads (a few before l1).
+      std::set<std::int64_t> inside;
+      for (const std::int64_t at : w) {
+        CHECK(at >= l0);
+        CHECK(at <= l1);
+        if (at > l0 + 8 && at < l1 - 8) inside.insert(at);
+      }
+      CHECK(l1 - l0 > 100);  // the blocks' launches
+      CHECK(static_cast<int>(inside.size()) == (mode == Mode::Train ? 0 : 2 * moe_blocks));
+      // After the last launch: the text embeddings, and in training every MoE block's three copies.
+      CHECK(std::count(w.begin(), w.end(), l1) == (mode == Mode::Train ? 1 + 3 * moe_blocks : 1));
+    }
+  }
+}
+
 // One checkpoint file for both backends: written by the model on the device (with its optimizer state) and
 // read by the model on the CPU, and the reverse; the two give the same embeddings and routes.
 TEST_CASE("cuda backend (emulated): checkpoints move between the device and the CPU") {
@@ -370,13 +410,43 @@ TEST_CASE("cuda backend (emulated): the MoE layer's device routing and losses ag
       moe::moe_backward<T, Cuda>(pd, dx0_.v(), ddy.v(), dx0.view(), {g0.view(), g1.view(), g2.view(), g3.view(),
                                  g4.view()}, ctx_d);
     }
-    if (own_router)
-      moe::moe_forward<T, L, Cuda>(HostRouted{{{K}, {cfg.router.noise_std}}}, cfg, pd, dx_.v(), modality, mode, rng,
-                                   y_d.view(), ctx_d);
-    else
-      moe::moe_forward<T, L, Cuda>(cfg, pd, dx_.v(), modality, mode, rng, y_d.view(), ctx_d);
+    auto forward_d = [&] {
+      if (own_router)
+        moe::moe_forward<T, L, Cuda>(HostRouted{{{K}, {cfg.router.noise_std}}}, cfg, pd, dx_.v(), modality, mode, rng,
+                                     y_d.view(), ctx_d);
+      else
+        moe::moe_forward<T, L, Cuda>(cfg, pd, dx_.v(), modality, mode, rng, y_d.view(), ctx_d);
+    };
+    // Where the host would wait for a GPU: with the stock router and loss terms a fixed-capacity forward waits
+    // nowhere when it defers its results, else once at its end; a packed plan adds one wait for its counts
+    // (one point: the counts down, the offsets and row starts up). The backward waits nowhere.
+    const bool stock = !own_router && moe::kStockLossMask<L> >= 0;
+    const bool defer = stock && cases % 2 == 0;
+    CAPTURE(defer);
+    ctx_d.defer_results = defer;
+    auto wait_points = [] {
+      const auto w = DS::waits();
+      return static_cast<int>(std::set<std::int64_t>(w.begin(), w.end()).size());
+    };
+    forward_d();  // uploads what differs from the call before (its capacities)
+    if (stock) {
+      moe::collect_results(ctx_d);
+      DS::clear_waits();
+      forward_d();  // the same call again: nothing to upload
+      CHECK(wait_points() == (ctx_d.plan.fixed > 0 ? 0 : 1) + (defer ? 0 : 1));
+      CHECK(ctx_d.results_pending == defer);
+      if (defer) {
+        CHECK_THROWS_WITH(ctx_d.routes(), doctest::Contains("call moe::collect_results(ctx) first"));
+        DS::clear_waits();
+        moe::collect_results(ctx_d);
+        CHECK(wait_points() == 1);
+      }
+    }
+    CHECK_FALSE(ctx_d.results_pending);
+    DS::clear_waits();
     moe::moe_backward<T, Cuda>(pd, dx_.v(), ddy.v(), dx_d.view(),
                                {gwr_d.view(), gw1_d.view(), gb1_d.view(), gw2_d.view(), gb2_d.view()}, ctx_d, 0.7);
+    if (stock) CHECK(DS::waits().empty());
     CHECK(ctx_d.accepted() == ctx.accepted());
     if (ctx_d.plan.fixed > 0) CHECK(ctx_d.plan.A == E * ctx_d.plan.fixed);
     if (own_router || (mode == Mode::Eval && !bpr)) CHECK(ctx_d.plan.fixed == 0);  // host routes; no drop

@@ -6,8 +6,11 @@
 // in the backend's memory space (device memory).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <new>
+#include <vector>
 
 #include "limoe/core/block_pool.hpp"
 #include "limoe/core/enums.hpp"
@@ -47,8 +50,36 @@ struct EmulatedDeviceSpace {
   static void deallocate(void* p, std::size_t bytes) noexcept { pool().deallocate(p, bytes); }
   static void zero(void* p, std::size_t bytes) { HostSpace::zero(p, bytes); }
   static void copy(void* dst, const void* src, std::size_t bytes) { HostSpace::copy(dst, src, bytes); }
-  static void upload(void* dst, const void* host_src, std::size_t bytes) { HostSpace::copy(dst, host_src, bytes); }
-  static void download(void* host_dst, const void* src, std::size_t bytes) { HostSpace::copy(host_dst, src, bytes); }
+  static void upload(void* dst, const void* host_src, std::size_t bytes) {
+    note_wait();
+    HostSpace::copy(dst, host_src, bytes);
+  }
+  static void download(void* host_dst, const void* src, std::size_t bytes) {
+    note_wait();
+    HostSpace::copy(host_dst, src, bytes);
+  }
+
+  // Where a GPU would make the host wait for it: a copy to host memory waits for the work queued before it,
+  // and so does a copy from pageable host memory (cudaMemcpy). Each such copy records how many launches
+  // (kernels and products, counted by the backend's exec::) came before it, so a test can see where in a
+  // sequence of ops the host would have waited.
+  static inline std::atomic<std::int64_t> launches{0};
+  static std::vector<std::int64_t> waits() {
+    std::lock_guard<std::mutex> lock(wait_mutex_);
+    return waits_;
+  }
+  static void clear_waits() {
+    std::lock_guard<std::mutex> lock(wait_mutex_);
+    waits_.clear();
+  }
+
+ private:
+  static void note_wait() {
+    std::lock_guard<std::mutex> lock(wait_mutex_);
+    waits_.push_back(launches.load());
+  }
+  static inline std::mutex wait_mutex_;
+  static inline std::vector<std::int64_t> waits_;
 };
 using CudaBackendSpace = EmulatedDeviceSpace;
 }

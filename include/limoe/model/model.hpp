@@ -300,6 +300,9 @@ class Limoe {
       head_forward(txt_head_, txt_acts_, txt_rows(xn_.cview()), text_mask(), z_txt_);
       out.txt_emb = to_host(z_txt_.cview());
     }
+    // A training forward's MoE results, left on the device by each block (MoeContext::defer_results).
+    for (int l = 0; tape && l < cfg_.depth; ++l)
+      if (blocks_[static_cast<std::size_t>(l)].moe) moe_outputs(l, moe_ctx_[static_cast<std::size_t>(l)], out);
     return out;
   }
 
@@ -784,27 +787,36 @@ class Limoe {
         modality = std::span<const std::uint8_t>(moe_modality_.data(), moe_modality_.size());
       }
       auto* ex = exchange(l);
+      // Training: every block has its own context, so the results stay on the device until forward() has
+      // launched its last block (collect_moe_outputs); evaluation reuses one context and collects each block's.
+      ctx.defer_results = call.mode == Mode::Train;
       if constexpr (std::is_same_v<Router, ConfigRouter>)
         moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx, ex, prec());
       else
         moe::moe_forward<T, Losses, BackendT>(router_, mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx,
                                               ex, prec());
-      if (moe_permute_) {
-        permute_rows(moe_y_.cview(), x_out.view(), false);
-        Tensor<std::int32_t> routes(ctx.routes().shape());  // [R, K] back in row order
-        const index_t K = cfg_.top_k;
-        for (index_t i = 0; i < R; ++i)
-          std::copy_n(ctx.routes().data() + i * K, K, routes.data() + moe_perm_[static_cast<std::size_t>(i)] * K);
-        out.routes.push_back(std::move(routes));
-      } else {
-        out.routes.push_back(Tensor<std::int32_t>::copy_of(ctx.routes()));
-      }
-      out.route_blocks.push_back(l);
-      out.stats.push_back(ctx.stats);
-      out.aux_terms.push_back(ctx.losses);
-      out.aux_loss += ctx.losses.total;
+      if (moe_permute_) permute_rows(moe_y_.cview(), x_out.view(), false);
+      if (!ctx.defer_results) moe_outputs(l, ctx, out);
     }
     O::add_into(a.x_mid.cview(), x_out.view());  // the residual
+  }
+
+  // MoE block l's routes (in row order), statistics and auxiliary losses into the forward's output.
+  void moe_outputs(int l, moe::MoeContext<T, S>& ctx, ForwardOutput<T>& out) {
+    moe::collect_results(ctx);
+    if (moe_permute_) {
+      Tensor<std::int32_t> routes(ctx.routes().shape());  // [R, K] back in row order
+      const index_t R = routes.dim(0), K = cfg_.top_k;
+      for (index_t i = 0; i < R; ++i)
+        std::copy_n(ctx.routes().data() + i * K, K, routes.data() + moe_perm_[static_cast<std::size_t>(i)] * K);
+      out.routes.push_back(std::move(routes));
+    } else {
+      out.routes.push_back(Tensor<std::int32_t>::copy_of(ctx.routes()));
+    }
+    out.route_blocks.push_back(l);
+    out.stats.push_back(ctx.stats);
+    out.aux_terms.push_back(ctx.losses);
+    out.aux_loss += ctx.losses.total;
   }
 
   // dx_ holds the gradient of block l's output on entry and of its input on exit.

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -72,7 +73,11 @@ struct MoeContext {
   AuxLossValues losses;  // averaged over groups; `total` is weighted (add it to the training loss)
   RoutingStats stats;
   // [N, K]: the expert that accepted each choice of each token, -1 where dropped (docs/cli.md img_route/txt_route).
-  CView<std::int32_t> routes() const { return CView<std::int32_t>(route.data(), Shape{N, K}); }
+  CView<std::int32_t> routes() const {
+    LIMOE_CHECK(!results_pending, "MoeContext::routes: this forward's results are still on the device (the context ",
+                "defers them): call moe::collect_results(ctx) first");
+    return CView<std::int32_t>(route.data(), Shape{N, K});
+  }
   // [N, E]: the gates the combine weights came from (softmax of the noisy logits in training).
   CView<T> gate_values() {
     sync_host_routing();
@@ -83,6 +88,14 @@ struct MoeContext {
     return CView<T>(logits.data(), Shape{N, E});
   }
   index_t accepted() const { return accepted_rows; }  // choices accepted by an expert
+
+  // A device backend's forward with the stock router and loss terms leaves the routes, the loss values and the
+  // statistics' sums on the device when defer_results is set: moe::collect_results(ctx) brings them over and
+  // fills routes(), losses and stats. A forward then waits for nothing on the host (a fixed-capacity plan), so a
+  // caller with one context per layer (the model's training forward) collects every layer's results after its
+  // last launch: one wait for the device instead of one per layer. Unset, the forward collects them itself.
+  bool defer_results = false;
+  bool results_pending = false;  // set by such a forward, cleared by collect_results
 
   // ---- internal state (read-only outside the layer) ----
   index_t N = 0, D = 0, M = 0;
@@ -126,6 +139,8 @@ struct MoeContext {
   Tensor<index_t, S> pos_d, capacity_d;           // [N] noise counter row (-1 padding), [groups]
   Tensor<std::uint8_t, S> modality_d;             // [N] (calls with padding, or with the stock loss terms)
   Tensor<index_t> pos_h;                          // [N]
+  std::vector<index_t> pos_up, capacity_up;      // what pos_d and capacity_d hold (an upload only when it changes)
+  std::vector<std::uint8_t> modality_up;          // ... and modality_d
   parallel::BasicRoutingScratch<S> route_scratch;
   // ... and, when the loss set is the stock terms' (kStockLossMask): each group's loss values and sums there.
   Tensor<double, S> loss_values_d, loss_sums_d;   // [groups, kValues], [groups, size(E)] (formulas::loss_layout)
@@ -170,6 +185,18 @@ struct MoeContext {
 };
 
 namespace detail {
+// dst [n] := src, unless it holds that already (`held`: what it was last given). A device backend's upload from
+// pageable host memory waits for the work queued before it; inputs that repeat from call to call go over once.
+template <class U, class S>
+void upload_if_changed(const U* src, index_t n, std::vector<U>& held, Tensor<U, S>& dst) {
+  if (dst.rank() == 1 && dst.dim(0) == n && static_cast<index_t>(held.size()) == n && std::equal(src, src + n, held.begin()))
+    return;
+  held.clear();
+  dst.resize(Shape{n});
+  copy_from_host<U, S>(CView<U>(src, Shape{n}), dst.view());
+  held.assign(src, src + n);
+}
+
 inline constexpr index_t kRowChunk = 64;   // fixed chunk of rows/columns for every product (determinism)
 
 // C[rows, cols] (+)= A B^T style products over fixed row chunks of C; deterministic on any thread count.
@@ -222,7 +249,104 @@ int local_experts(int E, const ExpertExchange<T, S>* ex) {
   LIMOE_CHECK(E % ex->shards() == 0, "moe: ", E, " experts do not split over ", ex->shards(), " expert-parallel ranks");
   return E / ex->shards();
 }
+
+// The mean of the groups' loss values (in group order: deterministic).
+template <class T, class S>
+void sum_group_losses(MoeContext<T, S>& c) {
+  c.losses = AuxLossValues{};
+  for (const auto& v : c.group_losses) {
+    c.losses.total += v.total, c.losses.importance += v.importance, c.losses.load += v.load, c.losses.z += v.z;
+    for (int m = 0; m < kModalities; ++m)
+      c.losses.local_entropy[m] += v.local_entropy[m], c.losses.global_entropy[m] += v.global_entropy[m];
+  }
+}
+// The statistics zeroed for the call's shape; returns the per-modality gate sums to fill.
+template <class T, class S>
+std::array<std::vector<double>, kModalities> reset_stats(MoeContext<T, S>& c) {
+  auto& st = c.stats;
+  const int E = c.E;
+  st.experts = E, st.top_k = c.K, st.groups = c.groups, st.capacity = c.groups > 0 ? c.capacity[0] : 0;
+  st.padding = 0;
+  st.image_share.assign(static_cast<std::size_t>(E), 0.0);
+  std::array<std::vector<double>, kModalities> pbar;
+  for (int m = 0; m < kModalities; ++m) {
+    st.routed[m].assign(static_cast<std::size_t>(E), 0);
+    st.dropped[m].assign(static_cast<std::size_t>(E), 0);
+    st.tokens[m] = 0, st.tokens_fully_dropped[m] = 0, st.local_entropy[m] = 0, st.global_entropy[m] = 0;
+    pbar[m].assign(static_cast<std::size_t>(E), 0.0);
+  }
+  return pbar;
+}
+// From the counts and sums: drop fractions, means, the global entropy, each expert's image share.
+template <class T, class S>
+void finish_stats(MoeContext<T, S>& c, std::array<std::vector<double>, kModalities> pbar) {
+  auto& st = c.stats;
+  const int E = c.E;
+  for (int m = 0; m < kModalities; ++m) {
+    index_t dropped = 0;
+    for (int e = 0; e < E; ++e) dropped += st.dropped[m][e];
+    if (st.tokens[m] == 0) { st.drop_fraction[m] = 0; continue; }
+    const double n = static_cast<double>(st.tokens[m]);
+    st.drop_fraction[m] = static_cast<double>(dropped) / (n * c.K);
+    st.local_entropy[m] /= n;
+    for (int e = 0; e < E; ++e) pbar[m][e] /= n;
+    st.global_entropy[m] = math::entropy(pbar[m].data(), E);
+  }
+  st.mean_gate = std::move(pbar);
+  c.accepted_rows = 0;
+  for (int e = 0; e < E; ++e) {
+    const index_t all = st.routed[0][e] + st.routed[1][e];
+    st.image_share[e] = all > 0 ? static_cast<double>(st.routed[0][e]) / static_cast<double>(all) : 0.0;
+    c.accepted_rows += all;
+  }
+}
 }  // namespace detail
+
+// The results a device forward left there (MoeContext::defer_results): the routes, each group's loss values and
+// the statistics' sums (formulas::loss_layout) come over, in three copies, and fill routes(), losses and stats.
+// Nothing to do after any other forward.
+template <class T, class S>
+void collect_results(MoeContext<T, S>& c) {
+  if constexpr (!std::is_same_v<S, HostSpace>) {
+    if (!c.results_pending) return;
+    namespace lo = formulas::loss_layout;
+    const index_t G = c.groups;
+    const int E = c.E;
+    c.download_routes();  // the rest of the routing stays there until asked for (sync_host_routing)
+    c.loss_values.resize(c.loss_values_d.shape()), c.loss_sums.resize(c.loss_sums_d.shape());
+    copy_to_host<double, S>(c.loss_values_d.cview(), c.loss_values.view());
+    copy_to_host<double, S>(c.loss_sums_d.cview(), c.loss_sums.view());
+    c.results_pending = false;
+    for (index_t g = 0; g < G; ++g) {
+      const double* v = c.loss_values.data() + g * lo::kValues;
+      auto& gl = c.group_losses[static_cast<std::size_t>(g)];
+      gl.total = v[lo::kTotal], gl.importance = v[lo::kImportance], gl.load = v[lo::kLoad], gl.z = v[lo::kZ];
+      for (int m = 0; m < kModalities; ++m) gl.local_entropy[m] = v[lo::kLocal + m], gl.global_entropy[m] = v[lo::kGlobal + m];
+    }
+    detail::sum_group_losses(c);
+    // 7. Routing statistics (semantics §6) from each group's sums, in group order.
+    auto& st = c.stats;
+    auto pbar = detail::reset_stats(c);
+    auto count = [](double v) { return static_cast<index_t>(std::llround(v)); };
+    for (index_t g = 0; g < G; ++g) {
+      const double* q = c.loss_sums.data() + g * lo::size(E);
+      for (int m = 0; m < kModalities; ++m) {
+        st.tokens[m] += count(q[lo::tokens(E, m)]);
+        st.local_entropy[m] += q[lo::entropy(E, m)];
+        st.tokens_fully_dropped[m] += count(q[lo::fully_dropped(E, m)]);
+        for (int e = 0; e < E; ++e) {
+          pbar[m][e] += q[lo::gates_of(E, m, e)];
+          st.routed[m][e] += count(q[lo::routed(E, m, e)]);
+          st.dropped[m][e] += count(q[lo::dropped(E, m, e)]);
+        }
+      }
+    }
+    st.padding = c.N - st.tokens[0] - st.tokens[1];
+    detail::finish_stats(c, std::move(pbar));
+  } else {
+    (void)c;
+  }
+}
 
 // Forward with an explicit router policy and loss set.
 //   x [N, D] tokens in the fixed order (all image tokens, then all text tokens; semantics §3);
@@ -231,7 +355,8 @@ int local_experts(int E, const ExpertExchange<T, S>* ex) {
 //   router and the auxiliary losses see those tokens packed in order (a router or loss term needs no notion of
 //   padding), and the statistics skip padding. A padding token's route is -1, its gates the clean softmax, its
 //   output 0, and no gradient reaches the router from it.
-// Outputs besides y land in ctx: ctx.routes() [N, K], ctx.losses, ctx.stats.
+// Outputs besides y land in ctx: ctx.routes() [N, K], ctx.losses, ctx.stats (after collect_results(ctx) when
+// the context defers them: MoeContext::defer_results).
 //   BackendT is the backend whose ops run the dispatch plan, gather, expert MLP and combine (backend/ops.hpp).
 //   `ex` (expert parallel, moe/expert_parallel.hpp): the experts are sharded over its ranks, p holds this rank's;
 //   the call is then collective over them.
@@ -269,6 +394,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   auto& c = ctx;
   c.valid = false;
   c.host_routing_stale = false;
+  c.results_pending = false;
   c.N = N, c.D = D, c.M = M, c.E = E, c.K = K;
   c.gelu = cfg.gelu;
   const bool training = mode == Mode::Train;
@@ -351,15 +477,14 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
       for (index_t s = row0; s < row0 + S; ++s)
         c.pos_h[s] = padded && modality[static_cast<std::size_t>(s)] == kPad ? -1 : cfg.first_token + row0 + j++;
     }
-    c.pos_d.resize(Shape{N}), c.capacity_d.resize(Shape{G});                     // [N], [G]
     c.noisy_d.resize(Shape{N, E}), c.gates_d.resize(Shape{N, E}), c.probs_d.resize(Shape{N, E});  // [N, E]
     c.choice_d.resize(Shape{N, K}), c.route_d.resize(Shape{N, K});               // [N, K]
-    copy_from_host<index_t, S>(c.pos_h.cview(), c.pos_d.view());
-    copy_from_host<index_t, S>(c.capacity.cview(), c.capacity_d.view());
+    // The same for every layer of a model's forward and every step of a run: uploaded when they change.
+    detail::upload_if_changed(c.pos_h.data(), N, c.pos_up, c.pos_d);             // [N]
+    detail::upload_if_changed(c.capacity.data(), G, c.capacity_up, c.capacity_d);  // [G]
     CView<std::uint8_t, S> mod_d;
     if (padded || device_losses) {  // the stock losses read it on the device
-      c.modality_d.resize(Shape{N});  // [N]
-      copy_from_host<std::uint8_t, S>(CView<std::uint8_t>(modality.data(), Shape{N}), c.modality_d.view());
+      detail::upload_if_changed(modality.data(), N, c.modality_up, c.modality_d);  // [N]
       mod_d = c.modality_d.cview();
     }
     O::route_topk(c.logits_d.cview(), c.pos_d.cview(), rng, sigma, K, gs, c.capacity_d.cview(),
@@ -500,98 +625,40 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   }
   O::combine_forward(c.plan, c.gates_for_ops(), c.routes_for_ops(), c.ye.cview(), y);
 
-  // The device's routing and loss results, once the experts are under way.
-  if constexpr (device_losses) {
-    c.download_routes();  // the rest of the routing stays there until asked for (sync_host_routing)
-    namespace lo = formulas::loss_layout;
-    c.loss_values.resize(c.loss_values_d.shape()), c.loss_sums.resize(c.loss_sums_d.shape());
-    copy_to_host<double, S>(c.loss_values_d.cview(), c.loss_values.view());
-    copy_to_host<double, S>(c.loss_sums_d.cview(), c.loss_sums.view());
-    for (index_t g = 0; g < G; ++g) {
-      const double* v = c.loss_values.data() + g * lo::kValues;
-      auto& gl = c.group_losses[static_cast<std::size_t>(g)];
-      gl.total = v[lo::kTotal], gl.importance = v[lo::kImportance], gl.load = v[lo::kLoad], gl.z = v[lo::kZ];
-      for (int m = 0; m < kModalities; ++m) gl.local_entropy[m] = v[lo::kLocal + m], gl.global_entropy[m] = v[lo::kGlobal + m];
-    }
-  }
-  c.losses = AuxLossValues{};
-  for (const auto& v : c.group_losses) {  // in group order: deterministic
-    c.losses.total += v.total, c.losses.importance += v.importance, c.losses.load += v.load, c.losses.z += v.z;
-    for (int m = 0; m < kModalities; ++m)
-      c.losses.local_entropy[m] += v.local_entropy[m], c.losses.global_entropy[m] += v.global_entropy[m];
-  }
-
-  // 7. Routing statistics (semantics §6).
-  auto& st = c.stats;
-  st.experts = E, st.top_k = K, st.groups = G, st.capacity = G > 0 ? c.capacity[0] : 0;
-  st.padding = 0;
-  st.image_share.assign(static_cast<std::size_t>(E), 0.0);
-  std::array<std::vector<double>, kModalities> pbar;
-  for (int m = 0; m < kModalities; ++m) {
-    st.routed[m].assign(static_cast<std::size_t>(E), 0);
-    st.dropped[m].assign(static_cast<std::size_t>(E), 0);
-    st.tokens[m] = 0, st.tokens_fully_dropped[m] = 0, st.local_entropy[m] = 0, st.global_entropy[m] = 0;
-    pbar[m].assign(static_cast<std::size_t>(E), 0.0);
-  }
-  if constexpr (device_losses) {  // from each group's sums (formulas::loss_layout), in group order
-    namespace lo = formulas::loss_layout;
-    auto count = [](double v) { return static_cast<index_t>(std::llround(v)); };
-    for (index_t g = 0; g < G; ++g) {
-      const double* q = c.loss_sums.data() + g * lo::size(E);
-      for (int m = 0; m < kModalities; ++m) {
-        st.tokens[m] += count(q[lo::tokens(E, m)]);
-        st.local_entropy[m] += q[lo::entropy(E, m)];
-        st.tokens_fully_dropped[m] += count(q[lo::fully_dropped(E, m)]);
-        for (int e = 0; e < E; ++e) {
-          pbar[m][e] += q[lo::gates_of(E, m, e)];
-          st.routed[m][e] += count(q[lo::routed(E, m, e)]);
-          st.dropped[m][e] += count(q[lo::dropped(E, m, e)]);
-        }
-      }
-    }
-    st.padding = N - st.tokens[0] - st.tokens[1];
-  } else {
-    // Each token's entropy over the pool (the sums below stay in token order: the same bits on any thread count).
-    c.token_entropy.resize(static_cast<std::size_t>(N));
-    parallel_for_each_index(0, N, detail::kRowGrain, [&](index_t t) {
-      c.token_entropy[static_cast<std::size_t>(t)] = math::entropy(c.probs.data() + t * E, E);
-    });
-    for (index_t t = 0; t < N; ++t) {
-      if (modality[static_cast<std::size_t>(t)] == kPad) {
-        ++st.padding;
-        continue;
-      }
-      const int m = modality[static_cast<std::size_t>(t)] == kText ? 1 : 0;
-      ++st.tokens[m];
-      bool any = false;
-      for (int k = 0; k < K; ++k) {
-        const std::int32_t r = c.route[t * K + k];
-        if (r >= 0) ++st.routed[m][r], any = true;
-        else ++st.dropped[m][c.choice[t * K + k]];
-      }
-      if (!any) ++st.tokens_fully_dropped[m];
-      for (int e = 0; e < E; ++e) pbar[m][e] += static_cast<double>(c.probs[t * E + e]);
-      st.local_entropy[m] += c.token_entropy[static_cast<std::size_t>(t)];
-    }
-  }
-  for (int m = 0; m < kModalities; ++m) {
-    index_t dropped = 0;
-    for (int e = 0; e < E; ++e) dropped += st.dropped[m][e];
-    if (st.tokens[m] == 0) { st.drop_fraction[m] = 0; continue; }
-    const double n = static_cast<double>(st.tokens[m]);
-    st.drop_fraction[m] = static_cast<double>(dropped) / (n * K);
-    st.local_entropy[m] /= n;
-    for (int e = 0; e < E; ++e) pbar[m][e] /= n;
-    st.global_entropy[m] = math::entropy(pbar[m].data(), E);
-  }
-  st.mean_gate = std::move(pbar);
-  c.accepted_rows = 0;
-  for (int e = 0; e < E; ++e) {
-    const index_t all = st.routed[0][e] + st.routed[1][e];
-    st.image_share[e] = all > 0 ? static_cast<double>(st.routed[0][e]) / static_cast<double>(all) : 0.0;
-    c.accepted_rows += all;
-  }
+  // The device's routing and loss results, once the experts are under way (or later: collect_results).
   c.valid = true;
+  if constexpr (device_losses) {
+    c.results_pending = true;
+    if (!c.defer_results) collect_results(c);
+    return;
+  }
+  detail::sum_group_losses(c);
+
+  // 7. Routing statistics (semantics §6), from the host's routing results.
+  auto& st = c.stats;
+  auto pbar = detail::reset_stats(c);
+  c.token_entropy.resize(static_cast<std::size_t>(N));  // each token's entropy over the pool
+  parallel_for_each_index(0, N, detail::kRowGrain, [&](index_t t) {
+    c.token_entropy[static_cast<std::size_t>(t)] = math::entropy(c.probs.data() + t * E, E);
+  });
+  for (index_t t = 0; t < N; ++t) {  // in token order: the same bits on any thread count
+    if (modality[static_cast<std::size_t>(t)] == kPad) {
+      ++st.padding;
+      continue;
+    }
+    const int m = modality[static_cast<std::size_t>(t)] == kText ? 1 : 0;
+    ++st.tokens[m];
+    bool any = false;
+    for (int k = 0; k < K; ++k) {
+      const std::int32_t r = c.route[t * K + k];
+      if (r >= 0) ++st.routed[m][r], any = true;
+      else ++st.dropped[m][c.choice[t * K + k]];
+    }
+    if (!any) ++st.tokens_fully_dropped[m];
+    for (int e = 0; e < E; ++e) pbar[m][e] += static_cast<double>(c.probs[t * E + e]);
+    st.local_entropy[m] += c.token_entropy[static_cast<std::size_t>(t)];
+  }
+  detail::finish_stats(c, std::move(pbar));
 }
 
 // Forward with the stock router that cfg.router describes (top-K 1 and 2 compiled, others at run time; BPR or

@@ -36,6 +36,9 @@ struct BasicDispatchPlan {
   Tensor<index_t, S> row_token;  // [A] (-1: an empty row)
   Tensor<index_t, S> row_slot;   // [A]: the choice slot t * K + k of each row (-1: an empty row)
   Tensor<index_t, S> slot_row;   // [N * K]: the row of each choice slot, -1 where the choice was dropped
+  // A host copy of offsets where the plan's builder made one (a device backend's packed plan, whose offsets are
+  // scanned on the host): the experts' products read their sizes from it, not from the device. Empty otherwise.
+  std::vector<index_t> host_offsets;
   index_t rows_of(int e) const
     requires S::host_accessible
   {
@@ -87,6 +90,7 @@ inline void plan_check(CView<std::int32_t> route, int E) {
 template <class S>
 void plan_resize(BasicDispatchPlan<S>& p, index_t N, int K, int E, index_t A) {
   p.N = N, p.K = K, p.E = E, p.A = A, p.fixed = 0;
+  p.host_offsets.clear();
   p.row_token.resize(Shape{A});    // [A]
   p.row_slot.resize(Shape{A});     // [A]
   p.slot_row.resize(Shape{N * K}); // [N * K]

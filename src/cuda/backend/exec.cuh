@@ -43,6 +43,7 @@ void launch(const char* what, dim3 grid, dim3 block, Kernel kernel, Args... args
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
 #if defined(LIMOE_CUDA_EMULATION)
   (void)what;
+  ++Space::launches;
   emu::launch(grid, block, kernel, args...);
 #else
   kernel<<<grid, block>>>(args...);
@@ -105,6 +106,7 @@ void gemm_batched(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t
                   std::int64_t ldc, std::int64_t sc, std::int64_t batch) {
   if (M == 0 || N == 0 || batch == 0) return;
 #if defined(LIMOE_CUDA_EMULATION)
+  ++Space::launches;
   emu::gemm_batched<T>(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 #else
   const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -155,6 +157,7 @@ inline void gemm_bf16_rounded_batched(bool ta, bool tb, std::int64_t M, std::int
   std::vector<float> af(static_cast<std::size_t>(na)), bf(static_cast<std::size_t>(nb));
   for (std::size_t i = 0; i < af.size(); ++i) af[i] = math::bf16_value(A16[i]);
   for (std::size_t i = 0; i < bf.size(); ++i) bf[i] = math::bf16_value(B16[i]);
+  ++Space::launches;
   emu::gemm_batched<float>(ta, tb, M, N, K, alpha, af.data(), lda, sa, bf.data(), ldb, sb, beta, C, ldc, sc, batch);
 #else
   (void)ar, (void)ac, (void)br, (void)bc;

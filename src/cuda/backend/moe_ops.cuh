@@ -155,6 +155,7 @@ void make_dispatch_plan(CV<std::int32_t> route, int E, DispatchPlan& p) {
   p.offsets.resize(Shape{E + 1});
   exec::to_device(p.offsets.data(), off.data(), off.size());
   moe::detail::plan_resize(p, N, static_cast<int>(K), E, off[Es]);
+  p.host_offsets = off;  // what the experts' products size their blocks by, without a read-back
   if (chunks == 0) return;
   DTensor<std::int64_t> dstarts(Shape{chunks * E});
   exec::to_device(dstarts.data(), starts.data(), starts.size());
@@ -174,10 +175,9 @@ void make_fixed_dispatch_plan(CV<std::int32_t> route, int E, index_t C, Dispatch
   const index_t N = route.dim(0), K = route.dim(1), slots = N * K;
   moe::detail::plan_resize(p, N, static_cast<int>(K), E, E * C);
   p.fixed = C;
-  std::vector<std::int64_t> off(static_cast<std::size_t>(E) + 1);
-  for (std::size_t e = 0; e < off.size(); ++e) off[e] = static_cast<std::int64_t>(e) * C;
   p.offsets.resize(Shape{E + 1});
-  exec::to_device(p.offsets.data(), off.data(), off.size());
+  exec::launch("plan_fixed_offsets", exec::grid_for(E + 1, 64), 64, kn::plan_fixed_offsets, E, std::int64_t{C},
+               p.offsets.data());
   exec::launch("fill (row_token)", exec::grid_for(p.A), 256, kn::fill<std::int64_t>, p.row_token.data(), p.A,
                std::int64_t{-1});
   exec::launch("fill (row_slot)", exec::grid_for(p.A), 256, kn::fill<std::int64_t>, p.row_slot.data(), p.A,
@@ -251,12 +251,17 @@ void expert_product(bool ta, bool tb, index_t M, index_t N, index_t K, const Exp
 // The experts' blocks of rows as the products see them: fn(e, r0, n, batch). A fixed-capacity plan is one call,
 // fn(0, 0, C, E): every expert's block is C rows, so each product is one strided-batched product over the E
 // blocks (expert e's rows at e C, its weights at e times a weight matrix's size); otherwise one call per expert
-// with rows, fn(e, r0, n, 1), from the plan's offsets read back to the host (a synchronisation; the grouped
-// product of no-drop routing and of a capacity with slack).
+// with rows, fn(e, r0, n, 1), from the plan's host copy of its offsets (make_dispatch_plan made one), else from
+// its offsets read back to the host (a synchronisation); the grouped product of no-drop routing and of a
+// capacity with slack.
 class ExpertBlocks {
  public:
   explicit ExpertBlocks(const DispatchPlan& p) : fixed_(p.fixed), E_(p.E) {
     if (fixed_ > 0) return;
+    if (p.host_offsets.size() == static_cast<std::size_t>(E_ + 1)) {
+      off_ = p.host_offsets;
+      return;
+    }
     off_.resize(static_cast<std::size_t>(E_ + 1));
     exec::to_host(off_.data(), p.offsets.data(), off_.size());
   }

@@ -33,6 +33,14 @@ static __global__ void plan_count(const std::int32_t* __restrict__ route, std::i
   }
 }
 
+// The fixed-capacity plan's offsets, offsets[e] = e * cap for e <= E, written on the device (an upload from the
+// host would wait for the work queued before it).
+static __global__ void plan_fixed_offsets(int E, std::int64_t cap, std::int64_t* __restrict__ offsets) {
+  const int stride = static_cast<int>(gridDim.x * blockDim.x);
+  for (int e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); e <= E; e += stride)
+    offsets[e] = static_cast<std::int64_t>(e) * cap;
+}
+
 // The fixed-capacity plan's first rows, on the device (no host scan): thread e walks the chunks in order from
 // row e * cap, starts[c * E + e] = e * cap + expert e's choices in the chunks before c.
 static __global__ void plan_fixed_starts(const std::int64_t* __restrict__ counts, std::int64_t chunks, int E,
