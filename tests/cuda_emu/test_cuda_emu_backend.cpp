@@ -209,7 +209,8 @@ TEST_CASE("cuda backend (emulated): training steps on Cuda against training on R
 // records how many launches came before it). Training, with a capacity that binds: the inputs go up and the
 // token ids are checked at the start, then nothing until the heads, after which the embeddings and every MoE
 // block's results come back. Evaluation (no drop: the packed plan) waits twice per MoE block, for the plan's
-// counts and for the block's results (its context is shared with the other blocks).
+// counts and for the block's results (its context is shared with the other blocks). The backward waits at its
+// start (the temperature and its gradient, scalars) and at its end (the token embedding's check of the ids).
 TEST_CASE("cuda backend (emulated): where the model's forward waits for the device") {
   using DS = testing_cuda::DS;
   for (int group_pairs : {0, 2}) {
@@ -240,8 +241,55 @@ TEST_CASE("cuda backend (emulated): where the model's forward waits for the devi
       CHECK(static_cast<int>(inside.size()) == (mode == Mode::Train ? 0 : 2 * moe_blocks));
       // After the last launch: the text embeddings, and in training every MoE block's three copies.
       CHECK(std::count(w.begin(), w.end(), l1) == (mode == Mode::Train ? 1 + 3 * moe_blocks : 1));
+      if (mode == Mode::Train) {  // the backward waits at its ends only
+        (void)m.loss(fwd);
+        m.zero_grad();
+        DS::clear_waits();
+        const std::int64_t b0 = DS::launches.load();
+        m.backward(fwd);
+        const std::int64_t b1 = DS::launches.load();
+        CHECK(b1 - b0 > 100);
+        for (const std::int64_t at : DS::waits()) CHECK((at <= b0 + 8 || at >= b1 - 8));
+      }
     }
   }
+}
+
+// Images already on the device (Limoe::forward and Trainer::step with a view in the model's memory): the same
+// embeddings, losses and trained parameters as from host memory, bitwise, and no upload to wait for at the start
+// of an images-only forward.
+TEST_CASE("cuda backend (emulated): images already on the device go in without an upload") {
+  using DS = testing_cuda::DS;
+  const ModelConfig cfg = tiny_config();
+  const Batch b = tiny_batch(cfg, 3, 23);
+  Tensor<double, DS> images_d(b.images.shape());
+  copy_from_host<double, DS>(b.images.cview(), images_d.view());
+  DModel<Cuda> m(cfg);
+  m.init(5);
+  const auto from_host = m.forward(b.images.cview(), CView<std::int32_t>{}, Mode::Eval);
+  DS::clear_waits();
+  const std::int64_t l0 = DS::launches.load();
+  const auto from_device = m.forward(images_d.cview(), CView<std::int32_t>{}, Mode::Eval);
+  const auto w = DS::waits();
+  CHECK(std::count(w.begin(), w.end(), l0) == 0);  // from host memory: the images' upload, before any launch
+  CHECK(diff(from_device.img_emb.cview(), from_host.img_emb.cview()) == 0);
+  REQUIRE(from_device.routes.size() == from_host.routes.size());
+  for (std::size_t r = 0; r < from_host.routes.size(); ++r)
+    for (index_t i = 0; i < from_host.routes[r].numel(); ++i) CHECK(from_device.routes[r][i] == from_host.routes[r][i]);
+  CHECK_THROWS_WITH(m.forward(CView<double, DS>(images_d.data(), Shape{3, 8, 8, 2}), CView<std::int32_t>{}, Mode::Eval),
+                    doctest::Contains("images: expected [B, 8, 8, 3]"));
+
+  TrainConfig tc;
+  tc.steps = 10, tc.warmup_steps = 2;
+  DModel<Cuda> a(cfg), c(cfg);
+  a.init(9), c.init(9);
+  Trainer<DModel<Cuda>> ta(a, tc), tcd(c, tc);
+  for (int s = 0; s < 2; ++s) {
+    const StepReport ra = ta.step(b.images.cview(), b.texts.cview());
+    const StepReport rc = tcd.step(images_d.cview(), b.texts.cview());
+    CHECK(rc.loss.total == ra.loss.total);
+  }
+  CHECK(diff(to_host(c.params().values()).cview(), to_host(a.params().values()).cview()) == 0);
 }
 
 // One checkpoint file for both backends: written by the model on the device (with its optimizer state) and

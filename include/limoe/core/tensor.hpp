@@ -288,6 +288,12 @@ void copy_to_host(CView<T, S> src, View<T> dst) {
   LIMOE_CHECK(src.numel() == dst.numel(), "copy_to_host: ", src.shape().str(), " into ", dst.shape().str());
   if (src.numel() > 0) S::download(dst.data(), src.data(), static_cast<std::size_t>(src.numel()) * sizeof(T));
 }
+// Within one space (a device-to-device copy on a GPU: no wait for the host): same number of elements.
+template <class T, MemorySpace S>
+void copy_within(CView<T, S> src, View<T, S> dst) {
+  LIMOE_CHECK(src.numel() == dst.numel(), "copy_within: ", src.shape().str(), " into ", dst.shape().str());
+  if (src.numel() > 0) S::copy(dst.data(), src.data(), static_cast<std::size_t>(src.numel()) * sizeof(T));
+}
 // A host copy of a view of any space.
 template <class T, MemorySpace S>
 Tensor<std::remove_const_t<T>> to_host(View<T, S> v) {

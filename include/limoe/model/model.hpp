@@ -219,6 +219,22 @@ class Limoe {
   // `shard` places the call's pairs in the step's whole batch (data parallel; the default: the call is the batch).
   ForwardOutput<T> forward(CView<T> images, CView<std::int32_t> texts, Mode mode, std::uint64_t step = 0,
                            std::optional<double> capacity_factor = std::nullopt, BatchShard shard = {}) {
+    return forward_from<HostSpace>(images, texts, mode, step, capacity_factor, shard);
+  }
+  // The same with the images already in the model's memory (a device backend's: images on the GPU go in
+  // without a host round trip; they are copied device to device into the model's input buffer, which backward
+  // reads). The token ids stay host data: their mask and the MoE layers' modality are decided on the host.
+  template <class IS>
+    requires(std::is_same_v<IS, S> && !std::is_same_v<S, HostSpace>)
+  ForwardOutput<T> forward(CView<T, IS> images, CView<std::int32_t> texts, Mode mode, std::uint64_t step = 0,
+                           std::optional<double> capacity_factor = std::nullopt, BatchShard shard = {}) {
+    return forward_from<IS>(images, texts, mode, step, capacity_factor, shard);
+  }
+
+ private:
+  template <class IS>
+  ForwardOutput<T> forward_from(CView<T, IS> images, CView<std::int32_t> texts, Mode mode, std::uint64_t step,
+                                std::optional<double> capacity_factor, BatchShard shard) {
     check_inputs(images, texts);
     LIMOE_CHECK(!capacity_factor || (*capacity_factor >= 0 && std::isfinite(*capacity_factor)),
                 "Limoe::forward: the capacity factor must be finite and >= 0 (0 = no drop), got ", *capacity_factor);
@@ -255,7 +271,8 @@ class Limoe {
     plan_routing_groups(shard.first_pair);
     if (Bi_ > 0) {
       images_.resize(images.shape());
-      copy_from_host<T, S>(images, images_.view());
+      if constexpr (std::is_same_v<IS, S>) copy_within<T, S>(images, images_.view());
+      else copy_from_host<T, S>(images, images_.view());
     }
 
     // Embeddings -> X0 (the input of block 0). Training keeps every block's activations for backward();
@@ -305,6 +322,8 @@ class Limoe {
       if (blocks_[static_cast<std::size_t>(l)].moe) moe_outputs(l, moe_ctx_[static_cast<std::size_t>(l)], out);
     return out;
   }
+
+ public:
 
   // ---- loss and backward --------------------------------------------------------------------------------
 
@@ -642,7 +661,8 @@ class Limoe {
                 "noise_std 0 for a deterministic pass)");
   }
 
-  void check_inputs(CView<T> images, CView<std::int32_t> texts) const {
+  template <class IS>
+  void check_inputs(CView<T, IS> images, CView<std::int32_t> texts) const {
     if (!images.empty()) {
       const Shape want{images.rank() ? images.dim(0) : 0, cfg_.image_size[0], cfg_.image_size[1], cfg_.channels};
       LIMOE_CHECK(images.shape() == want, "images: expected [B, ", cfg_.image_size[0], ", ", cfg_.image_size[1],

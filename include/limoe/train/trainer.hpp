@@ -304,8 +304,10 @@ class Trainer {
   double lr_at(std::int64_t step) const { return cfg_.adam.lr * sched_.factor(step); }
 
   // One update on a batch of n image-text pairs (images [n, H, W, C], texts [n, T]): the whole batch, or this
-  // rank's shard of it under data parallelism.
-  StepReport step(CView<T> images, CView<std::int32_t> texts) {
+  // rank's shard of it under data parallelism. The images may be host data or, for a model on a device, already
+  // in its memory (Limoe::forward).
+  template <class IS = HostSpace>
+  StepReport step(CView<T, IS> images, CView<std::int32_t> texts) {
     using clock = std::chrono::steady_clock;
     const auto t0 = clock::now();
     comm_seconds_ = 0;
