@@ -267,6 +267,8 @@ TEST_CASE("cuda backend (emulated): images already on the device go in without a
   DModel<Cuda> m(cfg);
   m.init(5);
   const auto from_host = m.forward(b.images.cview(), CView<std::int32_t>{}, Mode::Eval);
+  const Batch other = tiny_batch(cfg, 3, 24);  // the model's input buffer then holds other images
+  (void)m.forward(other.images.cview(), CView<std::int32_t>{}, Mode::Eval);
   DS::clear_waits();
   const std::int64_t l0 = DS::launches.load();
   const auto from_device = m.forward(images_d.cview(), CView<std::int32_t>{}, Mode::Eval);

@@ -91,7 +91,7 @@ struct MoeContext {
 
   // A device backend's forward with the stock router and loss terms leaves the routes, the loss values and the
   // statistics' sums on the device when defer_results is set: moe::collect_results(ctx) brings them over and
-  // fills routes(), losses and stats. A forward then waits for nothing on the host (a fixed-capacity plan), so a
+  // fills routes(), losses, stats and accepted(). A forward then waits for nothing on the host (a fixed-capacity plan), so a
   // caller with one context per layer (the model's training forward) collects every layer's results after its
   // last launch: one wait for the device instead of one per layer. Unset, the forward collects them itself.
   bool defer_results = false;
