@@ -324,7 +324,6 @@ class Limoe {
   }
 
  public:
-
   // ---- loss and backward --------------------------------------------------------------------------------
 
   // Contrastive loss over the pairs of the last forward (Bi == Bt) plus the auxiliary losses it returned.
@@ -808,7 +807,7 @@ class Limoe {
       }
       auto* ex = exchange(l);
       // Training: every block has its own context, so the results stay on the device until forward() has
-      // launched its last block (collect_moe_outputs); evaluation reuses one context and collects each block's.
+      // launched its heads (moe_outputs, after the blocks); evaluation reuses one context and collects each block's.
       ctx.defer_results = call.mode == Mode::Train;
       if constexpr (std::is_same_v<Router, ConfigRouter>)
         moe::moe_forward<T, Losses, BackendT>(mc, expert_weights(b), xin, modality, call.mode, noise, yout, ctx, ex, prec());

@@ -91,9 +91,9 @@ struct MoeContext {
 
   // A device backend's forward with the stock router and loss terms leaves the routes, the loss values and the
   // statistics' sums on the device when defer_results is set: moe::collect_results(ctx) brings them over and
-  // fills routes(), losses, stats and accepted(). A forward then waits for nothing on the host (a fixed-capacity plan), so a
-  // caller with one context per layer (the model's training forward) collects every layer's results after its
-  // last launch: one wait for the device instead of one per layer. Unset, the forward collects them itself.
+  // fills routes(), losses, stats and accepted(). Such a forward with a fixed-capacity plan waits for nothing,
+  // so a caller with one context per layer (the model's training forward) collects every layer's results after
+  // its last launch: one wait for the device instead of one per layer. Unset, the forward collects them itself.
   bool defer_results = false;
   bool results_pending = false;  // set by such a forward, cleared by collect_results
 
@@ -250,7 +250,7 @@ int local_experts(int E, const ExpertExchange<T, S>* ex) {
   return E / ex->shards();
 }
 
-// The mean of the groups' loss values (in group order: deterministic).
+// The groups' loss values summed in group order (each already carries 1/G: their mean; deterministic).
 template <class T, class S>
 void sum_group_losses(MoeContext<T, S>& c) {
   c.losses = AuxLossValues{};
@@ -303,7 +303,8 @@ void finish_stats(MoeContext<T, S>& c, std::array<std::vector<double>, kModaliti
 }  // namespace detail
 
 // The results a device forward left there (MoeContext::defer_results): the routes, each group's loss values and
-// the statistics' sums (formulas::loss_layout) come over, in three copies, and fill routes(), losses and stats.
+// the statistics' sums (formulas::loss_layout) come over, in three copies, and fill routes(), losses, stats and
+// accepted().
 // Nothing to do after any other forward.
 template <class T, class S>
 void collect_results(MoeContext<T, S>& c) {
