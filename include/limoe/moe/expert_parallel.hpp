@@ -117,10 +117,10 @@ void ep_plan_offsets(const BasicDispatchPlan<S>& plan, std::vector<index_t>& off
   off.resize(static_cast<std::size_t>(plan.E + 1));
   if constexpr (S::host_accessible) {
     for (int e = 0; e <= plan.E; ++e) off[static_cast<std::size_t>(e)] = plan.offsets[e];
-  } else if (plan.host_offsets.size() == off.size()) {  // the plan's builder kept them: no read-back
+  } else {  // a packed plan on a device keeps them on the host too (moe/plan.hpp): nothing is read back
+    LIMOE_CHECK(plan.host_offsets.size() == off.size(), "expert parallel: the dispatch plan has no host copy of its ",
+                "offsets (a packed plan from the backend's make_dispatch_plan has one)");
     off = plan.host_offsets;
-  } else {
-    copy_to_host<index_t, S>(plan.offsets.cview(), View<index_t>(off.data(), Shape{plan.E + 1}));
   }
 }
 
@@ -156,7 +156,7 @@ void expert_parallel_forward(ExpertExchange<T, S>& ex, const BasicDispatchPlan<S
   ex.local.E = ex.Ex, ex.local.K = plan.K, ex.local.N = 0, ex.local.A = Al;
   ex.local.offsets.resize(Shape{ex.Ex + 1});
   copy_from_host<index_t, S>(CView<index_t>(ex.local_offsets.data(), Shape{ex.Ex + 1}), ex.local.offsets.view());
-  ex.local.host_offsets = ex.local_offsets;
+  if constexpr (!S::host_accessible) ex.local.host_offsets = ex.local_offsets;
   LIMOE_CHECK(static_cast<double>(ex.Ex) * static_cast<double>(ex.cmax) * static_cast<double>(D) * sizeof(T) < 2147483648.0,
               "expert parallel: an exchange block of ", ex.Ex, " experts x ", ex.cmax, " rows x ", D,
               " values exceeds one message (2 GiB); fewer tokens per rank, a capacity factor, or more expert parts");

@@ -304,8 +304,7 @@ void finish_stats(MoeContext<T, S>& c, std::array<std::vector<double>, kModaliti
 
 // The results a device forward left there (MoeContext::defer_results): the routes, each group's loss values and
 // the statistics' sums (formulas::loss_layout) come over, in three copies, and fill routes(), losses, stats and
-// accepted().
-// Nothing to do after any other forward.
+// accepted(). Nothing to do after any other forward.
 template <class T, class S>
 void collect_results(MoeContext<T, S>& c) {
   if constexpr (!std::is_same_v<S, HostSpace>) {

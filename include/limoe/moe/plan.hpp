@@ -36,8 +36,9 @@ struct BasicDispatchPlan {
   Tensor<index_t, S> row_token;  // [A] (-1: an empty row)
   Tensor<index_t, S> row_slot;   // [A]: the choice slot t * K + k of each row (-1: an empty row)
   Tensor<index_t, S> slot_row;   // [N * K]: the row of each choice slot, -1 where the choice was dropped
-  // A host copy of offsets where the plan's builder made one (a device backend's packed plan, whose offsets are
-  // scanned on the host): the experts' products read their sizes from it, not from the device. Empty otherwise.
+  // A host copy of offsets, kept by every packed plan in device memory (a device backend scans the offsets on the
+  // host, and the expert exchange builds its local plan there): what host code reads of the blocks' sizes, so
+  // nothing is read back. Empty for host plans (offsets is readable) and fixed-capacity plans (sizes e C).
   std::vector<index_t> host_offsets;
   index_t rows_of(int e) const
     requires S::host_accessible

@@ -251,19 +251,13 @@ void expert_product(bool ta, bool tb, index_t M, index_t N, index_t K, const Exp
 // The experts' blocks of rows as the products see them: fn(e, r0, n, batch). A fixed-capacity plan is one call,
 // fn(0, 0, C, E): every expert's block is C rows, so each product is one strided-batched product over the E
 // blocks (expert e's rows at e C, its weights at e times a weight matrix's size); otherwise one call per expert
-// with rows, fn(e, r0, n, 1), from the plan's host copy of its offsets (make_dispatch_plan made one), else from
-// its offsets read back to the host (a synchronisation); the grouped product of no-drop routing and of a
-// capacity with slack.
+// with rows, fn(e, r0, n, 1), from the plan's host copy of its offsets (moe/plan.hpp: every packed plan on the
+// device has one, so nothing is read back); the grouped product of no-drop routing and of a capacity with slack.
 class ExpertBlocks {
  public:
-  explicit ExpertBlocks(const DispatchPlan& p) : fixed_(p.fixed), E_(p.E) {
-    if (fixed_ > 0) return;
-    if (p.host_offsets.size() == static_cast<std::size_t>(E_ + 1)) {
-      off_ = p.host_offsets;
-      return;
-    }
-    off_.resize(static_cast<std::size_t>(E_ + 1));
-    exec::to_host(off_.data(), p.offsets.data(), off_.size());
+  explicit ExpertBlocks(const DispatchPlan& p) : fixed_(p.fixed), E_(p.E), off_(p.host_offsets) {
+    LIMOE_CHECK(fixed_ > 0 || off_.size() == static_cast<std::size_t>(E_ + 1),
+                "cuda experts: the dispatch plan has no host copy of its offsets (build it with make_dispatch_plan)");
   }
   template <class Fn>
   void each(Fn&& fn) const {
@@ -277,7 +271,7 @@ class ExpertBlocks {
 
  private:
   index_t fixed_, E_;
-  std::vector<index_t> off_;
+  const std::vector<index_t>& off_;  // the plan's: an ExpertBlocks lives within one op's call
 };
 }  // namespace detail
 
