@@ -10,6 +10,7 @@
 #include <cuda/backend/moe_ops.cuh>
 #include <limoe/backend/cuda.hpp>
 #include <limoe/core/params.hpp>
+#include <limoe/core/profile.hpp>
 #include <limoe/train/optimizer.hpp>
 
 #include "support/cuda_from_host.hpp"
@@ -20,6 +21,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <set>
 #include <limoe/model/checkpoint.hpp>
 #include <limoe/train/trainer.hpp>
@@ -258,6 +260,48 @@ TEST_CASE("cuda backend (emulated): where the model's forward waits for the devi
 // Images already on the device (Limoe::forward and Trainer::step with a view in the model's memory): the same
 // embeddings, losses and trained parameters as from host memory, bitwise, and no upload to wait for at the start
 // of an images-only forward.
+TEST_CASE("cuda backend (emulated): a profiled training step waits for the device at every region's ends") {
+  using DS = testing_cuda::DS;
+  ModelConfig cfg = tiny_config();
+  DModel<Cuda> m(cfg);
+  m.init(7);
+  const Batch b = tiny_batch(cfg, 3, 17);
+  (void)m.forward(b.images.cview(), b.texts.cview(), Mode::Train, 1);  // buffers made outside the profile
+  profile::Profiler prof;
+  const std::int64_t s0 = DS::synchronizations.load();
+  {
+    profile::Session on(prof);
+    m.zero_grad();
+    const auto fwd = m.forward(b.images.cview(), b.texts.cview(), Mode::Train, 2);
+    (void)m.loss(fwd);
+    m.backward(fwd);
+  }
+  std::map<std::string, std::int64_t> calls;
+  std::int64_t regions = 0;
+  for (const auto& t : prof.totals()) calls[t.path] = t.calls, regions += t.calls;
+  // Every region (op, MoE part, attention's heads) waited for the device when it began and when it ended.
+  CHECK(regions > 50);
+  CHECK(DS::synchronizations.load() - s0 == 2 * regions);
+  const auto moe_blocks = static_cast<std::int64_t>(cfg.moe_blocks.size());
+  CHECK(calls["moe_forward"] == calls["moe_backward"]);
+  CHECK(calls["moe_forward"] >= moe_blocks);
+  // The device's own parts of the MoE layer, under the regions that call them.
+  CHECK(calls["moe_forward/route/route_topk"] == calls["moe_forward"]);
+  CHECK(calls["moe_forward/route/aux_losses"] == calls["moe_forward"]);
+  CHECK(calls["moe_forward/expert_mlp_forward"] == calls["moe_forward"]);
+  CHECK(calls["moe_backward/router_backward"] == calls["moe_forward"]);
+  CHECK(calls["moe_collect_results"] == calls["moe_forward"]);
+  CHECK(calls["self_attention_forward/heads"] == calls["self_attention_forward"]);
+  CHECK(calls["self_attention_backward/heads"] == calls["self_attention_backward"]);
+  CHECK(calls["self_attention_forward"] == calls["self_attention_backward"]);
+  // Nothing is recorded, and nothing waits, without a session.
+  const std::int64_t s1 = DS::synchronizations.load();
+  const double recorded = prof.seconds();
+  (void)m.forward(b.images.cview(), b.texts.cview(), Mode::Eval);
+  CHECK(DS::synchronizations.load() == s1);
+  CHECK(prof.seconds() == recorded);
+}
+
 TEST_CASE("cuda backend (emulated): images already on the device go in without an upload") {
   using DS = testing_cuda::DS;
   const ModelConfig cfg = tiny_config();

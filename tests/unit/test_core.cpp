@@ -1,9 +1,14 @@
 // Core: tensors and views, errors, the counter-based generator, the matrix product against a naive loop.
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <string>
+#include <thread>
 #include <limoe/core/block_pool.hpp>
+#include <limoe/core/profile.hpp>
 #include <limoe/limoe.hpp>
 #include <limoe/testing/gradcheck.hpp>
 #include <new>
@@ -261,4 +266,42 @@ TEST_CASE("block pool: blocks are reused by size class, and the cache is returne
     CountingRaw::budget = ~std::size_t{0};
   }
   CHECK(CountingRaw::out == 0);  // the pool's destructor returned every cached block
+}
+
+TEST_CASE("profile: a region's self time leaves out its inner regions; paths name the nesting; stop() ends early") {
+  using namespace std::chrono_literals;
+  profile::Profiler prof;
+  double wall = 0;
+  {
+    profile::Session on(prof);
+    const auto t0 = std::chrono::steady_clock::now();
+    {
+      profile::Region<HostSpace> outer("outer");
+      std::this_thread::sleep_for(20ms);
+      for (int i = 0; i < 2; ++i) {
+        profile::Region<HostSpace> inner("inner");
+        std::this_thread::sleep_for(15ms);
+      }
+      profile::Region<HostSpace> part("part");
+      std::this_thread::sleep_for(5ms);
+      part.stop();
+      part.stop();  // a second stop records nothing more
+      std::this_thread::sleep_for(5ms);  // after part ended: outer's own
+    }
+    wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  { profile::Region<HostSpace> after("after"); }  // no session: not recorded
+  std::map<std::string, profile::RegionTotal> t;
+  for (const auto& r : prof.totals()) t[r.path] = r;
+  REQUIRE(t.size() == 3);
+  CHECK(t["outer"].calls == 1);
+  CHECK(t["outer/inner"].calls == 2);
+  CHECK(t["outer/part"].calls == 1);
+  CHECK(t["outer/inner"].seconds >= 0.030);
+  CHECK(t["outer/part"].seconds >= 0.005);
+  CHECK(t["outer"].seconds >= 0.025);  // its own 20 + 5 ms
+  // Self times: the three add up to no more than the wall time (without the subtraction outer alone would
+  // count the inner regions' 35 ms a second time).
+  CHECK(t["outer"].seconds + t["outer/inner"].seconds + t["outer/part"].seconds <= wall);
+  CHECK(prof.seconds() <= wall);
 }

@@ -1,10 +1,14 @@
 // The whole model: shapes, presets, parameter counts, and every gradient against finite differences.
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <cmath>
+#include <map>
+#include <string>
 #include <cstdio>
 #include <utility>
 #include <vector>
+#include <limoe/core/profile.hpp>
 #include <limoe/model/checkpoint.hpp>
 #include <limoe/model/model.hpp>
 #include <limoe/model/presets.hpp>
@@ -136,6 +140,59 @@ TEST_CASE("evaluation keeps no tape: backward after an evaluation forward is an 
     p->backward(f);
   }
   for (index_t i = 0; i < m.params().size(); ++i) REQUIRE(m.params().grads()[i] == fresh.params().grads()[i]);
+}
+
+TEST_CASE("profile: a training step's ops are regions, counted per call, their self times within the wall time") {
+  ModelConfig c = preset("tiny");
+  Limoe<float> m(c);
+  m.init(3);
+  const index_t B = 4;
+  Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
+  testing::fill_normal(images.view(), 11, 0.5);
+  Tensor<std::int32_t> texts(Shape{B, c.text_len});
+  for (index_t i = 0; i < texts.numel(); ++i) texts[i] = static_cast<std::int32_t>(3 + (i * 7) % (c.vocab_size - 3));
+  profile::Profiler prof;
+  (void)m.forward(images.cview(), texts.cview(), Mode::Eval);  // no session: nothing recorded
+  CHECK(prof.totals().empty());
+  double wall = 0;
+  {
+    const auto t0 = std::chrono::steady_clock::now();
+    profile::Session on(prof);
+    CHECK_THROWS_WITH_AS(profile::Session{prof}, doctest::Contains("another session"), Error);
+    m.zero_grad();
+    const auto f = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+    (void)m.loss(f);
+    m.backward(f);
+    wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  const auto totals = prof.totals();
+  std::map<std::string, std::int64_t> calls;
+  double self = 0;
+  for (std::size_t i = 0; i < totals.size(); ++i) {
+    calls[totals[i].path] = totals[i].calls;
+    self += totals[i].seconds;
+    CHECK(totals[i].seconds >= 0);
+    if (i > 0) CHECK(totals[i - 1].seconds >= totals[i].seconds);  // largest first
+  }
+  CHECK(self <= wall);
+  CHECK(self == doctest::Approx(prof.seconds()));
+  // Forward and backward ops in pairs; the MoE layer's parts under it, once per call of the layer.
+  const auto moe_blocks = static_cast<std::int64_t>(c.moe_blocks.size());
+  CHECK(calls["self_attention_forward"] >= c.depth);
+  CHECK(calls["self_attention_forward"] == calls["self_attention_backward"]);
+  CHECK(calls["self_attention_forward/heads"] == calls["self_attention_forward"]);
+  CHECK(calls["layernorm_forward"] == calls["layernorm_backward"]);
+  CHECK(calls["moe_forward"] >= moe_blocks);
+  CHECK(calls["moe_forward"] == calls["moe_backward"]);
+  for (const char* part : {"route", "losses", "statistics", "make_dispatch_plan", "dispatch_forward", "expert_mlp_forward",
+                           "combine_forward"})
+    CHECK_MESSAGE(calls[std::string("moe_forward/") + part] == calls["moe_forward"], part);
+  for (const char* part : {"combine_backward", "expert_mlp_backward", "dispatch_backward"})
+    CHECK_MESSAGE(calls[std::string("moe_backward/") + part] == calls["moe_backward"], part);
+  CHECK(calls.count("expert_mlp_forward") == 0);  // only inside the layer
+  CHECK(calls["contrastive_forward"] == 1);
+  CHECK(calls["contrastive_backward"] == 1);
+  CHECK(calls["zero_grad"] == 1);
 }
 
 TEST_CASE("the capacity factor is an argument of a forward call: the same as a model configured with it") {

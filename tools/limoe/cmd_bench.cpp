@@ -40,6 +40,7 @@
 #include <limoe/core/gemm_mixed.hpp>
 #include <limoe/core/params.hpp>
 #include <limoe/core/precision.hpp>
+#include <limoe/core/profile.hpp>
 #include <limoe/core/parallel.hpp>
 #include <limoe/core/rng.hpp>
 #include <limoe/model/presets.hpp>
@@ -79,9 +80,32 @@ double peak_rss_mb() {
 struct Timing {
   std::vector<double> times;  // seconds per timed iteration
   double median = 0, min = 0, max = 0;
+  json profile;  // --profile: where the time of `repeats` more iterations went (null otherwise)
 };
 
-// warmup untimed calls of fn(i), then `repeats` timed ones (i counts every call, warmup included).
+bool g_profile = false;  // --profile
+
+// `repeats` calls of fn(i) under a profile session (core/profile.hpp): each region's calls and self time per
+// iteration, largest first, and the time spent outside every region (host work between ops).
+json profile_of(int first, int repeats, const std::function<void(int)>& fn) {
+  profile::Profiler prof;
+  double wall = 0;
+  {
+    profile::Session on(prof);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < repeats; ++r) fn(first + r);
+    wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  json regions = json::array();
+  for (const auto& r : prof.totals())
+    regions.push_back({{"region", r.path}, {"calls", static_cast<double>(r.calls) / repeats},
+                       {"ms", 1e3 * r.seconds / repeats}, {"share", wall > 0 ? r.seconds / wall : 0.0}});
+  return {{"iterations", repeats}, {"ms_per_iter", 1e3 * wall / repeats},
+          {"outside_regions_ms", 1e3 * std::max(0.0, wall - prof.seconds()) / repeats}, {"regions", regions}};
+}
+
+// warmup untimed calls of fn(i), then `repeats` timed ones (i counts every call, warmup included); with
+// --profile, `repeats` more under a profile session (so the timed ones are not slowed by its waits).
 Timing time_it(int warmup, int repeats, const std::function<void(int)>& fn) {
   int i = 0;
   for (; i < warmup; ++i) fn(i);
@@ -91,6 +115,7 @@ Timing time_it(int warmup, int repeats, const std::function<void(int)>& fn) {
     fn(i);
     t.times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
+  if (g_profile) t.profile = profile_of(i, repeats, fn);
   std::vector<double> s = t.times;
   std::sort(s.begin(), s.end());
   const std::size_t n = s.size();
@@ -208,7 +233,8 @@ json moe_layer(const Params& p) {
           {"gflop", flop / 1e9},      {"gflop_accepted", flop_acc / 1e9},
           {"flop_basis", "K*tokens"}, {"drop_fraction", 1.0 - mean_accepted / (double(K) * T)},
           {"accepted", mean_accepted}, {"capacity", ctx.stats.capacity},
-          {"mlp_dim", M},             {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times}};
+          {"mlp_dim", M},             {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times},
+          {"profile", t.profile}};
 }
 
 template <class P>
@@ -360,7 +386,7 @@ json embed(const Params& p) {
             {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times},
             {"width", c.width}, {"experts", c.experts}, {"top_k", c.top_k},
             {"capacity_factor", c.router.capacity_factor_eval}, {"tokens", B * c.num_patches()},
-            {"inputs", inputs_where<Model>()}};
+            {"inputs", inputs_where<Model>()}, {"profile", t.profile}};
   j.update(model_info(c));
   return j;
 }
@@ -423,7 +449,8 @@ json train_step(const Params& p) {
             {"gradient_sum", ranks == 1                         ? "none"
                              : trainer.sums_gradients_on_device() ? "device"
                              : trainer.overlaps_grad_sum()        ? "host-overlapped"
-                                                                  : "host"}};
+                                                                  : "host"},
+            {"profile", t.profile}};
   j.update(model_info(c));
   return j;
 }
@@ -432,7 +459,7 @@ int run(const std::vector<std::string>& argv) {
   cli::Args args(argv,
                  {"workload", "config", "width", "tokens", "experts", "top-k", "capacity-factor", "batch", "threads",
                   "repeats", "warmup", "device", "precision"},
-                 {"backward", "no-grad-overlap"}, "bench");
+                 {"backward", "no-grad-overlap", "profile"}, "bench");
   const cli::BackendChoice backend = cli::check_backend(args);
   const PrecisionKind precision = backend.precision;
   LIMOE_CHECK(args.positional().empty(), "unexpected argument \"",
@@ -465,6 +492,10 @@ int run(const std::vector<std::string>& argv) {
   p.backward = args.flag("backward");
   p.grad_overlap = !args.flag("no-grad-overlap");
   LIMOE_CHECK(p.grad_overlap || p.workload == "train_step", "--no-grad-overlap applies to train_step only");
+  g_profile = args.flag("profile");
+  LIMOE_CHECK(!g_profile || (p.workload != "gemm" && p.workload != "dense_mlp"),
+              "--profile breaks down the model workloads and moe_layer by op; ", p.workload,
+              " is one product or a fixed sequence of three, so there is nothing to break down");
   p.has_width = args.has("width");
   p.has_experts = args.has("experts");
   p.has_top_k = args.has("top-k");
@@ -539,6 +570,7 @@ int run(const std::vector<std::string>& argv) {
     if (j.contains(k)) out[k] = j[k];
   out["times_s"] = j["times_s"];
   out["peak_rss_mb"] = peak_rss_mb();
+  if (j.contains("profile") && !j["profile"].is_null()) out["profile"] = j["profile"];
   if (cli::world().rank() != 0) return 0;  // one line, rank 0's (its timings are the step's: ranks synchronise)
   std::cout << out.dump() << std::endl;
   return 0;
@@ -548,7 +580,7 @@ const cli::Register reg(
     {"bench", "benchmark workloads (bench/README.md): one JSON line with throughput, GFLOP/s and timings",
      "usage: limoe bench --workload W [--config NAME] [--width D] [--tokens T] [--experts E] [--top-k K]\n"
      "                   [--capacity-factor F] [--batch B] [--threads N] [--repeats R] [--warmup W] [--backward]\n"
-     "                   [--no-grad-overlap]\n\n"
+     "                   [--no-grad-overlap] [--profile]\n\n"
      "  --workload W          moe_layer | dense_mlp | gemm | embed | train_step\n"
      "                          moe_layer   one MoE layer (router, BPR, dispatch, E experts D->4D->D, combine)\n"
      "                                      on T tokens, training mode, noise on            (tokens/s)\n"
@@ -568,7 +600,10 @@ const cli::Register reg(
      LIMOE_CLI_BACKEND_HELP
      "  --repeats R           timed iterations (default 5); --warmup W untimed ones first (default 1)\n"
      "  --backward            moe_layer/dense_mlp: time forward + backward\n"
-     "  --no-grad-overlap     train_step under mpirun: sum the gradient after the backward pass, not during it\n\n"
+     "  --no-grad-overlap     train_step under mpirun: sum the gradient after the backward pass, not during it\n"
+     "  --profile             embed, train_step, moe_layer: R more iterations with every op timed (on a GPU each\n"
+     "                        waited for), reported as \"profile\": each op's calls and self time per iteration,\n"
+     "                        largest first, and the time outside every op (docs/profiling.md)\n\n"
      "Prints one JSON line: workload, throughput, unit, median_s, min_s, max_s, gflop (analytic: 2*M*N*K per\n"
      "matrix product, backward = 2x forward, MoE experts counted for K*tokens rows), gflops, threads, the\n"
      "parameters used, peak_rss_mb (getrusage), and for MoE workloads drop_fraction and gflop_accepted.\n",

@@ -32,20 +32,24 @@ struct Ops<Cuda, T> {
   // The stock router on the device (moe_forward's route for TopKRouter with GaussianNoise on this backend).
   template <class... A>
   static void route_topk(A&&... a) {
+    ::limoe::profile::Region<CudaBackendSpace> region_("route_topk");
     ::limoe::cuda::ops::route_topk<T>(std::forward<A>(a)...);
   }
   // The stock auxiliary losses and the statistics' sums on the device, the fixed-capacity dispatch plan, and the
   // router's logit gradient.
   template <class... A>
   static void aux_losses(A&&... a) {
+    ::limoe::profile::Region<CudaBackendSpace> region_("aux_losses");
     ::limoe::cuda::ops::aux_losses<T>(std::forward<A>(a)...);
   }
   static void make_fixed_dispatch_plan(CView<std::int32_t, CudaBackendSpace> route, int E, index_t C,
                                        moe::BasicDispatchPlan<CudaBackendSpace>& plan) {
+    ::limoe::profile::Region<CudaBackendSpace> region_("make_fixed_dispatch_plan");
     ::limoe::cuda::ops::make_fixed_dispatch_plan(route, E, C, plan);
   }
   template <class... A>
   static void router_backward(A&&... a) {
+    ::limoe::profile::Region<CudaBackendSpace> region_("router_backward");
     ::limoe::cuda::ops::router_backward<T>(std::forward<A>(a)...);
   }
 #undef LIMOE_OPS_DENSE_NS

@@ -58,6 +58,9 @@ struct EmulatedDeviceSpace {
     note_wait();
     HostSpace::copy(host_dst, src, bytes);
   }
+  // Waits for every queued launch (a profiling region's ends, core/profile.hpp); counted for the tests.
+  static void synchronize() { ++synchronizations; }
+  static inline std::atomic<std::int64_t> synchronizations{0};
 
   // Where a GPU would make the host wait for it: a copy to host memory waits for the work queued before it,
   // and so does a copy from pageable host memory (cudaMemcpy). Each such copy records how many launches

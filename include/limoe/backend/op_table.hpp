@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "limoe/backend/backend.hpp"
+#include "limoe/core/profile.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/moe/plan.hpp"
 
@@ -22,10 +23,12 @@
   M(dispatch_forward) M(dispatch_backward) M(expert_mlp_forward) M(expert_mlp_backward)                 \
   M(combine_forward) M(combine_backward)
 
-#define LIMOE_DETAIL_OP_FWD(NS, name)                    \
-  template <class... A>                                  \
-  static decltype(auto) name(A&&... a) {                 \
-    return NS::name<scalar_type>(std::forward<A>(a)...); \
+// Each op is a profiling region named after it (core/profile.hpp): free unless a profile session is active.
+#define LIMOE_DETAIL_OP_FWD(NS, name)                                \
+  template <class... A>                                              \
+  static decltype(auto) name(A&&... a) {                             \
+    ::limoe::profile::Region<profile_space> region_(#name);          \
+    return NS::name<scalar_type>(std::forward<A>(a)...);             \
   }
 #define LIMOE_DETAIL_DENSE_OP(name) LIMOE_DETAIL_OP_FWD(LIMOE_OPS_DENSE_NS, name)
 #define LIMOE_DETAIL_MOE_OP(name) LIMOE_DETAIL_OP_FWD(LIMOE_OPS_MOE_NS, name)
@@ -35,9 +38,14 @@
 // backend's memory space SPACE), expand this, undefine them.
 #define LIMOE_BACKEND_OP_TABLE(SPACE)                                                                     \
   using scalar_type = T;                                                                                  \
+  using profile_space = SPACE;                                                                            \
   static void make_dispatch_plan(CView<std::int32_t, SPACE> route, int E, moe::BasicDispatchPlan<SPACE>& plan) { \
+    ::limoe::profile::Region<SPACE> region_("make_dispatch_plan");                                        \
     LIMOE_OPS_MOE_NS::make_dispatch_plan(route, E, plan);                                                 \
   }                                                                                                       \
   /* A float buffer rounded to bf16 (the weight mirror of a model under Bf16Mixed, core/precision.hpp). */  \
-  static void to_bf16(CView<float, SPACE> x, View<std::uint16_t, SPACE> y) { LIMOE_OPS_DENSE_NS::to_bf16(x, y); } \
+  static void to_bf16(CView<float, SPACE> x, View<std::uint16_t, SPACE> y) {                              \
+    ::limoe::profile::Region<SPACE> region_("to_bf16");                                                   \
+    LIMOE_OPS_DENSE_NS::to_bf16(x, y);                                                                    \
+  }                                                                                                       \
   LIMOE_BACKEND_OPS(LIMOE_DETAIL_DENSE_OP, LIMOE_DETAIL_MOE_OP)

@@ -61,6 +61,11 @@ struct CudaSpace {
     const cudaError_t e = cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost);
     LIMOE_CHECK(e == cudaSuccess, "CUDA: copy of ", bytes, " bytes from the device failed: ", cudaGetErrorString(e));
   }
+  // Waits until the device has done all the work queued so far (a profiling region's ends, core/profile.hpp).
+  static void synchronize() {
+    const cudaError_t e = cudaDeviceSynchronize();
+    LIMOE_CHECK(e == cudaSuccess, "CUDA: the device failed: ", cudaGetErrorString(e));
+  }
 };
 static_assert(MemorySpace<CudaSpace>);
 

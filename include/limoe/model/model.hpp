@@ -39,6 +39,7 @@
 #include "limoe/backend/ops.hpp"
 #include "limoe/core/params.hpp"
 #include "limoe/core/precision.hpp"
+#include "limoe/core/profile.hpp"
 #include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/dist/comm.hpp"
@@ -155,7 +156,10 @@ class Limoe {
   const ModelConfig& config() const { return cfg_; }
   ParamStore<T, memory_space>& params() { return params_; }
   const ParamStore<T, memory_space>& params() const { return params_; }
-  void zero_grad() { params_.zero_grad(); }
+  void zero_grad() {
+    profile::Region<S> region("zero_grad");
+    params_.zero_grad();
+  }
   // The router noise of training step s is a function of (noise seed, s, block) only.
   void set_noise_seed(std::uint64_t seed) { noise_seed_ = seed; }
   const ExpertShard& expert_shard() const { return ep_; }
@@ -585,6 +589,7 @@ class Limoe {
   }
   void refresh_weight_mirror() {
     if constexpr (Precision::mixed) {
+      profile::Region<S> region("bf16_weights");
       const ParamStore<T, S>& ps = params_;
       mirror_.refresh(ps.values().data(), ps.size(), ps.version(), [](const float* x, index_t n, bf16_bits* out) {
         Ops<BackendT, T>::to_bf16(CView<float, S>(x, Shape{n}), View<bf16_bits, S>(out, Shape{n}));

@@ -27,6 +27,7 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/parallel.hpp"
+#include "limoe/core/profile.hpp"
 #include "limoe/core/rng.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/balance.hpp"
@@ -309,6 +310,7 @@ template <class T, class S>
 void collect_results(MoeContext<T, S>& c) {
   if constexpr (!std::is_same_v<S, HostSpace>) {
     if (!c.results_pending) return;
+    profile::Region<S> region("moe_collect_results");
     namespace lo = formulas::loss_layout;
     const index_t G = c.groups;
     const int E = c.E;
@@ -391,6 +393,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     padded |= m == kPad;
   }
 
+  profile::Region<S> whole("moe_forward");  // core/profile.hpp; its parts below and the ops inside
   auto& c = ctx;
   c.valid = false;
   c.host_routing_stale = false;
@@ -418,6 +421,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     modality = c.default_modality;
   }
 
+  profile::Region<S> route_region("route");
   // 1. Router logits (semantics §3 step 1) and clean gates G = softmax(logits) for the losses. A device
   // backend computes the logits there (fp32); it routes there too with the stock router, and on the host over
   // a copy with any other (host code).
@@ -559,8 +563,11 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
     }
   });
 
+  route_region.stop();
+
   // 3. Auxiliary losses per group, averaged over groups (semantics §4); on the device above with the stock terms.
   if constexpr (!device_losses) {
+    profile::Region<S> losses_region("losses");
     std::fill(c.aux_dlogits.data(), c.aux_dlogits.data() + N * E, 0.0);
     parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
       for (index_t g = g0; g < g1; ++g) {
@@ -635,6 +642,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   detail::sum_group_losses(c);
 
   // 7. Routing statistics (semantics §6), from the host's routing results.
+  profile::Region<S> stats_region("statistics");
   auto& st = c.stats;
   auto pbar = detail::reset_stats(c);
   c.token_entropy.resize(static_cast<std::size_t>(N));  // each token's entropy over the pool
@@ -684,6 +692,7 @@ void moe_backward(const MoeParams<T, SpaceOf<BackendT>>& p, CView<T, SpaceOf<Bac
                   double aux_scale = 1.0, ExpertExchange<T, SpaceOf<BackendT>>* ex = nullptr, const Prec& prec = {}) {
   using S = SpaceOf<BackendT>;
   constexpr bool host_memory = std::is_same_v<S, HostSpace>;
+  profile::Region<S> whole("moe_backward");
   auto& c = ctx;
   LIMOE_CHECK(c.valid, "moe_backward: run moe_forward on this context first");
   const index_t N = c.N, D = c.D, M = c.M, A = c.plan.A;

@@ -36,6 +36,11 @@ namespace limoe::moe {
 
 namespace detail {
 inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
+// The width of expert_mlp_forward's column chunks of an n-wide output in about `parts` parts: a multiple of 16
+// (whole vectors for the GELU), at least 128.
+inline index_t expert_chunk(index_t n, index_t parts) {
+  return std::max<index_t>(128, (n / parts + 15) / 16 * 16);
+}
 }  // namespace detail
 
 namespace cpu {
@@ -111,22 +116,82 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
     for (index_t r0 = p.offsets[e]; r0 < p.offsets[e + 1]; r0 += rows)
       s.tiles.push_back({e, r0, std::min(p.offsets[e + 1], r0 + rows)});
   }
-  parallel_for(0, static_cast<index_t>(s.tiles.size()), 1, [&](index_t i0, index_t i1) {
+  // Jobs: first the hidden layer (product, bias, GELU), then the output, each tile in one job, or in column
+  // chunks (a quarter of the hidden width, half the output's) when it holds over an eighth of the rows: without
+  // a capacity an evaluation batch can send half its tokens to one expert, whose tile would otherwise run alone
+  // on one thread while the others wait. Split by columns, a tile still reads each weight once. The jobs depend
+  // on the plan only, never on the thread count.
+  const index_t tiles = static_cast<index_t>(s.tiles.size());
+  s.fwd_jobs.clear();
+  for (int phase = 0; phase < 2; ++phase) {
+    const index_t n = phase == 0 ? M : D, width = detail::expert_chunk(n, phase == 0 ? 4 : 2);
+    for (index_t t = 0; t < tiles; ++t) {
+      const auto tile = s.tiles[static_cast<std::size_t>(t)];
+      const index_t step = (tile.r1 - tile.r0) * 8 > p.A ? width : n;  // split a tile with over 1/8 of the rows
+      for (index_t c0 = 0; c0 < n; c0 += step)
+        s.fwd_jobs.push_back({static_cast<int>(t), phase, c0, std::min(n, c0 + step)});
+    }
+  }
+  index_t first2 = 0;
+  while (first2 < static_cast<index_t>(s.fwd_jobs.size()) && s.fwd_jobs[static_cast<std::size_t>(first2)].what == 0) ++first2;
+  const index_t njobs = static_cast<index_t>(s.fwd_jobs.size());
+  // Bf16Mixed: the rows rounded once for all column chunks (and for the backward), the hidden layer rounded as
+  // the GELU writes it, the weights from the policy's mirror (rounded here when it has none).
+  [[maybe_unused]] const bf16_bits *x16 = nullptr, *w1_16 = nullptr, *w2_16 = nullptr;
+  [[maybe_unused]] bf16_bits* h16 = nullptr;
+  if constexpr (Prec::mixed) {
+    s.lo_xe.resize(static_cast<std::size_t>(xe.numel()));
+    to_bf16_parallel(xe.data(), xe.numel(), s.lo_xe.data());
+    s.lo_h.resize(static_cast<std::size_t>(h.numel()));
+    x16 = s.lo_xe.data(), h16 = s.lo_h.data();
+    auto weight = [&](CView<T> wt, std::vector<bf16_bits>& own) -> const bf16_bits* {
+      if (const bf16_bits* m = prec.find(wt.data(), wt.numel())) return m;
+      own.resize(static_cast<std::size_t>(wt.numel()));
+      to_bf16_parallel(wt.data(), wt.numel(), own.data());
+      return own.data();
+    };
+    w1_16 = weight(w.fc1_w, s.lo_w1), w2_16 = weight(w.fc2_w, s.lo_w2);
+  }
+  parallel_for(0, first2, 1, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {
-      const auto tile = s.tiles[static_cast<std::size_t>(i)];
+      const auto job = s.fwd_jobs[static_cast<std::size_t>(i)];
+      const auto tile = s.tiles[static_cast<std::size_t>(job.e)];
       const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
+      const index_t c0 = job.c0, cols = job.c1 - job.c0;
       T* hp = hpre.data() + r0 * M;
-      gemm_mixed_serial<T>(prec, Trans::N, Trans::T, rows, M, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + e * M * D, D,
-                     T(0), hp, M);
-      // + b1 and GELU in one pass over the tile (as the dense MLP's bias_gelu_forward)
-      limoe::cpu::bias_gelu_forward<T>(gelu, CView<T>(w.fc1_b.data() + e * M, Shape{M}), View<T>(hp, Shape{rows, M}),
-                                       View<T>(h.data() + r0 * M, Shape{rows, M}));
+      T* ho = h.data() + r0 * M;
+      if constexpr (Prec::mixed)
+        ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, D, 1.0f, x16 + r0 * D, D, w1_16 + (e * M + c0) * D,
+                                          D, 0.0f, hp + c0, M);
+      else
+        gemm_serial<T>(Trans::N, Trans::T, rows, cols, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + (e * M + c0) * D,
+                       D, T(0), hp + c0, M);
+      // + b1 and GELU over the chunk, row by row (as the dense MLP's bias_gelu_forward)
+      const T* b1 = w.fc1_b.data() + e * M + c0;
+      for (index_t r = 0; r < rows; ++r) {
+        T* pr = hp + r * M + c0;
+        for (index_t m = 0; m < cols; ++m) pr[m] += b1[m];
+        ::limoe::detail::gelu_block(gelu, pr, ho + r * M + c0, cols);
+        if constexpr (Prec::mixed) to_bf16(ho + r * M + c0, cols, h16 + (r0 + r) * M + c0);
+      }
+    }
+  });
+  parallel_for(first2, njobs, 1, [&](index_t i0, index_t i1) {
+    for (index_t i = i0; i < i1; ++i) {
+      const auto job = s.fwd_jobs[static_cast<std::size_t>(i)];
+      const auto tile = s.tiles[static_cast<std::size_t>(job.e)];
+      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
+      const index_t c0 = job.c0, cols = job.c1 - job.c0;
       T* yo = ye.data() + r0 * D;
-      gemm_mixed_serial<T>(prec, Trans::N, Trans::T, rows, D, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + e * D * M, M,
-                     T(0), yo, D);
-      const T* b2 = w.fc2_b.data() + e * D;
+      if constexpr (Prec::mixed)
+        ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, M, 1.0f, h16 + r0 * M, M, w2_16 + (e * D + c0) * M,
+                                          M, 0.0f, yo + c0, D);
+      else
+        gemm_serial<T>(Trans::N, Trans::T, rows, cols, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + (e * D + c0) * M,
+                       M, T(0), yo + c0, D);
+      const T* b2 = w.fc2_b.data() + e * D + c0;
       for (index_t r = 0; r < rows; ++r)
-        for (index_t d = 0; d < D; ++d) yo[r * D + d] += b2[d];
+        for (index_t d = 0; d < cols; ++d) yo[r * D + c0 + d] += b2[d];
     }
   });
 }

@@ -34,10 +34,12 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/parallel.hpp"
+#include "limoe/core/profile.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/ops/shapes.hpp"
 #include "limoe/math/softmax.hpp"
 #include "limoe/ops/linear.hpp"
+#include "limoe/ops/softmax.hpp"
 
 namespace limoe {
 
@@ -71,6 +73,7 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   const T* v = cache.v.data();
   T* probs = cache.probs.data();
   T* ctx = cache.ctx.data();
+  profile::Region<HostSpace> heads_region("heads");  // the per-head products and softmax (core/profile.hpp)
   parallel_for(0, B * H, 1, [&](index_t p0, index_t p1) {
     for (index_t p = p0; p < p1; ++p) {
       const index_t b = p / H, h = p % H;
@@ -81,10 +84,11 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
       T* ch = ctx + b * Nq * D + h * Dh;      // [Nq, Dh]
       const std::uint8_t* m = key_mask.empty() ? nullptr : key_mask.data() + b * Nk;
       gemm_serial<T>(Trans::N, Trans::T, Nq, Nk, Dh, T(1), qh, D, kh, D, T(0), P, Nk);  // raw scores
-      for (index_t i = 0; i < Nq; ++i) math::softmax_row(P + i * Nk, Nk, P + i * Nk, scale, m);  // masked, scaled, in place
+      detail::softmax_rows_vec(P, P, Nq, Nk, scale, m);  // masked, scaled, in place
       gemm_serial<T>(Trans::N, Trans::N, Nq, Dh, Nk, T(1), P, Nk, vh, D, T(0), ch, D);
     }
   });
+  heads_region.stop();
   cpu::linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y, prec);
 }
 
@@ -125,6 +129,7 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
   T* dk = cache.dk.data();
   T* dv = cache.dv.data();
   T* scratch = cache.dscores.data();
+  profile::Region<HostSpace> heads_region("heads");
   parallel_for(0, chunks, 1, [&](index_t c0, index_t c1) {
     for (index_t c = c0; c < c1; ++c) {
       T* dS = scratch + c * Nq * Nk;  // [Nq, Nk]
@@ -143,6 +148,7 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
       }
     }
   });
+  heads_region.stop();
 
   // Input projections: weight gradients through linear_backward, input gradients as products so that the
   // key and value (and, for self-attention, query) paths add into one buffer.

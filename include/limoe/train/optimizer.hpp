@@ -26,6 +26,7 @@
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/params.hpp"
+#include "limoe/core/profile.hpp"
 #include "limoe/core/reduce.hpp"
 #include "limoe/math/adamw.hpp"
 
@@ -156,6 +157,7 @@ class AdamW {
   // given, is that norm computed by the caller (a store holding a shard of the model: the norm is the whole
   // model's, summed over ranks).
   double update(ParamStore<T, S>& ps, double lr_t, std::optional<double> grad_norm = std::nullopt) {
+    profile::Region<S> region("optimizer");
     LIMOE_CHECK(m_.numel() == ps.size(), "AdamW: attach() the optimizer to this parameter store first (",
                 m_.numel(), " moments for ", ps.size(), " parameters)");
     if constexpr (!std::is_same_v<S, HostSpace>) {

@@ -21,6 +21,7 @@
 #include "../kernels/rows.cuh"
 #include "../kernels/tensor.cuh"
 #include "exec.cuh"
+#include "limoe/core/profile.hpp"
 #include "limoe/backend/cuda_ops.hpp"
 #include "limoe/moe/plan.hpp"
 #include "limoe/ops/shapes.hpp"
@@ -277,6 +278,7 @@ void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq,
   linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), prec);
   if (B == 0) return;
   T* probs = cache.probs.data();
+  profile::Region<Space> heads_region("heads");  // the per-head products and softmax (core/profile.hpp)
   for (index_t h = 0; h < H; ++h)  // raw scores q_h k_h^T of every example
     exec::gemm_batched<T>(false, true, Nq, Nk, Dh, T(1), cache.q.data() + h * Dh, D, Nq * D, cache.k.data() + h * Dh,
                           D, Nk * D, T(0), probs + h * Nq * Nk, Nk, H * Nq * Nk, B);
@@ -287,6 +289,7 @@ void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq,
   for (index_t h = 0; h < H; ++h)  // ctx_h = P_h v_h
     exec::gemm_batched<T>(false, false, Nq, Dh, Nk, T(1), probs + h * Nq * Nk, Nk, H * Nq * Nk, cache.v.data() + h * Dh,
                           D, Nk * D, T(0), cache.ctx.data() + h * Dh, D, Nq * D, B);
+  heads_region.stop();
   linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y, prec);
 }
 
@@ -310,6 +313,7 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
   const T* P = cache.probs.data();
   T* dS = cache.dscores.data();
   const index_t sp = H * Nq * Nk;
+  profile::Region<Space> heads_region("heads");
   for (index_t h = 0; h < H; ++h) {
     const index_t ho = h * Dh, po = h * Nq * Nk;
     // dv_h = P^T dctx_h; dP = dctx_h v_h^T.
@@ -330,6 +334,7 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
     exec::gemm_batched<T>(true, false, Nk, Dh, Nq, scale, dS + po, Nk, sp, cache.q.data() + ho, D, Nq * D, T(0),
                           cache.dk.data() + ho, D, Nk * D, B);
   }
+  heads_region.stop();
   const CV<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
   linear_backward<T>(xq, w.wq, dqv, V<T>{}, g.wq, g.bq, prec);
   linear_backward<T>(xkv, w.wk, dkv, V<T>{}, g.wk, g.bk, prec);
