@@ -19,6 +19,8 @@
 // LayerNorms and the optimizer are not counted). MoE experts are counted for K * tokens rows (the nominal
 // per-token compute, independent of routing); "gflop_accepted" counts only the rows the experts accepted.
 // peak_rss_mb is getrusage's ru_maxrss of the whole process (setup included).
+// --profile (embed, train_step, moe_layer): after the timed iterations, as many again under a profile session
+// (core/profile.hpp, docs/profiling.md); "profile" gives each op's calls and self time per iteration.
 // --precision bf16 (core/precision.hpp) runs every workload under the Bf16Mixed policy; the layer workloads
 // keep their weights in a parameter store whose bf16 copy is made once before timing, as a training step
 // makes it once per optimizer step.

@@ -116,32 +116,40 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
     for (index_t r0 = p.offsets[e]; r0 < p.offsets[e + 1]; r0 += rows)
       s.tiles.push_back({e, r0, std::min(p.offsets[e + 1], r0 + rows)});
   }
-  // Jobs: first the hidden layer (product, bias, GELU), then the output, each tile in one job, or in column
-  // chunks (a quarter of the hidden width, half the output's) when it holds over an eighth of the rows: without
-  // a capacity an evaluation batch can send half its tokens to one expert, whose tile would otherwise run alone
-  // on one thread while the others wait. Split by columns, a tile still reads each weight once. The jobs depend
-  // on the plan only, never on the thread count.
+  // Jobs. A tile runs as one job (its hidden layer, bias, GELU, then its output), unless it holds over twice the
+  // mean tile's rows: without a capacity an evaluation batch can send half its tokens to one expert, whose tile
+  // would then run alone on one thread while the others wait. Such a tile runs as column chunks, first of its
+  // hidden layer (a quarter of the width each, alongside the whole-tile jobs), then of its output (half each);
+  // split by columns, it still reads each weight once. Under a binding capacity no tile is split. The jobs
+  // depend on the plan only, never on the thread count.
   const index_t tiles = static_cast<index_t>(s.tiles.size());
+  enum : int { kWhole = 0, kHidden = 1, kOutput = 2 };
   s.fwd_jobs.clear();
-  for (int phase = 0; phase < 2; ++phase) {
-    const index_t n = phase == 0 ? M : D, width = detail::expert_chunk(n, phase == 0 ? 4 : 2);
-    for (index_t t = 0; t < tiles; ++t) {
-      const auto tile = s.tiles[static_cast<std::size_t>(t)];
-      const index_t step = (tile.r1 - tile.r0) * 8 > p.A ? width : n;  // split a tile with over 1/8 of the rows
-      for (index_t c0 = 0; c0 < n; c0 += step)
-        s.fwd_jobs.push_back({static_cast<int>(t), phase, c0, std::min(n, c0 + step)});
+  index_t split_rows = 0;
+  for (index_t t = 0; t < tiles; ++t) {
+    const auto tile = s.tiles[static_cast<std::size_t>(t)];
+    if ((tile.r1 - tile.r0) * tiles <= 2 * p.A) {
+      s.fwd_jobs.push_back({static_cast<int>(t), kWhole, 0, 0});
+      continue;
     }
+    split_rows += tile.r1 - tile.r0;
+    const index_t w = detail::expert_chunk(M, 4);
+    for (index_t c0 = 0; c0 < M; c0 += w) s.fwd_jobs.push_back({static_cast<int>(t), kHidden, c0, std::min(M, c0 + w)});
   }
-  index_t first2 = 0;
-  while (first2 < static_cast<index_t>(s.fwd_jobs.size()) && s.fwd_jobs[static_cast<std::size_t>(first2)].what == 0) ++first2;
+  const index_t first_out = static_cast<index_t>(s.fwd_jobs.size());
+  for (index_t t = 0; t < tiles && split_rows > 0; ++t) {
+    const auto tile = s.tiles[static_cast<std::size_t>(t)];
+    if ((tile.r1 - tile.r0) * tiles <= 2 * p.A) continue;
+    const index_t w = detail::expert_chunk(D, 2);
+    for (index_t c0 = 0; c0 < D; c0 += w) s.fwd_jobs.push_back({static_cast<int>(t), kOutput, c0, std::min(D, c0 + w)});
+  }
   const index_t njobs = static_cast<index_t>(s.fwd_jobs.size());
-  // Bf16Mixed: the rows rounded once for all column chunks (and for the backward), the hidden layer rounded as
-  // the GELU writes it, the weights from the policy's mirror (rounded here when it has none).
-  [[maybe_unused]] const bf16_bits *x16 = nullptr, *w1_16 = nullptr, *w2_16 = nullptr;
-  [[maybe_unused]] bf16_bits* h16 = nullptr;
+  // Bf16Mixed: a tile's rows and hidden layer rounded once into the scratch (lo_xe, lo_h), by its job or, for a
+  // split tile, before its chunks; the weights from the policy's mirror (rounded here when it has none).
+  [[maybe_unused]] const bf16_bits *w1_16 = nullptr, *w2_16 = nullptr;
+  [[maybe_unused]] bf16_bits *x16 = nullptr, *h16 = nullptr;
   if constexpr (Prec::mixed) {
     s.lo_xe.resize(static_cast<std::size_t>(xe.numel()));
-    to_bf16_parallel(xe.data(), xe.numel(), s.lo_xe.data());
     s.lo_h.resize(static_cast<std::size_t>(h.numel()));
     x16 = s.lo_xe.data(), h16 = s.lo_h.data();
     auto weight = [&](CView<T> wt, std::vector<bf16_bits>& own) -> const bf16_bits* {
@@ -151,49 +159,63 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
       return own.data();
     };
     w1_16 = weight(w.fc1_w, s.lo_w1), w2_16 = weight(w.fc2_w, s.lo_w2);
+    for (index_t t = 0; t < tiles && split_rows > 0; ++t) {
+      const auto tile = s.tiles[static_cast<std::size_t>(t)];
+      if ((tile.r1 - tile.r0) * tiles > 2 * p.A)
+        to_bf16_parallel(xe.data() + tile.r0 * D, (tile.r1 - tile.r0) * D, x16 + tile.r0 * D);
+    }
   }
-  parallel_for(0, first2, 1, [&](index_t i0, index_t i1) {
+  // Columns [c0, c1) of rows [r0, r0 + rows) of expert e's hidden layer: product, + b1, GELU (as the dense MLP's
+  // bias_gelu_forward), and under bf16 the result rounded for the output's product.
+  auto hidden = [&](int e, index_t r0, index_t rows, index_t c0, index_t c1) {
+    T* hp = hpre.data() + r0 * M;
+    T* ho = h.data() + r0 * M;
+    if constexpr (Prec::mixed)
+      ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, c1 - c0, D, 1.0f, x16 + r0 * D, D,
+                                        w1_16 + (e * M + c0) * D, D, 0.0f, hp + c0, M);
+    else
+      gemm_serial<T>(Trans::N, Trans::T, rows, c1 - c0, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + (e * M + c0) * D,
+                     D, T(0), hp + c0, M);
+    const T* b1 = w.fc1_b.data() + e * M;
+    for (index_t r = 0; r < rows; ++r) {
+      T* pr = hp + r * M;
+      for (index_t m = c0; m < c1; ++m) pr[m] += b1[m];
+      ::limoe::detail::gelu_block(gelu, pr + c0, ho + r * M + c0, c1 - c0);
+      if constexpr (Prec::mixed) to_bf16(ho + r * M + c0, c1 - c0, h16 + (r0 + r) * M + c0);
+    }
+  };
+  // Columns [c0, c1) of the same rows' output: product and + b2.
+  auto output = [&](int e, index_t r0, index_t rows, index_t c0, index_t c1) {
+    T* yo = ye.data() + r0 * D;
+    if constexpr (Prec::mixed)
+      ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, c1 - c0, M, 1.0f, h16 + r0 * M, M,
+                                        w2_16 + (e * D + c0) * M, M, 0.0f, yo + c0, D);
+    else
+      gemm_serial<T>(Trans::N, Trans::T, rows, c1 - c0, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + (e * D + c0) * M,
+                     M, T(0), yo + c0, D);
+    const T* b2 = w.fc2_b.data() + e * D;
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t d = c0; d < c1; ++d) yo[r * D + d] += b2[d];
+  };
+  auto run = [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {
       const auto job = s.fwd_jobs[static_cast<std::size_t>(i)];
       const auto tile = s.tiles[static_cast<std::size_t>(job.e)];
-      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
-      const index_t c0 = job.c0, cols = job.c1 - job.c0;
-      T* hp = hpre.data() + r0 * M;
-      T* ho = h.data() + r0 * M;
-      if constexpr (Prec::mixed)
-        ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, D, 1.0f, x16 + r0 * D, D, w1_16 + (e * M + c0) * D,
-                                          D, 0.0f, hp + c0, M);
-      else
-        gemm_serial<T>(Trans::N, Trans::T, rows, cols, D, T(1), xe.data() + r0 * D, D, w.fc1_w.data() + (e * M + c0) * D,
-                       D, T(0), hp + c0, M);
-      // + b1 and GELU over the chunk, row by row (as the dense MLP's bias_gelu_forward)
-      const T* b1 = w.fc1_b.data() + e * M + c0;
-      for (index_t r = 0; r < rows; ++r) {
-        T* pr = hp + r * M + c0;
-        for (index_t m = 0; m < cols; ++m) pr[m] += b1[m];
-        ::limoe::detail::gelu_block(gelu, pr, ho + r * M + c0, cols);
-        if constexpr (Prec::mixed) to_bf16(ho + r * M + c0, cols, h16 + (r0 + r) * M + c0);
+      const int e = tile.e;
+      const index_t r0 = tile.r0, rows = tile.r1 - tile.r0;
+      if (job.what == kWhole) {
+        if constexpr (Prec::mixed) to_bf16(xe.data() + r0 * D, rows * D, x16 + r0 * D);
+        hidden(e, r0, rows, 0, M);
+        output(e, r0, rows, 0, D);
+      } else if (job.what == kHidden) {
+        hidden(e, r0, rows, job.c0, job.c1);
+      } else {
+        output(e, r0, rows, job.c0, job.c1);
       }
     }
-  });
-  parallel_for(first2, njobs, 1, [&](index_t i0, index_t i1) {
-    for (index_t i = i0; i < i1; ++i) {
-      const auto job = s.fwd_jobs[static_cast<std::size_t>(i)];
-      const auto tile = s.tiles[static_cast<std::size_t>(job.e)];
-      const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
-      const index_t c0 = job.c0, cols = job.c1 - job.c0;
-      T* yo = ye.data() + r0 * D;
-      if constexpr (Prec::mixed)
-        ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, M, 1.0f, h16 + r0 * M, M, w2_16 + (e * D + c0) * M,
-                                          M, 0.0f, yo + c0, D);
-      else
-        gemm_serial<T>(Trans::N, Trans::T, rows, cols, M, T(1), h.data() + r0 * M, M, w.fc2_w.data() + (e * D + c0) * M,
-                       M, T(0), yo + c0, D);
-      const T* b2 = w.fc2_b.data() + e * D + c0;
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t d = 0; d < cols; ++d) yo[r * D + c0 + d] += b2[d];
-    }
-  });
+  };
+  parallel_for(0, first_out, 1, run);
+  if (first_out < njobs) parallel_for(first_out, njobs, 1, run);
 }
 
 // From dye [A, D]: dh [A, M] (scratch, overwritten), dxe [A, D] (overwritten; empty: skipped); weight and bias

@@ -55,7 +55,7 @@ struct ExpertScratch {
   struct Job { int e; int what; index_t c0, c1; };
   std::vector<Tile> tiles;
   std::vector<Job> jobs;
-  std::vector<Job> fwd_jobs;  // expert_mlp_forward's: e = the tile, what = 0 (hidden layer) or 1 (output)
+  std::vector<Job> fwd_jobs;  // expert_mlp_forward's: e = the tile; what = 0 (the whole tile), 1 (hidden columns [c0, c1)), 2 (output columns)
   // Bf16Mixed: the backward's bf16 operands (bf16_bits) of the weight-gradient jobs (dye, h, dh, xe), rounded once per
   // backward: each job reads a column slice of them, and rounding per job would repeat the work D / 128 times.
   std::vector<std::uint16_t> lo_dye, lo_h, lo_dh, lo_xe;
