@@ -3,7 +3,10 @@
 // invariants; and the expert MLP's gradients against central finite differences.
 #include <doctest/doctest.h>
 
+#include <vector>
+
 #include <limoe/core/parallel.hpp>
+#include <limoe/core/precision.hpp>
 #include <limoe/moe/ops.hpp>
 #include <limoe/testing/gradcheck.hpp>
 
@@ -201,4 +204,60 @@ TEST_CASE("expert MLP and combine gradients against central finite differences")
   dgates.zero();
   for (index_t r = 0; r < A; ++r) dgates[plan.row_token[r] * E + route[plan.row_slot[r]]] += dg[r];
   CHECK(testing::check_gradient(gates.view(), dgates.cview(), loss).rel_error < 1e-7);
+}
+
+// A batch without a capacity can send most of its tokens to one expert: expert_mlp_forward then runs that
+// expert's tile as column chunks (over twice the mean tile's rows; moe/ops.hpp). The chunks against Ref, in
+// double and under the bf16 policy, on 1 and 2 threads, and the same bits on both thread counts.
+TEST_CASE("expert MLP: a tile holding most of the rows runs in column chunks; cpu equals ref, any thread count") {
+  const int E = 4;
+  const index_t N = 160, D = 256, M = 512;  // chunks of 128 columns: 4 of the hidden layer, 2 of the output
+  Tensor<std::int32_t> route(Shape{N, 1});
+  for (index_t t = 0; t < N; ++t) route[t] = t % 10 < 7 ? 1 : static_cast<std::int32_t>(t % 3 == 0 ? 0 : t % 3 == 1 ? 2 : 3);
+  DispatchPlan plan;
+  moe::cpu::make_dispatch_plan(route.cview(), E, plan);
+  const index_t A = plan.A;
+  REQUIRE(plan.rows_of(1) * E > 2 * A);  // the busy expert's one tile is split
+  auto run = [&]<class T, class P>(const P& prec, std::vector<T>& ye_cpu, std::vector<T>& h_cpu, std::vector<T>& ye_ref,
+                                    int threads) {
+    set_num_threads(threads);
+    Tensor<T> w1(Shape{E, M, D}), b1(Shape{E, M}), w2(Shape{E, D, M}), b2(Shape{E, D}), xe(Shape{A, D});
+    Tensor<double> tmp;
+    for (Tensor<T>* t : {&w1, &b1, &w2, &b2, &xe}) {
+      tmp = Tensor<double>(t->shape());
+      testing::fill_normal(tmp.view(), 40 + t->numel(), t == &xe ? 1.0 : 0.1);
+      for (index_t i = 0; i < t->numel(); ++i) (*t)[i] = static_cast<T>(tmp[i]);
+    }
+    const ExpertWeights<T> w{w1.cview(), b1.cview(), w2.cview(), b2.cview()};
+    Tensor<T> hp(Shape{A, M}), h(Shape{A, M}), ye(Shape{A, D}), hp_r(Shape{A, M}), h_r(Shape{A, M}), ye_r(Shape{A, D});
+    ExpertScratch sc, sr;
+    moe::cpu::expert_mlp_forward<T>(plan, w, GeluKind::Erf, xe.cview(), hp.view(), h.view(), ye.view(), sc, prec);
+    moe::ref::expert_mlp_forward<T>(plan, w, GeluKind::Erf, xe.cview(), hp_r.view(), h_r.view(), ye_r.view(), sr, prec);
+    ye_cpu.assign(ye.data(), ye.data() + ye.numel());
+    h_cpu.assign(h.data(), h.data() + h.numel());
+    ye_ref.assign(ye_r.data(), ye_r.data() + ye_r.numel());
+  };
+  auto max_diff = [](const auto& a, const auto& b) {
+    double m = 0, big = 0;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      m = std::max(m, std::abs(double(a[i]) - double(b[i]))), big = std::max(big, std::abs(double(b[i])));
+    return m / std::max(big, 1e-30);
+  };
+  {
+    std::vector<double> ye1, h1, r1, ye2, h2, r2;
+    run.template operator()<double>(Fp32{}, ye1, h1, r1, 1);
+    run.template operator()<double>(Fp32{}, ye2, h2, r2, 2);
+    CHECK(max_diff(ye1, r1) < 1e-13);
+    CHECK(ye1 == ye2);
+    CHECK(h1 == h2);
+  }
+  {
+    std::vector<float> ye1, h1, r1, ye2, h2, r2;
+    run.template operator()<float>(Bf16Mixed{}, ye1, h1, r1, 1);
+    run.template operator()<float>(Bf16Mixed{}, ye2, h2, r2, 2);
+    CHECK(max_diff(ye1, r1) < 1e-3);  // the same rounded operands, fp32 sums in another order (docs/precision.md)
+    CHECK(ye1 == ye2);
+    CHECK(h1 == h2);
+  }
+  set_num_threads(0);
 }
