@@ -106,17 +106,25 @@ TEST_CASE("config JSON: unknown keys name the nearest valid key; out-of-range nu
   CHECK_MESSAGE(e.find("limit") != std::string::npos, e);
 }
 
+namespace {
+// B images (normal, scale 0.5) and B texts of valid ids for a model of config c.
+template <class T>
+std::pair<Tensor<T>, Tensor<std::int32_t>> tiny_inputs(const ModelConfig& c, index_t B) {
+  Tensor<T> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
+  testing::fill_normal(images.view(), 11, 0.5);
+  Tensor<std::int32_t> texts(Shape{B, c.text_len});
+  for (index_t i = 0; i < texts.numel(); ++i) texts[i] = static_cast<std::int32_t>(3 + (i * 7) % (c.vocab_size - 3));
+  return {std::move(images), std::move(texts)};
+}
+}  // namespace
+
 TEST_CASE("evaluation keeps no tape: backward after an evaluation forward is an error; eval output unchanged") {
   ModelConfig c = preset("tiny");
   c.router.noise_std = 0;
   c.router.capacity_factor_eval = c.router.capacity_factor_train;  // the same routing in both modes
   Limoe<double> m(c);
   m.init(3);
-  const index_t B = 3;
-  Tensor<double> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
-  testing::fill_normal(images.view(), 11, 0.5);
-  Tensor<std::int32_t> texts(Shape{B, c.text_len});
-  for (index_t i = 0; i < texts.numel(); ++i) texts[i] = static_cast<std::int32_t>(3 + (i * 7) % (c.vocab_size - 3));
+  const auto [images, texts] = tiny_inputs<double>(c, 3);
   // Training forward (tape kept) and evaluation forward (no tape) compute the same embeddings when routing is
   // the same: the shared scratch must not change the values.
   const auto ft = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
@@ -146,11 +154,7 @@ TEST_CASE("profile: a training step's ops are regions, counted per call, their s
   ModelConfig c = preset("tiny");
   Limoe<float> m(c);
   m.init(3);
-  const index_t B = 4;
-  Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});
-  testing::fill_normal(images.view(), 11, 0.5);
-  Tensor<std::int32_t> texts(Shape{B, c.text_len});
-  for (index_t i = 0; i < texts.numel(); ++i) texts[i] = static_cast<std::int32_t>(3 + (i * 7) % (c.vocab_size - 3));
+  const auto [images, texts] = tiny_inputs<float>(c, 4);
   profile::Profiler prof;
   (void)m.forward(images.cview(), texts.cview(), Mode::Eval);  // no session: nothing recorded
   CHECK(prof.totals().empty());

@@ -67,10 +67,6 @@ class Profiler {
     for (const auto& [path, t] : totals_) s += t.seconds;
     return s;
   }
-  void clear() {
-    std::lock_guard<std::mutex> lock(mu_);
-    totals_.clear();
-  }
 
  private:
   mutable std::mutex mu_;
@@ -102,8 +98,6 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 };
-
-inline bool active() { return detail::g_active.load(std::memory_order_relaxed) != nullptr; }
 
 // One timed region of work on memory space S (HostSpace: host work; a device space: the device's work, waited
 // for at both ends). Ends at stop() or at the end of its scope; regions end in the reverse order of their start.

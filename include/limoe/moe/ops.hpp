@@ -124,25 +124,21 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
   // depend on the plan only, never on the thread count.
   const index_t tiles = static_cast<index_t>(s.tiles.size());
   enum : int { kWhole = 0, kHidden = 1, kOutput = 2 };
+  auto split = [&](index_t t) {
+    const auto& tile = s.tiles[static_cast<std::size_t>(t)];
+    return (tile.r1 - tile.r0) * tiles > 2 * p.A;
+  };
+  auto chunks = [&](index_t t, int what, index_t n, index_t w) {
+    for (index_t c0 = 0; c0 < n; c0 += w) s.fwd_jobs.push_back({static_cast<int>(t), what, c0, std::min(n, c0 + w)});
+  };
   s.fwd_jobs.clear();
-  index_t split_rows = 0;
   for (index_t t = 0; t < tiles; ++t) {
-    const auto tile = s.tiles[static_cast<std::size_t>(t)];
-    if ((tile.r1 - tile.r0) * tiles <= 2 * p.A) {
-      s.fwd_jobs.push_back({static_cast<int>(t), kWhole, 0, 0});
-      continue;
-    }
-    split_rows += tile.r1 - tile.r0;
-    const index_t w = detail::expert_chunk(M, 4);
-    for (index_t c0 = 0; c0 < M; c0 += w) s.fwd_jobs.push_back({static_cast<int>(t), kHidden, c0, std::min(M, c0 + w)});
+    if (split(t)) chunks(t, kHidden, M, detail::expert_chunk(M, 4));
+    else s.fwd_jobs.push_back({static_cast<int>(t), kWhole, 0, 0});
   }
   const index_t first_out = static_cast<index_t>(s.fwd_jobs.size());
-  for (index_t t = 0; t < tiles && split_rows > 0; ++t) {
-    const auto tile = s.tiles[static_cast<std::size_t>(t)];
-    if ((tile.r1 - tile.r0) * tiles <= 2 * p.A) continue;
-    const index_t w = detail::expert_chunk(D, 2);
-    for (index_t c0 = 0; c0 < D; c0 += w) s.fwd_jobs.push_back({static_cast<int>(t), kOutput, c0, std::min(D, c0 + w)});
-  }
+  for (index_t t = 0; t < tiles; ++t)
+    if (split(t)) chunks(t, kOutput, D, detail::expert_chunk(D, 2));
   const index_t njobs = static_cast<index_t>(s.fwd_jobs.size());
   // Bf16Mixed: a tile's rows and hidden layer rounded once into the scratch (lo_xe, lo_h), by its job or, for a
   // split tile, before its chunks; the weights from the policy's mirror (rounded here when it has none).
@@ -159,10 +155,9 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
       return own.data();
     };
     w1_16 = weight(w.fc1_w, s.lo_w1), w2_16 = weight(w.fc2_w, s.lo_w2);
-    for (index_t t = 0; t < tiles && split_rows > 0; ++t) {
-      const auto tile = s.tiles[static_cast<std::size_t>(t)];
-      if ((tile.r1 - tile.r0) * tiles > 2 * p.A)
-        to_bf16_parallel(xe.data() + tile.r0 * D, (tile.r1 - tile.r0) * D, x16 + tile.r0 * D);
+    for (index_t t = 0; t < tiles; ++t) {
+      const auto& tile = s.tiles[static_cast<std::size_t>(t)];
+      if (split(t)) to_bf16_parallel(xe.data() + tile.r0 * D, (tile.r1 - tile.r0) * D, x16 + tile.r0 * D);
     }
   }
   // C[rows, cols] (leading dimension ldc) = A B^T over K, A the rows at element a of X (fp32) or X16 (its bf16
