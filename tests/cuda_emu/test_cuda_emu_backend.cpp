@@ -74,7 +74,7 @@ std::string scratch_file(const char* name) {
 }
 }  // namespace
 
-// bf16 on the device (the Bf16Mixed policy): the large products take their operands rounded to bf16 on the
+// bf16 on the device (the Bf16Mixed policy): the products take their operands rounded to bf16 on the
 // device and accumulate in fp32; against the model on Ref under the same policy (which rounds the same operands
 // with the same rounding and accumulates exactly), the difference is float accumulation order only: embeddings
 // to 1e-4 (unit vectors), the loss to 1e-5 relative, every gradient to 1e-3 of its largest entry (1e-7 absolute
@@ -126,7 +126,11 @@ TEST_CASE("cuda backend (emulated): the model in bf16 on Cuda against the model 
 // bf16 training on the device: the model's weights are read from its bf16 mirror in device memory (made by
 // the backend's to_bf16 once per optimizer step, core/precision.hpp), against the same steps on Ref under bf16
 // (a host mirror). Losses to 1e-4 relative and routes identical at every step, and the embeddings of the trained
-// models to 1e-4: a mirror left stale after a step (the previous step's weights) moves them by far more.
+// models to 1e-2: before any step they agree to 1.2e-7, after 3 steps to 2.2e-3 (measured), because the two
+// backends sum in different orders, an operand near a bf16 rounding boundary can round the other way, and Adam
+// turns gradients that are rounding noise (the key bias's is zero in exact arithmetic; under bf16 the per-head
+// products make it bf16 noise) into steps of about lr either way. A mirror left stale after a step (the previous
+// step's weights) moves them by 0.60 (measured with mutation M65).
 TEST_CASE("cuda backend (emulated): bf16 training on Cuda against bf16 training on Ref, one weight copy per step") {
   using RefBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Ref, Bf16Mixed>;
   using DevBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cuda, Bf16Mixed>;
@@ -169,7 +173,7 @@ TEST_CASE("cuda backend (emulated): bf16 training on Cuda against bf16 training 
     d = std::max(d, static_cast<double>(std::abs(fg.txt_emb[i] - fw.txt_emb[i])));
     CHECK(fg2.img_emb[i] == fg.img_emb[i]);
   }
-  CHECK(d <= 1e-4);
+  CHECK(d <= 1e-2);
 }
 
 // Training on the device: the Trainer with the model's parameters, gradients and AdamW moments in device

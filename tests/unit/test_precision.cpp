@@ -133,6 +133,105 @@ TEST_CASE("mixed products agree with the double product of the bf16-rounded oper
   MESSAGE("bf16 products here: " << detail::bf16_kernel_name());
 }
 
+TEST_CASE("batched bf16 products (attention's heads) agree with the double product of the rounded operands") {
+  // The layout of attention's per-head products: item i is head i, its operand columns i*Dh .. (i+1)*Dh of
+  // rows D wide (batch stride Dh, leading dimension D), or a dense [Nq, Nk] block per head; every transpose the
+  // forward and backward use, alpha and beta. Both oneDNN's batched kernel (where it takes the layout) and the
+  // per-item fallback (where oneDNN is absent or refuses the layout) are compared with the naive double product.
+  const index_t H = 3, Dh = 16, D = H * Dh + 5, Nq = 9, Nk = 11;
+  struct Case {
+    Trans ta, tb;
+    index_t M, N, K, lda, sa, ldb, sb, ldc, sc;
+  };
+  const std::vector<Case> cases{
+      {Trans::N, Trans::T, Nq, Nk, Dh, D, Dh, D, Dh, Nk, Nq * Nk},  // scores q_h k_h^T, dP = dctx_h v_h^T
+      {Trans::N, Trans::N, Nq, Dh, Nk, Nk, Nq * Nk, D, Dh, D, Dh},  // ctx_h = P_h v_h, dq_h = dS_h k_h
+      {Trans::T, Trans::N, Nk, Dh, Nq, Nk, Nq * Nk, D, Dh, D, Dh},  // dv_h = P_h^T dctx_h, dk_h = dS_h^T q_h
+  };
+  for (const Case& c : cases)
+    for (index_t batch : {H, index_t(1)})
+      for (int ab = 0; ab < 2; ++ab)
+        for (int path = 0; path < 2; ++path) {
+        const index_t ar = c.ta == Trans::N ? c.M : c.K, ac = c.ta == Trans::N ? c.K : c.M;
+        const index_t br = c.tb == Trans::N ? c.K : c.N, bc = c.tb == Trans::N ? c.N : c.K;
+        const index_t na = (batch - 1) * c.sa + (ar - 1) * c.lda + ac, nb = (batch - 1) * c.sb + (br - 1) * c.ldb + bc;
+        const index_t nc = (batch - 1) * c.sc + (c.M - 1) * c.ldc + c.N;
+        auto A = randf(Shape{na}, 11 + na), B = randf(Shape{nb}, 12 + nb), C0 = randf(Shape{nc}, 13);
+        std::vector<bf16_bits> a16(static_cast<std::size_t>(na)), b16(static_cast<std::size_t>(nb));
+        to_bf16(A.data(), na, a16.data());
+        to_bf16(B.data(), nb, b16.data());
+        const float alpha = ab ? 0.25f : 1.0f, beta = ab ? 1.0f : 0.0f;
+        Tensor<float> C = C0;
+        (path == 0 ? detail::gemm_bf16_batched_serial<> : detail::gemm_bf16_per_item<>)(
+            c.ta, c.tb, c.M, c.N, c.K, alpha, a16.data(), c.lda, c.sa, b16.data(), c.ldb, c.sb, beta, C.data(), c.ldc,
+            c.sc, batch);
+        std::vector<bool> written(static_cast<std::size_t>(nc), false);
+        double worst = 0;
+        for (index_t i = 0; i < batch; ++i)
+          for (index_t m = 0; m < c.M; ++m)
+            for (index_t n = 0; n < c.N; ++n) {
+              double exact = 0, mag = 0;
+              for (index_t k = 0; k < c.K; ++k) {
+                const double x = round_bf16(c.ta == Trans::N ? A[i * c.sa + m * c.lda + k] : A[i * c.sa + k * c.lda + m]);
+                const double y = round_bf16(c.tb == Trans::N ? B[i * c.sb + k * c.ldb + n] : B[i * c.sb + n * c.ldb + k]);
+                exact += x * y;
+                mag += std::abs(x * y);
+              }
+              const index_t at = i * c.sc + m * c.ldc + n;
+              written[static_cast<std::size_t>(at)] = true;
+              exact = alpha * exact + beta * C0[at];
+              worst = std::max(worst, std::abs(C[at] - exact) / (alpha * mag * 1.01 + std::abs(beta * C0[at]) + 1e-30));
+            }
+        CAPTURE(static_cast<int>(c.ta));
+        CAPTURE(static_cast<int>(c.tb));
+        CAPTURE(batch);
+        CAPTURE(ab);
+        CAPTURE(path);
+        CHECK(worst <= 0x1p-20 * std::sqrt(static_cast<double>(c.K)) + 0x1p-23);
+        // Nothing outside the items' blocks is written (the columns of the other heads, the padding).
+        for (index_t at = 0; at < nc; ++at)
+          if (!written[static_cast<std::size_t>(at)]) CHECK(C[at] == C0[at]);
+      }
+}
+
+TEST_CASE("attention under bf16 gives the same bits on 1 and 2 threads, forward and backward") {
+  const index_t Bn = 5, N = 9, D = 48;
+  const int H = 3;
+  std::vector<Tensor<float>> w;
+  for (int i = 0; i < 8; ++i) w.push_back(randf(i % 2 ? Shape{D} : Shape{D, D}, 40 + i, i % 2 ? 0.1 : 0.2));
+  auto view = [&](int i) { return w[static_cast<std::size_t>(i)].cview(); };
+  const AttentionWeights<float> aw{view(0), view(1), view(2), view(3), view(4), view(5), view(6), view(7)};
+  auto x = randf(Shape{Bn, N, D}, 50), dy = randf(Shape{Bn, N, D}, 51);
+  Tensor<std::uint8_t> mask(Shape{Bn, N});
+  for (index_t i = 0; i < mask.numel(); ++i) mask[i] = (i % 4 == 3) ? 0 : 1;
+  std::vector<std::vector<float>> runs;
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    std::vector<Tensor<float>> gr;
+    for (int i = 0; i < 8; ++i) gr.emplace_back(w[static_cast<std::size_t>(i)].shape());
+    auto gv = [&](int i) { return gr[static_cast<std::size_t>(i)].view(); };
+    const AttentionGrads<float> ag{gv(0), gv(1), gv(2), gv(3), gv(4), gv(5), gv(6), gv(7)};
+    Tensor<float> y(x.shape()), dx(x.shape());
+    AttentionCache<float> cache;
+    cpu::self_attention_forward<float>(aw, H, x.cview(), mask.cview(), y.view(), cache, Bf16Mixed{});
+    cpu::self_attention_backward<float>(aw, H, x.cview(), mask.cview(), cache, dy.cview(), dx.view(), ag, Bf16Mixed{});
+    std::vector<float> all(y.data(), y.data() + y.numel());
+    all.insert(all.end(), dx.data(), dx.data() + dx.numel());
+    for (auto& t : gr) all.insert(all.end(), t.data(), t.data() + t.numel());
+    runs.push_back(all);
+  }
+  set_num_threads(0);
+  CHECK(std::memcmp(runs[0].data(), runs[1].data(), sizeof(float) * runs[0].size()) == 0);
+  // A backward under bf16 after a forward under fp32 is refused (it would read no bf16 copies).
+  AttentionCache<float> cache;
+  Tensor<float> y(x.shape()), dx(x.shape());
+  cpu::self_attention_forward<float>(aw, H, x.cview(), mask.cview(), y.view(), cache, Fp32{});
+  const AttentionGrads<float> none{};
+  CHECK_THROWS_WITH_AS(cpu::self_attention_backward<float>(aw, H, x.cview(), mask.cview(), cache, dy.cview(), dx.view(),
+                                                            none, Bf16Mixed{}),
+                       doctest::Contains("no bf16 copies"), Error);
+}
+
 TEST_CASE("mixed products give the same bits on 1 and 2 threads") {
   auto A = randf(Shape{700, 96}, 5), B = randf(Shape{130, 96}, 6);
   Tensor<float> C1(Shape{700, 130}), C2(Shape{700, 130});

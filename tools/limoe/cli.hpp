@@ -121,8 +121,9 @@ struct Register {
 inline const std::set<std::string> kBackendOptions = {"device", "precision"};
 #define LIMOE_CLI_BACKEND_HELP                                                                \
   "  --device cpu|cuda    the backend (default cpu); cuda: the whole model on the GPU\n" \
-  "  --precision P        fp32 (default) or bf16: the large products read bf16 operands and accumulate in\n" \
-  "                       fp32; routing, losses and the checkpoint stay fp32 (docs/precision.md)\n"
+  "  --precision P        fp32 (default) or bf16: the matrix products (attention's included) read bf16\n" \
+  "                       operands and accumulate in fp32; routing, softmax, losses and the checkpoint\n" \
+  "                       stay fp32 (docs/precision.md)\n"
 
 // The processes of this run (main.cpp): MPI's world when the program was built with MPI and started by an MPI
 // launcher (mpirun), else one process. Only `train` uses more than one rank; the other commands refuse to run

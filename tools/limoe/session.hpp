@@ -62,7 +62,7 @@ inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r) {
 }
 
 // The model types a command runs, by --device and --precision (core/precision.hpp): the same parameters and
-// checkpoint, the large products in fp32 or in bf16 with fp32 accumulation, on the CPU or on the GPU.
+// checkpoint, the matrix products in fp32 or in bf16 with fp32 accumulation, on the CPU or on the GPU.
 using ModelFp32 = Limoe<float>;
 using ModelBf16 = Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed>;
 #if defined(LIMOE_CLI_CUDA)

@@ -102,7 +102,7 @@ template <class T>
 using V = View<T, Space>;
 using DispatchPlan = moe::BasicDispatchPlan<Space>;
 
-// The products' precision policy (core/policies.hpp): Fp32 (the default), or Bf16Mixed (the large products read
+// The products' precision policy (core/policies.hpp): Fp32 (the default), or Bf16Mixed (the products read
 // bf16 operands, converted on the device as they enter the product, through tensor cores with fp32
 // accumulation; the policy's host mirror is not used). Compiled for both.
 

@@ -169,6 +169,84 @@ void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float
   gemm_bf16_widened(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+// For i < batch, C_i = alpha op(A_i) op(B_i) + beta C_i on one thread, with A_i = A + i * sa, B_i = B + i * sb,
+// C_i = C + i * sc; A, B bf16, C fp32 (the attention's per-head products under Bf16Mixed, ops/attention.hpp: one
+// call for the heads of an image). oneDNN's batched matmul on exact shapes (they are fixed for a model: one
+// primitive per shape, kept per thread); where oneDNN is absent, or offers only its reference kernel for that
+// layout, one gemm_bf16_serial per item (the same arithmetic).
+// The same as one gemm_bf16_serial per item: its fallback (and the tests' second path).
+template <class = void>
+void gemm_bf16_per_item(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
+                        index_t lda, index_t sa, const bf16_bits* B, index_t ldb, index_t sb, float beta, float* C,
+                        index_t ldc, index_t sc, index_t batch) {
+  for (index_t i = 0; i < batch; ++i)
+    gemm_bf16_serial(ta, tb, M, N, K, alpha, A + i * sa, lda, B + i * sb, ldb, beta, C + i * sc, ldc);
+}
+
+template <class = void>
+void gemm_bf16_batched_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
+                              index_t lda, index_t sa, const bf16_bits* B, index_t ldb, index_t sb, float beta,
+                              float* C, index_t ldc, index_t sc, index_t batch) {
+  if (M == 0 || N == 0 || batch == 0) return;
+#if defined(LIMOE_HAVE_DNNL)
+  if (K > 0 && batch > 1 && DnnlContext::get().fast) {
+    using dt = dnnl::memory::data_type;
+    using dims = dnnl::memory::dims;
+    struct Key {
+      index_t v[13];
+      float alpha, beta;
+      bool operator==(const Key&) const = default;
+    };
+    struct Hash {
+      std::size_t operator()(const Key& k) const {
+        std::size_t h = std::hash<float>()(k.alpha) ^ (std::hash<float>()(k.beta) << 1);
+        for (index_t x : k.v) h = h * 1000003u ^ std::hash<index_t>()(x);
+        return h;
+      }
+    };
+    DnnlContext& ctx = DnnlContext::get();
+    thread_local dnnl::stream stream(ctx.engine);
+    thread_local std::unordered_map<Key, std::optional<dnnl::matmul>, Hash> cache;  // empty: oneDNN's ref kernel
+    dnnl_single_thread();
+    // Four dimensions with a leading 1: oneDNN 2.x then picks its brgemm kernel for the heads' strided blocks
+    // (2.5 ms per B/32 layer for scores and contexts, against 2.9 with its gemm kernel that three get).
+    const dnnl::memory::desc a_desc(dims{1, batch, M, K}, dt::bf16,
+                                    ta == Trans::N ? dims{batch * sa, sa, lda, 1} : dims{batch * sa, sa, 1, lda}),
+        b_desc(dims{1, batch, K, N}, dt::bf16, tb == Trans::N ? dims{batch * sb, sb, ldb, 1} : dims{batch * sb, sb, 1, ldb}),
+        c_desc(dims{1, batch, M, N}, dt::f32, dims{batch * sc, sc, ldc, 1});
+    const Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), M, N, K, lda, sa, ldb, sb, ldc, sc, batch, 0},
+                  alpha, beta};
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      if (cache.size() >= 512) cache.clear();  // shapes of another model: start again
+      std::optional<dnnl::matmul> prim;
+      try {
+        dnnl::primitive_attr attr;
+        if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
+        if (beta != 0.0f) {
+          dnnl::post_ops po;
+          po.append_sum(beta);
+          attr.set_post_ops(po);
+        }
+        const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_desc, b_desc, c_desc), attr, ctx.engine);
+        if (std::string(pd.impl_info_str()).rfind("ref", 0) != 0) prim.emplace(pd);
+      } catch (const dnnl::error&) {
+        // A layout this oneDNN does not take: per item below.
+      }
+      it = cache.emplace(key, std::move(prim)).first;
+    }
+    if (it->second) {
+      const dnnl::memory a(a_desc, ctx.engine, const_cast<bf16_bits*>(A)), b(b_desc, ctx.engine, const_cast<bf16_bits*>(B)),
+          c(c_desc, ctx.engine, C);
+      it->second->execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+      stream.wait();
+      return;
+    }
+  }
+#endif
+  gemm_bf16_per_item(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
+}
+
 // The operand as the policy reads it: the mirror's copy, or rounded into `lease` (rows x cols, ld).
 inline const bf16_bits* bf16_operand(const Bf16Mixed& prec, const float* X, index_t rows, index_t cols, index_t ld,
                                      ScratchLease<bf16_bits>& lease, bool threaded) {

@@ -34,7 +34,7 @@ struct Fp32 {
   static constexpr bool mixed = false;
 };
 
-// The large products read bf16 operands and accumulate in fp32 (core/precision.hpp explains the split).
+// The matrix products read bf16 operands and accumulate in fp32 (core/precision.hpp explains the split).
 struct Bf16Mixed {
   static constexpr const char* name = "bf16";
   static constexpr bool mixed = true;

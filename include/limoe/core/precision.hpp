@@ -1,13 +1,14 @@
 // limoe/core/precision.hpp: the precision policy, a type a model is composed from (docs/precision.md).
 //
 //   Fp32       every product in fp32 (the default; what the model computed before policies existed).
-//   Bf16Mixed  the large products (linear layers, q/k/v/o projections, the patch embedding, the pooling heads'
-//              projections and MLP, the experts) read their operands rounded to bf16 and accumulate in fp32:
-//              weights are read from a bf16 copy made once per optimizer step (WeightMirror), activations are
-//              rounded as they enter the product. Everything else stays fp32: the stored activations, router
-//              logits and gates (so routing is decided on fp32 gates), softmax, attention scores and contexts,
-//              LayerNorm statistics, the auxiliary and contrastive losses, the master weights and AdamW's
-//              moments. The CUDA backend uses the same split (docs/cuda.md).
+//   Bf16Mixed  the products (linear layers, q/k/v/o projections, attention's per-head score and context
+//              products, the patch embedding, the pooling heads' projections and MLP, the experts; forward and
+//              backward) read their operands rounded to bf16 and accumulate in fp32: weights are read from a
+//              bf16 copy made once per optimizer step (WeightMirror), activations are rounded as they enter the
+//              product. Everything else stays fp32: the stored activations (attention scores, probabilities
+//              and contexts included), router logits and gates (so routing is decided on fp32 gates), softmax,
+//              LayerNorm statistics, the contrastive logits, the auxiliary and contrastive losses, the master
+//              weights and AdamW's moments. The CUDA backend uses the same split (docs/cuda.md).
 //
 // A policy is passed to the ops that hold a large product as their last argument (`Fp32{}` by default), so
 // the op tables (backend/ops.hpp) forward it unchanged; the Ref backend reads a Bf16Mixed policy as "round

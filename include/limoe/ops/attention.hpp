@@ -21,8 +21,11 @@
 // Gradient rule (docs/conventions.md): parameter gradients accumulate, dxq/dxkv are overwritten, empty views
 // are skipped.
 //
-// Precision (core/precision.hpp): the policy (last argument) applies to the four projections; the per-head
-// score and context products stay fp32 (with sequences of 50-257 tokens they are a few percent of the work).
+// Precision (core/precision.hpp): the policy (last argument) applies to the four projections and to the per-head
+// score and context products, forward and backward (under Bf16Mixed: q, k, v, the probabilities, dctx and the
+// score gradients read as bf16, fp32 accumulation); the softmax, its backward and the stored activations stay
+// fp32. Under Bf16Mixed the CPU runs the heads of an image as one batched bf16 product (oneDNN), images over the
+// thread pool; under Fp32 one pair per job as above.
 #pragma once
 
 #include <algorithm>
@@ -33,6 +36,7 @@
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
+#include "limoe/core/gemm_mixed.hpp"
 #include "limoe/core/parallel.hpp"
 #include "limoe/core/profile.hpp"
 #include "limoe/core/tensor.hpp"
@@ -51,23 +55,11 @@ void add_column_sums(const T* g, index_t R, index_t C, T* acc) {
     for (index_t c = 0; c < C; ++c) acc[c] += g[r * C + c];
 }
 
-}  // namespace detail
-
-namespace cpu {
-
-// y[B, Nq, D] = MultiHead(xq[B, Nq, D], xkv[B, Nk, D]); fills `cache` for attention_backward.
-template <class T, PrecisionPolicy Prec = Fp32>
-void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
-                       CView<std::uint8_t> key_mask, View<T> y, AttentionCache<T>& cache, const Prec& prec = {}) {
-  const auto d = detail::attention_check<T>("attention_forward", w, heads, xq, xkv, key_mask);
-  expect_shape(y, xq.shape(), "attention_forward: y");
+// The per-head work under Fp32: one (image, head) pair per job, single-threaded products (gemm_serial).
+template <class T>
+void attention_heads_forward_fp32(const AttentionDims& d, CView<std::uint8_t> key_mask, T scale,
+                                  AttentionCache<T>& cache) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
-  cache.size_forward(B, Nq, Nk, D, H);
-  // Projections: one threaded product each over all rows.
-  cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), prec);
-  cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), prec);
-  cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), prec);
-  const T scale = T(1) / std::sqrt(T(Dh));
   const T* q = cache.q.data();
   const T* k = cache.k.data();
   const T* v = cache.v.data();
@@ -88,34 +80,13 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
       gemm_serial<T>(Trans::N, Trans::N, Nq, Dh, Nk, T(1), P, Nk, vh, D, T(0), ch, D);
     }
   });
-  heads_region.stop();
-  cpu::linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y, prec);
 }
 
-// Backward of attention_forward (same weights, inputs and mask; `cache` as the forward left it, and its
-// scratch buffers are used). dxq [B, Nq, D] and dxkv [B, Nk, D] are overwritten; when they are the same
-// view, it receives dxq + dxkv (self-attention). Weight gradients accumulate.
-template <class T, PrecisionPolicy Prec = Fp32>
-void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
-                        CView<std::uint8_t> key_mask, AttentionCache<T>& cache, CView<T> dy, View<T> dxq,
-                        View<T> dxkv, const AttentionGrads<T>& g, const Prec& prec = {}) {
-  const auto d = detail::attention_check<T>("attention_backward", w, heads, xq, xkv, key_mask);
+// Fills cache.dq, dk, dv from cache.dctx (sized by the caller) under Fp32. Per (image, head), in chunks that each
+// own one [Nq, Nk] scratch block; the chunking only decides which scratch a pair uses, never what it computes.
+template <class T>
+void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& cache) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
-  expect_shape(dy, xq.shape(), "attention_backward: dy");
-  detail::attention_cache_check<T>("attention_backward", cache, xq.shape(), xkv.shape(), d);
-  if (!dxq.empty()) expect_shape(dxq, xq.shape(), "attention_backward: dxq");
-  if (!dxkv.empty()) expect_shape(dxkv, xkv.shape(), "attention_backward: dxkv");
-  const bool summed = !dxq.empty() && dxq.data() == dxkv.data();
-
-  cache.dctx.resize(Shape{B, Nq, D});  // [B, Nq, D]
-  cache.dq.resize(Shape{B, Nq, D});    // [B, Nq, D]
-  cache.dk.resize(Shape{B, Nk, D});    // [B, Nk, D]
-  cache.dv.resize(Shape{B, Nk, D});    // [B, Nk, D]
-  // Output projection: dctx = dy Wo, dWo += dy^T ctx, dbo += sum dy.
-  cpu::linear_backward<T>(cache.ctx.cview(), w.wo, dy, cache.dctx.view(), g.wo, g.bo, prec);
-
-  // Per (image, head), in chunks that each own one [Nq, Nk] scratch block; the chunking only decides which
-  // scratch a pair uses, never what it computes.
   const index_t pairs = B * H;
   const index_t chunks = std::max<index_t>(1, std::min<index_t>(pairs, 4 * index_t(std::max(1, num_threads()))));
   cache.dscores.resize(Shape{chunks, Nq, Nk});  // [chunks, Nq, Nk]
@@ -148,7 +119,139 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
       }
     }
   });
-  heads_region.stop();
+}
+
+// The per-head work under a mixed policy (core/precision.hpp): the score and context products, forward and
+// backward, read bf16 operands and accumulate in fp32 (detail::gemm_bf16_batched_serial, one call for the heads
+// of an image); the softmax and its backward stay fp32 on fp32 scores. q, k, v are rounded once per forward over
+// the thread pool, the probabilities once per image; the forward keeps them (cache.q16 .. probs16) for the
+// backward. Work items are images, so results do not depend on the thread count.
+template <class = void>
+void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> key_mask, float scale,
+                                  AttentionCache<float>& cache) {
+  const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  profile::Region<HostSpace> heads_region("heads");
+  for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}}) {
+    dst->resize(src->shape());
+    to_bf16_parallel(src->data(), src->numel(), dst->data());
+  }
+  cache.probs16.resize(cache.probs.shape());
+  const bf16_bits* q = cache.q16.data();
+  const bf16_bits* k = cache.k16.data();
+  const bf16_bits* v = cache.v16.data();
+  parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
+    for (index_t b = b0; b < b1; ++b) {
+      float* P = cache.probs.data() + b * H * Nq * Nk;  // [H, Nq, Nk]
+      bf16_bits* P16 = cache.probs16.data() + b * H * Nq * Nk;
+      const std::uint8_t* m = key_mask.empty() ? nullptr : key_mask.data() + b * Nk;
+      // Raw scores q_h k_h^T of every head, the masked and scaled softmax in place, then ctx_h = P_h v_h.
+      gemm_bf16_batched_serial(Trans::N, Trans::T, Nq, Nk, Dh, 1.0f, q + b * Nq * D, D, Dh, k + b * Nk * D, D, Dh,
+                               0.0f, P, Nk, Nq * Nk, H);
+      softmax_rows_vec(P, P, H * Nq, Nk, scale, m);
+      to_bf16(P, H * Nq * Nk, P16);
+      gemm_bf16_batched_serial(Trans::N, Trans::N, Nq, Dh, Nk, 1.0f, P16, Nk, Nq * Nk, v + b * Nk * D, D, Dh, 0.0f,
+                               cache.ctx.data() + b * Nq * D, D, Dh, H);
+    }
+  });
+}
+
+// Fills cache.dq, dk, dv from cache.dctx (the shapes sized by the caller), as the fp32 path does.
+template <class = void>
+void attention_heads_backward_bf16(const AttentionDims& d, AttentionCache<float>& cache) {
+  const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  profile::Region<HostSpace> heads_region("heads");
+  cache.dctx16.resize(cache.dctx.shape());
+  to_bf16_parallel(cache.dctx.data(), cache.dctx.numel(), cache.dctx16.data());
+  // One [H, Nq, Nk] score-gradient block (fp32 and bf16) per chunk of images; the chunking only decides which
+  // scratch an image uses.
+  const index_t chunks = std::max<index_t>(1, std::min<index_t>(B, 4 * index_t(std::max(1, num_threads()))));
+  cache.dscores.resize(Shape{chunks, H * Nq, Nk});
+  cache.dscores16.resize(Shape{chunks, H * Nq, Nk});
+  const float scale = 1.0f / std::sqrt(float(Dh));
+  const bf16_bits* q = cache.q16.data();
+  const bf16_bits* k = cache.k16.data();
+  const bf16_bits* v = cache.v16.data();
+  const bf16_bits* dctx = cache.dctx16.data();
+  parallel_for(0, chunks, 1, [&](index_t c0, index_t c1) {
+    for (index_t c = c0; c < c1; ++c) {
+      float* dS = cache.dscores.data() + c * H * Nq * Nk;  // [H, Nq, Nk]
+      bf16_bits* dS16 = cache.dscores16.data() + c * H * Nq * Nk;
+      for (index_t b = c * B / chunks; b < (c + 1) * B / chunks; ++b) {
+        const float* P = cache.probs.data() + b * H * Nq * Nk;
+        const bf16_bits* P16 = cache.probs16.data() + b * H * Nq * Nk;
+        const index_t qo = b * Nq * D, ko = b * Nk * D;
+        // dv_h = P_h^T dctx_h; dP_h = dctx_h v_h^T.
+        gemm_bf16_batched_serial(Trans::T, Trans::N, Nk, Dh, Nq, 1.0f, P16, Nk, Nq * Nk, dctx + qo, D, Dh, 0.0f,
+                                 cache.dv.data() + ko, D, Dh, H);
+        gemm_bf16_batched_serial(Trans::N, Trans::T, Nq, Nk, Dh, 1.0f, dctx + qo, D, Dh, v + ko, D, Dh, 0.0f, dS, Nk,
+                                 Nq * Nk, H);
+        // Softmax backward in fp32 (in place on dP); masked keys have P = 0, so dS = 0 there.
+        for (index_t i = 0; i < H * Nq; ++i) math::softmax_row_backward(P + i * Nk, dS + i * Nk, Nk, dS + i * Nk);
+        to_bf16(dS, H * Nq * Nk, dS16);
+        // Scores are scale * q_h k_h^T: dq_h = scale dS_h k_h, dk_h = scale dS_h^T q_h.
+        gemm_bf16_batched_serial(Trans::N, Trans::N, Nq, Dh, Nk, scale, dS16, Nk, Nq * Nk, k + ko, D, Dh, 0.0f,
+                                 cache.dq.data() + qo, D, Dh, H);
+        gemm_bf16_batched_serial(Trans::T, Trans::N, Nk, Dh, Nq, scale, dS16, Nk, Nq * Nk, q + qo, D, Dh, 0.0f,
+                                 cache.dk.data() + ko, D, Dh, H);
+      }
+    }
+  });
+}
+
+}  // namespace detail
+
+namespace cpu {
+
+// y[B, Nq, D] = MultiHead(xq[B, Nq, D], xkv[B, Nk, D]); fills `cache` for attention_backward.
+template <class T, PrecisionPolicy Prec = Fp32>
+void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
+                       CView<std::uint8_t> key_mask, View<T> y, AttentionCache<T>& cache, const Prec& prec = {}) {
+  const auto d = detail::attention_check<T>("attention_forward", w, heads, xq, xkv, key_mask);
+  expect_shape(y, xq.shape(), "attention_forward: y");
+  cache.size_forward(d.B, d.Nq, d.Nk, d.D, d.H);
+  // Projections: one threaded product each over all rows.
+  cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), prec);
+  cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), prec);
+  cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), prec);
+  const T scale = T(1) / std::sqrt(T(d.Dh));
+  if constexpr (Prec::mixed) {
+    static_assert(std::is_same_v<T, float>, "attention_forward: the bf16 policy computes in float");
+    detail::attention_heads_forward_bf16(d, key_mask, scale, cache);
+  } else {
+    cache.drop_bf16_copies();
+    detail::attention_heads_forward_fp32<T>(d, key_mask, scale, cache);
+  }
+  cpu::linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y, prec);
+}
+
+// Backward of attention_forward (same weights, inputs and mask; `cache` as the forward left it, and its
+// scratch buffers are used). dxq [B, Nq, D] and dxkv [B, Nk, D] are overwritten; when they are the same
+// view, it receives dxq + dxkv (self-attention). Weight gradients accumulate.
+template <class T, PrecisionPolicy Prec = Fp32>
+void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CView<T> xkv,
+                        CView<std::uint8_t> key_mask, AttentionCache<T>& cache, CView<T> dy, View<T> dxq,
+                        View<T> dxkv, const AttentionGrads<T>& g, const Prec& prec = {}) {
+  const auto d = detail::attention_check<T>("attention_backward", w, heads, xq, xkv, key_mask);
+  const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D;
+  expect_shape(dy, xq.shape(), "attention_backward: dy");
+  detail::attention_cache_check<T>("attention_backward", cache, xq.shape(), xkv.shape(), d);
+  if (!dxq.empty()) expect_shape(dxq, xq.shape(), "attention_backward: dxq");
+  if (!dxkv.empty()) expect_shape(dxkv, xkv.shape(), "attention_backward: dxkv");
+  const bool summed = !dxq.empty() && dxq.data() == dxkv.data();
+
+  cache.dctx.resize(Shape{B, Nq, D});  // [B, Nq, D]
+  cache.dq.resize(Shape{B, Nq, D});    // [B, Nq, D]
+  cache.dk.resize(Shape{B, Nk, D});    // [B, Nk, D]
+  cache.dv.resize(Shape{B, Nk, D});    // [B, Nk, D]
+  // Output projection: dctx = dy Wo, dWo += dy^T ctx, dbo += sum dy.
+  cpu::linear_backward<T>(cache.ctx.cview(), w.wo, dy, cache.dctx.view(), g.wo, g.bo, prec);
+
+  if constexpr (Prec::mixed) {
+    detail::attention_cache16_check<T>("attention_backward", cache);
+    detail::attention_heads_backward_bf16(d, cache);
+  } else {
+    detail::attention_heads_backward_fp32<T>(d, cache);
+  }
 
   // Input projections: weight gradients through linear_backward, input gradients as products so that the
   // key and value (and, for self-attention, query) paths add into one buffer.
@@ -197,19 +300,20 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   ref::linear_forward<T>(xkv, w.wk, w.bk, k.view(), prec);
   ref::linear_forward<T>(xkv, w.wv, w.bv, v.view(), prec);
   const T scale = T(1) / std::sqrt(T(Dh));
+  auto rd = [](T x) { return operand<T, Prec>(x); };  // an operand of a per-head product, as the policy reads it
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
       for (index_t i = 0; i < Nq; ++i) {
         T* s = P.data() + ((b * H + h) * Nq + i) * Nk;  // [Nk] one row of scores, then probabilities
         for (index_t j = 0; j < Nk; ++j) {
           T acc = 0;
-          for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) acc += q[(b * Nq + i) * D + c] * k[(b * Nk + j) * D + c];
+          for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) acc += rd(q[(b * Nq + i) * D + c]) * rd(k[(b * Nk + j) * D + c]);
           s[j] = acc * scale;
         }
         math::softmax_row(s, Nk, s, T(1), key_mask.empty() ? nullptr : key_mask.data() + b * Nk);
         for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) {
           T acc = 0;
-          for (index_t j = 0; j < Nk; ++j) acc += s[j] * v[(b * Nk + j) * D + c];
+          for (index_t j = 0; j < Nk; ++j) acc += rd(s[j]) * rd(v[(b * Nk + j) * D + c]);
           ctx[(b * Nq + i) * D + c] = acc;
         }
       }
@@ -238,6 +342,7 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
   Tensor<T> dctx(Shape{B, Nq, D}), dq(Shape{B, Nq, D}), dk(Shape{B, Nk, D}), dv(Shape{B, Nk, D});
   ref::linear_backward<T>(cache.ctx.cview(), w.wo, dy, dctx.view(), g.wo, g.bo, prec);
   const T scale = T(1) / std::sqrt(T(Dh));
+  auto rd = [](T x) { return operand<T, Prec>(x); };  // an operand of a per-head product, as the policy reads it
   std::vector<T> dP(static_cast<std::size_t>(Nk)), dS(static_cast<std::size_t>(Nk));
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
@@ -247,16 +352,17 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
         for (index_t j = 0; j < Nk; ++j) {
           T acc = 0;
           for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) {
-            acc += dc[c] * cache.v[(b * Nk + j) * D + c];
-            dv[(b * Nk + j) * D + c] += P[j] * dc[c];
+            acc += rd(dc[c]) * rd(cache.v[(b * Nk + j) * D + c]);
+            dv[(b * Nk + j) * D + c] += rd(P[j]) * rd(dc[c]);
           }
           dP[static_cast<std::size_t>(j)] = acc;
         }
         math::softmax_row_backward(P, dP.data(), Nk, dS.data());
         for (index_t j = 0; j < Nk; ++j)
           for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) {
-            dq[(b * Nq + i) * D + c] += scale * dS[static_cast<std::size_t>(j)] * cache.k[(b * Nk + j) * D + c];
-            dk[(b * Nk + j) * D + c] += scale * dS[static_cast<std::size_t>(j)] * cache.q[(b * Nq + i) * D + c];
+            const T ds = rd(dS[static_cast<std::size_t>(j)]);
+            dq[(b * Nq + i) * D + c] += scale * ds * rd(cache.k[(b * Nk + j) * D + c]);
+            dk[(b * Nk + j) * D + c] += scale * ds * rd(cache.q[(b * Nq + i) * D + c]);
           }
       }
   Tensor<T> tq(xq.shape()), tk(xkv.shape()), tv(xkv.shape());  // input gradients per projection

@@ -48,6 +48,11 @@ struct AttentionCache {
   // Backward scratch.
   Tensor<T, S> dctx, dq, dk, dv;  // [B, Nq, D], [B, Nq, D], [B, Nk, D], [B, Nk, D]
   Tensor<T, S> dscores;           // [chunks, Nq, Nk] one score gradient per parallel chunk
+  // Under a mixed precision policy (core/precision.hpp) the per-head products read bf16 operands: the forward
+  // keeps q, k, v and the probabilities rounded once (as the backward reads them too); the backward rounds dctx
+  // and the score gradients into the last two. Empty under fp32.
+  Tensor<std::uint16_t, S> q16, k16, v16, probs16;  // shapes of q, k, v, probs
+  Tensor<std::uint16_t, S> dctx16, dscores16;       // shapes of dctx, dscores
 
   // Sizes what a forward fills (every backend's forward calls this: the layout is written once).
   void size_forward(index_t B, index_t Nq, index_t Nk, index_t D, index_t H) {
@@ -56,6 +61,10 @@ struct AttentionCache {
     v.resize(Shape{B, Nk, D});
     probs.resize(Shape{B, H, Nq, Nk});
     ctx.resize(Shape{B, Nq, D});
+  }
+  // A forward under fp32 drops the bf16 copies, so that a backward under a mixed policy cannot read stale ones.
+  void drop_bf16_copies() {
+    for (auto* t : {&q16, &k16, &v16, &probs16}) t->resize(Shape{0});
   }
 };
 
@@ -251,6 +260,15 @@ void attention_cache_check(const char* fn, const AttentionCache<T, S>& cache, co
               fn, ": the cache holds q ", cache.q.shape().str(), ", k ", cache.k.shape().str(), ", probs ",
               cache.probs.shape().str(), " which do not match xq ", xq.str(), ", xkv ", xkv.str(), " and H=", d.H,
               "; run attention_forward with these inputs first");
+}
+
+// Under a mixed policy the backward reads the forward's bf16 copies as well.
+template <class T, class S = HostSpace>
+void attention_cache16_check(const char* fn, const AttentionCache<T, S>& cache) {
+  LIMOE_CHECK(cache.q16.shape() == cache.q.shape() && cache.k16.shape() == cache.k.shape() &&
+                  cache.v16.shape() == cache.v.shape() && cache.probs16.shape() == cache.probs.shape(),
+              fn, ": the cache holds no bf16 copies of the forward's q, k, v and probabilities (the forward ran under "
+              "fp32); run attention_forward under the backward's precision policy first");
 }
 
 template <class T, class S = HostSpace>

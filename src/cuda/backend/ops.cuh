@@ -265,7 +265,36 @@ void pool_backward(Pooling kind, CV<std::uint8_t> key_mask, CV<T> dy, V<T> dx) {
 // ---- attention ---------------------------------------------------------------------------------------------
 
 // y [B, Nq, D] = MultiHead(xq, xkv) (ops/attention.hpp); the per-(example, head) products are strided-batched
-// over the examples, one call per head.
+// over the examples, one call per head. Under a mixed policy they read bf16 copies of their operands (q, k, v
+// and the probabilities rounded once per forward and kept in the cache for the backward; dctx and the score
+// gradients once per backward) through tensor cores with fp32 accumulation; softmax stays fp32, as on the CPU.
+namespace heads {
+// An operand of the per-head products: its fp32 values and, under a mixed policy, its bf16 copy.
+template <class T>
+struct Operand {
+  const T* f;
+  const std::uint16_t* h;
+  Operand operator+(index_t o) const { return {f + o, h ? h + o : nullptr}; }
+};
+template <class T>
+Operand<T> operand(const DTensor<T>& f, const DTensor<std::uint16_t>& h) {
+  return {f.data(), h.numel() == f.numel() ? h.data() : nullptr};
+}
+// The bf16 copy of a whole buffer (kernels::to_bf16_block through the to_bf16 op).
+inline void round_into(const DTensor<float>& src, DTensor<std::uint16_t>& dst) {
+  dst.resize(src.shape());
+  if (src.numel() > 0) to_bf16(src.cview(), dst.view());
+}
+template <class Prec, class T>
+void gemm(bool ta, bool tb, index_t M, index_t N, index_t K, T alpha, Operand<T> A, index_t lda, index_t sa,
+          Operand<T> B, index_t ldb, index_t sb, T beta, T* C, index_t ldc, index_t sc, index_t batch) {
+  if constexpr (Prec::mixed)
+    exec::gemm_bf16_rounded_batched(ta, tb, M, N, K, alpha, A.h, lda, sa, B.h, ldb, sb, beta, C, ldc, sc, batch);
+  else
+    exec::gemm_batched<T>(ta, tb, M, N, K, alpha, A.f, lda, sa, B.f, ldb, sb, beta, C, ldc, sc, batch);
+}
+}  // namespace heads
+
 template <class T, class Prec>
 void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq, CV<T> xkv,
                        CV<std::uint8_t> key_mask, V<T> y, AttentionCache<T, Space>& cache, const Prec& prec) {
@@ -279,16 +308,27 @@ void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq,
   if (B == 0) return;
   T* probs = cache.probs.data();
   profile::Region<Space> heads_region("heads");  // the per-head products and softmax (core/profile.hpp)
+  if constexpr (Prec::mixed) {
+    static_assert(std::is_same_v<T, float>, "CUDA backend: the bf16 products take float tensors");
+    heads::round_into(cache.q, cache.q16);
+    heads::round_into(cache.k, cache.k16);
+    heads::round_into(cache.v, cache.v16);
+  } else {
+    cache.drop_bf16_copies();
+  }
+  const auto q = heads::operand(cache.q, cache.q16), k = heads::operand(cache.k, cache.k16);
   for (index_t h = 0; h < H; ++h)  // raw scores q_h k_h^T of every example
-    exec::gemm_batched<T>(false, true, Nq, Nk, Dh, T(1), cache.q.data() + h * Dh, D, Nq * D, cache.k.data() + h * Dh,
-                          D, Nk * D, T(0), probs + h * Nq * Nk, Nk, H * Nq * Nk, B);
+    heads::gemm<Prec, T>(false, true, Nq, Nk, Dh, T(1), q + h * Dh, D, Nq * D, k + h * Dh, D, Nk * D, T(0),
+                         probs + h * Nq * Nk, Nk, H * Nq * Nk, B);
   using std::sqrt;
   const T scale = T(1) / sqrt(T(Dh));
   exec::launch("softmax_forward (attention)", rows_grid(B * H * Nq), kRowThreads, kn::softmax_forward<kRowThreads, T>,
                static_cast<const T*>(probs), Nk, scale, key_mask.empty() ? nullptr : key_mask.data(), H * Nq, probs);
+  if constexpr (Prec::mixed) heads::round_into(cache.probs, cache.probs16);
+  const auto P = heads::operand(cache.probs, cache.probs16), v = heads::operand(cache.v, cache.v16);
   for (index_t h = 0; h < H; ++h)  // ctx_h = P_h v_h
-    exec::gemm_batched<T>(false, false, Nq, Dh, Nk, T(1), probs + h * Nq * Nk, Nk, H * Nq * Nk, cache.v.data() + h * Dh,
-                          D, Nk * D, T(0), cache.ctx.data() + h * Dh, D, Nq * D, B);
+    heads::gemm<Prec, T>(false, false, Nq, Dh, Nk, T(1), P + h * Nq * Nk, Nk, H * Nq * Nk, v + h * Dh, D, Nk * D, T(0),
+                         cache.ctx.data() + h * Dh, D, Nq * D, B);
   heads_region.stop();
   linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y, prec);
 }
@@ -310,29 +350,37 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
   cache.dv.resize(Shape{B, Nk, D});
   cache.dscores.resize(Shape{B, H, Nq, Nk});  // every pair's score gradient at once
   linear_backward<T>(cache.ctx.cview(), w.wo, dy, cache.dctx.view(), g.wo, g.bo, prec);
-  const T* P = cache.probs.data();
+  const T* probs = cache.probs.data();
   T* dS = cache.dscores.data();
   const index_t sp = H * Nq * Nk;
   profile::Region<Space> heads_region("heads");
+  if constexpr (Prec::mixed) {
+    chk::attention_cache16_check<T, Space>("cuda::attention_backward", cache);
+    heads::round_into(cache.dctx, cache.dctx16);
+  }
+  const auto P = heads::operand(cache.probs, cache.probs16), dctx = heads::operand(cache.dctx, cache.dctx16);
+  const auto q = heads::operand(cache.q, cache.q16), k = heads::operand(cache.k, cache.k16),
+             v = heads::operand(cache.v, cache.v16);
   for (index_t h = 0; h < H; ++h) {
     const index_t ho = h * Dh, po = h * Nq * Nk;
     // dv_h = P^T dctx_h; dP = dctx_h v_h^T.
-    exec::gemm_batched<T>(true, false, Nk, Dh, Nq, T(1), P + po, Nk, sp, cache.dctx.data() + ho, D, Nq * D, T(0),
-                          cache.dv.data() + ho, D, Nk * D, B);
-    exec::gemm_batched<T>(false, true, Nq, Nk, Dh, T(1), cache.dctx.data() + ho, D, Nq * D, cache.v.data() + ho, D,
-                          Nk * D, T(0), dS + po, Nk, sp, B);
+    heads::gemm<Prec, T>(true, false, Nk, Dh, Nq, T(1), P + po, Nk, sp, dctx + ho, D, Nq * D, T(0), cache.dv.data() + ho,
+                         D, Nk * D, B);
+    heads::gemm<Prec, T>(false, true, Nq, Nk, Dh, T(1), dctx + ho, D, Nq * D, v + ho, D, Nk * D, T(0), dS + po, Nk, sp, B);
   }
   exec::launch("softmax_backward (attention)", rows_grid(B * H * Nq), kRowThreads, kn::softmax_backward<kRowThreads, T>,
-               P, static_cast<const T*>(dS), Nk, dS);
+               probs, static_cast<const T*>(dS), Nk, dS);
+  if constexpr (Prec::mixed) heads::round_into(cache.dscores, cache.dscores16);
+  const auto dSo = heads::operand(cache.dscores, cache.dscores16);
   using std::sqrt;
   const T scale = T(1) / sqrt(T(Dh));
   for (index_t h = 0; h < H; ++h) {
     const index_t ho = h * Dh, po = h * Nq * Nk;
     // dq_h = scale dS k_h; dk_h = scale dS^T q_h.
-    exec::gemm_batched<T>(false, false, Nq, Dh, Nk, scale, dS + po, Nk, sp, cache.k.data() + ho, D, Nk * D, T(0),
-                          cache.dq.data() + ho, D, Nq * D, B);
-    exec::gemm_batched<T>(true, false, Nk, Dh, Nq, scale, dS + po, Nk, sp, cache.q.data() + ho, D, Nq * D, T(0),
-                          cache.dk.data() + ho, D, Nk * D, B);
+    heads::gemm<Prec, T>(false, false, Nq, Dh, Nk, scale, dSo + po, Nk, sp, k + ho, D, Nk * D, T(0), cache.dq.data() + ho,
+                         D, Nq * D, B);
+    heads::gemm<Prec, T>(true, false, Nk, Dh, Nq, scale, dSo + po, Nk, sp, q + ho, D, Nq * D, T(0), cache.dk.data() + ho,
+                         D, Nk * D, B);
   }
   heads_region.stop();
   const CV<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
