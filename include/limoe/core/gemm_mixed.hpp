@@ -73,6 +73,34 @@ struct DnnlContextT {
 };
 using DnnlContext = DnnlContextT<>;
 
+// The key of a primitive kept per thread: its shape and layout numbers, alpha and beta.
+template <int Dims>
+struct DnnlKey {
+  index_t v[Dims];
+  float alpha, beta;
+  bool operator==(const DnnlKey&) const = default;
+};
+template <int Dims>
+struct DnnlKeyHash {
+  std::size_t operator()(const DnnlKey<Dims>& k) const {
+    std::size_t h = std::hash<float>()(k.alpha) ^ (std::hash<float>()(k.beta) << 1);
+    for (index_t x : k.v) h = h * 1000003u ^ std::hash<index_t>()(x);
+    return h;
+  }
+};
+// C = alpha op(A) op(B) + beta C as oneDNN attributes: alpha an output scale, beta a sum post-op.
+template <class = void>
+dnnl::primitive_attr dnnl_scale_attr(float alpha, float beta) {
+  dnnl::primitive_attr attr;
+  if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
+  if (beta != 0.0f) {
+    dnnl::post_ops po;
+    po.append_sum(beta);
+    attr.set_post_ops(po);
+  }
+  return attr;
+}
+
 // One oneDNN bf16 matmul on the calling thread. Each thread keeps the primitives it made, so a call creates
 // nothing and binds its operands. A new shape would cost oneDNN a JIT compilation (130-260 us measured), and the
 // MoE layer's expert tiles and weight-gradient jobs change their row counts every call, so M and K are left to
@@ -84,18 +112,8 @@ void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float a
                            index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc) {
   using dt = dnnl::memory::data_type;
   using dims = dnnl::memory::dims;
-  struct Key {
-    index_t v[8];
-    float alpha, beta;
-    bool operator==(const Key&) const = default;
-  };
-  struct Hash {
-    std::size_t operator()(const Key& k) const {
-      std::size_t h = std::hash<float>()(k.alpha) ^ (std::hash<float>()(k.beta) << 1);
-      for (index_t x : k.v) h = h * 1000003u ^ std::hash<index_t>()(x);
-      return h;
-    }
-  };
+  using Key = DnnlKey<8>;
+  using Hash = DnnlKeyHash<8>;
   DnnlContext& ctx = DnnlContext::get();
   thread_local dnnl::stream stream(ctx.engine);
   // An empty entry under the run-time key: oneDNN has only its reference kernel for that, use exact shapes.
@@ -107,14 +125,8 @@ void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float a
   auto b_desc = [&](index_t k) { return dnnl::memory::desc(dims{k, N}, dt::bf16, tb == Trans::N ? dims{ldb, 1} : dims{1, ldb}); };
   auto c_desc = [&](index_t m) { return dnnl::memory::desc(dims{m, N}, dt::f32, dims{ldc, 1}); };
   auto make = [&](index_t m, index_t k) {
-    dnnl::primitive_attr attr;
-    if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
-    if (beta != 0.0f) {
-      dnnl::post_ops po;
-      po.append_sum(beta);
-      attr.set_post_ops(po);
-    }
-    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_desc(m, k), b_desc(k), c_desc(m)), attr, ctx.engine);
+    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_desc(m, k), b_desc(k), c_desc(m)),
+                                        dnnl_scale_attr(alpha, beta), ctx.engine);
   };
   // Runtime M and K (key -1, -1) where that has a real kernel; else the exact shape.
   Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), -1, N, -1, lda, ldb, ldc}, alpha, beta};
@@ -192,21 +204,10 @@ void gemm_bf16_batched_serial(Trans ta, Trans tb, index_t M, index_t N, index_t 
   if (K > 0 && batch > 1 && DnnlContext::get().fast) {
     using dt = dnnl::memory::data_type;
     using dims = dnnl::memory::dims;
-    struct Key {
-      index_t v[13];
-      float alpha, beta;
-      bool operator==(const Key&) const = default;
-    };
-    struct Hash {
-      std::size_t operator()(const Key& k) const {
-        std::size_t h = std::hash<float>()(k.alpha) ^ (std::hash<float>()(k.beta) << 1);
-        for (index_t x : k.v) h = h * 1000003u ^ std::hash<index_t>()(x);
-        return h;
-      }
-    };
+    using Key = DnnlKey<12>;
     DnnlContext& ctx = DnnlContext::get();
     thread_local dnnl::stream stream(ctx.engine);
-    thread_local std::unordered_map<Key, std::optional<dnnl::matmul>, Hash> cache;  // empty: oneDNN's ref kernel
+    thread_local std::unordered_map<Key, std::optional<dnnl::matmul>, DnnlKeyHash<12>> cache;  // empty: oneDNN's ref kernel
     dnnl_single_thread();
     // Four dimensions with a leading 1: oneDNN 2.x then picks its brgemm kernel for the heads' strided blocks
     // (2.5 ms per B/32 layer for scores and contexts, against 2.9 with its gemm kernel that three get).
@@ -214,21 +215,15 @@ void gemm_bf16_batched_serial(Trans ta, Trans tb, index_t M, index_t N, index_t 
                                     ta == Trans::N ? dims{batch * sa, sa, lda, 1} : dims{batch * sa, sa, 1, lda}),
         b_desc(dims{1, batch, K, N}, dt::bf16, tb == Trans::N ? dims{batch * sb, sb, ldb, 1} : dims{batch * sb, sb, 1, ldb}),
         c_desc(dims{1, batch, M, N}, dt::f32, dims{batch * sc, sc, ldc, 1});
-    const Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), M, N, K, lda, sa, ldb, sb, ldc, sc, batch, 0},
+    const Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), M, N, K, lda, sa, ldb, sb, ldc, sc, batch},
                   alpha, beta};
     auto it = cache.find(key);
     if (it == cache.end()) {
       if (cache.size() >= 512) cache.clear();  // shapes of another model: start again
       std::optional<dnnl::matmul> prim;
       try {
-        dnnl::primitive_attr attr;
-        if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
-        if (beta != 0.0f) {
-          dnnl::post_ops po;
-          po.append_sum(beta);
-          attr.set_post_ops(po);
-        }
-        const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_desc, b_desc, c_desc), attr, ctx.engine);
+        const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_desc, b_desc, c_desc), dnnl_scale_attr(alpha, beta),
+                                              ctx.engine);
         if (std::string(pd.impl_info_str()).rfind("ref", 0) != 0) prim.emplace(pd);
       } catch (const dnnl::error&) {
         // A layout this oneDNN does not take: per item below.
