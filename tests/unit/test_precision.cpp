@@ -136,8 +136,9 @@ TEST_CASE("mixed products agree with the double product of the bf16-rounded oper
 TEST_CASE("batched bf16 products (attention's heads) agree with the double product of the rounded operands") {
   // The layout of attention's per-head products: item i is head i, its operand columns i*Dh .. (i+1)*Dh of
   // rows D wide (batch stride Dh, leading dimension D), or a dense [Nq, Nk] block per head; every transpose the
-  // forward and backward use, alpha and beta. Both oneDNN's batched kernel (where it takes the layout) and the
-  // per-item fallback (where oneDNN is absent or refuses the layout) are compared with the naive double product.
+  // forward and backward use, alpha and beta. oneDNN's batched kernel (where it takes the layout) and the two
+  // fallbacks (per item where oneDNN refuses the layout, widened where it has no bf16 kernel) are compared with
+  // the naive double product.
   const index_t H = 3, Dh = 16, D = H * Dh + 5, Nq = 9, Nk = 11;
   struct Case {
     Trans ta, tb;
@@ -151,7 +152,7 @@ TEST_CASE("batched bf16 products (attention's heads) agree with the double produ
   for (const Case& c : cases)
     for (index_t batch : {H, index_t(1)})
       for (int ab = 0; ab < 2; ++ab)
-        for (int path = 0; path < 2; ++path) {
+        for (int path = 0; path < 3; ++path) {
         const index_t ar = c.ta == Trans::N ? c.M : c.K, ac = c.ta == Trans::N ? c.K : c.M;
         const index_t br = c.tb == Trans::N ? c.K : c.N, bc = c.tb == Trans::N ? c.N : c.K;
         const index_t na = (batch - 1) * c.sa + (ar - 1) * c.lda + ac, nb = (batch - 1) * c.sb + (br - 1) * c.ldb + bc;
@@ -162,9 +163,11 @@ TEST_CASE("batched bf16 products (attention's heads) agree with the double produ
         to_bf16(B.data(), nb, b16.data());
         const float alpha = ab ? 0.25f : 1.0f, beta = ab ? 1.0f : 0.0f;
         Tensor<float> C = C0;
-        (path == 0 ? detail::gemm_bf16_batched_serial<> : detail::gemm_bf16_per_item<>)(
-            c.ta, c.tb, c.M, c.N, c.K, alpha, a16.data(), c.lda, c.sa, b16.data(), c.ldb, c.sb, beta, C.data(), c.ldc,
-            c.sc, batch);
+        const auto product = path == 0   ? detail::gemm_bf16_batched_serial<>
+                             : path == 1 ? detail::gemm_bf16_per_item<>
+                                         : detail::gemm_bf16_batched_widened<>;
+        product(c.ta, c.tb, c.M, c.N, c.K, alpha, a16.data(), c.lda, c.sa, b16.data(), c.ldb, c.sb, beta, C.data(),
+                c.ldc, c.sc, batch);
         std::vector<bool> written(static_cast<std::size_t>(nc), false);
         double worst = 0;
         for (index_t i = 0; i < batch; ++i)

@@ -184,15 +184,39 @@ void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float
 // For i < batch, C_i = alpha op(A_i) op(B_i) + beta C_i on one thread, with A_i = A + i * sa, B_i = B + i * sb,
 // C_i = C + i * sc; A, B bf16, C fp32 (the attention's per-head products under Bf16Mixed, ops/attention.hpp: one
 // call for the heads of an image). oneDNN's batched matmul on exact shapes (they are fixed for a model: one
-// primitive per shape, kept per thread); where oneDNN is absent, or offers only its reference kernel for that
-// layout, one gemm_bf16_serial per item (the same arithmetic).
-// The same as one gemm_bf16_serial per item: its fallback (and the tests' second path).
+// primitive per shape, kept per thread); where oneDNN refuses the layout or offers only its reference kernel,
+// gemm_bf16_per_item (the same arithmetic).
+// The batch without oneDNN's bf16 kernel: each operand's whole extent widened to fp32 once, then gemm_serial per
+// item. Once, not per item: an item is one head's columns of rows that hold every head, so widening per item
+// (gemm_bf16_widened) would convert each operand H times.
+template <class = void>
+void gemm_bf16_batched_widened(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
+                               index_t lda, index_t sa, const bf16_bits* B, index_t ldb, index_t sb, float beta,
+                               float* C, index_t ldc, index_t sc, index_t batch) {
+  if (M == 0 || N == 0 || batch == 0) return;
+  const index_t na = (batch - 1) * sa + operand_extent(ta == Trans::N ? M : K, ta == Trans::N ? K : M, lda);
+  const index_t nb = (batch - 1) * sb + operand_extent(tb == Trans::N ? K : N, tb == Trans::N ? N : K, ldb);
+  ScratchLease<float> a(na), b(nb);
+  for (index_t i = 0; i < na; ++i) a.data()[i] = from_bf16(A[i]);
+  for (index_t i = 0; i < nb; ++i) b.data()[i] = from_bf16(B[i]);
+  for (index_t i = 0; i < batch; ++i)
+    gemm_serial<float>(ta, tb, M, N, K, alpha, a.data() + i * sa, lda, b.data() + i * sb, ldb, beta, C + i * sc, ldc);
+}
+
+// The fallback of gemm_bf16_batched_serial: one gemm_bf16_serial per item where oneDNN has a bf16 kernel (it
+// refused the batched layout), else the widened batch above.
 template <class = void>
 void gemm_bf16_per_item(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                         index_t lda, index_t sa, const bf16_bits* B, index_t ldb, index_t sb, float beta, float* C,
                         index_t ldc, index_t sc, index_t batch) {
-  for (index_t i = 0; i < batch; ++i)
-    gemm_bf16_serial(ta, tb, M, N, K, alpha, A + i * sa, lda, B + i * sb, ldb, beta, C + i * sc, ldc);
+#if defined(LIMOE_HAVE_DNNL)
+  if (DnnlContext::get().fast) {
+    for (index_t i = 0; i < batch; ++i)
+      gemm_bf16_serial(ta, tb, M, N, K, alpha, A + i * sa, lda, B + i * sb, ldb, beta, C + i * sc, ldc);
+    return;
+  }
+#endif
+  gemm_bf16_batched_widened(ta, tb, M, N, K, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch);
 }
 
 template <class = void>
@@ -207,13 +231,15 @@ void gemm_bf16_batched_serial(Trans ta, Trans tb, index_t M, index_t N, index_t 
     using Key = DnnlKey<12>;
     DnnlContext& ctx = DnnlContext::get();
     thread_local dnnl::stream stream(ctx.engine);
-    thread_local std::unordered_map<Key, std::optional<dnnl::matmul>, DnnlKeyHash<12>> cache;  // empty: oneDNN's ref kernel
+    // An empty entry: oneDNN has only its reference kernel for that layout.
+    thread_local std::unordered_map<Key, std::optional<dnnl::matmul>, DnnlKeyHash<12>> cache;
     dnnl_single_thread();
     // Four dimensions with a leading 1: oneDNN 2.x then picks its brgemm kernel for the heads' strided blocks
     // (2.5 ms per B/32 layer for scores and contexts, against 2.9 with its gemm kernel that three get).
     const dnnl::memory::desc a_desc(dims{1, batch, M, K}, dt::bf16,
                                     ta == Trans::N ? dims{batch * sa, sa, lda, 1} : dims{batch * sa, sa, 1, lda}),
-        b_desc(dims{1, batch, K, N}, dt::bf16, tb == Trans::N ? dims{batch * sb, sb, ldb, 1} : dims{batch * sb, sb, 1, ldb}),
+        b_desc(dims{1, batch, K, N}, dt::bf16,
+               tb == Trans::N ? dims{batch * sb, sb, ldb, 1} : dims{batch * sb, sb, 1, ldb}),
         c_desc(dims{1, batch, M, N}, dt::f32, dims{batch * sc, sc, ldc, 1});
     const Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), M, N, K, lda, sa, ldb, sb, ldc, sc, batch},
                   alpha, beta};
@@ -231,8 +257,8 @@ void gemm_bf16_batched_serial(Trans ta, Trans tb, index_t M, index_t N, index_t 
       it = cache.emplace(key, std::move(prim)).first;
     }
     if (it->second) {
-      const dnnl::memory a(a_desc, ctx.engine, const_cast<bf16_bits*>(A)), b(b_desc, ctx.engine, const_cast<bf16_bits*>(B)),
-          c(c_desc, ctx.engine, C);
+      const dnnl::memory a(a_desc, ctx.engine, const_cast<bf16_bits*>(A)),
+          b(b_desc, ctx.engine, const_cast<bf16_bits*>(B)), c(c_desc, ctx.engine, C);
       it->second->execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
       stream.wait();
       return;

@@ -307,7 +307,8 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
         T* s = P.data() + ((b * H + h) * Nq + i) * Nk;  // [Nk] one row of scores, then probabilities
         for (index_t j = 0; j < Nk; ++j) {
           T acc = 0;
-          for (index_t c = h * Dh; c < (h + 1) * Dh; ++c) acc += rd(q[(b * Nq + i) * D + c]) * rd(k[(b * Nk + j) * D + c]);
+          for (index_t c = h * Dh; c < (h + 1) * Dh; ++c)
+            acc += rd(q[(b * Nq + i) * D + c]) * rd(k[(b * Nk + j) * D + c]);
           s[j] = acc * scale;
         }
         math::softmax_row(s, Nk, s, T(1), key_mask.empty() ? nullptr : key_mask.data() + b * Nk);
