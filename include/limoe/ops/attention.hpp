@@ -57,9 +57,9 @@ void add_column_sums(const T* g, index_t R, index_t C, T* acc) {
 
 // The per-head work under Fp32: one (image, head) pair per job, single-threaded products (gemm_serial).
 template <class T>
-void attention_heads_forward_fp32(const AttentionDims& d, CView<std::uint8_t> key_mask, T scale,
-                                  AttentionCache<T>& cache) {
+void attention_heads_forward_fp32(const AttentionDims& d, CView<std::uint8_t> key_mask, AttentionCache<T>& cache) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  const T scale = detail::attention_scale<T>(d);
   const T* q = cache.q.data();
   const T* k = cache.k.data();
   const T* v = cache.v.data();
@@ -90,7 +90,7 @@ void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& ca
   const index_t pairs = B * H;
   const index_t chunks = std::max<index_t>(1, std::min<index_t>(pairs, 4 * index_t(std::max(1, num_threads()))));
   cache.dscores.resize(Shape{chunks, Nq, Nk});  // [chunks, Nq, Nk]
-  const T scale = T(1) / std::sqrt(T(Dh));
+  const T scale = detail::attention_scale<T>(d);
   const T* q = cache.q.data();
   const T* k = cache.k.data();
   const T* v = cache.v.data();
@@ -127,9 +127,9 @@ void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& ca
 // the thread pool, the probabilities once per image; the forward keeps them (cache.q16 .. probs16) for the
 // backward. Work items are images, so results do not depend on the thread count.
 template <class = void>
-void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> key_mask, float scale,
-                                  AttentionCache<float>& cache) {
+void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> key_mask, AttentionCache<float>& cache) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  const float scale = detail::attention_scale<float>(d);
   profile::Region<HostSpace> heads_region("heads");
   for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}}) {
     dst->resize(src->shape());
@@ -167,7 +167,7 @@ void attention_heads_backward_bf16(const AttentionDims& d, AttentionCache<float>
   const index_t chunks = std::max<index_t>(1, std::min<index_t>(B, 4 * index_t(std::max(1, num_threads()))));
   cache.dscores.resize(Shape{chunks, H * Nq, Nk});
   cache.dscores16.resize(Shape{chunks, H * Nq, Nk});
-  const float scale = 1.0f / std::sqrt(float(Dh));
+  const float scale = detail::attention_scale<float>(d);
   const bf16_bits* q = cache.q16.data();
   const bf16_bits* k = cache.k16.data();
   const bf16_bits* v = cache.v16.data();
@@ -213,13 +213,12 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), prec);
   cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), prec);
   cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), prec);
-  const T scale = T(1) / std::sqrt(T(d.Dh));
   if constexpr (Prec::mixed) {
     static_assert(std::is_same_v<T, float>, "attention_forward: the bf16 policy computes in float");
-    detail::attention_heads_forward_bf16(d, key_mask, scale, cache);
+    detail::attention_heads_forward_bf16(d, key_mask, cache);
   } else {
     cache.drop_bf16_copies();
-    detail::attention_heads_forward_fp32<T>(d, key_mask, scale, cache);
+    detail::attention_heads_forward_fp32<T>(d, key_mask, cache);
   }
   cpu::linear_forward<T>(cache.ctx.cview(), w.wo, w.bo, y, prec);
 }
@@ -299,7 +298,7 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   ref::linear_forward<T>(xq, w.wq, w.bq, q.view(), prec);
   ref::linear_forward<T>(xkv, w.wk, w.bk, k.view(), prec);
   ref::linear_forward<T>(xkv, w.wv, w.bv, v.view(), prec);
-  const T scale = T(1) / std::sqrt(T(Dh));
+  const T scale = detail::attention_scale<T>(d);
   auto rd = [](T x) { return operand<T, Prec>(x); };  // an operand of a per-head product, as the policy reads it
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h)
@@ -342,7 +341,7 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
   const bool summed = !dxq.empty() && dxq.data() == dxkv.data();
   Tensor<T> dctx(Shape{B, Nq, D}), dq(Shape{B, Nq, D}), dk(Shape{B, Nk, D}), dv(Shape{B, Nk, D});
   ref::linear_backward<T>(cache.ctx.cview(), w.wo, dy, dctx.view(), g.wo, g.bo, prec);
-  const T scale = T(1) / std::sqrt(T(Dh));
+  const T scale = detail::attention_scale<T>(d);
   auto rd = [](T x) { return operand<T, Prec>(x); };  // an operand of a per-head product, as the policy reads it
   std::vector<T> dP(static_cast<std::size_t>(Nk)), dS(static_cast<std::size_t>(Nk));
   for (index_t b = 0; b < B; ++b)

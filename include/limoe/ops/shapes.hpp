@@ -222,6 +222,12 @@ struct AttentionDims {
   index_t B = 0, Nq = 0, Nk = 0, D = 0, H = 0, Dh = 0;
 };
 
+// The scores are scale * q_h k_h^T with scale = 1 / sqrt(Dh) (every backend's forward and backward).
+template <class T>
+T attention_scale(const AttentionDims& d) {
+  return T(1) / std::sqrt(T(d.Dh));
+}
+
 template <class T, class S = HostSpace>
 AttentionDims attention_check(const char* fn, const std::type_identity_t<AttentionWeights<T, S>>& w, int heads, detail::CArg<T, S> xq, detail::CArg<T, S> xkv,
                               detail::CArg<std::uint8_t, S> key_mask) {

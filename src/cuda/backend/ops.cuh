@@ -320,8 +320,7 @@ void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq,
   for (index_t h = 0; h < H; ++h)  // raw scores q_h k_h^T of every example
     heads::gemm<Prec, T>(false, true, Nq, Nk, Dh, T(1), q + h * Dh, D, Nq * D, k + h * Dh, D, Nk * D, T(0),
                          probs + h * Nq * Nk, Nk, H * Nq * Nk, B);
-  using std::sqrt;
-  const T scale = T(1) / sqrt(T(Dh));
+  const T scale = chk::attention_scale<T>(d);
   exec::launch("softmax_forward (attention)", rows_grid(B * H * Nq), kRowThreads, kn::softmax_forward<kRowThreads, T>,
                static_cast<const T*>(probs), Nk, scale, key_mask.empty() ? nullptr : key_mask.data(), H * Nq, probs);
   if constexpr (Prec::mixed) heads::round_into(cache.probs, cache.probs16);
@@ -372,8 +371,7 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
                probs, static_cast<const T*>(dS), Nk, dS);
   if constexpr (Prec::mixed) heads::round_into(cache.dscores, cache.dscores16);
   const auto dSo = heads::operand(cache.dscores, cache.dscores16);
-  using std::sqrt;
-  const T scale = T(1) / sqrt(T(Dh));
+  const T scale = chk::attention_scale<T>(d);
   for (index_t h = 0; h < H; ++h) {
     const index_t ho = h * Dh, po = h * Nq * Nk;
     // dq_h = scale dS k_h; dk_h = scale dS^T q_h.
