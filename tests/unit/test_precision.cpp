@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limoe/backend/ops.hpp>
 #include <limoe/core/gemm_mixed.hpp>
 #include <limoe/core/parallel.hpp>
@@ -66,6 +67,51 @@ TEST_CASE("to_bf16 rounds to the nearest bf16, ties to even; NaN and infinities 
   CHECK(std::isinf(round_bf16(INFINITY)));
   CHECK(round_bf16(-0.0f) == 0.0f);
   CHECK(std::isinf(round_bf16(3.4e38f)));  // above the largest bf16: rounds to infinity, as the format does
+}
+
+TEST_CASE("an activation rounded once per op: found by the policy, the same bits as rounding it in every product") {
+  // The policy: a copy is found by address inside its extent only; a full policy stays as it was.
+  float buf[8] = {};
+  bf16_bits lo[8] = {};
+  Bf16Mixed p = Bf16Mixed{}.with(buf + 2, 4, lo);
+  CHECK(p.find(buf + 3, 3) == lo + 1);
+  CHECK(p.find(buf + 3, 4) == nullptr);  // runs past the copy
+  CHECK(p.find(buf, 1) == nullptr);
+  Bf16Mixed full;
+  for (int i = 0; i < Bf16Mixed::kActs; ++i) full = full.with(buf + i, 1, lo + i);
+  const Bf16Mixed same = full.with(buf + 7, 1, lo + 7);
+  CHECK(same.find(buf + 7, 1) == nullptr);
+  CHECK(same.find(buf + Bf16Mixed::kActs - 1, 1) == lo + Bf16Mixed::kActs - 1);
+
+  const index_t R = 300, I = 48, O = 40;
+  auto x = randf(Shape{R, I}, 41), W = randf(Shape{O, I}, 42, 0.2), dy = randf(Shape{R, O}, 43);
+  {  // RoundedOnce: the copy is x rounded, found through prec(); nothing under Fp32, for null, or when found already
+    const RoundedOnce<float, Bf16Mixed> r(Bf16Mixed{}, x.data(), x.numel());
+    const bf16_bits* c = r.prec().find(x.data(), x.numel());
+    REQUIRE(c != nullptr);
+    for (index_t i = 0; i < x.numel(); ++i) CHECK(c[i] == to_bf16(x[i]));
+    const RoundedOnce<float, Bf16Mixed> again(r.prec(), x.data(), x.numel());
+    CHECK(again.prec().find(x.data(), x.numel()) == c);
+    const RoundedOnce<float, Bf16Mixed> none(Bf16Mixed{}, nullptr, x.numel());
+    CHECK(none.prec().find(x.data(), x.numel()) == nullptr);
+    const RoundedOnce<float, Fp32> fp32(Fp32{}, x.data(), x.numel());
+    (void)fp32.prec();
+  }
+  // linear_backward (dy rounded once for both products) against its two products on the plain policy, which
+  // round dy in each: the same bits, on 1 and 2 threads.
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    Tensor<float> dx(Shape{R, I}), dW(Shape{O, I}), db(Shape{O});
+    dW.zero(), db.zero();
+    cpu::linear_backward<float>(x.cview(), W.cview(), dy.cview(), dx.view(), dW.view(), db.view(), Bf16Mixed{});
+    Tensor<float> dx0(Shape{R, I}), dW0(Shape{O, I});
+    dW0.zero();
+    gemm_mixed<float>(Bf16Mixed{}, Trans::N, Trans::N, R, I, O, 1.0f, dy.data(), O, W.data(), I, 0.0f, dx0.data(), I);
+    gemm_mixed<float>(Bf16Mixed{}, Trans::T, Trans::N, O, I, R, 1.0f, dy.data(), O, x.data(), I, 1.0f, dW0.data(), I);
+    CHECK(std::memcmp(dx.data(), dx0.data(), sizeof(float) * dx.numel()) == 0);
+    CHECK(std::memcmp(dW.data(), dW0.data(), sizeof(float) * dW.numel()) == 0);
+  }
+  set_num_threads(0);
 }
 
 TEST_CASE("mixed products agree with the double product of the bf16-rounded operands") {

@@ -279,6 +279,32 @@ inline const bf16_bits* bf16_operand(const Bf16Mixed& prec, const float* X, inde
 }
 }  // namespace detail
 
+// An fp32 activation that several products of one op read: under Bf16Mixed rounded here once (over the thread
+// pool, into the calling thread's scratch), and prec() is the policy that also finds that copy, so the products
+// read it instead of rounding it again (the same bits: rounding is per element); under Fp32, or when the policy
+// already finds x, nothing, and prec() is the policy itself. Lives on the stack of the op that makes it.
+template <class T, PrecisionPolicy P>
+class RoundedOnce {
+ public:
+  RoundedOnce(const P& prec, const T* x, index_t n) : prec_(prec), lease_(needed(prec, x, n) ? n : 0) {
+    if constexpr (P::mixed && std::is_same_v<T, float>) {
+      if (needed(prec, x, n)) {
+        to_bf16_parallel(x, n, lease_.data());
+        prec_ = prec.with(x, n, lease_.data());
+      }
+    }
+  }
+  const P& prec() const { return prec_; }
+
+ private:
+  static bool needed(const P& prec, const T* x, index_t n) {
+    if constexpr (P::mixed && std::is_same_v<T, float>) return x != nullptr && n > 0 && prec.find(x, n) == nullptr;
+    else return (void)prec, (void)x, (void)n, false;
+  }
+  P prec_;
+  detail::ScratchLease<bf16_bits> lease_;
+};
+
 namespace detail {
 // What both mixed products share: under Fp32 (or a non-float T) `fp32()` runs; under Bf16Mixed the operands are
 // read as bf16 (the mirror's copy, or rounded here, over the thread pool when `threaded`) and passed to

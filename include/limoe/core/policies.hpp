@@ -41,7 +41,28 @@ struct Bf16Mixed {
   // Where the weights' bf16 copies are found (a model points it at its own mirror, in the memory of its
   // backend); operands not found there are rounded as they enter the product.
   Bf16Copies weights{};
-  const bf16_bits* find(const float* p, index_t n) const { return weights.find(p, n); }
+  // Activations an op has rounded once for several of its products (the RoundedOnce helpers of the backends:
+  // attention's input for its q, k and v projections, a linear layer's output gradient for its input and
+  // weight gradients), found like the weights. At most kActs; with() leaves a policy that is full unchanged
+  // (the products then round that activation themselves: slower, the same bits).
+  static constexpr int kActs = 6;
+  Bf16Copies acts[kActs]{};
+  const bf16_bits* find(const float* p, index_t n) const {
+    if (const bf16_bits* w = weights.find(p, n)) return w;
+    for (const Bf16Copies& a : acts)
+      if (const bf16_bits* w = a.find(p, n)) return w;
+    return nullptr;
+  }
+  // This policy, also knowing that the n floats at p are rounded at lo.
+  Bf16Mixed with(const float* p, index_t n, const bf16_bits* lo) const {
+    Bf16Mixed r = *this;
+    for (Bf16Copies& a : r.acts)
+      if (a.lo == nullptr) {
+        a = Bf16Copies{p, n, lo};
+        break;
+      }
+    return r;
+  }
 };
 
 }  // namespace limoe

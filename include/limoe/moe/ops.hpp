@@ -224,18 +224,29 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
   expect_shape(dh, Shape{p.A, M}, "expert_mlp_backward: dh");
   const bool need_dx = !dxe.empty();
   if (need_dx) expect_shape(dxe, Shape{p.A, D}, "expert_mlp_backward: dxe");
+  // Bf16Mixed: dye and dh are each read by two products (the input side below, the weight gradients after it):
+  // dye rounded once here, each tile's rows of dh rounded once as its GELU' writes them, and the policy told
+  // where both copies are (the weight-gradient jobs read them too).
+  Prec p16 = prec;
+  if constexpr (Prec::mixed) {
+    s.lo_dye.resize(static_cast<std::size_t>(dye.numel()));
+    to_bf16_parallel(dye.data(), dye.numel(), s.lo_dye.data());
+    s.lo_dh.resize(static_cast<std::size_t>(dh.numel()));
+    p16 = prec.with(dye.data(), dye.numel(), s.lo_dye.data()).with(dh.data(), dh.numel(), s.lo_dh.data());
+  }
   // Input side per tile (rows are independent): dh = dye W2 -> GELU'; dxe = dh W1.
   parallel_for(0, static_cast<index_t>(s.tiles.size()), 1, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {
       const auto tile = s.tiles[static_cast<std::size_t>(i)];
       const index_t e = tile.e, r0 = tile.r0, rows = tile.r1 - tile.r0;
       T* dhp = dh.data() + r0 * M;
-      gemm_mixed_serial<T>(prec, Trans::N, Trans::N, rows, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M,
+      gemm_mixed_serial<T>(p16, Trans::N, Trans::N, rows, M, D, T(1), dye.data() + r0 * D, D, w.fc2_w.data() + e * D * M, M,
                      T(0), dhp, M);
       limoe::cpu::gelu_backward<T>(gelu, CView<T>(hpre.data() + r0 * M, Shape{rows, M}), CView<T>(dhp, Shape{rows, M}),
                             View<T>(dhp, Shape{rows, M}));
+      if constexpr (Prec::mixed) to_bf16(dhp, rows * M, s.lo_dh.data() + r0 * M);
       if (need_dx)
-        gemm_mixed_serial<T>(prec, Trans::N, Trans::N, rows, D, M, T(1), dhp, M, w.fc1_w.data() + e * M * D, D, T(0),
+        gemm_mixed_serial<T>(p16, Trans::N, Trans::N, rows, D, M, T(1), dhp, M, w.fc1_w.data() + e * M * D, D, T(0),
                        dxe.data() + r0 * D, D);
     }
   });
@@ -254,8 +265,7 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
       lo.resize(static_cast<std::size_t>(x.numel()));
       to_bf16_parallel(x.data(), x.numel(), lo.data());
     };
-    round_all(dye, s.lo_dye), round_all(h, s.lo_h), round_all(CView<T>(dh.data(), dh.shape()), s.lo_dh),
-        round_all(xe, s.lo_xe);
+    round_all(h, s.lo_h), round_all(xe, s.lo_xe);  // dye and dh: rounded above
   }
   parallel_for(0, static_cast<index_t>(s.jobs.size()), 1, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {

@@ -209,10 +209,14 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   const auto d = detail::attention_check<T>("attention_forward", w, heads, xq, xkv, key_mask);
   expect_shape(y, xq.shape(), "attention_forward: y");
   cache.size_forward(d.B, d.Nq, d.Nk, d.D, d.H);
-  // Projections: one threaded product each over all rows.
-  cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), prec);
-  cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), prec);
-  cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), prec);
+  // Projections: one threaded product each over all rows; under bf16 xkv (xq too, for self-attention) rounded
+  // once for the three of them.
+  {
+    const RoundedOnce<T, Prec> x16(prec, xkv.data(), xkv.numel());
+    cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), x16.prec());
+    cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), x16.prec());
+    cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), x16.prec());
+  }
   if constexpr (Prec::mixed) {
     static_assert(std::is_same_v<T, float>, "attention_forward: the bf16 policy computes in float");
     detail::attention_heads_forward_bf16(d, key_mask, cache);
@@ -254,15 +258,22 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
 
   // Input projections: weight gradients through linear_backward, input gradients as products so that the
   // key and value (and, for self-attention, query) paths add into one buffer.
+  // Under bf16, what two or three products read is rounded once: xkv (the weight gradients of k and v, and of
+  // q for self-attention), and dq, dk, dv when both their weight and their input gradient are wanted.
   const CView<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
-  cpu::linear_backward<T>(xq, w.wq, dqv, View<T>{}, g.wq, g.bq, prec);
-  cpu::linear_backward<T>(xkv, w.wk, dkv, View<T>{}, g.wk, g.bk, prec);
-  cpu::linear_backward<T>(xkv, w.wv, dvv, View<T>{}, g.wv, g.bv, prec);
-  if (!dxq.empty()) gemm_mixed<T>(prec, Trans::N, Trans::N, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
+  const RoundedOnce<T, Prec> x16(prec, xkv.data(), xkv.numel());
+  const RoundedOnce<T, Prec> dq16(x16.prec(), !dxq.empty() && !g.wq.empty() ? dqv.data() : nullptr, dqv.numel());
+  const RoundedOnce<T, Prec> dk16(dq16.prec(), !dxkv.empty() && !g.wk.empty() ? dkv.data() : nullptr, dkv.numel());
+  const RoundedOnce<T, Prec> dv16(dk16.prec(), !dxkv.empty() && !g.wv.empty() ? dvv.data() : nullptr, dvv.numel());
+  const Prec& p16 = dv16.prec();
+  cpu::linear_backward<T>(xq, w.wq, dqv, View<T>{}, g.wq, g.bq, p16);
+  cpu::linear_backward<T>(xkv, w.wk, dkv, View<T>{}, g.wk, g.bk, p16);
+  cpu::linear_backward<T>(xkv, w.wv, dvv, View<T>{}, g.wv, g.bv, p16);
+  if (!dxq.empty()) gemm_mixed<T>(p16, Trans::N, Trans::N, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
   if (!dxkv.empty()) {
-    gemm_mixed<T>(prec, Trans::N, Trans::N, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0),
+    gemm_mixed<T>(p16, Trans::N, Trans::N, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0),
             dxkv.data(), D);
-    gemm_mixed<T>(prec, Trans::N, Trans::N, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
+    gemm_mixed<T>(p16, Trans::N, Trans::N, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
   }
 }
 

@@ -49,9 +49,11 @@ void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW
   if (!dW.empty()) expect_shape(dW, W.shape(), "linear_backward: dW");
   if (!db.empty())
     LIMOE_CHECK(db.numel() == O, "linear_backward: db ", db.shape().str(), " must have O = ", O, " elements");
-  if (!dx.empty()) gemm_mixed<T>(prec, Trans::N, Trans::N, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
+  // dy is read by both products: under bf16 rounded once for both.
+  const RoundedOnce<T, Prec> dy16(prec, !dx.empty() && !dW.empty() ? dy.data() : nullptr, R * O);
+  if (!dx.empty()) gemm_mixed<T>(dy16.prec(), Trans::N, Trans::N, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
   if (!dW.empty() && R > 0)
-    gemm_mixed<T>(prec, Trans::T, Trans::N, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
+    gemm_mixed<T>(dy16.prec(), Trans::T, Trans::N, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
   if (!db.empty() && R > 0) {
     const detail::MapC<T> g(dy.data(), R, O, Eigen::OuterStride<>(O));
     Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> acc(db.data(), O);

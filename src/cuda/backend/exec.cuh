@@ -213,6 +213,34 @@ class Bf16Operand {
   DTensor<std::uint16_t> copy_;
 };
 
+// An fp32 activation that several products of one op read (attention's input for its q, k and v projections and
+// their weight gradients, a linear layer's output gradient for its input and weight gradients): under a mixed
+// policy rounded once here (one launch), and prec() is the policy that also finds that copy, so Bf16Operand
+// takes it instead of rounding it again; under Fp32, for a null x, or when the policy finds x already, nothing.
+// The host's counterpart is core/gemm_mixed.hpp's RoundedOnce.
+template <class Prec, class T>
+class RoundedOnce {
+ public:
+  RoundedOnce(const Prec& prec, const T* x, std::int64_t n) : prec_(prec) {
+    if constexpr (Prec::mixed) {
+      static_assert(std::is_same_v<T, float>, "CUDA backend: the bf16 products take float tensors");
+      if (x != nullptr && n > 0 && prec.find(x, n) == nullptr) {
+        copy_.resize(Shape{n});
+        launch("to_bf16_block", grid_for(n), 256, ::limoe::cuda::kernels::to_bf16_block<float>, x, n, std::int64_t(1),
+               std::int64_t(1), copy_.data());
+        prec_ = prec.with(x, n, copy_.data());
+      }
+    } else {
+      (void)x, (void)n;
+    }
+  }
+  const Prec& prec() const { return prec_; }
+
+ private:
+  Prec prec_;
+  DTensor<std::uint16_t> copy_;
+};
+
 // The same product on fp32 operands under the Bf16Mixed policy `prec` (each operand as Bf16Operand reads it).
 inline void gemm_bf16(const Bf16Mixed& prec, bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K,
                       float alpha, const float* A, std::int64_t lda, const float* B, std::int64_t ldb, float beta,

@@ -59,9 +59,11 @@ void linear_backward(CV<T> x, CV<T> W, CV<T> dy, V<T> dx, V<T> dW, V<T> db, cons
   if (!dW.empty()) expect_shape(dW, W.shape(), "cuda::linear_backward: dW");
   if (!db.empty())
     LIMOE_CHECK(db.numel() == O, "cuda::linear_backward: db ", db.shape().str(), " must have O = ", O, " elements");
-  if (!dx.empty()) exec::gemm_as<Prec, T>(prec, false, false, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
+  // dy is read by both products: under bf16 rounded once for both.
+  const exec::RoundedOnce<Prec, T> dy16(prec, !dx.empty() && !dW.empty() ? dy.data() : nullptr, R * O);
+  if (!dx.empty()) exec::gemm_as<Prec, T>(dy16.prec(), false, false, R, I, O, T(1), dy.data(), O, W.data(), I, T(0), dx.data(), I);
   if (R == 0) return;
-  if (!dW.empty()) exec::gemm_as<Prec, T>(prec, true, false, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
+  if (!dW.empty()) exec::gemm_as<Prec, T>(dy16.prec(), true, false, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
   if (!db.empty())
     exec::launch("add_column_sums", exec::grid_for(O, kColThreads), kColThreads, kn::add_column_sums<T>, dy.data(), R,
                  O, O, db.data());
@@ -302,9 +304,12 @@ void attention_forward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq,
   expect_shape(y, xq.shape(), "cuda::attention_forward: y");
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   cache.size_forward(B, Nq, Nk, D, H);
-  linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), prec);
-  linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), prec);
-  linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), prec);
+  {  // under bf16 xkv (xq too, for self-attention) rounded once for the three projections
+    const exec::RoundedOnce<Prec, T> x16(prec, xkv.data(), xkv.numel());
+    linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), x16.prec());
+    linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), x16.prec());
+    linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), x16.prec());
+  }
   if (B == 0) return;
   T* probs = cache.probs.data();
   profile::Region<Space> heads_region("heads");  // the per-head products and softmax (core/profile.hpp)
@@ -382,13 +387,19 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
   }
   heads_region.stop();
   const CV<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
-  linear_backward<T>(xq, w.wq, dqv, V<T>{}, g.wq, g.bq, prec);
-  linear_backward<T>(xkv, w.wk, dkv, V<T>{}, g.wk, g.bk, prec);
-  linear_backward<T>(xkv, w.wv, dvv, V<T>{}, g.wv, g.bv, prec);
-  if (!dxq.empty()) exec::gemm_as<Prec, T>(prec, false, false, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
+  // Under bf16, what two or three products read is rounded once (as on the CPU, ops/attention.hpp).
+  const exec::RoundedOnce<Prec, T> x16(prec, xkv.data(), xkv.numel());
+  const exec::RoundedOnce<Prec, T> dq16(x16.prec(), !dxq.empty() && !g.wq.empty() ? dqv.data() : nullptr, dqv.numel());
+  const exec::RoundedOnce<Prec, T> dk16(dq16.prec(), !dxkv.empty() && !g.wk.empty() ? dkv.data() : nullptr, dkv.numel());
+  const exec::RoundedOnce<Prec, T> dv16(dk16.prec(), !dxkv.empty() && !g.wv.empty() ? dvv.data() : nullptr, dvv.numel());
+  const Prec& p16 = dv16.prec();
+  linear_backward<T>(xq, w.wq, dqv, V<T>{}, g.wq, g.bq, p16);
+  linear_backward<T>(xkv, w.wk, dkv, V<T>{}, g.wk, g.bk, p16);
+  linear_backward<T>(xkv, w.wv, dvv, V<T>{}, g.wv, g.bv, p16);
+  if (!dxq.empty()) exec::gemm_as<Prec, T>(p16, false, false, B * Nq, D, D, T(1), dqv.data(), D, w.wq.data(), D, T(0), dxq.data(), D);
   if (!dxkv.empty()) {
-    exec::gemm_as<Prec, T>(prec, false, false, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0), dxkv.data(), D);
-    exec::gemm_as<Prec, T>(prec, false, false, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
+    exec::gemm_as<Prec, T>(p16, false, false, B * Nk, D, D, T(1), dkv.data(), D, w.wk.data(), D, summed ? T(1) : T(0), dxkv.data(), D);
+    exec::gemm_as<Prec, T>(p16, false, false, B * Nk, D, D, T(1), dvv.data(), D, w.wv.data(), D, T(1), dxkv.data(), D);
   }
 }
 
