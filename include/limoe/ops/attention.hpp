@@ -259,9 +259,11 @@ void attention_backward(const AttentionWeights<T>& w, int heads, CView<T> xq, CV
   // Input projections: weight gradients through linear_backward, input gradients as products so that the
   // key and value (and, for self-attention, query) paths add into one buffer.
   // Under bf16, what two or three products read is rounded once: xkv (the weight gradients of k and v, and of
-  // q for self-attention), and dq, dk, dv when both their weight and their input gradient are wanted.
+  // q for self-attention; only when a weight gradient reads it), and dq, dk, dv when both their weight and their
+  // input gradient are wanted.
   const CView<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
-  const RoundedOnce<T, Prec> x16(prec, xkv.data(), xkv.numel());
+  const bool x_read = !g.wk.empty() || !g.wv.empty() || (!g.wq.empty() && xq.data() == xkv.data());
+  const RoundedOnce<T, Prec> x16(prec, x_read ? xkv.data() : nullptr, xkv.numel());
   const RoundedOnce<T, Prec> dq16(x16.prec(), !dxq.empty() && !g.wq.empty() ? dqv.data() : nullptr, dqv.numel());
   const RoundedOnce<T, Prec> dk16(dq16.prec(), !dxkv.empty() && !g.wk.empty() ? dkv.data() : nullptr, dkv.numel());
   const RoundedOnce<T, Prec> dv16(dk16.prec(), !dxkv.empty() && !g.wv.empty() ? dvv.data() : nullptr, dvv.numel());

@@ -388,7 +388,8 @@ void attention_backward(const AttentionWeights<T, Space>& w, int heads, CV<T> xq
   heads_region.stop();
   const CV<T> dqv = cache.dq.cview(), dkv = cache.dk.cview(), dvv = cache.dv.cview();
   // Under bf16, what two or three products read is rounded once (as on the CPU, ops/attention.hpp).
-  const exec::RoundedOnce<Prec, T> x16(prec, xkv.data(), xkv.numel());
+  const bool x_read = !g.wk.empty() || !g.wv.empty() || (!g.wq.empty() && xq.data() == xkv.data());
+  const exec::RoundedOnce<Prec, T> x16(prec, x_read ? xkv.data() : nullptr, xkv.numel());
   const exec::RoundedOnce<Prec, T> dq16(x16.prec(), !dxq.empty() && !g.wq.empty() ? dqv.data() : nullptr, dqv.numel());
   const exec::RoundedOnce<Prec, T> dk16(dq16.prec(), !dxkv.empty() && !g.wk.empty() ? dkv.data() : nullptr, dkv.numel());
   const exec::RoundedOnce<Prec, T> dv16(dk16.prec(), !dxkv.empty() && !g.wv.empty() ? dvv.data() : nullptr, dvv.numel());
