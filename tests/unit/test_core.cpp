@@ -1,9 +1,11 @@
 // Core: tensors and views, errors, the counter-based generator, the matrix product against a naive loop.
 #include <doctest/doctest.h>
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <string>
 #include <thread>
@@ -143,6 +145,56 @@ TEST_CASE("rng: normal()'s log and cos against libm, and its draws against libm'
     d = std::max(d, std::abs(a.normal(2, static_cast<std::uint64_t>(i)) - want));
   }
   CHECK(d < 1e-14);
+}
+
+// math/plain.hpp's exp, log and erfc (plain arithmetic: a loop of them vectorises, a GPU runs the same
+// operations) against libm: ulps for exp and log on log-uniform samples over their whole ranges, erfc's relative
+// error on uniform samples over [-8, 26.2] (where it is at least 1e-300) and around the points where its
+// formula changes hands (0, the mapping's centre 3.75, the clamp at 30); the edges: exp's flush to 0 and
+// overflow to inf, erfc's limits, NaN passed through; and safe_log's floor.
+TEST_CASE("math: plain exp, log and erfc against libm; safe_log's floor") {
+  auto ulps = [](double a, double b) {
+    std::int64_t ia = 0, ib = 0;
+    std::memcpy(&ia, &a, sizeof a);
+    std::memcpy(&ib, &b, sizeof b);
+    return ia > ib ? ia - ib : ib - ia;
+  };
+  const Rng r(11);
+  std::int64_t exp_ulp = 0, log_ulp = 0;
+  double erfc_rel = 0;
+  for (int i = 0; i < 400000; ++i) {
+    const double u = r.uniform(1, static_cast<std::uint64_t>(i)), v = r.uniform(2, static_cast<std::uint64_t>(i));
+    const double x = -708.0 + 1417.0 * u;
+    exp_ulp = std::max(exp_ulp, ulps(math::plain_exp(x), std::exp(x)));
+    const double y = std::exp(-707.0 + 1414.0 * v);  // positive normal doubles over their whole range
+    log_ulp = std::max(log_ulp, ulps(math::plain_log(y), std::log(y)));
+    const double z = -8.0 + 34.2 * u;
+    erfc_rel = std::max(erfc_rel, std::abs(math::plain_erfc(z) - std::erfc(z)) / std::erfc(z));
+  }
+  for (double z : {0.0, -0.0, 1e-300, -1e-300, 3.75, std::nextafter(3.75, 0.0), 0.5, -0.5, 1.0, -1.0, 26.0, -26.0, -30.0})
+    erfc_rel = std::max(erfc_rel, std::abs(math::plain_erfc(z) - std::erfc(z)) / std::erfc(z));
+  for (double y : {1.0, std::nextafter(1.0, 2.0), std::nextafter(1.0, 0.0), 0.7071067811865475, 1.4142135623730951,
+                   1.4142135623730954, 2.2250738585072014e-308, 1.7976931348623157e308})
+    log_ulp = std::max(log_ulp, ulps(math::plain_log(y), std::log(y)));
+  CHECK(exp_ulp <= 1);
+  CHECK(log_ulp <= 2);
+  CHECK(erfc_rel < 3e-15);
+  CHECK(math::plain_exp(0.0) == 1.0);
+  CHECK(math::plain_exp(-708.5) == 0.0);
+  CHECK(math::plain_exp(-1e300) == 0.0);
+  CHECK(std::isinf(math::plain_exp(709.5)));
+  CHECK(std::isnan(math::plain_exp(std::nan(""))));
+  CHECK(math::plain_erfc(26.7) == 0.0);
+  CHECK(math::plain_erfc(1e300) == 0.0);
+  CHECK(math::plain_erfc(INFINITY) == 0.0);
+  CHECK(math::plain_erfc(-INFINITY) == 2.0);
+  CHECK(math::plain_erfc(-1e300) == 2.0);
+  CHECK(std::isnan(math::plain_erfc(std::nan(""))));
+  // safe_log: log p above exp(-700), -700 at and below it (0 log 0 = 0 in the entropies), no NaN for 0 or -0.
+  CHECK(math::safe_log(0.5) == math::plain_log(0.5));
+  CHECK(math::safe_log(1e-300) == doctest::Approx(std::log(1e-300)).epsilon(1e-15));
+  for (double p : {0.0, -0.0, 1e-310, 9.8e-305, -1.0}) CHECK(math::safe_log(p) == -700.0);
+  CHECK(math::entropy(std::array<double, 3>{0.5, 0.5, 0.0}.data(), 3) == doctest::Approx(std::log(2.0)).epsilon(1e-15));
 }
 
 TEST_CASE("gemm: all transposes, beta, threads agree with a naive double loop") {

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "limoe/math/host_device.hpp"
+#include "limoe/math/plain.hpp"
 
 namespace limoe {
 
@@ -35,9 +36,9 @@ class Rng {
   }
 
   // Standard normal by Box-Muller on two uniforms drawn from the same counter: sqrt(-2 log u1) cos(2 pi u2),
-  // with log and cos as the polynomials below (plain arithmetic, no libm call): the compiler vectorises a
-  // loop of draws (the router's noise: 5 ns a draw against 31 with libm's scalar log and cos, g++ -O3 on
-  // Zen 4), and a GPU runs the same operations. Within 5e-16 relative (log) and 1e-15 absolute (cos) of the
+  // with log and cos as polynomials (plain arithmetic, no libm call: math/plain.hpp's plain_log, cos_2pi
+  // below): the compiler vectorises a loop of draws (the router's noise: 5 ns a draw against 31 with libm's
+  // scalar log and cos, g++ -O3 on Zen 4), and a GPU runs the same operations. Within 5e-16 relative (log) and 1e-15 absolute (cos) of the
   // exact functions over (0, 1), so a draw is within a few 1e-15 of libm's Box-Muller; host and device may
   // still differ in the last bits where one compiler contracts a * b + c into an FMA and the other not.
   LIMOE_HD double normal(std::uint64_t stream, std::uint64_t index) const {
@@ -48,25 +49,8 @@ class Rng {
     return sqrt(-2.0 * log_unit(u1)) * cos_2pi(u2);
   }
 
-  // log x for x in (0, 1], a normal double: x = m 2^k with m in [sqrt(1/2), sqrt(2)), log x = k log 2 +
-  // 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.1716; atanh's series to s^23 (the next term is below 2^-53).
-  LIMOE_HD static double log_unit(double x) {
-    std::uint64_t bits = 0;
-    memcpy(&bits, &x, sizeof bits);
-    std::int64_t k = static_cast<std::int64_t>((bits >> 52) & 0x7ff) - 1023;
-    bits = (bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull;  // m in [1, 2)
-    double m = 0;
-    memcpy(&m, &bits, sizeof m);
-    const bool big = m > 1.4142135623730951;
-    m = big ? 0.5 * m : m;
-    k = big ? k + 1 : k;
-    const double s = (m - 1.0) / (m + 1.0), z = s * s;
-    double p = 1.0 / 23;  // 2 atanh(s) = 2 s (1 + z / 3 + z^2 / 5 + ... + z^11 / 23)
-    p = p * z + 1.0 / 21, p = p * z + 1.0 / 19, p = p * z + 1.0 / 17, p = p * z + 1.0 / 15, p = p * z + 1.0 / 13;
-    p = p * z + 1.0 / 11, p = p * z + 1.0 / 9, p = p * z + 1.0 / 7, p = p * z + 1.0 / 5, p = p * z + 1.0 / 3;
-    p = p * z + 1.0;
-    return static_cast<double>(k) * 0.6931471805599453094 + 2.0 * s * p;
-  }
+  // log x for x in (0, 1]: math/plain.hpp's plain_log (a normal double; u1 is at least 2^-54).
+  LIMOE_HD static double log_unit(double x) { return math::plain_log(x); }
   // cos(2 pi u) for u in [0, 1]: with a = |u - 1/2| in [0, 1/2], cos(2 pi u) = -cos(2 pi a); folded to
   // b in [0, 1/4] (cos(2 pi a) = -cos(2 pi (1/2 - a)) above 1/4), x = 2 pi b in [0, pi/2], cos x by its
   // Taylor series to x^22 (the next term is below 1e-19 at pi/2).

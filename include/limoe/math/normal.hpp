@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "limoe/math/host_device.hpp"
+#include "limoe/math/plain.hpp"
 
 namespace limoe::math {
 
@@ -42,16 +43,19 @@ template <class V>
 LIMOE_HD inline auto normal_cdf(const V& x) {
   return NormalCdf<V>::eval(x);
 }
-template <class T>
-LIMOE_HD inline T normal_sf(T x) {  // 1 - Phi(x)
-  using std::erfc;
-  return T(0.5) * erfc(x * T(kInvSqrt2));
-}
+// 1 - Phi(x), in double with math/plain.hpp's erfc (the load loss's per-(token, expert) probability: a loop
+// of them vectorises).
+LIMOE_HD LIMOE_INLINE double normal_sf(double x) { return 0.5 * plain_erfc(x * kInvSqrt2); }
+// phi(x); a double with math/plain.hpp's exp (as normal_sf), a float or a backend's vector type with its exp.
 template <class V>
-LIMOE_HD inline auto normal_pdf(const V& x) {
+LIMOE_HD LIMOE_INLINE auto normal_pdf(const V& x) {
   using S = scalar_of_t<V>;
-  using std::exp;
-  return S(kInvSqrt2Pi) * exp(S(-0.5) * x * x);
+  if constexpr (std::is_same_v<V, double>) {
+    return kInvSqrt2Pi * plain_exp(-0.5 * x * x);
+  } else {
+    using std::exp;
+    return S(kInvSqrt2Pi) * exp(S(-0.5) * x * x);
+  }
 }
 
 }  // namespace limoe::math

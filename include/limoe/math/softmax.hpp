@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "limoe/math/host_device.hpp"
+#include "limoe/math/plain.hpp"
 
 namespace limoe::math {
 
@@ -57,13 +58,19 @@ LIMOE_HD inline void softmax_row(const T* x, I n, T* y, T scale = T(1), const st
   for (I j = 0; j < n; ++j) y[j] *= inv;
 }
 
-// log sum_j exp(x_j), computed in double.
+// log sum_j exp(x_j), computed in double (math/plain.hpp's exp and log), for a row whose maximum is m:
+// m + log sum_j exp_of(j), exp_of(j) = exp(x_j - m) (logsumexp_row below; a CPU loop that took them in one
+// vectorised pass reads them back).
+template <class I, class ExpOf>
+LIMOE_HD inline double logsumexp_with(double m, I n, ExpOf exp_of) {
+  double s = 0;
+  for (I j = 0; j < n; ++j) s += exp_of(j);
+  return m + plain_log(s);
+}
 template <class T, class I>
 LIMOE_HD inline double logsumexp_row(const T* x, I n) {
   const double m = static_cast<double>(row_max(x, n));
-  double s = 0;
-  for (I j = 0; j < n; ++j) s += std::exp(static_cast<double>(x[j]) - m);
-  return m + std::log(s);
+  return logsumexp_with(m, n, [x, m](I j) { return plain_exp(static_cast<double>(x[j]) - m); });
 }
 
 // dx = (d softmax / d x)^T dy for one row of y = softmax(x): dx_i = y_i (dy_i - <dy, y>); dx may alias dy.

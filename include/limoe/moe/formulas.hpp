@@ -25,31 +25,44 @@ LIMOE_HD inline void add_softmax_grad(const T* G, const double* du, int E, doubl
 // The load loss's probability that expert e stays among a token's top K under fresh noise: 1 - Phi(z),
 // z = (thr - logit_e) / sigma, thr the token's K-th largest noisy logit.
 template <class T>
-LIMOE_HD inline double load_prob(T thr, T logit, double sigma) {
+LIMOE_HD LIMOE_INLINE double load_prob(T thr, T logit, double sigma) {
   return math::normal_sf((static_cast<double>(thr) - static_cast<double>(logit)) / sigma);
 }
 
-// The load loss's gradient for one token: coef * dload_e * phi(z_e) into logit e, and minus their sum into the
-// logit of the token's K-th choice (thr is that noisy logit itself, as in vmoe). coef = scale * weight / S / sigma.
+// One (token, expert) term of the load loss's gradient: coef * dload_e * phi(z), z = (thr - logit) / sigma
+// (dL/dp_e * phi(z) / sigma, coef = scale * weight / S / sigma).
+template <class T>
+LIMOE_HD LIMOE_INLINE double load_grad_term(double thr, T logit, double sigma, double dload_e, double coef) {
+  const double z = (thr - static_cast<double>(logit)) / sigma;
+  return coef * dload_e * math::normal_pdf(z);
+}
+// The load loss's gradient for one token from its terms d_e = term_of(e): d_e into logit e (d p / d logits[e]
+// = +phi / sigma), and minus their sum into the logit of the token's K-th choice (d p / d thr = -phi / sigma:
+// thr is that noisy logit itself, as in vmoe).
+template <class TermOf>
+LIMOE_HD inline void add_load_grad_with(const std::int32_t* choice, int E, int K, double* dl, TermOf term_of) {
+  const int kth = choice[K - 1];
+  double to_thr = 0;
+  for (int e = 0; e < E; ++e) {
+    const double d = term_of(e);
+    dl[e] += d;
+    to_thr -= d;
+  }
+  dl[kth] += to_thr;
+}
+// ... with the terms taken here (a device thread); the CPU's loss term takes a token's E terms in one
+// vectorised pass first and passes them to add_load_grad_with.
 template <class T>
 LIMOE_HD inline void add_load_grad(const T* logits, const T* noisy, const std::int32_t* choice, int E, int K,
                                    double sigma, const double* dload, double coef, double* dl) {
-  const int kth = choice[K - 1];
-  const double thr = static_cast<double>(noisy[kth]);
-  double to_thr = 0;
-  for (int e = 0; e < E; ++e) {
-    const double z = (thr - static_cast<double>(logits[e])) / sigma;
-    const double d = coef * dload[e] * math::normal_pdf(z);  // dL/dp * phi(z) / sigma
-    dl[e] += d;   // d p / d logits[e] = +phi / sigma
-    to_thr -= d;  // d p / d thr = -phi / sigma
-  }
-  dl[kth] += to_thr;
+  const double thr = static_cast<double>(noisy[choice[K - 1]]);
+  add_load_grad_with(choice, E, K, dl, [=](int e) { return load_grad_term(thr, logits[e], sigma, dload[e], coef); });
 }
 
 // The local entropy's gradient for one token of entropy H: dl[e] -= coef * G_e (log G_e + H), coef = scale *
 // weight / (the modality's tokens in the group).
 template <class T>
-LIMOE_HD inline void add_local_entropy_grad(const T* G, int E, double H, double coef, double* dl) {
+LIMOE_HD LIMOE_INLINE void add_local_entropy_grad(const T* G, int E, double H, double coef, double* dl) {
   for (int e = 0; e < E; ++e) {
     const double p = static_cast<double>(G[e]);
     dl[e] -= coef * p * (math::safe_log(p) + H);

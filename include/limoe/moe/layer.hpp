@@ -113,7 +113,7 @@ struct MoeContext {
   Tensor<double> aux_dlogits;                     // [N, E] weighted aux-loss gradient wrt the clean logits
   std::vector<AuxLossValues> group_losses;        // [groups]
   std::vector<std::uint8_t> default_modality;     // [N] all image, when the caller passes no modality
-  std::vector<double> token_entropy;              // [N] statistics: H of each token's clean gates
+  std::vector<double> token_entropy;              // [N] H of each token's clean gates (the losses', the statistics')
   // Padding (kPad tokens): each group's routed tokens, packed. Group g's routed rows are
   // active_rows[row0, row0 + group_active[g]) (row0 = its first row); the pk_ buffers hold their router values
   // at the same offsets while the group is routed and its losses are taken. Unused when no token is padding.
@@ -568,6 +568,11 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   // 3. Auxiliary losses per group, averaged over groups (semantics §4); on the device above with the stock terms.
   if constexpr (!device_losses) {
     profile::Region<S> losses_region("losses");
+    // Each token's entropy H(G), once: the loss terms read it (LossGroup::entropy) and so do the statistics.
+    c.token_entropy.resize(static_cast<std::size_t>(N));
+    parallel_for_each_index(0, N, detail::kRowGrain, [&](index_t t) {
+      c.token_entropy[static_cast<std::size_t>(t)] = detail::token_entropy(c.probs.data() + t * E, E);
+    });
     std::fill(c.aux_dlogits.data(), c.aux_dlogits.data() + N * E, 0.0);
     parallel_for(0, G, 1, [&](index_t g0, index_t g1) {
       for (index_t g = g0; g < g1; ++g) {
@@ -582,6 +587,7 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
         lg.probs = (packed ? c.pk_probs : c.probs).data() + row0 * E;
         lg.choice = (packed ? c.pk_choice : c.choice).data() + row0 * K;
         lg.modality = (packed ? c.pk_modality.data() : modality.data()) + row0;
+        lg.entropy = packed ? nullptr : c.token_entropy.data() + row0;  // a packed group's terms take their own
         lg.noise_active = noise_active;
         lg.sigma = sigma;
         lg.scale = 1.0 / static_cast<double>(G);
@@ -645,11 +651,8 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   profile::Region<S> stats_region("statistics");
   auto& st = c.stats;
   auto pbar = detail::reset_stats(c);
-  c.token_entropy.resize(static_cast<std::size_t>(N));  // each token's entropy over the pool
-  parallel_for_each_index(0, N, detail::kRowGrain, [&](index_t t) {
-    c.token_entropy[static_cast<std::size_t>(t)] = math::entropy(c.probs.data() + t * E, E);
-  });
-  for (index_t t = 0; t < N; ++t) {  // in token order: the same bits on any thread count
+  // In token order: the same bits on any thread count. The entropies were taken before the losses.
+  for (index_t t = 0; t < N; ++t) {
     if (modality[static_cast<std::size_t>(t)] == kPad) {
       ++st.padding;
       continue;

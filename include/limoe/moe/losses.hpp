@@ -12,6 +12,8 @@
 //
 // The stock terms spread their per-token work (transcendentals, gradient rows) over the thread pool and keep
 // every sum over tokens in token order on one thread: the same bits on any thread count (detail::kRowGrain).
+// A token's transcendentals (math/plain.hpp's erfc, exp, log) are taken in loops over its experts that
+// vectorise, before the sums that read them.
 #pragma once
 
 #include <algorithm>
@@ -52,6 +54,8 @@ struct LossGroup {
   const T* probs = nullptr;             // [S, E] clean gates G = softmax(logits)
   const std::int32_t* choice = nullptr; // [S, K] experts by decreasing noisy gate
   const std::uint8_t* modality = nullptr;  // [S] 0 image, 1 text
+  const double* entropy = nullptr;      // [S] H(probs) of each token, when the layer has them (its statistics
+                                        // take them); null: a term that needs them computes them
   bool noise_active = false;            // training with noise_std > 0
   double sigma = 0;                     // noise_std / E
   double scale = 1;                     // 1 / number of groups
@@ -66,6 +70,22 @@ concept AuxLossTerm = requires(const LossGroup<float>& gf, const LossGroup<doubl
 
 namespace detail {
 inline constexpr int kMaxStackExperts = kMaxExperts;  // per-group sums on the stack
+
+// A token's entropy H(G) and logsumexp(logits) as math/ defines them (entropy, logsumexp_row), with the E logs
+// or exps taken first in one pass that vectorises (the sums after it keep expert order: the same bits).
+template <class T>
+double token_entropy(const T* G, int E) {
+  std::array<double, kMaxStackExperts> logs;
+  for (int e = 0; e < E; ++e) logs[e] = math::safe_log(static_cast<double>(G[e]));
+  return math::entropy_with(G, E, [&](int e) { return logs[e]; });
+}
+template <class T>
+double token_logsumexp(const T* x, int E) {
+  const double m = static_cast<double>(math::row_max(x, E));
+  std::array<double, kMaxStackExperts> exps;
+  for (int e = 0; e < E; ++e) exps[e] = math::plain_exp(static_cast<double>(x[e]) - m);
+  return math::logsumexp_with(m, E, [&](int e) { return exps[e]; });
+}
 }  // namespace detail
 
 // V-MoE importance loss (Riquelme et al. 2021, appendix A.2): Imp_e = sum_s G[s, e] on clean gates.
@@ -110,8 +130,11 @@ struct LoadLoss {
     if (dl == nullptr || !(c.load_weight > 0)) return;
     const double coef = g.scale * c.load_weight / static_cast<double>(g.S) / g.sigma;
     parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
-      formulas::add_load_grad(g.logits + s * E, g.noisy + s * E, g.choice + s * K, E, K, g.sigma, dload.data(), coef,
-                              dl + s * E);
+      const T* lg = g.logits + s * E;
+      const double thr = static_cast<double>(g.noisy[s * E + g.choice[s * K + K - 1]]);
+      std::array<double, detail::kMaxStackExperts> d;  // the token's terms, in one vectorised pass
+      for (int e = 0; e < E; ++e) d[e] = formulas::load_grad_term(thr, lg[e], g.sigma, dload[e], coef);
+      formulas::add_load_grad_with(g.choice + s * K, E, K, dl + s * E, [&](int e) { return d[e]; });
     });
   }
 };
@@ -129,7 +152,7 @@ struct LocalEntropyLoss {
     parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
       const int m = g.modality[s] ? 1 : 0;
       const T* G = g.probs + s * E;
-      const double H = math::entropy(G, E);
+      const double H = g.entropy != nullptr ? g.entropy[s] : detail::token_entropy(G, E);
       Hs.data()[s] = H;
       const double w = c.local_entropy_weight[m];
       if (dl == nullptr || !(w > 0)) return;
@@ -188,7 +211,7 @@ struct ZLoss {
     const double coef = g.scale * c.z_loss_weight * 2.0 / static_cast<double>(g.S);
     ::limoe::detail::ScratchLease<double> lses(g.S);  // [S] logsumexp per token, squared and summed in token order
     parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
-      const double lse = math::logsumexp_row(g.logits + s * E, E);
+      const double lse = detail::token_logsumexp(g.logits + s * E, E);
       lses.data()[s] = lse;
       if (grad) formulas::add_z_grad(g.probs + s * E, E, lse, coef, dl + s * E);
     });
