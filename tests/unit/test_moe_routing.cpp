@@ -449,6 +449,45 @@ TEST_CASE("BPR ties, mixed: higher gates first (descending), then the tied token
   }
 }
 
+// BatchPriorityOrder's radix sort against std::stable_sort comparing the top-1 gates, for float and double gates
+// spread over many binades (1e-30 to 1: every byte of the keys matters, the top one included), with runs of
+// exact ties, zeros and negative zeros (taken as equal to +0), and group sizes from 1 up.
+template <class T>
+void check_bpr_order_against_stable_sort() {
+  const Rng rng(29);
+  for (index_t S : {index_t{1}, index_t{2}, index_t{3}, index_t{17}, index_t{256}, index_t{1000}}) {
+    for (int trial = 0; trial < 4; ++trial) {
+      const int E = 5, K = 2;
+      std::vector<T> gates(static_cast<std::size_t>(S * E));
+      std::vector<std::int32_t> choice(static_cast<std::size_t>(S * K));
+      for (index_t i = 0; i < S * E; ++i) {
+        const double u = rng.uniform(static_cast<std::uint64_t>(trial), static_cast<std::uint64_t>(i));
+        const int kind = static_cast<int>(u * 1000) % 5;
+        gates[i] = kind == 0 ? T(0.25)                                 // a run of exact ties
+                   : kind == 1 ? (i % 2 ? T(0) : T(-0.0))              // zeros of both signs
+                               : static_cast<T>(std::pow(10.0, -30.0 * u));  // 1e-30 .. 1
+      }
+      for (index_t s = 0; s < S; ++s)
+        for (int k = 0; k < K; ++k) choice[s * K + k] = static_cast<std::int32_t>((s * 3 + k * 2) % E);
+      RouteGroup<T> rg;
+      std::vector<index_t> order(static_cast<std::size_t>(S)), want(static_cast<std::size_t>(S));
+      rg.S = S, rg.E = E, rg.K = K, rg.gates = gates.data(), rg.choice = choice.data(), rg.order = order.data();
+      BatchPriorityOrder::order(rg);
+      std::iota(want.begin(), want.end(), index_t{0});
+      std::stable_sort(want.begin(), want.end(), [&](index_t a, index_t b) {
+        return gates[a * E + choice[a * K]] > gates[b * E + choice[b * K]];
+      });
+      INFO("S = ", S, ", trial ", trial, ", sizeof(T) = ", sizeof(T));
+      CHECK(order == want);
+    }
+  }
+}
+
+TEST_CASE("BPR order: the radix sort gives std::stable_sort's order on float and double gates over 30 decades") {
+  check_bpr_order_against_stable_sort<float>();
+  check_bpr_order_against_stable_sort<double>();
+}
+
 TEST_CASE("per-group capacities: N = 30, group_size 8 -> groups [8, 8, 8, 6], each with its own C") {
   const index_t N = 30, D = 5;
   const int E = 4;
