@@ -227,6 +227,49 @@ TEST_CASE("gemm: all transposes, beta, threads agree with a naive double loop") 
   set_num_threads(0);
 }
 
+// gemm_nt_narrow (the router's logits): C = A B^T against a double loop, over widths and inner dimensions that
+// leave every tail (K mod 16 and mod 8, N mod 8, M mod 3); and each row's bits the same computed alone, as a
+// caller splitting M over threads would.
+template <class T>
+void check_gemm_nt_narrow(double tol) {
+  const Rng r(5);
+  for (index_t M : {1, 2, 3, 4, 7}) {
+    for (index_t N : {1, 3, 8, 9, 17}) {
+      for (index_t K : {1, 7, 8, 15, 16, 17, 33, 385}) {
+        const index_t lda = K + 3, ldb = K + 1, ldc = N + 2;
+        std::vector<T> A(static_cast<std::size_t>(M * lda)), B(static_cast<std::size_t>(N * ldb));
+        std::vector<T> C(static_cast<std::size_t>(M * ldc), T(-7)), row(static_cast<std::size_t>(ldc), T(-7));
+        for (std::size_t i = 0; i < A.size(); ++i) A[i] = static_cast<T>(r.normal(1, i));
+        for (std::size_t i = 0; i < B.size(); ++i) B[i] = static_cast<T>(r.normal(2, i));
+        gemm_nt_narrow<T>(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc);
+        double err = 0;
+        bool same_alone = true;
+        for (index_t i = 0; i < M; ++i) {
+          gemm_nt_narrow<T>(1, N, K, A.data() + i * lda, lda, B.data(), ldb, row.data(), ldc);
+          for (index_t j = 0; j < N; ++j) {
+            double want = 0, scale = 0;
+            for (index_t k = 0; k < K; ++k) {
+              want += static_cast<double>(A[i * lda + k]) * static_cast<double>(B[j * ldb + k]);
+              scale += std::abs(static_cast<double>(A[i * lda + k]) * static_cast<double>(B[j * ldb + k]));
+            }
+            err = std::max(err, std::abs(static_cast<double>(C[i * ldc + j]) - want) / scale);
+            same_alone = same_alone && row[j] == C[i * ldc + j];
+          }
+          CHECK(C[i * ldc + N] == T(-7));  // nothing written past N
+        }
+        INFO("M ", M, " N ", N, " K ", K);
+        CHECK(err < tol);
+        CHECK(same_alone);
+      }
+    }
+  }
+}
+
+TEST_CASE("gemm_nt_narrow: against a double loop at every tail; a row's bits do not depend on the split") {
+  check_gemm_nt_narrow<float>(1e-6);
+  check_gemm_nt_narrow<double>(1e-14);
+}
+
 TEST_CASE("param store: names, flat buffers, errors") {
   ParamStore<float> ps;
   auto w = ps.add("a.weight", Shape{2, 3}, true);

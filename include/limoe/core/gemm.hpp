@@ -152,4 +152,71 @@ void gemm(Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha, const T*
   });
 }
 
+// C[M, N] = A[M, K] B[N, K]^T (both row-major), for a narrow C (N up to a few dozen: the MoE router's logits,
+// N = E experts), on the calling thread. Each element is a dot product in vector-wide partial sums over K
+// (Eigen's packet of T: 16 floats with AVX-512, 8 with AVX2), reduced at the end (Eigen's predux), plus the
+// K mod width tail: its value depends on K and the build's vector width only, never on how M is split, so a
+// caller may cut M across threads in any way and get the same bits. Blocks of 3 rows x 8 columns keep their 24
+// partial sums in registers while the 8 rows of B stay in L1. Against gemm_serial on [4096, 384] x [384, 8]
+// in 64-row calls (Zen 4, 1 thread): 0.45 against 0.5-0.65 ms with A in cache, 1.07 against 1.3 ms from memory;
+// [4096, 768]: 0.88 against 2.0 ms, 1.4 against 2.2.
+namespace detail {
+// Eigen's predux, except for double with AVX-512, where g++ 12 warns about the _mm256_undefined_pd inside its
+// _mm512_extractf64x4_pd (a false -Wuninitialized): the same halving, written with a store.
+template <class T, class P>
+T packet_sum(const P& p) {
+  namespace ei = Eigen::internal;
+  if constexpr (std::is_same_v<T, double> && ei::packet_traits<T>::size == 8) {
+    alignas(64) double v[8];
+    ei::pstore(v, p);
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+  } else {
+    return ei::predux(p);
+  }
+}
+template <int R, int NB, class T>
+void gemm_nt_narrow_block(const T* A, index_t lda, const T* B, index_t ldb, T* C, index_t ldc, index_t K) {
+  namespace ei = Eigen::internal;
+  using P = typename ei::packet_traits<T>::type;
+  constexpr int L = ei::packet_traits<T>::size;
+  P acc[R][NB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[r][j] = ei::pset1<P>(T(0));
+  index_t k = 0;
+  for (; k + L <= K; k += L) {
+    P a[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r] = ei::ploadu<P>(A + r * lda + k);
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      const P b = ei::ploadu<P>(B + j * ldb + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][j] = ei::pmadd(a[r], b, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) {
+      T s = detail::packet_sum<T>(acc[r][j]);
+      for (index_t kk = k; kk < K; ++kk) s += A[r * lda + kk] * B[j * ldb + kk];
+      C[r * ldc + j] = s;
+    }
+}
+template <int R, class T>
+void gemm_nt_narrow_rows(index_t N, index_t K, const T* A, index_t lda, const T* B, index_t ldb, T* C, index_t ldc) {
+  index_t j = 0;
+  for (; j + 8 <= N; j += 8) gemm_nt_narrow_block<R, 8>(A, lda, B + j * ldb, ldb, C + j, ldc, K);
+  for (; j < N; ++j) gemm_nt_narrow_block<R, 1>(A, lda, B + j * ldb, ldb, C + j, ldc, K);
+}
+}  // namespace detail
+
+template <class T>
+void gemm_nt_narrow(index_t M, index_t N, index_t K, const T* A, index_t lda, const T* B, index_t ldb, T* C,
+                    index_t ldc) {
+  index_t i = 0;
+  for (; i + 3 <= M; i += 3) detail::gemm_nt_narrow_rows<3>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  for (; i < M; ++i) detail::gemm_nt_narrow_rows<1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+}
+
 }  // namespace limoe

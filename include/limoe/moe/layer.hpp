@@ -10,8 +10,9 @@
 // per-token allocation) that backward consumes. Gradient rule (docs/conventions.md): parameter gradients
 // accumulate, dx is overwritten, an empty view skips that gradient.
 //
-// Determinism: every product runs on fixed-size row or column chunks with gemm_serial, so results, and with
-// them the routing, are bitwise identical on any thread count.
+// Determinism: every product runs on fixed-size row or column chunks with gemm_serial, or (the router's logits)
+// as per-row dot products (gemm_nt_narrow), so results, and with them the routing, are bitwise identical on any
+// thread count.
 #pragma once
 
 #include <algorithm>
@@ -40,6 +41,7 @@
 #include "limoe/moe/router.hpp"
 #include "limoe/moe/stats.hpp"
 #include "limoe/ops/gelu.hpp"
+#include "limoe/ops/softmax.hpp"
 
 namespace limoe::moe {
 
@@ -428,17 +430,17 @@ void moe_forward(const Router& router, const MoeConfig& cfg, const MoeParams<T, 
   constexpr bool device_routing = !host_memory && IsStockRouter<Router>::value;
   constexpr bool device_losses = device_routing && kStockLossMask<Losses> >= 0;
   if constexpr (host_memory) {
-    if (N > 0)
-      detail::gemm_rows<T>(Trans::N, Trans::T, N, E, D, x.data(), D, p.router_w.data(), D, T(0), c.logits.data(), E);
+    // A narrow product (E columns): gemm_nt_narrow's per-row dot products, whose bits do not depend on the split.
+    parallel_for(0, N, detail::kRowChunk, [&](index_t t0, index_t t1) {
+      gemm_nt_narrow<T>(t1 - t0, E, D, x.data() + t0 * D, D, p.router_w.data(), D, c.logits.data() + t0 * E, E);
+    });
   } else {
     c.logits_d.resize(Shape{N, E});  // [N, E]
     O::linear_forward(x, p.router_w, CView<T, S>{}, c.logits_d.view());
     if constexpr (!device_routing) copy_to_host<T, S>(c.logits_d.cview(), c.logits.view());
   }
-  if constexpr (!device_routing)
-    parallel_for(0, N, 256, [&](index_t t0, index_t t1) {
-      for (index_t t = t0; t < t1; ++t) math::softmax_row(c.logits.data() + t * E, E, c.probs.data() + t * E);
-    });
+  if constexpr (!device_routing)  // as the router takes its gates: detail::softmax_rows_pool
+    detail::softmax_rows_pool(c.logits.data(), c.probs.data(), N, E);
 
   // Padding: each group's routed tokens, in order (a group without padding is routed in place).
   c.group_active.assign(static_cast<std::size_t>(G), 0);

@@ -32,6 +32,7 @@
 #include "limoe/core/rng.hpp"
 #include "limoe/math/softmax.hpp"
 #include "limoe/core/tensor.hpp"
+#include "limoe/ops/softmax.hpp"
 #include "limoe/moe/config.hpp"
 #include "limoe/moe/top_k.hpp"
 
@@ -74,6 +75,17 @@ double router_noise_sigma(const R& r, int E, Mode mode) {
   else
     return 0.0;
 }
+
+namespace detail {
+// y = softmax(x) over rows of E (the gates of S tokens): math::softmax_row's formula with float's exp vectorised
+// over a task's tokens at once (ops/softmax.hpp; a token's bits depend on its row alone).
+template <class T>
+void softmax_rows_pool(const T* x, T* y, index_t S, int E) {
+  parallel_for(0, S, kRowGrain, [&](index_t s0, index_t s1) {
+    ::limoe::detail::softmax_rows_vec(x + s0 * E, y + s0 * E, s1 - s0, index_t{E});
+  });
+}
+}  // namespace detail
 
 // ---- top-K policies -----------------------------------------------------------------------------------------
 
@@ -190,11 +202,11 @@ struct TopKRouter {
     }();
     const int E = g.E, K = top_k();
     LIMOE_CHECK(g.K == K && K >= 1 && K <= E, "TopKRouter: K = ", K, " must be in [1, E = ", E, "]");
-    // Steps 2-3: noise (training), gates = softmax(noisy), each token's K largest gates.
-    // Token by token (a token's values depend on it alone), so the same bits on any thread count.
+    // Steps 2-3: noise (training), gates = softmax(noisy) (softmax_rows_pool), each token's K largest gates.
+    // A token's values depend on it alone, so the same bits on any thread count.
     noise.apply(g);
+    detail::softmax_rows_pool(g.noisy, g.gates, g.S, E);
     parallel_for_each_index(0, g.S, detail::kRowGrain, [&](index_t s) {
-      math::softmax_row(g.noisy + s * E, E, g.gates + s * E);
       detail::select_top_k<kStatic>(g.gates + s * E, E, K, g.choice + s * K);
     });
     // Step 6: all first choices, then all second choices, ...; within a rank, tokens in the policy's order.

@@ -22,9 +22,27 @@
 
 namespace limoe {
 namespace detail {
+// y = exp(y) for float through Eigen's vectorised exp on every element, the last partial vector padded: an
+// element's bits do not depend on its position or its buffer's alignment (Eigen's array exp takes the elements
+// before the first aligned one and after the last whole vector with the scalar exp).
+inline void exp_in_place(float* y, index_t n) {
+  namespace ei = Eigen::internal;
+  using P = ei::packet_traits<float>::type;
+  constexpr index_t L = ei::packet_traits<float>::size;
+  index_t i = 0;
+  for (; i + L <= n; i += L) ei::pstoreu(y + i, ei::pexp(ei::ploadu<P>(y + i)));
+  if (i < n) {
+    alignas(64) float tail[L] = {};
+    std::copy(y + i, y + n, tail);
+    ei::pstore(tail, ei::pexp(ei::pload<P>(tail)));
+    std::copy(tail, tail + (n - i), y + i);
+  }
+}
+
 // `rows` rows of math::softmax_row (the same formula: terms exp(scale (x - max)), 0 where masked, over their
 // sum; the same mask for every row) with float's exp taken over the whole block at once through Eigen's
-// vectorised exp (within a few ulp of std::exp), so a row of 50 keys is not mostly a scalar tail. y may alias x.
+// vectorised exp (within a few ulp of std::exp; exp_in_place), so a row of 50 keys is not mostly a scalar tail.
+// A row's bits depend on the row alone. y may alias x.
 template <class T>
 void softmax_rows_vec(const T* x, T* y, index_t rows, index_t n, T scale = T(1), const std::uint8_t* mask = nullptr) {
   if constexpr (!std::is_same_v<T, float>) {
@@ -38,8 +56,7 @@ void softmax_rows_vec(const T* x, T* y, index_t rows, index_t n, T scale = T(1),
       dead.data()[r] = m == math::neg_inf<T>();
       for (index_t j = 0; j < n; ++j) yr[j] = (xr[j] - m) * scale;
     }
-    Eigen::Map<Eigen::ArrayXf> all(y, rows * n);
-    all = all.exp();
+    exp_in_place(y, rows * n);
     for (index_t r = 0; r < rows; ++r) {
       T* yr = y + r * n;
       if (dead.data()[r]) {
