@@ -50,13 +50,12 @@ LIMOE_HD LIMOE_INLINE double select(bool c, double a, double b) {
 // |r| <= ln 2 / 2; exp(r) by its Taylor series to r^13 / 13! (the next term is below 4e-18 of the result);
 // 2^k built in the exponent field.
 LIMOE_HD LIMOE_INLINE double plain_exp(double x) {
-  // Every comparison and every operand of a select is evaluated unconditionally: what lets g++ vectorise a loop
-  // of calls without AVX-512's masks (under -ftrapping-math it will not evaluate what the source might not).
+  // Computed for every x and then selected (no branch: what lets g++ vectorise a loop of calls without AVX-512's
+  // masks); outside [-708, 709], and for NaN, y is meaningless and the last line takes 0, inf or x instead.
   const bool above = x > -708.0, below = x < 709.0, nan = x != x;
-  const double xc = detail::select(above, detail::select(below, x, 709.0), -708.0);
-  const double shifted = xc * 1.4426950408889634074 + 6755399441055744.0;  // 1.5 2^52 + k: k in the low bits
+  const double shifted = x * 1.4426950408889634074 + 6755399441055744.0;  // 1.5 2^52 + k: k in the low bits
   const double kd = shifted - 6755399441055744.0;
-  const double r = (xc - kd * 0x1.62e42p-1) - kd * 0x1.fdf473de6af28p-22;
+  const double r = (x - kd * 0x1.62e42p-1) - kd * 0x1.fdf473de6af28p-22;
   double p = 1.0 / 6227020800.0;  // 1 / 13!
   p = p * r + 1.0 / 479001600.0, p = p * r + 1.0 / 39916800.0, p = p * r + 1.0 / 3628800.0;
   p = p * r + 1.0 / 362880.0, p = p * r + 1.0 / 40320.0, p = p * r + 1.0 / 5040.0, p = p * r + 1.0 / 720.0;

@@ -41,7 +41,6 @@
 #include "limoe/moe/router.hpp"
 #include "limoe/moe/stats.hpp"
 #include "limoe/ops/gelu.hpp"
-#include "limoe/ops/softmax.hpp"
 
 namespace limoe::moe {
 
