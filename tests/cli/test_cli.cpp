@@ -229,6 +229,20 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --checkpoint " + missing.string() + " --input " + in + tail, "missing tensor \"norm.weight\"", out);
   expect_failure("embed --checkpoint " + misshaped.string() + " --input " + in + tail, "norm.weight", out);
   expect_failure("embed --checkpoint " + badcfg.string() + " --input " + in + tail, "not divisible by heads", out);
+  // inspect reads a checkpoint as a model loader does: a missing or misshaped tensor is an error there too.
+  expect_failure("inspect " + missing.string(), "missing tensor \"norm.weight\"");
+  expect_failure("inspect " + misshaped.string(), "norm.weight");
+  CHECK(run("inspect " + ck).code == 0);
+  expect_failure("inspect " + (scratch() / "nope.safetensors").string(), "no such checkpoint file");
+  // The output may not be the checkpoint; numbers are decimal and in range; an option needs its value.
+  expect_failure("embed --checkpoint " + ck + " --input " + in + " --output " + ck, "is the checkpoint itself");
+  CHECK(fs::exists(ck));
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor 0x10", "decimal", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --group-size 99999999999999999999",
+                 "--group-size expects an integer", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --threads 99999999999", "--threads must be between 0 and 4096", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + in + " --group-size --output " + out.string(),
+                 "--group-size needs a value", out);
 
   // Inputs of the wrong size, an out-of-range token id, no inputs at all.
   const fs::path wrong = scratch() / "wrong_input.safetensors", badid = scratch() / "bad_ids.safetensors",
@@ -286,6 +300,47 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   CHECK_MESSAGE(g.out.find("capacity factor 1.05 ") != std::string::npos, g.out);  // the factor it routed at
   CHECK(fs::exists(rep.string() + ".svg"));
   CHECK(fs::exists(rep.string() + ".json"));
+  {  // exactly --pairs pairs are routed, in groups of at most 128: 100 tiny pairs are 100 x 16 image tokens
+    REQUIRE(run("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs 100 --images 0 --out " +
+                rep.string()).code == 0);
+    const auto blocks = nlohmann::json::parse(slurp(rep.string() + ".json"));
+    REQUIRE(blocks.size() == 1);
+    CHECK(blocks[0]["img"]["tokens"].get<long long>() == 100 * 16);
+  }
+  expect_failure("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs 0 --out " + rep.string(),
+                 "--pairs must be at least 1");
+  expect_failure("train" + common + " --steps -1 --out " + (scratch() / "c").string(), "--steps must be between 1");
+  expect_failure("train" + common + " --steps 4 --stop-at 5 --out " + (scratch() / "c").string(), "--stop-at must be between 1 and 4");
+  expect_failure("train" + common + " --clip -1 --out " + (scratch() / "c").string(), "--clip must be at least 0");
+  expect_failure("train" + common + " --out \"\"", "--out needs a folder name");
+  expect_failure("train --resume " + (a / "checkpoint.safetensors").string() + " --preset tiny --out " + a.string(),
+                 "--preset would be ignored");
+  expect_failure("train --resume " + (a / "checkpoint.safetensors").string() + " --dense --out " + a.string(),
+                 "--dense would change it");
+  expect_failure("train --preset tiny --config x.json --out " + (scratch() / "c").string(), "not both");
+  {  // a failed run leaves the folder's checkpoint and metrics.jsonl as they were; its own lines go to .partial
+    const fs::path d = scratch() / "run_d";
+    REQUIRE(run("train" + common + " --steps 3 --out " + d.string()).code == 0);
+    CHECK_FALSE(fs::exists(d / "metrics.jsonl.partial"));
+    const std::string before = slurp(d / "metrics.jsonl"), ck_before = slurp(d / "checkpoint.safetensors");
+    CHECK(std::count(before.begin(), before.end(), '\n') == 3);
+    const Run bad = run("train" + common + " --steps 5 --lr 1e12 --out " + d.string());
+    CHECK(bad.code == 2);
+    CHECK(slurp(d / "metrics.jsonl") == before);
+    CHECK(slurp(d / "checkpoint.safetensors") == ck_before);
+    CHECK(fs::exists(d / "metrics.jsonl.partial"));
+    // A new run in the same folder replaces the log with its own steps (at its first checkpoint).
+    REQUIRE(run("train" + common + " --steps 2 --out " + d.string()).code == 0);
+    const std::string after = slurp(d / "metrics.jsonl");
+    CHECK(std::count(after.begin(), after.end(), '\n') == 2);
+    CHECK_FALSE(fs::exists(d / "metrics.jsonl.partial"));
+  }
+  {  // --set vocab_size is kept (a preset's vocab_size otherwise follows the tokenizer)
+    const fs::path v = scratch() / "run_v";
+    REQUIRE(run("train" + common + " --steps 2 --set vocab_size=1000 --out " + v.string()).code == 0);
+    const auto cfg = read_checkpoint_config((v / "checkpoint.safetensors").string());
+    CHECK(cfg.vocab_size == 1000);
+  }
   expect_failure("train --preset tiny --data synthetic --batch 1 --steps 2 --out " + (scratch() / "c").string(), "--batch must be at least 2");
   // Precision is a run-time choice: a bf16 leg resumes the fp32 run's checkpoint, and its checkpoint (fp32 master
   // weights, the same file layout) evaluates under either precision with nearly the same numbers.

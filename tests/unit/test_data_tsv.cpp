@@ -5,6 +5,7 @@
 #include <string>
 
 #include "limoe/data/image.hpp"
+#include "limoe/data/tokenizer.hpp"
 #include "limoe/data/tsv.hpp"
 
 using namespace limoe::data;
@@ -84,4 +85,18 @@ TEST_CASE("TSV errors name the file and line") {
     CHECK_MESSAGE(m.find("corrupt_image.tsv:2") != std::string::npos, m);
   }
   CHECK(error_of("no_such.tsv").find("no_such.tsv") != std::string::npos);
+  // A caption in Latin-1, not UTF-8: refused when the file is read (a vocabulary is stored as JSON).
+  m = error_of("latin1_caption.tsv");
+  CHECK_MESSAGE(m.find("latin1_caption.tsv:2") != std::string::npos, m);
+  CHECK_MESSAGE(m.find("UTF-8") != std::string::npos, m);
+}
+
+TEST_CASE("valid_utf8: RFC 3629 forms only") {
+  for (const char* ok : {"", "plain ascii", "caf\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80", "\xed\x9f\xbf",
+                         "\xf4\x8f\xbf\xbf"})
+    CHECK_MESSAGE(valid_utf8(ok), ok);
+  for (const char* bad : {"caf\xe9", "\xc3", "\xe2\x82", "\xc0\xaf" /* overlong '/' */, "\xe0\x80\xaf" /* overlong */,
+                          "\xed\xa0\x80" /* surrogate */, "\xf4\x90\x80\x80" /* > U+10FFFF */, "\xf5\x80\x80\x80",
+                          "\x80", "a\xbf"})
+    CHECK_FALSE_MESSAGE(valid_utf8(bad), bad);
 }

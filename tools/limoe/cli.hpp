@@ -4,9 +4,11 @@
 // malformed numbers are errors (limoe::Error, printed as one line by main, exit status 2).
 #pragma once
 
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include <limoe/core/error.hpp>
+#include <limoe/core/parallel.hpp>
 #include <limoe/core/precision.hpp>
 #include <limoe/dist/comm.hpp>
 #if defined(LIMOE_CLI_NCCL)
@@ -43,7 +46,11 @@ class Args {
           flags_.insert(name);
         } else if (options.count(name)) {
           if (!inline_value) {
-            LIMOE_CHECK(i + 1 < argv.size(), "--", name, " needs a value");
+            // `--pairs --out x`: the next word is another option, so this one was given no value.
+            const bool next_is_option = i + 1 < argv.size() && argv[i + 1].rfind("--", 0) == 0 &&
+                                        (options.count(argv[i + 1].substr(2, argv[i + 1].find('=') - 2)) ||
+                                         flags.count(argv[i + 1].substr(2)));
+            LIMOE_CHECK(i + 1 < argv.size() && !next_is_option, "--", name, " needs a value");
             value = argv[++i];
           }
           values_[name] = value;
@@ -73,20 +80,32 @@ class Args {
     LIMOE_CHECK(has(name), "--", name, " is required (see limoe ", command_, " --help)");
     return values_.at(name);
   }
-  long long integer(const std::string& name, long long def) const {
+  // An option's integer (decimal digits, an optional sign) within [lo, hi]; a value out of long long's range, a
+  // fraction, a hex or an empty string is an error naming the option.
+  long long integer(const std::string& name, long long def, long long lo = std::numeric_limits<long long>::min(),
+                    long long hi = std::numeric_limits<long long>::max()) const {
     if (!has(name)) return def;
     const std::string& s = values_.at(name);
+    const bool digits = !s.empty() && s.find_first_not_of("+-0123456789") == std::string::npos;
     char* end = nullptr;
-    const long long v = std::strtoll(s.c_str(), &end, 10);
-    LIMOE_CHECK(!s.empty() && end && *end == '\0', "--", name, " expects an integer, got \"", s, "\"");
+    errno = 0;
+    const long long v = digits ? std::strtoll(s.c_str(), &end, 10) : 0;
+    LIMOE_CHECK(digits && end && *end == '\0' && errno != ERANGE, "--", name, " expects an integer, got \"", s, "\"");
+    check_range(name, v, lo, hi);
     return v;
   }
-  double number(const std::string& name, double def) const {
+  // An option's finite decimal number within [lo, hi] (no hex, inf or nan).
+  double number(const std::string& name, double def, double lo = std::numeric_limits<double>::lowest(),
+                double hi = std::numeric_limits<double>::max()) const {
     if (!has(name)) return def;
     const std::string& s = values_.at(name);
+    const bool decimal = !s.empty() && s.find_first_not_of("+-.0123456789eE") == std::string::npos;
     char* end = nullptr;
-    const double v = std::strtod(s.c_str(), &end);
-    LIMOE_CHECK(!s.empty() && end && *end == '\0' && std::isfinite(v), "--", name, " expects a finite number, got \"", s, "\"");
+    errno = 0;
+    const double v = decimal ? std::strtod(s.c_str(), &end) : 0;
+    LIMOE_CHECK(decimal && end && *end == '\0' && errno != ERANGE && std::isfinite(v), "--", name,
+                " expects a finite decimal number, got \"", s, "\"");
+    check_range(name, v, lo, hi);
     return v;
   }
   const std::vector<std::string>& positional() const { return positional_; }
@@ -101,7 +120,21 @@ class Args {
   std::map<std::string, std::vector<std::string>> all_;
   std::set<std::string> flags_;
   std::vector<std::string> positional_;
+
+  template <class V>
+  static void check_range(const std::string& name, V v, V lo, V hi) {
+    if (v >= lo && v <= hi) return;
+    if (hi == std::numeric_limits<V>::max()) fail("--", name, " must be at least ", lo, ", got ", v);
+    if (lo == std::numeric_limits<V>::lowest())
+      fail("--", name, " must be at most ", hi, ", got ", v);
+    fail("--", name, " must be between ", lo, " and ", hi, ", got ", v);
+  }
 };
+
+// --threads N (0 or absent: all cores, oneTBB's default), capped at 4,096, applied to the whole process.
+inline void set_threads(const Args& args) {
+  set_num_threads(static_cast<int>(args.integer("threads", 0, 0, 4096)));
+}
 
 // A sub-command: its one-line summary, its help text and its entry point (returns the exit status).
 struct Command {

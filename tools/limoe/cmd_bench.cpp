@@ -473,24 +473,17 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(std::find(known.begin(), known.end(), p.workload) != known.end(), "unknown --workload \"", p.workload,
               "\"; expected one of moe_layer, dense_mlp, gemm, embed, train_step");
   auto positive = [&](const char* name, long long def, long long max = 1LL << 40) {
-    const long long v = args.integer(name, def);
-    LIMOE_CHECK(v > 0, "--", name, " must be positive, got ", v);
-    LIMOE_CHECK(v <= max, "--", name, " is too large (", v, " > ", max, ")");
-    return v;
+    return args.integer(name, def, 1, max);
   };
   p.width = positive("width", 384, 1 << 16);
   p.tokens = positive("tokens", 4096, 1 << 24);
   p.experts = static_cast<int>(positive("experts", 8, moe::detail::kMaxStackExperts));
   p.top_k = static_cast<int>(positive("top-k", 1, moe::detail::kMaxStackExperts));
   LIMOE_CHECK(p.top_k <= p.experts, "--top-k ", p.top_k, " must be at most --experts ", p.experts);
-  p.capacity_factor = args.number("capacity-factor", 1.0);
-  LIMOE_CHECK(std::isfinite(p.capacity_factor) && p.capacity_factor >= 0,
-              "--capacity-factor must be finite and >= 0 (0 = no token dropped), got ", p.capacity_factor);
+  p.capacity_factor = args.number("capacity-factor", 1.0, 0.0);  // 0: no token dropped
   p.batch = positive("batch", 32, 1 << 16);
   p.repeats = static_cast<int>(positive("repeats", 5, 1 << 20));
-  const long long warmup = args.integer("warmup", 1);
-  LIMOE_CHECK(warmup >= 0 && warmup <= (1 << 20), "--warmup must be >= 0, got ", warmup);
-  p.warmup = static_cast<int>(warmup);
+  p.warmup = static_cast<int>(args.integer("warmup", 1, 0, 1 << 20));
   p.backward = args.flag("backward");
   p.grad_overlap = !args.flag("no-grad-overlap");
   LIMOE_CHECK(p.grad_overlap || p.workload == "train_step", "--no-grad-overlap applies to train_step only");
@@ -517,9 +510,7 @@ int run(const std::vector<std::string>& argv) {
     if (!p.has_top_k) p.top_k = c.top_k;
   }
   if (args.has("threads")) {
-    const long long n = args.integer("threads", 0);
-    LIMOE_CHECK(n > 0 && n <= 4096, "--threads must be positive, got ", n);
-    set_num_threads(static_cast<int>(n));
+    set_num_threads(static_cast<int>(args.integer("threads", 0, 1, 4096)));
   } else {
     set_num_threads(0);  // all: oneTBB's default
   }

@@ -1,4 +1,5 @@
 // `limoe embed`: embeddings and routing decisions for a batch of images and/or texts (docs/cli.md section 2).
+#include <filesystem>
 #include <iostream>
 
 #include <limoe/core/parallel.hpp>
@@ -17,18 +18,21 @@ int run(const std::vector<std::string>& argv) {
   const cli::BackendChoice backend = cli::check_backend(args);
   args.no_positional();
   const std::string ckpt = args.required("checkpoint"), in = args.required("input"), out = args.required("output");
-  set_num_threads(static_cast<int>(args.integer("threads", 0)));
+  {
+    std::error_code ec;
+    LIMOE_CHECK(!std::filesystem::equivalent(out, ckpt, ec), "--output '", out,
+                "' is the checkpoint itself; writing the embeddings there would replace the model");
+  }
+  cli::set_threads(args);
 
   const auto reader = io::SafetensorsReader::open(ckpt);
   ModelConfig cfg = read_checkpoint_config(reader);
   if (args.has("capacity-factor")) {
-    const double f = args.number("capacity-factor", 0);
-    LIMOE_CHECK(f >= 0 && std::isfinite(f), "--capacity-factor must be >= 0 (0 = no token dropped), got ", f);
+    const double f = args.number("capacity-factor", 0, 0.0);  // 0: no token dropped
     cfg.router.capacity_factor_eval = f;
   }
   if (args.has("group-size")) {
-    const long long g = args.integer("group-size", 0);
-    LIMOE_CHECK(g >= 0, "--group-size must be >= 0 (0 = one group), got ", g);
+    const long long g = args.integer("group-size", 0, 0, std::numeric_limits<std::int32_t>::max());  // 0: one group
     cfg.router.group_size = g;
     cfg.group_pairs = 0;  // the flag's groups (of tokens) replace the checkpoint's groups of pairs
   }

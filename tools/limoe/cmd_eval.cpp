@@ -83,18 +83,16 @@ int run(const std::vector<std::string>& argv) {
   cli::require_one_rank("eval");
   const cli::BackendChoice backend = cli::check_backend(args);
   args.no_positional();
-  set_num_threads(static_cast<int>(args.integer("threads", 0)));
+  cli::set_threads(args);
   return cli::with_model(backend, [&]<class Model>() -> int {
   auto loaded = cli::load_model<Model>(args.required("checkpoint"));
   auto& model = *loaded.model;
   const auto& cfg = model.config();
   const auto src = cli::data_source(args, cfg, loaded.trained_on());
   const data::AnyDataset test = data::open_dataset(src, data::Split::test);
-  const data::AnyDataset train = data::open_dataset(src, data::Split::train);
-  const index_t n = std::min<index_t>(test.size(), args.integer("max-test", test.size()));
-  LIMOE_CHECK(n >= 1, "--max-test must be at least 1, got ", n);
-  LIMOE_CHECK(args.integer("shots", 10) >= 1, "--shots must be at least 1");
-  LIMOE_CHECK(args.integer("retrieval", 1000) >= 2, "--retrieval must be at least 2 pairs");
+  const index_t n = std::min<index_t>(test.size(), args.integer("max-test", test.size(), 1));
+  const int shots = static_cast<int>(args.integer("shots", 10, 1, 1 << 20));
+  const index_t retrieval = args.integer("retrieval", 1000, 2);
   std::vector<index_t> idx(static_cast<std::size_t>(n));
   std::iota(idx.begin(), idx.end(), index_t{0});
   const Rng rng(0);
@@ -105,15 +103,16 @@ int run(const std::vector<std::string>& argv) {
   const Tensor<float> img = embed_images(model, test, idx);
   if (test.has_labels()) {
     const Tensor<float> cls = class_embeddings(model, loaded.tokenizer, test);
+    const data::AnyDataset train = data::open_dataset(src, data::Split::train);  // the linear probe's shots
     out["zero_shot_top1"] = zero_shot_accuracy(img, labels, cls);
     const int classes = static_cast<int>(test.class_names().size());
     std::vector<int> shot_labels;
-    const auto shot_idx = few_shot_indices(train, classes, static_cast<int>(args.integer("shots", 10)), shot_labels);
+    const auto shot_idx = few_shot_indices(train, classes, shots, shot_labels);
     const Tensor<float> shot_feat = embed_images(model, train, shot_idx);
-    out["linear_probe_" + std::to_string(args.integer("shots", 10)) + "shot"] = linear_probe_accuracy(shot_feat, shot_labels, img, labels, classes);
+    out["linear_probe_" + std::to_string(shots) + "shot"] = linear_probe_accuracy(shot_feat, shot_labels, img, labels, classes);
   }
   // Retrieval over the first R test pairs with captions from the held-out templates.
-  const index_t R = std::min<index_t>(n, args.integer("retrieval", 1000));
+  const index_t R = std::min<index_t>(n, retrieval);
   std::vector<std::string> captions;
   for (index_t i = 0; i < R; ++i) captions.push_back(test.get(i, rng, data::Templates::eval).caption);
   const Tensor<float> txt = embed_texts(model, data::encode_texts(loaded.tokenizer, captions).cview());
@@ -160,6 +159,8 @@ int run(const std::vector<std::string>& argv) {
   } else {
     out["drop_rate_img"] = 0.0;
     out["drop_rate_txt"] = 0.0;
+    out["blocks_using_all_experts"] = 0;
+    out["moe_blocks"] = 0;
   }
   if (data::resolve_kind(src) == "fashion-scenes") compositional(model, loaded.tokenizer, src, n, out);
   if (auto it = loaded.metadata.find("train_state"); it != loaded.metadata.end()) {

@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include <limoe/model/checkpoint.hpp>
+#include <limoe/model/model.hpp>
 #include <limoe/model/presets.hpp>
 
 #include "cli.hpp"
@@ -28,10 +29,22 @@ int run(const std::vector<std::string>& argv) {
   ModelConfig cfg;
   std::string source;
   if (std::filesystem::exists(what) && !std::filesystem::is_directory(what)) {
-    cfg = read_checkpoint_config(what);
+    // A checkpoint is read as a model loader reads it (docs/cli.md): every tensor its config requires present,
+    // of the right shape and finite, so that inspect does not describe a file that embed would refuse.
+    const auto reader = io::SafetensorsReader::open(what);
+    cfg = read_checkpoint_config(reader);
+    Limoe<float> model(cfg);
+    load_weights(model, reader);
     source = "checkpoint";
   } else {
-    cfg = preset(what);
+    try {
+      cfg = preset(what);
+    } catch (const Error&) {
+      const std::string ext = ".safetensors";
+      if (what.size() >= ext.size() && what.compare(what.size() - ext.size(), ext.size(), ext) == 0)
+        fail("no such checkpoint file '", what, "'");
+      throw;
+    }
     source = "preset";
   }
   const ParamCounts pc = count_params(cfg);
@@ -73,7 +86,7 @@ int run(const std::vector<std::string>& argv) {
 
 const cli::Register reg({"inspect", "config, parameter counts and block layout of a preset or checkpoint",
                          "usage: limoe inspect NAME|CHECKPOINT [--json]\n\n"
-                         "  NAME        a preset: S/32, B/32, B/16, L/16, H/14, tiny, small-28, small-32\n"
+                         "  NAME        a preset: S/32, B/32, B/16, L/16, H/14, tiny, small-28, small-32, small-56\n"
                          "  CHECKPOINT  a .safetensors checkpoint (docs/cli.md)\n"
                          "  --json      one JSON line with params_total, params_per_token, layout and config\n\n"
                          "Per-token parameters count what one image token passes through: the image embedding,\n"

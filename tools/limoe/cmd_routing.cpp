@@ -102,22 +102,25 @@ int run(const std::vector<std::string>& argv) {
   cli::require_one_rank("routing");
   const cli::BackendChoice backend = cli::check_backend(args);
   args.no_positional();
-  set_num_threads(static_cast<int>(args.integer("threads", 0)));
+  cli::set_threads(args);
   const std::string ckpt = args.required("checkpoint");
+  const index_t pairs = args.integer("pairs", 2048, 1), images_wanted = args.integer("images", 6, 0, 1024);
+  const std::string out = args.str("out", "routing");
+  LIMOE_CHECK(!out.empty() && out.back() != '/', "--out needs a file name prefix (PREFIX.json and PREFIX.svg), got \"",
+              out, "\"");
   return cli::with_model(backend, [&]<class Model>() -> int {
   auto loaded = cli::load_model<Model>(ckpt);
   auto& model = *loaded.model;
   const auto& cfg = model.config();
   // Drop rates as training sees them: the training capacity factor (an argument of each forward), no noise.
-  const double cf = args.number("capacity-factor", cfg.router.capacity_factor_train);
-  LIMOE_CHECK(cf >= 0 && std::isfinite(cf), "--capacity-factor must be >= 0 (0 = no drop), got ", cf);
+  const double cf = args.number("capacity-factor", cfg.router.capacity_factor_train, 0.0);  // 0: no drop
   LIMOE_CHECK(!cfg.moe_blocks.empty(), "the model has no MoE block: nothing to report");
   const auto src = cli::data_source(args, cfg, loaded.trained_on());
   const data::AnyDataset test = data::open_dataset(src, data::Split::test);
-  const auto blocks = routing_summary(model, loaded.tokenizer, test, args.integer("pairs", 2048), 128, 0, cf);
+  const auto blocks = routing_summary(model, loaded.tokenizer, test, pairs, 128, 0, cf);
 
   // Patch maps for a few test images (images alone, evaluation routing).
-  const index_t n_img = std::min<index_t>(test.size(), args.integer("images", 6));
+  const index_t n_img = std::min<index_t>(test.size(), images_wanted);
   Tensor<float> images(Shape{n_img, cfg.image_size[0], cfg.image_size[1], cfg.channels});
   const Rng rng(0);
   for (index_t i = 0; i < n_img; ++i) {
@@ -144,7 +147,6 @@ int run(const std::vector<std::string>& argv) {
     for (int e = 0; e < b.experts; ++e) std::printf("%7lld", static_cast<long long>(b.routed[1][static_cast<std::size_t>(e)]));
     std::printf("\n");
   }
-  const std::string out = args.str("out", "routing");
   nlohmann::json j = nlohmann::json::array();
   for (const auto& b : blocks) j.push_back(b.to_json());
   const std::string js = j.dump(1), svg = svg_report(blocks, cfg, images, patch_routes);

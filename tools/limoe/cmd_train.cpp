@@ -58,14 +58,13 @@ int run(const std::vector<std::string>& argv) {
   cli::Args args(argv, opts, {"dense", "two-tower", "quiet", "no-grad-overlap"}, "train");
   args.no_positional();
   const cli::BackendChoice backend = cli::check_backend(args);
-  set_num_threads(static_cast<int>(args.integer("threads", 0)));
+  cli::set_threads(args);
   // The ranks of this run (mpirun) and their layout: data parallel over all of them.
   dist::AnyComm comm = cli::world();
   const int ranks = comm.size(), rank = comm.rank();
   const bool lead = rank == 0;  // progress, metrics and the checkpoint come from rank 0 only
-  const long long ep = args.integer("expert-parallel", 1);
-  const long long dp = args.integer("data-parallel", ep >= 1 && ranks % ep == 0 ? ranks / ep : ranks);
-  LIMOE_CHECK(dp >= 1 && ep >= 1, "--data-parallel and --expert-parallel must be >= 1, got ", dp, " and ", ep);
+  const long long ep = args.integer("expert-parallel", 1, 1, 1 << 20);
+  const long long dp = args.integer("data-parallel", ranks % ep == 0 ? ranks / ep : ranks, 1, 1 << 20);
   LIMOE_CHECK(dp * ep == ranks, "--data-parallel ", dp, " x --expert-parallel ", ep, " = ", dp * ep, " ranks, but ",
               ranks, (ranks == 1 ? " process is running (start the ranks with mpirun -np N; this limoe was built "
                                    "with" : " ranks were started by mpirun (this limoe was built with"),
@@ -79,6 +78,15 @@ int run(const std::vector<std::string>& argv) {
   // Model config and tokenizer: from the checkpoint when resuming, else from the preset / config file.
   std::unique_ptr<io::SafetensorsReader> resume;
   ModelConfig cfg;
+  // One source of the model: a resumed run keeps its checkpoint's config, and a preset and a config file are
+  // alternatives (the usage line), so a second one would be silently ignored.
+  for (const char* other : {"preset", "config"})
+    LIMOE_CHECK(!args.has("resume") || !args.has(other), "--resume continues its checkpoint's model; --", other,
+                " would be ignored (start a new run without --resume to use it)");
+  for (const char* other : {"dense", "two-tower"})
+    LIMOE_CHECK(!args.has("resume") || !args.flag(other), "--resume continues its checkpoint's model; --", other,
+                " would change it (start a new run without --resume to use it)");
+  LIMOE_CHECK(!args.has("preset") || !args.has("config"), "give --preset or --config, not both");
   if (args.has("resume")) {
     resume = std::make_unique<io::SafetensorsReader>(io::SafetensorsReader::open(args.str("resume")));
     cfg = read_checkpoint_config(*resume);
@@ -104,12 +112,20 @@ int run(const std::vector<std::string>& argv) {
     if (!prior.is_object()) prior = nlohmann::json::object();
   }
   auto prior_or = [&](const char* key, auto def) { return prior.contains(key) ? prior[key].get<decltype(def)>() : def; };
-  if (resume && !args.has("data") && prior.contains("data")) args.set("data", prior["data"].get<std::string>());
+  // ... and on the same data: its kind and, unless named again, its paths.
+  if (resume && !args.has("data") && prior.contains("data") && prior["data"].is_string()) {
+    args.set("data", prior["data"].get<std::string>());
+    for (const auto& [flag, key] : {std::pair{"data-path", "data_path"}, std::pair{"test-path", "test_path"}})
+      if (!args.has(flag) && prior.contains(key) && prior[key].is_string()) args.set(flag, prior[key].get<std::string>());
+  }
 
   const auto src = cli::data_source(args, cfg);
   const data::AnyDataset train_ds = data::open_dataset(src, data::Split::train);
   data::WordTokenizer tok = resume ? cli::tokenizer_from(*resume) : data::WordTokenizer::build(train_ds.corpus(), cfg.text_len);
-  if (!resume && !args.has("config")) cfg.vocab_size = static_cast<int>(std::max<index_t>(tok.vocab_size(), 8));
+  // A preset's vocab_size follows the tokenizer built from the data, unless --set gave one.
+  const std::vector<std::string> sets = args.all("set");
+  const bool vocab_set = std::any_of(sets.begin(), sets.end(), [](const std::string& s) { return s.rfind("vocab_size=", 0) == 0; });
+  if (!resume && !args.has("config") && !vocab_set) cfg.vocab_size = static_cast<int>(std::max<index_t>(tok.vocab_size(), 8));
   LIMOE_CHECK(tok.vocab_size() <= cfg.vocab_size, "the tokenizer has ", tok.vocab_size(),
               " words but the model's vocab_size is ", cfg.vocab_size);
   LIMOE_CHECK(tok.text_len() == cfg.text_len, "the tokenizer's text length ", tok.text_len(), " differs from the model's ", cfg.text_len);
@@ -120,13 +136,16 @@ int run(const std::vector<std::string>& argv) {
               " do not split into ", ep, " equal parts");
 
   TrainConfig tc;
-  tc.steps = args.integer("steps", prior_or("steps", 1000LL));
-  tc.adam.lr = args.number("lr", prior_or("lr", 1e-3));
-  tc.adam.weight_decay = args.number("weight-decay", prior_or("weight_decay", 0.1));
-  tc.adam.clip_norm = args.number("clip", prior_or("clip", 1.0));
+  tc.steps = args.integer("steps", prior_or("steps", 1000LL), 1, 1LL << 40);
+  tc.adam.lr = args.number("lr", prior_or("lr", 1e-3), 0.0);
+  tc.adam.weight_decay = args.number("weight-decay", prior_or("weight_decay", 0.1), 0.0);
+  tc.adam.clip_norm = args.number("clip", prior_or("clip", 1.0), 0.0);  // 0: no clipping
   tc.overlap_grad_sum = !args.flag("no-grad-overlap");
   tc.warmup_steps = args.integer("warmup", prior_or("warmup", static_cast<long long>(std::min<std::int64_t>(100, tc.steps / 10))));
   LIMOE_CHECK(tc.warmup_steps >= 0 && tc.warmup_steps <= tc.steps, "--warmup must be in [0, steps], got ", tc.warmup_steps);
+  // --stop-at N ends this invocation after step N of the schedule (which still spans --steps): a run can be
+  // split into legs, each resumed from the previous one's checkpoint.
+  const std::int64_t stop = args.integer("stop-at", tc.steps, 1, tc.steps);
   const index_t batch = args.integer("batch", prior_or("batch", 128LL));
   LIMOE_CHECK(batch >= 2, "--batch must be at least 2 (the contrastive loss needs negatives), got ", batch);
   LIMOE_CHECK(batch <= train_ds.size(), "--batch ", batch, " exceeds the data set's ", train_ds.size(), " examples");
@@ -146,7 +165,7 @@ int run(const std::vector<std::string>& argv) {
   return cli::with_model(backend, [&]<class Model>() -> int {
   // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
   Model model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
-  const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL)));
+  const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL), 0));
   if (resume) load_weights(model, *resume); else model.init(seed);
   model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
   Trainer<Model, dist::AnyComm> trainer(model, tc, std::move(comm));
@@ -168,7 +187,7 @@ int run(const std::vector<std::string>& argv) {
   data::LoaderOptions lo;
   lo.batch_size = batch;
   lo.seed = seed;
-  lo.workers = static_cast<int>(args.integer("workers", 1));
+  lo.workers = static_cast<int>(args.integer("workers", 1, 0, 256));
   lo.shard = rank, lo.shards = ranks;  // this rank's part of every batch: the same data order on any rank count
   data::Loader<data::AnyDataset, data::WordTokenizer> loader(train_ds, tok, lo);
   loader.seek(start / loader.batches_per_epoch(), start % loader.batches_per_epoch());
@@ -176,17 +195,38 @@ int run(const std::vector<std::string>& argv) {
   const std::string out = args.str("out", "runs/" + std::string(args.flag("two-tower") ? "two-tower"
                                                                  : args.flag("dense")   ? "dense"
                                                                                         : "limoe"));
+  LIMOE_CHECK(!out.empty(), "--out needs a folder name");
   const std::string ckpt = out + "/checkpoint.safetensors";
+  // metrics.jsonl always matches the checkpoint beside it: the lines of the steps since the last checkpoint go
+  // to metrics.jsonl.partial as they come (to follow a run), and move into metrics.jsonl when the checkpoint
+  // that holds those steps is written. A run that fails leaves the folder's checkpoint and metrics.jsonl as they
+  // were, and its own lines in metrics.jsonl.partial. A new run replaces metrics.jsonl with its first checkpoint.
+  const std::string metrics = out + "/metrics.jsonl", partial = metrics + ".partial";
   std::ofstream log;
+  std::string pending;  // the lines in metrics.jsonl.partial
+  bool metrics_started = resume != nullptr;  // append to metrics.jsonl (a resumed run), or replace it
   if (lead) {
-    std::filesystem::create_directories(out);
-    log.open(out + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
-    LIMOE_CHECK(log.good(), "cannot write '", out, "/metrics.jsonl'");
+    std::error_code ec;
+    std::filesystem::create_directories(out, ec);
+    LIMOE_CHECK(!ec && std::filesystem::is_directory(out), "cannot create the output folder '", out, "'",
+                ec ? ": " + ec.message() : std::string());
+    log.open(partial, std::ios::trunc);
+    LIMOE_CHECK(log.good(), "cannot write '", partial, "'");
   }
+  auto commit_metrics = [&] {
+    std::ofstream m(metrics, metrics_started ? std::ios::app : std::ios::trunc);
+    m << pending;
+    m.flush();
+    LIMOE_CHECK(m.good(), "cannot write '", metrics, "'");
+    metrics_started = true;
+    pending.clear();
+    log.close();
+    log.open(partial, std::ios::trunc);
+  };
 
   const bool quiet = args.flag("quiet") || !lead, tty = isatty(STDERR_FILENO);
-  const std::int64_t log_every = std::max<long long>(1, args.integer("log-every", 10));
-  const std::int64_t ckpt_every = args.integer("checkpoint-every", 0);
+  const std::int64_t log_every = args.integer("log-every", 10, 1);
+  const std::int64_t ckpt_every = args.integer("checkpoint-every", 0, 0);  // 0: at the end only
   const double prior_seconds = prior_or("train_seconds", 0.0);  // training time of the run before a resume
   const auto t0 = std::chrono::steady_clock::now();
   // Every rank holds the same parameters (expert parallel: the same parts of them in every data-parallel
@@ -201,8 +241,12 @@ int run(const std::vector<std::string>& argv) {
                          {"warmup", tc.warmup_steps}, {"weight_decay", tc.adam.weight_decay}, {"clip", tc.adam.clip_norm},
                          {"data", data::resolve_kind(src)}, {"train_seconds", secs},
                          {"precision", Model::precision_type::name}};
+    // The data's paths, absolute, so that eval, routing and a resumed run find them from any folder.
+    if (!src.path.empty()) st["data_path"] = std::filesystem::absolute(src.path).string();
+    if (!src.test_path.empty()) st["test_path"] = std::filesystem::absolute(src.test_path).string();
     if (ep == 1) {
       save_checkpoint(model, ckpt, TrainState<float, typename Model::memory_space>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
+      commit_metrics();
       return;
     }
     Limoe<float> whole(cfg);
@@ -212,6 +256,7 @@ int run(const std::vector<std::string>& argv) {
     std::copy(whole_v.begin(), whole_v.end(), opt.v().data());
     opt.set_step(trainer.optimizer().step());
     save_checkpoint(whole, ckpt, TrainState<float>{&opt, st.dump()}, {{"tokenizer", tok.to_json()}});
+    commit_metrics();
   };
   if (lead)
   std::cerr << "limoe train: " << cfg.depth << " blocks (" << cfg.moe_blocks.size() << " MoE, " << cfg.experts
@@ -223,9 +268,6 @@ int run(const std::vector<std::string>& argv) {
                                 " x expert parallel " + std::to_string(ep) + "), routing groups of " +
                                 std::to_string(cfg.group_pairs) + " pairs" : std::string()) << "\n";
   double ema_loss = 0;
-  // --stop-at N ends this invocation after step N of the schedule (which still spans --steps): a run can be
-  // split into legs, each resumed from the previous one's checkpoint.
-  const std::int64_t stop = std::min<std::int64_t>(tc.steps, args.integer("stop-at", tc.steps));
   LIMOE_CHECK(stop > start, "--stop-at ", stop, " is not after the current step ", start);
   for (std::int64_t s = start; s < stop; ++s) {
     const auto b = loader.next();
@@ -234,7 +276,11 @@ int run(const std::vector<std::string>& argv) {
     ema_loss = s == start ? r.loss.total : 0.9 * ema_loss + 0.1 * r.loss.total;
     nlohmann::json j = to_json(r);
     j["elapsed"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (lead) log << j.dump() << "\n";
+    if (lead) {
+      const std::string line = j.dump() + "\n";
+      log << line << std::flush;
+      pending += line;
+    }
     const bool last = s + 1 == stop;
     if (!quiet && ((s + 1) % log_every == 0 || last)) {
       const double el = j["elapsed"].get<double>();
@@ -248,9 +294,10 @@ int run(const std::vector<std::string>& argv) {
     }
     if (ckpt_every > 0 && (s + 1) % ckpt_every == 0 && !last) save(s + 1);
   }
-  if (lead) log.flush();
   save(stop);
   if (!lead) return 0;
+  log.close();
+  std::filesystem::remove(partial);
   const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", stop},
                               {"train_seconds", secs}, {"final_loss", ema_loss}}.dump() << "\n";

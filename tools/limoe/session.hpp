@@ -33,15 +33,25 @@ inline const char* kDataHelp =
     "  --data-path PATH     the Fashion-MNIST IDX folder, or the training TSV (image_path<TAB>caption)\n"
     "  --test-path PATH     the test TSV (tsv data only)\n";
 
-// The data source named on the command line; `trained_on` (the data kind a checkpoint was trained on, if
-// known) is the default, so eval and routing see the same kind of data as training.
-inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, const std::string& trained_on = "") {
+// The data a checkpoint was trained on, as `limoe train` records it in train_state: the kind ("fashion-mnist",
+// "fashion-scenes", "synthetic", "tsv") and the --data-path / --test-path it was given (absolute), if any.
+struct TrainedData {
+  std::string kind, path, test_path;
+};
+
+// The data source named on the command line. What is not named there defaults to the data the checkpoint was
+// trained on (`trained`), so eval and routing see the same data as training: its kind, and its paths when the
+// kind is the same. --test-path names a TSV, so it implies --data tsv.
+inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, const TrainedData& trained = {}) {
   data::DataSource src;
-  src.kind = args.str("data", trained_on.empty() || trained_on == "tsv" ? "auto" : trained_on);
-  src.path = args.str("data-path");
-  src.test_path = args.str("test-path");
+  src.kind = args.str("data", args.has("test-path") ? "tsv" : trained.kind.empty() ? "auto" : trained.kind);
+  const bool same = src.kind == trained.kind;
+  src.path = args.str("data-path", same ? trained.path : "");
+  src.test_path = args.str("test-path", same ? trained.test_path : "");
   src.image = {cfg.image_size[0], cfg.image_size[1], cfg.channels};
   const std::string kind = data::resolve_kind(src);
+  LIMOE_CHECK(!args.has("test-path") || kind == "tsv", "--test-path names the test TSV of --data tsv; --data is \"",
+              src.kind, "\"");
   if (kind == "fashion-mnist")
     LIMOE_CHECK(cfg.image_size[0] == 28 && cfg.image_size[1] == 28 && cfg.channels == 1,
                 "Fashion-MNIST images are 28x28x1; the model takes ", cfg.image_size[0], "x", cfg.image_size[1], "x",
@@ -112,12 +122,17 @@ struct Loaded {
   std::unique_ptr<Model> model;
   data::WordTokenizer tokenizer;
   std::map<std::string, std::string> metadata;
-  // The data kind recorded by `limoe train` ("fashion-mnist", "synthetic", "tsv"), or "".
-  std::string trained_on() const {
+  // The data recorded by `limoe train` (empty fields where it recorded none).
+  TrainedData trained_on() const {
+    TrainedData t;
     auto it = metadata.find("train_state");
-    if (it == metadata.end()) return "";
+    if (it == metadata.end()) return t;
     const auto j = nlohmann::json::parse(it->second, nullptr, false);
-    return j.is_object() && j.contains("data") && j["data"].is_string() ? j["data"].get<std::string>() : "";
+    auto field = [&](const char* key) {
+      return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+    };
+    t.kind = field("data"), t.path = field("data_path"), t.test_path = field("test_path");
+    return t;
   }
 };
 

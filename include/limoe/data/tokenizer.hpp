@@ -32,6 +32,29 @@
 
 namespace limoe::data {
 
+// Whether s is well-formed UTF-8 (RFC 3629: shortest forms only, no surrogates, nothing above U+10FFFF). Texts
+// must be: a vocabulary is stored as JSON in a checkpoint.
+inline bool valid_utf8(std::string_view s) {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) { ++i; continue; }
+    int n;
+    unsigned lo = 0x80, hi = 0xBF;  // the allowed range of the second byte
+    if (c >= 0xC2 && c <= 0xDF) n = 1;
+    else if (c >= 0xE0 && c <= 0xEF) n = 2, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    else if (c >= 0xF0 && c <= 0xF4) n = 3, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    else return false;
+    if (i + static_cast<std::size_t>(n) >= s.size()) return false;  // cut short
+    for (int k = 1; k <= n; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + static_cast<std::size_t>(k)]);
+      if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return false;
+    }
+    i += static_cast<std::size_t>(n) + 1;
+  }
+  return true;
+}
+
 template <class T>
 concept Tokenizer = requires(const T& t, std::string_view s) {
   { t.encode(s) } -> std::same_as<std::vector<std::int32_t>>;
@@ -60,8 +83,10 @@ class WordTokenizer {
     LIMOE_CHECK(max_vocab == 0 || max_vocab > kNumSpecial, "WordTokenizer::build: max_vocab must be 0 or > ",
                 kNumSpecial, ", got ", max_vocab);
     std::map<std::string, index_t> counts;
-    for (const auto& text : corpus)
+    for (const auto& text : corpus) {
+      LIMOE_CHECK(valid_utf8(text), "WordTokenizer::build: a text of the corpus is not valid UTF-8 (texts are UTF-8)");
       for (auto& w : split(std::string_view(text))) ++counts[w];
+    }
     std::vector<std::pair<std::string, index_t>> ranked(counts.begin(), counts.end());  // alphabetical
     std::stable_sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
     WordTokenizer t(text_len);

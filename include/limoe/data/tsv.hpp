@@ -18,6 +18,7 @@
 #include "limoe/core/error.hpp"
 #include "limoe/data/dataset.hpp"
 #include "limoe/data/image.hpp"
+#include "limoe/data/tokenizer.hpp"
 
 namespace limoe::data {
 
@@ -59,6 +60,7 @@ class TsvPairs {
       r.line = n;
       LIMOE_CHECK(!r.image_path.empty(), tsv_path, ":", n, ": empty image path");
       LIMOE_CHECK(!r.caption.empty(), tsv_path, ":", n, ": empty caption");
+      LIMOE_CHECK(valid_utf8(r.caption), tsv_path, ":", n, ": the caption is not valid UTF-8 (save the file as UTF-8)");
       std::filesystem::path p(r.image_path);
       if (p.is_relative()) r.image_path = (base / p).string();
       rows_.push_back(std::move(r));

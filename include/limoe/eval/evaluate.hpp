@@ -69,12 +69,15 @@ Tensor<float> class_embeddings(Model& model, const Tok& tok, const data::AnyData
 
 // Routes image-text pairs of a data set jointly (images and texts share groups, as in training) in evaluation
 // mode (no noise) and sums the statistics per MoE block, at `capacity_factor` (default: the model's evaluation
-// factor; pass the training factor to measure drop rates as training sees them).
+// factor; pass the training factor to measure drop rates as training sees them). Routes exactly
+// min(max_pairs, ds.size()) pairs, the data set's first ones, in batches of `batch` (the last one shorter).
 template <class Model, class Tok>
 std::vector<RoutingSummary> routing_summary(Model& model, const Tok& tok, const data::AnyDataset& ds, index_t max_pairs,
                                             index_t batch = 128, std::uint64_t seed = 0,
                                             std::optional<double> capacity_factor = std::nullopt) {
-  data::LoaderOptions lo = data::LoaderOptions::evaluation(batch, 0);
+  LIMOE_CHECK(max_pairs >= 1 && batch >= 1, "routing_summary: needs at least one pair and a positive batch, got ",
+              max_pairs, " pairs in batches of ", batch);
+  data::LoaderOptions lo = data::LoaderOptions::evaluation(std::min(batch, max_pairs), 0);
   lo.seed = seed;
   data::Loader<data::AnyDataset, Tok> loader(ds, tok, lo);
   std::vector<RoutingSummary> out;
@@ -82,13 +85,15 @@ std::vector<RoutingSummary> routing_summary(Model& model, const Tok& tok, const 
   while (seen < max_pairs) {
     auto b = loader.next();
     if (!b) break;
-    const auto f = model.forward(b->images.cview(), b->texts.cview(), Mode::Eval, 0, capacity_factor);
+    const index_t take = std::min<index_t>(b->size(), max_pairs - seen);
+    const auto f = model.forward(b->images.cview().slice(0, take), b->texts.cview().slice(0, take), Mode::Eval, 0,
+                                 capacity_factor);
     if (out.empty()) {
       out.resize(f.stats.size());
       for (std::size_t i = 0; i < out.size(); ++i) out[i].block = f.route_blocks[i];
     }
     for (std::size_t i = 0; i < f.stats.size(); ++i) out[i].add(f.stats[i]);
-    seen += b->size();
+    seen += take;
   }
   return out;
 }
