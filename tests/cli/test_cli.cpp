@@ -128,7 +128,11 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);
   // The backend flags: cpu / fp32 run; what cannot run is refused by name, never ignored.
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device tpu", "cpu or cuda", out);
+#if defined(LIMOE_CLI_CUDA)
   expect_failure("bench --workload gemm --device cuda", "model workloads");
+#else
+  expect_failure("bench --workload gemm --device cuda", "built without the CUDA part");
+#endif
   {
     // --device cuda runs on a machine with a GPU and a CUDA build; anywhere else it is one line naming why
     // (no CUDA part, or no usable device with CUDA's reason), and nothing is written.
@@ -286,6 +290,18 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   };
   CHECK(losses(a) == losses(b));
   CHECK(losses(a).size() == 8);
+  {  // resumed into another folder: its log starts with the resumed checkpoint's folder's steps
+    const fs::path e = scratch() / "run_e", f = scratch() / "run_f";
+    REQUIRE(run("train" + common + " --steps 8 --stop-at 4 --out " + e.string()).code == 0);
+    REQUIRE(run("train --resume " + (e / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + f.string()).code == 0);
+    CHECK(losses(f) == losses(a));
+    CHECK(losses(e).size() == 4);
+    // a leg that cannot run (--stop-at not after the checkpoint's step) is refused before touching its folder
+    fs::copy_file(e / "metrics.jsonl", e / "metrics.jsonl.partial");
+    expect_failure("train --resume " + (e / "checkpoint.safetensors").string() + " --stop-at 3 --out " + e.string(),
+                   "--stop-at 3 is not after the current step 4");
+    CHECK(slurp(e / "metrics.jsonl.partial") == slurp(e / "metrics.jsonl"));
+  }
 
   const Run e = run("eval --checkpoint " + (a / "checkpoint.safetensors").string() + " --max-test 64 --retrieval 32");
   REQUIRE_MESSAGE(e.code == 0, e.err);
@@ -300,12 +316,12 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   CHECK_MESSAGE(g.out.find("capacity factor 1.05 ") != std::string::npos, g.out);  // the factor it routed at
   CHECK(fs::exists(rep.string() + ".svg"));
   CHECK(fs::exists(rep.string() + ".json"));
-  {  // exactly --pairs pairs are routed, in groups of at most 128: 100 tiny pairs are 100 x 16 image tokens
-    REQUIRE(run("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs 100 --images 0 --out " +
-                rep.string()).code == 0);
+  for (int pairs : {100, 130}) {  // exactly --pairs pairs, in groups of at most 128: 16 image tokens a tiny pair
+    REQUIRE(run("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs " +
+                std::to_string(pairs) + " --images 0 --out " + rep.string()).code == 0);
     const auto blocks = nlohmann::json::parse(slurp(rep.string() + ".json"));
     REQUIRE(blocks.size() == 1);
-    CHECK(blocks[0]["img"]["tokens"].get<long long>() == 100 * 16);
+    CHECK(blocks[0]["img"]["tokens"].get<long long>() == pairs * 16);
   }
   expect_failure("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs 0 --out " + rep.string(),
                  "--pairs must be at least 1");

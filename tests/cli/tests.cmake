@@ -8,6 +8,9 @@ if(TARGET limoe)
                                               LIMOE_TEST_DATA_DIR="${CMAKE_CURRENT_LIST_DIR}/../data"
                                               LIMOE_SCRIPTS_DIR="${PROJECT_SOURCE_DIR}/scripts")
   add_dependencies(test_cli limoe)
+  if(LIMOE_WITH_CUDA)
+    target_compile_definitions(test_cli PRIVATE LIMOE_CLI_CUDA)  # the program has --device cuda built in
+  endif()
   if(LIMOE_WITH_MPI)
     find_program(LIMOE_MPIEXEC NAMES mpirun mpiexec)
     if(LIMOE_MPIEXEC)

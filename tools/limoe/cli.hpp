@@ -103,7 +103,7 @@ class Args {
     char* end = nullptr;
     errno = 0;
     const double v = decimal ? std::strtod(s.c_str(), &end) : 0;
-    LIMOE_CHECK(decimal && end && *end == '\0' && errno != ERANGE && std::isfinite(v), "--", name,
+    LIMOE_CHECK(decimal && end && *end == '\0' && std::isfinite(v), "--", name,
                 " expects a finite decimal number, got \"", s, "\"");
     check_range(name, v, lo, hi);
     return v;

@@ -509,11 +509,7 @@ int run(const std::vector<std::string>& argv) {
     if (!p.has_experts) p.experts = c.experts;
     if (!p.has_top_k) p.top_k = c.top_k;
   }
-  if (args.has("threads")) {
-    set_num_threads(static_cast<int>(args.integer("threads", 0, 1, 4096)));
-  } else {
-    set_num_threads(0);  // all: oneTBB's default
-  }
+  cli::set_threads(args);  // 0 or absent: all cores (oneTBB's default)
 
   if (p.workload != "train_step") cli::require_one_rank("bench --workload " + p.workload);
   LIMOE_CHECK(!backend.cuda || model_workload, "--device cuda times the model workloads (embed, train_step); the "

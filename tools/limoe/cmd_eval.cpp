@@ -88,7 +88,7 @@ int run(const std::vector<std::string>& argv) {
   auto loaded = cli::load_model<Model>(args.required("checkpoint"));
   auto& model = *loaded.model;
   const auto& cfg = model.config();
-  const auto src = cli::data_source(args, cfg, loaded.trained_on());
+  const auto src = cli::data_source(args, cfg, loaded.trained_on(), true);
   const data::AnyDataset test = data::open_dataset(src, data::Split::test);
   const index_t n = std::min<index_t>(test.size(), args.integer("max-test", test.size(), 1));
   const int shots = static_cast<int>(args.integer("shots", 10, 1, 1 << 20));

@@ -112,14 +112,20 @@ int run(const std::vector<std::string>& argv) {
     if (!prior.is_object()) prior = nlohmann::json::object();
   }
   auto prior_or = [&](const char* key, auto def) { return prior.contains(key) ? prior[key].get<decltype(def)>() : def; };
-  // ... and on the same data: its kind and, unless named again, its paths.
-  if (resume && !args.has("data") && prior.contains("data") && prior["data"].is_string()) {
-    args.set("data", prior["data"].get<std::string>());
-    for (const auto& [flag, key] : {std::pair{"data-path", "data_path"}, std::pair{"test-path", "test_path"}})
-      if (!args.has(flag) && prior.contains(key) && prior[key].is_string()) args.set(flag, prior[key].get<std::string>());
+  // ... and on the same data: its kind unless --data names another, and for the same kind its paths unless
+  // named again (as eval and routing do: cli::data_source).
+  if (resume && prior.contains("data") && prior["data"].is_string()) {
+    const std::string kind = prior["data"].get<std::string>();
+    if (!args.has("data")) args.set("data", kind);
+    if (args.str("data") == kind)
+      for (const auto& [flag, key] : {std::pair{"data-path", "data_path"}, std::pair{"test-path", "test_path"}})
+        if (!args.has(flag) && prior.contains(key) && prior[key].is_string()) args.set(flag, prior[key].get<std::string>());
   }
 
   const auto src = cli::data_source(args, cfg);
+  // The paths are recorded in the checkpoint's JSON metadata, which holds UTF-8 only.
+  LIMOE_CHECK(data::valid_utf8(src.path) && data::valid_utf8(src.test_path),
+              "--data-path and --test-path must be UTF-8 file names (they are recorded in the checkpoint)");
   const data::AnyDataset train_ds = data::open_dataset(src, data::Split::train);
   data::WordTokenizer tok = resume ? cli::tokenizer_from(*resume) : data::WordTokenizer::build(train_ds.corpus(), cfg.text_len);
   // A preset's vocab_size follows the tokenizer built from the data, unless --set gave one.
@@ -183,6 +189,7 @@ int run(const std::vector<std::string>& argv) {
     start = trainer.step_count();
     LIMOE_CHECK(start < tc.steps, "the checkpoint is at step ", start, ", --steps ", tc.steps, " leaves nothing to do");
   }
+  LIMOE_CHECK(stop > start, "--stop-at ", stop, " is not after the current step ", start);
 
   data::LoaderOptions lo;
   lo.batch_size = batch;
@@ -196,15 +203,21 @@ int run(const std::vector<std::string>& argv) {
                                                                  : args.flag("dense")   ? "dense"
                                                                                         : "limoe"));
   LIMOE_CHECK(!out.empty(), "--out needs a folder name");
+  LIMOE_CHECK(data::valid_utf8(out), "--out must be a UTF-8 folder name (the run's JSON output names it)");
   const std::string ckpt = out + "/checkpoint.safetensors";
   // metrics.jsonl always matches the checkpoint beside it: the lines of the steps since the last checkpoint go
-  // to metrics.jsonl.partial as they come (to follow a run), and move into metrics.jsonl when the checkpoint
-  // that holds those steps is written. A run that fails leaves the folder's checkpoint and metrics.jsonl as they
-  // were, and its own lines in metrics.jsonl.partial. A new run replaces metrics.jsonl with its first checkpoint.
+  // to metrics.jsonl.partial as they come (to follow a run), and join the earlier steps' lines in a new
+  // metrics.jsonl (written beside it, then renamed over it) once the checkpoint that holds those steps is
+  // written. A run that fails leaves the folder's checkpoint and metrics.jsonl as they were, and its own lines in
+  // metrics.jsonl.partial. The earlier steps are none for a new run (its first checkpoint replaces the folder's
+  // log), and for a resumed run those of the log beside the checkpoint it resumed (this folder's or another's).
   const std::string metrics = out + "/metrics.jsonl", partial = metrics + ".partial";
   std::ofstream log;
-  std::string pending;  // the lines in metrics.jsonl.partial
-  bool metrics_started = resume != nullptr;  // append to metrics.jsonl (a resumed run), or replace it
+  std::string history;
+  if (resume) {
+    const std::filesystem::path from = std::filesystem::path(args.str("resume")).parent_path() / "metrics.jsonl";
+    if (std::filesystem::exists(from)) history = from.string();
+  }
   if (lead) {
     std::error_code ec;
     std::filesystem::create_directories(out, ec);
@@ -214,18 +227,27 @@ int run(const std::vector<std::string>& argv) {
     LIMOE_CHECK(log.good(), "cannot write '", partial, "'");
   }
   auto commit_metrics = [&] {
-    std::ofstream m(metrics, metrics_started ? std::ios::app : std::ios::trunc);
-    m << pending;
-    m.flush();
-    LIMOE_CHECK(m.good(), "cannot write '", metrics, "'");
-    metrics_started = true;
-    pending.clear();
     log.close();
+    const std::string tmp = metrics + ".tmp";
+    {
+      std::ofstream m(tmp, std::ios::trunc | std::ios::binary);
+      for (const std::string& part : {history, partial}) {
+        if (part.empty()) continue;
+        std::ifstream f(part, std::ios::binary);
+        if (f.peek() != std::ifstream::traits_type::eof()) m << f.rdbuf();
+      }
+      m.flush();
+      LIMOE_CHECK(m.good(), "cannot write '", tmp, "'");
+    }
+    std::error_code ec;
+    std::filesystem::rename(tmp, metrics, ec);
+    LIMOE_CHECK(!ec, "cannot replace '", metrics, "': ", ec.message());
+    history = metrics;
     log.open(partial, std::ios::trunc);
   };
 
   const bool quiet = args.flag("quiet") || !lead, tty = isatty(STDERR_FILENO);
-  const std::int64_t log_every = args.integer("log-every", 10, 1);
+  const std::int64_t log_every = std::max<long long>(1, args.integer("log-every", 10, 0));
   const std::int64_t ckpt_every = args.integer("checkpoint-every", 0, 0);  // 0: at the end only
   const double prior_seconds = prior_or("train_seconds", 0.0);  // training time of the run before a resume
   const auto t0 = std::chrono::steady_clock::now();
@@ -268,7 +290,6 @@ int run(const std::vector<std::string>& argv) {
                                 " x expert parallel " + std::to_string(ep) + "), routing groups of " +
                                 std::to_string(cfg.group_pairs) + " pairs" : std::string()) << "\n";
   double ema_loss = 0;
-  LIMOE_CHECK(stop > start, "--stop-at ", stop, " is not after the current step ", start);
   for (std::int64_t s = start; s < stop; ++s) {
     const auto b = loader.next();
     LIMOE_CHECK(b.has_value(), "the data loader ran dry at step ", s);
@@ -276,11 +297,7 @@ int run(const std::vector<std::string>& argv) {
     ema_loss = s == start ? r.loss.total : 0.9 * ema_loss + 0.1 * r.loss.total;
     nlohmann::json j = to_json(r);
     j["elapsed"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (lead) {
-      const std::string line = j.dump() + "\n";
-      log << line << std::flush;
-      pending += line;
-    }
+    if (lead) log << j.dump() << "\n" << std::flush;
     const bool last = s + 1 == stop;
     if (!quiet && ((s + 1) % log_every == 0 || last)) {
       const double el = j["elapsed"].get<double>();
@@ -297,7 +314,8 @@ int run(const std::vector<std::string>& argv) {
   save(stop);
   if (!lead) return 0;
   log.close();
-  std::filesystem::remove(partial);
+  std::error_code ec;
+  std::filesystem::remove(partial, ec);
   const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", stop},
                               {"train_seconds", secs}, {"final_loss", ema_loss}}.dump() << "\n";

@@ -42,7 +42,9 @@ struct TrainedData {
 // The data source named on the command line. What is not named there defaults to the data the checkpoint was
 // trained on (`trained`), so eval and routing see the same data as training: its kind, and its paths when the
 // kind is the same. --test-path names a TSV, so it implies --data tsv.
-inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, const TrainedData& trained = {}) {
+// `test_split`: the command reads the test split (eval, routing), so a TSV source needs its test file.
+inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, const TrainedData& trained = {},
+                                    bool test_split = false) {
   data::DataSource src;
   src.kind = args.str("data", args.has("test-path") ? "tsv" : trained.kind.empty() ? "auto" : trained.kind);
   const bool same = src.kind == trained.kind;
@@ -52,6 +54,8 @@ inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, co
   const std::string kind = data::resolve_kind(src);
   LIMOE_CHECK(!args.has("test-path") || kind == "tsv", "--test-path names the test TSV of --data tsv; --data is \"",
               src.kind, "\"");
+  LIMOE_CHECK(!test_split || kind != "tsv" || !src.test_path.empty(), "--data tsv: pass the test TSV with --test-path",
+              trained.kind == "tsv" ? " (the checkpoint records none)" : "");
   if (kind == "fashion-mnist")
     LIMOE_CHECK(cfg.image_size[0] == 28 && cfg.image_size[1] == 28 && cfg.channels == 1,
                 "Fashion-MNIST images are 28x28x1; the model takes ", cfg.image_size[0], "x", cfg.image_size[1], "x",
