@@ -65,7 +65,6 @@ class Args {
   }
 
   bool flag(const std::string& name) const { return flags_.count(name) > 0; }
-  void set(const std::string& name, const std::string& value) { values_[name] = value; }
   bool has(const std::string& name) const { return values_.count(name) > 0; }
   // Every value of a repeatable option, in command-line order (str() gives the last).
   std::vector<std::string> all(const std::string& name) const {
@@ -101,7 +100,6 @@ class Args {
     const std::string& s = values_.at(name);
     const bool decimal = !s.empty() && s.find_first_not_of("+-.0123456789eE") == std::string::npos;
     char* end = nullptr;
-    errno = 0;
     const double v = decimal ? std::strtod(s.c_str(), &end) : 0;
     LIMOE_CHECK(decimal && end && *end == '\0' && std::isfinite(v), "--", name,
                 " expects a finite decimal number, got \"", s, "\"");

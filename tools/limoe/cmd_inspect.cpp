@@ -40,9 +40,7 @@ int run(const std::vector<std::string>& argv) {
     try {
       cfg = preset(what);
     } catch (const Error&) {
-      const std::string ext = ".safetensors";
-      if (what.size() >= ext.size() && what.compare(what.size() - ext.size(), ext.size(), ext) == 0)
-        fail("no such checkpoint file '", what, "'");
+      if (what.ends_with(".safetensors")) fail("no such checkpoint file '", what, "'");
       throw;
     }
     source = "preset";

@@ -112,17 +112,8 @@ int run(const std::vector<std::string>& argv) {
     if (!prior.is_object()) prior = nlohmann::json::object();
   }
   auto prior_or = [&](const char* key, auto def) { return prior.contains(key) ? prior[key].get<decltype(def)>() : def; };
-  // ... and on the same data: its kind unless --data names another, and for the same kind its paths unless
-  // named again (as eval and routing do: cli::data_source).
-  if (resume && prior.contains("data") && prior["data"].is_string()) {
-    const std::string kind = prior["data"].get<std::string>();
-    if (!args.has("data")) args.set("data", kind);
-    if (args.str("data") == kind)
-      for (const auto& [flag, key] : {std::pair{"data-path", "data_path"}, std::pair{"test-path", "test_path"}})
-        if (!args.has(flag) && prior.contains(key) && prior[key].is_string()) args.set(flag, prior[key].get<std::string>());
-  }
-
-  const auto src = cli::data_source(args, cfg);
+  // ... and on the same data, as eval and routing default to it (cli::data_source).
+  const auto src = cli::data_source(args, cfg, resume ? cli::trained_data(resume->metadata()) : cli::TrainedData{});
   // The paths are recorded in the checkpoint's JSON metadata, which holds UTF-8 only.
   LIMOE_CHECK(data::valid_utf8(src.path) && data::valid_utf8(src.test_path),
               "--data-path and --test-path must be UTF-8 file names (they are recorded in the checkpoint)");

@@ -38,6 +38,18 @@ inline const char* kDataHelp =
 struct TrainedData {
   std::string kind, path, test_path;
 };
+// From a checkpoint's metadata (empty fields where train_state records none).
+inline TrainedData trained_data(const std::map<std::string, std::string>& metadata) {
+  TrainedData t;
+  auto it = metadata.find("train_state");
+  if (it == metadata.end()) return t;
+  const auto j = nlohmann::json::parse(it->second, nullptr, false);
+  auto field = [&](const char* key) {
+    return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+  };
+  t.kind = field("data"), t.path = field("data_path"), t.test_path = field("test_path");
+  return t;
+}
 
 // The data source named on the command line. What is not named there defaults to the data the checkpoint was
 // trained on (`trained`), so eval and routing see the same data as training: its kind, and its paths when the
@@ -127,17 +139,7 @@ struct Loaded {
   data::WordTokenizer tokenizer;
   std::map<std::string, std::string> metadata;
   // The data recorded by `limoe train` (empty fields where it recorded none).
-  TrainedData trained_on() const {
-    TrainedData t;
-    auto it = metadata.find("train_state");
-    if (it == metadata.end()) return t;
-    const auto j = nlohmann::json::parse(it->second, nullptr, false);
-    auto field = [&](const char* key) {
-      return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
-    };
-    t.kind = field("data"), t.path = field("data_path"), t.test_path = field("test_path");
-    return t;
-  }
+  TrainedData trained_on() const { return trained_data(metadata); }
 };
 
 template <class Model = ModelFp32>

@@ -102,10 +102,12 @@ namespace detail {
 inline index_t block_rows(index_t N, index_t K) {
   return static_cast<double>(N) * static_cast<double>(K) > 1e6 ? 1024 : 256;
 }
+// The height (a multiple of 8) of `blocks` equal blocks covering n rows or columns.
+inline index_t block_extent(index_t n, index_t blocks) { return ((n + blocks - 1) / blocks + 7) / 8 * 8; }
 // n rows as ceil(n / block) blocks of equal height (a multiple of 8), so that no block is a short remainder.
 inline index_t even_block_rows(index_t n, index_t block) {
   const index_t blocks = (n + block - 1) / block;
-  return blocks == 0 ? block : ((n + blocks - 1) / blocks + 7) / 8 * 8;
+  return blocks == 0 ? block : block_extent(n, blocks);
 }
 // How many blocks a product's rows (or columns) are cut into: ceil(n / block), made even when over one, so that
 // two threads (or four, from two blocks on) finish together: B/32's projections over 1,568 rows were 7 blocks of
@@ -126,7 +128,7 @@ void split_product(index_t M, index_t N, index_t K, Kernel&& kernel) {
   }
   if (M >= N || M > kBlock) {
     // Blocks of rows of C: rows of op(A).
-    const index_t blocks = split_blocks(M, kBlock), rows = ((M + blocks - 1) / blocks + 7) / 8 * 8;
+    const index_t blocks = split_blocks(M, kBlock), rows = block_extent(M, blocks);
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
       for (index_t b = b0; b < b1; ++b) {
         const index_t r0 = std::min(M, b * rows), r1 = std::min(M, r0 + rows);
@@ -135,7 +137,7 @@ void split_product(index_t M, index_t N, index_t K, Kernel&& kernel) {
     });
   } else {
     // Blocks of columns of C: columns of op(B).
-    const index_t blocks = split_blocks(N, kBlock), cols = ((N + blocks - 1) / blocks + 7) / 8 * 8;
+    const index_t blocks = split_blocks(N, kBlock), cols = block_extent(N, blocks);
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
       for (index_t b = b0; b < b1; ++b) {
         const index_t c0 = std::min(N, b * cols), c1 = std::min(N, c0 + cols);
