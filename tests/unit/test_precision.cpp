@@ -2,7 +2,8 @@
 //
 // What is asserted, and against what:
 //  - rounding: to_bf16 against the nearest of the two bf16 neighbours computed in double (ties to even);
-//  - every mixed product (both oneDNN and the widening fallback, all transposes, alpha/beta, threaded splits)
+//  - every mixed product (both oneDNN and the widening fallback, all transposes, alpha/beta, threaded splits,
+//    a layer's product with its bias)
 //    against a naive double product of the bf16-rounded operands: |error| <= 2^-20 sum_k |a_k b_k| (fp32
 //    accumulation of exact bf16 x bf16 products); and against the fp32 product of the unrounded operands within
 //    the bf16 bound |error| <= 2^-7 sum_k |a_k b_k| (each operand off by at most 2^-9 relative: 2^-8 + 2^-18
@@ -144,7 +145,13 @@ TEST_CASE("mixed products agree with the double product of the bf16-rounded oper
             to_bf16(A.data(), detail::operand_extent(ta ? K : M, ta ? M : K, lda), sa.data());
             to_bf16(B.data(), detail::operand_extent(tb ? N : K, tb ? K : N, ldb), sb.data());
             detail::gemm_bf16_widened(TA, TB, M, N, K, alpha, sa.data(), lda, sb.data(), ldb, beta, Cw.data(), ldc);
-            double worst_exact = 0, worst_fp32 = 0, worst_widened = 0;
+            // A layer's product with its bias (gemm_mixed_bias: oneDNN adds it in its epilogue, or C is seeded
+            // with it where the product is too small for oneDNN; fp32: seeded). C's old values must not count.
+            const auto bias = randf(Shape{N}, 4 + sh.N, 1.0);
+            Tensor<float> Cb = C0, Cbf = C0;
+            gemm_mixed_bias<float>(Bf16Mixed{}, TA, TB, M, N, K, A.data(), lda, B.data(), ldb, bias.data(), Cb.data(), ldc);
+            gemm_mixed_bias<float>(Fp32{}, TA, TB, M, N, K, A.data(), lda, B.data(), ldb, bias.data(), Cbf.data(), ldc);
+            double worst_exact = 0, worst_fp32 = 0, worst_widened = 0, worst_bias = 0, worst_bias_fp32 = 0;
             for (index_t m = 0; m < M; ++m)
               for (index_t n = 0; n < N; ++n) {
                 double exact = 0, mag = 0, full = 0;
@@ -160,6 +167,9 @@ TEST_CASE("mixed products agree with the double product of the bf16-rounded oper
                 worst_exact = std::max(worst_exact, std::abs(C[m * ldc + n] - exact) / scale);
                 worst_widened = std::max(worst_widened, std::abs(Cw[m * ldc + n] - exact) / scale);
                 worst_fp32 = std::max(worst_fp32, std::abs(C[m * ldc + n] - full) / scale);
+                const double bscale = mag * 1.01 + std::abs(bias[n]) + 1e-30;
+                worst_bias = std::max(worst_bias, std::abs(Cb[m * ldc + n] - (exact - beta * c0) / alpha - bias[n]) / bscale);
+                worst_bias_fp32 = std::max(worst_bias_fp32, std::abs(Cbf[m * ldc + n] - (full - beta * c0) / alpha - bias[n]) / bscale);
               }
             CAPTURE(M);
             CAPTURE(N);
@@ -171,9 +181,11 @@ TEST_CASE("mixed products agree with the double product of the bf16-rounded oper
             CHECK(worst_exact <= 0x1p-20 * std::sqrt(static_cast<double>(K)) + 0x1p-23);
             CHECK(worst_widened <= 0x1p-20 * std::sqrt(static_cast<double>(K)) + 0x1p-23);
             CHECK(worst_fp32 <= 0x1p-7);
+            CHECK(worst_bias <= 0x1p-20 * std::sqrt(static_cast<double>(K)) + 0x1p-23);
+            CHECK(worst_bias_fp32 <= 0x1p-20 * std::sqrt(static_cast<double>(K)) + 0x1p-23);
             CHECK(rel_max(C.cview(), Cf.cview()) > 0);  // it did round: bf16 is not fp32
             // The padding between rows (ldc > N) is never written.
-            for (index_t m = 0; m < M; ++m) CHECK(C[m * ldc + N] == C0[m * ldc + N]);
+            for (index_t m = 0; m < M; ++m) CHECK((C[m * ldc + N] == C0[m * ldc + N] && Cb[m * ldc + N] == C0[m * ldc + N]));
           }
   set_num_threads(0);
   MESSAGE("bf16 products here: " << detail::bf16_kernel_name());

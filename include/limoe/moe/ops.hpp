@@ -161,24 +161,27 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
     }
   }
   // C[rows, cols] (leading dimension ldc) = A B^T over K, A the rows at element a of X (fp32) or X16 (its bf16
-  // copy), B the weight rows at element b of W or W16, as the policy reads them.
+  // copy), B the weight rows at element b of W or W16, as the policy reads them. Under bf16 the product adds
+  // `bias` (cols floats) in oneDNN's epilogue; under fp32 the callers add it (in the loop that reads C anyway).
   auto product = [&](const T* X, const bf16_bits* X16, index_t a, const T* W, const bf16_bits* W16, index_t b,
-                     index_t rows, index_t cols, index_t K, T* C, index_t ldc) {
+                     const T* bias, index_t rows, index_t cols, index_t K, T* C, index_t ldc) {
     if constexpr (Prec::mixed)
-      ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, K, 1.0f, X16 + a, K, W16 + b, K, 0.0f, C, ldc);
+      ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, K, 1.0f, X16 + a, K, W16 + b, K, 0.0f, C, ldc,
+                                        bias);
     else
-      gemm_serial<T>(Trans::N, Trans::T, rows, cols, K, T(1), X + a, K, W + b, K, T(0), C, ldc);
+      (void)bias, gemm_serial<T>(Trans::N, Trans::T, rows, cols, K, T(1), X + a, K, W + b, K, T(0), C, ldc);
   };
   // Columns [c0, c1) of rows [r0, r0 + rows) of expert e's hidden layer: product, + b1, GELU (as the dense MLP's
   // bias_gelu_forward), and under bf16 the result rounded for the output's product.
   auto hidden = [&](int e, index_t r0, index_t rows, index_t c0, index_t c1) {
     T* hp = hpre.data() + r0 * M;
     T* ho = h.data() + r0 * M;
-    product(xe.data(), x16, r0 * D, w.fc1_w.data(), w1_16, (e * M + c0) * D, rows, c1 - c0, D, hp + c0, M);
     const T* b1 = w.fc1_b.data() + e * M;
+    product(xe.data(), x16, r0 * D, w.fc1_w.data(), w1_16, (e * M + c0) * D, b1 + c0, rows, c1 - c0, D, hp + c0, M);
     for (index_t r = 0; r < rows; ++r) {
       T* pr = hp + r * M;
-      for (index_t m = c0; m < c1; ++m) pr[m] += b1[m];
+      if constexpr (!Prec::mixed)
+        for (index_t m = c0; m < c1; ++m) pr[m] += b1[m];
       ::limoe::detail::gelu_block(gelu, pr + c0, ho + r * M + c0, c1 - c0);
       if constexpr (Prec::mixed) to_bf16(ho + r * M + c0, c1 - c0, h16 + (r0 + r) * M + c0);
     }
@@ -186,10 +189,11 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
   // Columns [c0, c1) of the same rows' output: product and + b2.
   auto output = [&](int e, index_t r0, index_t rows, index_t c0, index_t c1) {
     T* yo = ye.data() + r0 * D;
-    product(h.data(), h16, r0 * M, w.fc2_w.data(), w2_16, (e * D + c0) * M, rows, c1 - c0, M, yo + c0, D);
     const T* b2 = w.fc2_b.data() + e * D;
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t d = c0; d < c1; ++d) yo[r * D + d] += b2[d];
+    product(h.data(), h16, r0 * M, w.fc2_w.data(), w2_16, (e * D + c0) * M, b2 + c0, rows, c1 - c0, M, yo + c0, D);
+    if constexpr (!Prec::mixed)
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t d = c0; d < c1; ++d) yo[r * D + d] += b2[d];
   };
   auto run = [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {

@@ -28,13 +28,8 @@ void linear_forward(CView<T> x, CView<T> W, CView<T> b, View<T> y, const Prec& p
   const index_t R = detail::linear_check<T>("linear_forward", x, W, b, y.shape(), "y");
   const index_t O = W.dim(0), I = W.dim(1);
   if (R == 0 || O == 0) return;
-  if (!b.empty()) {
-    // Seed y with the bias, then accumulate the product into it (beta = 1): one pass over y.
-    parallel_for(0, R, std::max<index_t>(1, 16384 / O), [&](index_t r0, index_t r1) {
-      for (index_t r = r0; r < r1; ++r) std::copy(b.data(), b.data() + O, y.row(r));
-    });
-  }
-  gemm_mixed<T>(prec, Trans::N, Trans::T, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
+  if (b.empty()) gemm_mixed<T>(prec, Trans::N, Trans::T, R, O, I, T(1), x.data(), I, W.data(), I, T(0), y.data(), O);
+  else gemm_mixed_bias<T>(prec, Trans::N, Trans::T, R, O, I, x.data(), I, W.data(), I, b.data(), y.data(), O);
 }
 
 // dx[R, I] = dy W (overwritten; skipped when dx is empty); dW[O, I] += dy^T x; db[O] += sum_r dy
