@@ -302,6 +302,33 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
                    "--stop-at 3 is not after the current step 4");
     CHECK(slurp(e / "metrics.jsonl.partial") == slurp(e / "metrics.jsonl"));
   }
+  {  // a run killed after writing its checkpoint (step 4) but before renaming its log: the log holds steps 1-2, the
+     // .partial beside it steps 3-4, a step 5 the run went on to and a line cut short. Resumed in the same folder
+     // or into another, the log gets steps 3-4 back, once, and nothing after the checkpoint.
+    const fs::path k = scratch() / "run_k";
+    REQUIRE(run("train" + common + " --steps 8 --stop-at 4 --out " + k.string()).code == 0);
+    std::vector<std::string> lines;
+    {
+      std::ifstream f(k / "metrics.jsonl");
+      for (std::string line; std::getline(f, line);) lines.push_back(line);
+    }
+    REQUIRE(lines.size() == 4);
+    auto kill = [&] {
+      std::ofstream(k / "metrics.jsonl", std::ios::trunc) << lines[0] << "\n" << lines[1] << "\n";
+      auto step5 = nlohmann::json::parse(lines[3]);
+      step5["step"] = 5;
+      std::ofstream(k / "metrics.jsonl.partial", std::ios::trunc)
+          << lines[2] << "\n" << lines[3] << "\n" << step5.dump() << "\n" << lines[3].substr(0, lines[3].size() / 2);
+    };
+    const fs::path other = scratch() / "run_k2";
+    kill();
+    REQUIRE(run("train --resume " + (k / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + other.string()).code == 0);
+    CHECK(losses(other) == losses(a));
+    kill();
+    REQUIRE(run("train --resume " + (k / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + k.string()).code == 0);
+    CHECK(losses(k) == losses(a));
+    CHECK_FALSE(fs::exists(k / "metrics.jsonl.partial"));
+  }
 
   const Run e = run("eval --checkpoint " + (a / "checkpoint.safetensors").string() + " --max-test 64 --retrieval 32");
   REQUIRE_MESSAGE(e.code == 0, e.err);

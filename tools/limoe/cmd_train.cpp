@@ -2,6 +2,7 @@
 // metrics log; resumes exactly from a checkpoint (weights, AdamW moments, data position, router noise).
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -23,6 +24,27 @@ std::string hms(double s) {
   if (t >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t / 60) % 60);
   else std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
   return buf;
+}
+
+// The "step" of a metrics line, or -1 where the line is not a whole JSON object with one (a line cut short by a
+// killed run).
+std::int64_t line_step(const std::string& line) {
+  const auto j = nlohmann::json::parse(line, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) return -1;
+  return j["step"].get<std::int64_t>();
+}
+
+// The step of a metrics log's last line (0 for no log or an empty one); reads the log's tail only.
+std::int64_t last_logged_step(const std::filesystem::path& log) {
+  std::ifstream f(log, std::ios::binary | std::ios::ate);
+  if (!f) return 0;
+  const std::streamoff size = f.tellg(), tail = std::min<std::streamoff>(size, 1 << 20);
+  std::string text(static_cast<std::size_t>(tail), '\0');
+  f.seekg(size - tail);
+  f.read(text.data(), tail);
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  if (text.empty()) return 0;
+  return std::max<std::int64_t>(0, line_step(text.substr(text.rfind('\n') + 1)));
 }
 
 // --set KEY=VALUE (repeatable): a config key, dotted for a nested one (router.bpr=false, aux_loss.load=0), and
@@ -201,13 +223,23 @@ int run(const std::vector<std::string>& argv) {
   // metrics.jsonl (written beside it, then renamed over it) once the checkpoint that holds those steps is
   // written. A run that fails leaves the folder's checkpoint and metrics.jsonl as they were, and its own lines in
   // metrics.jsonl.partial. The earlier steps are none for a new run (its first checkpoint replaces the folder's
-  // log), and for a resumed run those of the log beside the checkpoint it resumed (this folder's or another's).
+  // log), and for a resumed run those of the log beside the checkpoint it resumed (this folder's or another's),
+  // with the lines a run killed between its checkpoint and its log left in the .partial beside that log.
   const std::string metrics = out + "/metrics.jsonl", partial = metrics + ".partial";
   std::ofstream log;
-  std::string history;
+  std::string history, recovered;
   if (resume) {
     const std::filesystem::path from = std::filesystem::path(args.str("resume")).parent_path() / "metrics.jsonl";
     if (std::filesystem::exists(from)) history = from.string();
+    // A run killed between writing its checkpoint and renaming its log over the old one left that log behind the
+    // checkpoint, and the missing steps' lines in the .partial beside it: they join this run's log (read now,
+    // before this run's own .partial, which may be that file, is started).
+    const std::int64_t logged = last_logged_step(from);
+    std::ifstream old_partial(from.string() + ".partial", std::ios::binary);
+    for (std::string line; logged < start && std::getline(old_partial, line);) {
+      const std::int64_t step = line_step(line);
+      if (step > logged && step <= start) recovered += line + "\n";
+    }
   }
   if (lead) {
     std::error_code ec;
@@ -215,6 +247,7 @@ int run(const std::vector<std::string>& argv) {
     LIMOE_CHECK(!ec && std::filesystem::is_directory(out), "cannot create the output folder '", out, "'",
                 ec ? ": " + ec.message() : std::string());
     log.open(partial, std::ios::trunc);
+    log << recovered << std::flush;
     LIMOE_CHECK(log.good(), "cannot write '", partial, "'");
   }
   auto commit_metrics = [&] {

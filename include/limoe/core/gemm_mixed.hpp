@@ -2,6 +2,7 @@
 //
 //   gemm_mixed(prec, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)          threaded, like gemm
 //   gemm_mixed_serial(...)                                                             one thread, like gemm_serial
+//   gemm_mixed_bias(prec, ta, tb, M, N, K, A, lda, B, ldb, bias, C, ldc)             C = op(A) op(B) + bias, threaded
 //
 // With Fp32 they are gemm and gemm_serial. With Bf16Mixed, A and B are read as bf16 (a weight's copy from the
 // policy's WeightMirror when it has one, else rounded here into per-thread scratch) and C = alpha op(A) op(B)
