@@ -47,14 +47,23 @@ io::SafetensorsReader hand_written(const Limoe<float>& m, Edit edit, std::string
   return r;
 }
 
+// load_weights' error on `r` ("" when it loads); check_weights (what `limoe inspect` runs, without a model) must
+// refuse the same files with the same words.
 std::string load_error(const io::SafetensorsReader& r) {
+  std::string loaded, checked;
   try {
     Limoe<float> m(read_checkpoint_config(r));
     load_weights(m, r);
   } catch (const Error& e) {
-    return e.what();
+    loaded = e.what();
   }
-  return "";
+  try {
+    check_weights(Limoe<float>::parameter_entries(read_checkpoint_config(r)), r);
+  } catch (const Error& e) {
+    checked = e.what();
+  }
+  CHECK(checked == loaded);
+  return loaded;
 }
 }  // namespace
 
@@ -152,6 +161,31 @@ TEST_CASE("bad checkpoints: missing, misshaped or non-finite tensors; another fo
   CHECK_MESSAGE(e.find("format is \"other\"") != std::string::npos, e);
   e = load_error(hand_written(m, [](const std::string&, auto&, auto&) { return true; }, "limoe", "2"));
   CHECK_MESSAGE(e.find("format_version \"2\"") != std::string::npos, e);
+}
+
+TEST_CASE("a config's parameter list without a model: the names, shapes, offsets and shards the model registers") {
+  ModelConfig two = preset("tiny");
+  two.towers = 2;
+  two.moe_blocks.clear();
+  struct Case {
+    ModelConfig cfg;
+    ExpertShard shard;
+  };
+  for (const auto& [cfg, shard] : {Case{preset("tiny"), {}}, Case{preset("S/32"), {}}, Case{two, {}},
+                                    Case{preset("tiny"), ExpertShard{1, 2}}}) {
+    const Limoe<float> m(cfg, ConfigRouter{}, shard);
+    const auto list = Limoe<float>::parameter_entries(cfg, shard);
+    const auto& want = m.params().entries();
+    REQUIRE(list.size() == want.size());
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      CAPTURE(want[i].name);
+      CHECK(list[i].name == want[i].name);
+      CHECK(list[i].shape == want[i].shape);
+      CHECK(list[i].offset == want[i].offset);
+      CHECK(list[i].decay == want[i].decay);
+      CHECK((list[i].shard == want[i].shard && list[i].shards == want[i].shards));
+    }
+  }
 }
 
 TEST_CASE("a scalar stored as [1] loads like one stored as []") {

@@ -29,12 +29,12 @@ int run(const std::vector<std::string>& argv) {
   ModelConfig cfg;
   std::string source;
   if (std::filesystem::exists(what) && !std::filesystem::is_directory(what)) {
-    // A checkpoint is read as a model loader reads it (docs/cli.md): every tensor its config requires present,
-    // of the right shape and finite, so that inspect does not describe a file that embed would refuse.
+    // A checkpoint is checked as a model loader checks it (docs/cli.md): every tensor its config requires
+    // present, of the right shape and finite, so that inspect does not describe a file that embed would refuse;
+    // one tensor at a time, without the model's memory (check_weights).
     const auto reader = io::SafetensorsReader::open(what);
     cfg = read_checkpoint_config(reader);
-    Limoe<float> model(cfg);
-    load_weights(model, reader);
+    check_weights(Limoe<float>::parameter_entries(cfg), reader);
     source = "checkpoint";
   } else {
     try {

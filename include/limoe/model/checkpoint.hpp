@@ -9,6 +9,7 @@
 #include <cmath>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "limoe/core/tensor.hpp"
 #include "limoe/io/safetensors.hpp"
@@ -46,33 +47,47 @@ inline ModelConfig read_checkpoint_config(const std::string& path) {
   return read_checkpoint_config(io::SafetensorsReader::open(path));
 }
 
+// One parameter (an entry of a ParamStore) as the checkpoint holds it: present, of the entry's whole shape (a
+// scalar may be stored as [] or [1]) and finite; returns the entry's part of it (a shard's, for experts sharded
+// over ranks; the file holds whole tensors). Errors name the file and the tensor.
+template <class Entry>
+std::vector<float> read_parameter(const io::SafetensorsReader& r, const Entry& e) {
+  LIMOE_CHECK(r.has(e.name), "checkpoint '", r.label(), "': missing tensor \"", e.name, "\" (shape ", e.shape.str(),
+              ") required by its config");
+  const auto& dims = r.info(e.name).shape;
+  const Shape found = dims.size() <= 4 ? r.shape(e.name) : Shape{};
+  const Shape whole = e.global_shape();
+  const bool scalar_ok = e.shape.rank() == 0 && found.numel() == 1 && dims.size() <= 1;
+  LIMOE_CHECK(dims.size() <= 4 && (found == whole || scalar_ok), "checkpoint '", r.label(), "': tensor \"", e.name,
+              "\" has ", dims.size() <= 4 ? "shape " + found.str() : "rank " + std::to_string(dims.size()),
+              ", the config requires ", whole.str());
+  std::vector<float> t = r.read_f32_flat(e.name);
+  const std::size_t first = static_cast<std::size_t>(e.shard * e.shape.numel()), n = static_cast<std::size_t>(e.shape.numel());
+  for (std::size_t i = first; i < first + n; ++i)
+    LIMOE_CHECK(std::isfinite(t[i]), "checkpoint '", r.label(), "': tensor \"", e.name, "\" holds a non-finite value at ", i);
+  if (first > 0 || n < t.size()) t = std::vector<float>(t.begin() + static_cast<std::ptrdiff_t>(first), t.begin() + static_cast<std::ptrdiff_t>(first + n));
+  return t;
+}
+
 // Copies every parameter of `model` from the checkpoint, checking names, shapes and finiteness.
 template <class Model>
 void load_weights(Model& model, const io::SafetensorsReader& r) {
   auto& ps = model.params();
   for (const auto& e : ps.entries()) {
-    LIMOE_CHECK(r.has(e.name), "checkpoint '", r.label(), "': missing tensor \"", e.name, "\" (shape ", e.shape.str(),
-                ") required by its config");
-    const auto& dims = r.info(e.name).shape;
-    const Shape found = dims.size() <= 4 ? r.shape(e.name) : Shape{};
-    // A scalar may be stored as [] or [1] (both are common). The file holds whole tensors; a shard (experts
-    // sharded over ranks) reads its part.
-    const Shape whole = e.global_shape();
-    const bool scalar_ok = e.shape.rank() == 0 && found.numel() == 1 && dims.size() <= 1;
-    LIMOE_CHECK(dims.size() <= 4 && (found == whole || scalar_ok), "checkpoint '", r.label(), "': tensor \"", e.name,
-                "\" has ", dims.size() <= 4 ? "shape " + found.str() : "rank " + std::to_string(dims.size()),
-                ", the config requires ", whole.str());
-    const std::vector<float> t = r.read_f32_flat(e.name);
+    const std::vector<float> t = read_parameter(r, e);
     using U = typename Model::scalar_type;
     Tensor<U> host(e.shape);  // checked on the host, then copied into the model's memory (a device backend's)
-    const std::size_t first = static_cast<std::size_t>(e.shard * e.shape.numel());
-    for (std::size_t i = 0; i < static_cast<std::size_t>(e.shape.numel()); ++i) {
-      const float x = t[first + i];
-      LIMOE_CHECK(std::isfinite(x), "checkpoint '", r.label(), "': tensor \"", e.name, "\" holds a non-finite value at ", first + i);
-      host[static_cast<index_t>(i)] = static_cast<U>(x);
-    }
+    for (std::size_t i = 0; i < t.size(); ++i) host[static_cast<index_t>(i)] = static_cast<U>(t[i]);
     copy_from_host<U, typename Model::memory_space>(host.cview(), ps.value(ps.get(e.name)));
   }
+}
+
+// The checks of load_weights without a model: `entries` is a config's parameter list (Limoe::parameter_entries),
+// and the tensors are read one at a time, so this needs the memory of the largest tensor, not of the model
+// (`limoe inspect` on a checkpoint).
+template <class Entries>
+void check_weights(const Entries& entries, const io::SafetensorsReader& r) {
+  for (const auto& e : entries) (void)read_parameter(r, e);
 }
 
 // Optional training state saved beside the weights so a run resumes exactly.

@@ -136,6 +136,18 @@ class Limoe {
   // `router` is the router policy instance (ignored for ConfigRouter, which builds the stock router from the
   // config); its top_k() must equal the config's top_k.
   explicit Limoe(ModelConfig cfg, Router router = Router{}, ExpertShard experts = {})
+      : Limoe(std::move(cfg), std::move(router), experts, true) {}
+
+  // The parameters a config's model holds (every tensor's name, shape, offset and shard, in the store's order),
+  // registered as the constructor does but without allocating their values: a checkpoint can be checked against
+  // a large model's list (checkpoint.hpp's check_weights) in the memory of one tensor.
+  static std::vector<typename ParamStore<T, memory_space>::Entry> parameter_entries(ModelConfig cfg,
+                                                                                 ExpertShard experts = {}) {
+    return Limoe(std::move(cfg), Router{}, experts, false).params_.entries();
+  }
+
+ private:
+  Limoe(ModelConfig cfg, Router router, ExpertShard experts, bool allocate)
       : cfg_(std::move(cfg)), router_(std::move(router)), ep_(experts) {
     cfg_.validate();
     LIMOE_CHECK(ep_.count >= 1 && ep_.index >= 0 && ep_.index < ep_.count, "Limoe: expert shard ", ep_.index, " of ",
@@ -148,10 +160,13 @@ class Limoe {
                   " differs from the config's top_k = ", cfg_.top_k);
     }
     register_params();
+    if (!allocate) return;
     params_.finalize();
     blocks_acts_.resize(static_cast<std::size_t>(cfg_.depth));
     moe_ctx_.resize(static_cast<std::size_t>(cfg_.depth));
   }
+
+ public:
 
   const ModelConfig& config() const { return cfg_; }
   ParamStore<T, memory_space>& params() { return params_; }
