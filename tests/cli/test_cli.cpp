@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <filesystem>
@@ -67,9 +69,10 @@ void expect_failure(const std::string& args, const std::string& needle, const fs
     CHECK_MESSAGE(entry.path().string().find(".tmp.") == std::string::npos, "temporary file left: ", entry.path());
 }
 
-// Copies a checkpoint, applying `edit` to its tensors and metadata.
+// Copies a checkpoint, applying `edit` to its tensors and replacing the metadata values `md` names.
 void rewrite(const fs::path& from, const fs::path& to,
-             const std::function<void(io::SafetensorsWriter&, const io::SafetensorsReader&)>& edit) {
+             const std::function<void(io::SafetensorsWriter&, const io::SafetensorsReader&)>& edit,
+             const std::map<std::string, std::string>& md = {}) {
   const auto r = io::SafetensorsReader::open(from.string());
   io::SafetensorsWriter w;
   edit(w, r);
@@ -78,8 +81,13 @@ void rewrite(const fs::path& from, const fs::path& to,
       const auto v = r.read_f32_flat(name);
       w.add(name, r.info(name).shape, std::span<const float>(v));
     }
-  for (const auto& [k, v] : r.metadata()) w.set_metadata(k, v);
+  for (const auto& [k, v] : r.metadata()) w.set_metadata(k, md.count(k) ? md.at(k) : v);
+  for (const auto& [k, v] : md)
+    if (!r.metadata().count(k)) w.set_metadata(k, v);
   w.write(to.string());
+}
+void with_metadata(const fs::path& from, const fs::path& to, const std::map<std::string, std::string>& md) {
+  rewrite(from, to, [](io::SafetensorsWriter&, const io::SafetensorsReader&) {}, md);
 }
 }  // namespace
 
@@ -126,6 +134,8 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --input " + in + tail, "--checkpoint is required", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --bogus 1", "unknown option --bogus", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);
+  // Groups of 4 tokens at factor 0.1 leave each expert below one slot (C < 1): refused, not rounded up.
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor 0.1 --group-size 4", "C < 1", out);
   // The backend flags: cpu / fp32 run; what cannot run is refused by name, never ignored.
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device tpu", "cpu or cuda", out);
 #if defined(LIMOE_CLI_CUDA)
@@ -270,6 +280,52 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --checkpoint " + ck + " --input " + empty.string() + tail, "neither", out);
 }
 
+TEST_CASE("a checkpoint's header and metadata are the file's: malformed or mismatched parts are refused by name") {
+  const std::string ck = kGolden + "tiny_map.ckpt.safetensors", in = kGolden + "tiny_map.io.safetensors";
+  const fs::path out = scratch() / "meta.safetensors";
+  const std::string tail = " --input " + in + " --output " + out.string();
+  const auto cfg = nlohmann::json::parse(io::SafetensorsReader::open(ck).metadata().at("config"));
+  {  // a NUL in the header would end the JSON reader's input: what follows it must not go unread
+    std::string bytes = slurp(ck);
+    std::uint64_t n = 0;
+    std::memcpy(&n, bytes.data(), 8);
+    const std::string header = bytes.substr(8, n) + std::string(1, '\0') + " garbage {{{", data = bytes.substr(8 + n);
+    const std::uint64_t m = header.size();
+    std::string file(8, '\0');
+    std::memcpy(file.data(), &m, 8);
+    const fs::path nul = scratch() / "nul.safetensors";
+    std::ofstream(nul, std::ios::binary) << file << header << data;
+    expect_failure("inspect " + nul.string(), "NUL byte");
+    expect_failure("embed --checkpoint " + nul.string() + tail, "NUL byte", out);
+  }
+  {  // a value nested 100,000 deep in the config: an error naming the key, not a crash printing the value
+    auto deep = cfg;
+    deep["width"] = "DEEP";
+    std::string text = deep.dump();
+    text.replace(text.find("\"DEEP\""), 6, std::string(100000, '[') + std::string(100000, ']'));
+    const fs::path p = scratch() / "deep.safetensors";
+    with_metadata(ck, p, {{"config", text}});
+    expect_failure("inspect " + p.string(), "\"width\"");
+  }
+  {  // a config that does not match its tensors is refused by tensor before the model is allocated (this one would
+     // take 200 GB: 64 blocks of width 8192)
+    auto big = cfg;
+    big["width"] = 8192, big["depth"] = 64, big["heads"] = 8, big["mlp_dim"] = 32768, big["moe_blocks"] = nlohmann::json::array();
+    const fs::path p = scratch() / "big.safetensors";
+    with_metadata(ck, p, {{"config", big.dump()}});
+    expect_failure("embed --checkpoint " + p.string() + tail, "the config requires", out);
+    expect_failure("inspect " + p.string(), "the config requires");
+  }
+  {  // inspect on a path the file system refuses, or a folder, says so
+    const fs::path loop = scratch() / "loop.safetensors", dir = scratch() / "dir.safetensors";
+    fs::remove(loop);
+    fs::create_symlink(loop, loop);
+    expect_failure("inspect " + loop.string(), "cannot open checkpoint");
+    fs::create_directories(dir);
+    expect_failure("inspect " + dir.string(), "is a directory");
+  }
+}
+
 TEST_CASE("train: a resumed run continues the same loss curve; eval and routing report") {
   const fs::path a = scratch() / "run_a", b = scratch() / "run_b";
   const std::string common = " --preset tiny --data synthetic --batch 16 --lr 3e-3 --warmup 2 --threads 2 --quiet";
@@ -361,6 +417,47 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   expect_failure("train --resume " + (a / "checkpoint.safetensors").string() + " --dense --out " + a.string(),
                  "--dense would change it");
   expect_failure("train --preset tiny --config x.json --out " + (scratch() / "c").string(), "not both");
+  {  // a checkpoint's training state and tokenizer are the file's: checked by name before they are used
+    const fs::path src = a / "checkpoint.safetensors", p = scratch() / "state.safetensors";
+    const auto md = io::SafetensorsReader::open(src.string()).metadata();
+    auto state = nlohmann::json::parse(md.at("train_state"));
+    const std::string resume = "train --resume " + p.string() + " --quiet --out " + (scratch() / "r").string();
+    for (const auto& [key, value] : std::vector<std::pair<std::string, nlohmann::json>>{
+             {"steps", "x"}, {"batch", 8.5}, {"steps", 1e30}, {"lr", "fast"}, {"train_seconds", nlohmann::json::array()}}) {
+      auto bad = state;
+      bad[key] = value;
+      with_metadata(src, p, {{"train_state", bad.dump()}});
+      expect_failure(resume, "train_state \"" + key + "\" must be");
+    }
+    auto bad = state;
+    bad["steps"] = -5;  // a recorded setting passes the flag's range check too
+    with_metadata(src, p, {{"train_state", bad.dump()}});
+    expect_failure(resume, "--steps must be between 1");
+    // eval reports train_seconds only as a number, never the file's value as it is
+    bad = state;
+    bad["train_seconds"] = "abc";
+    with_metadata(src, p, {{"train_state", bad.dump()}});
+    const Run e2 = run("eval --checkpoint " + p.string() + " --max-test 32 --retrieval 16");
+    REQUIRE_MESSAGE(e2.code == 0, e2.err);
+    CHECK_FALSE(nlohmann::json::parse(e2.out).contains("train_seconds"));
+    // optimizer moments that would turn the weights into NaN at the next step
+    for (const auto& [name, v] : std::vector<std::pair<std::string, float>>{{"opt.m", std::nanf("")}, {"opt.v", -1.0f}}) {
+      rewrite(src, p, [&, name = name, v = v](io::SafetensorsWriter& w, const io::SafetensorsReader& r) {
+        auto t = r.read_f32_flat(name);
+        t[0] = v;
+        w.add(name, r.info(name).shape, std::span<const float>(t));
+      });
+      expect_failure(resume, name + " holds");
+    }
+    // a tokenizer that does not fit the model's text_len
+    auto tok = nlohmann::json::parse(md.at("tokenizer"));
+    tok["text_len"] = tok["text_len"].get<int>() + 1;
+    with_metadata(src, p, {{"tokenizer", tok.dump()}});
+    expect_failure("eval --checkpoint " + p.string() + " --max-test 32", "tokenizer's text_len");
+    tok["text_len"] = std::int64_t{1} << 40;
+    with_metadata(src, p, {{"tokenizer", tok.dump()}});
+    expect_failure("eval --checkpoint " + p.string() + " --max-test 32", "text_len");
+  }
   {  // a failed run leaves the folder's checkpoint and metrics.jsonl as they were; its own lines go to .partial
     const fs::path d = scratch() / "run_d";
     REQUIRE(run("train" + common + " --steps 3 --out " + d.string()).code == 0);

@@ -101,11 +101,12 @@ TEST_CASE("optimizer state: a checkpoint without it loads nothing; a wrong size 
   save_checkpoint(m, bare);
   CHECK_FALSE(opt.load_state(io::SafetensorsReader::open(bare)));
   fs::remove(bare);
-  auto error = [&](index_t n, const std::string& step) {
+  auto error = [&](index_t n, const std::string& step, float m0 = 0.5f, float v0 = 0.5f) {
     io::SafetensorsWriter w;
-    std::vector<float> z(static_cast<std::size_t>(n), 0.5f);
-    w.add("opt.m", {n}, std::span<const float>(z));
-    w.add("opt.v", {n}, std::span<const float>(z));
+    std::vector<float> z(static_cast<std::size_t>(n), 0.5f), zm = z, zv = z;
+    if (n > 0) zm[0] = m0, zv[0] = v0;
+    w.add("opt.m", {n}, std::span<const float>(zm));
+    w.add("opt.v", {n}, std::span<const float>(zv));
     w.set_metadata("opt_step", step);
     const std::string p = temp_path("opt.safetensors");
     w.write(p);
@@ -122,6 +123,10 @@ TEST_CASE("optimizer state: a checkpoint without it loads nothing; a wrong size 
   CHECK(error(n - 1, "3").find("opt.m has " + std::to_string(n - 1) + " values for " + std::to_string(n)) != std::string::npos);
   CHECK(error(n, "three").find("opt_step \"three\" is not a step count") != std::string::npos);
   CHECK(error(n, "-2").find("is not a step count") != std::string::npos);
+  // Moments AdamW cannot have left: they would make the next step's weights NaN.
+  CHECK(error(n, "3", std::nanf("")).find("opt.m holds nan at 0") != std::string::npos);
+  CHECK(error(n, "3", 0.5f, -1.0f).find("opt.v holds -1 at 0") != std::string::npos);
+  CHECK(error(n, "3", 0.5f, INFINITY).find("opt.v holds inf") != std::string::npos);
   CHECK(opt.step() == 0);  // nothing changed by the failed loads
   CHECK(error(n, "7").empty());
   CHECK(opt.step() == 7);

@@ -46,9 +46,39 @@ TEST_CASE("config: impossible settings are errors that name the problem") {
   c = preset("tiny");
   c.moe_blocks = {7};
   CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("moe_blocks"), Error);
+  // Routing groups that cannot hold one token per expert before rounding (semantics §3.5, the upstream
+  // specification's E = 8, S = 4, factor 0.1: K S f / E = 0.05); under either factor; factor 0 takes any group.
+  c = preset("tiny");
+  c.experts = 8, c.top_k = 1, c.router.group_size = 4;
+  c.router.capacity_factor_train = 0, c.router.capacity_factor_eval = 0.1;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("capacity_factor_eval/E = 1*4*0.1/8 = 0.05"), Error);
+  c.router.capacity_factor_train = 1.05, c.router.capacity_factor_eval = 0;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("capacity_factor_train"), Error);  // 4 * 1.05 / 8 < 1
+  c.router.group_size = 8;  // 8 * 1.05 / 8 = 1.05: one slot each (C = 2)
+  CHECK_NOTHROW(c.validate());
+  c.top_k = 2, c.router.group_size = 4, c.router.capacity_factor_train = 1.0;  // 2 * 4 * 1 / 8 = 1
+  CHECK_NOTHROW(c.validate());
+  c.router.group_size = 0;  // one group per call: its size is the call's, C = ceil(...) >= 1 (moe/config.hpp)
+  c.router.capacity_factor_train = 0.01;
+  CHECK_NOTHROW(c.validate());
   const auto j = to_json(preset("small-32"));
   const ModelConfig back = config_from_json(j);
   CHECK(to_json(back) == j);
+}
+
+TEST_CASE("config JSON: a value nested deep or large is named by key and described by size, never dumped whole") {
+  auto j = to_json(preset("tiny"));
+  j["width"] = "DEEP";
+  std::string text = j.dump();
+  text.replace(text.find("\"DEEP\""), 6, std::string(200000, '[') + std::string(200000, ']'));
+  CHECK_THROWS_WITH_AS(config_from_json_string(text), doctest::Contains("\"width\" must be an integer, got an array of 1 values"), Error);
+  j = to_json(preset("tiny"));
+  j["image_size"] = std::vector<int>(100000, 7);
+  CHECK_THROWS_WITH_AS(config_from_json(j), doctest::Contains("image_size must be [H, W], got an array of 100000 values"), Error);
+  j["image_size"] = std::vector<int>{7, 7, 7};  // small: as written
+  CHECK_THROWS_WITH_AS(config_from_json(j), doctest::Contains("got [7,7,7]"), Error);
+  CHECK_THROWS_WITH_AS(config_from_json_string(to_json(preset("tiny")).dump() + std::string(1, '\0') + "}"),
+                       doctest::Contains("NUL"), Error);
 }
 
 TEST_CASE("config JSON: unknown keys name the nearest valid key; out-of-range numbers are rejected by name") {

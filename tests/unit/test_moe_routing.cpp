@@ -77,8 +77,8 @@ TEST_CASE("capacity: ceil(K * S * factor / E) as written, rounded up to the mult
   CHECK(compute_capacity(100, 1, 1, 1.1) == 111);
   CHECK(compute_capacity(10, 1, 1, 1.1) == 11);
   CHECK(compute_capacity(32, 8, 1, 1.0, 4) == 4);  // already a multiple: unchanged
-  // Any positive factor gives at least one slot per expert: K*S*factor/E = 0.05 -> 1 (see config.hpp for why
-  // this departs from the "error" example of the upstream spec).
+  // Any positive factor gives a group at least one slot per expert: K*S*factor/E = 0.05 -> 1, as a shorter last
+  // group needs; a model's configured group size that small is refused (check_group_capacity, test_model).
   CHECK(compute_capacity(4, 8, 1, 0.1) == 1);
   CHECK(compute_capacity(1, 256, 1, 1e-6) == 1);
   CHECK(compute_capacity(1, 8, 1, 1e-300) == 1);

@@ -439,6 +439,9 @@ TEST_CASE("malformed files are rejected with a message naming the problem") {
     check_rejected(make_file("[]"), "not a JSON object");
     check_rejected(make_file("42"), "not a JSON object");
     check_rejected(make_file("\"x\""), "not a JSON object");
+    // A NUL ends the JSON reader's input: the garbage after it would go unread.
+    check_rejected(make_file(std::string("{}") + '\0' + " garbage {{{"), "NUL byte at offset 10");
+    check_rejected(make_file(std::string("{\"__metadata__\":{\"a\":\"b\"}}") + '\0'), "NUL byte");
   }
   SUBCASE("entries") {
     check_rejected(make_file(entry("[1,2]")), "entry 't' is not an object");

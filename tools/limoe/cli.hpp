@@ -83,7 +83,7 @@ class Args {
   // fraction, a hex or an empty string is an error naming the option.
   long long integer(const std::string& name, long long def, long long lo = std::numeric_limits<long long>::min(),
                     long long hi = std::numeric_limits<long long>::max()) const {
-    if (!has(name)) return def;
+    if (!has(name)) return check_range(name, def, lo, hi, " (the default, or the resumed checkpoint's setting)"), def;
     const std::string& s = values_.at(name);
     const bool digits = !s.empty() && s.find_first_not_of("+-0123456789") == std::string::npos;
     char* end = nullptr;
@@ -96,7 +96,7 @@ class Args {
   // An option's finite decimal number within [lo, hi] (no hex, inf or nan).
   double number(const std::string& name, double def, double lo = std::numeric_limits<double>::lowest(),
                 double hi = std::numeric_limits<double>::max()) const {
-    if (!has(name)) return def;
+    if (!has(name)) return check_range(name, def, lo, hi, " (the default, or the resumed checkpoint's setting)"), def;
     const std::string& s = values_.at(name);
     const bool decimal = !s.empty() && s.find_first_not_of("+-.0123456789eE") == std::string::npos;
     char* end = nullptr;
@@ -120,12 +120,12 @@ class Args {
   std::vector<std::string> positional_;
 
   template <class V>
-  static void check_range(const std::string& name, V v, V lo, V hi) {
+  static void check_range(const std::string& name, V v, V lo, V hi, const char* from = "") {
     if (v >= lo && v <= hi) return;
-    if (hi == std::numeric_limits<V>::max()) fail("--", name, " must be at least ", lo, ", got ", v);
+    if (hi == std::numeric_limits<V>::max()) fail("--", name, " must be at least ", lo, ", got ", v, from);
     if (lo == std::numeric_limits<V>::lowest())
-      fail("--", name, " must be at most ", hi, ", got ", v);
-    fail("--", name, " must be between ", lo, " and ", hi, ", got ", v);
+      fail("--", name, " must be at most ", hi, ", got ", v, from);
+    fail("--", name, " must be between ", lo, " and ", hi, ", got ", v, from);
   }
 };
 

@@ -36,6 +36,7 @@ int run(const std::vector<std::string>& argv) {
     cfg.router.group_size = g;
     cfg.group_pairs = 0;  // the flag's groups (of tokens) replace the checkpoint's groups of pairs
   }
+  check_weights(Limoe<float>::parameter_entries(cfg), reader, /*values=*/false);  // before the model is allocated
   return cli::with_model(backend, [&]<class Model>() -> int {
   Model model(cfg);
   load_weights(model, reader);

@@ -28,7 +28,9 @@ int run(const std::vector<std::string>& argv) {
   const std::string what = args.positional()[0];
   ModelConfig cfg;
   std::string source;
-  if (std::filesystem::exists(what) && !std::filesystem::is_directory(what)) {
+  std::error_code ec;  // status without throwing: a symlink loop or an over-long name comes back in ec
+  const auto st = std::filesystem::status(what, ec);
+  if (!ec && std::filesystem::exists(st) && !std::filesystem::is_directory(st)) {
     // A checkpoint is checked as a model loader checks it (docs/cli.md): every tensor its config requires
     // present, of the right shape and finite, so that inspect does not describe a file that embed would refuse;
     // one tensor at a time, without the model's memory (check_weights).
@@ -40,7 +42,13 @@ int run(const std::vector<std::string>& argv) {
     try {
       cfg = preset(what);
     } catch (const Error&) {
-      if (what.ends_with(".safetensors")) fail("no such checkpoint file '", what, "'");
+      // Not a preset: what the file system says of a path it cannot read (a symlink loop, a name too long), of
+      // a folder named like a checkpoint, or of a missing checkpoint file; else the unknown preset.
+      if (ec && ec != std::errc::no_such_file_or_directory) fail("cannot open checkpoint '", what, "': ", ec.message());
+      if (what.ends_with(".safetensors")) {
+        if (!ec && std::filesystem::is_directory(st)) fail("'", what, "' is a directory, not a checkpoint file");
+        fail("no such checkpoint file '", what, "'");
+      }
       throw;
     }
     source = "preset";

@@ -133,14 +133,32 @@ int run(const std::vector<std::string>& argv) {
     prior = nlohmann::json::parse(resume->metadata().at("train_state"), nullptr, false);
     if (!prior.is_object()) prior = nlohmann::json::object();
   }
-  auto prior_or = [&](const char* key, auto def) { return prior.contains(key) ? prior[key].get<decltype(def)>() : def; };
+  // A recorded setting, typed as the default is: an integer for an integer, a finite number for a double; the
+  // checkpoint's metadata is the file's, so a wrong type is an error naming the key (and the flag's range checks
+  // apply to it as to the flag).
+  auto prior_or = [&](const char* key, auto def) {
+    using V = decltype(def);
+    if (!prior.contains(key)) return def;
+    const nlohmann::json& v = prior[key];
+    if constexpr (std::is_integral_v<V>) {
+      LIMOE_CHECK(v.is_number_integer() && (!v.is_number_unsigned() || v.get<std::uint64_t>() <= (1ull << 62)),
+                  "checkpoint '", resume->label(), "': train_state \"", key, "\" must be an integer, got ",
+                  detail::json_excerpt(v));
+      return static_cast<V>(v.get<std::int64_t>());
+    } else {
+      LIMOE_CHECK(v.is_number() && std::isfinite(v.get<double>()), "checkpoint '", resume->label(), "': train_state \"",
+                  key, "\" must be a finite number, got ", detail::json_excerpt(v));
+      return static_cast<V>(v.get<double>());
+    }
+  };
+  const double prior_seconds = prior_or("train_seconds", 0.0);  // training time of the run before a resume
   // ... and on the same data, as eval and routing default to it (cli::data_source).
   const auto src = cli::data_source(args, cfg, resume ? cli::trained_data(resume->metadata()) : cli::TrainedData{});
   // The paths are recorded in the checkpoint's JSON metadata, which holds UTF-8 only.
   LIMOE_CHECK(data::valid_utf8(src.path) && data::valid_utf8(src.test_path),
               "--data-path and --test-path must be UTF-8 file names (they are recorded in the checkpoint)");
   const data::AnyDataset train_ds = data::open_dataset(src, data::Split::train);
-  data::WordTokenizer tok = resume ? cli::tokenizer_from(*resume) : data::WordTokenizer::build(train_ds.corpus(), cfg.text_len);
+  data::WordTokenizer tok = resume ? cli::tokenizer_from(*resume, cfg) : data::WordTokenizer::build(train_ds.corpus(), cfg.text_len);
   // A preset's vocab_size follows the tokenizer built from the data, unless --set gave one.
   const std::vector<std::string> sets = args.all("set");
   const bool vocab_set = std::any_of(sets.begin(), sets.end(), [](const std::string& s) { return s.rfind("vocab_size=", 0) == 0; });
@@ -183,6 +201,8 @@ int run(const std::vector<std::string>& argv) {
 
   return cli::with_model(backend, [&]<class Model>() -> int {
   // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
+  // A resumed checkpoint's tensor names and shapes checked against its config before the model is allocated.
+  if (resume) check_weights(Limoe<float>::parameter_entries(cfg), *resume, /*values=*/false);
   Model model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
   const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL), 0));
   if (resume) load_weights(model, *resume); else model.init(seed);
@@ -273,7 +293,6 @@ int run(const std::vector<std::string>& argv) {
   const bool quiet = args.flag("quiet") || !lead, tty = isatty(STDERR_FILENO);
   const std::int64_t log_every = std::max<long long>(1, args.integer("log-every", 10, 0));
   const std::int64_t ckpt_every = args.integer("checkpoint-every", 0, 0);  // 0: at the end only
-  const double prior_seconds = prior_or("train_seconds", 0.0);  // training time of the run before a resume
   const auto t0 = std::chrono::steady_clock::now();
   // Every rank holds the same parameters (expert parallel: the same parts of them in every data-parallel
   // replica); rank 0 writes the whole model, atomically. With experts sharded, the parts are gathered first

@@ -79,12 +79,18 @@ inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, co
   return src;
 }
 
-inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r) {
+// The checkpoint's tokenizer, which must fit its model: the config's text_len, and ids below its vocab_size.
+inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r, const ModelConfig& cfg) {
   const auto& md = r.metadata();
   auto it = md.find("tokenizer");
   LIMOE_CHECK(it != md.end(), "checkpoint '", r.label(),
               "' has no \"tokenizer\" in its metadata; texts must be given as token ids (limoe embed)");
-  return data::WordTokenizer::from_json(it->second);
+  data::WordTokenizer tok = data::WordTokenizer::from_json(it->second);
+  LIMOE_CHECK(tok.text_len() == cfg.text_len, "checkpoint '", r.label(), "': its tokenizer's text_len ",
+              tok.text_len(), " differs from its config's text_len ", cfg.text_len);
+  LIMOE_CHECK(tok.vocab_size() <= cfg.vocab_size, "checkpoint '", r.label(), "': its tokenizer has ",
+              tok.vocab_size(), " words, more than its config's vocab_size ", cfg.vocab_size);
+  return tok;
 }
 
 // The model types a command runs, by --device and --precision (core/precision.hpp): the same parameters and
@@ -146,7 +152,11 @@ template <class Model = ModelFp32>
 Loaded<Model> load_model(const std::string& path) {
   const auto r = io::SafetensorsReader::open(path);
   ModelConfig cfg = read_checkpoint_config(r);
-  Loaded<Model> l{std::make_unique<Model>(cfg), tokenizer_from(r), r.metadata()};
+  // Names and shapes checked before the model is allocated: a config that does not match its tensors is an
+  // error naming the tensor, not an allocation of the config's size.
+  check_weights(Limoe<float>::parameter_entries(cfg), r, /*values=*/false);
+  data::WordTokenizer tok = tokenizer_from(r, cfg);
+  Loaded<Model> l{std::make_unique<Model>(cfg), std::move(tok), r.metadata()};
   load_weights(*l.model, r);
   return l;
 }

@@ -189,7 +189,10 @@ class WordTokenizer {
       LIMOE_CHECK(j.value("type", std::string()) == "word", "WordTokenizer::from_json: \"type\" must be \"word\", got ",
                   j.value("type", std::string("(missing)")));
       LIMOE_CHECK(j.value("version", 0) == 1, "WordTokenizer::from_json: unsupported version ", j.value("version", 0));
-      WordTokenizer t(j.at("text_len").get<index_t>());
+      const index_t text_len = j.at("text_len").get<index_t>();
+      LIMOE_CHECK(text_len >= 1 && text_len <= (index_t{1} << 16), "WordTokenizer::from_json: text_len ", text_len,
+                  " is outside [1, 65536] (a model's text_len)");
+      WordTokenizer t(text_len);
       const auto vocab = j.at("vocab").get<std::vector<std::string>>();
       LIMOE_CHECK(vocab.size() >= kNumSpecial && vocab[0] == "<pad>" && vocab[1] == "<unk>" && vocab[2] == "<eos>",
                   "WordTokenizer::from_json: the vocabulary must start with <pad>, <unk>, <eos>");

@@ -664,6 +664,11 @@ class SafetensorsReader {
     const std::uint8_t* hb = data + 8;
     const std::uint8_t* he = hb + n;
 
+    // The JSON reader stops at a NUL byte as at the end of its input, which would leave whatever follows
+    // unread: a NUL is not JSON (the format pads its header with spaces), so it is refused here.
+    if (const void* z = std::memchr(hb, 0, static_cast<std::size_t>(n)))
+      fail(context(), "the header holds a NUL byte at offset ", 8 + (static_cast<const std::uint8_t*>(z) - hb),
+           ": it is not valid JSON");
     detail::HeaderSax sax;
     const bool ok = nlohmann::json::sax_parse(hb, he, &sax, nlohmann::json::input_format_t::json, /*strict=*/true);
     if (!ok || !sax.error.empty())

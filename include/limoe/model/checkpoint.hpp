@@ -47,11 +47,12 @@ inline ModelConfig read_checkpoint_config(const std::string& path) {
   return read_checkpoint_config(io::SafetensorsReader::open(path));
 }
 
-// One parameter (an entry of a ParamStore) as the checkpoint holds it: present, of the entry's whole shape (a
-// scalar may be stored as [] or [1]) and finite; returns the entry's part of it (a shard's, for experts sharded
-// over ranks; the file holds whole tensors). Errors name the file and the tensor.
+// One parameter (an entry of a ParamStore) as the checkpoint holds it. check_parameter_shape: present and of the
+// entry's whole shape (a scalar may be stored as [] or [1]), from the header alone. read_parameter: that, and
+// finite; returns the entry's part of it (a shard's, for experts sharded over ranks; the file holds whole
+// tensors). Errors name the file and the tensor.
 template <class Entry>
-std::vector<float> read_parameter(const io::SafetensorsReader& r, const Entry& e) {
+void check_parameter_shape(const io::SafetensorsReader& r, const Entry& e) {
   LIMOE_CHECK(r.has(e.name), "checkpoint '", r.label(), "': missing tensor \"", e.name, "\" (shape ", e.shape.str(),
               ") required by its config");
   const auto& dims = r.info(e.name).shape;
@@ -61,6 +62,10 @@ std::vector<float> read_parameter(const io::SafetensorsReader& r, const Entry& e
   LIMOE_CHECK(dims.size() <= 4 && (found == whole || scalar_ok), "checkpoint '", r.label(), "': tensor \"", e.name,
               "\" has ", dims.size() <= 4 ? "shape " + found.str() : "rank " + std::to_string(dims.size()),
               ", the config requires ", whole.str());
+}
+template <class Entry>
+std::vector<float> read_parameter(const io::SafetensorsReader& r, const Entry& e) {
+  check_parameter_shape(r, e);
   std::vector<float> t = r.read_f32_flat(e.name);
   const std::size_t first = static_cast<std::size_t>(e.shard * e.shape.numel()), n = static_cast<std::size_t>(e.shape.numel());
   for (std::size_t i = first; i < first + n; ++i)
@@ -84,10 +89,14 @@ void load_weights(Model& model, const io::SafetensorsReader& r) {
 
 // The checks of load_weights without a model: `entries` is a config's parameter list (Limoe::parameter_entries),
 // and the tensors are read one at a time, so this needs the memory of the largest tensor, not of the model
-// (`limoe inspect` on a checkpoint).
+// (`limoe inspect` on a checkpoint). With `values` false only names and shapes, from the header: what a loader
+// checks before it allocates the model (limoe embed, eval, routing).
 template <class Entries>
-void check_weights(const Entries& entries, const io::SafetensorsReader& r) {
-  for (const auto& e : entries) (void)read_parameter(r, e);
+void check_weights(const Entries& entries, const io::SafetensorsReader& r, bool values = true) {
+  for (const auto& e : entries) {
+    if (values) (void)read_parameter(r, e);
+    else check_parameter_shape(r, e);
+  }
 }
 
 // Optional training state saved beside the weights so a run resumes exactly.

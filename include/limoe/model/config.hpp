@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -138,6 +139,8 @@ struct ModelConfig {
                   group_pairs);
       LIMOE_CHECK(group_pairs == 0 || router.group_size == 0, "config: set either group_pairs (", group_pairs,
                   " pairs per routing group) or router.group_size (", router.group_size, " tokens), not both");
+      moe::check_group_capacity(router.group_size, experts, top_k, router.capacity_factor_train, "capacity_factor_train");
+      moe::check_group_capacity(router.group_size, experts, top_k, router.capacity_factor_eval, "capacity_factor_eval");
       LIMOE_CHECK(experts <= moe::kMaxExperts, "config: experts = ", experts, " exceeds the supported ",
                   moe::kMaxExperts);
     }
@@ -274,6 +277,26 @@ inline void check_known_keys(const nlohmann::json& j, const std::vector<std::str
   }
 }
 
+// A JSON value for an error message: a small one as written (at most 120 characters), a deep or large one by
+// its kind and size, without walking it recursively (dump() recurses, and a file may nest values arbitrarily
+// deep: 100,000 brackets overflowed the stack).
+inline std::string json_excerpt(const nlohmann::json& v) {
+  std::vector<std::pair<const nlohmann::json*, int>> todo{{&v, 0}};
+  for (std::size_t seen = 0; !todo.empty();) {
+    const auto [x, depth] = todo.back();
+    todo.pop_back();
+    if (++seen > 64 || depth > 8) {
+      if (v.is_array()) return "an array of " + std::to_string(v.size()) + " values";
+      if (v.is_object()) return "an object of " + std::to_string(v.size()) + " keys";
+      return std::string("a ") + v.type_name();
+    }
+    if (x->is_structured())
+      for (const auto& c : *x) todo.push_back({&c, depth + 1});
+  }
+  std::string s = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return s.size() > 120 ? s.substr(0, 117) + "..." : s;
+}
+
 template <class V>
 void json_get(const nlohmann::json& j, const char* key, V& out, bool required) {
   auto it = j.find(key);
@@ -284,18 +307,18 @@ void json_get(const nlohmann::json& j, const char* key, V& out, bool required) {
   try {
     out = it->template get<V>();
   } catch (const nlohmann::json::exception&) {
-    fail("config: key \"", key, "\" has the wrong type: ", it->dump());
+    fail("config: key \"", key, "\" has the wrong type: ", json_excerpt(*it));
   }
 }
 
 // An integer in [lo, hi], checked before it is narrowed: 2^40 is an error naming the key, never a wrapped int.
 template <class I>
 I checked_int(const nlohmann::json& v, const std::string& key, std::int64_t lo, std::int64_t hi) {
-  LIMOE_CHECK(v.is_number_integer(), "config: key \"", key, "\" must be an integer, got ", v.dump());
+  LIMOE_CHECK(v.is_number_integer(), "config: key \"", key, "\" must be an integer, got ", json_excerpt(v));
   const bool neg = v.is_number_unsigned() ? false : v.get<std::int64_t>() < 0;
   const bool big = v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(hi);
   const std::int64_t x = big ? hi : (neg ? v.get<std::int64_t>() : static_cast<std::int64_t>(v.get<std::uint64_t>()));
-  LIMOE_CHECK(!big && x >= lo && x <= hi, "config: key \"", key, "\" = ", v.dump(), " is out of range [", lo, ", ",
+  LIMOE_CHECK(!big && x >= lo && x <= hi, "config: key \"", key, "\" = ", json_excerpt(v), " is out of range [", lo, ", ",
               hi, "]");
   return static_cast<I>(x);
 }
@@ -322,7 +345,7 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
   auto size_it = j.find("image_size");
   LIMOE_CHECK(size_it != j.end(), "config: missing required key \"image_size\"");
   LIMOE_CHECK(size_it->is_array() && size_it->size() == 2, "config: image_size must be [H, W], got ",
-              size_it->dump());
+              detail::json_excerpt(*size_it));
   c.image_size = {detail::checked_int<int>((*size_it)[0], "image_size[0]", 1, kImage),
                   detail::checked_int<int>((*size_it)[1], "image_size[1]", 1, kImage)};
   json_get_int(j, "channels", c.channels, true, 1, 1024);
@@ -337,7 +360,8 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
   json_get_int(j, "top_k", c.top_k, false, 1, moe::kMaxExperts);
   auto blocks_it = j.find("moe_blocks");
   LIMOE_CHECK(blocks_it != j.end(), "config: missing required key \"moe_blocks\"");
-  LIMOE_CHECK(blocks_it->is_array(), "config: moe_blocks must be a list of block indices, got ", blocks_it->dump());
+  LIMOE_CHECK(blocks_it->is_array(), "config: moe_blocks must be a list of block indices, got ",
+              detail::json_excerpt(*blocks_it));
   c.moe_blocks.clear();
   for (const auto& b : *blocks_it) c.moe_blocks.push_back(detail::checked_int<int>(b, "moe_blocks[]", 0, 4095));
   std::string pi = "map", pt = "map", gelu = "erf";
@@ -389,6 +413,8 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
 }
 
 inline ModelConfig config_from_json_string(const std::string& s) {
+  // The JSON reader would stop at a NUL as at the end of its input, ignoring what follows.
+  LIMOE_CHECK(s.find('\0') == std::string::npos, "config: not valid JSON (a NUL character at offset ", s.find('\0'), ")");
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(s);

@@ -106,11 +106,12 @@ struct MoeConfig {
 //   C = ceil(K * S * factor / E), evaluated in double as written (as vmoe's compute_capacity does), then rounded
 //   up to a multiple of `multiple_of`; factor 0 means no drop (C = S: each token picks an expert at most once,
 //   so no expert can overflow).
-// The ceiling of a positive number is at least 1, so any positive factor gives every expert at least one slot,
-// in a full group and in a shorter last group alike (one rule for every group). semantics §8 lists
-// E=8, S=4, factor 0.1 as an error; we follow the formula instead (C = 1), as decided in the core redesign: an
-// error there would make a valid batch fail because of its remainder group. C < 1 remains an error where the
-// product underflows to 0 (a factor like 1e-320).
+// The ceiling of a positive number is at least 1, so any positive factor gives every group at least one slot
+// per expert here, a shorter last group included (a batch never fails because of its remainder). What the
+// upstream specification calls an error (C < 1, its example E = 8, S = 4, factor 0.1) is a model's configured
+// group that cannot hold one token per expert before rounding: check_group_capacity, which ModelConfig::validate
+// applies to router.group_size. C < 1 remains an error here where the product underflows to 0 (a factor like
+// 1e-320).
 inline index_t compute_capacity(index_t S, int E, int K, double factor, int multiple_of = 1) {
   LIMOE_CHECK(E >= 1 && K >= 1 && K <= E, "compute_capacity: need 1 <= K <= E, got K = ", K, ", E = ", E);
   LIMOE_CHECK(S >= 0, "compute_capacity: group size S must be >= 0, got ", S);
@@ -127,6 +128,18 @@ inline index_t compute_capacity(index_t S, int E, int K, double factor, int mult
   index_t C = static_cast<index_t>(std::ceil(raw));
   if (multiple_of > 1) C = (C + multiple_of - 1) / multiple_of * multiple_of;
   return C;
+}
+
+// A configured routing group of S tokens (a model's router.group_size) under a positive capacity factor must
+// give each expert at least one slot before rounding, K * S * factor / E >= 1; otherwise the config is refused
+// (docs/semantics.md §3.5: E = 8, K = 1, S = 4, factor 0.1 gives 0.05). `which` names the factor in the error.
+inline void check_group_capacity(index_t S, int E, int K, double factor, const char* which) {
+  if (S <= 0 || !(factor > 0) || E < 1 || K < 1) return;  // one group per call, no drop, or checked elsewhere
+  const double raw = static_cast<double>(K) * static_cast<double>(S) * factor / static_cast<double>(E);
+  LIMOE_CHECK(raw >= 1, "config: routing groups of router.group_size = ", S, " tokens give each of the ", E,
+              " experts K*S*", which, "/E = ", K, "*", S, "*", factor, "/", E, " = ", raw,
+              " slots, below one token (C < 1): raise router.", which, " or router.group_size, or set the factor to 0"
+              " (no drop)");
 }
 
 }  // namespace limoe::moe

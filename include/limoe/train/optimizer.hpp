@@ -130,6 +130,13 @@ class AdamW {
       LIMOE_CHECK(static_cast<index_t>(flat[k].size()) == global_size_, "checkpoint '", r.label(), "': ",
                   k ? "opt.v" : "opt.m", " has ", flat[k].size(), " values for ", global_size_,
                   " parameters (attach the optimizer to the model first)");
+    // The moments as AdamW leaves them: finite, and v (a running mean of squares) not negative; anything else
+    // would turn the weights into NaN at the next step and be saved as such.
+    for (int k = 0; k < 2; ++k)
+      for (std::size_t i = 0; i < flat[k].size(); ++i)
+        LIMOE_CHECK(std::isfinite(flat[k][i]) && (k == 0 || flat[k][i] >= 0.0f), "checkpoint '", r.label(), "': ",
+                    k ? "opt.v" : "opt.m", " holds ", flat[k][i], " at ", i,
+                    k ? " (a second moment must be finite and >= 0)" : " (a first moment must be finite)");
     std::int64_t step = step_;
     const auto& md = r.metadata();
     if (auto it = md.find("opt_step"); it != md.end()) {
