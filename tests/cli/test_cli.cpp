@@ -135,7 +135,11 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --bogus 1", "unknown option --bogus", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);
   // Groups of 4 tokens at factor 0.1 leave each expert below one slot (C < 1): refused, not rounded up.
-  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor 0.1 --group-size 4", "C < 1", out);
+  expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor 0.1 --group-size 4",
+                 "raise --capacity-factor (the checkpoint's capacity_factor_eval) or --group-size", out);
+  // Without drops any group size runs: the training factor, which embed never routes with, does not refuse it.
+  CHECK(run("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor 0 --group-size 2").code == 0);
+  fs::remove(out);
   // The backend flags: cpu / fp32 run; what cannot run is refused by name, never ignored.
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --device tpu", "cpu or cuda", out);
 #if defined(LIMOE_CLI_CUDA)
@@ -380,6 +384,15 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     kill();
     REQUIRE(run("train --resume " + (k / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + other.string()).code == 0);
     CHECK(losses(other) == losses(a));
+    // A new run's first checkpoint beside an older run's log (killed before its log replaced the old one): its
+    // .partial starts at step 1, not after the old log's last step, so nothing of it is mixed into that log.
+    kill();
+    std::ofstream(k / "metrics.jsonl.partial", std::ios::trunc) << lines[0] << "\n" << lines[1] << "\n" << lines[2] << "\n";
+    const std::string old_log = slurp(k / "metrics.jsonl");
+    const fs::path k3 = scratch() / "run_k3";
+    REQUIRE(run("train --resume " + (k / "checkpoint.safetensors").string() + " --threads 2 --quiet --stop-at 5 --out " + k3.string()).code == 0);
+    CHECK(slurp(k3 / "metrics.jsonl").substr(0, old_log.size()) == old_log);
+    CHECK(losses(k3).size() == 3);  // the old log's 2 lines and step 5; no line of the .partial
     kill();
     REQUIRE(run("train --resume " + (k / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + k.string()).code == 0);
     CHECK(losses(k) == losses(a));

@@ -253,7 +253,9 @@ def capacity(S: int, K: int, E: int, cf: float, multiple_of: int) -> int:
     """C = S if cf == 0 (no dropping); else C = ceil(K*S*cf/E), evaluated in float exactly as written (left to
     right: ((K*S)*cf)/E, no tolerance: 3*1.1 = 3.3000000000000003 gives 4), then rounded up to a multiple of
     multiple_of. The same rule for every group, a shorter last group included. The ceiling of a positive
-    number is at least 1, so any positive cf gives C >= 1 (E=8, S=4, K=1, cf=0.1: 0.05 -> C = 1)."""
+    number is at least 1, so any positive cf gives C >= 1 (E=8, S=4, K=1, cf=0.1: 0.05 -> C = 1, as for a
+    short last group; limoe refuses a model *configured* with groups that small, which this function does not
+    model)."""
     if cf == 0:
         return S
     C = math.ceil(K * S * cf / E)

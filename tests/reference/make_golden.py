@@ -430,7 +430,7 @@ def check_spec_section8(ck: Checker) -> None:
     ck(cap(10, 1, 4, 1.0, 1) == 3, "C(E4,K1,S10)=3")
     ck(cap(16, 1, 8, 1.0, 4) == 4, "C multiple_of 4 = 4")
     # The capacity rule as decided (config.hpp compute_capacity): the formula alone, in float, as written.
-    ck(cap(4, 1, 8, 0.1, 1) == 1, "C(E8,S4,cf0.1): 0.05 -> 1 (any positive cf gives >= 1; no error)")
+    ck(cap(4, 1, 8, 0.1, 1) == 1, "C(E8,S4,cf0.1): 0.05 -> 1 for a group of 4 (a configured group size that small is refused by limoe's ModelConfig)")
     ck(cap(4, 1, 8, 0.1, 4) == 4, "C(E8,S4,cf0.1, multiple_of 4) = 4")
     ck(cap(2, 1, 8, 1.0, 1) == 1, "a short (last) group: C = ceil(0.25) = 1, the same rule")
     ck(3 * 1.1 > 3.3 and cap(3, 1, 1, 1.1, 1) == 4, "C = ceil(3 * 1.1) = ceil(3.3000000000000003) = 4, no tolerance")

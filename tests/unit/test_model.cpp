@@ -51,7 +51,7 @@ TEST_CASE("config: impossible settings are errors that name the problem") {
   c = preset("tiny");
   c.experts = 8, c.top_k = 1, c.router.group_size = 4;
   c.router.capacity_factor_train = 0, c.router.capacity_factor_eval = 0.1;
-  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("capacity_factor_eval/E = 1*4*0.1/8 = 0.05"), Error);
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("K*S*capacity factor/E = 1*4*0.1/8 = 0.05 slots, below one token (C < 1): raise router.capacity_factor_eval"), Error);
   c.router.capacity_factor_train = 1.05, c.router.capacity_factor_eval = 0;
   CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("capacity_factor_train"), Error);  // 4 * 1.05 / 8 < 1
   c.router.group_size = 8;  // 8 * 1.05 / 8 = 1.05: one slot each (C = 2)

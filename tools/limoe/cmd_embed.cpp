@@ -36,6 +36,12 @@ int run(const std::vector<std::string>& argv) {
     cfg.router.group_size = g;
     cfg.group_pairs = 0;  // the flag's groups (of tokens) replace the checkpoint's groups of pairs
   }
+  // embed runs evaluation calls only: the groups must hold a slot per expert under the evaluation factor (named
+  // by the flags), and the training factor, which it never routes with, must not refuse its --group-size.
+  if (cfg.experts >= 1 && cfg.top_k >= 1)
+    moe::check_group_capacity(cfg.router.group_size, cfg.experts, cfg.top_k, cfg.router.capacity_factor_eval,
+                              "--capacity-factor (the checkpoint's capacity_factor_eval)", "--group-size");
+  cfg.router.capacity_factor_train = 0;
   check_weights(Limoe<float>::parameter_entries(cfg), reader, /*values=*/false);  // before the model is allocated
   return cli::with_model(backend, [&]<class Model>() -> int {
   Model model(cfg);

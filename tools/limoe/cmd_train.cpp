@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 
 #include <limoe/core/parallel.hpp>
 #include <limoe/model/presets.hpp>
@@ -39,6 +40,7 @@ std::int64_t last_logged_step(const std::filesystem::path& log) {
   std::ifstream f(log, std::ios::binary | std::ios::ate);
   if (!f) return 0;
   const std::streamoff size = f.tellg(), tail = std::min<std::streamoff>(size, 1 << 20);
+  if (size <= 0) return 0;  // empty, or not a file one can seek in
   std::string text(static_cast<std::size_t>(tail), '\0');
   f.seekg(size - tail);
   f.read(text.data(), tail);
@@ -141,7 +143,8 @@ int run(const std::vector<std::string>& argv) {
     if (!prior.contains(key)) return def;
     const nlohmann::json& v = prior[key];
     if constexpr (std::is_integral_v<V>) {
-      LIMOE_CHECK(v.is_number_integer() && (!v.is_number_unsigned() || v.get<std::uint64_t>() <= (1ull << 62)),
+      LIMOE_CHECK(v.is_number_integer() && (!v.is_number_unsigned() ||
+                                            v.get<std::uint64_t>() <= static_cast<std::uint64_t>(std::numeric_limits<V>::max())),
                   "checkpoint '", resume->label(), "': train_state \"", key, "\" must be an integer, got ",
                   detail::json_excerpt(v));
       return static_cast<V>(v.get<std::int64_t>());
@@ -253,12 +256,16 @@ int run(const std::vector<std::string>& argv) {
     if (std::filesystem::exists(from)) history = from.string();
     // A run killed between writing its checkpoint and renaming its log over the old one left that log behind the
     // checkpoint, and the missing steps' lines in the .partial beside it: they join this run's log (read now,
-    // before this run's own .partial, which may be that file, is started).
+    // before this run's own .partial, which may be that file, is started). Only lines that continue the log
+    // step by step: a .partial that does not start right after the log's last step belongs with another log
+    // (a new run's first checkpoint beside an older run's log), and is left out rather than mixed in.
     const std::int64_t logged = last_logged_step(from);
     std::ifstream old_partial(from.string() + ".partial", std::ios::binary);
-    for (std::string line; logged < start && std::getline(old_partial, line);) {
-      const std::int64_t step = line_step(line);
-      if (step > logged && step <= start) recovered += line + "\n";
+    std::int64_t next = logged + 1;
+    for (std::string line; logged < start && next <= start && std::getline(old_partial, line);) {
+      if (line_step(line) != next) break;  // not this log's continuation (or a line cut short)
+      recovered += line + "\n";
+      ++next;
     }
   }
   if (lead) {

@@ -179,6 +179,8 @@ class WordTokenizer {
   }
 
   static WordTokenizer from_json(const std::string& text) {
+    // The JSON reader would stop at a NUL as at the end of its input, ignoring what follows.
+    LIMOE_CHECK(text.find('\0') == std::string::npos, "WordTokenizer::from_json: not valid JSON (a NUL character)");
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(text);

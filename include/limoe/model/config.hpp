@@ -139,8 +139,10 @@ struct ModelConfig {
                   group_pairs);
       LIMOE_CHECK(group_pairs == 0 || router.group_size == 0, "config: set either group_pairs (", group_pairs,
                   " pairs per routing group) or router.group_size (", router.group_size, " tokens), not both");
-      moe::check_group_capacity(router.group_size, experts, top_k, router.capacity_factor_train, "capacity_factor_train");
-      moe::check_group_capacity(router.group_size, experts, top_k, router.capacity_factor_eval, "capacity_factor_eval");
+      moe::check_group_capacity(router.group_size, experts, top_k, router.capacity_factor_train,
+                                "router.capacity_factor_train");
+      moe::check_group_capacity(router.group_size, experts, top_k, router.capacity_factor_eval,
+                                "router.capacity_factor_eval");
       LIMOE_CHECK(experts <= moe::kMaxExperts, "config: experts = ", experts, " exceeds the supported ",
                   moe::kMaxExperts);
     }

@@ -132,14 +132,16 @@ inline index_t compute_capacity(index_t S, int E, int K, double factor, int mult
 
 // A configured routing group of S tokens (a model's router.group_size) under a positive capacity factor must
 // give each expert at least one slot before rounding, K * S * factor / E >= 1; otherwise the config is refused
-// (docs/semantics.md §3.5: E = 8, K = 1, S = 4, factor 0.1 gives 0.05). `which` names the factor in the error.
-inline void check_group_capacity(index_t S, int E, int K, double factor, const char* which) {
+// (docs/semantics.md §3.5: E = 8, K = 1, S = 4, factor 0.1 gives 0.05). The error names the factor and the group
+// size as the caller's user knows them (config keys, or a command's flags).
+inline void check_group_capacity(index_t S, int E, int K, double factor, const char* factor_name,
+                                 const char* group_name = "router.group_size") {
   if (S <= 0 || !(factor > 0) || E < 1 || K < 1) return;  // one group per call, no drop, or checked elsewhere
   const double raw = static_cast<double>(K) * static_cast<double>(S) * factor / static_cast<double>(E);
-  LIMOE_CHECK(raw >= 1, "config: routing groups of router.group_size = ", S, " tokens give each of the ", E,
-              " experts K*S*", which, "/E = ", K, "*", S, "*", factor, "/", E, " = ", raw,
-              " slots, below one token (C < 1): raise router.", which, " or router.group_size, or set the factor to 0"
-              " (no drop)");
+  LIMOE_CHECK(raw >= 1, "routing groups of ", group_name, " = ", S, " tokens give each of the ", E,
+              " experts K*S*capacity factor/E = ", K, "*", S, "*", factor, "/", E, " = ", raw,
+              " slots, below one token (C < 1): raise ", factor_name, " or ", group_name,
+              ", or set the factor to 0 (no drop)");
 }
 
 }  // namespace limoe::moe
