@@ -442,6 +442,12 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
       with_metadata(src, p, {{"train_state", bad.dump()}});
       expect_failure(resume, "train_state \"" + key + "\" must be");
     }
+    {  // any seed --seed accepts resumes (up to 2^63 - 1)
+      const fs::path s1 = scratch() / "run_seed";
+      REQUIRE(run("train --preset tiny --data synthetic --batch 16 --steps 2 --stop-at 1 --seed 9223372036854775807 --quiet --out " + s1.string()).code == 0);
+      const Run r2 = run("train --resume " + (s1 / "checkpoint.safetensors").string() + " --quiet --out " + s1.string());
+      CHECK_MESSAGE(r2.code == 0, r2.err);
+    }
     auto bad = state;
     bad["steps"] = -5;  // a recorded setting passes the flag's range check too
     with_metadata(src, p, {{"train_state", bad.dump()}});

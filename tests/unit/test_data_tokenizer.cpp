@@ -55,6 +55,10 @@ TEST_CASE("JSON round trip and malformed JSON") {
   CHECK(u.text_len() == 16);
   CHECK(u.encode("a red box on the right") == t.encode("a red box on the right"));
   CHECK_THROWS_AS(WordTokenizer::from_json("{not json"), limoe::Error);
+  // A NUL would end the JSON reader's input, the rest unread; a text_len no model has is refused before use.
+  CHECK_THROWS_WITH_AS(WordTokenizer::from_json(js + std::string(1, '\0') + "garbage"), doctest::Contains("NUL"), limoe::Error);
+  CHECK_THROWS_WITH_AS(WordTokenizer::from_json(R"({"type":"word","version":1,"text_len":1099511627776,"vocab":["<pad>","<unk>","<eos>"]})"),
+                       doctest::Contains("outside [1, 65536]"), limoe::Error);
   CHECK_THROWS_WITH_AS(WordTokenizer::from_json(R"({"type":"sentencepiece","version":1})"),
                        doctest::Contains("\"type\" must be \"word\""), limoe::Error);
   CHECK_THROWS_AS(WordTokenizer::from_json(R"({"type":"word","version":1,"text_len":4,"vocab":["x"]})"),
