@@ -26,7 +26,7 @@ int run(const std::vector<std::string>& argv) {
   cli::set_threads(args);
 
   const auto reader = io::SafetensorsReader::open(ckpt);
-  ModelConfig cfg = read_checkpoint_config(reader);
+  ModelConfig cfg = cli::checkpoint_config(reader);  // its tensors checked before the model is allocated
   if (args.has("capacity-factor")) {
     const double f = args.number("capacity-factor", 0, 0.0);  // 0: no token dropped
     cfg.router.capacity_factor_eval = f;
@@ -38,11 +38,9 @@ int run(const std::vector<std::string>& argv) {
   }
   // embed runs evaluation calls only: the groups must hold a slot per expert under the evaluation factor (named
   // by the flags), and the training factor, which it never routes with, must not refuse its --group-size.
-  if (cfg.experts >= 1 && cfg.top_k >= 1)
-    moe::check_group_capacity(cfg.router.group_size, cfg.experts, cfg.top_k, cfg.router.capacity_factor_eval,
-                              "--capacity-factor (the checkpoint's capacity_factor_eval)", "--group-size");
+  moe::check_group_capacity(cfg.router.group_size, cfg.experts, cfg.top_k, cfg.router.capacity_factor_eval,
+                            "--capacity-factor (the checkpoint's capacity_factor_eval)", "--group-size");
   cfg.router.capacity_factor_train = 0;
-  check_weights(Limoe<float>::parameter_entries(cfg), reader, /*values=*/false);  // before the model is allocated
   return cli::with_model(backend, [&]<class Model>() -> int {
   Model model(cfg);
   load_weights(model, reader);

@@ -113,7 +113,7 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(!args.has("preset") || !args.has("config"), "give --preset or --config, not both");
   if (args.has("resume")) {
     resume = std::make_unique<io::SafetensorsReader>(io::SafetensorsReader::open(args.str("resume")));
-    cfg = read_checkpoint_config(*resume);
+    cfg = cli::checkpoint_config(*resume);  // its tensors checked before the model is allocated
   } else if (args.has("config")) {
     std::ifstream f(args.str("config"));
     LIMOE_CHECK(f.good(), "cannot read config file '", args.str("config"), "'");
@@ -204,8 +204,6 @@ int run(const std::vector<std::string>& argv) {
 
   return cli::with_model(backend, [&]<class Model>() -> int {
   // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
-  // A resumed checkpoint's tensor names and shapes checked against its config before the model is allocated.
-  if (resume) check_weights(Limoe<float>::parameter_entries(cfg), *resume, /*values=*/false);
   Model model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
   const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL), 0));
   if (resume) load_weights(model, *resume); else model.init(seed);

@@ -148,13 +148,19 @@ struct Loaded {
   TrainedData trained_on() const { return trained_data(metadata); }
 };
 
+// A checkpoint's config, with its tensors' names and shapes checked against it from the header: what every
+// command that builds the model calls before allocating it, so that a config that does not match its tensors is
+// an error naming the tensor, not an allocation of the config's size.
+inline ModelConfig checkpoint_config(const io::SafetensorsReader& r) {
+  ModelConfig cfg = read_checkpoint_config(r);
+  check_weights(Limoe<float>::parameter_entries(cfg), r, /*values=*/false);
+  return cfg;
+}
+
 template <class Model = ModelFp32>
 Loaded<Model> load_model(const std::string& path) {
   const auto r = io::SafetensorsReader::open(path);
-  ModelConfig cfg = read_checkpoint_config(r);
-  // Names and shapes checked before the model is allocated: a config that does not match its tensors is an
-  // error naming the tensor, not an allocation of the config's size.
-  check_weights(Limoe<float>::parameter_entries(cfg), r, /*values=*/false);
+  const ModelConfig cfg = checkpoint_config(r);
   data::WordTokenizer tok = tokenizer_from(r, cfg);
   Loaded<Model> l{std::make_unique<Model>(cfg), std::move(tok), r.metadata()};
   load_weights(*l.model, r);
