@@ -63,7 +63,7 @@ if(LIMOE_WITH_CUDA)
   # Users get the CPU library (limoe/core/error.hpp for limoe::Error), the static CUDA runtime and cuBLAS (the
   # backend's products); they need neither nvcc nor the CUDA language enabled, only the toolkit's libraries
   # (find_dependency(CUDAToolkit)).
-  target_link_libraries(limoe_cuda PUBLIC limoe_library CUDA::cublas PRIVATE CUDA::cudart_static)
+  target_link_libraries(limoe_cuda PUBLIC limoe_library CUDA::cublas CUDA::cublasLt PRIVATE CUDA::cudart_static)
   if(LIMOE_TOP_LEVEL)
     target_compile_options(limoe_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
   endif()

@@ -17,6 +17,9 @@
 // on the device (cuda::ops::route_topk, what the MoE layer runs) against the same decisions on the host over a
 // copy of the logits (the path of a user's own router, and of every router before route_topk): download, noise
 // and softmax, the sequential fill, upload of gates and routes. Wall-clock times, synchronised.
+// The packed plan's experts run one grouped product per weight matrix; experts_one_per_expert_ms times the same
+// products one per expert (cuda::ops::set_grouped_expert_products(false)), also at T = 4,096, E = 32 (128 rows an
+// expert), where launches weigh most.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -166,6 +169,10 @@ void run(index_t T, index_t D, int E) {
     O::combine_forward(plan, gates.cview(), route.cview(), ye.cview(), out.view());
   });
   const double experts_ms = time_ms(experts);
+  // The same products one per expert (the packed plan's products before they were grouped).
+  cuda::ops::set_grouped_expert_products(false);
+  const double experts_each_ms = time_ms(experts);
+  cuda::ops::set_grouped_expert_products(true);
   // The parts around the experts, each alone.
   const double plan_ms = time_ms([&] { O::make_dispatch_plan(route.cview(), E, plan); });
   const double dispatch_ms = time_ms([&] { O::dispatch_forward(plan, x.cview(), xe.view()); });
@@ -197,12 +204,14 @@ void run(index_t T, index_t D, int E) {
       "\"ceiling_tflops\":%.2f,\"dense_mlp_tflops\":%.2f,\"experts_tflops\":%.2f,"
       "\"moe_over_dense_speed\":%.3f,\"experts_over_ceiling_rate\":%.3f,"
       "\"moe_layer_fixed_ms\":%.3f,\"experts_fixed_ms\":%.3f,\"plan_fixed_ms\":%.3f,"
-      "\"moe_fixed_over_dense_speed\":%.3f,\"experts_fixed_over_ceiling_rate\":%.3f}\n",
+      "\"moe_fixed_over_dense_speed\":%.3f,\"experts_fixed_over_ceiling_rate\":%.3f,"
+      "\"experts_one_per_expert_ms\":%.3f,\"grouped_over_one_per_expert_speed\":%.3f}\n",
       Prec::name, static_cast<long long>(T), static_cast<long long>(D), static_cast<long long>(M), E, dense_ms, moe_ms,
       experts_ms, plan_ms, dispatch_ms, combine_ms, Prec::mixed ? "cublasGemmEx bf16 operands" : "cublasSgemm",
       gemm_ms, flops_gemm / gemm_ms * 1e-9, flops_mlp / dense_ms * 1e-9, flops_mlp / experts_ms * 1e-9,
       dense_ms / moe_ms, (flops_mlp / experts_ms) / (flops_gemm / gemm_ms), moe_fixed_ms, experts_fixed_ms,
-      plan_fixed_ms, dense_ms / moe_fixed_ms, (flops_mlp / experts_fixed_ms) / (flops_gemm / gemm_ms));
+      plan_fixed_ms, dense_ms / moe_fixed_ms, (flops_mlp / experts_fixed_ms) / (flops_gemm / gemm_ms), experts_each_ms,
+      experts_each_ms / experts_ms);
 }
 
 // Wall-clock ms of f (3 warm-ups, then 10 runs, the device synchronised after each).
@@ -264,6 +273,9 @@ int main() {
   try {
     for (int E : {8, 16, 32}) run<Fp32>(65536, 1024, E);
     for (int E : {8, 16, 32}) run<Bf16Mixed>(65536, 1024, E);
+    // Small tiles (128 rows an expert), where one launch per expert weighs most against the grouped product.
+    run<Fp32>(4096, 1024, 32);
+    run<Bf16Mixed>(4096, 1024, 32);
     for (int E : {8, 16, 32}) run_routing(65536, E);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_moe: %s\n", e.what());

@@ -45,6 +45,8 @@ template void aux_losses<F>(CV<F>, CV<F>, CV<F>, CV<std::int32_t>, CV<std::int32
                             const moe::AuxLossConfig&, double, V<double>, V<double>, V<double>);
 template void router_backward<F>(const DispatchPlan&, CV<F>, CV<std::int32_t>, CV<F>, CV<double>, double, V<F>);
 
+void set_grouped_expert_products(bool grouped) { exec::grouped_products(grouped); }
+
 LIMOE_CUDA_PRODUCT_OPS(Fp32)
 LIMOE_CUDA_PRODUCT_OPS(Bf16Mixed)
 #undef LIMOE_CUDA_PRODUCT_OPS

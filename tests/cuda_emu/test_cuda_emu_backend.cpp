@@ -746,6 +746,24 @@ TEST_CASE("cuda backend (emulated): the fixed-capacity dispatch plan against the
   CHECK(cases == 24);
 }
 
+namespace {
+// Uniform values in [-scale, scale) from stream `stream` of a fixed generator.
+Tensor<float> uniform_tensor(Shape s, std::uint64_t stream, double scale) {
+  Tensor<float> t(s);
+  const Rng rng(99);
+  for (index_t i = 0; i < t.numel(); ++i)
+    t[i] = static_cast<float>((2 * rng.uniform(stream, static_cast<std::uint64_t>(i)) - 1) * scale);
+  return t;
+}
+// max |a - b| over max |b| of n values.
+double relative_maxdiff(const float* a, const float* b, index_t n) {
+  double d = 0, m = 0;
+  for (index_t i = 0; i < n; ++i)
+    d = std::max(d, std::abs(static_cast<double>(a[i]) - b[i])), m = std::max(m, std::abs(static_cast<double>(b[i])));
+  return d / std::max(m, 1e-30);
+}
+}  // namespace
+
 // The experts over a fixed-capacity plan (every product one strided-batched product over the E blocks of C
 // rows: cuBLAS's strided-batched sgemm in fp32, its bf16 GemmStridedBatchedEx under Bf16Mixed) against Ref's
 // experts over its packed plan of the same route, under the same policy: each accepted choice's output row and
@@ -762,19 +780,8 @@ void check_fixed_experts(double tol) {
   using R = Ops<Ref, float>;
   const Prec prec{};
   const index_t D = 24, M = 40;
-  auto rnd = [](Shape s, std::uint64_t stream, double scale) {
-    Tensor<float> t(s);
-    const Rng rng(99);
-    for (index_t i = 0; i < t.numel(); ++i)
-      t[i] = static_cast<float>((2 * rng.uniform(stream, static_cast<std::uint64_t>(i)) - 1) * scale);
-    return t;
-  };
-  auto maxdiff = [](const float* a, const float* b, index_t n) {
-    double d = 0, m = 0;
-    for (index_t i = 0; i < n; ++i)
-      d = std::max(d, std::abs(static_cast<double>(a[i]) - b[i])), m = std::max(m, std::abs(static_cast<double>(b[i])));
-    return d / std::max(m, 1e-30);
-  };
+  const auto rnd = uniform_tensor;
+  const auto maxdiff = relative_maxdiff;
   int cases = 0;
   for (index_t N : {5, 300})
     for (int K : {1, 2})
@@ -858,6 +865,160 @@ void check_fixed_experts(double tol) {
 TEST_CASE("cuda backend (emulated): the experts over a fixed-capacity plan against Ref's over the packed plan") {
   check_fixed_experts<Fp32>(2e-5);
   check_fixed_experts<Bf16Mixed>(1e-3);
+}
+
+// The experts over a packed plan (no-drop routing, a capacity with slack): each of the six products one grouped
+// product over the experts with rows (exec::gemm_grouped: the operands' addresses written on the device by one
+// launch per 64 experts, then one library call), against Ref's experts over its plan of the same route, under the
+// same policy, and against the same products run one per expert (exec::grouped_products(false)): the same
+// values, and 6 (G - 1 - ceil(G / 64)) launches fewer for G experts with rows. E = 80 (70 with rows), so the addresses
+// take two launches; every eighth expert is never chosen (an empty group is not a problem of the call).
+template <class Prec>
+void check_grouped_experts(double tol) {
+  using DS = testing_cuda::DS;
+  using O = Ops<Cuda, float>;
+  using R = Ops<Ref, float>;
+  const Prec prec{};
+  const index_t N = 300, D = 8, M = 12;
+  const int E = 80, K = 2;
+  Tensor<std::int32_t> route(Shape{N, K});
+  const Rng rng(17);
+  for (index_t t = 0; t < N; ++t) {
+    const auto e0 = static_cast<std::int32_t>(rng.uniform(t, 0) * E);
+    const auto e1 = static_cast<std::int32_t>((e0 + 1 + static_cast<std::int32_t>(rng.uniform(t, 1) * (E - 2))) % E);
+    route[t * K] = e0 % 8 == 7 ? -1 : e0;
+    route[t * K + 1] = e1 % 8 == 7 ? -1 : e1;
+  }
+  const Tensor<float> x = uniform_tensor(Shape{N, D}, 2, 1.0);
+  const Tensor<float> w1 = uniform_tensor(Shape{E, M, D}, 4, 0.3), b1 = uniform_tensor(Shape{E, M}, 5, 0.3),
+                      w2 = uniform_tensor(Shape{E, D, M}, 6, 0.3), b2 = uniform_tensor(Shape{E, D}, 7, 0.3);
+  const Tensor<float> g1_0 = uniform_tensor(Shape{E, M, D}, 8, 0.1), gb1_0 = uniform_tensor(Shape{E, M}, 9, 0.1),
+                      g2_0 = uniform_tensor(Shape{E, D, M}, 10, 0.1), gb2_0 = uniform_tensor(Shape{E, D}, 11, 0.1);
+
+  moe::DispatchPlan rp;
+  R::make_dispatch_plan(route.cview(), E, rp);
+  const index_t A = rp.A;
+  int G = 0;
+  for (int e = 0; e < E; ++e) G += rp.offsets[e + 1] > rp.offsets[e];
+  REQUIRE(G > 64);
+  REQUIRE(G < E);
+  const Tensor<float> dye = uniform_tensor(Shape{A, D}, 3, 1.0);
+  Tensor<float> xe(Shape{A, D}), hp(Shape{A, M}), h(Shape{A, M}), ye(Shape{A, D}), dh(Shape{A, M}), dxe(Shape{A, D});
+  Tensor<float> rg1 = g1_0, rgb1 = gb1_0, rg2 = g2_0, rgb2 = gb2_0;
+  moe::ExpertScratch rs;
+  const moe::ExpertWeights<float> rw{w1.cview(), b1.cview(), w2.cview(), b2.cview()};
+  R::dispatch_forward(rp, x.cview(), xe.view());
+  R::expert_mlp_forward(rp, rw, GeluKind::Erf, xe.cview(), hp.view(), h.view(), ye.view(), rs, prec);
+  R::expert_mlp_backward(rp, rw, GeluKind::Erf, xe.cview(), hp.cview(), h.cview(), dye.cview(), dh.view(), dxe.view(),
+                         moe::ExpertGrads<float>{rg1.view(), rgb1.view(), rg2.view(), rgb2.view()}, rs, prec);
+
+  struct Run {
+    Tensor<float> ye, dxe, g1, gb1, g2, gb2;
+    std::int64_t launches;
+  };
+  const auto device = [&](bool grouped) {
+    cuda::exec::grouped_products(grouped);
+    Run r{Tensor<float>(Shape{A, D}), Tensor<float>(Shape{A, D}), g1_0, gb1_0, g2_0, gb2_0, 0};
+    const auto droute = Mirror<const std::int32_t>(route.cview());
+    moe::BasicDispatchPlan<DS> dp;
+    O::make_dispatch_plan(droute.v(), E, dp);
+    REQUIRE(dp.A == A);
+    auto mx = Mirror<const float>(x.cview()), mdye = Mirror<const float>(dye.cview());
+    auto m1 = Mirror<const float>(w1.cview()), mb1 = Mirror<const float>(b1.cview()),
+         m2 = Mirror<const float>(w2.cview()), mb2 = Mirror<const float>(b2.cview());
+    auto mye = Mirror<float>(r.ye.view()), mdxe = Mirror<float>(r.dxe.view());
+    auto g1 = Mirror<float>(r.g1.view()), gb1 = Mirror<float>(r.gb1.view()), g2 = Mirror<float>(r.g2.view()),
+         gb2 = Mirror<float>(r.gb2.view());
+    Tensor<float, DS> dxe_d(Shape{A, D}), dhp(Shape{A, M}), dh_(Shape{A, M}), ddh(Shape{A, M});
+    moe::ExpertScratch ds;
+    const moe::ExpertWeights<float, DS> dw{m1.v(), mb1.v(), m2.v(), mb2.v()};
+    O::dispatch_forward(dp, mx.v(), dxe_d.view());
+    const std::int64_t l0 = DS::launches.load();
+    O::expert_mlp_forward(dp, dw, GeluKind::Erf, dxe_d.cview(), dhp.view(), dh_.view(), mye.v(), ds, prec);
+    O::expert_mlp_backward(dp, dw, GeluKind::Erf, dxe_d.cview(), dhp.cview(), dh_.cview(), mdye.v(), ddh.view(), mdxe.v(),
+                           moe::ExpertGrads<float, DS>{g1.v(), gb1.v(), g2.v(), gb2.v()}, ds, prec);
+    r.launches = DS::launches.load() - l0;
+    mye.back(), mdxe.back(), g1.back(), gb1.back(), g2.back(), gb2.back();
+    cuda::exec::grouped_products(true);
+    return r;
+  };
+  const Run on = device(true), off = device(false);
+  for (const Run* r : {&on, &off}) {
+    CHECK(relative_maxdiff(r->ye.data(), ye.data(), A * D) <= tol);
+    CHECK(relative_maxdiff(r->dxe.data(), dxe.data(), A * D) <= tol);
+    CHECK(relative_maxdiff(r->g1.data(), rg1.data(), E * M * D) <= tol);
+    CHECK(relative_maxdiff(r->gb1.data(), rgb1.data(), E * M) <= tol);
+    CHECK(relative_maxdiff(r->g2.data(), rg2.data(), E * D * M) <= tol);
+    CHECK(relative_maxdiff(r->gb2.data(), rgb2.data(), E * D) <= tol);
+  }
+  // Both run the emulation's loop product at the same addresses: the same bits.
+  CHECK(relative_maxdiff(on.ye.data(), off.ye.data(), A * D) == 0);
+  CHECK(relative_maxdiff(on.g1.data(), off.g1.data(), E * M * D) == 0);
+  CHECK(off.launches - on.launches == 6 * (G - 1 - (G + 63) / 64));
+}
+
+TEST_CASE("cuda backend (emulated): the experts over a packed plan as one grouped product per weight matrix") {
+  check_grouped_experts<Fp32>(2e-5);
+  check_grouped_experts<Bf16Mixed>(1e-3);
+}
+
+// A product's bias in cuBLASLt's epilogue (exec::gemm_bias_as, what linear_forward runs), through the
+// emulated library (tests/support/cublaslt_emu.hpp: the documented column-major semantics, layouts, attribute
+// sizes and the operands' alignments the chosen algorithm may assume): C = A B^T + bias against a double product
+// of the same operands (bf16: of the operands rounded to bf16), one launch (fp32) where the seeded path takes two
+// (exec::bias_epilogue(false): the bias written into C, the product accumulated onto it), the same bits either
+// way; operands at 256-byte-aligned addresses, then at addresses only 4-byte aligned (the second shape's
+// algorithm must not be the first's), and K = 0 (the bias alone, seeded).
+template <class Prec>
+void check_bias_epilogue(int extra_launches) {
+  using DS = testing_cuda::DS;
+  namespace ex = cuda::exec;
+  const Prec prec{};
+  for (index_t K : {19, 0}) {
+    const index_t M = 37, N = 24;
+    const Tensor<float> A = uniform_tensor(Shape{M * K + 1}, 1, 1.0), B = uniform_tensor(Shape{N * K + 1}, 2, 1.0),
+                        bias = uniform_tensor(Shape{N + 1}, 3, 1.0);
+    const auto dA = Mirror<const float>(A.cview()), dB = Mirror<const float>(B.cview()),
+               dbias = Mirror<const float>(bias.cview());
+    const auto q = [](float v) { return Prec::mixed ? math::bf16_value(math::bf16_round(v)) : v; };
+    for (int off : {0, 1}) {
+      CAPTURE(K);
+      CAPTURE(off);
+      Tensor<float> got[2];
+      std::int64_t launches[2] = {0, 0};
+      for (bool epilogue : {true, false}) {
+        ex::bias_epilogue(epilogue);
+        Tensor<float, DS> C(Shape{M * N + 1});
+        const std::int64_t l0 = DS::launches.load();
+        ex::gemm_bias_as<Prec, float>(prec, false, true, M, N, K, dA.v().data() + off, K, dB.v().data() + off, K,
+                                      dbias.v().data() + off, C.data() + off);
+        launches[epilogue] = DS::launches.load() - l0;
+        testing_cuda::download(C, got[epilogue]);
+        ex::bias_epilogue(true);
+      }
+      double worst = 0;
+      for (index_t m = 0; m < M; ++m)
+        for (index_t n = 0; n < N; ++n) {
+          double want = bias[off + n];
+          for (index_t k = 0; k < K; ++k)
+            want += static_cast<double>(q(A[off + m * K + k])) * static_cast<double>(q(B[off + n * K + k]));
+          worst = std::max(worst, std::abs(got[1][off + m * N + n] - want) / (1 + std::abs(want)));
+          REQUIRE(got[1][off + m * N + n] == got[0][off + m * N + n]);
+        }
+      CHECK(worst < 1e-5);
+      if (K > 0) {
+        CHECK(launches[1] == 1 + extra_launches);  // the product with its epilogue
+        CHECK(launches[0] == 2 + extra_launches);  // the bias written, the product onto it
+      } else {
+        CHECK(launches[1] == 2);  // no product to carry the bias (and nothing to round): seeded
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda backend (emulated): a product's bias in cuBLASLt's epilogue") {
+  check_bias_epilogue<Fp32>(0);
+  check_bias_epilogue<Bf16Mixed>(2);  // each operand rounded to bf16 by a launch
 }
 
 TEST_CASE("cuda backend (emulated): bad input is refused with the ops' messages") {

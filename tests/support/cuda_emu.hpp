@@ -19,8 +19,9 @@
 // emu::launch(grid, block, kernel, args...) is the <<<grid, block>>> launch.
 //
 // The CUDA backend's host code (src/cuda/backend/) compiled against this header runs on host memory
-// (LIMOE_CUDA_EMULATION): its kernels launch here, and its cuBLAS products are the plain row-major loops of
-// emu::gemm_batched below, the stand-in for the library the tests cannot call without a GPU.
+// (LIMOE_CUDA_EMULATION): its kernels launch here, and its cuBLAS calls go to tests/support/cublas_emu.hpp
+// (included at the end), the stand-in for the library the tests cannot call without a GPU: the same call sites as
+// on a GPU, checked against the library's documented column-major semantics.
 #pragma once
 
 #include <atomic>
@@ -215,25 +216,6 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
   if (logged) detail::BarrierLog::instance().note(key, reached.load());
 }
 
-// The stand-in for cuBLAS's (strided-batched) products, row-major like limoe::gemm: for each i < batch,
-// C_i[M, N] = alpha op(A_i)[M, K] op(B_i)[K, N] + beta C_i (beta = 0 ignores C_i's old values), op = transpose
-// when the flag is set; A_i = A + i * sa and so on. Accumulates in T, k in order.
-template <class T>
-void gemm_batched(bool ta, bool tb, std::int64_t M, std::int64_t N, std::int64_t K, T alpha, const T* A,
-                  std::int64_t lda, std::int64_t sa, const T* B, std::int64_t ldb, std::int64_t sb, T beta, T* C,
-                  std::int64_t ldc, std::int64_t sc, std::int64_t batch) {
-  for (std::int64_t i = 0; i < batch; ++i) {
-    const T* a = A + i * sa;
-    const T* b = B + i * sb;
-    T* c = C + i * sc;
-    for (std::int64_t m = 0; m < M; ++m)
-      for (std::int64_t n = 0; n < N; ++n) {
-        T acc = 0;
-        for (std::int64_t k = 0; k < K; ++k) acc += (ta ? a[k * lda + m] : a[m * lda + k]) * (tb ? b[n * ldb + k] : b[k * ldb + n]);
-        c[m * ldc + n] = beta == T(0) ? alpha * acc : alpha * acc + beta * c[m * ldc + n];
-      }
-  }
-}
 }  // namespace emu
 
 #define threadIdx (::emu::detail::thread_idx)
@@ -253,3 +235,5 @@ inline void __syncthreads() {
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float sqrtf(float x) { return std::sqrt(x); }
+
+#include "cublas_emu.hpp"

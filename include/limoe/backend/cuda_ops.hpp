@@ -194,6 +194,10 @@ template <class T, class Prec = Fp32>
 void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Space>& w, GeluKind gelu, CV<T> xe,
                          CV<T> hpre, CV<T> h, CV<T> dye, V<T> dh, V<T> dxe, const moe::ExpertGrads<T, Space>& g,
                          moe::ExpertScratch& scratch, const Prec& = {});
+// How the experts of a packed plan (make_dispatch_plan) run their products: one grouped product per weight
+// matrix over the experts with rows (the default), or one product per expert (benchmarks compare the two). The
+// results are the same; the setting is process-wide.
+void set_grouped_expert_products(bool grouped);
 template <class T>
 void combine_forward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> ye, V<T> y);
 template <class T>

@@ -248,25 +248,45 @@ void expert_product(bool ta, bool tb, index_t M, index_t N, index_t K, const Exp
                           C, ldc, sc, batch);
 }
 
-// The experts' blocks of rows as the products see them: fn(e, r0, n, batch). A fixed-capacity plan is one call,
-// fn(0, 0, C, E): every expert's block is C rows, so each product is one strided-batched product over the E
-// blocks (expert e's rows at e C, its weights at e times a weight matrix's size); otherwise one call per expert
-// with rows, fn(e, r0, n, 1), from the plan's host copy of its offsets (moe/plan.hpp: every packed plan on the
-// device has one, so nothing is read back); the grouped product of no-drop routing and of a capacity with slack.
+// The same as one grouped product (exec::gemm_grouped), one problem per expert with rows.
+template <class Prec, class T>
+void expert_grouped(bool ta, bool tb, const ExpertOperand<Prec, T>& A, index_t lda, const ExpertOperand<Prec, T>& B,
+                    index_t ldb, bool accumulate, T* C, index_t ldc, std::vector<exec::GemmProblem> problems) {
+  if constexpr (Prec::mixed)
+    exec::gemm_bf16_rounded_grouped(ta, tb, 1.0f, A.lo(), lda, B.lo(), ldb, accumulate ? 1.0f : 0.0f, C, ldc,
+                                    std::move(problems));
+  else
+    exec::gemm_grouped<T>(ta, tb, T(1), A.f(), lda, B.f(), ldb, accumulate ? T(1) : T(0), C, ldc, std::move(problems));
+}
+
+// The experts' blocks of rows as the products see them. A fixed-capacity plan: every expert's block is C rows,
+// so each product is one strided-batched product over the E blocks (expert e's rows at e C, its weights at e times
+// a weight matrix's size). Otherwise one grouped product over the experts with rows (the grouped product of no-drop
+// routing and of a capacity with slack), their row counts from the plan's host copy of its offsets (moe/plan.hpp:
+// every packed plan on the device has one, so nothing is read back).
 class ExpertBlocks {
  public:
   explicit ExpertBlocks(const DispatchPlan& p) : fixed_(p.fixed), E_(p.E), off_(p.host_offsets) {
     LIMOE_CHECK(fixed_ > 0 || off_.size() == static_cast<std::size_t>(E_ + 1),
                 "cuda experts: the dispatch plan has no host copy of its offsets (build it with make_dispatch_plan)");
   }
-  template <class Fn>
-  void each(Fn&& fn) const {
+  // C = op(A) op(B) (+ C when accumulate) over every expert's block: problem(e, r0, n) gives expert e's product
+  // over its n rows from row r0 (sizes and element offsets); sa, sb, sc are the strides from one expert to the
+  // next that a fixed plan's batched product takes (its problem(0, 0, C) is expert 0's).
+  template <class Prec, class T, class Problem>
+  void product(bool ta, bool tb, const ExpertOperand<Prec, T>& A, index_t lda, index_t sa,
+               const ExpertOperand<Prec, T>& B, index_t ldb, index_t sb, bool accumulate, T* C, index_t ldc,
+               index_t sc, Problem&& problem) const {
     if (fixed_ > 0) {
-      fn(index_t{0}, index_t{0}, fixed_, E_);
+      const exec::GemmProblem q = problem(index_t{0}, index_t{0}, fixed_);
+      expert_product<Prec, T>(ta, tb, q.M, q.N, q.K, A, q.a, lda, sa, B, q.b, ldb, sb, accumulate, C + q.c, ldc, sc,
+                              E_);
       return;
     }
+    std::vector<exec::GemmProblem> problems;
     for (std::size_t e = 0; e + 1 < off_.size(); ++e)
-      if (off_[e + 1] > off_[e]) fn(static_cast<index_t>(e), off_[e], off_[e + 1] - off_[e], index_t{1});
+      if (off_[e + 1] > off_[e]) problems.push_back(problem(static_cast<index_t>(e), off_[e], off_[e + 1] - off_[e]));
+    expert_grouped<Prec, T>(ta, tb, A, lda, B, ldb, accumulate, C, ldc, std::move(problems));
   }
 
  private:
@@ -297,20 +317,20 @@ void expert_mlp_forward(const DispatchPlan& p, const moe::ExpertWeights<T, Space
   const index_t C = p.fixed;  // the strides below matter for a fixed plan only (batch 1 otherwise)
   {
     const Op x(prec, xe.data(), p.A, D), w1(prec, w.fc1_w.data(), p.E * M, D);
-    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
-      detail::expert_product(false, true, n, M, D, x, r0 * D, D, C * D, w1, e * M * D, D, M * D, false,
-                             hpre.data() + r0 * M, M, C * M, batch);
-    });
+    blocks.product(false, true, x, D, C * D, w1, D, M * D, false, hpre.data(), M, C * M,
+                   [&](index_t e, index_t r0, index_t n) {
+                     return exec::GemmProblem{n, M, D, r0 * D, e * M * D, r0 * M};
+                   });
   }
   DTensor<std::uint16_t> h16(Shape{Prec::mixed ? p.A : 0, M});
   exec::launch("expert_bias_gelu", exec::grid_for(p.A * M), 256, kn::expert_bias_gelu<T>, offsets, p.E, p.A, M, gelu,
                w.fc1_b.data(), hpre.data(), h.data(), Prec::mixed ? h16.data() : nullptr);
   {
     const Op hop(h.data(), h16.data(), M), w2(prec, w.fc2_w.data(), p.E * D, M);
-    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
-      detail::expert_product(false, true, n, D, M, hop, r0 * M, M, C * M, w2, e * D * M, M, D * M, false,
-                             ye.data() + r0 * D, D, C * D, batch);
-    });
+    blocks.product(false, true, hop, M, C * M, w2, M, D * M, false, ye.data(), D, C * D,
+                   [&](index_t e, index_t r0, index_t n) {
+                     return exec::GemmProblem{n, D, M, r0 * M, e * D * M, r0 * D};
+                   });
   }
   exec::launch("expert_bias_add", exec::grid_for(p.A * D), 256, kn::expert_bias_add<T>, offsets, p.E, p.A, D,
                w.fc2_b.data(), ye.data());
@@ -341,33 +361,33 @@ void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Spac
   const Op dy(prec, dye.data(), p.A, D);
   {
     const Op w2(prec, w.fc2_w.data(), p.E * D, M);
-    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
-      detail::expert_product(false, false, n, M, D, dy, r0 * D, D, C * D, w2, e * D * M, M, D * M, false,
-                             dh.data() + r0 * M, M, C * M, batch);
-    });
+    blocks.product(false, false, dy, D, C * D, w2, M, D * M, false, dh.data(), M, C * M,
+                   [&](index_t e, index_t r0, index_t n) {
+                     return exec::GemmProblem{n, M, D, r0 * D, e * D * M, r0 * M};
+                   });
   }
   gelu_backward<T>(gelu, hpre, CV<T>(dh), dh);
   const Op dhop(prec, dh.data(), p.A, M);
   if (!dxe.empty()) {
     const Op w1(prec, w.fc1_w.data(), p.E * M, D);
-    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
-      detail::expert_product(false, false, n, D, M, dhop, r0 * M, M, C * M, w1, e * M * D, D, M * D, false,
-                             dxe.data() + r0 * D, D, C * D, batch);
-    });
+    blocks.product(false, false, dhop, M, C * M, w1, D, M * D, false, dxe.data(), D, C * D,
+                   [&](index_t e, index_t r0, index_t n) {
+                     return exec::GemmProblem{n, D, M, r0 * M, e * M * D, r0 * D};
+                   });
   }
   if (!g.fc2_w.empty()) {
     const Op hop(prec, h.data(), p.A, M);
-    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
-      detail::expert_product(true, false, D, M, n, dy, r0 * D, D, C * D, hop, r0 * M, M, C * M, true,
-                             g.fc2_w.data() + e * D * M, M, D * M, batch);
-    });
+    blocks.product(true, false, dy, D, C * D, hop, M, C * M, true, g.fc2_w.data(), M, D * M,
+                   [&](index_t e, index_t r0, index_t n) {
+                     return exec::GemmProblem{D, M, n, r0 * D, r0 * M, e * D * M};
+                   });
   }
   if (!g.fc1_w.empty()) {
     const Op x(prec, xe.data(), p.A, D);
-    blocks.each([&](index_t e, index_t r0, index_t n, index_t batch) {
-      detail::expert_product(true, false, M, D, n, dhop, r0 * M, M, C * M, x, r0 * D, D, C * D, true,
-                             g.fc1_w.data() + e * M * D, D, M * D, batch);
-    });
+    blocks.product(true, false, dhop, M, C * M, x, D, C * D, true, g.fc1_w.data(), D, M * D,
+                   [&](index_t e, index_t r0, index_t n) {
+                     return exec::GemmProblem{M, D, n, r0 * M, r0 * D, e * M * D};
+                   });
   }
   const dim3 cols_d(exec::grid_for(D, kColThreads).x, static_cast<unsigned>(p.E)),
       cols_m(exec::grid_for(M, kColThreads).x, static_cast<unsigned>(p.E));

@@ -45,8 +45,10 @@ void linear_forward(CV<T> x, CV<T> W, CV<T> b, V<T> y, const Prec& prec) {
   const index_t R = chk::linear_check<T, Space>("cuda::linear_forward", x, W, b, y.shape(), "y");
   const index_t O = W.dim(0), I = W.dim(1);
   if (R == 0 || O == 0) return;
-  if (!b.empty()) exec::launch("fill_rows", exec::grid_for(R * O), 256, kn::fill_rows<T>, b.data(), R, O, y.data());
-  exec::gemm_as<Prec, T>(prec, false, true, R, O, I, T(1), x.data(), I, W.data(), I, b.empty() ? T(0) : T(1), y.data(), O);
+  if (b.empty())
+    exec::gemm_as<Prec, T>(prec, false, true, R, O, I, T(1), x.data(), I, W.data(), I, T(0), y.data(), O);
+  else  // the bias in the product's epilogue (cuBLASLt), or seeded
+    exec::gemm_bias_as<Prec, T>(prec, false, true, R, O, I, x.data(), I, W.data(), I, b.data(), y.data());
 }
 
 template <class T, class Prec>

@@ -56,6 +56,24 @@ __global__ void to_bf16_block(const T* __restrict__ src, std::int64_t rows, std:
   LIMOE_GRID_STRIDE(i, rows * cols) dst[i] = math::bf16_round(static_cast<float>(src[(i / cols) * ld + i % cols]));
 }
 
+// The operand addresses of a grouped product (exec::gemm_grouped): up to kPointerChunk problems per launch,
+// their byte offsets passed by value in the launch's arguments (no copy from host memory, which would make the
+// host wait for the device), one thread per problem. out holds three arrays of G addresses (A's, B's, C's);
+// this launch writes entries [first, first + n) of each.
+inline constexpr int kPointerChunk = 64;
+struct PointerChunk {
+  std::int64_t a[kPointerChunk], b[kPointerChunk], c[kPointerChunk];  // byte offsets from the bases
+  int n;
+};
+static __global__ void grouped_pointers(PointerChunk chunk, const char* A, const char* B, char* C, std::int64_t G,
+                                        std::int64_t first, std::uintptr_t* __restrict__ out) {
+  const int i = static_cast<int>(threadIdx.x);
+  if (i >= chunk.n) return;
+  out[first + i] = reinterpret_cast<std::uintptr_t>(A + chunk.a[i]);
+  out[G + first + i] = reinterpret_cast<std::uintptr_t>(B + chunk.b[i]);
+  out[2 * G + first + i] = reinterpret_cast<std::uintptr_t>(C + chunk.c[i]);
+}
+
 // Rows by index, one thread per element: gather dst[i, :] = src[idx[i], :]; scatter dst[idx[i], :] = src[i, :]
 // (n rows of width D; the indices of a scatter are distinct, so no element is written twice).
 template <class T>
