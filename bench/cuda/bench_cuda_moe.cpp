@@ -19,7 +19,8 @@
 // and softmax, the sequential fill, upload of gates and routes. Wall-clock times, synchronised.
 // The packed plan's experts run one grouped product per weight matrix; experts_one_per_expert_ms times the same
 // products one per expert (cuda::ops::set_grouped_expert_products(false)), also at T = 4,096, E = 32 (128 rows an
-// expert), where launches weigh most.
+// expert), where launches weigh most. dense_mlp_seeded_bias_ms times the dense MLP with its biases written into
+// the outputs before the products (cuda::ops::set_bias_epilogue(false)) instead of in cuBLASLt's epilogue.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -140,11 +141,17 @@ void run(index_t T, index_t D, int E) {
   const auto e2 = fw.add(Shape{E, D, M}, 9, 0.05f), eb2 = fw.add(Shape{E, D}, 10, 0.1f);
   Tensor<float, DS> h(Shape{T, M}), a(Shape{T, M}), y(Shape{T, D});
   const Prec prec = fw.policy<Prec>();  // after every weight is in
-  const double dense_ms = time_ms([&] {
+  const auto dense = [&] {
     cuda::ops::linear_forward<float, Prec>(x.cview(), w1, b1, h.view(), prec);
     O::gelu_forward(GeluKind::Erf, h.cview(), a.view());
     cuda::ops::linear_forward<float, Prec>(a.cview(), w2, b2, y.view(), prec);
-  });
+  };
+  const double dense_ms = time_ms(dense);
+  // The same with the biases seeded into the outputs (the products accumulate onto them) instead of cuBLASLt's
+  // epilogue.
+  cuda::ops::set_bias_epilogue(false);
+  const double dense_seeded_ms = time_ms(dense);
+  cuda::ops::set_bias_epilogue(true);
   const double gemm_ms =
       Prec::mixed ? cublas_bf16_ms(T, D, M, h)
                   : time_ms([&] { O::linear_forward(x.cview(), w1, CView<float, DS>{}, h.view()); });
@@ -205,13 +212,14 @@ void run(index_t T, index_t D, int E) {
       "\"moe_over_dense_speed\":%.3f,\"experts_over_ceiling_rate\":%.3f,"
       "\"moe_layer_fixed_ms\":%.3f,\"experts_fixed_ms\":%.3f,\"plan_fixed_ms\":%.3f,"
       "\"moe_fixed_over_dense_speed\":%.3f,\"experts_fixed_over_ceiling_rate\":%.3f,"
-      "\"experts_one_per_expert_ms\":%.3f,\"grouped_over_one_per_expert_speed\":%.3f}\n",
+      "\"experts_one_per_expert_ms\":%.3f,\"grouped_over_one_per_expert_speed\":%.3f,"
+      "\"dense_mlp_seeded_bias_ms\":%.3f,\"bias_epilogue_speedup\":%.3f}\n",
       Prec::name, static_cast<long long>(T), static_cast<long long>(D), static_cast<long long>(M), E, dense_ms, moe_ms,
       experts_ms, plan_ms, dispatch_ms, combine_ms, Prec::mixed ? "cublasGemmEx bf16 operands" : "cublasSgemm",
       gemm_ms, flops_gemm / gemm_ms * 1e-9, flops_mlp / dense_ms * 1e-9, flops_mlp / experts_ms * 1e-9,
       dense_ms / moe_ms, (flops_mlp / experts_ms) / (flops_gemm / gemm_ms), moe_fixed_ms, experts_fixed_ms,
       plan_fixed_ms, dense_ms / moe_fixed_ms, (flops_mlp / experts_fixed_ms) / (flops_gemm / gemm_ms), experts_each_ms,
-      experts_each_ms / experts_ms);
+      experts_each_ms / experts_ms, dense_seeded_ms, dense_seeded_ms / dense_ms);
 }
 
 // Wall-clock ms of f (3 warm-ups, then 10 runs, the device synchronised after each).

@@ -46,6 +46,7 @@ template void aux_losses<F>(CV<F>, CV<F>, CV<F>, CV<std::int32_t>, CV<std::int32
 template void router_backward<F>(const DispatchPlan&, CV<F>, CV<std::int32_t>, CV<F>, CV<double>, double, V<F>);
 
 void set_grouped_expert_products(bool grouped) { exec::grouped_products(grouped); }
+void set_bias_epilogue(bool epilogue) { exec::bias_epilogue(epilogue); }
 
 LIMOE_CUDA_PRODUCT_OPS(Fp32)
 LIMOE_CUDA_PRODUCT_OPS(Bf16Mixed)

@@ -55,6 +55,13 @@ inline cublasStatus_t cublasDestroy(cublasHandle_t h) {
   delete h;
   return CUBLAS_STATUS_SUCCESS;
 }
+// Streams: one, the default (the emulated device runs every launch in order).
+using cudaStream_t = struct EmuCudaStream*;
+inline cublasStatus_t cublasGetStream(cublasHandle_t h, cudaStream_t* s) {
+  if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  *s = nullptr;
+  return CUBLAS_STATUS_SUCCESS;
+}
 
 namespace emu::blas {
 // A bf16 value's float (its bits are the float's top half).
@@ -211,19 +218,4 @@ inline cublasStatus_t cublasDgemmGroupedBatched(cublasHandle_t h, const cublasOp
   return emu::blas::grouped<double, double>(h, ta, tb, m, n, k, alpha, Aarray, lda, Barray, ldb, beta, Carray, ldc,
                                             group_count, group_size);
 }
-// bf16 operands with fp32 output and compute only (the backend's one use), else CUBLAS_STATUS_NOT_SUPPORTED.
-inline cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperation_t ta[],
-                                                 const cublasOperation_t tb[], const int m[], const int n[],
-                                                 const int k[], const void* alpha, const void* const Aarray[],
-                                                 cudaDataType a_type, const int lda[], const void* const Barray[],
-                                                 cudaDataType b_type, const int ldb[], const void* beta,
-                                                 void* const Carray[], cudaDataType c_type, const int ldc[],
-                                                 int group_count, const int group_size[], cublasComputeType_t compute) {
-  if (!(a_type == CUDA_R_16BF && b_type == CUDA_R_16BF && c_type == CUDA_R_32F && compute == CUBLAS_COMPUTE_32F))
-    return CUBLAS_STATUS_NOT_SUPPORTED;
-  return emu::blas::grouped<float, std::uint16_t>(h, ta, tb, m, n, k, static_cast<const float*>(alpha), Aarray, lda,
-                                                  Barray, ldb, static_cast<const float*>(beta), Carray, ldc,
-                                                  group_count, group_size);
-}
-
 #include "cublaslt_emu.hpp"

@@ -22,7 +22,6 @@ struct cublasLtContext {
   int id = 0;
 };
 using cublasLtHandle_t = cublasLtContext*;
-using cudaStream_t = struct EmuCudaStream*;
 
 enum cublasLtMatmulDescAttributes_t {
   CUBLASLT_MATMUL_DESC_TRANSA = 3,

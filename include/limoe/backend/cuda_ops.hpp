@@ -198,6 +198,9 @@ void expert_mlp_backward(const DispatchPlan& p, const moe::ExpertWeights<T, Spac
 // matrix over the experts with rows (the default), or one product per expert (benchmarks compare the two). The
 // results are the same; the setting is process-wide.
 void set_grouped_expert_products(bool grouped);
+// How a linear layer adds its bias: in the product's epilogue through cuBLASLt (the default), or written into the
+// output by a launch with the product accumulated onto it (benchmarks compare the two). Process-wide.
+void set_bias_epilogue(bool epilogue);
 template <class T>
 void combine_forward(const DispatchPlan& p, CV<T> gates, CV<std::int32_t> route, CV<T> ye, V<T> y);
 template <class T>

@@ -248,22 +248,24 @@ void expert_product(bool ta, bool tb, index_t M, index_t N, index_t K, const Exp
                           C, ldc, sc, batch);
 }
 
-// The same as one grouped product (exec::gemm_grouped), one problem per expert with rows.
+// The products of the experts with rows, one problem each: in fp32 one grouped product (exec::gemm_grouped); on
+// bf16 operands one product per expert (cuBLAS has no grouped product with bf16 operands and an fp32 output).
 template <class Prec, class T>
 void expert_grouped(bool ta, bool tb, const ExpertOperand<Prec, T>& A, index_t lda, const ExpertOperand<Prec, T>& B,
                     index_t ldb, bool accumulate, T* C, index_t ldc, std::vector<exec::GemmProblem> problems) {
-  if constexpr (Prec::mixed)
-    exec::gemm_bf16_rounded_grouped(ta, tb, 1.0f, A.lo(), lda, B.lo(), ldb, accumulate ? 1.0f : 0.0f, C, ldc,
-                                    std::move(problems));
-  else
+  if constexpr (Prec::mixed) {
+    for (const exec::GemmProblem& q : problems)
+      expert_product<Prec, T>(ta, tb, q.M, q.N, q.K, A, q.a, lda, 0, B, q.b, ldb, 0, accumulate, C + q.c, ldc, 0, 1);
+  } else {
     exec::gemm_grouped<T>(ta, tb, T(1), A.f(), lda, B.f(), ldb, accumulate ? T(1) : T(0), C, ldc, std::move(problems));
+  }
 }
 
 // The experts' blocks of rows as the products see them. A fixed-capacity plan: every expert's block is C rows,
 // so each product is one strided-batched product over the E blocks (expert e's rows at e C, its weights at e times
-// a weight matrix's size). Otherwise one grouped product over the experts with rows (the grouped product of no-drop
-// routing and of a capacity with slack), their row counts from the plan's host copy of its offsets (moe/plan.hpp:
-// every packed plan on the device has one, so nothing is read back).
+// a weight matrix's size). Otherwise one product per expert with rows (no-drop routing, a capacity with slack):
+// in fp32 all of them one grouped product (expert_grouped), their row counts from the plan's host copy of its
+// offsets (moe/plan.hpp: every packed plan on the device has one, so nothing is read back).
 class ExpertBlocks {
  public:
   explicit ExpertBlocks(const DispatchPlan& p) : fixed_(p.fixed), E_(p.E), off_(p.host_offsets) {
