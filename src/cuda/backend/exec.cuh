@@ -278,8 +278,10 @@ class LtPlan {
     set_bias(bias);
     const float one = 1.0f, zero = 0.0f;
     DTensor<std::uint8_t> ws(Shape{static_cast<std::int64_t>(workspace_)});
+    cudaStream_t stream{};  // the cuBLAS handle's: every product of the backend on one stream
+    lt_check(cublasGetStream(blas_handle(), &stream), "cublasGetStream");
     blas_check(cublasLtMatmul(lt_handle(), desc_, &one, B, a_, A, b_, &zero, C, c_, C, c_, &algo_,
-                              workspace_ ? ws.data() : nullptr, workspace_, cudaStream_t{}),
+                              workspace_ ? ws.data() : nullptr, workspace_, stream),
                "cublasLtMatmul (bias epilogue)");
   }
 
@@ -299,6 +301,7 @@ class LtPlan {
 };
 inline LtPlan& lt_plan(const LtKey& k) {
   thread_local std::unordered_map<LtKey, std::unique_ptr<LtPlan>, LtKeyHash> plans;
+  if (plans.size() >= 256 && plans.find(k) == plans.end()) plans.clear();  // bounded (a model has a few shapes)
   auto& p = plans[k];
   if (!p) p = std::make_unique<LtPlan>(k);
   return *p;
@@ -334,12 +337,13 @@ inline bool gemm_bias_lt(bool ta, bool tb, std::int64_t M, std::int64_t N, std::
 // Products of different sizes in one call (the experts' blocks of a packed dispatch plan, one problem per expert
 // with rows): for each problem p, C[p.c ..][p.M, p.N] = alpha op(A[p.a ..]) op(B[p.b ..]) + beta C[p.c ..], row-major
 // as gemm_batched, offsets in elements from the call's base pointers; every problem shares the transposes, the
-// leading dimensions, alpha and beta. One cuBLAS call (cublas{S,D}gemmGroupedBatched, cublasGemmGroupedBatchedEx
-// for bf16 operands), its problem sizes in host arrays (the plan's host copy of its offsets: nothing is read
-// back) and its operand addresses in a device array written by one launch (kernels::grouped_pointers: the
-// offsets go over in the launch's arguments, so the host does not wait). Where the library refuses the call
-// (CUBLAS_STATUS_NOT_SUPPORTED for a type combination), and whenever grouped_products(false) is set (benchmarks
-// time both), one product per problem instead.
+// leading dimensions, alpha and beta. One cuBLAS call (cublas{S,D}gemmGroupedBatched), its problem sizes in host
+// arrays (the plan's host copy of its offsets: nothing is read back) and its operand addresses in a device array
+// written by one launch (kernels::grouped_pointers: the offsets go over in the launch's arguments, so the host
+// does not wait). Where the library refuses the call (CUBLAS_STATUS_NOT_SUPPORTED), and whenever
+// grouped_products(false) is set (benchmarks time both), one product per problem instead. bf16 operands have no
+// grouped call: cublasGemmGroupedBatchedEx takes bf16 operands only with a bf16 output (its documented types
+// under CUBLAS_COMPUTE_32F: 16BF/16BF/16BF, 16F/16F/16F, 32F/32F/32F), and the experts' outputs are fp32.
 struct GemmProblem {
   std::int64_t M, N, K;
   std::int64_t a, b, c;  // element offsets of the problem's operands
@@ -405,12 +409,11 @@ void gemm_grouped(bool ta, bool tb, T alpha, const T* A, std::int64_t lda, const
     for (const GemmProblem& p : ps)
       gemm_batched<T>(ta, tb, p.M, p.N, p.K, alpha, A + p.a, lda, 0, B + p.b, ldb, 0, beta, C + p.c, ldc, 0, 1);
   };
-  if (ps.size() == 1 || !grouped_products()) return one_by_one();
+  static std::atomic<bool> unsupported{false};
+  if (ps.size() == 1 || !grouped_products() || unsupported) return one_by_one();
   DTensor<std::uintptr_t> addr;
   detail::grouped_addresses(A, B, C, ps, addr);
   const auto G = static_cast<std::int64_t>(ps.size());
-  static std::atomic<bool> unsupported{false};
-  if (unsupported) return one_by_one();
   const detail::GroupedArrays g(ta, tb, lda, ldb, ldc, ps);
   const std::vector<T> al(ps.size(), alpha), be(ps.size(), beta);
   const auto* pa = reinterpret_cast<const T* const*>(addr.data());
@@ -429,38 +432,6 @@ void gemm_grouped(bool ta, bool tb, T alpha, const T* A, std::int64_t lda, const
     return one_by_one();
   }
   detail::blas_check(s, "cublas{S,D}gemmGroupedBatched");
-}
-
-// The same over operands already rounded to bf16, fp32 output and accumulation (gemm_bf16_rounded_batched's).
-inline void gemm_bf16_rounded_grouped(bool ta, bool tb, float alpha, const std::uint16_t* A16, std::int64_t lda,
-                                      const std::uint16_t* B16, std::int64_t ldb, float beta, float* C, std::int64_t ldc,
-                                      std::vector<GemmProblem> ps) {
-  std::erase_if(ps, [](const GemmProblem& p) { return p.M == 0 || p.N == 0; });
-  if (ps.empty()) return;
-  const auto one_by_one = [&] {
-    for (const GemmProblem& p : ps)
-      gemm_bf16_rounded_batched(ta, tb, p.M, p.N, p.K, alpha, A16 + p.a, lda, 0, B16 + p.b, ldb, 0, beta, C + p.c, ldc,
-                                0, 1);
-  };
-  if (ps.size() == 1 || !grouped_products()) return one_by_one();
-  DTensor<std::uintptr_t> addr;
-  detail::grouped_addresses(A16, B16, C, ps, addr);
-  const auto G = static_cast<std::int64_t>(ps.size());
-  static std::atomic<bool> unsupported{false};
-  if (unsupported) return one_by_one();
-  const detail::GroupedArrays g(ta, tb, lda, ldb, ldc, ps);
-  const std::vector<float> al(ps.size(), alpha), be(ps.size(), beta);
-  const auto* pa = reinterpret_cast<const void* const*>(addr.data());
-  const auto* pc = reinterpret_cast<void* const*>(addr.data() + 2 * G);
-  const cublasStatus_t s = cublasGemmGroupedBatchedEx(
-      detail::blas_handle(), g.ta.data(), g.tb.data(), g.m.data(), g.n.data(), g.k.data(), al.data(), pa + G,
-      CUDA_R_16BF, g.lda.data(), pa, CUDA_R_16BF, g.ldb.data(), be.data(), pc, CUDA_R_32F, g.ldc.data(),
-      static_cast<int>(G), g.size.data(), CUBLAS_COMPUTE_32F);
-  if (s == CUBLAS_STATUS_NOT_SUPPORTED) {
-    unsupported = true;
-    return one_by_one();
-  }
-  detail::blas_check(s, "cublasGemmGroupedBatchedEx (bf16)");
 }
 
 // An fp32 [rows, cols] block with leading dimension ld as a bf16 product reads it: the policy's copy when it holds
