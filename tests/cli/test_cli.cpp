@@ -398,6 +398,14 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     CHECK(losses(k) == losses(a));
     CHECK_FALSE(fs::exists(k / "metrics.jsonl.partial"));
   }
+  {  // a log beside the checkpoint that goes past its step (copied from a later point of the run): the resumed
+     // run's log keeps its steps up to the checkpoint's, then its own, each step once
+    const fs::path h = scratch() / "run_h", h2 = scratch() / "run_h2";
+    REQUIRE(run("train" + common + " --steps 8 --stop-at 4 --out " + h.string()).code == 0);
+    fs::copy_file(a / "metrics.jsonl", h / "metrics.jsonl", fs::copy_options::overwrite_existing);
+    REQUIRE(run("train --resume " + (h / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + h2.string()).code == 0);
+    CHECK(losses(h2) == losses(a));
+  }
 
   const Run e = run("eval --checkpoint " + (a / "checkpoint.safetensors").string() + " --max-test 64 --retrieval 32");
   REQUIRE_MESSAGE(e.code == 0, e.err);

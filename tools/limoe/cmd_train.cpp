@@ -249,7 +249,11 @@ int run(const std::vector<std::string>& argv) {
   const std::string metrics = out + "/metrics.jsonl", partial = metrics + ".partial";
   std::ofstream log;
   std::string history, recovered;
+  // The history's lines after this step are dropped as it joins the new log: a log copied from a later point
+  // than its checkpoint holds steps this run does again (every step's line once, in order).
+  std::int64_t history_upto = std::numeric_limits<std::int64_t>::max();
   if (resume) {
+    history_upto = start;
     const std::filesystem::path from = std::filesystem::path(args.str("resume")).parent_path() / "metrics.jsonl";
     if (std::filesystem::exists(from)) history = from.string();
     // A run killed between writing its checkpoint and renaming its log over the old one left that log behind the
@@ -283,7 +287,12 @@ int run(const std::vector<std::string>& argv) {
       for (const std::string& part : {history, partial}) {
         if (part.empty()) continue;
         std::ifstream f(part, std::ios::binary);
-        if (f.peek() != std::ifstream::traits_type::eof()) m << f.rdbuf();
+        if (part == history && history_upto < std::numeric_limits<std::int64_t>::max()) {
+          for (std::string line; std::getline(f, line);)
+            if (line_step(line) <= history_upto) m << line << '\n';
+        } else if (f.peek() != std::ifstream::traits_type::eof()) {
+          m << f.rdbuf();
+        }
       }
       m.flush();
       LIMOE_CHECK(m.good(), "cannot write '", tmp, "'");
@@ -292,6 +301,7 @@ int run(const std::vector<std::string>& argv) {
     std::filesystem::rename(tmp, metrics, ec);
     LIMOE_CHECK(!ec, "cannot replace '", metrics, "': ", ec.message());
     history = metrics;
+    history_upto = std::numeric_limits<std::int64_t>::max();
     log.open(partial, std::ios::trunc);
   };
 
