@@ -327,6 +327,11 @@ TEST_CASE("a checkpoint's header and metadata are the file's: malformed or misma
     expect_failure("inspect " + loop.string(), "cannot open checkpoint");
     fs::create_directories(dir);
     expect_failure("inspect " + dir.string(), "is a directory");
+    // a run's folder (no preset is named like it): the checkpoint in it is named
+    const fs::path run_dir = scratch() / "inspect_run";
+    fs::create_directories(run_dir);
+    fs::copy_file(ck, run_dir / "checkpoint.safetensors", fs::copy_options::overwrite_existing);
+    expect_failure("inspect " + run_dir.string(), "its checkpoint is '" + (run_dir / "checkpoint.safetensors").string() + "'");
   }
 }
 
@@ -438,6 +443,24 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   expect_failure("train --resume " + (a / "checkpoint.safetensors").string() + " --dense --out " + a.string(),
                  "--dense would change it");
   expect_failure("train --preset tiny --config x.json --out " + (scratch() / "c").string(), "not both");
+  // --set of an object that gives a key twice; eval on a single example (every metric trivially perfect)
+  expect_failure("train --preset tiny --data synthetic --steps 1 --set 'router={\"bpr\":true,\"bpr\":false}' --out " +
+                     (scratch() / "c").string(),
+                 "\"bpr\" appears twice");
+  expect_failure("eval --checkpoint " + (a / "checkpoint.safetensors").string() + " --max-test 1", "--max-test");
+  {  // one process: routing groups of pairs need not tile the batch (the last group is shorter); --lr 0 trains
+     // nothing
+    const fs::path g1 = scratch() / "run_g1", g3 = scratch() / "run_g3";
+    const std::string flags = "train --preset tiny --data synthetic --batch 7 --lr 0 --set group_pairs=3 --quiet --threads 1";
+    for (const auto& [steps, dir] : {std::pair{1, g1}, std::pair{3, g3}}) {
+      const Run r = run(flags + " --steps " + std::to_string(steps) + " --out " + dir.string());
+      REQUIRE_MESSAGE(r.code == 0, r.err);
+    }
+    const auto r1 = io::SafetensorsReader::open((g1 / "checkpoint.safetensors").string());
+    const auto r3 = io::SafetensorsReader::open((g3 / "checkpoint.safetensors").string());
+    for (const auto& name : r1.names())
+      if (name.rfind("opt.", 0) != 0) CHECK_MESSAGE(r1.read_f32_flat(name) == r3.read_f32_flat(name), name);
+  }
   {  // a checkpoint's training state and tokenizer are the file's: checked by name before they are used
     const fs::path src = a / "checkpoint.safetensors", p = scratch() / "state.safetensors";
     const auto md = io::SafetensorsReader::open(src.string()).metadata();
@@ -455,6 +478,16 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
       REQUIRE(run("train --preset tiny --data synthetic --batch 16 --steps 2 --stop-at 1 --seed 9223372036854775807 --quiet --out " + s1.string()).code == 0);
       const Run r2 = run("train --resume " + (s1 / "checkpoint.safetensors").string() + " --quiet --out " + s1.string());
       CHECK_MESSAGE(r2.code == 0, r2.err);
+    }
+    {  // the recorded step must be the optimizer's; a train_state without a seed needs --seed
+      auto edited = state;
+      edited["step"] = edited["step"].get<std::int64_t>() + 95;
+      with_metadata(src, p, {{"train_state", edited.dump()}});
+      expect_failure(resume, "differs from its optimizer's step");
+      edited = state;
+      edited.erase("seed");
+      with_metadata(src, p, {{"train_state", edited.dump()}});
+      expect_failure(resume, "records no \"seed\"");
     }
     auto bad = state;
     bad["steps"] = -5;  // a recorded setting passes the flag's range check too

@@ -81,6 +81,49 @@ TEST_CASE("config JSON: a value nested deep or large is named by key and describ
                        doctest::Contains("NUL"), Error);
 }
 
+TEST_CASE("config: routing groups of pairs under the same capacity rule; nested keys and loss weights named") {
+  // A pair is P tokens (its image's patches and its text); top-1 over E experts: a group of g pairs has
+  // g P f / E slots per expert at factor f.
+  ModelConfig c = preset("tiny");
+  const index_t P = c.num_patches() + c.text_len;
+  const int E = c.experts;
+  REQUIRE(c.top_k == 1);
+  c.group_pairs = 1;
+  c.router.capacity_factor_train = static_cast<double>(E) / P;  // exactly one slot
+  CHECK_NOTHROW(c.validate());
+  c.router.capacity_factor_train = 0.5 * E / P;  // half a slot
+  const std::string want =
+      "routing groups of group_pairs = 1 pairs (" + std::to_string(P) + " tokens) give each of the " + std::to_string(E) + " experts";
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains(want.c_str()), Error);
+  c.group_pairs = 2;  // two pairs: one slot
+  CHECK_NOTHROW(c.validate());
+  c.router.capacity_factor_train = 0;  // no drop: any group
+  c.group_pairs = 1;
+  c.router.capacity_factor_eval = 0.5 * E / P;
+  CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("raise router.capacity_factor_eval or group_pairs"), Error);
+  auto j = to_json(preset("tiny"));
+  j["router"]["bpr"] = "yes";
+  CHECK_THROWS_WITH_AS(config_from_json(j), doctest::Contains("key \"router.bpr\" has the wrong type"), Error);
+  j = to_json(preset("tiny"));
+  j["router"]["group_size"] = -1;
+  CHECK_THROWS_WITH_AS(config_from_json(j), doctest::Contains("key \"router.group_size\" = -1 is out of range"), Error);
+  j = to_json(preset("tiny"));
+  j["aux_loss"] = {{"load", -1.0}};
+  CHECK_THROWS_WITH_AS(config_from_json(j), doctest::Contains("aux_loss.load (a loss weight) must be finite and >= 0, got -1"), Error);
+}
+
+TEST_CASE("config JSON: a key given twice in one object is refused, naming it") {
+  const std::string tiny = to_json(preset("tiny")).dump();
+  CHECK_NOTHROW(config_from_json_string(tiny));
+  // At the top level, and inside the router's object.
+  std::string text = tiny;
+  text.insert(1, "\"width\": 64, ");
+  CHECK_THROWS_WITH_AS(config_from_json_string(text), doctest::Contains("\"width\" appears twice"), Error);
+  text = tiny;
+  text.insert(text.find("\"router\":{") + 10, "\"bpr\": false, ");
+  CHECK_THROWS_WITH_AS(config_from_json_string(text), doctest::Contains("\"bpr\" appears twice"), Error);
+}
+
 TEST_CASE("config JSON: unknown keys name the nearest valid key; out-of-range numbers are rejected by name") {
   const auto base = to_json(preset("tiny"));
   auto error_of = [](const nlohmann::json& j) -> std::string {

@@ -49,6 +49,13 @@ int run(const std::vector<std::string>& argv) {
         if (!ec && std::filesystem::is_directory(st)) fail("'", what, "' is a directory, not a checkpoint file");
         fail("no such checkpoint file '", what, "'");
       }
+      if (!ec && std::filesystem::is_directory(st)) {  // a run's folder, say: name the checkpoint in it
+        const std::filesystem::path inside = std::filesystem::path(what) / "checkpoint.safetensors";
+        std::error_code ec2;
+        fail("'", what, "' is a directory, not a checkpoint file or a preset",
+             std::filesystem::is_regular_file(inside, ec2) ? "; its checkpoint is '" + inside.string() + "'"
+                                                           : std::string());
+      }
       throw;
     }
     source = "preset";

@@ -69,6 +69,7 @@ ModelConfig with_overrides(const ModelConfig& cfg, const std::vector<std::string
     }
     nlohmann::json value = nlohmann::json::parse(text, nullptr, false);
     if (value.is_discarded()) value = text;  // a bare word: a string
+    else if (value.is_object()) (void)detail::parse_json_unique_keys(text, "--set " + key);  // no key twice
     (*node)[key.substr(from)] = value;
   }
   return config_from_json(j);
@@ -197,14 +198,20 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(ranks == 1 || cfg.router.group_size == 0, "router.group_size ", cfg.router.group_size, " (routing groups "
               "of consecutive tokens) cannot be kept over ", ranks, " ranks; use group_pairs (groups of pairs) instead");
   if (ranks > 1 && cfg.group_pairs == 0) cfg.group_pairs = static_cast<int>(shard);
-  LIMOE_CHECK(cfg.group_pairs == 0 || shard % cfg.group_pairs == 0, "routing groups of ", cfg.group_pairs,
-              " pairs (group_pairs) must tile each rank's ", shard, " pairs (--batch ", batch, " over ", ranks,
-              " ranks): a group never spans ranks");
+  // On one process the last group of a call may be shorter; over several ranks the groups must tile each rank's
+  // shard, so that the ranks route the same groups as one process would over the whole batch.
+  LIMOE_CHECK(ranks == 1 || cfg.group_pairs == 0 || shard % cfg.group_pairs == 0, "routing groups of ",
+              cfg.group_pairs, " pairs (group_pairs) must tile each rank's ", shard, " pairs (--batch ", batch,
+              " over ", ranks, " ranks): a group never spans ranks");
   cfg.validate();
 
   return cli::with_model(backend, [&]<class Model>() -> int {
   // Rank r holds expert part r % E; ranks r - r % E ... form its expert-parallel group (Trainer).
   Model model(cfg, ConfigRouter{}, ExpertShard{static_cast<int>(rank % ep), static_cast<int>(ep)});
+  // A resumed run's data order and router noise follow its seed: a train_state without one is refused unless
+  // --seed gives it (a checkpoint without train_state, made elsewhere, starts from seed 0 like a new run).
+  LIMOE_CHECK(!resume || args.has("seed") || prior.empty() || prior.contains("seed"), "checkpoint '", args.str("resume"),
+              "': its train_state records no \"seed\"; give the run's --seed");
   const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL), 0));
   if (resume) load_weights(model, *resume); else model.init(seed);
   model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
@@ -221,6 +228,10 @@ int run(const std::vector<std::string>& argv) {
     LIMOE_CHECK(load_optimizer(trainer.optimizer(), *resume), "checkpoint '", args.str("resume"),
                 "' has no optimizer state (opt.m / opt.v); it cannot be resumed, only fine-tuned");
     start = trainer.step_count();
+    // The checkpoint's record of its step must be its optimizer's (a file edited by hand, or parts of two runs).
+    LIMOE_CHECK(!prior.contains("step") || prior_or("step", std::int64_t{0}) == start, "checkpoint '",
+                args.str("resume"), "': train_state \"step\" ", detail::json_excerpt(prior["step"]),
+                " differs from its optimizer's step ", start);
     LIMOE_CHECK(start < tc.steps, "the checkpoint is at step ", start, ", --steps ", tc.steps, " leaves nothing to do");
   }
   LIMOE_CHECK(stop > start, "--stop-at ", stop, " is not after the current step ", start);

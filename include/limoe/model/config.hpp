@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -143,6 +144,11 @@ struct ModelConfig {
                                 "router.capacity_factor_train");
       moe::check_group_capacity(router.group_size, experts, top_k, router.capacity_factor_eval,
                                 "router.capacity_factor_eval");
+      // Groups of pairs: S the tokens of group_pairs image-text pairs (both modalities share the MoE layers).
+      const index_t pair_tokens = static_cast<index_t>(num_patches()) + text_len;
+      for (const auto& [factor, name] : {std::pair{router.capacity_factor_train, "router.capacity_factor_train"},
+                                         std::pair{router.capacity_factor_eval, "router.capacity_factor_eval"}})
+        moe::check_group_capacity(group_pairs * pair_tokens, experts, top_k, factor, name, "group_pairs", group_pairs);
       LIMOE_CHECK(experts <= moe::kMaxExperts, "config: experts = ", experts, " exceeds the supported ",
                   moe::kMaxExperts);
     }
@@ -299,17 +305,18 @@ inline std::string json_excerpt(const nlohmann::json& v) {
   return s.size() > 120 ? s.substr(0, 117) + "..." : s;
 }
 
+// Reads j[key] into out; scope names the object j is in, for messages ("router." for router.bpr).
 template <class V>
-void json_get(const nlohmann::json& j, const char* key, V& out, bool required) {
+void json_get(const nlohmann::json& j, const char* key, V& out, bool required, const char* scope = "") {
   auto it = j.find(key);
   if (it == j.end()) {
-    LIMOE_CHECK(!required, "config: missing required key \"", key, "\"");
+    LIMOE_CHECK(!required, "config: missing required key \"", scope, key, "\"");
     return;
   }
   try {
     out = it->template get<V>();
   } catch (const nlohmann::json::exception&) {
-    fail("config: key \"", key, "\" has the wrong type: ", json_excerpt(*it));
+    fail("config: key \"", scope, key, "\" has the wrong type: ", json_excerpt(*it));
   }
 }
 
@@ -325,13 +332,14 @@ I checked_int(const nlohmann::json& v, const std::string& key, std::int64_t lo, 
   return static_cast<I>(x);
 }
 template <class I>
-void json_get_int(const nlohmann::json& j, const char* key, I& out, bool required, std::int64_t lo, std::int64_t hi) {
+void json_get_int(const nlohmann::json& j, const char* key, I& out, bool required, std::int64_t lo, std::int64_t hi,
+                  const char* scope = "") {
   auto it = j.find(key);
   if (it == j.end()) {
-    LIMOE_CHECK(!required, "config: missing required key \"", key, "\"");
+    LIMOE_CHECK(!required, "config: missing required key \"", scope, key, "\"");
     return;
   }
-  out = checked_int<I>(*it, key, lo, hi);
+  out = checked_int<I>(*it, std::string(scope) + key, lo, hi);
 }
 }  // namespace detail
 
@@ -386,25 +394,37 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
   if (auto r = j.find("router"); r != j.end()) {
     LIMOE_CHECK(r->is_object(), "config: \"router\" must be an object");
     detail::check_known_keys(*r, detail::router_keys(), " in \"router\"");
-    json_get(*r, "noise_std", c.router.noise_std, false);
-    json_get(*r, "capacity_factor_train", c.router.capacity_factor_train, false);
-    json_get(*r, "capacity_factor_eval", c.router.capacity_factor_eval, false);
-    json_get_int(*r, "capacity_multiple_of", c.router.capacity_multiple_of, false, 1, kBig);
-    json_get(*r, "bpr", c.router.bpr, false);
-    json_get_int(*r, "group_size", c.router.group_size, false, 0, std::int64_t{1} << 40);
+    const char* in = "router.";
+    json_get(*r, "noise_std", c.router.noise_std, false, in);
+    json_get(*r, "capacity_factor_train", c.router.capacity_factor_train, false, in);
+    json_get(*r, "capacity_factor_eval", c.router.capacity_factor_eval, false, in);
+    json_get_int(*r, "capacity_multiple_of", c.router.capacity_multiple_of, false, 1, kBig, in);
+    json_get(*r, "bpr", c.router.bpr, false, in);
+    json_get_int(*r, "group_size", c.router.group_size, false, 0, std::int64_t{1} << 40, in);
   }
   if (auto a = j.find("aux_loss"); a != j.end()) {
     LIMOE_CHECK(a->is_object(), "config: \"aux_loss\" must be an object");
     detail::check_known_keys(*a, detail::aux_loss_keys(), " in \"aux_loss\"");
-    json_get(*a, "importance", c.aux.importance_weight, false);
-    json_get(*a, "load", c.aux.load_weight, false);
-    json_get(*a, "local_entropy_img", c.aux.local_entropy_weight[0], false);
-    json_get(*a, "local_entropy_txt", c.aux.local_entropy_weight[1], false);
-    json_get(*a, "global_entropy_img", c.aux.global_entropy_weight[0], false);
-    json_get(*a, "global_entropy_txt", c.aux.global_entropy_weight[1], false);
-    json_get(*a, "tau_img", c.aux.global_entropy_tau[0], false);
-    json_get(*a, "tau_txt", c.aux.global_entropy_tau[1], false);
-    json_get(*a, "z_loss", c.aux.z_loss_weight, false);
+    // Each weight finite and >= 0, each tau finite, checked by name (AuxLossConfig::validate checks them again,
+    // for configs built in code, without the names).
+    const std::pair<const char*, double*> weights[] = {
+        {"importance", &c.aux.importance_weight},
+        {"load", &c.aux.load_weight},
+        {"local_entropy_img", &c.aux.local_entropy_weight[0]},
+        {"local_entropy_txt", &c.aux.local_entropy_weight[1]},
+        {"global_entropy_img", &c.aux.global_entropy_weight[0]},
+        {"global_entropy_txt", &c.aux.global_entropy_weight[1]},
+        {"z_loss", &c.aux.z_loss_weight}};
+    for (const auto& [key, w] : weights) {
+      json_get(*a, key, *w, false, "aux_loss.");
+      LIMOE_CHECK(std::isfinite(*w) && *w >= 0, "config: aux_loss.", key, " (a loss weight) must be finite and >= 0, got ",
+                  *w);
+    }
+    for (const auto& [key, tau] : {std::pair{"tau_img", &c.aux.global_entropy_tau[0]},
+                                   std::pair{"tau_txt", &c.aux.global_entropy_tau[1]}}) {
+      json_get(*a, key, *tau, false, "aux_loss.");
+      LIMOE_CHECK(std::isfinite(*tau), "config: aux_loss.", key, " must be finite, got ", *tau);
+    }
   }
   json_get(j, "logit_scale_init", c.logit_scale_init, false);
   LIMOE_CHECK(std::isfinite(c.logit_scale_init) && std::abs(c.logit_scale_init) <= 20, "config: logit_scale_init "
@@ -414,16 +434,37 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
   return c;
 }
 
-inline ModelConfig config_from_json_string(const std::string& s) {
-  // The JSON reader would stop at a NUL as at the end of its input, ignoring what follows.
-  LIMOE_CHECK(s.find('\0') == std::string::npos, "config: not valid JSON (a NUL character at offset ", s.find('\0'), ")");
+namespace detail {
+// Parses JSON text as the config reader does, refusing a key given twice in one object (the JSON reader would
+// keep the last of the two values: {"width": 32, ..., "width": 64}); `what` names the text in errors. A NUL is
+// refused too (the reader would stop there as at the end of its input, ignoring what follows).
+inline nlohmann::json parse_json_unique_keys(const std::string& s, const std::string& what) {
+  LIMOE_CHECK(s.find('\0') == std::string::npos, what, ": not valid JSON (a NUL character at offset ", s.find('\0'), ")");
+  std::vector<std::set<std::string>> keys;  // the keys seen in each object being read
+  std::string twice;
+  bool found = false;
+  const auto watch = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using E = nlohmann::json::parse_event_t;
+    if (event == E::object_start) keys.emplace_back();
+    else if (event == E::object_end) keys.pop_back();
+    else if (event == E::key && !found && !keys.back().insert(parsed.get<std::string>()).second)
+      found = true, twice = parsed.get<std::string>();
+    return true;
+  };
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(s);
+    j = nlohmann::json::parse(s, watch);
   } catch (const nlohmann::json::exception& e) {
-    fail("config: not valid JSON (", e.what(), ")");
+    fail(what, ": not valid JSON (", e.what(), ")");
   }
-  return config_from_json(j);
+  LIMOE_CHECK(!found, what, ": the key ", json_excerpt(nlohmann::json(twice)),
+              " appears twice in one object (which of its values is meant?)");
+  return j;
+}
+}  // namespace detail
+
+inline ModelConfig config_from_json_string(const std::string& s) {
+  return config_from_json(detail::parse_json_unique_keys(s, "config"));
 }
 
 }  // namespace limoe

@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/tensor.hpp"
@@ -135,13 +136,16 @@ inline index_t compute_capacity(index_t S, int E, int K, double factor, int mult
 // (docs/semantics.md §3.5: E = 8, K = 1, S = 4, factor 0.1 gives 0.05). The error names the factor and the group
 // size as the caller's user knows them (config keys, or a command's flags).
 inline void check_group_capacity(index_t S, int E, int K, double factor, const char* factor_name,
-                                 const char* group_name = "router.group_size") {
+                                 const char* group_name = "router.group_size", index_t pairs = 0) {
   if (S <= 0 || !(factor > 0) || E < 1 || K < 1) return;  // one group per call, no drop, or checked elsewhere
   const double raw = static_cast<double>(K) * static_cast<double>(S) * factor / static_cast<double>(E);
-  LIMOE_CHECK(raw >= 1, "routing groups of ", group_name, " = ", S, " tokens give each of the ", E,
-              " experts K*S*capacity factor/E = ", K, "*", S, "*", factor, "/", E, " = ", raw,
-              " slots, below one token (C < 1): raise ", factor_name, " or ", group_name,
-              ", or set the factor to 0 (no drop)");
+  // Groups set as a count of image-text pairs (pairs > 0) are named by it, with their S tokens.
+  const std::string group = pairs > 0 ? std::string(group_name) + " = " + std::to_string(pairs) + " pairs (" +
+                                            std::to_string(S) + " tokens)"
+                                      : std::string(group_name) + " = " + std::to_string(S) + " tokens";
+  LIMOE_CHECK(raw >= 1, "routing groups of ", group, " give each of the ", E, " experts K*S*capacity factor/E = ", K,
+              "*", S, "*", factor, "/", E, " = ", raw, " slots, below one token (C < 1): raise ", factor_name, " or ",
+              group_name, ", or set the factor to 0 (no drop)");
 }
 
 }  // namespace limoe::moe

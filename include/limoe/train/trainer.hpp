@@ -176,7 +176,9 @@ class Trainer {
   // that communicator here), ranks with the same part its data-parallel group (they sum their expert gradients).
   Trainer(Model& model, TrainConfig cfg, Comm comm = Comm{}) : model_(model), cfg_(cfg), comm_(std::move(comm)) {
     LIMOE_CHECK(cfg_.steps >= 1, "TrainConfig: steps must be >= 1, got ", cfg_.steps);
-    LIMOE_CHECK(cfg_.adam.lr > 0, "TrainConfig: the learning rate must be positive, got ", cfg_.adam.lr);
+    // 0 is allowed (a run that only measures: no parameter moves, weight decay included).
+    LIMOE_CHECK(std::isfinite(cfg_.adam.lr) && cfg_.adam.lr >= 0,
+                "TrainConfig: the learning rate (limoe train --lr) must be finite and >= 0, got ", cfg_.adam.lr);
     opt_ = AdamW<T, Space>(cfg_.adam, model_.params());
     sched_ = LrSchedule{cfg_.warmup_steps, cfg_.steps, cfg_.decay, cfg_.final_lr_fraction};
     if constexpr (requires { model.expert_shard(); }) {
