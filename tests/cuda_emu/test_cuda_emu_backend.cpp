@@ -872,8 +872,8 @@ TEST_CASE("cuda backend (emulated): the experts over a fixed-capacity plan again
 // one launch per 64 experts, then one library call), against Ref's experts over its plan of the same route, under
 // the same policy, and against the same products run one per expert (exec::grouped_products(false)): the same
 // values, and 6 (G - 1 - ceil(G / 64)) launches fewer for G experts with rows; under bf16, one product per expert
-// either way. E = 80 (70 with rows), so the addresses
-// take two launches; every eighth expert is never chosen (an empty group is not a problem of the call).
+// either way. E = 80 (70 with rows), so the addresses take two launches; every eighth expert is never chosen (an
+// empty group is not a problem of the call).
 template <class Prec>
 void check_grouped_experts(double tol) {
   using DS = testing_cuda::DS;
