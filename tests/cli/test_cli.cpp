@@ -338,11 +338,19 @@ TEST_CASE("a checkpoint's header and metadata are the file's: malformed or misma
 TEST_CASE("train: a resumed run continues the same loss curve; eval and routing report") {
   const fs::path a = scratch() / "run_a", b = scratch() / "run_b";
   const std::string common = " --preset tiny --data synthetic --batch 16 --lr 3e-3 --warmup 2 --threads 2 --quiet";
-  REQUIRE(run("train" + common + " --steps 8 --out " + a.string()).code == 0);
+  const Run whole = run("train" + common + " --steps 8 --out " + a.string());
+  REQUIRE(whole.code == 0);
   REQUIRE(run("train" + common + " --steps 8 --stop-at 4 --out " + b.string()).code == 0);
   // The second leg: steps, batch, lr, seed and data come back from the checkpoint.
   const Run r = run("train --resume " + (b / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + b.string());
   REQUIRE_MESSAGE(r.code == 0, r.err);
+  // The report's smoothed loss goes on across the resume (the checkpoint records it); its train_seconds is the
+  // checkpoint's.
+  const auto report_a = nlohmann::json::parse(whole.out), report_b = nlohmann::json::parse(r.out);
+  CHECK(report_b["final_loss"].get<double>() == report_a["final_loss"].get<double>());
+  CHECK(report_b["train_seconds"].get<double>() ==
+        nlohmann::json::parse(io::SafetensorsReader::open((b / "checkpoint.safetensors").string()).metadata().at(
+            "train_state"))["train_seconds"].get<double>());
   const auto ra = io::SafetensorsReader::open((a / "checkpoint.safetensors").string());
   const auto rb = io::SafetensorsReader::open((b / "checkpoint.safetensors").string());
   for (const auto& name : ra.names()) CHECK_MESSAGE(ra.read_f32_flat(name) == rb.read_f32_flat(name), name);

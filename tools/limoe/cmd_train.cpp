@@ -324,13 +324,20 @@ int run(const std::vector<std::string>& argv) {
   // replica); rank 0 writes the whole model, atomically. With experts sharded, the parts are gathered first
   // (collective: every rank calls save).
   std::vector<float> whole_values, whole_m, whole_v;
+  // The progress line's smoothed loss (stdout's final_loss) goes on across a resume: the checkpoint records it
+  // (loss_ema), so a run split into legs reports what the uninterrupted run does. A checkpoint without it (made
+  // before 2026-12-06, or elsewhere) starts the average afresh at the first step.
+  const bool ema_recorded = prior.contains("loss_ema");
+  double ema_loss = prior_or("loss_ema", 0.0);
+  double saved_seconds = prior_seconds;  // the training time the last checkpoint records (stdout reports it)
   auto save = [&](std::int64_t step) {
     if (ep > 1) trainer.gather_whole_state(whole_values, whole_m, whole_v);
     if (!lead) return;
     const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    saved_seconds = secs;
     nlohmann::json st = {{"step", step}, {"steps", tc.steps}, {"seed", seed}, {"batch", batch}, {"lr", tc.adam.lr},
                          {"warmup", tc.warmup_steps}, {"weight_decay", tc.adam.weight_decay}, {"clip", tc.adam.clip_norm},
-                         {"data", data::resolve_kind(src)}, {"train_seconds", secs},
+                         {"data", data::resolve_kind(src)}, {"train_seconds", secs}, {"loss_ema", ema_loss},
                          {"precision", Model::precision_type::name}};
     // The data's paths, absolute, so that eval, routing and a resumed run find them from any folder.
     if (!src.path.empty()) st["data_path"] = std::filesystem::absolute(src.path).string();
@@ -358,12 +365,11 @@ int run(const std::vector<std::string>& argv) {
             << (ranks > 1 ? ", " + std::to_string(ranks) + " ranks (data parallel " + std::to_string(dp) +
                                 " x expert parallel " + std::to_string(ep) + "), routing groups of " +
                                 std::to_string(cfg.group_pairs) + " pairs" : std::string()) << "\n";
-  double ema_loss = 0;
   for (std::int64_t s = start; s < stop; ++s) {
     const auto b = loader.next();
     LIMOE_CHECK(b.has_value(), "the data loader ran dry at step ", s);
     const StepReport r = trainer.step(b->images.cview(), b->texts.cview());
-    ema_loss = s == start ? r.loss.total : 0.9 * ema_loss + 0.1 * r.loss.total;
+    ema_loss = s == start && !ema_recorded ? r.loss.total : 0.9 * ema_loss + 0.1 * r.loss.total;
     nlohmann::json j = to_json(r);
     j["elapsed"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (lead) log << j.dump() << "\n" << std::flush;
@@ -385,9 +391,8 @@ int run(const std::vector<std::string>& argv) {
   log.close();
   std::error_code ec;
   std::filesystem::remove(partial, ec);
-  const double secs = prior_seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << nlohmann::json{{"checkpoint", ckpt}, {"metrics", out + "/metrics.jsonl"}, {"steps", stop},
-                              {"train_seconds", secs}, {"final_loss", ema_loss}}.dump() << "\n";
+                              {"train_seconds", saved_seconds}, {"final_loss", ema_loss}}.dump() << "\n";
   return 0;
   });
 }
