@@ -69,7 +69,7 @@ ModelConfig with_overrides(const ModelConfig& cfg, const std::vector<std::string
     }
     nlohmann::json value = nlohmann::json::parse(text, nullptr, false);
     if (value.is_discarded()) value = text;  // a bare word: a string
-    else if (value.is_object()) (void)detail::parse_json_unique_keys(text, "--set " + key);  // no key twice
+    else if (value.is_object()) value = detail::parse_json_unique_keys(text, "--set " + key);  // no key twice
     (*node)[key.substr(from)] = value;
   }
   return config_from_json(j);
@@ -260,11 +260,10 @@ int run(const std::vector<std::string>& argv) {
   const std::string metrics = out + "/metrics.jsonl", partial = metrics + ".partial";
   std::ofstream log;
   std::string history, recovered;
-  // The history's lines after this step are dropped as it joins the new log: a log copied from a later point
-  // than its checkpoint holds steps this run does again (every step's line once, in order).
-  std::int64_t history_upto = std::numeric_limits<std::int64_t>::max();
+  // The resumed log's lines after the checkpoint's step are dropped as it joins the new log (at the first commit,
+  // while history is still that log): a log copied from a later point holds steps this run does again.
+  bool trim_history = resume != nullptr;
   if (resume) {
-    history_upto = start;
     const std::filesystem::path from = std::filesystem::path(args.str("resume")).parent_path() / "metrics.jsonl";
     if (std::filesystem::exists(from)) history = from.string();
     // A run killed between writing its checkpoint and renaming its log over the old one left that log behind the
@@ -298,9 +297,9 @@ int run(const std::vector<std::string>& argv) {
       for (const std::string& part : {history, partial}) {
         if (part.empty()) continue;
         std::ifstream f(part, std::ios::binary);
-        if (part == history && history_upto < std::numeric_limits<std::int64_t>::max()) {
+        if (part == history && trim_history) {
           for (std::string line; std::getline(f, line);)
-            if (line_step(line) <= history_upto) m << line << '\n';
+            if (line_step(line) <= start) m << line << '\n';
         } else if (f.peek() != std::ifstream::traits_type::eof()) {
           m << f.rdbuf();
         }
@@ -312,7 +311,7 @@ int run(const std::vector<std::string>& argv) {
     std::filesystem::rename(tmp, metrics, ec);
     LIMOE_CHECK(!ec, "cannot replace '", metrics, "': ", ec.message());
     history = metrics;
-    history_upto = std::numeric_limits<std::int64_t>::max();
+    trim_history = false;
     log.open(partial, std::ios::trunc);
   };
 

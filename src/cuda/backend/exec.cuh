@@ -12,11 +12,11 @@
 
 #include <atomic>
 #include <cstddef>
-#include <memory>
-#include <unordered_map>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "limoe/backend/cuda_ops.hpp"
@@ -306,17 +306,12 @@ inline LtPlan& lt_plan(const LtKey& k) {
   if (!p) p = std::make_unique<LtPlan>(k);
   return *p;
 }
+inline std::atomic<bool> bias_epilogue_on{true};
 }  // namespace detail
 
 // Whether products with a bias take cuBLASLt's epilogue (the default) or seed the bias (benchmarks compare).
-namespace detail {
-inline std::atomic<bool>& bias_epilogue_enabled() {
-  static std::atomic<bool> on{true};
-  return on;
-}
-}  // namespace detail
-inline void bias_epilogue(bool on) { detail::bias_epilogue_enabled() = on; }
-inline bool bias_epilogue() { return detail::bias_epilogue_enabled(); }
+inline void bias_epilogue(bool on) { detail::bias_epilogue_on = on; }
+inline bool bias_epilogue() { return detail::bias_epilogue_on; }
 
 // C = op(A) op(B) + bias through the epilogue; false (nothing launched) where the library has no algorithm for it
 // or the epilogue is switched off. type: CUDA_R_32F (A, B float) or CUDA_R_16BF (bf16 bits).
@@ -324,7 +319,7 @@ inline bool gemm_bias_lt(bool ta, bool tb, std::int64_t M, std::int64_t N, std::
                          std::int64_t lda, const void* B, std::int64_t ldb, cudaDataType type, const float* bias,
                          float* C, std::int64_t ldc) {
   if (!bias_epilogue() || M == 0 || N == 0 || K == 0) return false;
-  const detail::LtKey key{ta,  tb, M, N, K, lda > 1 ? lda : 1, ldb > 1 ? ldb : 1, ldc, static_cast<int>(type),
+  const detail::LtKey key{ta,  tb, M, N, K, lda, ldb, ldc, static_cast<int>(type),  // M, N, K > 0: every ld >= 1
                           detail::alignment(A), detail::alignment(B), detail::alignment(C), detail::alignment(bias)};
   detail::LtPlan& plan = detail::lt_plan(key);
   if (!plan.ok()) return false;
@@ -350,10 +345,7 @@ struct GemmProblem {
 };
 
 namespace detail {
-inline std::atomic<bool>& grouped_enabled() {
-  static std::atomic<bool> on{true};
-  return on;
-}
+inline std::atomic<bool> grouped_on{true};
 // The device array [3, G] of the problems' operand addresses (A's, B's, C's), written by kernels::grouped_pointers.
 template <class TA, class TC>
 void grouped_addresses(const TA* A, const TA* B, TC* C, const std::vector<GemmProblem>& ps, DTensor<std::uintptr_t>& out) {
@@ -397,8 +389,8 @@ struct GroupedArrays {
 }  // namespace detail
 
 // Whether grouped products run as one call (the default) or one product per problem.
-inline void grouped_products(bool on) { detail::grouped_enabled() = on; }
-inline bool grouped_products() { return detail::grouped_enabled(); }
+inline void grouped_products(bool on) { detail::grouped_on = on; }
+inline bool grouped_products() { return detail::grouped_on; }
 
 template <class T>
 void gemm_grouped(bool ta, bool tb, T alpha, const T* A, std::int64_t lda, const T* B, std::int64_t ldb, T beta, T* C,
