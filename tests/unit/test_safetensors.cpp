@@ -358,16 +358,17 @@ TEST_CASE("a file written by the reference Python package loads") {
 }
 
 TEST_CASE("hand-built file: odd header length, trailing spaces, unaligned data, nested unknown fields") {
-  // 3 F32 values at an odd data start, in little-endian byte order.
+  // 3 F32 values in little-endian byte order, after a header of odd length (so at an odd address).
   const float vals[3] = {1.0f, -2.0f, 0.5f};
-  Bytes data(1, 0xAB);  // one byte of padding before the tensor
+  Bytes data;
   for (float v : vals) {
     const std::uint32_t u = bits(v);
     for (int i = 0; i < 4; ++i) data.push_back(static_cast<std::uint8_t>(u >> (8 * i)));
   }
   const std::string header =
-      R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[1,13],"extra":{"a":[1,{"b":null}]}},"__metadata__":{}})"
+      R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,12],"extra":{"a":[1,{"b":null}]}},"__metadata__":{}})"
       "     ";
+  REQUIRE(header.size() % 2 == 1);
   const auto r = SafetensorsReader::from_bytes(make_file(header, data));
   const auto t = r.read_f32("w");
   CHECK(t[0] == 1.0f);
@@ -429,6 +430,27 @@ TEST_CASE("malformed files are rejected with a message naming the problem") {
     Bytes huge = make_file("{}");
     for (int i = 0; i < 8; ++i) huge[static_cast<std::size_t>(i)] = 0xFF;  // 2^64 - 1: no allocation attempted
     check_rejected(huge, "past the end of the file");
+  }
+  SUBCASE("bytes that no tensor owns, as the reference implementation refuses them") {
+    const Bytes f32x3(12, 0);
+    auto two = [](int b0, int e0, int b1, int e1) {
+      return "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[" + std::to_string(b0) + "," +
+             std::to_string(e0) + "]},\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[" +
+             std::to_string(b1) + "," + std::to_string(e1) + "]}}";
+    };
+    CHECK(error_of(make_file(two(0, 4, 4, 8), Bytes(8, 0))).empty());
+    CHECK(error_of(make_file(two(4, 8, 0, 4), Bytes(8, 0))).empty());  // the order of the entries does not matter
+    check_rejected(make_file(two(0, 4, 8, 12), f32x3), "bytes [4, 8) of the data section belong to no tensor");
+    check_rejected(make_file(two(4, 8, 8, 12), f32x3), "bytes [0, 4) of the data section belong to no tensor");
+    check_rejected(make_file(two(0, 4, 4, 8), f32x3), "trailing data after the last tensor");
+    check_rejected(make_file("{}", Bytes(1, 0)), "the data section holds 1 bytes but the tensors cover only 0");
+    // An empty tensor owns no bytes and may sit anywhere inside the data section.
+    CHECK(error_of(make_file(R"({"e":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}})")).empty());
+  }
+  SUBCASE("a header that does not start with '{'") {
+    check_rejected(make_file(" {}"), "not a JSON object from its first byte (it starts with ' '");
+    check_rejected(make_file("\xEF\xBB\xBF{}"), "a UTF-8 byte-order mark");
+    check_rejected(make_file("\n{}"), "it starts with '\\x0a'");
   }
   SUBCASE("JSON that does not parse or is not an object") {
     check_rejected(make_file(""), "not valid JSON");

@@ -11,8 +11,9 @@
 //   r.read_into("norm.weight", params.view());                          // checks the shape, then converts in place
 //   r.metadata().at("config");
 // The header is validated completely when the file is opened: every problem (a short file, a header length past the
-// end, JSON that does not parse or is not an object, an entry that is not an object or lacks dtype / shape /
-// data_offsets, negative or non-integer dims, offsets out of range, begin > end, overlapping tensors, a byte count
+// end, JSON that does not parse or is not an object from its first byte, an entry that is not an object or lacks
+// dtype / shape / data_offsets, negative or non-integer dims, offsets out of range, begin > end, overlapping tensors,
+// data bytes no tensor covers (gaps, trailing bytes: the reference implementation's rule), a byte count
 // that does not match dtype x shape, an unknown dtype, a `__metadata__` that is not a string -> string object,
 // duplicate names) throws limoe::Error whose message starts with "safetensors '<file>': ". Nothing is allocated in
 // proportion to what the header claims: every size is checked against the bytes actually present (the header is
@@ -663,6 +664,15 @@ class SafetensorsReader {
       fail(context(), "the header length ", n, " exceeds the limit of ", kMaxHeaderBytes, " bytes");
     const std::uint8_t* hb = data + 8;
     const std::uint8_t* he = hb + n;
+    // The header is a JSON object from its first byte, as the reference implementation requires: no byte-order mark,
+    // no leading space (only trailing spaces pad it).
+    if (n == 0) fail(context(), "the header is empty (length 0): not valid JSON");
+    if (hb[0] != '{') {
+      const bool bom = n >= 3 && hb[0] == 0xEF && hb[1] == 0xBB && hb[2] == 0xBF;
+      fail(context(), "the header is not a JSON object from its first byte (it starts with '",
+           detail::escape_bytes(std::string(1, static_cast<char>(hb[0])), 1, false), "'",
+           bom ? ", a UTF-8 byte-order mark" : "", "; only trailing spaces may pad it)");
+    }
 
     // The JSON reader stops at a NUL byte as at the end of its input, which would leave whatever follows
     // unread: a NUL is not JSON (the format pads its header with spaces), so it is refused here.
@@ -741,6 +751,19 @@ class SafetensorsReader {
         fail(context(), "tensors ", detail::printable(*a.name), " [", a.begin, ", ", a.end, ") and ",
              detail::printable(*c.name), " [", c.begin, ", ", c.end, ") overlap");
     }
+    // The tensors cover the data section exactly, as the reference implementation requires (no bytes that no
+    // tensor owns, so a file cannot carry hidden content): a hole between two tensors, before the first or after
+    // the last is refused.
+    std::size_t covered = 0;
+    for (const Range& r : ranges) {
+      if (r.begin != covered)
+        fail(context(), "bytes [", covered, ", ", r.begin, ") of the data section belong to no tensor (a hole before ",
+             detail::printable(*r.name), "): the tensors must cover the data section without gaps");
+      covered = r.end;
+    }
+    if (covered != data_size)
+      fail(context(), "the data section holds ", data_size, " bytes but the tensors cover only ", covered,
+           ": bytes [", covered, ", ", data_size, ") belong to no tensor (trailing data after the last tensor)");
   }
 
   std::string label_;
