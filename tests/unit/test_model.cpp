@@ -110,6 +110,15 @@ TEST_CASE("config: routing groups of pairs under the same capacity rule; nested 
   j = to_json(preset("tiny"));
   j["aux_loss"] = {{"load", -1.0}};
   CHECK_THROWS_WITH_AS(config_from_json(j), doctest::Contains("aux_loss.load (a loss weight) must be finite and >= 0, got -1"), Error);
+  j = to_json(preset("tiny"));
+  j["aux_loss"] = {{"tau_txt", -0.69}};
+  CHECK_THROWS_WITH_AS(config_from_json(j), doctest::Contains("aux_loss.tau_txt (the global entropy's target, in nats) "
+                                                              "must be finite and >= 0, got -0.69"), Error);
+  j["aux_loss"] = {{"tau_txt", 0.0}};  // 0: the term is 0 for any routing, allowed (as a weight of 0 is)
+  CHECK_NOTHROW(config_from_json(j));
+  ModelConfig in_code = preset("tiny");
+  in_code.aux.global_entropy_tau[0] = -1;
+  CHECK_THROWS_WITH_AS(in_code.validate(), doctest::Contains("global_entropy_tau[0] must be finite and >= 0"), Error);
 }
 
 TEST_CASE("config JSON: a key given twice in one object is refused, naming it") {

@@ -405,7 +405,7 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
   if (auto a = j.find("aux_loss"); a != j.end()) {
     LIMOE_CHECK(a->is_object(), "config: \"aux_loss\" must be an object");
     detail::check_known_keys(*a, detail::aux_loss_keys(), " in \"aux_loss\"");
-    // Each weight finite and >= 0, each tau finite, checked by name (AuxLossConfig::validate checks them again,
+    // Each weight and tau finite and >= 0, checked by name (AuxLossConfig::validate checks them again,
     // for configs built in code, without the names).
     const std::pair<const char*, double*> weights[] = {
         {"importance", &c.aux.importance_weight},
@@ -423,7 +423,9 @@ inline ModelConfig config_from_json(const nlohmann::json& j) {
     for (const auto& [key, tau] : {std::pair{"tau_img", &c.aux.global_entropy_tau[0]},
                                    std::pair{"tau_txt", &c.aux.global_entropy_tau[1]}}) {
       json_get(*a, key, *tau, false, "aux_loss.");
-      LIMOE_CHECK(std::isfinite(*tau), "config: aux_loss.", key, " must be finite, got ", *tau);
+      LIMOE_CHECK(std::isfinite(*tau) && *tau >= 0, "config: aux_loss.", key, " (the global entropy's target, in "
+                  "nats) must be finite and >= 0, got ", *tau, ": an entropy is >= 0, so a negative target makes the "
+                  "term 0 whatever the routing (set its weight to 0 to turn it off)");
     }
   }
   json_get(j, "logit_scale_init", c.logit_scale_init, false);

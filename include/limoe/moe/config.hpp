@@ -77,8 +77,12 @@ struct AuxLossConfig {
     LIMOE_CHECK(ok(importance_weight) && ok(load_weight) && ok(z_loss_weight) && ok(local_entropy_weight[0]) &&
                     ok(local_entropy_weight[1]) && ok(global_entropy_weight[0]) && ok(global_entropy_weight[1]),
                 "AuxLossConfig: every loss weight must be finite and >= 0");
-    LIMOE_CHECK(std::isfinite(global_entropy_tau[0]) && std::isfinite(global_entropy_tau[1]),
-                "AuxLossConfig: global_entropy_tau must be finite");
+    // An entropy is >= 0, so a negative tau would make max(0, tau - H) zero whatever the routing: refused (a weight
+    // of 0 turns the term off).
+    for (int m = 0; m < kModalities; ++m)
+      LIMOE_CHECK(std::isfinite(global_entropy_tau[m]) && global_entropy_tau[m] >= 0,
+                  "AuxLossConfig: global_entropy_tau[", m, "] must be finite and >= 0 (an entropy in nats; a negative "
+                  "tau makes the term 0 whatever the routing), got ", global_entropy_tau[m]);
   }
 };
 
