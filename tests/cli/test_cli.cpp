@@ -374,6 +374,23 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     expect_failure("train --resume " + (e / "checkpoint.safetensors").string() + " --stop-at 3 --out " + e.string(),
                    "--stop-at 3 is not after the current step 4");
     CHECK(slurp(e / "metrics.jsonl.partial") == slurp(e / "metrics.jsonl"));
+    // a checkpoint without its tokenizer (as another program may write one) cannot go on training on captions
+    const fs::path no_tok = scratch() / "no_tokenizer.safetensors";
+    {
+      const auto r = io::SafetensorsReader::open((e / "checkpoint.safetensors").string());
+      REQUIRE(r.metadata().count("tokenizer") == 1);
+      io::SafetensorsWriter w;
+      for (const auto& name : r.names()) {
+        const auto v = r.read_f32_flat(name);
+        w.add(name, r.info(name).shape, std::span<const float>(v));
+      }
+      for (const auto& [k, v] : r.metadata())
+        if (k != "tokenizer") w.set_metadata(k, v);
+      w.write(no_tok.string());
+    }
+    expect_failure("train --resume " + no_tok.string() + " --out " + (scratch() / "run_no_tok").string(),
+                   "has no \"tokenizer\" in its metadata, so training cannot go on from it");
+    CHECK_FALSE(fs::exists(scratch() / "run_no_tok" / "checkpoint.safetensors"));
   }
   {  // a run killed after writing its checkpoint (step 4) but before renaming its log: the log holds steps 1-2, the
      // .partial beside it steps 3-4, a step 5 the run went on to and a line cut short. Resumed in the same folder

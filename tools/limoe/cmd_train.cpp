@@ -162,7 +162,7 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(data::valid_utf8(src.path) && data::valid_utf8(src.test_path),
               "--data-path and --test-path must be UTF-8 file names (they are recorded in the checkpoint)");
   const data::AnyDataset train_ds = data::open_dataset(src, data::Split::train);
-  data::WordTokenizer tok = resume ? cli::tokenizer_from(*resume, cfg) : data::WordTokenizer::build(train_ds.corpus(), cfg.text_len);
+  data::WordTokenizer tok = resume ? cli::tokenizer_from(*resume, cfg, /*resuming=*/true) : data::WordTokenizer::build(train_ds.corpus(), cfg.text_len);
   // A preset's vocab_size follows the tokenizer built from the data, unless --set gave one.
   const std::vector<std::string> sets = args.all("set");
   const bool vocab_set = std::any_of(sets.begin(), sets.end(), [](const std::string& s) { return s.rfind("vocab_size=", 0) == 0; });

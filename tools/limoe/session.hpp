@@ -80,9 +80,15 @@ inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, co
 }
 
 // The checkpoint's tokenizer, which must fit its model: the config's text_len, and ids below its vocab_size.
-inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r, const ModelConfig& cfg) {
+// `resuming`: train --resume asks (a checkpoint without one cannot go on training on captions).
+inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r, const ModelConfig& cfg,
+                                          bool resuming = false) {
   const auto& md = r.metadata();
   auto it = md.find("tokenizer");
+  if (resuming)
+    LIMOE_CHECK(it != md.end(), "checkpoint '", r.label(), "' has no \"tokenizer\" in its metadata, so training "
+                "cannot go on from it: the captions must be tokenized as they were when it was trained (a checkpoint "
+                "written by limoe train records its tokenizer; start a new run instead of --resume)");
   LIMOE_CHECK(it != md.end(), "checkpoint '", r.label(),
               "' has no \"tokenizer\" in its metadata; texts must be given as token ids (limoe embed)");
   data::WordTokenizer tok = data::WordTokenizer::from_json(it->second);
