@@ -163,6 +163,44 @@ TEST_CASE("cuda emulation: indices, blocks in order, shared memory per block, th
     for (int t = 0; t < 8; ++t) CHECK(seen[static_cast<std::size_t>(b * 8 + t)] == 4000 + t);
   }
   CHECK_THROWS_AS(emu::launch(dim3(1), dim3(2048), [] {}), std::invalid_argument);
+  // A tree reduction: log2(64) barriers in a loop, every thread at each (each thread's partial sum lives on its
+  // own stack across the barriers).
+  std::vector<int> totals(3, -1);
+  emu::launch(dim3(3), dim3(64), [&] {
+    __shared__ int part[64];
+    const int mine = static_cast<int>(blockIdx.x * 1000 + threadIdx.x);
+    part[threadIdx.x] = mine;
+    __syncthreads();
+    for (unsigned half = 32; half > 0; half /= 2) {
+      if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) totals[blockIdx.x] = part[0];
+    CHECK(mine == static_cast<int>(blockIdx.x * 1000 + threadIdx.x));
+  });
+  for (int b = 0; b < 3; ++b) CHECK(totals[static_cast<std::size_t>(b)] == 64 * 1000 * b + 63 * 64 / 2);
+#if defined(LIMOE_EMU_FIBERS)
+  // Fibers: a barrier that some threads of a block skip is an error naming one of them, not a hang; an exception
+  // from a kernel reaches the launch.
+  CHECK_THROWS_WITH_AS(emu::launch(dim3(2), dim3(8), [] {
+                         if (blockIdx.x == 1 && threadIdx.x == 3) return;
+                         __syncthreads();
+                       }),
+                       doctest::Contains("thread 3 of block (1, 0, 0) returned while 7 others wait at __syncthreads"),
+                       std::logic_error);
+  CHECK_THROWS_WITH_AS(emu::launch(dim3(1), dim3(4), [] {
+                         __syncthreads();
+                         if (threadIdx.x == 2) throw std::runtime_error("kernel failed");
+                       }),
+                       "kernel failed", std::runtime_error);
+  // The emulator is usable after both.
+  std::vector<int> after(4, 0);
+  emu::launch(dim3(1), dim3(4), [&] {
+    __syncthreads();
+    after[threadIdx.x] = 1;
+  });
+  CHECK(after == std::vector<int>(4, 1));
+#endif
 }
 
 TEST_CASE("cuda kernels on the CPU: MoE dispatch and combine over a plan, forward and backward, against Ref") {

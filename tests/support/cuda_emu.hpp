@@ -3,13 +3,19 @@
 //
 // The same `__global__` function templates that nvcc compiles into limoe_cuda (src/cuda/kernels/*.cuh) are
 // compiled by g++ with this header included first:
-//   - every CUDA thread of a block is a host thread (of a team created once and reused); `threadIdx`,
-//     `blockIdx`, `blockDim`, `gridDim` are thread-local; the team runs the blocks one after another, all of a
-//     block's threads at once, with a barrier between blocks, so `__shared__` (a function-local `static`) is
-//     one array per block in flight, as on the device;
-//   - `__syncthreads()` is a std::barrier over the block's threads: a kernel that reads shared memory another
-//     thread wrote without a barrier between them is a data race that ThreadSanitizer reports (the tests run
-//     under TSan too, see tests/cuda_emu/tests.cmake).
+//   - under ThreadSanitizer every CUDA thread of a block is a host thread (of a team created once and reused);
+//     `threadIdx`, `blockIdx`, `blockDim`, `gridDim` are thread-local; the team runs the blocks one after
+//     another, all of a block's threads at once, with a barrier between blocks, so `__shared__` (a
+//     function-local `static`) is one array per block in flight, as on the device; `__syncthreads()` is a
+//     std::barrier over the block's threads: a kernel that reads shared memory another thread wrote without a
+//     barrier between them is a data race that ThreadSanitizer reports (tests/cuda_emu/tests.cmake);
+//   - in the other builds on x86-64 a block's CUDA threads are fibers on the launching host thread (as HIP-CPU
+//     runs a block): each runs until it reaches `__syncthreads()` or returns, in threadIdx order, then the next;
+//     when all have arrived they go on past the barrier. The same interleavings a GPU may take at barriers, and
+//     the same results for a race-free kernel, without a host context switch per CUDA thread per barrier
+//     (256-thread blocks on 2 cores made tens of millions of them: most of the emulated tests' time). A block
+//     in which some threads return while others wait at `__syncthreads()` (a barrier under a branch that
+//     diverges: a hang or undefined on a GPU) is an error naming the thread, rather than a hang;
 //   - warp intrinsics are not emulated: the kernels written for both use shared-memory reductions;
 //   - outside ThreadSanitizer builds, a kernel whose first launch never reached `__syncthreads` runs its later
 //     launches on the calling thread, each block's threads one after another (no team wake-up and no barrier
@@ -26,6 +32,8 @@
 
 #include <atomic>
 #include <barrier>
+#include <exception>
+#include <memory>
 #include <condition_variable>
 #include <mutex>
 #include <cmath>
@@ -36,6 +44,7 @@
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -74,6 +83,9 @@ inline thread_local std::atomic<bool>* barrier_reached = nullptr;
 inline constexpr bool kSequentialLaunches = false;
 #else
 inline constexpr bool kSequentialLaunches = true;
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define LIMOE_EMU_FIBERS 1
+#endif
 #endif
 // What the launches on the team showed of each kernel's barriers, by the kernel's address.
 enum class Barriers { unknown, none, used };
@@ -169,6 +181,119 @@ class ThreadTeam {
   bool stop_ = false;
 };
 
+#if defined(LIMOE_EMU_FIBERS)
+namespace detail {
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *save, loads `load` as the
+// stack pointer and restores the registers saved there (System V x86-64: rbx, rbp, r12-r15; MXCSR and the x87
+// control word are left alone: nothing here changes them).
+__attribute__((naked, noinline)) inline void fiber_switch(void** /*save*/, void* /*load*/) {
+  asm volatile(
+      "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+      "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+      "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret\n\t");
+}
+
+// The CUDA threads of one block as fibers on the calling host thread (see the header's comment).
+class FiberBlock {
+ public:
+  static constexpr std::size_t kStackBytes = std::size_t{256} << 10;  // per CUDA thread; touched pages only
+
+  // Runs body() once per thread of every block of `grid`, the blocks in order.
+  template <class Body>
+  void run(dim3 grid, dim3 block, const Body& body) {
+    const unsigned n = block.x * block.y * block.z;
+    while (stacks_.size() < n) stacks_.emplace_back(new char[kStackBytes]);
+    fibers_.assign(n, Fiber{});
+    body_ = [](const void* b) { (*static_cast<const Body*>(b))(); };
+    body_arg_ = &body;
+    FiberBlock* const outer = current_;
+    current_ = this;
+    struct Restore {
+      FiberBlock* outer;
+      ~Restore() { current_ = outer; }
+    } restore{outer};
+    for_each_block(grid, [&](dim3 b) {
+      block_idx = b;
+      for (unsigned t = 0; t < n; ++t) {
+        // A fresh stack: 16-byte aligned top, the entry's address where fiber_switch's `ret` finds it, then six
+        // zeros for the registers it pops; at the entry the stack is as after a call (rsp + 8 aligned).
+        auto top = reinterpret_cast<std::uintptr_t>(stacks_[t].get() + kStackBytes) & ~std::uintptr_t{15};
+        auto* sp = reinterpret_cast<void**>(top);
+        *--sp = nullptr;                                  // the entry's return address: it never returns
+        *--sp = reinterpret_cast<void*>(&FiberBlock::entry);
+        for (int r = 0; r < 6; ++r) *--sp = nullptr;
+        fibers_[t] = Fiber{sp, State::ready};
+      }
+      for (;;) {  // rounds: every thread runs to its next barrier or its end
+        unsigned waiting = 0, finished = 0;
+        for (unsigned t = 0; t < n; ++t) {
+          if (fibers_[t].state == State::finished) continue;
+          fibers_[t].state = State::running;
+          running_ = t;
+          thread_idx = thread_of(t, block);
+          fiber_switch(&scheduler_sp_, fibers_[t].sp);
+          if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+        }
+        for (const Fiber& f : fibers_) (f.state == State::waiting ? waiting : finished) += 1;
+        if (waiting == 0) break;  // the block is done
+        if (finished != 0) {
+          unsigned t = 0;
+          while (fibers_[t].state != State::finished) ++t;
+          throw std::logic_error("emu: thread " + std::to_string(t) + " of block (" + std::to_string(b.x) + ", " +
+                                 std::to_string(b.y) + ", " + std::to_string(b.z) + ") returned while " +
+                                 std::to_string(waiting) + " others wait at __syncthreads (a barrier under a "
+                                 "branch that diverges: a hang on a GPU)");
+        }
+        for (Fiber& f : fibers_) f.state = State::ready;
+      }
+    });
+  }
+
+  // __syncthreads from the running fiber: back to the scheduler until every thread of the block has arrived.
+  void sync() {
+    Fiber& f = fibers_[running_];
+    f.state = State::waiting;
+    fiber_switch(&f.sp, scheduler_sp_);
+  }
+
+  static FiberBlock*& current() { return current_; }
+  static FiberBlock& for_this_thread() {
+    static thread_local FiberBlock block;
+    return block;
+  }
+
+ private:
+  enum class State { ready, running, waiting, finished };
+  struct Fiber {
+    void* sp = nullptr;
+    State state = State::ready;
+  };
+  static void entry() {
+    FiberBlock& self = *current_;
+    try {
+      self.body_(self.body_arg_);
+    } catch (...) {
+      self.error_ = std::current_exception();
+    }
+    Fiber& f = self.fibers_[self.running_];
+    f.state = State::finished;
+    void* dead = nullptr;
+    fiber_switch(&dead, self.scheduler_sp_);  // never resumed
+    __builtin_unreachable();
+  }
+
+  inline static thread_local FiberBlock* current_ = nullptr;
+  std::vector<std::unique_ptr<char[]>> stacks_;
+  std::vector<Fiber> fibers_;
+  void (*body_)(const void*) = nullptr;
+  const void* body_arg_ = nullptr;
+  void* scheduler_sp_ = nullptr;
+  unsigned running_ = 0;
+  std::exception_ptr error_;
+};
+}  // namespace detail
+#endif
+
 // Runs kernel(args...) on grid x block CUDA threads: block-size host threads of the team run the blocks in
 // order, each block's threads concurrently, with a barrier after each block (so no thread starts writing the
 // next block's shared memory while another still reads this block's).
@@ -198,6 +323,19 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
     });
     return;
   }
+#if defined(LIMOE_EMU_FIBERS)
+  {
+    std::atomic<bool> reached{false};
+    detail::block_barrier = nullptr;
+    detail::barrier_reached = &reached;
+    detail::block_dim = block;
+    detail::grid_dim = grid;
+    detail::FiberBlock::for_this_thread().run(grid, block, [&] { kernel(args...); });
+    detail::barrier_reached = nullptr;
+    if (logged) detail::BarrierLog::instance().note(key, reached.load());
+    return;
+  }
+#endif
   std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
   std::atomic<bool> reached{false};
   const std::function<void(unsigned)> body = [&](unsigned t) {
@@ -226,6 +364,13 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
 // Every thread of the block waits here until all have arrived (each thread must reach it: as on the device,
 // a __syncthreads under a divergent branch deadlocks).
 inline void __syncthreads() {
+#if defined(LIMOE_EMU_FIBERS)
+  if (::emu::detail::FiberBlock* f = ::emu::detail::FiberBlock::current()) {
+    ::emu::detail::barrier_reached->store(true, std::memory_order_relaxed);
+    f->sync();
+    return;
+  }
+#endif
   if (::emu::detail::block_barrier == nullptr)
     throw std::logic_error("emu: a kernel reached __syncthreads on a launch run sequentially (its first launch never "
                            "did); make its barriers unconditional or launch it on the team");
