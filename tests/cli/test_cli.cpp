@@ -131,6 +131,10 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   const fs::path out = scratch() / "bad.safetensors";
   const std::string tail = " --output " + out.string();
   expect_failure("embed --checkpoint /nonexistent.safetensors --input " + in + tail, "nonexistent", out);
+  // A path holding a newline (or another control character) is quoted with escapes: the reason stays one line.
+  expect_failure("embed --checkpoint '/nonexistent\nsecond\tline.safetensors' --input " + in + tail,
+                 "/nonexistent\\nsecond\\tline.safetensors", out);
+  expect_failure("'bogus\ncommand'", "unknown command \"bogus\\ncommand\"");
   expect_failure("embed --input " + in + tail, "--checkpoint is required", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --bogus 1", "unknown option --bogus", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);

@@ -54,6 +54,8 @@
 #include "cli.hpp"
 #include "session.hpp"
 
+// A namespace of its own, so that the build may compile the commands together (tools/CMakeLists.txt).
+namespace limoe_cmd_bench {
 namespace {
 using namespace limoe;
 using json = nlohmann::ordered_json;  // keys in insertion order: workload first
@@ -598,3 +600,4 @@ const cli::Register reg(
      "parameters used, peak_rss_mb (getrusage), and for MoE workloads drop_fraction and gflop_accepted.\n",
      run});
 }  // namespace
+}  // namespace limoe_cmd_bench

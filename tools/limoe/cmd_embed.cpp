@@ -8,6 +8,8 @@
 
 #include "session.hpp"
 
+// A namespace of its own, so that the build may compile the commands together (tools/CMakeLists.txt).
+namespace limoe_cmd_embed {
 namespace {
 using namespace limoe;
 
@@ -106,3 +108,4 @@ const cli::Register reg({"embed", "embeddings and routing decisions for images a
                          LIMOE_CLI_BACKEND_HELP,
                          run});
 }  // namespace
+}  // namespace limoe_cmd_embed

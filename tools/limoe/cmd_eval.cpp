@@ -10,6 +10,8 @@
 
 #include "session.hpp"
 
+// A namespace of its own, so that the build may compile the commands together (tools/CMakeLists.txt).
+namespace limoe_cmd_eval {
 namespace {
 using namespace limoe;
 
@@ -197,3 +199,4 @@ const cli::Register reg({"eval", "zero-shot accuracy, 10-shot linear probe and r
                          "text's effective number of experts exp(entropy) and the modality-specialised experts.\n",
                          run});
 }  // namespace
+}  // namespace limoe_cmd_eval

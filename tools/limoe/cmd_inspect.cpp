@@ -9,6 +9,8 @@
 
 #include "cli.hpp"
 
+// A namespace of its own, so that the build may compile the commands together (tools/CMakeLists.txt).
+namespace limoe_cmd_inspect {
 namespace {
 using namespace limoe;
 
@@ -106,3 +108,4 @@ const cli::Register reg({"inspect", "config, parameter counts and block layout o
                          "every block with top-k of its experts, the final norm, the image head and projection.\n",
                          run});
 }  // namespace
+}  // namespace limoe_cmd_inspect

@@ -21,6 +21,8 @@
 
 #include "cli.hpp"
 
+// A namespace of its own, so that the build may compile the commands together (tools/CMakeLists.txt).
+namespace limoe_cmd_report {
 namespace {
 using namespace limoe;
 namespace fs = std::filesystem;
@@ -473,3 +475,4 @@ const cli::Register reg({"report", "the table and pictures of an experiment's ru
                          "effective number of experts and the modality-specialised experts per MoE block.\n",
                          run});
 }  // namespace
+}  // namespace limoe_cmd_report

@@ -13,6 +13,8 @@
 
 #include "session.hpp"
 
+// A namespace of its own, so that the build may compile the commands together (tools/CMakeLists.txt).
+namespace limoe_cmd_routing {
 namespace {
 using namespace limoe;
 
@@ -167,3 +169,4 @@ const cli::Register reg({"routing", "per-block routing report (table, JSON and S
                          LIMOE_CLI_BACKEND_HELP,
                          run});
 }  // namespace
+}  // namespace limoe_cmd_routing

@@ -16,6 +16,8 @@
 
 #include "session.hpp"
 
+// A namespace of its own, so that the build may compile the commands together (tools/CMakeLists.txt).
+namespace limoe_cmd_train {
 namespace {
 using namespace limoe;
 
@@ -425,3 +427,4 @@ const cli::Register reg({"train", "train a model on image-text pairs and write a
                          "  --stop-at N          stop after step N (the schedule still spans --steps); --resume continues\n",
                          run});
 }  // namespace
+}  // namespace limoe_cmd_train

@@ -73,6 +73,22 @@ std::optional<dist::NcclComm> nccl_world() {
 }  // namespace limoe::cli
 
 namespace {
+// A failure is reported on one line: control characters a message carries (a path or an argument holding a
+// newline, quoted into it) are written as escapes.
+std::string one_line(const std::string& s) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else if (c < 0x20 || c == 0x7F) out += std::string("\\x") + hex[c >> 4] + hex[c & 15];
+    else out += ch;
+  }
+  return out;
+}
+
 void usage(std::ostream& os) {
   auto commands = limoe::cli::registry();
   std::sort(commands.begin(), commands.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
@@ -116,7 +132,7 @@ int main(int argc, char** argv) {
   const auto& commands = limoe::cli::registry();
   auto it = std::find_if(commands.begin(), commands.end(), [&](const auto& c) { return c.name == args[0]; });
   if (it == commands.end()) {
-    std::cerr << "limoe: unknown command \"" << args[0] << "\" (limoe --help lists the commands)\n";
+    std::cerr << "limoe: unknown command \"" << one_line(args[0]) << "\" (limoe --help lists the commands)\n";
     return 2;
   }
   std::vector<std::string> rest(args.begin() + 1, args.end());
@@ -131,16 +147,16 @@ int main(int argc, char** argv) {
 #endif
     return rc;
   } catch (const limoe::Error& e) {
-    if (many) fail_all_ranks("limoe " + it->name + ": " + e.what(), 2);
-    std::cerr << "limoe " << it->name << ": " << e.what() << "\n";
+    if (many) fail_all_ranks("limoe " + it->name + ": " + one_line(e.what()), 2);
+    std::cerr << "limoe " << it->name << ": " << one_line(e.what()) << "\n";
     return 2;
   } catch (const std::bad_alloc&) {
     if (many) fail_all_ranks("limoe " + it->name + ": out of memory", 1);
     std::cerr << "limoe " << it->name << ": out of memory\n";
     return 1;
   } catch (const std::exception& e) {
-    if (many) fail_all_ranks("limoe " + it->name + ": " + e.what(), 1);
-    std::cerr << "limoe " << it->name << ": " << e.what() << "\n";
+    if (many) fail_all_ranks("limoe " + it->name + ": " + one_line(e.what()), 1);
+    std::cerr << "limoe " << it->name << ": " << one_line(e.what()) << "\n";
     return 1;
   }
 }
