@@ -466,6 +466,10 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   expect_failure("train" + common + " --steps -1 --out " + (scratch() / "c").string(), "--steps must be between 1");
   expect_failure("train" + common + " --steps 4 --stop-at 5 --out " + (scratch() / "c").string(), "--stop-at must be between 1 and 4");
   expect_failure("train" + common + " --clip -1 --out " + (scratch() / "c").string(), "--clip must be at least 0");
+  // The tokenizer pads captions with id 0: a model told another pad_id would take a word for padding.
+  expect_failure("train" + common + " --set pad_id=3 --out " + (scratch() / "c").string(),
+                 "the model's pad_id 3 is not the id the tokenizer pads captions with (0, <pad>)");
+  CHECK_FALSE(fs::exists(scratch() / "c" / "checkpoint.safetensors"));
   expect_failure("train" + common + " --out \"\"", "--out needs a folder name");
   expect_failure("train --resume " + (a / "checkpoint.safetensors").string() + " --preset tiny --out " + a.string(),
                  "--preset would be ignored");
@@ -522,6 +526,13 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     bad["steps"] = -5;  // a recorded setting passes the flag's range check too
     with_metadata(src, p, {{"train_state", bad.dump()}});
     expect_failure(resume, "--steps must be between 1");
+    // a train_state that cannot be read back is refused, not replaced by defaults: not JSON, not an object, or
+    // an object with a NUL after it (the JSON reader would stop there and read the part before)
+    for (const std::string& text : {std::string("{\"steps\": 8"), std::string("[1, 2]"), state.dump() + '\0' + "junk"}) {
+      with_metadata(src, p, {{"train_state", text}});
+      expect_failure(resume, text.find('\0') != std::string::npos ? "its train_state holds a NUL byte"
+                                                                 : "its train_state is not a JSON object");
+    }
     // eval reports train_seconds only as a number, never the file's value as it is
     bad = state;
     bad["train_seconds"] = "abc";

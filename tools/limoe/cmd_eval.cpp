@@ -167,10 +167,10 @@ int run(const std::vector<std::string>& argv) {
     out["moe_blocks"] = 0;
   }
   if (data::resolve_kind(src) == "fashion-scenes") compositional(model, loaded.tokenizer, src, n, out);
-  if (auto it = loaded.metadata.find("train_state"); it != loaded.metadata.end()) {
-    const auto st = nlohmann::json::parse(it->second, nullptr, false);
+  {
+    const nlohmann::json st = cli::train_state_of(loaded.metadata);
     // Only a number: the metadata is the file's, and anything else would pass into this JSON as it is.
-    if (st.is_object() && st.contains("train_seconds") && st["train_seconds"].is_number() &&
+    if (st.contains("train_seconds") && st["train_seconds"].is_number() &&
         std::isfinite(st["train_seconds"].template get<double>()))
       out["train_seconds"] = st["train_seconds"].template get<double>();
   }

@@ -133,11 +133,8 @@ int run(const std::vector<std::string>& argv) {
               "config (start a new run with --config or --preset and --set)");
   cfg = with_overrides(cfg, args.all("set"));
   // A resumed run continues with the settings it was started with unless told otherwise.
-  nlohmann::json prior = nlohmann::json::object();
-  if (resume && resume->metadata().count("train_state")) {
-    prior = nlohmann::json::parse(resume->metadata().at("train_state"), nullptr, false);
-    if (!prior.is_object()) prior = nlohmann::json::object();
-  }
+  const nlohmann::json prior =
+      resume ? cli::train_state_of(resume->metadata(), args.str("resume")) : nlohmann::json::object();
   // A recorded setting, typed as the default is: an integer for an integer, a finite number for a double; the
   // checkpoint's metadata is the file's, so a wrong type is an error naming the key (and the flag's range checks
   // apply to it as to the flag).
@@ -172,6 +169,10 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(tok.vocab_size() <= cfg.vocab_size, "the tokenizer has ", tok.vocab_size(),
               " words but the model's vocab_size is ", cfg.vocab_size);
   LIMOE_CHECK(tok.text_len() == cfg.text_len, "the tokenizer's text length ", tok.text_len(), " differs from the model's ", cfg.text_len);
+  LIMOE_CHECK(cfg.pad_id == data::WordTokenizer::kPad, "the model's pad_id ", cfg.pad_id, " is not the id the "
+              "tokenizer pads captions with (", data::WordTokenizer::kPad, ", <pad>): the model would take the word "
+              "of id ", cfg.pad_id, " for padding and the padding for a word (leave pad_id at ",
+              data::WordTokenizer::kPad, ")");
   cfg.validate();
 
   LIMOE_CHECK(ep == 1 || (!cfg.moe_blocks.empty() && cfg.experts % ep == 0), "--expert-parallel ", ep,

@@ -38,12 +38,27 @@ inline const char* kDataHelp =
 struct TrainedData {
   std::string kind, path, test_path;
 };
+// A checkpoint's train_state (what `limoe train` records of its run) as a JSON object; an empty object where
+// there is none. One that is not a JSON object, or holds a NUL (the JSON reader stops there as at the end of its
+// input, so `{...}` NUL `anything` would read as the part before the NUL), is an empty object too where it only
+// supplies defaults (eval, routing), and an error naming the checkpoint `resuming` (train --resume, which would
+// otherwise go on with settings the run never had).
+inline nlohmann::json train_state_of(const std::map<std::string, std::string>& metadata,
+                                     const std::string& resuming = {}) {
+  auto it = metadata.find("train_state");
+  if (it == metadata.end()) return nlohmann::json::object();
+  const bool nul = it->second.find('\0') != std::string::npos;
+  nlohmann::json j = nul ? nlohmann::json() : nlohmann::json::parse(it->second, nullptr, false);
+  if (j.is_object()) return j;
+  LIMOE_CHECK(resuming.empty(), "checkpoint '", resuming, "': its train_state ",
+              nul ? "holds a NUL byte" : "is not a JSON object", ", so the run's settings cannot be read back");
+  return nlohmann::json::object();
+}
+
 // From a checkpoint's metadata (empty fields where train_state records none).
 inline TrainedData trained_data(const std::map<std::string, std::string>& metadata) {
   TrainedData t;
-  auto it = metadata.find("train_state");
-  if (it == metadata.end()) return t;
-  const auto j = nlohmann::json::parse(it->second, nullptr, false);
+  const nlohmann::json j = train_state_of(metadata);
   auto field = [&](const char* key) {
     return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
   };
@@ -96,6 +111,8 @@ inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r, const 
               tok.text_len(), " differs from its config's text_len ", cfg.text_len);
   LIMOE_CHECK(tok.vocab_size() <= cfg.vocab_size, "checkpoint '", r.label(), "': its tokenizer has ",
               tok.vocab_size(), " words, more than its config's vocab_size ", cfg.vocab_size);
+  LIMOE_CHECK(cfg.pad_id == data::WordTokenizer::kPad, "checkpoint '", r.label(), "': its config's pad_id ",
+              cfg.pad_id, " is not the id its tokenizer pads captions with (", data::WordTokenizer::kPad, ")");
   return tok;
 }
 
