@@ -470,6 +470,15 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   expect_failure("train" + common + " --set pad_id=3 --out " + (scratch() / "c").string(),
                  "the model's pad_id 3 is not the id the tokenizer pads captions with (0, <pad>)");
   CHECK_FALSE(fs::exists(scratch() / "c" / "checkpoint.safetensors"));
+  // A loss that overflows before any update names the config, not the learning rate.
+  {  // (after the run's first line: training had started)
+    const Run d = run("train" + common + " --steps 2 --set 'aux_loss={\"z_loss\":1e308}' --out " +
+                      (scratch() / "c").string());
+    CHECK(d.code == 2);
+    CHECK_MESSAGE(d.err.find("training diverged at step 0 (loss inf); the initial model's loss is not finite, before "
+                             "any update") != std::string::npos, d.err);
+    CHECK_FALSE(fs::exists(scratch() / "c" / "checkpoint.safetensors"));
+  }
   expect_failure("train" + common + " --out \"\"", "--out needs a folder name");
   expect_failure("train --resume " + (a / "checkpoint.safetensors").string() + " --preset tiny --out " + a.string(),
                  "--preset would be ignored");

@@ -83,7 +83,8 @@ inline thread_local std::atomic<bool>* barrier_reached = nullptr;
 inline constexpr bool kSequentialLaunches = false;
 #else
 inline constexpr bool kSequentialLaunches = true;
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+// Not under AddressSanitizer either: it would take a switch of stacks it was not told of for an overflow.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
 #define LIMOE_EMU_FIBERS 1
 #endif
 #endif

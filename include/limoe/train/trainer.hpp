@@ -305,6 +305,15 @@ class Trainer {
   std::int64_t step_count() const { return opt_.step(); }
   double lr_at(std::int64_t step) const { return cfg_.adam.lr * sched_.factor(step); }
 
+  // A loss that is not finite ends training, naming the likely cause: after updates the step size; before any
+  // (step 0: the initial model) the inputs or the config (a loss weight or logit scale that overflows).
+  static void check_finite(double loss, std::int64_t s) {
+    LIMOE_CHECK(std::isfinite(loss), "training diverged at step ", s, " (loss ", loss, "); ",
+                s == 0 ? "the initial model's loss is not finite, before any update: check the inputs and the "
+                         "config's loss weights and logit scale"
+                       : "lower the learning rate or raise the warmup");
+  }
+
   // One update on a batch of n image-text pairs (images [n, H, W, C], texts [n, T]): the whole batch, or this
   // rank's shard of it under data parallelism. The images may be host data or, for a model on a device, already
   // in its memory (Limoe::forward).
@@ -322,8 +331,7 @@ class Trainer {
     if (P == 1) {
       const auto fwd = model_.forward(images, texts, Mode::Train, static_cast<std::uint64_t>(s));
       r.loss = model_.loss(fwd);
-      LIMOE_CHECK(std::isfinite(r.loss.total), "training diverged at step ", s, " (loss ", r.loss.total,
-                  "); lower the learning rate or raise the warmup");
+      check_finite(r.loss.total, s);
       model_.backward(fwd);
       fill_routing(r, fwd);
     } else {
@@ -362,8 +370,7 @@ class Trainer {
       r.loss.aux = dist::all_reduce_sum(comm_, r.loss.aux) / P;  // the step's: the mean over ranks
       comm_seconds_ += seconds_since(tc);
       r.loss.total = r.loss.contrastive + r.loss.aux;
-      LIMOE_CHECK(std::isfinite(r.loss.total), "training diverged at step ", s, " (loss ", r.loss.total,
-                  "); lower the learning rate or raise the warmup");
+      check_finite(r.loss.total, s);
       fill_routing(r, fwd);
       tc = clock::now();
       reduce_aux_terms(r.aux_terms);
