@@ -193,7 +193,10 @@ TEST_CASE("cuda emulation: indices, blocks in order, shared memory per block, th
                          if (threadIdx.x == 2) throw std::runtime_error("kernel failed");
                        }),
                        "kernel failed", std::runtime_error);
-  // The emulator is usable after both.
+  // A launch from inside a kernel (dynamic parallelism) is not emulated: an error, not a corrupted stack.
+  CHECK_THROWS_WITH_AS(emu::launch(dim3(1), dim3(2), [] { emu::launch(dim3(1), dim3(2), [] {}); }),
+                       "emu: a kernel launched a kernel (not emulated)", std::logic_error);
+  // The emulator is usable after these.
   std::vector<int> after(4, 0);
   emu::launch(dim3(1), dim3(4), [&] {
     __syncthreads();

@@ -5,6 +5,14 @@
 # cases, against Ref; its TSan build runs float and one seed (LIMOE_HARNESS_QUICK). Routing runs on Thrust's CPP
 # system there, in a unit of its own (support/emu_routing.cpp, with limoe_thrust_host of tests/CMakeLists.txt).
 set(LIMOE_EMU_ROUTING_SRC ${CMAKE_CURRENT_SOURCE_DIR}/support/emu_routing.cpp)
+# Whether support/cuda_emu.hpp runs a block's threads as fibers in the plain builds (its own test: x86-64 Linux,
+# no address or memory sanitizer in the flags).
+set(LIMOE_EMU_FIBERS OFF)
+string(TOUPPER "${CMAKE_BUILD_TYPE}" _limoe_emu_config)
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64" AND CMAKE_SYSTEM_NAME STREQUAL "Linux" AND
+   NOT "${CMAKE_CXX_FLAGS} ${CMAKE_CXX_FLAGS_${_limoe_emu_config}}" MATCHES "sanitize=(address|memory)")
+  set(LIMOE_EMU_FIBERS ON)
+endif()
 set_source_files_properties(${LIMOE_EMU_ROUTING_SRC} PROPERTIES COMPILE_DEFINITIONS LIMOE_CUDA_EMULATION=1)
 foreach(variant IN ITEMS plain tsan)
  foreach(what IN ITEMS kernels backend)
@@ -31,11 +39,12 @@ foreach(variant IN ITEMS plain tsan)
   add_test(NAME ${name} COMMAND ${name})
   set_tests_properties(${name} PROPERTIES LABELS "cuda" TIMEOUT 900 SKIP_RETURN_CODE 77
                        ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1 exitcode=66")
-  if(variant STREQUAL "tsan")
-    # RUN_SERIAL: under TSan each CUDA thread is a host thread (a team of up to 256 meeting at barriers); two
-    # such tests side by side on 2 cores took 86 s instead of 16 + 18. TIMEOUT 900: 7.6 min was seen beside two
-    # training runs (the threads' barriers starve when the cores are busy). The plain builds run a block's
-    # threads as fibers on one host thread (support/cuda_emu.hpp): 2.5 s for the backend test, 78 s before.
+  if(variant STREQUAL "tsan" OR NOT LIMOE_EMU_FIBERS)
+    # RUN_SERIAL where each CUDA thread is a host thread (a team of up to 256 meeting at barriers: under TSan,
+    # and in every build where support/cuda_emu.hpp has no fibers); two such tests side by side on 2 cores took
+    # 86 s instead of 16 + 18. TIMEOUT 900: 7.6 min was seen beside two training runs (the threads' barriers
+    # starve when the cores are busy). With fibers (a block's threads on one host thread): 2.5 s for the
+    # backend test, 78 s before.
     set_tests_properties(${name} PROPERTIES RUN_SERIAL ON)
   endif()
  endforeach()

@@ -30,6 +30,8 @@
 // on a GPU, checked against the library's documented column-major semantics.
 #pragma once
 
+#include <sys/mman.h>
+
 #include <atomic>
 #include <barrier>
 #include <exception>
@@ -83,8 +85,15 @@ inline thread_local std::atomic<bool>* barrier_reached = nullptr;
 inline constexpr bool kSequentialLaunches = false;
 #else
 inline constexpr bool kSequentialLaunches = true;
-// Not under AddressSanitizer either: it would take a switch of stacks it was not told of for an overflow.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
+// Not under AddressSanitizer or MemorySanitizer either: they would take a switch of stacks they were not told of
+// for an overflow (g++ defines __SANITIZE_ADDRESS__, clang answers __has_feature).
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer)
+#define LIMOE_EMU_OTHER_SANITIZER 1
+#endif
+#endif
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__) && \
+    !defined(LIMOE_EMU_OTHER_SANITIZER)
 #define LIMOE_EMU_FIBERS 1
 #endif
 #endif
@@ -194,31 +203,34 @@ __attribute__((naked, noinline)) inline void fiber_switch(void** /*save*/, void*
       "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret\n\t");
 }
 
-// The CUDA threads of one block as fibers on the calling host thread (see the header's comment).
+// The CUDA threads of one block as fibers on the calling host thread (see the header's comment). After an error
+// (a kernel's exception, a barrier some threads skip) the block's other fibers are dropped where they stand:
+// their locals are not destroyed (a leak on a failing launch, nothing more: the next launch starts afresh).
 class FiberBlock {
  public:
-  static constexpr std::size_t kStackBytes = std::size_t{256} << 10;  // per CUDA thread; touched pages only
+  // Per CUDA thread: mapped, so only the pages a kernel touches take memory, below a page that faults on use
+  // (an overflow stops there instead of writing over the next stack).
+  static constexpr std::size_t kStackBytes = std::size_t{256} << 10, kGuardBytes = std::size_t{64} << 10;
 
   // Runs body() once per thread of every block of `grid`, the blocks in order.
   template <class Body>
   void run(dim3 grid, dim3 block, const Body& body) {
+    if (current_ != nullptr) throw std::logic_error("emu: a kernel launched a kernel (not emulated)");
     const unsigned n = block.x * block.y * block.z;
-    while (stacks_.size() < n) stacks_.emplace_back(new char[kStackBytes]);
+    while (stacks_.size() < n) stacks_.emplace_back();
     fibers_.assign(n, Fiber{});
     body_ = [](const void* b) { (*static_cast<const Body*>(b))(); };
     body_arg_ = &body;
-    FiberBlock* const outer = current_;
     current_ = this;
     struct Restore {
-      FiberBlock* outer;
-      ~Restore() { current_ = outer; }
-    } restore{outer};
+      ~Restore() { current_ = nullptr; }
+    } restore;
     for_each_block(grid, [&](dim3 b) {
       block_idx = b;
       for (unsigned t = 0; t < n; ++t) {
         // A fresh stack: 16-byte aligned top, the entry's address where fiber_switch's `ret` finds it, then six
         // zeros for the registers it pops; at the entry the stack is as after a call (rsp + 8 aligned).
-        auto top = reinterpret_cast<std::uintptr_t>(stacks_[t].get() + kStackBytes) & ~std::uintptr_t{15};
+        auto top = reinterpret_cast<std::uintptr_t>(stacks_[t].top()) & ~std::uintptr_t{15};
         auto* sp = reinterpret_cast<void**>(top);
         *--sp = nullptr;                                  // the entry's return address: it never returns
         *--sp = reinterpret_cast<void*>(&FiberBlock::entry);
@@ -283,8 +295,33 @@ class FiberBlock {
     __builtin_unreachable();
   }
 
+  // One fiber's stack: kStackBytes above a guard of kGuardBytes that may not be touched.
+  class Stack {
+   public:
+    Stack() {
+      void* p = ::mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      if (::mprotect(p, kGuardBytes, PROT_NONE) != 0) {
+        ::munmap(p, kGuardBytes + kStackBytes);
+        throw std::runtime_error("emu: mprotect of a fiber stack's guard page failed");
+      }
+      base_ = static_cast<char*>(p);
+    }
+    Stack(Stack&& o) noexcept : base_(std::exchange(o.base_, nullptr)) {}
+    Stack(const Stack&) = delete;
+    Stack& operator=(const Stack&) = delete;
+    Stack& operator=(Stack&&) = delete;
+    ~Stack() {
+      if (base_ != nullptr) ::munmap(base_, kGuardBytes + kStackBytes);
+    }
+    char* top() const { return base_ + kGuardBytes + kStackBytes; }
+
+   private:
+    char* base_ = nullptr;
+  };
+
   inline static thread_local FiberBlock* current_ = nullptr;
-  std::vector<std::unique_ptr<char[]>> stacks_;
+  std::vector<Stack> stacks_;
   std::vector<Fiber> fibers_;
   void (*body_)(const void*) = nullptr;
   const void* body_arg_ = nullptr;
