@@ -364,7 +364,6 @@ void launch(dim3 grid, dim3 block, Kernel&& kernel, Args... args) {
 #if defined(LIMOE_EMU_FIBERS)
   {
     std::atomic<bool> reached{false};
-    detail::block_barrier = nullptr;
     detail::barrier_reached = &reached;
     detail::block_dim = block;
     detail::grid_dim = grid;

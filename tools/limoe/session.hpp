@@ -60,7 +60,7 @@ inline TrainedData trained_data(const std::map<std::string, std::string>& metada
   TrainedData t;
   const nlohmann::json j = train_state_of(metadata);
   auto field = [&](const char* key) {
-    return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+    return j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
   };
   t.kind = field("data"), t.path = field("data_path"), t.test_path = field("test_path");
   return t;
@@ -100,12 +100,11 @@ inline data::WordTokenizer tokenizer_from(const io::SafetensorsReader& r, const 
                                           bool resuming = false) {
   const auto& md = r.metadata();
   auto it = md.find("tokenizer");
-  if (resuming)
-    LIMOE_CHECK(it != md.end(), "checkpoint '", r.label(), "' has no \"tokenizer\" in its metadata, so training "
-                "cannot go on from it: the captions must be tokenized as they were when it was trained (a checkpoint "
-                "written by limoe train records its tokenizer; start a new run instead of --resume)");
-  LIMOE_CHECK(it != md.end(), "checkpoint '", r.label(),
-              "' has no \"tokenizer\" in its metadata; texts must be given as token ids (limoe embed)");
+  LIMOE_CHECK(it != md.end(), "checkpoint '", r.label(), "' has no \"tokenizer\" in its metadata",
+              resuming ? ", so training cannot go on from it: the captions must be tokenized as they were when it was "
+                         "trained (a checkpoint written by limoe train records its tokenizer; start a new run instead "
+                         "of --resume)"
+                       : "; texts must be given as token ids (limoe embed)");
   data::WordTokenizer tok = data::WordTokenizer::from_json(it->second);
   LIMOE_CHECK(tok.text_len() == cfg.text_len, "checkpoint '", r.label(), "': its tokenizer's text_len ",
               tok.text_len(), " differs from its config's text_len ", cfg.text_len);
