@@ -326,6 +326,90 @@ TEST_CASE("the weight mirror: a weight's copy is found by address, and made agai
 }
 
 
+TEST_CASE("a mirror's weights packed for the forward products: the same arithmetic, packed once per refresh") {
+  // W [N, K] as a layer holds it, read as B = W^T (the forward products): oneDNN's packed copy in the mirror's
+  // store (gemm_bf16_dnnl_packed) where this processor has its bf16 brgemm kernel and the weight and product
+  // are large enough (N K >= 2^19, M N K >= 2^26 per block), else the plain path.
+  const index_t N = 1024, K = 512;
+  ParamStore<float> ps;
+  const auto w = ps.add("w", Shape{N, K}, true);
+  ps.finalize();
+  const auto W0 = randf(Shape{N * K}, 11, 1.0);
+  std::copy(W0.data(), W0.data() + N * K, ps.value(w).data());
+  const auto bias = randf(Shape{N}, 12, 1.0);
+  WeightMirror m;
+  const ParamStore<float>& cps = ps;
+  auto check = [&](index_t M, int threads, Tensor<float>& C) {
+    set_num_threads(threads);
+    m.refresh(cps);
+    const Bf16Mixed prec{m.copies()};
+    const auto X = randf(Shape{M * K}, 13 + M, 1.0);
+    C = Tensor<float>(Shape{M, N});
+    gemm_mixed_bias<float>(prec, Trans::N, Trans::T, M, N, K, X.data(), K, cps.value(w).data(), K, bias.data(), C.data(), N);
+    double worst = 0;
+    for (index_t i = 0; i < M; ++i)
+      for (index_t j = 0; j < N; ++j) {
+        double exact = bias[j], mag = std::abs(bias[j]);
+        for (index_t k = 0; k < K; ++k) {
+          const double t = static_cast<double>(round_bf16(X[i * K + k])) * round_bf16(cps.value(w)[j * K + k]);
+          exact += t;
+          mag += std::abs(t);
+        }
+        worst = std::max(worst, std::abs(C[i * N + j] - exact) / (mag * 1.01 + 1e-30));
+      }
+    CAPTURE(M);
+    CAPTURE(threads);
+    CHECK(worst <= 0x1p-20 * std::sqrt(static_cast<double>(K)) + 0x1p-23);
+  };
+  const bool brgemm = detail::bf16_kernel_name().rfind("onednn:brg", 0) == 0;
+  Tensor<float> C1, C2;
+  // 300 rows: two row blocks of 152, both reading the whole weight: packed once for both.
+  check(300, 1, C1);
+  CHECK(m.packed()->made() == (brgemm ? 1u : 0u));
+  CHECK(m.packed()->entries() == (brgemm ? 1u : 0u));
+  check(300, 2, C2);  // same split, same kernels: the same bits on 2 threads, and nothing packed again
+  CHECK(std::memcmp(C1.data(), C2.data(), sizeof(float) * C1.numel()) == 0);
+  check(600, 2, C2);  // four blocks of 152 rows: the same copy
+  CHECK(m.packed()->made() == (brgemm ? 1u : 0u));
+  // A policy without the store (a training forward's: Limoe::prec) reads the plain copy, and packs nothing.
+  {
+    const Bf16Mixed plain{Bf16Copies{m.copies().base, m.copies().size, m.copies().lo, nullptr}};
+    const auto X = randf(Shape{300 * K}, 13 + 300, 1.0);
+    Tensor<float> C(Shape{300, N});
+    gemm_mixed_bias<float>(plain, Trans::N, Trans::T, 300, N, K, X.data(), K, cps.value(w).data(), K, bias.data(), C.data(), N);
+    CHECK(rel_max(C.cview(), C1.cview()) < 1e-5);
+    CHECK(m.packed()->made() == (brgemm ? 1u : 0u));
+  }
+  // Every height from 128 to 400 rows, as single blocks on one thread: more exact-shape primitives than a
+  // thread keeps (256), so the least recently used are dropped on the way; each against the widened product
+  // of the same operands.
+  {
+    set_num_threads(1);
+    const index_t R = 400;
+    const auto X = randf(Shape{R * K}, 17, 1.0);
+    detail::ScratchLease<bf16_bits> x16(R * K);
+    to_bf16(X.data(), R * K, x16.data());
+    const bf16_bits* w16 = m.find(cps.value(w).data(), N * K);
+    REQUIRE(w16 != nullptr);
+    Tensor<float> ref(Shape{R, N}), C(Shape{R, N});
+    detail::gemm_bf16_widened(Trans::N, Trans::T, R, N, K, 1.0f, x16.data(), K, w16, K, 0.0f, ref.data(), N);
+    double worst = 0;
+    for (index_t M = 128; M <= R; ++M) {
+      detail::gemm_bf16_serial(Trans::N, Trans::T, M, N, K, 1.0f, x16.data(), K, w16, K, 0.0f, C.data(), N, nullptr,
+                               const_cast<PackedWeights*>(m.packed()));
+      for (index_t i = 0; i < M * N; ++i) worst = std::max(worst, std::abs(static_cast<double>(C[i]) - ref[i]));
+    }
+    CHECK(worst <= 1e-4);  // |entries| about sqrt(K) = 23; fp32 sums in another order differ by ~1e-5
+  }
+  // A step changes the weights: the mirror is made again and the packed copies with it (a stale copy would
+  // compute with the old weights and fail the check against the new ones).
+  for (index_t i = 0; i < N * K; ++i) ps.values()[i] = -0.5f * W0[i] + 0.25f;
+  const std::uint64_t before = m.packed()->made();
+  check(300, 2, C1);
+  if (brgemm) CHECK(m.packed()->made() == before + 1);
+  set_num_threads(0);
+}
+
 TEST_CASE("every op under the bf16 policy: Cpu against Ref under bf16, and against Ref in fp32 within bf16's error") {
   for (int threads : {1, 2}) {
     set_num_threads(threads);
@@ -370,6 +454,59 @@ ModelConfig small_config() {
   return c;
 }
 }  // namespace
+
+TEST_CASE("a bf16 model's evaluation forward reads its weights packed: the training forward's embeddings and routes") {
+  // Large enough that the dense MLP's and the experts' products take the packed path (gemm_bf16_dnnl_packed:
+  // N K >= 2^19, M N K >= 2^26): width 512, hidden 1024, 16 images of 64 patches, about 256 rows an expert.
+  // No noise and no capacity in either mode, so the two forwards differ only in how the products read the
+  // weights (the plain copy in training, the packed one in evaluation).
+  ModelConfig c = small_config();
+  c.image_size = {32, 32};
+  c.width = 512;
+  c.heads = 8;
+  c.mlp_dim = 1024;
+  c.proj_dim = 64;
+  c.router.capacity_factor_train = 0.0;
+  c.router.capacity_factor_eval = 0.0;
+  Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed> m(c);
+  m.init(7);
+  const index_t n = 16;
+  auto images = randf(Shape{n, 32, 32, 3}, 41);
+  Tensor<std::int32_t> texts(Shape{n, c.text_len});
+  for (index_t i = 0; i < n * c.text_len; ++i)
+    texts[i] = i % c.text_len < 4 ? static_cast<std::int32_t>(2 + (i / c.text_len * 3 + i) % 17) : c.pad_id;
+  const bool brgemm = detail::bf16_kernel_name().rfind("onednn:brg", 0) == 0;
+  const auto ft = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  CHECK(m.packed_weights()->made() == 0);
+  const auto fe = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  const std::uint64_t made = m.packed_weights()->made();
+  // The dense MLP's two weights and the experts' 2 x 4 blocks (the attention's [512, 512] are too small).
+  if (brgemm) CHECK(made >= 10);
+  // The two kernels sum in different orders, so an fp32 result may differ in its last bit, and a hidden
+  // activation's rounding to bf16 (the next product's operand) then falls the other way: 2^-8 of that element.
+  // Measured 1.4e-3 and 2.1e-3 of the largest entry here; a weight read from a wrong or stale packed copy
+  // moves the embeddings by far more (the check after the weights change below).
+  constexpr double kTol = 1e-2;
+  CHECK(rel_max(fe.img_emb.cview(), ft.img_emb.cview()) <= kTol);
+  CHECK(rel_max(fe.txt_emb.cview(), ft.txt_emb.cview()) <= kTol);
+  REQUIRE(fe.routes.size() == ft.routes.size());
+  for (std::size_t b = 0; b < fe.routes.size(); ++b)
+    CHECK(std::memcmp(fe.routes[b].data(), ft.routes[b].data(), sizeof(std::int32_t) * ft.routes[b].numel()) == 0);
+  // Another evaluation forward packs nothing and gives the same bits.
+  const auto fe2 = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  CHECK(m.packed_weights()->made() == made);
+  CHECK(std::memcmp(fe2.img_emb.data(), fe.img_emb.data(), sizeof(float) * fe.img_emb.numel()) == 0);
+  // New weights (an optimizer step, a load): the copies are made again, from the new weights.
+  {
+    auto values = m.params().values();
+    for (index_t i = 0; i < values.numel(); ++i) values[i] *= 0.5f;
+  }
+  const auto fe3 = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  if (brgemm) CHECK(m.packed_weights()->made() >= 2 * made);
+  const auto ft3 = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  CHECK(rel_max(fe3.img_emb.cview(), ft3.img_emb.cview()) <= kTol);
+  CHECK(rel_max(fe3.img_emb.cview(), fe.img_emb.cview()) > 10 * kTol);  // the weights did change
+}
 
 TEST_CASE("routing under bf16 is decided on fp32 gates: the MoE layer routes identically under both policies") {
   const index_t N = 96, D = 32, M = 48;

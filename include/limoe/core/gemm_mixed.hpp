@@ -162,6 +162,101 @@ void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float a
   }
   stream.wait();
 }
+
+// The product of gemm_bf16_dnnl with B = W^T (tb = T), W a mirror's weight ([N, K] rows, leading dimension
+// ldb), read from its packed copy in `store` (made on first use: one reorder into oneDNN's blocked layout) by a
+// primitive of the exact shape, weights in the layout oneDNN chooses (`format_tag::any`: its brgemm kernel).
+// Only where the policy carries the mirror's store (an evaluation forward: PackedWeights says why).
+// Measured on one Zen 4 core with the weights cycling through memory (bench/README.md): 196-row expert tiles
+// of B/32 197 -> 212 and 203 -> 217 GFLOP/s, its 196-row q/k/v/o blocks 204 -> 217, against the run-time shape
+// kernel that packs B inside every call. A shape is compiled on its first call on a thread (0.27 ms measured
+// for a [M, 768] x [768, 3072] product, against 4.6 ms for that product at M = 196), and kept. Returns false,
+// computing nothing, where oneDNN offers no brgemm kernel for it or chooses another layout than the copy's.
+template <class = void>
+bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A, index_t lda,
+                           const bf16_bits* W, index_t ldb, float beta, float* C, index_t ldc, const float* bias,
+                           PackedWeights& store) {
+  using dt = dnnl::memory::data_type;
+  using dims = dnnl::memory::dims;
+  using Key = DnnlKey<7>;
+  struct Prim {
+    dnnl::matmul matmul;
+    dnnl::memory::desc weights;
+  };
+  DnnlContext& ctx = DnnlContext::get();
+  thread_local dnnl::stream stream(ctx.engine);
+  // An empty entry: no brgemm kernel for that shape (then the run-time shape kernel runs it). Each kept
+  // primitive holds about 100 KB of compiled code: at most 256 a thread, the least recently used half
+  // dropped when full (an evaluation without a capacity gives its expert tiles new heights every batch,
+  // clustered around the mean tile).
+  struct Entry {
+    std::optional<Prim> prim;
+    std::uint64_t used = 0;
+  };
+  thread_local std::unordered_map<Key, Entry, DnnlKeyHash<7>> cache;
+  thread_local std::uint64_t clock = 0;
+  dnnl_single_thread();
+  const dnnl::memory::desc a_desc(dims{M, K}, dt::bf16, ta == Trans::N ? dims{lda, 1} : dims{1, lda}),
+      c_desc(dims{M, N}, dt::f32, dims{ldc, 1}), bias_desc(dims{1, N}, dt::f32, dims{N, 1}),
+      any_desc(dims{K, N}, dt::bf16, dnnl::memory::format_tag::any);
+  auto make_pd = [&] {
+    return dnnl::matmul::primitive_desc(bias ? dnnl::matmul::desc(a_desc, any_desc, bias_desc, c_desc)
+                                             : dnnl::matmul::desc(a_desc, any_desc, c_desc),
+                                        dnnl_scale_attr(alpha, beta), ctx.engine);
+  };
+  auto brgemm = [](const dnnl::matmul::primitive_desc& pd) {
+    return std::string(pd.impl_info_str()).rfind("brg", 0) == 0;
+  };
+  // The packed copy, or a mark that oneDNN has no brgemm kernel for it. oneDNN's
+  // layout for [K, N] depends on K, N and the data types, not on M (checked for M = 1 to 3,000), so one copy
+  // serves every tile height; a primitive wanting another layout falls back rather than repacks.
+  struct Packed {
+    bool ok = false;
+    dnnl::memory::desc desc;
+    dnnl::memory mem;
+  };
+  const auto entry = store.get(PackedWeights::Key{W, N, K, ldb, 1}, [&]() -> std::shared_ptr<const void> {
+    auto packed = std::make_shared<Packed>();
+    const auto pd = make_pd();
+    if (!brgemm(pd)) return packed;
+    packed->desc = pd.weights_desc();
+    packed->mem = dnnl::memory(packed->desc, ctx.engine);
+    dnnl::memory plain(dnnl::memory::desc(dims{K, N}, dt::bf16, dims{1, ldb}), ctx.engine, const_cast<bf16_bits*>(W));
+    dnnl::reorder(plain, packed->mem).execute(stream, plain, packed->mem);
+    stream.wait();
+    packed->ok = true;
+    return packed;
+  });
+  const auto& packed = *static_cast<const Packed*>(entry.get());
+  if (!packed.ok) return false;
+  const Key key{{static_cast<index_t>(ta), M, N, K, lda, ldc, bias != nullptr}, alpha, beta};
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    if (cache.size() >= 256) {
+      std::vector<std::uint64_t> used;
+      for (const auto& [k, e] : cache) used.push_back(e.used);
+      std::nth_element(used.begin(), used.begin() + used.size() / 2, used.end());
+      const std::uint64_t median = used[used.size() / 2];
+      std::erase_if(cache, [&](const auto& kv) { return kv.second.used < median; });
+    }
+    Entry entry;
+    const auto pd = make_pd();
+    if (brgemm(pd)) entry.prim.emplace(Prim{dnnl::matmul(pd), pd.weights_desc()});
+    it = cache.emplace(key, std::move(entry)).first;
+  }
+  it->second.used = ++clock;
+  if (!it->second.prim || !(packed.desc == it->second.prim->weights)) return false;
+  const Prim& prim = *it->second.prim;
+  const dnnl::memory a(a_desc, ctx.engine, const_cast<bf16_bits*>(A)), c(c_desc, ctx.engine, C);
+  if (bias) {
+    const dnnl::memory bm(bias_desc, ctx.engine, const_cast<float*>(bias));
+    prim.matmul.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, packed.mem}, {DNNL_ARG_BIAS, bm}, {DNNL_ARG_DST, c}});
+  } else {
+    prim.matmul.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, packed.mem}, {DNNL_ARG_DST, c}});
+  }
+  stream.wait();
+  return true;
+}
 #endif
 
 // C[M, N] = bias in every row (leading dimension ldc): the start of a product with a bias that accumulates into C.
@@ -181,17 +276,30 @@ std::string bf16_kernel_name() {
 
 // C = alpha op(A) op(B) + beta C on one thread; A, B bf16, C fp32. With a bias (N floats; then alpha must be 1
 // and beta 0): C = op(A) op(B) + bias, the bias added in oneDNN's epilogue, or C seeded with it and accumulated
-// into where oneDNN does not run the product.
+// into where oneDNN does not run the product. `packed`: B is a mirror's weight and its packed copies are kept
+// there (gemm_bf16_dnnl_packed; the forward products, tb = T).
 template <class = void>
 void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                              index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc,
-                             const float* bias = nullptr) {
+                             const float* bias = nullptr, PackedWeights* packed = nullptr) {
+  (void)packed;
   if (M == 0 || N == 0) return;
   LIMOE_CHECK(!bias || (alpha == 1.0f && beta == 0.0f), "gemm_bf16_serial: a bias needs alpha 1 and beta 0");
 #if defined(LIMOE_HAVE_DNNL)
   if (K > 0 && DnnlContext::get().fast &&
       static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 4096.0) {
     try {
+      // Only for large weights and products: where the weight is small, the kernel's own packing inside each
+      // call is cheap, and compiling an exact shape (0.27 ms) would cost more than it saves (the demo's
+      // evaluation, D = 128, 3-8% slower with every product packed).
+      if (packed && tb == Trans::T && static_cast<double>(N) * static_cast<double>(K) >= 0x1p19 &&
+          static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 0x1p26) {
+        try {
+          if (gemm_bf16_dnnl_packed(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, *packed)) return;
+        } catch (const dnnl::error&) {
+          // Refused (it never half-computes): the run-time shape kernel below.
+        }
+      }
       gemm_bf16_dnnl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
       return;
     } catch (const dnnl::error&) {
@@ -334,7 +442,8 @@ class RoundedOnce {
 namespace detail {
 // What both mixed products share: under Fp32 (or a non-float T) `fp32()` runs; under Bf16Mixed the operands are
 // read as bf16 (the mirror's copy, or rounded here, over the thread pool when `threaded`) and passed to
-// `bf16(a, b)` (a generic lambda: only instantiated for float).
+// `bf16(a, b, packed)` (a generic lambda: only instantiated for float; `packed` where B's packed copies are kept
+// when B is the mirror's weight, else nullptr).
 template <class T, PrecisionPolicy P, class Fp32Fn, class Bf16Fn>
 void mixed_product(const P& prec, bool threaded, Trans ta, Trans tb, index_t M, index_t N, index_t K, const T* A,
                    index_t lda, const T* B, index_t ldb, Fp32Fn&& fp32, Bf16Fn&& bf16) {
@@ -348,7 +457,10 @@ void mixed_product(const P& prec, bool threaded, Trans ta, Trans tb, index_t M, 
     const index_t br = tb == Trans::N ? K : N, bc = tb == Trans::N ? N : K;
     const index_t na = operand_extent(ar, ac, lda), nb = operand_extent(br, bc, ldb);
     ScratchLease<bf16_bits> sa(prec.find(A, na) ? 0 : na), sb(prec.find(B, nb) ? 0 : nb);
-    bf16(bf16_operand(prec, A, ar, ac, lda, sa, threaded), bf16_operand(prec, B, br, bc, ldb, sb, threaded));
+    // B^T a weight of the mirror, whose store the policy carries (an evaluation forward's): where its packed
+    // copies are kept (gemm_bf16_serial).
+    PackedWeights* packed = tb == Trans::T && prec.weights.find(B, nb) ? prec.weights.packed : nullptr;
+    bf16(bf16_operand(prec, A, ar, ac, lda, sa, threaded), bf16_operand(prec, B, br, bc, ldb, sb, threaded), packed);
   }
 }
 }  // namespace detail
@@ -360,7 +472,9 @@ void gemm_mixed_serial(const P& prec, Trans ta, Trans tb, index_t M, index_t N, 
   detail::mixed_product<T>(
       prec, false, ta, tb, M, N, K, A, lda, B, ldb,
       [&] { gemm_serial<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); },
-      [&](const auto* a, const auto* b) { detail::gemm_bf16_serial(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, C, ldc); });
+      [&](const auto* a, const auto* b, PackedWeights* packed) {
+        detail::gemm_bf16_serial(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, C, ldc, nullptr, packed);
+      });
 }
 
 // The same split over the thread pool (detail::split_product): operands are rounded once, in parallel, then
@@ -371,10 +485,11 @@ void gemm_mixed(const P& prec, Trans ta, Trans tb, index_t M, index_t N, index_t
   detail::mixed_product<T>(
       prec, true, ta, tb, M, N, K, A, lda, B, ldb,
       [&] { gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); },
-      [&](const auto* a, const auto* b) {
+      [&](const auto* a, const auto* b, PackedWeights* packed) {
         detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
           detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, alpha, a + detail::a_offset(ta, m0, lda), lda,
-                                   b + detail::b_offset(tb, n0, ldb), ldb, beta, C + m0 * ldc + n0, ldc);
+                                   b + detail::b_offset(tb, n0, ldb), ldb, beta, C + m0 * ldc + n0, ldc, nullptr,
+                                   packed);
         });
       });
 }
@@ -394,10 +509,11 @@ void gemm_mixed_bias(const P& prec, Trans ta, Trans tb, index_t M, index_t N, in
         });
         gemm<T>(ta, tb, M, N, K, T(1), A, lda, B, ldb, T(1), C, ldc);
       },
-      [&](const auto* a, const auto* b) {
+      [&](const auto* a, const auto* b, PackedWeights* packed) {
         detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
           detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, 1.0f, a + detail::a_offset(ta, m0, lda), lda,
-                                   b + detail::b_offset(tb, n0, ldb), ldb, 0.0f, C + m0 * ldc + n0, ldc, bias + n0);
+                                   b + detail::b_offset(tb, n0, ldb), ldb, 0.0f, C + m0 * ldc + n0, ldc, bias + n0,
+                                   packed);
         });
       });
 }

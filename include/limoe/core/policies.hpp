@@ -12,6 +12,9 @@ namespace limoe {
 // bf16: the upper 16 bits of an IEEE binary32 (8 exponent bits, 7 stored mantissa bits).
 using bf16_bits = std::uint16_t;
 
+// Packed copies of a host mirror's weights in the product library's own layout (core/precision.hpp).
+class PackedWeights;
+
 // Where the bf16 copy of a flat float buffer lives: lo[i] is base[i] rounded (core/precision.hpp's
 // BasicWeightMirror makes it, in host or device memory). find() is pointer arithmetic only, so host code finds
 // a device copy without reading it.
@@ -19,6 +22,9 @@ struct Bf16Copies {
   const float* base = nullptr;
   index_t size = 0;
   const bf16_bits* lo = nullptr;
+  // Where the products may keep these weights packed for their kernel (a host mirror's store, made again with
+  // the copy); nullptr for activations and device copies.
+  PackedWeights* packed = nullptr;
   // The copy of the n floats at p, when they lie inside the buffer; nullptr otherwise.
   const bf16_bits* find(const float* p, index_t n) const {
     const auto a = reinterpret_cast<std::uintptr_t>(p), b = reinterpret_cast<std::uintptr_t>(base);
@@ -58,7 +64,7 @@ struct Bf16Mixed {
     Bf16Mixed r = *this;
     for (Bf16Copies& a : r.acts)
       if (a.lo == nullptr) {
-        a = Bf16Copies{p, n, lo};
+        a = Bf16Copies{p, n, lo, nullptr};
         break;
       }
     return r;

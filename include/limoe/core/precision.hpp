@@ -15,11 +15,16 @@
 // both operands to bf16, accumulate exactly", the independent reference of the fast path.
 #pragma once
 
+#include <atomic>
 #include <bit>
 #include <concepts>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "limoe/core/error.hpp"
@@ -46,6 +51,70 @@ inline void to_bf16_parallel(const float* x, index_t n, bf16_bits* out) {
   parallel_for(0, n, 1 << 16, [&](index_t i0, index_t i1) { to_bf16(x + i0, i1 - i0, out + i0); });
 }
 
+// Packed copies of a host mirror's weights in a product library's own layout (core/gemm_mixed.hpp keeps oneDNN's
+// blocked bf16 layout of a forward product's weight blocks here), made on a block's first use and kept until the
+// mirror is made again (which clears them): the packing a product would otherwise do inside every call is done
+// once per set of weights. A model hands the store to the products of its evaluation forwards only (Limoe::prec):
+// a training step reads each forward weight once or twice before the optimizer changes it, so packing there is
+// a pass over every weight and a second copy in memory for nothing (measured: the S/32 bf16 training step 6-10%
+// slower, +500 MB), where an evaluation or an embedding reads the same weights batch after batch. An entry is
+// whatever the library keeps (type-erased); get() may be called from any thread, and callers of one key wait
+// for the one that makes it. clear() must not run during a product.
+class PackedWeights {
+ public:
+  // The weight's first element, its shape and leading dimension as the product reads it, and the library's
+  // layout number.
+  struct Key {
+    const void* p;
+    index_t rows, cols, ld;
+    int layout;
+    bool operator==(const Key&) const = default;
+  };
+  // The entry for key: made by make() (returning std::shared_ptr<const void>) when there is none yet.
+  template <class Make>
+  std::shared_ptr<const void> get(const Key& key, Make&& make) {
+    std::shared_ptr<Slot> slot;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::shared_ptr<Slot>& s = slots_[key];
+      if (!s) s = std::make_shared<Slot>();
+      slot = s;
+    }
+    std::lock_guard<std::mutex> lock(slot->mu);
+    if (!slot->value) {
+      slot->value = make();
+      made_.fetch_add(1, std::memory_order_relaxed);
+    }
+    return slot->value;
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    slots_.clear();
+  }
+  // Packed entries held now, and packed copies made since construction (tests).
+  std::size_t entries() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return slots_.size();
+  }
+  std::uint64_t made() const { return made_.load(std::memory_order_relaxed); }
+
+ private:
+  struct Slot {
+    std::mutex mu;
+    std::shared_ptr<const void> value;
+  };
+  struct Hash {
+    std::size_t operator()(const Key& k) const {
+      std::size_t h = std::hash<const void*>()(k.p);
+      for (index_t x : {k.rows, k.cols, k.ld, static_cast<index_t>(k.layout)}) h = h * 1000003u ^ std::hash<index_t>()(x);
+      return h;
+    }
+  };
+  mutable std::mutex mu_;
+  std::unordered_map<Key, std::shared_ptr<Slot>, Hash> slots_;
+  std::atomic<std::uint64_t> made_{0};
+};
+
 // The bf16 copy of a whole flat parameter buffer (core/params.hpp), in memory space S, made again only when the
 // buffer's version changes (the optimizer's step, a load, init: every non-const access to the values bumps it).
 // On host memory it converts over the thread pool; a device model passes its backend's conversion
@@ -61,6 +130,7 @@ class BasicWeightMirror {
     valid_ = false;
     lo_.resize(Shape{size});
     convert(base, size, lo_.data());
+    if (packed_) packed_->clear();
     base_ = base;
     size_ = size;
     version_ = version;
@@ -81,7 +151,10 @@ class BasicWeightMirror {
     return refresh(ps.values().data(), ps.size(), ps.version());
   }
   // Where the copy is (what a Bf16Mixed policy carries); empty before the first refresh.
-  Bf16Copies copies() const { return valid_ ? Bf16Copies{base_, size_, lo_.data()} : Bf16Copies{}; }
+  // On host memory the copies carry the mirror's store of packed weights (PackedWeights).
+  Bf16Copies copies() const { return valid_ ? Bf16Copies{base_, size_, lo_.data(), packed_.get()} : Bf16Copies{}; }
+  // The packed copies (host memory; nullptr on a device).
+  const PackedWeights* packed() const { return packed_.get(); }
   // The bf16 copy of the n floats at p, when they lie inside the mirrored buffer; nullptr otherwise.
   const bf16_bits* find(const float* p, index_t n) const { return copies().find(p, n); }
   // How many times the copy was made (tests: once per optimizer step).
@@ -93,6 +166,7 @@ class BasicWeightMirror {
   std::uint64_t version_ = 0, conversions_ = 0;
   bool valid_ = false;
   Tensor<bf16_bits, S> lo_;
+  std::shared_ptr<PackedWeights> packed_ = S::host_accessible ? std::make_shared<PackedWeights>() : nullptr;
 };
 using WeightMirror = BasicWeightMirror<HostSpace>;
 

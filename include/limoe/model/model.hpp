@@ -181,6 +181,8 @@ class Limoe {
   // How many times the bf16 copy of the weights was made (Bf16Mixed: once per change of the parameters, i.e.
   // once per optimizer step in training; always 0 under Fp32).
   std::uint64_t weight_conversions() const { return mirror_.conversions(); }
+  // The weights its evaluation forwards keep packed for the products (Bf16Mixed on host memory; nullptr else).
+  const PackedWeights* packed_weights() const { return mirror_.packed(); }
   // Expert parallelism: the communicator of the ranks holding the other parts of the experts (its rank r holds
   // part r). Every forward and backward with MoE blocks is then collective over it.
   void set_expert_comm(dist::AnyComm comm) {
@@ -298,6 +300,7 @@ class Limoe {
     // evaluation keeps none: all blocks share one scratch set and the block inputs ping-pong between two
     // buffers, so an evaluation forward holds one block's activations, not depth of them.
     const bool tape = mode == Mode::Train;
+    pack_weights_ = !tape;
     DTensor<T>& x0 = tape ? blocks_acts_[0].x_in : eval_x_[0];
     x0.resize(Shape{R, D});  // [R, D]
     if (Bi_ > 0) {
@@ -597,10 +600,17 @@ class Limoe {
 
   // The precision policy the ops receive: Bf16Mixed reads the weights from this model's bf16 mirror, made again
   // only when the parameters changed since (once per optimizer step in training; core/precision.hpp), in the
-  // memory of the backend by its to_bf16 op (on a device, one launch per step).
+  // memory of the backend by its to_bf16 op (on a device, one launch per step). An evaluation forward lets the
+  // products keep the weights packed for their kernel (PackedWeights, until the weights change); a training
+  // forward and its backward do not, since the next step changes the weights.
   Precision prec() const {
-    if constexpr (Precision::mixed) return Precision{mirror_.copies()};
-    else return Precision{};
+    if constexpr (Precision::mixed) {
+      Precision p{mirror_.copies()};
+      if (!pack_weights_) p.weights.packed = nullptr;
+      return p;
+    } else {
+      return Precision{};
+    }
   }
   void refresh_weight_mirror() {
     if constexpr (Precision::mixed) {
@@ -1002,6 +1012,7 @@ class Limoe {
   std::optional<dist::BasicAnyComm<S>> ep_blocks_comm_;  // set_expert_blocks_comm (device models)
   std::vector<moe::ExpertExchange<T, S>> ep_ex_;
   BasicWeightMirror<S> mirror_;  // the weights in bf16, in the backend's memory (Bf16Mixed only)
+  bool pack_weights_ = false;    // the last forward ran in evaluation mode (prec())
   // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and this call's place in it.
   struct DataParallelLoss {
     bool on = false;

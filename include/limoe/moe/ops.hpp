@@ -144,10 +144,15 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
   // split tile, before its chunks; the weights from the policy's mirror (rounded here when it has none).
   [[maybe_unused]] const bf16_bits *w1_16 = nullptr, *w2_16 = nullptr;
   [[maybe_unused]] bf16_bits *x16 = nullptr, *h16 = nullptr;
+  // Where the mirror keeps its weights packed for the products (gemm_bf16_serial), when both come from it and
+  // the policy carries its store (an evaluation forward's; PackedWeights).
+  [[maybe_unused]] PackedWeights* packed = nullptr;
   if constexpr (Prec::mixed) {
     s.lo_xe.resize(static_cast<std::size_t>(xe.numel()));
     s.lo_h.resize(static_cast<std::size_t>(h.numel()));
     x16 = s.lo_xe.data(), h16 = s.lo_h.data();
+    if (prec.weights.find(w.fc1_w.data(), w.fc1_w.numel()) && prec.weights.find(w.fc2_w.data(), w.fc2_w.numel()))
+      packed = prec.weights.packed;
     auto weight = [&](CView<T> wt, std::vector<bf16_bits>& own) -> const bf16_bits* {
       if (const bf16_bits* m = prec.find(wt.data(), wt.numel())) return m;
       own.resize(static_cast<std::size_t>(wt.numel()));
@@ -167,7 +172,7 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
                      const T* bias, index_t rows, index_t cols, index_t K, T* C, index_t ldc) {
     if constexpr (Prec::mixed)
       ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, K, 1.0f, X16 + a, K, W16 + b, K, 0.0f, C, ldc,
-                                        bias);
+                                        bias, packed);
     else
       (void)bias, gemm_serial<T>(Trans::N, Trans::T, rows, cols, K, T(1), X + a, K, W + b, K, T(0), C, ldc);
   };
