@@ -371,6 +371,14 @@ TEST_CASE("a mirror's weights packed for the forward products: the same arithmet
   CHECK(std::memcmp(C1.data(), C2.data(), sizeof(float) * C1.numel()) == 0);
   check(600, 2, C2);  // four blocks of 152 rows: the same copy
   CHECK(m.packed()->made() == (brgemm ? 1u : 0u));
+  {
+    // A copy of the mirror has a store of its own, empty (its bf16 copy is another buffer).
+    const WeightMirror copy = m;
+    REQUIRE(copy.packed() != nullptr);
+    CHECK(copy.packed() != m.packed());
+    CHECK(copy.packed()->entries() == 0);
+    CHECK(m.packed()->entries() == (brgemm ? 1u : 0u));
+  }
   // A policy without the store (a training forward's: Limoe::prec) reads the plain copy, and packs nothing.
   {
     const Bf16Mixed plain{Bf16Copies{m.copies().base, m.copies().size, m.copies().lo, nullptr}};
@@ -504,6 +512,7 @@ TEST_CASE("a bf16 model's evaluation forward reads its weights packed: the train
   const auto fe3 = m.forward(images.cview(), texts.cview(), Mode::Eval);
   if (brgemm) CHECK(m.packed_weights()->made() >= 2 * made);
   const auto ft3 = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  CHECK(m.packed_weights()->entries() == 0);  // a training forward drops them: the weights are about to change
   CHECK(rel_max(fe3.img_emb.cview(), ft3.img_emb.cview()) <= kTol);
   CHECK(rel_max(fe3.img_emb.cview(), fe.img_emb.cview()) > 10 * kTol);  // the weights did change
 }

@@ -56,6 +56,9 @@ struct DnnlContextT {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   // Whether oneDNN has a fast bf16 matmul on this processor (its reference kernel is far slower than widening).
   bool fast = false;
+  // Whether that kernel is brgemm (AVX-512 BF16, AMX): the one that reads weights packed once
+  // (gemm_bf16_dnnl_packed); elsewhere (AVX-512 without BF16: gemm:jit) the store is not used.
+  bool brgemm = false;
   std::string impl;
   DnnlContextT() {
     try {
@@ -65,6 +68,7 @@ struct DnnlContextT {
       const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, a, c), engine);
       impl = pd.impl_info_str();
       fast = impl.rfind("ref", 0) != 0;
+      brgemm = impl.rfind("brg", 0) == 0;
     } catch (const dnnl::error&) {
       fast = false;
     }
@@ -207,9 +211,11 @@ bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alph
   auto brgemm = [](const dnnl::matmul::primitive_desc& pd) {
     return std::string(pd.impl_info_str()).rfind("brg", 0) == 0;
   };
-  // The packed copy, or a mark that oneDNN has no brgemm kernel for it. oneDNN's
-  // layout for [K, N] depends on K, N and the data types, not on M (checked for M = 1 to 3,000), so one copy
-  // serves every tile height; a primitive wanting another layout falls back rather than repacks.
+  // The packed copy, or a mark that oneDNN has no brgemm kernel for it. Its layout is the one oneDNN picks for a
+  // canonical product with this weight (256 rows, A dense and not transposed, no bias, alpha 1, beta 0), so an
+  // entry depends on its key only, not on which call made it. oneDNN's layout for [K, N] depends on K, N and the
+  // data types, not on M, the transposes or the attributes (checked for M = 1 to 3,000 and 8 weight shapes);
+  // a primitive wanting another layout falls back (a function of its shape alone) rather than repacks.
   struct Packed {
     bool ok = false;
     dnnl::memory::desc desc;
@@ -217,7 +223,10 @@ bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alph
   };
   const auto entry = store.get(PackedWeights::Key{W, N, K, ldb, 1}, [&]() -> std::shared_ptr<const void> {
     auto packed = std::make_shared<Packed>();
-    const auto pd = make_pd();
+    const dnnl::matmul::primitive_desc pd(
+        dnnl::matmul::desc(dnnl::memory::desc(dims{256, K}, dt::bf16, dims{K, 1}), any_desc,
+                           dnnl::memory::desc(dims{256, N}, dt::f32, dims{N, 1})),
+        ctx.engine);
     if (!brgemm(pd)) return packed;
     packed->desc = pd.weights_desc();
     packed->mem = dnnl::memory(packed->desc, ctx.engine);
@@ -239,10 +248,10 @@ bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alph
       const std::uint64_t median = used[used.size() / 2];
       std::erase_if(cache, [&](const auto& kv) { return kv.second.used < median; });
     }
-    Entry entry;
+    Entry fresh;
     const auto pd = make_pd();
-    if (brgemm(pd)) entry.prim.emplace(Prim{dnnl::matmul(pd), pd.weights_desc()});
-    it = cache.emplace(key, std::move(entry)).first;
+    if (brgemm(pd)) fresh.prim.emplace(Prim{dnnl::matmul(pd), pd.weights_desc()});
+    it = cache.emplace(key, std::move(fresh)).first;
   }
   it->second.used = ++clock;
   if (!it->second.prim || !(packed.desc == it->second.prim->weights)) return false;
@@ -292,7 +301,8 @@ void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float
       // Only for large weights and products: where the weight is small, the kernel's own packing inside each
       // call is cheap, and compiling an exact shape (0.27 ms) would cost more than it saves (the demo's
       // evaluation, D = 128, 3-8% slower with every product packed).
-      if (packed && tb == Trans::T && static_cast<double>(N) * static_cast<double>(K) >= 0x1p19 &&
+      if (packed && tb == Trans::T && DnnlContext::get().brgemm &&
+          static_cast<double>(N) * static_cast<double>(K) >= 0x1p19 &&
           static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 0x1p26) {
         try {
           if (gemm_bf16_dnnl_packed(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, *packed)) return;

@@ -130,7 +130,7 @@ class BasicWeightMirror {
     valid_ = false;
     lo_.resize(Shape{size});
     convert(base, size, lo_.data());
-    if (packed_) packed_->clear();
+    drop_packed();
     base_ = base;
     size_ = size;
     version_ = version;
@@ -152,9 +152,13 @@ class BasicWeightMirror {
   }
   // Where the copy is (what a Bf16Mixed policy carries); empty before the first refresh.
   // On host memory the copies carry the mirror's store of packed weights (PackedWeights).
-  Bf16Copies copies() const { return valid_ ? Bf16Copies{base_, size_, lo_.data(), packed_.get()} : Bf16Copies{}; }
-  // The packed copies (host memory; nullptr on a device).
-  const PackedWeights* packed() const { return packed_.get(); }
+  Bf16Copies copies() const { return valid_ ? Bf16Copies{base_, size_, lo_.data(), packed_.p.get()} : Bf16Copies{}; }
+  // The packed copies (host memory; nullptr on a device), and dropping them (a training forward after an
+  // evaluation one: the model's weights are about to change).
+  const PackedWeights* packed() const { return packed_.p.get(); }
+  void drop_packed() {
+    if (packed_.p) packed_.p->clear();
+  }
   // The bf16 copy of the n floats at p, when they lie inside the mirrored buffer; nullptr otherwise.
   const bf16_bits* find(const float* p, index_t n) const { return copies().find(p, n); }
   // How many times the copy was made (tests: once per optimizer step).
@@ -166,7 +170,20 @@ class BasicWeightMirror {
   std::uint64_t version_ = 0, conversions_ = 0;
   bool valid_ = false;
   Tensor<bf16_bits, S> lo_;
-  std::shared_ptr<PackedWeights> packed_ = S::host_accessible ? std::make_shared<PackedWeights>() : nullptr;
+  // Each mirror its own store: a copy starts with an empty one (its bf16 copy is another buffer), an assigned
+  // mirror drops what it had.
+  struct OwnStore {
+    std::unique_ptr<PackedWeights> p;
+    OwnStore() : p(S::host_accessible ? std::make_unique<PackedWeights>() : nullptr) {}
+    OwnStore(const OwnStore&) : OwnStore() {}
+    OwnStore& operator=(const OwnStore&) {
+      if (p) p->clear();
+      return *this;
+    }
+    OwnStore(OwnStore&&) noexcept = default;
+    OwnStore& operator=(OwnStore&&) noexcept = default;
+  };
+  OwnStore packed_;
 };
 using WeightMirror = BasicWeightMirror<HostSpace>;
 

@@ -300,6 +300,9 @@ class Limoe {
     // evaluation keeps none: all blocks share one scratch set and the block inputs ping-pong between two
     // buffers, so an evaluation forward holds one block's activations, not depth of them.
     const bool tape = mode == Mode::Train;
+    if constexpr (Precision::mixed) {
+      if (tape && pack_weights_) mirror_.drop_packed();  // training after evaluation: the packed copies go
+    }
     pack_weights_ = !tape;
     DTensor<T>& x0 = tape ? blocks_acts_[0].x_in : eval_x_[0];
     x0.resize(Shape{R, D});  // [R, D]
