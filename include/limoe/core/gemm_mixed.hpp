@@ -221,7 +221,7 @@ bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alph
     dnnl::memory::desc desc;
     dnnl::memory mem;
   };
-  const auto entry = store.get(PackedWeights::Key{W, N, K, ldb, 1}, [&]() -> std::shared_ptr<const void> {
+  const auto entry = store.get(PackedWeights::Key{W, N, K, ldb}, [&]() -> std::shared_ptr<const void> {
     auto packed = std::make_shared<Packed>();
     const dnnl::matmul::primitive_desc pd(
         dnnl::matmul::desc(dnnl::memory::desc(dims{256, K}, dt::bf16, dims{K, 1}), any_desc,
