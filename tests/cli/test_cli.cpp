@@ -373,6 +373,30 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     REQUIRE(run("train --resume " + (e / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + f.string()).code == 0);
     CHECK(losses(f) == losses(a));
     CHECK(losses(e).size() == 4);
+    // A run resumed into another folder starts its .partial with the earlier steps: one that fails (or is killed)
+    // before its first log rename leaves them beside its own steps, not only in the folder it came from.
+    const fs::path fail = scratch() / "run_e_fail";
+    const Run diverged = run("train --resume " + (e / "checkpoint.safetensors").string() + " --lr 1e12 --threads 2 --quiet --out " + fail.string());
+    CHECK(diverged.code == 2);
+    CHECK_FALSE(fs::exists(fail / "metrics.jsonl"));
+    CHECK(slurp(fail / "metrics.jsonl.partial").substr(0, slurp(e / "metrics.jsonl").size()) == slurp(e / "metrics.jsonl"));
+    // Such a .partial, holding steps 1 to the checkpoint's by itself, is the log of the checkpoint beside it: a
+    // run killed after that checkpoint and before its log rename, with no log beside it or an older run's, is
+    // resumed with every step once.
+    const fs::path m = scratch() / "run_m";
+    REQUIRE(run("train --resume " + (e / "checkpoint.safetensors").string() + " --stop-at 6 --threads 2 --quiet --out " + m.string()).code == 0);
+    REQUIRE(losses(m).size() == 6);
+    for (const bool older_log : {false, true}) {
+      const fs::path mk = scratch() / (older_log ? "run_m_old" : "run_m_none");
+      fs::create_directories(mk);
+      fs::copy_file(m / "checkpoint.safetensors", mk / "checkpoint.safetensors", fs::copy_options::overwrite_existing);
+      fs::copy_file(m / "metrics.jsonl", mk / "metrics.jsonl.partial", fs::copy_options::overwrite_existing);
+      if (older_log) fs::copy_file(e / "metrics.jsonl", mk / "metrics.jsonl", fs::copy_options::overwrite_existing);
+      const Run rk = run("train --resume " + (mk / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + mk.string());
+      REQUIRE_MESSAGE(rk.code == 0, rk.err);
+      CHECK(losses(mk) == losses(a));
+      CHECK_FALSE(fs::exists(mk / "metrics.jsonl.partial"));
+    }
     // a leg that cannot run (--stop-at not after the checkpoint's step) is refused before touching its folder
     fs::copy_file(e / "metrics.jsonl", e / "metrics.jsonl.partial");
     expect_failure("train --resume " + (e / "checkpoint.safetensors").string() + " --stop-at 3 --out " + e.string(),

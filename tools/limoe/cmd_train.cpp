@@ -266,21 +266,33 @@ int run(const std::vector<std::string>& argv) {
   // The resumed log's lines after the checkpoint's step are dropped as it joins the new log (at the first commit,
   // while history is still that log): a log copied from a later point holds steps this run does again.
   bool trim_history = resume != nullptr;
+  std::filesystem::path from;  // the resumed checkpoint's log
   if (resume) {
-    const std::filesystem::path from = std::filesystem::path(args.str("resume")).parent_path() / "metrics.jsonl";
+    from = std::filesystem::path(args.str("resume")).parent_path() / "metrics.jsonl";
     if (std::filesystem::exists(from)) history = from.string();
     // A run killed between writing its checkpoint and renaming its log over the old one left that log behind the
     // checkpoint, and the missing steps' lines in the .partial beside it: they join this run's log (read now,
-    // before this run's own .partial, which may be that file, is started). Only lines that continue the log
-    // step by step: a .partial that does not start right after the log's last step belongs with another log
-    // (a new run's first checkpoint beside an older run's log), and is left out rather than mixed in.
+    // before this run's own .partial, which may be that file, is started). Either the .partial continues the log
+    // step by step, or it holds every step from 1 to the checkpoint's by itself (a new run's first checkpoint, or
+    // a run resumed from another folder, whose .partial starts with that folder's steps): then it is the log, and
+    // the file beside it belongs to an older run. A .partial that does neither (a line missing, one cut short,
+    // one from another run) is left out rather than mixed in.
     const std::int64_t logged = last_logged_step(from);
     std::ifstream old_partial(from.string() + ".partial", std::ios::binary);
-    std::int64_t next = logged + 1;
-    for (std::string line; logged < start && next <= start && std::getline(old_partial, line);) {
-      if (line_step(line) != next) break;  // not this log's continuation (or a line cut short)
-      recovered += line + "\n";
-      ++next;
+    std::string whole;
+    std::int64_t next = logged + 1, whole_next = 1;
+    bool continues = logged < start, from_one = logged < start;
+    for (std::string line; (continues || from_one) && std::getline(old_partial, line);) {
+      const std::int64_t s = line_step(line);
+      if (s > start || s < 1) break;  // after the checkpoint (the run went on), or a line cut short
+      if (continues && s == next) recovered += line + "\n", ++next;
+      else continues = false;
+      if (from_one && s == whole_next) whole += line + "\n", ++whole_next;
+      else from_one = false;
+    }
+    if (logged < start && next <= start && whole_next == start + 1) {
+      history.clear();  // the .partial is the whole log of the checkpoint
+      recovered = std::move(whole);
     }
   }
   if (lead) {
@@ -288,8 +300,18 @@ int run(const std::vector<std::string>& argv) {
     std::filesystem::create_directories(out, ec);
     LIMOE_CHECK(!ec && std::filesystem::is_directory(out), "cannot create the output folder '", out, "'",
                 ec ? ": " + ec.message() : std::string());
+    // Resumed into another folder: the earlier steps go first into this folder's .partial, so that a run killed
+    // before its first log rename still has them beside its checkpoint (the rule above finds them there).
+    std::string earlier;
+    if (!history.empty() && !std::filesystem::equivalent(from.parent_path().empty() ? "." : from.parent_path(), out, ec)) {
+      std::ifstream f(history, std::ios::binary);
+      for (std::string line; std::getline(f, line);)
+        if (line_step(line) <= start) earlier += line + "\n";
+      history.clear();
+      trim_history = false;
+    }
     log.open(partial, std::ios::trunc);
-    log << recovered << std::flush;
+    log << earlier << recovered << std::flush;
     LIMOE_CHECK(log.good(), "cannot write '", partial, "'");
   }
   auto commit_metrics = [&] {
