@@ -1,3 +1,4 @@
+#include <algorithm>
 // Checkpoints (docs/cli.md, docs/cli.md): a saved model reads back bit for bit with its config and
 // optimizer state; a checkpoint with a missing, misshaped or non-finite tensor, or another format or version,
 // is rejected with an error naming the file, the tensor and the problem.
@@ -131,6 +132,65 @@ TEST_CASE("optimizer state: a checkpoint without it loads nothing; a wrong size 
   CHECK(error(n, "7").empty());
   CHECK(opt.step() == 7);
   CHECK(opt.m()[0] == 0.5f);
+}
+
+TEST_CASE("optimizer state: opt_order names the moments' layout; another program's order is read by name") {
+  Limoe<float> m(preset("tiny"));
+  const auto& entries = m.params().entries();
+  // What limoe writes: the store's order, listed.
+  {
+    AdamW<float> opt(AdamWConfig{}, m.params());
+    const std::string p = temp_path("order.safetensors");
+    save_checkpoint(m, p, TrainState<float>{&opt, "{}"});
+    const auto order = nlohmann::json::parse(io::SafetensorsReader::open(p).metadata().at("opt_order"));
+    REQUIRE(order.size() == entries.size());
+    for (std::size_t i = 0; i < entries.size(); ++i) CHECK(order[i].get<std::string>() == entries[i].name);
+    fs::remove(p);
+  }
+  // Another program's file: the moments in name order (as its tensors are sorted), each value naming its tensor
+  // and position, so a moment read from the wrong place shows.
+  std::vector<std::size_t> by_name(entries.size());
+  for (std::size_t i = 0; i < by_name.size(); ++i) by_name[i] = i;
+  std::sort(by_name.begin(), by_name.end(), [&](std::size_t a, std::size_t b) { return entries[a].name < entries[b].name; });
+  REQUIRE(by_name != [&] { auto v = by_name; std::sort(v.begin(), v.end()); return v; }());  // a different order
+  auto value = [](std::size_t e, index_t i) { return static_cast<float>(e) + 1e-3f * static_cast<float>(i % 997); };
+  auto load = [&](nlohmann::json order) {
+    io::SafetensorsWriter w;
+    std::vector<float> mv, vv;
+    for (std::size_t k : by_name)
+      for (index_t i = 0; i < entries[k].shape.numel(); ++i) mv.push_back(value(k, i)), vv.push_back(2 * value(k, i));
+    w.add("opt.m", {static_cast<std::int64_t>(mv.size())}, std::span<const float>(mv));
+    w.add("opt.v", {static_cast<std::int64_t>(vv.size())}, std::span<const float>(vv));
+    w.set_metadata("opt_order", order.is_string() ? order.get<std::string>() : order.dump());
+    const std::string p = temp_path("order_in.safetensors");
+    w.write(p);
+    AdamW<float> opt(AdamWConfig{}, m.params());
+    std::string msg;
+    try {
+      if (!opt.load_state(io::SafetensorsReader::open(p))) msg = "no state";
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    fs::remove(p);
+    if (msg.empty())
+      for (std::size_t k = 0; k < entries.size(); ++k)
+        for (index_t i = 0; i < entries[k].shape.numel(); ++i) {
+          REQUIRE(opt.m()[entries[k].offset + i] == value(k, i));
+          REQUIRE(opt.v()[entries[k].offset + i] == 2 * value(k, i));
+        }
+    return msg;
+  };
+  nlohmann::json sorted = nlohmann::json::array();
+  for (std::size_t k : by_name) sorted.push_back(entries[k].name);
+  CHECK(load(sorted).empty());
+  // Errors name the problem: not an array, a name not in the model, a name twice, one left out.
+  CHECK(load(nlohmann::json("{\"a\": 1}")).find("opt_order (the order of opt.m and opt.v") != std::string::npos);
+  CHECK(load(nlohmann::json("[1, 2")).find("is not a JSON array") != std::string::npos);
+  auto with = [&](auto edit) { nlohmann::json o = sorted; edit(o); return load(o); };
+  CHECK(with([](auto& o) { o[0] = 7; }).find("holds 7, not a name") != std::string::npos);
+  CHECK(with([](auto& o) { o[0] = "blocks.9.ln1.weight"; }).find("names \"blocks.9.ln1.weight\", which this model does not have") != std::string::npos);
+  CHECK(with([](auto& o) { o[1] = o[0]; }).find("twice") != std::string::npos);
+  CHECK(with([](auto& o) { o.erase(o.size() - 1); }).find("leaves out \"" + entries[by_name.back()].name + "\"") != std::string::npos);
 }
 
 TEST_CASE("bad checkpoints: missing, misshaped or non-finite tensors; another format or version") {

@@ -2,7 +2,7 @@
 //
 // A checkpoint is the model's parameters under their docs/cli.md names, F32 (readers accept F16/BF16/F64), with
 // `__metadata__` {"format": "limoe", "format_version": "1", "config": <JSON>}. Training adds the AdamW moments
-// as flat `opt.m` / `opt.v` tensors (in the order of the model's parameter store) and `train_state` metadata;
+// as flat `opt.m` / `opt.v` tensors (in the order the `opt_order` metadata lists: the model's parameter store) and `train_state` metadata;
 // a model loader ignores both. Any tool that writes these names and this config produces a loadable model.
 #pragma once
 

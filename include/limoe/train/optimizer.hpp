@@ -21,7 +21,10 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <unordered_map>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/parallel.hpp"
@@ -91,7 +94,7 @@ class AdamW {
     global_size_ = 0;
     for (const auto& e : ps.entries()) {
       const index_t n = e.shape.numel();
-      segments_.push_back({e.offset, n, global_size_ + e.shard * n});
+      segments_.push_back({e.offset, n, global_size_ + e.shard * n, e.shard, e.shards, e.name});
       global_size_ += n * e.shards;
     }
     step_ = 0;
@@ -106,8 +109,9 @@ class AdamW {
   const Tensor<T, S>& m() const { return m_; }
   const Tensor<T, S>& v() const { return v_; }
 
-  // Writes the moments as flat F32 tensors "opt.m" / "opt.v" (in the order of the parameter store) and the
-  // step as metadata "opt_step" (an io::SafetensorsWriter, or anything with its add / set_metadata).
+  // Writes the moments as flat F32 tensors "opt.m" / "opt.v" (in the order of the parameter store), the step as
+  // metadata "opt_step", and that order as "opt_order" (a JSON array of the parameters' names), so that another
+  // program can split the moments by tensor (an io::SafetensorsWriter, or anything with add / set_metadata).
   template <class Writer>
   void save_state(Writer& w) const {
     LIMOE_CHECK(global_size_ == m_.numel(), "AdamW::save_state: this optimizer holds the moments of part of the "
@@ -119,9 +123,13 @@ class AdamW {
       w.add(name, {t->numel()}, std::span<const float>(buf));
     }
     w.set_metadata("opt_step", std::to_string(step_));
+    nlohmann::json order = nlohmann::json::array();
+    for (const auto& sg : segments_) order.push_back(sg.name);
+    w.set_metadata("opt_order", order.dump());
   }
   // Restores what save_state wrote; false (and nothing changed) when the reader holds no optimizer state.
-  // The moments must match the attached store's size; errors name the reader's label.
+  // The moments must match the attached store's size; errors name the reader's label. With "opt_order" the
+  // moments are in that order (every parameter once, any order: another program's); without it, in the store's.
   template <class Reader>
   bool load_state(const Reader& r) {
     if (!r.has("opt.m") || !r.has("opt.v")) return false;
@@ -148,12 +156,15 @@ class AdamW {
         fail("checkpoint '", r.label(), "': opt_step \"", it->second, "\" is not a step count");
       }
     }
+    const std::vector<index_t> where = file_offsets(r);
     Tensor<T> m(m_.shape()), v(v_.shape());  // on the host, then into the moments' memory
-    for (const auto& sg : segments_)
+    for (std::size_t k = 0; k < segments_.size(); ++k) {
+      const Segment& sg = segments_[k];
       for (index_t i = 0; i < sg.numel; ++i) {
-        m[sg.local + i] = static_cast<T>(flat[0][static_cast<std::size_t>(sg.global + i)]);
-        v[sg.local + i] = static_cast<T>(flat[1][static_cast<std::size_t>(sg.global + i)]);
+        m[sg.local + i] = static_cast<T>(flat[0][static_cast<std::size_t>(where[k] + i)]);
+        v[sg.local + i] = static_cast<T>(flat[1][static_cast<std::size_t>(where[k] + i)]);
       }
+    }
     copy_from_host<T, S>(m.cview(), m_.view());
     copy_from_host<T, S>(v.cview(), v_.view());
     step_ = step;
@@ -210,11 +221,47 @@ class AdamW {
     return norm;
   }
 
+  // Where each segment's moments start in the file's opt.m / opt.v: the store's whole-model layout, or the
+  // layout "opt_order" lists (each name once, the same names as the store's).
+  template <class Reader>
+  std::vector<index_t> file_offsets(const Reader& r) const {
+    std::vector<index_t> where;
+    for (const auto& sg : segments_) where.push_back(sg.global);
+    const auto& md = r.metadata();
+    const auto it = md.find("opt_order");
+    if (it == md.end()) return where;
+    const auto bad = [&](const auto&... what) {
+      fail("checkpoint '", r.label(), "': opt_order (the order of opt.m and opt.v: a JSON array of the parameters' "
+           "names) ", what...);
+    };
+    const auto order = nlohmann::json::parse(it->second, nullptr, false);
+    if (order.is_discarded() || !order.is_array()) bad("is not a JSON array");
+    std::unordered_map<std::string, index_t> whole;  // a name's whole-model size
+    for (const auto& sg : segments_) whole[sg.name] = sg.numel * sg.shards;
+    std::unordered_map<std::string, index_t> start;
+    index_t at = 0;
+    for (const auto& name : order) {
+      if (!name.is_string()) bad("holds ", name.dump(), ", not a name");
+      const std::string n = name;
+      const auto w = whole.find(n);
+      if (w == whole.end()) bad("names \"", n, "\", which this model does not have");
+      if (!start.emplace(n, at).second) bad("names \"", n, "\" twice");
+      at += w->second;
+    }
+    for (const auto& [n, size] : whole)
+      if (!start.count(n)) bad("leaves out \"", n, "\"");
+    for (std::size_t k = 0; k < segments_.size(); ++k)
+      where[k] = start.at(segments_[k].name) + segments_[k].shard * segments_[k].numel;
+    return where;
+  }
+
   AdamWConfig cfg_;
   Tensor<T, S> m_, v_;
   Tensor<std::uint8_t, S> decay_mask_;
   struct Segment {
     index_t local, numel, global;  // an entry's moments: here, and in the whole model's saved layout
+    index_t shard, shards;         // the part of its tensor it is, of how many (expert parallel): 0 of 1 whole
+    std::string name;
   };
   std::vector<Segment> segments_;
   index_t global_size_ = 0;
