@@ -533,11 +533,14 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     auto state = nlohmann::json::parse(md.at("train_state"));
     const std::string resume = "train --resume " + p.string() + " --quiet --out " + (scratch() / "r").string();
     for (const auto& [key, value] : std::vector<std::pair<std::string, nlohmann::json>>{
-             {"steps", "x"}, {"batch", 8.5}, {"steps", 1e30}, {"lr", "fast"}, {"train_seconds", nlohmann::json::array()}}) {
+             {"steps", "x"}, {"batch", 8.5}, {"steps", 1e30}, {"lr", "fast"}, {"train_seconds", nlohmann::json::array()},
+             {"data", 5}, {"data", nullptr}, {"data_path", false}}) {
       auto bad = state;
       bad[key] = value;
       with_metadata(src, p, {{"train_state", bad.dump()}});
       expect_failure(resume, "train_state \"" + key + "\" must be");
+      // the recorded data is the file's too where eval reads it (a number there once picked other data)
+      if (key.rfind("data", 0) == 0) expect_failure("eval --checkpoint " + p.string() + " --max-test 32", "train_state \"" + key + "\" must be a string");
     }
     {  // any seed --seed accepts resumes (up to 2^63 - 1)
       const fs::path s1 = scratch() / "run_seed";
@@ -602,6 +605,14 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     CHECK(slurp(d / "metrics.jsonl") == before);
     CHECK(slurp(d / "checkpoint.safetensors") == ck_before);
     CHECK(fs::exists(d / "metrics.jsonl.partial"));
+    // A folder where the run's log would go: refused before training, the checkpoint beside it untouched and no
+    // staged log left behind (before, the run trained, replaced the checkpoint, then failed on the log).
+    const fs::path d2 = scratch() / "run_d2";
+    fs::create_directories(d2 / "metrics.jsonl");
+    fs::copy_file(d / "checkpoint.safetensors", d2 / "checkpoint.safetensors");
+    expect_failure("train" + common + " --steps 2 --out " + d2.string(), "metrics.jsonl': it is a folder, not a file");
+    CHECK(slurp(d2 / "checkpoint.safetensors") == ck_before);
+    CHECK_FALSE(fs::exists(d2 / "metrics.jsonl.tmp"));
     // A new run in the same folder replaces the log with its own steps (at its first checkpoint).
     REQUIRE(run("train" + common + " --steps 2 --out " + d.string()).code == 0);
     const std::string after = slurp(d / "metrics.jsonl");

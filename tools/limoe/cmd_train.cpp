@@ -310,34 +310,62 @@ int run(const std::vector<std::string>& argv) {
       history.clear();
       trim_history = false;
     }
+    // What the run will write must be files (or nothing yet): found at the first checkpoint, a folder in the way
+    // would end the run after its training.
+    for (const std::string& f : {ckpt, metrics, partial, metrics + ".tmp"})
+      LIMOE_CHECK(!std::filesystem::is_directory(f, ec), "cannot write '", f, "': it is a folder, not a file");
     log.open(partial, std::ios::trunc);
     log << earlier << recovered << std::flush;
     LIMOE_CHECK(log.good(), "cannot write '", partial, "'");
   }
-  auto commit_metrics = [&] {
+  // The new log is written beside the old one (metrics.jsonl.tmp) before the checkpoint, and renamed over it
+  // after: a failure before the checkpoint's rename leaves both files as they were, and no .tmp behind.
+  const std::string staged = metrics + ".tmp";
+  auto stage_metrics = [&] {
     log.close();
-    const std::string tmp = metrics + ".tmp";
-    {
-      std::ofstream m(tmp, std::ios::trunc | std::ios::binary);
-      for (const std::string& part : {history, partial}) {
-        if (part.empty()) continue;
-        std::ifstream f(part, std::ios::binary);
-        if (part == history && trim_history) {
-          for (std::string line; std::getline(f, line);)
-            if (line_step(line) <= start) m << line << '\n';
-        } else if (f.peek() != std::ifstream::traits_type::eof()) {
-          m << f.rdbuf();
-        }
+    std::ofstream m(staged, std::ios::trunc | std::ios::binary);
+    for (const std::string& part : {history, partial}) {
+      if (part.empty()) continue;
+      std::ifstream f(part, std::ios::binary);
+      if (part == history && trim_history) {
+        for (std::string line; std::getline(f, line);)
+          if (line_step(line) <= start) m << line << '\n';
+      } else if (f.peek() != std::ifstream::traits_type::eof()) {
+        m << f.rdbuf();
       }
-      m.flush();
-      LIMOE_CHECK(m.good(), "cannot write '", tmp, "'");
     }
+    m.flush();
+    if (!m.good()) {
+      std::error_code ec;
+      std::filesystem::remove(staged, ec);
+      fail("cannot write '", staged, "'");
+    }
+  };
+  auto commit_metrics = [&] {
     std::error_code ec;
-    std::filesystem::rename(tmp, metrics, ec);
-    LIMOE_CHECK(!ec, "cannot replace '", metrics, "': ", ec.message());
+    std::filesystem::rename(staged, metrics, ec);
+    if (ec) {
+      std::error_code ignored;
+      std::filesystem::remove(staged, ignored);
+      fail("cannot replace '", metrics, "': ", ec.message(), " (the checkpoint beside it is written; this run's "
+           "steps are in '", partial, "', where a resumed run finds them)");
+    }
     history = metrics;
     trim_history = false;
     log.open(partial, std::ios::trunc);
+  };
+  // Writes the checkpoint between staging the log and renaming it.
+  auto with_metrics = [&](auto write_checkpoint) {
+    stage_metrics();
+    try {
+      write_checkpoint();
+    } catch (...) {
+      std::error_code ec;
+      std::filesystem::remove(staged, ec);
+      log.open(partial, std::ios::app);
+      throw;
+    }
+    commit_metrics();
   };
 
   const bool quiet = args.flag("quiet") || !lead, tty = isatty(STDERR_FILENO);
@@ -367,8 +395,10 @@ int run(const std::vector<std::string>& argv) {
     if (!src.path.empty()) st["data_path"] = std::filesystem::absolute(src.path).string();
     if (!src.test_path.empty()) st["test_path"] = std::filesystem::absolute(src.test_path).string();
     if (ep == 1) {
-      save_checkpoint(model, ckpt, TrainState<float, typename Model::memory_space>{&trainer.optimizer(), st.dump()}, {{"tokenizer", tok.to_json()}});
-      commit_metrics();
+      with_metrics([&] {
+        save_checkpoint(model, ckpt, TrainState<float, typename Model::memory_space>{&trainer.optimizer(), st.dump()},
+                        {{"tokenizer", tok.to_json()}});
+      });
       return;
     }
     Limoe<float> whole(cfg);
@@ -377,8 +407,7 @@ int run(const std::vector<std::string>& argv) {
     std::copy(whole_m.begin(), whole_m.end(), opt.m().data());
     std::copy(whole_v.begin(), whole_v.end(), opt.v().data());
     opt.set_step(trainer.optimizer().step());
-    save_checkpoint(whole, ckpt, TrainState<float>{&opt, st.dump()}, {{"tokenizer", tok.to_json()}});
-    commit_metrics();
+    with_metrics([&] { save_checkpoint(whole, ckpt, TrainState<float>{&opt, st.dump()}, {{"tokenizer", tok.to_json()}}); });
   };
   if (lead)
   std::cerr << "limoe train: " << cfg.depth << " blocks (" << cfg.moe_blocks.size() << " MoE, " << cfg.experts

@@ -6,6 +6,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include <limoe/data/data.hpp>
 #include <limoe/model/checkpoint.hpp>
@@ -60,7 +61,12 @@ inline TrainedData trained_data(const std::map<std::string, std::string>& metada
   TrainedData t;
   const nlohmann::json j = train_state_of(metadata);
   auto field = [&](const char* key) {
-    return j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+    if (!j.contains(key)) return std::string();
+    // A recorded value of another type is the file's error, not a missing record (which would quietly pick
+    // other data: `auto` finds Fashion-MNIST where it is installed).
+    LIMOE_CHECK(j[key].is_string(), "the checkpoint's train_state \"", key, "\" must be a string (",
+                std::string_view(key) == "data" ? "the data kind" : "a path", "), got ", detail::json_excerpt(j[key]));
+    return j[key].get<std::string>();
   };
   t.kind = field("data"), t.path = field("data_path"), t.test_path = field("test_path");
   return t;
