@@ -487,6 +487,14 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
   }
   expect_failure("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs 0 --out " + rep.string(),
                  "--pairs must be at least 1");
+  {  // a folder where the picture goes: the report beside it is not replaced either (both files or neither)
+    const fs::path rep2 = scratch() / "routing2";
+    fs::create_directories(rep2.string() + ".svg");
+    std::ofstream(rep2.string() + ".json") << "OLD";
+    expect_failure("routing --checkpoint " + (a / "checkpoint.safetensors").string() + " --pairs 8 --out " + rep2.string(),
+                   "routing2.svg': it is a directory");
+    CHECK(slurp(rep2.string() + ".json") == "OLD");
+  }
   expect_failure("train" + common + " --steps -1 --out " + (scratch() / "c").string(), "--steps must be between 1");
   expect_failure("train" + common + " --steps 4 --stop-at 5 --out " + (scratch() / "c").string(), "--stop-at must be between 1 and 4");
   expect_failure("train" + common + " --clip -1 --out " + (scratch() / "c").string(), "--clip must be at least 0");
@@ -853,3 +861,40 @@ TEST_CASE("train under mpirun: 2 ranks follow one process; resume across rank co
   fs::remove_all(scratch());
 }
 #endif
+
+TEST_CASE("report: an eval.json of the wrong shape, no runs, or a folder in the way of an output are named") {
+  const fs::path x = scratch() / "exp_bad";
+  fs::remove_all(x);
+  auto put = [&](const std::string& arm, const std::string& text) {
+    fs::create_directories(x / arm / "seed0");
+    std::ofstream(x / arm / "seed0" / "eval.json", std::ios::trunc) << text;
+  };
+  put("A", R"({"zero_shot_top1": 0.5})");
+  put("B", R"({"zero_shot_top1": 0.6, "routing": [{}]})");  // a block with nothing in it reads as zeros
+  const Run ok = run("report " + x.string());
+  REQUIRE_MESSAGE(ok.code == 0, ok.err);
+  const std::string before = slurp(x / "report.json");
+  for (const auto& [text, needle] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"routing": 5})", "\"routing\" must be an array"},
+           {R"({"train_seconds": "12"})", "\"train_seconds\" must be a number"},
+           {R"({"routing": [{"block": "x"}]})", "\"routing[0].block\" must be an integer"},
+           {R"({"routing": [{"img": {"routed": ["x"]}}]})", "\"routing[0].img.routed\" must be an array of numbers"},
+           {R"({"routing": [{"image_share": ["a"]}]})", "\"routing[0].image_share\" must be an array of numbers"},
+           {R"({"routing": [7]})", "\"routing[0]\" must be an object"}}) {
+    put("B", text);
+    expect_failure("report " + x.string(), needle);
+    CHECK(slurp(x / "report.json") == before);
+  }
+  put("B", R"({"zero_shot_top1": 0.6})");
+  // A protocol whose arms have no runs on disk: an error, not an empty report.
+  std::ofstream(x / "protocol.txt", std::ios::trunc) << "baseline C\narm C\n";
+  expect_failure("report " + x.string(), "no runs under");
+  fs::remove(x / "protocol.txt");
+  // A folder where report.md goes: nothing of the report is written (before, report.json and the picture were).
+  fs::remove(x / "report.md");
+  fs::create_directories(x / "report.md");
+  expect_failure("report " + x.string(), "report.md': it is a directory");
+  CHECK(slurp(x / "report.json") == before);
+  for (const auto& e : fs::directory_iterator(x)) CHECK_MESSAGE(e.path().string().find(".tmp.") == std::string::npos, e.path());
+  fs::remove_all(x);
+}

@@ -76,6 +76,41 @@ struct Run {
   nlohmann::json eval;
   std::string command;
 };
+
+// The parts of an eval.json a report reads, checked where it is read: a value of another type than `limoe eval`
+// writes is an error naming the file and the key (a hand-edited or foreign file), never a JSON library's message.
+void check_eval(const nlohmann::json& e, const fs::path& file) {
+  auto bad = [&](const std::string& key, const char* want) {
+    fail("report: ", file.string(), ": \"", key, "\" must be ", want);
+  };
+  auto number = [&](const nlohmann::json& j, const std::string& where, const char* key) {
+    if (j.contains(key) && !j[key].is_number()) bad(where + key, "a number");
+  };
+  auto numbers = [&](const nlohmann::json& j, const std::string& where, const char* key) {
+    if (!j.contains(key)) return;
+    if (!j[key].is_array()) bad(where + key, "an array of numbers");
+    for (const auto& v : j[key])
+      if (!v.is_number()) bad(where + key, "an array of numbers");
+  };
+  for (const auto& m : metrics()) number(e, "", m.key);
+  if (!e.contains("routing")) return;
+  if (!e["routing"].is_array()) bad("routing", "an array of blocks (limoe eval's routing)");
+  for (std::size_t i = 0; i < e["routing"].size(); ++i) {
+    const auto& b = e["routing"][i];
+    const std::string at = "routing[" + std::to_string(i) + "].";
+    if (!b.is_object()) bad(at.substr(0, at.size() - 1), "an object");
+    for (const char* k : {"block", "experts", "experts_image_specialised", "experts_text_specialised"})
+      if (b.contains(k) && !b[k].is_number_integer()) bad(at + k, "an integer");
+    numbers(b, at, "image_share");
+    for (const char* m : {"img", "txt"}) {
+      if (!b.contains(m)) continue;
+      if (!b[m].is_object()) bad(at + m, "an object");
+      number(b[m], at + m + ".", "drop_rate");
+      number(b[m], at + m + ".", "effective_experts");
+      numbers(b[m], at + m + ".", "routed");
+    }
+  }
+}
 struct Arm {
   std::string name;
   std::vector<Run> runs;
@@ -140,6 +175,7 @@ std::vector<Arm> read_arms(const fs::path& dir, const Protocol& proto) {
         const std::string text = read_text(e.path() / "eval.json");
         r.eval = nlohmann::json::parse(text, nullptr, false);
         LIMOE_CHECK(r.eval.is_object(), "report: ", (e.path() / "eval.json").string(), " is not a JSON object");
+        check_eval(r.eval, e.path() / "eval.json");
         r.command = read_text(e.path() / "command.txt");
         while (!r.command.empty() && r.command.back() == '\n') r.command.pop_back();
         a.runs.push_back(std::move(r));
@@ -148,6 +184,9 @@ std::vector<Arm> read_arms(const fs::path& dir, const Protocol& proto) {
     arms.push_back(std::move(a));
   }
   LIMOE_CHECK(!arms.empty(), "report: no arms under ", dir.string(), " (expected ARM/seedN/eval.json)");
+  LIMOE_CHECK(std::any_of(arms.begin(), arms.end(), [](const Arm& a) { return !a.runs.empty(); }), "report: no runs under ",
+              dir.string(), ": none of the arms ", proto.arms.empty() ? "there" : "protocol.txt lists",
+              " has an ARM/seedN/eval.json");
   return arms;
 }
 
@@ -171,16 +210,21 @@ std::vector<BlockRouting> routing_of(const Arm& a) {
       if (out.size() <= i) out.emplace_back();
       auto& b = out[i];
       const auto& j = blocks[i];
+      // check_eval has seen the types; a part left out reads as 0 (or nothing).
+      static const nlohmann::json none = nlohmann::json::object();
+      const auto& img = j.contains("img") ? j["img"] : none;
+      const auto& txt = j.contains("txt") ? j["txt"] : none;
       b.block = j.value("block", 0);
       b.experts = j.value("experts", 0);
-      b.drop_img += j["img"].value("drop_rate", 0.0);
-      b.drop_txt += j["txt"].value("drop_rate", 0.0);
-      b.txt_eff += j["txt"].value("effective_experts", 0.0);
+      b.drop_img += img.value("drop_rate", 0.0);
+      b.drop_txt += txt.value("drop_rate", 0.0);
+      b.txt_eff += txt.value("effective_experts", 0.0);
       b.spec_img += j.value("experts_image_specialised", 0);
       b.spec_txt += j.value("experts_text_specialised", 0);
-      for (const auto& s : j["image_share"]) b.shares.push_back(s.get<double>());
-      if (j["img"].contains("routed") && j["txt"].contains("routed")) {
-        const auto ri = j["img"]["routed"].get<std::vector<double>>(), rt = j["txt"]["routed"].get<std::vector<double>>();
+      if (j.contains("image_share"))
+        for (const auto& s : j["image_share"]) b.shares.push_back(s.get<double>());
+      if (img.contains("routed") && txt.contains("routed")) {
+        const auto ri = img["routed"].get<std::vector<double>>(), rt = txt["routed"].get<std::vector<double>>();
         double si = 0, st = 0;
         for (double v : ri) si += v;
         for (double v : rt) st += v;
@@ -324,10 +368,6 @@ std::string routing_svg(const std::vector<Arm>& arms, const std::vector<std::vec
   return s.str();
 }
 
-void write_text(const fs::path& p, const std::string& text) {
-  io::write_file_atomic(p.string(), std::string_view(text));
-}
-
 int run(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"baseline", "title"}, {}, "report");
   LIMOE_CHECK(args.positional().size() == 1, "expected one experiment folder (scripts/experiment's --out), got ",
@@ -453,10 +493,14 @@ int run(const std::vector<std::string>& argv) {
   std::vector<std::string> pic;
   for (const auto& k : kPictureKeys)
     if (std::find_if(cols.begin(), cols.end(), [&](const Metric* m) { return k == m->key; }) != cols.end()) pic.push_back(k);
-  write_text(dir / "accuracy.svg", accuracy_svg(arms, pic, title));
-  if (any_routing) write_text(dir / "routing.svg", routing_svg(arms, routing, title));
-  write_text(dir / "report.json", js.dump(1) + "\n");
-  write_text(dir / "report.md", md.str());
+  // The report's files together or not at all (a folder in the way of one leaves the others as they were).
+  const std::string acc = accuracy_svg(arms, pic, title), rsvg = any_routing ? routing_svg(arms, routing, title) : "",
+                    json = js.dump(1) + "\n", text = md.str();
+  std::vector<std::pair<std::string, std::string_view>> files{{(dir / "accuracy.svg").string(), acc}};
+  if (any_routing) files.emplace_back((dir / "routing.svg").string(), rsvg);
+  files.emplace_back((dir / "report.json").string(), json);
+  files.emplace_back((dir / "report.md").string(), text);
+  io::write_files_atomic(files);
   std::cout << md.str();
   return 0;
 }

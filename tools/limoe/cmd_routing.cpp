@@ -152,8 +152,8 @@ int run(const std::vector<std::string>& argv) {
   nlohmann::json j = nlohmann::json::array();
   for (const auto& b : blocks) j.push_back(b.to_json());
   const std::string js = j.dump(1), svg = svg_report(blocks, cfg, images, patch_routes);
-  io::write_file_atomic(out + ".json", std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(js.data()), js.size()));
-  io::write_file_atomic(out + ".svg", std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(svg.data()), svg.size()));
+  // Both files, or neither: a folder in the way of the picture leaves the old report as it was.
+  io::write_files_atomic({{out + ".json", js}, {out + ".svg", svg}});
   std::printf("wrote %s.json and %s.svg\n", out.c_str(), out.c_str());
   return 0;
   });

@@ -11,6 +11,7 @@
 //                               anything fails (including an exception thrown by the writer callback), the
 //                               temporary file is removed, the error is rethrown, and the old file at `path`, if
 //                               any, is left untouched.
+// write_files_atomic({{path, text}, …}) -> files that belong together: all staged before any is renamed.
 //
 // POSIX only (open/fsync/rename/mmap).
 #pragma once
@@ -34,6 +35,7 @@
 #include <string>
 #include <string_view>
 #include <vector>
+#include <utility>
 
 #include "limoe/core/error.hpp"
 
@@ -239,29 +241,32 @@ inline FileBytes map_file(const std::string& path) {
   return FileBytes(std::move(out));
 }
 
-// Writes `path` atomically: `writer(os)` streams the content into a temporary file next to `path`, which is fsync'ed
-// and renamed over `path`. On any failure (I/O error, or an exception thrown by `writer`) the temporary file is
-// removed and the exception propagates; an existing file at `path` is then left as it was. Write errors raised by the
-// stream throw limoe::Error at once (the stream has badbit exceptions enabled).
-inline void write_file_atomic(const std::string& path, const std::function<void(std::ostream&)>& writer) {
+namespace detail {
+// A file to replace `path`: `path` must not be a directory.
+inline void check_replaceable(const std::string& path) {
   if (path.empty()) fail("cannot write file: the path is empty");
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
     fail("cannot write '", path, "': it is a directory, not a file");
+}
 
-  const std::string tmp = detail::temp_path_for(path);
+// Writes `writer`'s content to a new temporary file beside `path`, fsync'ed and closed, and returns its name; on
+// any failure the temporary file is removed and the error propagates.
+inline std::string stage_file(const std::string& path, const std::function<void(std::ostream&)>& writer) {
+  check_replaceable(path);
+  const std::string tmp = temp_path_for(path);
   int raw;
   do {
     raw = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   } while (raw < 0 && errno == EINTR);
   if (raw < 0) {
     const int err = errno;
-    fail("cannot write '", path, "': cannot create the temporary file '", tmp, "': ", detail::errno_text(err));
+    fail("cannot write '", path, "': cannot create the temporary file '", tmp, "': ", errno_text(err));
   }
-  detail::FdGuard fd(raw);
+  FdGuard fd(raw);
   try {
     {
-      detail::FdStreamBuf buf(fd.get(), "'" + path + "' (temporary file '" + tmp + "')");
+      FdStreamBuf buf(fd.get(), "'" + path + "' (temporary file '" + tmp + "')");
       std::ostream os(&buf);
       os.exceptions(std::ios_base::badbit | std::ios_base::failbit);
       try {
@@ -273,25 +278,65 @@ inline void write_file_atomic(const std::string& path, const std::function<void(
     }
     if (::fsync(fd.get()) != 0) {
       const int err = errno;
-      fail("cannot write '", path, "': fsync failed: ", detail::errno_text(err));
+      fail("cannot write '", path, "': fsync failed: ", errno_text(err));
     }
-    if (const int err = fd.close_now(); err != 0)
-      fail("cannot write '", path, "': close failed: ", detail::errno_text(err));
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
-      const int err = errno;
-      fail("cannot write '", path, "': rename from '", tmp, "' failed: ", detail::errno_text(err));
-    }
+    if (const int err = fd.close_now(); err != 0) fail("cannot write '", path, "': close failed: ", errno_text(err));
   } catch (...) {
     fd.close_now();
     ::unlink(tmp.c_str());
     throw;
   }
-  // Make the rename itself durable; best effort (some file systems refuse fsync on directories).
-  const std::string dir = detail::parent_dir(path);
+  return tmp;
+}
+
+// Renames a staged file over `path` (removing it if that fails), then makes the rename durable (best effort:
+// some file systems refuse fsync on directories).
+inline void commit_file(const std::string& tmp, const std::string& path) {
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    fail("cannot write '", path, "': rename from '", tmp, "' failed: ", errno_text(err));
+  }
+  const std::string dir = parent_dir(path);
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd >= 0) {
     (void)::fsync(dfd);
     ::close(dfd);
+  }
+}
+}  // namespace detail
+
+// Writes `path` atomically: `writer(os)` streams the content into a temporary file next to `path`, which is fsync'ed
+// and renamed over `path`. On any failure (I/O error, or an exception thrown by `writer`) the temporary file is
+// removed and the exception propagates; an existing file at `path` is then left as it was. Write errors raised by the
+// stream throw limoe::Error at once (the stream has badbit exceptions enabled).
+inline void write_file_atomic(const std::string& path, const std::function<void(std::ostream&)>& writer) {
+  detail::commit_file(detail::stage_file(path, writer), path);
+}
+
+// Several files that belong together (a report and its picture): every target checked, then every file staged,
+// and only then renamed over its target, in order. A failure while checking or staging (a folder in the way, a
+// full disk) leaves every target as it was and no temporary file; only a failing rename after the first could
+// leave the files of the two writes side by side.
+inline void write_files_atomic(const std::vector<std::pair<std::string, std::string_view>>& files) {
+  for (const auto& [path, text] : files) detail::check_replaceable(path);
+  std::vector<std::string> staged;
+  try {
+    for (const auto& [path, text] : files)
+      staged.push_back(detail::stage_file(path, [&text = text](std::ostream& os) {
+        os.write(text.data(), static_cast<std::streamsize>(text.size()));
+      }));
+  } catch (...) {
+    for (const auto& t : staged) ::unlink(t.c_str());
+    throw;
+  }
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    try {
+      detail::commit_file(staged[i], files[i].first);
+    } catch (...) {
+      for (std::size_t j = i + 1; j < staged.size(); ++j) ::unlink(staged[j].c_str());
+      throw;
+    }
   }
 }
 
