@@ -57,6 +57,14 @@ Run run(const std::string& args) {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(o), slurp(e)};
 }
 
+// The same, run from folder `dir` (relative paths in args are relative to it).
+Run run_in(const fs::path& dir, const std::string& args) {
+  const fs::path o = scratch() / "stdout.txt", e = scratch() / "stderr.txt";
+  const std::string cmd = "cd '" + dir.string() + "' && " + kCli + " " + args + " > " + o.string() + " 2> " + e.string();
+  const int status = std::system(cmd.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(o), slurp(e)};
+}
+
 // A failing command: exit 2, one line naming the problem, and no output file.
 void expect_failure(const std::string& args, const std::string& needle, const fs::path& output = {}) {
   const Run r = run(args);
@@ -261,7 +269,7 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   CHECK(fs::exists(ck));
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor 0x10", "decimal", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --group-size 99999999999999999999",
-                 "--group-size expects an integer", out);
+                 "--group-size must be between 0 and 2147483647, got \"99999999999999999999\"", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --threads 99999999999", "--threads must be between 0 and 4096", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + " --group-size --output " + out.string(),
                  "--group-size needs a value", out);
@@ -897,4 +905,31 @@ TEST_CASE("report: an eval.json of the wrong shape, no runs, or a folder in the 
   CHECK(slurp(x / "report.json") == before);
   for (const auto& e : fs::directory_iterator(x)) CHECK_MESSAGE(e.path().string().find(".tmp.") == std::string::npos, e.path());
   fs::remove_all(x);
+}
+
+TEST_CASE("small contracts: bench --config FILE.json by bare name, an integer past 64 bits names its range, a corrupt log line is not carried") {
+  const fs::path d = scratch() / "small";
+  fs::create_directories(d);
+  // a config file named without a folder (no preset name ends in .json)
+  const fs::path cfg = d / "cfg.json";
+  {
+    const Run r = run("inspect tiny --json");
+    REQUIRE(r.code == 0);
+    std::ofstream(cfg) << nlohmann::json::parse(r.out)["config"].dump();
+  }
+  const Run b = run_in(d, "bench --workload embed --config cfg.json --batch 2 --repeats 1 --warmup 0 --threads 1");
+  REQUIRE_MESSAGE(b.code == 0, b.err);
+  CHECK(nlohmann::json::parse(b.out)["width"] == 32);
+  expect_failure("train --preset tiny --data synthetic --steps 99999999999999999999 --out " + (d / "x").string(),
+                 "--steps must be between 1 and 1099511627776, got \"99999999999999999999\"");
+  // a line of the log beside a checkpoint that is no step's record is left out of the resumed run's log
+  const fs::path r1 = d / "run";
+  REQUIRE(run("train --preset tiny --data synthetic --batch 8 --steps 3 --stop-at 2 --quiet --threads 1 --out " + r1.string()).code == 0);
+  const std::string log = slurp(r1 / "metrics.jsonl");
+  std::ofstream(r1 / "metrics.jsonl", std::ios::trunc) << "not json at all\n" << log;
+  REQUIRE(run("train --resume " + (r1 / "checkpoint.safetensors").string() + " --quiet --threads 1 --out " + r1.string()).code == 0);
+  const std::string after = slurp(r1 / "metrics.jsonl");
+  CHECK(after.substr(0, log.size()) == log);
+  CHECK(std::count(after.begin(), after.end(), '\n') == 3);
+  fs::remove_all(d);
 }

@@ -83,6 +83,11 @@ TEST_CASE("TSV errors name the file and line") {
     CHECK_MESSAGE(m.find("missing.pgm") != std::string::npos, m);
     m = error_of("corrupt_image.tsv", preload);
     CHECK_MESSAGE(m.find("corrupt_image.tsv:2") != std::string::npos, m);
+    // a folder where the image should be: limoe::Error naming the line and saying so (a stream's own exception
+    // before, which the command reported as an internal error, exit 1)
+    m = error_of("folder_image.tsv", preload);
+    CHECK_MESSAGE(m.find("folder_image.tsv:2") != std::string::npos, m);
+    CHECK_MESSAGE(m.find("it is a directory") != std::string::npos, m);
   }
   CHECK(error_of("no_such.tsv").find("no_such.tsv") != std::string::npos);
   // A caption in Latin-1, not UTF-8: refused when the file is read (a vocabulary is stored as JSON).

@@ -89,7 +89,8 @@ class Args {
     char* end = nullptr;
     errno = 0;
     const long long v = digits ? std::strtoll(s.c_str(), &end, 10) : 0;
-    LIMOE_CHECK(digits && end && *end == '\0' && errno != ERANGE, "--", name, " expects an integer, got \"", s, "\"");
+    LIMOE_CHECK(digits && end && *end == '\0', "--", name, " expects an integer, got \"", s, "\"");
+    if (errno == ERANGE) range_error(name, "\"" + s + "\"", lo, hi, "");  // past 64 bits: out of range
     check_range(name, v, lo, hi);
     return v;
   }
@@ -122,9 +123,12 @@ class Args {
   template <class V>
   static void check_range(const std::string& name, V v, V lo, V hi, const char* from = "") {
     if (v >= lo && v <= hi) return;
-    if (hi == std::numeric_limits<V>::max()) fail("--", name, " must be at least ", lo, ", got ", v, from);
-    if (lo == std::numeric_limits<V>::lowest())
-      fail("--", name, " must be at most ", hi, ", got ", v, from);
+    range_error(name, v, lo, hi, from);
+  }
+  template <class W, class L>
+  [[noreturn]] static void range_error(const std::string& name, const W& v, L lo, L hi, const char* from) {
+    if (hi == std::numeric_limits<L>::max()) fail("--", name, " must be at least ", lo, ", got ", v, from);
+    if (lo == std::numeric_limits<L>::lowest()) fail("--", name, " must be at most ", hi, ", got ", v, from);
     fail("--", name, " must be between ", lo, " and ", hi, ", got ", v, from);
   }
 };

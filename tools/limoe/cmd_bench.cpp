@@ -308,7 +308,7 @@ ModelConfig model_config(const Params& p, bool training) {
   const std::string& n = p.config;
   if (!n.empty() && n.front() == '{') {
     c = config_from_json_string(n);
-  } else if (n.find('/') != std::string::npos && n.size() > 5 && n.substr(n.size() - 5) == ".json") {
+  } else if (n.size() > 5 && n.substr(n.size() - 5) == ".json") {  // a file (no preset name ends so)
     std::ifstream f(n);
     LIMOE_CHECK(f.good(), "--config: cannot read config file '", n, "'");
     std::stringstream ss;

@@ -92,9 +92,10 @@ int run(const std::vector<std::string>& argv) {
   const auto& cfg = model.config();
   const auto src = cli::data_source(args, cfg, loaded.trained_on(), true);
   const data::AnyDataset test = data::open_dataset(src, data::Split::test);
-  // At least 2 examples: with one, retrieval, zero-shot and the probe are trivially perfect.
+  // At least 2 examples: with one, retrieval, zero-shot and the probe are trivially perfect. A split with fewer
+  // is the data's fault, not --max-test's.
+  LIMOE_CHECK(test.size() >= 2, "eval needs at least 2 test examples; the test split has ", test.size());
   const index_t n = std::min<index_t>(test.size(), args.integer("max-test", test.size(), 2));
-  LIMOE_CHECK(n >= 2, "eval needs at least 2 test examples; the test split has ", test.size());
   const int shots = static_cast<int>(args.integer("shots", 10, 1, 1 << 20));
   const index_t retrieval = args.integer("retrieval", 1000, 2);
   std::vector<index_t> idx(static_cast<std::size_t>(n));

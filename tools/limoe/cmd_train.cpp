@@ -264,7 +264,8 @@ int run(const std::vector<std::string>& argv) {
   std::ofstream log;
   std::string history, recovered;
   // The resumed log's lines after the checkpoint's step are dropped as it joins the new log (at the first commit,
-  // while history is still that log): a log copied from a later point holds steps this run does again.
+  // while history is still that log): a log copied from a later point holds steps this run does again. So are
+  // lines that are no step's record (not JSON, or without an integer "step" >= 1: a corrupt or hand-edited log).
   bool trim_history = resume != nullptr;
   std::filesystem::path from;  // the resumed checkpoint's log
   if (resume) {
@@ -306,7 +307,7 @@ int run(const std::vector<std::string>& argv) {
     if (!history.empty() && !std::filesystem::equivalent(from.parent_path().empty() ? "." : from.parent_path(), out, ec)) {
       std::ifstream f(history, std::ios::binary);
       for (std::string line; std::getline(f, line);)
-        if (line_step(line) <= start) earlier += line + "\n";
+        if (const std::int64_t ls = line_step(line); ls >= 1 && ls <= start) earlier += line + "\n";
       history.clear();
       trim_history = false;
     }
@@ -329,7 +330,7 @@ int run(const std::vector<std::string>& argv) {
       std::ifstream f(part, std::ios::binary);
       if (part == history && trim_history) {
         for (std::string line; std::getline(f, line);)
-          if (line_step(line) <= start) m << line << '\n';
+          if (const std::int64_t ls = line_step(line); ls >= 1 && ls <= start) m << line << '\n';
       } else if (f.peek() != std::ifstream::traits_type::eof()) {
         m << f.rdbuf();
       }

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "limoe/core/error.hpp"
+#include "limoe/io/file.hpp"
 #include "limoe/data/dataset.hpp"
 
 #if !defined(LIMOE_NO_STB) && __has_include(<stb/stb_image.h>)
@@ -70,12 +71,14 @@ struct ImageU8 {
 };
 
 namespace detail {
+// The image file's bytes; a missing file, a folder or an unreadable one is limoe::Error naming it (io::read_file;
+// a stream reading a folder threw std::ios_base::failure instead, which the command reported as an internal error).
 inline std::vector<std::uint8_t> read_binary_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  LIMOE_CHECK(f.good(), "cannot open image \"", path, "\"");
-  std::vector<std::uint8_t> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  LIMOE_CHECK(!f.bad(), "cannot read image \"", path, "\"");
-  return b;
+  try {
+    return io::read_file(path);
+  } catch (const Error& e) {
+    fail("image: ", e.what());
+  }
 }
 
 // Binary PGM (P5) / PPM (P6), maxval up to 65535 (16-bit samples are scaled to 8 bits).
