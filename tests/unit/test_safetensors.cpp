@@ -3,6 +3,7 @@
 // rejected with a message that names the problem, and the atomic file writer.
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -590,6 +591,36 @@ TEST_CASE("atomic write: no temporary file left, the old file survives a failing
   CHECK_THROWS_WITH_AS(write_file_atomic(dir.file("sub"), std::string_view("x")), doctest::Contains("directory"),
                        Error);
   CHECK(fs::is_directory(dir.path / "sub"));
+  // A pipe, or a device through a symbolic link, is refused, not replaced by a regular file; a link to a regular
+  // file is replaced itself (its target keeps its content).
+  REQUIRE(::mkfifo(dir.file("pipe").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH_AS(write_file_atomic(dir.file("pipe"), std::string_view("x")),
+                       doctest::Contains("not a regular file"), Error);
+  CHECK(fs::is_fifo(dir.path / "pipe"));
+  fs::create_symlink("/dev/null", dir.path / "null");
+  CHECK_THROWS_WITH_AS(write_file_atomic(dir.file("null"), std::string_view("x")),
+                       doctest::Contains("not a regular file"), Error);
+  CHECK(fs::is_symlink(dir.path / "null"));
+  CHECK_THROWS_WITH_AS(write_files_atomic({{dir.file("ok"), "fine"}, {dir.file("pipe"), "x"}}),
+                       doctest::Contains("not a regular file"), Error);
+  CHECK_FALSE(fs::exists(dir.path / "ok"));  // neither written
+  fs::remove(dir.path / "pipe");
+  fs::remove(dir.path / "null");
+  fs::create_symlink(path, dir.path / "link");
+  write_file_atomic(dir.file("link"), std::string_view("through the link"));
+  CHECK(slurp(path) == "new content");
+  CHECK(slurp(dir.file("link")) == "through the link");
+  fs::remove(dir.path / "link");
+  // Files that belong together: a folder in the way of the second leaves the first as it was, no temporary file.
+  CHECK_THROWS_WITH_AS(write_files_atomic({{path, "first"}, {dir.file("sub"), "second"}}),
+                       doctest::Contains("directory"), Error);
+  CHECK(slurp(path) == "new content");
+  write_files_atomic({{path, "first"}, {dir.file("second"), "second"}});
+  CHECK(slurp(path) == "first");
+  CHECK(slurp(dir.file("second")) == "second");
+  fs::remove(dir.path / "second");
+  write_file_atomic(path, std::string_view("new content"));
+  CHECK(dir.listing() == std::vector<std::string>{"out.bin", "sub"});
 
   // A safetensors writer over an existing file.
   SafetensorsWriter w;

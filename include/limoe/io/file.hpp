@@ -242,12 +242,17 @@ inline FileBytes map_file(const std::string& path) {
 }
 
 namespace detail {
-// A file to replace `path`: `path` must not be a directory.
+// A file to replace `path`: nothing there yet, or a regular file (through a symbolic link too: the link is then
+// replaced, not its target). A directory, a device, a pipe or a socket is refused: the rename would put a
+// regular file in its place (`--output /dev/null` run as root would replace the device).
 inline void check_replaceable(const std::string& path) {
   if (path.empty()) fail("cannot write file: the path is empty");
   struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
-    fail("cannot write '", path, "': it is a directory, not a file");
+  if (::stat(path.c_str(), &st) != 0) return;
+  if (S_ISDIR(st.st_mode)) fail("cannot write '", path, "': it is a directory, not a file");
+  if (!S_ISREG(st.st_mode))
+    fail("cannot write '", path, "': it is not a regular file (a device, pipe or socket), and limoe writes a new "
+         "file and renames it over the old one");
 }
 
 // Writes `writer`'s content to a new temporary file beside `path`, fsync'ed and closed, and returns its name; on
