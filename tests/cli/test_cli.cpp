@@ -881,7 +881,7 @@ TEST_CASE("report: an eval.json of the wrong shape, no runs, or a folder in the 
   put("B", R"({"zero_shot_top1": 0.6, "routing": [{}]})");  // a block with nothing in it reads as zeros
   const Run ok = run("report " + x.string());
   REQUIRE_MESSAGE(ok.code == 0, ok.err);
-  const std::string before = slurp(x / "report.json");
+  std::string before = slurp(x / "report.json");
   for (const auto& [text, needle] : std::vector<std::pair<std::string, std::string>>{
            {R"({"routing": 5})", "\"routing\" must be an array"},
            {R"({"train_seconds": "12"})", "\"train_seconds\" must be a number"},
@@ -893,7 +893,14 @@ TEST_CASE("report: an eval.json of the wrong shape, no runs, or a folder in the 
     expect_failure("report " + x.string(), needle);
     CHECK(slurp(x / "report.json") == before);
   }
+  // null is a number left undefined (a NaN as nlohmann writes it): read as absent, not refused
+  put("B", R"({"zero_shot_top1": null, "train_seconds": null, "routing": [{"block": null, "image_share": [null, 0.5],
+              "img": {"drop_rate": null, "routed": [null, 3]}, "txt": {"routed": [1, 2]}}]})");
+  const Run with_nulls = run("report " + x.string());
+  CHECK_MESSAGE(with_nulls.code == 0, with_nulls.err);
   put("B", R"({"zero_shot_top1": 0.6})");
+  REQUIRE(run("report " + x.string()).code == 0);
+  before = slurp(x / "report.json");
   // A protocol whose arms have no runs on disk: an error, not an empty report.
   std::ofstream(x / "protocol.txt", std::ios::trunc) << "baseline C\narm C\n";
   expect_failure("report " + x.string(), "no runs under");

@@ -79,18 +79,19 @@ struct Run {
 
 // The parts of an eval.json a report reads, checked where it is read: a value of another type than `limoe eval`
 // writes is an error naming the file and the key (a hand-edited or foreign file), never a JSON library's message.
+// null is a number that was not defined (eval writes a NaN as null): read as absent.
 void check_eval(const nlohmann::json& e, const fs::path& file) {
   auto bad = [&](const std::string& key, const char* want) {
     fail("report: ", file.string(), ": \"", key, "\" must be ", want);
   };
   auto number = [&](const nlohmann::json& j, const std::string& where, const char* key) {
-    if (j.contains(key) && !j[key].is_number()) bad(where + key, "a number");
+    if (j.contains(key) && !j[key].is_number() && !j[key].is_null()) bad(where + key, "a number");
   };
   auto numbers = [&](const nlohmann::json& j, const std::string& where, const char* key) {
     if (!j.contains(key)) return;
     if (!j[key].is_array()) bad(where + key, "an array of numbers");
     for (const auto& v : j[key])
-      if (!v.is_number()) bad(where + key, "an array of numbers");
+      if (!v.is_number() && !v.is_null()) bad(where + key, "an array of numbers");
   };
   for (const auto& m : metrics()) number(e, "", m.key);
   if (!e.contains("routing")) return;
@@ -100,7 +101,7 @@ void check_eval(const nlohmann::json& e, const fs::path& file) {
     const std::string at = "routing[" + std::to_string(i) + "].";
     if (!b.is_object()) bad(at.substr(0, at.size() - 1), "an object");
     for (const char* k : {"block", "experts", "experts_image_specialised", "experts_text_specialised"})
-      if (b.contains(k) && !b[k].is_number_integer()) bad(at + k, "an integer");
+      if (b.contains(k) && !b[k].is_number_integer() && !b[k].is_null()) bad(at + k, "an integer");
     numbers(b, at, "image_share");
     for (const char* m : {"img", "txt"}) {
       if (!b.contains(m)) continue;
@@ -214,17 +215,25 @@ std::vector<BlockRouting> routing_of(const Arm& a) {
       static const nlohmann::json none = nlohmann::json::object();
       const auto& img = j.contains("img") ? j["img"] : none;
       const auto& txt = j.contains("txt") ? j["txt"] : none;
-      b.block = j.value("block", 0);
-      b.experts = j.value("experts", 0);
-      b.drop_img += img.value("drop_rate", 0.0);
-      b.drop_txt += txt.value("drop_rate", 0.0);
-      b.txt_eff += txt.value("effective_experts", 0.0);
-      b.spec_img += j.value("experts_image_specialised", 0);
-      b.spec_txt += j.value("experts_text_specialised", 0);
+      auto num = [](const nlohmann::json& o, const char* k) { return o.contains(k) && o[k].is_number() ? o[k].get<double>() : 0.0; };
+      auto list = [](const nlohmann::json& o, const char* k) {
+        std::vector<double> v;
+        if (o.contains(k))
+          for (const auto& x : o[k]) v.push_back(x.is_number() ? x.get<double>() : 0.0);
+        return v;
+      };
+      b.block = static_cast<int>(num(j, "block"));
+      b.experts = static_cast<int>(num(j, "experts"));
+      b.drop_img += num(img, "drop_rate");
+      b.drop_txt += num(txt, "drop_rate");
+      b.txt_eff += num(txt, "effective_experts");
+      b.spec_img += num(j, "experts_image_specialised");
+      b.spec_txt += num(j, "experts_text_specialised");
       if (j.contains("image_share"))
-        for (const auto& s : j["image_share"]) b.shares.push_back(s.get<double>());
+        for (const auto& s : j["image_share"])
+          if (s.is_number()) b.shares.push_back(s.get<double>());  // null: an expert with no tokens
       if (img.contains("routed") && txt.contains("routed")) {
-        const auto ri = img["routed"].get<std::vector<double>>(), rt = txt["routed"].get<std::vector<double>>();
+        const auto ri = list(img, "routed"), rt = list(txt, "routed");
         double si = 0, st = 0;
         for (double v : ri) si += v;
         for (double v : rt) st += v;
@@ -397,7 +406,8 @@ int run(const std::vector<std::string>& argv) {
   for (const auto& a : arms)
     for (const auto& r : a.runs) {
       ++runs;
-      seconds += r.eval.value("train_seconds", 0.0);
+      if (r.eval.contains("train_seconds") && r.eval["train_seconds"].is_number())
+        seconds += r.eval["train_seconds"].get<double>();
       seeds.insert(r.seed);
     }
   md << "# " << title << "\n\n" << runs << " runs, seeds";
