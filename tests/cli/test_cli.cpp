@@ -2,6 +2,7 @@
 // `embed` against the PyTorch golden files, `inspect` counts, and exact resume of `train`.
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -394,16 +395,41 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     const fs::path m = scratch() / "run_m";
     REQUIRE(run("train --resume " + (e / "checkpoint.safetensors").string() + " --stop-at 6 --threads 2 --quiet --out " + m.string()).code == 0);
     REQUIRE(losses(m).size() == 6);
-    for (const bool older_log : {false, true}) {
-      const fs::path mk = scratch() / (older_log ? "run_m_old" : "run_m_none");
+    // An older run of another seed, 8 steps: its log is no part of this one's.
+    const fs::path other = scratch() / "run_other";
+    REQUIRE(run("train" + common + " --steps 8 --seed 5 --out " + other.string()).code == 0);
+    REQUIRE(losses(other).size() == 8);
+    REQUIRE(losses(other) != losses(a));
+    const std::string m_log = slurp(m / "metrics.jsonl"), other_log = slurp(other / "metrics.jsonl");
+    // The log beside the checkpoint: none; an older run's shorter than the checkpoint's step; one that goes past
+    // it; one ending in a line that is no step's record. Each time the .partial is the whole log.
+    for (const std::string& older : {std::string("-"), slurp(e / "metrics.jsonl"), other_log, other_log + "a note\n"}) {
+      const fs::path mk = scratch() / "run_mk";
+      fs::remove_all(mk);
       fs::create_directories(mk);
-      fs::copy_file(m / "checkpoint.safetensors", mk / "checkpoint.safetensors", fs::copy_options::overwrite_existing);
-      fs::copy_file(m / "metrics.jsonl", mk / "metrics.jsonl.partial", fs::copy_options::overwrite_existing);
-      if (older_log) fs::copy_file(e / "metrics.jsonl", mk / "metrics.jsonl", fs::copy_options::overwrite_existing);
+      fs::copy_file(m / "checkpoint.safetensors", mk / "checkpoint.safetensors");
+      std::ofstream(mk / "metrics.jsonl.partial") << m_log;
+      if (older != "-") std::ofstream(mk / "metrics.jsonl") << older;
       const Run rk = run("train --resume " + (mk / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + mk.string());
       REQUIRE_MESSAGE(rk.code == 0, rk.err);
       CHECK(losses(mk) == losses(a));
       CHECK_FALSE(fs::exists(mk / "metrics.jsonl.partial"));
+    }
+    {  // A .partial of another run (a later run in the folder that failed) holding steps 1 on: its lines do not
+       // give the checkpoint's smoothed loss, so they are not taken for its log; the log beside it stays.
+      const fs::path mk = scratch() / "run_mk";
+      fs::remove_all(mk);
+      fs::create_directories(mk);
+      fs::copy_file(m / "checkpoint.safetensors", mk / "checkpoint.safetensors");
+      std::ofstream(mk / "metrics.jsonl.partial") << other_log;
+      const std::string two = m_log.substr(0, m_log.find('\n', m_log.find('\n') + 1) + 1);  // steps 1-2
+      std::ofstream(mk / "metrics.jsonl") << two;
+      const Run rk = run("train --resume " + (mk / "checkpoint.safetensors").string() + " --threads 2 --quiet --out " + mk.string());
+      REQUIRE_MESSAGE(rk.code == 0, rk.err);
+      const auto got = losses(mk), want = losses(a);
+      REQUIRE(got.size() == 4);  // steps 1-2 of the log beside it, then this run's 7-8
+      CHECK(std::vector<double>(got.begin(), got.begin() + 2) == std::vector<double>(want.begin(), want.begin() + 2));
+      CHECK(std::vector<double>(got.begin() + 2, got.end()) == std::vector<double>(want.begin() + 6, want.end()));
     }
     // a leg that cannot run (--stop-at not after the checkpoint's step) is refused before touching its folder
     fs::copy_file(e / "metrics.jsonl", e / "metrics.jsonl.partial");
@@ -626,9 +652,13 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     const fs::path d2 = scratch() / "run_d2";
     fs::create_directories(d2 / "metrics.jsonl");
     fs::copy_file(d / "checkpoint.safetensors", d2 / "checkpoint.safetensors");
-    expect_failure("train" + common + " --steps 2 --out " + d2.string(), "metrics.jsonl': it is a folder, not a file");
+    expect_failure("train" + common + " --steps 2 --out " + d2.string(), "metrics.jsonl': it is a directory, not a file");
     CHECK(slurp(d2 / "checkpoint.safetensors") == ck_before);
-    CHECK_FALSE(fs::exists(d2 / "metrics.jsonl.tmp"));
+    // a pipe where the .partial goes would hold the run at its first line: refused the same way
+    fs::remove(d2 / "metrics.jsonl");
+    REQUIRE(::mkfifo((d2 / "metrics.jsonl.partial").c_str(), 0600) == 0);
+    expect_failure("train" + common + " --steps 2 --out " + d2.string(), "metrics.jsonl.partial': it is not a regular file");
+    CHECK(slurp(d2 / "checkpoint.safetensors") == ck_before);
     // A new run in the same folder replaces the log with its own steps (at its first checkpoint).
     REQUIRE(run("train" + common + " --steps 2 --out " + d.string()).code == 0);
     const std::string after = slurp(d / "metrics.jsonl");
@@ -929,6 +959,10 @@ TEST_CASE("small contracts: bench --config FILE.json by bare name, an integer pa
   CHECK(nlohmann::json::parse(b.out)["width"] == 32);
   expect_failure("train --preset tiny --data synthetic --steps 99999999999999999999 --out " + (d / "x").string(),
                  "--steps must be between 1 and 1099511627776, got \"99999999999999999999\"");
+  expect_failure("train --preset tiny --data synthetic --seed 99999999999999999999 --out " + (d / "x").string(),
+                 "--seed must be between 0 and 9223372036854775807, got \"99999999999999999999\"");
+  expect_failure("train --preset tiny --data synthetic --seed -99999999999999999999 --out " + (d / "x").string(),
+                 "--seed must be between 0 and 9223372036854775807, got \"-99999999999999999999\"");
   // a line of the log beside a checkpoint that is no step's record is left out of the resumed run's log
   const fs::path r1 = d / "run";
   REQUIRE(run("train --preset tiny --data synthetic --batch 8 --steps 3 --stop-at 2 --quiet --threads 1 --out " + r1.string()).code == 0);

@@ -184,8 +184,32 @@ TEST_CASE("optimizer state: opt_order names the moments' layout; another program
   for (std::size_t k : by_name) sorted.push_back(entries[k].name);
   CHECK(load(sorted).empty());
   // Errors name the problem: not an array, a name not in the model, a name twice, one left out.
-  CHECK(load(nlohmann::json("{\"a\": 1}")).find("opt_order (the order of opt.m and opt.v") != std::string::npos);
+  CHECK(load(nlohmann::json("{\"a\": 1}")).find("opt_order (the order of opt.m and opt.v: a JSON array of the parameters' names) is not a JSON array") != std::string::npos);
   CHECK(load(nlohmann::json("[1, 2")).find("is not a JSON array") != std::string::npos);
+  {  // Expert parallel: a model holding part 1 of 2 of each expert tensor reads its part of the whole tensor from
+     // where opt_order puts that tensor (the file's moments are the whole model's, in name order here).
+    Limoe<float> half(preset("tiny"), ConfigRouter{}, ExpertShard{1, 2});
+    io::SafetensorsWriter w;
+    std::vector<float> mv, vv;
+    for (std::size_t k : by_name)
+      for (index_t i = 0; i < entries[k].shape.numel(); ++i) mv.push_back(value(k, i)), vv.push_back(2 * value(k, i));
+    w.add("opt.m", {static_cast<std::int64_t>(mv.size())}, std::span<const float>(mv));
+    w.add("opt.v", {static_cast<std::int64_t>(vv.size())}, std::span<const float>(vv));
+    w.set_metadata("opt_order", sorted.dump());
+    const std::string p = temp_path("order_shard.safetensors");
+    w.write(p);
+    AdamW<float> opt(AdamWConfig{}, half.params());
+    REQUIRE(opt.load_state(io::SafetensorsReader::open(p)));
+    fs::remove(p);
+    int sharded = 0;
+    for (const auto& e : half.params().entries()) {
+      const auto k = static_cast<std::size_t>(std::find_if(entries.begin(), entries.end(), [&](const auto& w) { return w.name == e.name; }) - entries.begin());
+      REQUIRE(k < entries.size());
+      sharded += e.shards > 1;
+      for (index_t i = 0; i < e.shape.numel(); ++i) REQUIRE(opt.m()[e.offset + i] == value(k, e.shard * e.shape.numel() + i));
+    }
+    CHECK(sharded == 4);  // the MoE block's fc1/fc2 weights and biases
+  }
   auto with = [&](auto edit) { nlohmann::json o = sorted; edit(o); return load(o); };
   CHECK(with([](auto& o) { o[0] = 7; }).find("holds 7, not a name") != std::string::npos);
   CHECK(with([](auto& o) { o[0] = "blocks.9.ln1.weight"; }).find("names \"blocks.9.ln1.weight\", which this model does not have") != std::string::npos);

@@ -615,6 +615,11 @@ TEST_CASE("atomic write: no temporary file left, the old file survives a failing
   CHECK_THROWS_WITH_AS(write_files_atomic({{path, "first"}, {dir.file("sub"), "second"}}),
                        doctest::Contains("directory"), Error);
   CHECK(slurp(path) == "new content");
+  // ... and one that cannot be staged (its folder missing) after the first was: the first's temporary file goes.
+  CHECK_THROWS_WITH_AS(write_files_atomic({{path, "first"}, {dir.file("no/such/second"), "second"}}),
+                       doctest::Contains("cannot create the temporary file"), Error);
+  CHECK(slurp(path) == "new content");
+  CHECK(dir.listing() == std::vector<std::string>{"out.bin", "sub"});
   write_files_atomic({{path, "first"}, {dir.file("second"), "second"}});
   CHECK(slurp(path) == "first");
   CHECK(slurp(dir.file("second")) == "second");

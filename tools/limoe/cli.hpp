@@ -90,7 +90,8 @@ class Args {
     errno = 0;
     const long long v = digits ? std::strtoll(s.c_str(), &end, 10) : 0;
     LIMOE_CHECK(digits && end && *end == '\0', "--", name, " expects an integer, got \"", s, "\"");
-    if (errno == ERANGE) range_error(name, "\"" + s + "\"", lo, hi, "");  // past 64 bits: out of range
+    if (errno == ERANGE)  // past 64 bits, either way: the whole range
+      fail("--", name, " must be between ", lo, " and ", hi, ", got \"", s, "\"");
     check_range(name, v, lo, hi);
     return v;
   }

@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <limits>
+#include <optional>
 
 #include <limoe/core/parallel.hpp>
 #include <limoe/model/presets.hpp>
@@ -37,7 +39,15 @@ std::int64_t line_step(const std::string& line) {
   return j["step"].get<std::int64_t>();
 }
 
-// The step of a metrics log's last line (0 for no log or an empty one); reads the log's tail only.
+// The loss a metrics line records, if it is a step's record.
+std::optional<double> line_loss(const std::string& line) {
+  const auto j = nlohmann::json::parse(line, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("loss") || !j["loss"].is_number()) return std::nullopt;
+  return j["loss"].get<double>();
+}
+
+// The step of a metrics log's last step record (0 for no log, an empty one or none in its last MiB); lines after
+// it that are no step's record (a note added by hand) are passed over. Reads the log's tail only.
 std::int64_t last_logged_step(const std::filesystem::path& log) {
   std::ifstream f(log, std::ios::binary | std::ios::ate);
   if (!f) return 0;
@@ -46,9 +56,14 @@ std::int64_t last_logged_step(const std::filesystem::path& log) {
   std::string text(static_cast<std::size_t>(tail), '\0');
   f.seekg(size - tail);
   f.read(text.data(), tail);
-  while (!text.empty() && text.back() == '\n') text.pop_back();
-  if (text.empty()) return 0;
-  return std::max<std::int64_t>(0, line_step(text.substr(text.rfind('\n') + 1)));
+  while (!text.empty()) {
+    while (!text.empty() && text.back() == '\n') text.pop_back();
+    const std::size_t nl = text.rfind('\n');
+    const std::string last = text.substr(nl == std::string::npos ? 0 : nl + 1);
+    if (const std::int64_t s = line_step(last); s >= 1) return s;
+    text.resize(nl == std::string::npos ? 0 : nl);
+  }
+  return 0;
 }
 
 // --set KEY=VALUE (repeatable): a config key, dotted for a nested one (router.bpr=false, aux_loss.load=0), and
@@ -273,26 +288,36 @@ int run(const std::vector<std::string>& argv) {
     if (std::filesystem::exists(from)) history = from.string();
     // A run killed between writing its checkpoint and renaming its log over the old one left that log behind the
     // checkpoint, and the missing steps' lines in the .partial beside it: they join this run's log (read now,
-    // before this run's own .partial, which may be that file, is started). Either the .partial continues the log
-    // step by step, or it holds every step from 1 to the checkpoint's by itself (a new run's first checkpoint, or
-    // a run resumed from another folder, whose .partial starts with that folder's steps): then it is the log, and
-    // the file beside it belongs to an older run. A .partial that does neither (a line missing, one cut short,
-    // one from another run) is left out rather than mixed in.
+    // before this run's own .partial, which may be that file, is started). Two cases:
+    // - the .partial holds every step from 1 to the checkpoint's by itself (a new run's first checkpoint, or a run
+    //   resumed from another folder, whose .partial starts with that folder's steps), and those lines give the
+    //   smoothed loss the checkpoint records (train_state's loss_ema, recomputed as the run computed it): then it
+    //   is the checkpoint's log, and the file beside it an older run's, however far that one went;
+    // - else the lines that continue the log beside it step by step, up to the checkpoint's step.
+    // Anything else (a line missing or cut short, another run's lines) is left out rather than mixed in.
     const std::int64_t logged = last_logged_step(from);
     std::ifstream old_partial(from.string() + ".partial", std::ios::binary);
     std::string whole;
     std::int64_t next = logged + 1, whole_next = 1;
-    bool continues = logged < start, from_one = logged < start;
+    bool continues = logged < start, from_one = true;
+    double ema = 0;  // the whole-log candidate's smoothed loss, as the progress line computes it
     for (std::string line; (continues || from_one) && std::getline(old_partial, line);) {
       const std::int64_t s = line_step(line);
       if (s > start || s < 1) break;  // after the checkpoint (the run went on), or a line cut short
       if (continues && s == next) recovered += line + "\n", ++next;
       else continues = false;
-      if (from_one && s == whole_next) whole += line + "\n", ++whole_next;
-      else from_one = false;
+      const auto loss = line_loss(line);
+      if (from_one && s == whole_next && loss) {
+        whole += line + "\n", ++whole_next;
+        ema = s == 1 ? *loss : 0.9 * ema + 0.1 * *loss;
+      } else {
+        from_one = false;
+      }
     }
-    if (logged < start && next <= start && whole_next == start + 1) {
-      history.clear();  // the .partial is the whole log of the checkpoint
+    const auto recorded = prior.contains("loss_ema") && prior["loss_ema"].is_number()
+                              ? std::optional<double>(prior["loss_ema"].get<double>()) : std::nullopt;
+    if (whole_next == start + 1 && recorded && std::abs(ema - *recorded) <= 1e-9 * std::max(1.0, std::abs(*recorded))) {
+      history.clear();
       recovered = std::move(whole);
     }
   }
@@ -311,10 +336,9 @@ int run(const std::vector<std::string>& argv) {
       history.clear();
       trim_history = false;
     }
-    // What the run will write must be files (or nothing yet): found at the first checkpoint, a folder in the way
-    // would end the run after its training.
-    for (const std::string& f : {ckpt, metrics, partial, metrics + ".tmp"})
-      LIMOE_CHECK(!std::filesystem::is_directory(f, ec), "cannot write '", f, "': it is a folder, not a file");
+    // What the run will write must be regular files (or nothing yet): found at the first checkpoint, a folder in
+    // the way would end the run after its training, and a pipe would hold it at its first line.
+    for (const std::string& f : {ckpt, metrics, partial, metrics + ".tmp"}) io::detail::check_replaceable(f);
     log.open(partial, std::ios::trunc);
     log << earlier << recovered << std::flush;
     LIMOE_CHECK(log.good(), "cannot write '", partial, "'");
