@@ -654,6 +654,24 @@ TEST_CASE("train: a resumed run continues the same loss curve; eval and routing 
     fs::copy_file(d / "checkpoint.safetensors", d2 / "checkpoint.safetensors");
     expect_failure("train" + common + " --steps 2 --out " + d2.string(), "metrics.jsonl': it is a directory, not a file");
     CHECK(slurp(d2 / "checkpoint.safetensors") == ck_before);
+    {  // The checkpoint's write failing after the log was staged: the staged log goes, no log replaces the folder's,
+       // and the run's steps stay in the .partial. A folder whose path is so long that the checkpoint's name fits
+       // within PATH_MAX but its temporary file's does not, while the log's temporary name still fits.
+      fs::path deep = scratch();
+      const std::size_t want = 4070;  // + "/checkpoint.safetensors" = 4093 <= 4095; its ".tmp.<pid>.<n>" does not fit
+      while (deep.string().size() + 201 < want) deep /= std::string(200, 'd');
+      deep /= std::string(want - deep.string().size() - 1, 'e');
+      REQUIRE(deep.string().size() == want);
+      fs::create_directories(deep);
+      const Run r = run("train" + common + " --steps 2 --out " + deep.string());
+      CHECK(r.code == 2);
+      CHECK_MESSAGE(r.err.find("cannot create the temporary file") != std::string::npos, r.err);
+      CHECK_FALSE(fs::exists(deep / "metrics.jsonl.tmp"));
+      CHECK_FALSE(fs::exists(deep / "metrics.jsonl"));
+      const std::string steps = slurp(deep / "metrics.jsonl.partial");
+      CHECK(std::count(steps.begin(), steps.end(), '\n') == 2);
+      fs::remove_all(scratch() / std::string(200, 'd'));
+    }
     // a pipe where the .partial goes would hold the run at its first line: refused the same way
     fs::remove(d2 / "metrics.jsonl");
     REQUIRE(::mkfifo((d2 / "metrics.jsonl.partial").c_str(), 0600) == 0);

@@ -386,7 +386,7 @@ int run(const std::vector<std::string>& argv) {
       write_checkpoint();
     } catch (...) {
       std::error_code ec;
-      std::filesystem::remove(staged, ec);
+      std::filesystem::remove(staged, ec);  // the staged log goes with the failed checkpoint
       log.open(partial, std::ios::app);
       throw;
     }
