@@ -154,16 +154,21 @@ TEST_CASE("optimizer state: opt_order names the moments' layout; another program
   std::sort(by_name.begin(), by_name.end(), [&](std::size_t a, std::size_t b) { return entries[a].name < entries[b].name; });
   REQUIRE(by_name != [&] { auto v = by_name; std::sort(v.begin(), v.end()); return v; }());  // a different order
   auto value = [](std::size_t e, index_t i) { return static_cast<float>(e) + 1e-3f * static_cast<float>(i % 997); };
-  auto load = [&](nlohmann::json order) {
+  // The whole model's moments in name order, with `order_text` as opt_order.
+  auto write_moments = [&](const std::string& order_text) {
     io::SafetensorsWriter w;
     std::vector<float> mv, vv;
     for (std::size_t k : by_name)
       for (index_t i = 0; i < entries[k].shape.numel(); ++i) mv.push_back(value(k, i)), vv.push_back(2 * value(k, i));
     w.add("opt.m", {static_cast<std::int64_t>(mv.size())}, std::span<const float>(mv));
     w.add("opt.v", {static_cast<std::int64_t>(vv.size())}, std::span<const float>(vv));
-    w.set_metadata("opt_order", order.is_string() ? order.get<std::string>() : order.dump());
+    w.set_metadata("opt_order", order_text);
     const std::string p = temp_path("order_in.safetensors");
     w.write(p);
+    return p;
+  };
+  auto load = [&](nlohmann::json order) {
+    const std::string p = write_moments(order.is_string() ? order.get<std::string>() : order.dump());
     AdamW<float> opt(AdamWConfig{}, m.params());
     std::string msg;
     try {
@@ -189,15 +194,7 @@ TEST_CASE("optimizer state: opt_order names the moments' layout; another program
   {  // Expert parallel: a model holding part 1 of 2 of each expert tensor reads its part of the whole tensor from
      // where opt_order puts that tensor (the file's moments are the whole model's, in name order here).
     Limoe<float> half(preset("tiny"), ConfigRouter{}, ExpertShard{1, 2});
-    io::SafetensorsWriter w;
-    std::vector<float> mv, vv;
-    for (std::size_t k : by_name)
-      for (index_t i = 0; i < entries[k].shape.numel(); ++i) mv.push_back(value(k, i)), vv.push_back(2 * value(k, i));
-    w.add("opt.m", {static_cast<std::int64_t>(mv.size())}, std::span<const float>(mv));
-    w.add("opt.v", {static_cast<std::int64_t>(vv.size())}, std::span<const float>(vv));
-    w.set_metadata("opt_order", sorted.dump());
-    const std::string p = temp_path("order_shard.safetensors");
-    w.write(p);
+    const std::string p = write_moments(sorted.dump());
     AdamW<float> opt(AdamWConfig{}, half.params());
     REQUIRE(opt.load_state(io::SafetensorsReader::open(p)));
     fs::remove(p);
