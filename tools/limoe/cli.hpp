@@ -124,12 +124,9 @@ class Args {
   template <class V>
   static void check_range(const std::string& name, V v, V lo, V hi, const char* from = "") {
     if (v >= lo && v <= hi) return;
-    range_error(name, v, lo, hi, from);
-  }
-  template <class W, class L>
-  [[noreturn]] static void range_error(const std::string& name, const W& v, L lo, L hi, const char* from) {
-    if (hi == std::numeric_limits<L>::max()) fail("--", name, " must be at least ", lo, ", got ", v, from);
-    if (lo == std::numeric_limits<L>::lowest()) fail("--", name, " must be at most ", hi, ", got ", v, from);
+    if (hi == std::numeric_limits<V>::max()) fail("--", name, " must be at least ", lo, ", got ", v, from);
+    if (lo == std::numeric_limits<V>::lowest())
+      fail("--", name, " must be at most ", hi, ", got ", v, from);
     fail("--", name, " must be between ", lo, " and ", hi, ", got ", v, from);
   }
 };

@@ -31,19 +31,28 @@ std::string hms(double s) {
   return buf;
 }
 
-// The "step" of a metrics line, or -1 where the line is not a whole JSON object with one (a line cut short by a
-// killed run).
-std::int64_t line_step(const std::string& line) {
+// A metrics line as a step's record: its "step" (-1 where the line is not a whole JSON object with one: a line
+// cut short by a killed run) and its "loss" (absent where it has none). One parse for both.
+struct LineRecord {
+  std::int64_t step = -1;
+  std::optional<double> loss;
+};
+LineRecord line_record(const std::string& line) {
   const auto j = nlohmann::json::parse(line, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) return -1;
-  return j["step"].get<std::int64_t>();
+  LineRecord r;
+  if (j.is_discarded() || !j.is_object()) return r;
+  if (j.contains("step") && j["step"].is_number_integer()) r.step = j["step"].get<std::int64_t>();
+  if (j.contains("loss") && j["loss"].is_number()) r.loss = j["loss"].get<double>();
+  return r;
 }
+std::int64_t line_step(const std::string& line) { return line_record(line).step; }
 
-// The loss a metrics line records, if it is a step's record.
-std::optional<double> line_loss(const std::string& line) {
-  const auto j = nlohmann::json::parse(line, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || !j.contains("loss") || !j["loss"].is_number()) return std::nullopt;
-  return j["loss"].get<double>();
+// Copies the lines of the log at `path` that record steps 1 to `last` to `out` (a line that is no step's record
+// left out), line by line.
+void copy_steps_up_to(const std::string& path, std::int64_t last, std::ostream& out) {
+  std::ifstream f(path, std::ios::binary);
+  for (std::string line; std::getline(f, line);)
+    if (const std::int64_t s = line_step(line); s >= 1 && s <= last) out << line << '\n';
 }
 
 // The step of a metrics log's last step record (0 for no log, an empty one or none in its last MiB); lines after
@@ -302,11 +311,10 @@ int run(const std::vector<std::string>& argv) {
     bool continues = logged < start, from_one = true;
     double ema = 0;  // the whole-log candidate's smoothed loss, as the progress line computes it
     for (std::string line; (continues || from_one) && std::getline(old_partial, line);) {
-      const std::int64_t s = line_step(line);
+      const auto [s, loss] = line_record(line);
       if (s > start || s < 1) break;  // after the checkpoint (the run went on), or a line cut short
       if (continues && s == next) recovered += line + "\n", ++next;
       else continues = false;
-      const auto loss = line_loss(line);
       if (from_one && s == whole_next && loss) {
         whole += line + "\n", ++whole_next;
         ema = s == 1 ? *loss : 0.9 * ema + 0.1 * *loss;
@@ -326,21 +334,18 @@ int run(const std::vector<std::string>& argv) {
     std::filesystem::create_directories(out, ec);
     LIMOE_CHECK(!ec && std::filesystem::is_directory(out), "cannot create the output folder '", out, "'",
                 ec ? ": " + ec.message() : std::string());
-    // Resumed into another folder: the earlier steps go first into this folder's .partial, so that a run killed
-    // before its first log rename still has them beside its checkpoint (the rule above finds them there).
-    std::string earlier;
-    if (!history.empty() && !std::filesystem::equivalent(from.parent_path().empty() ? "." : from.parent_path(), out, ec)) {
-      std::ifstream f(history, std::ios::binary);
-      for (std::string line; std::getline(f, line);)
-        if (const std::int64_t ls = line_step(line); ls >= 1 && ls <= start) earlier += line + "\n";
-      history.clear();
-      trim_history = false;
-    }
     // What the run will write must be regular files (or nothing yet): found at the first checkpoint, a folder in
     // the way would end the run after its training, and a pipe would hold it at its first line.
     for (const std::string& f : {ckpt, metrics, partial, metrics + ".tmp"}) io::detail::check_replaceable(f);
     log.open(partial, std::ios::trunc);
-    log << earlier << recovered << std::flush;
+    // Resumed into another folder: the earlier steps go first into this folder's .partial, so that a run killed
+    // before its first log rename still has them beside its checkpoint (the rule above finds them there).
+    if (!history.empty() && !std::filesystem::equivalent(from.parent_path().empty() ? "." : from.parent_path(), out, ec)) {
+      copy_steps_up_to(history, start, log);
+      history.clear();
+      trim_history = false;
+    }
+    log << recovered << std::flush;
     LIMOE_CHECK(log.good(), "cannot write '", partial, "'");
   }
   // The new log is written beside the old one (metrics.jsonl.tmp) before the checkpoint, and renamed over it
@@ -351,13 +356,12 @@ int run(const std::vector<std::string>& argv) {
     std::ofstream m(staged, std::ios::trunc | std::ios::binary);
     for (const std::string& part : {history, partial}) {
       if (part.empty()) continue;
-      std::ifstream f(part, std::ios::binary);
       if (part == history && trim_history) {
-        for (std::string line; std::getline(f, line);)
-          if (const std::int64_t ls = line_step(line); ls >= 1 && ls <= start) m << line << '\n';
-      } else if (f.peek() != std::ifstream::traits_type::eof()) {
-        m << f.rdbuf();
+        copy_steps_up_to(history, start, m);
+        continue;
       }
+      std::ifstream f(part, std::ios::binary);
+      if (f.peek() != std::ifstream::traits_type::eof()) m << f.rdbuf();
     }
     m.flush();
     if (!m.good()) {

@@ -319,12 +319,11 @@ inline void write_file_atomic(const std::string& path, const std::function<void(
   detail::commit_file(detail::stage_file(path, writer), path);
 }
 
-// Several files that belong together (a report and its picture): every target checked, then every file staged,
-// and only then renamed over its target, in order. A failure while checking or staging (a folder in the way, a
-// full disk) leaves every target as it was and no temporary file; only a failing rename after the first could
-// leave the files of the two writes side by side.
+// Several files that belong together (a report and its picture): every file staged (its target checked first),
+// and only then renamed over its target, in order. A failure while staging (a folder in the way, a full disk)
+// removes the files staged before it and leaves every target as it was; only a failing rename after the first
+// could leave the files of the two writes side by side.
 inline void write_files_atomic(const std::vector<std::pair<std::string, std::string_view>>& files) {
-  for (const auto& [path, text] : files) detail::check_replaceable(path);
   std::vector<std::string> staged;
   try {
     for (const auto& [path, text] : files)
