@@ -24,6 +24,7 @@
 #include <dnnl.hpp>
 #endif
 
+#include "limoe/core/amx.hpp"
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/precision.hpp"
@@ -294,6 +295,16 @@ void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float
   (void)packed;
   if (M == 0 || N == 0) return;
   LIMOE_CHECK(!bias || (alpha == 1.0f && beta == 0.0f), "gemm_bf16_serial: a bias needs alpha 1 and beta 0");
+  // A mirror's weight on a processor with AMX: the tile kernel over the weight's packed copy (core/amx.hpp),
+  // packed on its first use after the weights changed.
+  if (packed && tb == Trans::T && ta == Trans::N && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) &&
+      amx::eligible(N, K) && amx::available()) {
+    const auto entry = packed->get(PackedWeights::Key{B, N, K, ldb, 1}, [&]() -> std::shared_ptr<const void> {
+      return std::make_shared<amx::PackedB>(amx::pack(B, N, K, ldb));
+    });
+    amx::gemm(M, N, K, A, lda, *static_cast<const amx::PackedB*>(entry.get()), C, ldc, bias, beta == 1.0f);
+    return;
+  }
 #if defined(LIMOE_HAVE_DNNL)
   if (K > 0 && DnnlContext::get().fast &&
       static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 4096.0) {

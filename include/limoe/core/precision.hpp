@@ -63,9 +63,11 @@ inline void to_bf16_parallel(const float* x, index_t n, bf16_bits* out) {
 class PackedWeights {
  public:
   // The weight block's first element, its shape and leading dimension as the product reads it.
+  // `layout`: which library's packing (0: oneDNN's, 1: the AMX tile kernel's, core/amx.hpp).
   struct Key {
     const void* p;
     index_t rows, cols, ld;
+    int layout = 0;
     bool operator==(const Key&) const = default;
   };
   // The entry for key: made by make() (returning std::shared_ptr<const void>) when there is none yet.
@@ -104,7 +106,7 @@ class PackedWeights {
   struct Hash {
     std::size_t operator()(const Key& k) const {
       std::size_t h = std::hash<const void*>()(k.p);
-      for (index_t x : {k.rows, k.cols, k.ld}) h = h * 1000003u ^ std::hash<index_t>()(x);
+      for (index_t x : {k.rows, k.cols, k.ld, static_cast<index_t>(k.layout)}) h = h * 1000003u ^ std::hash<index_t>()(x);
       return h;
     }
   };

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "limoe/backend/ops.hpp"
+#include "limoe/core/amx.hpp"
 #include "limoe/core/params.hpp"
 #include "limoe/core/precision.hpp"
 #include "limoe/core/profile.hpp"
@@ -609,7 +610,9 @@ class Limoe {
   Precision prec() const {
     if constexpr (Precision::mixed) {
       Precision p{mirror_.copies()};
-      if (!pack_weights_) p.weights.packed = nullptr;
+      // With AMX the tile kernel's packing (a transpose pass per weight) costs less than one product saves,
+      // so training forwards keep packed copies too, made once per optimizer step (core/amx.hpp).
+      if (!pack_weights_ && !amx::available()) p.weights.packed = nullptr;
       return p;
     } else {
       return Precision{};
