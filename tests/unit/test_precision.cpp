@@ -28,6 +28,7 @@
 #include <limoe/testing/gradcheck.hpp>
 #include <limoe/train/optimizer.hpp>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "unit/precision_cases.hpp"
@@ -436,6 +437,38 @@ TEST_CASE("every op under the bf16 policy: Cpu against Ref under bf16, and again
         CHECK(vs32 <= 2e-2);
         CHECK(vs32 > 0);  // bf16 did change the values (a policy that silently ran fp32 would fail here)
       }
+    }
+  }
+  set_num_threads(0);
+}
+
+TEST_CASE("attention's heads under bf16 at head widths of 32 and 64 (the AMX tile path where the processor has it)") {
+  // Keys not a multiple of 32 (padded with zeros by the tile path), a key mask, 1 and 2 threads: Cpu against
+  // Ref under bf16 (the same rounded operands, sums in another order) and against Ref in fp32.
+  for (const auto& [D, H, N] : {std::tuple<index_t, int, index_t>{64, 2, 7}, {128, 2, 40}, {128, 4, 33}}) {
+    std::vector<Tensor<float>> w;
+    for (int i = 0; i < 8; ++i) w.push_back(randf(i % 2 ? Shape{D} : Shape{D, D}, 60 + i, i % 2 ? 0.1 : 0.15));
+    const AttentionWeights<float> aw{w[0].cview(), w[1].cview(), w[2].cview(), w[3].cview(),
+                                     w[4].cview(), w[5].cview(), w[6].cview(), w[7].cview()};
+    const index_t Bn = 3;
+    Tensor<std::uint8_t> mask(Shape{Bn, N});
+    for (index_t i = 0; i < Bn * N; ++i) mask[i] = i % N < N - 2 * (i / N) ? 1 : 0;
+    const auto x = randf(Shape{Bn, N, D}, 70);
+    auto run = [&]<class Bk, class P>(Bk, P) {
+      Tensor<float> y(Shape{Bn, N, D});
+      AttentionCache<float> cache;
+      Ops<Bk, float>::self_attention_forward(aw, H, x.cview(), mask.cview(), y.view(), cache, P{});
+      return y;
+    };
+    const auto ref16 = run(Ref{}, Bf16Mixed{}), ref32 = run(Ref{}, Fp32{});
+    for (int threads : {1, 2}) {
+      set_num_threads(threads);
+      const auto cpu16 = run(Cpu{}, Bf16Mixed{});
+      INFO("D ", D, " H ", H, " N ", N, " threads ", threads);
+      CHECK(rel_max(cpu16.cview(), ref16.cview()) <= 1e-3);
+      const double vs32 = rel_max(cpu16.cview(), ref32.cview());
+      CHECK(vs32 <= 2e-2);
+      CHECK(vs32 > 0);
     }
   }
   set_num_threads(0);

@@ -3,6 +3,7 @@
 //   amx::available()                          this process may run AMX-BF16 (the processor, the OS, LIMOE_AMX)
 //   amx::eligible(N, K)                       a weight [N, K] the kernel takes (N and K multiples of 32)
 //   amx::PackedB b = amx::pack(W, N, K, ldw)  W [N, K] (rows of ldw) in the tile layout, once per set of weights
+//   amx::pack_rows(B, K, N, ldb)              B [K, N] in the same layout (C = A B: an input gradient's dy W)
 //   amx::gemm(M, N, K, A, lda, b, C, ldc, bias, accumulate)
 //                                             C[M, N] = A[M, K] W^T (+ bias) (+ C), A bf16, C fp32
 //
@@ -75,13 +76,20 @@ inline bool available() {
 // oneDNN).
 inline bool eligible(index_t N, index_t K) { return N > 0 && K > 0 && N % 32 == 0 && K % 32 == 0; }
 
-// W [N, K] in the tile layout (64-byte aligned: a tile row is one cache line).
+// W [N, K] in the tile layout (64-byte aligned: a tile row is one cache line). reshape() reuses the storage
+// when it is large enough (the per-head operands of attention, packed again for every head).
 class PackedB {
  public:
-  PackedB(index_t n, index_t k)
-      : n_(n), k_(k),
-        data_(static_cast<bf16_bits*>(::operator new(static_cast<std::size_t>(n * k) * sizeof(bf16_bits),
-                                                     std::align_val_t{64}))) {}
+  PackedB() = default;
+  PackedB(index_t n, index_t k) { reshape(n, k); }
+  void reshape(index_t n, index_t k) {
+    if (n * k > capacity_) {
+      data_.reset(static_cast<bf16_bits*>(
+          ::operator new(static_cast<std::size_t>(n * k) * sizeof(bf16_bits), std::align_val_t{64})));
+      capacity_ = n * k;
+    }
+    n_ = n, k_ = k;
+  }
   index_t n() const { return n_; }
   index_t k() const { return k_; }
   bf16_bits* data() { return data_.get(); }
@@ -93,26 +101,64 @@ class PackedB {
   struct Free {
     void operator()(bf16_bits* p) const noexcept { ::operator delete(p, std::align_val_t{64}); }
   };
-  index_t n_, k_;
+  index_t n_ = 0, k_ = 0, capacity_ = 0;
   std::unique_ptr<bf16_bits, Free> data_;
 };
 
-// W's rows [0, N) of K pairs-of-bf16 columns, leading dimension ldw, into the tile layout.
-inline PackedB pack(const bf16_bits* W, index_t N, index_t K, index_t ldw) {
+// W's rows [0, N) of K bf16 (leading dimension ldw) into out, in the tile layout; rows from n_valid on read as
+// zeros (W holds only n_valid rows: attention's keys padded to a multiple of 32).
+inline void pack_into(PackedB& out, const bf16_bits* W, index_t N, index_t K, index_t ldw, index_t n_valid) {
   LIMOE_CHECK(eligible(N, K), "amx::pack: the weight's sides must be multiples of 32");
-  PackedB out(N, K);
+  out.reshape(N, K);
   const index_t kb_count = K / 32;
   for (index_t nt = 0; nt < N / 16; ++nt) {
     for (index_t kb = 0; kb < kb_count; ++kb) {
       // A 16 x 16 transpose of 32-bit words: W's row n0 + c, words k0/2 .. k0/2 + 15, to the tile's column c.
-      std::uint32_t* tile = reinterpret_cast<std::uint32_t*>(out.data() + (nt * kb_count + kb) * 512);
+      // Read as 16 rows of 16 words, written transposed (the compiler turns the inner loop into vector
+      // gathers or shuffles; rows past n_valid are zeros).
+      std::uint32_t block[16][16];
       for (index_t c = 0; c < 16; ++c) {
-        std::uint32_t row[16];
-        std::memcpy(row, W + (nt * 16 + c) * ldw + kb * 32, sizeof row);
-        for (index_t r = 0; r < 16; ++r) tile[r * 16 + c] = row[r];
+        if (nt * 16 + c < n_valid) std::memcpy(block[c], W + (nt * 16 + c) * ldw + kb * 32, sizeof block[c]);
+        else std::memset(block[c], 0, sizeof block[c]);
+      }
+      std::uint32_t* tile = reinterpret_cast<std::uint32_t*>(out.data() + (nt * kb_count + kb) * 512);
+      for (index_t r = 0; r < 16; ++r)
+        for (index_t c = 0; c < 16; ++c) tile[r * 16 + c] = block[c][r];
+    }
+  }
+}
+inline PackedB pack(const bf16_bits* W, index_t N, index_t K, index_t ldw) {
+  PackedB out;
+  pack_into(out, W, N, K, ldw, N);
+  return out;
+}
+
+// B [K, N] (rows of ldb) as it lies, for C = A B: the same tile layout (pack(W) is this of B = W^T). Row r,
+// column c of a tile interleaves B[k0 + 2r][n0 + c] and B[k0 + 2r + 1][n0 + c]. A linear layer's input
+// gradient dx = dy W reads its weight W [out, in] so. Rows from k_valid on read as zeros.
+inline void pack_rows_into(PackedB& out, const bf16_bits* B, index_t K, index_t N, index_t ldb, index_t k_valid) {
+  LIMOE_CHECK(eligible(N, K), "amx::pack_rows: the operand's sides must be multiples of 32");
+  out.reshape(N, K);
+  const index_t kb_count = K / 32;
+  for (index_t nt = 0; nt < N / 16; ++nt) {
+    for (index_t kb = 0; kb < kb_count; ++kb) {
+      // A tile row is 16 words, each the pair (even row, odd row) of one column: the low half from the even
+      // row (the little-endian order TDPBF16PS reads); a vectorised loop of 16-bit loads, widens, shifts.
+      std::uint32_t* tile = reinterpret_cast<std::uint32_t*>(out.data() + (nt * kb_count + kb) * 512);
+      static constexpr bf16_bits kZeros[16] = {};
+      for (index_t r = 0; r < 16; ++r) {
+        const index_t k = kb * 32 + 2 * r;
+        const bf16_bits* even = k < k_valid ? B + k * ldb + nt * 16 : kZeros;
+        const bf16_bits* odd = k + 1 < k_valid ? B + (k + 1) * ldb + nt * 16 : kZeros;
+        for (index_t c = 0; c < 16; ++c)
+          tile[r * 16 + c] = static_cast<std::uint32_t>(even[c]) | static_cast<std::uint32_t>(odd[c]) << 16;
       }
     }
   }
+}
+inline PackedB pack_rows(const bf16_bits* B, index_t K, index_t N, index_t ldb) {
+  PackedB out;
+  pack_rows_into(out, B, K, N, ldb, K);
   return out;
 }
 

@@ -296,11 +296,13 @@ void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float
   if (M == 0 || N == 0) return;
   LIMOE_CHECK(!bias || (alpha == 1.0f && beta == 0.0f), "gemm_bf16_serial: a bias needs alpha 1 and beta 0");
   // A mirror's weight on a processor with AMX: the tile kernel over the weight's packed copy (core/amx.hpp),
-  // packed on its first use after the weights changed.
-  if (packed && tb == Trans::T && ta == Trans::N && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) &&
-      amx::eligible(N, K) && amx::available()) {
-    const auto entry = packed->get(PackedWeights::Key{B, N, K, ldb, 1}, [&]() -> std::shared_ptr<const void> {
-      return std::make_shared<amx::PackedB>(amx::pack(B, N, K, ldb));
+  // packed on its first use after the weights changed; read as W^T (a forward product) or as it lies (an input
+  // gradient), each its own copy.
+  if (packed && ta == Trans::N && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && amx::eligible(N, K) &&
+      amx::available()) {
+    const int layout = tb == Trans::T ? 1 : 2;
+    const auto entry = packed->get(PackedWeights::Key{B, N, K, ldb, layout}, [&]() -> std::shared_ptr<const void> {
+      return std::make_shared<amx::PackedB>(tb == Trans::T ? amx::pack(B, N, K, ldb) : amx::pack_rows(B, K, N, ldb));
     });
     amx::gemm(M, N, K, A, lda, *static_cast<const amx::PackedB*>(entry.get()), C, ldc, bias, beta == 1.0f);
     return;
@@ -480,7 +482,9 @@ void mixed_product(const P& prec, bool threaded, Trans ta, Trans tb, index_t M, 
     ScratchLease<bf16_bits> sa(prec.find(A, na) ? 0 : na), sb(prec.find(B, nb) ? 0 : nb);
     // B^T a weight of the mirror, whose store the policy carries (an evaluation forward's): where its packed
     // copies are kept (gemm_bf16_serial).
-    PackedWeights* packed = tb == Trans::T && prec.weights.find(B, nb) ? prec.weights.packed : nullptr;
+    // With AMX also B as it lies (an input gradient's dy W: gemm_bf16_serial).
+    PackedWeights* packed =
+        (tb == Trans::T || amx::available()) && prec.weights.find(B, nb) ? prec.weights.packed : nullptr;
     bf16(bf16_operand(prec, A, ar, ac, lda, sa, threaded), bf16_operand(prec, B, br, bc, ldb, sb, threaded), packed);
   }
 }

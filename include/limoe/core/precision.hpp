@@ -63,7 +63,7 @@ inline void to_bf16_parallel(const float* x, index_t n, bf16_bits* out) {
 class PackedWeights {
  public:
   // The weight block's first element, its shape and leading dimension as the product reads it.
-  // `layout`: which library's packing (0: oneDNN's, 1: the AMX tile kernel's, core/amx.hpp).
+  // `layout`: which packing (0: oneDNN's; 1, 2: the AMX tile kernel's of W^T and of B as it lies, core/amx.hpp).
   struct Key {
     const void* p;
     index_t rows, cols, ld;

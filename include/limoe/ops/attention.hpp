@@ -121,6 +121,49 @@ void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& ca
   });
 }
 
+// attention_heads_forward_bf16 on AMX tiles (core/amx.hpp), where the head width is a multiple of 32. Per
+// image: for each head, k_h packed as a weight (keys padded with zeros to a multiple of 32) and the raw scores
+// q_h k_h^T into a padded fp32 block, copied into cache.probs; the softmax of the image's rows and their
+// rounding in one pass each, as the oneDNN path does; then for each head the probabilities in a zero-padded
+// bf16 block, v_h packed by rows, and ctx_h = P_h v_h. The same arithmetic as the batched oneDNN products
+// (bf16 operands, fp32 sums), in the tile kernel's order.
+template <class = void>
+void attention_heads_forward_amx(const AttentionDims& d, CView<std::uint8_t> key_mask, AttentionCache<float>& cache,
+                                 float scale) {
+  const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
+  const index_t Np = (Nk + 31) / 32 * 32;
+  const bf16_bits* q = cache.q16.data();
+  const bf16_bits* k = cache.k16.data();
+  const bf16_bits* v = cache.v16.data();
+  parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
+    thread_local amx::PackedB kp, vp, p16;  // k_h, v_h packed; p16: a [Nq, Np] bf16 block (aligned storage)
+    thread_local std::vector<float> scores;  // [Nq, Np] raw scores, from a 64-byte boundary (tile stores)
+    scores.resize(static_cast<std::size_t>(Nq * Np + 16));
+    float* S = scores.data() + (16 - reinterpret_cast<std::uintptr_t>(scores.data()) / sizeof(float) % 16) % 16;
+    p16.reshape(Nq, Np);
+    for (index_t b = b0; b < b1; ++b) {
+      float* P = cache.probs.data() + b * H * Nq * Nk;  // [H, Nq, Nk]
+      bf16_bits* P16 = cache.probs16.data() + b * H * Nq * Nk;
+      const std::uint8_t* m = key_mask.empty() ? nullptr : key_mask.data() + b * Nk;
+      for (index_t h = 0; h < H; ++h) {
+        amx::pack_into(kp, k + b * Nk * D + h * Dh, Np, Dh, D, Nk);
+        amx::gemm(Nq, Np, Dh, q + b * Nq * D + h * Dh, D, kp, S, Np);
+        for (index_t i = 0; i < Nq; ++i) std::copy(S + i * Np, S + i * Np + Nk, P + (h * Nq + i) * Nk);
+      }
+      softmax_rows_vec(P, P, H * Nq, Nk, scale, m);
+      to_bf16(P, H * Nq * Nk, P16);
+      for (index_t h = 0; h < H; ++h) {
+        for (index_t i = 0; i < Nq; ++i) {
+          std::copy(P16 + (h * Nq + i) * Nk, P16 + (h * Nq + i + 1) * Nk, p16.data() + i * Np);
+          std::fill(p16.data() + i * Np + Nk, p16.data() + (i + 1) * Np, bf16_bits{0});
+        }
+        amx::pack_rows_into(vp, v + b * Nk * D + h * Dh, Np, Dh, D, Nk);
+        amx::gemm(Nq, Dh, Np, p16.data(), Np, vp, cache.ctx.data() + b * Nq * D + h * Dh, D);
+      }
+    }
+  });
+}
+
 // The per-head work under a mixed policy (core/precision.hpp): the score and context products, forward and
 // backward, read bf16 operands and accumulate in fp32 (detail::gemm_bf16_batched_serial, one call for the heads
 // of an image); the softmax and its backward stay fp32 on fp32 scores. q, k, v are rounded once per forward over
@@ -139,6 +182,10 @@ void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> ke
   const bf16_bits* q = cache.q16.data();
   const bf16_bits* k = cache.k16.data();
   const bf16_bits* v = cache.v16.data();
+  if (Dh % 32 == 0 && amx::available()) {
+    attention_heads_forward_amx(d, key_mask, cache, scale);
+    return;
+  }
   parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
     for (index_t b = b0; b < b1; ++b) {
       float* P = cache.probs.data() + b * H * Nq * Nk;  // [H, Nq, Nk]
