@@ -26,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <string>
 
 #include "limoe/core/error.hpp"
 #include "limoe/core/tensor.hpp"
@@ -105,27 +106,33 @@ class PackedB {
   std::unique_ptr<bf16_bits, Free> data_;
 };
 
+namespace detail {
+// out reshaped to [N, K] and fill(n0, k0, tile) called for each of its 1 KB tiles (16 columns from n0 by 32 of
+// K from k0, as 16 rows of 16 words): the walk both packings share.
+template <class Fill>
+void fill_tiles(PackedB& out, index_t N, index_t K, const char* what, Fill&& fill) {
+  LIMOE_CHECK(eligible(N, K), std::string(what) + ": the operand's sides must be multiples of 32");
+  out.reshape(N, K);
+  for (index_t nt = 0; nt < N / 16; ++nt)
+    for (index_t kb = 0; kb < K / 32; ++kb)
+      fill(nt * 16, kb * 32, reinterpret_cast<std::uint32_t*>(out.data() + (nt * (K / 32) + kb) * 512));
+}
+}  // namespace detail
+
 // W's rows [0, N) of K bf16 (leading dimension ldw) into out, in the tile layout; rows from n_valid on read as
 // zeros (W holds only n_valid rows: attention's keys padded to a multiple of 32).
 inline void pack_into(PackedB& out, const bf16_bits* W, index_t N, index_t K, index_t ldw, index_t n_valid) {
-  LIMOE_CHECK(eligible(N, K), "amx::pack: the weight's sides must be multiples of 32");
-  out.reshape(N, K);
-  const index_t kb_count = K / 32;
-  for (index_t nt = 0; nt < N / 16; ++nt) {
-    for (index_t kb = 0; kb < kb_count; ++kb) {
-      // A 16 x 16 transpose of 32-bit words: W's row n0 + c, words k0/2 .. k0/2 + 15, to the tile's column c.
-      // Read as 16 rows of 16 words, written transposed (the compiler turns the inner loop into vector
-      // gathers or shuffles; rows past n_valid are zeros).
-      std::uint32_t block[16][16];
-      for (index_t c = 0; c < 16; ++c) {
-        if (nt * 16 + c < n_valid) std::memcpy(block[c], W + (nt * 16 + c) * ldw + kb * 32, sizeof block[c]);
-        else std::memset(block[c], 0, sizeof block[c]);
-      }
-      std::uint32_t* tile = reinterpret_cast<std::uint32_t*>(out.data() + (nt * kb_count + kb) * 512);
-      for (index_t r = 0; r < 16; ++r)
-        for (index_t c = 0; c < 16; ++c) tile[r * 16 + c] = block[c][r];
+  detail::fill_tiles(out, N, K, "amx::pack", [&](index_t n0, index_t k0, std::uint32_t* tile) {
+    // A 16 x 16 transpose of 32-bit words: W's row n0 + c, words k0/2 .. k0/2 + 15, to the tile's column c,
+    // read as 16 rows of 16 words and written transposed (the compiler vectorises the inner loop).
+    std::uint32_t block[16][16];
+    for (index_t c = 0; c < 16; ++c) {
+      if (n0 + c < n_valid) std::memcpy(block[c], W + (n0 + c) * ldw + k0, sizeof block[c]);
+      else std::memset(block[c], 0, sizeof block[c]);
     }
-  }
+    for (index_t r = 0; r < 16; ++r)
+      for (index_t c = 0; c < 16; ++c) tile[r * 16 + c] = block[c][r];
+  });
 }
 inline PackedB pack(const bf16_bits* W, index_t N, index_t K, index_t ldw) {
   PackedB out;
@@ -137,24 +144,18 @@ inline PackedB pack(const bf16_bits* W, index_t N, index_t K, index_t ldw) {
 // column c of a tile interleaves B[k0 + 2r][n0 + c] and B[k0 + 2r + 1][n0 + c]. A linear layer's input
 // gradient dx = dy W reads its weight W [out, in] so. Rows from k_valid on read as zeros.
 inline void pack_rows_into(PackedB& out, const bf16_bits* B, index_t K, index_t N, index_t ldb, index_t k_valid) {
-  LIMOE_CHECK(eligible(N, K), "amx::pack_rows: the operand's sides must be multiples of 32");
-  out.reshape(N, K);
-  const index_t kb_count = K / 32;
-  for (index_t nt = 0; nt < N / 16; ++nt) {
-    for (index_t kb = 0; kb < kb_count; ++kb) {
-      // A tile row is 16 words, each the pair (even row, odd row) of one column: the low half from the even
-      // row (the little-endian order TDPBF16PS reads); a vectorised loop of 16-bit loads, widens, shifts.
-      std::uint32_t* tile = reinterpret_cast<std::uint32_t*>(out.data() + (nt * kb_count + kb) * 512);
-      static constexpr bf16_bits kZeros[16] = {};
-      for (index_t r = 0; r < 16; ++r) {
-        const index_t k = kb * 32 + 2 * r;
-        const bf16_bits* even = k < k_valid ? B + k * ldb + nt * 16 : kZeros;
-        const bf16_bits* odd = k + 1 < k_valid ? B + (k + 1) * ldb + nt * 16 : kZeros;
-        for (index_t c = 0; c < 16; ++c)
-          tile[r * 16 + c] = static_cast<std::uint32_t>(even[c]) | static_cast<std::uint32_t>(odd[c]) << 16;
-      }
+  detail::fill_tiles(out, N, K, "amx::pack_rows", [&](index_t n0, index_t k0, std::uint32_t* tile) {
+    // A tile row is 16 words, each the pair (even row, odd row) of one column: the low half from the even row
+    // (the little-endian order TDPBF16PS reads); a vectorised loop of 16-bit loads, widens, shifts.
+    static constexpr bf16_bits kZeros[16] = {};
+    for (index_t r = 0; r < 16; ++r) {
+      const index_t k = k0 + 2 * r;
+      const bf16_bits* even = k < k_valid ? B + k * ldb + n0 : kZeros;
+      const bf16_bits* odd = k + 1 < k_valid ? B + (k + 1) * ldb + n0 : kZeros;
+      for (index_t c = 0; c < 16; ++c)
+        tile[r * 16 + c] = static_cast<std::uint32_t>(even[c]) | static_cast<std::uint32_t>(odd[c]) << 16;
     }
-  }
+  });
 }
 inline PackedB pack_rows(const bf16_bits* B, index_t K, index_t N, index_t ldb) {
   PackedB out;
