@@ -196,11 +196,11 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void configure(int top, int 
     else _tile_zero(t);                                                      \
   } while (0)
 
-// Rows [m, m + 32) (or m + 16 when !two: the second row tile unused) by columns [n, n + 32) of C over all of K.
-__attribute__((target("amx-tile,amx-bf16"))) inline void block(bool two, index_t m, index_t n, index_t kbs,
-                                                                const bf16_bits* A, index_t lda, const PackedB& B,
-                                                                float* C, index_t ldc, const float* bias,
-                                                                bool accumulate) {
+// Rows [m, m + 32) (or m + 16 when !Two: the second row tile unused) by columns [n, n + 32) of C over all of K.
+template <bool Two>
+__attribute__((target("amx-tile,amx-bf16"))) inline void block(index_t m, index_t n, index_t kbs, const bf16_bits* A,
+                                                                index_t lda, const PackedB& B, float* C, index_t ldc,
+                                                                const float* bias, bool accumulate) {
   const long sa = static_cast<long>(lda) * 2, sc = static_cast<long>(ldc) * 4;
   float* c = C + m * ldc + n;
   const bf16_bits* a0 = A + m * lda;
@@ -209,32 +209,28 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void block(bool two, index_t
   const bf16_bits* b1 = B.column_tiles(n + 16);
   LIMOE_AMX_INIT(0, c, n);
   LIMOE_AMX_INIT(1, c + 16, n + 16);
-  if (two) {
+  if constexpr (Two) {
     LIMOE_AMX_INIT(2, c + 16 * ldc, n);
     LIMOE_AMX_INIT(3, c + 16 * ldc + 16, n + 16);
-    for (index_t kb = 0; kb < kbs; ++kb) {
-      _tile_loadd(4, a0 + kb * 32, sa);
-      _tile_loadd(6, b0 + kb * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(7, b1 + kb * 512, 64);
-      _tile_dpbf16ps(1, 4, 7);
+  }
+  for (index_t kb = 0; kb < kbs; ++kb) {
+    _tile_loadd(4, a0 + kb * 32, sa);
+    _tile_loadd(6, b0 + kb * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1 + kb * 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (Two) {
       _tile_loadd(5, a1 + kb * 32, sa);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(2, c + 16 * ldc, sc);
-    _tile_stored(3, c + 16 * ldc + 16, sc);
-  } else {
-    for (index_t kb = 0; kb < kbs; ++kb) {
-      _tile_loadd(4, a0 + kb * 32, sa);
-      _tile_loadd(6, b0 + kb * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(7, b1 + kb * 512, 64);
-      _tile_dpbf16ps(1, 4, 7);
-    }
   }
   _tile_stored(0, c, sc);
   _tile_stored(1, c + 16, sc);
+  if constexpr (Two) {
+    _tile_stored(2, c + 16 * ldc, sc);
+    _tile_stored(3, c + 16 * ldc + 16, sc);
+  }
 }
 
 __attribute__((target("amx-tile,amx-bf16"))) inline void gemm_tiles(index_t M, index_t N, index_t K,
@@ -256,11 +252,14 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void gemm_tiles(index_t M, i
     if (full > 0) {
       if (!full_config) configure(16, 16), full_config = true;
       for (index_t m = 0; m < full; m += 32)
-        for (index_t n = n0; n < n1; n += 32) block(true, m, n, kbs, A, lda, B, C, ldc, bias, accumulate);
+        for (index_t n = n0; n < n1; n += 32) block<true>(m, n, kbs, A, lda, B, C, ldc, bias, accumulate);
     }
     if (rest > 0) {
       configure(top, bottom > 0 ? bottom : 16), full_config = false;
-      for (index_t n = n0; n < n1; n += 32) block(bottom > 0, full, n, kbs, A, lda, B, C, ldc, bias, accumulate);
+      for (index_t n = n0; n < n1; n += 32) {
+        if (bottom > 0) block<true>(full, n, kbs, A, lda, B, C, ldc, bias, accumulate);
+        else block<false>(full, n, kbs, A, lda, B, C, ldc, bias, accumulate);
+      }
     }
   }
   _tile_release();
