@@ -29,8 +29,8 @@
 #include <string>
 
 #include "limoe/core/error.hpp"
+#include "limoe/core/policies.hpp"
 #include "limoe/core/tensor.hpp"
-#include "limoe/math/bf16.hpp"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define LIMOE_AMX_KERNEL 1
@@ -42,7 +42,7 @@
 
 namespace limoe::amx {
 
-using bf16_bits = std::uint16_t;
+using ::limoe::bf16_bits;  // core/policies.hpp
 
 // Whether this process may run AMX-BF16 tile instructions: CPUID reports AMX-TILE and AMX-BF16, the OS saves
 // tile state (XCR0 bits 17 and 18) and grants this process the tile data (Linux: arch_prctl

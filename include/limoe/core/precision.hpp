@@ -54,10 +54,11 @@ inline void to_bf16_parallel(const float* x, index_t n, bf16_bits* out) {
 // Packed copies of a host mirror's weights in a product library's own layout (core/gemm_mixed.hpp keeps oneDNN's
 // blocked bf16 layout of a forward product's weight blocks here), made on a block's first use and kept until the
 // mirror is made again (which clears them): the packing a product would otherwise do inside every call is done
-// once per set of weights. A model hands the store to the products of its evaluation forwards only (Limoe::prec):
-// a training step reads each forward weight once or twice before the optimizer changes it, so packing there is
-// a pass over every weight and a second copy in memory for nothing (measured: the S/32 bf16 training step 6-10%
-// slower, +500 MB), where an evaluation or an embedding reads the same weights batch after batch. An entry is
+// once per set of weights. A model hands the store to the products of its evaluation forwards only (Limoe::prec),
+// unless the processor has AMX: a training step reads each forward weight once or twice before the optimizer
+// changes it, so oneDNN's packing there is a pass over every weight and a second copy in memory for nothing
+// (measured: the S/32 bf16 training step 6-10% slower, +500 MB), where an evaluation or an embedding reads the
+// same weights batch after batch; the AMX tile kernel's packing (core/amx.hpp) pays within one product. An entry is
 // whatever the library keeps (type-erased); get() may be called from any thread, and callers of one key wait
 // for the one that makes it. clear() must not run during a product.
 class PackedWeights {

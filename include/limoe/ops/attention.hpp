@@ -136,11 +136,15 @@ void attention_heads_forward_amx(const AttentionDims& d, CView<std::uint8_t> key
   const bf16_bits* k = cache.k16.data();
   const bf16_bits* v = cache.v16.data();
   parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
-    thread_local amx::PackedB kp, vp, p16;  // k_h, v_h packed; p16: a [Nq, Np] bf16 block (aligned storage)
-    thread_local std::vector<float> scores;  // [Nq, Np] raw scores, from a 64-byte boundary (tile stores)
-    scores.resize(static_cast<std::size_t>(Nq * Np + 16));
-    float* S = scores.data() + (16 - reinterpret_cast<std::uintptr_t>(scores.data()) / sizeof(float) % 16) % 16;
-    p16.reshape(Nq, Np);
+    // k_h and v_h packed; a head's raw scores and its zero-padded probabilities (Tensor storage is 64-byte
+    // aligned, as tile loads and stores want).
+    thread_local amx::PackedB kp, vp;
+    thread_local Tensor<float> scores;
+    thread_local Tensor<bf16_bits> probs;
+    scores.resize(Shape{Nq, Np});
+    probs.resize(Shape{Nq, Np});
+    float* S = scores.data();
+    bf16_bits* p16 = probs.data();
     for (index_t b = b0; b < b1; ++b) {
       float* P = cache.probs.data() + b * H * Nq * Nk;  // [H, Nq, Nk]
       bf16_bits* P16 = cache.probs16.data() + b * H * Nq * Nk;
@@ -154,11 +158,11 @@ void attention_heads_forward_amx(const AttentionDims& d, CView<std::uint8_t> key
       to_bf16(P, H * Nq * Nk, P16);
       for (index_t h = 0; h < H; ++h) {
         for (index_t i = 0; i < Nq; ++i) {
-          std::copy(P16 + (h * Nq + i) * Nk, P16 + (h * Nq + i + 1) * Nk, p16.data() + i * Np);
-          std::fill(p16.data() + i * Np + Nk, p16.data() + (i + 1) * Np, bf16_bits{0});
+          std::copy(P16 + (h * Nq + i) * Nk, P16 + (h * Nq + i + 1) * Nk, p16 + i * Np);
+          std::fill(p16 + i * Np + Nk, p16 + (i + 1) * Np, bf16_bits{0});
         }
         amx::pack_rows_into(vp, v + b * Nk * D + h * Dh, Np, Dh, D, Nk);
-        amx::gemm(Nq, Dh, Np, p16.data(), Np, vp, cache.ctx.data() + b * Nq * D + h * Dh, D);
+        amx::gemm(Nq, Dh, Np, p16, Np, vp, cache.ctx.data() + b * Nq * D + h * Dh, D);
       }
     }
   });
