@@ -419,6 +419,100 @@ TEST_CASE("a mirror's weights packed for the forward products: the same arithmet
   set_num_threads(0);
 }
 
+namespace {
+// Whether oneDNN's fp32 brgemm kernel (AVX-512: F, BW, DQ, VL) runs here, the kernel gemm_f32_packed uses.
+bool f32_brgemm_here() {
+#if defined(LIMOE_HAVE_DNNL) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+TEST_CASE("fp32 products read a model's large weights packed once: against a double product, packed once per change") {
+  // W [N, K] as a layer holds it, read as B = W^T: under an Fp32 policy that carries a store (Fp32WeightStore, an
+  // evaluation forward's), oneDNN's fp32 brgemm over a copy packed once (gemm_f32_packed) where the processor
+  // has it and the weight and product are large enough (N K >= 2^19, M N K >= 2^26 per block); else gemm_serial.
+  // Each result against a double product: |error| <= K 2^-24 sum_k |a_k b_k|, the bound of fp32 summation in
+  // any order (a stale or misread weight is off by the size of the entries).
+  const index_t N = 1024, K = 512;
+  ParamStore<float> ps;
+  const auto w = ps.add("w", Shape{N, K}, true), small = ps.add("small", Shape{N, K / 2}, true);
+  ps.finalize();
+  const auto W0 = randf(Shape{N * K}, 21, 1.0), S0 = randf(Shape{N * K / 2}, 22, 1.0);
+  std::copy(W0.data(), W0.data() + N * K, ps.value(w).data());
+  std::copy(S0.data(), S0.data() + N * K / 2, ps.value(small).data());
+  const auto bias = randf(Shape{N}, 23, 1.0);
+  const ParamStore<float>& cps = ps;
+  Fp32WeightStore store;
+  const bool brgemm = f32_brgemm_here();
+  // kind 0: a layer's product with its bias (gemm_mixed_bias); 1: alpha 0.5 into C (gemm_mixed, beta 0);
+  // 2: on the calling thread, accumulated into C = 1 (gemm_mixed_serial, beta 1). Kk: the weight's K.
+  auto check = [&](int kind, index_t M, int threads, Tensor<float>& C, ParamRef wr, index_t Kk,
+                   const Fp32* policy = nullptr) {
+    set_num_threads(threads);
+    const Fp32 prec = policy ? *policy : Fp32{store.weights(cps.values().data(), cps.size(), cps.version())};
+    const float* W = cps.value(wr).data();
+    const auto X = randf(Shape{M * Kk}, 13 + M + kind, 1.0);
+    C = Tensor<float>(Shape{M, N});
+    if (kind == 0) {
+      gemm_mixed_bias<float>(prec, Trans::N, Trans::T, M, N, Kk, X.data(), Kk, W, Kk, bias.data(), C.data(), N);
+    } else if (kind == 1) {
+      gemm_mixed<float>(prec, Trans::N, Trans::T, M, N, Kk, 0.5f, X.data(), Kk, W, Kk, 0.0f, C.data(), N);
+    } else {
+      for (index_t i = 0; i < M * N; ++i) C[i] = 1.0f;
+      gemm_mixed_serial<float>(prec, Trans::N, Trans::T, M, N, Kk, 1.0f, X.data(), Kk, W, Kk, 1.0f, C.data(), N);
+    }
+    double worst = 0;
+    for (index_t i = 0; i < M; ++i)
+      for (index_t j = 0; j < N; ++j) {
+        double exact = kind == 0 ? bias[j] : kind == 2 ? 1.0 : 0.0, mag = std::abs(exact);
+        const double alpha = kind == 1 ? 0.5 : 1.0;
+        for (index_t k = 0; k < Kk; ++k) {
+          const double t = alpha * X[i * Kk + k] * W[j * Kk + k];
+          exact += t;
+          mag += std::abs(t);
+        }
+        worst = std::max(worst, std::abs(C[i * N + j] - exact) / (mag + 1e-30));
+      }
+    INFO("kind " << kind << ", " << M << " rows, " << threads << " threads");
+    CHECK(worst <= static_cast<double>(Kk) * 0x1p-24);
+  };
+  Tensor<float> C1, C2, C3;
+  // 300 rows: two row blocks of 152 (detail::split_product), both reading the whole weight: packed once for both.
+  check(0, 300, 1, C1, w, K);
+  CHECK(store.packed().made() == (brgemm ? 1u : 0u));
+  CHECK(store.packed().entries() == (brgemm ? 1u : 0u));
+  check(0, 300, 2, C2, w, K);  // the same split, the same kernels: the same bits on 2 threads, nothing packed again
+  CHECK(std::memcmp(C1.data(), C2.data(), sizeof(float) * C1.numel()) == 0);
+  check(1, 600, 2, C2, w, K);  // four blocks, alpha 0.5, no bias: the same copy
+  check(2, 300, 1, C2, w, K);  // one thread, one call of 300 rows, accumulating: the same copy
+  CHECK(store.packed().made() == (brgemm ? 1u : 0u));
+  // A policy without the store (a training forward's: Limoe::prec) packs nothing: the plain product, the same
+  // values up to the summation order.
+  {
+    const Fp32 plain{};
+    check(0, 300, 2, C3, w, K, &plain);
+    CHECK(rel_max(C3.cview(), C1.cview()) < 1e-5);
+    CHECK(store.packed().made() == (brgemm ? 1u : 0u));
+  }
+  // A weight of N K = 2^18 is left to the plain product (packing it pays less than compiling a shape costs).
+  check(0, 300, 1, C3, small, K / 2);
+  CHECK(store.packed().made() == (brgemm ? 1u : 0u));
+  // A step changes the weights (a new version): the store empties and the copy is made again from the new
+  // weights (a stale copy would compute with the old ones and fail the bound).
+  for (index_t i = 0; i < N * K; ++i) ps.value(w)[i] = -0.5f * W0[i] + 0.25f;
+  check(0, 300, 2, C1, w, K);
+  CHECK(store.packed().made() == (brgemm ? 2u : 0u));
+  CHECK(store.packed().entries() == (brgemm ? 1u : 0u));
+  // A copy of the store starts empty.
+  const Fp32WeightStore copy = store;
+  CHECK(copy.packed().entries() == 0);
+  set_num_threads(0);
+}
+
 TEST_CASE("every op under the bf16 policy: Cpu against Ref under bf16, and against Ref in fp32 within bf16's error") {
   for (int threads : {1, 2}) {
     set_num_threads(threads);
@@ -553,6 +647,59 @@ TEST_CASE("a bf16 model's evaluation forward reads its weights packed: the train
   if (!amx) CHECK(m.packed_weights()->entries() == 0);
   CHECK(rel_max(fe3.img_emb.cview(), ft3.img_emb.cview()) <= kTol);
   CHECK(rel_max(fe3.img_emb.cview(), fe.img_emb.cview()) > 10 * kTol);  // the weights did change
+}
+
+TEST_CASE("an fp32 model's evaluation forward reads its large weights packed: the training forward's embeddings") {
+  // The bf16 case above under Fp32: the evaluation forward's products read the weights from the fp32 store
+  // (gemm_f32_packed: the dense MLP's two weights and the experts' 2 x 4 blocks), the training forward's from
+  // the parameters as they lie (oneDNN's sgemm, which packs inside every call). Both are fp32 sums of the same
+  // terms in different orders: 1e-4 of the largest entry after two blocks and the heads (measured: under 1e-6).
+  ModelConfig c = small_config();
+  c.image_size = {32, 32};
+  c.width = 512;
+  c.heads = 8;
+  c.mlp_dim = 1024;
+  c.proj_dim = 64;
+  c.router.capacity_factor_train = 0.0;
+  c.router.capacity_factor_eval = 0.0;
+  Limoe<float> m(c);
+  m.init(7);
+  const index_t n = 16;
+  auto images = randf(Shape{n, 32, 32, 3}, 41);
+  Tensor<std::int32_t> texts(Shape{n, c.text_len});
+  for (index_t i = 0; i < n * c.text_len; ++i)
+    texts[i] = i % c.text_len < 4 ? static_cast<std::int32_t>(2 + (i / c.text_len * 3 + i) % 17) : c.pad_id;
+  const bool brgemm = f32_brgemm_here();
+  REQUIRE(m.packed_weights() != nullptr);
+  const auto ft = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  CHECK(m.packed_weights()->made() == 0);
+  const auto fe = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  const std::uint64_t made = m.packed_weights()->made();
+  if (brgemm) CHECK(made >= 10);
+  else CHECK(made == 0);
+  constexpr double kTol = 1e-4;
+  MESSAGE("fp32 evaluation (packed) against training forward: images ", rel_max(fe.img_emb.cview(), ft.img_emb.cview()),
+          ", texts ", rel_max(fe.txt_emb.cview(), ft.txt_emb.cview()));
+  CHECK(rel_max(fe.img_emb.cview(), ft.img_emb.cview()) <= kTol);
+  CHECK(rel_max(fe.txt_emb.cview(), ft.txt_emb.cview()) <= kTol);
+  REQUIRE(fe.routes.size() == ft.routes.size());
+  for (std::size_t b = 0; b < fe.routes.size(); ++b)
+    CHECK(std::memcmp(fe.routes[b].data(), ft.routes[b].data(), sizeof(std::int32_t) * ft.routes[b].numel()) == 0);
+  // Another evaluation forward packs nothing and gives the same bits.
+  const auto fe2 = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  CHECK(m.packed_weights()->made() == made);
+  CHECK(std::memcmp(fe2.img_emb.data(), fe.img_emb.data(), sizeof(float) * fe.img_emb.numel()) == 0);
+  // New weights: the copies are made again, from the new weights.
+  {
+    auto values = m.params().values();
+    for (index_t i = 0; i < values.numel(); ++i) values[i] *= 0.5f;
+  }
+  const auto fe3 = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  if (brgemm) CHECK(m.packed_weights()->made() >= 2 * made);
+  const auto ft3 = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  CHECK(m.packed_weights()->entries() == 0);  // a training forward drops them: the weights are about to change
+  CHECK(rel_max(fe3.img_emb.cview(), ft3.img_emb.cview()) <= kTol);
+  CHECK(rel_max(fe3.img_emb.cview(), fe.img_emb.cview()) > 100 * kTol);  // the weights did change
 }
 
 TEST_CASE("routing under bf16 is decided on fp32 gates: the MoE layer routes identically under both policies") {

@@ -169,17 +169,21 @@ struct Params {
   bool has_width = false, has_experts = false, has_top_k = false, has_cf = false;
 };
 
-// Layer weights in one parameter store, with the bf16 copy the policy P reads (Fp32: none).
+// Layer weights in one parameter store, with the bf16 copy the policy P reads, or under Fp32 the store its
+// products keep the weights packed in; both as a model's evaluation forward has them (Limoe::prec), for the
+// MoE layer and the dense MLP alike.
 template <class P>
 struct LayerWeights {
   ParamStore<float> ps;
   WeightMirror mirror;
+  Fp32WeightStore fp32;
   P prec() {
+    const ParamStore<float>& c = ps;
     if constexpr (P::mixed) {
-      mirror.refresh(std::as_const(ps));
+      mirror.refresh(c);
       return P{mirror.copies()};
     } else {
-      return P{};
+      return P{fp32.weights(c.values().data(), c.size(), c.version())};
     }
   }
 };

@@ -58,7 +58,7 @@ struct DnnlContextT {
   // Whether oneDNN has a fast bf16 matmul on this processor (its reference kernel is far slower than widening).
   bool fast = false;
   // Whether that kernel is brgemm (AVX-512 BF16, AMX): the one that reads weights packed once
-  // (gemm_bf16_dnnl_packed); elsewhere (AVX-512 without BF16: gemm:jit) the store is not used.
+  // (gemm_dnnl_packed); elsewhere (AVX-512 without BF16: gemm:jit) the store is not used.
   bool brgemm = false;
   std::string impl;
   DnnlContextT() {
@@ -168,20 +168,22 @@ void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float a
   stream.wait();
 }
 
-// The product of gemm_bf16_dnnl with B = W^T (tb = T), W a mirror's weight ([N, K] rows, leading dimension
-// ldb), read from its packed copy in `store` (made on first use: one reorder into oneDNN's blocked layout) by a
-// primitive of the exact shape, weights in the layout oneDNN chooses (`format_tag::any`: its brgemm kernel).
-// Only where the policy carries the mirror's store (an evaluation forward: PackedWeights says why).
+// C = alpha A W^T + beta C (+ bias) with A and W of element type E (bf16_bits: the product of gemm_bf16_dnnl;
+// float: an fp32 product, gemm_f32_packed), W a model's weight ([N, K] rows, leading dimension ldb), read from
+// its packed copy in `store` (made on first use: one reorder into oneDNN's blocked layout) by a primitive of
+// the exact shape, weights in the layout oneDNN chooses (`format_tag::any`: its brgemm kernel). Only where the
+// policy carries a store (an evaluation forward: PackedWeights says why).
 // Measured on one Zen 4 core with the weights cycling through memory (bench/README.md): 196-row expert tiles
 // of B/32 197 -> 212 and 203 -> 217 GFLOP/s, its 196-row q/k/v/o blocks 204 -> 217, against the run-time shape
 // kernel that packs B inside every call. A shape is compiled on its first call on a thread (0.27 ms measured
 // for a [M, 768] x [768, 3072] product, against 4.6 ms for that product at M = 196), and kept. Returns false,
 // computing nothing, where oneDNN offers no brgemm kernel for it or chooses another layout than the copy's.
-template <class = void>
-bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A, index_t lda,
-                           const bf16_bits* W, index_t ldb, float beta, float* C, index_t ldc, const float* bias,
-                           PackedWeights& store) {
+template <class E>
+bool gemm_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, const E* A, index_t lda, const E* W,
+                      index_t ldb, float beta, float* C, index_t ldc, const float* bias, PackedWeights& store) {
+  static_assert(std::is_same_v<E, bf16_bits> || std::is_same_v<E, float>);
   using dt = dnnl::memory::data_type;
+  constexpr dt kIn = std::is_same_v<E, float> ? dt::f32 : dt::bf16;
   using dims = dnnl::memory::dims;
   using Key = DnnlKey<7>;
   struct Prim {
@@ -201,9 +203,9 @@ bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alph
   thread_local std::unordered_map<Key, Entry, DnnlKeyHash<7>> cache;
   thread_local std::uint64_t clock = 0;
   dnnl_single_thread();
-  const dnnl::memory::desc a_desc(dims{M, K}, dt::bf16, ta == Trans::N ? dims{lda, 1} : dims{1, lda}),
+  const dnnl::memory::desc a_desc(dims{M, K}, kIn, ta == Trans::N ? dims{lda, 1} : dims{1, lda}),
       c_desc(dims{M, N}, dt::f32, dims{ldc, 1}), bias_desc(dims{1, N}, dt::f32, dims{N, 1}),
-      any_desc(dims{K, N}, dt::bf16, dnnl::memory::format_tag::any);
+      any_desc(dims{K, N}, kIn, dnnl::memory::format_tag::any);
   auto make_pd = [&] {
     return dnnl::matmul::primitive_desc(bias ? dnnl::matmul::desc(a_desc, any_desc, bias_desc, c_desc)
                                              : dnnl::matmul::desc(a_desc, any_desc, c_desc),
@@ -225,13 +227,13 @@ bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alph
   const auto entry = store.get(PackedWeights::Key{W, N, K, ldb}, [&]() -> std::shared_ptr<const void> {
     auto packed = std::make_shared<Packed>();
     const dnnl::matmul::primitive_desc pd(
-        dnnl::matmul::desc(dnnl::memory::desc(dims{256, K}, dt::bf16, dims{K, 1}), any_desc,
+        dnnl::matmul::desc(dnnl::memory::desc(dims{256, K}, kIn, dims{K, 1}), any_desc,
                            dnnl::memory::desc(dims{256, N}, dt::f32, dims{N, 1})),
         ctx.engine);
     if (!brgemm(pd)) return packed;
     packed->desc = pd.weights_desc();
     packed->mem = dnnl::memory(packed->desc, ctx.engine);
-    dnnl::memory plain(dnnl::memory::desc(dims{K, N}, dt::bf16, dims{1, ldb}), ctx.engine, const_cast<bf16_bits*>(W));
+    dnnl::memory plain(dnnl::memory::desc(dims{K, N}, kIn, dims{1, ldb}), ctx.engine, const_cast<E*>(W));
     dnnl::reorder(plain, packed->mem).execute(stream, plain, packed->mem);
     stream.wait();
     packed->ok = true;
@@ -257,7 +259,7 @@ bool gemm_bf16_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alph
   it->second.used = ++clock;
   if (!it->second.prim || !(packed.desc == it->second.prim->weights)) return false;
   const Prim& prim = *it->second.prim;
-  const dnnl::memory a(a_desc, ctx.engine, const_cast<bf16_bits*>(A)), c(c_desc, ctx.engine, C);
+  const dnnl::memory a(a_desc, ctx.engine, const_cast<E*>(A)), c(c_desc, ctx.engine, C);
   if (bias) {
     const dnnl::memory bm(bias_desc, ctx.engine, const_cast<float*>(bias));
     prim.matmul.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, packed.mem}, {DNNL_ARG_BIAS, bm}, {DNNL_ARG_DST, c}});
@@ -275,6 +277,40 @@ void seed_rows(T* C, index_t M, index_t N, index_t ldc, const T* bias) {
   for (index_t r = 0; r < M; ++r) std::copy(bias, bias + N, C + r * ldc);
 }
 
+// Whether a product with a weight of [N, K] (as W^T) and M rows reads it from a store of packed copies: only for
+// large weights and products, where the kernel's own packing inside each call costs more than compiling an
+// exact shape (0.27 ms) once; where the weight is small, packing inside each call is cheap (the demo's
+// evaluation, D = 128, 3-8% slower with every product packed).
+inline bool worth_packing(index_t M, index_t N, index_t K) {
+  return static_cast<double>(N) * static_cast<double>(K) >= 0x1p19 &&
+         static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 0x1p26;
+}
+
+// An fp32 product C = alpha op(A) W^T + beta C (+ bias, N floats: then alpha 1, beta 0) on one thread, W a
+// model's weight whose packed copies an Fp32 policy keeps in `store` (an evaluation forward's, Limoe::prec):
+// oneDNN's fp32 brgemm over W packed once (gemm_dnnl_packed), where worth_packing. Returns false, computing
+// nothing, where there is no store, the product is too small, or oneDNN has no brgemm kernel for it (AVX2: its
+// sgemm then runs the product, gemm_serial). The sgemm packs W inside every call: for a 196-row expert tile it
+// packs all of a 9.4 MB weight for a quarter of the rows a dense block has. Measured on one Zen 5 core, weights
+// of 8 experts in turn: [196, 768] x [768, 3072]^T 194 -> 214 GFLOP/s, [256, 384] x [384, 1536]^T 168 -> 220;
+// one weight, 784 rows: 227 -> 227, 232 -> 244 (bench/README.md's performance log).
+template <class = void>
+bool gemm_f32_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
+                     const float* W, index_t ldb, float beta, float* C, index_t ldc, const float* bias,
+                     PackedWeights* store) {
+  if (store == nullptr || M == 0 || N == 0 || K == 0 || !worth_packing(M, N, K)) return false;
+#if defined(LIMOE_HAVE_DNNL)
+  try {
+    return gemm_dnnl_packed(ta, M, N, K, alpha, A, lda, W, ldb, beta, C, ldc, bias, *store);
+  } catch (const dnnl::error&) {
+    return false;  // refused (it never half-computes): the caller's product
+  }
+#else
+  (void)ta, (void)alpha, (void)A, (void)lda, (void)W, (void)ldb, (void)beta, (void)C, (void)ldc, (void)bias;
+  return false;
+#endif
+}
+
 // Which kernel the bf16 products use here: "onednn:<its implementation>" or "widened".
 template <class = void>
 std::string bf16_kernel_name() {
@@ -287,7 +323,7 @@ std::string bf16_kernel_name() {
 // C = alpha op(A) op(B) + beta C on one thread; A, B bf16, C fp32. With a bias (N floats; then alpha must be 1
 // and beta 0): C = op(A) op(B) + bias, the bias added in oneDNN's epilogue, or C seeded with it and accumulated
 // into where oneDNN does not run the product. `packed`: B is a mirror's weight and its packed copies are kept
-// there (gemm_bf16_dnnl_packed; the forward products, tb = T).
+// there (gemm_dnnl_packed; the forward products, tb = T).
 template <class = void>
 void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                              index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc,
@@ -311,14 +347,9 @@ void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float
   if (K > 0 && DnnlContext::get().fast &&
       static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 4096.0) {
     try {
-      // Only for large weights and products: where the weight is small, the kernel's own packing inside each
-      // call is cheap, and compiling an exact shape (0.27 ms) would cost more than it saves (the demo's
-      // evaluation, D = 128, 3-8% slower with every product packed).
-      if (packed && tb == Trans::T && DnnlContext::get().brgemm &&
-          static_cast<double>(N) * static_cast<double>(K) >= 0x1p19 &&
-          static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 0x1p26) {
+      if (packed && tb == Trans::T && DnnlContext::get().brgemm && worth_packing(M, N, K)) {
         try {
-          if (gemm_bf16_dnnl_packed(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, *packed)) return;
+          if (gemm_dnnl_packed(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, *packed)) return;
         } catch (const dnnl::error&) {
           // Refused (it never half-computes): the run-time shape kernel below.
         }
@@ -463,7 +494,19 @@ class RoundedOnce {
 };
 
 namespace detail {
-// What both mixed products share: under Fp32 (or a non-float T) `fp32()` runs; under Bf16Mixed the operands are
+// gemm_f32_packed for T = float (B = W^T), nothing for other element types: whether it computed the product.
+template <class T>
+bool gemm_fp32_packed_or_no(PackedWeights* packed, Trans ta, index_t M, index_t N, index_t K, T alpha, const T* A,
+                            index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc, const T* bias) {
+  if constexpr (std::is_same_v<T, float>)
+    return gemm_f32_packed(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, packed);
+  else
+    return (void)packed, (void)ta, (void)M, (void)N, (void)K, (void)alpha, (void)A, (void)lda, (void)B, (void)ldb,
+           (void)beta, (void)C, (void)ldc, (void)bias, false;
+}
+
+// What both mixed products share: under Fp32 (or a non-float T) `fp32(packed)` runs (`packed`: where B's packed
+// copies are kept when B^T is a weight of the policy's store, else nullptr); under Bf16Mixed the operands are
 // read as bf16 (the mirror's copy, or rounded here, over the thread pool when `threaded`) and passed to
 // `bf16(a, b, packed)` (a generic lambda: only instantiated for float; `packed` where B's packed copies are kept
 // when B is the mirror's weight, else nullptr).
@@ -472,8 +515,15 @@ void mixed_product(const P& prec, bool threaded, Trans ta, Trans tb, index_t M, 
                    index_t lda, const T* B, index_t ldb, Fp32Fn&& fp32, Bf16Fn&& bf16) {
   if constexpr (!P::mixed || !std::is_same_v<T, float>) {
     static_assert(!P::mixed || std::is_same_v<T, float>, "gemm_mixed: the bf16 policy computes in float");
-    (void)prec, (void)threaded, (void)ta, (void)tb, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb;
-    fp32();
+    (void)threaded, (void)ta, (void)M, (void)A, (void)lda;
+    // B^T a model weight whose packed copies an Fp32 policy keeps (an evaluation forward's): where they are.
+    PackedWeights* packed = nullptr;
+    if constexpr (!P::mixed && std::is_same_v<T, float>) {
+      if (tb == Trans::T && N > 0 && K > 0) packed = prec.weights.find(B, operand_extent(N, K, ldb));
+    } else {
+      (void)prec, (void)tb, (void)N, (void)K, (void)B, (void)ldb;
+    }
+    fp32(packed);
   } else {
     if (M == 0 || N == 0) return;
     const index_t ar = ta == Trans::N ? M : K, ac = ta == Trans::N ? K : M;
@@ -496,7 +546,10 @@ void gemm_mixed_serial(const P& prec, Trans ta, Trans tb, index_t M, index_t N, 
                        index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
   detail::mixed_product<T>(
       prec, false, ta, tb, M, N, K, A, lda, B, ldb,
-      [&] { gemm_serial<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); },
+      [&](PackedWeights* packed) {
+        if (!detail::gemm_fp32_packed_or_no<T>(packed, ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr))
+          gemm_serial<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      },
       [&](const auto* a, const auto* b, PackedWeights* packed) {
         detail::gemm_bf16_serial(ta, tb, M, N, K, alpha, a, lda, b, ldb, beta, C, ldc, nullptr, packed);
       });
@@ -509,7 +562,17 @@ void gemm_mixed(const P& prec, Trans ta, Trans tb, index_t M, index_t N, index_t
                 const T* B, index_t ldb, T beta, T* C, index_t ldc) {
   detail::mixed_product<T>(
       prec, true, ta, tb, M, N, K, A, lda, B, ldb,
-      [&] { gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); },
+      [&](PackedWeights* packed) {
+        if (!packed) return gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+          const T* a = A + detail::a_offset(ta, m0, lda);
+          const T* b = B + detail::b_offset(tb, n0, ldb);
+          T* c = C + m0 * ldc + n0;
+          if (!detail::gemm_fp32_packed_or_no<T>(packed, ta, m1 - m0, n1 - n0, K, alpha, a, lda, b, ldb, beta, c, ldc,
+                                                 nullptr))
+            gemm_serial<T>(ta, tb, m1 - m0, n1 - n0, K, alpha, a, lda, b, ldb, beta, c, ldc);
+        });
+      },
       [&](const auto* a, const auto* b, PackedWeights* packed) {
         detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
           detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, alpha, a + detail::a_offset(ta, m0, lda), lda,
@@ -520,7 +583,8 @@ void gemm_mixed(const P& prec, Trans ta, Trans tb, index_t M, index_t N, index_t
 }
 
 // C[M, N] = op(A) op(B) + bias (the N floats of `bias` added to every row): a layer's product with its bias,
-// under P. Fp32: C seeded with the bias, then accumulated into (beta = 1), over the thread pool. Bf16Mixed: the
+// under P. Fp32: C seeded with the bias, then accumulated into (beta = 1), over the thread pool; where the policy
+// keeps B^T packed (gemm_f32_packed), the bias added in oneDNN's epilogue as under bf16. Bf16Mixed: the
 // bias added in oneDNN's epilogue, block by block (gemm_bf16_serial), which saves the seeding pass over C and
 // the product's read of it (B/32's [1568, 3072] hidden layer: 35.5 -> 34.3 ms on one Zen 4 core).
 template <class T, PrecisionPolicy P>
@@ -528,11 +592,25 @@ void gemm_mixed_bias(const P& prec, Trans ta, Trans tb, index_t M, index_t N, in
                      const T* B, index_t ldb, const T* bias, T* C, index_t ldc) {
   detail::mixed_product<T>(
       prec, true, ta, tb, M, N, K, A, lda, B, ldb,
-      [&] {
-        parallel_for(0, M, std::max<index_t>(1, 16384 / std::max<index_t>(N, 1)), [&](index_t r0, index_t r1) {
-          detail::seed_rows(C + r0 * ldc, r1 - r0, N, ldc, bias);
+      [&](PackedWeights* packed) {
+        if (!packed) {
+          parallel_for(0, M, std::max<index_t>(1, 16384 / std::max<index_t>(N, 1)), [&](index_t r0, index_t r1) {
+            detail::seed_rows(C + r0 * ldc, r1 - r0, N, ldc, bias);
+          });
+          return gemm<T>(ta, tb, M, N, K, T(1), A, lda, B, ldb, T(1), C, ldc);
+        }
+        // The weight packed: the bias in oneDNN's epilogue, block by block; a block it does not run is seeded
+        // and accumulated into as above.
+        detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+          const T* a = A + detail::a_offset(ta, m0, lda);
+          const T* b = B + detail::b_offset(tb, n0, ldb);
+          T* c = C + m0 * ldc + n0;
+          if (detail::gemm_fp32_packed_or_no<T>(packed, ta, m1 - m0, n1 - n0, K, T(1), a, lda, b, ldb, T(0), c, ldc,
+                                                bias + n0))
+            return;
+          detail::seed_rows(c, m1 - m0, n1 - n0, ldc, bias + n0);
+          gemm_serial<T>(ta, tb, m1 - m0, n1 - n0, K, T(1), a, lda, b, ldb, T(1), c, ldc);
         });
-        gemm<T>(ta, tb, M, N, K, T(1), A, lda, B, ldb, T(1), C, ldc);
       },
       [&](const auto* a, const auto* b, PackedWeights* packed) {
         detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {

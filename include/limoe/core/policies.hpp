@@ -27,17 +27,36 @@ struct Bf16Copies {
   PackedWeights* packed = nullptr;
   // The copy of the n floats at p, when they lie inside the buffer; nullptr otherwise.
   const bf16_bits* find(const float* p, index_t n) const {
+    const index_t i = lo ? offset_in(base, size, p, n) : -1;
+    return i >= 0 ? lo + i : nullptr;
+  }
+  // Where the n floats at p start inside the `size` floats at base: their index, or -1 when not all inside.
+  static index_t offset_in(const float* base, index_t size, const float* p, index_t n) {
     const auto a = reinterpret_cast<std::uintptr_t>(p), b = reinterpret_cast<std::uintptr_t>(base);
-    if (lo == nullptr || p == nullptr || a < b || n < 0 || (a - b) % sizeof(float) != 0) return nullptr;
+    if (base == nullptr || p == nullptr || a < b || n < 0 || (a - b) % sizeof(float) != 0) return -1;
     const auto i = static_cast<index_t>((a - b) / sizeof(float));
-    return i + n <= size ? lo + i : nullptr;
+    return i + n <= size ? i : -1;
   }
 };
 
-// Every product in fp32 (the default policy).
+// A flat fp32 parameter buffer in host memory whose weights the fp32 products may keep packed for their kernel
+// (Fp32's counterpart of Bf16Copies::packed; a model hands it to its evaluation forwards, core/precision.hpp).
+struct Fp32Weights {
+  const float* base = nullptr;
+  index_t size = 0;
+  PackedWeights* packed = nullptr;
+  // The store for the n floats at p, when they lie inside the buffer; nullptr otherwise.
+  PackedWeights* find(const float* p, index_t n) const {
+    return packed && Bf16Copies::offset_in(base, size, p, n) >= 0 ? packed : nullptr;
+  }
+};
+
+// Every product in fp32 (the default policy). `weights`: where the products may keep a model's weights packed
+// (empty by default: every product packs its operands itself, as before there was a store).
 struct Fp32 {
   static constexpr const char* name = "fp32";
   static constexpr bool mixed = false;
+  Fp32Weights weights{};
 };
 
 // The matrix products read bf16 operands and accumulate in fp32 (core/precision.hpp explains the split).

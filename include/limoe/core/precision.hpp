@@ -188,6 +188,39 @@ class BasicWeightMirror {
 };
 using WeightMirror = BasicWeightMirror<HostSpace>;
 
+// The fp32 counterpart of a mirror's store: packed copies of a host parameter buffer's weights for the fp32
+// products (PackedWeights; core/gemm_mixed.hpp, gemm_f32_packed), emptied when the buffer changes (its version:
+// the optimizer's step, a load, init) or moves. A model hands it to its evaluation forwards (Limoe::prec).
+class Fp32WeightStore {
+ public:
+  Fp32WeightStore() = default;
+  // A copy starts with an empty store (it describes another buffer), as a mirror's copy does.
+  Fp32WeightStore(const Fp32WeightStore&) : Fp32WeightStore() {}
+  Fp32WeightStore& operator=(const Fp32WeightStore&) {
+    clear();
+    return *this;
+  }
+  // What an Fp32 policy carries for the buffer as it is now: the store, emptied first if the buffer changed.
+  Fp32Weights weights(const float* base, index_t size, std::uint64_t version) {
+    if (base != base_ || size != size_ || version != version_) {
+      clear();
+      base_ = base, size_ = size, version_ = version;
+    }
+    return Fp32Weights{base, size, store_.get()};
+  }
+  void clear() {
+    store_->clear();
+    base_ = nullptr, size_ = 0, version_ = 0;
+  }
+  const PackedWeights& packed() const { return *store_; }
+
+ private:
+  std::unique_ptr<PackedWeights> store_ = std::make_unique<PackedWeights>();
+  const float* base_ = nullptr;
+  index_t size_ = 0;
+  std::uint64_t version_ = 0;
+};
+
 template <class P>
 concept PrecisionPolicy = std::same_as<P, Fp32> || std::same_as<P, Bf16Mixed>;
 

@@ -182,8 +182,12 @@ class Limoe {
   // How many times the bf16 copy of the weights was made (Bf16Mixed: once per change of the parameters, i.e.
   // once per optimizer step in training; always 0 under Fp32).
   std::uint64_t weight_conversions() const { return mirror_.conversions(); }
-  // The weights its evaluation forwards keep packed for the products (Bf16Mixed on host memory; nullptr else).
-  const PackedWeights* packed_weights() const { return mirror_.packed(); }
+  // The weights its evaluation forwards keep packed for the products (on host memory: the bf16 mirror's store
+  // under Bf16Mixed, the fp32 weights' under Fp32; nullptr on a device).
+  const PackedWeights* packed_weights() const {
+    if constexpr (Precision::mixed || !S::host_accessible) return mirror_.packed();
+    else return &fp32_store_.packed();
+  }
   // Expert parallelism: the communicator of the ranks holding the other parts of the experts (its rank r holds
   // part r). Every forward and backward with MoE blocks is then collective over it.
   void set_expert_comm(dist::AnyComm comm) {
@@ -301,8 +305,9 @@ class Limoe {
     // evaluation keeps none: all blocks share one scratch set and the block inputs ping-pong between two
     // buffers, so an evaluation forward holds one block's activations, not depth of them.
     const bool tape = mode == Mode::Train;
-    if constexpr (Precision::mixed) {
-      if (tape && pack_weights_) mirror_.drop_packed();  // training after evaluation: the packed copies go
+    if (tape && pack_weights_) {  // training after evaluation: the packed copies go
+      if constexpr (Precision::mixed) mirror_.drop_packed();
+      else fp32_store_.clear();
     }
     pack_weights_ = !tape;
     DTensor<T>& x0 = tape ? blocks_acts_[0].x_in : eval_x_[0];
@@ -615,10 +620,17 @@ class Limoe {
       if (!pack_weights_ && !amx::available()) p.weights.packed = nullptr;
       return p;
     } else {
-      return Precision{};
+      // Fp32: evaluation forwards keep the large weights packed too (gemm_f32_packed), training does not.
+      Precision p{};
+      if (pack_weights_) p.weights = fp32_weights_;
+      return p;
     }
   }
   void refresh_weight_mirror() {
+    if constexpr (!Precision::mixed && std::is_same_v<T, float> && S::host_accessible) {
+      const ParamStore<T, S>& ps = params_;
+      fp32_weights_ = fp32_store_.weights(ps.values().data(), ps.size(), ps.version());
+    }
     if constexpr (Precision::mixed) {
       profile::Region<S> region("bf16_weights");
       const ParamStore<T, S>& ps = params_;
@@ -1019,6 +1031,10 @@ class Limoe {
   std::vector<moe::ExpertExchange<T, S>> ep_ex_;
   BasicWeightMirror<S> mirror_;  // the weights in bf16, in the backend's memory (Bf16Mixed only)
   bool pack_weights_ = false;    // the last forward ran in evaluation mode (prec())
+  // Fp32 on host memory: the packed copies of the weights its evaluation forwards' products keep (prec()), and
+  // what the policy carries for them, set by refresh_weight_mirror.
+  Fp32WeightStore fp32_store_;
+  Fp32Weights fp32_weights_{};
   // Data parallel (the loss over gathered embeddings): the whole batch's embeddings and this call's place in it.
   struct DataParallelLoss {
     bool on = false;

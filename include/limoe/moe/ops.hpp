@@ -147,6 +147,10 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
   // Where the mirror keeps its weights packed for the products (gemm_bf16_serial), when both come from it and
   // the policy carries its store (an evaluation forward's; PackedWeights).
   [[maybe_unused]] PackedWeights* packed = nullptr;
+  if constexpr (!Prec::mixed && std::is_same_v<T, float>) {
+    // Fp32: the store an evaluation forward's policy keeps the weights packed in (gemm_f32_packed).
+    if (prec.weights.find(w.fc2_w.data(), w.fc2_w.numel())) packed = prec.weights.find(w.fc1_w.data(), w.fc1_w.numel());
+  }
   if constexpr (Prec::mixed) {
     s.lo_xe.resize(static_cast<std::size_t>(xe.numel()));
     s.lo_h.resize(static_cast<std::size_t>(h.numel()));
@@ -173,8 +177,9 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
     if constexpr (Prec::mixed)
       ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, K, 1.0f, X16 + a, K, W16 + b, K, 0.0f, C, ldc,
                                         bias, packed);
-    else
-      (void)bias, gemm_serial<T>(Trans::N, Trans::T, rows, cols, K, T(1), X + a, K, W + b, K, T(0), C, ldc);
+    else if (!::limoe::detail::gemm_fp32_packed_or_no<T>(packed, Trans::N, rows, cols, K, T(1), X + a, K, W + b, K,
+                                                          T(0), C, ldc, nullptr))
+      gemm_serial<T>(Trans::N, Trans::T, rows, cols, K, T(1), X + a, K, W + b, K, T(0), C, ldc);
   };
   // Columns [c0, c1) of rows [r0, r0 + rows) of expert e's hidden layer: product, + b1, GELU (as the dense MLP's
   // bias_gelu_forward), and under bf16 the result rounded for the output's product.
