@@ -590,11 +590,17 @@ ModelConfig small_config() {
 }
 }  // namespace
 
-TEST_CASE("a bf16 model's evaluation forward reads its weights packed: the training forward's embeddings and routes") {
-  // Large enough that the dense MLP's and the experts' products take the packed path (gemm_bf16_dnnl_packed:
-  // N K >= 2^19, M N K >= 2^26): width 512, hidden 1024, 16 images of 64 patches, about 256 rows an expert.
-  // No noise and no capacity in either mode, so the two forwards differ only in how the products read the
-  // weights (the plain copy in training, the packed one in evaluation).
+namespace {
+// A model of type Model large enough that the dense MLP's and the experts' products take the packed path (N K >=
+// 2^19, M N K >= 2^26): width 512, hidden 1024, 16 images of 64 patches, about 256 rows an expert. No noise and
+// no capacity in either mode, so its evaluation and training forwards differ only in how the products read the
+// weights (packed, and as they lie). Asserted: the embeddings within `tol` of the largest entry, the same
+// routes; the copies made on the first evaluation forward (where `packs`: this processor has the kernel) and
+// not by a training forward (unless `train_packs`), none made again for a second evaluation (the same bits),
+// all again after the weights change (a stale copy would leave the embeddings where they were), and dropped
+// by a training forward.
+template <class Model>
+void check_eval_packing(bool packs, bool train_packs, double tol) {
   ModelConfig c = small_config();
   c.image_size = {32, 32};
   c.width = 512;
@@ -603,103 +609,61 @@ TEST_CASE("a bf16 model's evaluation forward reads its weights packed: the train
   c.proj_dim = 64;
   c.router.capacity_factor_train = 0.0;
   c.router.capacity_factor_eval = 0.0;
-  Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed> m(c);
+  Model m(c);
   m.init(7);
   const index_t n = 16;
   auto images = randf(Shape{n, 32, 32, 3}, 41);
   Tensor<std::int32_t> texts(Shape{n, c.text_len});
   for (index_t i = 0; i < n * c.text_len; ++i)
     texts[i] = i % c.text_len < 4 ? static_cast<std::int32_t>(2 + (i / c.text_len * 3 + i) % 17) : c.pad_id;
-  const bool brgemm = detail::bf16_kernel_name().rfind("onednn:brg", 0) == 0;
-  // With AMX the training forward packs too (core/amx.hpp: packing costs less than a product saves), in the
-  // tile kernel's layout: the evaluation forward then finds every copy made.
-  const bool amx = amx::available();
+  REQUIRE(m.packed_weights() != nullptr);
   const auto ft = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
-  if (amx) CHECK(m.packed_weights()->made() >= 10);
+  if (train_packs) CHECK(m.packed_weights()->made() >= 10);
   else CHECK(m.packed_weights()->made() == 0);
   const auto fe = m.forward(images.cview(), texts.cview(), Mode::Eval);
   const std::uint64_t made = m.packed_weights()->made();
   // The dense MLP's two weights and the experts' 2 x 4 blocks (the attention's [512, 512] are too small).
-  if (brgemm || amx) CHECK(made >= 10);
-  // The two kernels sum in different orders, so an fp32 result may differ in its last bit, and a hidden
-  // activation's rounding to bf16 (the next product's operand) then falls the other way: 2^-8 of that element.
-  // Measured 1.4e-3 and 2.1e-3 of the largest entry here; a weight read from a wrong or stale packed copy
-  // moves the embeddings by far more (the check after the weights change below).
-  constexpr double kTol = 1e-2;
-  CHECK(rel_max(fe.img_emb.cview(), ft.img_emb.cview()) <= kTol);
-  CHECK(rel_max(fe.txt_emb.cview(), ft.txt_emb.cview()) <= kTol);
+  if (packs) CHECK(made >= 10);
+  else CHECK(made == 0);
+  MESSAGE(std::string(Model::precision_type::name), " evaluation (packed) against training forward: images ",
+          rel_max(fe.img_emb.cview(), ft.img_emb.cview()), ", texts ", rel_max(fe.txt_emb.cview(), ft.txt_emb.cview()));
+  CHECK(rel_max(fe.img_emb.cview(), ft.img_emb.cview()) <= tol);
+  CHECK(rel_max(fe.txt_emb.cview(), ft.txt_emb.cview()) <= tol);
   REQUIRE(fe.routes.size() == ft.routes.size());
   for (std::size_t b = 0; b < fe.routes.size(); ++b)
     CHECK(std::memcmp(fe.routes[b].data(), ft.routes[b].data(), sizeof(std::int32_t) * ft.routes[b].numel()) == 0);
-  // Another evaluation forward packs nothing and gives the same bits.
   const auto fe2 = m.forward(images.cview(), texts.cview(), Mode::Eval);
   CHECK(m.packed_weights()->made() == made);
   CHECK(std::memcmp(fe2.img_emb.data(), fe.img_emb.data(), sizeof(float) * fe.img_emb.numel()) == 0);
-  // New weights (an optimizer step, a load): the copies are made again, from the new weights.
-  {
+  {  // new weights (an optimizer step, a load)
     auto values = m.params().values();
     for (index_t i = 0; i < values.numel(); ++i) values[i] *= 0.5f;
   }
   const auto fe3 = m.forward(images.cview(), texts.cview(), Mode::Eval);
-  if (brgemm || amx) CHECK(m.packed_weights()->made() >= 2 * made);
+  if (packs) CHECK(m.packed_weights()->made() >= 2 * made);
   const auto ft3 = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
-  // A training forward drops them (the weights are about to change); with AMX it packs its own again.
-  if (!amx) CHECK(m.packed_weights()->entries() == 0);
-  CHECK(rel_max(fe3.img_emb.cview(), ft3.img_emb.cview()) <= kTol);
-  CHECK(rel_max(fe3.img_emb.cview(), fe.img_emb.cview()) > 10 * kTol);  // the weights did change
+  if (!train_packs) CHECK(m.packed_weights()->entries() == 0);
+  CHECK(rel_max(fe3.img_emb.cview(), ft3.img_emb.cview()) <= tol);
+  CHECK(rel_max(fe3.img_emb.cview(), fe.img_emb.cview()) > 10 * tol);  // the weights did change
+}
+}  // namespace
+
+TEST_CASE("a bf16 model's evaluation forward reads its weights packed: the training forward's embeddings and routes") {
+  // The packed copies are oneDNN's (gemm_dnnl_packed) where its bf16 kernel is brgemm; with AMX the tile
+  // kernel's, and the training forward packs too (core/amx.hpp: packing costs less than a product saves). The
+  // two kernels sum in different orders, so an fp32 result may differ in its last bit, and a hidden
+  // activation's rounding to bf16 (the next product's operand) then falls the other way: 2^-8 of that element.
+  // Measured 1.4e-3 and 2.1e-3 of the largest entry; a wrong or stale packed copy moves the embeddings by far more.
+  const bool brgemm = detail::bf16_kernel_name().rfind("onednn:brg", 0) == 0;
+  const bool amx = amx::available();
+  check_eval_packing<Limoe<float, ConfigRouter, moe::DefaultAuxLosses, Cpu, Bf16Mixed>>(brgemm || amx, amx, 1e-2);
 }
 
 TEST_CASE("an fp32 model's evaluation forward reads its large weights packed: the training forward's embeddings") {
-  // The bf16 case above under Fp32: the evaluation forward's products read the weights from the fp32 store
-  // (gemm_f32_packed: the dense MLP's two weights and the experts' 2 x 4 blocks), the training forward's from
-  // the parameters as they lie (oneDNN's sgemm, which packs inside every call). Both are fp32 sums of the same
-  // terms in different orders: 1e-4 of the largest entry after two blocks and the heads (measured: under 1e-6).
-  ModelConfig c = small_config();
-  c.image_size = {32, 32};
-  c.width = 512;
-  c.heads = 8;
-  c.mlp_dim = 1024;
-  c.proj_dim = 64;
-  c.router.capacity_factor_train = 0.0;
-  c.router.capacity_factor_eval = 0.0;
-  Limoe<float> m(c);
-  m.init(7);
-  const index_t n = 16;
-  auto images = randf(Shape{n, 32, 32, 3}, 41);
-  Tensor<std::int32_t> texts(Shape{n, c.text_len});
-  for (index_t i = 0; i < n * c.text_len; ++i)
-    texts[i] = i % c.text_len < 4 ? static_cast<std::int32_t>(2 + (i / c.text_len * 3 + i) % 17) : c.pad_id;
-  const bool brgemm = f32_brgemm_here();
-  REQUIRE(m.packed_weights() != nullptr);
-  const auto ft = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
-  CHECK(m.packed_weights()->made() == 0);
-  const auto fe = m.forward(images.cview(), texts.cview(), Mode::Eval);
-  const std::uint64_t made = m.packed_weights()->made();
-  if (brgemm) CHECK(made >= 10);
-  else CHECK(made == 0);
-  constexpr double kTol = 1e-4;
-  MESSAGE("fp32 evaluation (packed) against training forward: images ", rel_max(fe.img_emb.cview(), ft.img_emb.cview()),
-          ", texts ", rel_max(fe.txt_emb.cview(), ft.txt_emb.cview()));
-  CHECK(rel_max(fe.img_emb.cview(), ft.img_emb.cview()) <= kTol);
-  CHECK(rel_max(fe.txt_emb.cview(), ft.txt_emb.cview()) <= kTol);
-  REQUIRE(fe.routes.size() == ft.routes.size());
-  for (std::size_t b = 0; b < fe.routes.size(); ++b)
-    CHECK(std::memcmp(fe.routes[b].data(), ft.routes[b].data(), sizeof(std::int32_t) * ft.routes[b].numel()) == 0);
-  // Another evaluation forward packs nothing and gives the same bits.
-  const auto fe2 = m.forward(images.cview(), texts.cview(), Mode::Eval);
-  CHECK(m.packed_weights()->made() == made);
-  CHECK(std::memcmp(fe2.img_emb.data(), fe.img_emb.data(), sizeof(float) * fe.img_emb.numel()) == 0);
-  // New weights: the copies are made again, from the new weights.
-  {
-    auto values = m.params().values();
-    for (index_t i = 0; i < values.numel(); ++i) values[i] *= 0.5f;
-  }
-  const auto fe3 = m.forward(images.cview(), texts.cview(), Mode::Eval);
-  if (brgemm) CHECK(m.packed_weights()->made() >= 2 * made);
-  const auto ft3 = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
-  CHECK(m.packed_weights()->entries() == 0);  // a training forward drops them: the weights are about to change
-  CHECK(rel_max(fe3.img_emb.cview(), ft3.img_emb.cview()) <= kTol);
-  CHECK(rel_max(fe3.img_emb.cview(), fe.img_emb.cview()) > 100 * kTol);  // the weights did change
+  // The fp32 store (gemm_f32_packed) where oneDNN has its fp32 brgemm kernel; the training forward reads the
+  // parameters as they lie (oneDNN's sgemm, which packs inside every call). Both are fp32 sums of the same terms
+  // in different orders: 1e-4 of the largest entry after two blocks and the heads (measured: under 1e-6).
+  check_eval_packing<Limoe<float>>(f32_brgemm_here(), false, 1e-4);
 }
 
 TEST_CASE("routing under bf16 is decided on fp32 gates: the MoE layer routes identically under both policies") {
