@@ -645,6 +645,23 @@ void check_eval_packing(bool packs, bool train_packs, double tol) {
   if (!train_packs) CHECK(m.packed_weights()->entries() == 0);
   CHECK(rel_max(fe3.img_emb.cview(), ft3.img_emb.cview()) <= tol);
   CHECK(rel_max(fe3.img_emb.cview(), fe.img_emb.cview()) > 10 * tol);  // the weights did change
+  // Packing turned off (set_keep_packed_weights: the memory is the user's): the copies held go, none are made,
+  // and the evaluation forward reads the weights as the training forward does.
+  const auto fe4 = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  CHECK((m.packed_weights()->entries() > 0) == packs);
+  const std::uint64_t before_off = m.packed_weights()->made();
+  m.set_keep_packed_weights(false);
+  CHECK_FALSE(m.keep_packed_weights());
+  CHECK(m.packed_weights()->entries() == 0);
+  const auto fe5 = m.forward(images.cview(), texts.cview(), Mode::Eval);
+  const auto ft5 = m.forward(images.cview(), texts.cview(), Mode::Train, 0);
+  CHECK(m.packed_weights()->made() == before_off);
+  CHECK(m.packed_weights()->entries() == 0);
+  CHECK(std::memcmp(fe5.img_emb.data(), ft5.img_emb.data(), sizeof(float) * fe5.img_emb.numel()) == 0);
+  CHECK(rel_max(fe5.img_emb.cview(), fe4.img_emb.cview()) <= tol);
+  m.set_keep_packed_weights(true);
+  (void)m.forward(images.cview(), texts.cview(), Mode::Eval);
+  if (packs) CHECK(m.packed_weights()->made() > before_off);
 }
 }  // namespace
 

@@ -182,6 +182,19 @@ class Limoe {
   // How many times the bf16 copy of the weights was made (Bf16Mixed: once per change of the parameters, i.e.
   // once per optimizer step in training; always 0 under Fp32).
   std::uint64_t weight_conversions() const { return mirror_.conversions(); }
+  // Whether the products keep the large weights packed for their kernel (default on; core/precision.hpp's
+  // PackedWeights): evaluation forwards, and with AMX training too. The copies cost memory: under Fp32 up to the
+  // size of those weights again (B/32: 1,459 -> 2,078 MB after an evaluation forward of 32 images), under
+  // Bf16Mixed about their bf16 size. Off, every product packs its operands inside the call, as a training
+  // forward does (slower: docs/precision.md), and the copies held now are dropped.
+  void set_keep_packed_weights(bool on) {
+    keep_packed_ = on;
+    if (!on) {
+      mirror_.drop_packed();
+      fp32_store_.clear();
+    }
+  }
+  bool keep_packed_weights() const { return keep_packed_; }
   // The weights its evaluation forwards keep packed for the products (on host memory: the bf16 mirror's store
   // under Bf16Mixed, the fp32 weights' under Fp32; nullptr on a device).
   const PackedWeights* packed_weights() const {
@@ -617,12 +630,12 @@ class Limoe {
       Precision p{mirror_.copies()};
       // With AMX the tile kernel's packing (a transpose pass per weight) costs less than one product saves,
       // so training forwards keep packed copies too, made once per optimizer step (core/amx.hpp).
-      if (!pack_weights_ && !amx::available()) p.weights.packed = nullptr;
+      if ((!pack_weights_ && !amx::available()) || !keep_packed_) p.weights.packed = nullptr;
       return p;
     } else {
       // Fp32: evaluation forwards keep the large weights packed too (gemm_f32_packed), training does not.
       Precision p{};
-      if (pack_weights_) p.weights = fp32_weights_;
+      if (pack_weights_ && keep_packed_) p.weights = fp32_weights_;
       return p;
     }
   }
@@ -1031,6 +1044,7 @@ class Limoe {
   std::vector<moe::ExpertExchange<T, S>> ep_ex_;
   BasicWeightMirror<S> mirror_;  // the weights in bf16, in the backend's memory (Bf16Mixed only)
   bool pack_weights_ = false;    // the last forward ran in evaluation mode (prec())
+  bool keep_packed_ = true;      // set_keep_packed_weights
   // Fp32 on host memory: the packed copies of the weights its evaluation forwards' products keep (prec()), and
   // what the policy carries for them, set by refresh_weight_mirror.
   Fp32WeightStore fp32_store_;
