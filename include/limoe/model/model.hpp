@@ -189,10 +189,7 @@ class Limoe {
   // forward does (slower: docs/precision.md), and the copies held now are dropped.
   void set_keep_packed_weights(bool on) {
     keep_packed_ = on;
-    if (!on) {
-      mirror_.drop_packed();
-      fp32_store_.clear();
-    }
+    if (!on) mirror_.drop_packed(), fp32_store_.clear();
   }
   bool keep_packed_weights() const { return keep_packed_; }
   // The weights its evaluation forwards keep packed for the products (on host memory: the bf16 mirror's store
