@@ -294,21 +294,40 @@ inline bool worth_packing(index_t M, index_t N, index_t K) {
 // packs all of a 9.4 MB weight for a quarter of the rows a dense block has. Measured on one Zen 5 core, weights
 // of 8 experts in turn: [196, 768] x [768, 3072]^T 194 -> 214 GFLOP/s, [256, 384] x [384, 1536]^T 168 -> 220;
 // one weight, 784 rows: 227 -> 227, 232 -> 244 (bench/README.md's performance log).
-template <class = void>
-bool gemm_f32_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
-                     const float* W, index_t ldb, float beta, float* C, index_t ldc, const float* bias,
-                     PackedWeights* store) {
-  if (store == nullptr || M == 0 || N == 0 || K == 0 || !worth_packing(M, N, K)) return false;
+template <class T>
+bool gemm_f32_packed(Trans ta, index_t M, index_t N, index_t K, T alpha, const T* A, index_t lda, const T* W,
+                     index_t ldb, T beta, T* C, index_t ldc, const T* bias, PackedWeights* store) {
 #if defined(LIMOE_HAVE_DNNL)
-  try {
-    return gemm_dnnl_packed(ta, M, N, K, alpha, A, lda, W, ldb, beta, C, ldc, bias, *store);
-  } catch (const dnnl::error&) {
-    return false;  // refused (it never half-computes): the caller's product
+  if constexpr (std::is_same_v<T, float>) {  // other element types: never (the caller's product)
+    if (store == nullptr || M == 0 || N == 0 || K == 0 || !worth_packing(M, N, K)) return false;
+    try {
+      return gemm_dnnl_packed(ta, M, N, K, alpha, A, lda, W, ldb, beta, C, ldc, bias, *store);
+    } catch (const dnnl::error&) {
+      return false;  // refused (it never half-computes): the caller's product
+    }
   }
-#else
-  (void)ta, (void)alpha, (void)A, (void)lda, (void)W, (void)ldb, (void)beta, (void)C, (void)ldc, (void)bias;
-  return false;
 #endif
+  (void)ta, (void)M, (void)N, (void)K, (void)alpha, (void)A, (void)lda, (void)W, (void)ldb, (void)beta, (void)C,
+      (void)ldc, (void)bias, (void)store;
+  return false;
+}
+
+// The fp32 product of gemm_mixed / gemm_mixed_bias over a weight the policy keeps packed (`packed`): split as
+// gemm splits (detail::split_product), each block by gemm_f32_packed, or where that declines, by gemm_serial
+// (with a bias: the block seeded with it and accumulated into).
+template <class T>
+void gemm_f32_packed_blocks(PackedWeights* packed, Trans ta, Trans tb, index_t M, index_t N, index_t K, T alpha,
+                            const T* A, index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc,
+                            const T* bias) {
+  split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+    const T* a = A + a_offset(ta, m0, lda);
+    const T* b = B + b_offset(tb, n0, ldb);
+    T* c = C + m0 * ldc + n0;
+    const T* bn = bias ? bias + n0 : nullptr;
+    if (gemm_f32_packed<T>(ta, m1 - m0, n1 - n0, K, alpha, a, lda, b, ldb, beta, c, ldc, bn, packed)) return;
+    if (bn) seed_rows(c, m1 - m0, n1 - n0, ldc, bn);
+    gemm_serial<T>(ta, tb, m1 - m0, n1 - n0, K, alpha, a, lda, b, ldb, bn ? T(1) : beta, c, ldc);
+  });
 }
 
 // Which kernel the bf16 products use here: "onednn:<its implementation>" or "widened".
@@ -494,17 +513,6 @@ class RoundedOnce {
 };
 
 namespace detail {
-// gemm_f32_packed for T = float (B = W^T), nothing for other element types: whether it computed the product.
-template <class T>
-bool gemm_fp32_packed_or_no(PackedWeights* packed, Trans ta, index_t M, index_t N, index_t K, T alpha, const T* A,
-                            index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc, const T* bias) {
-  if constexpr (std::is_same_v<T, float>)
-    return gemm_f32_packed(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, packed);
-  else
-    return (void)packed, (void)ta, (void)M, (void)N, (void)K, (void)alpha, (void)A, (void)lda, (void)B, (void)ldb,
-           (void)beta, (void)C, (void)ldc, (void)bias, false;
-}
-
 // What both mixed products share: under Fp32 (or a non-float T) `fp32(packed)` runs (`packed`: where B's packed
 // copies are kept when B^T is a weight of the policy's store, else nullptr); under Bf16Mixed the operands are
 // read as bf16 (the mirror's copy, or rounded here, over the thread pool when `threaded`) and passed to
@@ -547,7 +555,7 @@ void gemm_mixed_serial(const P& prec, Trans ta, Trans tb, index_t M, index_t N, 
   detail::mixed_product<T>(
       prec, false, ta, tb, M, N, K, A, lda, B, ldb,
       [&](PackedWeights* packed) {
-        if (!detail::gemm_fp32_packed_or_no<T>(packed, ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr))
+        if (!detail::gemm_f32_packed<T>(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr, packed))
           gemm_serial<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
       },
       [&](const auto* a, const auto* b, PackedWeights* packed) {
@@ -564,14 +572,7 @@ void gemm_mixed(const P& prec, Trans ta, Trans tb, index_t M, index_t N, index_t
       prec, true, ta, tb, M, N, K, A, lda, B, ldb,
       [&](PackedWeights* packed) {
         if (!packed) return gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
-          const T* a = A + detail::a_offset(ta, m0, lda);
-          const T* b = B + detail::b_offset(tb, n0, ldb);
-          T* c = C + m0 * ldc + n0;
-          if (!detail::gemm_fp32_packed_or_no<T>(packed, ta, m1 - m0, n1 - n0, K, alpha, a, lda, b, ldb, beta, c, ldc,
-                                                 nullptr))
-            gemm_serial<T>(ta, tb, m1 - m0, n1 - n0, K, alpha, a, lda, b, ldb, beta, c, ldc);
-        });
+        detail::gemm_f32_packed_blocks<T>(packed, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr);
       },
       [&](const auto* a, const auto* b, PackedWeights* packed) {
         detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
@@ -601,16 +602,7 @@ void gemm_mixed_bias(const P& prec, Trans ta, Trans tb, index_t M, index_t N, in
         }
         // The weight packed: the bias in oneDNN's epilogue, block by block; a block it does not run is seeded
         // and accumulated into as above.
-        detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
-          const T* a = A + detail::a_offset(ta, m0, lda);
-          const T* b = B + detail::b_offset(tb, n0, ldb);
-          T* c = C + m0 * ldc + n0;
-          if (detail::gemm_fp32_packed_or_no<T>(packed, ta, m1 - m0, n1 - n0, K, T(1), a, lda, b, ldb, T(0), c, ldc,
-                                                bias + n0))
-            return;
-          detail::seed_rows(c, m1 - m0, n1 - n0, ldc, bias + n0);
-          gemm_serial<T>(ta, tb, m1 - m0, n1 - n0, K, T(1), a, lda, b, ldb, T(1), c, ldc);
-        });
+        detail::gemm_f32_packed_blocks<T>(packed, ta, tb, M, N, K, T(1), A, lda, B, ldb, T(0), C, ldc, bias);
       },
       [&](const auto* a, const auto* b, PackedWeights* packed) {
         detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {

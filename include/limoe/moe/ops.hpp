@@ -177,8 +177,8 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
     if constexpr (Prec::mixed)
       ::limoe::detail::gemm_bf16_serial(Trans::N, Trans::T, rows, cols, K, 1.0f, X16 + a, K, W16 + b, K, 0.0f, C, ldc,
                                         bias, packed);
-    else if (!::limoe::detail::gemm_fp32_packed_or_no<T>(packed, Trans::N, rows, cols, K, T(1), X + a, K, W + b, K,
-                                                          T(0), C, ldc, nullptr))
+    else if (!::limoe::detail::gemm_f32_packed<T>(Trans::N, rows, cols, K, T(1), X + a, K, W + b, K, T(0), C, ldc,
+                                                   nullptr, packed))
       gemm_serial<T>(Trans::N, Trans::T, rows, cols, K, T(1), X + a, K, W + b, K, T(0), C, ldc);
   };
   // Columns [c0, c1) of rows [r0, r0 + rows) of expert e's hidden layer: product, + b1, GELU (as the dense MLP's
