@@ -166,6 +166,20 @@ TEST_CASE("softmax: cpu matches the reference; rows sum to 1; large inputs stay 
   CHECK(y[1] == 0.0f);
   CHECK(y[3] == doctest::Approx(1.0f / 3));
 
+  // Rows longer than a vector with the large entry anywhere, the last ones included (the CPU takes a row's
+  // maximum over whole vectors and then its tail): still finite, the large entry taking nearly all the mass.
+  for (index_t n : {17, 40, 49}) {
+    for (index_t at : {index_t{0}, n / 2, n - 1}) {
+      INFO("n ", n, " at ", at);
+      Tensor<float> row(Shape{1, n}), p(Shape{1, n});
+      for (index_t j = 0; j < n; ++j) row[j] = static_cast<float>(j % 5);
+      row[at] = 1e4f;
+      cpu::softmax_forward<float>(row, p);
+      CHECK(p[at] == doctest::Approx(1.0f).epsilon(1e-6));
+      for (index_t j = 0; j < n; ++j) CHECK(std::isfinite(p[j]));
+    }
+  }
+
   // Masked (-inf) entries get 0; a fully masked row is all zeros rather than NaN.
   const float inf = std::numeric_limits<float>::infinity();
   auto masked = Tensor<float>::from(Shape{2, 3}, {0.f, -inf, 0.f, -inf, -inf, -inf});

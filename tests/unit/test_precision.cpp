@@ -536,10 +536,14 @@ TEST_CASE("every op under the bf16 policy: Cpu against Ref under bf16, and again
   set_num_threads(0);
 }
 
-TEST_CASE("attention's heads under bf16 at head widths of 32 and 64 (the AMX tile path where the processor has it)") {
-  // Keys not a multiple of 32 (padded with zeros by the tile path), a key mask, 1 and 2 threads: Cpu against
-  // Ref under bf16 (the same rounded operands, sums in another order) and against Ref in fp32.
-  for (const auto& [D, H, N] : {std::tuple<index_t, int, index_t>{64, 2, 7}, {128, 2, 40}, {128, 4, 33}}) {
+TEST_CASE("attention's heads under bf16 at head widths of 16 to 80 (limoe's AMX or AVX-512 BF16 kernel where the "
+          "processor has one)") {
+  // Keys not a multiple of 32 or 16 and an odd key count (padded with zeros by the kernels), a key mask, 1 and 2
+  // threads: Cpu against Ref under bf16 (the same rounded operands, sums in another order) and against Ref in
+  // fp32. Head widths 32 and 64 take the AMX tile kernel where the processor has AMX; 16 to 80 the AVX-512 BF16
+  // kernel where it has that and no AMX (80: H/14's heads); oneDNN's batched products elsewhere.
+  for (const auto& [D, H, N] : {std::tuple<index_t, int, index_t>{64, 2, 7}, {128, 2, 40}, {128, 4, 33}, {64, 4, 17},
+                                {160, 2, 50}, {128, 2, 49}}) {
     std::vector<Tensor<float>> w;
     for (int i = 0; i < 8; ++i) w.push_back(randf(i % 2 ? Shape{D} : Shape{D, D}, 60 + i, i % 2 ? 0.1 : 0.15));
     const AttentionWeights<float> aw{w[0].cview(), w[1].cview(), w[2].cview(), w[3].cview(),
@@ -548,21 +552,26 @@ TEST_CASE("attention's heads under bf16 at head widths of 32 and 64 (the AMX til
     Tensor<std::uint8_t> mask(Shape{Bn, N});
     for (index_t i = 0; i < Bn * N; ++i) mask[i] = i % N < N - 2 * (i / N) ? 1 : 0;
     const auto x = randf(Shape{Bn, N, D}, 70);
-    auto run = [&]<class Bk, class P>(Bk, P) {
-      Tensor<float> y(Shape{Bn, N, D});
+    // Also 3 queries of their own against the same keys (a pooling head's cross-attention: Nq != Nk).
+    const auto xq = randf(Shape{Bn, 3, D}, 71);
+    auto run = [&]<class Bk, class P>(Bk, P, bool cross) {
+      Tensor<float> y(cross ? xq.shape() : x.shape());
       AttentionCache<float> cache;
-      Ops<Bk, float>::self_attention_forward(aw, H, x.cview(), mask.cview(), y.view(), cache, P{});
+      if (cross) Ops<Bk, float>::attention_forward(aw, H, xq.cview(), x.cview(), mask.cview(), y.view(), cache, P{});
+      else Ops<Bk, float>::self_attention_forward(aw, H, x.cview(), mask.cview(), y.view(), cache, P{});
       return y;
     };
-    const auto ref16 = run(Ref{}, Bf16Mixed{}), ref32 = run(Ref{}, Fp32{});
-    for (int threads : {1, 2}) {
-      set_num_threads(threads);
-      const auto cpu16 = run(Cpu{}, Bf16Mixed{});
-      INFO("D ", D, " H ", H, " N ", N, " threads ", threads);
-      CHECK(rel_max(cpu16.cview(), ref16.cview()) <= 1e-3);
-      const double vs32 = rel_max(cpu16.cview(), ref32.cview());
-      CHECK(vs32 <= 2e-2);
-      CHECK(vs32 > 0);
+    for (bool cross : {false, true}) {
+      const auto ref16 = run(Ref{}, Bf16Mixed{}, cross), ref32 = run(Ref{}, Fp32{}, cross);
+      for (int threads : {1, 2}) {
+        set_num_threads(threads);
+        const auto cpu16 = run(Cpu{}, Bf16Mixed{}, cross);
+        INFO("D ", D, " H ", H, " N ", N, " threads ", threads, " cross ", cross);
+        CHECK(rel_max(cpu16.cview(), ref16.cview()) <= 1e-3);
+        const double vs32 = rel_max(cpu16.cview(), ref32.cview());
+        CHECK(vs32 <= 2e-2);
+        CHECK(vs32 > 0);
+      }
     }
   }
   set_num_threads(0);

@@ -24,8 +24,9 @@
 // Precision (core/precision.hpp): the policy (last argument) applies to the four projections and to the per-head
 // score and context products, forward and backward (under Bf16Mixed: q, k, v, the probabilities, dctx and the
 // score gradients read as bf16, fp32 accumulation); the softmax, its backward and the stored activations stay
-// fp32. Under Bf16Mixed the CPU runs the heads of an image as one batched bf16 product (oneDNN), images over the
-// thread pool; under Fp32 one pair per job as above.
+// fp32. Under Bf16Mixed the CPU runs the heads of an image, forward, on a kernel of limoe's own where the
+// processor has one (AMX tiles, core/amx.hpp; AVX-512 BF16, core/dpbf16.hpp), else as one batched bf16 product
+// (oneDNN), images over the thread pool; under Fp32 one pair per job as above.
 #pragma once
 
 #include <algorithm>
@@ -34,6 +35,7 @@
 #include <limits>
 #include <vector>
 
+#include "limoe/core/dpbf16.hpp"
 #include "limoe/core/error.hpp"
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/gemm_mixed.hpp"
@@ -121,49 +123,108 @@ void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& ca
   });
 }
 
-// attention_heads_forward_bf16 on AMX tiles (core/amx.hpp), where the head width is a multiple of 32. Per
-// image: for each head, k_h packed as a weight (keys padded with zeros to a multiple of 32) and the raw scores
-// q_h k_h^T into a padded fp32 block, copied into cache.probs; the softmax of the image's rows and their
-// rounding in one pass each, as the oneDNN path does; then for each head the probabilities in a zero-padded
-// bf16 block, v_h packed by rows, and ctx_h = P_h v_h. The same arithmetic as the batched oneDNN products
-// (bf16 operands, fp32 sums), in the tile kernel's order.
-template <class = void>
-void attention_heads_forward_amx(const AttentionDims& d, CView<std::uint8_t> key_mask, AttentionCache<float>& cache,
-                                 float scale) {
+// The kernels of limoe's own that attention_heads_forward_packed runs a head's two products on, over operands
+// packed per head: the AMX tile kernel (core/amx.hpp, head widths a multiple of 32) and AVX-512 BF16's dot
+// products (core/dpbf16.hpp, a multiple of 16). Each gives
+//   image(Nq, Nk, H, Dh, q, k, v, ld)   the image's q [Nq, H Dh], k, v [Nk, H Dh] (rows of ld), once per image
+//   scores(h, P)                        P [Nq, Nk] = q_h k_h^T (raw scores)
+//   context(h, P16, ctx, ld)            ctx_h (rows of ld) = P16 [Nq, Nk] v_h
+// and pads the keys with zeros as its layout wants (AMX: to whole 32 x 32 tiles; AVX-512: the scores to whole
+// vectors, the contexts' keys to a whole pair).
+struct HeadOperands {
+  index_t Nq = 0, Nk = 0, H = 0, Dh = 0, ld = 0;
+  const bf16_bits *q = nullptr, *k = nullptr, *v = nullptr;
+};
+struct AmxHeads {
+  HeadOperands o;
+  amx::PackedB kp, vp;
+  Tensor<float> S;        // a head's raw scores [Nq, Np] (Tensor storage is 64-byte aligned, as tiles want)
+  Tensor<bf16_bits> p16;  // its probabilities, zero-padded [Nq, Np]
+  void image(index_t Nq, index_t Nk, index_t H, index_t Dh, const bf16_bits* q, const bf16_bits* k,
+             const bf16_bits* v, index_t ld) {
+    o = {Nq, Nk, H, Dh, ld, q, k, v};
+  }
+  void scores(index_t h, float* P) {
+    const index_t Np = (o.Nk + 31) / 32 * 32;
+    S.resize(Shape{o.Nq, Np});
+    amx::pack_into(kp, o.k + h * o.Dh, Np, o.Dh, o.ld, o.Nk);
+    amx::gemm(o.Nq, Np, o.Dh, o.q + h * o.Dh, o.ld, kp, S.data(), Np);
+    for (index_t i = 0; i < o.Nq; ++i) std::copy(S.data() + i * Np, S.data() + i * Np + o.Nk, P + i * o.Nk);
+  }
+  void context(index_t h, const bf16_bits* P16, float* ctx, index_t ldc) {
+    const index_t Nq = o.Nq, Nk = o.Nk, Np = (Nk + 31) / 32 * 32;
+    p16.resize(Shape{Nq, Np});
+    for (index_t i = 0; i < Nq; ++i) {
+      std::copy(P16 + i * Nk, P16 + (i + 1) * Nk, p16.data() + i * Np);
+      std::fill(p16.data() + i * Np + Nk, p16.data() + (i + 1) * Np, bf16_bits{0});
+    }
+    amx::pack_rows_into(vp, o.v + h * o.Dh, Np, o.Dh, o.ld, Nk);
+    amx::gemm(Nq, o.Dh, Np, p16.data(), Np, vp, ctx, ldc);
+  }
+};
+// Every head of an image packed up front, and q's head slices copied to one block each: a head's slices lie
+// 2 Dh bytes wide in rows of 2 D, and read head by head they came from memory at the latency of a strided walk
+// (a B/32 forward's scores took twice as long as the same products over operands in cache).
+struct DpHeads {
+  HeadOperands o;
+  std::vector<dpbf16::Packed> kp, vp;  // [H]
+  std::vector<bf16_bits> qh;           // [H, Nq, Dh]
+  std::vector<bf16_bits> p16;          // a head's probabilities, each row padded to a whole pair
+  void image(index_t Nq, index_t Nk, index_t H, index_t Dh, const bf16_bits* q, const bf16_bits* k,
+             const bf16_bits* v, index_t ld) {
+    o = {Nq, Nk, H, Dh, ld, q, k, v};
+    kp.resize(static_cast<std::size_t>(H));
+    vp.resize(static_cast<std::size_t>(H));
+    qh.resize(static_cast<std::size_t>(H * Nq * Dh));
+    for (index_t i = 0; i < Nq; ++i)
+      for (index_t h = 0; h < H; ++h) std::copy_n(q + i * ld + h * Dh, Dh, qh.data() + (h * Nq + i) * Dh);
+    const index_t Kp = (Nk + 1) / 2 * 2;
+    for (index_t h = 0; h < H; ++h) {
+      dpbf16::pack_transposed(kp[static_cast<std::size_t>(h)], k + h * Dh, Nk, Dh, ld, Nk);
+      dpbf16::pack_rows(vp[static_cast<std::size_t>(h)], v + h * Dh, Kp, Dh, ld, Nk);
+    }
+  }
+  void scores(index_t h, float* P) {
+    dpbf16::gemm(o.Nq, o.Nk, qh.data() + h * o.Nq * o.Dh, o.Dh, kp[static_cast<std::size_t>(h)], P, o.Nk);
+  }
+  void context(index_t h, const bf16_bits* P16, float* ctx, index_t ldc) {
+    const index_t Nq = o.Nq, Nk = o.Nk, Kp = (Nk + 1) / 2 * 2;
+    p16.resize(static_cast<std::size_t>(Nq * Kp));
+    for (index_t i = 0; i < Nq; ++i) {
+      std::copy(P16 + i * Nk, P16 + (i + 1) * Nk, p16.data() + i * Kp);
+      if (Kp > Nk) p16[static_cast<std::size_t>(i * Kp + Nk)] = bf16_bits{0};
+    }
+    dpbf16::gemm(Nq, o.Dh, p16.data(), Kp, vp[static_cast<std::size_t>(h)], ctx, ldc);
+  }
+};
+
+// attention_heads_forward_bf16 on one of the kernels above. Per image: the raw scores q_h k_h^T of each head into
+// cache.probs; the softmax of the image's rows and their rounding in one pass each, as the oneDNN path does;
+// then ctx_h = P_h v_h for each head. The same arithmetic as the batched oneDNN products (bf16 operands, fp32
+// sums), in the kernel's order.
+template <class Kernel>
+void attention_heads_forward_packed(const AttentionDims& d, CView<std::uint8_t> key_mask,
+                                    AttentionCache<float>& cache, float scale) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
-  const index_t Np = (Nk + 31) / 32 * 32;
-  const bf16_bits* q = cache.q16.data();
-  const bf16_bits* k = cache.k16.data();
-  const bf16_bits* v = cache.v16.data();
+  bf16_bits* q = cache.q16.data();
+  bf16_bits* k = cache.k16.data();
+  bf16_bits* v = cache.v16.data();
   parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
-    // k_h and v_h packed; a head's raw scores and its zero-padded probabilities (Tensor storage is 64-byte
-    // aligned, as tile loads and stores want).
-    thread_local amx::PackedB kp, vp;
-    thread_local Tensor<float> scores;
-    thread_local Tensor<bf16_bits> probs;
-    scores.resize(Shape{Nq, Np});
-    probs.resize(Shape{Nq, Np});
-    float* S = scores.data();
-    bf16_bits* p16 = probs.data();
+    thread_local Kernel kernel;  // its packed operands and padded blocks, reused image after image
     for (index_t b = b0; b < b1; ++b) {
       float* P = cache.probs.data() + b * H * Nq * Nk;  // [H, Nq, Nk]
       bf16_bits* P16 = cache.probs16.data() + b * H * Nq * Nk;
       const std::uint8_t* m = key_mask.empty() ? nullptr : key_mask.data() + b * Nk;
-      for (index_t h = 0; h < H; ++h) {
-        amx::pack_into(kp, k + b * Nk * D + h * Dh, Np, Dh, D, Nk);
-        amx::gemm(Nq, Np, Dh, q + b * Nq * D + h * Dh, D, kp, S, Np);
-        for (index_t i = 0; i < Nq; ++i) std::copy(S + i * Np, S + i * Np + Nk, P + (h * Nq + i) * Nk);
-      }
+      // The image's q, k, v rounded here, so that the kernel reads them from cache (a pass over all images first
+      // left them in memory by the time each image's heads came to read them).
+      to_bf16(cache.q.data() + b * Nq * D, Nq * D, q + b * Nq * D);
+      to_bf16(cache.k.data() + b * Nk * D, Nk * D, k + b * Nk * D);
+      to_bf16(cache.v.data() + b * Nk * D, Nk * D, v + b * Nk * D);
+      kernel.image(Nq, Nk, H, Dh, q + b * Nq * D, k + b * Nk * D, v + b * Nk * D, D);
+      for (index_t h = 0; h < H; ++h) kernel.scores(h, P + h * Nq * Nk);
       softmax_rows_vec(P, P, H * Nq, Nk, scale, m);
       to_bf16(P, H * Nq * Nk, P16);
-      for (index_t h = 0; h < H; ++h) {
-        for (index_t i = 0; i < Nq; ++i) {
-          std::copy(P16 + (h * Nq + i) * Nk, P16 + (h * Nq + i + 1) * Nk, p16 + i * Np);
-          std::fill(p16 + i * Np + Nk, p16 + (i + 1) * Np, bf16_bits{0});
-        }
-        amx::pack_rows_into(vp, v + b * Nk * D + h * Dh, Np, Dh, D, Nk);
-        amx::gemm(Nq, Dh, Np, p16, Np, vp, cache.ctx.data() + b * Nq * D + h * Dh, D);
-      }
+      for (index_t h = 0; h < H; ++h) kernel.context(h, P16 + h * Nq * Nk, cache.ctx.data() + b * Nq * D + h * Dh, D);
     }
   });
 }
@@ -178,18 +239,18 @@ void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> ke
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   const float scale = detail::attention_scale<float>(d);
   profile::Region<HostSpace> heads_region("heads");
-  for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}}) {
+  for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}})
     dst->resize(src->shape());
-    to_bf16_parallel(src->data(), src->numel(), dst->data());
-  }
   cache.probs16.resize(cache.probs.shape());
+  // limoe's own kernels round each image's q, k, v in its job (attention_heads_forward_packed), oneDNN's path all
+  // of them first.
+  if (Dh % 32 == 0 && amx::available()) return attention_heads_forward_packed<AmxHeads>(d, key_mask, cache, scale);
+  if (Dh % 16 == 0 && dpbf16::available()) return attention_heads_forward_packed<DpHeads>(d, key_mask, cache, scale);
+  for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}})
+    to_bf16_parallel(src->data(), src->numel(), dst->data());
   const bf16_bits* q = cache.q16.data();
   const bf16_bits* k = cache.k16.data();
   const bf16_bits* v = cache.v16.data();
-  if (Dh % 32 == 0 && amx::available()) {
-    attention_heads_forward_amx(d, key_mask, cache, scale);
-    return;
-  }
   parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
     for (index_t b = b0; b < b1; ++b) {
       float* P = cache.probs.data() + b * H * Nq * Nk;  // [H, Nq, Nk]
