@@ -72,8 +72,8 @@ inline bool available() {
 #endif
 }
 
-// A packed right operand: pairs() rows of cols() 32-bit words (cols() a multiple of 16), 64-byte aligned rows.
-// The per-head operands of attention are packed again for every head into the same storage.
+// A packed right operand: pairs() rows of cols() 32-bit words (cols() a multiple of 16: whole vectors, read
+// unaligned). Attention keeps one per head and packs it again image after image into the same storage.
 class Packed {
  public:
   index_t pairs() const { return pairs_; }
