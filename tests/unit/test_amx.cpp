@@ -9,18 +9,14 @@
 #include "limoe/core/amx.hpp"
 #include "limoe/core/gemm_mixed.hpp"
 #include "limoe/core/rng.hpp"
+#include "support/bf16_data.hpp"
 #include "support/skip.hpp"
 
 namespace {
 using limoe::index_t;
 using limoe::amx::bf16_bits;
+using limoe::testing::random_bf16;
 
-std::vector<bf16_bits> random_bf16(index_t n, std::uint64_t seed) {
-  const limoe::Rng rng(seed);
-  std::vector<bf16_bits> v(static_cast<std::size_t>(n));
-  for (std::size_t i = 0; i < v.size(); ++i) v[i] = limoe::to_bf16(static_cast<float>(rng.normal(0, i)));
-  return v;
-}
 
 // C = A W^T (+ bias) (+ C0) in double, from the bf16 values; the bound |A| |W|^T (+ |bias|, |C0|) scales the
 // tolerance: fp32 accumulation over K terms is within K * 2^-24 of that bound (relative 1e-5 is far above it for

@@ -8,20 +8,15 @@
 #include <vector>
 
 #include "limoe/core/dpbf16.hpp"
-#include "limoe/core/rng.hpp"
 #include "limoe/core/precision.hpp"
+#include "support/bf16_data.hpp"
 #include "support/skip.hpp"
 
 namespace {
 using limoe::index_t;
 using limoe::dpbf16::bf16_bits;
+using limoe::testing::random_bf16;
 
-std::vector<bf16_bits> random_bf16(index_t n, std::uint64_t seed) {
-  const limoe::Rng rng(seed);
-  std::vector<bf16_bits> v(static_cast<std::size_t>(n));
-  for (std::size_t i = 0; i < v.size(); ++i) v[i] = limoe::to_bf16(static_cast<float>(rng.normal(0, i)));
-  return v;
-}
 
 // C = A B in double from the bf16 values, B [K, N] given as W [N, K] (transposed: the scores' keys, pack_transposed)
 // or as it lies (the contexts' values, pack_rows), with only its first `valid` keys (columns of C for the first,
