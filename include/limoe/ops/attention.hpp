@@ -132,17 +132,25 @@ void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& ca
 // and pads the keys with zeros as its layout wants (AMX: to whole 32 x 32 tiles; AVX-512: the scores to whole
 // vectors, the contexts' keys to a whole pair).
 struct HeadOperands {
-  index_t Nq = 0, Nk = 0, H = 0, Dh = 0, ld = 0;
+  index_t Nq = 0, Nk = 0, Dh = 0, ld = 0;
   const bf16_bits *q = nullptr, *k = nullptr, *v = nullptr;
 };
+// A head's probabilities P16 [Nq, Nk] copied into out as rows of Kp >= Nk, the columns from Nk on zero (the
+// padded keys of both kernels' context products).
+inline void padded_rows(const bf16_bits* P16, index_t Nq, index_t Nk, index_t Kp, bf16_bits* out) {
+  for (index_t i = 0; i < Nq; ++i) {
+    std::copy(P16 + i * Nk, P16 + (i + 1) * Nk, out + i * Kp);
+    std::fill(out + i * Kp + Nk, out + (i + 1) * Kp, bf16_bits{0});
+  }
+}
 struct AmxHeads {
   HeadOperands o;
   amx::PackedB kp, vp;
   Tensor<float> S;        // a head's raw scores [Nq, Np] (Tensor storage is 64-byte aligned, as tiles want)
   Tensor<bf16_bits> p16;  // its probabilities, zero-padded [Nq, Np]
-  void image(index_t Nq, index_t Nk, index_t H, index_t Dh, const bf16_bits* q, const bf16_bits* k,
+  void image(index_t Nq, index_t Nk, index_t /*H*/, index_t Dh, const bf16_bits* q, const bf16_bits* k,
              const bf16_bits* v, index_t ld) {
-    o = {Nq, Nk, H, Dh, ld, q, k, v};
+    o = {Nq, Nk, Dh, ld, q, k, v};
   }
   void scores(index_t h, float* P) {
     const index_t Np = (o.Nk + 31) / 32 * 32;
@@ -154,10 +162,7 @@ struct AmxHeads {
   void context(index_t h, const bf16_bits* P16, float* ctx, index_t ldc) {
     const index_t Nq = o.Nq, Nk = o.Nk, Np = (Nk + 31) / 32 * 32;
     p16.resize(Shape{Nq, Np});
-    for (index_t i = 0; i < Nq; ++i) {
-      std::copy(P16 + i * Nk, P16 + (i + 1) * Nk, p16.data() + i * Np);
-      std::fill(p16.data() + i * Np + Nk, p16.data() + (i + 1) * Np, bf16_bits{0});
-    }
+    padded_rows(P16, Nq, Nk, Np, p16.data());
     amx::pack_rows_into(vp, o.v + h * o.Dh, Np, o.Dh, o.ld, Nk);
     amx::gemm(Nq, o.Dh, Np, p16.data(), Np, vp, ctx, ldc);
   }
@@ -172,7 +177,7 @@ struct DpHeads {
   std::vector<bf16_bits> p16;          // a head's probabilities, each row padded to a whole pair
   void image(index_t Nq, index_t Nk, index_t H, index_t Dh, const bf16_bits* q, const bf16_bits* k,
              const bf16_bits* v, index_t ld) {
-    o = {Nq, Nk, H, Dh, ld, q, k, v};
+    o = {Nq, Nk, Dh, ld, q, k, v};
     kp.resize(static_cast<std::size_t>(H));
     vp.resize(static_cast<std::size_t>(H));
     qh.resize(static_cast<std::size_t>(H * Nq * Dh));
@@ -190,10 +195,7 @@ struct DpHeads {
   void context(index_t h, const bf16_bits* P16, float* ctx, index_t ldc) {
     const index_t Nq = o.Nq, Nk = o.Nk, Kp = (Nk + 1) / 2 * 2;
     p16.resize(static_cast<std::size_t>(Nq * Kp));
-    for (index_t i = 0; i < Nq; ++i) {
-      std::copy(P16 + i * Nk, P16 + (i + 1) * Nk, p16.data() + i * Kp);
-      if (Kp > Nk) p16[static_cast<std::size_t>(i * Kp + Nk)] = bf16_bits{0};
-    }
+    padded_rows(P16, Nq, Nk, Kp, p16.data());
     dpbf16::gemm(Nq, o.Dh, p16.data(), Kp, vp[static_cast<std::size_t>(h)], ctx, ldc);
   }
 };
