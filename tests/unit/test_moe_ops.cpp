@@ -206,18 +206,39 @@ TEST_CASE("expert MLP and combine gradients against central finite differences")
   CHECK(testing::check_gradient(gates.view(), dgates.cview(), loss).rel_error < 1e-7);
 }
 
-// A batch without a capacity can send most of its tokens to one expert: expert_mlp_forward then runs that
-// expert's tile as column chunks (over twice the mean tile's rows; moe/ops.hpp). The chunks against Ref, in
-// double and under the bf16 policy, on 1 and 2 threads, and the same bits on both thread counts.
-TEST_CASE("expert MLP: a tile holding most of the rows runs in column chunks; cpu equals ref, any thread count") {
+// A batch without a capacity can send most of its tokens to one expert: expert_mlp_forward then cuts that
+// expert's rows into several tiles about the mean tile's height (over twice the mean tile's rows; moe/ops.hpp).
+// The tiles against Ref, in double and under the bf16 policy, on 1 and 2 threads, and the same bits on both
+// thread counts.
+TEST_CASE("expert MLP: an expert holding most of the rows is cut into several tiles; cpu equals ref, any thread count") {
   const int E = 4;
-  const index_t N = 160, D = 256, M = 512;  // chunks of 128 columns: 4 of the hidden layer, 2 of the output
+  const index_t N = 320, D = 256, M = 512;  // tiles of up to 256 rows (block_rows), so 4 before the cut
   Tensor<std::int32_t> route(Shape{N, 1});
   for (index_t t = 0; t < N; ++t) route[t] = t % 10 < 7 ? 1 : static_cast<std::int32_t>(t % 3 == 0 ? 0 : t % 3 == 1 ? 2 : 3);
   DispatchPlan plan;
   moe::cpu::make_dispatch_plan(route.cview(), E, plan);
   const index_t A = plan.A;
-  REQUIRE(plan.rows_of(1) * E > 2 * A);  // the busy expert's one tile is split
+  REQUIRE(plan.rows_of(1) * E > 2 * A);  // the busy expert (224 of 320 rows) holds over twice the mean tile
+  // The tiles: the busy expert's rows in 3 tiles of at most 80 (the mean), each other expert's in one.
+  {
+    Tensor<float> w1(Shape{E, M, D}), b1(Shape{E, M}), w2(Shape{E, D, M}), b2(Shape{E, D}), xe(Shape{A, D});
+    for (Tensor<float>* t : {&w1, &b1, &w2, &b2, &xe}) t->zero();
+    Tensor<float> hp(Shape{A, M}), h(Shape{A, M}), ye(Shape{A, D});
+    ExpertScratch sc;
+    moe::cpu::expert_mlp_forward<float>(plan, {w1.cview(), b1.cview(), w2.cview(), b2.cview()}, GeluKind::Erf,
+                                        xe.cview(), hp.view(), h.view(), ye.view(), sc);
+    std::vector<int> per_expert(E, 0);
+    index_t covered = 0;
+    for (const auto& tile : sc.tiles) {
+      ++per_expert[static_cast<std::size_t>(tile.e)];
+      CHECK(tile.r0 == covered);
+      CHECK(tile.r1 - tile.r0 <= 80);
+      if (tile.e == 1) CHECK(tile.r1 - tile.r0 >= moe::detail::kMinCutRows);
+      covered = tile.r1;
+    }
+    CHECK(covered == A);
+    CHECK(per_expert == std::vector<int>{1, 3, 1, 1});
+  }
   auto run = [&]<class T, class P>(const P& prec, std::vector<T>& ye_cpu, std::vector<T>& h_cpu, std::vector<T>& ye_ref,
                                     int threads) {
     set_num_threads(threads);

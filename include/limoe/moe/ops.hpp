@@ -36,11 +36,9 @@ namespace limoe::moe {
 
 namespace detail {
 inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
-// The width of expert_mlp_forward's column chunks of an n-wide output in about `parts` parts: a multiple of 16
-// (whole vectors for the GELU), at least 128.
-inline index_t expert_chunk(index_t n, index_t parts) {
-  return std::max<index_t>(128, (n / parts + 15) / 16 * 16);
-}
+// The least height expert_mlp_forward cuts an overfull expert's rows into (smaller products run far from the
+// kernel's rate).
+inline constexpr index_t kMinCutRows = 64;
 }  // namespace detail
 
 namespace cpu {
@@ -107,41 +105,39 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
   expect_shape(h, Shape{p.A, M}, "expert_mlp_forward: h");
   expect_shape(ye, Shape{p.A, D}, "expert_mlp_forward: ye");
   s.tiles.clear();
-  // Tiles of an expert's rows as tall as a dense product's row blocks over the same weight (block_rows: 1024
-  // rows when a weight matrix has more than 1e6 entries, else 256), in equal heights: each tile re-packs both
-  // weight matrices once.
+  // Tiles of an expert's rows, each one job (its hidden layer, bias, GELU, then its output): first as tall as a
+  // dense product's row blocks over the same weight (block_rows: 1024 rows when a weight matrix has more than
+  // 1e6 entries, else 256), in equal heights: each tile reads (under the runtime kernel, re-packs) both weight
+  // matrices once. Then an expert whose tiles hold over twice the mean tile's rows (an evaluation batch without
+  // a capacity can send half its tokens to one expert, whose tile would run alone on one thread while the
+  // others wait) is cut again, into equal tiles about the mean's height (at least kMinCutRows). Under a binding
+  // capacity nothing is cut again. The tiles depend on the plan only, never on the thread count.
+  // Rows, not columns: a tile's products write whole rows of C, which oneDNN's brgemm kernel needs (a column
+  // chunk, C's leading dimension wider than its width, got its general gemm, which packs the weight in every
+  // call; bench/README.md's performance log, 2026-12-07).
   const index_t block = ::limoe::detail::block_rows(M, D);
+  std::vector<index_t>& height = s.heights;
+  height.assign(static_cast<std::size_t>(p.E), 0);
+  index_t count = 0;
   for (int e = 0; e < p.E; ++e) {
-    const index_t rows = ::limoe::detail::even_block_rows(p.rows_of(e), block);
+    const index_t rows = p.rows_of(e);
+    height[static_cast<std::size_t>(e)] = ::limoe::detail::even_block_rows(rows, block);
+    count += (rows + height[static_cast<std::size_t>(e)] - 1) / height[static_cast<std::size_t>(e)];
+  }
+  if (count > 0) {
+    const index_t mean = std::max<index_t>(detail::kMinCutRows, (p.A + count - 1) / count);
+    for (int e = 0; e < p.E; ++e)
+      if (index_t& h = height[static_cast<std::size_t>(e)]; h > 2 * mean)
+        h = ::limoe::detail::even_block_rows(p.rows_of(e), mean);
+  }
+  for (int e = 0; e < p.E; ++e) {
+    const index_t rows = height[static_cast<std::size_t>(e)];
     for (index_t r0 = p.offsets[e]; r0 < p.offsets[e + 1]; r0 += rows)
       s.tiles.push_back({e, r0, std::min(p.offsets[e + 1], r0 + rows)});
   }
-  // Jobs. A tile runs as one job (its hidden layer, bias, GELU, then its output), unless it holds over twice the
-  // mean tile's rows: without a capacity an evaluation batch can send half its tokens to one expert, whose tile
-  // would then run alone on one thread while the others wait. Such a tile runs as column chunks, first of its
-  // hidden layer (a quarter of the width each, alongside the whole-tile jobs), then of its output (half each);
-  // split by columns, it still reads each weight once. Under a binding capacity no tile is split. The jobs
-  // depend on the plan only, never on the thread count.
   const index_t tiles = static_cast<index_t>(s.tiles.size());
-  enum : int { kWhole = 0, kHidden = 1, kOutput = 2 };
-  auto split = [&](index_t t) {
-    const auto& tile = s.tiles[static_cast<std::size_t>(t)];
-    return (tile.r1 - tile.r0) * tiles > 2 * p.A;
-  };
-  auto chunks = [&](index_t t, int what, index_t n, index_t w) {
-    for (index_t c0 = 0; c0 < n; c0 += w) s.fwd_jobs.push_back({static_cast<int>(t), what, c0, std::min(n, c0 + w)});
-  };
-  s.fwd_jobs.clear();
-  for (index_t t = 0; t < tiles; ++t) {
-    if (split(t)) chunks(t, kHidden, M, detail::expert_chunk(M, 4));
-    else s.fwd_jobs.push_back({static_cast<int>(t), kWhole, 0, 0});
-  }
-  const index_t first_out = static_cast<index_t>(s.fwd_jobs.size());
-  for (index_t t = 0; t < tiles; ++t)
-    if (split(t)) chunks(t, kOutput, D, detail::expert_chunk(D, 2));
-  const index_t njobs = static_cast<index_t>(s.fwd_jobs.size());
-  // Bf16Mixed: a tile's rows and hidden layer rounded once into the scratch (lo_xe, lo_h), by its job or, for a
-  // split tile, before its chunks; the weights from the policy's mirror (rounded here when it has none).
+  // Bf16Mixed: a tile's rows and hidden layer rounded into the scratch (lo_xe, lo_h) by its job; the weights
+  // from the policy's mirror (rounded here when it has none).
   [[maybe_unused]] const bf16_bits *w1_16 = nullptr, *w2_16 = nullptr;
   [[maybe_unused]] bf16_bits *x16 = nullptr, *h16 = nullptr;
   // Where the mirror keeps its weights packed for the products (gemm_bf16_serial), when both come from it and
@@ -164,10 +160,6 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
       return own.data();
     };
     w1_16 = weight(w.fc1_w, s.lo_w1), w2_16 = weight(w.fc2_w, s.lo_w2);
-    for (index_t t = 0; t < tiles; ++t) {
-      const auto& tile = s.tiles[static_cast<std::size_t>(t)];
-      if (split(t)) to_bf16_parallel(xe.data() + tile.r0 * D, (tile.r1 - tile.r0) * D, x16 + tile.r0 * D);
-    }
   }
   // C[rows, cols] (leading dimension ldc) = A B^T over K, A the rows at element a of X (fp32) or X16 (its bf16
   // copy), B the weight rows at element b of W or W16, as the policy reads them. Under bf16 the product adds
@@ -181,49 +173,35 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
                                                    nullptr, packed))
       gemm_serial<T>(Trans::N, Trans::T, rows, cols, K, T(1), X + a, K, W + b, K, T(0), C, ldc);
   };
-  // Columns [c0, c1) of rows [r0, r0 + rows) of expert e's hidden layer: product, + b1, GELU (as the dense MLP's
-  // bias_gelu_forward), and under bf16 the result rounded for the output's product.
-  auto hidden = [&](int e, index_t r0, index_t rows, index_t c0, index_t c1) {
-    T* hp = hpre.data() + r0 * M;
-    T* ho = h.data() + r0 * M;
-    const T* b1 = w.fc1_b.data() + e * M;
-    product(xe.data(), x16, r0 * D, w.fc1_w.data(), w1_16, (e * M + c0) * D, b1 + c0, rows, c1 - c0, D, hp + c0, M);
-    for (index_t r = 0; r < rows; ++r) {
-      T* pr = hp + r * M;
-      if constexpr (!Prec::mixed)
-        for (index_t m = c0; m < c1; ++m) pr[m] += b1[m];
-      ::limoe::detail::gelu_block(gelu, pr + c0, ho + r * M + c0, c1 - c0);
-      if constexpr (Prec::mixed) to_bf16(ho + r * M + c0, c1 - c0, h16 + (r0 + r) * M + c0);
-    }
-  };
-  // Columns [c0, c1) of the same rows' output: product and + b2.
-  auto output = [&](int e, index_t r0, index_t rows, index_t c0, index_t c1) {
-    T* yo = ye.data() + r0 * D;
-    const T* b2 = w.fc2_b.data() + e * D;
-    product(h.data(), h16, r0 * M, w.fc2_w.data(), w2_16, (e * D + c0) * M, b2 + c0, rows, c1 - c0, M, yo + c0, D);
-    if constexpr (!Prec::mixed)
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t d = c0; d < c1; ++d) yo[r * D + d] += b2[d];
-  };
-  auto run = [&](index_t i0, index_t i1) {
-    for (index_t i = i0; i < i1; ++i) {
-      const auto job = s.fwd_jobs[static_cast<std::size_t>(i)];
-      const auto tile = s.tiles[static_cast<std::size_t>(job.e)];
+  // One tile: rows [r0, r0 + rows) of expert e. Its hidden layer: product, + b1, GELU (as the dense MLP's
+  // bias_gelu_forward), and under bf16 each row rounded for the output's product as GELU writes it; then its
+  // output: product and + b2.
+  auto run = [&](index_t t0, index_t t1) {
+    for (index_t t = t0; t < t1; ++t) {
+      const auto tile = s.tiles[static_cast<std::size_t>(t)];
       const int e = tile.e;
       const index_t r0 = tile.r0, rows = tile.r1 - tile.r0;
-      if (job.what == kWhole) {
-        if constexpr (Prec::mixed) to_bf16(xe.data() + r0 * D, rows * D, x16 + r0 * D);
-        hidden(e, r0, rows, 0, M);
-        output(e, r0, rows, 0, D);
-      } else if (job.what == kHidden) {
-        hidden(e, r0, rows, job.c0, job.c1);
-      } else {
-        output(e, r0, rows, job.c0, job.c1);
+      T* hp = hpre.data() + r0 * M;
+      T* ho = h.data() + r0 * M;
+      const T* b1 = w.fc1_b.data() + e * M;
+      if constexpr (Prec::mixed) to_bf16(xe.data() + r0 * D, rows * D, x16 + r0 * D);
+      product(xe.data(), x16, r0 * D, w.fc1_w.data(), w1_16, e * M * D, b1, rows, M, D, hp, M);
+      for (index_t r = 0; r < rows; ++r) {
+        T* pr = hp + r * M;
+        if constexpr (!Prec::mixed)
+          for (index_t m = 0; m < M; ++m) pr[m] += b1[m];
+        ::limoe::detail::gelu_block(gelu, pr, ho + r * M, M);
+        if constexpr (Prec::mixed) to_bf16(ho + r * M, M, h16 + (r0 + r) * M);
       }
+      T* yo = ye.data() + r0 * D;
+      const T* b2 = w.fc2_b.data() + e * D;
+      product(h.data(), h16, r0 * M, w.fc2_w.data(), w2_16, e * D * M, b2, rows, D, M, yo, D);
+      if constexpr (!Prec::mixed)
+        for (index_t r = 0; r < rows; ++r)
+          for (index_t d = 0; d < D; ++d) yo[r * D + d] += b2[d];
     }
   };
-  parallel_for(0, first_out, 1, run);
-  if (first_out < njobs) parallel_for(first_out, njobs, 1, run);
+  parallel_for(0, tiles, 1, run);
 }
 
 // From dye [A, D]: dh [A, M] (scratch, overwritten), dxe [A, D] (overwritten; empty: skipped); weight and bias

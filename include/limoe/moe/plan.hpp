@@ -55,11 +55,11 @@ struct ExpertScratch {
   struct Job { int e; int what; index_t c0, c1; };
   std::vector<Tile> tiles;
   std::vector<Job> jobs;
-  std::vector<Job> fwd_jobs;  // expert_mlp_forward's: e = the tile; what = 0 (the whole tile), 1 (hidden columns [c0, c1)), 2 (output columns)
+  std::vector<index_t> heights;  // expert_mlp_forward's: the tile height of each expert
   // Bf16Mixed: the backward's bf16 operands (bf16_bits) of the weight-gradient jobs (dye, h, dh, xe), rounded once per
   // backward: each job reads a column slice of them, and rounding per job would repeat the work D / 128 times.
   std::vector<std::uint16_t> lo_dye, lo_h, lo_dh, lo_xe;
-  // The forward's: lo_xe and lo_h above (the rows and the hidden layer, rounded once for all column chunks),
+  // The forward's: lo_xe and lo_h above (the rows and the hidden layer, rounded by each tile's job),
   // and the weights, rounded here only when the policy carries no bf16 copy of them.
   std::vector<std::uint16_t> lo_w1, lo_w2;
 };
