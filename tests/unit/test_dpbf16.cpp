@@ -1,6 +1,7 @@
 // The AVX-512 BF16 kernel (core/dpbf16.hpp) against a double-precision product of the same bf16 operands: every
 // remainder of rows (blocks of 6) and of column vectors (panels of 4), both packings, padded keys and an odd key
-// count. Skipped, with one line, on a processor or process without AVX-512 BF16.
+// count. Skipped, with one line, on a processor or process without AVX-512 BF16. Then the fp32 kernel it shares
+// its transpose with (core/fma512.hpp), the same way; skipped without AVX-512.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "limoe/core/dpbf16.hpp"
+#include "limoe/core/fma512.hpp"
 #include "limoe/core/precision.hpp"
 #include "support/bf16_data.hpp"
 #include "support/skip.hpp"
@@ -110,4 +112,77 @@ TEST_CASE("dpbf16: the errors of a wrong call") {
   std::vector<float> C(64 * 64);
   CHECK_THROWS_WITH(limoe::dpbf16::gemm(4, 64, W.data(), 64, packed, C.data(), 64), doctest::Contains("outside"));
   CHECK_THROWS_WITH(limoe::dpbf16::gemm(4, -1, W.data(), 64, packed, C.data(), 64), doctest::Contains("outside"));
+}
+
+namespace {
+// fma512::gemm against a double product: C[M, N] = A[M, K] B[K, N], B given as it lies (rows of ldb: the contexts'
+// values) or as W [N, K] (rows of ldb) transposed by fma512::transpose (the scores' keys). A's columns from K on and
+// B's from N on hold NaN (a kernel reading them would carry NaN into C); C's columns from N on must keep their
+// values. fp32 sums of K terms are within K * 2^-24 of sum |a_k b_k|: relative 1e-5 is far above that and far
+// below a wrong row, column or term.
+void check_fp32(index_t M, index_t N, index_t K, index_t lda, index_t ldb, bool transposed) {
+  INFO("M ", M, " N ", N, " K ", K, " lda ", lda, " ldb ", ldb, " transposed ", transposed);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto fill = [](std::vector<float>& v, index_t rows, index_t cols, index_t ld, std::uint32_t seed) {
+    v.assign(static_cast<std::size_t>(rows * ld), std::numeric_limits<float>::quiet_NaN());
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < cols; ++j)
+        v[static_cast<std::size_t>(i * ld + j)] = std::sin(0.37f * static_cast<float>(i * cols + j) + static_cast<float>(seed));
+  };
+  std::vector<float> A, B, T;
+  fill(A, M, K, lda, 1);
+  fill(B, transposed ? N : K, transposed ? K : N, ldb, 2);
+  const float* b = B.data();
+  index_t ldbt = ldb;
+  if (transposed) {
+    ldbt = limoe::fma512::transpose(T, B.data(), N, K, ldb);
+    REQUIRE(ldbt == (N + 15) / 16 * 16);
+    for (index_t k = 0; k < K; ++k)
+      for (index_t j = N; j < ldbt; ++j) REQUIRE(T[static_cast<std::size_t>(k * ldbt + j)] == 0.0f);
+    b = T.data();
+  }
+  const index_t ldc = N + 19;
+  std::vector<float> C(static_cast<std::size_t>(M * ldc), -7.0f);
+  limoe::fma512::gemm(M, N, K, A.data(), lda, b, ldbt, C.data(), ldc);
+  double worst = 0;
+  for (index_t i = 0; i < M; ++i)
+    for (index_t j = 0; j < ldc; ++j) {
+      const float got = C[static_cast<std::size_t>(i * ldc + j)];
+      if (j >= N) {
+        REQUIRE(got == -7.0f);
+        continue;
+      }
+      double s = 0, bound = 0;
+      for (index_t k = 0; k < K; ++k) {
+        const double p = double(A[static_cast<std::size_t>(i * lda + k)]) *
+                         double(B[static_cast<std::size_t>(transposed ? j * ldb + k : k * ldb + j)]);
+        s += p, bound += std::fabs(p);
+      }
+      REQUIRE(std::isfinite(got));
+      worst = std::max(worst, std::fabs(got - s) / std::max(bound, 1e-30));
+    }
+  CHECK(worst < 1e-5);
+  (void)nan;
+}
+}  // namespace
+
+TEST_CASE("fma512: fp32 products, every remainder of rows and vectors, B as it lies and transposed") {
+  if (!limoe::fma512::available()) LIMOE_SKIP("this processor or process has no AVX-512 (or LIMOE_FMA512=0)");
+  for (bool transposed : {false, true}) {
+    for (index_t M : {1, 2, 3, 4, 5, 6, 7, 12, 13}) check_fp32(M, 64, 64, 64, 64, transposed);
+    for (index_t N : {1, 15, 16, 17, 33, 49, 64, 65, 130}) check_fp32(9, N, 24, 24 + 3, (transposed ? 24 : N) + 5, transposed);
+    for (index_t K : {1, 7, 80}) check_fp32(8, 50, K, K, 80, transposed);
+  }
+  // B/32's head: 49 queries and keys, head width 64 inside rows of 768; H/14's 257 keys, width 80.
+  check_fp32(49, 49, 64, 768, 768, true);
+  check_fp32(49, 64, 49, 49, 768, false);
+  check_fp32(50, 257, 80, 1280, 1280, true);
+  check_fp32(17, 80, 257, 257, 1280, false);
+}
+
+TEST_CASE("fma512: the errors of a wrong call") {
+  std::vector<float> W(64 * 64), T, C(64 * 64);
+  CHECK_THROWS_WITH(limoe::fma512::transpose(T, W.data(), 0, 64, 64), doctest::Contains("operand"));
+  CHECK_THROWS_WITH(limoe::fma512::transpose(T, W.data(), 16, 64, 32), doctest::Contains("rows of 32"));
+  CHECK_THROWS_WITH(limoe::fma512::gemm(4, -1, 8, W.data(), 8, W.data(), 8, C.data(), 8), doctest::Contains("negative"));
 }

@@ -33,13 +33,12 @@
 #include <vector>
 
 #include "limoe/core/error.hpp"
+#include "limoe/core/fma512.hpp"
 #include "limoe/core/policies.hpp"
 #include "limoe/core/tensor.hpp"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#if defined(LIMOE_FMA512_KERNEL)
 #define LIMOE_DPBF16_KERNEL 1
-#include <cpuid.h>
-#include <immintrin.h>
 #endif
 
 namespace limoe::dpbf16 {
@@ -47,29 +46,11 @@ namespace limoe::dpbf16 {
 using ::limoe::bf16_bits;  // core/policies.hpp
 
 // Whether this process may run AVX-512 BF16: CPUID reports AVX-512 F, BW, VL and BF16, and the OS saves the
-// 512-bit state (XCR0 bits 1, 2, 5, 6, 7). The environment variable LIMOE_DPBF16=0 turns the kernel off (oneDNN
-// then runs the heads, as on a processor without it). Decided once per process.
+// 512-bit state (core/fma512.hpp). The environment variable LIMOE_DPBF16=0 turns the kernel off (oneDNN then runs
+// the heads, as on a processor without it). Decided once per process.
 inline bool available() {
-#if defined(LIMOE_DPBF16_KERNEL)
-  static const bool ok = [] {
-    if (const char* e = std::getenv("LIMOE_DPBF16"); e && std::strcmp(e, "0") == 0) return false;
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (__get_cpuid_max(0, nullptr) < 7) return false;
-    __cpuid(1, a, b, c, d);
-    if (((c >> 27) & 1u) == 0) return false;  // OSXSAVE
-    __cpuid_count(7, 0, a, b, c, d);
-    const bool f = (b >> 16) & 1u, bw = (b >> 30) & 1u, vl = (b >> 31) & 1u;
-    __cpuid_count(7, 1, a, b, c, d);
-    const bool bf16 = (a >> 5) & 1u;
-    if (!f || !bw || !vl || !bf16) return false;
-    unsigned lo = 0, hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return (lo & 0xE6u) == 0xE6u;
-  }();
+  static const bool ok = fma512::detail::cpu_has_avx512("LIMOE_DPBF16", true);
   return ok;
-#else
-  return false;
-#endif
 }
 
 // A packed right operand: pairs() rows of cols() 32-bit words (cols() a multiple of 16: whole vectors, read
@@ -80,11 +61,13 @@ class Packed {
   index_t cols() const { return cols_; }
   const std::uint32_t* data() const { return words_.data(); }
 
-  // Shape for K / 2 = pairs rows of the columns [0, n) rounded up to 16, zeroed.
-  std::uint32_t* reshape(index_t pairs, index_t n) {
+  // Shape for K / 2 = pairs rows of the columns [0, n) rounded up to 16; zeroed when `zero` (else the caller
+  // writes every word).
+  std::uint32_t* reshape(index_t pairs, index_t n, bool zero) {
     LIMOE_CHECK(pairs > 0 && n > 0, "dpbf16: an empty operand (", pairs, " pairs, ", n, " columns)");
     pairs_ = pairs, cols_ = (n + 15) / 16 * 16;
-    words_.assign(static_cast<std::size_t>(pairs_ * cols_), 0u);
+    if (zero) words_.assign(static_cast<std::size_t>(pairs_ * cols_), 0u);
+    else words_.resize(static_cast<std::size_t>(pairs_ * cols_));
     return words_.data();
   }
 
@@ -93,69 +76,25 @@ class Packed {
   std::vector<std::uint32_t> words_;
 };
 
-#if defined(LIMOE_DPBF16_KERNEL)
-namespace detail {
-// One 16 x 16 block of 32-bit words: row c of the block is B's row j0 + c, words p0 .. p0 + np (rows from nj on
-// zero), written transposed to rows p0 .. p0 + np of the packing. Four rounds of shuffles (words, pairs of words,
-// 128-bit lanes twice), 64 in all; a word at a time, the strided stores cost as much as a 64-wide head's product.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void transpose_block(const bf16_bits* B, index_t ldb,
-                                                                                  index_t nj, index_t np,
-                                                                                  std::uint32_t* w, index_t cols) {
-  const auto words = static_cast<__mmask16>(np == 16 ? 0xFFFFu : (1u << np) - 1u);
-  __m512i r[16], t[16];
-  for (int c = 0; c < 16; ++c) r[c] = c < nj ? _mm512_maskz_loadu_epi32(words, B + c * ldb) : _mm512_setzero_si512();
-  // The masked forms under a full mask: GCC 12's unmasked ones pass an undefined source that -Wuninitialized
-  // reports.
-  constexpr __mmask16 all16 = 0xFFFF;
-  constexpr __mmask8 all8 = 0xFF;
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_mask_unpacklo_epi32(r[2 * i], all16, r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_mask_unpackhi_epi32(r[2 * i], all16, r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_mask_unpacklo_epi64(t[4 * i], all8, t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_mask_unpackhi_epi64(t[4 * i], all8, t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_mask_unpacklo_epi64(t[4 * i + 1], all8, t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_mask_unpackhi_epi64(t[4 * i + 1], all8, t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) {
-      t[8 * i + j] = _mm512_mask_shuffle_i32x4(r[8 * i + j], all16, r[8 * i + j], r[8 * i + j + 4], 0x88);
-      t[8 * i + j + 4] = _mm512_mask_shuffle_i32x4(r[8 * i + j], all16, r[8 * i + j], r[8 * i + j + 4], 0xDD);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_mask_shuffle_i32x4(t[j], all16, t[j], t[j + 8], 0xDD);
-  }
-  for (index_t p = 0; p < np; ++p) _mm512_storeu_si512(w + p * cols, r[p]);
-}
-}  // namespace detail
-#endif
-
 // B [N, K] (rows of ldb, K even) read as B^T [K, N]: row p of the packing is word p of each of B's rows
 // [0, n_valid); the columns from n_valid to N and up to the next 16 are zeros.
 inline void pack_transposed(Packed& out, const bf16_bits* B, index_t N, index_t K, index_t ldb, index_t n_valid) {
   LIMOE_CHECK(K % 2 == 0, "dpbf16::pack_transposed: K = ", K, " must be even (whole pairs)");
   LIMOE_CHECK(n_valid >= 0 && n_valid <= N, "dpbf16::pack_transposed: n_valid = ", n_valid, " outside [0, ", N, "]");
   LIMOE_CHECK(available(), "dpbf16::pack_transposed: this processor or process has no AVX-512 BF16");
-  std::uint32_t* w = out.reshape(K / 2, N);
-  const index_t cols = out.cols(), pairs = K / 2;
-  for (index_t j0 = 0; j0 < n_valid; j0 += 16) {
-    const index_t nj = std::min<index_t>(16, n_valid - j0);
-    for (index_t p0 = 0; p0 < pairs; p0 += 16) {
-      const index_t np = std::min<index_t>(16, pairs - p0);
+  std::uint32_t* w = out.reshape(K / 2, N, false);  // every word written by the transpose
 #if defined(LIMOE_DPBF16_KERNEL)
-      detail::transpose_block(B + j0 * ldb + 2 * p0, ldb, nj, np, w + p0 * cols + j0, cols);
+  fma512::detail::transpose_words(B, ldb * static_cast<index_t>(sizeof(bf16_bits)), n_valid, K / 2, w, out.cols());
+#else
+  (void)B, (void)ldb, (void)w;
 #endif
-    }
-  }
 }
 
 // B [K, N] (rows of ldb) as it lies: row p of the packing interleaves B's rows 2p and 2p + 1, the low half from
 // the even row; rows of B from k_valid on (the odd row of a last half pair among them) read as zeros.
 inline void pack_rows(Packed& out, const bf16_bits* B, index_t K, index_t N, index_t ldb, index_t k_valid) {
   LIMOE_CHECK(k_valid >= 0 && k_valid <= K, "dpbf16::pack_rows: k_valid = ", k_valid, " outside [0, ", K, "]");
-  std::uint32_t* w = out.reshape((K + 1) / 2, N);
+  std::uint32_t* w = out.reshape((K + 1) / 2, N, true);
   const index_t cols = out.cols();
   for (index_t p = 0; p < out.pairs(); ++p) {
     const index_t k = 2 * p;

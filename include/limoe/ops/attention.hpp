@@ -26,17 +26,20 @@
 // score gradients read as bf16, fp32 accumulation); the softmax, its backward and the stored activations stay
 // fp32. Under Bf16Mixed the CPU runs the heads of an image, forward, on a kernel of limoe's own where the
 // processor has one (AMX tiles, core/amx.hpp; AVX-512 BF16, core/dpbf16.hpp), else as one batched bf16 product
-// (oneDNN), images over the thread pool; under Fp32 one pair per job as above.
+// (oneDNN), images over the thread pool; under Fp32 the forward's heads of an image on AVX-512's fp32 kernel
+// (core/fma512.hpp) where the processor has it, images over the thread pool, else one pair per job as above.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "limoe/core/dpbf16.hpp"
 #include "limoe/core/error.hpp"
+#include "limoe/core/fma512.hpp"
 #include "limoe/core/gemm.hpp"
 #include "limoe/core/gemm_mixed.hpp"
 #include "limoe/core/parallel.hpp"
@@ -68,6 +71,27 @@ void attention_heads_forward_fp32(const AttentionDims& d, CView<std::uint8_t> ke
   T* probs = cache.probs.data();
   T* ctx = cache.ctx.data();
   profile::Region<HostSpace> heads_region("heads");  // the per-head products and softmax (core/profile.hpp)
+  if constexpr (std::is_same_v<T, float>) {
+    if (fma512::available()) {
+      // AVX-512's kernel (core/fma512.hpp), per image: its keys transposed once for all heads (row h Dh + j of
+      // kT is column j of head h's keys), every head's raw scores, the softmax of the image's rows in one pass,
+      // then every head's context with the values read in place.
+      parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
+        thread_local std::vector<float> kT;  // [D, Nkp]
+        for (index_t b = b0; b < b1; ++b) {
+          const T* qb = q + b * Nq * D;
+          T* P = probs + b * H * Nq * Nk;  // [H, Nq, Nk]
+          const index_t Nkp = fma512::transpose(kT, k + b * Nk * D, Nk, D, D);
+          for (index_t h = 0; h < H; ++h)
+            fma512::gemm(Nq, Nk, Dh, qb + h * Dh, D, kT.data() + h * Dh * Nkp, Nkp, P + h * Nq * Nk, Nk);
+          detail::softmax_rows_vec(P, P, H * Nq, Nk, scale, key_mask.empty() ? nullptr : key_mask.data() + b * Nk);
+          for (index_t h = 0; h < H; ++h)
+            fma512::gemm(Nq, Dh, Nk, P + h * Nq * Nk, Nk, v + b * Nk * D + h * Dh, D, ctx + b * Nq * D + h * Dh, D);
+        }
+      });
+      return;
+    }
+  }
   parallel_for(0, B * H, 1, [&](index_t p0, index_t p1) {
     for (index_t p = p0; p < p1; ++p) {
       const index_t b = p / H, h = p % H;
