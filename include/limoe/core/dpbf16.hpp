@@ -117,38 +117,39 @@ namespace detail {
 // 32 vector registers), NV vectors of B loaded and A's pair broadcast once per row and pair. The last vector is
 // stored under `last` (the columns of a product whose width is not a multiple of 16).
 template <int MR, int NV>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void micro(index_t pairs, const bf16_bits* A,
-                                                                             index_t lda, const std::uint32_t* B,
-                                                                             index_t ldb, float* C, index_t ldc,
-                                                                             __mmask16 last) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (index_t p = 0; p < pairs; ++p) {
-    __m512i b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + p * ldb + 16 * v);
-#pragma GCC unroll 8
+struct Micro {
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void run(index_t pairs, const bf16_bits* A,
+                                                                                   index_t lda,
+                                                                                   const std::uint32_t* B,
+                                                                                   index_t ldb, float* C,
+                                                                                   index_t ldc, __mmask16 last) {
+    __m512 acc[MR][NV];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (index_t p = 0; p < pairs; ++p) {
+      __m512i b[NV];
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + p * ldb + 16 * v);
+      #pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        std::uint32_t word;
+        std::memcpy(&word, A + r * lda + 2 * p, sizeof word);
+        const __m512i a = _mm512_set1_epi32(static_cast<int>(word));
+        #pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
+      }
+    }
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      std::uint32_t word;
-      std::memcpy(&word, A + r * lda + 2 * p, sizeof word);
-      const __m512i a = _mm512_set1_epi32(static_cast<int>(word));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+      _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, acc[r][NV - 1]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
-    _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, acc[r][NV - 1]);
-  }
-}
+};
 
-inline constexpr int kRows = 6, kVectors = 4;  // the largest block: 6 rows by 64 columns
-using Micro = void (*)(index_t, const bf16_bits*, index_t, const std::uint32_t*, index_t, float*, index_t, __mmask16);
 }  // namespace detail
 #endif
 
@@ -162,25 +163,11 @@ inline void gemm(index_t M, index_t N, const bf16_bits* A, index_t lda, const Pa
   if (M <= 0 || N <= 0) return;
 #if defined(LIMOE_DPBF16_KERNEL)
   LIMOE_CHECK(available(), "dpbf16::gemm: this processor or process has no AVX-512 BF16");
-  using detail::kRows, detail::kVectors;
-  // [rows - 1][vectors - 1]
-  static constexpr detail::Micro table[kRows][kVectors] = {
-      {&detail::micro<1, 1>, &detail::micro<1, 2>, &detail::micro<1, 3>, &detail::micro<1, 4>},
-      {&detail::micro<2, 1>, &detail::micro<2, 2>, &detail::micro<2, 3>, &detail::micro<2, 4>},
-      {&detail::micro<3, 1>, &detail::micro<3, 2>, &detail::micro<3, 3>, &detail::micro<3, 4>},
-      {&detail::micro<4, 1>, &detail::micro<4, 2>, &detail::micro<4, 3>, &detail::micro<4, 4>},
-      {&detail::micro<5, 1>, &detail::micro<5, 2>, &detail::micro<5, 3>, &detail::micro<5, 4>},
-      {&detail::micro<6, 1>, &detail::micro<6, 2>, &detail::micro<6, 3>, &detail::micro<6, 4>}};
-  // Column panels of 64 (a panel of B: pairs x 256 bytes, 8 KB for a 64-wide head, in L1), rows in blocks of 6.
-  for (index_t n0 = 0; n0 < N; n0 += 16 * kVectors) {
-    const index_t width = std::min<index_t>(16 * kVectors, N - n0);
-    const int nv = static_cast<int>((width + 15) / 16);
-    const auto last = static_cast<__mmask16>(width % 16 == 0 ? 0xFFFFu : (1u << (width % 16)) - 1u);
-    for (index_t m0 = 0; m0 < M; m0 += kRows) {
-      const int mr = static_cast<int>(std::min<index_t>(kRows, M - m0));
-      table[mr - 1][nv - 1](b.pairs(), A + m0 * lda, lda, b.data() + n0, b.cols(), C + m0 * ldc + n0, ldc, last);
-    }
-  }
+  // The blocks of core/fma512.hpp's kernel (a panel of B: pairs x 256 bytes, 8 KB for a 64-wide head, in L1).
+  static constexpr auto table = fma512::detail::block_table<detail::Micro>();
+  fma512::detail::for_each_block(M, N, table, [&](auto run, index_t m0, index_t n0, __mmask16 last) {
+    run(b.pairs(), A + m0 * lda, lda, b.data() + n0, b.cols(), C + m0 * ldc + n0, ldc, last);
+  });
 #else
   (void)A, (void)lda, (void)C, (void)ldc;
   throw Error("dpbf16::gemm: built without the AVX-512 BF16 kernel");

@@ -20,9 +20,11 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "limoe/core/error.hpp"
@@ -126,36 +128,69 @@ inline void transpose_words(const void* B, index_t row_bytes, index_t n, index_t
 // 32 vector registers), NV vectors of B's row k loaded (the last under `last`: no column past N is read) and
 // A's element broadcast once per row and k. The last vector is stored under `last` too.
 template <int MR, int NV>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void micro(index_t K, const float* A, index_t lda,
-                                                                 const float* B, index_t ldb, float* C, index_t ldc,
-                                                                 __mmask16 last) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (index_t k = 0; k < K; ++k) {
-    __m512 b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV - 1; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
-    b[NV - 1] = _mm512_maskz_loadu_ps(last, B + k * ldb + 16 * (NV - 1));
-#pragma GCC unroll 8
+struct Micro {
+  __attribute__((target("avx512f,avx512bw,avx512vl"))) static void run(index_t K, const float* A, index_t lda,
+                                                                        const float* B, index_t ldb, float* C,
+                                                                        index_t ldc, __mmask16 last) {
+    __m512 acc[MR][NV];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (index_t k = 0; k < K; ++k) {
+      __m512 b[NV];
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV - 1; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+      b[NV - 1] = _mm512_maskz_loadu_ps(last, B + k * ldb + 16 * (NV - 1));
+      #pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+        #pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      }
+    }
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+      _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, acc[r][NV - 1]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
-    _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, acc[r][NV - 1]);
-  }
-}
+};
 
 inline constexpr int kRows = 6, kVectors = 4;  // the largest block: 6 rows by 64 columns
-using Micro = void (*)(index_t, const float*, index_t, const float*, index_t, float*, index_t, __mmask16);
+
+// Kernel<MR, NV>::run for every block shape: table[MR - 1][NV - 1] (this file's kernel and dpbf16.hpp's).
+template <template <int, int> class Kernel, int R, class Table, int... V>
+constexpr void block_row(Table& table, std::integer_sequence<int, V...>) {
+  ((table[R][V] = &Kernel<R + 1, V + 1>::run), ...);
+}
+template <template <int, int> class Kernel, int... R>
+constexpr auto block_rows(std::integer_sequence<int, R...>) {
+  std::array<std::array<decltype(&Kernel<1, 1>::run), kVectors>, kRows> table{};
+  (block_row<Kernel, R>(table, std::make_integer_sequence<int, kVectors>{}), ...);
+  return table;
+}
+template <template <int, int> class Kernel>
+constexpr auto block_table() {
+  return block_rows<Kernel>(std::make_integer_sequence<int, kRows>{});
+}
+
+// The blocking both kernels share: column panels of 64 (a panel of B stays in L1 for a head up to 80 wide),
+// rows in blocks of 6; block(run, m0, n0, last) for each, `run` the table's kernel for the block's shape and
+// `last` the mask of its last vector's columns.
+template <class Table, class Block>
+void for_each_block(index_t M, index_t N, const Table& table, Block&& block) {
+  for (index_t n0 = 0; n0 < N; n0 += 16 * kVectors) {
+    const index_t width = std::min<index_t>(16 * kVectors, N - n0);
+    const int nv = static_cast<int>((width + 15) / 16);
+    const auto last = static_cast<__mmask16>(width % 16 == 0 ? 0xFFFFu : (1u << (width % 16)) - 1u);
+    for (index_t m0 = 0; m0 < M; m0 += kRows) {
+      const int mr = static_cast<int>(std::min<index_t>(kRows, M - m0));
+      block(table[static_cast<std::size_t>(mr - 1)][static_cast<std::size_t>(nv - 1)], m0, n0, last);
+    }
+  }
+}
 }  // namespace detail
 #endif
 
@@ -181,25 +216,10 @@ inline void gemm(index_t M, index_t N, index_t K, const float* A, index_t lda, c
   if (M == 0 || N == 0) return;
 #if defined(LIMOE_FMA512_KERNEL)
   LIMOE_CHECK(available(), "fma512::gemm: this processor or process has no AVX-512");
-  using detail::kRows, detail::kVectors;
-  // [rows - 1][vectors - 1]
-  static constexpr detail::Micro table[kRows][kVectors] = {
-      {&detail::micro<1, 1>, &detail::micro<1, 2>, &detail::micro<1, 3>, &detail::micro<1, 4>},
-      {&detail::micro<2, 1>, &detail::micro<2, 2>, &detail::micro<2, 3>, &detail::micro<2, 4>},
-      {&detail::micro<3, 1>, &detail::micro<3, 2>, &detail::micro<3, 3>, &detail::micro<3, 4>},
-      {&detail::micro<4, 1>, &detail::micro<4, 2>, &detail::micro<4, 3>, &detail::micro<4, 4>},
-      {&detail::micro<5, 1>, &detail::micro<5, 2>, &detail::micro<5, 3>, &detail::micro<5, 4>},
-      {&detail::micro<6, 1>, &detail::micro<6, 2>, &detail::micro<6, 3>, &detail::micro<6, 4>}};
-  // Column panels of 64 (a panel of B: K x 256 bytes, 16 KB for a 64-wide head, in L1), rows in blocks of 6.
-  for (index_t n0 = 0; n0 < N; n0 += 16 * kVectors) {
-    const index_t width = std::min<index_t>(16 * kVectors, N - n0);
-    const int nv = static_cast<int>((width + 15) / 16);
-    const auto last = static_cast<__mmask16>(width % 16 == 0 ? 0xFFFFu : (1u << (width % 16)) - 1u);
-    for (index_t m0 = 0; m0 < M; m0 += kRows) {
-      const int mr = static_cast<int>(std::min<index_t>(kRows, M - m0));
-      table[mr - 1][nv - 1](K, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, last);
-    }
-  }
+  static constexpr auto table = detail::block_table<detail::Micro>();
+  detail::for_each_block(M, N, table, [&](auto run, index_t m0, index_t n0, __mmask16 last) {
+    run(K, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, last);
+  });
 #else
   (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc;
   throw Error("fma512::gemm: built without the AVX-512 kernel");
