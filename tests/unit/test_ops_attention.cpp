@@ -81,11 +81,12 @@ TEST_CASE("attention forward: cpu matches the naive reference (self, cross, mask
       }
 }
 
-// In float the forward's heads run on AVX-512's fp32 kernel where the processor has it (core/fma512.hpp; the
-// keys transposed per image, score rows in column panels of 64, the last vector masked): head widths 12 to 80,
-// key counts on both sides of 16, 49 and 64 (two panels), a key mask with a fully masked row, cross-attention;
-// against the reference in double, and the same bits on 1 and 2 threads.
-TEST_CASE("attention forward in float: cpu matches the reference in double at head widths 12 to 80") {
+// In float the heads run on AVX-512's fp32 kernel where the processor has it (core/fma512.hpp; keys and values
+// transposed per image, probabilities and score gradients per head, score rows in column panels of 64, the last
+// vector masked): head widths 12 to 80, key counts on both sides of 16, 49 and 64 (two panels), a key mask with a
+// fully masked row, cross-attention; forward and backward (inputs', weights' and biases' gradients) against the
+// reference in double, and the same bits on 1 and 2 threads.
+TEST_CASE("attention in float: cpu matches the reference in double at head widths 12 to 80, forward and backward") {
   for (const auto& [D, H, Nk] : {std::tuple<index_t, int, index_t>{48, 4, 7}, {64, 4, 17}, {128, 2, 49}, {96, 4, 50},
                                  {160, 2, 70}, {64, 1, 33}}) {
     for (bool cross : {false, true}) {
@@ -103,9 +104,26 @@ TEST_CASE("attention forward in float: cpu matches the reference in double at he
       for (index_t j = 0; j < xkv.numel(); ++j) xkv_d[j] = xkv[j];
       for (index_t j = 0; j < xq.numel(); ++j) xq_d[j] = xq[j];
       const Tensor<std::uint8_t> mask = make_mask(B, Nk, 9, true);
-      Tensor<double> y_ref(Shape{B, Nq, D});
-      ref::attention_forward<double>(pd.weights(), H, cross ? xq_d.cview() : xkv_d.cview(), xkv_d.cview(),
-                                     mask.cview(), y_ref.view());
+      Tensor<float> dy(Shape{B, Nq, D});
+      testing::fill_normal(dy.view(), 8);
+      Tensor<double> dy_d(dy.shape());
+      for (index_t j = 0; j < dy.numel(); ++j) dy_d[j] = dy[j];
+      Tensor<double> y_ref(Shape{B, Nq, D}), dxq_ref(xq.shape()), dxkv_ref(xkv.shape());
+      {
+        AttentionCache<double> cache;
+        ref::attention_forward<double>(pd.weights(), H, cross ? xq_d.cview() : xkv_d.cview(), xkv_d.cview(),
+                                       mask.cview(), y_ref.view(), cache);
+        ref::attention_backward<double>(pd.weights(), H, cross ? xq_d.cview() : xkv_d.cview(), xkv_d.cview(),
+                                        mask.cview(), cache, dy_d.cview(), cross ? dxq_ref.view() : dxkv_ref.view(),
+                                        dxkv_ref.view(), pd.grads());
+      }
+      // Relative to the largest entry of each reference tensor (fp32 sums over up to 160 terms).
+      auto close = [](const auto& got, const auto& want) {
+        double worst = 0, big = 0;
+        for (index_t j = 0; j < want.numel(); ++j)
+          worst = std::max(worst, std::abs(double(got[j]) - double(want[j]))), big = std::max(big, std::abs(double(want[j])));
+        return worst <= 2e-5 * big;
+      };
       std::vector<float> first;
       for (int threads : {1, 2}) {
         set_num_threads(threads);
@@ -114,16 +132,26 @@ TEST_CASE("attention forward in float: cpu matches the reference in double at he
         CAPTURE(Nk);
         CAPTURE(cross);
         CAPTURE(threads);
-        Tensor<float> y(Shape{B, Nq, D});
+        Tensor<float> y(Shape{B, Nq, D}), dxq(xq.shape()), dxkv(xkv.shape());
+        Params<float> g = pf;  // its gradient buffers start at zero
         AttentionCache<float> cache;
         cpu::attention_forward<float>(pf.weights(), H, cross ? xq.cview() : xkv.cview(), xkv.cview(), mask.cview(),
                                       y.view(), cache);
-        double worst = 0, big = 0;
-        for (index_t j = 0; j < y.numel(); ++j)
-          worst = std::max(worst, std::abs(double(y[j]) - y_ref[j])), big = std::max(big, std::abs(y_ref[j]));
-        CHECK(worst <= 1e-5 * big);
-        if (threads == 1) first.assign(y.data(), y.data() + y.numel());
-        else CHECK(std::equal(first.begin(), first.end(), y.data()));
+        cpu::attention_backward<float>(pf.weights(), H, cross ? xq.cview() : xkv.cview(), xkv.cview(), mask.cview(),
+                                       cache, dy.cview(), cross ? dxq.view() : dxkv.view(), dxkv.view(), g.grads());
+        CHECK(close(y, y_ref));
+        CHECK(close(dxkv, dxkv_ref));
+        if (cross) CHECK(close(dxq, dxq_ref));
+        for (int i = 0; i < 4; ++i) {
+          CAPTURE(i);
+          CHECK(close(g.gw[i], pd.gw[i]));
+          if (i != 1) CHECK(close(g.gb[i], pd.gb[i]));  // bk's true gradient is 0: only rounding noise
+        }
+        std::vector<float> all(y.data(), y.data() + y.numel());
+        all.insert(all.end(), dxkv.data(), dxkv.data() + dxkv.numel());
+        for (int i = 0; i < 4; ++i) all.insert(all.end(), g.gw[i].data(), g.gw[i].data() + g.gw[i].numel());
+        if (threads == 1) first = all;
+        else CHECK(first == all);
       }
     }
   }

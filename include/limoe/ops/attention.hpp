@@ -26,8 +26,9 @@
 // score gradients read as bf16, fp32 accumulation); the softmax, its backward and the stored activations stay
 // fp32. Under Bf16Mixed the CPU runs the heads of an image, forward, on a kernel of limoe's own where the
 // processor has one (AMX tiles, core/amx.hpp; AVX-512 BF16, core/dpbf16.hpp), else as one batched bf16 product
-// (oneDNN), images over the thread pool; under Fp32 the forward's heads of an image on AVX-512's fp32 kernel
-// (core/fma512.hpp) where the processor has it, images over the thread pool, else one pair per job as above.
+// (oneDNN), images over the thread pool; under Fp32 the heads of an image, forward and backward, on AVX-512's
+// fp32 kernel (core/fma512.hpp) where the processor has it, images over the thread pool, else one pair per job
+// as above.
 #pragma once
 
 #include <algorithm>
@@ -127,6 +128,38 @@ void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& ca
   T* dv = cache.dv.data();
   T* scratch = cache.dscores.data();
   profile::Region<HostSpace> heads_region("heads");
+  if constexpr (std::is_same_v<T, float>) {
+    if (fma512::available()) {
+      // AVX-512's kernel (core/fma512.hpp), per image: its values transposed once for all heads; per head, the
+      // probabilities and the scaled score gradient transposed for the products that read them as A^T. The
+      // scale is applied to dS once (dq = (scale dS) k_h, dk = (scale dS)^T q_h).
+      parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
+        thread_local std::vector<float> vT, PT, dST, dSb;  // [D, Nkp], [Nk, Nqp], [Nk, Nqp], [Nq, Nk]
+        dSb.resize(static_cast<std::size_t>(Nq * Nk));
+        float* dS = dSb.data();
+        for (index_t b = b0; b < b1; ++b) {
+          const index_t Nkp = fma512::transpose(vT, v + b * Nk * D, Nk, D, D);
+          for (index_t h = 0; h < H; ++h) {
+            const index_t qo = b * Nq * D + h * Dh, ko = b * Nk * D + h * Dh;
+            const T* P = probs + (b * H + h) * Nq * Nk;  // [Nq, Nk]
+            // dv_h = P^T dctx_h; dP = dctx_h v_h^T.
+            const index_t Nqp = fma512::transpose(PT, P, Nq, Nk, Nk);
+            fma512::gemm(Nk, Dh, Nq, PT.data(), Nqp, dctx + qo, D, dv + ko, D);
+            fma512::gemm(Nq, Nk, Dh, dctx + qo, D, vT.data() + h * Dh * Nkp, Nkp, dS, Nk);
+            // Softmax backward (in place on dP; masked keys have P = 0, so dS = 0 there), then the scale.
+            for (index_t i = 0; i < Nq; ++i) {
+              math::softmax_row_backward(P + i * Nk, dS + i * Nk, Nk, dS + i * Nk);
+              for (index_t j = 0; j < Nk; ++j) dS[i * Nk + j] *= scale;
+            }
+            fma512::gemm(Nq, Dh, Nk, dS, Nk, k + ko, D, dq + qo, D);
+            fma512::transpose(dST, dS, Nq, Nk, Nk);
+            fma512::gemm(Nk, Dh, Nq, dST.data(), Nqp, q + qo, D, dk + ko, D);
+          }
+        }
+      });
+      return;
+    }
+  }
   parallel_for(0, chunks, 1, [&](index_t c0, index_t c1) {
     for (index_t c = c0; c < c1; ++c) {
       T* dS = scratch + c * Nq * Nk;  // [Nq, Nk]
