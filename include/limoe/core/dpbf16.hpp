@@ -124,10 +124,7 @@ struct Micro {
                                                                                    index_t ldb, float* C,
                                                                                    index_t ldc, __mmask16 last) {
     __m512 acc[MR][NV];
-    #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-      #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    fma512::detail::zero_tile(acc);
     for (index_t p = 0; p < pairs; ++p) {
       __m512i b[NV];
       #pragma GCC unroll 4
@@ -141,12 +138,7 @@ struct Micro {
         for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
       }
     }
-    #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      #pragma GCC unroll 4
-      for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
-      _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, acc[r][NV - 1]);
-    }
+    fma512::detail::store_tile(acc, C, ldc, last);
   }
 };
 

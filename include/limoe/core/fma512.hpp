@@ -124,6 +124,27 @@ inline void transpose_words(const void* B, index_t row_bytes, index_t n, index_t
   }
 }
 
+// The MR x NV accumulators both kernels keep in vector registers (this file's and dpbf16.hpp's): set to zero,
+// and stored as rows of C (ldc floats apart), each row's last vector under `last`.
+template <int MR, int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void zero_tile(__m512 (&acc)[MR][NV]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+}
+template <int MR, int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void store_tile(const __m512 (&acc)[MR][NV],
+                                                                                            float* C, index_t ldc,
+                                                                                            __mmask16 last) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
+    _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, acc[r][NV - 1]);
+  }
+}
+
 // Rows [0, MR) by NV vectors of 16 columns of C over all of K: MR x NV accumulators (at most 6 x 4 = 24 of the
 // 32 vector registers), NV vectors of B's row k loaded (the last under `last`: no column past N is read) and
 // A's element broadcast once per row and k. The last vector is stored under `last` too.
@@ -133,10 +154,7 @@ struct Micro {
                                                                         const float* B, index_t ldb, float* C,
                                                                         index_t ldc, __mmask16 last) {
     __m512 acc[MR][NV];
-    #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-      #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    zero_tile(acc);
     for (index_t k = 0; k < K; ++k) {
       __m512 b[NV];
       #pragma GCC unroll 4
@@ -149,12 +167,7 @@ struct Micro {
         for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
       }
     }
-    #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      #pragma GCC unroll 4
-      for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, acc[r][v]);
-      _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, acc[r][NV - 1]);
-    }
+    store_tile(acc, C, ldc, last);
   }
 };
 

@@ -114,9 +114,6 @@ void attention_heads_forward_fp32(const AttentionDims& d, CView<std::uint8_t> ke
 template <class T>
 void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& cache) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
-  const index_t pairs = B * H;
-  const index_t chunks = std::max<index_t>(1, std::min<index_t>(pairs, 4 * index_t(std::max(1, num_threads()))));
-  cache.dscores.resize(Shape{chunks, Nq, Nk});  // [chunks, Nq, Nk]
   const T scale = detail::attention_scale<T>(d);
   const T* q = cache.q.data();
   const T* k = cache.k.data();
@@ -126,7 +123,6 @@ void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& ca
   T* dq = cache.dq.data();
   T* dk = cache.dk.data();
   T* dv = cache.dv.data();
-  T* scratch = cache.dscores.data();
   profile::Region<HostSpace> heads_region("heads");
   if constexpr (std::is_same_v<T, float>) {
     if (fma512::available()) {
@@ -160,6 +156,10 @@ void attention_heads_backward_fp32(const AttentionDims& d, AttentionCache<T>& ca
       return;
     }
   }
+  const index_t pairs = B * H;
+  const index_t chunks = std::max<index_t>(1, std::min<index_t>(pairs, 4 * index_t(std::max(1, num_threads()))));
+  cache.dscores.resize(Shape{chunks, Nq, Nk});  // [chunks, Nq, Nk]
+  T* scratch = cache.dscores.data();
   parallel_for(0, chunks, 1, [&](index_t c0, index_t c1) {
     for (index_t c = c0; c < c1; ++c) {
       T* dS = scratch + c * Nq * Nk;  // [Nq, Nk]
