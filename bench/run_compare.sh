@@ -166,7 +166,7 @@ print(f"- peer: torch {peer.get('torch')}, CPU capability {peer.get('cpu_capabil
 print(f"- peer settings (first peer row; thread variables follow N): {json.dumps(peer.get('env', {}))}; torch.set_num_threads(N), interop 1, "
       f"inference_mode for forward-only; OPENBLAS_CORETYPE trial (1-thread GFLOP/s; kept only if 2% faster than the best before it): {os.environ['coretype_note'].strip()}")
 print(f"- stock peer (torch with the system libblas.so.3 as installed), torch.mm 1 thread: {os.environ['STOCK']}")
-print(f"- ceiling = best gemm GFLOP/s of the run at that precision (limoe gemm and torch.mm, D = 384 and 768, T = 4096): "
+print(f"- ceiling = best gemm GFLOP/s of the run at that precision (limoe gemm, the faster of B as it lies and B packed once, and torch.mm; D = 384 and 768, T = 4096): "
       + ", ".join(f"{pr} {t} thread{'s' if t > 1 else ''}: {f(ceiling[(t, pr)])}" for pr in precs for t in threads))
 kern = next((r.get("kernel") for r in rows if r["impl"] == "limoe" and r["workload"] == "gemm" and r.get("precision") == "bf16"), None)
 if kern:

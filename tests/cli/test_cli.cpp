@@ -144,6 +144,8 @@ TEST_CASE("embed: every bad input exits 2 with a one-line reason and leaves no o
   expect_failure("embed --checkpoint '/nonexistent\nsecond\tline.safetensors' --input " + in + tail,
                  "/nonexistent\\nsecond\\tline.safetensors", out);
   expect_failure("'bogus\ncommand'", "unknown command \"bogus\\ncommand\"");
+  // A backslash is written as two, so that it cannot be read as the start of an escape.
+  expect_failure("'bogus\\ncommand'", "unknown command \"bogus\\\\ncommand\"");
   expect_failure("embed --input " + in + tail, "--checkpoint is required", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --bogus 1", "unknown option --bogus", out);
   expect_failure("embed --checkpoint " + ck + " --input " + in + tail + " --capacity-factor -1", "capacity-factor", out);
@@ -975,6 +977,18 @@ TEST_CASE("small contracts: bench --config FILE.json by bare name, an integer pa
   const Run b = run_in(d, "bench --workload embed --config cfg.json --batch 2 --repeats 1 --warmup 0 --threads 1");
   REQUIRE_MESSAGE(b.code == 0, b.err);
   CHECK(nlohmann::json::parse(b.out)["width"] == 32);
+  // gemm times B as it lies and packed once, and reports the faster of the two as its rate
+  for (const char* prec : {"fp32", "bf16"}) {
+    const Run g = run(std::string("bench --workload gemm --width 64 --tokens 128 --repeats 3 --warmup 0 --threads 1 "
+                                  "--precision ") + prec);
+    REQUIRE_MESSAGE(g.code == 0, g.err);
+    const auto j = nlohmann::json::parse(g.out);
+    const double plain = j["gflops_plain"], packed = j["gflops_packed"], best = j["gflops"];
+    CHECK(plain > 0);
+    CHECK(packed > 0);
+    CHECK(best == doctest::Approx(std::max(plain, packed)).epsilon(1e-9));
+    CHECK(j["form"] == (packed > plain ? "packed" : "plain"));
+  }
   expect_failure("train --preset tiny --data synthetic --steps 99999999999999999999 --out " + (d / "x").string(),
                  "--steps must be between 1 and 1099511627776, got \"99999999999999999999\"");
   expect_failure("train --preset tiny --data synthetic --seed 99999999999999999999 --out " + (d / "x").string(),

@@ -74,13 +74,15 @@ std::optional<dist::NcclComm> nccl_world() {
 
 namespace {
 // A failure is reported on one line: control characters a message carries (a path or an argument holding a
-// newline, quoted into it) are written as escapes.
+// newline, quoted into it) are written as escapes, and a backslash as two, so that an escape and a name that
+// holds a backslash cannot be told apart.
 std::string one_line(const std::string& s) {
   static const char* hex = "0123456789abcdef";
   std::string out;
   for (const char ch : s) {
     const auto c = static_cast<unsigned char>(ch);
-    if (c == '\n') out += "\\n";
+    if (c == '\\') out += "\\\\";
+    else if (c == '\n') out += "\\n";
     else if (c == '\r') out += "\\r";
     else if (c == '\t') out += "\\t";
     else if (c < 0x20 || c == 0x7F) out += std::string("\\x") + hex[c >> 4] + hex[c & 15];
