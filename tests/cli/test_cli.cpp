@@ -977,6 +977,28 @@ TEST_CASE("small contracts: bench --config FILE.json by bare name, an integer pa
   const Run b = run_in(d, "bench --workload embed --config cfg.json --batch 2 --repeats 1 --warmup 0 --threads 1");
   REQUIRE_MESSAGE(b.code == 0, b.err);
   CHECK(nlohmann::json::parse(b.out)["width"] == 32);
+  // pixels outside [-1, 1] (here 8-bit values) embed, with one warning line on stderr that says so; pixels
+  // inside give none
+  {
+    const std::string ck = kGolden + "tiny_vanilla.ckpt.safetensors";
+    const auto in = io::SafetensorsReader::open(kGolden + "tiny_vanilla.io.safetensors");
+    const auto info = in.info("images");
+    std::vector<float> px = in.read_f32_flat("images");
+    for (index_t pass = 0; pass < 2; ++pass) {
+      io::SafetensorsWriter w;
+      std::vector<float> v = px;
+      if (pass == 1)
+        for (float& x : v) x = std::round((x + 1.0f) * 127.5f);
+      w.add("images", info.shape, std::span<const float>(v));
+      const fs::path f = d / "px.safetensors", o = d / "px_out.safetensors";
+      w.write(f.string());
+      const Run e = run("embed --checkpoint " + ck + " --input " + f.string() + " --output " + o.string());
+      REQUIRE_MESSAGE(e.code == 0, e.err);
+      CHECK(fs::exists(o));
+      CHECK((e.err.find("outside [-1, 1]") != std::string::npos) == (pass == 1));
+      if (pass == 1) CHECK(std::count(e.err.begin(), e.err.end(), '\n') == 1);
+    }
+  }
   // gemm times B as it lies and packed once, and reports the faster of the two as its rate
   for (const char* prec : {"fp32", "bf16"}) {
     const Run g = run(std::string("bench --workload gemm --width 64 --tokens 128 --repeats 3 --warmup 0 --threads 1 "

@@ -1,4 +1,6 @@
 // `limoe embed`: embeddings and routing decisions for a batch of images and/or texts (docs/cli.md section 2).
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <iostream>
 
@@ -68,8 +70,18 @@ int run(const std::vector<std::string>& argv) {
                 "input \"images\" has shape ", images.shape().str(), "; this model needs [B, ", cfg.image_size[0], ", ",
                 cfg.image_size[1], ", ", cfg.channels, "]");
     LIMOE_CHECK(images.dim(0) > 0, "input \"images\" holds no image (B = 0)");
-    for (index_t i = 0; i < images.numel(); ++i)
+    index_t outside = 0;
+    float widest = 0.0f;
+    for (index_t i = 0; i < images.numel(); ++i) {
       LIMOE_CHECK(std::isfinite(images[i]), "input \"images\" holds a non-finite pixel at flat index ", i);
+      if (std::abs(images[i]) > 1.0f) ++outside, widest = std::max(widest, std::abs(images[i]));
+    }
+    // Pixels scaled otherwise (0..255, 0..1 or a mean / std normalisation) embed without error but not as the
+    // model was trained: said once, on stderr, and the embedding goes on (stdout and the output are unchanged).
+    if (outside > 0)
+      std::cerr << "limoe embed: warning: " << outside << " of " << images.numel()
+                << " pixels lie outside [-1, 1] (largest magnitude " << widest
+                << "); the model reads pixels scaled to [-1, 1] (x / 127.5 - 1 for 8-bit values)\n";
     const auto f = model.forward(images.cview(), CView<std::int32_t>{}, Mode::Eval);
     add_emb("img_emb", f.img_emb);
     add_routes(f, "img_route.");
