@@ -155,6 +155,73 @@ TEST_CASE("map head forward: matches the reference composition and a hand-built 
   for (index_t c = 0; c < D; ++c) CHECK(y[c] == doctest::Approx(u[std::size_t(c)] + mlp[std::size_t(c)]).epsilon(1e-12));
 }
 
+TEST_CASE("map head inference forward (the probe's query folded into the key and value weights) matches the reference") {
+  // MapHeadCache::inference: the same function as the attention of every token, summed in another order.
+  const index_t B = 4, N = 7, M = 12;
+  Tensor<std::uint8_t> mask(Shape{B, N}, 1);  // [B, N]: example 1 partly masked, example 2 fully masked
+  mask[N + 1] = mask[N + 5] = 0;
+  for (index_t j = 0; j < N; ++j) mask[2 * N + j] = 0;
+  for (index_t D : {8, 24})
+    for (int H : {1, 2, 4})
+      for (bool masked : {false, true}) {
+        CAPTURE(D);
+        CAPTURE(H);
+        CAPTURE(masked);
+        MapParams p(D, M, 20 + static_cast<std::uint64_t>(D));
+        Tensor<double> x(Shape{B, N, D}), y(Shape{B, D}), y_ref(Shape{B, D});  // tokens, pooled
+        testing::fill_normal(x.view(), 2);
+        const CView<std::uint8_t> m = masked ? mask.cview() : CView<std::uint8_t>{};
+        ref::map_head_forward<double>(p.weights(), H, GeluKind::Erf, 1e-6, x.cview(), m, y_ref.view());
+        MapHeadCache<double> cache;
+        cache.inference = true;
+        cpu::map_head_forward<double>(p.weights(), H, GeluKind::Erf, 1e-6, x.cview(), m, y.view(), cache);
+        double worst = 0;
+        for (index_t i = 0; i < B * D; ++i) worst = std::max(worst, std::abs(y[i] - y_ref[i]));
+        CHECK(worst < 1e-12);
+        // No backward after it: refused by name, nothing computed.
+        Tensor<double> dy(Shape{B, D}, 1.0), dx(Shape{B, N, D});
+        CHECK_THROWS_WITH_AS(cpu::map_head_backward<double>(p.weights(), H, GeluKind::Erf, x.cview(), m, cache,
+                                                            dy.cview(), dx.view(), p.grads()),
+                             doctest::Contains("inference forward"), Error);
+        // In float, under fp32 and bf16, against the reference in double; 1 and 2 threads give the same bits.
+        MapHeadWeights<float> wf;
+        std::vector<Tensor<float>> vf;
+        for (const auto& t : p.val) {
+          vf.emplace_back(t.shape());
+          for (index_t i = 0; i < t.numel(); ++i) vf.back()[i] = static_cast<float>(t[i]);
+        }
+        auto c = [&](int i) { return vf[std::size_t(i)].cview(); };
+        wf = {c(0), {c(1), c(2), c(3), c(4), c(5), c(6), c(7), c(8)}, c(9), c(10), c(11), c(12), c(13), c(14)};
+        Tensor<float> xf(x.shape()), yf(Shape{B, D}), yf2(Shape{B, D});
+        for (index_t i = 0; i < x.numel(); ++i) xf[i] = static_cast<float>(x[i]);
+        double scale = 0;
+        for (index_t i = 0; i < B * D; ++i) scale = std::max(scale, std::abs(y_ref[i]));
+        for (bool bf16 : {false, true}) {
+          CAPTURE(bf16);
+          MapHeadCache<float> cf;
+          cf.inference = true;
+          auto run = [&](Tensor<float>& out) {
+            if (bf16)
+              cpu::map_head_forward<float>(wf, H, GeluKind::Erf, 1e-6f, xf.cview(), m, out.view(), cf, Bf16Mixed{});
+            else
+              cpu::map_head_forward<float>(wf, H, GeluKind::Erf, 1e-6f, xf.cview(), m, out.view(), cf);
+          };
+          set_num_threads(1);
+          run(yf);
+          set_num_threads(2);
+          run(yf2);
+          set_num_threads(0);
+          double err = 0;
+          for (index_t i = 0; i < B * D; ++i) {
+            err = std::max(err, std::abs(double(yf[i]) - y_ref[i]));
+            CHECK(yf[i] == yf2[i]);
+          }
+          // fp32: a few ulp of the output's scale; bf16: the MLP's products round LN(u) and the weights to 8 bits
+          CHECK(err < (bf16 ? 3e-2 : 2e-5) * scale);
+        }
+      }
+}
+
 TEST_CASE("map head gradients: tokens, probe, attention, LN and MLP weights by central differences") {
   const index_t B = 2, N = 4, D = 6, M = 8;
   for (int H : {1, 2})

@@ -349,7 +349,9 @@ class Limoe {
                            static_cast<T>(cfg_.ln_eps), rows(xn_.view(), r0, r1), rows(xn_mean_.view(), r0, r1),
                            rows(xn_rstd_.view(), r0, r1));
     });
-    // The embeddings stay in the model's memory for loss() and backward(); the output holds host copies.
+    // The embeddings stay in the model's memory for loss() and backward(); the output holds host copies. An
+    // evaluation forward's `map` heads compute their output only (MapHeadCache::inference).
+    img_acts_.map.inference = txt_acts_.map.inference = !tape;
     if (Bi_ > 0) {
       head_forward(img_head_, img_acts_, img_rows(xn_.cview()), CView<std::uint8_t, S>{}, z_img_);
       out.img_emb = to_host(z_img_.cview());

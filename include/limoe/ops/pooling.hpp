@@ -88,15 +88,92 @@ void pool_backward(Pooling kind, CView<std::uint8_t> key_mask, CView<T> dy, View
   });
 }
 
-// `map` head forward: y[B, D] from tokens x[B, N, D] (key_mask [B, N] or empty); fills `cache`.
+}  // namespace cpu
+
+namespace detail {
+// The `map` head's attention when no backward follows (MapHeadCache::inference): u[B, D] for the one query q =
+// probe Wq^T + bq that every example shares, with the same scores, softmax and output as attention_forward, in
+// another order of sums. Per head h (columns c of h):
+//   q_h . k_hj = x_j . a_h + q_h . bk_h,         a_h = sum_c q_c Wk[c, :]            (scores: [B N, D] x [D, H])
+//   (q_h . bk_h is the same for every key j, so the softmax drops it)
+//   ctx_hc    = sum_j P_hj (x_j . Wv[c, :] + bv_c) = z_h . Wv[c, :] + (sum_j P_hj) bv_c,   z_h = sum_j P_hj x_j
+// so the tokens are read by products H columns wide, where attention_forward projects each of the B N tokens to
+// k and v (4 B N D^2 multiply-adds: the most of the head's work). Products in fp32 under every policy (they are
+// small); the attention's own per-head work is unchanged: the same masked, scaled softmax (softmax_rows_vec).
+template <class T>
+void map_attention_folded(const AttentionWeights<T>& w, int heads, CView<T> probe, CView<T> x,
+                          CView<std::uint8_t> key_mask, View<T> u, MapHeadCache<T>& cache) {
+  const index_t B = x.dim(0), N = x.dim(1), D = x.dim(2), H = heads, Dh = D / H;
+  const AttentionDims dims{B, 1, N, D, H, Dh};
+  const T scale = attention_scale<T>(dims);
+  cache.fold.resize(Shape{H + 1, D});  // rows 0..H-1: a_h; row H: q
+  cache.scores.resize(Shape{B * N, H});
+  cache.mixed.resize(Shape{B, H, D});
+  T* a = cache.fold.data();
+  T* q = a + H * D;
+  // q = probe Wq^T + bq (one row), then a_h.
+  gemm_serial<T>(Trans::N, Trans::T, 1, D, D, T(1), probe.data(), D, w.wq.data(), D, T(0), q, D);
+  for (index_t c = 0; c < D; ++c) q[c] += w.bq.empty() ? T(0) : w.bq[c];
+  for (index_t h = 0; h < H; ++h)
+    gemm_serial<T>(Trans::N, Trans::N, 1, D, Dh, T(1), q + h * Dh, Dh, w.wk.data() + h * Dh * D, D, T(0), a + h * D, D);
+  // Raw scores S[B N, H] = x a^T, then per example: P [H, N] by the masked, scaled softmax, z_h = P_h x_b, and
+  // the sums of P (1, or 0 where every key is masked).
+  gemm<T>(Trans::N, Trans::T, B * N, H, D, T(1), x.data(), D, a, D, T(0), cache.scores.data(), H);
+  std::vector<T> psum(static_cast<std::size_t>(B * H));
+  parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
+    thread_local std::vector<T> P;
+    P.resize(static_cast<std::size_t>(H * N));
+    for (index_t b = b0; b < b1; ++b) {
+      for (index_t j = 0; j < N; ++j)
+        for (index_t h = 0; h < H; ++h)
+          P[static_cast<std::size_t>(h * N + j)] = cache.scores[(b * N + j) * H + h];
+      softmax_rows_vec(P.data(), P.data(), H, N, scale, key_mask.empty() ? nullptr : key_mask.data() + b * N);
+      for (index_t h = 0; h < H; ++h) {
+        T sum = T(0);
+        for (index_t j = 0; j < N; ++j) sum += P[static_cast<std::size_t>(h * N + j)];
+        psum[static_cast<std::size_t>(b * H + h)] = sum;
+      }
+      gemm_serial<T>(Trans::N, Trans::N, H, D, N, T(1), P.data(), N, x.data() + b * N * D, D, T(0),
+                     cache.mixed.data() + b * H * D, D);
+    }
+  });
+  // ctx[b, head h's columns] = z_bh Wv_h^T + (sum P) bv_h, head by head over all examples; u = ctx Wo^T + bo.
+  T* ctx = cache.attn.ctx.data();
+  parallel_for(0, H, 1, [&](index_t h0, index_t h1) {
+    for (index_t h = h0; h < h1; ++h) {
+      gemm_serial<T>(Trans::N, Trans::T, B, Dh, D, T(1), cache.mixed.data() + h * D, H * D, w.wv.data() + h * Dh * D,
+                     D, T(0), ctx + h * Dh, D);
+      if (!w.bv.empty())
+        for (index_t b = 0; b < B; ++b)
+          for (index_t e = 0; e < Dh; ++e)
+            ctx[b * D + h * Dh + e] += psum[static_cast<std::size_t>(b * H + h)] * w.bv[h * Dh + e];
+    }
+  });
+  cpu::linear_forward<T>(CView<T>(ctx, Shape{B, D}), w.wo, w.bo, u);
+}
+}  // namespace detail
+
+namespace cpu {
+
+// `map` head forward: y[B, D] from tokens x[B, N, D] (key_mask [B, N] or empty); fills `cache` (with
+// cache.inference, only what y needs: detail::map_attention_folded).
 template <class T, PrecisionPolicy Prec = Fp32>
 void map_head_forward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, T ln_eps, CView<T> x,
                       CView<std::uint8_t> key_mask, View<T> y, MapHeadCache<T>& cache, const Prec& prec = {}) {
   const auto d = detail::map_head_check<T>("map_head_forward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(y, Shape{B, D}, "map_head_forward: y");
-  cache.start_forward(w.probe, B, D, M);
-  cpu::attention_forward<T>(w.attn, heads, cache.query.cview(), x, key_mask, cache.u.view(), cache.attn, prec);
+  if (cache.inference) {
+    // (the query's shape: one row per example, as the standard path repeats the probe)
+    detail::attention_check<T>("map_head_forward", w.attn, heads, CView<T>(x.data(), Shape{B, 1, D}), x, key_mask);
+    cache.size_forward(B, D, M);
+    cache.attn.ctx.resize(Shape{B, 1, D});
+    cache.attn.drop_bf16_copies();
+    detail::map_attention_folded<T>(w.attn, heads, w.probe, x, key_mask, cache.u.view().reshape(Shape{B, D}), cache);
+  } else {
+    cache.start_forward(w.probe, B, D, M);
+    cpu::attention_forward<T>(w.attn, heads, cache.query.cview(), x, key_mask, cache.u.view(), cache.attn, prec);
+  }
   const CView<T> u = cache.u.cview().reshape(Shape{B, D});  // [B, D]
   cpu::layernorm_forward<T>(u, w.ln_g, w.ln_b, ln_eps, cache.ln.view(), cache.mean.view(), cache.rstd.view());
   cpu::linear_forward<T>(cache.ln.cview(), w.fc1_w, w.fc1_b, cache.h.view(), prec);
@@ -114,6 +191,8 @@ void map_head_backward(const MapHeadWeights<T>& w, int heads, GeluKind gelu, CVi
   const auto d = detail::map_head_check<T>("map_head_backward", w, x);
   const index_t B = d.B, D = d.D, M = d.M;
   expect_shape(dy, Shape{B, D}, "map_head_backward: dy");
+  LIMOE_CHECK(!cache.inference, "map_head_backward: the cache was filled by an inference forward "
+              "(MapHeadCache::inference), which keeps nothing for a backward pass; run the forward with it false");
   LIMOE_CHECK(cache.h.shape() == (Shape{B, M}) && cache.u.shape() == (Shape{B, 1, D}),
               "map_head_backward: the cache holds h ", cache.h.shape().str(), " and u ", cache.u.shape().str(),
               ", expected [", B, ", ", M, "] and [", B, ", 1, ", D, "]; run map_head_forward with these inputs first");

@@ -95,6 +95,11 @@ struct MapHeadCache {
   Tensor<T, S> h, a;             // [B, M] fc1 output before / after GELU
   AttentionCache<T, S> attn;
   Tensor<T, S> da, dln, du, dquery;  // [B, M], [B, D], [B, 1, D], [B, 1, D] backward scratch
+  // true: the forward computes y only, and no backward may follow (an evaluation forward: Limoe sets it). The
+  // CPU backend then folds the probe's query into the key and value weights (cpu::map_head_forward): the
+  // attention reads the tokens twice, in products of H columns, instead of projecting every token to k and v.
+  bool inference = false;
+  Tensor<T, S> fold, scores, mixed;  // inference scratch: [H + 1, D] (q Wk per head, then q), [B N, H], [B, H, D]
 
   // Sizes what a forward fills (every backend's forward; the layout is written once).
   void size_forward(index_t B, index_t D, index_t M) {
