@@ -116,6 +116,52 @@ TEST_CASE("an activation rounded once per op: found by the policy, the same bits
   set_num_threads(0);
 }
 
+TEST_CASE("a product written as bf16 (gemm_mixed_bias_bf16): the bits of the fp32 product rounded by to_bf16") {
+  // Under one policy the fp32 product (gemm_mixed_bias) and the bf16-output one run the same kernel on the same
+  // blocks, so rounding in oneDNN's epilogue (or in the scratch fallback) must give to_bf16's bits exactly; with
+  // a bias and without, the weight as it lies and packed once (a store: N K >= 2^19, M N K >= 2^26), an output
+  // wider than its columns (ldc), 1 and 2 threads.
+  struct Case {
+    index_t M, N, K;
+  };
+  for (const Case sh : {Case{7, 40, 24}, Case{300, 96, 64}, Case{1024, 1024, 512}}) {
+    const index_t M = sh.M, N = sh.N, K = sh.K, ldc = N + 3;
+    auto A = randf(Shape{M, K}, 5 + M), W = randf(Shape{N, K}, 6 + N, 0.2), b = randf(Shape{N}, 7);
+    std::vector<bf16_bits> W16(static_cast<std::size_t>(W.numel()));
+    to_bf16(W.data(), W.numel(), W16.data());
+    for (bool packed : {false, true})
+      for (bool bias : {false, true})
+        for (int threads : {1, 2}) {
+          CAPTURE(M);
+          CAPTURE(packed);
+          CAPTURE(bias);
+          CAPTURE(threads);
+          set_num_threads(threads);
+          PackedWeights store;
+          Bf16Mixed prec;
+          if (packed) prec.weights = Bf16Copies{W.data(), W.numel(), W16.data(), &store};
+          Tensor<float> C(Shape{M, ldc});
+          C.zero();
+          std::vector<bf16_bits> C16(static_cast<std::size_t>(M * ldc), bf16_bits{0x7fc1});
+          const float* bp = bias ? b.data() : nullptr;
+          if (bias)
+            gemm_mixed_bias<float>(prec, Trans::N, Trans::T, M, N, K, A.data(), K, W.data(), K, bp, C.data(), ldc);
+          else
+            gemm_mixed<float>(prec, Trans::N, Trans::T, M, N, K, 1.0f, A.data(), K, W.data(), K, 0.0f, C.data(), ldc);
+          gemm_mixed_bias_bf16(prec, Trans::N, Trans::T, M, N, K, A.data(), K, W.data(), K, bp, C16.data(), ldc);
+          index_t wrong = 0, touched = 0;
+          for (index_t r = 0; r < M; ++r) {
+            for (index_t c = 0; c < N; ++c) wrong += C16[static_cast<std::size_t>(r * ldc + c)] != to_bf16(C[r * ldc + c]);
+            for (index_t c = N; c < ldc; ++c) touched += C16[static_cast<std::size_t>(r * ldc + c)] != 0x7fc1;
+          }
+          CHECK(wrong == 0);
+          CHECK(touched == 0);  // the columns past N are the caller's
+          if (packed && M * N * K >= (index_t{1} << 26)) CHECK(store.made() > 0);
+        }
+  }
+  set_num_threads(0);
+}
+
 TEST_CASE("mixed products agree with the double product of the bf16-rounded operands") {
   struct Shape3 {
     index_t M, N, K;

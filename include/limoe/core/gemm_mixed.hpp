@@ -119,14 +119,18 @@ dnnl::primitive_attr dnnl_scale_attr(float alpha, float beta) {
 // With a bias (a row of N floats, alpha 1, beta 0), oneDNN adds it to the accumulator in the kernel's epilogue:
 // C = op(A) op(B) + bias written once, where seeding C with the bias and accumulating into it (beta 1) costs a
 // pass over C and a read of it inside the product.
+//
+// With C16 (then beta must be 0), the result is written as bf16 into C16 (leading dimension ldc) and C is not
+// used: oneDNN rounds in its epilogue (to nearest even, as to_bf16 does; its instruction reads a denormal
+// result as zero, the one place where the bits can differ from to_bf16's).
 template <class = void>
 void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                            index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc,
-                           const float* bias = nullptr) {
+                           const float* bias = nullptr, bf16_bits* C16 = nullptr) {
   using dt = dnnl::memory::data_type;
   using dims = dnnl::memory::dims;
-  using Key = DnnlKey<9>;
-  using Hash = DnnlKeyHash<9>;
+  using Key = DnnlKey<10>;
+  using Hash = DnnlKeyHash<10>;
   DnnlContext& ctx = DnnlContext::get();
   thread_local dnnl::stream stream(ctx.engine);
   // An empty entry under the run-time key: oneDNN has only its reference kernel for that, use exact shapes.
@@ -136,7 +140,7 @@ void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float a
     return dnnl::memory::desc(dims{m, k}, dt::bf16, ta == Trans::N ? dims{lda, 1} : dims{1, lda});
   };
   auto b_desc = [&](index_t k) { return dnnl::memory::desc(dims{k, N}, dt::bf16, tb == Trans::N ? dims{ldb, 1} : dims{1, ldb}); };
-  auto c_desc = [&](index_t m) { return dnnl::memory::desc(dims{m, N}, dt::f32, dims{ldc, 1}); };
+  auto c_desc = [&](index_t m) { return dnnl::memory::desc(dims{m, N}, C16 ? dt::bf16 : dt::f32, dims{ldc, 1}); };
   const dnnl::memory::desc bias_desc(dims{1, N}, dt::f32, dims{N, 1});
   auto make = [&](index_t m, index_t k) {
     return dnnl::matmul::primitive_desc(bias ? dnnl::matmul::desc(a_desc(m, k), b_desc(k), bias_desc, c_desc(m))
@@ -144,7 +148,8 @@ void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float a
                                         dnnl_scale_attr(alpha, beta), ctx.engine);
   };
   // Runtime M and K (key -1, -1) where that has a real kernel; else the exact shape.
-  Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), -1, N, -1, lda, ldb, ldc, bias != nullptr}, alpha, beta};
+  Key key{{static_cast<index_t>(ta), static_cast<index_t>(tb), -1, N, -1, lda, ldb, ldc, bias != nullptr, C16 != nullptr},
+          alpha, beta};
   auto it = cache.find(key);
   if (it == cache.end()) {
     if (cache.size() >= 512) cache.clear();  // shapes of another model: start again
@@ -158,7 +163,7 @@ void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float a
     if (it == cache.end()) it = cache.emplace(key, dnnl::matmul(make(M, K))).first;
   }
   const dnnl::memory a(a_desc(M, K), ctx.engine, const_cast<bf16_bits*>(A)),
-      b(b_desc(K), ctx.engine, const_cast<bf16_bits*>(B)), c(c_desc(M), ctx.engine, C);
+      b(b_desc(K), ctx.engine, const_cast<bf16_bits*>(B)), c(c_desc(M), ctx.engine, C16 ? static_cast<void*>(C16) : C);
   if (bias) {
     const dnnl::memory bm(bias_desc, ctx.engine, const_cast<float*>(bias));
     it->second->execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_BIAS, bm}, {DNNL_ARG_DST, c}});
@@ -178,14 +183,16 @@ void gemm_bf16_dnnl(Trans ta, Trans tb, index_t M, index_t N, index_t K, float a
 // kernel that packs B inside every call. A shape is compiled on its first call on a thread (0.27 ms measured
 // for a [M, 768] x [768, 3072] product, against 4.6 ms for that product at M = 196), and kept. Returns false,
 // computing nothing, where oneDNN offers no brgemm kernel for it or chooses another layout than the copy's.
+// With C16 (bf16 operands, beta 0), the result is written as bf16 there instead of C (gemm_bf16_dnnl's C16).
 template <class E>
 bool gemm_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, const E* A, index_t lda, const E* W,
-                      index_t ldb, float beta, float* C, index_t ldc, const float* bias, PackedWeights& store) {
+                      index_t ldb, float beta, float* C, index_t ldc, const float* bias, PackedWeights& store,
+                      bf16_bits* C16 = nullptr) {
   static_assert(std::is_same_v<E, bf16_bits> || std::is_same_v<E, float>);
   using dt = dnnl::memory::data_type;
   constexpr dt kIn = std::is_same_v<E, float> ? dt::f32 : dt::bf16;
   using dims = dnnl::memory::dims;
-  using Key = DnnlKey<7>;
+  using Key = DnnlKey<8>;
   struct Prim {
     dnnl::matmul matmul;
     dnnl::memory::desc weights;
@@ -200,11 +207,11 @@ bool gemm_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, co
     std::optional<Prim> prim;
     std::uint64_t used = 0;
   };
-  thread_local std::unordered_map<Key, Entry, DnnlKeyHash<7>> cache;
+  thread_local std::unordered_map<Key, Entry, DnnlKeyHash<8>> cache;
   thread_local std::uint64_t clock = 0;
   dnnl_single_thread();
   const dnnl::memory::desc a_desc(dims{M, K}, kIn, ta == Trans::N ? dims{lda, 1} : dims{1, lda}),
-      c_desc(dims{M, N}, dt::f32, dims{ldc, 1}), bias_desc(dims{1, N}, dt::f32, dims{N, 1}),
+      c_desc(dims{M, N}, C16 ? dt::bf16 : dt::f32, dims{ldc, 1}), bias_desc(dims{1, N}, dt::f32, dims{N, 1}),
       any_desc(dims{K, N}, kIn, dnnl::memory::format_tag::any);
   auto make_pd = [&] {
     return dnnl::matmul::primitive_desc(bias ? dnnl::matmul::desc(a_desc, any_desc, bias_desc, c_desc)
@@ -241,7 +248,7 @@ bool gemm_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, co
   });
   const auto& packed = *static_cast<const Packed*>(entry.get());
   if (!packed.ok) return false;
-  const Key key{{static_cast<index_t>(ta), M, N, K, lda, ldc, bias != nullptr}, alpha, beta};
+  const Key key{{static_cast<index_t>(ta), M, N, K, lda, ldc, bias != nullptr, C16 != nullptr}, alpha, beta};
   auto it = cache.find(key);
   if (it == cache.end()) {
     if (cache.size() >= 256) {
@@ -259,7 +266,8 @@ bool gemm_dnnl_packed(Trans ta, index_t M, index_t N, index_t K, float alpha, co
   it->second.used = ++clock;
   if (!it->second.prim || !(packed.desc == it->second.prim->weights)) return false;
   const Prim& prim = *it->second.prim;
-  const dnnl::memory a(a_desc, ctx.engine, const_cast<E*>(A)), c(c_desc, ctx.engine, C);
+  const dnnl::memory a(a_desc, ctx.engine, const_cast<E*>(A)),
+      c(c_desc, ctx.engine, C16 ? static_cast<void*>(C16) : C);
   if (bias) {
     const dnnl::memory bm(bias_desc, ctx.engine, const_cast<float*>(bias));
     prim.matmul.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, packed.mem}, {DNNL_ARG_BIAS, bm}, {DNNL_ARG_DST, c}});
@@ -343,13 +351,44 @@ std::string bf16_kernel_name() {
 // and beta 0): C = op(A) op(B) + bias, the bias added in oneDNN's epilogue, or C seeded with it and accumulated
 // into where oneDNN does not run the product. `packed`: B is a mirror's weight and its packed copies are kept
 // there (gemm_dnnl_packed; the forward products, tb = T).
+//
+// With C16 (then beta must be 0), the result is written rounded to bf16 into C16 (leading dimension ldc) and C
+// is not used: by oneDNN's epilogue where oneDNN runs the product, else computed into scratch and rounded by
+// to_bf16 (the same bits for every result that is not a denormal: gemm_bf16_dnnl).
 template <class = void>
 void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float alpha, const bf16_bits* A,
                              index_t lda, const bf16_bits* B, index_t ldb, float beta, float* C, index_t ldc,
-                             const float* bias = nullptr, PackedWeights* packed = nullptr) {
+                             const float* bias = nullptr, PackedWeights* packed = nullptr, bf16_bits* C16 = nullptr) {
   (void)packed;
   if (M == 0 || N == 0) return;
   LIMOE_CHECK(!bias || (alpha == 1.0f && beta == 0.0f), "gemm_bf16_serial: a bias needs alpha 1 and beta 0");
+  LIMOE_CHECK(!C16 || beta == 0.0f, "gemm_bf16_serial: a bf16 result needs beta 0");
+  if (C16) {
+#if defined(LIMOE_HAVE_DNNL)
+    // AMX's tile kernel writes fp32 (the scratch below); elsewhere oneDNN's epilogue rounds.
+    const bool amx_tiles = packed && ta == Trans::N && amx::eligible(N, K) && amx::available();
+    if (!amx_tiles && K > 0 && DnnlContext::get().fast &&
+        static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 4096.0) {
+      try {
+        if (packed && tb == Trans::T && DnnlContext::get().brgemm && worth_packing(M, N, K)) {
+          try {
+            if (gemm_dnnl_packed(ta, M, N, K, alpha, A, lda, B, ldb, 0.0f, nullptr, ldc, bias, *packed, C16)) return;
+          } catch (const dnnl::error&) {
+            // Refused: the run-time shape kernel below.
+          }
+        }
+        gemm_bf16_dnnl(ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, nullptr, ldc, bias, C16);
+        return;
+      } catch (const dnnl::error&) {
+        // Refused: the scratch below.
+      }
+    }
+#endif
+    ScratchLease<float> out(M * N);
+    gemm_bf16_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, out.data(), N, bias, packed);
+    for (index_t r = 0; r < M; ++r) to_bf16(out.data() + r * N, N, C16 + r * ldc);
+    return;
+  }
   // A mirror's weight on a processor with AMX: the tile kernel over the weight's packed copy (core/amx.hpp),
   // packed on its first use after the weights changed; read as W^T (a forward product) or as it lies (an input
   // gradient), each its own copy.
@@ -609,6 +648,25 @@ void gemm_mixed_bias(const P& prec, Trans ta, Trans tb, index_t M, index_t N, in
           detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, 1.0f, a + detail::a_offset(ta, m0, lda), lda,
                                    b + detail::b_offset(tb, n0, ldb), ldb, 0.0f, C + m0 * ldc + n0, ldc, bias + n0,
                                    packed);
+        });
+      });
+}
+
+// C16[M, N] = op(A) op(B) + bias (bias may be nullptr), rounded to bf16 (leading dimension ldc): a layer's
+// product under Bf16Mixed whose output only bf16 products read (attention's q, k and v), written once as bf16
+// rather than in fp32 and then rounded in a pass of its own. Split as gemm_mixed_bias splits; the rounding is
+// gemm_bf16_serial's (C16).
+template <class = void>
+void gemm_mixed_bias_bf16(const Bf16Mixed& prec, Trans ta, Trans tb, index_t M, index_t N, index_t K,
+                          const float* A, index_t lda, const float* B, index_t ldb, const float* bias, bf16_bits* C16,
+                          index_t ldc) {
+  detail::mixed_product<float>(
+      prec, true, ta, tb, M, N, K, A, lda, B, ldb, [](PackedWeights*) {},
+      [&](const auto* a, const auto* b, PackedWeights* packed) {
+        detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+          detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, 1.0f, a + detail::a_offset(ta, m0, lda), lda,
+                                   b + detail::b_offset(tb, n0, ldb), ldb, 0.0f, nullptr, ldc,
+                                   bias ? bias + n0 : nullptr, packed, C16 + m0 * ldc + n0);
         });
       });
 }

@@ -261,9 +261,10 @@ struct DpHeads {
 // cache.probs; the softmax of the image's rows and their rounding in one pass each, as the oneDNN path does;
 // then ctx_h = P_h v_h for each head. The same arithmetic as the batched oneDNN products (bf16 operands, fp32
 // sums), in the kernel's order.
+// `rounded`: q16, k16 and v16 already hold q, k and v (the projections wrote them), else they are rounded here.
 template <class Kernel>
 void attention_heads_forward_packed(const AttentionDims& d, CView<std::uint8_t> key_mask,
-                                    AttentionCache<float>& cache, float scale) {
+                                    AttentionCache<float>& cache, float scale, bool rounded) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   bf16_bits* q = cache.q16.data();
   bf16_bits* k = cache.k16.data();
@@ -276,9 +277,11 @@ void attention_heads_forward_packed(const AttentionDims& d, CView<std::uint8_t> 
       const std::uint8_t* m = key_mask.empty() ? nullptr : key_mask.data() + b * Nk;
       // The image's q, k, v rounded here, so that the kernel reads them from cache (a pass over all images first
       // left them in memory by the time each image's heads came to read them).
-      to_bf16(cache.q.data() + b * Nq * D, Nq * D, q + b * Nq * D);
-      to_bf16(cache.k.data() + b * Nk * D, Nk * D, k + b * Nk * D);
-      to_bf16(cache.v.data() + b * Nk * D, Nk * D, v + b * Nk * D);
+      if (!rounded) {
+        to_bf16(cache.q.data() + b * Nq * D, Nq * D, q + b * Nq * D);
+        to_bf16(cache.k.data() + b * Nk * D, Nk * D, k + b * Nk * D);
+        to_bf16(cache.v.data() + b * Nk * D, Nk * D, v + b * Nk * D);
+      }
       kernel.image(Nq, Nk, H, Dh, q + b * Nq * D, k + b * Nk * D, v + b * Nk * D, D);
       for (index_t h = 0; h < H; ++h) kernel.scores(h, P + h * Nq * Nk);
       softmax_rows_vec(P, P, H * Nq, Nk, scale, m);
@@ -293,8 +296,11 @@ void attention_heads_forward_packed(const AttentionDims& d, CView<std::uint8_t> 
 // of an image); the softmax and its backward stay fp32 on fp32 scores. q, k, v are rounded once per forward over
 // the thread pool, the probabilities once per image; the forward keeps them (cache.q16 .. probs16) for the
 // backward. Work items are images, so results do not depend on the thread count.
+// `rounded`: the projections wrote q16, k16 and v16 (sized as q, k, v) and left q, k, v unwritten; else q, k and
+// v are rounded here.
 template <class = void>
-void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> key_mask, AttentionCache<float>& cache) {
+void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> key_mask, AttentionCache<float>& cache,
+                                  bool rounded = false) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   const float scale = detail::attention_scale<float>(d);
   profile::Region<HostSpace> heads_region("heads");
@@ -303,10 +309,13 @@ void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> ke
   cache.probs16.resize(cache.probs.shape());
   // limoe's own kernels round each image's q, k, v in its job (attention_heads_forward_packed), oneDNN's path all
   // of them first.
-  if (Dh % 32 == 0 && amx::available()) return attention_heads_forward_packed<AmxHeads>(d, key_mask, cache, scale);
-  if (Dh % 16 == 0 && dpbf16::available()) return attention_heads_forward_packed<DpHeads>(d, key_mask, cache, scale);
-  for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}})
-    to_bf16_parallel(src->data(), src->numel(), dst->data());
+  if (Dh % 32 == 0 && amx::available())
+    return attention_heads_forward_packed<AmxHeads>(d, key_mask, cache, scale, rounded);
+  if (Dh % 16 == 0 && dpbf16::available())
+    return attention_heads_forward_packed<DpHeads>(d, key_mask, cache, scale, rounded);
+  if (!rounded)
+    for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}})
+      to_bf16_parallel(src->data(), src->numel(), dst->data());
   const bf16_bits* q = cache.q16.data();
   const bf16_bits* k = cache.k16.data();
   const bf16_bits* v = cache.v16.data();
@@ -381,17 +390,30 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
   expect_shape(y, xq.shape(), "attention_forward: y");
   cache.size_forward(d.B, d.Nq, d.Nk, d.D, d.H);
   // Projections: one threaded product each over all rows; under bf16 xkv (xq too, for self-attention) rounded
-  // once for the three of them.
-  {
-    const RoundedOnce<T, Prec> x16(prec, xkv.data(), xkv.numel());
-    cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), x16.prec());
-    cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), x16.prec());
-    cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), x16.prec());
-  }
+  // once for the three of them, and q, k, v written as bf16 by the products themselves (the heads' products and
+  // the backward read only those copies; cache.q, k, v stay unwritten): no fp32 write, read and rounding pass.
   if constexpr (Prec::mixed) {
     static_assert(std::is_same_v<T, float>, "attention_forward: the bf16 policy computes in float");
-    detail::attention_heads_forward_bf16(d, key_mask, cache);
+    for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}})
+      dst->resize(src->shape());
+    {
+      const RoundedOnce<T, Prec> x16(prec, xkv.data(), xkv.numel());
+      auto project = [&](CView<T> x, CView<T> W, CView<T> b, bf16_bits* out) {
+        gemm_mixed_bias_bf16(x16.prec(), Trans::N, Trans::T, x.numel() / d.D, d.D, d.D, x.data(), d.D, W.data(), d.D,
+                             b.empty() ? nullptr : b.data(), out, d.D);
+      };
+      project(xq, w.wq, w.bq, cache.q16.data());
+      project(xkv, w.wk, w.bk, cache.k16.data());
+      project(xkv, w.wv, w.bv, cache.v16.data());
+    }
+    detail::attention_heads_forward_bf16(d, key_mask, cache, true);
   } else {
+    {
+      const RoundedOnce<T, Prec> x16(prec, xkv.data(), xkv.numel());
+      cpu::linear_forward<T>(xq, w.wq, w.bq, cache.q.view(), x16.prec());
+      cpu::linear_forward<T>(xkv, w.wk, w.bk, cache.k.view(), x16.prec());
+      cpu::linear_forward<T>(xkv, w.wv, w.bv, cache.v.view(), x16.prec());
+    }
     cache.drop_bf16_copies();
     detail::attention_heads_forward_fp32<T>(d, key_mask, cache);
   }

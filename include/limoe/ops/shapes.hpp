@@ -50,7 +50,8 @@ struct AttentionCache {
   Tensor<T, S> dscores;           // [chunks, Nq, Nk] one score gradient per parallel chunk
   // Under a mixed precision policy (core/precision.hpp) the per-head products read bf16 operands: the forward
   // keeps q, k, v and the probabilities rounded once (as the backward reads them too); the backward rounds dctx
-  // and the score gradients into the last two. Empty under fp32.
+  // and the score gradients into the last two. Empty under fp32. The CPU backend's projections write q16, k16,
+  // v16 directly under a mixed policy and leave q, k, v (sized) unwritten: nothing reads them there.
   Tensor<std::uint16_t, S> q16, k16, v16, probs16;  // shapes of q, k, v, probs
   Tensor<std::uint16_t, S> dctx16, dscores16;       // shapes of dctx, dscores
 
