@@ -999,6 +999,24 @@ TEST_CASE("small contracts: bench --config FILE.json by bare name, an integer pa
       if (pass == 1) CHECK(std::count(e.err.begin(), e.err.end(), '\n') == 1);
     }
   }
+  // --packed-weights off: the products pack inside every call and keep no copy; the same embeddings within
+  // float's sums in another order, a peak memory no larger, and a clear refusal of any other value
+  {
+    const std::string ck = kGolden + "tiny_map.ckpt.safetensors", in = kGolden + "tiny_map.io.safetensors";
+    const fs::path on = d / "pw_on.safetensors", off = d / "pw_off.safetensors";
+    REQUIRE(run("embed --checkpoint " + ck + " --input " + in + " --output " + on.string()).code == 0);
+    const Run r = run("embed --checkpoint " + ck + " --input " + in + " --output " + off.string() + " --packed-weights off");
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    const auto a = io::SafetensorsReader::open(on.string()).read_f32_flat("img_emb");
+    const auto b = io::SafetensorsReader::open(off.string()).read_f32_flat("img_emb");
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i] - b[i]) < 1e-5f);
+    expect_failure("embed --checkpoint " + ck + " --input " + in + " --output " + (d / "pw_x.safetensors").string() +
+                   " --packed-weights maybe", "--packed-weights must be on or off, got \"maybe\"");
+    const Run bo = run("bench --workload embed --config tiny --batch 2 --repeats 1 --warmup 0 --threads 1 --packed-weights off");
+    REQUIRE_MESSAGE(bo.code == 0, bo.err);
+    CHECK(nlohmann::json::parse(bo.out)["packed_weights"] == false);
+  }
   // gemm times B as it lies and packed once, and reports the faster of the two as its rate
   for (const char* prec : {"fp32", "bf16"}) {
     const Run g = run(std::string("bench --workload gemm --width 64 --tokens 128 --repeats 3 --warmup 0 --threads 1 "

@@ -151,12 +151,17 @@ struct Register {
 // --device and --precision, accepted by every sub-command that runs a model (docs/cli.md). --device cuda runs
 // the model on the CUDA backend (fp32) when the program was built with the CUDA part and a GPU is there; else
 // it is refused with one line saying which, never silently ignored.
-inline const std::set<std::string> kBackendOptions = {"device", "precision"};
+// --packed-weights on|off: whether evaluation forwards keep the large weights packed for the product kernels
+// (Limoe::set_keep_packed_weights; on by default): faster, and up to the size of those weights again in memory.
+inline const std::set<std::string> kBackendOptions = {"device", "precision", "packed-weights"};
 #define LIMOE_CLI_BACKEND_HELP                                                                \
   "  --device cpu|cuda    the backend (default cpu); cuda: the whole model on the GPU\n" \
   "  --precision P        fp32 (default) or bf16: the matrix products (attention's included) read bf16\n" \
   "                       operands and accumulate in fp32; routing, softmax, losses and the checkpoint\n" \
-  "                       stay fp32 (docs/precision.md)\n"
+  "                       stay fp32 (docs/precision.md)\n" \
+  "  --packed-weights on|off  on (default): evaluation forwards keep the large weights packed for the\n" \
+  "                       product kernels, faster, at up to their size again in memory (the CPU); off:\n" \
+  "                       every product packs inside the call and no copy is kept\n"
 
 // The processes of this run (main.cpp): MPI's world when the program was built with MPI and started by an MPI
 // launcher (mpirun), else one process. Only `train` uses more than one rank; the other commands refuse to run
@@ -177,6 +182,7 @@ inline void require_one_rank(const std::string& command) {
 struct BackendChoice {
   bool cuda = false;
   PrecisionKind precision = PrecisionKind::Fp32;
+  bool packed_weights = true;  // --packed-weights
 };
 
 // Checks --device and --precision (the GPU itself is checked when a model is made: cli::with_model).
@@ -188,7 +194,9 @@ inline BackendChoice check_backend(const Args& args) {
   LIMOE_CHECK(device == "cpu", "--device cuda: this limoe was built without the CUDA part (no CUDA toolkit at "
               "configure time, or LIMOE_CUDA=OFF); use --device cpu");
 #endif
-  return {device == "cuda", parse_precision(precision)};
+  const std::string packed = args.str("packed-weights", "on");
+  LIMOE_CHECK(packed == "on" || packed == "off", "--packed-weights must be on or off, got \"", packed, "\"");
+  return {device == "cuda", parse_precision(precision), packed == "on"};
 }
 
 }  // namespace limoe::cli

@@ -169,6 +169,7 @@ struct Params {
   int experts = 8, top_k = 1, repeats = 5, warmup = 1;
   double capacity_factor = 1.0;
   bool backward = false, grad_overlap = true;
+  bool packed_weights = true;  // --packed-weights (the model workloads)
   bool has_width = false, has_experts = false, has_top_k = false, has_cf = false;
 };
 
@@ -406,6 +407,7 @@ json embed(const Params& p) {
   const ModelConfig c = model_config(p, false);
   Model model(c);
   model.init(kSeed);
+  model.set_keep_packed_weights(p.packed_weights);
   const index_t B = p.batch;
   Tensor<float> images(Shape{B, c.image_size[0], c.image_size[1], c.channels});  // [B, H, W, C] in [-1, 1]
   fill_uniform(images.view(), Rng(kSeed).derive(7), -1.0, 1.0);
@@ -434,6 +436,7 @@ json train_step(const Params& p) {
   const ModelConfig c = model_config(p, true);
   Model model(c);
   model.init(kSeed);
+  model.set_keep_packed_weights(p.packed_weights);
   TrainConfig tc;
   tc.steps = 1000;
   tc.warmup_steps = 10;
@@ -496,7 +499,7 @@ json train_step(const Params& p) {
 int run(const std::vector<std::string>& argv) {
   cli::Args args(argv,
                  {"workload", "config", "width", "tokens", "experts", "top-k", "capacity-factor", "batch", "threads",
-                  "repeats", "warmup", "device", "precision"},
+                  "repeats", "warmup", "device", "precision", "packed-weights"},
                  {"backward", "no-grad-overlap", "profile"}, "bench");
   const cli::BackendChoice backend = cli::check_backend(args);
   const PrecisionKind precision = backend.precision;
@@ -505,6 +508,7 @@ int run(const std::vector<std::string>& argv) {
   Params p;
   p.workload = args.required("workload");
   p.precision = precision;
+  p.packed_weights = backend.packed_weights;
   const std::vector<std::string> known{"moe_layer", "dense_mlp", "gemm", "embed", "train_step"};
   LIMOE_CHECK(std::find(known.begin(), known.end(), p.workload) != known.end(), "unknown --workload \"", p.workload,
               "\"; expected one of moe_layer, dense_mlp, gemm, embed, train_step");
@@ -577,6 +581,7 @@ int run(const std::vector<std::string>& argv) {
   out["gflops"] = gflops;
   out["threads"] = num_threads();
   out["precision"] = precision_name(precision);
+  out["packed_weights"] = p.packed_weights;
   out["device"] = backend.cuda ? "cuda" : "cpu";
   // Parameters used (for embed/train_step: the model's; --tokens is then the tokens of one batch).
   out["width"] = j.contains("width") ? j["width"] : json(p.width);

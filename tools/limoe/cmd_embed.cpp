@@ -16,7 +16,8 @@ namespace {
 using namespace limoe;
 
 int run(const std::vector<std::string>& argv) {
-  cli::Args args(argv, {"checkpoint", "input", "output", "capacity-factor", "group-size", "threads", "device", "precision"},
+  cli::Args args(argv, {"checkpoint", "input", "output", "capacity-factor", "group-size", "threads", "device", "precision",
+                        "packed-weights"},
                  {}, "embed");
   cli::require_one_rank("embed");
   const cli::BackendChoice backend = cli::check_backend(args);
@@ -48,6 +49,7 @@ int run(const std::vector<std::string>& argv) {
   return cli::with_model(backend, [&]<class Model>() -> int {
   Model model(cfg);
   load_weights(model, reader);
+  model.set_keep_packed_weights(backend.packed_weights);
 
   const auto input = io::SafetensorsReader::open(in);
   LIMOE_CHECK(input.has("images") || input.has("texts"), "input '", in,

@@ -89,6 +89,7 @@ int run(const std::vector<std::string>& argv) {
   return cli::with_model(backend, [&]<class Model>() -> int {
   auto loaded = cli::load_model<Model>(args.required("checkpoint"));
   auto& model = *loaded.model;
+  model.set_keep_packed_weights(backend.packed_weights);
   const auto& cfg = model.config();
   const auto src = cli::data_source(args, cfg, loaded.trained_on(), true);
   const data::AnyDataset test = data::open_dataset(src, data::Split::test);

@@ -113,6 +113,7 @@ int run(const std::vector<std::string>& argv) {
   return cli::with_model(backend, [&]<class Model>() -> int {
   auto loaded = cli::load_model<Model>(ckpt);
   auto& model = *loaded.model;
+  model.set_keep_packed_weights(backend.packed_weights);
   const auto& cfg = model.config();
   // Drop rates as training sees them: the training capacity factor (an argument of each forward), no noise.
   const double cf = args.number("capacity-factor", cfg.router.capacity_factor_train, 0.0);  // 0: no drop

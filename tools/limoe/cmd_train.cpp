@@ -241,6 +241,7 @@ int run(const std::vector<std::string>& argv) {
               "': its train_state records no \"seed\"; give the run's --seed");
   const std::uint64_t seed = static_cast<std::uint64_t>(args.integer("seed", prior_or("seed", 0LL), 0));
   if (resume) load_weights(model, *resume); else model.init(seed);
+  model.set_keep_packed_weights(backend.packed_weights);  // the held-out passes are evaluation forwards
   model.set_noise_seed(Rng(seed).derive(0x4e015e).seed());
   Trainer<Model, dist::AnyComm> trainer(model, tc, std::move(comm));
 #if defined(LIMOE_CLI_NCCL)
