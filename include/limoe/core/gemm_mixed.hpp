@@ -363,37 +363,12 @@ void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float
   if (M == 0 || N == 0) return;
   LIMOE_CHECK(!bias || (alpha == 1.0f && beta == 0.0f), "gemm_bf16_serial: a bias needs alpha 1 and beta 0");
   LIMOE_CHECK(!C16 || beta == 0.0f, "gemm_bf16_serial: a bf16 result needs beta 0");
-  if (C16) {
-#if defined(LIMOE_HAVE_DNNL)
-    // AMX's tile kernel writes fp32 (the scratch below); elsewhere oneDNN's epilogue rounds.
-    const bool amx_tiles = packed && ta == Trans::N && amx::eligible(N, K) && amx::available();
-    if (!amx_tiles && K > 0 && DnnlContext::get().fast &&
-        static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 4096.0) {
-      try {
-        if (packed && tb == Trans::T && DnnlContext::get().brgemm && worth_packing(M, N, K)) {
-          try {
-            if (gemm_dnnl_packed(ta, M, N, K, alpha, A, lda, B, ldb, 0.0f, nullptr, ldc, bias, *packed, C16)) return;
-          } catch (const dnnl::error&) {
-            // Refused: the run-time shape kernel below.
-          }
-        }
-        gemm_bf16_dnnl(ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, nullptr, ldc, bias, C16);
-        return;
-      } catch (const dnnl::error&) {
-        // Refused: the scratch below.
-      }
-    }
-#endif
-    ScratchLease<float> out(M * N);
-    gemm_bf16_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, out.data(), N, bias, packed);
-    for (index_t r = 0; r < M; ++r) to_bf16(out.data() + r * N, N, C16 + r * ldc);
-    return;
-  }
   // A mirror's weight on a processor with AMX: the tile kernel over the weight's packed copy (core/amx.hpp),
   // packed on its first use after the weights changed; read as W^T (a forward product) or as it lies (an input
-  // gradient), each its own copy.
-  if (packed && ta == Trans::N && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && amx::eligible(N, K) &&
-      amx::available()) {
+  // gradient), each its own copy. It writes fp32: a bf16 result takes the scratch below.
+  const bool amx_tiles = packed && ta == Trans::N && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) &&
+                         amx::eligible(N, K) && amx::available();
+  if (amx_tiles && !C16) {
     const int layout = tb == Trans::T ? 1 : 2;
     const auto entry = packed->get(PackedWeights::Key{B, N, K, ldb, layout}, [&]() -> std::shared_ptr<const void> {
       return std::make_shared<amx::PackedB>(tb == Trans::T ? amx::pack(B, N, K, ldb) : amx::pack_rows(B, K, N, ldb));
@@ -402,23 +377,29 @@ void gemm_bf16_serial(Trans ta, Trans tb, index_t M, index_t N, index_t K, float
     return;
   }
 #if defined(LIMOE_HAVE_DNNL)
-  if (K > 0 && DnnlContext::get().fast &&
+  if (!amx_tiles && K > 0 && DnnlContext::get().fast &&
       static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >= 4096.0) {
     try {
       if (packed && tb == Trans::T && DnnlContext::get().brgemm && worth_packing(M, N, K)) {
         try {
-          if (gemm_dnnl_packed(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, *packed)) return;
+          if (gemm_dnnl_packed(ta, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, *packed, C16)) return;
         } catch (const dnnl::error&) {
           // Refused (it never half-computes): the run-time shape kernel below.
         }
       }
-      gemm_bf16_dnnl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
+      gemm_bf16_dnnl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, C16);
       return;
     } catch (const dnnl::error&) {
       // A layout this oneDNN does not take (it refuses, it never half-computes): the fallback below.
     }
   }
 #endif
+  if (C16) {  // the fp32 result in scratch (AMX's tiles or the fallback below), then rounded
+    ScratchLease<float> out(M * N);
+    gemm_bf16_serial(ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, out.data(), N, bias, packed);
+    for (index_t r = 0; r < M; ++r) to_bf16(out.data() + r * N, N, C16 + r * ldc);
+    return;
+  }
   if (bias) {
     seed_rows(C, M, N, ldc, bias);
     beta = 1.0f;
@@ -522,6 +503,19 @@ inline const bf16_bits* bf16_operand(const Bf16Mixed& prec, const float* X, inde
   if (threaded) to_bf16_parallel(X, n, lease.data());
   else to_bf16(X, n, lease.data());
   return lease.data();
+}
+
+// op(A) op(B) + bias (bias may be nullptr) over bf16 operands, split as gemm splits, into C (fp32) or, where C16 is
+// given, rounded into C16 (gemm_bf16_serial's C16); leading dimension ldc either way.
+template <class = void>
+void bf16_bias_blocks(Trans ta, Trans tb, index_t M, index_t N, index_t K, const bf16_bits* a, index_t lda,
+                      const bf16_bits* b, index_t ldb, const float* bias, float* C, bf16_bits* C16, index_t ldc,
+                      PackedWeights* packed) {
+  split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+    gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, 1.0f, a + a_offset(ta, m0, lda), lda, b + b_offset(tb, n0, ldb), ldb,
+                     0.0f, C ? C + m0 * ldc + n0 : nullptr, ldc, bias ? bias + n0 : nullptr, packed,
+                     C16 ? C16 + m0 * ldc + n0 : nullptr);
+  });
 }
 }  // namespace detail
 
@@ -644,11 +638,7 @@ void gemm_mixed_bias(const P& prec, Trans ta, Trans tb, index_t M, index_t N, in
         detail::gemm_f32_packed_blocks<T>(packed, ta, tb, M, N, K, T(1), A, lda, B, ldb, T(0), C, ldc, bias);
       },
       [&](const auto* a, const auto* b, PackedWeights* packed) {
-        detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
-          detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, 1.0f, a + detail::a_offset(ta, m0, lda), lda,
-                                   b + detail::b_offset(tb, n0, ldb), ldb, 0.0f, C + m0 * ldc + n0, ldc, bias + n0,
-                                   packed);
-        });
+        detail::bf16_bias_blocks(ta, tb, M, N, K, a, lda, b, ldb, bias, C, nullptr, ldc, packed);
       });
 }
 
@@ -663,11 +653,7 @@ void gemm_mixed_bias_bf16(const Bf16Mixed& prec, Trans ta, Trans tb, index_t M, 
   detail::mixed_product<float>(
       prec, true, ta, tb, M, N, K, A, lda, B, ldb, [](PackedWeights*) {},
       [&](const auto* a, const auto* b, PackedWeights* packed) {
-        detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
-          detail::gemm_bf16_serial(ta, tb, m1 - m0, n1 - n0, K, 1.0f, a + detail::a_offset(ta, m0, lda), lda,
-                                   b + detail::b_offset(tb, n0, ldb), ldb, 0.0f, nullptr, ldc,
-                                   bias ? bias + n0 : nullptr, packed, C16 + m0 * ldc + n0);
-        });
+        detail::bf16_bias_blocks(ta, tb, M, N, K, a, lda, b, ldb, bias, nullptr, C16, ldc, packed);
       });
 }
 

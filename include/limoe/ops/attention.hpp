@@ -261,27 +261,19 @@ struct DpHeads {
 // cache.probs; the softmax of the image's rows and their rounding in one pass each, as the oneDNN path does;
 // then ctx_h = P_h v_h for each head. The same arithmetic as the batched oneDNN products (bf16 operands, fp32
 // sums), in the kernel's order.
-// `rounded`: q16, k16 and v16 already hold q, k and v (the projections wrote them), else they are rounded here.
 template <class Kernel>
 void attention_heads_forward_packed(const AttentionDims& d, CView<std::uint8_t> key_mask,
-                                    AttentionCache<float>& cache, float scale, bool rounded) {
+                                    AttentionCache<float>& cache, float scale) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
-  bf16_bits* q = cache.q16.data();
-  bf16_bits* k = cache.k16.data();
-  bf16_bits* v = cache.v16.data();
+  const bf16_bits* q = cache.q16.data();
+  const bf16_bits* k = cache.k16.data();
+  const bf16_bits* v = cache.v16.data();
   parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
     thread_local Kernel kernel;  // its packed operands and padded blocks, reused image after image
     for (index_t b = b0; b < b1; ++b) {
       float* P = cache.probs.data() + b * H * Nq * Nk;  // [H, Nq, Nk]
       bf16_bits* P16 = cache.probs16.data() + b * H * Nq * Nk;
       const std::uint8_t* m = key_mask.empty() ? nullptr : key_mask.data() + b * Nk;
-      // The image's q, k, v rounded here, so that the kernel reads them from cache (a pass over all images first
-      // left them in memory by the time each image's heads came to read them).
-      if (!rounded) {
-        to_bf16(cache.q.data() + b * Nq * D, Nq * D, q + b * Nq * D);
-        to_bf16(cache.k.data() + b * Nk * D, Nk * D, k + b * Nk * D);
-        to_bf16(cache.v.data() + b * Nk * D, Nk * D, v + b * Nk * D);
-      }
       kernel.image(Nq, Nk, H, Dh, q + b * Nq * D, k + b * Nk * D, v + b * Nk * D, D);
       for (index_t h = 0; h < H; ++h) kernel.scores(h, P + h * Nq * Nk);
       softmax_rows_vec(P, P, H * Nq, Nk, scale, m);
@@ -293,29 +285,18 @@ void attention_heads_forward_packed(const AttentionDims& d, CView<std::uint8_t> 
 
 // The per-head work under a mixed policy (core/precision.hpp): the score and context products, forward and
 // backward, read bf16 operands and accumulate in fp32 (detail::gemm_bf16_batched_serial, one call for the heads
-// of an image); the softmax and its backward stay fp32 on fp32 scores. q, k, v are rounded once per forward over
-// the thread pool, the probabilities once per image; the forward keeps them (cache.q16 .. probs16) for the
-// backward. Work items are images, so results do not depend on the thread count.
-// `rounded`: the projections wrote q16, k16 and v16 (sized as q, k, v) and left q, k, v unwritten; else q, k and
-// v are rounded here.
+// of an image); the softmax and its backward stay fp32 on fp32 scores. q, k, v come rounded from their
+// projections (attention_forward), the probabilities are rounded once per image; the forward keeps them
+// (cache.q16 .. probs16) for the backward. Work items are images, so results do not depend on the thread count.
+// q16, k16 and v16 hold q, k and v: the projections wrote them (attention_forward).
 template <class = void>
-void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> key_mask, AttentionCache<float>& cache,
-                                  bool rounded = false) {
+void attention_heads_forward_bf16(const AttentionDims& d, CView<std::uint8_t> key_mask, AttentionCache<float>& cache) {
   const index_t B = d.B, Nq = d.Nq, Nk = d.Nk, D = d.D, H = d.H, Dh = d.Dh;
   const float scale = detail::attention_scale<float>(d);
   profile::Region<HostSpace> heads_region("heads");
-  for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}})
-    dst->resize(src->shape());
   cache.probs16.resize(cache.probs.shape());
-  // limoe's own kernels round each image's q, k, v in its job (attention_heads_forward_packed), oneDNN's path all
-  // of them first.
-  if (Dh % 32 == 0 && amx::available())
-    return attention_heads_forward_packed<AmxHeads>(d, key_mask, cache, scale, rounded);
-  if (Dh % 16 == 0 && dpbf16::available())
-    return attention_heads_forward_packed<DpHeads>(d, key_mask, cache, scale, rounded);
-  if (!rounded)
-    for (auto [src, dst] : {std::pair{&cache.q, &cache.q16}, {&cache.k, &cache.k16}, {&cache.v, &cache.v16}})
-      to_bf16_parallel(src->data(), src->numel(), dst->data());
+  if (Dh % 32 == 0 && amx::available()) return attention_heads_forward_packed<AmxHeads>(d, key_mask, cache, scale);
+  if (Dh % 16 == 0 && dpbf16::available()) return attention_heads_forward_packed<DpHeads>(d, key_mask, cache, scale);
   const bf16_bits* q = cache.q16.data();
   const bf16_bits* k = cache.k16.data();
   const bf16_bits* v = cache.v16.data();
@@ -406,7 +387,7 @@ void attention_forward(const AttentionWeights<T>& w, int heads, CView<T> xq, CVi
       project(xkv, w.wk, w.bk, cache.k16.data());
       project(xkv, w.wv, w.bv, cache.v16.data());
     }
-    detail::attention_heads_forward_bf16(d, key_mask, cache, true);
+    detail::attention_heads_forward_bf16(d, key_mask, cache);
   } else {
     {
       const RoundedOnce<T, Prec> x16(prec, xkv.data(), xkv.numel());
