@@ -97,7 +97,7 @@ namespace detail {
 //   q_h . k_hj = x_j . a_h + q_h . bk_h,         a_h = sum_c q_c Wk[c, :]            (scores: [B N, D] x [D, H])
 //   (q_h . bk_h is the same for every key j, so the softmax drops it)
 //   ctx_hc    = sum_j P_hj (x_j . Wv[c, :] + bv_c) = z_h . Wv[c, :] + (sum_j P_hj) bv_c,   z_h = sum_j P_hj x_j
-// so the tokens are read by products H columns wide, where attention_forward projects each of the B N tokens to
+// so the tokens are read by products H rows tall, where attention_forward projects each of the B N tokens to
 // k and v (4 B N D^2 multiply-adds: the most of the head's work). Products in fp32 under every policy (they are
 // small); the attention's own per-head work is unchanged: the same masked, scaled softmax (softmax_rows_vec).
 template <class T>
@@ -107,7 +107,6 @@ void map_attention_folded(const AttentionWeights<T>& w, int heads, CView<T> prob
   const AttentionDims dims{B, 1, N, D, H, Dh};
   const T scale = attention_scale<T>(dims);
   cache.fold.resize(Shape{H + 1, D});  // rows 0..H-1: a_h; row H: q
-  cache.scores.resize(Shape{B * N, H});
   cache.mixed.resize(Shape{B, H, D});
   T* a = cache.fold.data();
   T* q = a + H * D;
@@ -116,17 +115,15 @@ void map_attention_folded(const AttentionWeights<T>& w, int heads, CView<T> prob
   for (index_t c = 0; c < D; ++c) q[c] += w.bq.empty() ? T(0) : w.bq[c];
   for (index_t h = 0; h < H; ++h)
     gemm_serial<T>(Trans::N, Trans::N, 1, D, Dh, T(1), q + h * Dh, Dh, w.wk.data() + h * Dh * D, D, T(0), a + h * D, D);
-  // Raw scores S[B N, H] = x a^T, then per example: P [H, N] by the masked, scaled softmax, z_h = P_h x_b, and
-  // the sums of P (1, or 0 where every key is masked).
-  gemm<T>(Trans::N, Trans::T, B * N, H, D, T(1), x.data(), D, a, D, T(0), cache.scores.data(), H);
+  // Per example: the raw scores P [H, N] = a x_b^T (gemm_nt_narrow: per-row dot products, whose bits depend on
+  // nothing but the operands; oneDNN's sgemm on so narrow a product gave other bits from call to call on a busy
+  // host), the masked, scaled softmax, z_h = P_h x_b, and the sums of P (1, or 0 where every key is masked).
   std::vector<T> psum(static_cast<std::size_t>(B * H));
   parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
     thread_local std::vector<T> P;
     P.resize(static_cast<std::size_t>(H * N));
     for (index_t b = b0; b < b1; ++b) {
-      for (index_t j = 0; j < N; ++j)
-        for (index_t h = 0; h < H; ++h)
-          P[static_cast<std::size_t>(h * N + j)] = cache.scores[(b * N + j) * H + h];
+      gemm_nt_narrow<T>(H, N, D, a, D, x.data() + b * N * D, D, P.data(), N);
       softmax_rows_vec(P.data(), P.data(), H, N, scale, key_mask.empty() ? nullptr : key_mask.data() + b * N);
       for (index_t h = 0; h < H; ++h) {
         T sum = T(0);

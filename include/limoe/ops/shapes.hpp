@@ -100,7 +100,7 @@ struct MapHeadCache {
   // CPU backend then folds the probe's query into the key and value weights (cpu::map_head_forward): the
   // attention reads the tokens twice, in products of H columns, instead of projecting every token to k and v.
   bool inference = false;
-  Tensor<T, S> fold, scores, mixed;  // inference scratch: [H + 1, D] (q Wk per head, then q), [B N, H], [B, H, D]
+  Tensor<T, S> fold, mixed;  // inference scratch: [H + 1, D] (q Wk per head, then q), [B, H, D]
 
   // Sizes what a forward fills (every backend's forward; the layout is written once).
   void size_forward(index_t B, index_t D, index_t M) {
