@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 #include <limoe/limoe.hpp>
@@ -223,6 +224,26 @@ TEST_CASE("softmax's float exp: every element against std::exp at every length; 
     }
   }
   CHECK(worst <= 2.0);
+}
+
+// The float softmax's rows give the same bits wherever they lie: the map head's evaluation forward takes its
+// scores in each thread's own scratch, so the same example's row sat at another alignment depending on which
+// thread ran it, and Eigen's sum() (aligned packets from the first aligned element) gave another last bit.
+TEST_CASE("softmax: a float row's probabilities do not depend on the buffer's alignment") {
+  for (index_t n : {7, 17, 49, 64, 100}) {
+    std::vector<float> src(static_cast<std::size_t>(3 * n));
+    for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<float>(std::sin(0.7 * static_cast<double>(i)) * 3.0);
+    std::vector<float> first;
+    for (index_t off = 0; off < 17; ++off) {
+      INFO("n ", n, " offset ", off);
+      std::vector<float> buf(src.size() + 17);
+      std::copy(src.begin(), src.end(), buf.begin() + off);
+      detail::softmax_rows_vec(buf.data() + off, buf.data() + off, 3, n, 0.125f);
+      std::vector<float> got(buf.begin() + off, buf.begin() + off + 3 * n);
+      if (off == 0) first = got;
+      CHECK(std::memcmp(got.data(), first.data(), sizeof(float) * got.size()) == 0);
+    }
+  }
 }
 
 TEST_CASE("softmax: gradient by finite differences; dx may alias dy") {

@@ -349,10 +349,9 @@ class Limoe {
                            static_cast<T>(cfg_.ln_eps), rows(xn_.view(), r0, r1), rows(xn_mean_.view(), r0, r1),
                            rows(xn_rstd_.view(), r0, r1));
     });
-    // The embeddings stay in the model's memory for loss() and backward(); the output holds host copies. The
-    // `map` heads run their full attention in evaluation too: with the query folded into the weights
-    // (MapHeadCache::inference) two evaluation forwards in a row gave different bits on a busy host
-    // (test_precision's fp32 packing case, 17-19 of 20 runs beside another test), cause not found yet.
+    // The embeddings stay in the model's memory for loss() and backward(); the output holds host copies. An
+    // evaluation forward's `map` heads compute their output only (MapHeadCache::inference).
+    img_acts_.map.inference = txt_acts_.map.inference = !tape;
     if (Bi_ > 0) {
       head_forward(img_head_, img_acts_, img_rows(xn_.cview()), CView<std::uint8_t, S>{}, z_img_);
       out.img_emb = to_host(z_img_.cview());

@@ -115,9 +115,10 @@ void map_attention_folded(const AttentionWeights<T>& w, int heads, CView<T> prob
   for (index_t c = 0; c < D; ++c) q[c] += w.bq.empty() ? T(0) : w.bq[c];
   for (index_t h = 0; h < H; ++h)
     gemm_serial<T>(Trans::N, Trans::N, 1, D, Dh, T(1), q + h * Dh, Dh, w.wk.data() + h * Dh * D, D, T(0), a + h * D, D);
-  // Per example: the raw scores P [H, N] = a x_b^T (gemm_nt_narrow: per-row dot products, whose bits depend on
-  // nothing but the operands; oneDNN's sgemm on so narrow a product gave other bits from call to call on a busy
-  // host), the masked, scaled softmax, z_h = P_h x_b, and the sums of P (1, or 0 where every key is masked).
+  // Per example: the raw scores P [H, N] = a x_b^T (gemm_nt_narrow: per-row dot products), the masked, scaled
+  // softmax, z_h = P_h x_b, and the sums of P (1, or 0 where every key is masked). P is each thread's own scratch,
+  // so an example's rows lie at another alignment depending on the thread that takes it: every step here gives
+  // bits that depend on the values only (softmax_rows_vec's row sum included), or two evaluation forwards differ.
   std::vector<T> psum(static_cast<std::size_t>(B * H));
   parallel_for(0, B, 1, [&](index_t b0, index_t b1) {
     thread_local std::vector<T> P;

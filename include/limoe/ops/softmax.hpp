@@ -55,10 +55,26 @@ inline float row_max_vec(const float* x, index_t n) {
   return r;
 }
 
+// The sum of a float row over Eigen's packets taken from its first element (unaligned loads), then the packet's
+// lanes (predux), then the tail in order: its bits depend on the values and n only. Eigen's own sum() of an
+// unaligned Map starts its packets at the first aligned element, so the same row summed from two buffers of
+// other alignment (two threads' scratch) could differ in its last bit, and with it every probability.
+inline float row_sum_vec(const float* x, index_t n) {
+  namespace ei = Eigen::internal;
+  using P = ei::packet_traits<float>::type;
+  constexpr index_t L = ei::packet_traits<float>::size;
+  P acc = ei::pset1<P>(0.0f);
+  index_t i = 0;
+  for (; i + L <= n; i += L) acc = ei::padd(acc, ei::ploadu<P>(x + i));
+  float r = ei::predux(acc);
+  for (; i < n; ++i) r += x[i];
+  return r;
+}
+
 // `rows` rows of math::softmax_row (the same formula: terms exp(scale (x - max)), 0 where masked, over their
 // sum; the same mask for every row) with float's exp taken over the whole block at once through Eigen's
 // vectorised exp (within a few ulp of std::exp; exp_in_place), so a row of 50 keys is not mostly a scalar tail.
-// A row's bits depend on the row alone. y may alias x.
+// A row's bits depend on the row alone, never on where it lies (row_sum_vec). y may alias x.
 template <class T>
 void softmax_rows_vec(const T* x, T* y, index_t rows, index_t n, T scale = T(1), const std::uint8_t* mask = nullptr) {
   if constexpr (!std::is_same_v<T, float>) {
@@ -82,8 +98,8 @@ void softmax_rows_vec(const T* x, T* y, index_t rows, index_t n, T scale = T(1),
       if (mask)
         for (index_t j = 0; j < n; ++j)
           if (!mask[j]) yr[j] = T(0);
-      Eigen::Map<Eigen::ArrayXf> row(yr, n);
-      row *= T(1) / row.sum();
+      const T inv = T(1) / row_sum_vec(yr, n);
+      for (index_t j = 0; j < n; ++j) yr[j] *= inv;
     }
   }
 }
