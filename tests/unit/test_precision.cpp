@@ -575,7 +575,11 @@ TEST_CASE("every op under the bf16 policy: Cpu against Ref under bf16, and again
         const double vs32 = rel_max(cpu16[i].value.cview(), ref32[i].value.cview());
         CHECK(same <= 1e-3);
         CHECK(vs32 <= 2e-2);
-        CHECK(vs32 > 0);  // bf16 did change the values (a policy that silently ran fp32 would fail here)
+        // bf16 did change the values (a policy that silently ran fp32 would fail here), except the gradients of
+        // the biases that take the layer's output gradient as it comes: an fp32 sum of fp32 values under both
+        // policies, over the rows in order as the reference sums them, so the same bits.
+        if (cpu16[i].name == "linear.db" || cpu16[i].name == "attn.g7") CHECK(vs32 == 0);
+        else CHECK(vs32 > 0);
       }
     }
   }

@@ -50,9 +50,15 @@ void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW
   if (!dW.empty() && R > 0)
     gemm_mixed<T>(dy16.prec(), Trans::T, Trans::N, O, I, R, T(1), dy.data(), O, x.data(), I, T(1), dW.data(), I);
   if (!db.empty() && R > 0) {
-    const detail::MapC<T> g(dy.data(), R, O, Eigen::OuterStride<>(O));
-    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> acc(db.data(), O);
-    acc += g.colwise().sum();
+    // db += the column sums of dy, each summed over the rows in order (vectorised across columns): its bits
+    // depend on the values only. Eigen's colwise().sum() gave other bits when dy lay at another alignment.
+    detail::ScratchLease<T> sums(O);
+    T* s = sums.data();
+    const T* g = dy.data();
+    std::copy(g, g + O, s);
+    for (index_t r = 1; r < R; ++r)
+      for (index_t c = 0; c < O; ++c) s[c] += g[r * O + c];
+    for (index_t c = 0; c < O; ++c) db[c] += s[c];
   }
 }
 
