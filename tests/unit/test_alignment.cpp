@@ -18,6 +18,8 @@
 #include <limoe/core/parallel.hpp>
 #include <limoe/core/precision.hpp>
 #include <limoe/ops/attention.hpp>
+#include <limoe/ops/contrastive.hpp>
+#include <limoe/ops/embedding.hpp>
 #include <limoe/ops/gelu.hpp>
 #include <limoe/ops/l2norm.hpp>
 #include <limoe/ops/layernorm.hpp>
@@ -213,6 +215,118 @@ TEST_CASE("alignment: the MoE layer's forward (gates, top-2 with noise and capac
       std::vector<float> out = collect({y});
       out.push_back(static_cast<float>(c.losses.total));
       return out;
+    });
+  }
+}
+
+TEST_CASE("alignment: backward passes (attention, the map head's training path, patch embedding, contrastive, "
+          "L2 norm, the MoE layer)") {
+  const index_t B = 3, N = 13, D = 64, H = 4, M = 96;
+  std::vector<Tensor<float>> p;
+  for (int i = 0; i < 8; ++i) p.push_back(randf(i % 2 == 0 ? Shape{D, D} : Shape{D}, 60 + i, i % 2 == 0 ? 0.125 : 0.3));
+  const auto x = randf(Shape{B, N, D}, 70), dy = randf(Shape{B, N, D}, 71), dpool = randf(Shape{B, D}, 72);
+  Tensor<std::uint8_t> mask(Shape{B, N}, 1);
+  for (index_t j = 9; j < N; ++j) mask[2 * N + j] = 0;
+  const auto probe = randf(Shape{D}, 73), ln_g = randf(Shape{D}, 74), ln_b = randf(Shape{D}, 75);
+  const auto fc1_w = randf(Shape{M, D}, 76, 0.1), fc1_b = randf(Shape{M}, 77), fc2_w = randf(Shape{D, M}, 78, 0.1),
+             fc2_b = randf(Shape{D}, 79);
+  for (bool bf16 : {false, true}) {
+    CAPTURE(bf16);
+    check_offsets(bf16 ? "attention and map head backward, bf16" : "attention and map head backward, fp32", [&](Arena& a) {
+      std::vector<View<float>> w, g;
+      for (const auto& t : p) w.push_back(a.in(t)), g.push_back(a.out(t.shape()));
+      const AttentionWeights<float> aw{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]};
+      const AttentionGrads<float> ag{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
+      auto xv = a.in(x), dyv = a.in(dy), y = a.out(x.shape()), dx = a.out(x.shape());
+      AttentionCache<float> cache;
+      const MapHeadWeights<float> mw{a.in(probe), aw, a.in(ln_g), a.in(ln_b), a.in(fc1_w), a.in(fc1_b), a.in(fc2_w),
+                                     a.in(fc2_b)};
+      std::vector<View<float>> mg;
+      for (const Shape& s : {Shape{D}, Shape{D}, Shape{D}, Shape{M, D}, Shape{M}, Shape{D, M}, Shape{D}})
+        mg.push_back(a.out(s));
+      std::vector<View<float>> mga;
+      for (const auto& t : p) mga.push_back(a.out(t.shape()));
+      const MapHeadGrads<float> mgr{mg[0], {mga[0], mga[1], mga[2], mga[3], mga[4], mga[5], mga[6], mga[7]},
+                                    mg[1], mg[2], mg[3], mg[4], mg[5], mg[6]};
+      auto pooled = a.out(Shape{B, D}), dpv = a.in(dpool), dxm = a.out(x.shape());
+      MapHeadCache<float> mc;  // the training path: full attention, a cache for the backward
+      auto run = [&](const auto& prec) {
+        cpu::self_attention_forward<float>(aw, static_cast<int>(H), xv, mask.cview(), y, cache, prec);
+        cpu::self_attention_backward<float>(aw, static_cast<int>(H), xv, mask.cview(), cache, dyv, dx, ag, prec);
+        cpu::map_head_forward<float>(mw, static_cast<int>(H), GeluKind::Erf, 1e-6f, xv, mask.cview(), pooled, mc, prec);
+        cpu::map_head_backward<float>(mw, static_cast<int>(H), GeluKind::Erf, xv, mask.cview(), mc, dpv, dxm, mgr, prec);
+      };
+      if (bf16) run(Bf16Mixed{});
+      else run(Fp32{});
+      std::vector<float> out = collect({y, dx, pooled, dxm});
+      for (const auto& v : g) out.insert(out.end(), v.data(), v.data() + v.numel());
+      for (const auto& v : mg) out.insert(out.end(), v.data(), v.data() + v.numel());
+      for (const auto& v : mga) out.insert(out.end(), v.data(), v.data() + v.numel());
+      return out;
+    });
+  }
+
+  // Patch embedding: 2 images of 8 x 8 x 3 in patches of 4 (4 patches of 48 values) to width 32.
+  const index_t Bi = 2, Pp = 4, Np = 4, F = 48, Dp = 32;
+  const auto images = randf(Shape{Bi, 8, 8, 3}, 80), pw = randf(Shape{Dp, F}, 81, 0.1), pb = randf(Shape{Dp}, 82),
+             pos = randf(Shape{Np, Dp}, 83), dyp = randf(Shape{Bi, Np, Dp}, 84);
+  check_offsets("patch embedding", [&](Arena& a) {
+    auto im = a.in(images), Wv = a.in(pw), bv = a.in(pb), posv = a.in(pos), dyv = a.in(dyp);
+    auto patches = a.out(Shape{Bi, Np, F}), y = a.out(Shape{Bi, Np, Dp}), dim = a.out(images.shape());
+    auto dW = a.out(Shape{Dp, F}), db = a.out(Shape{Dp}), dpos = a.out(Shape{Np, Dp});
+    cpu::patch_embed_forward<float>(im, static_cast<int>(Pp), Wv, bv, posv, patches, y);
+    cpu::patch_embed_backward<float>(im, static_cast<int>(Pp), patches, Wv, dyv, dim, dW, db, dpos);
+    return collect({patches, y, dim, dW, db, dpos});
+  });
+
+  // The contrastive loss and the L2 normalisation before it.
+  const index_t n = 9, P = 24;
+  const auto ui = randf(Shape{n, P}, 85), ut = randf(Shape{n, P}, 86), dzl = randf(Shape{n, P}, 87);
+  check_offsets("contrastive and L2 norm", [&](Arena& a) {
+    auto uiv = a.in(ui), utv = a.in(ut), zi = a.out(Shape{n, P}), zt = a.out(Shape{n, P}), ni = a.out(Shape{n}),
+         nt = a.out(Shape{n}), logits = a.out(Shape{n, n}), dzi = a.out(Shape{n, P}), dzt = a.out(Shape{n, P}),
+         dui = a.out(Shape{n, P}), dzlv = a.in(dzl);
+    cpu::l2_normalize_forward<float>(uiv, zi, ni);
+    cpu::l2_normalize_forward<float>(utv, zt, nt);
+    const ContrastiveResult r = cpu::contrastive_forward<float>(zi, zt, 2.3f, 4.6f, logits);
+    float dtheta = 0;
+    cpu::contrastive_backward<float>(zi, zt, 2.3f, 4.6f, logits, 1.0f, dzi, dzt, &dtheta);
+    cpu::l2_normalize_backward<float>(uiv, zi, ni, dzlv, dui);
+    std::vector<float> out = collect({zi, zt, logits, dzi, dzt, dui});
+    out.push_back(static_cast<float>(r.loss));
+    out.push_back(dtheta);
+    return out;
+  });
+}
+
+TEST_CASE("alignment: the MoE layer's backward") {
+  const index_t N = 96, D = 32, M = 48, E = 8;
+  moe::MoeConfig mc;
+  mc.experts = static_cast<int>(E);
+  mc.top_k = 2;
+  mc.router.capacity_factor_train = 1.0;
+  mc.router.noise_std = 1.0;
+  const auto x = randf(Shape{N, D}, 90), rw = randf(Shape{E, D}, 91, 0.3), w1 = randf(Shape{E, M, D}, 92, 0.2),
+             b1 = randf(Shape{E, M}, 93, 0.1), w2 = randf(Shape{E, D, M}, 94, 0.2), b2 = randf(Shape{E, D}, 95, 0.1),
+             dy = randf(Shape{N, D}, 96);
+  std::vector<std::uint8_t> modality(static_cast<std::size_t>(N));
+  for (index_t i = 0; i < N; ++i) modality[static_cast<std::size_t>(i)] = i % 5 == 0 ? 1 : 0;
+  for (bool bf16 : {false, true}) {
+    CAPTURE(bf16);
+    check_offsets(bf16 ? "moe backward bf16" : "moe backward fp32", [&](Arena& a) {
+      const moe::MoeParams<float> p{a.in(rw), a.in(w1), a.in(b1), a.in(w2), a.in(b2)};
+      const moe::MoeGrads<float> g{a.out(rw.shape()), a.out(w1.shape()), a.out(b1.shape()), a.out(w2.shape()),
+                                   a.out(b2.shape())};
+      auto xv = a.in(x), dyv = a.in(dy), y = a.out(Shape{N, D}), dx = a.out(Shape{N, D});
+      moe::MoeContext<float> c;
+      if (bf16) {
+        moe::moe_forward<float>(mc, p, xv, modality, Mode::Train, Rng(4), y, c, nullptr, Bf16Mixed{});
+        moe::moe_backward<float>(p, xv, dyv, dx, g, c, 1.0, nullptr, Bf16Mixed{});
+      } else {
+        moe::moe_forward<float>(mc, p, xv, modality, Mode::Train, Rng(4), y, c, nullptr, Fp32{});
+        moe::moe_backward<float>(p, xv, dyv, dx, g, c, 1.0, nullptr, Fp32{});
+      }
+      return collect({y, dx, g.router_w, g.fc1_w, g.fc1_b, g.fc2_w, g.fc2_b});
     });
   }
 }
