@@ -148,41 +148,6 @@ TEST_CASE("alignment: linear forward and backward, fp32 and bf16") {
   }
 }
 
-TEST_CASE("alignment: self-attention and the map head's evaluation forward") {
-  const index_t B = 3, N = 13, D = 64, H = 4, M = 96;
-  std::vector<Tensor<float>> p;
-  for (int i = 0; i < 8; ++i) p.push_back(randf(i % 2 == 0 ? Shape{D, D} : Shape{D}, 20 + i, i % 2 == 0 ? 0.125 : 0.3));
-  const auto x = randf(Shape{B, N, D}, 30);
-  Tensor<std::uint8_t> mask(Shape{B, N}, 1);
-  for (index_t j = 9; j < N; ++j) mask[2 * N + j] = 0;  // the last example's last keys masked
-  const auto probe = randf(Shape{D}, 31), ln_g = randf(Shape{D}, 32), ln_b = randf(Shape{D}, 33);
-  const auto fc1_w = randf(Shape{M, D}, 34, 0.1), fc1_b = randf(Shape{M}, 35), fc2_w = randf(Shape{D, M}, 36, 0.1),
-             fc2_b = randf(Shape{D}, 37);
-  for (bool bf16 : {false, true}) {
-    CAPTURE(bf16);
-    check_offsets(bf16 ? "attention bf16" : "attention fp32", [&](Arena& a) {
-      std::vector<View<float>> w;
-      for (const auto& t : p) w.push_back(a.in(t));
-      const AttentionWeights<float> aw{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]};
-      auto xv = a.in(x), y = a.out(x.shape()), pooled = a.out(Shape{B, D});
-      AttentionCache<float> cache;
-      MapHeadCache<float> mc;
-      mc.inference = true;  // the fold: scores and contexts in each thread's own scratch
-      const MapHeadWeights<float> mw{a.in(probe), aw, a.in(ln_g), a.in(ln_b), a.in(fc1_w), a.in(fc1_b), a.in(fc2_w),
-                                     a.in(fc2_b)};
-      if (bf16) {
-        cpu::self_attention_forward<float>(aw, static_cast<int>(H), xv, mask.cview(), y, cache, Bf16Mixed{});
-        cpu::map_head_forward<float>(mw, static_cast<int>(H), GeluKind::Erf, 1e-6f, xv, mask.cview(), pooled, mc,
-                                     Bf16Mixed{});
-      } else {
-        cpu::self_attention_forward<float>(aw, static_cast<int>(H), xv, mask.cview(), y, cache);
-        cpu::map_head_forward<float>(mw, static_cast<int>(H), GeluKind::Erf, 1e-6f, xv, mask.cview(), pooled, mc);
-      }
-      return collect({y, pooled});
-    });
-  }
-}
-
 TEST_CASE("alignment: the narrow product (router logits)") {
   const index_t M = 37, N = 8, K = 75;
   const auto A = randf(Shape{M, K}, 40), Bm = randf(Shape{N, K}, 41);
@@ -193,34 +158,8 @@ TEST_CASE("alignment: the narrow product (router logits)") {
   });
 }
 
-TEST_CASE("alignment: the MoE layer's forward (gates, top-2 with noise and capacity, experts, combine)") {
-  const index_t N = 96, D = 32, M = 48, E = 8;
-  moe::MoeConfig mc;
-  mc.experts = static_cast<int>(E);
-  mc.top_k = 2;
-  mc.router.capacity_factor_train = 1.0;
-  mc.router.noise_std = 1.0;
-  const auto x = randf(Shape{N, D}, 50), rw = randf(Shape{E, D}, 51, 0.3), w1 = randf(Shape{E, M, D}, 52, 0.2),
-             b1 = randf(Shape{E, M}, 53, 0.1), w2 = randf(Shape{E, D, M}, 54, 0.2), b2 = randf(Shape{E, D}, 55, 0.1);
-  std::vector<std::uint8_t> modality(static_cast<std::size_t>(N));
-  for (index_t i = 0; i < N; ++i) modality[static_cast<std::size_t>(i)] = i % 5 == 0 ? 1 : 0;
-  for (bool bf16 : {false, true}) {
-    CAPTURE(bf16);
-    check_offsets(bf16 ? "moe bf16" : "moe fp32", [&](Arena& a) {
-      const moe::MoeParams<float> p{a.in(rw), a.in(w1), a.in(b1), a.in(w2), a.in(b2)};
-      auto xv = a.in(x), y = a.out(Shape{N, D});
-      moe::MoeContext<float> c;
-      if (bf16) moe::moe_forward<float>(mc, p, xv, modality, Mode::Train, Rng(4), y, c, nullptr, Bf16Mixed{});
-      else moe::moe_forward<float>(mc, p, xv, modality, Mode::Train, Rng(4), y, c, nullptr, Fp32{});
-      std::vector<float> out = collect({y});
-      out.push_back(static_cast<float>(c.losses.total));
-      return out;
-    });
-  }
-}
-
-TEST_CASE("alignment: backward passes (attention, the map head's training path, patch embedding, contrastive, "
-          "L2 norm, the MoE layer)") {
+TEST_CASE("alignment: attention, the map head (its evaluation forward, which folds the query into the weights, "
+          "and its training path), patch embedding, contrastive loss, L2 norm; forward and backward") {
   const index_t B = 3, N = 13, D = 64, H = 4, M = 96;
   std::vector<Tensor<float>> p;
   for (int i = 0; i < 8; ++i) p.push_back(randf(i % 2 == 0 ? Shape{D, D} : Shape{D}, 60 + i, i % 2 == 0 ? 0.125 : 0.3));
@@ -232,7 +171,7 @@ TEST_CASE("alignment: backward passes (attention, the map head's training path, 
              fc2_b = randf(Shape{D}, 79);
   for (bool bf16 : {false, true}) {
     CAPTURE(bf16);
-    check_offsets(bf16 ? "attention and map head backward, bf16" : "attention and map head backward, fp32", [&](Arena& a) {
+    check_offsets(bf16 ? "attention and map head, bf16" : "attention and map head, fp32", [&](Arena& a) {
       std::vector<View<float>> w, g;
       for (const auto& t : p) w.push_back(a.in(t)), g.push_back(a.out(t.shape()));
       const AttentionWeights<float> aw{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]};
@@ -248,17 +187,21 @@ TEST_CASE("alignment: backward passes (attention, the map head's training path, 
       for (const auto& t : p) mga.push_back(a.out(t.shape()));
       const MapHeadGrads<float> mgr{mg[0], {mga[0], mga[1], mga[2], mga[3], mga[4], mga[5], mga[6], mga[7]},
                                     mg[1], mg[2], mg[3], mg[4], mg[5], mg[6]};
-      auto pooled = a.out(Shape{B, D}), dpv = a.in(dpool), dxm = a.out(x.shape());
+      auto pooled = a.out(Shape{B, D}), pooled_eval = a.out(Shape{B, D}), dpv = a.in(dpool), dxm = a.out(x.shape());
       MapHeadCache<float> mc;  // the training path: full attention, a cache for the backward
+      MapHeadCache<float> mci;
+      mci.inference = true;  // the fold: scores and contexts in each thread's own scratch
       auto run = [&](const auto& prec) {
         cpu::self_attention_forward<float>(aw, static_cast<int>(H), xv, mask.cview(), y, cache, prec);
         cpu::self_attention_backward<float>(aw, static_cast<int>(H), xv, mask.cview(), cache, dyv, dx, ag, prec);
         cpu::map_head_forward<float>(mw, static_cast<int>(H), GeluKind::Erf, 1e-6f, xv, mask.cview(), pooled, mc, prec);
         cpu::map_head_backward<float>(mw, static_cast<int>(H), GeluKind::Erf, xv, mask.cview(), mc, dpv, dxm, mgr, prec);
+        cpu::map_head_forward<float>(mw, static_cast<int>(H), GeluKind::Erf, 1e-6f, xv, mask.cview(), pooled_eval, mci,
+                                     prec);
       };
       if (bf16) run(Bf16Mixed{});
       else run(Fp32{});
-      std::vector<float> out = collect({y, dx, pooled, dxm});
+      std::vector<float> out = collect({y, dx, pooled, dxm, pooled_eval});
       for (const auto& v : g) out.insert(out.end(), v.data(), v.data() + v.numel());
       for (const auto& v : mg) out.insert(out.end(), v.data(), v.data() + v.numel());
       for (const auto& v : mga) out.insert(out.end(), v.data(), v.data() + v.numel());
@@ -299,7 +242,7 @@ TEST_CASE("alignment: backward passes (attention, the map head's training path, 
   });
 }
 
-TEST_CASE("alignment: the MoE layer's backward") {
+TEST_CASE("alignment: the MoE layer, forward (gates, top-2 with noise and capacity, experts, combine) and backward") {
   const index_t N = 96, D = 32, M = 48, E = 8;
   moe::MoeConfig mc;
   mc.experts = static_cast<int>(E);
