@@ -54,12 +54,6 @@
 namespace limoe {
 
 namespace detail {
-// Adds the column sums of g[R, C] to acc[C], rows in order (deterministic).
-template <class T>
-void add_column_sums(const T* g, index_t R, index_t C, T* acc) {
-  for (index_t r = 0; r < R; ++r)
-    for (index_t c = 0; c < C; ++c) acc[c] += g[r * C + c];
-}
 
 // The per-head work under Fp32: one (image, head) pair per job, single-threaded products (gemm_serial).
 template <class T>

@@ -20,6 +20,16 @@
 #include "limoe/ops/shapes.hpp"
 
 namespace limoe {
+namespace detail {
+// Adds the column sums of g[R, C] to acc[C], row by row (contiguous, vectorised across columns), each column over
+// the rows in order: the bits depend on the values only.
+template <class T>
+void add_column_sums(const T* g, index_t R, index_t C, T* acc) {
+  for (index_t r = 0; r < R; ++r)
+    for (index_t c = 0; c < C; ++c) acc[c] += g[r * C + c];
+}
+}  // namespace detail
+
 namespace cpu {
 
 // y[R, O] = x[R, I] W[O, I]^T + b[O].
@@ -53,12 +63,9 @@ void linear_backward(CView<T> x, CView<T> W, CView<T> dy, View<T> dx, View<T> dW
     // db += the column sums of dy, each summed over the rows in order (vectorised across columns): its bits
     // depend on the values only. Eigen's colwise().sum() gave other bits when dy lay at another alignment.
     detail::ScratchLease<T> sums(O);
-    T* s = sums.data();
-    const T* g = dy.data();
-    std::copy(g, g + O, s);
-    for (index_t r = 1; r < R; ++r)
-      for (index_t c = 0; c < O; ++c) s[c] += g[r * O + c];
-    for (index_t c = 0; c < O; ++c) db[c] += s[c];
+    std::fill_n(sums.data(), O, T(0));
+    detail::add_column_sums(dy.data(), R, O, sums.data());
+    for (index_t c = 0; c < O; ++c) db[c] += sums.data()[c];
   }
 }
 
