@@ -3,6 +3,7 @@
 // invariants; and the expert MLP's gradients against central finite differences.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <vector>
 
 #include <limoe/core/parallel.hpp>
@@ -281,4 +282,88 @@ TEST_CASE("expert MLP: an expert holding most of the rows is cut into several ti
     CHECK(h1 == h2);
   }
   set_num_threads(0);
+}
+
+// Under bf16 the backward's weight gradients read xe and h as bf16: the forward's copies (each tile rounds its
+// rows as it goes) when the backward is given the very tensors that forward read and wrote, else rounded
+// again. Given copies of them at other addresses, after a forward on other rows into other tensors, or after an
+// fp32 forward, the backward must give the bits it gives right after its own forward.
+TEST_CASE("expert MLP backward under bf16: the forward's bf16 rows and hidden layer reused only for the same tensors") {
+  const int E = 3;
+  const index_t N = 96, D = 48, M = 80;
+  const Tensor<std::int32_t> route = random_route(N, 1, E + 1, 77);
+  DispatchPlan plan;
+  moe::cpu::make_dispatch_plan(route.cview(), E + 1, plan);
+  const index_t A = plan.A;
+  REQUIRE(A > 0);
+  auto randf = [](Shape s, std::uint64_t seed, double scale) {
+    Tensor<double> d(s);
+    testing::fill_normal(d.view(), seed, scale);
+    Tensor<float> f(s);
+    for (index_t i = 0; i < f.numel(); ++i) f[i] = static_cast<float>(d[i]);
+    return f;
+  };
+  const Tensor<float> w1 = randf(Shape{E + 1, M, D}, 1, 0.2), b1 = randf(Shape{E + 1, M}, 2, 0.1);
+  const Tensor<float> w2 = randf(Shape{E + 1, D, M}, 3, 0.2), b2 = randf(Shape{E + 1, D}, 4, 0.1);
+  const Tensor<float> xe = randf(Shape{A, D}, 5, 1.0), other = randf(Shape{A, D}, 6, 1.0), dye = randf(Shape{A, D}, 7, 1.0);
+  const ExpertWeights<float> w{w1.cview(), b1.cview(), w2.cview(), b2.cview()};
+  struct Out {
+    Tensor<float> dh, dxe, gw1, gb1, gw2, gb2;
+  };
+  // The backward's outputs from (xe_in, hp, h) on scratch sc.
+  auto backward = [&](ExpertScratch& sc, const Tensor<float>& xe_in, const Tensor<float>& hp, const Tensor<float>& h) {
+    Out o{Tensor<float>(Shape{A, M}), Tensor<float>(Shape{A, D}), Tensor<float>(w1.shape()), Tensor<float>(b1.shape()),
+          Tensor<float>(w2.shape()), Tensor<float>(b2.shape())};
+    for (Tensor<float>* t : {&o.gw1, &o.gb1, &o.gw2, &o.gb2}) t->zero();
+    moe::cpu::expert_mlp_backward<float>(plan, w, GeluKind::Erf, xe_in.cview(), hp.cview(), h.cview(), dye.cview(),
+                                         o.dh.view(), o.dxe.view(),
+                                         ExpertGrads<float>{o.gw1.view(), o.gb1.view(), o.gw2.view(), o.gb2.view()}, sc,
+                                         Bf16Mixed{});
+    return o;
+  };
+  auto same = [](const Out& a, const Out& b) {
+    auto eq = [](const Tensor<float>& x, const Tensor<float>& y) {
+      return std::equal(x.data(), x.data() + x.numel(), y.data());
+    };
+    return eq(a.dh, b.dh) && eq(a.dxe, b.dxe) && eq(a.gw1, b.gw1) && eq(a.gb1, b.gb1) && eq(a.gw2, b.gw2) &&
+           eq(a.gb2, b.gb2);
+  };
+  Tensor<float> hp(Shape{A, M}), h(Shape{A, M}), ye(Shape{A, D});
+  ExpertScratch sc;
+  moe::cpu::expert_mlp_forward<float>(plan, w, GeluKind::Erf, xe.cview(), hp.view(), h.view(), ye.view(), sc, Bf16Mixed{});
+  const Out own = backward(sc, xe, hp, h);
+  const Tensor<float> xe_copy = xe, hp_copy = hp, h_copy = h;
+  // The reference: the weight gradients against the double product of the rounded operands, so that `own`
+  // itself is checked too (the rows and the hidden layer rounded to bf16: the policy's operands).
+  {
+    double worst = 0;
+    for (index_t e = 0; e <= E; ++e)
+      for (index_t j = 0; j < D; ++j)
+        for (index_t m = 0; m < M; ++m) {
+          double acc = 0;
+          for (index_t r = plan.offsets[e]; r < plan.offsets[e + 1]; ++r)
+            acc += double(from_bf16(to_bf16(dye[r * D + j]))) * double(from_bf16(to_bf16(h[r * M + m])));
+          worst = std::max(worst, std::abs(acc - double(own.gw2[(e * D + j) * M + m])) / (1.0 + std::abs(acc)));
+        }
+    CHECK(worst < 1e-5);
+  }
+  SUBCASE("copies at other addresses, after a forward on other rows into other tensors") {
+    Tensor<float> hp2(Shape{A, M}), h2(Shape{A, M}), ye2(Shape{A, D});
+    moe::cpu::expert_mlp_forward<float>(plan, w, GeluKind::Erf, other.cview(), hp2.view(), h2.view(), ye2.view(), sc,
+                                        Bf16Mixed{});
+    CHECK(same(backward(sc, xe_copy, hp_copy, h_copy), own));
+  }
+  SUBCASE("the same hidden layer's tensors, rewritten by an fp32 forward (which rounds nothing)") {
+    moe::cpu::expert_mlp_forward<float>(plan, w, GeluKind::Erf, other.cview(), hp.view(), h.view(), ye.view(), sc);
+    Tensor<float> hp3(Shape{A, M}), h3(Shape{A, M}), ye3(Shape{A, D});
+    ExpertScratch fresh;
+    moe::cpu::expert_mlp_forward<float>(plan, w, GeluKind::Erf, other.cview(), hp3.view(), h3.view(), ye3.view(), fresh);
+    REQUIRE(std::equal(h.data(), h.data() + h.numel(), h3.data()));
+    const Out want = backward(fresh, other, hp3, h3);
+    CHECK(same(backward(sc, other, hp, h), want));
+    CHECK(!same(want, own));
+  }
+  SUBCASE("the forward's own tensors, twice") {
+    CHECK(same(backward(sc, xe, hp, h), own));
+  }
 }

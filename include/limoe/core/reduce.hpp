@@ -24,6 +24,15 @@ namespace limoe::detail {
 
 inline constexpr int kSumLanes = 16;
 
+// Adds the column sums of g[R, C] (leading dimension ld, C when 0) to acc[C], row by row (contiguous, vectorised
+// across columns), each column over the rows in order: the bits depend on the values only (a bias gradient).
+template <class T>
+void add_column_sums(const T* g, std::int64_t R, std::int64_t C, T* acc, std::int64_t ld = 0) {
+  if (ld == 0) ld = C;
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t c = 0; c < C; ++c) acc[c] += g[r * ld + c];
+}
+
 template <class Acc, class Term>
 Acc lane_sum(std::int64_t n, Term&& term) {
   Acc lane[kSumLanes] = {};

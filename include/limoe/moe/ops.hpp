@@ -27,6 +27,7 @@
 #include "limoe/core/gemm_mixed.hpp"
 #include "limoe/core/precision.hpp"
 #include "limoe/core/parallel.hpp"
+#include "limoe/core/reduce.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/math/gelu.hpp"
 #include "limoe/moe/plan.hpp"
@@ -35,7 +36,17 @@
 namespace limoe::moe {
 
 namespace detail {
-inline constexpr index_t kGradRows = 128;  // output rows of one expert weight-gradient job
+// The most output rows of one expert weight-gradient job: a weight's gradient is cut into equal jobs (a
+// multiple of 16 rows) no taller than this. Shorter jobs ran slower: a [128, 3072] dW2 job over 512 rows ran at
+// 150-185 GFLOP/s where [384, 3072] and taller ran at 186-199 (bf16, one Zen 4 core, bench/README.md).
+inline constexpr index_t kGradRows = 512;
+// Equal job heights of a weight gradient with `rows` output rows: a plan's shapes alone decide them, so the
+// bits do not depend on the thread count.
+inline index_t grad_job_rows(index_t rows) {
+  const index_t jobs = (rows + kGradRows - 1) / kGradRows;
+  const index_t h = (rows + jobs - 1) / std::max<index_t>(jobs, 1);
+  return std::max<index_t>(16, (h + 15) / 16 * 16);
+}
 // The least height expert_mlp_forward cuts an overfull expert's rows into (smaller products run far from the
 // kernel's rate).
 inline constexpr index_t kMinCutRows = 64;
@@ -147,10 +158,12 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
     // Fp32: the store an evaluation forward's policy keeps the weights packed in (gemm_f32_packed).
     if (prec.weights.find(w.fc2_w.data(), w.fc2_w.numel())) packed = prec.weights.find(w.fc1_w.data(), w.fc1_w.numel());
   }
+  s.lo_xe_of = s.lo_h_of = {};
   if constexpr (Prec::mixed) {
     s.lo_xe.resize(static_cast<std::size_t>(xe.numel()));
     s.lo_h.resize(static_cast<std::size_t>(h.numel()));
     x16 = s.lo_xe.data(), h16 = s.lo_h.data();
+    s.lo_xe_of = {xe.data(), xe.numel()}, s.lo_h_of = {h.data(), h.numel()};  // every tile rounds its rows
     if (prec.weights.find(w.fc1_w.data(), w.fc1_w.numel()) && prec.weights.find(w.fc2_w.data(), w.fc2_w.numel()))
       packed = prec.weights.packed;
     auto weight = [&](CView<T> wt, std::vector<bf16_bits>& own) -> const bf16_bits* {
@@ -205,7 +218,9 @@ void expert_mlp_forward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKi
 }
 
 // From dye [A, D]: dh [A, M] (scratch, overwritten), dxe [A, D] (overwritten; empty: skipped); weight and bias
-// gradients accumulate. Uses the tiles of the last expert_mlp_forward on `s`.
+// gradients accumulate. Uses the tiles of the last expert_mlp_forward on `s`, and under Bf16Mixed its bf16
+// copies of xe and h when it read and wrote these same tensors: they must not change in between (the layer's
+// cache holds them).
 template <class T, PrecisionPolicy Prec = Fp32>
 void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluKind gelu, CView<T> xe, CView<T> hpre,
                          CView<T> h, CView<T> dye, View<T> dh, View<T> dxe, const ExpertGrads<T>& g,
@@ -248,16 +263,18 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
   for (int e = 0; e < p.E; ++e) {
     if (p.rows_of(e) == 0) continue;
     if (!g.fc2_w.empty() || !g.fc2_b.empty())
-      for (index_t j = 0; j < D; j += detail::kGradRows) s.jobs.push_back({e, 0, j, std::min(D, j + detail::kGradRows)});
+      for (index_t j = 0, h = detail::grad_job_rows(D); j < D; j += h) s.jobs.push_back({e, 0, j, std::min(D, j + h)});
     if (!g.fc1_w.empty() || !g.fc1_b.empty())
-      for (index_t j = 0; j < M; j += detail::kGradRows) s.jobs.push_back({e, 1, j, std::min(M, j + detail::kGradRows)});
+      for (index_t j = 0, h = detail::grad_job_rows(M); j < M; j += h) s.jobs.push_back({e, 1, j, std::min(M, j + h)});
   }
   if constexpr (Prec::mixed) {
-    auto round_all = [](CView<T> x, std::vector<bf16_bits>& lo) {
+    // h and xe: the forward's copies when it rounded these very tensors (ExpertScratch::lo_h_of), else here.
+    auto round_all = [](CView<T> x, std::vector<bf16_bits>& lo, const ExpertScratch::Source& of) {
+      if (of.data == x.data() && of.numel == x.numel() && lo.size() == static_cast<std::size_t>(x.numel())) return;
       lo.resize(static_cast<std::size_t>(x.numel()));
       to_bf16_parallel(x.data(), x.numel(), lo.data());
     };
-    round_all(h, s.lo_h), round_all(xe, s.lo_xe);  // dye and dh: rounded above
+    round_all(h, s.lo_h, s.lo_h_of), round_all(xe, s.lo_xe, s.lo_xe_of);  // dye and dh: rounded above
   }
   parallel_for(0, static_cast<index_t>(s.jobs.size()), 1, [&](index_t i0, index_t i1) {
     for (index_t i = i0; i < i1; ++i) {
@@ -281,10 +298,7 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
       }
       if (db != nullptr) {  // column sums, row by row (contiguous); each column still sums its rows in order
         std::array<T, detail::kGradRows> acc{};
-        for (index_t r = 0; r < n; ++r) {
-          const T* g = Gd + r * W + j0;
-          for (index_t j = 0; j < cols; ++j) acc[static_cast<std::size_t>(j)] += g[j];
-        }
+        ::limoe::detail::add_column_sums(Gd + j0, n, cols, acc.data(), W);
         for (index_t j = 0; j < cols; ++j) db[e * W + j0 + j] += acc[static_cast<std::size_t>(j)];
       }
     }

@@ -62,6 +62,10 @@ struct ExpertScratch {
   // The forward's: lo_xe and lo_h above (the rows and the hidden layer, rounded by each tile's job),
   // and the weights, rounded here only when the policy carries no bf16 copy of them.
   std::vector<std::uint16_t> lo_w1, lo_w2;
+  // Where the forward's lo_xe and lo_h came from (xe and h, their sizes), so that a backward reading the same
+  // tensors takes them as they are instead of rounding them again; cleared by a forward that did not round.
+  struct Source { const void* data = nullptr; std::int64_t numel = 0; };
+  Source lo_xe_of, lo_h_of;
 };
 
 

@@ -16,20 +16,11 @@
 #include "limoe/core/gemm_mixed.hpp"
 #include "limoe/core/precision.hpp"
 #include "limoe/core/parallel.hpp"
+#include "limoe/core/reduce.hpp"
 #include "limoe/core/tensor.hpp"
 #include "limoe/ops/shapes.hpp"
 
 namespace limoe {
-namespace detail {
-// Adds the column sums of g[R, C] to acc[C], row by row (contiguous, vectorised across columns), each column over
-// the rows in order: the bits depend on the values only.
-template <class T>
-void add_column_sums(const T* g, index_t R, index_t C, T* acc) {
-  for (index_t r = 0; r < R; ++r)
-    for (index_t c = 0; c < C; ++c) acc[c] += g[r * C + c];
-}
-}  // namespace detail
-
 namespace cpu {
 
 // y[R, O] = x[R, I] W[O, I]^T + b[O].
