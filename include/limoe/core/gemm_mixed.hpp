@@ -338,7 +338,9 @@ void gemm_f32_packed_blocks(PackedWeights* packed, Trans ta, Trans tb, index_t M
   });
 }
 
-// Which kernel the bf16 products use here: "onednn:<its implementation>" or "widened".
+// Which kernel the bf16 products on operands as they lie use here: "onednn:<its implementation>" or "widened".
+// On a processor with AMX the products over a mirror's weights (the forward's and the input gradients') run on
+// limoe's tile kernel instead (gemm_bf16_serial, core/amx.hpp), which this name does not tell.
 template <class = void>
 std::string bf16_kernel_name() {
 #if defined(LIMOE_HAVE_DNNL)
