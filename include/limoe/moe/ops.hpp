@@ -263,16 +263,21 @@ void expert_mlp_backward(const DispatchPlan& p, const ExpertWeights<T>& w, GeluK
   for (int e = 0; e < p.E; ++e) {
     if (p.rows_of(e) == 0) continue;
     if (!g.fc2_w.empty() || !g.fc2_b.empty())
-      for (index_t j = 0, h = detail::grad_job_rows(D); j < D; j += h) s.jobs.push_back({e, 0, j, std::min(D, j + h)});
+      for (index_t j = 0, step = detail::grad_job_rows(D); j < D; j += step)
+        s.jobs.push_back({e, 0, j, std::min(D, j + step)});
     if (!g.fc1_w.empty() || !g.fc1_b.empty())
-      for (index_t j = 0, h = detail::grad_job_rows(M); j < M; j += h) s.jobs.push_back({e, 1, j, std::min(M, j + h)});
+      for (index_t j = 0, step = detail::grad_job_rows(M); j < M; j += step)
+        s.jobs.push_back({e, 1, j, std::min(M, j + step)});
   }
   if constexpr (Prec::mixed) {
     // h and xe: the forward's copies when it rounded these very tensors (ExpertScratch::lo_h_of), else here.
-    auto round_all = [](CView<T> x, std::vector<bf16_bits>& lo, const ExpertScratch::Source& of) {
+    // Rounded here: the forward's copy is gone, so its record too (a later backward given the forward's tensors
+    // rounds them again).
+    auto round_all = [](CView<T> x, std::vector<bf16_bits>& lo, ExpertScratch::Source& of) {
       if (of.data == x.data() && of.numel == x.numel() && lo.size() == static_cast<std::size_t>(x.numel())) return;
       lo.resize(static_cast<std::size_t>(x.numel()));
       to_bf16_parallel(x.data(), x.numel(), lo.data());
+      of = ExpertScratch::Source{};
     };
     round_all(h, s.lo_h, s.lo_h_of), round_all(xe, s.lo_xe, s.lo_xe_of);  // dye and dh: rounded above
   }
