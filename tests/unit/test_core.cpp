@@ -1,12 +1,14 @@
 // Core: tensors and views, errors, the counter-based generator, the matrix product against a naive loop.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <limoe/core/block_pool.hpp>
@@ -223,6 +225,50 @@ TEST_CASE("gemm: all transposes, beta, threads agree with a naive double loop") 
           }
         CHECK(worst < 1e-3);
       }
+  }
+  set_num_threads(0);
+}
+
+// How gemm splits a product over the thread pool (detail::split_product): blocks that depend on the shape only,
+// cover C once, and are whole rows where a long K makes a C of one block worth cutting (a weight gradient).
+TEST_CASE("gemm's split: shape-only blocks that cover C once; a long-K product of one block cut into row blocks") {
+  struct Block { index_t m0, m1, n0, n1; };
+  auto blocks_of = [](index_t M, index_t N, index_t K) {
+    std::vector<Block> out;
+    std::mutex mu;
+    detail::split_product(M, N, K, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+      const std::lock_guard<std::mutex> lock(mu);
+      out.push_back({m0, m1, n0, n1});
+    });
+    std::sort(out.begin(), out.end(), [](const Block& a, const Block& b) { return a.m0 != b.m0 ? a.m0 < b.m0 : a.n0 < b.n0; });
+    return out;
+  };
+  auto covers_once = [](const std::vector<Block>& b, index_t M, index_t N) {
+    std::vector<int> seen(static_cast<std::size_t>(M * N), 0);
+    for (const Block& x : b)
+      for (index_t i = x.m0; i < x.m1; ++i)
+        for (index_t j = x.n0; j < x.n1; ++j) ++seen[static_cast<std::size_t>(i * N + j)];
+    return std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; });
+  };
+  for (int threads : {1, 2}) {
+    set_num_threads(threads);
+    // B/32's attention weight gradient, dy^T x over 1,568 rows: 1.85 GFLOP in a C of one block, cut into 4 row
+    // blocks of 192 whole rows (on one thread as on two).
+    const auto wgrad = blocks_of(768, 768, 1568);
+    CHECK(wgrad.size() == 4);
+    for (const Block& b : wgrad) CHECK((b.n0 == 0 && b.n1 == 768 && b.m1 - b.m0 == 192));
+    CHECK(covers_once(wgrad, 768, 768));
+    // A small product (80 MFLOP, under detail::kSplitLongK) and a C too short to cut: one call.
+    CHECK(blocks_of(200, 200, 1000).size() == 1);
+    CHECK(blocks_of(100, 768, 100000).size() == 1);
+    // Tall products keep their blocks of rows (an even count), wide ones their blocks of columns.
+    const auto tall = blocks_of(4096, 1536, 384);
+    CHECK(tall.size() % 2 == 0);
+    CHECK(covers_once(tall, 4096, 1536));
+    const auto wide = blocks_of(300, 3000, 700);
+    CHECK(wide.size() > 1);
+    for (const Block& b : wide) CHECK((b.m0 == 0 && b.m1 == 300));
+    CHECK(covers_once(wide, 300, 3000));
   }
   set_num_threads(0);
 }
