@@ -258,7 +258,7 @@ TEST_CASE("gemm's split: shape-only blocks that cover C once; a long-K product o
     CHECK(wgrad.size() == 4);
     for (const Block& b : wgrad) CHECK((b.n0 == 0 && b.n1 == 768 && b.m1 - b.m0 == 192));
     CHECK(covers_once(wgrad, 768, 768));
-    // A small product (80 MFLOP, under detail::kSplitLongK) and a C too short to cut: one call.
+    // A C of one small block (B small: blocks of 256) and a C too short to cut: one call.
     CHECK(blocks_of(200, 200, 1000).size() == 1);
     CHECK(blocks_of(100, 768, 100000).size() == 1);
     // Tall products keep their blocks of rows (an even count), wide ones their blocks of columns.

@@ -118,26 +118,24 @@ inline index_t split_blocks(index_t n, index_t block) {
   return blocks > 1 && blocks % 2 == 1 ? blocks + 1 : blocks;
 }
 
-// A product whose C fits in one block but whose B is large (a weight gradient dy^T x: [768, 768] over B/32's
-// 1,568 rows, 1.85 GFLOP) is still cut, into row blocks of about 256, when it has at least 128 rows and this
-// many FLOPs: on one thread the blocks cost what the whole did (a stand-alone program: 16.6-18.5 ms either
-// way), and on two threads attention's four weight gradients no longer run on one of them (the B/32 fp32
-// training step +8%; bench/README.md's performance log, 2026-12-07).
-inline constexpr double kSplitLongK = 1e8;
-
 template <class Kernel>
 void split_product(index_t M, index_t N, index_t K, Kernel&& kernel) {
   index_t kBlock = block_rows(N, K);
   const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
-  // Rows, not columns, for the long-K cut: a block of whole rows of C keeps oneDNN's brgemm kernel (moe/ops.hpp).
-  const bool long_k = M <= kBlock && N <= kBlock && flops >= kSplitLongK && M >= 128;
-  if (long_k) {
+  // A C that fits in one of the large blocks (B large: a weight gradient dy^T x, [768, 768] over B/32's 1,568
+  // rows, 1.85 GFLOP) but has more than 256 rows is still cut, into row blocks of about 256: on one thread the
+  // blocks cost what the whole did (a stand-alone program: 16.6-18.5 ms either way), and on two threads
+  // attention's four weight gradients no longer run on one of them (the B/32 fp32 training step +8%;
+  // bench/README.md's performance log, 2026-12-07). Rows, not columns: whole rows of C keep oneDNN's brgemm
+  // kernel (moe/ops.hpp).
+  const bool large_b = M <= kBlock && N <= kBlock && M > 256;
+  if (large_b) {
     kBlock = 256;
   } else if (flops < 4e6 || (M <= kBlock && N <= kBlock)) {
     kernel(index_t(0), M, index_t(0), N);
     return;
   }
-  if (long_k || M >= N || M > kBlock) {
+  if (large_b || M >= N || M > kBlock) {
     // Blocks of rows of C: rows of op(A).
     const index_t blocks = split_blocks(M, kBlock), rows = block_extent(M, blocks);
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {
