@@ -333,7 +333,9 @@ void combine_forward(const DispatchPlan& p, CView<T> gates, CView<std::int32_t> 
   });
 }
 
-// dye [A, D] and dgate [A] (d loss / d the gate of each row) overwritten.
+// dye [A, D] and dgate [A] (d loss / d the gate of each row) overwritten. Each dgate sums its D products in
+// core/reduce.hpp's 16 lanes: a plain `acc +=` chain ran scalar, at one add per add latency (1.9 ms a call,
+// 1.2% of the layer's forward + backward at D = 384 on one Zen 4 core; bench/README.md's performance log).
 template <class T>
 void combine_backward(const DispatchPlan& p, CView<T> gates, CView<std::int32_t> route, CView<T> ye, CView<T> dy,
                       View<T> dye, View<T> dgate) {
@@ -349,12 +351,8 @@ void combine_backward(const DispatchPlan& p, CView<T> gates, CView<std::int32_t>
       const T* gr = dy.data() + t * D;
       const T* o = ye.data() + r * D;
       T* out = dye.data() + r * D;
-      T acc = 0;
-      for (index_t d = 0; d < D; ++d) {
-        acc += gr[d] * o[d];
-        out[d] = gate * gr[d];
-      }
-      dgate[r] = acc;
+      for (index_t d = 0; d < D; ++d) out[d] = gate * gr[d];
+      dgate[r] = ::limoe::detail::lane_sum<T>(D, [&](index_t d) { return gr[d] * o[d]; });
     }
   });
 }
