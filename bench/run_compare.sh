@@ -19,7 +19,8 @@
 #                          Cooperlake on the 1-thread gemm; unset; or a name
 #   QUICK=1                tiny sizes, one repeat: checks the script, measures nothing
 #   OUT=dir                where the raw JSON lines go (default: a new folder under ${TMPDIR:-/tmp})
-# Every case runs limoe then the peer; a failing case is recorded and the run goes on.
+# Every case runs limoe then the peer; a failing case is recorded and the run goes on. Each precision and
+# thread count starts with the machine's peak (limoe bench --workload peak), reported beside the ceiling.
 set -u -o pipefail
 
 LIMOE=${1:-./build/tools/limoe}
@@ -104,6 +105,17 @@ run_case() {  # threads, args...
   echo "run_compare: done $* --threads $t --precision $PREC ($(date +%T))" >&2
 }
 
+peak_case() {  # threads: the machine's ceiling at $PREC (limoe only: core/peak.hpp; the peer has no such loop)
+  local o
+  if o=$("$LIMOE" bench --workload peak --threads "$1" --precision "$PREC" --repeats "$PEAK_REPEATS" 2>"$OUT/err"); then
+    echo "$o" >> "$RAW"
+  else
+    echo "{\"workload\": \"error\", \"impl\": \"limoe\", \"args\": \"--workload peak --threads $1 --precision $PREC\", \"error\": \"$(tr -d '"\n' < "$OUT/err")\"}" >> "$RAW"
+  fi
+}
+PEAK_REPEATS=5
+[ "$QUICK" = 1 ] && PEAK_REPEATS=1
+
 # The stock install for reference: torch with the system's libblas.so.3 as it is, gemm only, 1 thread.
 STOCK=$("$PEER_PY" "$PEER" --workload gemm --threads 1 $LT --repeats 3 --warmup 1 --omp-wait-policy PASSIVE 2>/dev/null \
         | "$PEER_PY" -c "import json,sys; j=json.loads(sys.stdin.read()); print(f\"{j['gflops']:.1f} GFLOP/s with {', '.join(l for l in j['peer']['libs'] if 'blas' in l)}\")" || echo "failed")
@@ -113,6 +125,7 @@ START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 UPTIME_START=$(uptime)
 for PREC in $PRECISIONS; do
 for t in $THREADS; do
+  peak_case "$t"
   for d in $WIDTHS; do run_case "$t" --workload gemm --width "$d" $LT $REP; done
   [ "$CASES" = models ] || for d in $WIDTHS; do
     for bw in "" --backward; do
@@ -141,6 +154,9 @@ import json, os
 rows = [json.loads(l) for l in open(os.environ["RAW"]) if l.strip()]
 errors = [r for r in rows if r["workload"] == "error"]
 rows = [r for r in rows if r["workload"] != "error"]
+# The machine's ceiling (limoe bench --workload peak): GFLOP/s and the unit, per threads and precision.
+peaks = {(r["threads"], r.get("precision", "fp32")): r for r in rows if r["workload"] == "peak"}
+rows = [r for r in rows if r["workload"] != "peak"]
 
 def key(r):
     return (r["workload"], r.get("config") or "", r["width"], bool(r["backward"]), r["threads"], r.get("precision", "fp32"))
@@ -168,6 +184,11 @@ print(f"- peer settings (first peer row; thread variables follow N): {json.dumps
 print(f"- stock peer (torch with the system libblas.so.3 as installed), torch.mm 1 thread: {os.environ['STOCK']}")
 print(f"- ceiling = best gemm GFLOP/s of the run at that precision (limoe gemm, the faster of B as it lies and B packed once, and torch.mm; D = 384 and 768, T = 4096): "
       + ", ".join(f"{pr} {t} thread{'s' if t > 1 else ''}: {f(ceiling[(t, pr)])}" for pr in precs for t in threads))
+if peaks:
+    print("- machine peak = `limoe bench --workload peak` (independent multiply-adds from registers on the widest unit, "
+          "all threads at once; the fastest of 5): "
+          + ", ".join(f"{pr} {t} thread{'s' if t > 1 else ''}: {f(peaks[(t, pr)]['gflops_best'])} ({peaks[(t, pr)].get('kernel')})"
+                      for pr in precs for t in threads if (t, pr) in peaks))
 kern = next((r.get("kernel") for r in rows if r["impl"] == "limoe" and r["workload"] == "gemm" and r.get("precision") == "bf16"), None)
 if kern:
     print(f"- limoe's bf16 kernel: {kern}")
@@ -248,6 +269,15 @@ for pr in precs:
         if e:
             x = e["gflops"] / ceiling[(t, pr)]
             print(f"| embed B/32 {pr} limoe GFLOP/s / {pr} ceiling, {t}T | {f(x, 2)} | >= 0.90 | {verdict(x, 0.9)} |")
+    # What the machine allows: each side's rate over the peak, and what the target asks of it (its ratio times
+    # the peer's rate, over the peak: above 1.00 no program on this machine can meet it).
+    for w, cfg in (("train_step", "S/32"), ("embed", "B/32")):
+        for t in threads:
+            l, p, pk = get("limoe", w, cfg, t=t, pr=pr), get("torch", w, cfg, t=t, pr=pr), peaks.get((t, pr))
+            if l and p and pk and pk["gflops_best"] > 0:
+                g = pk["gflops_best"]
+                print(f"| {w} {cfg} {pr}, {t}T: limoe / peer / target ({need}x the peer) as a share of the machine's peak | "
+                      f"{f(l['gflops'] / g, 2)} / {f(p['gflops'] / g, 2)} / {f(need * p['gflops'] / g, 2)} | reported | – |")
 for cfg in sorted({r.get("config") for r in rows if r["workload"] == "train_step"}):
     for t, need in ((1, 1.3), (2, 1.5)):
         x = ratio(get("limoe", "train_step", cfg, t=t), get("torch", "train_step", cfg, t=t))

@@ -1029,6 +1029,27 @@ TEST_CASE("small contracts: bench --config FILE.json by bare name, an integer pa
     CHECK(best == doctest::Approx(std::max(plain, packed)).epsilon(1e-9));
     CHECK(j["form"] == (packed > plain ? "packed" : "plain"));
   }
+  // peak: the machine's ceiling, one repeat; where the processor has no unit for a precision, one line naming that
+  for (const char* prec : {"fp32", "bf16"}) {
+    const Run k = run(std::string("bench --workload peak --repeats 2 --threads 1 --precision ") + prec);
+    INFO(k.err);
+    if (k.code == 0) {
+      const auto j = nlohmann::json::parse(k.out);
+      CHECK(j["unit"] == "GFLOP/s");
+      CHECK(j["gflops"].get<double>() > 0);
+      CHECK(j["gflops_best"].get<double>() >= j["gflops"].get<double>() * (1 - 1e-12));
+      CHECK(j["times_s"].size() == 2);
+      const std::string unit = j["kernel"];
+      CHECK((std::string(prec) == "fp32" ? (unit == "avx512_fma" || unit == "avx2_fma")
+                                         : (unit == "amx_bf16" || unit == "avx512_bf16")));
+    } else {
+      CHECK(k.code == 2);
+      CHECK(k.err.find("unit to measure") != std::string::npos);
+    }
+  }
+  expect_failure("bench --workload peak --config S/32", "drop --config");
+  expect_failure("bench --workload peak --backward", "not to peak");
+  expect_failure("bench --workload peak --profile", "nothing to break down");
   expect_failure("train --preset tiny --data synthetic --steps 99999999999999999999 --out " + (d / "x").string(),
                  "--steps must be between 1 and 1099511627776, got \"99999999999999999999\"");
   expect_failure("train --preset tiny --data synthetic --seed 99999999999999999999 --out " + (d / "x").string(),

@@ -15,6 +15,10 @@
 //               variant --config (default S/32).                                                    images/s
 //   train_step  one Trainer::step (forward, contrastive + auxiliary losses, backward, AdamW) on --batch
 //               image-text pairs with the variant --config (default S/32).                          pairs/s
+//   peak        the machine's arithmetic ceiling (core/peak.hpp): independent multiply-adds from registers
+//               on the widest unit for --precision (fp32: AVX-512 F or AVX2 + FMA; bf16: AMX tiles or AVX-512
+//               BF16), --threads threads at once, each repeat about 0.2 s of work; "kernel" names the unit.
+//                                                                                                   GFLOP/s
 //
 // Timing: --warmup untimed iterations, then --repeats timed ones (steady_clock around each); the JSON line
 // reports the median, min and max, throughput = units per iteration / median, and the analytic FLOP count
@@ -47,6 +51,7 @@
 #include <limoe/core/precision.hpp>
 #include <limoe/core/profile.hpp>
 #include <limoe/core/parallel.hpp>
+#include <limoe/core/peak.hpp>
 #include <limoe/core/rng.hpp>
 #include <limoe/model/presets.hpp>
 #include <limoe/moe/moe.hpp>
@@ -336,6 +341,24 @@ json gemm_workload(const Params& p) {
           {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times}};
 }
 
+// The machine's ceiling at this precision: `threads` threads of core/peak.hpp's loop at once, `repeats` times
+// (its calibration is the warm-up). The time of a repeat is its slowest thread's.
+json peak_workload(const Params& p) {
+  const peak::Kind k = peak::kind(p.precision);
+  LIMOE_CHECK(k != peak::Kind::None, "--workload peak: this processor or process has no ",
+              p.precision == PrecisionKind::Bf16 ? "AMX-BF16 or AVX-512 BF16" : "AVX-512 F or AVX2 + FMA",
+              " unit to measure");
+  const peak::Timings m = peak::measure(k, num_threads(), p.repeats);
+  std::vector<double> s = m.seconds;
+  std::sort(s.begin(), s.end());
+  const std::size_t n = s.size();
+  // gflops (every workload's: at the median) and gflops_best (at the fastest repeat: the ceiling, since the
+  // host's noise can only slow the loop down).
+  return {{"unit", "GFLOP/s"}, {"gflop", m.flop / 1e9}, {"kernel", peak::name(k)}, {"gflops_best", m.best_gflops()},
+          {"median_s", n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2])}, {"min_s", s.front()},
+          {"max_s", s.back()}, {"times_s", m.seconds}};
+}
+
 // The named variant with the overrides given on the command line. A name is a preset (limoe inspect lists
 // them), or a JSON config file (docs/cli.md "config"), or an inline JSON object.
 ModelConfig model_config(const Params& p, bool training) {
@@ -509,9 +532,9 @@ int run(const std::vector<std::string>& argv) {
   p.workload = args.required("workload");
   p.precision = precision;
   p.packed_weights = backend.packed_weights;
-  const std::vector<std::string> known{"moe_layer", "dense_mlp", "gemm", "embed", "train_step"};
+  const std::vector<std::string> known{"moe_layer", "dense_mlp", "gemm", "embed", "train_step", "peak"};
   LIMOE_CHECK(std::find(known.begin(), known.end(), p.workload) != known.end(), "unknown --workload \"", p.workload,
-              "\"; expected one of moe_layer, dense_mlp, gemm, embed, train_step");
+              "\"; expected one of moe_layer, dense_mlp, gemm, embed, train_step, peak");
   auto positive = [&](const char* name, long long def, long long max = 1LL << 40) {
     return args.integer(name, def, 1, max);
   };
@@ -528,9 +551,10 @@ int run(const std::vector<std::string>& argv) {
   p.grad_overlap = !args.flag("no-grad-overlap");
   LIMOE_CHECK(p.grad_overlap || p.workload == "train_step", "--no-grad-overlap applies to train_step only");
   g_profile = args.flag("profile");
-  LIMOE_CHECK(!g_profile || (p.workload != "gemm" && p.workload != "dense_mlp"),
+  LIMOE_CHECK(!g_profile || (p.workload != "gemm" && p.workload != "dense_mlp" && p.workload != "peak"),
               "--profile breaks down the model workloads and moe_layer by op; ", p.workload,
-              " is one product or a fixed sequence of three, so there is nothing to break down");
+              p.workload == "peak" ? " is one loop of multiply-adds" : " is one product or a fixed sequence of three",
+              ", so there is nothing to break down");
   p.has_width = args.has("width");
   p.has_experts = args.has("experts");
   p.has_top_k = args.has("top-k");
@@ -538,7 +562,9 @@ int run(const std::vector<std::string>& argv) {
   const bool model_workload = p.workload == "embed" || p.workload == "train_step";
   p.config = args.str("config", model_workload ? "S/32" : "");
   LIMOE_CHECK(!args.has("config") || !p.config.empty(), "--config needs a variant name");
-  LIMOE_CHECK(!p.backward || (p.workload != "gemm" && p.workload != "embed"),
+  LIMOE_CHECK(p.workload != "peak" || !args.has("config"), "--workload peak measures the processor, not a variant: "
+              "drop --config");
+  LIMOE_CHECK(!p.backward || (p.workload != "gemm" && p.workload != "embed" && p.workload != "peak"),
               "--backward applies to moe_layer and dense_mlp (train_step always runs it), not to ", p.workload);
   if (!model_workload && args.has("config")) {
     // A layer workload with a named variant: its width, experts and top-k unless given explicitly.
@@ -563,6 +589,7 @@ int run(const std::vector<std::string>& argv) {
     auto workload = [&]<class P>() {
       if (p.workload == "moe_layer") return moe_layer<P>(p);
       if (p.workload == "dense_mlp") return dense_mlp<P>(p);
+      if (p.workload == "peak") return peak_workload(p);
       return gemm_workload(p);
     };
     if (precision == PrecisionKind::Bf16) j = workload.template operator()<Bf16Mixed>();
@@ -595,7 +622,7 @@ int run(const std::vector<std::string>& argv) {
   out["repeats"] = p.repeats;
   out["warmup"] = p.warmup;
   for (const char* k : {"gflop_accepted", "flop_basis", "drop_fraction", "accepted", "capacity", "mlp_dim", "shape", "kernel",
-                        "form", "gflops_plain", "gflops_packed",
+                        "form", "gflops_plain", "gflops_packed", "gflops_best",
                         "depth", "heads", "patch", "patches", "text_len", "moe_blocks", "params_total", "ranks",
                         "comm_share", "overlapped_comm_share", "gradient_sum", "inputs"})
     if (j.contains(k)) out[k] = j[k];
@@ -612,7 +639,7 @@ const cli::Register reg(
      "usage: limoe bench --workload W [--config NAME] [--width D] [--tokens T] [--experts E] [--top-k K]\n"
      "                   [--capacity-factor F] [--batch B] [--threads N] [--repeats R] [--warmup W] [--backward]\n"
      "                   [--no-grad-overlap] [--profile]\n\n"
-     "  --workload W          moe_layer | dense_mlp | gemm | embed | train_step\n"
+     "  --workload W          moe_layer | dense_mlp | gemm | embed | train_step | peak\n"
      "                          moe_layer   one MoE layer (router, BPR, dispatch, E experts D->4D->D, combine)\n"
      "                                      on T tokens, training mode, noise on            (tokens/s)\n"
      "                          dense_mlp   the dense MLP D->4D->D on T tokens                (tokens/s)\n"
@@ -620,6 +647,8 @@ const cli::Register reg(
      "                                      lies and B packed once as a weight (GFLOP/s)\n"
      "                          embed       image embeddings of B 224x224x3 images            (images/s)\n"
      "                          train_step  one training step on B image-text pairs          (pairs/s)\n"
+     "                          peak        the machine's ceiling: independent multiply-adds from registers\n"
+     "                                      on the widest unit for --precision, N threads at once (GFLOP/s)\n"
      "  --config NAME         embed/train_step variant: a preset (S/32, B/32, ...; default S/32), a .json\n"
      "                        config file, or an inline JSON config object\n"
      "  --width D             width (default 384; for embed/train_step overrides the variant's, MLP = 4D)\n"
