@@ -25,6 +25,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <latch>
 #include <string>
 #include <thread>
 #include <vector>
@@ -229,10 +230,13 @@ inline Run run(Kind k, std::int64_t iters, float* lanes) {
   return r;
 }
 
-// `threads` threads running the loop at once (each its own std::thread; a repeat's time is its slowest
-// thread's), `repeats` times, each thread about `seconds` of work (iterations calibrated on the calling thread
-// first, which also warms the unit up): the flops of one repeat, all threads together, and each repeat's time.
+// `threads` threads running the loop at once (each its own thread, released together by a latch once all are
+// started; a repeat's time is its slowest thread's), `repeats` times, each thread `iters` iterations, about
+// `seconds` of work (calibrated on the calling thread first, which also warms the unit up): the flops of one
+// repeat, all threads together (threads * iters * flops_per_iteration), and each repeat's time.
 struct Timings {
+  int threads = 0;
+  std::int64_t iters = 0;
   double flop = 0;
   std::vector<double> seconds;
   double best_gflops() const {
@@ -247,7 +251,7 @@ inline Timings measure(Kind k, int threads, int repeats = 3, double seconds = 0.
   LIMOE_CHECK(k != Kind::None, "peak::measure: no unit to measure on this processor");
   float lanes[16];
   std::int64_t iters = 1 << 12;
-  for (;;) {
+  for (;;) {  // run() here first: a unit it refuses throws on this thread, never inside a worker
     const auto t0 = std::chrono::steady_clock::now();
     run(k, iters, lanes);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -259,18 +263,30 @@ inline Timings measure(Kind k, int threads, int repeats = 3, double seconds = 0.
     iters *= 4;
   }
   Timings out;
+  out.threads = threads, out.iters = iters;
   out.flop = threads * static_cast<double>(iters) * flops_per_iteration(k);
   for (int r = 0; r < repeats; ++r) {
     std::vector<double> took(static_cast<std::size_t>(threads));
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        float own[16];
-        const auto t0 = std::chrono::steady_clock::now();
-        run(k, iters, own);
-        took[static_cast<std::size_t>(t)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      });
-    for (auto& th : pool) th.join();
+    std::latch go(1);
+    {
+      std::vector<std::jthread> pool;  // joined on leaving the scope, an exception's included
+      pool.reserve(static_cast<std::size_t>(threads));
+      try {
+        for (int t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            float own[16];
+            go.wait();
+            const auto t0 = std::chrono::steady_clock::now();
+            run(k, iters, own);
+            took[static_cast<std::size_t>(t)] =
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          });
+      } catch (...) {
+        go.count_down();  // the threads already started run and are joined; then the error goes on
+        throw;
+      }
+      go.count_down();
+    }
     out.seconds.push_back(*std::max_element(took.begin(), took.end()));
   }
   return out;
