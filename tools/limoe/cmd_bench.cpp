@@ -116,6 +116,16 @@ json profile_of(int first, int repeats, const std::function<void(int)>& fn) {
           {"outside_regions_ms", 1e3 * std::max(0.0, wall - prof.seconds()) / repeats}, {"regions", regions}};
 }
 
+// t.median, t.min and t.max of t.times (at least one).
+void summarize(Timing& t) {
+  std::vector<double> s = t.times;
+  std::sort(s.begin(), s.end());
+  const std::size_t n = s.size();
+  t.median = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+  t.min = s.front();
+  t.max = s.back();
+}
+
 // warmup untimed calls of fn(i), then `repeats` timed ones (i counts every call, warmup included); with
 // --profile, `repeats` more under a profile session (so the timed ones are not slowed by its waits).
 Timing time_it(int warmup, int repeats, const std::function<void(int)>& fn) {
@@ -128,12 +138,7 @@ Timing time_it(int warmup, int repeats, const std::function<void(int)>& fn) {
     t.times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   if (g_profile) t.profile = profile_of(i, repeats, fn);
-  std::vector<double> s = t.times;
-  std::sort(s.begin(), s.end());
-  const std::size_t n = s.size();
-  t.median = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
-  t.min = s.front();
-  t.max = s.back();
+  summarize(t);
   return t;
 }
 
@@ -349,14 +354,13 @@ json peak_workload(const Params& p) {
               p.precision == PrecisionKind::Bf16 ? "AMX-BF16 or AVX-512 BF16" : "AVX-512 F or AVX2 + FMA",
               " unit to measure");
   const peak::Timings m = peak::measure(k, num_threads(), p.repeats);
-  std::vector<double> s = m.seconds;
-  std::sort(s.begin(), s.end());
-  const std::size_t n = s.size();
+  Timing t;
+  t.times = m.seconds;
+  summarize(t);
   // gflops (every workload's: at the median) and gflops_best (at the fastest repeat: the ceiling, since the
   // host's noise can only slow the loop down).
   return {{"unit", "GFLOP/s"}, {"gflop", m.flop / 1e9}, {"kernel", peak::name(k)}, {"gflops_best", m.best_gflops()},
-          {"median_s", n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2])}, {"min_s", s.front()},
-          {"max_s", s.back()}, {"times_s", m.seconds}};
+          {"median_s", t.median}, {"min_s", t.min}, {"max_s", t.max}, {"times_s", t.times}};
 }
 
 // The named variant with the overrides given on the command line. A name is a preset (limoe inspect lists

@@ -135,7 +135,7 @@ void split_product(index_t M, index_t N, index_t K, Kernel&& kernel) {
     kernel(index_t(0), M, index_t(0), N);
     return;
   }
-  if (large_b || M >= N || M > kBlock) {
+  if (M >= N || M > kBlock) {  // (large_b: M > 256 = kBlock, so rows)
     // Blocks of rows of C: rows of op(A).
     const index_t blocks = split_blocks(M, kBlock), rows = block_extent(M, blocks);
     parallel_for(0, blocks, 1, [&](index_t b0, index_t b1) {

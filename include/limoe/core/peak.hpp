@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "limoe/core/amx.hpp"
+#include "limoe/core/dpbf16.hpp"
 #include "limoe/core/precision.hpp"
 #include "limoe/core/error.hpp"
 #include "limoe/core/fma512.hpp"
@@ -73,6 +74,25 @@ inline double flops_per_iteration(Kind k) {
   return 0;
 }
 
+namespace detail {
+// The accumulators' elements after the loop (N accumulators of W floats each: vector registers, or AMX tiles
+// stored to memory): their sum (every term each one counted, so the flops done are twice it), and lanes[i] the
+// least of the elements at i modulo 16 (modulo W where W < 16) over them all (a chain left out would show).
+template <class V, int N>
+double tally(const V (&acc)[N], float* lanes) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  double sum = 0;
+  std::fill(lanes, lanes + 16, 3.4e38f);
+  for (int j = 0; j < N; ++j) {
+    float e[W];
+    std::memcpy(e, &acc[j], sizeof e);
+    for (int i = 0; i < W; ++i) sum += e[i];
+    for (int i = 0; i < std::max(W, 16); ++i) lanes[i % 16] = std::min(lanes[i % 16], e[i % W]);
+  }
+  return sum;
+}
+}  // namespace detail
+
 #if defined(LIMOE_FMA512_KERNEL)
 namespace detail {
 inline bool cpu_has_avx2_fma() {
@@ -86,22 +106,6 @@ inline bool cpu_has_avx2_fma() {
   unsigned lo = 0, hi = 0;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return (lo & 0x6u) == 0x6u;  // SSE and AVX state
-}
-
-// The accumulators' elements after the loop: their sum (every term each one counted, so the flops done are
-// twice it), and lanes[i] the least of element i % W over the accumulators (a chain left out would show).
-template <class V, int N>
-double tally(const V (&acc)[N], float* lanes) {
-  constexpr int W = sizeof(V) / sizeof(float);
-  double sum = 0;
-  std::fill(lanes, lanes + 16, 3.4e38f);
-  for (int j = 0; j < N; ++j) {
-    float e[W];
-    std::memcpy(e, &acc[j], sizeof e);
-    for (int i = 0; i < W; ++i) sum += e[i];
-    for (int i = 0; i < 16; ++i) lanes[i] = std::min(lanes[i], e[i % W]);
-  }
-  return sum;
 }
 
 __attribute__((target("avx2,fma"))) inline double run_avx2(std::int64_t iters, float* lanes) {
@@ -178,26 +182,21 @@ __attribute__((target("amx-tile,amx-bf16"))) inline double run_amx(std::int64_t 
   _tile_stored(2, out[2], 64);
   _tile_stored(3, out[3], 64);
   _tile_release();
-  double sum = 0;
-  std::fill(lanes, lanes + 16, 3.4e38f);
-  for (const auto& tile : out)
-    for (int i = 0; i < 256; ++i) sum += tile[i], lanes[i % 16] = std::min(lanes[i % 16], tile[i]);
-  return sum;
+  return tally(out, lanes);
 }
 }  // namespace detail
 #endif
 
-// The unit measured for a precision on this machine and process.
+// The unit measured for a precision on this machine and process: the one limoe's own kernels run on, so LIMOE_AMX=0, LIMOE_DPBF16=0 and
+// LIMOE_FMA512=0 (which turn those kernels off) step down to the next unit here too.
 inline Kind kind(PrecisionKind prec) {
   if (prec == PrecisionKind::Bf16) {
     if (amx::available()) return Kind::AmxBf16;
-#if defined(LIMOE_FMA512_KERNEL)
-    if (fma512::detail::cpu_has_avx512("LIMOE_DPBF16", true)) return Kind::Avx512Bf16;
-#endif
+    if (dpbf16::available()) return Kind::Avx512Bf16;
     return Kind::None;
   }
+  if (fma512::available()) return Kind::Avx512Fma;
 #if defined(LIMOE_FMA512_KERNEL)
-  if (fma512::detail::cpu_has_avx512("LIMOE_FMA512", false)) return Kind::Avx512Fma;
   if (detail::cpu_has_avx2_fma()) return Kind::Avx2Fma;
 #endif
   return Kind::None;
