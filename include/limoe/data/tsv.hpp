@@ -10,6 +10,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #include "limoe/data/dataset.hpp"
 #include "limoe/data/image.hpp"
 #include "limoe/data/tokenizer.hpp"
+#include "limoe/io/file.hpp"
 
 namespace limoe::data {
 
@@ -39,8 +41,9 @@ class TsvPairs {
   explicit TsvPairs(const std::string& tsv_path, const TsvOptions& opt = {}) : path_(tsv_path), opt_(opt) {
     LIMOE_CHECK(opt.image.height > 0 && opt.image.width > 0 && (opt.image.channels == 1 || opt.image.channels == 3),
                 "TsvPairs: bad image shape ", opt.image.str(), " (channels must be 1 or 3)");
-    std::ifstream f(tsv_path);
-    LIMOE_CHECK(f.good(), "cannot open TSV file \"", tsv_path, "\"");
+    // Read whole through io::read_file: a folder, a device or a pipe without a writer is an error naming it.
+    const std::vector<std::uint8_t> bytes = io::read_file(tsv_path);
+    std::istringstream f(std::string(bytes.begin(), bytes.end()));
     const std::filesystem::path base = std::filesystem::path(tsv_path).parent_path();
     std::string line;
     index_t n = 0;

@@ -67,12 +67,16 @@ class FdGuard {
   int fd_;
 };
 
-// Opens `path` read-only with the clear errors read_file promises; fills `st`.
+// Opens `path` read-only with the clear errors read_file promises; fills `st`. A regular file or a pipe: a
+// device is refused (/dev/zero would be read until memory runs out, a terminal until end of input). A named pipe
+// is opened without waiting for a writer (O_NONBLOCK, cleared once open): one with no writer reads as empty,
+// which the caller's format check names, instead of holding the command forever; a pipe that has a writer
+// (a shell's `<(...)`) reads as usual.
 inline int open_for_reading(const std::string& path, struct stat& st) {
   if (path.empty()) fail("cannot read file: the path is empty");
   int fd;
   do {
-    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) {
     const int err = errno;
@@ -88,6 +92,15 @@ inline int open_for_reading(const std::string& path, struct stat& st) {
   if (S_ISDIR(st.st_mode)) {
     ::close(fd);
     fail("cannot read '", path, "': it is a directory, not a file");
+  }
+  if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) {
+    ::close(fd);
+    fail("cannot read '", path, "': it is a device or socket, not a file");
+  }
+  if (const int flags = ::fcntl(fd, F_GETFL); flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) {
+    const int err = errno;
+    ::close(fd);
+    fail("cannot read '", path, "': fcntl failed: ", errno_text(err));
   }
   return fd;
 }
