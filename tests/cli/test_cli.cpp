@@ -2,6 +2,7 @@
 // `embed` against the PyTorch golden files, `inspect` counts, and exact resume of `train`.
 #include <doctest/doctest.h>
 
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -1065,5 +1066,122 @@ TEST_CASE("small contracts: bench --config FILE.json by bare name, an integer pa
   const std::string after = slurp(r1 / "metrics.jsonl");
   CHECK(after.substr(0, log.size()) == log);
   CHECK(std::count(after.begin(), after.end(), '\n') == 3);
+  fs::remove_all(d);
+}
+
+// From a sweep of odd inputs (session 39): what is not a file, a run stopped by a signal, a resume refused after
+// the folder holds a log, a checkpoint whose train_state cannot be read, and report's probes and titles.
+TEST_CASE("inputs that are not files, a run stopped by a signal, a refused resume, report's probes and titles") {
+  const fs::path d = scratch() / "odd";
+  fs::create_directories(d);
+  const std::string tiny = "train --preset tiny --data synthetic --batch 8 --quiet --threads 1";
+  // a device is refused; a named pipe without a writer reads as empty (not forever); a folder is named
+  expect_failure("inspect /dev/zero", "it is a device or socket, not a file");
+  const fs::path fifo = d / "fifo";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  expect_failure("inspect " + fifo.string(), "the file is 0 bytes");
+  expect_failure("train --config " + fifo.string() + " --data synthetic --out " + (d / "x").string(), "not valid JSON");
+  expect_failure("train --config " + d.string() + " --data synthetic --out " + (d / "x").string(),
+                 "it is a directory, not a file");
+  expect_failure(tiny + " --data-path /nonexistent --out " + (d / "x").string(), "--data synthetic reads no files");
+  expect_failure(tiny + " --batch 99999999999999999999 --out " + (d / "x").string(), "does not fit in a 64-bit integer");
+  CHECK_FALSE(fs::exists(d / "x"));
+
+  // SIGINT during training: the run stops after its step (the checkpoint it was writing finished), exits 128 + 2
+  // and leaves no temporary file; a temporary file of a process that is gone is cleared by the next run there.
+  const fs::path out = d / "sig";
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    const std::string cmd = "exec " + kCli + " " + tiny + " --steps 100000 --checkpoint-every 1 --out " + out.string() +
+                            " 2> " + (d / "sig.err").string();
+    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  auto logged = [&] {
+    const std::string log = slurp(out / "metrics.jsonl");
+    return std::count(log.begin(), log.end(), '\n');
+  };
+  for (int i = 0; i < 600 && logged() < 3; ++i) ::usleep(100000);
+  REQUIRE(::kill(child, SIGINT) == 0);
+  int status = 0;
+  pid_t waited = 0;
+  for (int i = 0; i < 600 && waited == 0; ++i) {  // at most 60 s: a run that ignores the signal fails, not hangs
+    waited = ::waitpid(child, &status, WNOHANG);
+    if (waited == 0) ::usleep(100000);
+  }
+  if (waited == 0) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+    FAIL("train went on after SIGINT");
+  }
+  INFO(slurp(d / "sig.err"));
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 130);
+  CHECK(slurp(d / "sig.err").find("stopped by signal 2 after step") != std::string::npos);
+  for (const auto& e : fs::directory_iterator(out))
+    CHECK_MESSAGE(e.path().filename().string().find(".tmp") == std::string::npos, "left behind: ", e.path());
+  const fs::path ck = out / "checkpoint.safetensors";
+  REQUIRE(fs::exists(ck));
+  pid_t gone = ::fork();
+  if (gone == 0) ::_exit(0);
+  REQUIRE(::waitpid(gone, &status, 0) == gone);
+  const fs::path stale = out / ("checkpoint.safetensors.tmp." + std::to_string(gone) + ".0");
+  const fs::path live = out / ("checkpoint.safetensors.tmp." + std::to_string(::getpid()) + ".0");
+  std::ofstream(stale) << "x";
+  std::ofstream(live) << "x";
+  const std::int64_t at = nlohmann::json::parse(io::SafetensorsReader::open(ck.string()).metadata().at("train_state"))["step"];
+  const Run r = run("train --resume " + ck.string() + " --stop-at " + std::to_string(at + 1) + " --quiet --out " + out.string());
+  REQUIRE_MESSAGE(r.code == 0, r.err);
+  CHECK_FALSE(fs::exists(stale));
+  CHECK(fs::exists(live));  // a live process's: not ours to remove
+  fs::remove(live);
+
+  // a resume refused for its checkpoint's train_state leaves the folder's .partial as it was, and makes no folder
+  {
+    auto state = nlohmann::json::parse(io::SafetensorsReader::open(ck.string()).metadata().at("train_state"));
+    state["loss_ema"] = "nan";
+    const fs::path bad = d / "bad_ema.safetensors";
+    with_metadata(ck, bad, {{"train_state", state.dump()}});
+    const std::string line = "{\"step\": 1, \"loss\": 1.0}\n";
+    std::ofstream(out / "metrics.jsonl.partial", std::ios::trunc) << line;
+    expect_failure("train --resume " + bad.string() + " --steps 100000 --out " + out.string(),
+                   "train_state \"loss_ema\" must be a finite number");
+    CHECK(slurp(out / "metrics.jsonl.partial") == line);
+    expect_failure("train --resume " + bad.string() + " --steps 100000 --out " + (d / "fresh").string(), "loss_ema");
+    CHECK_FALSE(fs::exists(d / "fresh"));
+  }
+  // a train_state that is not JSON: eval cannot tell the data and says so, unless --data names it
+  {
+    const fs::path bad = d / "bad_state.safetensors";
+    with_metadata(ck, bad, {{"train_state", "{"}});
+    expect_failure("eval --checkpoint " + bad.string() + " --max-test 32", "the data it was trained on is unknown");
+    const Run e = run("eval --checkpoint " + bad.string() + " --data synthetic --max-test 32 --threads 1");
+    CHECK_MESSAGE(e.code == 0, e.err);
+  }
+  expect_failure("eval --checkpoint " + ck.string() + " --test-path 'tsv\xff/test.tsv'", "must be a UTF-8 file name");
+
+  // report: every probe's shot count is a column; a title that is not UTF-8 is refused, control characters never
+  // reach the pictures' XML
+  const fs::path ex = d / "ex";
+  for (const auto& [arm, shots] : std::vector<std::pair<std::string, int>>{{"a", 1}, {"b", 3}}) {
+    fs::create_directories(ex / arm / "seed0");
+    const Run e = run("eval --checkpoint " + ck.string() + " --max-test 64 --threads 1 --shots " + std::to_string(shots));
+    REQUIRE_MESSAGE(e.code == 0, e.err);
+    std::ofstream(ex / arm / "seed0" / "eval.json") << e.out;
+  }
+  const Run rep = run("report " + ex.string() + " --title 'a\x01title'");
+  REQUIRE_MESSAGE(rep.code == 0, rep.err);
+  const std::string md = slurp(ex / "report.md");
+  CHECK(md.find("1-shot probe") != std::string::npos);
+  CHECK(md.find("3-shot probe") != std::string::npos);
+  for (const char* svg : {"accuracy.svg", "routing.svg"}) {
+    if (!fs::exists(ex / svg)) continue;
+    const std::string s = slurp(ex / svg);
+    CHECK(std::none_of(s.begin(), s.end(), [](char c) {
+      return static_cast<unsigned char>(c) < 0x20 && c != '\t' && c != '\n' && c != '\r';
+    }));
+  }
+  expect_failure("report " + ex.string() + " --title 'a\xff'", "the title must be UTF-8 text");
   fs::remove_all(d);
 }

@@ -90,8 +90,11 @@ class Args {
     errno = 0;
     const long long v = digits ? std::strtoll(s.c_str(), &end, 10) : 0;
     LIMOE_CHECK(digits && end && *end == '\0', "--", name, " expects an integer, got \"", s, "\"");
-    if (errno == ERANGE)  // past 64 bits, either way: the whole range
-      fail("--", name, " must be between ", lo, " and ", hi, ", got \"", s, "\"");
+    if (errno == ERANGE) {  // past 64 bits, either way
+      LIMOE_CHECK(lo == std::numeric_limits<long long>::min() && hi == std::numeric_limits<long long>::max(), "--",
+                  name, " must be between ", lo, " and ", hi, ", got \"", s, "\"");
+      fail("--", name, " got \"", s, "\", which does not fit in a 64-bit integer");
+    }
     check_range(name, v, lo, hi);
     return v;
   }

@@ -371,11 +371,8 @@ ModelConfig model_config(const Params& p, bool training) {
   if (!n.empty() && n.front() == '{') {
     c = config_from_json_string(n);
   } else if (n.size() > 5 && n.substr(n.size() - 5) == ".json") {  // a file (no preset name ends so)
-    std::ifstream f(n);
-    LIMOE_CHECK(f.good(), "--config: cannot read config file '", n, "'");
-    std::stringstream ss;
-    ss << f.rdbuf();
-    c = config_from_json_string(ss.str());
+    const std::vector<std::uint8_t> bytes = io::read_file(n);  // a folder or a device: named
+    c = config_from_json_string(std::string(bytes.begin(), bytes.end()));
   } else {
     c = preset(n);
   }

@@ -92,7 +92,7 @@ int run(const std::vector<std::string>& argv) {
   model.set_keep_packed_weights(backend.packed_weights);
   const auto& cfg = model.config();
   const auto src = cli::data_source(args, cfg, loaded.trained_on(), true);
-  const data::AnyDataset test = data::open_dataset(src, data::Split::test);
+  const data::AnyDataset test = cli::open_data(src, data::Split::test);
   // At least 2 examples: with one, retrieval, zero-shot and the probe are trivially perfect. A split with fewer
   // is the data's fault, not --max-test's.
   LIMOE_CHECK(test.size() >= 2, "eval needs at least 2 test examples; the test split has ", test.size());
@@ -109,7 +109,7 @@ int run(const std::vector<std::string>& argv) {
   const Tensor<float> img = embed_images(model, test, idx);
   if (test.has_labels()) {
     const Tensor<float> cls = class_embeddings(model, loaded.tokenizer, test);
-    const data::AnyDataset train = data::open_dataset(src, data::Split::train);  // the linear probe's shots
+    const data::AnyDataset train = cli::open_data(src, data::Split::train);  // the linear probe's shots
     out["zero_shot_top1"] = zero_shot_accuracy(img, labels, cls);
     const int classes = static_cast<int>(test.class_names().size());
     std::vector<int> shot_labels;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include <limoe/data/tokenizer.hpp>
 #include <limoe/eval/summary.hpp>
 #include <limoe/io/file.hpp>
 #include <nlohmann/json.hpp>
@@ -33,8 +35,8 @@ struct Metric {
   const char* title;
   enum Kind { Fraction, Percent, Loss, Count, Seconds } kind;
 };
-const std::vector<Metric>& metrics() {
-  static const std::vector<Metric> m{
+std::vector<Metric>& metrics() {
+  static std::vector<Metric> m{
       {"zero_shot_top1", "zero-shot", Metric::Fraction},
       {"compositional_zero_shot", "compositional", Metric::Fraction},
       {"linear_probe_10shot", "10-shot probe", Metric::Fraction},
@@ -65,6 +67,17 @@ std::string fmt(double v, Metric::Kind k) {
   }
   return b;
 }
+// The shot count N of an eval.json key "linear_probe_<N>shot" (limoe eval --shots N); 0 for any other key.
+int probe_shots(const std::string& key) {
+  const std::string head = "linear_probe_", tail = "shot";
+  if (key.size() <= head.size() + tail.size() || key.rfind(head, 0) != 0 ||
+      key.compare(key.size() - tail.size(), tail.size(), tail) != 0)
+    return 0;
+  const std::string n = key.substr(head.size(), key.size() - head.size() - tail.size());
+  if (n.empty() || n.size() > 6 || n.find_first_not_of("0123456789") != std::string::npos || n[0] == '0') return 0;
+  return std::stoi(n);
+}
+
 const Metric& metric(const std::string& key) {
   for (const auto& m : metrics())
     if (key == m.key) return m;
@@ -94,6 +107,8 @@ void check_eval(const nlohmann::json& e, const fs::path& file) {
       if (!v.is_number() && !v.is_null()) bad(where + key, "an array of numbers");
   };
   for (const auto& m : metrics()) number(e, "", m.key);
+  for (auto it = e.begin(); it != e.end(); ++it)
+    if (probe_shots(it.key()) > 0) number(e, "", it.key().c_str());
   if (!e.contains("routing")) return;
   if (!e["routing"].is_array()) bad("routing", "an array of blocks (limoe eval's routing)");
   for (std::size_t i = 0; i < e["routing"].size(); ++i) {
@@ -129,10 +144,8 @@ struct Arm {
 };
 
 std::string read_text(const fs::path& p) {
-  std::ifstream f(p);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
+  const std::vector<std::uint8_t> bytes = io::read_file(p.string());  // a folder or a device: named
+  return std::string(bytes.begin(), bytes.end());
 }
 
 // DIR/protocol.txt: "title ...", "baseline NAME", "arm NAME ..." lines (scripts/experiment); others ignored.
@@ -175,9 +188,11 @@ std::vector<Arm> read_arms(const fs::path& dir, const Protocol& proto) {
         LIMOE_CHECK(end && *end == '\0' && s.size() > 4, "report: ", e.path().string(), " is not seedN");
         const std::string text = read_text(e.path() / "eval.json");
         r.eval = nlohmann::json::parse(text, nullptr, false);
+        LIMOE_CHECK(!r.eval.is_discarded(), "report: ", (e.path() / "eval.json").string(), " is not valid JSON",
+                    text.find_first_not_of(" \t\r\n") == std::string::npos ? " (it is empty)" : "");
         LIMOE_CHECK(r.eval.is_object(), "report: ", (e.path() / "eval.json").string(), " is not a JSON object");
         check_eval(r.eval, e.path() / "eval.json");
-        r.command = read_text(e.path() / "command.txt");
+        if (fs::exists(e.path() / "command.txt")) r.command = read_text(e.path() / "command.txt");
         while (!r.command.empty() && r.command.back() == '\n') r.command.pop_back();
         a.runs.push_back(std::move(r));
       }
@@ -189,6 +204,28 @@ std::vector<Arm> read_arms(const fs::path& dir, const Protocol& proto) {
               dir.string(), ": none of the arms ", proto.arms.empty() ? "there" : "protocol.txt lists",
               " has an ARM/seedN/eval.json");
   return arms;
+}
+
+// The probes of every shot count the runs report (eval --shots N writes linear_probe_<N>shot), as columns after
+// the 10-shot one, fewest shots first.
+void add_probe_metrics(const std::vector<Arm>& arms) {
+  static std::deque<std::string> names;  // the added metrics' keys and titles (Metric holds pointers)
+  std::set<int> shots;
+  for (const auto& a : arms)
+    for (const auto& r : a.runs)
+      for (auto it = r.eval.begin(); it != r.eval.end(); ++it)
+        if (const int n = probe_shots(it.key()); n > 0 && n != 10) shots.insert(n);
+  auto& m = metrics();
+  for (const int n : shots) {
+    const std::string key = "linear_probe_" + std::to_string(n) + "shot";
+    if (std::any_of(m.begin(), m.end(), [&](const Metric& x) { return key == x.key; })) continue;
+    const char* k = names.emplace_back(key).c_str();
+    const char* t = names.emplace_back(std::to_string(n) + "-shot probe").c_str();
+    // After the probes of fewer shots (the 10-shot one counts as 10).
+    auto at = std::find_if(m.begin(), m.end(), [](const Metric& x) { return probe_shots(x.key) > 0; });
+    while (at != m.end() && probe_shots(at->key) > 0 && probe_shots(at->key) < n) ++at;
+    m.insert(at, Metric{k, t, Metric::Fraction});
+  }
 }
 
 // Per MoE block of an arm, the mean over seeds of the routing figures, and every expert's image share.
@@ -258,9 +295,15 @@ std::vector<BlockRouting> routing_of(const Arm& a) {
 
 const char* kColours[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"};
 
+// Text for an SVG's XML: the markup characters escaped, and the control characters XML 1.0 does not allow even
+// escaped (all below U+0020 but tab, line feed and carriage return) written as U+FFFD.
 std::string esc(const std::string& s) {
   std::string o;
-  for (char c : s) o += c == '<' ? "&lt;" : c == '>' ? "&gt;" : c == '&' ? "&amp;" : std::string(1, c);
+  for (char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 && c != '\t' && c != '\n' && c != '\r') o += "\xEF\xBF\xBD";
+    else o += c == '<' ? "&lt;" : c == '>' ? "&gt;" : c == '&' ? "&amp;" : c == '"' ? "&quot;" : std::string(1, c);
+  }
   return o;
 }
 
@@ -385,7 +428,18 @@ int run(const std::vector<std::string>& argv) {
   LIMOE_CHECK(fs::is_directory(dir), "report: ", dir.string(), " is not a folder");
   const Protocol proto = read_protocol(dir);
   const std::vector<Arm> arms = read_arms(dir, proto);
+  add_probe_metrics(arms);
   const std::string title = args.str("title", proto.title.empty() ? dir.filename().string() : proto.title);
+  // What report.json records must be UTF-8 (JSON holds nothing else): checked before anything is written.
+  LIMOE_CHECK(data::valid_utf8(title), "report: the title must be UTF-8 text (", args.has("title") ? "--title" :
+              proto.title.empty() ? "the folder's name gives it" : "protocol.txt's title line gives it", ")");
+  for (const auto& a : arms) {
+    LIMOE_CHECK(data::valid_utf8(a.name), "report: the arm folder names must be UTF-8 (report.json records them); "
+                "one under ", dir.string(), " is not");
+    for (const auto& r : a.runs)
+      LIMOE_CHECK(data::valid_utf8(r.command), "report: ", (dir / a.name / ("seed" + std::to_string(r.seed)) /
+                  "command.txt").string(), " is not UTF-8 text (report.json records it)");
+  }
   const std::string base_name = args.str("baseline", proto.baseline.empty() ? arms.front().name : proto.baseline);
   const auto base_it = std::find_if(arms.begin(), arms.end(), [&](const Arm& a) { return a.name == base_name; });
   LIMOE_CHECK(base_it != arms.end(), "report: the baseline arm \"", base_name, "\" is not among the arms");

@@ -119,7 +119,7 @@ int run(const std::vector<std::string>& argv) {
   const double cf = args.number("capacity-factor", cfg.router.capacity_factor_train, 0.0);  // 0: no drop
   LIMOE_CHECK(!cfg.moe_blocks.empty(), "the model has no MoE block: nothing to report");
   const auto src = cli::data_source(args, cfg, loaded.trained_on(), true);
-  const data::AnyDataset test = data::open_dataset(src, data::Split::test);
+  const data::AnyDataset test = cli::open_data(src, data::Split::test);
   const auto blocks = routing_summary(model, loaded.tokenizer, test, pairs, 128, 0, cf);
 
   // Patch maps for a few test images (images alone, evaluation routing).

@@ -1,10 +1,12 @@
 // `limoe train`: trains a model from a preset or config on a data set; writes a checkpoint and a JSON-lines
 // metrics log; resumes exactly from a checkpoint (weights, AdamW moments, data position, router noise).
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -22,6 +24,62 @@
 namespace limoe_cmd_train {
 namespace {
 using namespace limoe;
+
+// SIGINT or SIGTERM during the training loop: the signal's number, 0 while none came.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+
+// While it lives, SIGINT and SIGTERM ask the training loop to stop after its current step, which finishes any
+// checkpoint it is writing (so no temporary file is left behind; the steps since the last checkpoint stay in
+// metrics.jsonl.partial, where a resumed run finds them). A second signal ends the process at once: the handler
+// resets itself (SA_RESETHAND). One process only: a rank that stopped alone would leave the others waiting in
+// a collective, and a launcher's signal reaches every rank anyway.
+class StopOnSignal {
+ public:
+  explicit StopOnSignal(bool active) : active_(active) {
+    if (!active_) return;
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    ::sigaction(SIGINT, &sa, &old_int_);
+    ::sigaction(SIGTERM, &sa, &old_term_);
+  }
+  StopOnSignal(const StopOnSignal&) = delete;
+  StopOnSignal& operator=(const StopOnSignal&) = delete;
+  ~StopOnSignal() {
+    if (!active_) return;
+    ::sigaction(SIGINT, &old_int_, nullptr);
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  int signal() const { return active_ ? static_cast<int>(g_stop_signal) : 0; }
+
+ private:
+  bool active_;
+  struct sigaction old_int_ {}, old_term_ {};
+};
+
+// The temporary files an earlier run in folder `out` left when it was killed (SIGKILL, or a second signal) while
+// writing: checkpoint.safetensors.tmp.<pid>.<n> of a process that is gone (io::write_file_atomic's names), and
+// metrics.jsonl.tmp (this run writes it afresh). Removed as a run starts there; a live process's are left alone.
+void remove_stale_temps(const std::string& out) {
+  std::error_code ec;
+  std::filesystem::remove(out + "/metrics.jsonl.tmp", ec);
+  const std::string head = "checkpoint.safetensors.tmp.";
+  for (std::filesystem::directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(head, 0) != 0) continue;
+    const std::string rest = name.substr(head.size());  // <pid>.<n>
+    const auto dot = rest.find('.');
+    if (dot == 0 || dot == std::string::npos || rest.find_first_not_of("0123456789.") != std::string::npos) continue;
+    const long pid = std::strtol(rest.substr(0, dot).c_str(), nullptr, 10);
+    if (pid <= 0 || (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)) {
+      std::error_code ignored;
+      if (it->is_regular_file(ignored)) std::filesystem::remove(it->path(), ignored);
+    }
+  }
+}
 
 std::string hms(double s) {
   char buf[32];
@@ -142,11 +200,8 @@ int run(const std::vector<std::string>& argv) {
     resume = std::make_unique<io::SafetensorsReader>(io::SafetensorsReader::open(args.str("resume")));
     cfg = cli::checkpoint_config(*resume);  // its tensors checked before the model is allocated
   } else if (args.has("config")) {
-    std::ifstream f(args.str("config"));
-    LIMOE_CHECK(f.good(), "cannot read config file '", args.str("config"), "'");
-    std::stringstream ss;
-    ss << f.rdbuf();
-    cfg = config_from_json_string(ss.str());
+    const std::vector<std::uint8_t> bytes = io::read_file(args.str("config"));  // a folder or a device: named
+    cfg = config_from_json_string(std::string(bytes.begin(), bytes.end()));
   } else {
     // The default preset fits the data: small-56 for the 56x56x3 scenes, else small-28.
     cfg = preset(args.str("preset", args.str("data") == "fashion-scenes" ? "small-56" : "small-28"));
@@ -179,12 +234,18 @@ int run(const std::vector<std::string>& argv) {
     }
   };
   const double prior_seconds = prior_or("train_seconds", 0.0);  // training time of the run before a resume
+  // The progress line's smoothed loss (stdout's final_loss) goes on across a resume: the checkpoint records it
+  // (loss_ema), so a run split into legs reports what the uninterrupted run does. A checkpoint without it (made
+  // before 2026-12-06, or elsewhere) starts the average afresh at the first step. Read here, with the other
+  // settings, before anything in --out is touched.
+  const bool ema_recorded = prior.contains("loss_ema");
+  double ema_loss = prior_or("loss_ema", 0.0);
   // ... and on the same data, as eval and routing default to it (cli::data_source).
   const auto src = cli::data_source(args, cfg, resume ? cli::trained_data(resume->metadata()) : cli::TrainedData{});
   // The paths are recorded in the checkpoint's JSON metadata, which holds UTF-8 only.
   LIMOE_CHECK(data::valid_utf8(src.path) && data::valid_utf8(src.test_path),
               "--data-path and --test-path must be UTF-8 file names (they are recorded in the checkpoint)");
-  const data::AnyDataset train_ds = data::open_dataset(src, data::Split::train);
+  const data::AnyDataset train_ds = cli::open_data(src, data::Split::train);
   data::WordTokenizer tok = resume ? cli::tokenizer_from(*resume, cfg, /*resuming=*/true) : data::WordTokenizer::build(train_ds.corpus(), cfg.text_len);
   // A preset's vocab_size follows the tokenizer built from the data, unless --set gave one.
   const std::vector<std::string> sets = args.all("set");
@@ -335,6 +396,7 @@ int run(const std::vector<std::string>& argv) {
     std::filesystem::create_directories(out, ec);
     LIMOE_CHECK(!ec && std::filesystem::is_directory(out), "cannot create the output folder '", out, "'",
                 ec ? ": " + ec.message() : std::string());
+    remove_stale_temps(out);
     // What the run will write must be regular files (or nothing yet): found at the first checkpoint, a folder in
     // the way would end the run after its training, and a pipe would hold it at its first line.
     for (const std::string& f : {ckpt, metrics, partial, metrics + ".tmp"}) io::detail::check_replaceable(f);
@@ -406,11 +468,6 @@ int run(const std::vector<std::string>& argv) {
   // replica); rank 0 writes the whole model, atomically. With experts sharded, the parts are gathered first
   // (collective: every rank calls save).
   std::vector<float> whole_values, whole_m, whole_v;
-  // The progress line's smoothed loss (stdout's final_loss) goes on across a resume: the checkpoint records it
-  // (loss_ema), so a run split into legs reports what the uninterrupted run does. A checkpoint without it (made
-  // before 2026-12-06, or elsewhere) starts the average afresh at the first step.
-  const bool ema_recorded = prior.contains("loss_ema");
-  double ema_loss = prior_or("loss_ema", 0.0);
   double saved_seconds = prior_seconds;  // the training time the last checkpoint records (stdout reports it)
   auto save = [&](std::int64_t step) {
     if (ep > 1) trainer.gather_whole_state(whole_values, whole_m, whole_v);
@@ -448,6 +505,7 @@ int run(const std::vector<std::string>& argv) {
             << (ranks > 1 ? ", " + std::to_string(ranks) + " ranks (data parallel " + std::to_string(dp) +
                                 " x expert parallel " + std::to_string(ep) + "), routing groups of " +
                                 std::to_string(cfg.group_pairs) + " pairs" : std::string()) << "\n";
+  const StopOnSignal stop_signal(ranks == 1);
   for (std::int64_t s = start; s < stop; ++s) {
     const auto b = loader.next();
     LIMOE_CHECK(b.has_value(), "the data loader ran dry at step ", s);
@@ -468,6 +526,13 @@ int run(const std::vector<std::string>& argv) {
       std::cerr << (tty ? "\r" : "") << line << (tty && !last ? "\033[K" : "\n") << std::flush;
     }
     if (ckpt_every > 0 && (s + 1) % ckpt_every == 0 && !last) save(s + 1);
+    if (const int sig = stop_signal.signal(); sig != 0 && !last) {
+      log.close();
+      std::cerr << (tty && !quiet ? "\n" : "") << "limoe train: stopped by signal " << sig << " after step " << s + 1
+                << " of " << tc.steps << "; the folder's checkpoint and metrics.jsonl are as the last checkpoint "
+                << "written left them, and the steps since are in '" << partial << "'\n";
+      return 128 + sig;
+    }
   }
   save(stop);
   if (!lead) return 0;

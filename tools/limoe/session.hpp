@@ -38,6 +38,7 @@ inline const char* kDataHelp =
 // "fashion-scenes", "synthetic", "tsv") and the --data-path / --test-path it was given (absolute), if any.
 struct TrainedData {
   std::string kind, path, test_path;
+  bool unreadable = false;  // a train_state that is not a JSON object: what it recorded is unknown
 };
 // A checkpoint's train_state (what `limoe train` records of its run) as a JSON object; an empty object where
 // there is none. One that is not a JSON object, or holds a NUL (the JSON reader stops there as at the end of its
@@ -60,6 +61,9 @@ inline nlohmann::json train_state_of(const std::map<std::string, std::string>& m
 inline TrainedData trained_data(const std::map<std::string, std::string>& metadata) {
   TrainedData t;
   const nlohmann::json j = train_state_of(metadata);
+  if (const auto it = metadata.find("train_state"); it != metadata.end() && j.empty())
+    t.unreadable = !nlohmann::json::parse(it->second, nullptr, false).is_object() ||
+                   it->second.find('\0') != std::string::npos;
   auto field = [&](const char* key) {
     if (!j.contains(key)) return std::string();
     // A recorded value of another type is the file's error, not a missing record (which would quietly pick
@@ -79,12 +83,25 @@ inline TrainedData trained_data(const std::map<std::string, std::string>& metada
 inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, const TrainedData& trained = {},
                                     bool test_split = false) {
   data::DataSource src;
+  // A train_state that cannot be read says nothing of the data: the default would quietly be another data set
+  // (auto: Fashion-MNIST where it is installed).
+  LIMOE_CHECK(!trained.unreadable || args.has("data") || args.has("test-path"), "the checkpoint's train_state is "
+              "not a JSON object, so the data it was trained on is unknown: name it with --data (and --data-path)");
   src.kind = args.str("data", args.has("test-path") ? "tsv" : trained.kind.empty() ? "auto" : trained.kind);
   const bool same = src.kind == trained.kind;
   src.path = args.str("data-path", same ? trained.path : "");
   src.test_path = args.str("test-path", same ? trained.test_path : "");
   src.image = {cfg.image_size[0], cfg.image_size[1], cfg.channels};
+  // The paths go into JSON (a checkpoint's train_state, eval's and routing's output), which holds UTF-8 only.
+  LIMOE_CHECK(data::valid_utf8(src.path), "--data-path must be a UTF-8 file name (limoe's JSON output records it)");
+  LIMOE_CHECK(data::valid_utf8(src.test_path), "--test-path must be a UTF-8 file name (limoe's JSON output records it)");
   const std::string kind = data::resolve_kind(src);
+  if (args.has("data-path") && kind == "synthetic") {
+    LIMOE_CHECK(src.kind != "synthetic", "--data-path names the Fashion-MNIST folder or the training TSV; --data "
+                "synthetic reads no files");
+    fail("--data-path '", src.path, "' holds no Fashion-MNIST files (its four IDX files, gzipped or not), so --data "
+         "auto would train on synthetic shapes instead");
+  }
   LIMOE_CHECK(!args.has("test-path") || kind == "tsv", "--test-path names the test TSV of --data tsv; --data is \"",
               src.kind, "\"");
   LIMOE_CHECK(!test_split || kind != "tsv" || !src.test_path.empty(), "--data tsv: pass the test TSV with --test-path",
@@ -98,6 +115,15 @@ inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, co
                 "fashion-scenes images are 56x56x3; the model takes ", cfg.image_size[0], "x", cfg.image_size[1], "x",
                 cfg.channels, " (use the small-56 preset)");
   return src;
+}
+
+// The data set of one split of `src`, whose images must be the model's (src.image, set by data_source): checked
+// here, where the message can name the data, rather than at the first batch.
+inline data::AnyDataset open_data(const data::DataSource& src, data::Split split) {
+  data::AnyDataset ds = data::open_dataset(src, split);
+  LIMOE_CHECK(ds.size() == 0 || ds.image_shape() == src.image, "the data set ", ds.name(), " holds ",
+              ds.image_shape().str(), " images; the model takes ", src.image.str());
+  return ds;
 }
 
 // The checkpoint's tokenizer, which must fit its model: the config's text_len, and ids below its vocab_size.
