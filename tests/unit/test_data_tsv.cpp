@@ -52,6 +52,12 @@ TEST_CASE("PGM/PPM decoding") {
   CHECK(c.pixels[0] == 255);
   CHECK(c.pixels[4 * 3 + 2] == 255);
   CHECK_THROWS_WITH_AS(load_image(kDir + "nope.pgm"), doctest::Contains("nope.pgm"), limoe::Error);
+  // A header number of more digits than any size: read whole (it once stopped after six digits and read the
+  // rest as the next number: "bad size 1000000x0")
+  const std::string header = "P5\n100000000 100000000\n255\n";
+  const std::vector<std::uint8_t> big(header.begin(), header.end());
+  CHECK_THROWS_WITH_AS(limoe::data::detail::decode_pnm(big, "big.pgm"), doctest::Contains("bad size 100000000x100000000"),
+                       limoe::Error);
 }
 
 TEST_CASE("TSV pairs: relative paths, comments, blank lines, CRLF") {

@@ -94,8 +94,8 @@ inline ImageU8 decode_pnm(const std::vector<std::uint8_t>& b, const std::string&
       break;
     }
     LIMOE_CHECK(pos < b.size() && std::isdigit(b[pos]), "image \"", path, "\": bad PNM header (no ", what, ")");
-    long v = 0;
-    while (pos < b.size() && std::isdigit(b[pos]) && v < 1000000) v = v * 10 + (b[pos++] - '0');
+    long v = 0;  // every digit consumed; the value held at 10^9 (past any size or maxval taken)
+    for (; pos < b.size() && std::isdigit(b[pos]); ++pos) v = std::min(v * 10 + (b[pos] - '0'), 1000000000L);
     return v;
   };
   const int channels = b[1] == '5' ? 1 : 3;
