@@ -25,6 +25,14 @@
 
 namespace limoe::cli {
 
+// A signal a command stopped for (train's SIGINT or SIGTERM): main ends the process by it after the command has
+// returned and closed its files, so that the shell or script that ran limoe sees a command killed by the signal
+// (and stops too) rather than one that handled it.
+inline int& pending_signal() {
+  static int sig = 0;
+  return sig;
+}
+
 class Args {
  public:
   // `options` take a value, `flags` do not. Both are spelled without the leading dashes.

@@ -4,10 +4,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -25,58 +28,79 @@ namespace limoe_cmd_train {
 namespace {
 using namespace limoe;
 
-// SIGINT or SIGTERM during the training loop: the signal's number, 0 while none came.
-volatile std::sig_atomic_t g_stop_signal = 0;
-extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+// SIGINT or SIGTERM during the training loop: the signal's number, 0 while none came. Any thread may run the
+// handler (the data loader's and oneTBB's workers too), so a lock-free atomic, not a volatile.
+std::atomic<int> g_stop_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free);
+extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig, std::memory_order_relaxed); }
 
 // While it lives, SIGINT and SIGTERM ask the training loop to stop after its current step, which finishes any
 // checkpoint it is writing (so no temporary file is left behind; the steps since the last checkpoint stay in
-// metrics.jsonl.partial, where a resumed run finds them). A second signal ends the process at once: the handler
-// resets itself (SA_RESETHAND). One process only: a rank that stopped alone would leave the others waiting in
-// a collective, and a launcher's signal reaches every rank anyway.
+// metrics.jsonl.partial, where a resumed run finds them); the command then ends by the same signal
+// (cli::pending_signal: main raises it once everything is closed), so a script running limoe stops too. A second
+// signal ends the process at once: the handler resets itself (SA_RESETHAND). A signal the process was started
+// ignoring (a script's background job) stays ignored. One process only: a rank that stopped alone would leave the
+// others waiting in a collective, and a launcher's signal reaches every rank anyway.
 class StopOnSignal {
  public:
-  explicit StopOnSignal(bool active) : active_(active) {
-    if (!active_) return;
+  explicit StopOnSignal(bool active) {
+    if (!active) return;
     g_stop_signal = 0;
     struct sigaction sa {};
     sa.sa_handler = on_stop_signal;
     sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESETHAND;
-    ::sigaction(SIGINT, &sa, &old_int_);
-    ::sigaction(SIGTERM, &sa, &old_term_);
+    sa.sa_flags = SA_RESETHAND | SA_RESTART;  // a write to stderr in progress goes on
+    for (std::size_t i = 0; i < 2; ++i) {
+      struct sigaction old {};
+      if (::sigaction(kSignals[i], nullptr, &old) != 0 || old.sa_handler == SIG_IGN) continue;
+      if (::sigaction(kSignals[i], &sa, &old_[i]) == 0) installed_[i] = true;
+    }
   }
   StopOnSignal(const StopOnSignal&) = delete;
   StopOnSignal& operator=(const StopOnSignal&) = delete;
   ~StopOnSignal() {
-    if (!active_) return;
-    ::sigaction(SIGINT, &old_int_, nullptr);
-    ::sigaction(SIGTERM, &old_term_, nullptr);
+    for (std::size_t i = 0; i < 2; ++i)
+      if (installed_[i]) ::sigaction(kSignals[i], &old_[i], nullptr);
   }
-  int signal() const { return active_ ? static_cast<int>(g_stop_signal) : 0; }
+  int signal() const { return installed_[0] || installed_[1] ? g_stop_signal.load(std::memory_order_relaxed) : 0; }
 
  private:
-  bool active_;
-  struct sigaction old_int_ {}, old_term_ {};
+  static constexpr int kSignals[2] = {SIGINT, SIGTERM};
+  bool installed_[2] = {false, false};
+  struct sigaction old_[2] {};
 };
 
 // The temporary files an earlier run in folder `out` left when it was killed (SIGKILL, or a second signal) while
-// writing: checkpoint.safetensors.tmp.<pid>.<n> of a process that is gone (io::write_file_atomic's names), and
-// metrics.jsonl.tmp (this run writes it afresh). Removed as a run starts there; a live process's are left alone.
+// writing: checkpoint.safetensors.tmp.<pid>.<n> (io::write_file_atomic's names) and metrics.jsonl.tmp, removed as
+// a run starts there. Only regular files untouched for kStaleMinutes, and a checkpoint's only when its process
+// is not running here: a file being written is written to all along, and one in a folder shared with another
+// machine (whose process ids this one cannot see) is not a stale one while that run lives.
+constexpr int kStaleMinutes = 10;
 void remove_stale_temps(const std::string& out) {
+  const auto old = std::filesystem::file_time_type::clock::now() - std::chrono::minutes(kStaleMinutes);
+  auto stale = [&](const std::filesystem::path& p) {
+    std::error_code ec;
+    const auto st = std::filesystem::symlink_status(p, ec);
+    if (ec || !std::filesystem::is_regular_file(st)) return false;
+    const auto t = std::filesystem::last_write_time(p, ec);
+    return !ec && t < old;
+  };
   std::error_code ec;
-  std::filesystem::remove(out + "/metrics.jsonl.tmp", ec);
+  if (stale(out + "/metrics.jsonl.tmp")) std::filesystem::remove(out + "/metrics.jsonl.tmp", ec);
   const std::string head = "checkpoint.safetensors.tmp.";
   for (std::filesystem::directory_iterator it(out, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
     if (name.rfind(head, 0) != 0) continue;
     const std::string rest = name.substr(head.size());  // <pid>.<n>
     const auto dot = rest.find('.');
-    if (dot == 0 || dot == std::string::npos || rest.find_first_not_of("0123456789.") != std::string::npos) continue;
-    const long pid = std::strtol(rest.substr(0, dot).c_str(), nullptr, 10);
-    if (pid <= 0 || (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)) {
+    if (dot == 0 || dot == std::string::npos || dot > 10 || rest.find_first_not_of("0123456789.") != std::string::npos)
+      continue;
+    const long long pid = std::strtoll(rest.substr(0, dot).c_str(), nullptr, 10);
+    const bool gone = pid <= 0 || pid > std::numeric_limits<pid_t>::max() ||
+                      (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH);
+    if (gone && stale(it->path())) {
       std::error_code ignored;
-      if (it->is_regular_file(ignored)) std::filesystem::remove(it->path(), ignored);
+      std::filesystem::remove(it->path(), ignored);
     }
   }
 }
@@ -528,6 +552,7 @@ int run(const std::vector<std::string>& argv) {
     if (ckpt_every > 0 && (s + 1) % ckpt_every == 0 && !last) save(s + 1);
     if (const int sig = stop_signal.signal(); sig != 0 && !last) {
       log.close();
+      cli::pending_signal() = sig;  // main ends the process by it, once everything here is closed
       std::cerr << (tty && !quiet ? "\n" : "") << "limoe train: stopped by signal " << sig << " after step " << s + 1
                 << " of " << tc.steps << "; the folder's checkpoint and metrics.jsonl are as the last checkpoint "
                 << "written left them, and the steps since are in '" << partial << "'\n";

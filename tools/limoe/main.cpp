@@ -1,6 +1,7 @@
 // tools/limoe/main.cpp: `limoe <sub-command> [options]`. Every failure is one line on stderr and exit status
 // 2 (bad input) or 1 (anything else); no sub-command leaves a half-written output file.
 #include <algorithm>
+#include <csignal>
 #include <array>
 #include <cstdlib>
 #include <cstdio>
@@ -147,6 +148,12 @@ int main(int argc, char** argv) {
 #if defined(LIMOE_HAVE_MPI)
     limoe::cli::mpi_session().reset();  // MPI_Finalize before static destructors
 #endif
+    if (const int sig = limoe::cli::pending_signal(); sig != 0) {  // end as the signal would have (exit 128 + sig)
+      std::cerr.flush();
+      std::cout.flush();
+      std::signal(sig, SIG_DFL);
+      std::raise(sig);
+    }
     return rc;
   } catch (const limoe::Error& e) {
     if (many) fail_all_ranks("limoe " + it->name + ": " + one_line(e.what()), 2);

@@ -97,8 +97,9 @@ inline data::DataSource data_source(const Args& args, const ModelConfig& cfg, co
   LIMOE_CHECK(data::valid_utf8(src.test_path), "--test-path must be a UTF-8 file name (limoe's JSON output records it)");
   const std::string kind = data::resolve_kind(src);
   if (args.has("data-path") && kind == "synthetic") {
-    LIMOE_CHECK(src.kind != "synthetic", "--data-path names the Fashion-MNIST folder or the training TSV; --data "
-                "synthetic reads no files");
+    LIMOE_CHECK(src.kind != "synthetic", "--data-path names the Fashion-MNIST folder or the training TSV; ",
+                args.has("data") ? "--data synthetic" : "the checkpoint's data (synthetic shapes; give --data to read "
+                "other data)", " reads no files");
     fail("--data-path '", src.path, "' holds no Fashion-MNIST files (its four IDX files, gzipped or not), so --data "
          "auto would train on synthetic shapes instead");
   }

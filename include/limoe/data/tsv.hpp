@@ -42,8 +42,10 @@ class TsvPairs {
     LIMOE_CHECK(opt.image.height > 0 && opt.image.width > 0 && (opt.image.channels == 1 || opt.image.channels == 3),
                 "TsvPairs: bad image shape ", opt.image.str(), " (channels must be 1 or 3)");
     // Read whole through io::read_file: a folder, a device or a pipe without a writer is an error naming it.
-    const std::vector<std::uint8_t> bytes = io::read_file(tsv_path);
-    std::istringstream f(std::string(bytes.begin(), bytes.end()));
+    std::istringstream f([&] {  // the bytes moved into the stream (one copy alive once it is made)
+      const std::vector<std::uint8_t> bytes = io::read_file(tsv_path);
+      return std::string(bytes.begin(), bytes.end());
+    }());
     const std::filesystem::path base = std::filesystem::path(tsv_path).parent_path();
     std::string line;
     index_t n = 0;

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -67,16 +68,24 @@ class FdGuard {
   int fd_;
 };
 
+// How long open_for_reading waits for a named pipe's writer to connect or write.
+inline constexpr int kFifoWaitMs = 30000;
+
 // Opens `path` read-only with the clear errors read_file promises; fills `st`. A regular file or a pipe: a
-// device is refused (/dev/zero would be read until memory runs out, a terminal until end of input). A named pipe
-// is opened without waiting for a writer (O_NONBLOCK, cleared once open): one with no writer reads as empty,
-// which the caller's format check names, instead of holding the command forever; a pipe that has a writer
-// (a shell's `<(...)`) reads as usual.
+// device is refused before it is opened (/dev/zero would be read until memory runs out, a terminal until end of
+// input, and opening some devices does something). A named pipe is opened without blocking and then waited on
+// for at most kFifoWaitMs: a writer that connects later in that time is read as usual (a shell's `<(...)`, `cat
+// x > pipe` started after limoe), one that never comes is an error naming the file instead of a command held
+// forever.
 inline int open_for_reading(const std::string& path, struct stat& st) {
   if (path.empty()) fail("cannot read file: the path is empty");
+  struct stat pre {};
+  const bool known = ::stat(path.c_str(), &pre) == 0, fifo = known && S_ISFIFO(pre.st_mode);
+  if (known && !S_ISREG(pre.st_mode) && !fifo && !S_ISDIR(pre.st_mode))
+    fail("cannot read '", path, "': it is a device or socket, not a file");
   int fd;
   do {
-    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (fifo ? O_NONBLOCK : 0));
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) {
     const int err = errno;
@@ -93,14 +102,27 @@ inline int open_for_reading(const std::string& path, struct stat& st) {
     ::close(fd);
     fail("cannot read '", path, "': it is a directory, not a file");
   }
-  if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) {
+  if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) {  // replaced by a device since the stat above
     ::close(fd);
     fail("cannot read '", path, "': it is a device or socket, not a file");
   }
-  if (const int flags = ::fcntl(fd, F_GETFL); flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) {
-    const int err = errno;
-    ::close(fd);
-    fail("cannot read '", path, "': fcntl failed: ", errno_text(err));
+  if (fifo) {
+    // Linux reports POLLIN once a writer has written and POLLHUP once one has connected and closed; with no
+    // writer yet, neither, so poll waits.
+    struct pollfd p {fd, POLLIN, 0};
+    int ready;
+    do {
+      ready = ::poll(&p, 1, kFifoWaitMs);
+    } while (ready < 0 && errno == EINTR);
+    if (ready <= 0) {
+      ::close(fd);
+      fail("cannot read '", path, "': it is a named pipe, and nothing wrote to it within ", kFifoWaitMs / 1000, " s");
+    }
+    if (const int flags = ::fcntl(fd, F_GETFL); flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) {
+      const int err = errno;
+      ::close(fd);
+      fail("cannot read '", path, "': fcntl failed: ", errno_text(err));
+    }
   }
   return fd;
 }
