@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -31,8 +30,7 @@ namespace fs = std::filesystem;
 
 // The metrics of eval.json a report shows, in its columns' order: key, column title, format.
 struct Metric {
-  const char* key;
-  const char* title;
+  std::string key, title;
   enum Kind { Fraction, Percent, Loss, Count, Seconds } kind;
 };
 std::vector<Metric>& metrics() {
@@ -106,7 +104,7 @@ void check_eval(const nlohmann::json& e, const fs::path& file) {
     for (const auto& v : j[key])
       if (!v.is_number() && !v.is_null()) bad(where + key, "an array of numbers");
   };
-  for (const auto& m : metrics()) number(e, "", m.key);
+  for (const auto& m : metrics()) number(e, "", m.key.c_str());
   for (auto it = e.begin(); it != e.end(); ++it)
     if (probe_shots(it.key()) > 0) number(e, "", it.key().c_str());
   if (!e.contains("routing")) return;
@@ -209,7 +207,6 @@ std::vector<Arm> read_arms(const fs::path& dir, const Protocol& proto) {
 // The probes of every shot count the runs report (eval --shots N writes linear_probe_<N>shot), as columns after
 // the 10-shot one, fewest shots first.
 void add_probe_metrics(const std::vector<Arm>& arms) {
-  static std::deque<std::string> names;  // the added metrics' keys and titles (Metric holds pointers)
   std::set<int> shots;
   for (const auto& a : arms)
     for (const auto& r : a.runs)
@@ -219,12 +216,10 @@ void add_probe_metrics(const std::vector<Arm>& arms) {
   for (const int n : shots) {
     const std::string key = "linear_probe_" + std::to_string(n) + "shot";
     if (std::any_of(m.begin(), m.end(), [&](const Metric& x) { return key == x.key; })) continue;
-    const char* k = names.emplace_back(key).c_str();
-    const char* t = names.emplace_back(std::to_string(n) + "-shot probe").c_str();
     // After the probes of fewer shots (the 10-shot one counts as 10).
     auto at = std::find_if(m.begin(), m.end(), [](const Metric& x) { return probe_shots(x.key) > 0; });
     while (at != m.end() && probe_shots(at->key) > 0 && probe_shots(at->key) < n) ++at;
-    m.insert(at, Metric{k, t, Metric::Fraction});
+    m.insert(at, Metric{key, std::to_string(n) + "-shot probe", Metric::Fraction});
   }
 }
 

@@ -45,13 +45,15 @@ struct TrainedData {
 // input, so `{...}` NUL `anything` would read as the part before the NUL), is an empty object too where it only
 // supplies defaults (eval, routing), and an error naming the checkpoint `resuming` (train --resume, which would
 // otherwise go on with settings the run never had).
+// `unreadable` (when given) is set where there is a train_state that is no JSON object.
 inline nlohmann::json train_state_of(const std::map<std::string, std::string>& metadata,
-                                     const std::string& resuming = {}) {
+                                     const std::string& resuming = {}, bool* unreadable = nullptr) {
   auto it = metadata.find("train_state");
   if (it == metadata.end()) return nlohmann::json::object();
   const bool nul = it->second.find('\0') != std::string::npos;
   nlohmann::json j = nul ? nlohmann::json() : nlohmann::json::parse(it->second, nullptr, false);
   if (j.is_object()) return j;
+  if (unreadable) *unreadable = true;
   LIMOE_CHECK(resuming.empty(), "checkpoint '", resuming, "': its train_state ",
               nul ? "holds a NUL byte" : "is not a JSON object", ", so the run's settings cannot be read back");
   return nlohmann::json::object();
@@ -60,10 +62,7 @@ inline nlohmann::json train_state_of(const std::map<std::string, std::string>& m
 // From a checkpoint's metadata (empty fields where train_state records none).
 inline TrainedData trained_data(const std::map<std::string, std::string>& metadata) {
   TrainedData t;
-  const nlohmann::json j = train_state_of(metadata);
-  if (const auto it = metadata.find("train_state"); it != metadata.end() && j.empty())
-    t.unreadable = !nlohmann::json::parse(it->second, nullptr, false).is_object() ||
-                   it->second.find('\0') != std::string::npos;
+  const nlohmann::json j = train_state_of(metadata, {}, &t.unreadable);
   auto field = [&](const char* key) {
     if (!j.contains(key)) return std::string();
     // A recorded value of another type is the file's error, not a missing record (which would quietly pick
